@@ -1,0 +1,195 @@
+"""The public entry points: :func:`fold` and :func:`plan`, the pipeline capture -> plan -> apply -> verify."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .apply import Rollback, apply_plan, check_finite
+from .capture import Dataflow, capture
+from .errors import InvalidInputError, TrainingModeError, VerificationError
+from .layers import DEFAULT_REGISTRY, LayerRegistry, NormRule
+from .plan import FoldPlan, make_plan
+from .report import FOLDED, LEFT, FoldReport, NormEntry
+from .verify import compare_outputs, default_tolerance
+
+log = logging.getLogger(__name__)
+
+ExampleInputs = torch.Tensor | Sequence[Any] | None
+
+_reports: weakref.WeakKeyDictionary[nn.Module, FoldReport] = weakref.WeakKeyDictionary()
+
+
+def _as_input_tuple(example_inputs: ExampleInputs) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise InvalidInputError(
+        f"example_inputs must be a tensor or a tuple of the forward's positional arguments, got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+def _check_model(model: Any, registry: LayerRegistry) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidInputError(
+            "this is a TorchScript module, whose layers bnfold cannot rewrite in Python; fold the nn.Module it was "
+            "scripted from, then script the folded model (or use the `bnfold fold` command on the file)"
+        )
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"bnfold folds torch.nn.Module models, got {type(model).__name__}")
+    if model.training:
+        raise TrainingModeError(
+            f"{type(model).__name__} is in training mode, where batch norm uses batch statistics and folding would "
+            f"change what the model computes. Call model.eval() first."
+        )
+    training = [name for name, m in model.named_modules() if m.training and registry.is_norm_candidate(m)]
+    if training:
+        raise TrainingModeError(
+            f"norm layer '{training[0]}' is in training mode although the model is not (set after model.eval()?); "
+            f"call model.eval() so every layer uses its running statistics."
+        )
+
+
+def _norm_entry(model: nn.Module, name: str, registry: LayerRegistry, status: str, **fields: Any) -> NormEntry:
+    module = model.get_submodule(name)
+    rule = registry.norm(module).rule
+    channels = getattr(module, "num_features", None)
+    if channels is None and isinstance(rule, NormRule):
+        channels = int(rule.statistics(module).mean.shape[0])
+    return NormEntry(name=name, kind=type(module).__name__, channels=channels, status=status, **fields)
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    parameters = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    return parameters, buffers
+
+
+def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> FoldReport:
+    entries = [
+        _norm_entry(model, f.norm, registry, FOLDED, into=f.layers, direction=f.direction) for f in the_plan.folds
+    ] + [_norm_entry(model, s.norm, registry, LEFT, reason=s.reason) for s in the_plan.skips]
+    parameters, buffers = _count(model)
+    return FoldReport(
+        model=type(model).__name__,
+        applied=False,
+        capture=the_plan.method,
+        entries=entries,
+        parameters_before=parameters,
+        parameters_after=parameters,
+        buffers_before=buffers,
+        buffers_after=buffers,
+        notes=list(the_plan.notes),
+    )
+
+
+def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> tuple[FoldPlan, FoldReport, Dataflow]:
+    _check_model(model, registry)
+    flow = capture(model, inputs, registry)
+    the_plan = make_plan(model, flow, registry)
+    check_finite(model, [f.norm for f in the_plan.folds], registry)
+    return the_plan, _report(model, the_plan, registry), flow
+
+
+def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: LayerRegistry | None = None) -> FoldReport:
+    """Dry run: the report of what :func:`fold` would do, without changing anything.
+
+    ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) are needed only for models that
+    torch.fx cannot trace; given anyway, they let bnfold check activation shapes.
+    """
+    registry = registry or DEFAULT_REGISTRY
+    return _plan(model, _as_input_tuple(example_inputs), registry)[1]
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    inplace: bool = False,
+    verify: bool | None = None,
+    tolerance: float | None = None,
+    registry: LayerRegistry | None = None,
+) -> nn.Module:
+    """Fold every batch norm that can be folded exactly into its neighbouring conv / linear layer.
+
+    Returns a model of the same class with each folded norm replaced by ``nn.Identity`` (or, for a fused
+    norm-activation module, its activation) and the absorbing layers' weights and biases updated; dtype, device and
+    ``requires_grad`` are kept. The report of what was folded and what was left alone (and why) is
+    :func:`report_for` of the returned model.
+
+    Args:
+        model: an ``nn.Module`` in eval mode.
+        example_inputs: a tensor or a tuple of the forward's positional arguments. Needed when torch.fx cannot trace
+            the model (bnfold then learns the dataflow from one forward pass); when given, the folded model's outputs
+            are checked against the original's.
+        inplace: fold ``model`` itself instead of a copy. Default ``False``: the caller's model is left untouched.
+        verify: compare outputs on ``example_inputs`` (default: whenever they are given). On a mismatch a
+            :class:`~bnfold.errors.VerificationError` is raised and, with ``inplace=True``, every change is undone.
+        tolerance: largest accepted ``max|a - b| / max|a|`` per output; default from the model's dtype
+            (:func:`bnfold.verify.default_tolerance`).
+        registry: the layer rules to fold with (default: built-ins plus what was registered).
+
+    Raises:
+        TrainingModeError: the model is in training mode.
+        CaptureError: torch.fx cannot trace the model and no (working) example inputs were given.
+        NonFiniteStatisticsError: a norm to fold has NaN or infinite statistics.
+        VerificationError: the folded outputs differ from the original's beyond the tolerance.
+    """
+    registry = registry or DEFAULT_REGISTRY
+    inputs = _as_input_tuple(example_inputs)
+    the_plan, report, _ = _plan(model, inputs, registry)
+    verify = inputs is not None if verify is None else verify
+    if verify and inputs is None:
+        raise InvalidInputError("verify=True needs example_inputs to run both models on")
+
+    reference = None
+    if verify:
+        assert inputs is not None
+        with torch.no_grad():
+            reference = model(*inputs)
+    target = model if inplace else copy.deepcopy(model)
+    rollback = Rollback() if inplace else None
+    try:
+        apply_plan(target, the_plan, registry, rollback)
+        if verify:
+            assert inputs is not None
+            with torch.no_grad():
+                folded_outputs = target(*inputs)
+            limit = tolerance if tolerance is not None else default_tolerance(model)
+            comparison = compare_outputs(reference, folded_outputs, limit)
+            report.verification = comparison.to_dict()
+            if not comparison.passed:
+                raise VerificationError(
+                    f"the folded {type(model).__name__} differs from the original: {comparison.worst()} exceeds the "
+                    f"tolerance {limit:g}. The model was left unchanged. Please report this with the model; "
+                    f"bnfold.plan(model) shows which folds were attempted."
+                )
+    except BaseException:
+        if rollback is not None:
+            rollback.restore()
+        raise
+    report.applied = True
+    report.parameters_after, report.buffers_after = _count(target)
+    _reports[target] = report
+    log.info("%s", report.summary())
+    return target
+
+
+def report_for(model: nn.Module) -> FoldReport:
+    """The report of the :func:`fold` call that returned ``model``."""
+    try:
+        return _reports[model]
+    except KeyError:
+        raise InvalidInputError(
+            "this model was not returned by bnfold.fold() in this session; call bnfold.plan(model) for a dry-run report"
+        ) from None

@@ -1,0 +1,31 @@
+"""Typed errors for users: each says what was wrong and what to do about it.
+
+Everything bnfold raises on purpose derives from :class:`BnfoldError`, so callers (and the CLI) can catch the
+whole family and show the message without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class BnfoldError(Exception):
+    """Base class of every error bnfold raises on purpose."""
+
+
+class InvalidInputError(BnfoldError, ValueError):
+    """An argument is of the wrong kind or shape (not a module, example inputs of the wrong type, ...)."""
+
+
+class TrainingModeError(BnfoldError):
+    """The model (or one of its norm layers) is in training mode, where batch norm uses batch statistics."""
+
+
+class NonFiniteStatisticsError(BnfoldError):
+    """A norm layer's running statistics or affine parameters hold NaN or infinity."""
+
+
+class CaptureError(BnfoldError):
+    """bnfold could not learn the model's dataflow (it cannot be traced, and the forward pass failed or was not given)."""
+
+
+class VerificationError(BnfoldError):
+    """The folded model's outputs differ from the original's by more than the tolerance."""

@@ -1,0 +1,344 @@
+"""The one registry of layer knowledge.
+
+Two kinds of layer matter to folding:
+
+* a **linear layer** (:class:`LinearLayerRule`): computes a linear map over channels with a weight and an
+  optional bias, and so can absorb a per-channel affine map on its output (forward fold) or, where that is
+  exact, on its input (backward fold). Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear are built in.
+* a **norm layer** (:class:`NormRule`): *is* a per-channel affine map in eval mode, and can be removed once a
+  neighbour absorbed it. BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm* and torchvision's FrozenBatchNorm2d are
+  built in.
+
+A rule matches a module whose class is one of the rule's classes, or a subclass of one that overrides none of the
+methods that compute the output (``forward``, and ``_conv_forward`` for convolutions): a subclass that computes
+something else (a weight-standardised conv, a norm with an activation inside) would be broken silently by a fold
+that assumed the parent's maths, so it is left alone unless a rule names it. Users teach bnfold a layer of their own
+with :func:`register_layer` / :func:`register_norm`; the built-in layers are declared the same way, as data.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import InvalidInputError
+
+
+class NormStatistics(NamedTuple):
+    """What a norm layer computes in eval: ``gamma * (x - mean) / sqrt(var + eps) + beta`` per channel."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+    gamma: torch.Tensor | None
+    beta: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LinearLayerRule:
+    """How a linear layer stores its weight, and when it can absorb an affine map on its input.
+
+    Attributes:
+        types: the classes (and their subclasses that keep ``behaviour_methods``) the rule covers.
+        out_axis: the weight axis of output channels (0 for Conv/Linear, 1 for ConvTranspose); the other of 0 and
+            1 holds the input channels. Axis 1 holds one group's share of its channels.
+        activation_channel_dim: the dimension of the layer's input/output tensor that holds channels
+            (1 for convolutions, -1 for Linear).
+        groups: number of channel groups of a module (1 unless it is a grouped convolution).
+        input_fold_blocker: ``None`` when an affine on the layer's input can be folded into it exactly, else the
+            reason it cannot (zero padding, transposed convolution, ...).
+        behaviour_methods: methods a subclass must not override to still be covered by the rule.
+        weight_name / bias_name: attribute names of the weight and bias parameters.
+    """
+
+    types: tuple[type[nn.Module], ...]
+    out_axis: int
+    activation_channel_dim: int
+    groups: Callable[[nn.Module], int] = lambda module: 1
+    input_fold_blocker: Callable[[nn.Module], str | None] = lambda module: None
+    behaviour_methods: tuple[str, ...] = ("forward",)
+    weight_name: str = "weight"
+    bias_name: str = "bias"
+
+    @property
+    def in_axis(self) -> int:
+        return 1 - self.out_axis
+
+    def out_channels(self, module: nn.Module) -> int:
+        weight = getattr(module, self.weight_name)
+        count = weight.shape[self.out_axis]
+        return count * self.groups(module) if self.out_axis == 1 else count
+
+    def in_channels(self, module: nn.Module) -> int:
+        weight = getattr(module, self.weight_name)
+        count = weight.shape[self.in_axis]
+        return count * self.groups(module) if self.in_axis == 1 else count
+
+
+def _default_replacement(module: nn.Module) -> nn.Module:
+    return nn.Identity()
+
+
+@dataclass(frozen=True)
+class NormRule:
+    """How to read a norm layer as a per-channel affine map, and what replaces it once folded.
+
+    Attributes:
+        types: the classes (and their subclasses that keep ``behaviour_methods``) the rule covers. Classes of
+            optional packages may be given by their dotted name (``"torchvision.ops.misc.FrozenBatchNorm2d"``):
+            they match only once that package is imported, which it is whenever a model holds such a layer.
+        statistics: reads the eval-mode affine map of a module.
+        unfoldable: ``None`` when the module is a per-channel affine in eval, else the reason it is not (for
+            example ``track_running_stats=False``: it normalises with batch statistics even in eval).
+        replacement: the module that takes the norm's place in the module tree after the fold (``nn.Identity``,
+            or the activation of a fused norm-activation module).
+        channel_dim: the dimension of the norm's input that holds channels.
+        behaviour_methods: methods a subclass must not override to still be covered by the rule.
+    """
+
+    types: tuple[type[nn.Module] | str, ...]
+    statistics: Callable[[nn.Module], NormStatistics]
+    unfoldable: Callable[[nn.Module], str | None] = lambda module: None
+    replacement: Callable[[nn.Module], nn.Module] = _default_replacement
+    channel_dim: int = 1
+    behaviour_methods: tuple[str, ...] = ("forward",)
+
+
+# ---------------------------------------------------------------------------------------------- built-in rules
+
+
+def _conv_groups(module: nn.Module) -> int:
+    return int(getattr(module, "groups", 1))
+
+
+def _is_zero_padding(module: nn.Module) -> bool:
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            return True
+        # "same": the total padding per dimension is dilation * (kernel - 1).
+        return all(d * (k - 1) == 0 for d, k in zip(module.dilation, module.kernel_size, strict=True))
+    return all(p == 0 for p in padding)
+
+
+def _conv_input_fold_blocker(module: nn.Module) -> str | None:
+    if _is_zero_padding(module) or module.padding_mode in ("reflect", "replicate", "circular"):
+        return None
+    return (
+        "it pads its input with zeros (padding=%s): the border outputs would see the shift where the original saw "
+        "zeros" % (module.padding,)
+    )
+
+
+def _transposed_input_fold_blocker(module: nn.Module) -> str | None:
+    return (
+        "it is a transposed convolution: its output positions sum different numbers of input positions, so a shift "
+        "on its input does not become a constant bias"
+    )
+
+
+CONV_RULE = LinearLayerRule(
+    types=(nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    out_axis=0,
+    activation_channel_dim=1,
+    groups=_conv_groups,
+    input_fold_blocker=_conv_input_fold_blocker,
+    behaviour_methods=("forward", "_conv_forward"),
+)
+CONV_TRANSPOSE_RULE = LinearLayerRule(
+    types=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    out_axis=1,
+    activation_channel_dim=1,
+    groups=_conv_groups,
+    input_fold_blocker=_transposed_input_fold_blocker,
+    behaviour_methods=("forward", "_output_padding"),
+)
+LINEAR_RULE = LinearLayerRule(types=(nn.Linear,), out_axis=0, activation_channel_dim=-1)
+
+
+def _batch_norm_statistics(module: nn.Module) -> NormStatistics:
+    return NormStatistics(module.running_mean, module.running_var, float(module.eps), module.weight, module.bias)
+
+
+def _batch_norm_unfoldable(module: nn.Module) -> str | None:
+    if not module.track_running_stats or module.running_mean is None or module.running_var is None:
+        return "it has track_running_stats=False: it normalises with the statistics of each batch, even in eval mode"
+    if isinstance(module.running_mean, nn.parameter.UninitializedBuffer):
+        return "it is a lazy module that was never run: its statistics are not initialised yet"
+    return None
+
+
+def _frozen_batch_norm_statistics(module: nn.Module) -> NormStatistics:
+    return NormStatistics(module.running_mean, module.running_var, float(module.eps), module.weight, module.bias)
+
+
+BATCH_NORM_RULE = NormRule(
+    types=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+    statistics=_batch_norm_statistics,
+    unfoldable=_batch_norm_unfoldable,
+)
+FROZEN_BATCH_NORM_RULE = NormRule(
+    types=("torchvision.ops.misc.FrozenBatchNorm2d",),
+    statistics=_frozen_batch_norm_statistics,
+)
+
+BUILTIN_LAYER_RULES: tuple[LinearLayerRule, ...] = (CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE)
+BUILTIN_NORM_RULES: tuple[NormRule, ...] = (BATCH_NORM_RULE, FROZEN_BATCH_NORM_RULE)
+
+NORM_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+"""Classes whose instances the report always lists, matched by a rule or not (so an unknown BN subclass shows up)."""
+
+
+# --------------------------------------------------------------------------------------------------- lookup
+
+
+def _resolve(types: Sequence[type | str]) -> tuple[type, ...]:
+    resolved = []
+    for item in types:
+        if isinstance(item, str):
+            module_name, _, class_name = item.rpartition(".")
+            loaded = sys.modules.get(module_name)
+            cls = getattr(loaded, class_name, None) if loaded is not None else None
+            if isinstance(cls, type):
+                resolved.append(cls)
+        else:
+            resolved.append(item)
+    return tuple(resolved)
+
+
+@dataclass(frozen=True)
+class Match:
+    """The result of looking a module up: its rule, or why no rule covers it."""
+
+    rule: LinearLayerRule | NormRule | None
+    reason: str | None = None
+
+
+def _match(module: nn.Module, rules: Sequence[LinearLayerRule | NormRule]) -> Match:
+    """Find the rule for ``module``: its own class, or the nearest registered ancestor it does not re-define."""
+    cls = type(module)
+    best: tuple[int, LinearLayerRule | NormRule, type] | None = None
+    for rule in rules:
+        for registered in _resolve(rule.types):
+            if issubclass(cls, registered):
+                depth = cls.__mro__.index(registered)
+                if best is None or depth < best[0]:
+                    best = (depth, rule, registered)
+    if best is None:
+        return Match(None, None)
+    _, rule, registered = best
+    if registered is cls:
+        return Match(rule)
+    overridden = [
+        name for name in rule.behaviour_methods if getattr(cls, name, None) is not getattr(registered, name, None)
+    ]
+    if overridden:
+        return Match(
+            None,
+            f"its class {cls.__qualname__} subclasses {registered.__name__} but overrides {', '.join(overridden)}(), "
+            f"so it may compute something else; if it is still a per-channel affine / linear layer, teach bnfold with "
+            f"bnfold.register_norm or bnfold.register_layer",
+        )
+    return Match(rule)
+
+
+@dataclass
+class LayerRegistry:
+    """The rules bnfold folds with. :data:`DEFAULT_REGISTRY` holds the built-ins and what users register."""
+
+    layers: list[LinearLayerRule] = field(default_factory=lambda: list(BUILTIN_LAYER_RULES))
+    norms: list[NormRule] = field(default_factory=lambda: list(BUILTIN_NORM_RULES))
+
+    def layer(self, module: nn.Module) -> Match:
+        """The linear-layer rule of ``module`` (``Match(None, None)`` if it is not a linear layer at all)."""
+        return _match(module, self.layers)
+
+    def norm(self, module: nn.Module) -> Match:
+        """The norm rule of ``module``; for an unregistered BN subclass, ``rule=None`` with the reason."""
+        match = _match(module, self.norms)
+        if match.rule is None and match.reason is None and isinstance(module, NORM_BASE_TYPES):
+            return Match(
+                None,
+                f"bnfold has no rule for {type(module).__qualname__}; if it is a per-channel affine in eval, "
+                f"teach bnfold with bnfold.register_norm",
+            )
+        return match
+
+    def is_norm_candidate(self, module: nn.Module) -> bool:
+        """Whether the report should list ``module``: any batch-norm-like module, foldable or not."""
+        return isinstance(module, NORM_BASE_TYPES) or _match(module, self.norms).rule is not None
+
+    def is_atomic(self, module: nn.Module) -> bool:
+        """Whether capture should see calls of ``module`` as one step rather than look inside it."""
+        if isinstance(module, NORM_BASE_TYPES):
+            return True
+        for rule in (*self.layers, *self.norms):
+            if isinstance(module, _resolve(rule.types)):
+                return True
+        return False
+
+
+DEFAULT_REGISTRY = LayerRegistry()
+
+
+def register_layer(
+    types: type[nn.Module] | Sequence[type[nn.Module]],
+    *,
+    out_axis: int = 0,
+    activation_channel_dim: int = 1,
+    groups: Callable[[nn.Module], int] | None = None,
+    input_fold_blocker: Callable[[nn.Module], str | None] | None = None,
+    weight_name: str = "weight",
+    bias_name: str = "bias",
+    registry: LayerRegistry | None = None,
+) -> LinearLayerRule:
+    """Teach bnfold a linear layer of your own, so batch norms next to it fold into it.
+
+    The layer must compute ``y = W (*) x + b``, linear in ``x`` over channels, with ``W`` stored in parameter
+    ``weight_name`` with output channels on axis ``out_axis`` (0 or 1) and ``b`` in ``bias_name`` (it may be
+    ``None``; bnfold then adds one). ``input_fold_blocker(module)`` says why an affine on the input cannot fold
+    exactly (return ``None`` where it can; by default it always can, as for a Linear).
+    """
+    rule = LinearLayerRule(
+        types=tuple(types) if isinstance(types, Sequence) else (types,),
+        out_axis=out_axis,
+        activation_channel_dim=activation_channel_dim,
+        groups=groups or (lambda module: 1),
+        input_fold_blocker=input_fold_blocker or (lambda module: None),
+        weight_name=weight_name,
+        bias_name=bias_name,
+    )
+    if out_axis not in (0, 1):
+        raise InvalidInputError(f"out_axis must be 0 or 1 (the weight axis of output channels), got {out_axis}")
+    (registry or DEFAULT_REGISTRY).layers.insert(0, rule)
+    return rule
+
+
+def register_norm(
+    types: type[nn.Module] | Sequence[type[nn.Module]],
+    statistics: Callable[[nn.Module], NormStatistics],
+    *,
+    replacement: Callable[[nn.Module], nn.Module] | None = None,
+    unfoldable: Callable[[nn.Module], str | None] | None = None,
+    channel_dim: int = 1,
+    registry: LayerRegistry | None = None,
+) -> NormRule:
+    """Teach bnfold a norm layer of your own that is a per-channel affine map in eval mode.
+
+    ``statistics(module)`` returns its :class:`NormStatistics`; ``replacement(module)`` the module that takes its
+    place after folding (``nn.Identity`` by default; for a norm with a built-in activation, the activation).
+    """
+    rule = NormRule(
+        types=tuple(types) if isinstance(types, Sequence) else (types,),
+        statistics=statistics,
+        unfoldable=unfoldable or (lambda module: None),
+        replacement=replacement or _default_replacement,
+        channel_dim=channel_dim,
+    )
+    (registry or DEFAULT_REGISTRY).norms.insert(0, rule)
+    return rule

@@ -1,0 +1,135 @@
+"""FoldReport: what was folded into what, what was left alone and why, and what it saved.
+
+One report format for every entry point (the Python API, the CLI, the ONNX backend): a table for people (rich when
+it is installed, plain text otherwise) and plain JSON-able data for scripts (:meth:`FoldReport.to_dict`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FOLDED = "folded"
+LEFT = "left"
+
+
+@dataclass(frozen=True)
+class NormEntry:
+    """One norm layer (or ONNX BatchNormalization node) and what folding does with it.
+
+    ``into`` names the layer(s) it folds into and ``direction`` is ``"forward"`` (into the layer before it) or
+    ``"backward"`` (into the layers after it); for a norm left alone, ``reason`` says why, in words a user can
+    act on.
+    """
+
+    name: str
+    kind: str
+    channels: int | None
+    status: str
+    into: tuple[str, ...] = ()
+    direction: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class FoldReport:
+    """The outcome of planning or folding one model.
+
+    Attributes:
+        model: the model's class (or file) name.
+        applied: ``False`` for a dry run (:func:`bnfold.plan`), ``True`` once the folds were made.
+        capture: how the dataflow was learnt (``"torch.fx"``, ``"forward pass"``, ``"onnx graph"``).
+        entries: one :class:`NormEntry` per norm, in call order.
+        parameters_before / parameters_after: trainable parameter counts (buffers excluded).
+        buffers_before / buffers_after: element counts of buffers (running statistics and the like).
+        notes: anything the user should know that is not a per-norm decision.
+        verification: filled in when the folded model was checked against the original (max errors, tolerance).
+    """
+
+    model: str
+    applied: bool
+    capture: str
+    entries: list[NormEntry]
+    parameters_before: int
+    parameters_after: int
+    buffers_before: int = 0
+    buffers_after: int = 0
+    notes: list[str] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+
+    @property
+    def folded(self) -> list[NormEntry]:
+        return [e for e in self.entries if e.status == FOLDED]
+
+    @property
+    def left(self) -> list[NormEntry]:
+        return [e for e in self.entries if e.status == LEFT]
+
+    @property
+    def parameters_removed(self) -> int:
+        return self.parameters_before - self.parameters_after
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str, int, float, bool, None, lists, dicts) for ``json.dumps``."""
+        data = asdict(self)
+        for entry in data["entries"]:
+            entry["into"] = list(entry["into"])
+        data["summary"] = {
+            "norms": len(self.entries),
+            "folded": len(self.folded),
+            "left": len(self.left),
+            "parameters_removed": self.parameters_removed,
+        }
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        verb = "folded" if self.applied else "would fold"
+        return (
+            f"{self.model}: {verb} {len(self.folded)} of {len(self.entries)} norm layers "
+            f"({self.capture} capture); parameters {self.parameters_before:,} -> {self.parameters_after:,} "
+            f"({self.parameters_removed:+,} removed)".replace("(+", "(")
+        )
+
+    def _rows(self) -> list[tuple[str, str, str, str, str]]:
+        rows = []
+        for e in self.entries:
+            outcome = f"{e.direction} into {', '.join(e.into)}" if e.status == FOLDED else (e.reason or "")
+            rows.append((e.name, e.kind, "" if e.channels is None else str(e.channels), e.status, outcome))
+        return rows
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        for name, kind, channels, status, outcome in self._rows():
+            lines.append(f"  {status:<6} {name} ({kind}, {channels} ch): {outcome}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        if self.verification:
+            lines.append(f"  verified: {self.verification}")
+        return "\n".join(lines)
+
+    def __rich__(self) -> Any:
+        """A rich renderable (``rich.print(report)``); needs the ``report`` extra."""
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=self.summary(), title_justify="left", show_lines=False)
+        for column in ("norm", "kind", "ch", "status", "folded into / reason left"):
+            table.add_column(column, overflow="fold")
+        for name, kind, channels, status, outcome in self._rows():
+            style = "green" if status == FOLDED else "yellow"
+            table.add_row(name, kind, channels, Text(status, style=style), outcome)
+        extra = [Text(f"note: {n}", style="dim") for n in self.notes]
+        return Group(table, *extra)
+
+    def print(self, console: Any = None) -> None:
+        """Print the report as a table: with rich when it is installed, as plain text otherwise."""
+        try:
+            from rich.console import Console
+        except ImportError:
+            print(self)
+            return
+        (console or Console()).print(self)

@@ -1,0 +1,135 @@
+"""Proof that folding changed nothing: compare the outputs of two models.
+
+Errors are measured per output tensor (outputs may be tensors, tuples, lists, dicts and nestings of them, as
+detection and segmentation models return) as
+
+    max_abs = max |a - b|        relative = max_abs / max |a|
+
+The relative error is taken against the largest magnitude of the reference output rather than element-wise:
+element-wise relative errors explode where the reference is near zero, which says nothing about the fold.
+
+Default tolerances (:data:`TOLERANCES`) follow from float precision. Folding changes each weight by one rounding
+(relative ``eps/2``) and removes the rounding of the norm's own multiply and add; a layer's output therefore moves
+by a few ``eps`` of its magnitude, and through ``L`` layers such differences add up (roughly as ``sqrt(L)`` for
+random rounding, up to ``L`` when they line up) and are amplified by the network's conditioning. We allow about
+``1000 * eps`` for float32 (1e-4, timm's own zoo tolerance) and float64, which leaves room for a hundred layers with
+amplification of ~10 while a wrong fold (a missing shift, a scale on the wrong axis) gives errors of order 1. fp16
+and bf16 models compute every layer in half precision, where one rounding is already 5e-4 / 4e-3 of the value,
+so their tolerance is ten roundings: 1e-2 and 8e-2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 8e-2,
+}
+
+
+def default_tolerance(model_or_dtype: nn.Module | torch.dtype) -> float:
+    """The relative tolerance for a model (by the widest floating dtype of its parameters) or a dtype."""
+    if isinstance(model_or_dtype, torch.dtype):
+        return TOLERANCES.get(model_or_dtype, TOLERANCES[torch.float32])
+    dtypes = {p.dtype for p in model_or_dtype.parameters() if p.is_floating_point()}
+    if not dtypes:
+        return TOLERANCES[torch.float32]
+    return max(TOLERANCES.get(d, TOLERANCES[torch.float32]) for d in dtypes)
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """Error of one output tensor, at ``path`` in the output structure (``"[0]"``, ``"['boxes']"``, ...)."""
+
+    path: str
+    max_abs: float
+    relative: float
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Comparison:
+    """Per-output errors of a folded model against the original, and whether all are within ``tolerance``."""
+
+    outputs: list[OutputError]
+    tolerance: float
+    problems: list[str] = field(default_factory=list)  # structural mismatches: missing outputs, shapes, types
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(e.relative <= self.tolerance for e in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max((e.max_abs for e in self.outputs), default=0.0)
+
+    @property
+    def max_relative(self) -> float:
+        return max((e.relative for e in self.outputs), default=0.0)
+
+    def worst(self) -> str:
+        if self.problems:
+            return self.problems[0]
+        worst = max(self.outputs, key=lambda e: e.relative)
+        return f"output {worst.path or '(tensor)'} with relative error {worst.relative:.3g} (max abs {worst.max_abs:.3g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "max_abs": self.max_abs,
+            "max_relative": self.max_relative,
+            "outputs": [
+                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape)} for e in self.outputs
+            ],
+            "problems": list(self.problems),
+        }
+
+
+def _leaves_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+    leaves, spec = pytree.tree_flatten_with_path(tree)
+    return [(pytree.keystr(path), leaf) for path, leaf in leaves], spec
+
+
+def compare_outputs(reference: Any, candidate: Any, tolerance: float) -> Comparison:
+    """Compare two model outputs of the same structure, tensor by tensor."""
+    ref_leaves, ref_spec = _leaves_with_paths(reference)
+    cand_leaves, cand_spec = _leaves_with_paths(candidate)
+    comparison = Comparison([], tolerance)
+    if ref_spec != cand_spec:
+        comparison.problems.append(f"the outputs have different structures ({ref_spec} vs {cand_spec})")
+        return comparison
+    for (path, a), (_, b) in zip(ref_leaves, cand_leaves, strict=True):
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                comparison.problems.append(f"output {path} differs: {a!r} vs {b!r}")
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            comparison.problems.append(f"output {path} has shape {tuple(a.shape)} vs {getattr(b, 'shape', type(b))}")
+            continue
+        if not a.is_floating_point() and not a.is_complex():
+            mismatches = int((a != b).sum())
+            comparison.outputs.append(OutputError(path, float(mismatches), float(mismatches > 0), tuple(a.shape)))
+            continue
+        if a.numel() == 0:
+            comparison.outputs.append(OutputError(path, 0.0, 0.0, tuple(a.shape)))
+            continue
+        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        finite_a, finite_b = torch.isfinite(a64), torch.isfinite(b64)
+        if not torch.equal(finite_a, finite_b):
+            comparison.problems.append(f"output {path} has NaN/inf in different places")
+            continue
+        difference = (a64 - b64)[finite_a]
+        max_abs = float(difference.abs().max()) if difference.numel() else 0.0
+        scale = float(a64[finite_a].abs().max()) if difference.numel() else 0.0
+        relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        comparison.outputs.append(OutputError(path, max_abs, relative, tuple(a.shape)))
+    return comparison

@@ -6,7 +6,9 @@
 >>> print(bnfold.report_for(folded))           # what was folded into what, and why anything was left
 """
 
-from .engine import fold, plan, report_for
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BnfoldError,
     CaptureError,
@@ -15,8 +17,43 @@ from .errors import (
     TrainingModeError,
     VerificationError,
 )
-from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, NormStatistics, register_layer, register_norm
 from .report import FoldReport, NormEntry
+
+if TYPE_CHECKING:
+    from .engine import fold, plan, report_for
+    from .layers import (
+        DEFAULT_REGISTRY,
+        LayerRegistry,
+        LinearLayerRule,
+        NormRule,
+        NormStatistics,
+        register_layer,
+        register_norm,
+    )
+
+# The PyTorch engine is imported on first use, so that `bnfold.onnx` (and `bnfold.affine`, `bnfold.report`)
+# work on a machine without PyTorch.
+_LAZY = {
+    "fold": "engine",
+    "plan": "engine",
+    "report_for": "engine",
+    "DEFAULT_REGISTRY": "layers",
+    "LayerRegistry": "layers",
+    "LinearLayerRule": "layers",
+    "NormRule": "layers",
+    "NormStatistics": "layers",
+    "register_layer": "layers",
+    "register_norm": "layers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

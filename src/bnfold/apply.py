@@ -24,7 +24,7 @@ from torch import nn
 from . import affine
 from .errors import NonFiniteStatisticsError
 from .layers import LayerRegistry, LinearLayerRule, NormRule, NormStatistics
-from .plan import FORWARD, Fold, FoldPlan
+from .planner import FORWARD, Fold, FoldPlan
 
 
 def _float64(tensor: torch.Tensor | None) -> torch.Tensor | None:

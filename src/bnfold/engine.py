@@ -15,9 +15,9 @@ from .apply import Rollback, apply_plan, check_finite
 from .capture import Dataflow, capture
 from .errors import InvalidInputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, NormRule
-from .plan import FoldPlan, make_plan
+from .planner import FoldPlan, make_plan
 from .report import FOLDED, LEFT, FoldReport, NormEntry
-from .verify import compare_outputs, default_tolerance
+from .verification import compare_outputs, default_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def fold(
         verify: compare outputs on ``example_inputs`` (default: whenever they are given). On a mismatch a
             :class:`~bnfold.errors.VerificationError` is raised and, with ``inplace=True``, every change is undone.
         tolerance: largest accepted ``max|a - b| / max|a|`` per output; default from the model's dtype
-            (:func:`bnfold.verify.default_tolerance`).
+            (:func:`bnfold.verification.default_tolerance`).
         registry: the layer rules to fold with (default: built-ins plus what was registered).
 
     Raises:

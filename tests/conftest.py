@@ -1,0 +1,51 @@
+"""Shared test helpers: realistic norm statistics, seeded inputs, and the comparison every fold test makes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from bnfold.verification import TOLERANCES, compare_outputs
+
+# Two cores on CI: one intra-op thread per test process keeps timings of the suite predictable.
+torch.set_num_threads(int(os.environ.get("BNFOLD_TEST_THREADS", "1")))
+
+
+@torch.no_grad()
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN realistic, distinct statistics: mean ~ N(0, 1), var in [0.2, 2.2], gamma/beta random.
+
+    The initial 0 / 1 statistics would let a fold that ignores the mean or the variance pass unnoticed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            shape = module.running_mean.shape
+            module.running_mean.copy_(torch.randn(shape, generator=generator))
+            module.running_var.copy_(0.2 + 2 * torch.rand(shape, generator=generator))
+            if module.affine:
+                module.weight.copy_(torch.randn(shape, generator=generator))
+                module.bias.copy_(torch.randn(shape, generator=generator))
+    return model
+
+
+def assert_same_outputs(original: nn.Module, folded: nn.Module, *inputs: object, dtype: torch.dtype = torch.float32) -> float:
+    """Run both models and assert the folded one is within the dtype's tolerance; return the relative error."""
+    with torch.no_grad():
+        expected = original(*inputs)
+        actual = folded(*inputs)
+    comparison = compare_outputs(expected, actual, TOLERANCES[dtype])
+    assert comparison.passed, comparison.worst()
+    return comparison.max_relative
+
+
+def bn_count(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.fixture
+def seeded() -> None:
+    torch.manual_seed(0)

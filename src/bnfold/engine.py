@@ -70,8 +70,9 @@ def _norm_entry(model: nn.Module, name: str, registry: LayerRegistry, status: st
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
-    parameters = sum(p.numel() for p in model.parameters())
-    buffers = sum(b.numel() for b in model.buffers())
+    lazy = nn.parameter.UninitializedTensorMixin  # a lazy module's tensors have no size yet
+    parameters = sum(p.numel() for p in model.parameters() if not isinstance(p, lazy))
+    buffers = sum(b.numel() for b in model.buffers() if not isinstance(b, lazy))
     return parameters, buffers
 
 

@@ -1,0 +1,214 @@
+"""The fold() / plan() contract: same class, caller's model untouched, dtypes, errors, report, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import assert_same_outputs, bn_count, randomize_norms
+from torch import nn
+
+import bnfold
+from bnfold.verification import TOLERANCES
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+        self.bn_fc = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_fc(self.fc(torch.flatten(self.pool(self.features(x)), 1)))
+
+
+X = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+
+
+def _net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return randomize_norms(Net(), seed).eval()
+
+
+def test_fold_returns_same_class_and_leaves_caller_untouched() -> None:
+    model = _net()
+    before = copy.deepcopy(model.state_dict())
+    folded = bnfold.fold(model)
+    assert type(folded) is Net and folded is not model
+    assert bn_count(folded) == 0 and bn_count(model) == 3
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_outputs(model, folded, X)
+
+
+def test_inplace_folds_the_model_itself() -> None:
+    model = _net()
+    reference = copy.deepcopy(model)
+    weight = model.features[0].weight
+    folded = bnfold.fold(model, inplace=True)
+    assert folded is model and bn_count(model) == 0
+    assert folded.features[0].weight is weight  # parameters keep their identity
+    assert_same_outputs(reference, folded, X)
+
+
+def test_report_lists_every_norm_with_counts_and_json() -> None:
+    model = _net()
+    folded = bnfold.fold(model)
+    report = bnfold.report_for(folded)
+    assert report.applied and report.capture == "torch.fx" and report.model == "Net"
+    assert [e.name for e in report.entries] == ["features.1", "features.4", "bn_fc"]
+    removed_bn = 2 * (8 + 8 + 4)  # gamma and beta of each BN
+    added_bias = 8  # features.0 had no bias
+    assert report.parameters_removed == removed_bn - added_bias
+    assert report.parameters_after == sum(p.numel() for p in folded.parameters())
+    data = json.loads(report.to_json())
+    assert data["summary"] == {"norms": 3, "folded": 3, "left": 0, "parameters_removed": removed_bn - added_bias}
+    assert "features.1" in str(report)
+    dry = bnfold.plan(model)
+    assert not dry.applied and dry.parameters_after == dry.parameters_before
+    assert [e.status for e in dry.entries] == ["folded"] * 3
+
+
+def test_report_for_unknown_model_says_what_to_do() -> None:
+    with pytest.raises(bnfold.InvalidInputError, match="bnfold.plan"):
+        bnfold.report_for(_net())
+
+
+def test_training_mode_is_refused_with_the_fix() -> None:
+    model = _net().train()
+    with pytest.raises(bnfold.TrainingModeError, match=r"model.eval\(\)"):
+        bnfold.fold(model)
+    model.eval()
+    model.features[1].train()
+    with pytest.raises(bnfold.TrainingModeError, match="features.1"):
+        bnfold.plan(model)
+
+
+def test_non_finite_statistics_name_the_layer() -> None:
+    model = _net()
+    model.features[4].running_var[3] = float("nan")
+    with pytest.raises(bnfold.NonFiniteStatisticsError, match="features.4.*running_var"):
+        bnfold.fold(model, inplace=True)
+    assert bn_count(model) == 3  # nothing was changed
+
+
+def test_bad_arguments_get_clear_errors() -> None:
+    with pytest.raises(bnfold.InvalidInputError, match="torch.nn.Module"):
+        bnfold.fold("resnet50")  # type: ignore[arg-type]
+    with pytest.raises(bnfold.InvalidInputError, match="example_inputs must be a tensor or a tuple"):
+        bnfold.fold(_net(), {"x": X})  # type: ignore[arg-type]
+    with pytest.raises(bnfold.InvalidInputError, match="verify=True needs example_inputs"):
+        bnfold.fold(_net(), verify=True)
+    scripted = torch.jit.script(_net())
+    with pytest.raises(bnfold.InvalidInputError, match="TorchScript"):
+        bnfold.fold(scripted)
+
+
+def test_wrong_example_inputs_for_untraceable_model() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) if x.mean() > 0 else x
+
+    with pytest.raises(bnfold.CaptureError, match="example_inputs match"):
+        bnfold.fold(Branchy().eval(), torch.ones(1, 5, 4, 4))  # mean > 0: the conv runs and fails
+
+
+def test_verification_result_is_in_the_report() -> None:
+    folded = bnfold.fold(_net(), X)
+    verification = bnfold.report_for(folded).verification
+    assert verification is not None and verification["passed"]
+    assert verification["tolerance"] == TOLERANCES[torch.float32]
+    assert 0 <= verification["max_relative"] <= TOLERANCES[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtype_is_kept_and_half_precision_loses_nothing_to_the_fold(dtype: torch.dtype) -> None:
+    model = _net().to(dtype)
+    folded = bnfold.fold(model)
+    assert all(p.dtype == dtype for p in folded.parameters())
+    x = X.to(dtype)
+    assert_same_outputs(model, folded, x, dtype=dtype)
+    # Rounded once: each folded weight is the exact (float64) product rounded to the dtype, give or take the
+    # float32 intermediate (2^-24 relative): |error| <= (half an ulp + 2^-23) * |exact|, plus half the subnormal step.
+    exact = bnfold.fold(copy.deepcopy(model).double()).features[0].weight
+    error = (folded.features[0].weight.double() - exact).abs()
+    info = torch.finfo(dtype)
+    bound = (info.eps / 2 + 2.0**-23) * exact.abs() + info.smallest_normal * info.eps / 2
+    assert bool((error <= bound).all())
+
+
+def test_float32_fold_is_as_accurate_as_the_original() -> None:
+    """The folded float32 model is no further from the float64 truth than the float32 original is (x4)."""
+    model = _net()
+    truth = copy.deepcopy(model).double()
+    folded = bnfold.fold(model)
+    with torch.no_grad():
+        exact = truth(X.double())
+        original_error = (model(X).double() - exact).abs().max()
+        folded_error = (folded(X).double() - exact).abs().max()
+    assert folded_error <= 4 * original_error + 1e-7
+
+
+def test_requires_grad_and_new_bias() -> None:
+    model = _net()
+    model.features[0].weight.requires_grad_(False)
+    folded = bnfold.fold(model)
+    assert isinstance(folded.features[0].bias, nn.Parameter)
+    assert not folded.features[0].bias.requires_grad
+    assert folded.fc.bias.requires_grad
+
+
+def test_folded_state_dict_loads_into_a_second_folded_instance() -> None:
+    folded = bnfold.fold(_net(seed=0))
+    other = bnfold.fold(_net(seed=1))
+    other.load_state_dict(folded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(X), folded(X), rtol=0, atol=0)
+
+
+def test_folded_model_exports_and_scripts() -> None:
+    model = _net()
+    folded = bnfold.fold(model)
+    exported = torch.export.export(folded, (X,))
+    assert not any("batch_norm" in str(node.target) for node in exported.graph.nodes)
+    assert_same_outputs(model, exported.module(), X)
+    scripted = torch.jit.script(folded)
+    assert_same_outputs(model, scripted, X)
+
+
+def test_sync_batch_norm_and_frozen_batch_norm_fold() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(4)
+    g = torch.Generator().manual_seed(3)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(frozen, name).copy_(torch.randn(4, generator=g))
+    frozen.running_var.copy_(0.5 + torch.rand(4, generator=g))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Conv2d(4, 4, 1, bias=False), frozen)
+    model = randomize_norms(model).eval()
+    folded = bnfold.fold(model)
+    assert [e.kind for e in bnfold.report_for(folded).folded] == ["SyncBatchNorm", "FrozenBatchNorm2d"]
+    assert_same_outputs(model, folded, X)
+
+
+def test_lazy_batch_norm_folds_once_materialised() -> None:
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d())
+    assert bnfold.plan(model.eval()).entries[0].status == "left"
+    model.train()
+    with torch.no_grad():
+        model(X)
+    model.eval()
+    folded = bnfold.fold(model)
+    assert bn_count(folded) == 0
+    assert_same_outputs(model, folded, X)

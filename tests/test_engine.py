@@ -212,3 +212,18 @@ def test_lazy_batch_norm_folds_once_materialised() -> None:
     folded = bnfold.fold(model)
     assert bn_count(folded) == 0
     assert_same_outputs(model, folded, X)
+
+
+def test_rounding_second_opinion_accepts_noise_and_rejects_a_wrong_fold() -> None:
+    from bnfold.verification import explained_by_rounding
+
+    model = _net()
+    folded = bnfold.fold(model)
+    with torch.no_grad():
+        expected, actual = model(X), folded(X)
+    assert explained_by_rounding(model, folded, (X,), expected, actual).passed
+    with torch.no_grad():
+        folded.features[3].bias += 1e-3  # a shift forgotten by a thousandth
+        wrong = folded(X)
+    verdict = explained_by_rounding(model, folded, (X,), expected, wrong)
+    assert not verdict.passed and verdict.max_relative > 10

@@ -118,7 +118,7 @@ def _freeze_norms(model: nn.Module) -> nn.Module:
 def test_segmentation_model_with_frozen_batch_norm() -> None:
     torch.manual_seed(0)
     model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=4)
-    model = _freeze_norms(randomize_norms(model.eval(), seed=3))
+    model = _freeze_norms(randomize_norms(model.eval(), seed=3)).eval()
     frozen = sum(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())
     assert frozen == 54  # 53 in the ResNet-50 backbone, 1 in the FCN head
     images = sample_images(2, 64, seed=4)

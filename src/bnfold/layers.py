@@ -99,6 +99,8 @@ class NormRule:
             or the activation of a fused norm-activation module).
         channel_dim: the dimension of the norm's input that holds channels.
         behaviour_methods: methods a subclass must not override to still be covered by the rule.
+        depends_on_training: whether the module computes something else in training mode (batch statistics), so
+            that folding it requires eval mode. ``False`` for frozen norms.
     """
 
     types: tuple[type[nn.Module] | str, ...]
@@ -107,6 +109,7 @@ class NormRule:
     replacement: Callable[[nn.Module], nn.Module] = _default_replacement
     channel_dim: int = 1
     behaviour_methods: tuple[str, ...] = ("forward",)
+    depends_on_training: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- built-in rules
@@ -185,6 +188,7 @@ BATCH_NORM_RULE = NormRule(
 FROZEN_BATCH_NORM_RULE = NormRule(
     types=("torchvision.ops.misc.FrozenBatchNorm2d",),
     statistics=_frozen_batch_norm_statistics,
+    depends_on_training=False,
 )
 
 BUILTIN_LAYER_RULES: tuple[LinearLayerRule, ...] = (CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE)

@@ -5,12 +5,14 @@ multiplied in their own dtype when that is float32 or wider, and in float32 when
 once. Casting a whole float32 weight to float64 would buy nothing (the product of two float32-rounded numbers
 already rounds once) and costs time on large models. Biases are small and are computed in float64.
 
-Parameters keep their identity where they exist (``weight.data`` is updated in place, so optimisers and tied
-references see the new values), their dtype, device and ``requires_grad``. A bias is created where a layer had
+Parameters keep their identity where they exist (``weight.data`` is swapped, so optimisers and
+references to the parameter see the new values), their dtype, device and ``requires_grad``. A bias is created where a layer had
 none. Each folded norm is replaced in the module tree by its rule's replacement (``nn.Identity`` by default), so the
 model's own forward code and the remaining state_dict keys stay as they were.
 
-If anything fails half way, :class:`Rollback` restores every tensor and module it touched.
+When the fold may have to be undone (it will be verified), nothing is multiplied in place: new weights are
+computed out of place and swapped in, and the :class:`Rollback` keeps the old tensors, so a failed verification
+restores the model exactly, at no cost. Otherwise weights are multiplied in place (see :class:`Rollback`).
 """
 
 from __future__ import annotations
@@ -58,35 +60,82 @@ def check_finite(model: nn.Module, names: Iterable[str], registry: LayerRegistry
             )
 
 
-def _apply_weight_scale(weight: torch.Tensor, scale: torch.Tensor, axis: int, groups: int) -> None:
-    compute = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _scaled_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
+    """``weight`` scaled along ``axis``, out of place, in its own dtype (multiplied in float32 if narrower)."""
+    compute = _compute_dtype(weight)
     factors = scale.to(device=weight.device, dtype=compute)
-    if compute == weight.dtype and axis == 0:
-        weight.mul_(factors.reshape((-1,) + (1,) * (weight.dim() - 1)))
-    else:
-        weight.copy_(affine.scale_channels(weight.to(compute), factors, axis, groups))
+    return affine.scale_channels(weight.detach().to(compute), factors, axis, groups).to(weight.dtype)
 
 
-def _set_bias(layer: nn.Module, rule: LinearLayerRule, new_bias: torch.Tensor) -> None:
+@dataclass
+class Rollback:
+    """Undo information for a fold made in place.
+
+    With ``exact=True`` new weights are computed out of place and swapped in (``parameter.data = new``), so undoing
+    is swapping the old tensors back, bit for bit, without copying any weight. With ``exact=False`` (an in-place fold
+    that will not be verified) full-precision weights are multiplied in place, which is several times faster on
+    large models; should anything fail half way, they are divided back, which restores them to within one rounding.
+    Biases and module slots are always swapped, hence restored exactly.
+    """
+
+    exact: bool = True
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    scaled_in_place: list[tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=list)
+    attributes: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+
+    def swap(self, tensor: torch.Tensor, new_value: torch.Tensor) -> None:
+        self.swapped.append((tensor, tensor.data))
+        tensor.data = new_value
+
+    def scale_weight(self, weight: torch.Tensor, scale: torch.Tensor, axis: int, groups: int) -> None:
+        if self.exact or axis != 0 or _compute_dtype(weight) != weight.dtype:
+            self.swap(weight, _scaled_weight(weight, scale, axis, groups))
+            return
+        factors = scale.to(device=weight.device, dtype=weight.dtype)
+        weight.data.mul_(factors.reshape((-1,) + (1,) * (weight.dim() - 1)))
+        self.scaled_in_place.append((weight, factors, axis, groups))
+
+    def set_module_entry(self, owner: nn.Module, name: str, value: object) -> None:
+        """Set a child module or parameter slot of ``owner`` (bypassing nn.Module's type checks on re-assignment)."""
+        table = owner._modules if name in owner._modules else owner._parameters
+        self.attributes.append((owner, name, table.get(name)))
+        table[name] = value  # type: ignore[assignment]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for weight, factors, _, _ in reversed(self.scaled_in_place):
+                weight.data.div_(factors.reshape((-1,) + (1,) * (weight.dim() - 1)))
+        for tensor, old in reversed(self.swapped):
+            tensor.data = old
+        for owner, name, value in reversed(self.attributes):
+            table = owner._modules if name in owner._modules else owner._parameters
+            table[name] = value  # type: ignore[assignment]
+
+
+def _set_bias(layer: nn.Module, rule: LinearLayerRule, new_bias: torch.Tensor, rollback: Rollback) -> None:
     weight: torch.Tensor = getattr(layer, rule.weight_name)
     bias: torch.Tensor | None = getattr(layer, rule.bias_name, None)
     if bias is not None:
-        bias.copy_(new_bias.to(device=bias.device, dtype=bias.dtype))
+        rollback.swap(bias, new_bias.to(device=bias.device, dtype=bias.dtype))
         return
     value = new_bias.to(device=weight.device, dtype=weight.dtype)
-    setattr(layer, rule.bias_name, nn.Parameter(value, requires_grad=weight.requires_grad))
+    rollback.set_module_entry(layer, rule.bias_name, nn.Parameter(value, requires_grad=weight.requires_grad))
 
 
-def fold_forward(layer: nn.Module, rule: LinearLayerRule, scale: torch.Tensor, shift: torch.Tensor) -> None:
+def fold_forward(layer: nn.Module, rule: LinearLayerRule, scale: torch.Tensor, shift: torch.Tensor, rollback: Rollback) -> None:
     """``norm(layer(x)) == layer'(x)``: scale the layer's output channels by ``s``, bias ``b' = s*b + t``."""
     weight: torch.Tensor = getattr(layer, rule.weight_name)
     bias: torch.Tensor | None = getattr(layer, rule.bias_name, None)
     new_bias = affine.forward_bias(_float64(bias), scale.to(weight.device), shift.to(weight.device))
-    _apply_weight_scale(weight.data, scale, rule.out_axis, rule.groups(layer))
-    _set_bias(layer, rule, new_bias)
+    rollback.scale_weight(weight, scale, rule.out_axis, rule.groups(layer))
+    _set_bias(layer, rule, new_bias, rollback)
 
 
-def fold_backward(layer: nn.Module, rule: LinearLayerRule, scale: torch.Tensor, shift: torch.Tensor) -> None:
+def fold_backward(layer: nn.Module, rule: LinearLayerRule, scale: torch.Tensor, shift: torch.Tensor, rollback: Rollback) -> None:
     """``layer(norm(x)) == layer'(x)``: scale the input channels by ``s``, bias ``b' = b + sum W t``.
 
     The bias sum runs in float64: it adds up as many terms as the layer has inputs.
@@ -97,52 +146,40 @@ def fold_backward(layer: nn.Module, rule: LinearLayerRule, scale: torch.Tensor, 
     new_bias = affine.backward_bias(
         weight.detach().to(torch.float64), _float64(bias), shift.to(weight.device), rule.in_axis, groups
     )
-    _apply_weight_scale(weight.data, scale, rule.in_axis, groups)
-    _set_bias(layer, rule, new_bias)
+    rollback.scale_weight(weight, scale, rule.in_axis, groups)
+    _set_bias(layer, rule, new_bias, rollback)
 
 
-@dataclass
-class Rollback:
-    """Remembers what a fold changes, so a failure (or a failed verification) can undo it."""
-
-    tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    attributes: list[tuple[nn.Module, str, object]] = field(default_factory=list)
-
-    def save_tensor(self, tensor: torch.Tensor) -> None:
-        self.tensors.append((tensor, tensor.detach().clone()))
-
-    def save_attribute(self, owner: nn.Module, name: str) -> None:
-        self.attributes.append((owner, name, owner._modules.get(name, owner._parameters.get(name))))
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for tensor, saved in reversed(self.tensors):
-                tensor.data.copy_(saved)
-        for owner, name, value in reversed(self.attributes):
-            if name in owner._modules:
-                owner._modules[name] = value  # type: ignore[assignment]
-            else:
-                owner._parameters[name] = value  # type: ignore[assignment]
-
-
-def _parents(model: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every (parent, attribute name) under which ``module`` sits in the tree (a module may sit at several)."""
-    found = []
+def _parent_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (parent, attribute name) under which each module sits in the tree (a module may sit at several)."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in model.modules():
         for child_name, child in parent._modules.items():
-            if child is module:
-                found.append((parent, child_name))
-    return found
+            if child is not None:
+                slots.setdefault(id(child), []).append((parent, child_name))
+    return slots
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan, registry: LayerRegistry, rollback: Rollback | None = None) -> None:
-    """Fold in place, in plan order. With a ``rollback``, everything changed is recorded there first."""
-    with torch.no_grad():
-        for fold in plan.folds:
-            _apply_fold(model, fold, registry, rollback)
+def apply_plan(model: nn.Module, plan: FoldPlan, registry: LayerRegistry, *, exact_undo: bool = True) -> Rollback:
+    """Fold in place, in plan order; returns what undoes it. On an exception, everything done is undone first.
+
+    ``exact_undo=False`` allows weights to be multiplied in place (see :class:`Rollback`).
+    """
+    rollback = Rollback(exact=exact_undo)
+    slots = _parent_slots(model)
+    try:
+        with torch.no_grad():
+            for fold in plan.folds:
+                _apply_fold(model, fold, registry, rollback, slots)
+    except BaseException:
+        rollback.restore()
+        raise
+    return rollback
 
 
-def _apply_fold(model: nn.Module, fold: Fold, registry: LayerRegistry, rollback: Rollback | None) -> None:
+def _apply_fold(
+    model: nn.Module, fold: Fold, registry: LayerRegistry, rollback: Rollback, slots: dict[int, list[tuple[nn.Module, str]]]
+) -> None:
     norm = model.get_submodule(fold.norm)
     norm_rule = registry.norm(norm).rule
     assert isinstance(norm_rule, NormRule)
@@ -151,18 +188,10 @@ def _apply_fold(model: nn.Module, fold: Fold, registry: LayerRegistry, rollback:
         layer = model.get_submodule(layer_name)
         layer_rule = registry.layer(layer).rule
         assert isinstance(layer_rule, LinearLayerRule)
-        if rollback is not None:
-            rollback.save_tensor(getattr(layer, layer_rule.weight_name))
-            if getattr(layer, layer_rule.bias_name, None) is not None:
-                rollback.save_tensor(getattr(layer, layer_rule.bias_name))
-            else:
-                rollback.save_attribute(layer, layer_rule.bias_name)
         if fold.direction == FORWARD:
-            fold_forward(layer, layer_rule, scale, shift)
+            fold_forward(layer, layer_rule, scale, shift, rollback)
         else:
-            fold_backward(layer, layer_rule, scale, shift)
+            fold_backward(layer, layer_rule, scale, shift, rollback)
     replacement = norm_rule.replacement(norm)
-    for parent, child_name in _parents(model, norm):
-        if rollback is not None:
-            rollback.save_attribute(parent, child_name)
-        parent._modules[child_name] = replacement
+    for parent, child_name in slots.get(id(norm), []):
+        rollback.set_module_entry(parent, child_name, replacement)

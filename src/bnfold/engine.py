@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import Rollback, apply_plan, check_finite
+from .apply import apply_plan, check_finite
 from .capture import Dataflow, capture
 from .errors import InvalidInputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, NormRule
@@ -165,9 +165,9 @@ def fold(
         with torch.no_grad():
             reference = model(*inputs)
     target = model if inplace else copy.deepcopy(model)
-    rollback = Rollback() if inplace else None
+    # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
+    rollback = apply_plan(target, the_plan, registry, exact_undo=inplace and verify)
     try:
-        apply_plan(target, the_plan, registry, rollback)
         if verify:
             assert inputs is not None
             with torch.no_grad():
@@ -192,8 +192,7 @@ def fold(
                     f"bnfold.plan(model) shows which folds were attempted."
                 )
     except BaseException:
-        if rollback is not None:
-            rollback.restore()
+        rollback.restore()
         raise
     report.applied = True
     report.parameters_after, report.buffers_after = _count(target)

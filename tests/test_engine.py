@@ -227,3 +227,47 @@ def test_rounding_second_opinion_accepts_noise_and_rejects_a_wrong_fold() -> Non
         wrong = folded(X)
     verdict = explained_by_rounding(model, folded, (X,), expected, wrong)
     assert not verdict.passed and verdict.max_relative > 10
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_failed_verification_restores_an_inplace_fold_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnfold import affine
+
+    model = _net()
+    before = _snapshot(model)
+    modules_before = [type(m) for m in model.modules()]
+    right = affine.forward_bias
+    wrong = lambda bias, scale, shift: right(bias, scale, shift) + 0.5  # noqa: E731 - a planted bug
+    monkeypatch.setattr("bnfold.apply.affine.forward_bias", wrong)
+    with pytest.raises(bnfold.VerificationError, match="left unchanged"):
+        bnfold.fold(model, X, inplace=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in model.modules()] == modules_before
+    assert model.features[0].bias is None
+
+
+def test_exception_half_way_undoes_an_inplace_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnfold import apply
+
+    model = _net()
+    before = _snapshot(model)
+    calls = {"n": 0}
+    original = apply.fold_forward
+
+    def failing(*args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated failure")
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(apply, "fold_forward", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        bnfold.fold(model, inplace=True)  # no verification: weights were multiplied in place
+    after = model.state_dict()
+    assert before.keys() == after.keys() and bn_count(model) == 3
+    for key in before:  # divided back: within one rounding of the original
+        torch.testing.assert_close(after[key], before[key], rtol=2 * torch.finfo(torch.float32).eps, atol=0)

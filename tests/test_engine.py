@@ -221,11 +221,11 @@ def test_rounding_second_opinion_accepts_noise_and_rejects_a_wrong_fold() -> Non
     folded = bnfold.fold(model)
     with torch.no_grad():
         expected, actual = model(X), folded(X)
-    assert explained_by_rounding(model, folded, (X,), expected, actual).passed
+    assert explained_by_rounding(model, (X,), expected, actual).passed
     with torch.no_grad():
         folded.features[3].bias += 1e-3  # a shift forgotten by a thousandth
         wrong = folded(X)
-    verdict = explained_by_rounding(model, folded, (X,), expected, wrong)
+    verdict = explained_by_rounding(model, (X,), expected, wrong)
     assert not verdict.passed and verdict.max_relative > 10
 
 
@@ -271,3 +271,15 @@ def test_exception_half_way_undoes_an_inplace_fold(monkeypatch: pytest.MonkeyPat
     assert before.keys() == after.keys() and bn_count(model) == 3
     for key in before:  # divided back: within one rounding of the original
         torch.testing.assert_close(after[key], before[key], rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+
+
+def test_difference_explained_by_rounding_is_accepted_and_noted() -> None:
+    model = _net()
+    reference = copy.deepcopy(model)
+    folded = bnfold.fold(model, X, inplace=True, tolerance=0.0)  # any rounding difference fails the first check
+    report = bnfold.report_for(folded)
+    assert folded is model and bn_count(model) == 0
+    assert report.verification is not None and report.verification["passed"]
+    assert report.verification["rounding_check"]["passed"]
+    assert any("float rounding" in note for note in report.notes)
+    assert_same_outputs(reference, folded, X)

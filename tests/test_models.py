@@ -97,7 +97,7 @@ def assert_matches(model: nn.Module, folded: nn.Module, *inputs: object) -> None
         expected, actual = model(*inputs), folded(*inputs)
     comparison = compare_outputs(expected, actual, TOLERANCES[torch.float32])
     if not comparison.passed:
-        second = explained_by_rounding(model, folded, inputs, expected, actual)
+        second = explained_by_rounding(model, inputs, expected, actual)
         assert second.passed, f"{comparison.worst()}; against float64: {second.worst()}"
 
 

@@ -167,33 +167,36 @@ def fold(
     target = model if inplace else copy.deepcopy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
     rollback = apply_plan(target, the_plan, registry, exact_undo=inplace and verify)
-    try:
-        if verify:
-            assert inputs is not None
+    if verify:
+        assert inputs is not None
+        try:
             with torch.no_grad():
                 folded_outputs = target(*inputs)
-            limit = tolerance if tolerance is not None else default_tolerance(model)
-            comparison = compare_outputs(reference, folded_outputs, limit)
-            report.verification = comparison.to_dict()
-            if not comparison.passed and not comparison.problems:
-                second = explained_by_rounding(model, target, inputs, reference, folded_outputs)
+        except BaseException:
+            rollback.restore()
+            raise
+        limit = tolerance if tolerance is not None else default_tolerance(model)
+        comparison = compare_outputs(reference, folded_outputs, limit)
+        report.verification = comparison.to_dict()
+        if not comparison.passed:
+            if inplace:
+                rollback.restore()  # the float64 second opinion needs the unfolded model
+            if not comparison.problems:
+                second = explained_by_rounding(model, inputs, reference, folded_outputs)
                 report.verification["rounding_check"] = second.to_dict()
                 report.verification["passed"] = second.passed
-                if second.passed:
-                    report.notes.append(
-                        f"outputs differ by {comparison.max_relative:.2g} (relative), above the tolerance {limit:g}, but no "
-                        f"more than the model's own float rounding explains: the folded model is within "
-                        f"{second.max_relative:.2f} of the allowance against a float64 evaluation"
-                    )
             if not report.verification["passed"]:
                 raise VerificationError(
                     f"the folded {type(model).__name__} differs from the original: {comparison.worst()} exceeds the "
                     f"tolerance {limit:g}. The model was left unchanged. Please report this with the model; "
                     f"bnfold.plan(model) shows which folds were attempted."
                 )
-    except BaseException:
-        rollback.restore()
-        raise
+            report.notes.append(
+                f"outputs differ by {comparison.max_relative:.2g} (relative), above the tolerance {limit:g}, but by no "
+                f"more than the model's own float rounding explains (checked against a float64 evaluation)"
+            )
+            if inplace:
+                apply_plan(target, the_plan, registry)
     report.applied = True
     report.parameters_after, report.buffers_after = _count(target)
     _reports[target] = report

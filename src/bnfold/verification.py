@@ -146,13 +146,13 @@ each off the truth by a similar amount; across the torchvision zoo the ratio sta
 outputs by a sizeable fraction of their magnitude, thousands of times the original's rounding error."""
 
 
-def explained_by_rounding(original: nn.Module, folded: nn.Module, inputs: tuple[Any, ...], original_outputs: Any,
-                          folded_outputs: Any) -> Comparison:
+def explained_by_rounding(original: nn.Module, inputs: tuple[Any, ...], original_outputs: Any, folded_outputs: Any) -> Comparison:
     """Second opinion for a difference above the fixed tolerance: is it only the models' own rounding?
 
     Badly conditioned networks (random weights, BN variances near zero) amplify float32 rounding until two
     correct computations of the same function differ by more than any fixed tolerance. Here both models are judged
-    against the float64 evaluation of the original: the folded model passes if it is at most
+    against the float64 evaluation of ``original`` (the unfolded model, which is copied, not changed) on ``inputs``;
+    ``original_outputs`` / ``folded_outputs`` are what the two models returned on them. The folded model passes if it is at most
     :data:`ROUNDING_FACTOR` times as far from that truth as the original itself (plus one rounding of the output).
     The returned comparison's ``relative`` is the folded model's error divided by that allowance (pass <= 1).
     """

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_outputs, bn_count, randomize_norms
 from torch import nn
 
 import bnfold
 from bnfold.verification import TOLERANCES
+from conftest import assert_same_outputs, bn_count, randomize_norms
 
 
 class Net(nn.Module):

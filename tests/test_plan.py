@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_outputs, bn_count, randomize_norms
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 import bnfold
+from conftest import assert_same_outputs, bn_count, randomize_norms
 
 
 def _prepared(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from conftest import randomize_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
 from bnfold.verification import TOLERANCES, compare_outputs
+from conftest import randomize_norms
 
 CONVS = {1: (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d),
          3: (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d)}

@@ -133,8 +133,8 @@ def _conv_input_fold_blocker(module: nn.Module) -> str | None:
     if _is_zero_padding(module) or module.padding_mode in ("reflect", "replicate", "circular"):
         return None
     return (
-        "it pads its input with zeros (padding=%s): the border outputs would see the shift where the original saw "
-        "zeros" % (module.padding,)
+        f"it pads its input with zeros (padding={module.padding}): the border outputs would see the shift where the "
+        f"original saw zeros"
     )
 
 

@@ -269,12 +269,19 @@ def test_same_bn_registered_under_two_names_is_replaced_everywhere() -> None:
             self.alias = self.block[1]  # e.g. a `self.norm = self.layers[-1]` shortcut
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.block(x)
+            return self.alias(self.block[0](x))  # called under its second name
 
     model = _prepared(Aliased())
     folded = bnfold.fold(model)
     assert isinstance(folded.block[1], nn.Identity) and isinstance(folded.alias, nn.Identity)
     assert_same_outputs(model, folded, X)
+    with_inputs = bnfold.fold(model, X)  # fx with shapes; same names
+    assert isinstance(with_inputs.alias, nn.Identity)
+    from bnfold.capture import capture_forward
+    from bnfold.layers import DEFAULT_REGISTRY
+
+    flow, _ = capture_forward(model, (X,), DEFAULT_REGISTRY)
+    assert {s.name for s in flow.sites if s.kind == "module"} == {"block.0", "block.1"}
 
 
 def test_linear_then_batchnorm1d_needs_2d_activations() -> None:

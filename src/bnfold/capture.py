@@ -114,6 +114,11 @@ def _op_name(func: Any) -> str:
     return str(name)
 
 
+def _canonical_names(model: nn.Module) -> dict[nn.Module, str]:
+    """Each module's first qualified name, so a module reachable under two names gets one name in the dataflow."""
+    return {module: name for name, module in reversed(list(model.named_modules(remove_duplicate=False)))}
+
+
 # ---------------------------------------------------------------------------------------------------- torch.fx
 
 
@@ -144,6 +149,7 @@ def capture_fx(model: nn.Module, registry: LayerRegistry) -> Dataflow:
     Raises whatever torch.fx raises when the model cannot be traced; :func:`capture` turns that into advice.
     """
     graph = _Tracer(registry).trace(model)
+    canonical = _canonical_names(model)
     index_of: dict[fx.Node, int] = {}
     sites: list[Site] = []
     for node in graph.nodes:
@@ -156,7 +162,8 @@ def capture_fx(model: nn.Module, registry: LayerRegistry) -> Dataflow:
         elif node.op == "get_attr":
             site = Site(index, "param", str(node.target))
         elif node.op == "call_module":
-            site = Site(index, "module", str(node.target), target=model.get_submodule(str(node.target)))
+            module = model.get_submodule(str(node.target))
+            site = Site(index, "module", canonical[module], target=module)
         elif node.op == "output":
             site = Site(index, "output", "output")
         else:
@@ -242,7 +249,7 @@ def capture_forward(
 
     Every tensor the pass creates is kept alive until it ends, so a tensor's ``id`` names one tensor only.
     """
-    names = {module: name for name, module in model.named_modules(remove_duplicate=False)}
+    names = _canonical_names(model)
     parameter_names = {
         id(t): n for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     }

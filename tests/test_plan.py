@@ -297,3 +297,40 @@ def test_linear_then_batchnorm1d_needs_2d_activations() -> None:
     x3 = torch.randn(2, 5, 5)
     entry = _entry(bnfold.plan(seq, x3), "1")
     assert entry.status == "left" and "3-D output" in entry.reason
+
+
+class ShapeRead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        batch, channels = y.shape[0], y.size(1)  # metadata reads do not depend on values: not a use
+        return self.bn(y).reshape(batch, channels, -1).mean(-1) * y.dim()
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["fx", "forward-pass"])
+def test_shape_reads_are_not_uses(with_inputs: bool) -> None:
+    model = _prepared(ShapeRead())
+    folded = bnfold.fold(model, X if with_inputs else None)
+    assert isinstance(folded.bn, nn.Identity)
+    assert_same_outputs(model, folded, X)
+
+
+def test_forward_pass_capture_sees_in_place_ops_on_the_conv_output() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            y.relu_()  # the BN sees relu(conv(x)): not foldable
+            if x.sum() > -1e9:  # untraceable by fx
+                return self.bn(y)
+            return y
+
+    entry = _entry(bnfold.plan(_prepared(InPlace()), X), "bn")
+    assert entry.status == "left" and "relu_" in entry.reason

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -70,6 +71,7 @@ class Dataflow:
     sites: list[Site]
     method: str
     notes: list[str] = field(default_factory=list)
+    shapes_known: bool = False  # every site's shape was recorded from a forward pass
 
     def module_sites(self) -> dict[str, list[Site]]:
         """Call sites of each module, by qualified name, in call order."""
@@ -143,12 +145,35 @@ def _fx_node_is_metadata(node: fx.Node) -> bool:
     return False
 
 
-def capture_fx(model: nn.Module, registry: LayerRegistry) -> Dataflow:
+def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> dict[fx.Node, tuple[int, ...]] | None:
+    """The shape of the (first) tensor each node produces, from running the traced graph on the example inputs.
+
+    ``None`` when the traced graph does not run (the caller then falls back to hooks on the model itself).
+    """
+    try:
+        with torch.no_grad():
+            ShapeProp(fx.GraphModule(model, graph)).propagate(*example_inputs)
+    except Exception as error:  # the interpreter surfaces whatever the model's code raises
+        log.info("shape propagation on the traced graph failed (%s); using forward hooks", error)
+        return None
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+    for node in graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        first = next((m for m in pytree.tree_leaves(meta, is_leaf=lambda m: isinstance(m, TensorMetadata))), None)
+        if isinstance(first, TensorMetadata):
+            shapes[node] = tuple(first.shape)
+    return shapes
+
+
+def capture_fx(model: nn.Module, registry: LayerRegistry, example_inputs: tuple[Any, ...] | None = None) -> Dataflow:
     """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed).
 
-    Raises whatever torch.fx raises when the model cannot be traced; :func:`capture` turns that into advice.
+    With ``example_inputs`` every site also gets the shape of what it produces (reshapes between a layer and its
+    norm can only be judged with shapes). Raises whatever torch.fx raises when the model cannot be traced;
+    :func:`capture` turns that into advice.
     """
     graph = _Tracer(registry).trace(model)
+    shapes = _fx_shapes(model, graph, example_inputs) if example_inputs is not None else None
     canonical = _canonical_names(model)
     index_of: dict[fx.Node, int] = {}
     sites: list[Site] = []
@@ -168,6 +193,8 @@ def capture_fx(model: nn.Module, registry: LayerRegistry) -> Dataflow:
             site = Site(index, "output", "output")
         else:
             site = Site(index, "op", _op_name(node.target), target=node.target)
+        if shapes is not None:
+            site.shape = shapes.get(node)
         to_ref = lambda n: TensorRef(index_of[n]) if n in index_of else n  # noqa: E731
         site.args = tuple(fx.node.map_arg(node.args, to_ref))
         site.kwargs = dict(fx.node.map_arg(node.kwargs, to_ref))
@@ -176,7 +203,7 @@ def capture_fx(model: nn.Module, registry: LayerRegistry) -> Dataflow:
                 site.inputs.append(index_of[source])
                 sites[index_of[source]].users.append(index)
         sites.append(site)
-    return Dataflow(sites, FX)
+    return Dataflow(sites, FX, shapes_known=shapes is not None)
 
 
 # ------------------------------------------------------------------------------------------ one forward pass
@@ -281,7 +308,7 @@ def capture_forward(
             handle.remove()
     return Dataflow(recorder.sites, FORWARD_PASS, notes=[
         "dataflow learnt from one forward pass: branches the example inputs did not take were not seen"
-    ]), outputs
+    ], shapes_known=True), outputs
 
 
 # ------------------------------------------------------------------------------------------------ either way
@@ -296,7 +323,7 @@ def capture(
     of a Linear layer's output to know which axis a following BatchNorm1d normalises).
     """
     try:
-        flow = capture_fx(model, registry)
+        flow = capture_fx(model, registry, example_inputs)
     except Exception as fx_error:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
         reason = f"{type(fx_error).__name__}: {fx_error}".splitlines()[0]
         if example_inputs is None:
@@ -314,7 +341,7 @@ def capture(
             ) from run_error
         flow.notes.append(f"torch.fx could not trace the model: {reason}")
         return flow
-    if example_inputs is not None:
+    if example_inputs is not None and not flow.shapes_known:
         _add_shapes(flow, model, example_inputs, registry)
     return flow
 

@@ -101,6 +101,8 @@ class NormRule:
         behaviour_methods: methods a subclass must not override to still be covered by the rule.
         depends_on_training: whether the module computes something else in training mode (batch statistics), so
             that folding it requires eval mode. ``False`` for frozen norms.
+        backward_blocker: ``None`` when the module's output is exactly its affine map, so that the layers after it
+            can absorb it; else the reason they cannot (a fused activation after the norm).
     """
 
     types: tuple[type[nn.Module] | str, ...]
@@ -110,6 +112,7 @@ class NormRule:
     channel_dim: int = 1
     behaviour_methods: tuple[str, ...] = ("forward",)
     depends_on_training: bool = True
+    backward_blocker: Callable[[nn.Module], str | None] = lambda module: None
 
 
 # ---------------------------------------------------------------------------------------------- built-in rules
@@ -191,8 +194,70 @@ FROZEN_BATCH_NORM_RULE = NormRule(
     depends_on_training=False,
 )
 
+
+
+class NormActivation(nn.Module):
+    """What is left of a fused norm-activation module once its norm is folded: its dropout, then its activation.
+
+    Keeps the ``drop`` and ``act`` attribute names, so state_dict keys of an activation with parameters (PReLU)
+    stay as they were.
+    """
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _is_stateless_identity(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
+
+
+def _norm_act_replacement(module: nn.Module) -> nn.Module:
+    """The activation alone where that changes nothing (no dropout, no state); else :class:`NormActivation`."""
+    act: nn.Module = module.act
+    if isinstance(module.drop, nn.Identity) and not any(True for _ in act.state_dict()):
+        return act
+    return NormActivation(module.drop, act)
+
+
+def _norm_act_backward_blocker(module: nn.Module) -> str | None:
+    if isinstance(module.act, nn.Identity) and _is_stateless_identity(module.drop):
+        return None
+    return (
+        f"it applies its activation ({type(module.act).__name__}) after normalising, so only the layer before it can "
+        f"absorb the norm"
+    )
+
+
+# timm's fused norm + activation modules (timm.layers.norm_act): F.batch_norm, then self.drop, then self.act.
+# BatchNormAct2d and SyncBatchNormAct subclass BatchNorm2d / SyncBatchNorm; FrozenBatchNormAct2d keeps its
+# statistics in buffers, like torchvision's FrozenBatchNorm2d.
+TIMM_BATCH_NORM_ACT_RULE = NormRule(
+    types=("timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct"),
+    statistics=_batch_norm_statistics,
+    unfoldable=_batch_norm_unfoldable,
+    replacement=_norm_act_replacement,
+    backward_blocker=_norm_act_backward_blocker,
+)
+TIMM_FROZEN_BATCH_NORM_ACT_RULE = NormRule(
+    types=("timm.layers.norm_act.FrozenBatchNormAct2d",),
+    statistics=_frozen_batch_norm_statistics,
+    replacement=_norm_act_replacement,
+    backward_blocker=_norm_act_backward_blocker,
+    depends_on_training=False,
+)
+
 BUILTIN_LAYER_RULES: tuple[LinearLayerRule, ...] = (CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE)
-BUILTIN_NORM_RULES: tuple[NormRule, ...] = (BATCH_NORM_RULE, FROZEN_BATCH_NORM_RULE)
+BUILTIN_NORM_RULES: tuple[NormRule, ...] = (
+    BATCH_NORM_RULE,
+    FROZEN_BATCH_NORM_RULE,
+    TIMM_BATCH_NORM_ACT_RULE,
+    TIMM_FROZEN_BATCH_NORM_ACT_RULE,
+)
 
 NORM_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 """Classes whose instances the report always lists, matched by a rule or not (so an unknown BN subclass shows up)."""
@@ -329,13 +394,18 @@ def register_norm(
     *,
     replacement: Callable[[nn.Module], nn.Module] | None = None,
     unfoldable: Callable[[nn.Module], str | None] | None = None,
+    backward_blocker: Callable[[nn.Module], str | None] | None = None,
     channel_dim: int = 1,
+    depends_on_training: bool = True,
     registry: LayerRegistry | None = None,
 ) -> NormRule:
     """Teach bnfold a norm layer of your own that is a per-channel affine map in eval mode.
 
     ``statistics(module)`` returns its :class:`NormStatistics`; ``replacement(module)`` the module that takes its
     place after folding (``nn.Identity`` by default; for a norm with a built-in activation, the activation).
+    ``unfoldable(module)`` says why a module cannot be folded at all (``None``: it can), ``backward_blocker(module)``
+    why the layers after it cannot absorb it (a norm followed by its own activation). ``depends_on_training=False``
+    for a norm that computes the same in training mode (frozen statistics).
     """
     rule = NormRule(
         types=tuple(types) if isinstance(types, Sequence) else (types,),
@@ -343,6 +413,8 @@ def register_norm(
         unfoldable=unfoldable or (lambda module: None),
         replacement=replacement or _default_replacement,
         channel_dim=channel_dim,
+        depends_on_training=depends_on_training,
+        backward_blocker=backward_blocker or (lambda module: None),
     )
     (registry or DEFAULT_REGISTRY).norms.insert(0, rule)
     return rule

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import commuting
 from .capture import Dataflow, Site
 from .layers import LayerRegistry, LinearLayerRule, NormRule
 
@@ -80,6 +81,7 @@ class _Planner:
         self.calls = flow.module_sites()
         self.param_reads = flow.param_reads()
         self.folded_forward: dict[str, str] = {}  # norm name -> layer it folded into
+        self.folded_backward: dict[str, tuple[str, ...]] = {}  # norm name -> layers after it that absorb it
         self.notes: list[str] = list(flow.notes)
         self.names_of: dict[int, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
@@ -131,32 +133,129 @@ class _Planner:
             return f"it is never called in the forward pass ({self.flow.method} capture)"
         return self.module_problem(name, module, "norm")
 
-    # ------------------------------------------------------------------------------------------ forward fold
+    # ------------------------------------------------------------------------------------- paths and axes
 
-    def producer(self, site: Site) -> tuple[Site, Site] | None:
-        """The site that produced ``site``'s input and the site that reads it, looking through folded norms.
+    def passes_forward(self, site: Site) -> bool:
+        """Whether a forward trace looks through ``site``: a norm already folded forward, or a commuting op."""
+        return (site.kind == "module" and site.name in self.folded_forward) or commuting.may_commute(site)
 
-        A norm already folded forward becomes an identity, so the layer before it produces this norm's input too,
-        provided nothing else read the folded norm's output.
+    def passes_backward(self, site: Site) -> bool:
+        """Whether a backward trace looks through ``site``: a norm already folded backward, or a commuting op."""
+        return (site.kind == "module" and site.name in self.folded_backward) or commuting.may_commute(site)
+
+    def trace_back(self, norm_site: Site) -> tuple[Site, list[Site]] | str:
+        """The site that produced the norm's input, and the sites between (producer side first).
+
+        Looks through norms folded forward (they became identities) and ops that commute with a per-channel affine;
+        each of those must have the next site as its only user.
         """
-        if not site.inputs:
-            return None
-        source = self.sites[site.inputs[0]]
-        while source.kind == "module" and source.name in self.folded_forward and source.users == [site.index]:
-            if not source.inputs:
+        between: list[Site] = []
+        current = norm_site
+        while True:
+            if not current.inputs:
+                return "its input is not produced by a layer (it is a constant)"
+            source = self.sites[current.inputs[0]]
+            if not self.passes_forward(source):
+                between.reverse()
+                return source, between
+            if source.users != [current.index]:
+                others = [self.sites[u] for u in source.users if u != current.index]
+                other = _describe(others[0]) if others else "another call"
+                return f"the output of {_describe(source)}, between it and its layer, is also used by {other}"
+            between.append(source)
+            current = source
+
+    def is_layer_like(self, module: nn.Module) -> bool:
+        """A linear layer, or a subclass of one that the registry declined (the consumer check gives the reason)."""
+        match = self.registry.layer(module)
+        return match.rule is not None or match.reason is not None
+
+    def trace_on(self, norm_site: Site) -> list[tuple[Site, list[Site]]] | str:
+        """Every layer call the norm's output reaches, each with the sites between (norm side first).
+
+        Looks through norms folded backward and ops that commute with a per-channel affine; every other reader of
+        the output on the way is a reason not to fold.
+        """
+        leaves: list[tuple[Site, list[Site]]] = []
+        pending: list[tuple[Site, list[Site]]] = [(norm_site, [])]
+        while pending:
+            site, between = pending.pop()
+            if not site.users:
+                return f"the output of {_describe(site)} is not used"
+            for index in site.users:
+                user = self.sites[index]
+                if user.kind == "module" and self.is_layer_like(user.target):
+                    leaves.append((user, between))
+                elif self.passes_backward(user):
+                    pending.append((user, [*between, user]))
+                else:
+                    what = "it" if site is norm_site else _describe(site)
+                    return f"the output of {what} goes to {_describe(user)}, not only to conv or linear layers"
+        return leaves
+
+    def follow_axis(
+        self, axis: int, shape: tuple[int, ...] | None, between: list[Site]
+    ) -> tuple[int, tuple[int, ...] | None, bool] | str:
+        """Follow channel ``axis`` of a tensor of ``shape`` through ``between``: the axis and shape at the end, and
+        whether an op on the way needs every scale to be non-negative; or why the map does not pass."""
+        needs_non_negative = False
+        if shape is not None:
+            axis %= len(shape)
+        for site in between:
+            if site.kind == "module" and (site.name in self.folded_forward or site.name in self.folded_backward):
+                continue
+            passage = commuting.passage(site, shape, axis)
+            if isinstance(passage, str):
+                return passage
+            axis, shape = passage.axis, site.shape
+            needs_non_negative = needs_non_negative or passage.needs_non_negative_scale
+        return axis, shape, needs_non_negative
+
+    def axis_mismatch(
+        self, layer_name: str, norm_name: str, layer_axis: int, norm_axis: int, shape: tuple[int, ...] | None, what: str
+    ) -> str | None:
+        """Why channel axis ``layer_axis`` of the layer does not meet the norm's ``norm_axis``; ``None`` if it does.
+
+        Without shapes (no example inputs) a Linear next to a BatchNorm1d is assumed to see 2-D activations, and the
+        report says so.
+        """
+        if shape is not None:
+            if layer_axis % len(shape) == norm_axis % len(shape):
                 return None
-            site, source = source, self.sites[source.inputs[0]]
-        return source, site
+            return (
+                f"'{layer_name}' has its channels on axis {layer_axis % len(shape)} of a {len(shape)}-D {what} but the "
+                f"norm normalises axis {norm_axis % len(shape)}"
+            )
+        if layer_axis != norm_axis:
+            self.notes.append(
+                f"'{norm_name}' folded into '{layer_name}' assuming 2-D activations (batch, channels); pass "
+                f"example_inputs to have that checked"
+            )
+        return None
+
+    def sign_problem(self, module: nn.Module, rule: NormRule) -> str | None:
+        gamma = rule.statistics(module).gamma
+        negative = 0 if gamma is None else int((gamma.detach() < 0).sum())
+        if negative:
+            return (
+                f"a max pooling lies on the way, which commutes with the norm only when every scale is >= 0, and "
+                f"{negative} of its channels have a negative weight"
+            )
+        return None
+
+    # ------------------------------------------------------------------------------------------ forward fold
 
     def forward_fold(self, name: str, module: nn.Module, rule: NormRule) -> str | tuple[str, str]:
         """The layer ``name`` folds into, or the reason it cannot."""
         layer_name: str | None = None
         layer_sites: set[int] = set()
+        paths: list[tuple[Site, Site, list[Site]]] = []
         for site in self.calls[name]:
-            found = self.producer(site)
-            if found is None:
-                return "its input is not produced by a layer (it is a constant)"
-            source, consumer = found
+            found = self.trace_back(site)
+            if isinstance(found, str):
+                return found
+            source, between = found
+            consumer = between[0] if between else site
             if source.kind != "module":
                 return f"its input comes from {_describe(source)}, not from a conv or linear layer"
             match = self.registry.layer(source.target)
@@ -175,6 +274,7 @@ class _Planner:
                 return f"the output of '{source.name}' is also used by {other}, which must keep seeing the unnormalised values"
             layer_name = source.name
             layer_sites.add(source.index)
+            paths.append((source, site, between))
         assert layer_name is not None
         layer_calls = {s.index for s in self.calls[layer_name]}
         if layer_calls != layer_sites:
@@ -192,19 +292,71 @@ class _Planner:
         norm_channels = int(rule.statistics(module).mean.shape[0])
         if channels != norm_channels:
             return f"'{layer_name}' has {channels} output channels but the norm has {norm_channels}"
-        if layer_rule.activation_channel_dim != rule.channel_dim:
-            ranks = {len(s.shape) for s in self.calls[layer_name] if s.shape is not None}
-            if not ranks:
-                self.notes.append(
-                    f"'{name}' folded into '{layer_name}' assuming 2-D activations (batch, channels); pass "
-                    f"example_inputs to have that checked"
-                )
-            elif ranks != {2}:
-                return (
-                    f"'{layer_name}' puts channels on axis {layer_rule.activation_channel_dim} of a {max(ranks)}-D output "
-                    f"but the norm normalises axis {rule.channel_dim}"
-                )
+        for source, _, between in paths:
+            followed = self.follow_axis(layer_rule.activation_channel_dim, source.shape, between)
+            if isinstance(followed, str):
+                return f"between '{layer_name}' and the norm, {followed}"
+            axis, shape, needs_non_negative = followed
+            mismatch = self.axis_mismatch(layer_name, name, axis, rule.channel_dim, shape, "output")
+            if mismatch:
+                return mismatch
+            if needs_non_negative and (problem := self.sign_problem(module, rule)):
+                return problem
         return (layer_name, FORWARD)
+
+    # ----------------------------------------------------------------------------------------- backward fold
+
+    def backward_fold(self, name: str, module: nn.Module, rule: NormRule) -> str | tuple[str, ...]:
+        """The layers after norm ``name`` that absorb it (every one its output reaches), or why they cannot."""
+        blocker = rule.backward_blocker(module)
+        if blocker:
+            return blocker
+        consumers: dict[str, set[int]] = {}
+        paths: list[tuple[Site, Site, list[Site]]] = []
+        for site in self.calls[name]:
+            found = self.trace_on(site)
+            if isinstance(found, str):
+                return found
+            for layer_site, between in found:
+                reader = between[-1] if between else site
+                if layer_site.inputs != [reader.index]:
+                    return f"'{layer_site.name}' after it also reads other tensors"
+                consumers.setdefault(layer_site.name, set()).add(layer_site.index)
+                paths.append((site, layer_site, between))
+        norm_channels = int(rule.statistics(module).mean.shape[0])
+        for layer_name, sites in consumers.items():
+            layer = self.model.get_submodule(layer_name)
+            match = self.registry.layer(layer)
+            if not isinstance(match.rule, LinearLayerRule):
+                return f"the layer after it, '{layer_name}': {match.reason}"
+            layer_rule = match.rule
+            layer_blocker = layer_rule.input_fold_blocker(layer)
+            if layer_blocker:
+                return f"the layer after it, '{layer_name}', cannot absorb it exactly: {layer_blocker}"
+            if {s.index for s in self.calls[layer_name]} != sites:
+                return (
+                    f"'{layer_name}' after it is also called at another site whose input this norm does not "
+                    f"normalise; folding would change that call too"
+                )
+            problem = self.layer_problem(layer_name, layer, layer_rule)
+            if problem:
+                return problem
+            channels = layer_rule.in_channels(layer)
+            if channels != norm_channels:
+                return f"'{layer_name}' after it has {channels} input channels but the norm has {norm_channels}"
+        for norm_site, layer_site, between in paths:
+            followed = self.follow_axis(rule.channel_dim, norm_site.shape, between)
+            if isinstance(followed, str):
+                return f"between the norm and '{layer_site.name}', {followed}"
+            axis, shape, needs_non_negative = followed
+            layer_rule = self.registry.layer(layer_site.target).rule
+            assert isinstance(layer_rule, LinearLayerRule)
+            mismatch = self.axis_mismatch(layer_site.name, name, layer_rule.activation_channel_dim, axis, shape, "input")
+            if mismatch:
+                return mismatch
+            if needs_non_negative and (problem := self.sign_problem(module, rule)):
+                return problem
+        return tuple(consumers)
 
     def layer_problem(self, name: str, layer: nn.Module, rule: LinearLayerRule) -> str | None:
         weight = getattr(layer, rule.weight_name, None)
@@ -231,13 +383,15 @@ class _Planner:
 
     def run(self) -> FoldPlan:
         folds: list[Fold] = []
-        skips: list[Skip] = []
-        for name, module in self.norms_in_call_order():
+        skips: dict[str, str] = {}
+        candidates: list[tuple[str, nn.Module, NormRule]] = []
+        order = self.norms_in_call_order()
+        for name, module in order:
             match = self.registry.norm(module)
             rule = match.rule
             problem = self.norm_problem(name, module, rule if isinstance(rule, NormRule) else None, match.reason)
             if problem:
-                skips.append(Skip(name, problem))
+                skips[name] = problem
                 continue
             assert isinstance(rule, NormRule)
             outcome = self.forward_fold(name, module, rule)
@@ -246,8 +400,20 @@ class _Planner:
                 self.folded_forward[name] = layer_name
                 folds.append(Fold(name, (layer_name,), direction))
             else:
-                skips.append(Skip(name, outcome))
-        return FoldPlan(folds, skips, self.flow.method, self.notes)
+                skips[name] = outcome
+                candidates.append((name, module, rule))
+        # Backward folds last, from the end of the network: in a chain BN1 -> BN2 -> Linear, BN2 folds first and
+        # BN1 then folds through it, into the Linear that already holds BN2.
+        for name, module, rule in reversed(candidates):
+            backward = self.backward_fold(name, module, rule)
+            if isinstance(backward, tuple):
+                self.folded_backward[name] = backward
+                folds.append(Fold(name, backward, BACKWARD))
+                del skips[name]
+            else:
+                skips[name] = f"{skips[name]}; nor can the layers after it absorb it: {backward}"
+        ordered_skips = [Skip(name, skips[name]) for name, _ in order if name in skips]
+        return FoldPlan(folds, ordered_skips, self.flow.method, self.notes)
 
 
 def make_plan(model: nn.Module, flow: Dataflow, registry: LayerRegistry) -> FoldPlan:

@@ -153,3 +153,25 @@ def test_detection_model_untraceable_by_fx_folds_from_a_forward_pass() -> None:
     assert report.capture == "forward pass"
     assert len(report.folded) == 20 and not report.left  # resnet18: 20 norms
     assert report.verification is not None and report.verification["passed"]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100"])
+def test_timm_norm_activation_models_fold_completely(name: str) -> None:
+    """timm builds these with BatchNormAct2d (BN + activation in one module), which torch.fx's fuse skips."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    randomize_norm_affine(model, seed=2)
+    images = sample_images(6, 96, seed=7)
+    calibrate(model, images, batch_size=3)
+    fused = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
+    assert fused > 0
+    folded = bnfold.fold(model, images[:2])
+    report = bnfold.report_for(folded)
+    assert not report.left and len(report.folded) == bn_count(model)
+    assert count_batch_norm_calls(folded, (images[:2],)) == 0
+    assert not any(isinstance(m, BatchNormAct2d) for m in folded.modules())
+    assert type(folded) is type(model)
+    assert_matches(model, folded, images[:2])

@@ -102,6 +102,21 @@ _METADATA_ATTRIBUTES = frozenset(
 )
 
 
+# Calls that read only the shape / dtype / device of the argument at these positions (``y.reshape_as(x)`` reads x's
+# shape, ``torch.zeros_like(x)`` its shape and dtype): such reads are not uses of that tensor's values.
+_METADATA_ARGUMENTS: dict[str, frozenset[int]] = {
+    **{name: frozenset({1}) for name in ("reshape_as", "view_as", "expand_as", "type_as")},
+    **{name: frozenset({0}) for name in (
+        "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones",
+        "new_empty", "new_full", "new_tensor")},
+}
+
+
+def _metadata_positions(target: Any) -> frozenset[int]:
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return _METADATA_ARGUMENTS.get(name, frozenset())
+
+
 def _is_metadata_function(func: Callable[..., Any]) -> bool:
     name = getattr(func, "__name__", "")
     if name in _METADATA_METHODS:
@@ -198,8 +213,9 @@ def capture_fx(model: nn.Module, registry: LayerRegistry, example_inputs: tuple[
         to_ref = lambda n: TensorRef(index_of[n]) if n in index_of else n  # noqa: E731
         site.args = tuple(fx.node.map_arg(node.args, to_ref))
         site.kwargs = dict(fx.node.map_arg(node.kwargs, to_ref))
+        metadata_only = {node.args[p] for p in _metadata_positions(node.target) if p < len(node.args)}
         for source in node.all_input_nodes:
-            if source in index_of:
+            if source in index_of and source not in metadata_only:
                 site.inputs.append(index_of[source])
                 sites[index_of[source]].users.append(index)
         sites.append(site)
@@ -239,8 +255,10 @@ class _Recorder(TorchFunctionMode):
         index = len(self.sites)
         site = Site(index, kind, name, target=target)
 
+        metadata_only = {id(args[p]) for p in _metadata_positions(target) if p < len(args)}
+
         def to_ref(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and id(value) not in metadata_only:
                 source = self.source_of(value)
                 if source is not None:
                     site.inputs.append(source)
@@ -298,7 +316,7 @@ def capture_forward(
             handles.append(module.register_forward_hook(after, with_kwargs=True))
         for i, value in enumerate(pytree.tree_leaves(example_inputs)):
             if isinstance(value, torch.Tensor):
-                index = recorder._add(Site(len(recorder.sites), "input", f"input_{i}"))
+                index = recorder._add(Site(len(recorder.sites), "input", f"input_{i}", shape=tuple(value.shape)))
                 recorder.producer[id(value)] = index
         with torch.no_grad(), recorder:
             outputs = model(*example_inputs)

@@ -1,0 +1,118 @@
+"""The commuting table checked against the maths: every op bnfold looks through must satisfy
+``op(s * x + t) == s * op(x) + t`` per channel, and the ops it refuses must really break it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnfold import commuting
+from bnfold.capture import capture_forward
+from bnfold.layers import DEFAULT_REGISTRY
+from bnfold.verification import TOLERANCES
+
+GEN = torch.Generator().manual_seed(7)
+X = torch.randn(2, 3, 7, 7, dtype=torch.float64, generator=GEN)
+
+
+class Op(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+PASSING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "dropout eval": lambda x: F.dropout(x, 0.5, training=False),
+    "dropout2d eval": lambda x: F.dropout2d(x, 0.5, False),
+    "avg_pool": lambda x: F.avg_pool2d(x, 3, 2),
+    "avg_pool ceil": lambda x: F.avg_pool2d(x, 2, 2, 0, True),
+    "avg_pool padded, not counted": lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False),
+    "adaptive_avg_pool": lambda x: F.adaptive_avg_pool2d(x, (3, 2)),
+    "mean spatial": lambda x: x.mean((2, 3)),
+    "mean keepdim": lambda x: torch.mean(x, dim=-1, keepdim=True),
+    "interpolate nearest": lambda x: F.interpolate(x, scale_factor=2, mode="nearest"),
+    "interpolate bilinear": lambda x: F.interpolate(x, size=(5, 11), mode="bilinear", align_corners=False),
+    "interpolate bicubic aligned": lambda x: F.interpolate(x, scale_factor=1.7, mode="bicubic", align_corners=True),
+    "flatten keeps channels": lambda x: torch.flatten(x, 2),
+    "reshape (N, C, HW)": lambda x: x.reshape(x.shape[0], 3, -1),
+    "view to (N, 1, C, H, W)": lambda x: x.view(2, 1, 3, 7, 7),
+    "permute": lambda x: x.permute(0, 2, 3, 1),
+    "transpose": lambda x: x.transpose(1, 3),
+    "contiguous": lambda x: x.contiguous(),
+}
+NEEDS_NON_NEGATIVE = {
+    "max_pool": lambda x: F.max_pool2d(x, 2),
+    "max_pool padded": lambda x: F.max_pool2d(x, 3, 1, 1),
+    "adaptive_max_pool": lambda x: F.adaptive_max_pool2d(x, 2),
+}
+REFUSED = {
+    "dropout training": lambda x: F.dropout(x, 0.5, training=True),
+    "avg_pool counting zero padding": lambda x: F.avg_pool2d(x, 3, 1, 1),
+    "avg_pool divisor_override": lambda x: F.avg_pool2d(x, 2, divisor_override=3),
+    "mean over channels": lambda x: x.mean(1),
+    "flatten mixes channels": lambda x: torch.flatten(x, 1),
+    "relu": torch.relu,
+    "sum spatial": lambda x: x.sum((2, 3)),
+}
+
+
+def _site_and_passage(fn: Callable[[torch.Tensor], torch.Tensor]) -> commuting.Passage | str:
+    flow, _ = capture_forward(Op(fn), (X,), DEFAULT_REGISTRY)
+    ops = [s for s in flow.sites if s.kind == "op"]
+    assert ops, "the op was not recorded"
+    site = ops[0]
+    if not commuting.may_commute(site):
+        return "not a commuting kind"
+    return commuting.passage(site, flow.sites[site.inputs[0]].shape, 1)
+
+
+def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return x * scale.reshape(shape) + shift.reshape(shape)
+
+
+def _commutes(fn: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor, shift: torch.Tensor, out_axis: int) -> bool:
+    torch.manual_seed(0)  # the same dropout mask on both sides where there is one
+    left = fn(_affine(X, scale, shift, 1))
+    torch.manual_seed(0)
+    right = _affine(fn(X), scale, shift, out_axis)
+    return bool(torch.allclose(left, right, rtol=0, atol=TOLERANCES[torch.float64]))
+
+
+SCALE = torch.tensor([1.5, -0.7, 0.3], dtype=torch.float64)
+SHIFT = torch.tensor([0.4, -1.2, 2.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(PASSING))
+def test_ops_looked_through_commute(name: str) -> None:
+    passage = _site_and_passage(PASSING[name])
+    assert isinstance(passage, commuting.Passage), passage
+    assert not passage.needs_non_negative_scale
+    assert _commutes(PASSING[name], SCALE, SHIFT, passage.axis)
+
+
+@pytest.mark.parametrize("name", list(NEEDS_NON_NEGATIVE))
+def test_max_pooling_commutes_only_with_non_negative_scales(name: str) -> None:
+    passage = _site_and_passage(NEEDS_NON_NEGATIVE[name])
+    assert isinstance(passage, commuting.Passage) and passage.needs_non_negative_scale
+    assert _commutes(NEEDS_NON_NEGATIVE[name], SCALE.abs(), SHIFT, passage.axis)
+    assert not _commutes(NEEDS_NON_NEGATIVE[name], SCALE, SHIFT, passage.axis)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_ops_really_do_not_commute(name: str) -> None:
+    passage = _site_and_passage(REFUSED[name])
+    assert isinstance(passage, str)
+    fn = REFUSED[name]
+    out = fn(X)
+    axis = 1 if out.dim() > 1 and out.shape[1] == 3 else out.dim() - 1
+    if out.shape[axis] == 3:
+        assert not _commutes(fn, SCALE, SHIFT, axis)

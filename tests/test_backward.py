@@ -322,3 +322,52 @@ def test_fold_through_ops_on_a_forward_pass_capture() -> None:
     folded = _fold_and_check(model, X, expect={"bn": ("forward", ("conv",)), "bn_head": ("backward", ("fc",))})
     assert bnfold.report_for(folded).capture == "forward pass"
     assert bn_count(folded) == 0
+
+
+# ------------------------------------------------------------------------------------------- through concatenation
+
+
+class Mixed(nn.Module):
+    """MixNet's mixed convolution: split channels, one conv per split with its own kernel, concatenate, BN."""
+
+    def __init__(self, extra_use: bool = False) -> None:
+        super().__init__()
+        self.extra_use = extra_use
+        self.convs = nn.ModuleList([nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 5, 5, padding=2, bias=False)])
+        self.pool = nn.AvgPool2d(1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.convs[0](x[:, :2]), self.convs[1](x[:, 2:])]
+        y = self.bn(self.pool(torch.cat(outs, dim=1)))
+        return y + outs[0].mean() if self.extra_use else y
+
+
+def test_bn_after_concatenated_convs_folds_into_each_share() -> None:
+    model = _prepared(Mixed())
+    folded = _fold_and_check(model, X, expect={"bn": ("forward", ("convs.0", "convs.1"))})
+    assert bn_count(folded) == 0 and folded.convs[1].bias is not None
+    no_shapes = bnfold.fold(model)
+    assert bn_count(no_shapes) == 0
+    assert_same_outputs(model, no_shapes, X)
+
+
+def test_concatenated_conv_output_used_elsewhere_is_left() -> None:
+    model = _prepared(Mixed(extra_use=True))
+    entry = _entry(bnfold.plan(model, X), "bn")
+    assert entry.status == "left" and "also used by" in entry.reason
+    assert_same_outputs(model, bnfold.fold(model, X), X)
+
+
+def test_concatenation_with_a_passthrough_input_is_left() -> None:
+    class DenseLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([x, self.conv(x)], 1))
+
+    entry = _entry(bnfold.plan(_prepared(DenseLike()), X), "bn")
+    assert entry.status == "left" and "model input" in entry.reason

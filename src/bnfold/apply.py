@@ -184,12 +184,15 @@ def _apply_fold(
     norm_rule = registry.norm(norm).rule
     assert isinstance(norm_rule, NormRule)
     scale, shift = scale_shift(norm_rule.statistics(norm))
+    offset = 0  # a forward fold into several layers: their outputs were concatenated, each takes its channels
     for layer_name in fold.layers:
         layer = model.get_submodule(layer_name)
         layer_rule = registry.layer(layer).rule
         assert isinstance(layer_rule, LinearLayerRule)
         if fold.direction == FORWARD:
-            fold_forward(layer, layer_rule, scale, shift, rollback)
+            share = slice(offset, offset + layer_rule.out_channels(layer)) if len(fold.layers) > 1 else slice(None)
+            fold_forward(layer, layer_rule, scale[share], shift[share], rollback)
+            offset = share.stop or 0
         else:
             fold_backward(layer, layer_rule, scale, shift, rollback)
     replacement = norm_rule.replacement(norm)

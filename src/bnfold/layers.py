@@ -56,7 +56,7 @@ class LinearLayerRule:
         weight_name / bias_name: attribute names of the weight and bias parameters.
     """
 
-    types: tuple[type[nn.Module], ...]
+    types: tuple[type[nn.Module] | str, ...]
     out_axis: int
     activation_channel_dim: int
     groups: Callable[[nn.Module], int] = lambda module: 1
@@ -167,6 +167,26 @@ CONV_TRANSPOSE_RULE = LinearLayerRule(
 LINEAR_RULE = LinearLayerRule(types=(nn.Linear,), out_axis=0, activation_channel_dim=-1)
 
 
+def _same_padding_input_fold_blocker(module: nn.Module) -> str | None:
+    if all(k == 1 for k in module.kernel_size):
+        return None  # a 1x1 kernel never needs padding, whatever the stride
+    return (
+        "it pads its input with zeros to TensorFlow-style 'same' size at run time: the border outputs would see the "
+        "shift where the original saw zeros"
+    )
+
+
+# timm's Conv2dSame (tf_* EfficientNets, MixNets, ...): zero-pads the input to 'same' size, then a plain conv2d
+# with this module's weight and bias, so the output is linear per output channel like any Conv2d.
+TIMM_CONV2D_SAME_RULE = LinearLayerRule(
+    types=("timm.layers.conv2d_same.Conv2dSame",),
+    out_axis=0,
+    activation_channel_dim=1,
+    groups=_conv_groups,
+    input_fold_blocker=_same_padding_input_fold_blocker,
+)
+
+
 def _batch_norm_statistics(module: nn.Module) -> NormStatistics:
     return NormStatistics(module.running_mean, module.running_var, float(module.eps), module.weight, module.bias)
 
@@ -251,7 +271,7 @@ TIMM_FROZEN_BATCH_NORM_ACT_RULE = NormRule(
     depends_on_training=False,
 )
 
-BUILTIN_LAYER_RULES: tuple[LinearLayerRule, ...] = (CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE)
+BUILTIN_LAYER_RULES: tuple[LinearLayerRule, ...] = (CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, TIMM_CONV2D_SAME_RULE)
 BUILTIN_NORM_RULES: tuple[NormRule, ...] = (
     BATCH_NORM_RULE,
     FROZEN_BATCH_NORM_RULE,

@@ -27,11 +27,16 @@ from .layers import LayerRegistry, LinearLayerRule, NormRule
 
 FORWARD = "forward"
 BACKWARD = "backward"
+CONCATENATIONS = frozenset({"cat", "concat", "concatenate"})
 
 
 @dataclass(frozen=True)
 class Fold:
-    """Fold norm ``norm`` into ``layers`` (one for a forward fold; one or more consumers for a backward fold)."""
+    """Fold norm ``norm`` into ``layers``.
+
+    Forward: the layer before it, or the layers whose outputs were concatenated along channels into its input (each
+    takes its share of the channels, in order). Backward: every layer after it (each absorbs all its channels).
+    """
 
     norm: str
     layers: tuple[str, ...]
@@ -80,7 +85,7 @@ class _Planner:
         self.registry = registry
         self.calls = flow.module_sites()
         self.param_reads = flow.param_reads()
-        self.folded_forward: dict[str, str] = {}  # norm name -> layer it folded into
+        self.folded_forward: dict[str, tuple[str, ...]] = {}  # norm name -> layer(s) it folded into
         self.folded_backward: dict[str, tuple[str, ...]] = {}  # norm name -> layers after it that absorb it
         self.notes: list[str] = list(flow.notes)
         self.names_of: dict[int, list[str]] = {}
@@ -142,6 +147,25 @@ class _Planner:
     def passes_backward(self, site: Site) -> bool:
         """Whether a backward trace looks through ``site``: a norm already folded backward, or a commuting op."""
         return (site.kind == "module" and site.name in self.folded_backward) or commuting.may_commute(site)
+
+    def trace_back_from(self, source: Site, reader: Site) -> tuple[Site, list[Site]] | str:
+        """Like :meth:`trace_back`, for the tensor ``source`` produced and ``reader`` reads."""
+        between: list[Site] = []
+        current = reader
+        while self.passes_forward(source):
+            if source.users != [current.index]:
+                others = [self.sites[u] for u in source.users if u != current.index]
+                other = _describe(others[0]) if others else "another call"
+                return f"the output of {_describe(source)}, between it and its layer, is also used by {other}"
+            between.append(source)
+            if not source.inputs:
+                return "its input is not produced by a layer (it is a constant)"
+            current, source = source, self.sites[source.inputs[0]]
+        if source.users != [current.index]:
+            others = [self.sites[u] for u in source.users if u != current.index]
+            return f"the output of {_describe(source)} is also used by {_describe(others[0]) if others else 'another call'}"
+        between.reverse()
+        return source, between
 
     def trace_back(self, norm_site: Site) -> tuple[Site, list[Site]] | str:
         """The site that produced the norm's input, and the sites between (producer side first).
@@ -245,8 +269,12 @@ class _Planner:
 
     # ------------------------------------------------------------------------------------------ forward fold
 
-    def forward_fold(self, name: str, module: nn.Module, rule: NormRule) -> str | tuple[str, str]:
-        """The layer ``name`` folds into, or the reason it cannot."""
+    def forward_fold(self, name: str, module: nn.Module, rule: NormRule) -> str | tuple[str, ...]:
+        """The layer(s) norm ``name`` folds into, or the reason it cannot.
+
+        One layer, or, when the norm's input is a concatenation along channels of layer outputs (MixNet's mixed
+        convolutions, Inception-style branches), each of those layers, in the order of their channels.
+        """
         layer_name: str | None = None
         layer_sites: set[int] = set()
         paths: list[tuple[Site, Site, list[Site]]] = []
@@ -256,6 +284,8 @@ class _Planner:
                 return found
             source, between = found
             consumer = between[0] if between else site
+            if source.kind == "op" and commuting.op_name(source) in CONCATENATIONS and len(self.calls[name]) == 1:
+                return self.concat_fold(name, module, rule, consumer, source, between)
             if source.kind != "module":
                 return f"its input comes from {_describe(source)}, not from a conv or linear layer"
             match = self.registry.layer(source.target)
@@ -302,7 +332,68 @@ class _Planner:
                 return mismatch
             if needs_non_negative and (problem := self.sign_problem(module, rule)):
                 return problem
-        return (layer_name, FORWARD)
+        return (layer_name,)
+
+    def concat_fold(
+        self, name: str, module: nn.Module, rule: NormRule, consumer: Site, cat: Site, between: list[Site]
+    ) -> str | tuple[str, ...]:
+        """The layers whose outputs are concatenated along channels into the norm's input, in channel order.
+
+        ``norm(cat([a(x), b(y)]))`` is ``cat([norm_a(a(x)), norm_b(b(y))])`` with the norm's channels split at the
+        concatenation's boundaries, so each layer absorbs its share.
+        """
+        if cat.users != [consumer.index]:
+            others = [self.sites[u] for u in cat.users if u != consumer.index]
+            return f"its input, {_describe(cat)}, is also used by {_describe(others[0]) if others else 'another call'}"
+        dim = cat.kwargs.get("dim", cat.kwargs.get("axis", cat.args[1] if len(cat.args) > 1 else 0))
+        if not isinstance(dim, int):
+            return f"its input comes from {_describe(cat)} along an axis bnfold cannot read"
+        followed = self.follow_axis(dim, cat.shape, between)
+        if isinstance(followed, str):
+            return f"between {_describe(cat)} and the norm, {followed}"
+        axis, shape, needs_non_negative = followed
+        mismatch = self.axis_mismatch(_describe(cat), name, axis, rule.channel_dim, shape, "output")
+        if mismatch:
+            return f"its input concatenates along another axis than its channels ({mismatch})"
+        layers: list[str] = []
+        for index in cat.inputs:
+            found = self.trace_back_from(self.sites[index], cat)
+            if isinstance(found, str):
+                return found
+            source, path = found
+            match = self.registry.layer(source.target) if source.kind == "module" else None
+            if match is None or not isinstance(match.rule, LinearLayerRule):
+                why = f": {match.reason}" if match is not None and match.reason else ""
+                return (
+                    f"its input concatenates the output of {_describe(source)}{why}, which is not a conv or linear layer"
+                )
+            if {s.index for s in self.calls[source.name]} != {source.index} or source.name in layers:
+                return f"'{source.name}' before it is also called at another site; folding would change that call too"
+            layer = self.model.get_submodule(source.name)
+            problem = self.layer_problem(source.name, layer, match.rule)
+            if problem:
+                return problem
+            followed = self.follow_axis(match.rule.activation_channel_dim, source.shape, path)
+            if isinstance(followed, str):
+                return f"between '{source.name}' and the concatenation, {followed}"
+            layer_axis, layer_shape, needs = followed
+            needs_non_negative = needs_non_negative or needs
+            mismatch = self.axis_mismatch(source.name, name, layer_axis, dim, layer_shape, "output")
+            if mismatch:
+                return mismatch
+            layers.append(source.name)
+        channels = [self.registry_rule(n).out_channels(self.model.get_submodule(n)) for n in layers]
+        norm_channels = int(rule.statistics(module).mean.shape[0])
+        if sum(channels) != norm_channels:
+            return f"the layers concatenated before it have {sum(channels)} output channels but the norm has {norm_channels}"
+        if needs_non_negative and (problem := self.sign_problem(module, rule)):
+            return problem
+        return tuple(layers)
+
+    def registry_rule(self, layer_name: str) -> LinearLayerRule:
+        rule = self.registry.layer(self.model.get_submodule(layer_name)).rule
+        assert isinstance(rule, LinearLayerRule)
+        return rule
 
     # ----------------------------------------------------------------------------------------- backward fold
 
@@ -396,9 +487,8 @@ class _Planner:
             assert isinstance(rule, NormRule)
             outcome = self.forward_fold(name, module, rule)
             if isinstance(outcome, tuple):
-                layer_name, direction = outcome
-                self.folded_forward[name] = layer_name
-                folds.append(Fold(name, (layer_name,), direction))
+                self.folded_forward[name] = outcome
+                folds.append(Fold(name, outcome, FORWARD))
             else:
                 skips[name] = outcome
                 candidates.append((name, module, rule))

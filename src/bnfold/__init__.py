@@ -20,6 +20,7 @@ from .errors import (
 from .report import FoldReport, NormEntry
 
 if TYPE_CHECKING:
+    from .bench import BenchmarkResult, benchmark
     from .engine import fold, plan, report_for
     from .layers import (
         DEFAULT_REGISTRY,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
         register_layer,
         register_norm,
     )
+    from .verification import VerificationResult, verify
 
 # The PyTorch engine is imported on first use, so that `bnfold.onnx` (and `bnfold.affine`, `bnfold.report`)
 # work on a machine without PyTorch.
@@ -37,6 +39,10 @@ _LAZY = {
     "fold": "engine",
     "plan": "engine",
     "report_for": "engine",
+    "verify": "verification",
+    "VerificationResult": "verification",
+    "benchmark": "bench",
+    "BenchmarkResult": "bench",
     "DEFAULT_REGISTRY": "layers",
     "LayerRegistry": "layers",
     "LinearLayerRule": "layers",
@@ -71,6 +77,10 @@ __all__ = [
     "NormStatistics",
     "TrainingModeError",
     "VerificationError",
+    "VerificationResult",
+    "BenchmarkResult",
+    "benchmark",
+    "verify",
     "fold",
     "plan",
     "register_layer",

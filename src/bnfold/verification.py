@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .errors import InvalidInputError
+
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
     torch.float32: 1e-4,
@@ -176,3 +178,172 @@ def explained_by_rounding(original: nn.Module, inputs: tuple[Any, ...], original
         allowance = ROUNDING_FACTOR * own_error + one_rounding
         comparison.outputs.append(OutputError(path, fold_error, fold_error / allowance if allowance else 0.0, tuple(t.shape)))
     return comparison
+
+
+# ------------------------------------------------------------------------------------------ bnfold.verify()
+
+
+@dataclass
+class VerificationResult:
+    """What :func:`verify` found: per-output errors (worst over every batch) and, for classifiers, top-1 agreement.
+
+    Attributes:
+        outputs: the worst error of each output (by path in the output structure) over all inputs compared.
+        tolerance: the relative tolerance each output was held to.
+        batches: how many input batches were compared (``inputs`` counts as one).
+        samples: how many classifier samples were compared for top-1 agreement (0 when ``data`` was not given or the
+            model is not a classifier: its output is not a ``(batch, classes)`` tensor).
+        agreement: fraction of those samples where both models predict the same class.
+        accuracy_original / accuracy_folded: top-1 accuracy of each model when ``data`` carries labels.
+        problems: structural differences (missing outputs, different shapes).
+    """
+
+    outputs: list[OutputError]
+    tolerance: float
+    batches: int = 0
+    samples: int = 0
+    agreement: float | None = None
+    accuracy_original: float | None = None
+    accuracy_folded: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(e.relative <= self.tolerance for e in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max((e.max_abs for e in self.outputs), default=0.0)
+
+    @property
+    def max_relative(self) -> float:
+        return max((e.relative for e in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "max_abs": self.max_abs,
+            "max_relative": self.max_relative,
+            "batches": self.batches,
+            "samples": self.samples,
+            "top1_agreement": self.agreement,
+            "accuracy_original": self.accuracy_original,
+            "accuracy_folded": self.accuracy_folded,
+            "outputs": [
+                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape)} for e in self.outputs
+            ],
+            "problems": list(self.problems),
+        }
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"verification {verdict}: max relative error {self.max_relative:.3g} (tolerance {self.tolerance:g}), "
+            f"max abs {self.max_abs:.3g}, over {self.batches} batch(es)"
+        ]
+        for e in self.outputs:
+            lines.append(f"  output {e.path or '(tensor)'} {list(e.shape)}: relative {e.relative:.3g}, abs {e.max_abs:.3g}")
+        if self.samples:
+            lines.append(f"  top-1 agreement {self.agreement:.2%} over {self.samples} samples")
+        if self.accuracy_original is not None:
+            lines.append(f"  top-1 accuracy: original {self.accuracy_original:.2%}, folded {self.accuracy_folded:.2%}")
+        lines.extend(f"  problem: {p}" for p in self.problems)
+        return "\n".join(lines)
+
+
+def _batches(data: Any) -> Any:
+    """Yield ``(inputs_tuple, labels_or_None)`` from a tensor, a DataLoader or an iterable of batches."""
+    if isinstance(data, torch.Tensor):
+        yield (data,), None
+        return
+    for batch in data:
+        if isinstance(batch, torch.Tensor):
+            yield (batch,), None
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) and (
+            batch[1].dtype in (torch.int64, torch.int32) and batch[1].dim() == 1
+        ):
+            yield (batch[0],), batch[1]
+        elif isinstance(batch, (tuple, list)):
+            yield tuple(batch), None
+        else:
+            raise InvalidInputError(
+                f"data must yield tensors or (inputs, labels) pairs, got {type(batch).__name__}; pass a DataLoader "
+                f"over your validation set"
+            )
+
+
+def _merge(worst: dict[str, OutputError], comparison: Comparison) -> None:
+    for error in comparison.outputs:
+        if error.path not in worst or error.relative > worst[error.path].relative:
+            worst[error.path] = error
+
+
+def verify(
+    original: nn.Module,
+    folded: nn.Module,
+    inputs: Any = None,
+    *,
+    data: Any = None,
+    tolerance: float | None = None,
+    max_batches: int | None = None,
+) -> VerificationResult:
+    """Prove that ``folded`` computes what ``original`` computes: per-output errors and top-1 agreement.
+
+    Args:
+        original / folded: the model before and after folding (both in eval mode; neither is changed).
+        inputs: a tensor or a tuple of positional inputs to compare the outputs on.
+        data: a validation set: a tensor, a ``DataLoader`` or any iterable of batches (``inputs`` or
+            ``(inputs, labels)``). Every batch is compared like ``inputs``; for a classifier (output of shape
+            ``(batch, classes)``) the fraction of samples with the same top-1 prediction is reported, and each model's
+            accuracy when labels are given.
+        tolerance: largest accepted ``max|a - b| / max|a|`` per output; default from the original's dtype.
+        max_batches: stop after this many batches of ``data``.
+
+    Errors are taken per output tensor (tuples, lists, dicts of tensors are walked), against the largest magnitude
+    of the original's output, so near-zero outputs do not blow the relative error up.
+    """
+    if inputs is None and data is None:
+        raise InvalidInputError("verify() needs inputs or data to run both models on")
+    limit = tolerance if tolerance is not None else default_tolerance(original)
+    worst: dict[str, OutputError] = {}
+    result = VerificationResult([], limit)
+    agree = correct_original = correct_folded = labelled = 0
+    batches = []
+    if inputs is not None:
+        batches.append((inputs if isinstance(inputs, tuple) else (inputs,), None))
+    with torch.no_grad():
+        for number, (batch, labels) in enumerate(_chain(batches, _batches(data) if data is not None else ())):
+            if max_batches is not None and number >= max_batches + len(batches):
+                break
+            expected, actual = original(*batch), folded(*batch)
+            comparison = compare_outputs(expected, actual, limit)
+            result.problems.extend(p for p in comparison.problems if p not in result.problems)
+            _merge(worst, comparison)
+            result.batches += 1
+            if number < len(batches) or not _is_logits(expected):
+                continue
+            top_original, top_folded = expected.argmax(-1), actual.argmax(-1)
+            agree += int((top_original == top_folded).sum())
+            result.samples += int(top_original.numel())
+            if labels is not None:
+                labels = labels.to(top_original.device)
+                correct_original += int((top_original == labels).sum())
+                correct_folded += int((top_folded == labels).sum())
+                labelled += int(labels.numel())
+    result.outputs = list(worst.values())
+    if result.samples:
+        result.agreement = agree / result.samples
+    if labelled:
+        result.accuracy_original = correct_original / labelled
+        result.accuracy_folded = correct_folded / labelled
+    return result
+
+
+def _chain(first: list[Any], rest: Any) -> Any:
+    yield from first
+    yield from rest
+
+
+def _is_logits(output: Any) -> bool:
+    return isinstance(output, torch.Tensor) and output.dim() == 2 and output.is_floating_point()

@@ -1,0 +1,86 @@
+"""bnfold.verify(): per-output errors on any output structure, top-1 agreement over a data set, planted bugs caught."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bnfold
+from conftest import randomize_norms
+
+GEN = torch.Generator().manual_seed(21)
+X = torch.randn(4, 3, 12, 12, generator=GEN)
+
+
+def _classifier() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)
+    )
+    return randomize_norms(model).eval()
+
+
+def _loader(count: int = 24) -> DataLoader:
+    images = torch.randn(count, 3, 12, 12, generator=GEN)
+    labels = torch.randint(0, 5, (count,), generator=GEN)
+    return DataLoader(TensorDataset(images, labels), batch_size=8)
+
+
+def test_a_correct_fold_passes_with_full_agreement() -> None:
+    model = _classifier()
+    folded = bnfold.fold(model, X)
+    result = bnfold.verify(model, folded, X, data=_loader())
+    assert result.passed and result.batches == 4 and result.samples == 24
+    assert result.agreement == 1.0 and result.accuracy_original == result.accuracy_folded
+    assert 0 < result.max_relative < 1e-5  # folding moves roundings, it does not remove them all
+    data = result.to_dict()
+    assert data["passed"] and data["top1_agreement"] == 1.0 and data["outputs"][0]["shape"][1] == 5
+    assert "PASSED" in str(result)
+
+
+def test_a_planted_wrong_fold_is_caught() -> None:
+    model = _classifier()
+    folded = bnfold.fold(model, X)
+    with torch.no_grad():
+        folded[0].bias[3] += 0.05  # one channel's shift off by a twentieth
+    result = bnfold.verify(model, folded, X, data=_loader())
+    assert not result.passed and result.max_relative > 1e-3
+    assert "FAILED" in str(result)
+
+
+def test_structured_outputs_are_compared_leaf_by_leaf() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _classifier()
+            self.aux = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+            randomize_norms(self.aux)
+
+        def forward(self, x: torch.Tensor) -> dict[str, object]:
+            return {"logits": self.body(x), "extra": [self.aux(x), x.shape[0]]}
+
+    model = TwoHeads().eval()
+    folded = bnfold.fold(model, X)
+    result = bnfold.verify(model, folded, X)
+    assert result.passed and {e.path for e in result.outputs} == {"['logits']", "['extra'][0]"}
+    broken = copy.deepcopy(folded)
+    with torch.no_grad():
+        broken.aux[0].weight.mul_(1.01)
+    worst = max(bnfold.verify(model, broken, X).outputs, key=lambda e: e.relative)
+    assert worst.path == "['extra'][0]" and worst.relative > 1e-3
+
+
+def test_verify_needs_something_to_run_on() -> None:
+    model = _classifier()
+    with pytest.raises(bnfold.InvalidInputError, match="inputs or data"):
+        bnfold.verify(model, model)
+
+
+def test_max_batches_limits_the_data_read() -> None:
+    model = _classifier()
+    result = bnfold.verify(model, bnfold.fold(model), data=_loader(), max_batches=2)
+    assert result.batches == 2 and result.samples == 16

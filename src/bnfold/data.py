@@ -1,0 +1,100 @@
+"""Real image data for training, calibrating and verifying: an ImageFolder on disk, or scikit-learn's digits offline.
+
+* :func:`image_folder`: an ImageNette-style folder (``train/<class>/*.jpg`` and ``val/<class>/*.jpg``), read with
+  torchvision's ``ImageFolder``, resized to a square and normalised with the ImageNet statistics torchvision's
+  models expect.
+* :func:`digits`: scikit-learn's 1,797 handwritten digits (8 x 8, 16 grey levels, 10 classes), which ship inside
+  the package, so an experiment runs on any machine without a download: scaled to [0, 1], upsampled to a square
+  of ``size`` pixels (bilinear), copied to 3 channels and normalised the same way. The train / validation split is
+  stratified and seeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .errors import InvalidInputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Splits:
+    """A train and a validation set of ``(image, label)`` pairs, with the class names."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    source: str
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def digits(size: int = 32, val_fraction: float = 0.2, seed: int = 0, limit: int | None = None) -> Splits:
+    """scikit-learn's digits as 3-channel ``size`` x ``size`` images; ``limit`` caps each split (quick runs)."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as error:
+        raise InvalidInputError("the digits data set needs scikit-learn: pip install 'bnfold[data]'") from error
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    images = _normalise(images.repeat(1, 3, 1, 1))
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    train_index, val_index = train_test_split(
+        list(range(len(labels))), test_size=val_fraction, random_state=seed, stratify=bunch.target
+    )
+    if limit is not None:
+        train_index, val_index = train_index[:limit], val_index[:limit]
+    return Splits(
+        TensorDataset(images[train_index], labels[train_index]),
+        TensorDataset(images[val_index], labels[val_index]),
+        [str(c) for c in bunch.target_names],
+        "scikit-learn digits",
+    )
+
+
+def image_folder(path: str | Path, size: int = 224, limit: int | None = None) -> Splits:
+    """An ImageFolder data set with ``train/`` and ``val/`` sub-folders (ImageNette layout)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InvalidInputError(f"--data {root}: no such directory; give a folder with train/ and val/ inside")
+    missing = [part for part in ("train", "val") if not (root / part).is_dir()]
+    if missing:
+        raise InvalidInputError(
+            f"--data {root}: missing {' and '.join(f'{m}/' for m in missing)}; the layout is "
+            f"{root}/train/<class>/<image> and {root}/val/<class>/<image> (as in ImageNette)"
+        )
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as error:
+        raise InvalidInputError("reading an image folder needs torchvision: pip install 'bnfold[vision]'") from error
+    transform = transforms.Compose([
+        transforms.Resize(size),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    try:
+        train = datasets.ImageFolder(str(root / "train"), transform=transform)
+        val = datasets.ImageFolder(str(root / "val"), transform=transform)
+    except (FileNotFoundError, RuntimeError) as error:  # ImageFolder's "Found no valid file for the classes ..."
+        raise InvalidInputError(f"--data {root}: {error}") from error
+    if train.classes != val.classes:
+        raise InvalidInputError(f"--data {root}: train/ has classes {train.classes} but val/ has {val.classes}")
+    classes = list(train.classes)
+    if limit is not None:  # a seeded sample across classes (ImageFolder lists the images class by class)
+        generator = torch.Generator().manual_seed(0)
+        train = Subset(train, torch.randperm(len(train), generator=generator)[:limit].tolist())  # type: ignore[assignment]
+        val = Subset(val, torch.randperm(len(val), generator=generator)[:limit].tolist())  # type: ignore[assignment]
+    return Splits(train, val, classes, f"image folder {root}")

@@ -1,0 +1,77 @@
+"""`bnfold reproduce` end to end on small real data: the report's figures, files, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnfold import reproduce
+
+QUICK = ["--epochs", "1", "--limit", "16", "--batch-size", "8", "--latency-size", "32", "--latency-repeats", "2"]
+
+
+def _check_report(out: Path, models: list[str], classes: int) -> dict:
+    results = json.loads((out / "report.json").read_text())
+    assert list(results["models"]) == models and len(results["data"]["classes"]) == classes
+    for name, figures in results["models"].items():
+        assert figures["parameters_removed"] == reproduce.EXPECTED_REMOVED[name]
+        assert figures["parameters_before"] - figures["parameters_after"] == figures["parameters_removed"]
+        assert figures["norms_folded"] == figures["norms_total"] > 0
+        assert figures["top1_agreement"] == 1.0 and figures["verification_passed"]
+        assert figures["accuracy_before"] == figures["accuracy_after"]
+        assert figures["latency_ms_before"] > 0 and figures["latency_ms_after"] > 0
+        assert figures["latency_iqr_ms_before"][0] <= figures["latency_ms_before"] <= figures["latency_iqr_ms_before"][1]
+    table = (out / "report.md").read_text()
+    for name in models:
+        assert f"| {name} | {results['models'][name]['parameters_before']:,} |" in table
+        assert f"{name}: {reproduce.EXPECTED_REMOVED[name]:,}" in table
+    assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    return results
+
+
+def test_reproduce_on_digits_with_both_seed_models(tmp_path: Path) -> None:
+    out = tmp_path / "digits"
+    assert reproduce.main([*QUICK, "--out", str(out)]) == 0
+    results = _check_report(out, ["vgg16_bn", "resnet50"], classes=10)
+    assert results["data"]["source"] == "scikit-learn digits" and results["data"]["train_samples"] == 16
+
+
+def _image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("cat", "dog"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_reproduce_on_an_image_folder(tmp_path: Path) -> None:
+    data = _image_folder(tmp_path / "imagenette")
+    out = tmp_path / "folder"
+    args = [*QUICK, "--models", "resnet50", "--data", str(data), "--image-size", "32", "--out", str(out)]
+    assert reproduce.main(args) == 0
+    results = _check_report(out, ["resnet50"], classes=2)
+    assert results["data"]["train_samples"] == 8 and results["data"]["val_samples"] == 4
+    assert results["data"]["image_size"] == 32
+
+
+@pytest.mark.parametrize("layout", ["missing", "no-val"])
+def test_bad_data_folder_is_a_one_line_error_and_nothing_is_written(
+    tmp_path: Path, layout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    if layout == "no-val":
+        (data / "train" / "a").mkdir(parents=True)
+    out = tmp_path / "out"
+    assert reproduce.main([*QUICK, "--data", str(data), "--out", str(out)]) == 2
+    message = capsys.readouterr().out
+    assert "error:" in message and ("no such directory" in message or "missing val/" in message)
+    assert not out.exists()

@@ -22,7 +22,6 @@ import copy
 import io
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
+from .files import write_atomic
 
 ORIGINAL = "original"
 BNFOLD = "bnfold"
@@ -164,23 +164,7 @@ class BenchmarkResult:
                               ha="center", va="bottom", fontsize=8)
         figure.suptitle(f"{self.settings.get('model')}: latency before and after folding")
         figure.tight_layout()
-        return _atomic_save(target, lambda handle: figure.savefig(handle, format="png", dpi=120), close=lambda: plt.close(figure))
-
-
-def _atomic_save(target: Path, write: Callable[[Any], None], close: Callable[[], None] | None = None) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    finally:
-        if close is not None:
-            close()
-    return target
+        return write_atomic(target, lambda handle: figure.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(figure))
 
 
 # ---------------------------------------------------------------------------------------------- variants

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .errors import BnfoldError, InvalidInputError
+from .files import write_atomic
 
 DEFAULT_MODELS = ("vgg16_bn", "resnet50")
 EXPECTED_REMOVED = {"vgg16_bn": 8_448, "resnet50": 26_560}  # the seed's figures, for the report's last column
@@ -198,30 +197,19 @@ def table(results: dict[str, Any]) -> Any:
     settings = results["settings"]
     grid = Table(title=f"bnfold reproduce: latency ms per image at {settings['latency_size']}px, batch 1",
                  title_justify="left")
-    for column in ("model", "params", "removed", "BN", "ms before", "after", "ratio", "acc before", "after", "same"):
+    for column in ("model", "removed", "BN", "ms before", "after", "ratio", "acc before", "after", "same"):
         grid.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
     for name, m in results["models"].items():
         grid.add_row(
-            name, f"{m['parameters_before']:,}", f"{m['parameters_removed']:,}", f"{m['norms_folded']}/{m['norms_total']}",
-            f"{m['latency_ms_before']:.2f}", f"{m['latency_ms_after']:.2f}", f"{m['latency_ratio']:.3f}",
-            _percent(m["accuracy_before"]), _percent(m["accuracy_after"]), _percent(m["top1_agreement"]),
+            name, f"{m['parameters_removed']:,}", f"{m['norms_folded']}/{m['norms_total']}",
+            f"{m['latency_ms_before']:.1f}", f"{m['latency_ms_after']:.1f}", f"{m['latency_ratio']:.3f}",
+            _percent(m["accuracy_before"], 1), _percent(m["accuracy_after"], 1), _percent(m["top1_agreement"], 0),
         )
     return grid
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, mode) as handle:
-            write(handle)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -248,10 +236,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axis.set_title(f"latency at {results['settings']['latency_size']} x {results['settings']['latency_size']}")
     axis.legend()
     figure.tight_layout()
-    try:
-        _write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120), mode="wb")
-    finally:
-        plt.close(figure)
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(figure))
 
 
 def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
@@ -284,8 +269,8 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
         for name in args.models:
             results["models"][name] = run_model(name, splits, args, progress)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "report.json", lambda handle: json.dump(results, handle, indent=2))
-    _write_atomic(out / "report.md", lambda handle: handle.write(markdown(results)))
+    write_atomic(out / "report.json", lambda handle: json.dump(results, handle, indent=2), binary=False)
+    write_atomic(out / "report.md", lambda handle: handle.write(markdown(results)), binary=False)
     plot(results, out / "latency.png")
     return results
 

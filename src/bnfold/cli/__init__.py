@@ -1,0 +1,166 @@
+"""The ``bnfold`` command: fold batch norms in model files, check the result, measure it.
+
+    bnfold inspect MODEL                 what folding would do with each norm; writes nothing
+    bnfold fold MODEL -o OUT             fold, verify, write OUT (atomically), print the report
+    bnfold verify ORIGINAL FOLDED        compare outputs on example inputs or on --data
+    bnfold bench MODEL                   latency and size before / after (--peers: fx.fuse, jit.freeze)
+    bnfold reproduce                     the seed's experiment (train, fold, report)
+
+MODEL is an architecture name (``resnet50``, ``timm:efficientnet_b0``), a checkpoint holding a state_dict (with
+``--arch``), a pickled module (with ``--trust-pickle``), a TorchScript archive or an ONNX file.
+
+Exit codes: 0 success; 1 the outputs differ (verification failed; nothing written); 2 bad input or usage (a
+one-line ``error:`` names the problem and the fix; nothing written); 3 an internal error (a bug: rerun with
+``--debug`` and report the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import BnfoldError, VerificationError
+
+EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EPILOG = """exit codes: 0 success; 1 outputs differ (nothing written); 2 bad input or usage (nothing written);
+3 internal error (rerun with --debug and report it); 130 interrupted"""
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write it like 1,3,224,224") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes; write it like 1,3,224,224")
+    return shape
+
+
+def _model_options(parser: argparse.ArgumentParser, weights: bool = True) -> None:
+    group = parser.add_argument_group("model loading")
+    group.add_argument("--arch", metavar="NAME", help="architecture of a state_dict file (torchvision or timm name)")
+    if weights:
+        group.add_argument("--weights", metavar="FILE", help="state_dict (.pt/.pth/.safetensors) for an architecture name")
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
+    group.add_argument("--eval", action="store_true", help="switch a model saved in training mode to eval mode")
+    group.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                       help="example input shape (default: the architecture's, e.g. 1,3,224,224)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random example inputs (default: 0)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for scripts)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (also used to render ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="bnfold", description="Fold BatchNorm into neighbouring conv / linear layers, losslessly.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    inspect = commands.add_parser("inspect", help="show what folding would do with each norm (writes nothing)",
+                                  description="Show each batch norm and what folding would do with it, and parameter counts.",
+                                  epilog="example: bnfold inspect resnet50", formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("model", metavar="MODEL", help="architecture name or model file")
+    _model_options(inspect)
+    _common(inspect)
+
+    fold = commands.add_parser("fold", help="fold, verify and write the folded model",
+                               description="Fold every foldable batch norm, verify the outputs, write OUT atomically.",
+                               epilog="examples:\n  bnfold fold resnet50 -o resnet50-folded.pt\n"
+                               "  bnfold fold checkpoint.pth --arch resnet50 -o folded.pth\n"
+                               "  bnfold fold model.ts -o model-folded.ts\n  bnfold fold model.onnx -o model-folded.onnx",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    fold.add_argument("model", metavar="MODEL", help="architecture name or model file")
+    fold.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the folded model")
+    fold.add_argument("--format", choices=("state_dict", "safetensors", "pickle", "torchscript", "pt2", "onnx"),
+                      help="output format (default: the input's; for an architecture name, from OUT's extension)")
+    fold.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    fold.add_argument("--tolerance", type=float, help="largest accepted relative output error (default: from the dtype)")
+    _model_options(fold)
+    _common(fold)
+
+    verify = commands.add_parser("verify", help="compare the outputs of two models",
+                                 description="Compare ORIGINAL and FOLDED on random example inputs or on --data.",
+                                 epilog="example: bnfold verify original.pth folded.pth --arch resnet50",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("original", metavar="ORIGINAL")
+    verify.add_argument("folded", metavar="FOLDED")
+    verify.add_argument("--data", metavar="DIR", help="ImageFolder root with val/ (ImageNette layout) to compare on")
+    verify.add_argument("--limit", type=int, metavar="N", help="compare on at most N images of --data")
+    verify.add_argument("--tolerance", type=float, help="largest accepted relative output error (default: from the dtype)")
+    _model_options(verify, weights=False)
+    _common(verify)
+
+    bench = commands.add_parser("bench", help="latency and footprint before / after folding",
+                                description="Time the model before and after folding, interleaved, medians and IQR.",
+                                epilog="example: bnfold bench resnet50 --batch-sizes 1 32 --peers --plot latency.png",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("model", metavar="MODEL", help="architecture name or model file")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1], metavar="B", help="batch sizes (default: 1)")
+    bench.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's)")
+    bench.add_argument("--peers", action="store_true", help="also time torch.fx fuse and torch.jit.freeze")
+    bench.add_argument("--channels-last", action="store_true", help="also time channels-last variants")
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed rounds (default: 3)")
+    bench.add_argument("--repeats", type=int, default=20, help="timed interleaved rounds (default: 20)")
+    bench.add_argument("--plot", metavar="PNG", help="write a latency chart")
+    bench.add_argument("--tolerance", type=float, help=argparse.SUPPRESS)
+    _model_options(bench)
+    _common(bench)
+
+    from ..reproduce import __doc__ as reproduce_doc
+    from ..reproduce import add_arguments
+
+    reproduce = commands.add_parser("reproduce", help="the seed's experiment: train, fold, report",
+                                    description=(reproduce_doc or "").split("\n\n")[0],
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(reproduce)
+    reproduce.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (documented in the module docstring)."""
+    from rich.console import Console
+
+    from . import commands
+
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=bool(getattr(args, "json", False)))
+    errors = Console(stderr=True)
+    handler: Any = getattr(commands, args.command)
+    try:
+        return handler(args, console)
+    except KeyboardInterrupt:
+        errors.print("interrupted; nothing was written")
+        return EXIT_INTERRUPTED
+    except BnfoldError as error:
+        if args.debug:
+            raise
+        _fail(errors, "error", str(error))
+        return EXIT_VERIFICATION_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
+    except Exception as error:
+        if args.debug:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0]
+        _fail(errors, "internal error", f"{type(error).__name__}: {first} (rerun with --debug for the traceback, and please report it)")
+        return EXIT_INTERNAL_ERROR
+
+
+def _fail(console: Any, label: str, message: str) -> None:
+    """One line on stderr; the message is printed as text (brackets in it are not rich markup)."""
+    from rich.text import Text
+
+    console.print(Text.assemble((f"{label}: ", "bold red"), message), soft_wrap=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Turn what a user names on the command line into a model: an architecture name or a model file.
+
+A MODEL argument is one of:
+
+* a torchvision or timm architecture name (``resnet50``, ``timm:efficientnet_b0``): random weights, or the
+  state_dict of ``--weights FILE`` (``.pt`` / ``.pth`` / ``.safetensors``);
+* a checkpoint holding a state_dict (a plain one, or a dict with ``state_dict`` / ``model`` inside), with
+  ``--arch NAME``;
+* a whole pickled ``nn.Module`` (``torch.save(model)``), only with ``--trust-pickle``: unpickling runs code from
+  the file, so by default files are read with ``torch.load(weights_only=True)``, which refuses it;
+* a TorchScript archive (``torch.jit.save``);
+* an ONNX file (the ONNX backend, :mod:`bnfold.onnx`).
+
+Every problem is raised as an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError, TrainingModeError
+
+STATE_DICT = "state_dict"
+SAFETENSORS = "safetensors"
+PICKLE = "pickle"
+TORCHSCRIPT = "torchscript"
+ONNX = "onnx"
+ARCHITECTURE = "architecture"
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to fold, and what is needed to write it back in the same form.
+
+    Attributes:
+        module: the model (an ``nn.Module``, a ``torch.jit.ScriptModule``, or an ``onnx.ModelProto``).
+        kind: where it came from: ``architecture``, ``state_dict``, ``safetensors``, ``pickle``, ``torchscript``,
+            ``onnx``.
+        source: the file it was read from (``None`` for an architecture name).
+        arch: the architecture name, when known (needed to rebuild a state_dict's model).
+        input_shape: the shape of one example input (the architecture's default, or ``--input-shape``).
+        notes: things the user should know about the loading (e.g. the weights were random).
+    """
+
+    module: Any
+    kind: str
+    source: Path | None
+    arch: str | None
+    input_shape: tuple[int, ...] | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return str(self.source) if self.source is not None else f"{self.arch} (random weights)"
+
+    def example_inputs(self, seed: int = 0) -> torch.Tensor:
+        """A seeded random input of :attr:`input_shape` (standard normal, like normalised images)."""
+        shape = self.input_shape or DEFAULT_INPUT_SHAPE
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ architectures
+
+
+def _torchvision_names() -> list[str]:
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return list(torchvision.models.list_models())
+
+
+def _timm_names() -> list[str]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    return list(timm.list_models())
+
+
+def resolve_arch(name: str) -> tuple[str, str]:
+    """``(library, name)`` for ``name``, ``tv:name`` or ``timm:name``; torchvision first for bare names."""
+    library, _, bare = name.rpartition(":")
+    torchvision_names, timm_names = (_torchvision_names(), []) if library == "tv" else ([], [])
+    if library in ("", "tv", "torchvision"):
+        torchvision_names = _torchvision_names()
+        if bare in torchvision_names:
+            return "torchvision", bare
+    if library in ("", "timm"):
+        timm_names = _timm_names()
+        if bare in timm_names:
+            return "timm", bare
+    if library not in ("", "tv", "torchvision", "timm"):
+        raise InvalidInputError(f"unknown model library {library!r} in {name!r}; use tv:NAME or timm:NAME")
+    candidates = list(dict.fromkeys(torchvision_names + [n for n in timm_names if n not in torchvision_names]))
+    close = difflib.get_close_matches(bare, candidates, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() or timm.list_models()"
+    if not torchvision_names and not timm_names:
+        hint = "; install torchvision and timm (pip install 'bnfold[vision]') to build models by name"
+    raise InvalidInputError(f"{name!r} is neither a model file nor a known architecture{hint}")
+
+
+def build_arch(name: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """A freshly initialised model of architecture ``name`` (nothing downloaded) and its default input shape."""
+    library, bare = resolve_arch(name)
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    if library == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(bare, weights=None, **extra)
+        size = 299 if bare == "inception_v3" else 224
+        return model.eval(), (1, 3, size, size)
+    import timm
+
+    model = timm.create_model(bare, pretrained=False, **extra)
+    config = getattr(model, "pretrained_cfg", None) or {}
+    channels, height, width = config.get("input_size", (3, 224, 224))
+    return model.eval(), (1, channels, height, width)
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a directory; give a model file")
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as error:
+        raise InvalidInputError(f"{path}: cannot read it ({error.strerror or error})") from error
+    if path.stat().st_size == 0:
+        raise InvalidInputError(f"{path} is empty; the file was not written completely")
+
+
+def sniff(path: Path) -> str:
+    """The file's format from its content (the extension can lie): onnx, safetensors, torchscript, torch."""
+    if path.suffix.lower() == ".onnx":
+        return ONNX
+    if path.suffix.lower() == ".safetensors":
+        return SAFETENSORS
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise InvalidInputError(f"{path} is a damaged zip archive ({error}); the file may be truncated") from error
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return TORCHSCRIPT
+        if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in names):
+            return "exported program"
+        return "torch"
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head[:4] == b"PK\x03\x04":
+        raise InvalidInputError(
+            f"{path} is a damaged zip archive (PyTorch checkpoints and TorchScript archives are zip files: this one "
+            "has no central directory); the file is probably truncated: write it again"
+        )
+    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save or a plain pickle
+        return "torch"
+    if len(head) == 8 and int.from_bytes(head, "little") < 100_000_000:
+        with path.open("rb") as handle:
+            handle.seek(8)
+            if handle.read(1) == b"{":
+                return SAFETENSORS
+    return "unknown"
+
+
+def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor] | None:
+    """The state_dict inside a loaded checkpoint: a plain one, or under a usual key of a training checkpoint."""
+    if isinstance(loaded, Mapping):
+        if loaded and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+            return dict(loaded)
+        for key in ("state_dict", "model_state_dict", "model", "module", "net", "ema"):
+            inner = loaded.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return dict(inner)
+    return None
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        text = str(error).lower()
+        if not trust_pickle and "global" in text:  # the weights-only unpickler met a class: a pickled object
+            raise InvalidInputError(
+                f"{path} holds pickled Python objects (probably a whole nn.Module saved with torch.save(model)); "
+                "unpickling runs code from the file, so bnfold refuses by default: pass --trust-pickle if you "
+                "trust where it came from, or save model.state_dict() and pass it with --arch NAME"
+            ) from error
+        raise InvalidInputError(f"{path} is not a readable PyTorch file ({_first_line(error)}); it may be corrupt") from error
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, ModuleNotFoundError) as error:
+        if isinstance(error, (AttributeError, ModuleNotFoundError)):
+            raise InvalidInputError(
+                f"{path}: the pickled model needs code that is not importable here ({_first_line(error)}); "
+                "install the package that defines it, or save a state_dict instead"
+            ) from error
+        raise InvalidInputError(
+            f"{path} is not a complete PyTorch file ({_first_line(error)}); it may be truncated or corrupt"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, arch: str) -> None:
+    """``model.load_state_dict(state)`` with an error that says which keys or shapes do not match."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
+            if keys:
+                shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+                parts.append(f"{label}: {shown}")
+        raise InvalidInputError(
+            f"{source} does not match architecture {arch!r} ({'; '.join(parts)}); check --arch, or that the file is "
+            "the state_dict of that model"
+        )
+    model.load_state_dict(state)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as error:
+        raise InvalidInputError("reading .safetensors needs the safetensors package: pip install 'bnfold[safetensors]'") from error
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError for a damaged header or data
+        raise InvalidInputError(f"{path} is not a complete safetensors file ({_first_line(error)})") from error
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # the TorchScript loader raises RuntimeError with a C++ backtrace
+        raise InvalidInputError(f"{path} is not a loadable TorchScript archive ({_first_line(error)})") from error
+
+
+def _require_eval(module: Any, label: str, switch: bool) -> None:
+    if not getattr(module, "training", False):
+        return
+    if switch:
+        module.eval()
+        return
+    raise TrainingModeError(
+        f"{label} was saved in training mode (its batch norms would use batch statistics, so there is nothing "
+        "fixed to fold); pass --eval to switch it to eval mode"
+    )
+
+
+def _model_input_shape(given: tuple[int, ...] | None, default: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    return given if given is not None else default
+
+
+def load_model(
+    spec: str,
+    *,
+    arch: str | None = None,
+    weights: str | None = None,
+    trust_pickle: bool = False,
+    switch_to_eval: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+) -> LoadedModel:
+    """Load MODEL as the CLI names it (see the module docstring); raises ``InvalidInputError`` on bad input."""
+    path = Path(spec)
+    looks_like_file = path.exists() or path.suffix.lower() in (".pt", ".pth", ".onnx", ".safetensors", ".ts", ".pt2", ".bin", ".ckpt")
+    if not looks_like_file:
+        if weights is None:
+            model, default_shape = build_arch(spec)
+            loaded = LoadedModel(model, ARCHITECTURE, None, spec, _model_input_shape(input_shape, default_shape))
+            loaded.notes.append(f"{spec}: random weights (pass --weights FILE for trained ones)")
+            return loaded
+        model, default_shape = build_arch(spec)
+        state = _read_state_dict(Path(weights), trust_pickle)
+        load_state_dict_into(model, state, weights, spec)
+        return LoadedModel(model.eval(), ARCHITECTURE, None, spec, _model_input_shape(input_shape, default_shape))
+    _check_readable(path)
+    kind = sniff(path)
+    if kind == ONNX:
+        return LoadedModel(_load_onnx(path), ONNX, path, None, input_shape)
+    if kind == TORCHSCRIPT:
+        module = _load_torchscript(path)
+        _require_eval(module, str(path), switch_to_eval)
+        return LoadedModel(module, TORCHSCRIPT, path, None, input_shape)
+    if kind == "exported program":
+        raise InvalidInputError(
+            f"{path} is a torch.export program (.pt2), which bnfold cannot fold yet: fold the nn.Module first "
+            "(bnfold.fold) and export the folded model"
+        )
+    if kind == "unknown":
+        raise InvalidInputError(
+            f"{path} is not a model file bnfold knows (PyTorch checkpoint, pickled module, TorchScript, safetensors "
+            "or ONNX); check the path"
+        )
+    if kind == SAFETENSORS:
+        state = _load_safetensors(path)
+        return _from_state_dict(state, path, SAFETENSORS, arch, input_shape)
+    content = _torch_load(path, trust_pickle)
+    if isinstance(content, nn.Module):
+        if arch is not None:
+            raise InvalidInputError(f"{path} holds a whole model; --arch is only for files that hold a state_dict")
+        _require_eval(content, str(path), switch_to_eval)
+        return LoadedModel(content, PICKLE, path, None, input_shape)
+    state = _state_dict_of(content, path)
+    if state is None:
+        raise InvalidInputError(
+            f"{path} holds a {type(content).__name__}, neither a model nor a state_dict of tensors; save "
+            "model.state_dict() or the model itself"
+        )
+    return _from_state_dict(state, path, STATE_DICT, arch, input_shape)
+
+
+def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    _check_readable(path)
+    if sniff(path) == SAFETENSORS:
+        return _load_safetensors(path)
+    content = _torch_load(path, trust_pickle)
+    state = _state_dict_of(content, path)
+    if state is None:
+        raise InvalidInputError(f"--weights {path} does not hold a state_dict of tensors")
+    return state
+
+
+def _from_state_dict(
+    state: dict[str, torch.Tensor], path: Path, kind: str, arch: str | None, input_shape: tuple[int, ...] | None
+) -> LoadedModel:
+    if arch is None:
+        raise InvalidInputError(
+            f"{path} holds a state_dict (weights without the model's code); pass --arch NAME with the "
+            "torchvision or timm architecture it belongs to"
+        )
+    model, default_shape = build_arch(arch)
+    try:
+        load_state_dict_into(model, state, str(path), arch)
+    except InvalidInputError:
+        folded = _folded_structure(model)
+        if folded is None or set(folded.state_dict()) != set(state):
+            raise
+        load_state_dict_into(folded, state, str(path), arch)
+        loaded = LoadedModel(folded, kind, path, arch, _model_input_shape(input_shape, default_shape))
+        loaded.notes.append(f"{path} holds an already folded {arch} (bnfold's folded layout)")
+        return loaded
+    return LoadedModel(model.eval(), kind, path, arch, _model_input_shape(input_shape, default_shape))
+
+
+def _folded_structure(model: nn.Module) -> nn.Module | None:
+    """The module tree bnfold makes of ``model`` (norms gone, biases added), to read a folded state_dict into."""
+    from ..engine import fold
+
+    try:
+        return fold(model, verify=False)
+    except Exception:  # an architecture bnfold cannot trace: the file cannot be a bnfold-folded state_dict of it
+        return None
+
+
+def _load_onnx(path: Path) -> Any:
+    try:
+        import onnx  # noqa: F401
+    except ImportError as error:
+        raise InvalidInputError(f"{path}: ONNX files need the onnx package: pip install 'bnfold[onnx]'") from error
+    try:
+        from .. import onnx as onnx_backend
+    except ImportError as error:
+        raise InvalidInputError(f"{path}: ONNX files are not supported by this version of bnfold yet") from error
+    return onnx_backend.load(path)

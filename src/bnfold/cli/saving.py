@@ -1,0 +1,121 @@
+"""Write a folded model to a file, in the input's format unless asked otherwise; and read it back to check it.
+
+Formats (``--format``):
+
+* ``state_dict``: ``torch.save(folded.state_dict())``. The folded layout (norms gone, conv biases added) loads
+  into ``bnfold.fold(arch())`` of the same architecture; ``bnfold verify --arch NAME`` does that for you.
+* ``safetensors``: the same state_dict as a ``.safetensors`` file.
+* ``pickle``: ``torch.save(folded)``, the whole module (loading needs its code, and ``weights_only=False``).
+* ``torchscript``: ``torch.jit.save`` (scripted, or traced on the example input where scripting fails).
+* ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``.
+* ``onnx``: ``torch.onnx.export`` (opset 18); an ONNX input is written by the ONNX backend instead.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError
+from .loading import ARCHITECTURE, ONNX, PICKLE, SAFETENSORS, STATE_DICT, TORCHSCRIPT
+
+FORMATS = ("state_dict", "safetensors", "pickle", "torchscript", "pt2", "onnx")
+_BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".ts": "torchscript", ".jit": "torchscript",
+              ".torchscript": "torchscript"}
+
+
+def choose_format(kind: str, output: Path, requested: str | None) -> str:
+    """``--format``, else the input's format, else (for an architecture name) the output file's extension."""
+    if requested is not None:
+        return requested
+    if kind == ARCHITECTURE:
+        return _BY_SUFFIX.get(output.suffix.lower(), "state_dict")
+    return {STATE_DICT: "state_dict", SAFETENSORS: "safetensors", PICKLE: "pickle", TORCHSCRIPT: "torchscript",
+            ONNX: "onnx"}[kind]
+
+
+def _check_compatible(kind: str, fmt: str) -> None:
+    if kind == TORCHSCRIPT and fmt != "torchscript":
+        raise InvalidInputError(f"a TorchScript model can only be written as TorchScript, not --format {fmt}")
+    if kind == ONNX and fmt != "onnx":
+        raise InvalidInputError(f"an ONNX model can only be written as ONNX, not --format {fmt}")
+
+
+def serialise(folded: Any, fmt: str, kind: str, example: torch.Tensor) -> bytes:
+    """The bytes of ``folded`` in format ``fmt`` (everything except ONNX, which writes through a path)."""
+    _check_compatible(kind, fmt)
+    buffer = io.BytesIO()
+    if fmt == "state_dict":
+        torch.save(folded.state_dict(), buffer)
+    elif fmt == "safetensors":
+        from safetensors.torch import save
+
+        state = {k: v.contiguous() for k, v in folded.state_dict().items()}
+        buffer.write(save(state))
+    elif fmt == "pickle":
+        torch.save(folded, buffer)
+    elif fmt == "torchscript":
+        torch.jit.save(_scripted(folded, example), buffer)
+    elif fmt == "pt2":
+        with torch.no_grad():
+            program = torch.export.export(folded, (example,))
+        torch.export.save(program, buffer)
+    else:
+        raise InvalidInputError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return buffer.getvalue()
+
+
+def _scripted(model: Any, example: torch.Tensor) -> torch.jit.ScriptModule:
+    if isinstance(model, torch.jit.ScriptModule):
+        return model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.jit.script(model)
+        except Exception:  # many models do not script; tracing on the example input records the same computation
+            return torch.jit.trace(model, example)
+
+
+def write_model(folded: Any, path: Path, fmt: str, kind: str, example: torch.Tensor) -> None:
+    """Write ``folded`` to ``path`` (a staged temporary file: see :func:`bnfold.files.staged`)."""
+    _check_compatible(kind, fmt)
+    if fmt == "onnx":
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(folded, (example,), str(path), opset_version=18, dynamo=False)
+        return
+    path.write_bytes(serialise(folded, fmt, kind, example))
+
+
+def read_back(output: Path, fmt: str, arch: str | None) -> Any:
+    """Load what :func:`write_model` wrote, to check that the file (not just the object in memory) is right."""
+    from .loading import build_arch, load_state_dict_into
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt in ("state_dict", "safetensors"):
+            if arch is None:
+                return None
+            from ..engine import fold
+
+            state = torch.load(output, weights_only=True) if fmt == "state_dict" else _safetensors(output)
+            skeleton = fold(build_arch(arch)[0], verify=False)
+            load_state_dict_into(skeleton, state, str(output), arch)
+            return skeleton.eval()
+        if fmt == "pickle":
+            return torch.load(output, weights_only=False).eval()  # the file bnfold has just written itself
+        if fmt == "torchscript":
+            return torch.jit.load(str(output)).eval()
+        if fmt == "pt2":
+            return torch.export.load(str(output)).module()
+    return None
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

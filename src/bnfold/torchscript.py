@@ -36,6 +36,10 @@ _PRODUCERS: dict[str, tuple[int | None, int | None, bool]] = {
 }
 
 
+# Uses that read only a tensor's metadata (a norm's input-rank check), which folding does not change.
+_METADATA_READS = frozenset({"aten::dim", "aten::size", "prim::shape", "aten::numel", "prim::dtype", "prim::device"})
+
+
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """Freeze without ``torch.jit.freeze``'s optimisation passes (they fold conv + BN themselves, silently)."""
     if module.training:
@@ -65,13 +69,17 @@ def _why_not(norm: Any) -> tuple[str | None, Any]:
     producer = inputs[0].node()
     if producer.kind() not in _PRODUCERS:
         return f"its input comes from {producer.kind()}, not a convolution or linear node", None
-    if len(inputs[0].uses()) != 1:
+    if sum(use.user.kind() not in _METADATA_READS for use in inputs[0].uses()) != 1:
         return f"the output of {producer.kind()} has other uses besides this norm", None
     weight, bias = _constant(producer.inputsAt(1)), _constant(producer.inputsAt(2))
     if not isinstance(weight, torch.Tensor) or bias is _NOT_CONSTANT:
         return f"the weight or bias of {producer.kind()} is not a constant", None
-    if producer.kind() == "aten::linear" and weight.dim() != 2:
-        return "the linear weight is not 2-D", None
+    if producer.kind() == "aten::linear" and (weight.dim() != 2 or producer.output().type().dim() != 2):
+        return (
+            "the linear output's rank is not known to be 2 in the TorchScript graph (the norm normalises axis 1, the "
+            "linear layer's features are the last axis: they coincide only for 2-D inputs); trace the model "
+            "(torch.jit.trace records shapes) or fold the nn.Module before scripting", None,
+        )
     return None, producer
 
 

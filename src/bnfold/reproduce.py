@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-size", type=int, default=224, help="input size for latency (default: 224)")
     parser.add_argument("--latency-repeats", type=int, default=15, help="interleaved timing rounds (default: 15)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
-    parser.add_argument("--lr", type=float, default=0.02, help="peak learning rate, one-cycle SGD (default: 0.02)")
+    parser.add_argument("--lr", type=float, default=0.01, help="peak learning rate, one-cycle SGD (default: 0.01)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="use at most N training and N validation images (quick runs)")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: all cores)")

@@ -76,9 +76,18 @@ class Rewriter:
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = name
-        if old and old in index.initializers:
+        if old and old in index.constant_nodes:
+            self.notes.append(
+                f"{role} '{old}' of '{display_name(node)}' came from a Constant node; its folded value is the "
+                f"initializer '{name}' ({array.size:,} values, now counted among the parameters)"
+            )
+        elif old and old in index.initializers:
             others = sorted(
-                {"a subgraph" if r is SUBGRAPH else f"'{display_name(r)}'" for r in index.readers_of(old) if r is not node}
+                {
+                    "a subgraph" if r is SUBGRAPH else f"'{display_name(r)}'"
+                    for r in index.readers_of(old)
+                    if r is not node
+                }
             )
             shared = ", ".join(others) or "a graph output"
             self.notes.append(
@@ -106,7 +115,9 @@ class Rewriter:
             add = fold.bias_add
             slot = 1 if add.input[0] == node.output[0] else 0
             bias = index.array(add.input[slot])
-            self.write(index, add, slot, forward_bias(bias, scale, shift), index.dtype(add.input[slot]), "bias")
+            self.write(
+                index, add, slot, forward_bias(bias, scale, shift), index.dtype(add.input[slot]), "bias"
+            )
         elif node.op_type == "MatMul":
             node.op_type = "Gemm"  # a 2-D MatMul is a Gemm without bias; the Gemm gives the shift a place
             self.write(index, node, kind.weight_slot, folded, weight_type, "weight")

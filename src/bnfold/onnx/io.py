@@ -78,7 +78,9 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
         try:
             external_data_helper.load_external_data_for_model(model, str(file.parent))
         except Exception as error:
-            raise InvalidInputError(f"{file}: its external data could not be read ({_first_line(error)})") from error
+            raise InvalidInputError(
+                f"{file}: its external data could not be read ({_first_line(error)})"
+            ) from error
     try:
         if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)

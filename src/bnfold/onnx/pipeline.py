@@ -63,7 +63,9 @@ def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.M
             rewriter.backward(index, fold)
         for node in matmuls:
             if node.op_type == "Gemm":
-                rewriter.notes.append(f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias")
+                rewriter.notes.append(
+                    f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias"
+                )
     rewriter.cleanup()
     notes = list(rewriter.notes)
     if subgraph_norms:

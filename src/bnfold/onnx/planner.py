@@ -110,7 +110,9 @@ def norm_problem(norm: onnx.NodeProto, index: GraphIndex) -> str | None:
         if index.dtype(name) not in FLOAT_TYPES:
             return f"its {role} '{name}' is not a floating-point tensor"
         if not np.all(np.isfinite(index.array(name))):
-            return f"its {role} '{name}' holds NaN or infinity; recalibrate or fix the statistics before folding"
+            return (
+                f"its {role} '{name}' holds NaN or infinity; recalibrate or fix the statistics before folding"
+            )
     return None
 
 
@@ -124,7 +126,9 @@ def _weight_problem(node: onnx.NodeProto, kind: LinearKind, index: GraphIndex) -
         return f"{label} has no weight input"
     weight = node.input[kind.weight_slot]
     if not index.is_constant(weight):
-        return f"the weight '{weight}' of {label} is {index.constant_kind(weight)}, not a constant initializer"
+        return (
+            f"the weight '{weight}' of {label} is {index.constant_kind(weight)}, not a constant initializer"
+        )
     if index.dtype(weight) not in FLOAT_TYPES:
         return f"the weight '{weight}' of {label} is not a floating-point tensor (a quantized model?)"
     if kind.bias_slot is not None and len(node.input) > kind.bias_slot and node.input[kind.bias_slot]:
@@ -141,13 +145,17 @@ def _weight_problem(node: onnx.NodeProto, kind: LinearKind, index: GraphIndex) -
 def _private_output(name: str, owner: str, index: GraphIndex, reader: onnx.NodeProto) -> str | None:
     """Why tensor ``name`` (produced by ``owner``) is not read by ``reader`` alone, or None."""
     if name in index.graph_outputs:
-        return f"the output '{name}' of {owner} is also a graph output, which must keep its unnormalised values"
+        return (
+            f"the output '{name}' of {owner} is also a graph output, which must keep its unnormalised values"
+        )
     others = [r for r in index.readers_of(name) if r is not reader]
     if others or len(index.readers_of(name)) != 1:
         names = sorted({"a subgraph" if r is SUBGRAPH else f"'{display_name(r)}'" for r in others}) or [
             "the same node twice"
         ]
-        return f"the output '{name}' of {owner} is also read by {', '.join(names)}, which needs it unnormalised"
+        return (
+            f"the output '{name}' of {owner} is also read by {', '.join(names)}, which needs it unnormalised"
+        )
     return None
 
 
@@ -158,7 +166,9 @@ def forward_target(
     source = norm.input[0]
     producer = index.producer.get(source)
     if producer is None:
-        return f"its input '{source}' is {index.constant_kind(source)}, there is no layer before it to fold into"
+        return (
+            f"its input '{source}' is {index.constant_kind(source)}, there is no layer before it to fold into"
+        )
     bias_add = None
     if producer.op_type == "Add" and producer.domain in ONNX_DOMAINS:
         matmul = _matmul_before_add(producer, index)
@@ -179,14 +189,12 @@ def forward_target(
     problem = _weight_problem(producer, kind, index)
     if problem:
         return problem
-    weight_shape = index.shape(producer.input[kind.weight_slot])
-    channels = channels_of(norm, index)
-    if kind.channels(producer, weight_shape, kind.out_axis(producer)) != channels:
-        return f"{label} does not have {channels} output channels on its weight's output axis"
     if producer.op_type == "MatMul":
         rank = ranks.get(producer.output[0])
         if rank is None:
-            return f"the rank of the output of {label} is unknown (run onnx shape inference on the model first)"
+            return (
+                f"the rank of the output of {label} is unknown (run onnx shape inference on the model first)"
+            )
         if rank != 2:
             return (
                 f"the output of {label} has rank {rank}; BatchNormalization normalises axis 1, which is not the "
@@ -194,10 +202,18 @@ def forward_target(
             )
         if bias_add is None and opset < 7:
             return f"folding into {label} turns it into a Gemm with bias, which needs opset 7 or later"
+    weight_shape = index.shape(producer.input[kind.weight_slot])
+    channels = channels_of(norm, index)
+    if kind.channels(producer, weight_shape, kind.out_axis(producer)) != channels:
+        return f"{label} does not have {channels} output channels on its weight's output axis"
     if bias_add is not None:
         bias = _other_input(bias_add, producer.output[0])
         shape = index.shape(bias)
-        if len(shape) > 2 or (shape and shape[-1] not in (1, channels)) or index.dtype(bias) not in FLOAT_TYPES:
+        if (
+            len(shape) > 2
+            or (shape and shape[-1] not in (1, channels))
+            or index.dtype(bias) not in FLOAT_TYPES
+        ):
             return f"the bias '{bias}' added after {label} has shape {list(shape)}, not a per-column bias"
     return ForwardFold(norm, producer, bias_add)
 
@@ -271,7 +287,9 @@ def _backward_problem(
         rank = ranks.get(output)
         if rank != 2:
             what = "unknown" if rank is None else str(rank)
-            return f"its output has rank {what}, so its channel axis 1 is not the input-feature axis of {label}"
+            return (
+                f"its output has rank {what}, so its channel axis 1 is not the input-feature axis of {label}"
+            )
         if opset < 7:
             return f"folding into {label} turns it into a Gemm with bias, which needs opset 7 or later"
     if node.op_type == "Conv":

@@ -57,7 +57,9 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
                 f"graph input '{value.name}' is not a tensor; pass its value in inputs={{'{value.name}': ...}}"
             )
         tensor_type = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor_type.shape.dim)
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor_type.shape.dim
+        )
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         if np.issubdtype(dtype, np.floating) or tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
@@ -130,7 +132,9 @@ def verify(
     feeds = random_inputs(original, seed)
     if inputs is not None:
         if not isinstance(inputs, dict):
-            raise InvalidInputError(f"inputs must be a dict of input name -> numpy array, got {type(inputs).__name__}")
+            raise InvalidInputError(
+                f"inputs must be a dict of input name -> numpy array, got {type(inputs).__name__}"
+            )
         unknown = sorted(set(inputs) - set(feeds))
         if unknown:
             raise InvalidInputError(

@@ -76,7 +76,12 @@ class Rewriter:
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = name
-        if old and old in index.constant_nodes:
+        if old and old in index.identities:
+            self.notes.append(
+                f"{role} '{old}' of '{display_name(node)}' is an Identity of '{index.source(old)}' (an exporter "
+                f"sharing equal parameters); '{display_name(node)}' got its own initializer '{name}'"
+            )
+        elif old and index.source(old) in index.constant_nodes:
             self.notes.append(
                 f"{role} '{old}' of '{display_name(node)}' came from a Constant node; its folded value is the "
                 f"initializer '{name}' ({array.size:,} values, now counted among the parameters)"
@@ -177,21 +182,25 @@ class Rewriter:
 
     # -- cleanup -----------------------------------------------------------------------------------------------
     def cleanup(self) -> None:
-        """Drop the tensors folds stopped reading (initializers, Constant outputs) that nobody reads any more,
-        and value_info of tensors that no longer exist."""
-        index = GraphIndex.build(self.graph)
-        unused = {n for n in self.candidates if not index.readers_of(n) and n not in index.graph_outputs}
-        unused -= index.graph_inputs
-        for i in reversed(range(len(self.graph.initializer))):
-            if self.graph.initializer[i].name in unused:
-                self.removed.add(self.graph.initializer[i].name)
-                del self.graph.initializer[i]
-        for i in reversed(range(len(self.graph.node))):
-            node = self.graph.node[i]
-            if node.op_type == "Constant" and node.output[0] in unused:
-                self.removed.add(node.output[0])
-                del self.graph.node[i]
-        alive = {n for node in self.graph.node for n in node.output} | index.graph_inputs
+        """Drop the tensors folds stopped reading (initializers, outputs of Constant and Identity nodes) that
+        nobody reads any more, then value_info of tensors that no longer exist."""
+        candidates = set(self.candidates)
+        while candidates:
+            index = GraphIndex.build(self.graph)
+            unused = {n for n in candidates if not index.readers_of(n) and n not in index.graph_outputs}
+            unused -= index.graph_inputs
+            candidates = set()
+            for i in reversed(range(len(self.graph.initializer))):
+                if self.graph.initializer[i].name in unused:
+                    self.removed.add(self.graph.initializer[i].name)
+                    del self.graph.initializer[i]
+            for i in reversed(range(len(self.graph.node))):
+                node = self.graph.node[i]
+                if node.op_type in ("Constant", "Identity") and node.output[0] in unused:
+                    self.removed.add(node.output[0])
+                    candidates.update(n for n in node.input if n)
+                    del self.graph.node[i]
+        alive = {n for node in self.graph.node for n in node.output} | {i.name for i in self.graph.input}
         alive |= {t.name for t in self.graph.initializer}
         for i in reversed(range(len(self.graph.value_info))):
             name = self.graph.value_info[i].name

@@ -79,6 +79,8 @@ class GraphIndex:
     readers: dict[str, list[onnx.NodeProto | str]] = field(default_factory=lambda: defaultdict(list))
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    identities: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    """Identity nodes by output: the TorchScript exporter shares equal parameters through them."""
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
     subgraph_norms: int = 0
@@ -98,6 +100,8 @@ class GraphIndex:
                     index.readers[name].append(node)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 index.constant_nodes[node.output[0]] = node
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
+                index.identities[node.output[0]] = node
             for attr in node.attribute:
                 for sub in _attribute_graphs(attr):
                     for name in _subgraph_reads(sub):
@@ -109,8 +113,17 @@ class GraphIndex:
         """Every use of ``name``: a node once per input slot it fills, :data:`SUBGRAPH` for uses in subgraphs."""
         return list(self.readers.get(name, []))
 
+    def source(self, name: str) -> str:
+        """``name`` with Identity nodes looked through: the tensor whose value ``name`` carries."""
+        seen = 0
+        while name in self.identities and seen < len(self.identities):
+            name = self.identities[name].input[0]
+            seen += 1
+        return name
+
     def is_constant(self, name: str) -> bool:
-        """True for an initializer the caller cannot override, or the output of a ``Constant`` node with a tensor value."""
+        """True for an initializer the caller cannot override, or a ``Constant`` node's tensor (through Identity)."""
+        name = self.source(name)
         if name in self.initializers:
             return name not in self.graph_inputs
         node = self.constant_nodes.get(name)
@@ -118,6 +131,7 @@ class GraphIndex:
 
     def constant_kind(self, name: str) -> str:
         """How a non-constant tensor comes about, in words for a reason: 'a graph input', 'computed by ...'."""
+        name = self.source(name)
         if name in self.graph_inputs:
             return "a graph input (the caller can change it at run time)"
         if name in self.producer:
@@ -126,7 +140,8 @@ class GraphIndex:
         return "not defined in the graph"
 
     def tensor(self, name: str) -> onnx.TensorProto:
-        """The TensorProto of constant ``name`` (initializer or ``Constant`` value)."""
+        """The TensorProto of constant ``name`` (initializer or ``Constant`` value, through Identity nodes)."""
+        name = self.source(name)
         if name in self.initializers:
             return self.initializers[name]
         value = attribute(self.constant_nodes[name], "value")

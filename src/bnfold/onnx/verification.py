@@ -84,7 +84,9 @@ def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) ->
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # save_model moves the tensors of the model it is given to the external file
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=providers)
 
 

@@ -65,7 +65,7 @@ class Builder:
         mean = rng.normal(size=channels) + rng.choice([-1.0, 1.0], channels)
         var = rng.uniform(0.5, 2.0, channels)
         names = [
-            self.const(f"{name}.{k}", v)
+            self.const(f"{name or y}.{k}", v)
             for k, v in (("scale", gamma), ("B", beta), ("mean", mean), ("var", var))
         ]
         self.node("BatchNormalization", [x, *names], [y], name, epsilon=1e-3, **attrs)
@@ -187,6 +187,40 @@ def fp16_conv() -> Case:
     return Case(b.model([("x", [1, 4, 6, 6])], [("y", [1, 8, 4, 4])], elem=F16), left=0)
 
 
+def identity_parameters() -> Case:
+    """As TorchScript exports share equal parameters: statistics and a weight reached through Identity nodes."""
+    b = Builder(74)
+    w = b.weight("W", (6, 3, 3, 3))
+    b.node("Identity", [w], ["W_id"], "id_w")
+    b.node("Identity", ["W_id"], ["W_id2"], "id_w2")
+    b.node("Conv", ["x", "W_id2"], ["c1"], "conv1")
+    b.node("Conv", ["x", w], ["c2"], "conv2")
+    b.bn("bn1", "c1", "y1", 6)
+    b.bn("bn2", "c2", "y2", 6)
+    roles = ("scale", "B", "mean", "var")
+    bn2 = next(n for n in b.nodes if n.name == "bn2")
+    bn2.input[1:5] = [f"shared.{role}" for role in roles]  # bn2 reads bn1's statistics through Identity nodes
+    b.inits = [t for t in b.inits if not t.name.startswith("bn2.")]
+    b.nodes[:0] = [helper.make_node("Identity", [f"bn1.{r}"], [f"shared.{r}"], name=f"id_{r}") for r in roles]
+    return Case(
+        b.model([("x", [1, 3, 5, 5])], [("y1", [1, 6, 3, 3]), ("y2", [1, 6, 3, 3])]),
+        left=0,
+        note="Identity of 'W'",
+    )
+
+
+def unnamed_nodes() -> Case:
+    """Exporters often leave node names empty: reports then name a node by kind and output."""
+    b = Builder(75)
+    b.node("Conv", ["x", b.weight("W", (6, 3, 3, 3))], ["c"], "")
+    b.bn("", "c", "d", 6)
+    b.node("Relu", ["d"], ["r"], "")
+    b.bn("", "r", "y", 6)
+    return Case(
+        b.model([("x", [1, 3, 5, 5])], [("y", [1, 6, 3, 3])]), left=1, reason="'Relu:r' (Relu), is not one of"
+    )
+
+
 # -- backward folds ------------------------------------------------------------------------------------------
 def backward_gemm() -> Case:
     b = Builder(80)
@@ -284,6 +318,15 @@ def producer_graph_output() -> Case:
     )
 
 
+def non_finite_statistics() -> Case:
+    b = Builder(97)
+    b.node("Conv", ["x", b.weight("W", (6, 3, 3, 3))], ["c"], "conv")
+    b.bn("bn", "c", "y", 6)
+    var = next(t for t in b.inits if t.name == "bn.var")
+    var.CopyFrom(numpy_helper.from_array(np.array([1, 1, np.inf, 1, 1, 1], np.float32), "bn.var"))
+    return Case(b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4])]), left=1, reason="NaN or infinity")
+
+
 def backward_output_is_graph_output() -> Case:
     b = Builder(96)
     b.bn("bn", "a", "n", 5)
@@ -318,6 +361,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "constant_node_weight": constant_node_weight,
     "shared_weight": shared_weight,
     "fp16_conv": fp16_conv,
+    "identity_parameters": identity_parameters,
+    "unnamed_nodes": unnamed_nodes,
     "backward_gemm": backward_gemm,
     "backward_matmul": backward_matmul,
     "backward_convs_pads0": backward_convs,
@@ -329,6 +374,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "left_producer_two_consumers": producer_two_consumers,
     "left_producer_graph_output": producer_graph_output,
     "left_backward_graph_output": backward_output_is_graph_output,
+    "left_non_finite_statistics": non_finite_statistics,
 }
 
 

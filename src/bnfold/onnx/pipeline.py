@@ -34,7 +34,8 @@ def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.M
     graph = folded.graph
     ranks = tensor_ranks(folded)
     opset = default_opset(folded)
-    order = {display_name(node): i for i, node in enumerate(n for n in graph.node if is_norm(n))}
+    # Keyed by output name: unlike node names (often empty, not required to be unique) it identifies a norm.
+    order = {node.output[0]: i for i, node in enumerate(n for n in graph.node if is_norm(n))}
     rewriter = Rewriter(graph)
     entries: dict[str, NormEntry] = {}
     subgraph_norms = 0
@@ -47,13 +48,13 @@ def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.M
             for decision in decisions:
                 assert isinstance(decision, Leave)
                 norm = decision.norm
-                entries[display_name(norm)] = NormEntry(
+                entries[norm.output[0]] = NormEntry(
                     display_name(norm), KIND, _channels(norm, index), LEFT, reason=decision.reason
                 )
             break
         norm = fold.norm
         direction = "forward" if isinstance(fold, ForwardFold) else "backward"
-        entries[display_name(norm)] = NormEntry(
+        entries[norm.output[0]] = NormEntry(
             display_name(norm), KIND, channels_of(norm, index), FOLDED, into=fold.into, direction=direction
         )
         matmuls = [n for n in _targets(fold) if n.op_type == "MatMul"]
@@ -76,7 +77,9 @@ def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.M
         model=name,
         applied=applied,
         capture="onnx graph",
-        entries=sorted(entries.values(), key=lambda e: order.get(e.name, len(order))),
+        entries=[
+            entry for _, entry in sorted(entries.items(), key=lambda item: order.get(item[0], len(order)))
+        ],
         parameters_before=float_parameter_count(model.graph),
         parameters_after=float_parameter_count(graph),
         notes=notes,

@@ -69,7 +69,7 @@ def plan_graph(index: GraphIndex, ranks: dict[str, int], opset: int) -> list[Dec
 
 
 def decide(norm: onnx.NodeProto, index: GraphIndex, ranks: dict[str, int], opset: int) -> Decision:
-    problem = norm_problem(norm, index)
+    problem = norm_problem(norm, index, opset)
     if problem:
         return Leave(norm, problem)
     forward = forward_target(norm, index, ranks, opset)
@@ -81,8 +81,10 @@ def decide(norm: onnx.NodeProto, index: GraphIndex, ranks: dict[str, int], opset
     return Leave(norm, f"not forward: {forward}; not backward: {backward}")
 
 
-def norm_problem(norm: onnx.NodeProto, index: GraphIndex) -> str | None:
+def norm_problem(norm: onnx.NodeProto, index: GraphIndex, opset: int = 15) -> str | None:
     """Why the norm itself cannot be folded anywhere (training mode, non-constant or odd statistics), or None."""
+    if opset < 7 and not attribute(norm, "is_test", 0):
+        return "it has is_test=0 (opset < 7), i.e. training mode; export the model in eval mode to fold it"
     if attribute(norm, "training_mode", 0):
         return (
             "it runs in training mode (training_mode=1) and normalises with batch statistics; "

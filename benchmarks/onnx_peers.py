@@ -182,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         files: list[tuple[Path, bool]] = []
         for name in args.models:
             path = workdir / f"{name}.onnx"
-            onnx.save_model(export_torchvision(name, size=args.size), str(path))
+            console.log(f"exporting {name}")
+            try:
+                onnx.save_model(export_torchvision(name, size=args.size), str(path))
+            except Exception as error:
+                console.print(f"skipped {name}: export failed: {str(error).splitlines()[0][:120]}")
+                continue
             files.append((path, True))
         for name, build in CASES.items():
             path = workdir / f"case_{name}.onnx"

@@ -493,3 +493,32 @@ def test_rejects_what_is_not_a_model() -> None:
         bo.InvalidInputError if hasattr(bo, "InvalidInputError") else Exception, match="ModelProto"
     ):
         bo.fold(42)  # type: ignore[arg-type]
+
+
+def test_bfloat16_weights_are_rounded_once() -> None:
+    """onnxruntime's CPU provider has no bfloat16 Conv, so this checks the arithmetic directly: the folded
+    weight is ``W * s`` computed in float64 and rounded once to bfloat16, and the dtypes are kept."""
+    case = CASES["conv2d_bias_groups"]()
+    bf16 = helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)
+    for tensor in case.model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(bf16), tensor.name))
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in case.model.graph.initializer}
+    result = bo.fold(case.model, verify=False)
+    assert result.report.verification is None and bn_count(result.model) == 0
+    folded = {t.name: t for t in result.model.graph.initializer}
+    assert all(t.data_type == TensorProto.BFLOAT16 for t in folded.values())
+    scale = values["bn.scale"] / np.sqrt(values["bn.var"] + np.float64(np.float32(1e-3)))
+    shift = values["bn.B"] - values["bn.mean"] * scale
+    expected_w = (values["W"] * scale[:, None, None, None]).astype(bf16)
+    expected_b = (values["bias"] * scale + shift).astype(bf16)
+    np.testing.assert_array_equal(numpy_helper.to_array(folded["W"]), expected_w)
+    np.testing.assert_array_equal(numpy_helper.to_array(folded["bias"]), expected_b)
+
+
+def test_gemm_backward_with_trans_a_is_left() -> None:
+    b = Builder(98)
+    b.bn("bn", "a", "n", 5)
+    b.node("Gemm", ["n", b.weight("B", (5, 6))], ["y"], "gemm", transA=1)
+    model = b.model([("a", [5, 5])], [("y", [5, 6])])
+    report = bo.plan(model)
+    assert "transA=1" in report.left[0].reason and "its input 'a' is a graph input" in report.left[0].reason

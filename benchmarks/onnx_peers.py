@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="torchvision model names")
     parser.add_argument(
-        "--size", type=int, default=112, help="input image size for the exports (default 112)"
+        "--size", type=int, default=224, help="input image size for the exports (default 224: VGG needs it)"
     )
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for latency")
     args = parser.parse_args(argv)

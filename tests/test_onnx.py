@@ -237,6 +237,13 @@ def backward_gemm() -> Case:
     return Case(b.model([("a", [3, 5])], [("y", [3, 6])]), left=0)
 
 
+def backward_gemm_no_c() -> Case:
+    b = Builder(83)
+    b.bn("bn", "a", "n", 5)
+    b.node("Gemm", ["n", b.weight("B", (5, 6))], ["y"], "gemm", alpha=1.5, beta=0.5)
+    return Case(b.model([("a", [3, 5])], [("y", [3, 6])]), left=0)
+
+
 def backward_matmul() -> Case:
     b = Builder(81)
     b.bn("bn", "a", "n", 5)
@@ -354,6 +361,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "gemm_C_full": lambda: gemm(1, (3, 6), beta=0.25),
     "gemm_C_column": lambda: gemm(0, (3, 1), beta=2.0),
     "gemm_no_C": lambda: gemm(1, None, alpha=0.3),
+    "gemm_no_C_beta": lambda: gemm(0, None, beta=0.5),  # the C bnfold adds must not be scaled by beta
     "gemm_transA": gemm_trans_a,
     "matmul_2d": lambda: matmul_2d(False),
     "matmul_add_2d": lambda: matmul_2d(True),
@@ -364,6 +372,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "identity_parameters": identity_parameters,
     "unnamed_nodes": unnamed_nodes,
     "backward_gemm": backward_gemm,
+    "backward_gemm_no_C_beta": backward_gemm_no_c,
     "backward_matmul": backward_matmul,
     "backward_convs_pads0": backward_convs,
     "left_matmul_3d": matmul_3d,

@@ -132,10 +132,11 @@ class Rewriter:
             bias_name = node.input[2] if len(node.input) > 2 else ""
             bias = index.array(bias_name) if bias_name else None
             bias_type = index.dtype(bias_name) if bias_name else weight_type
-            if node.op_type == "Gemm" and bias is not None:
+            if node.op_type == "Gemm":
                 beta = float(attribute(node, "beta", 1.0))  # type: ignore[arg-type]
-                bias = bias * beta
-                if beta != 1.0:
+                if bias is not None:
+                    bias = bias * beta
+                if beta != 1.0:  # the folded C carries beta (and a C added now must not be scaled by it)
                     set_attribute(node, "beta", 1.0)
             self.write(index, node, 2, forward_bias(bias, scale, shift), bias_type, "bias")
         last = fold.bias_add if fold.bias_add is not None else node
@@ -164,7 +165,7 @@ class Rewriter:
                 new_bias = backward_bias(weight, None, shift, in_axis) * alpha
                 if bias is not None:
                     new_bias = bias * beta + new_bias
-                if beta != 1.0 and bias is not None:
+                if beta != 1.0:
                     set_attribute(node, "beta", 1.0)
             else:
                 new_bias = backward_bias(weight, bias, shift, in_axis, groups)

@@ -46,7 +46,8 @@ def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.M
         fold = next((d for d in decisions if not isinstance(d, Leave)), None)
         if fold is None:
             for decision in decisions:
-                assert isinstance(decision, Leave)
+                if not isinstance(decision, Leave):  # unreachable: no fold was found in this round
+                    continue
                 norm = decision.norm
                 entries[norm.output[0]] = NormEntry(
                     display_name(norm), KIND, _channels(norm, index), LEFT, reason=decision.reason

@@ -531,3 +531,15 @@ def test_gemm_backward_with_trans_a_is_left() -> None:
     model = b.model([("a", [5, 5])], [("y", [5, 6])])
     report = bo.plan(model)
     assert "transA=1" in report.left[0].reason and "its input 'a' is a graph input" in report.left[0].reason
+
+
+def test_verification_reports_a_model_onnxruntime_cannot_run() -> None:
+    b = Builder(99)
+    b.node("Conv", ["x", b.weight("W", (6, 3, 3, 3))], ["c"], "conv")
+    b.bn("bn", "c", "n", 6)
+    b.nodes.append(helper.make_node("Mystery", ["n"], ["y"], name="custom", domain="com.example"))
+    model = b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4])])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(VerificationError, match="onnxruntime could not run the original model.*verify=False"):
+        bo.fold(model)
+    assert bn_count(bo.fold(model, verify=False).model) == 0

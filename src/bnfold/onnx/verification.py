@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, VerificationError
 
 TOLERANCES: dict[int, float] = {
     onnx.TensorProto.DOUBLE: 1e-9,
@@ -90,11 +90,22 @@ def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) ->
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of ``model`` on ``feeds``, by output name."""
-    sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds), strict=True))
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds``, by output name.
+
+    Raises:
+        VerificationError: onnxruntime cannot load or run the model (custom ops, invalid random inputs, ...).
+    """
+    try:
+        sess = session(model)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds), strict=True))
+    except Exception as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VerificationError(
+            f"onnxruntime could not run the {which or 'given'} model ({message}); pass inputs={{name: array}} if "
+            "random inputs are not valid for it, or verify=False to skip the check"
+        ) from error
 
 
 def compare(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> dict[str, Any]:
@@ -143,8 +154,8 @@ def verify(
                 f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(feeds)}"
             )
         feeds.update({k: np.asarray(v) for k, v in inputs.items()})
-    expected = run(original, feeds)
-    actual = run(folded, feeds)
+    expected = run(original, feeds, "original")
+    actual = run(folded, feeds, "folded")
     outputs = {}
     for name, value in expected.items():
         if name not in actual:

@@ -1,0 +1,173 @@
+"""Proof that folding changed nothing: run the original and the folded model in onnxruntime and compare.
+
+Errors are measured per output as in :mod:`bnfold.verification` (the PyTorch side)::
+
+    max_abs = max |a - b|        relative = max_abs / max |a|
+
+Both sessions run on onnxruntime's CPU provider with graph optimisations off, so what is compared is the two
+graphs, not what onnxruntime makes of them. Inputs are random (seeded) from the graph's input types, with dynamic
+dimensions set to 1, unless the caller gives them.
+
+The default tolerances are those of :data:`bnfold.verification.TOLERANCES`, which explains where they come from.
+That module imports torch, and this one must not, so the numbers are repeated here by ONNX element type; a test
+checks that the two tables agree.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import InvalidInputError, VerificationError
+
+TOLERANCES: dict[int, float] = {
+    onnx.TensorProto.DOUBLE: 1e-9,
+    onnx.TensorProto.FLOAT: 1e-4,
+    onnx.TensorProto.FLOAT16: 1e-2,
+    onnx.TensorProto.BFLOAT16: 8e-2,
+}
+"""Relative tolerance by ONNX element type (same numbers as the PyTorch side's table)."""
+
+_INLINE_LIMIT = 1_800_000_000
+"""Above this many bytes a model cannot be handed to onnxruntime as one protobuf (2 GB limit)."""
+
+
+def default_tolerance(model: onnx.ModelProto) -> float:
+    """The loosest tolerance among the element types of the model's float outputs (float32's when there are none)."""
+    types = [o.type.tensor_type.elem_type for o in model.graph.output if o.type.HasField("tensor_type")]
+    known = [TOLERANCES[t] for t in types if t in TOLERANCES]
+    return max(known) if known else TOLERANCES[onnx.TensorProto.FLOAT]
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """One seeded random array per graph input (initializers excluded), dynamic dimensions set to 1."""
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds: dict[str, np.ndarray] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if not value.type.HasField("tensor_type"):
+            raise InvalidInputError(
+                f"graph input '{value.name}' is not a tensor; pass its value in inputs={{'{value.name}': ...}}"
+            )
+        tensor_type = value.type.tensor_type
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor_type.shape.dim
+        )
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating) or tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.random(shape) < 0.5
+        else:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
+    return feeds
+
+
+def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) -> Any:
+    """An onnxruntime CPU session for ``model`` (optimisations off unless ``optimize``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if model.ByteSize() < _INLINE_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # save_model moves the tensors of the model it is given to the external file
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds``, by output name.
+
+    Raises:
+        VerificationError: onnxruntime cannot load or run the model (custom ops, invalid random inputs, ...).
+    """
+    try:
+        sess = session(model)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds), strict=True))
+    except Exception as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VerificationError(
+            f"onnxruntime could not run the {which or 'given'} model ({message}); pass inputs={{name: array}} if "
+            "random inputs are not valid for it, or verify=False to skip the check"
+        ) from error
+
+
+def compare(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """``max_abs``, ``relative`` (max_abs / max |expected|) and ``passed`` for one output."""
+    a = np.asarray(expected).astype(np.float64)
+    b = np.asarray(actual).astype(np.float64)
+    if a.shape != b.shape:
+        return {"max_abs": float("inf"), "relative": float("inf"), "passed": False, "shape": list(a.shape)}
+    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+    scale = float(np.max(np.abs(a))) if a.size else 0.0
+    relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    passed = bool(relative <= tolerance)  # NaN compares False: a NaN output fails
+    return {"max_abs": max_abs, "relative": relative, "passed": passed, "shape": list(a.shape)}
+
+
+def verify(
+    original: onnx.ModelProto,
+    folded: onnx.ModelProto,
+    *,
+    inputs: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+    tolerance: float | None = None,
+) -> dict[str, Any]:
+    """Run both models on the same inputs and compare every output.
+
+    Args:
+        original, folded: the models to compare (same input and output names).
+        inputs: input arrays by name; inputs not given are random (``seed``), dynamic dimensions set to 1.
+        tolerance: relative tolerance; by default from the outputs' dtype (:data:`TOLERANCES`).
+
+    Returns:
+        ``{"passed", "tolerance", "max_relative", "worst_output", "inputs", "outputs": {name: {"max_abs",
+        "relative", "passed", "shape"}}}`` — plain data, ready for ``json.dumps`` and ``FoldReport.verification``.
+    """
+    if tolerance is None:
+        tolerance = default_tolerance(original)
+    feeds = random_inputs(original, seed)
+    if inputs is not None:
+        if not isinstance(inputs, dict):
+            raise InvalidInputError(
+                f"inputs must be a dict of input name -> numpy array, got {type(inputs).__name__}"
+            )
+        unknown = sorted(set(inputs) - set(feeds))
+        if unknown:
+            raise InvalidInputError(
+                f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(feeds)}"
+            )
+        feeds.update({k: np.asarray(v) for k, v in inputs.items()})
+    expected = run(original, feeds, "original")
+    actual = run(folded, feeds, "folded")
+    outputs = {}
+    for name, value in expected.items():
+        if name not in actual:
+            outputs[name] = {"max_abs": float("inf"), "relative": float("inf"), "passed": False, "shape": []}
+            continue
+        outputs[name] = compare(value, actual[name], tolerance)
+    worst = max(outputs, key=lambda n: outputs[n]["relative"], default=None)
+    return {
+        "passed": all(o["passed"] for o in outputs.values()),
+        "tolerance": tolerance,
+        "max_relative": outputs[worst]["relative"] if worst is not None else 0.0,
+        "worst_output": worst,
+        "inputs": "given" if inputs else f"random (seed {seed})",
+        "outputs": outputs,
+    }

@@ -45,12 +45,16 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     model = _trained_resnet18()
     made = {name: root / name for name in ("r18.pth", "module.pt", "r18.ts", "train.pt", "corrupt.pth", "truncated.pth",
-                                           "notes.txt")}
+                                           "notes.txt", "r18.onnx")}
     torch.save(model.state_dict(), made["r18.pth"])
     torch.save(model, made["module.pt"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(model), made["r18.ts"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(made["r18.onnx"]), dynamo=False,
+                          do_constant_folding=False)  # constant folding would leave no BatchNormalization to fold
     torch.save(model.train(), made["train.pt"])
     model.eval()
     made["corrupt.pth"].write_bytes(b"\x80\x02" + bytes(range(256)) * 8)
@@ -107,6 +111,20 @@ def test_fold_a_torchscript_archive_removes_every_batch_norm_from_its_graph(file
     assert not folded.graph.findAllNodes("aten::batch_norm")
     model, x = reference
     assert _relative(model(x), folded(x)) < TOLERANCE
+
+
+def test_fold_an_onnx_file_and_verify_it_in_onnxruntime(files, tmp_path) -> None:
+    import onnx
+
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(files["r18.onnx"])).graph.node) == 20
+    out = tmp_path / "folded.onnx"
+    result = bnfold_cli("fold", str(files["r18.onnx"]), "-o", str(out), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["report"]
+    assert report["summary"]["folded"] == 20 and report["verification"]["passed"]
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(out)).graph.node)
+    checked = bnfold_cli("verify", str(files["r18.onnx"]), str(out), cwd=tmp_path)
+    assert checked.returncode == 0 and "PASSED" in checked.stdout
 
 
 def test_inspect_lists_every_norm_and_writes_nothing(files, tmp_path) -> None:

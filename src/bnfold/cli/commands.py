@@ -53,7 +53,7 @@ def _onnx_backend() -> Any:
 
 def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
     if loaded.kind == ONNX:
-        return _onnx_backend().plan(loaded.module)
+        return _onnx_backend().plan(loaded.source or loaded.module)
     if loaded.kind == TORCHSCRIPT:
         from ..torchscript import fold_script
 
@@ -79,9 +79,9 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
 
 def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | None) -> tuple[Any, FoldReport]:
     """Fold and verify; raises ``VerificationError`` (nothing written yet) if outputs differ."""
-    if loaded.kind == ONNX:
-        result = _onnx_backend().fold(loaded.module, verify=True, tolerance=tolerance)
-        return result.model, result.report
+    if loaded.kind == ONNX:  # the result object, which knows whether to write external data
+        result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance)
+        return result, result.report
     if loaded.kind == TORCHSCRIPT:
         from ..torchscript import fold_script
         from ..verification import verify
@@ -111,7 +111,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     reread = None
     with console.status(f"writing {output}"):
         if loaded.kind == ONNX:
-            _onnx_backend().save(folded, output, force=args.force)
+            folded.save(output, force=args.force)  # atomic, external data beside it when the source had it
         else:
             with staged(output) as temporary:  # checked before it replaces anything
                 write_model(folded, temporary, fmt, loaded.kind, example)
@@ -148,10 +148,17 @@ def verify(args: argparse.Namespace, console: Any) -> int:
     if (original.kind == ONNX) != (folded.kind == ONNX):
         raise InvalidInputError("compare an ONNX file with an ONNX file, and a PyTorch model with a PyTorch model")
     if original.kind == ONNX:
-        result = _onnx_backend().verify(original.module, folded.module, seed=args.seed, tolerance=args.tolerance)
-        passed = bool(result.get("passed"))
-        _emit(args, console, result, json.dumps(result, indent=2))
-        return OK if passed else VERIFICATION_FAILED
+        if args.data:
+            raise InvalidInputError("--data is for PyTorch image models; ONNX files are compared on random inputs")
+        with console.status("comparing outputs in onnxruntime"):
+            result = _onnx_backend().verify(original.module, folded.module, seed=args.seed, tolerance=args.tolerance)
+        verdict = "PASSED" if result["passed"] else "FAILED"
+        lines = [f"verification {verdict}: max relative error {result['max_relative']:.3g} (tolerance "
+                 f"{result['tolerance']:g}), worst output {result['worst_output']}"]
+        lines += [f"  {name} {info['shape']}: relative {info['relative']:.3g}, abs {info['max_abs']:.3g}"
+                  for name, info in result["outputs"].items()]
+        _emit(args, console, result, *lines)
+        return OK if result["passed"] else VERIFICATION_FAILED
     from ..verification import verify as compare
 
     shape = original.input_shape or folded.input_shape

@@ -33,6 +33,7 @@ from torch import nn
 
 from .errors import InvalidInputError
 from .files import write_atomic
+from .report import RichPrintable
 
 ORIGINAL = "original"
 BNFOLD = "bnfold"
@@ -64,7 +65,7 @@ class Footprint:
 
 
 @dataclass
-class BenchmarkResult:
+class BenchmarkResult(RichPrintable):
     """Latency per variant and batch size, footprints, skipped variants with reasons, and the settings used.
 
     ``to_dict()`` keys: ``settings`` (model, input_shape, batch_sizes, threads, warmup, repeats, device, torch),
@@ -129,14 +130,6 @@ class BenchmarkResult:
             table.add_row(*row)
         notes = [Text(f"skipped {variant}: {reason}", style="yellow") for variant, reason in self.skipped.items()]
         return Group(table, *notes)
-
-    def print(self, console: Any = None) -> None:
-        try:
-            from rich.console import Console
-        except ImportError:
-            print(self)
-            return
-        (console or Console()).print(self)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Write a bar chart of per-image latency per variant and batch size to ``path`` (PNG), atomically."""

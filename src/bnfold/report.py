@@ -32,8 +32,21 @@ class NormEntry:
     reason: str | None = None
 
 
+class RichPrintable:
+    """``print()`` for result objects that render with rich (``__rich__``) and as plain text (``__str__``)."""
+
+    def print(self, console: Any = None) -> None:
+        """Print as a rich table when rich is installed, as plain text otherwise."""
+        try:
+            from rich.console import Console
+        except ImportError:
+            print(self)
+            return
+        (console or Console()).print(self)
+
+
 @dataclass
-class FoldReport:
+class FoldReport(RichPrintable):
     """The outcome of planning or folding one model.
 
     Attributes:
@@ -124,12 +137,3 @@ class FoldReport:
             table.add_row(name, kind, channels, Text(status, style=style), outcome)
         extra = [Text(f"note: {n}", style="dim") for n in self.notes]
         return Group(table, *extra)
-
-    def print(self, console: Any = None) -> None:
-        """Print the report as a table: with rich when it is installed, as plain text otherwise."""
-        try:
-            from rich.console import Console
-        except ImportError:
-            print(self)
-            return
-        (console or Console()).print(self)

@@ -184,7 +184,7 @@ def explained_by_rounding(original: nn.Module, inputs: tuple[Any, ...], original
 
 
 @dataclass
-class VerificationResult:
+class VerificationResult(Comparison):
     """What :func:`verify` found: per-output errors (worst over every batch) and, for classifiers, top-1 agreement.
 
     Attributes:
@@ -198,42 +198,20 @@ class VerificationResult:
         problems: structural differences (missing outputs, different shapes).
     """
 
-    outputs: list[OutputError]
-    tolerance: float
     batches: int = 0
     samples: int = 0
     agreement: float | None = None
     accuracy_original: float | None = None
     accuracy_folded: float | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems and all(e.relative <= self.tolerance for e in self.outputs)
-
-    @property
-    def max_abs(self) -> float:
-        return max((e.max_abs for e in self.outputs), default=0.0)
-
-    @property
-    def max_relative(self) -> float:
-        return max((e.relative for e in self.outputs), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "passed": self.passed,
-            "tolerance": self.tolerance,
-            "max_abs": self.max_abs,
-            "max_relative": self.max_relative,
+            **super().to_dict(),
             "batches": self.batches,
             "samples": self.samples,
             "top1_agreement": self.agreement,
             "accuracy_original": self.accuracy_original,
             "accuracy_folded": self.accuracy_folded,
-            "outputs": [
-                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape)} for e in self.outputs
-            ],
-            "problems": list(self.problems),
         }
 
     def __str__(self) -> str:

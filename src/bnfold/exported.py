@@ -362,3 +362,37 @@ def _other_norms(graph: fx.Graph, start: int) -> list[NormEntry]:
                 reason=f"{node.target} computes batch statistics (training mode); export the model after .eval()",
             ))
     return entries
+
+
+def _allowed(program: torch.export.ExportedProgram, size: Any, value: int) -> bool:
+    """Whether a program exported with dimension ``size`` (an int, or a symbol with a range) accepts ``value``."""
+    if not isinstance(size, torch.SymInt):
+        return int(size) == value
+    bounds = program.range_constraints.get(size.node.expr)
+    return bounds is None or (bounds.lower <= value and (not bounds.upper.is_finite or value <= bounds.upper))
+
+
+def check_input_shape(program: torch.export.ExportedProgram, shape: tuple[int, ...]) -> None:
+    """Refuse an input shape the program's guards would reject, naming the shapes it accepts."""
+    expected = next(iter(_user_input_shapes(program)), None)
+    if expected is None:
+        return
+    if len(expected) != len(shape) or not all(_allowed(program, s, v) for s, v in zip(expected, shape, strict=False)):
+        accepted = ", ".join(str(s) if not isinstance(s, torch.SymInt) else "*" for s in expected)
+        raise InvalidInputError(
+            f"the program was exported for inputs of shape ({accepted}), not {tuple(shape)}; pass a matching "
+            "--input-shape, or export it with dynamic_shapes for the dimensions that vary"
+        )
+
+
+def check_batch_sizes(program: torch.export.ExportedProgram, batch_sizes: tuple[int, ...]) -> None:
+    """Refuse batch sizes outside what the program's first input accepts (a static batch accepts one size)."""
+    expected = next(iter(_user_input_shapes(program)), None)
+    if not expected:
+        return
+    refused = [b for b in batch_sizes if not _allowed(program, expected[0], b)]
+    if refused:
+        raise InvalidInputError(
+            f"the program was exported with batch dimension {expected[0]}, which does not accept batch sizes "
+            f"{refused}; pass matching --batch-sizes, or export it with a dynamic batch (dynamic_shapes)"
+        )

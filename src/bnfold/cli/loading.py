@@ -175,7 +175,7 @@ def sniff(path: Path) -> str:
         head = handle.read(8)
     if head[:4] == b"PK\x03\x04":
         raise InvalidInputError(
-            f"{path} is a damaged zip archive (PyTorch checkpoints and TorchScript archives are zip files: this one "
+            f"{path} is a damaged zip archive (PyTorch checkpoints, TorchScript archives and .pt2 programs are zip files: this one "
             "has no central directory); the file is probably truncated: write it again"
         )
     if head[:1] == b"\x80":  # a legacy (non-zip) torch.save or a plain pickle

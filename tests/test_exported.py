@@ -150,3 +150,21 @@ def test_without_example_inputs_the_error_says_what_to_pass() -> None:
         fold_exported(program)
     folded, report = fold_exported(program, example_inputs=x)
     assert len(report.folded) == 1
+
+
+def test_a_decomposed_program_folds_into_convolution_nodes_and_leaves_addmm_with_the_reason() -> None:
+    """``run_decompositions`` turns conv2d into aten.convolution (with a transposed flag) and batch_norm into
+    ``_native_batch_norm_legit_no_training`` + ``getitem 0``; linear becomes addmm, which is left with a hint."""
+    x = torch.randn(2, 4, 5, 5)
+    model = _calibrated(nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, bias=False),
+        nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 9 * 9, 3), nn.BatchNorm1d(3),
+    ), x)
+    program = torch.export.export(model, (x,)).run_decompositions()
+    assert any(n.target == NORM_OPS[1] for n in program.graph.nodes)
+    folded, report = fold_exported(program)
+    assert [e.into[0].split(" ")[0] for e in report.folded] == ["aten.convolution.default"] * 2
+    assert len(report.left) == 1 and "run_decompositions" in (report.left[0].reason or "")
+    with torch.no_grad():
+        assert _relative(model(x), folded.module()(x)) < TOLERANCES[torch.float32]
+    assert report.parameters_removed == 2 * (6 + 4) - 4

@@ -119,6 +119,11 @@ def _why_not(norm: fx.Node, references: dict[str, int]) -> tuple[str | None, fx.
     if any(s is not None and (not isinstance(s, fx.Node) or s.op != "get_attr") for s in statistics) or None in statistics[2:]:
         return "its statistics or affine parameters are not stored tensors of the program (get_attr)", None
     source = norm.args[0]
+    if isinstance(source, fx.Node) and source.target in (aten.addmm.default, aten.mm.default):
+        return (
+            f"its input comes from {source.target} (a decomposed linear layer), which bnfold does not fold into; fold "
+            "the program before run_decompositions()", None,
+        )
     if not isinstance(source, fx.Node) or source.target not in _PRODUCERS:
         kind = source.target if isinstance(source, fx.Node) and source.op == "call_function" else getattr(source, "op", source)
         return f"its input comes from {kind}, not a convolution or linear node", None

@@ -168,3 +168,12 @@ def test_a_decomposed_program_folds_into_convolution_nodes_and_leaves_addmm_with
     with torch.no_grad():
         assert _relative(model(x), folded.module()(x)) < TOLERANCES[torch.float32]
     assert report.parameters_removed == 2 * (6 + 4) - 4
+
+
+def test_a_conv_on_an_unbatched_input_is_left_with_the_reason() -> None:
+    x = torch.randn(3, 10)  # (channels, length): the norm's axis 1 is the length, not the conv's channels
+    model = _calibrated(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(8)), x)
+    folded, report = fold_exported(torch.export.export(model, (x,)))
+    assert len(report.left) == 1 and "unbatched" in (report.left[0].reason or "")
+    with torch.no_grad():
+        assert torch.allclose(folded.module()(x), model(x))

@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from . import affine
-from .errors import InvalidInputError
+from .errors import CaptureError, InvalidInputError
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 
 aten = torch.ops.aten
@@ -109,7 +109,7 @@ def _statistics(norm: fx.Node) -> list[Any]:
     return [_argument(norm, name) for name in ("weight", "bias", "running_mean", "running_var")]
 
 
-def _why_not(norm: fx.Node, references: dict[str, int]) -> tuple[str | None, fx.Node | None]:
+def _why_not(module: fx.GraphModule, norm: fx.Node, references: dict[str, int]) -> tuple[str | None, fx.Node | None]:
     """``(reason, producer)``: why the norm cannot be folded (``None`` if it can) and the node to fold into."""
     if norm.target == _BATCH_NORM and _argument(norm, "training") is not False:
         return "the norm runs in training mode (batch statistics); export the model after .eval()", None
@@ -139,7 +139,7 @@ def _why_not(norm: fx.Node, references: dict[str, int]) -> tuple[str | None, fx.
         if references.get(node.target, 0) != 1:
             return f"the {label} {node.target} of {producer.target} is shared with other nodes; folding would change them too", None
     shape = _shape(producer)
-    channels = _shape(statistics[2])
+    channels = _fetch(module, statistics[2].target).numel()
     if shape is None:
         return f"the output shape of {producer.target} is not recorded in the graph; export it again with torch.export", None
     if producer.target == aten.linear.default and len(shape) != 2:
@@ -147,17 +147,11 @@ def _why_not(norm: fx.Node, references: dict[str, int]) -> tuple[str | None, fx.
             f"the linear output has rank {len(shape)}, not 2 (the norm normalises axis 1, the linear layer's features "
             "are the last axis: they coincide only for 2-D inputs)", None,
         )
-    weight_rank = _fetch_rank(weight)
-    if producer.target != aten.linear.default and weight_rank is not None and len(shape) != weight_rank:
+    if producer.target != aten.linear.default and len(shape) != _fetch(module, weight.target).dim():
         return f"{producer.target} runs on an unbatched input: its channels are not on the norm's axis 1", None
-    if channels is None or len(shape) < 2 or shape[1] != channels[0]:
+    if len(shape) < 2 or shape[1] != channels:
         return f"the norm's {channels} channels are not the {producer.target} output's axis 1 of shape {shape}", None
     return None, producer
-
-
-def _fetch_rank(node: fx.Node) -> int | None:
-    shape = _shape(node)
-    return None if shape is None else len(shape)
 
 
 def _as64(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -189,8 +183,8 @@ def _free_name(module: nn.Module, owner: str, name: str) -> str:
     return prefix + candidate
 
 
-def _fold_into(module: fx.GraphModule, norm: fx.Node, producer: fx.Node) -> tuple[list[str], int]:
-    """Fold ``norm`` into ``producer``; returns the attributes the norm used and the number of bias entries added."""
+def _fold_into(module: fx.GraphModule, norm: fx.Node, producer: fx.Node) -> list[str]:
+    """Fold ``norm`` into ``producer``; returns the attributes the norm read (to delete once nothing else does)."""
     graph = module.graph
     gamma_node, beta_node, mean_node, var_node = _statistics(norm)
     gamma, beta, mean, var = (None if n is None else _fetch(module, n.target) for n in (gamma_node, beta_node, mean_node, var_node))
@@ -208,7 +202,6 @@ def _fold_into(module: fx.GraphModule, norm: fx.Node, producer: fx.Node) -> tupl
         new_weight = affine.scale_channels(_as64(weight), scale, axis, groups if transposed else 1).to(weight.dtype)
         new_bias = affine.forward_bias(_as64(bias), scale, shift).to(weight.dtype)
     _replace(module, weight_node.target, new_weight.contiguous(), weight)
-    added = 0
     if bias_node is None:
         owner = weight_node.target.rpartition(".")[0]
         target = _free_name(module, owner, "bias")
@@ -216,7 +209,6 @@ def _fold_into(module: fx.GraphModule, norm: fx.Node, producer: fx.Node) -> tupl
         with graph.inserting_before(producer):
             bias_node = graph.get_attr(target)
         _set_argument(producer, "bias", bias_node)
-        added = new_bias.numel()
     else:
         _replace(module, bias_node.target, new_bias.contiguous(), bias)
     output = _norm_output(norm) or norm  # a tuple-valued norm without its getitem 0 was refused by _why_not
@@ -224,8 +216,7 @@ def _fold_into(module: fx.GraphModule, norm: fx.Node, producer: fx.Node) -> tupl
     graph.erase_node(output)
     if output is not norm:
         graph.erase_node(norm)
-    used = [n.target for n in (gamma_node, beta_node, mean_node, var_node) if n is not None]
-    return used, added
+    return [n.target for n in (gamma_node, beta_node, mean_node, var_node) if n is not None]
 
 
 def _delete_unused(module: fx.GraphModule, targets: list[str]) -> None:
@@ -325,15 +316,14 @@ def fold_exported(
     for index, norm in enumerate(norms):
         label = f"batch_norm#{index} (%{norm.name})"
         kind = str(norm.target)
-        channels = _shape(_statistics(norm)[2]) if isinstance(_statistics(norm)[2], fx.Node) else None
-        reason, producer = _why_not(norm, references)
-        count = channels[0] if channels else None
+        mean = _statistics(norm)[2]
+        count = _fetch(module, mean.target).numel() if isinstance(mean, fx.Node) and mean.op == "get_attr" else None
+        reason, producer = _why_not(module, norm, references)
         if reason is not None or producer is None:
             entries.append(NormEntry(label, kind, count, LEFT, reason=reason))
             continue
         into = f"{producer.target} (%{producer.name})"
-        used, _ = _fold_into(module, norm, producer)
-        folded_state.extend(used)
+        folded_state.extend(_fold_into(module, norm, producer))
         entries.append(NormEntry(label, kind, count, FOLDED, into=(into,), direction="forward"))
     entries.extend(_other_norms(graph, len(norms)))
     graph.eliminate_dead_code()
@@ -345,9 +335,16 @@ def fold_exported(
         isinstance(d, torch.SymInt) for shape in _user_input_shapes(program) if shape for d in shape
     ):
         notes.append("the program's dynamic dimensions were not kept (keyword inputs); it was exported with static shapes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        folded = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folded = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
+    except Exception as error:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CaptureError(
+            f"exporting the folded program again failed ({first}); check that the example inputs match the program, "
+            "or fold the nn.Module with bnfold.fold and export that"
+        ) from error
     report = FoldReport(
         model=name, applied=True, capture="torch.export graph", entries=entries,
         parameters_before=parameter_count(program), parameters_after=parameter_count(folded),

@@ -27,7 +27,10 @@ TOLERANCE = TOLERANCES[torch.float32]
 
 
 def bnfold_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    # The subprocess runs the bnfold these tests imported (a relative PYTHONPATH=src would not survive cwd=).
+    source = str(Path(bnfold.__file__).resolve().parents[1])
+    path = os.pathsep.join([source, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    environment = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-m", "bnfold", *args], cwd=cwd, capture_output=True, text=True,
                           env=environment, timeout=300)
 
@@ -45,7 +48,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     model = _trained_resnet18()
     made = {name: root / name for name in ("r18.pth", "module.pt", "r18.ts", "train.pt", "corrupt.pth", "truncated.pth",
-                                           "notes.txt", "r18.onnx")}
+                                           "notes.txt", "r18.onnx", "r18.pt2", "truncated.pt2")}
     torch.save(model.state_dict(), made["r18.pth"])
     torch.save(model, made["module.pt"])
     with warnings.catch_warnings():
@@ -55,6 +58,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(made["r18.onnx"]), dynamo=False,
                           do_constant_folding=False)  # constant folding would leave no BatchNormalization to fold
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), made["r18.pt2"])
+    program = made["r18.pt2"].read_bytes()
+    made["truncated.pt2"].write_bytes(program[: len(program) // 2])
     torch.save(model.train(), made["train.pt"])
     model.eval()
     made["corrupt.pth"].write_bytes(b"\x80\x02" + bytes(range(256)) * 8)
@@ -113,6 +119,22 @@ def test_fold_a_torchscript_archive_removes_every_batch_norm_from_its_graph(file
     assert _relative(model(x), folded(x)) < TOLERANCE
 
 
+def test_fold_a_torch_export_program_writes_one_without_batch_norms(files, reference, tmp_path) -> None:
+    out = tmp_path / "out.pt2"
+    result = bnfold_cli("fold", str(files["r18.pt2"]), "-o", str(out), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["format"] == "pt2" and payload["report"]["summary"]["folded"] == 20
+    assert payload["report"]["parameters_before"] - payload["report"]["parameters_after"] == 4_800
+    folded = torch.export.load(str(out))
+    assert not any("batch_norm" in str(n.target) for n in folded.graph.nodes)
+    model, _ = reference
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))  # the program's static shape
+    with torch.no_grad():
+        assert _relative(model(x), folded.module()(x)) < TOLERANCE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt2"]
+
+
 def test_fold_an_onnx_file_and_verify_it_in_onnxruntime(files, tmp_path) -> None:
     import onnx
 
@@ -168,6 +190,7 @@ BAD_INPUTS = {
     "state_dict without --arch": (["fold", "{r18.pth}"], "pass --arch"),
     "saved in training mode": (["fold", "{train.pt}", "--trust-pickle"], "pass --eval"),
     "ONNX file that is not ONNX": (["fold", "{notes.onnx}"], "notes.onnx"),
+    "truncated .pt2": (["fold", "{truncated.pt2}"], "truncated"),
 }
 
 

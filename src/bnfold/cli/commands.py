@@ -17,7 +17,7 @@ import torch
 from ..errors import InvalidInputError, VerificationError
 from ..files import check_output_path, staged
 from ..report import FoldReport
-from .loading import ONNX, TORCHSCRIPT, LoadedModel, load_model
+from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model
 from .saving import choose_format, read_back, write_model
 
 OK, VERIFICATION_FAILED, BAD_INPUT = 0, 1, 2
@@ -60,6 +60,10 @@ def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
         report = fold_script(loaded.module, name=loaded.label)[1]
         report.applied = False
         return report
+    if loaded.kind == EXPORTED:
+        report = _fold_exported(loaded, example)[1]
+        report.applied = False
+        return report
     from ..engine import plan
 
     return plan(loaded.module, example)
@@ -77,6 +81,14 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     return OK
 
 
+def _fold_exported(loaded: LoadedModel, example: torch.Tensor) -> tuple[Any, FoldReport]:
+    """Fold a torch.export program, exported again on its own example inputs (or, lacking them, on ``example``)."""
+    from ..exported import fold_exported
+
+    stored = loaded.module.example_inputs
+    return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label)
+
+
 def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | None) -> tuple[Any, FoldReport]:
     """Fold and verify; raises ``VerificationError`` (nothing written yet) if outputs differ."""
     if loaded.kind == ONNX:  # the result object, which knows whether to write external data
@@ -92,6 +104,15 @@ def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | 
         if not checked.passed:
             raise VerificationError(f"the folded TorchScript model's outputs differ: {checked}")
         return folded, report
+    if loaded.kind == EXPORTED:
+        from ..verification import verify
+
+        program, report = _fold_exported(loaded, example)
+        checked = verify(loaded.runnable, program.module(), example, tolerance=tolerance)
+        report.verification = checked.to_dict()
+        if not checked.passed:
+            raise VerificationError(f"the folded torch.export program's outputs differ: {checked}")
+        return program, report
     from ..engine import fold, report_for
 
     folded = fold(loaded.module, example, tolerance=tolerance)
@@ -135,7 +156,7 @@ def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, example: t
         raise VerificationError(f"the {fmt} file bnfold wrote does not load back ({error}); nothing was written") from error
     if written is None:
         return None
-    checked = verify(loaded.module, written, example, tolerance=tolerance)
+    checked = verify(loaded.runnable, written, example, tolerance=tolerance)
     if not checked.passed:
         raise VerificationError(f"the written {fmt} file does not reproduce the original's outputs ({checked}); nothing was written")
     return checked.to_dict()
@@ -171,9 +192,9 @@ def verify(args: argparse.Namespace, console: Any) -> int:
 
             size = (shape or (1, 3, 224, 224))[-1]
             loader = DataLoader(image_folder(args.data, size=size, limit=args.limit).val, batch_size=16)
-            result = compare(original.module, folded.module, data=loader, tolerance=args.tolerance)
+            result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
         else:
-            result = compare(original.module, folded.module, original.example_inputs(args.seed), tolerance=args.tolerance)
+            result = compare(original.runnable, folded.runnable, original.example_inputs(args.seed), tolerance=args.tolerance)
     _emit(args, console, result.to_dict(), str(result))
     return OK if result.passed else VERIFICATION_FAILED
 
@@ -186,14 +207,19 @@ def bench(args: argparse.Namespace, console: Any) -> int:
     if loaded.kind == ONNX:
         raise InvalidInputError("bnfold bench times PyTorch models; for ONNX files run benchmarks/onnx_peers.py")
     example = loaded.example_inputs(args.seed)
-    folded = None
+    batch_sizes = tuple(args.batch_sizes)
+    model, folded = loaded.module, None
     if loaded.kind == TORCHSCRIPT:
         folded = _fold_loaded(loaded, example, args.tolerance)[0]
-    peers = PEERS if args.peers and loaded.kind != TORCHSCRIPT else ()
-    batch_sizes = tuple(args.batch_sizes)
+    if loaded.kind == EXPORTED:
+        from ..exported import check_batch_sizes
+
+        check_batch_sizes(loaded.module, batch_sizes)
+        model, folded = _graph_module(loaded.runnable), _graph_module(_fold_loaded(loaded, example, args.tolerance)[0].module())
+    peers = PEERS if args.peers and loaded.kind not in (TORCHSCRIPT, EXPORTED) else ()
     with console.status("timing (interleaved rounds)") as status:
         result = benchmark(
-            loaded.module, example, batch_sizes=batch_sizes, threads=args.threads, peers=peers,
+            model, example, batch_sizes=batch_sizes, threads=args.threads, peers=peers,
             channels_last=args.channels_last, compile=args.compile, warmup=args.warmup, repeats=args.repeats,
             folded=folded, progress=lambda stage: status.update(stage),
         )
@@ -203,6 +229,12 @@ def bench(args: argparse.Namespace, console: Any) -> int:
     _print_notes(args, console, loaded)
     _emit(args, console, result.to_dict(), result, *([f"wrote {args.plot}"] if args.plot else []))
     return OK
+
+
+def _graph_module(module: Any) -> Any:
+    """An exported program's module marked as in eval mode (its ``.eval()`` raises; its graph has no mode to switch)."""
+    module.training = False
+    return module
 
 
 def reproduce(args: argparse.Namespace, console: Any) -> int:

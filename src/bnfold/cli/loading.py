@@ -9,6 +9,7 @@ A MODEL argument is one of:
 * a whole pickled ``nn.Module`` (``torch.save(model)``), only with ``--trust-pickle``: unpickling runs code from
   the file, so by default files are read with ``torch.load(weights_only=True)``, which refuses it;
 * a TorchScript archive (``torch.jit.save``);
+* a torch.export program (``torch.export.save``, ``.pt2``), folded by :mod:`bnfold.exported`;
 * an ONNX file (the ONNX backend, :mod:`bnfold.onnx`).
 
 Every problem is raised as an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix.
@@ -34,6 +35,7 @@ SAFETENSORS = "safetensors"
 PICKLE = "pickle"
 TORCHSCRIPT = "torchscript"
 ONNX = "onnx"
+EXPORTED = "exported"
 ARCHITECTURE = "architecture"
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
@@ -44,9 +46,10 @@ class LoadedModel:
     """A model ready to fold, and what is needed to write it back in the same form.
 
     Attributes:
-        module: the model (an ``nn.Module``, a ``torch.jit.ScriptModule``, or an ``onnx.ModelProto``).
+        module: the model (an ``nn.Module``, a ``torch.jit.ScriptModule``, a ``torch.export.ExportedProgram``, or an
+            ``onnx.ModelProto``).
         kind: where it came from: ``architecture``, ``state_dict``, ``safetensors``, ``pickle``, ``torchscript``,
-            ``onnx``.
+            ``exported``, ``onnx``.
         source: the file it was read from (``None`` for an architecture name).
         arch: the architecture name, when known (needed to rebuild a state_dict's model).
         input_shape: the shape of one example input (the architecture's default, or ``--input-shape``).
@@ -59,6 +62,11 @@ class LoadedModel:
     arch: str | None
     input_shape: tuple[int, ...] | None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def runnable(self) -> Any:
+        """Something to call on inputs: the module itself, or a fresh ``.module()`` of an exported program."""
+        return self.module.module() if self.kind == EXPORTED else self.module
 
     @property
     def label(self) -> str:
@@ -147,7 +155,7 @@ def _check_readable(path: Path) -> None:
 
 
 def sniff(path: Path) -> str:
-    """The file's format from its content (the extension can lie): onnx, safetensors, torchscript, torch."""
+    """The file's format from its content (the extension can lie): onnx, safetensors, torchscript, exported, torch."""
     if path.suffix.lower() == ".onnx":
         return ONNX
     if path.suffix.lower() == ".safetensors":
@@ -161,13 +169,13 @@ def sniff(path: Path) -> str:
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             return TORCHSCRIPT
         if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in names):
-            return "exported program"
+            return EXPORTED
         return "torch"
     with path.open("rb") as handle:
         head = handle.read(8)
     if head[:4] == b"PK\x03\x04":
         raise InvalidInputError(
-            f"{path} is a damaged zip archive (PyTorch checkpoints and TorchScript archives are zip files: this one "
+            f"{path} is a damaged zip archive (PyTorch checkpoints, TorchScript archives and .pt2 programs are zip files: this one "
             "has no central directory); the file is probably truncated: write it again"
         )
     if head[:1] == b"\x80":  # a legacy (non-zip) torch.save or a plain pickle
@@ -264,6 +272,41 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
         raise InvalidInputError(f"{path} is not a loadable TorchScript archive ({_first_line(error)})") from error
 
 
+def _load_exported(path: Path) -> torch.export.ExportedProgram:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(str(path))
+    except Exception as error:  # the archive reader raises RuntimeError / KeyError / JSON errors on a damaged file
+        raise InvalidInputError(
+            f"{path} is not a loadable torch.export program ({_first_line(error)}); it may be truncated or corrupt"
+        ) from error
+
+
+def _exported_input_shape(
+    program: torch.export.ExportedProgram, path: Path, given: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """The shape of the program's one tensor input: ``--input-shape`` (if the program accepts it), else its example's."""
+    from ..exported import check_input_shape
+
+    if given is not None:
+        check_input_shape(program, given)
+    stored = program.example_inputs
+    if stored is not None:
+        args, kwargs = stored
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            raise InvalidInputError(
+                f"{path} takes {len(args)} positional and {len(kwargs)} keyword inputs; the command line handles "
+                "programs with one tensor input: call bnfold.exported.fold_exported from Python"
+            )
+        return given if given is not None else tuple(args[0].shape)
+    if given is None:
+        raise InvalidInputError(f"{path} carries no example inputs; pass --input-shape (e.g. 1,3,224,224)")
+    return given
+
+
 def _require_eval(module: Any, label: str, switch: bool) -> None:
     if not getattr(module, "training", False):
         return
@@ -310,11 +353,9 @@ def load_model(
         module = _load_torchscript(path)
         _require_eval(module, str(path), switch_to_eval)
         return LoadedModel(module, TORCHSCRIPT, path, None, input_shape)
-    if kind == "exported program":
-        raise InvalidInputError(
-            f"{path} is a torch.export program (.pt2), which bnfold cannot fold yet: fold the nn.Module first "
-            "(bnfold.fold) and export the folded model"
-        )
+    if kind == EXPORTED:
+        program = _load_exported(path)
+        return LoadedModel(program, EXPORTED, path, None, _exported_input_shape(program, path, input_shape))
     if kind == "unknown":
         raise InvalidInputError(
             f"{path} is not a model file bnfold knows (PyTorch checkpoint, pickled module, TorchScript, safetensors "

@@ -7,7 +7,8 @@ Formats (``--format``):
 * ``safetensors``: the same state_dict as a ``.safetensors`` file.
 * ``pickle``: ``torch.save(folded)``, the whole module (loading needs its code, and ``weights_only=False``).
 * ``torchscript``: ``torch.jit.save`` (scripted, or traced on the example input where scripting fails).
-* ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``.
+* ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``; a ``.pt2`` input is folded into a
+  program already (:mod:`bnfold.exported`), which is saved as it is. A ``.pt2`` input can only be written as pt2.
 * ``onnx``: ``torch.onnx.export`` (opset 18); an ONNX input is written by the ONNX backend instead.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
-from .loading import ARCHITECTURE, ONNX, PICKLE, SAFETENSORS, STATE_DICT, TORCHSCRIPT
+from .loading import ARCHITECTURE, EXPORTED, ONNX, PICKLE, SAFETENSORS, STATE_DICT, TORCHSCRIPT
 
 FORMATS = ("state_dict", "safetensors", "pickle", "torchscript", "pt2", "onnx")
 _BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".ts": "torchscript", ".jit": "torchscript",
@@ -35,12 +36,14 @@ def choose_format(kind: str, output: Path, requested: str | None) -> str:
     if kind == ARCHITECTURE:
         return _BY_SUFFIX.get(output.suffix.lower(), "state_dict")
     return {STATE_DICT: "state_dict", SAFETENSORS: "safetensors", PICKLE: "pickle", TORCHSCRIPT: "torchscript",
-            ONNX: "onnx"}[kind]
+            ONNX: "onnx", EXPORTED: "pt2"}[kind]
 
 
 def _check_compatible(kind: str, fmt: str) -> None:
     if kind == TORCHSCRIPT and fmt != "torchscript":
         raise InvalidInputError(f"a TorchScript model can only be written as TorchScript, not --format {fmt}")
+    if kind == EXPORTED and fmt != "pt2":
+        raise InvalidInputError(f"a torch.export program (.pt2) can only be written as pt2, not --format {fmt}")
     if kind == ONNX and fmt != "onnx":
         raise InvalidInputError(f"an ONNX model can only be written as ONNX, not --format {fmt}")
 
@@ -60,6 +63,8 @@ def serialise(folded: Any, fmt: str, kind: str, example: torch.Tensor) -> bytes:
         torch.save(folded, buffer)
     elif fmt == "torchscript":
         torch.jit.save(_scripted(folded, example), buffer)
+    elif fmt == "pt2" and kind == EXPORTED:
+        torch.export.save(folded, buffer)
     elif fmt == "pt2":
         with torch.no_grad():
             program = torch.export.export(folded, (example,))

@@ -72,6 +72,6 @@ def test_bad_data_folder_is_a_one_line_error_and_nothing_is_written(
         (data / "train" / "a").mkdir(parents=True)
     out = tmp_path / "out"
     assert reproduce.main([*QUICK, "--data", str(data), "--out", str(out)]) == 2
-    message = capsys.readouterr().out
-    assert "error:" in message and ("no such directory" in message or "missing val/" in message)
+    message = capsys.readouterr().err
+    assert len(message.strip().splitlines()) == 1 and message.startswith("error:") and ("no such directory" in message or "missing val/" in message)
     assert not out.exists()

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .errors import BnfoldError, InvalidInputError
+from .errors import InvalidInputError
 from .files import write_atomic
 
 DEFAULT_MODELS = ("vgg16_bn", "resnet50")
@@ -275,16 +275,15 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
     return results
 
 
-def run(args: argparse.Namespace) -> int:
-    """``bnfold reproduce``: run, print the table; exit code 0, or 2 with a one-line error for bad input."""
+def run(args: argparse.Namespace, console: Any = None) -> int:
+    """``bnfold reproduce``: run and print the table; exit code 0, or 1 if a folded model failed verification.
+
+    Bad input raises :class:`~bnfold.errors.BnfoldError`; the command line turns it into a one-line error.
+    """
     from rich.console import Console
 
-    console = Console()
-    try:
-        results = reproduce(args, console)
-    except BnfoldError as error:
-        console.print(f"[red]error:[/] {error}", highlight=False)
-        return 2
+    console = console or Console()
+    results = reproduce(args, console)
     console.print(table(results))
     console.print(f"wrote {Path(args.out) / 'report.md'}, report.json and latency.png")
     failed = [n for n, m in results["models"].items() if not m["verification_passed"]]
@@ -295,9 +294,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bnfold reproduce", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m bnfold.reproduce``: the same as ``bnfold reproduce`` (errors and exit codes included)."""
+    import sys
+
+    from .cli import main as cli_main
+
+    return cli_main(["reproduce", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

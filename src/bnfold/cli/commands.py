@@ -241,4 +241,4 @@ def reproduce(args: argparse.Namespace, console: Any) -> int:
     """``bnfold reproduce``: the seed's experiment (see :mod:`bnfold.reproduce`)."""
     from ..reproduce import run
 
-    return run(args)
+    return run(args, console)

@@ -72,7 +72,7 @@ def test_report_lists_every_norm_with_counts_and_json() -> None:
     assert data["summary"] == {"norms": 3, "folded": 3, "left": 0, "parameters_removed": removed_bn - added_bias}
     assert "features.1" in str(report)
     dry = bnfold.plan(model)
-    assert not dry.applied and dry.parameters_after == dry.parameters_before
+    assert not dry.applied and dry.parameters_after == report.parameters_after  # projected, nothing changed
     assert [e.status for e in dry.entries] == ["folded"] * 3
 
 
@@ -283,3 +283,16 @@ def test_difference_explained_by_rounding_is_accepted_and_noted() -> None:
     assert report.verification["rounding_check"]["passed"]
     assert any("float rounding" in note for note in report.notes)
     assert_same_outputs(reference, folded, X)
+
+
+@pytest.mark.parametrize("build", [
+    _net,
+    lambda: randomize_norms(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), nn.BatchNorm2d(6),
+                                          nn.BatchNorm2d(6, affine=False), nn.Conv2d(6, 2, 1)), 1).eval(),
+    lambda: randomize_norms(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 3, bias=False), nn.ReLU()), 2).eval(),
+], ids=["net", "transposed-chain", "backward-linear"])
+def test_dry_run_projects_the_parameter_count_the_fold_reaches(build) -> None:
+    model = build()
+    projected = bnfold.plan(model)
+    folded = bnfold.report_for(bnfold.fold(model))
+    assert projected.parameters_after == folded.parameters_after < projected.parameters_before

@@ -14,7 +14,7 @@ from torch import nn
 from .apply import apply_plan, check_finite
 from .capture import Dataflow, capture
 from .errors import InvalidInputError, TrainingModeError, VerificationError
-from .layers import DEFAULT_REGISTRY, LayerRegistry, NormRule
+from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
 from .planner import FoldPlan, make_plan
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
@@ -82,6 +82,28 @@ def _count(model: nn.Module) -> tuple[int, int]:
     return parameters, buffers
 
 
+def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> int:
+    """Parameters once ``the_plan`` is applied: the folded norms' own go, a bias comes to each layer without one.
+
+    What a dry run reports as ``parameters_after``, without copying the model to find out.
+    """
+    lazy = nn.parameter.UninitializedTensorMixin
+    removed = 0
+    for fold in the_plan.folds:
+        norm = model.get_submodule(fold.norm)
+        rule = registry.norm(norm).rule
+        replacement = rule.replacement(norm) if isinstance(rule, NormRule) else None
+        kept = {id(p) for p in replacement.parameters()} if replacement is not None else set()
+        removed += sum(p.numel() for p in norm.parameters() if id(p) not in kept and not isinstance(p, lazy))
+    added = 0
+    for name in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers):
+        layer = model.get_submodule(name)
+        rule = registry.layer(layer).rule
+        if isinstance(rule, LinearLayerRule) and getattr(layer, rule.bias_name, None) is None:
+            added += rule.out_channels(layer)
+    return _count(model)[0] - removed + added
+
+
 def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> FoldReport:
     entries = [
         _norm_entry(model, f.norm, registry, FOLDED, into=f.layers, direction=f.direction) for f in the_plan.folds
@@ -93,7 +115,7 @@ def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> Fo
         capture=the_plan.method,
         entries=entries,
         parameters_before=parameters,
-        parameters_after=parameters,
+        parameters_after=_projected_parameters(model, the_plan, registry),
         buffers_before=buffers,
         buffers_after=buffers,
         notes=list(the_plan.notes),

@@ -54,7 +54,8 @@ class FoldReport(RichPrintable):
         applied: ``False`` for a dry run (:func:`bnfold.plan`), ``True`` once the folds were made.
         capture: how the dataflow was learnt (``"torch.fx"``, ``"forward pass"``, ``"onnx graph"``).
         entries: one :class:`NormEntry` per norm, in call order.
-        parameters_before / parameters_after: trainable parameter counts (buffers excluded).
+        parameters_before / parameters_after: trainable parameter counts (buffers excluded); for a dry run,
+            ``parameters_after`` is what the fold would leave.
         buffers_before / buffers_after: element counts of buffers (running statistics and the like).
         notes: anything the user should know that is not a per-norm decision.
         verification: filled in when the folded model was checked against the original (max errors, tolerance).

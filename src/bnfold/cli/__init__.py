@@ -31,7 +31,7 @@ EPILOG = """exit codes: 0 success; 1 outputs differ (nothing written); 2 bad inp
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write it like 1,3,224,224") from None
     if not shape or any(d < 1 for d in shape):

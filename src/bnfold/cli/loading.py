@@ -211,7 +211,9 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 "unpickling runs code from the file, so bnfold refuses by default: pass --trust-pickle if you "
                 "trust where it came from, or save model.state_dict() and pass it with --arch NAME"
             ) from error
-        raise InvalidInputError(f"{path} is not a readable PyTorch file ({_first_line(error)}); it may be corrupt") from error
+        raise InvalidInputError(
+            f"{path} is not a readable PyTorch file (its pickled data is damaged); it may be corrupt or truncated"
+        ) from error
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, ModuleNotFoundError) as error:
         if isinstance(error, (AttributeError, ModuleNotFoundError)):
             raise InvalidInputError(

@@ -50,7 +50,8 @@ def staged(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name keeps the extension: some loaders (torch.export.load) go by it.
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(descriptor)
     try:
         yield Path(temporary)

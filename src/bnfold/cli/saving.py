@@ -93,7 +93,9 @@ def write_model(folded: Any, path: Path, fmt: str, kind: str, example: torch.Ten
             warnings.simplefilter("ignore")
             torch.onnx.export(folded, (example,), str(path), opset_version=18, dynamo=False)
         return
-    path.write_bytes(serialise(folded, fmt, kind, example))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save is deprecated; it is still the input's format
+        path.write_bytes(serialise(folded, fmt, kind, example))
 
 
 def read_back(output: Path, fmt: str, arch: str | None) -> Any:

@@ -32,6 +32,25 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def calibrated_by_training(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Random gamma / beta and running statistics from three train-mode passes on noisy ``x``, then eval mode.
+
+    Statistics the model's own layers produce (rather than drawn at random) are what a traced or exported graph
+    sees in practice, and they are far from the 0 / 1 a fold that ignored them would get away with.
+    """
+    generator = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.weight.data = torch.randn(module.num_features, generator=generator)
+            module.bias.data = torch.randn(module.num_features, generator=generator)
+            module.momentum = None
+    model.train()
+    for _ in range(3):
+        model(x + torch.randn(x.shape, generator=generator))
+    return model.eval()
+
+
 def assert_same_outputs(original: nn.Module, folded: nn.Module, *inputs: object, dtype: torch.dtype = torch.float32) -> float:
     """Run both models and assert the folded one is within the dtype's tolerance; return the relative error."""
     with torch.no_grad():

@@ -12,23 +12,9 @@ from torch import nn
 from bnfold.errors import InvalidInputError
 from bnfold.exported import fold_exported
 from bnfold.verification import TOLERANCES
+from conftest import calibrated_by_training
 
 NORM_OPS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default)
-
-
-def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Random affine parameters and running statistics from a few train-mode passes, so the fold has real work."""
-    generator = torch.Generator().manual_seed(3)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.weight.data = torch.randn(module.num_features, generator=generator)
-            module.bias.data = torch.randn(module.num_features, generator=generator)
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x + torch.randn(x.shape, generator=generator))
-    return model.eval()
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -56,7 +42,7 @@ def test_every_norm_after_a_conv_or_linear_is_folded_and_outputs_match(name: str
     build, shape = MODELS[name]
     torch.manual_seed(0)
     x = torch.randn(*shape)
-    model = _calibrated(build(), x)
+    model = calibrated_by_training(build(), x)
     program = torch.export.export(model, (x,))
     before = {k: v.clone() for k, v in program.state_dict.items()}
     graph_before = str(program.graph)
@@ -80,7 +66,7 @@ def test_every_norm_after_a_conv_or_linear_is_folded_and_outputs_match(name: str
 
 def test_the_folded_program_saves_loads_and_keeps_its_dynamic_batch() -> None:
     x = torch.randn(2, 3, 8, 8)
-    model = _calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
+    model = calibrated_by_training(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
     batch = torch.export.Dim("batch", min=2, max=16)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     folded, report = fold_exported(program)
@@ -108,7 +94,7 @@ def test_a_norm_with_a_second_consumer_and_a_linear_on_3d_input_are_left_with_re
             return self.bn1d(self.linear(z.flatten(2).transpose(1, 2)))  # (batch, 16, 4): the norm sees 16 tokens
 
     x = torch.randn(2, 3, 4, 4)
-    model = _calibrated(Branchy(), x)
+    model = calibrated_by_training(Branchy(), x)
     program = torch.export.export(model, (x,))
     folded, report = fold_exported(program)
     reasons = [e.reason or "" for e in report.left]
@@ -128,7 +114,7 @@ def test_a_shared_weight_is_left_with_the_reason() -> None:
             return self.bn(self.conv(x)) + self.conv(x * 2)
 
     x = torch.randn(2, 3, 4, 4)
-    model = _calibrated(Shared(), x)
+    model = calibrated_by_training(Shared(), x)
     folded, report = fold_exported(torch.export.export(model, (x,)))
     assert len(report.left) == 1 and "shared" in (report.left[0].reason or "")
     with torch.no_grad():
@@ -156,7 +142,7 @@ def test_a_decomposed_program_folds_into_convolution_nodes_and_leaves_addmm_with
     """``run_decompositions`` turns conv2d into aten.convolution (with a transposed flag) and batch_norm into
     ``_native_batch_norm_legit_no_training`` + ``getitem 0``; linear becomes addmm, which is left with a hint."""
     x = torch.randn(2, 4, 5, 5)
-    model = _calibrated(nn.Sequential(
+    model = calibrated_by_training(nn.Sequential(
         nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, bias=False),
         nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 9 * 9, 3), nn.BatchNorm1d(3),
     ), x)
@@ -172,7 +158,7 @@ def test_a_decomposed_program_folds_into_convolution_nodes_and_leaves_addmm_with
 
 def test_a_conv_on_an_unbatched_input_is_left_with_the_reason() -> None:
     x = torch.randn(3, 10)  # (channels, length): the norm's axis 1 is the length, not the conv's channels
-    model = _calibrated(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(8)), x)
+    model = calibrated_by_training(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(8)), x)
     folded, report = fold_exported(torch.export.export(model, (x,)))
     assert len(report.left) == 1 and "unbatched" in (report.left[0].reason or "")
     with torch.no_grad():

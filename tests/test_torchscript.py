@@ -11,21 +11,7 @@ from torch import nn
 from bnfold.errors import InvalidInputError
 from bnfold.torchscript import fold_script
 from bnfold.verification import TOLERANCES
-
-
-def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Random affine parameters and running statistics from a few train-mode passes, so the fold has real work."""
-    generator = torch.Generator().manual_seed(3)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.weight.data = torch.randn(module.num_features, generator=generator)
-            module.bias.data = torch.randn(module.num_features, generator=generator)
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x + torch.randn(x.shape, generator=generator))
-    return model.eval()
+from conftest import calibrated_by_training
 
 
 def _script(model: nn.Module, how: str, x: torch.Tensor) -> torch.jit.ScriptModule:
@@ -49,7 +35,7 @@ def test_every_norm_after_a_conv_is_folded_and_outputs_match(name: str, how: str
     build, shape = MODELS[name]
     torch.manual_seed(0)
     x = torch.randn(*shape)
-    model = _calibrated(build(), x)
+    model = calibrated_by_training(build(), x)
     scripted = _script(model, how, x)
     before = {k: v.clone() for k, v in scripted.state_dict().items()}
     folded, report = fold_script(scripted)
@@ -79,7 +65,7 @@ def test_a_norm_with_a_second_consumer_and_a_linear_of_unknown_rank_are_left_wit
             return self.bn1d(self.linear(z.mean((2, 3))))
 
     x = torch.randn(2, 3, 4, 4)
-    scripted = _script(_calibrated(Branchy(), x), "script", x)
+    scripted = _script(calibrated_by_training(Branchy(), x), "script", x)
     folded, report = fold_script(scripted)
     reasons = [e.reason for e in report.left]
     assert len(reasons) == 2 and "other uses" in reasons[0] and "rank" in reasons[1]

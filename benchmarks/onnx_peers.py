@@ -84,26 +84,21 @@ def evaluate(path: Path, workdir: Path) -> dict[str, Any]:
             else max_relative(reference, outputs),
         }
 
+    def rewritten(tool: str, after: onnx.ModelProto) -> None:
+        """Save a tool's rewritten model and run it unoptimised, so only the tool's own rewrite is compared."""
+        out = workdir / f"{path.stem}.{tool}.onnx"
+        onnx.save_model(after, str(out))
+        outputs = None
+        if reference is not None:
+            outputs = outputs_of(ort_session(out, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 2), feeds)
+        record(tool, after, outputs)
+
     for tool in TOOLS:
         try:
             if tool == "bnfold":
-                folded = bo.fold(model, verify=False).model
-                out = workdir / f"{path.stem}.bnfold.onnx"
-                onnx.save_model(folded, str(out))
-                outputs = None
-                if reference is not None:
-                    session = ort_session(out, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 2)
-                    outputs = outputs_of(session, feeds)
-                record(tool, folded, outputs)
+                rewritten(tool, bo.fold(model, verify=False).model)
             elif tool == "onnxoptimizer":
-                optimized = onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
-                out = workdir / f"{path.stem}.onnxoptimizer.onnx"
-                onnx.save_model(optimized, str(out))
-                outputs = None
-                if reference is not None:
-                    session = ort_session(out, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 2)
-                    outputs = outputs_of(session, feeds)
-                record(tool, optimized, outputs)
+                rewritten(tool, onnxoptimizer.optimize(model, ["fuse_bn_into_conv"]))
             else:
                 out = workdir / f"{path.stem}.ort-basic.onnx"
                 session = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, 2, optimized=out)

@@ -64,11 +64,24 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _scaled_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
+def scaled_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
     """``weight`` scaled along ``axis``, out of place, in its own dtype (multiplied in float32 if narrower)."""
     compute = _compute_dtype(weight)
     factors = scale.to(device=weight.device, dtype=compute)
     return affine.scale_channels(weight.detach().to(compute), factors, axis, groups).to(weight.dtype)
+
+
+def forward_folded(
+    weight: torch.Tensor, bias: torch.Tensor | None, statistics: NormStatistics, out_axis: int, groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(weight, bias)`` of a layer that absorbed the norm ``statistics`` on its output, in the weight's dtype.
+
+    For folders that store the tensors themselves (the TorchScript and torch.export graph folders); folds on the
+    module tree go through :func:`fold_forward`, which also records how to undo them.
+    """
+    scale, shift = scale_shift(statistics)
+    new_bias = affine.forward_bias(_float64(bias), scale.to(weight.device), shift.to(weight.device))
+    return scaled_weight(weight, scale, out_axis, groups), new_bias.to(weight.dtype)
 
 
 @dataclass
@@ -93,7 +106,7 @@ class Rollback:
 
     def scale_weight(self, weight: torch.Tensor, scale: torch.Tensor, axis: int, groups: int) -> None:
         if self.exact or axis != 0 or _compute_dtype(weight) != weight.dtype:
-            self.swap(weight, _scaled_weight(weight, scale, axis, groups))
+            self.swap(weight, scaled_weight(weight, scale, axis, groups))
             return
         factors = scale.to(device=weight.device, dtype=weight.dtype)
         weight.data.mul_(factors.reshape((-1,) + (1,) * (weight.dim() - 1)))

@@ -5,11 +5,11 @@ unlifted module (``program.module()``: a copy, an fx ``GraphModule`` whose weigh
 rewritten: every eval-mode batch norm (``aten.batch_norm`` with ``training=False``, or
 ``aten._native_batch_norm_legit_no_training`` and its ``getitem 0``) whose input comes straight from a convolution,
 transposed convolution or linear node with weights of its own, and is used by nothing else, is folded into that node
-with the formulas of :mod:`bnfold.affine` (in float64, rounded once to the weight's dtype). The producer's weight
-keeps its name and gets the folded values, a missing bias becomes a new parameter ``<layer>.bias``, the norm's
-uses are rewired to the producer, and the norm's state (affine parameters, running statistics) is deleted. The
-folded module is then exported again on the program's example inputs, with its dynamic dimensions, so the result
-is an ``ExportedProgram`` that ``torch.export.save`` writes like any other. Anything else is left, with the reason.
+(:func:`bnfold.apply.forward_folded`, the same arithmetic as for modules). The producer's weight keeps its name
+and gets the folded values, a missing bias becomes a new parameter ``<layer>.bias``, the norm's uses are rewired to
+the producer, and the norm's state (affine parameters, running statistics) is deleted. The folded module is then
+exported again on the program's example inputs, with its dynamic dimensions, so the result is an ``ExportedProgram``
+that ``torch.export.save`` writes like any other. Anything else is left, with the reason.
 
 Parameter counts are those of the program's ``parameters()``: the folded one has the folded norms' affine
 parameters less, and the biases the folds add more, as for an ``nn.Module``.
@@ -25,8 +25,9 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from . import affine
+from .apply import forward_folded
 from .errors import CaptureError, InvalidInputError
+from .layers import NormStatistics
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 
 aten = torch.ops.aten
@@ -154,10 +155,6 @@ def _why_not(module: fx.GraphModule, norm: fx.Node, references: dict[str, int]) 
     return None, producer
 
 
-def _as64(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().to(torch.float64)
-
-
 def _replace(module: nn.Module, target: str, value: torch.Tensor, like: torch.Tensor | None) -> None:
     """Store ``value`` at ``target`` as a parameter (or a buffer, when ``like`` is one), keeping ``requires_grad``."""
     owner_name, _, name = target.rpartition(".")
@@ -192,15 +189,13 @@ def _fold_into(module: fx.GraphModule, norm: fx.Node, producer: fx.Node) -> list
     weight_node, bias_node = _argument(producer, "weight"), _argument(producer, "bias")
     weight = _fetch(module, weight_node.target)
     bias = None if bias_node is None else _fetch(module, bias_node.target)
-    scale, shift = affine.bn_scale_shift(_as64(mean), _as64(var), eps, _as64(gamma), _as64(beta))
     transposed = _PRODUCERS[producer.target]
     if transposed is None:
         transposed = bool(_argument(producer, "transposed"))
     groups = int(_argument(producer, "groups")) if producer.target != aten.linear.default else 1
-    axis = 1 if transposed else 0
+    statistics = NormStatistics(mean=mean, var=var, eps=eps, gamma=gamma, beta=beta)
     with torch.no_grad():
-        new_weight = affine.scale_channels(_as64(weight), scale, axis, groups if transposed else 1).to(weight.dtype)
-        new_bias = affine.forward_bias(_as64(bias), scale, shift).to(weight.dtype)
+        new_weight, new_bias = forward_folded(weight, bias, statistics, 1 if transposed else 0, groups)
     _replace(module, weight_node.target, new_weight.contiguous(), weight)
     if bias_node is None:
         owner = weight_node.target.rpartition(".")[0]

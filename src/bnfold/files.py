@@ -25,20 +25,13 @@ def write_atomic(
 
     ``cleanup`` runs afterwards whatever happens (e.g. closing a matplotlib figure).
     """
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(descriptor, "wb" if binary else "w") as handle:
+        with staged(target) as temporary, temporary.open("wb" if binary else "w") as handle:
             write(handle)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     finally:
         if cleanup is not None:
             cleanup()
-    return path
+    return Path(target)
 
 
 @contextmanager

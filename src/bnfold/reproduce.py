@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .architectures import build_arch
 from .errors import InvalidInputError
 from .files import write_atomic
 
@@ -72,16 +73,6 @@ def _splits(args: argparse.Namespace) -> Any:
     if args.data:
         return data.image_folder(args.data, size=args.image_size or 160, limit=args.limit)
     return data.digits(size=args.image_size or 32, seed=args.seed, limit=args.limit)
-
-
-def _build(name: str, classes: int, seed: int) -> nn.Module:
-    import torchvision
-
-    try:
-        torch.manual_seed(seed)
-        return torchvision.models.get_model(name, weights=None, num_classes=classes)
-    except ValueError as error:
-        raise InvalidInputError(f"unknown torchvision model {name!r}: {error}") from error
 
 
 def train(
@@ -123,7 +114,8 @@ def run_model(name: str, splits: Any, args: argparse.Namespace, progress: Any = 
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, generator=generator, drop_last=len(splits.train) > args.batch_size)
     val_loader = DataLoader(splits.val, batch_size=64)
-    model = _build(name, len(splits.classes), args.seed)
+    torch.manual_seed(args.seed)
+    model = build_arch(name, num_classes=len(splits.classes))[0]
     start = time.perf_counter()
     training = train(model, train_loader, args.epochs, args.lr, progress, name)
     train_seconds = time.perf_counter() - start

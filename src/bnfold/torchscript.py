@@ -4,12 +4,13 @@ A TorchScript archive carries no Python classes to rebuild, so the module-tree e
 model is frozen (``torch._C._freeze_module``: submodule calls inlined, weights turned into graph constants, *no*
 optimisation passes, so nothing is folded behind our back), and every ``aten::batch_norm`` in eval mode whose
 input comes straight from a convolution or linear node with constant weights, and is used by nothing else, is
-folded into that node with the formulas of :mod:`bnfold.affine`: the node gets new constant weight and bias, the
-norm's uses are rewired to the producer, the norm node is deleted. Anything else is left, with the reason.
+folded into that node (:func:`bnfold.apply.forward_folded`, the same arithmetic as for modules): the node gets
+new constant weight and bias, the norm's uses are rewired to the producer, the norm node is deleted. Anything else
+is left, with the reason.
 
 The result is a frozen ``ScriptModule``: its weights are constants (no ``parameters()``), and only ``forward`` is
-kept, which is what a deployment archive needs. Parameter counts are those of the original's ``parameters()``, less the folded norms' affine parameters, plus the biases
-the folds add, as for an ``nn.Module``.
+kept, which is what a deployment archive needs. Parameter counts are those of the original's ``parameters()``,
+less the folded norms' affine parameters, plus the biases the folds add, as for an ``nn.Module``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 
 import torch
 
-from . import affine
+from .apply import forward_folded
 from .errors import InvalidInputError
+from .layers import NormStatistics
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 
 # kind -> (index of the groups argument or None, index of the "transposed" flag or None, transposed by kind)
@@ -83,24 +85,18 @@ def _why_not(norm: Any) -> tuple[str | None, Any]:
     return None, producer
 
 
-def _as64(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().to(torch.float64)
-
-
 def _fold_into(graph: Any, norm: Any, producer: Any) -> int:
     """Fold ``norm`` into ``producer``; returns the change in parameter count (norm's affine out, a bias in)."""
     inputs = list(norm.inputs())
     gamma, beta, mean, var = (_constant(v) for v in inputs[1:5])
     eps = float(_constant(inputs[7]))
     weight, bias = _constant(producer.inputsAt(1)), _constant(producer.inputsAt(2))
-    scale, shift = affine.bn_scale_shift(_as64(mean), _as64(var), eps, _as64(gamma), _as64(beta))
     groups_at, flag_at, transposed = _PRODUCERS[producer.kind()]
     if flag_at is not None:
         transposed = bool(_constant(producer.inputsAt(flag_at)))
     groups = int(_constant(producer.inputsAt(groups_at))) if groups_at is not None else 1
-    axis = 1 if transposed else 0
-    new_weight = affine.scale_channels(_as64(weight), scale, axis, groups if transposed else 1).to(weight.dtype)
-    new_bias = affine.forward_bias(_as64(bias), scale, shift).to(weight.dtype)
+    statistics = NormStatistics(mean=mean, var=var, eps=eps, gamma=gamma, beta=beta)
+    new_weight, new_bias = forward_folded(weight, bias, statistics, 1 if transposed else 0, groups)
     graph.setInsertPoint(producer)
     weight_value = graph.insertConstant(new_weight.contiguous())
     bias_value = graph.insertConstant(new_bias.contiguous())

@@ -17,7 +17,6 @@ Every problem is raised as an :class:`~bnfold.errors.InvalidInputError` naming t
 
 from __future__ import annotations
 
-import difflib
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..architectures import build_arch
 from ..errors import InvalidInputError, TrainingModeError
 
 STATE_DICT = "state_dict"
@@ -76,65 +76,6 @@ class LoadedModel:
         """A seeded random input of :attr:`input_shape` (standard normal, like normalised images)."""
         shape = self.input_shape or DEFAULT_INPUT_SHAPE
         return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-# ------------------------------------------------------------------------------------------ architectures
-
-
-def _torchvision_names() -> list[str]:
-    try:
-        import torchvision
-    except ImportError:
-        return []
-    return list(torchvision.models.list_models())
-
-
-def _timm_names() -> list[str]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    return list(timm.list_models())
-
-
-def resolve_arch(name: str) -> tuple[str, str]:
-    """``(library, name)`` for ``name``, ``tv:name`` or ``timm:name``; torchvision first for bare names."""
-    library, _, bare = name.rpartition(":")
-    torchvision_names, timm_names = (_torchvision_names(), []) if library == "tv" else ([], [])
-    if library in ("", "tv", "torchvision"):
-        torchvision_names = _torchvision_names()
-        if bare in torchvision_names:
-            return "torchvision", bare
-    if library in ("", "timm"):
-        timm_names = _timm_names()
-        if bare in timm_names:
-            return "timm", bare
-    if library not in ("", "tv", "torchvision", "timm"):
-        raise InvalidInputError(f"unknown model library {library!r} in {name!r}; use tv:NAME or timm:NAME")
-    candidates = list(dict.fromkeys(torchvision_names + [n for n in timm_names if n not in torchvision_names]))
-    close = difflib.get_close_matches(bare, candidates, n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() or timm.list_models()"
-    if not torchvision_names and not timm_names:
-        hint = "; install torchvision and timm (pip install 'bnfold[vision]') to build models by name"
-    raise InvalidInputError(f"{name!r} is neither a model file nor a known architecture{hint}")
-
-
-def build_arch(name: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
-    """A freshly initialised model of architecture ``name`` (nothing downloaded) and its default input shape."""
-    library, bare = resolve_arch(name)
-    extra = {} if num_classes is None else {"num_classes": num_classes}
-    if library == "torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model(bare, weights=None, **extra)
-        size = 299 if bare == "inception_v3" else 224
-        return model.eval(), (1, 3, size, size)
-    import timm
-
-    model = timm.create_model(bare, pretrained=False, **extra)
-    config = getattr(model, "pretrained_cfg", None) or {}
-    channels, height, width = config.get("input_size", (3, 224, 224))
-    return model.eval(), (1, channels, height, width)
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -321,10 +262,6 @@ def _require_eval(module: Any, label: str, switch: bool) -> None:
     )
 
 
-def _model_input_shape(given: tuple[int, ...] | None, default: tuple[int, ...] | None) -> tuple[int, ...] | None:
-    return given if given is not None else default
-
-
 def load_model(
     spec: str,
     *,
@@ -340,13 +277,13 @@ def load_model(
     if not looks_like_file:
         if weights is None:
             model, default_shape = build_arch(spec)
-            loaded = LoadedModel(model, ARCHITECTURE, None, spec, _model_input_shape(input_shape, default_shape))
+            loaded = LoadedModel(model, ARCHITECTURE, None, spec, input_shape or default_shape)
             loaded.notes.append(f"{spec}: random weights (pass --weights FILE for trained ones)")
             return loaded
         model, default_shape = build_arch(spec)
         state = _read_state_dict(Path(weights), trust_pickle)
         load_state_dict_into(model, state, weights, spec)
-        return LoadedModel(model.eval(), ARCHITECTURE, None, spec, _model_input_shape(input_shape, default_shape))
+        return LoadedModel(model.eval(), ARCHITECTURE, None, spec, input_shape or default_shape)
     _check_readable(path)
     kind = sniff(path)
     if kind == ONNX:
@@ -408,10 +345,10 @@ def _from_state_dict(
         if folded is None or set(folded.state_dict()) != set(state):
             raise
         load_state_dict_into(folded, state, str(path), arch)
-        loaded = LoadedModel(folded, kind, path, arch, _model_input_shape(input_shape, default_shape))
+        loaded = LoadedModel(folded, kind, path, arch, input_shape or default_shape)
         loaded.notes.append(f"{path} holds an already folded {arch} (bnfold's folded layout)")
         return loaded
-    return LoadedModel(model.eval(), kind, path, arch, _model_input_shape(input_shape, default_shape))
+    return LoadedModel(model.eval(), kind, path, arch, input_shape or default_shape)
 
 
 def _folded_structure(model: nn.Module) -> nn.Module | None:

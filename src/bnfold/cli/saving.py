@@ -100,7 +100,8 @@ def write_model(folded: Any, path: Path, fmt: str, kind: str, example: torch.Ten
 
 def read_back(output: Path, fmt: str, arch: str | None) -> Any:
     """Load what :func:`write_model` wrote, to check that the file (not just the object in memory) is right."""
-    from .loading import build_arch, load_state_dict_into
+    from ..architectures import build_arch
+    from .loading import load_state_dict_into
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold import commuting
+from bnfold.backends.modules import to_graph
+from bnfold.core import commuting
 from bnfold.capture import capture_forward
 from bnfold.layers import DEFAULT_REGISTRY
 from bnfold.verification import TOLERANCES
@@ -64,13 +65,15 @@ REFUSED = {
 
 
 def _site_and_passage(fn: Callable[[torch.Tensor], torch.Tensor]) -> commuting.Passage | str:
-    flow, _ = capture_forward(Op(fn), (X,), DEFAULT_REGISTRY)
-    ops = [s for s in flow.sites if s.kind == "op"]
+    module = Op(fn)
+    flow, _ = capture_forward(module, (X,), DEFAULT_REGISTRY)
+    graph = to_graph(module, flow, DEFAULT_REGISTRY)
+    ops = [node for node in graph.nodes if node.kind == "op"]
     assert ops, "the op was not recorded"
-    site = ops[0]
-    if not commuting.may_commute(site):
+    node = ops[0]
+    if not commuting.may_commute(node):
         return "not a commuting kind"
-    return commuting.passage(site, flow.sites[site.inputs[0]].shape, 1)
+    return commuting.passage(node, graph.nodes[node.inputs[0]].shape, 1)
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
@@ -11,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import apply_plan, check_finite
+from .backends.modules import ModuleWeights, Rollback, check_finite, to_graph
 from .capture import Dataflow, capture
+from .core.apply import FoldOverflow, apply_plan
 from .errors import InvalidInputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
-from .planner import FoldPlan, make_plan
+from .core.plan import FoldPlan, make_plan
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
 
@@ -107,7 +109,7 @@ def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerR
 def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> FoldReport:
     entries = [
         _norm_entry(model, f.norm, registry, FOLDED, into=f.layers, direction=f.direction) for f in the_plan.folds
-    ] + [_norm_entry(model, s.norm, registry, LEFT, reason=s.reason) for s in the_plan.skips]
+    ] + [_norm_entry(model, s.norm, registry, LEFT, reason=s.reason) for s in the_plan.refusals]
     parameters, buffers = _count(model)
     return FoldReport(
         model=type(model).__name__,
@@ -125,7 +127,7 @@ def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> Fo
 def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> tuple[FoldPlan, FoldReport, Dataflow]:
     _check_model(model, registry)
     flow = capture(model, inputs, registry)
-    the_plan = make_plan(model, flow, registry)
+    the_plan = make_plan(to_graph(model, flow, registry))
     check_finite(model, [f.norm for f in the_plan.folds], registry)
     return the_plan, _report(model, the_plan, registry), flow
 
@@ -188,7 +190,7 @@ def fold(
             reference = model(*inputs)
     target = model if inplace else copy.deepcopy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
-    rollback = apply_plan(target, the_plan, registry, exact_undo=inplace and verify)
+    rollback = _apply(target, the_plan, registry, report)
     if verify:
         assert inputs is not None
         try:
@@ -218,12 +220,36 @@ def fold(
                 f"more than the model's own float rounding explains (checked against a float64 evaluation)"
             )
             if inplace:
-                apply_plan(target, the_plan, registry)
+                _apply(target, the_plan, registry, report)
     report.applied = True
     report.parameters_after, report.buffers_after = _count(target)
     _reports[target] = report
     log.info("%s", report.summary())
     return target
+
+
+def _apply(target: nn.Module, the_plan: FoldPlan, registry: LayerRegistry, report: FoldReport) -> Rollback:
+    """Fold ``target`` in place; on an exception everything done is undone. A fold that would overflow the layer's
+    dtype is not applied: its norm is reported as left, with the reason."""
+    rollback = Rollback()
+    try:
+        with torch.no_grad(), torch.inference_mode(False):
+            overflows = apply_plan(the_plan, ModuleWeights(target, registry, rollback))
+    except BaseException:
+        rollback.restore()
+        raise
+    _leave_overflowed(report, overflows)
+    return rollback
+
+
+def _leave_overflowed(report: FoldReport, overflows: list[FoldOverflow]) -> None:
+    reasons = {overflow.norm: str(overflow) for overflow in overflows}
+    if reasons:
+        report.entries = [
+            dataclasses.replace(e, status=LEFT, into=(), direction=None, reason=reasons[e.name])
+            if e.name in reasons else e
+            for e in report.entries
+        ]
 
 
 def report_for(model: nn.Module) -> FoldReport:

@@ -15,9 +15,9 @@ from torch import nn
 from .backends.modules import ModuleWeights, Rollback, check_finite, to_graph
 from .capture import Dataflow, capture
 from .core.apply import FoldOverflow, apply_plan
+from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
-from .core.plan import FoldPlan, make_plan
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
 

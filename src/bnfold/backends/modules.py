@@ -25,8 +25,8 @@ from torch.nn.utils import parametrize
 
 from ..capture import Dataflow, Site, TensorRef
 from ..core.apply import LayerTensors, Statistics
-from ..errors import NonFiniteStatisticsError
 from ..core.graph import CONSTANT, INPUT, LAYER, NORM, OP, OUTPUT, Graph, LayerFacts, NormFacts, OpFacts
+from ..errors import NonFiniteStatisticsError
 from ..layers import LayerRegistry, LinearLayerRule, NormRule
 
 # ------------------------------------------------------------------------------------------- the facts table

@@ -94,7 +94,7 @@ def test_training_mode_is_refused_with_the_fix() -> None:
 def test_non_finite_statistics_name_the_layer() -> None:
     model = _net()
     model.features[4].running_var[3] = float("nan")
-    with pytest.raises(bnfold.NonFiniteStatisticsError, match="features.4.*running_var"):
+    with pytest.raises(bnfold.NonFiniteStatisticsError, match="features.4.*running variance"):
         bnfold.fold(model, inplace=True)
     assert bn_count(model) == 3  # nothing was changed
 
@@ -297,3 +297,25 @@ def test_dry_run_projects_the_parameter_count_the_fold_reaches(build) -> None:
     projected = bnfold.plan(model)
     folded = bnfold.report_for(bnfold.fold(model))
     assert projected.parameters_after == folded.parameters_after < projected.parameters_before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_fold_that_would_overflow_the_dtype_is_left_with_the_reason(dtype: torch.dtype) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].weight.fill_(300.0)  # scale 300 / sqrt(1e-6 + 1e-5) ~ 9e4: beyond float16's 65504
+        model[1].running_var.fill_(1e-6)
+        model[0].weight.fill_(1.0)
+        big = 1e36 if dtype == torch.bfloat16 else 1.0  # bfloat16 reaches 3e38: push its weights near that
+        model[0].weight.mul_(big)
+    model = model.to(dtype)
+    planned = bnfold.plan(model)
+    folded = bnfold.fold(model)
+    for report in (planned, bnfold.report_for(folded)):
+        first, second = report.entries
+        assert first.status == "left" and "overflow" in (first.reason or ""), first
+        assert second.status == "folded"
+    assert isinstance(folded[1], nn.BatchNorm2d) and torch.isfinite(folded[0].weight).all()
+    x = torch.randn(1, 3, 6, 6, dtype=dtype) * (1 / big)
+    with torch.no_grad():
+        assert torch.isfinite(folded(x)).all() == torch.isfinite(model(x)).all()

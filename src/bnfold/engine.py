@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends.modules import ModuleWeights, Rollback, check_finite, to_graph
+from .backends.modules import ModuleWeights, Rollback, to_graph
 from .capture import Dataflow, capture
-from .core.apply import FoldOverflow, apply_plan
+from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
@@ -128,7 +128,7 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegis
     _check_model(model, registry)
     flow = capture(model, inputs, registry)
     the_plan = make_plan(to_graph(model, flow, registry))
-    check_finite(model, [f.norm for f in the_plan.folds], registry)
+    check_statistics([f.norm for f in the_plan.folds], ModuleWeights(model, registry))
     return the_plan, _report(model, the_plan, registry), flow
 
 
@@ -139,7 +139,10 @@ def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: La
     torch.fx cannot trace; given anyway, they let bnfold check activation shapes.
     """
     registry = registry or DEFAULT_REGISTRY
-    return _plan(model, _as_input_tuple(example_inputs), registry)[1]
+    the_plan, report, _ = _plan(model, _as_input_tuple(example_inputs), registry)
+    with torch.no_grad():
+        _leave_overflowed(report, apply_plan(the_plan, DryRun(ModuleWeights(model, registry))))
+    return report
 
 
 def fold(

@@ -26,7 +26,6 @@ from torch.nn.utils import parametrize
 from ..capture import Dataflow, Site, TensorRef
 from ..core.apply import LayerTensors, Statistics
 from ..core.graph import CONSTANT, INPUT, LAYER, NORM, OP, OUTPUT, Graph, LayerFacts, NormFacts, OpFacts
-from ..errors import NonFiniteStatisticsError
 from ..layers import LayerRegistry, LinearLayerRule, NormRule
 
 # ------------------------------------------------------------------------------------------- the facts table
@@ -385,22 +384,3 @@ class ModuleWeights:
             self.rollback.set_slot(parent, child_name, replacement)
 
 
-
-def check_finite(model: nn.Module, names: list[str], registry: LayerRegistry) -> None:
-    """Raise :class:`NonFiniteStatisticsError` naming the first norm whose statistics hold NaN or infinity."""
-    for name in names:
-        module = model.get_submodule(name)
-        rule = registry.norm(module).rule
-        if not isinstance(rule, NormRule):
-            continue
-        stats = rule.statistics(module)
-        for label, tensor in (("running_mean", stats.mean), ("running_var", stats.var), ("weight", stats.gamma), ("bias", stats.beta)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteStatisticsError(
-                    f"norm layer '{name}' has NaN or infinite values in its {label}: its outputs are already invalid. "
-                    f"Recalibrate its statistics (a few training-mode forward passes) before folding."
-                )
-        if bool((stats.var.detach() + stats.eps <= 0).any()):
-            raise NonFiniteStatisticsError(
-                f"norm layer '{name}' has running_var + eps <= 0, which has no square root; recalibrate its statistics."
-            )

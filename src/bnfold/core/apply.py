@@ -193,3 +193,30 @@ def apply_plan(plan: FoldPlan, access: WeightAccess) -> list[FoldOverflow]:
             untouchable.update(fold.layers)
     return overflows
 
+
+
+class DryRun:
+    """A :class:`WeightAccess` that reads through ``access`` and keeps every write to itself.
+
+    ``apply_plan(plan, DryRun(access))`` does all the arithmetic of a fold, chains included, and reports the folds
+    that would overflow, without changing the model: what a dry run (``plan()``, ``bnfold inspect``) needs to say
+    exactly what folding will do.
+    """
+
+    def __init__(self, access: WeightAccess) -> None:
+        self.access = access
+        self.numerics = access.numerics
+        self.written: dict[str, LayerTensors] = {}
+
+    def statistics(self, norm: str) -> Statistics:
+        return self.access.statistics(norm)
+
+    def read(self, layer: str) -> LayerTensors:
+        return self.written.get(layer) or self.access.read(layer)
+
+    def write(self, layer: str, weight: Array, bias: Array) -> None:
+        tensors = self.read(layer)
+        self.written[layer] = LayerTensors(weight, bias, tensors.out_axis, tensors.groups)
+
+    def remove_norm(self, norm: str) -> None:
+        pass

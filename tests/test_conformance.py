@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import calibrated_by_training
 from torch import nn
 
 import bnfold
 from bnfold.core.graph import BATCH_STATISTICS
 from bnfold.report import FoldReport
 from bnfold.verification import TOLERANCES
+from conftest import calibrated_by_training
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends.modules import ModuleWeights, Rollback, to_graph
+from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .capture import Dataflow, capture
 from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
@@ -100,7 +100,7 @@ def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerR
     added = 0
     for name in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers):
         layer = model.get_submodule(name)
-        rule = registry.layer(layer).rule
+        rule, _ = layer_rule(layer, registry)
         if isinstance(rule, LinearLayerRule) and getattr(layer, rule.bias_name, None) is None:
             added += rule.out_channels(layer)
     return _count(model)[0] - removed + added

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..capture import Dataflow, Site, TensorRef
@@ -147,6 +148,79 @@ def describe(site: Site) -> str:
     return f"the operation {site.name}"
 
 
+# ------------------------------------------------------------------- layers that compute in their own code
+
+_FUNCTIONAL_LAYERS: dict[Any, int] = {  # functional conv / linear -> the activations' channel axis
+    F.conv1d: 1, F.conv2d: 1, F.conv3d: 1, torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1, F.linear: -1,
+}
+_PASSIVE_MODULES = (nn.Identity,)
+
+
+def _zero(value: Any) -> bool:
+    return all(v == 0 for v in _ints(value)) if not isinstance(value, str) else value == "valid"
+
+
+def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: str = "bias") -> LinearLayerRule | str:
+    """The rule of a layer whose class overrides ``forward`` but ends in one functional convolution / linear call on
+    its own weight and bias (smp's ``Conv2dStaticSamePadding``: pad, then ``F.conv2d(x, self.weight, self.bias,
+    ...)``); else why bnfold cannot tell what it computes.
+
+    A forward fold into such a layer is exact whatever its code does before the call (the map acts on the call's
+    output channels); a backward fold only when its input reaches the call unchanged and unpadded.
+    """
+    try:
+        graph = fx.Tracer().trace(module)
+    except Exception as error:  # fx raises many kinds on code it cannot follow
+        return f"its forward() cannot be read ({type(error).__name__})"
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL_LAYERS]
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    if len(calls) != 1 or len(outputs) != 1 or outputs[0].args[0] is not calls[0]:
+        return "its forward() does not end in exactly one convolution or linear call"
+    call = calls[0]
+    weight = call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
+    bias = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
+    own = {weight_name: weight, bias_name: bias}
+    for name, node in own.items():
+        if node is None and name == bias_name:
+            continue
+        if not isinstance(node, fx.Node) or node.op != "get_attr" or node.target != name or len(node.users) != 1:
+            return f"its forward() does not use its own {name} only in its convolution / linear call"
+    if len(call.users) != 1:
+        return "its forward() uses the convolution's output more than once"
+    channel_dim = _FUNCTIONAL_LAYERS[call.target]
+    arguments = list(call.args) + [None] * 7
+    groups = int(call.kwargs.get("groups", arguments[6] if arguments[6] is not None else 1)) if channel_dim == 1 else 1
+    padding = call.kwargs.get("padding", arguments[4] if arguments[4] is not None else 0)
+    source = call.args[0]
+    while isinstance(source, fx.Node) and source.op == "call_module" and isinstance(
+        module.get_submodule(str(source.target)), _PASSIVE_MODULES
+    ):
+        source = source.args[0]
+    blocker = None
+    if not (isinstance(source, fx.Node) and source.op == "placeholder"):
+        blocker = "its forward() transforms the input (padding it, for example) before the convolution"
+    elif channel_dim == 1 and not _zero(padding):
+        blocker = "its convolution pads with zeros: the border outputs would see the shift where the original saw zeros"
+    return LinearLayerRule(
+        types=(type(module),), out_axis=0, activation_channel_dim=channel_dim, groups=lambda m: groups,
+        input_fold_blocker=lambda m: blocker, weight_name=weight_name, bias_name=bias_name,
+    )
+
+
+def layer_rule(module: nn.Module, registry: LayerRegistry) -> tuple[LinearLayerRule | None, str | None]:
+    """The rule for ``module`` as a linear layer: the registry's, or one read off its own forward code; else
+    ``(None, reason)`` (``(None, None)``: not a linear layer at all)."""
+    match = registry.layer(module)
+    if isinstance(match.rule, LinearLayerRule):
+        return match.rule, None
+    if match.reason is None:
+        return None, None
+    read = functional_rule(module)
+    if isinstance(read, LinearLayerRule):
+        return read, None
+    return None, f"{match.reason} ({read})"
+
+
 # -------------------------------------------------------------------------------------------- translation
 
 
@@ -196,13 +270,9 @@ class _Translator:
         return None
 
     def layer_facts(self, name: str, module: nn.Module) -> LayerFacts | None:
-        match = self.registry.layer(module)
-        if match.rule is None:
-            if match.reason is None:
-                return None
-            return LayerFacts(0, 0, 1, not_a_rule=match.reason)
-        rule = match.rule
-        assert isinstance(rule, LinearLayerRule)
+        rule, reason = layer_rule(module, self.registry)
+        if rule is None:
+            return None if reason is None else LayerFacts(0, 0, 1, not_a_rule=reason)
         weight = getattr(module, rule.weight_name, None)
         if isinstance(weight, nn.parameter.UninitializedParameter):
             return LayerFacts(0, 0, rule.activation_channel_dim, problem=(
@@ -343,6 +413,7 @@ class ModuleWeights:
         self.model = model
         self.registry = registry
         self.rollback = rollback or Rollback()
+        self.rules: dict[str, LinearLayerRule] = {}
         self.slots: dict[int, list[tuple[nn.Module, str]]] = {}
         for parent in model.modules():
             for child_name, child in parent._modules.items():
@@ -351,9 +422,11 @@ class ModuleWeights:
 
     def _layer(self, name: str) -> tuple[nn.Module, LinearLayerRule]:
         module = self.model.get_submodule(name)
-        rule = self.registry.layer(module).rule
-        assert isinstance(rule, LinearLayerRule)
-        return module, rule
+        if name not in self.rules:
+            rule, _ = layer_rule(module, self.registry)
+            assert rule is not None, f"'{name}' was planned as a layer"
+            self.rules[name] = rule
+        return module, self.rules[name]
 
     def _norm(self, name: str) -> tuple[nn.Module, NormRule]:
         module = self.model.get_submodule(name)

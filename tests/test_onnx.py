@@ -498,9 +498,9 @@ def test_import_without_torch() -> None:
 
 
 def test_rejects_what_is_not_a_model() -> None:
-    with pytest.raises(
-        bo.InvalidInputError if hasattr(bo, "InvalidInputError") else Exception, match="ModelProto"
-    ):
+    from bnfold.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="ModelProto"):
         bo.fold(42)  # type: ignore[arg-type]
 
 

@@ -22,7 +22,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.onnx as bo
-from bnfold.errors import VerificationError
+from bnfold.core.graph import BATCH_STATISTICS
+from bnfold.errors import NonFiniteStatisticsError, TrainingModeError, VerificationError
 
 F32 = TensorProto.FLOAT
 F16 = TensorProto.FLOAT16
@@ -144,7 +145,7 @@ def matmul_3d() -> Case:
     b = Builder(62)
     b.node("MatMul", ["a", b.weight("B", (5, 6))], ["p"], "matmul")
     b.bn("bn", "p", "y", 3)
-    return Case(b.model([("a", [2, 3, 5])], [("y", [2, 3, 6])]), left=1, reason="rank 3")
+    return Case(b.model([("a", [2, 3, 5])], [("y", [2, 3, 6])]), left=1, reason="output channels but the norm has 3")
 
 
 def chain() -> Case:
@@ -217,7 +218,7 @@ def unnamed_nodes() -> Case:
     b.node("Relu", ["d"], ["r"], "")
     b.bn("", "r", "y", 6)
     return Case(
-        b.model([("x", [1, 3, 5, 5])], [("y", [1, 6, 3, 3])]), left=1, reason="'Relu:r' (Relu), is not one of"
+        b.model([("x", [1, 3, 5, 5])], [("y", [1, 6, 3, 3])]), left=1, reason="its input comes from 'Relu:r' (Relu), not from a conv or linear layer"
     )
 
 
@@ -284,12 +285,19 @@ def backward_conv_transpose() -> Case:
     )
 
 
-def training_mode() -> Case:
+def training_mode(eval_neighbour: bool = True) -> Case:
+    """One norm with training_mode=1 beside an eval one: left with the core's words (the whole model in training
+    mode is an error instead, see test_whole_model_in_training_mode)."""
     b = Builder(92)
     b.node("Conv", ["x", b.weight("W", (6, 3, 3, 3))], ["c"], "conv")
     b.bn("bn", "c", "y", 6, training_mode=1)
     b.nodes[-1].output.extend(["running_mean", "running_var"])  # training mode needs all three outputs
-    return Case(b.model([("x", [2, 3, 6, 6])], [("y", [2, 6, 4, 4])]), left=1, reason="training_mode=1")
+    outputs = [("y", [2, 6, 4, 4])]
+    if eval_neighbour:
+        b.node("Conv", ["x", b.weight("W2", (6, 3, 3, 3))], ["c2"], "conv2")
+        b.bn("bn2", "c2", "y2", 6)
+        outputs.append(("y2", [2, 6, 4, 4]))
+    return Case(b.model([("x", [2, 3, 6, 6])], outputs), left=1, reason=BATCH_STATISTICS)
 
 
 def non_constant_scale() -> Case:
@@ -310,7 +318,7 @@ def producer_two_consumers() -> Case:
     return Case(
         b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4]), ("r", [1, 6, 4, 4])]),
         left=1,
-        reason="also read by 'relu'",
+        reason="also used by 'relu' (Relu)",
     )
 
 
@@ -321,7 +329,7 @@ def producer_graph_output() -> Case:
     return Case(
         b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4]), ("c", [1, 6, 4, 4])]),
         left=1,
-        reason="'c' of 'conv' (Conv) is also a graph output",
+        reason="also used by the graph output 'c'",
     )
 
 
@@ -331,7 +339,7 @@ def non_finite_statistics() -> Case:
     b.bn("bn", "c", "y", 6)
     var = next(t for t in b.inits if t.name == "bn.var")
     var.CopyFrom(numpy_helper.from_array(np.array([1, 1, np.inf, 1, 1, 1], np.float32), "bn.var"))
-    return Case(b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4])]), left=1, reason="NaN or infinity")
+    return Case(b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4])]), left=1)
 
 
 def backward_output_is_graph_output() -> Case:
@@ -341,7 +349,7 @@ def backward_output_is_graph_output() -> Case:
     return Case(
         b.model([("a", [3, 5])], [("y", [3, 6]), ("n", [3, 5])]),
         left=1,
-        reason="its output 'n' is a graph output",
+        reason="goes to the graph output 'n'",
     )
 
 
@@ -383,7 +391,6 @@ CASES: dict[str, Callable[[], Case]] = {
     "left_producer_two_consumers": producer_two_consumers,
     "left_producer_graph_output": producer_graph_output,
     "left_backward_graph_output": backward_output_is_graph_output,
-    "left_non_finite_statistics": non_finite_statistics,
 }
 
 
@@ -425,7 +432,7 @@ def test_directions_and_targets() -> None:
     report = bo.fold(CASES["backward_convs_pads0"]().model).report
     assert report.entries[0].direction == "backward" and report.entries[0].into == ("conv1", "conv2")
     report = bo.fold(CASES["matmul_add_2d"]().model).report
-    assert report.entries[0].direction == "forward" and report.entries[0].into == ("matmul", "add")
+    assert report.entries[0].direction == "forward" and report.entries[0].into == ("matmul",)  # its Add: its bias
     report = bo.fold(CASES["chain_conv_bn_bn"]().model).report
     assert [e.into for e in report.entries] == [("conv",), ("conv",)]
 
@@ -458,10 +465,10 @@ def test_plan_is_a_dry_run() -> None:
 
 
 def test_verification_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bnfold.onnx import apply
+    from bnfold import affine
 
-    real = apply.forward_bias
-    monkeypatch.setattr(apply, "forward_bias", lambda bias, scale, shift: real(bias, scale, shift * 0))
+    real = affine.forward_bias
+    monkeypatch.setattr(affine, "forward_bias", lambda bias, scale, shift: real(bias, scale, shift * 0))
     with pytest.raises(VerificationError, match="output 'y'"):
         bo.fold(CASES["conv2d"]().model)
 
@@ -530,7 +537,7 @@ def test_gemm_backward_with_trans_a_is_left() -> None:
     b.node("Gemm", ["n", b.weight("B", (5, 6))], ["y"], "gemm", transA=1)
     model = b.model([("a", [5, 5])], [("y", [5, 6])])
     report = bo.plan(model)
-    assert "transA=1" in report.left[0].reason and "its input 'a' is a graph input" in report.left[0].reason
+    assert "transA=1" in report.left[0].reason and "comes from the graph input 'a'" in report.left[0].reason
 
 
 def test_verification_reports_a_model_onnxruntime_cannot_run() -> None:
@@ -543,3 +550,17 @@ def test_verification_reports_a_model_onnxruntime_cannot_run() -> None:
     with pytest.raises(VerificationError, match="onnxruntime could not run the original model.*verify=False"):
         bo.fold(model)
     assert bn_count(bo.fold(model, verify=False).model) == 0
+
+
+def test_non_finite_statistics_are_an_error() -> None:
+    """A norm the plan would fold, with an infinite running variance: folding would hide invalid outputs."""
+    model = non_finite_statistics().model
+    with pytest.raises(NonFiniteStatisticsError, match="'bn' has NaN or infinite values in its running variance"):
+        bo.fold(model)
+    with pytest.raises(NonFiniteStatisticsError):
+        bo.plan(model)
+
+
+def test_whole_model_in_training_mode() -> None:
+    with pytest.raises(TrainingModeError, match="model.eval"):
+        bo.fold(training_mode(eval_neighbour=False).model)

@@ -564,3 +564,141 @@ def test_non_finite_statistics_are_an_error() -> None:
 def test_whole_model_in_training_mode() -> None:
     with pytest.raises(TrainingModeError, match="model.eval"):
         bo.fold(training_mode(eval_neighbour=False).model)
+
+
+# -- the same answer as the module API (issue 11's table) ----------------------------------------------------------
+# Each model is exported from PyTorch (eval mode, norm statistics calibrated by train-mode passes) and folded both
+# ways: the decisions (folded / left, direction, in graph order) must be the module API's, and the folded ONNX model
+# must reproduce the original in onnxruntime within the float32 tolerance (fold() verifies; checked again below).
+
+
+def _table_model(name: str) -> tuple[object, object]:
+    import torch
+    from torch import nn
+
+    class Two(nn.Module):
+        def __init__(self, first: nn.Module, second: nn.Module) -> None:
+            super().__init__()
+            self.a, self.b = first, second
+
+    class Cat(Two):
+        def __init__(self) -> None:
+            super().__init__(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 5, 3))
+            self.bn = nn.BatchNorm2d(9)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.a(x), self.b(x)], 1))
+
+    class SecondReader(Two):
+        def __init__(self) -> None:
+            super().__init__(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y) + torch.relu(y)
+
+    conv = lambda: nn.Conv2d(3, 6, 3)  # noqa: E731
+    image = (2, 3, 12, 12)
+    models: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
+        "avg_pool": (nn.Sequential(conv(), nn.AvgPool2d(2), nn.BatchNorm2d(6)), image),
+        "max_pool": (nn.Sequential(conv(), nn.MaxPool2d(2), nn.BatchNorm2d(6)), image),
+        "upsample": (nn.Sequential(conv(), nn.Upsample(scale_factor=2, mode="bilinear"), nn.BatchNorm2d(6)), image),
+        "dropout": (nn.Sequential(conv(), nn.Dropout(0.3), nn.BatchNorm2d(6)), image),
+        "bn_flatten_linear": (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3, 5)), (4, 3, 1, 1)),
+        "bn_reflect_conv": (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, padding=1,
+                                                                            padding_mode="reflect")), image),
+        "cat": (Cat(), image),
+        "linear_bn1d": (nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7)), (4, 5)),
+        "conv_bn_bn": (nn.Sequential(conv(), nn.BatchNorm2d(6), nn.BatchNorm2d(6)), image),
+        "bn_bn_linear": (nn.Sequential(nn.ReLU(), nn.BatchNorm1d(5), nn.BatchNorm1d(5), nn.Linear(5, 3)), (4, 5)),
+        "second_reader": (SecondReader(), image),
+        "bn_zero_padded_conv": (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, padding=1)), image),
+        "batch_statistics": (nn.Sequential(conv(), nn.BatchNorm2d(6, track_running_stats=False), nn.ReLU(),
+                                           nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)), image),
+    }
+    module, shape = models[name]
+    return module, shape
+
+
+TABLE = {
+    "avg_pool": "forward", "max_pool": "forward", "upsample": "forward", "dropout": "forward",
+    "bn_flatten_linear": "backward", "bn_reflect_conv": "backward", "cat": "forward", "linear_bn1d": "forward",
+    "conv_bn_bn": "forward", "bn_bn_linear": "backward", "second_reader": "left", "bn_zero_padded_conv": "left",
+    "batch_statistics": "left",
+}
+
+
+def export_calibrated(module: object, shape: tuple[int, ...], seed: int = 0, positive: bool = False) -> onnx.ModelProto:
+    """``module`` with norm statistics calibrated by train-mode passes, in eval mode, exported by the TorchScript
+    exporter (no constant folding, so the graph keeps what the module computes). ``positive``: every norm weight
+    made positive (a max pooling commutes with the norm only then)."""
+    import io
+    import warnings
+
+    import torch
+
+    from conftest import calibrated_by_training
+
+    torch.manual_seed(seed)
+    x = torch.randn(*shape)
+    calibrated_by_training(module, x)
+    if positive:
+        for norm in module.modules():
+            if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.weight is not None:
+                norm.weight.data = norm.weight.data.abs()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), buffer, input_names=["x"], output_names=["y"], do_constant_folding=False,
+                          dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("name", list(TABLE))
+def test_same_answer_as_the_module_api(name: str) -> None:
+    torch = pytest.importorskip("torch")
+    import bnfold
+
+    module, shape = _table_model(name)
+    model = export_calibrated(module, shape, positive=name == "max_pool")
+    expected = {e.name: e for e in bnfold.plan(module, torch.randn(*shape)).entries}
+    result = bo.fold(model)
+    got = {e.name.strip("/").rpartition("/")[0].replace("/", "."): e for e in result.report.entries}
+    assert got.keys() == expected.keys()
+    for key, mine in got.items():
+        theirs = expected[key]
+        assert (mine.status, mine.direction, len(mine.into)) == (theirs.status, theirs.direction, len(theirs.into)), (
+            mine, theirs)
+    directions = [e.direction or e.status for e in result.report.entries]
+    assert TABLE[name] in directions, directions
+    assert bn_count(result.model) == len(result.report.left)
+    if result.report.folded:
+        check = bo.verify(model, result.model, seed=3)
+        assert check["passed"] and check["max_relative"] < FLOAT32_TOLERANCE, check
+
+
+def test_left_reasons_are_the_cores() -> None:
+    pytest.importorskip("torch")
+    reasons = {name: bo.plan(export_calibrated(*_table_model(name))).left[0].reason
+               for name in ("second_reader", "bn_zero_padded_conv", "batch_statistics")}
+    assert "is also used by" in reasons["second_reader"]
+    assert "zero-pads its input" in reasons["bn_zero_padded_conv"]
+    assert BATCH_STATISTICS in reasons["batch_statistics"]
+
+
+def test_dry_run_folds_nothing() -> None:
+    pytest.importorskip("torch")
+    model = export_calibrated(*_table_model("conv_bn_bn"))
+    before = model.SerializeToString()
+    report = bo.plan(model)
+    assert not report.applied and len(report.folded) == 2 and model.SerializeToString() == before
+
+
+def test_overflow_is_left_with_the_reason() -> None:
+    """A float16 conv whose norm scales by 1e5: the folded weight would be infinite in float16."""
+    case = CASES["fp16_conv"]()
+    for tensor in case.model.graph.initializer:
+        if tensor.name == "bn.scale":  # s = 6e4 / sqrt(var + eps) times weights of order 1 exceeds float16's 65504
+            tensor.CopyFrom(numpy_helper.from_array(np.full(tensor.dims, 6e4, np.float16), tensor.name))
+    report = bo.fold(case.model, verify=False).report
+    assert report.left and "overflow" in report.left[0].reason, report.entries

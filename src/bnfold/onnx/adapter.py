@@ -59,8 +59,9 @@ FLOAT_TYPES = frozenset(
 )
 METADATA_OPS = frozenset({"Shape", "Size"})
 """Ops that read only their input's shape: not a use of its values."""
-CONSTANT_SUBGRAPH_LIMIT = 8
-"""At most this many nodes are evaluated to compute one constant (``Expand(CastLike(0, w), shape)`` and the like)."""
+CONSTANT_SUBGRAPH_LIMIT = 24
+"""At most this many nodes are evaluated to compute one constant (``Expand(CastLike(0, w), shape)``, or the dozen
+shape operations the TorchScript exporter emits for a reflect padding's ``pads``)."""
 SMALL_INITIALIZER = 1024
 """Initializers up to this many elements stay in the copy that shape inference sees (target shapes, axes, pads)."""
 

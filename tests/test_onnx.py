@@ -702,3 +702,23 @@ def test_overflow_is_left_with_the_reason() -> None:
             tensor.CopyFrom(numpy_helper.from_array(np.full(tensor.dims, 6e4, np.float16), tensor.name))
     report = bo.fold(case.model, verify=False).report
     assert report.left and "overflow" in report.left[0].reason, report.entries
+
+
+def test_cli_on_onnx_files_imports_no_torch(tmp_path: object) -> None:
+    """inspect / fold / verify on .onnx files: the ONNX path of the CLI never imports torch (seconds saved)."""
+    import os
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    source, target = folder / "m.onnx", folder / "f.onnx"
+    onnx.save(CASES["chain_conv_bn_bn"]().model, source)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent / "src"), env.get("PYTHONPATH", "")])
+    for command, code in ((["inspect", str(source), "--json"], 0), (["fold", str(source), "-o", str(target)], 0),
+                          (["verify", str(source), str(target)], 0), (["inspect", str(folder / "no.onnx")], 2)):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "bnfold", *command], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == code, done.stderr[-2000:]
+        imported = [line for line in done.stderr.splitlines() if line.rstrip().endswith(" torch")]
+        assert not imported, command
+    assert bn_count(onnx.load(target)) == 0

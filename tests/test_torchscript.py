@@ -349,3 +349,38 @@ def test_cli_inspect_on_an_archive_is_a_dry_run_and_training_mode_exits_2(tmp_pa
     refused = _cli("fold", str(training), "-o", str(tmp_path / "out.ts"), "--input-shape", "1,3,10,10", cwd=tmp_path)
     assert refused.returncode == 2 and "error:" in refused.stderr and "training mode" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "out.ts").exists()
+
+
+def test_constants_merged_by_freezing_do_not_block_a_fold() -> None:
+    """Freezing merges equal constants (a zero conv bias and a fresh norm's zero beta): each fold gets new ones."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[2].bias.zero_()
+        model[1].running_var.fill_(0.5)
+        model[3].running_mean.fill_(0.25)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    scripted = _script(model, "script", x)
+    folded, report = fold_script(scripted, example_inputs=x)
+    assert _decisions(report) == {"1": ("folded", ("0",), "forward"), "3": ("folded", ("2",), "forward")}
+    assert_same_outputs(scripted, folded, x)
+
+
+def test_a_norm_inside_control_flow_is_reported_and_left() -> None:
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.bn_inner = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            if bool(y.sum() > 0):
+                y = self.bn_inner(y)
+            return y
+
+    model, x = _calibrated(Branching, (2, 3, 4, 4))
+    scripted = _script(model, "script", x)
+    folded, report = fold_script(scripted, example_inputs=x)
+    assert _decisions(report)["bn"] == ("folded", ("conv",), "forward")  # its output's readers are not touched
+    assert "control flow" in _reasons(report)["bn_inner"]
+    assert_same_outputs(scripted, folded, x)

@@ -18,7 +18,11 @@ as an extra output (:func:`_recorded_shapes`), so reshapes and permutes can be f
 Writing back (:class:`ScriptWeights`): the core computes the new tensors; they become new graph constants that
 replace the layer's weight and bias arguments (a ``None`` bias becomes a tensor), and a folded norm's users are
 rewired to its input before the norm node is deleted. Constants are never changed in place: the frozen graph may
-share their storage with the caller's module.
+share their storage with the caller's module. For the same reason a constant read by several nodes is no
+``problem`` here, unlike a parameter shared by two modules: the folded layer gets constants of its own and every
+other reader keeps the old value. (Freezing also merges constants that are merely *equal*, such as a conv's zero
+bias and a fresh norm's zero beta, so refusing shared constants would refuse ordinary models.) A module called at
+two sites is inlined twice, so each call can absorb its own norm.
 
 The result is a frozen ``ScriptModule``: its weights are constants (no ``parameters()``), and only ``forward`` is
 kept, which is what a deployment archive needs. Parameter counts are those of the original's ``parameters()``, less
@@ -334,20 +338,11 @@ class _Translator:
             problem = f"the layer '{name}' has no floating-point weight to fold into"
         elif bias is _NOT_CONSTANT or not (bias is None or isinstance(bias, torch.Tensor)):
             problem = f"the bias of '{name}' is not a constant of the frozen graph"
-        else:
-            for what, value in (("weight", node.inputsAt(1)), ("bias", node.inputsAt(2))):
-                others = [u.user for u in _real_uses(value) if u.user is not node]
-                if others and _constant(value) is not None:
-                    problem = (
-                        f"the {what} of '{name}' is also read by {others[0].kind()} (a parameter shared with another "
-                        f"layer, or a constant equal to another one that freezing merged)"
-                    )
-                    break
         return LayerFacts(out_channels, in_channels, channel_dim, problem=problem,
-                          input_fold_blocker=self.input_fold_blocker(node, transposed))
+                          input_fold_blocker=self.input_fold_blocker(node, transposed, weight))
 
     @staticmethod
-    def input_fold_blocker(node: Any, transposed: bool) -> str | None:
+    def input_fold_blocker(node: Any, transposed: bool, weight: torch.Tensor) -> str | None:
         if transposed:
             return (
                 "it is a transposed convolution: its output positions sum different numbers of input positions, so "
@@ -357,6 +352,8 @@ class _Translator:
         if at is None:
             return None
         padding = _constant(node.inputsAt(at))
+        if padding == "same" and all(size == 1 for size in weight.shape[2:]):
+            return None  # a 1 x 1 kernel needs no padding to keep its size
         if padding == "valid" or (_ints(padding) is not None and not any(_ints(padding) or ())):
             return None
         shown = padding if padding is not _NOT_CONSTANT else "not a constant"

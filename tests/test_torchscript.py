@@ -321,8 +321,8 @@ def test_real_models_fold_as_many_norms_as_the_module_api(name: str, how: str) -
     scripted = _script(model, how, x)
     folded, report = fold_script(scripted, example_inputs=x)
     module_report = bnfold.plan(model, x)
-    assert len(report.entries) == len(module_report.entries)
-    assert len(report.folded) == len(module_report.folded) > 0
+    assert _decisions(report) == _decisions(module_report)  # the same norms, into the same layers, the same way
+    assert len(report.folded) > 0
     assert not folded.graph.findAllNodes("aten::batch_norm") or module_report.left
     assert_same_outputs(scripted, folded, x)
 

@@ -55,11 +55,9 @@ def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
     if loaded.kind == ONNX:
         return _onnx_backend().plan(loaded.source or loaded.module)
     if loaded.kind == TORCHSCRIPT:
-        from ..torchscript import fold_script
+        from ..backends.torchscript import plan_script
 
-        report = fold_script(loaded.module, name=loaded.label)[1]
-        report.applied = False
-        return report
+        return plan_script(loaded.module, example_inputs=example, name=loaded.label)
     if loaded.kind == EXPORTED:
         report = _fold_exported(loaded, example)[1]
         report.applied = False
@@ -95,10 +93,10 @@ def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | 
         result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance)
         return result, result.report
     if loaded.kind == TORCHSCRIPT:
-        from ..torchscript import fold_script
+        from ..backends.torchscript import fold_script
         from ..verification import verify
 
-        folded, report = fold_script(loaded.module, name=loaded.label)
+        folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label)
         checked = verify(loaded.module, folded, example, tolerance=tolerance)
         report.verification = checked.to_dict()
         if not checked.passed:

@@ -167,6 +167,26 @@ def test_a_conv_with_a_second_reader_and_a_zero_padded_conv_leave_their_norms_wi
     assert "pads its input with zeros (padding=[1, 1])" in reasons["pre"]
 
 
+class LinearNorm(nn.Module):
+    """timm's LeViT block: a BatchNorm1d over the tokens of every image, reshaped back with ``reshape_as``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+def test_a_tensor_read_only_for_its_shape_is_not_a_second_use() -> None:
+    """``reshape_as(y)`` reads y's shape, not its values: the linear output still feeds only the norm."""
+    torch.manual_seed(0)
+    x = _x(2, 5, 4)
+    report = fold_and_check(calibrated_by_training(LinearNorm(), x), x)
+    assert _decisions(report) == {"bn": (FOLDED, ("linear",), "forward")}
+
+
 def test_nan_statistics_raise_in_plan_and_fold() -> None:
     x = _x(2, 3, 6, 6)
     model = calibrated_by_training(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)

@@ -93,8 +93,8 @@ _OP_KINDS: dict[str, str] = {
                      "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"),
                     "max_pool"),
     "mean": "mean",
-    **dict.fromkeys(("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy"),
-                    "reshape"),
+    **dict.fromkeys(("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy",
+                     "reshape_as", "view_as"), "reshape"),
     "permute": "permute",
     **dict.fromkeys(("transpose", "t", "swapaxes", "swapdims"), "transpose"),
     **dict.fromkeys(("cat", "concat", "concatenate"), "concat"),
@@ -117,8 +117,15 @@ _METADATA_READS = frozenset({
     "_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size",
 })
 
+# Arguments read only for their shape, dtype or device (``y.reshape_as(x)`` reads x's shape): not uses.
+_METADATA_ARGUMENTS: dict[str, frozenset[str]] = {
+    **dict.fromkeys(("reshape_as", "view_as", "expand_as", "type_as"), frozenset({"other"})),
+    **dict.fromkeys(("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"),
+                    frozenset({"self"})),
+}
+
 # Ops a decomposition makes out of a linear layer, which bnfold does not fold into.
-_DECOMPOSED_LINEAR = frozenset({"addmm", "mm", "bmm", "matmul"})
+_DECOMPOSED_LINEAR = frozenset({"addmm", "mm"})
 
 
 def op_name(node: fx.Node) -> str:
@@ -252,9 +259,7 @@ def _is_metadata(node: fx.Node) -> bool:
         return False
     if op_name(node) in _METADATA_READS:
         return True
-    value = _value(node)
-    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) and not isinstance(
-        value, torch.Tensor)
+    return isinstance(_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
 # -------------------------------------------------------------------------------------------- translation
@@ -349,13 +354,25 @@ class _Translator:
     def tensor_inputs(self, node: fx.Node) -> list[int]:
         """The graph nodes of the tensors ``node`` reads, in argument order (nested lists flattened)."""
         found: list[int] = []
-        for argument in pytree.tree_leaves((node.args, node.kwargs)):
+        skipped = _METADATA_ARGUMENTS.get(op_name(node))
+        if skipped:
+            schema = node.target._schema  # type: ignore[union-attr]
+            names = [spec.name for spec in schema.arguments]
+            arguments = [a for i, a in enumerate(node.args) if i >= len(names) or names[i] not in skipped]
+            keywords = {k: v for k, v in node.kwargs.items() if k not in skipped}
+        else:
+            arguments, keywords = list(node.args), dict(node.kwargs)
+        for argument in pytree.tree_leaves((arguments, keywords)):
             if isinstance(argument, fx.Node) and argument in self.index:
                 found.append(self.index[argument])
         return found
 
     def fresh(self, name: str, node: fx.Node) -> str:
-        return name if name and name not in self.graph.units else f"{name or node.name}@{node.name}"
+        """A unit name: the module path of the unit's state, made unique by the node's name when a module (or a
+        tensor the model owns directly) is called at several nodes."""
+        if not name:
+            return node.name
+        return name if name not in self.graph.units else f"{name}@{node.name}"
 
     def sharing(self, attribute: fx.Node, what: str, layer: str) -> str | None:
         """Why the stored tensor read by ``attribute`` must not change: read elsewhere too, or an alias."""

@@ -26,7 +26,19 @@ from torch.nn.utils import parametrize
 
 from ..capture import Dataflow, Site, TensorRef
 from ..core.apply import LayerTensors, Statistics
-from ..core.graph import CONSTANT, INPUT, LAYER, NORM, OP, OUTPUT, Graph, LayerFacts, NormFacts, OpFacts
+from ..core.graph import (
+    BATCH_STATISTICS,
+    CONSTANT,
+    INPUT,
+    LAYER,
+    NORM,
+    OP,
+    OUTPUT,
+    Graph,
+    LayerFacts,
+    NormFacts,
+    OpFacts,
+)
 from ..layers import LayerRegistry, LinearLayerRule, NormRule
 
 # ------------------------------------------------------------------------------------------- the facts table
@@ -297,6 +309,11 @@ class _Translator:
         if not isinstance(rule, NormRule):
             return NormFacts(channels=_channels_guess(module), problem=match.reason or "bnfold has no rule for it")
         problem = rule.unfoldable(module)
+        if problem is None and module.training and rule.depends_on_training:
+            problem = (
+                f"it is in training mode although the model is not (train() called after eval()?): "
+                f"{BATCH_STATISTICS}; call model.eval() to fold it"
+            )
         if problem is not None:
             return NormFacts(channels=_channels_guess(module), channel_dim=rule.channel_dim, problem=problem)
         if name in self.calls:

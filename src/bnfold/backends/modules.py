@@ -291,8 +291,18 @@ class _Translator:
                 f"the layer '{name}' is a lazy module whose weight is not materialised yet; run one forward pass first"
             ))
         problem = None
+        unbatched = [
+            site.shape for site in self.calls.get(name, [])
+            if weight is not None and rule.activation_channel_dim == 1 and site.shape is not None
+            and len(site.shape) == weight.dim() - 1
+        ]
         if weight is None or not weight.is_floating_point():
             problem = f"the layer '{name}' has no floating-point weight to fold into"
+        elif unbatched:
+            problem = (
+                f"'{name}' runs on an unbatched input (output shape {tuple(unbatched[0])}): its channels are on axis 0, "
+                f"not on the axis 1 a norm normalises"
+            )
         else:
             problem = self.module_problem(name, module, "layer")
         return LayerFacts(

@@ -127,6 +127,7 @@ def staged_files(targets: Sequence[str | os.PathLike[str]], *, replace: bool = T
         raise ValueError("staged_files() stages files of one folder, with distinct names")
     main = paths[-1]
     try:
+        folder.mkdir(parents=True, exist_ok=True)  # library writers (charts, reports) may name a new folder
         staging = Path(tempfile.mkdtemp(prefix=f".{main.name}.", suffix=".staging", dir=folder))
     except OSError as error:
         raise _write_failed(error, main) from error

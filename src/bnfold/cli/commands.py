@@ -159,13 +159,18 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     """
     output = check_output_path(args.output, _files_read(args), force=args.force)
     loaded = _load(args, args.model, console)
+    read = _files_read(args, loaded)  # now with the files the loader found (ONNX external data)
+    written = [output]
+    if _onnx_data_files(loaded):  # the folded model keeps external data too, in OUT.data (bnfold.onnx.save)
+        from ..onnx.io import data_file
+
+        written.append(data_file(output))
+    refuse_inputs(written, read)
     fmt = choose_format(loaded.kind, output, args.format)
     example = loaded.example_inputs(args.seed)
     with console.status("folding and verifying"):
         folded, report = _fold_loaded(loaded, example, args.tolerance, args.seed)
     report.model = loaded.label
-    written = folded.files_written(output) if loaded.kind == ONNX else [output]
-    refuse_inputs(written, _files_read(args, loaded))  # now with the files the loader found (ONNX external data)
     reread = None
     with console.status(f"writing {output}"):
         if loaded.kind == ONNX:
@@ -194,14 +199,18 @@ def _files_read(args: argparse.Namespace, loaded: LoadedModel | None = None) -> 
     data = getattr(args, "data", None)
     if data and Path(data).exists():
         files.append(Path(data))  # a folder: nothing may be written inside it either
-    if loaded is not None and loaded.kind == ONNX and loaded.source is not None:
-        import onnx
+    return files + (_onnx_data_files(loaded) if loaded is not None else [])
 
-        from ..onnx.io import external_data_files
 
-        graph = onnx.load_model(str(loaded.source), load_external_data=False)
-        files.extend(external_data_files(graph, loaded.source))
-    return files
+def _onnx_data_files(loaded: LoadedModel) -> list[Path]:
+    """The external data files of an ONNX model file (none for any other kind)."""
+    if loaded.kind != ONNX or loaded.source is None:
+        return []
+    import onnx
+
+    from ..onnx.io import external_data_files
+
+    return external_data_files(onnx.load_model(str(loaded.source), load_external_data=False), loaded.source)
 
 
 def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, example: torch.Tensor, tolerance: float | None) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ import onnx
 from ..errors import InvalidInputError, VerificationError
 from ..files import refuse_inputs
 from ..report import FoldReport
-from .io import data_file, load, read, save
+from .io import EXTERNAL_DATA_THRESHOLD, data_file, load, read, save
 from .pipeline import fold_graph
 from .verification import TOLERANCES, default_tolerance, verify
 
@@ -59,7 +59,8 @@ class OnnxFoldResult:
 
     def files_written(self, path: str | os.PathLike[str]) -> list[Path]:
         """The files :meth:`save` writes for ``path``: the graph, and its external data file when there is one."""
-        return [Path(path), data_file(path)] if self.external_data else [Path(path)]
+        external = self.external_data or self.model.ByteSize() > EXTERNAL_DATA_THRESHOLD  # as save() decides
+        return [Path(path), data_file(path)] if external else [Path(path)]
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any] | None:
         """Save the folded model (with external data beside it when the source had it), checked before it lands.

@@ -26,7 +26,7 @@ from ..errors import BnfoldError, VerificationError
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """exit codes: 0 success; 1 outputs differ (nothing written); 2 bad input or usage (nothing written);
-3 internal error (rerun with --debug and report it); 130 interrupted"""
+3 internal error (rerun with --debug and report it); 130 interrupted (143 SIGTERM, 129 SIGHUP)"""
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -133,10 +133,12 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (documented in the module docstring)."""
+    """Run one command; returns the exit code (documented in the module docstring; SIGTERM / SIGHUP: 128 + signal)."""
     from rich.console import Console
 
+    from ..files import describe_os_error
     from . import onnx_commands
+    from .signals import Terminated, stop_as_exception
 
     words = list(sys.argv[1:] if argv is None else argv)
     light = bool(words) and words[0] in onnx_commands.COMMANDS  # parsing them needs no torch
@@ -150,7 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         handler = getattr(commands, args.command)
     try:
-        return handler(args, console)
+        with stop_as_exception():  # SIGTERM / SIGHUP raise, so half-written files are cleaned up as for Ctrl-C
+            return handler(args, console)
+    except Terminated as stop:
+        errors.print(f"interrupted by {stop.name}; nothing was written", highlight=False)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         errors.print("interrupted; nothing was written")
         return EXIT_INTERRUPTED
@@ -159,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail(errors, "error", str(error))
         return EXIT_VERIFICATION_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
+    except OSError as error:  # the environment (a full disk, a read-only folder, permissions), not a bug
+        if args.debug:
+            raise
+        _fail(errors, "error", describe_os_error(error))
+        return EXIT_BAD_INPUT
     except Exception as error:
         if args.debug:
             raise

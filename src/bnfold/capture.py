@@ -16,6 +16,8 @@ their insides are not looked at).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import operator
 from collections.abc import Callable, Iterable
@@ -165,8 +167,8 @@ def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...
 
     ``None`` when the traced graph does not run (the caller then falls back to hooks on the model itself).
     """
-    try:
-        with torch.no_grad():
+    try:  # ShapeProp prints the model's traceback to stderr before raising: a library must not print
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(fx.GraphModule(model, graph)).propagate(*example_inputs)
     except Exception as error:  # the interpreter surfaces whatever the model's code raises
         log.info("shape propagation on the traced graph failed (%s); using forward hooks", error)

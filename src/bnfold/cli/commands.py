@@ -31,6 +31,29 @@ def _load(args: argparse.Namespace, spec: str, console: Any) -> LoadedModel:
         )
 
 
+def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: torch.Tensor) -> None:
+    """Run the model once on the example input, so that an input it cannot take is bad input (exit 2), said once.
+
+    Without this, the wrong shape surfaces deep in tracing, folding or verification, as a torch traceback or an
+    "internal error"; afterwards a failure there is bnfold's. ONNX files are checked by their own backend.
+    """
+    if loaded.kind == ONNX:
+        return
+    shape = ",".join(str(d) for d in example.shape)
+    try:
+        with torch.no_grad():
+            loaded.runnable(example)
+    except Exception as error:  # whatever the model's own forward raises on this input
+        lines = str(error).strip().splitlines()
+        cause = f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+        if args.input_shape is None:
+            advice = (f"the example input was the default {shape}: pass --input-shape with the shape of one batch "
+                      "that its forward() takes (e.g. --input-shape 1,3,32,32)")
+        else:
+            advice = "check --input-shape: it is the shape of one batch that the model's forward() takes"
+        raise InvalidInputError(f"{loaded.label} does not run on an input of shape {shape} ({cause}); {advice}") from error
+
+
 def _emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
     if args.json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
@@ -71,6 +94,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     """``bnfold inspect MODEL``: each norm and what folding would do with it; parameter counts. Writes nothing."""
     loaded = _load(args, args.model, console)
     example = loaded.example_inputs(args.seed)
+    _check_runs(args, loaded, example)
     with console.status("tracing the dataflow"):
         report = _plan_report(loaded, example)
     report.model = loaded.label
@@ -166,6 +190,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     refuse_inputs(written, read)
     fmt = choose_format(loaded.kind, output, args.format)
     example = loaded.example_inputs(args.seed)
+    _check_runs(args, loaded, example)
     with console.status("folding and verifying"):
         folded, report = _fold_loaded(loaded, example, args.tolerance, args.seed)
     report.model = loaded.label
@@ -249,13 +274,16 @@ def verify(args: argparse.Namespace, console: Any) -> int:
         if args.data:
             from torch.utils.data import DataLoader
 
-            from ..data import image_folder
+            from ..data import validation_folder
 
             size = (shape or (1, 3, 224, 224))[-1]
-            loader = DataLoader(image_folder(args.data, size=size, limit=args.limit).val, batch_size=16)
+            loader = DataLoader(validation_folder(args.data, size=size, limit=args.limit), batch_size=16)
             result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
         else:
-            result = compare(original.runnable, folded.runnable, original.example_inputs(args.seed), tolerance=args.tolerance)
+            example = original.example_inputs(args.seed)
+            _check_runs(args, original, example)
+            _check_runs(args, folded, example)
+            result = compare(original.runnable, folded.runnable, example, tolerance=args.tolerance)
     _emit(args, console, result.to_dict(), str(result))
     return OK if result.passed else VERIFICATION_FAILED
 
@@ -270,6 +298,7 @@ def bench(args: argparse.Namespace, console: Any) -> int:
     if loaded.kind == ONNX:
         raise InvalidInputError("bnfold bench times PyTorch models; for ONNX files run benchmarks/onnx_peers.py")
     example = loaded.example_inputs(args.seed)
+    _check_runs(args, loaded, example)
     batch_sizes = tuple(args.batch_sizes)
     model, folded = loaded.module, None
     if loaded.kind == TORCHSCRIPT:

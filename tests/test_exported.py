@@ -331,12 +331,6 @@ def test_without_example_inputs_the_error_says_what_to_pass() -> None:
     assert len(report.folded) == 1
 
 
-def test_the_old_import_path_still_works() -> None:
-    from bnfold import exported
-
-    assert exported.fold_exported is fold_exported and exported.plan_exported is plan_exported
-
-
 # ------------------------------------------------------------------------------------------ real models
 
 

@@ -47,6 +47,7 @@ class OnnxFoldResult:
 
 
 def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, bool]:
+    """The model, its name for the report, whether it had external data."""
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, model_or_path.graph.name or "model", False
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -83,9 +84,13 @@ def fold(
         VerificationError: the folded model's outputs differ by more than the tolerance.
     """
     model, name, external = _resolve(model_or_path)
-    folded, report = fold_graph(model, name, applied=True)
+    from_file = not isinstance(model_or_path, onnx.ModelProto)
+    # A model read here belongs to nobody else: fold it in place, and verify against the file it came from
+    # (onnxruntime reads it itself) instead of keeping a copy of every weight. A caller's ModelProto is copied.
+    folded, report = fold_graph(model, name, applied=True, copy=not from_file)
     if verify and report.folded:
-        result = _verify(model, folded, inputs=inputs, seed=seed, tolerance=tolerance)
+        original = os.fspath(model_or_path) if from_file else model
+        result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance)
         report.verification = result
         if not result["passed"]:
             worst = result["worst_output"]

@@ -520,6 +520,11 @@ class _Translator:
             else:
                 how = "not defined in the graph"
             return f"the {role} '{name}' of {owner} is {how}, not a constant initializer"
+        stored = tensors.tensor(name)
+        if stored is not None:  # its element type is enough: decoding a 400 MB weight nobody folds costs 0.4 s
+            if stored.data_type not in FLOAT_TYPES:
+                return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
+            return None
         value = tensors.value(name)
         if value is None:
             return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
@@ -733,7 +738,11 @@ class NumpyNumerics:
         return np.asarray(array).astype(like.dtype)
 
     def finite(self, array: np.ndarray) -> bool:
-        return bool(np.all(np.isfinite(np.asarray(array).astype(np.float64))))
+        array = np.asarray(array)
+        try:
+            return bool(np.isfinite(array).all())  # in the array's own dtype: no float64 copy of every weight
+        except TypeError:  # a dtype without its own isfinite
+            return bool(np.isfinite(array.astype(np.float64)).all())
 
     def dtype_name(self, array: np.ndarray) -> str:
         return str(np.asarray(array).dtype)
@@ -996,10 +1005,14 @@ def _projected_parameters(translation: Translation, the_plan: FoldPlan, before: 
     return before - removed + added
 
 
-def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.ModelProto, FoldReport]:
+def fold_graph(
+    model: onnx.ModelProto, name: str, applied: bool, *, copy: bool = True
+) -> tuple[onnx.ModelProto, FoldReport]:
     """Plan the folds of ``model`` and, with ``applied``, make them on a copy; return the model and the report.
 
-    ``model`` itself is never modified; a dry run (``applied=False``) returns it unchanged beside the report.
+    ``model`` itself is not modified unless ``copy=False``: then the folds are made in ``model`` itself, which
+    saves copying the whole model (0.4 s for 500 MB) when nobody else holds it (a model just read from a file).
+    A dry run (``applied=False``) returns ``model`` unchanged beside the report.
 
     Raises:
         TrainingModeError: every BatchNormalization runs in training mode.
@@ -1007,7 +1020,7 @@ def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.M
     """
     _check_mode(model)
     target = model
-    if applied:
+    if applied and copy:
         target = onnx.ModelProto()
         target.CopyFrom(model)
     translation = to_graph(target)

@@ -15,6 +15,7 @@ checks that the two tables agree.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import onnx
 from onnx import helper
 
 from ..errors import InvalidInputError, VerificationError
+from .io import data_size
 
 TOLERANCES: dict[int, float] = {
     onnx.TensorProto.DOUBLE: 1e-9,
@@ -70,8 +72,9 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
-def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) -> Any:
-    """An onnxruntime CPU session for ``model`` (optimisations off unless ``optimize``)."""
+def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, optimize: bool = False) -> Any:
+    """An onnxruntime CPU session for ``model``, a ModelProto or the path of an .onnx file (optimisations off
+    unless ``optimize``). A path is read by onnxruntime itself, external data included: no copy in Python."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -80,7 +83,9 @@ def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) ->
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
-    if model.ByteSize() < _INLINE_LIMIT:
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(os.fspath(model), options, providers=providers)
+    if data_size(model) < _INLINE_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "model.onnx"
@@ -90,7 +95,7 @@ def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) ->
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
+def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
     """Outputs of ``model`` on ``feeds``, by output name.
 
     Raises:
@@ -122,7 +127,7 @@ def compare(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> dict[
 
 
 def verify(
-    original: onnx.ModelProto,
+    original: onnx.ModelProto | str | os.PathLike[str],
     folded: onnx.ModelProto,
     *,
     inputs: dict[str, np.ndarray] | None = None,
@@ -132,7 +137,8 @@ def verify(
     """Run both models on the same inputs and compare every output.
 
     Args:
-        original, folded: the models to compare (same input and output names).
+        original, folded: the models to compare (same input and output names). ``original`` may be the path of
+            its file (onnxruntime then reads it; the inputs and the tolerance come from ``folded``).
         inputs: input arrays by name; inputs not given are random (``seed``), dynamic dimensions set to 1.
         tolerance: relative tolerance; by default from the outputs' dtype (:data:`TOLERANCES`).
 
@@ -140,9 +146,10 @@ def verify(
         ``{"passed", "tolerance", "max_relative", "worst_output", "inputs", "outputs": {name: {"max_abs",
         "relative", "passed", "shape"}}}`` — plain data, ready for ``json.dumps`` and ``FoldReport.verification``.
     """
+    described = original if isinstance(original, onnx.ModelProto) else folded
     if tolerance is None:
-        tolerance = default_tolerance(original)
-    feeds = random_inputs(original, seed)
+        tolerance = default_tolerance(described)
+    feeds = random_inputs(described, seed)
     if inputs is not None:
         if not isinstance(inputs, dict):
             raise InvalidInputError(

@@ -17,6 +17,7 @@ with the reason in the report.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ..errors import InvalidInputError, VerificationError
 from ..report import FoldReport
 from .adapter import fold_graph
 from .io import load, read, save
-from .verification import TOLERANCES, default_tolerance, verify
+from .verification import TOLERANCES, default_tolerance, random_inputs, verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]
 
@@ -71,6 +72,7 @@ def fold(
     tolerance: float | None = None,
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
+    input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
 ) -> OnnxFoldResult:
     """Fold every foldable BatchNormalization of a copy of the model (the caller's ModelProto is not modified).
 
@@ -78,19 +80,23 @@ def fold(
         verify: run the original and the folded model in onnxruntime and compare (``report.verification``).
         tolerance: relative tolerance for the comparison; by default from the outputs' dtype.
         inputs, seed: inputs for the comparison by name; the others are random with ``seed``.
+        input_shape: shape of the random inputs: the only input's, or by input name (dynamic dimensions are 1
+            otherwise, which not every graph accepts).
 
     Raises:
-        InvalidInputError: the model cannot be read (see :func:`load`).
+        InvalidInputError: the model cannot be read (see :func:`load`), or ``input_shape`` does not fit it.
         VerificationError: the folded model's outputs differ by more than the tolerance.
     """
     model, name, external = _resolve(model_or_path)
+    if input_shape is not None:
+        random_inputs(model, seed, input_shape)  # a shape that does not fit is bad input: say so before any work
     from_file = not isinstance(model_or_path, onnx.ModelProto)
     # A model read here belongs to nobody else: fold it in place, and verify against the file it came from
     # (onnxruntime reads it itself) instead of keeping a copy of every weight. A caller's ModelProto is copied.
     folded, report = fold_graph(model, name, applied=True, copy=not from_file)
     if verify and report.folded:
         original = os.fspath(model_or_path) if from_file else model
-        result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance)
+        result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance, input_shape=input_shape)
         report.verification = result
         if not result["passed"]:
             worst = result["worst_output"]

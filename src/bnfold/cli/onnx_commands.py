@@ -34,6 +34,20 @@ def handles(args: argparse.Namespace) -> bool:
     return all(Path(name).suffix.lower() == ".onnx" for name in _files(args))
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Options of the general commands that mean nothing for an ONNX file are an error, not silently ignored."""
+    if getattr(args, "eval", False):
+        raise InvalidInputError(
+            "--eval switches a PyTorch model to eval mode; an ONNX graph keeps the mode it was exported in: "
+            "export the model again after model.eval(), and drop --eval"
+        )
+    if args.command == "inspect" and getattr(args, "input_shape", None):
+        raise InvalidInputError(
+            "--input-shape sets the shape of the random inputs that fold and verify run; inspect of an ONNX file "
+            "runs nothing and plans on the graph's own shapes: drop --input-shape"
+        )
+
+
 def _emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
     if args.json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
@@ -52,6 +66,7 @@ def _backend() -> Any:
 
 def inspect(args: argparse.Namespace, console: Any) -> int:
     """Each BatchNormalization and what folding would do with it; a dry run that writes nothing."""
+    _check_options(args)
     backend = _backend()
     with console.status(f"loading {args.model}"):
         model = backend.load(args.model)
@@ -66,10 +81,12 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     """Fold, verify in onnxruntime, write OUT atomically (with external data beside it when the source had it)."""
     if args.format not in (None, "onnx"):
         raise InvalidInputError(f"an ONNX model is written as ONNX, not {args.format}; drop --format")
+    _check_options(args)
     output = check_output_path(args.output, [Path(args.model)], force=args.force)
     backend = _backend()
     with console.status("folding and verifying"):
-        result = backend.fold(args.model, verify=True, tolerance=args.tolerance, seed=args.seed)
+        result = backend.fold(args.model, verify=True, tolerance=args.tolerance, seed=args.seed,
+                              input_shape=args.input_shape)
     result.report.model = Path(args.model).name
     with console.status(f"writing {output}"):
         # never over a file the model was read from (its external data included); staged, read back, then renamed
@@ -86,10 +103,12 @@ def verify(args: argparse.Namespace, console: Any) -> int:
     """Compare two ONNX files in onnxruntime on seeded random inputs."""
     if args.data:
         raise InvalidInputError("--data is for PyTorch image models; ONNX files are compared on random inputs")
+    _check_options(args)
     backend = _backend()
     original, folded = backend.load(args.original), backend.load(args.folded)
     with console.status("comparing outputs in onnxruntime"):
-        result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance)
+        result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance,
+                                input_shape=args.input_shape)
     verdict = "PASSED" if result["passed"] else "FAILED"
     lines = [f"verification {verdict}: max relative error {result['max_relative']:.3g} (tolerance "
              f"{result['tolerance']:g}), worst output {result['worst_output']}"]

@@ -17,6 +17,7 @@ with the reason in the report.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from ..errors import InvalidInputError, VerificationError
 from ..files import refuse_inputs
 from ..report import FoldReport
 from .adapter import fold_graph
-from .io import EXTERNAL_DATA_THRESHOLD, data_file, load, read, save
-from .verification import TOLERANCES, default_tolerance, verify
+from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
+from .verification import TOLERANCES, default_tolerance, random_inputs, verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]
 
@@ -52,14 +53,15 @@ class OnnxFoldResult:
     report: FoldReport
     external_data: bool = False
     sources: tuple[Path, ...] = ()
-    original: onnx.ModelProto | None = field(default=None, repr=False)
+    original: onnx.ModelProto | str | None = field(default=None, repr=False)  # what the fold was verified against
     tolerance: float | None = None
     inputs: dict[str, np.ndarray] | None = field(default=None, repr=False)
     seed: int = 0
+    input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
 
     def files_written(self, path: str | os.PathLike[str]) -> list[Path]:
         """The files :meth:`save` writes for ``path``: the graph, and its external data file when there is one."""
-        external = self.external_data or self.model.ByteSize() > EXTERNAL_DATA_THRESHOLD  # as save() decides
+        external = self.external_data or data_size(self.model) > EXTERNAL_DATA_THRESHOLD  # as save() decides
         return [Path(path), data_file(path)] if external else [Path(path)]
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any] | None:
@@ -84,7 +86,8 @@ class OnnxFoldResult:
             if self.original is None:
                 return
             written = load(staged)
-            result = _verify(self.original, written, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance)
+            result = _verify(self.original, written, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance,
+                             input_shape=self.input_shape)
             checked.update(result)
             if not result["passed"]:
                 raise VerificationError(
@@ -122,6 +125,7 @@ def fold(
     tolerance: float | None = None,
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
+    input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
 ) -> OnnxFoldResult:
     """Fold every foldable BatchNormalization of a copy of the model (the caller's ModelProto is not modified).
 
@@ -129,16 +133,24 @@ def fold(
         verify: run the original and the folded model in onnxruntime and compare (``report.verification``).
         tolerance: relative tolerance for the comparison; by default from the outputs' dtype.
         inputs, seed: inputs for the comparison by name; the others are random with ``seed``.
+        input_shape: shape of the random inputs: the only input's, or by input name (dynamic dimensions are 1
+            otherwise, which not every graph accepts).
 
     Raises:
-        InvalidInputError: the model cannot be read (see :func:`load`).
+        InvalidInputError: the model cannot be read (see :func:`load`), or ``input_shape`` does not fit it.
         VerificationError: the folded model's outputs differ by more than the tolerance.
     """
     model, name, sources = _resolve(model_or_path)
-    folded, report = fold_graph(model, name, applied=True)
+    if input_shape is not None:
+        random_inputs(model, seed, input_shape)  # a shape that does not fit is bad input: say so before any work
+    from_file = not isinstance(model_or_path, onnx.ModelProto)
+    # A model read here belongs to nobody else: fold it in place, and verify against the file it came from
+    # (onnxruntime reads it itself) instead of keeping a copy of every weight. A caller's ModelProto is copied.
+    folded, report = fold_graph(model, name, applied=True, copy=not from_file)
+    original: onnx.ModelProto | str = os.fspath(model_or_path) if from_file else model
     checked = verify and bool(report.folded)
     if checked:
-        result = _verify(model, folded, inputs=inputs, seed=seed, tolerance=tolerance)
+        result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance, input_shape=input_shape)
         report.verification = result
         if not result["passed"]:
             worst = result["worst_output"]
@@ -148,7 +160,8 @@ def fold(
                 f"{result['tolerance']:g}; pass a larger tolerance if the model is badly conditioned, or report it"
             )
     return OnnxFoldResult(folded, report, external_data=len(sources) > 1, sources=sources,
-                          original=model if checked else None, tolerance=tolerance, inputs=inputs, seed=seed)
+                          original=original if checked else None, tolerance=tolerance, inputs=inputs, seed=seed,
+                          input_shape=input_shape)
 
 
 _verify = verify

@@ -60,7 +60,8 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
     if problem:
         raise InvalidInputError(f"{file}: is {problem}")
     try:
-        model = onnx.load_model(str(file), format="protobuf", load_external_data=False)
+        payload = file.read_bytes()  # read once: parsed here, and checked below without serialising it again
+        model = onnx.load_model_from_string(payload, format="protobuf")
     except Exception as error:
         raise InvalidInputError(
             f"{file}: is not a readable ONNX model (truncated or corrupt: {_first_line(error)}); re-export it"
@@ -76,7 +77,9 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
                 f"{file}: its external data could not be read ({_first_line(error)})"
             ) from error
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if not external:
+            onnx.checker.check_model(payload)
+        elif data_size(model) < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(file))
@@ -106,6 +109,29 @@ def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) ->
                 )
             found[data] = None
     return list(found)
+
+
+def data_size(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data in ``model`` (initializers and attribute tensors, subgraphs included), from their
+    shapes and element types.
+
+    What decides whether a model fits in one protobuf: ``ModelProto.ByteSize()`` costs as much as serialising the
+    model (a second for 500 MB) and raises ``EncodeError`` above 2 GB, the very case it is asked about. Graph
+    structure adds little beside the tensors, which :data:`EXTERNAL_DATA_THRESHOLD`'s margin below 2 GB covers.
+    """
+    total = 0
+    for tensor in _tensors(model.graph):
+        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            total += sum(len(item) for item in tensor.string_data)
+            continue
+        count = 1
+        for dim in tensor.dims:
+            count *= int(dim)
+        try:
+            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):  # an element type numpy cannot name: measure the tensor itself
+            total += tensor.ByteSize()
+    return total
 
 
 def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
@@ -180,7 +206,7 @@ def save(
     if not target.parent.is_dir():
         raise InvalidInputError(f"{target}: its directory {target.parent} does not exist; create it first")
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = data_size(model) > EXTERNAL_DATA_THRESHOLD
     data_target = data_file(target)
     if external_data and data_target.exists() and not force:
         raise InvalidInputError(

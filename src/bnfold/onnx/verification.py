@@ -15,7 +15,9 @@ checks that the two tables agree.
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import onnx
 from onnx import helper
 
 from ..errors import InvalidInputError, VerificationError
+from .io import data_size
 
 TOLERANCES: dict[int, float] = {
     onnx.TensorProto.DOUBLE: 1e-9,
@@ -44,20 +47,69 @@ def default_tolerance(model: onnx.ModelProto) -> float:
     return max(known) if known else TOLERANCES[onnx.TensorProto.FLOAT]
 
 
-def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """One seeded random array per graph input (initializers excluded), dynamic dimensions set to 1."""
+def _input_shapes(
+    values: list[onnx.ValueInfoProto], input_shape: Sequence[int] | dict[str, Sequence[int]] | None
+) -> dict[str, tuple[int, ...]]:
+    """``input_shape`` by input name, checked against the declared shapes (a bare shape: the only input's)."""
+    if input_shape is None:
+        return {}
+    names = [v.name for v in values]
+    if not isinstance(input_shape, dict):
+        if len(names) != 1:
+            raise InvalidInputError(
+                f"an input shape is for a model with one input; this one has {len(names)} ({', '.join(names)}): "
+                f"give the shapes by input name"
+            )
+        input_shape = {names[0]: input_shape}
+    unknown = sorted(set(input_shape) - set(names))
+    if unknown:
+        raise InvalidInputError(f"input shapes {unknown} name no graph input; its inputs are {names}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        if value.name not in input_shape:
+            continue
+        shape = tuple(int(d) for d in input_shape[value.name])
+        dims = value.type.tensor_type.shape.dim
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        shown = ",".join("?" if d is None else str(d) for d in declared)
+        ranked = value.type.tensor_type.HasField("shape")  # without a shape any rank is accepted
+        if ranked and (len(shape) != len(declared)
+                       or any(d is not None and d != n for d, n in zip(declared, shape, strict=True))):
+            raise InvalidInputError(
+                f"input shape {','.join(map(str, shape))} does not fit graph input '{value.name}' of shape "
+                f"[{shown}] (? is free); give one that keeps its fixed sizes"
+            )
+        if any(n < 1 for n in shape):
+            raise InvalidInputError(f"input shape {list(shape)} of '{value.name}' has sizes below 1")
+        shapes[value.name] = shape
+    return shapes
+
+
+def random_inputs(
+    model: onnx.ModelProto, seed: int = 0, input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
+) -> dict[str, np.ndarray]:
+    """One seeded random array per graph input (initializers excluded), dynamic dimensions set to 1.
+
+    Args:
+        input_shape: the shape of the model's only input, or shapes by input name, for graphs whose dynamic
+            dimensions cannot be 1 (an image size a reshape expects); fixed dimensions must be kept.
+
+    Raises:
+        InvalidInputError: an input is not a tensor, or ``input_shape`` does not fit the graph's inputs.
+    """
     rng = np.random.default_rng(seed)
     initializers = {t.name for t in model.graph.initializer}
-    feeds: dict[str, np.ndarray] = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
+    values = [v for v in model.graph.input if v.name not in initializers]
+    for value in values:
         if not value.type.HasField("tensor_type"):
             raise InvalidInputError(
                 f"graph input '{value.name}' is not a tensor; pass its value in inputs={{'{value.name}': ...}}"
             )
+    given = _input_shapes(values, input_shape)
+    feeds: dict[str, np.ndarray] = {}
+    for value in values:
         tensor_type = value.type.tensor_type
-        shape = tuple(
+        shape = given.get(value.name) or tuple(
             d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor_type.shape.dim
         )
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
@@ -70,8 +122,9 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
-def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) -> Any:
-    """An onnxruntime CPU session for ``model`` (optimisations off unless ``optimize``)."""
+def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, optimize: bool = False) -> Any:
+    """An onnxruntime CPU session for ``model``, a ModelProto or the path of an .onnx file (optimisations off
+    unless ``optimize``). A path is read by onnxruntime itself, external data included: no copy in Python."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -80,7 +133,9 @@ def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) ->
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
-    if model.ByteSize() < _INLINE_LIMIT:
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(os.fspath(model), options, providers=providers)
+    if data_size(model) < _INLINE_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "model.onnx"
@@ -90,7 +145,7 @@ def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False) ->
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
+def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
     """Outputs of ``model`` on ``feeds``, by output name.
 
     Raises:
@@ -122,27 +177,31 @@ def compare(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> dict[
 
 
 def verify(
-    original: onnx.ModelProto,
+    original: onnx.ModelProto | str | os.PathLike[str],
     folded: onnx.ModelProto,
     *,
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
     tolerance: float | None = None,
+    input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Run both models on the same inputs and compare every output.
 
     Args:
-        original, folded: the models to compare (same input and output names).
+        original, folded: the models to compare (same input and output names). ``original`` may be the path of
+            its file (onnxruntime then reads it; the inputs and the tolerance come from ``folded``).
         inputs: input arrays by name; inputs not given are random (``seed``), dynamic dimensions set to 1.
         tolerance: relative tolerance; by default from the outputs' dtype (:data:`TOLERANCES`).
+        input_shape: shape of the random inputs (see :func:`random_inputs`).
 
     Returns:
         ``{"passed", "tolerance", "max_relative", "worst_output", "inputs", "outputs": {name: {"max_abs",
         "relative", "passed", "shape"}}}`` — plain data, ready for ``json.dumps`` and ``FoldReport.verification``.
     """
+    described = original if isinstance(original, onnx.ModelProto) else folded
     if tolerance is None:
-        tolerance = default_tolerance(original)
-    feeds = random_inputs(original, seed)
+        tolerance = default_tolerance(described)
+    feeds = random_inputs(described, seed, input_shape)
     if inputs is not None:
         if not isinstance(inputs, dict):
             raise InvalidInputError(

@@ -531,5 +531,5 @@ def test_onnx_read_back_uses_the_folds_tolerance_and_inputs(tmp_path: Path, monk
     inputs = {"x": np.random.default_rng(0).standard_normal((2, 4, 7, 7)).astype(np.float32)}
     result = bo.fold(path, tolerance=1e-6, inputs=inputs, seed=7)
     result.save(tmp_path / "out.onnx")
-    assert len(calls) == 2 and calls[0] == calls[1] == {"inputs": inputs, "seed": 7, "tolerance": 1e-6}
+    assert len(calls) == 2 and calls[0] == calls[1] == {"inputs": inputs, "seed": 7, "tolerance": 1e-6, "input_shape": None}
 

@@ -77,7 +77,7 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
                 f"{file}: its external data could not be read ({_first_line(error)})"
             ) from error
     try:
-        if not external:
+        if not data_files:
             onnx.checker.check_model(payload)
         elif data_size(model) < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)

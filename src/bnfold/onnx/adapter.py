@@ -766,7 +766,8 @@ class NumpyNumerics:
         return weight if weight.dtype in (np.float32, np.float64) else weight.astype(np.float32)
 
     def cast(self, array: np.ndarray, like: np.ndarray) -> np.ndarray:
-        return np.asarray(array).astype(like.dtype)
+        with np.errstate(over="ignore"):  # an overflow to inf is what core.apply checks for right after
+            return np.asarray(array).astype(like.dtype)
 
     def finite(self, array: np.ndarray) -> bool:
         array = np.asarray(array)

@@ -13,11 +13,20 @@ model's own forward code and the remaining state_dict keys stay as they were.
 When the fold may have to be undone (it will be verified), nothing is multiplied in place: new weights are
 computed out of place and swapped in, and the :class:`Rollback` keeps the old tensors, so a failed verification
 restores the model exactly, at no cost. Otherwise weights are multiplied in place (see :class:`Rollback`).
+
+Range: a fold is exact in float64, but its result is stored in the layer's dtype, and a large scale (gamma 300
+over a variance of 1e-6 is 3e5) can exceed that dtype's range (float16 ends at 65504) although the unfolded model,
+which multiplies activations rather than weights, stays finite. Every new weight and bias is therefore checked in
+its storage dtype *before* it replaces the old one; one that would hold inf or NaN where the old tensor was finite
+raises :class:`FoldOverflow`, everything done so far is undone, and the engine leaves that norm with the reason.
+
+New tensors are made with inference mode disabled, so a model folded under ``torch.inference_mode()`` can still be
+trained (inference tensors cannot be saved for backward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +36,43 @@ from . import affine
 from .errors import NonFiniteStatisticsError
 from .layers import LayerRegistry, LinearLayerRule, NormRule, NormStatistics
 from .planner import FORWARD, Fold, FoldPlan
+
+
+class FoldOverflow(Exception):
+    """A planned fold would store a weight or bias its dtype cannot hold (it would become inf or NaN).
+
+    Internal: raised before the tensor is changed and caught by the callers of :func:`apply_plan` and
+    :func:`forward_folded`, which leave the norm ``norm`` in place with ``reason`` (never seen by users as an error).
+    """
+
+    def __init__(self, reason: str, norm: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.norm = norm
+
+
+def _overflow_reason(role: str, dtype: torch.dtype, exact: Callable[[], torch.Tensor]) -> str:
+    """The user-facing reason: which dtype overflows, and how large the folded values get (from float64)."""
+    wide = exact().detach().to(torch.float64).abs()
+    peak = float(torch.nan_to_num(wide, nan=0.0, posinf=float("inf")).max()) if wide.numel() else float("nan")
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"folding would overflow {name}: the folded {role} reaches {peak:.1e}, beyond the largest {name} "
+        f"({torch.finfo(dtype).max:.1e}); the model computes this norm in a wider range than its layer can store"
+    )
+
+
+def _check_stored(new: torch.Tensor, old: torch.Tensor | None, role: str, exact: Callable[[], torch.Tensor]) -> None:
+    """Raise :class:`FoldOverflow` if ``new`` (in its storage dtype) is inf / NaN where ``old`` was finite.
+
+    Values that were already non-finite before the fold are not the fold's doing and do not block it.
+    """
+    finite = torch.isfinite(new)
+    if bool(finite.all()):
+        return
+    if old is not None and old.shape == new.shape and not bool((~finite & torch.isfinite(old)).any()):
+        return
+    raise FoldOverflow(_overflow_reason(role, new.dtype, exact))
 
 
 def _float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -65,10 +111,26 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def scaled_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
-    """``weight`` scaled along ``axis``, out of place, in its own dtype (multiplied in float32 if narrower)."""
+    """``weight`` scaled along ``axis``, out of place, in its own dtype (multiplied in float32 if narrower).
+
+    Raises :class:`FoldOverflow` when the result does not fit the weight's dtype.
+    """
     compute = _compute_dtype(weight)
     factors = scale.to(device=weight.device, dtype=compute)
-    return affine.scale_channels(weight.detach().to(compute), factors, axis, groups).to(weight.dtype)
+    if not bool(torch.isfinite(factors).all()):  # the scale alone exceeds float32; the product may still fit
+        compute = torch.float64
+        factors = scale.to(device=weight.device, dtype=compute)
+    new = affine.scale_channels(weight.detach().to(compute), factors, axis, groups).to(weight.dtype)
+    _check_stored(new, weight.detach(), "weight", lambda: affine.scale_channels(
+        weight.detach().to(torch.float64), scale.to(device=weight.device, dtype=torch.float64), axis, groups))
+    return new
+
+
+def _stored_bias(new_bias: torch.Tensor, old: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``new_bias`` (float64) rounded to ``dtype``; :class:`FoldOverflow` if it does not fit."""
+    stored = new_bias.to(device=device, dtype=dtype)
+    _check_stored(stored, None if old is None else old.detach(), "bias", lambda: new_bias)
+    return stored
 
 
 def forward_folded(
@@ -78,10 +140,15 @@ def forward_folded(
 
     For folders that store the tensors themselves (the TorchScript and torch.export graph folders); folds on the
     module tree go through :func:`fold_forward`, which also records how to undo them.
+
+    Raises :class:`FoldOverflow` (before anything is stored) when the new weight or bias does not fit the weight's
+    dtype; the caller leaves that norm, with the exception's ``reason``.
     """
-    scale, shift = scale_shift(statistics)
-    new_bias = affine.forward_bias(_float64(bias), scale.to(weight.device), shift.to(weight.device))
-    return scaled_weight(weight, scale, out_axis, groups), new_bias.to(weight.dtype)
+    with torch.inference_mode(False):
+        scale, shift = scale_shift(statistics)
+        new_bias = affine.forward_bias(_float64(bias), scale.to(weight.device), shift.to(weight.device))
+        new_weight = scaled_weight(weight, scale, out_axis, groups)
+        return new_weight, _stored_bias(new_bias, bias, weight.dtype, weight.device)
 
 
 @dataclass
@@ -109,6 +176,11 @@ class Rollback:
             self.swap(weight, scaled_weight(weight, scale, axis, groups))
             return
         factors = scale.to(device=weight.device, dtype=weight.dtype)
+        # The largest magnitude per output channel, scaled, is the largest the product can reach (rounding is
+        # monotonic): checked before the weight is touched, at the cost of one reduction.
+        peak = weight.detach().abs().amax(dim=tuple(range(1, weight.dim()))) if weight.dim() > 1 else weight.detach().abs()
+        _check_stored(peak * factors.abs(), peak, "weight", lambda: affine.scale_channels(
+            weight.detach().to(torch.float64), scale.to(device=weight.device, dtype=torch.float64), axis, groups))
         weight.data.mul_(factors.reshape((-1,) + (1,) * (weight.dim() - 1)))
         self.scaled_in_place.append((weight, factors, axis, groups))
 
@@ -133,9 +205,9 @@ def _set_bias(layer: nn.Module, rule: LinearLayerRule, new_bias: torch.Tensor, r
     weight: torch.Tensor = getattr(layer, rule.weight_name)
     bias: torch.Tensor | None = getattr(layer, rule.bias_name, None)
     if bias is not None:
-        rollback.swap(bias, new_bias.to(device=bias.device, dtype=bias.dtype))
+        rollback.swap(bias, _stored_bias(new_bias, bias, bias.dtype, bias.device))
         return
-    value = new_bias.to(device=weight.device, dtype=weight.dtype)
+    value = _stored_bias(new_bias, None, weight.dtype, weight.device)
     rollback.set_module_entry(layer, rule.bias_name, nn.Parameter(value, requires_grad=weight.requires_grad))
 
 
@@ -176,14 +248,18 @@ def _parent_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 def apply_plan(model: nn.Module, plan: FoldPlan, registry: LayerRegistry, *, exact_undo: bool = True) -> Rollback:
     """Fold in place, in plan order; returns what undoes it. On an exception, everything done is undone first.
 
-    ``exact_undo=False`` allows weights to be multiplied in place (see :class:`Rollback`).
+    ``exact_undo=False`` allows weights to be multiplied in place (see :class:`Rollback`). Raises
+    :class:`FoldOverflow` naming the first fold whose result does not fit its dtype, with everything undone.
     """
     rollback = Rollback(exact=exact_undo)
     slots = _parent_slots(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):
             for fold in plan.folds:
-                _apply_fold(model, fold, registry, rollback, slots)
+                try:
+                    _apply_fold(model, fold, registry, rollback, slots)
+                except FoldOverflow as overflow:
+                    raise FoldOverflow(overflow.reason, fold.norm) from None
     except BaseException:
         rollback.restore()
         raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 FX = "torch.fx"
 FORWARD_PASS = "forward pass"
+
+MODEL_CALLS_LOCK = threading.RLock()
+"""Held while bnfold traces a model or runs one.
+
+torch.fx tracing patches ``nn.Module.__call__`` (and ``__getattr__``) process-wide, not per thread, so while one
+thread traces, any module called in another thread is recorded into the wrong trace or returns a Proxy: a
+concurrent fold then fails with a misleading :class:`CaptureError`. bnfold serialises its own traces and model runs
+through this lock, so folds from several threads work (they cannot protect model calls of the user's own code)."""
 
 
 @dataclass
@@ -340,6 +349,11 @@ def capture(
     With example inputs, the fx result is completed with the shapes a forward pass produces (bnfold needs the rank
     of a Linear layer's output to know which axis a following BatchNorm1d normalises).
     """
+    with MODEL_CALLS_LOCK:
+        return _capture(model, example_inputs, registry)
+
+
+def _capture(model: nn.Module, example_inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> Dataflow:
     try:
         flow = capture_fx(model, registry, example_inputs)
     except Exception as fx_error:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)

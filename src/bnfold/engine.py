@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import torch
 from torch import nn
 
-from .apply import apply_plan, check_finite
-from .capture import Dataflow, capture
-from .errors import InvalidInputError, TrainingModeError, VerificationError
-from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
+from .apply import FoldOverflow, Rollback, apply_plan, check_finite
+from .capture import MODEL_CALLS_LOCK, Dataflow, capture
+from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
+from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, Match, NormRule
 from .planner import FoldPlan, make_plan
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
@@ -39,7 +41,21 @@ def _as_input_tuple(example_inputs: ExampleInputs) -> tuple[Any, ...] | None:
     )
 
 
+def _is_compiled(model: Any) -> bool:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # noqa: BLE001 - a torch without dynamo has no compiled modules
+        return False
+    return isinstance(model, OptimizedModule)
+
+
 def _check_model(model: Any, registry: LayerRegistry) -> None:
+    if _is_compiled(model):
+        raise InvalidInputError(
+            "this module was made by torch.compile, whose compiled graph bnfold cannot see into; fold the module "
+            "before compiling it (torch.compile(bnfold.fold(model))), or pass compiled._orig_mod and compile the "
+            "result again"
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise InvalidInputError(
             "this is a TorchScript module, whose layers bnfold cannot rewrite in Python; fold the nn.Module it was "
@@ -47,6 +63,13 @@ def _check_model(model: Any, registry: LayerRegistry) -> None:
         )
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"bnfold folds torch.nn.Module models, got {type(model).__name__}")
+    meta = next((name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise InvalidInputError(
+            f"the tensor '{meta}' of {type(model).__name__} is on the meta device: its weights are not materialised, "
+            f"so there is nothing to fold. Load them first, e.g. model.to_empty(device='cpu') then "
+            f"model.load_state_dict(state_dict)"
+        )
     if model.training:
         raise TrainingModeError(
             f"{type(model).__name__} is in training mode, where batch norm uses batch statistics and folding would "
@@ -130,6 +153,62 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegis
     return the_plan, _report(model, the_plan, registry), flow
 
 
+class _RefusingRegistry(LayerRegistry):
+    """``registry``, except that the norms in ``refused`` (by module identity) are unfoldable, with their reason.
+
+    How the engine tells the planner "leave this norm" without a second planning code path: the planner already
+    skips a norm whose rule says it is unfoldable, and plans chains around it (a refused norm is not transparent).
+    """
+
+    def __init__(self, base: LayerRegistry, refused: dict[int, str]) -> None:
+        super().__init__(layers=base.layers, norms=base.norms)
+        self._base = base
+        self._refused = refused
+
+    def layer(self, module: nn.Module) -> Match:
+        return self._base.layer(module)
+
+    def norm(self, module: nn.Module) -> Match:
+        match = self._base.norm(module)
+        reason = self._refused.get(id(module))
+        if reason is None or not isinstance(match.rule, NormRule):
+            return match
+        return Match(dataclasses.replace(match.rule, unfoldable=lambda _module: reason))
+
+    def is_norm_candidate(self, module: nn.Module) -> bool:
+        return self._base.is_norm_candidate(module)
+
+    def is_atomic(self, module: nn.Module) -> bool:
+        return self._base.is_atomic(module)
+
+
+def _apply_in_range(
+    model: nn.Module, target: nn.Module, flow: Dataflow, the_plan: FoldPlan, registry: LayerRegistry, *, exact_undo: bool
+) -> tuple[FoldPlan, Rollback, bool]:
+    """Apply ``the_plan`` to ``target`` (``model`` or its copy), leaving every norm whose fold would overflow.
+
+    A folded weight lives in the layer's dtype, and ``W * s`` can exceed its range where the unfolded model never
+    does (it multiplies activations by ``s``, not weights). :func:`apply_plan` checks every new tensor before storing
+    it and undoes everything on the first that does not fit; that norm is then refused, with the reason, and the plan
+    is made again (a chain through it no longer folds either). Returns the plan carried out, its rollback, and
+    whether any norm was refused.
+    """
+    refused: dict[int, str] = {}
+    while True:
+        try:
+            return the_plan, apply_plan(target, the_plan, registry, exact_undo=exact_undo), bool(refused)
+        except FoldOverflow as overflow:
+            log.info("leaving '%s': %s", overflow.norm, overflow.reason)
+            refused[id(model.get_submodule(overflow.norm))] = overflow.reason
+            the_plan = make_plan(model, flow, _RefusingRegistry(registry, refused))
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose tensors are normal tensors even under ``torch.inference_mode()`` (so it can be trained)."""
+    with torch.inference_mode(False):
+        return copy.deepcopy(model)
+
+
 def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: LayerRegistry | None = None) -> FoldReport:
     """Dry run: the report of what :func:`fold` would do, without changing anything.
 
@@ -137,7 +216,15 @@ def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: La
     torch.fx cannot trace; given anyway, they let bnfold check activation shapes.
     """
     registry = registry or DEFAULT_REGISTRY
-    return _plan(model, _as_input_tuple(example_inputs), registry)[1]
+    with MODEL_CALLS_LOCK:
+        the_plan, report, flow = _plan(model, _as_input_tuple(example_inputs), registry)
+    if not the_plan.folds:
+        return report
+    # Whether a fold overflows its dtype shows only in the folded weights: fold a copy (in place, it is thrown away).
+    the_plan, _, refused = _apply_in_range(model, _copy(model), flow, the_plan, registry, exact_undo=False)
+    if refused:
+        report = _report(model, the_plan, registry)
+    return report
 
 
 def fold(
@@ -176,23 +263,27 @@ def fold(
     """
     registry = registry or DEFAULT_REGISTRY
     inputs = _as_input_tuple(example_inputs)
-    the_plan, report, _ = _plan(model, inputs, registry)
     verify = inputs is not None if verify is None else verify
     if verify and inputs is None:
         raise InvalidInputError("verify=True needs example_inputs to run both models on")
+    with MODEL_CALLS_LOCK:
+        the_plan, report, flow = _plan(model, inputs, registry)
+        reference = None
+        if verify:
+            assert inputs is not None
+            with torch.no_grad():
+                reference = model(*inputs)
 
-    reference = None
-    if verify:
-        assert inputs is not None
-        with torch.no_grad():
-            reference = model(*inputs)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
-    rollback = apply_plan(target, the_plan, registry, exact_undo=inplace and verify)
+    exact_undo = inplace and verify
+    the_plan, rollback, refused = _apply_in_range(model, target, flow, the_plan, registry, exact_undo=exact_undo)
+    if refused:
+        report = _report(model, the_plan, registry)
     if verify:
         assert inputs is not None
         try:
-            with torch.no_grad():
+            with MODEL_CALLS_LOCK, torch.no_grad():
                 folded_outputs = target(*inputs)
         except BaseException:
             rollback.restore()
@@ -200,11 +291,26 @@ def fold(
         limit = tolerance if tolerance is not None else default_tolerance(model)
         comparison = compare_outputs(reference, folded_outputs, limit)
         report.verification = comparison.to_dict()
+        if not comparison.judged:
+            if inplace:
+                rollback.restore()
+            if _holds_nan(reference):
+                raise NonFiniteOutputError(
+                    f"the original {type(model).__name__}'s own output is NaN on the example inputs, so whether the "
+                    f"fold is right cannot be checked. The model was left unchanged; check the model (weights, norm "
+                    f"statistics) and the inputs, or pass verify=False."
+                )
+            raise VerificationError(
+                f"the folded {type(model).__name__} differs from the original: {comparison.worst()}. The model was "
+                f"left unchanged. Please report this with the model; bnfold.plan(model) shows which folds were "
+                f"attempted."
+            )
         if not comparison.passed:
             if inplace:
                 rollback.restore()  # the float64 second opinion needs the unfolded model
             if not comparison.problems:
-                second = explained_by_rounding(model, inputs, reference, folded_outputs)
+                with MODEL_CALLS_LOCK:
+                    second = explained_by_rounding(model, inputs, reference, folded_outputs)
                 report.verification["rounding_check"] = second.to_dict()
                 report.verification["passed"] = second.passed
             if not report.verification["passed"]:
@@ -224,6 +330,11 @@ def fold(
     _reports[target] = report
     log.info("%s", report.summary())
     return target
+
+
+def _holds_nan(outputs: Any) -> bool:
+    leaves = torch.utils._pytree.tree_leaves(outputs)
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isnan(v).any()) for v in leaves)
 
 
 def report_for(model: nn.Module) -> FoldReport:

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .apply import forward_folded
+from .apply import FoldOverflow, forward_folded
 from .errors import CaptureError, InvalidInputError
 from .layers import NormStatistics
 from .report import FOLDED, LEFT, FoldReport, NormEntry
@@ -318,7 +318,11 @@ def fold_exported(
             entries.append(NormEntry(label, kind, count, LEFT, reason=reason))
             continue
         into = f"{producer.target} (%{producer.name})"
-        folded_state.extend(_fold_into(module, norm, producer))
+        try:
+            folded_state.extend(_fold_into(module, norm, producer))
+        except FoldOverflow as overflow:  # raised before the program is touched
+            entries.append(NormEntry(label, kind, count, LEFT, reason=overflow.reason))
+            continue
         entries.append(NormEntry(label, kind, count, FOLDED, into=(into,), direction="forward"))
     entries.extend(_other_norms(graph, len(norms)))
     graph.eliminate_dead_code()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .apply import forward_folded
+from .apply import FoldOverflow, forward_folded
 from .errors import InvalidInputError
 from .layers import NormStatistics
 from .report import FOLDED, LEFT, FoldReport, NormEntry
@@ -129,7 +129,11 @@ def fold_script(module: torch.jit.ScriptModule, *, name: str = "TorchScript mode
             entries.append(NormEntry(label, "aten::batch_norm", channels, LEFT, reason=reason))
             continue
         into = f"{producer.kind()} (%{producer.output().debugName()})"
-        removed += _fold_into(graph, norm, producer)
+        try:
+            removed += _fold_into(graph, norm, producer)
+        except FoldOverflow as overflow:  # raised before the graph is touched
+            entries.append(NormEntry(label, "aten::batch_norm", channels, LEFT, reason=overflow.reason))
+            continue
         entries.append(NormEntry(label, "aten::batch_norm", channels, FOLDED, into=(into,), direction="forward"))
     torch._C._jit_pass_dce(graph)
     torch._C._jit_pass_constant_pooling(graph)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .capture import MODEL_CALLS_LOCK
 from .errors import InvalidInputError
 
 TOLERANCES: dict[torch.dtype, float] = {
@@ -64,10 +65,16 @@ class Comparison:
     outputs: list[OutputError]
     tolerance: float
     problems: list[str] = field(default_factory=list)  # structural mismatches: missing outputs, shapes, types
+    not_finite: list[str] = field(default_factory=list)  # outputs holding NaN / unmatched inf: no verdict possible
 
     @property
     def passed(self) -> bool:
-        return not self.problems and all(e.relative <= self.tolerance for e in self.outputs)
+        return not self.problems and not self.not_finite and all(e.relative <= self.tolerance for e in self.outputs)
+
+    @property
+    def judged(self) -> bool:
+        """Whether a verdict was possible: ``False`` when an output is NaN (or inf unmatched), so no error is known."""
+        return not self.not_finite
 
     @property
     def max_abs(self) -> float:
@@ -80,6 +87,8 @@ class Comparison:
     def worst(self) -> str:
         if self.problems:
             return self.problems[0]
+        if self.not_finite:
+            return self.not_finite[0]
         worst = max(self.outputs, key=lambda e: e.relative)
         return f"output {worst.path or '(tensor)'} with relative error {worst.relative:.3g} (max abs {worst.max_abs:.3g})"
 
@@ -93,6 +102,7 @@ class Comparison:
                 {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape)} for e in self.outputs
             ],
             "problems": list(self.problems),
+            "not_finite": list(self.not_finite),
         }
 
 
@@ -125,16 +135,42 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: float) -> Compari
             comparison.outputs.append(OutputError(path, 0.0, 0.0, tuple(a.shape)))
             continue
         a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-        finite_a, finite_b = torch.isfinite(a64), torch.isfinite(b64)
-        if not torch.equal(finite_a, finite_b):
-            comparison.problems.append(f"output {path} has NaN/inf in different places")
+        problem = _non_finite_problem(path, a64, b64)
+        if problem:
+            comparison.not_finite.append(problem)
             continue
+        finite_a = torch.isfinite(a64)
         difference = (a64 - b64)[finite_a]
         max_abs = float(difference.abs().max()) if difference.numel() else 0.0
         scale = float(a64[finite_a].abs().max()) if difference.numel() else 0.0
         relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
         comparison.outputs.append(OutputError(path, max_abs, relative, tuple(a.shape)))
     return comparison
+
+
+def _non_finite_problem(path: str, reference: torch.Tensor, candidate: torch.Tensor) -> str | None:
+    """Why two outputs cannot be compared, or ``None``.
+
+    A NaN carries no value to compare, so an output holding NaN (in either model) leaves the check undecided, never
+    passed: two all-NaN outputs "differ by 0" only because NaN is skipped. An infinity is a value: the same
+    infinity (same sign) at the same places in both outputs counts as equal, and the finite rest is compared.
+    """
+    where = f"output {path or '(tensor)'}"
+    nan_reference, nan_candidate = int(torch.isnan(reference).sum()), int(torch.isnan(candidate).sum())
+    if nan_reference:
+        return (
+            f"{where} of the original model holds NaN ({nan_reference} of {reference.numel()} values) on these "
+            f"inputs, so the outputs are not finite and the check could not be made; check the model (weights, "
+            f"norm statistics) and the inputs"
+        )
+    if nan_candidate:
+        return f"{where} of the folded model holds NaN ({nan_candidate} of {candidate.numel()} values) where the original's is a number"
+    infinite_reference, infinite_candidate = torch.isinf(reference), torch.isinf(candidate)
+    if not torch.equal(infinite_reference, infinite_candidate) or not torch.equal(
+        reference[infinite_reference], candidate[infinite_candidate]
+    ):
+        return f"{where} is infinite at different places (or with different signs) in the original and the folded model"
+    return None
 
 
 def _to_float64(tree: Any) -> Any:
@@ -215,7 +251,10 @@ class VerificationResult(Comparison):
         }
 
     def __str__(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
+        if not self.judged:
+            verdict = "NOT POSSIBLE (outputs are not finite)"
+        else:
+            verdict = "PASSED" if self.passed else "FAILED"
         lines = [
             f"verification {verdict}: max relative error {self.max_relative:.3g} (tolerance {self.tolerance:g}), "
             f"max abs {self.max_abs:.3g}, over {self.batches} batch(es)"
@@ -226,7 +265,7 @@ class VerificationResult(Comparison):
             lines.append(f"  top-1 agreement {self.agreement:.2%} over {self.samples} samples")
         if self.accuracy_original is not None:
             lines.append(f"  top-1 accuracy: original {self.accuracy_original:.2%}, folded {self.accuracy_folded:.2%}")
-        lines.extend(f"  problem: {p}" for p in self.problems)
+        lines.extend(f"  problem: {p}" for p in (*self.problems, *self.not_finite))
         return "\n".join(lines)
 
 
@@ -290,13 +329,16 @@ def verify(
     batches = []
     if inputs is not None:
         batches.append((inputs if isinstance(inputs, tuple) else (inputs,), None))
-    with torch.no_grad():
+    # the models run while no other thread traces (see MODEL_CALLS_LOCK)
+
+    with MODEL_CALLS_LOCK, torch.no_grad():
         for number, (batch, labels) in enumerate(_chain(batches, _batches(data) if data is not None else ())):
             if max_batches is not None and number >= max_batches + len(batches):
                 break
             expected, actual = original(*batch), folded(*batch)
             comparison = compare_outputs(expected, actual, limit)
             result.problems.extend(p for p in comparison.problems if p not in result.problems)
+            result.not_finite.extend(p for p in comparison.not_finite if p not in result.not_finite)
             _merge(worst, comparison)
             result.batches += 1
             if number < len(batches) or not _is_logits(expected):

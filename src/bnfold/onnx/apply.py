@@ -7,6 +7,9 @@ Tensors are rewritten in place only when the node being folded is their sole rea
 node (or a ``Constant`` node's value) is copied into a new initializer for this node, which keeps the fold exact;
 the copy is reported in a note, because the model grows by its size.
 
+A fold whose new weight or bias does not fit its dtype (a scale of 3e5 stored in float16, whose largest value is
+65504) raises :class:`FoldOverflow` before anything is written; the pipeline leaves that norm with the reason.
+
 Forward folds keep the norm's output name (the producer, or the bias Add after a MatMul, takes it over), so graph
 outputs and downstream readers see the same name; backward folds point the consumers at the norm's input.
 """
@@ -21,6 +24,41 @@ from ..affine import backward_bias, bn_scale_shift, forward_bias, scale_channels
 from .graph import SUBGRAPH, GraphIndex, attribute, display_name, set_attribute
 from .layers import KINDS
 from .planner import BackwardFold, ForwardFold
+
+Write = tuple[onnx.NodeProto, int, np.ndarray, int, str]
+"""One planned store: ``(node, input slot, float64 value, ONNX data type, role)``."""
+
+
+class FoldOverflow(Exception):
+    """A fold would store a value its tensor's dtype cannot hold (inf / NaN); nothing was written."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _stored(value: np.ndarray, data_type: int) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return value.astype(helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def check_range(writes: list[Write], old_values: list[np.ndarray | None]) -> None:
+    """Raise :class:`FoldOverflow` if a write would hold inf / NaN where the value it replaces was finite."""
+    for (_, _, value, data_type, role), old in zip(writes, old_values, strict=True):
+        stored = _stored(value, data_type).astype(np.float64)
+        bad = ~np.isfinite(stored)
+        if old is not None and old.shape == stored.shape:
+            bad &= np.isfinite(old)
+        if bad.any():
+            name = helper.tensor_dtype_to_string(data_type).removeprefix("TensorProto.").lower()
+            peak = float(np.nanmax(np.abs(value))) if value.size else float("nan")
+            largest = float(np.finfo(np.float32).max) if name == "bfloat16" else float(
+                np.finfo(helper.tensor_dtype_to_np_dtype(data_type)).max
+            )
+            raise FoldOverflow(
+                f"folding would overflow {name}: the folded {role} reaches {peak:.1e}, beyond the largest {name} "
+                f"({largest:.1e}); the model computes this norm in a wider range than its layer can store"
+            )
 
 
 class Rewriter:
@@ -64,7 +102,7 @@ class Rewriter:
         Rewrites the existing initializer when ``node`` is its only reader; otherwise (shared, a Constant node's
         value, or no tensor yet) adds a new initializer and points the slot at it.
         """
-        array = value.astype(helper.tensor_dtype_to_np_dtype(data_type))
+        array = _stored(value, data_type)
         old = node.input[slot] if len(node.input) > slot else ""
         if old and old in index.initializers and self._sole_reader(index, old, node):
             index.initializers[old].CopyFrom(numpy_helper.from_array(array, old))
@@ -106,8 +144,20 @@ class Rewriter:
         return len(readers) == 1 and readers[0] is node and name not in index.graph_outputs
 
     # -- folds -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _commit_checked(index: GraphIndex, writes: list[Write]) -> None:
+        """Check every planned store against its dtype's range (:func:`check_range`) before any is made."""
+        old_values = []
+        for node, slot, _, _, _ in writes:
+            name = node.input[slot] if len(node.input) > slot else ""
+            old_values.append(index.array(name) if name and index.is_constant(name) else None)
+        check_range(writes, old_values)
+
     def forward(self, index: GraphIndex, fold: ForwardFold) -> None:
-        """``y = s * layer(x) + t``  ->  ``W' = W * s`` (output channels), ``b' = s * b + t``."""
+        """``y = s * layer(x) + t``  ->  ``W' = W * s`` (output channels), ``b' = s * b + t``.
+
+        Raises :class:`FoldOverflow`, with the graph untouched, when a new tensor does not fit its dtype.
+        """
         scale, shift = norm_affine(index, fold.norm)
         node = fold.producer
         kind = KINDS[node.op_type]
@@ -115,20 +165,16 @@ class Rewriter:
         weight = index.array(weight_name)
         weight_type = index.dtype(weight_name)
         folded = scale_channels(weight, scale, kind.out_axis(node), kind.groups(node))
+        writes: list[Write] = [(node, kind.weight_slot, folded, weight_type, "weight")]
+        reset_beta = False
         if node.op_type == "MatMul" and fold.bias_add is not None:
-            self.write(index, node, kind.weight_slot, folded, weight_type, "weight")
             add = fold.bias_add
             slot = 1 if add.input[0] == node.output[0] else 0
             bias = index.array(add.input[slot])
-            self.write(
-                index, add, slot, forward_bias(bias, scale, shift), index.dtype(add.input[slot]), "bias"
-            )
+            writes.append((add, slot, forward_bias(bias, scale, shift), index.dtype(add.input[slot]), "bias"))
         elif node.op_type == "MatMul":
-            node.op_type = "Gemm"  # a 2-D MatMul is a Gemm without bias; the Gemm gives the shift a place
-            self.write(index, node, kind.weight_slot, folded, weight_type, "weight")
-            self.write(index, node, 2, shift, weight_type, "bias")
+            writes.append((node, 2, shift, weight_type, "bias"))
         else:
-            self.write(index, node, kind.weight_slot, folded, weight_type, "weight")
             bias_name = node.input[2] if len(node.input) > 2 else ""
             bias = index.array(bias_name) if bias_name else None
             bias_type = index.dtype(bias_name) if bias_name else weight_type
@@ -136,17 +182,28 @@ class Rewriter:
                 beta = float(attribute(node, "beta", 1.0))  # type: ignore[arg-type]
                 if bias is not None:
                     bias = bias * beta
-                if beta != 1.0:  # the folded C carries beta (and a C added now must not be scaled by it)
-                    set_attribute(node, "beta", 1.0)
-            self.write(index, node, 2, forward_bias(bias, scale, shift), bias_type, "bias")
+                reset_beta = beta != 1.0  # the folded C carries beta (and a C added now must not be scaled by it)
+            writes.append((node, 2, forward_bias(bias, scale, shift), bias_type, "bias"))
+        self._commit_checked(index, writes)
+        if node.op_type == "MatMul" and fold.bias_add is None:
+            node.op_type = "Gemm"  # a 2-D MatMul is a Gemm without bias; the Gemm gives the shift a place
+        if reset_beta:
+            set_attribute(node, "beta", 1.0)
+        for write in writes:
+            self.write(index, *write)
         last = fold.bias_add if fold.bias_add is not None else node
         self.removed.add(last.output[0])
         last.output[0] = fold.norm.output[0]
         self._remove_norm(index, fold.norm)
 
     def backward(self, index: GraphIndex, fold: BackwardFold) -> None:
-        """``layer(s * x + t)``  ->  ``W' = W * s`` (input channels), ``b' = b + sum W * t``."""
+        """``layer(s * x + t)``  ->  ``W' = W * s`` (input channels), ``b' = b + sum W * t``.
+
+        Raises :class:`FoldOverflow`, with the graph untouched, when a new tensor does not fit its dtype.
+        """
         scale, shift = norm_affine(index, fold.norm)
+        writes: list[Write] = []
+        gemms: list[tuple[onnx.NodeProto, bool]] = []
         for node in fold.consumers:
             kind = KINDS[node.op_type]
             weight_name = node.input[kind.weight_slot]
@@ -157,20 +214,25 @@ class Rewriter:
             bias_name = node.input[2] if len(node.input) > 2 else ""
             bias = index.array(bias_name) if bias_name else None
             bias_type = index.dtype(bias_name) if bias_name else weight_type
-            if node.op_type == "MatMul":
-                node.op_type = "Gemm"
-            if node.op_type == "Gemm":
+            if node.op_type in ("MatMul", "Gemm"):
                 alpha = float(attribute(node, "alpha", 1.0))  # type: ignore[arg-type]
                 beta = float(attribute(node, "beta", 1.0))  # type: ignore[arg-type]
                 new_bias = backward_bias(weight, None, shift, in_axis) * alpha
                 if bias is not None:
                     new_bias = bias * beta + new_bias
-                if beta != 1.0:
-                    set_attribute(node, "beta", 1.0)
+                gemms.append((node, beta != 1.0))
             else:
                 new_bias = backward_bias(weight, bias, shift, in_axis, groups)
-            self.write(index, node, kind.weight_slot, folded, weight_type, "weight")
-            self.write(index, node, 2, new_bias, bias_type, "bias")
+            writes.append((node, kind.weight_slot, folded, weight_type, "weight"))
+            writes.append((node, 2, new_bias, bias_type, "bias"))
+        self._commit_checked(index, writes)
+        for node, reset_beta in gemms:
+            node.op_type = "Gemm"
+            if reset_beta:
+                set_attribute(node, "beta", 1.0)
+        for write in writes:
+            self.write(index, *write)
+        for node in fold.consumers:
             node.input[0] = fold.norm.input[0]
         self.removed.add(fold.norm.output[0])
         self._remove_norm(index, fold.norm)

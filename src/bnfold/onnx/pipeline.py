@@ -2,7 +2,8 @@
 
 Folding one norm can make another foldable (in ``Conv -> BN -> BN`` the second norm's producer becomes the Conv),
 so the loop re-plans after every fold until nothing more folds. Each fold removes a norm, so it ends after at most
-as many rounds as there are norms.
+as many rounds as there are norms. A fold whose result would not fit its dtype (:class:`~bnfold.onnx.apply.FoldOverflow`)
+is not made: that norm is left with the reason and not planned again, which also ends a round.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from ..report import FOLDED, LEFT, FoldReport, NormEntry
-from .apply import Rewriter
+from .apply import FoldOverflow, Rewriter
 from .graph import GraphIndex, display_name, float_parameter_count, tensor_ranks
 from .planner import BackwardFold, ForwardFold, Leave, channels_of, is_norm, plan_graph
 
@@ -38,11 +39,12 @@ def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.M
     order = {node.output[0]: i for i, node in enumerate(n for n in graph.node if is_norm(n))}
     rewriter = Rewriter(graph)
     entries: dict[str, NormEntry] = {}
+    overflowing: set[str] = set()  # output names of norms whose fold would overflow: left, not planned again
     subgraph_norms = 0
     while True:
         index = GraphIndex.build(graph)
         subgraph_norms = index.subgraph_norms
-        decisions = plan_graph(index, ranks, opset)
+        decisions = [d for d in plan_graph(index, ranks, opset) if d.norm.output[0] not in overflowing]
         fold = next((d for d in decisions if not isinstance(d, Leave)), None)
         if fold is None:
             for decision in decisions:
@@ -59,10 +61,17 @@ def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.M
             display_name(norm), KIND, channels_of(norm, index), FOLDED, into=fold.into, direction=direction
         )
         matmuls = [n for n in _targets(fold) if n.op_type == "MatMul"]
-        if isinstance(fold, ForwardFold):
-            rewriter.forward(index, fold)
-        else:
-            rewriter.backward(index, fold)
+        try:
+            if isinstance(fold, ForwardFold):
+                rewriter.forward(index, fold)
+            else:
+                rewriter.backward(index, fold)
+        except FoldOverflow as overflow:  # nothing was written
+            overflowing.add(norm.output[0])
+            entries[norm.output[0]] = NormEntry(
+                display_name(norm), KIND, channels_of(norm, index), LEFT, reason=overflow.reason
+            )
+            continue
         for node in matmuls:
             if node.op_type == "Gemm":
                 rewriter.notes.append(

@@ -7,10 +7,13 @@ user relies on (outputs, the report's reason, the error type and message), so ea
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -276,3 +279,55 @@ def test_fold_passes_a_model_whose_output_is_infinite_in_the_same_places() -> No
     folded = bnfold.fold(model, torch.randn(2, 3, 8, 8))
     assert bnfold.report_for(folded).verification["passed"]
     assert_same_outputs(model, folded, torch.randn(2, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------- 2. threads
+
+
+class _Branchy(nn.Module):
+    """A residual block whose forward depends on a tensor value when ``dynamic`` (torch.fx cannot trace it)."""
+
+    def __init__(self, width: int, dynamic: bool) -> None:
+        super().__init__()
+        self.dynamic = dynamic
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+        )
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = F.relu(y + self.body(y))
+        if self.dynamic and bool(y.mean() > -1e9):  # value-dependent control flow: watched forward pass
+            y = y * 1.0
+        return self.head(y.mean((2, 3)))
+
+
+def test_folds_from_four_threads_at_once_all_succeed_and_are_correct() -> None:
+    """torch.fx patches nn.Module.__call__ process-wide while tracing: without bnfold's lock, a model run in one
+    thread during another thread's trace fails with a CaptureError about a module 'not installed as a submodule'."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    models = [calibrated_by_training(_Branchy(width, dynamic), x) for width, dynamic in ((8, False), (12, True), (16, False), (6, True))]
+    for _ in range(3):  # a few rounds: the interleaving differs from run to run
+        barrier = threading.Barrier(len(models))
+        results: dict[int, nn.Module] = {}
+        failures: list[BaseException] = []
+
+        def work(index: int) -> None:
+            try:
+                barrier.wait()
+                results[index] = bnfold.fold(models[index], x) if index % 2 else bnfold.fold(models[index])
+            except BaseException as error:  # noqa: BLE001 - reported below, with the thread it happened in
+                failures.append(error)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(models))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures
+        for index, model in enumerate(models):
+            assert sum(isinstance(m, nn.BatchNorm2d) for m in results[index].modules()) == 0
+            assert_same_outputs(model, results[index], x)

@@ -8,6 +8,7 @@ user relies on (outputs, the report's reason, the error type and message), so ea
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -310,24 +311,35 @@ def test_folds_from_four_threads_at_once_all_succeed_and_are_correct() -> None:
     thread during another thread's trace fails with a CaptureError about a module 'not installed as a submodule'."""
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     models = [calibrated_by_training(_Branchy(width, dynamic), x) for width, dynamic in ((8, False), (12, True), (16, False), (6, True))]
+    calls = [
+        (lambda model=model: bnfold.fold(model, x)) if index % 2 else (lambda model=model: bnfold.fold(model))
+        for index, model in enumerate(models)
+    ]
     for _ in range(3):  # a few rounds: the interleaving differs from run to run
-        barrier = threading.Barrier(len(models))
-        results: dict[int, nn.Module] = {}
-        failures: list[BaseException] = []
+        results = _run_at_once(calls)
+        for model, folded in zip(models, results, strict=True):
+            assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 0
+            assert_same_outputs(model, folded, x)
 
-        def work(index: int) -> None:
-            try:
-                barrier.wait()
-                results[index] = bnfold.fold(models[index], x) if index % 2 else bnfold.fold(models[index])
-            except BaseException as error:  # noqa: BLE001 - reported below, with the thread it happened in
-                failures.append(error)
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(models))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not failures, failures
-        for index, model in enumerate(models):
-            assert sum(isinstance(m, nn.BatchNorm2d) for m in results[index].modules()) == 0
-            assert_same_outputs(model, results[index], x)
+def _run_at_once(calls: list[Callable[[], nn.Module]]) -> list[nn.Module]:
+    """Run each call in its own thread, all released together; re-raise the first failure."""
+    barrier = threading.Barrier(len(calls))
+    results: dict[int, nn.Module] = {}
+    failures: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = calls[index]()
+        except BaseException as error:  # noqa: BLE001 - re-raised below, in the test's thread
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return [results[i] for i in range(len(calls))]

@@ -343,3 +343,64 @@ def _run_at_once(calls: list[Callable[[], nn.Module]]) -> list[nn.Module]:
     if failures:
         raise failures[0]
     return [results[i] for i in range(len(calls))]
+
+
+# ------------------------------------------------------------------------------------- 7. op names in reasons
+
+
+class _OpsAfterLayers(nn.Module):
+    """Four norms, each after an op a user writes in a different way, none of which it can fold through.
+
+    ``dynamic`` adds value-dependent control flow, so the dataflow comes from the watched forward pass, whose op
+    callables (``TensorBase.add``, ``_VariableFunctionsClass.cat``) differ from torch.fx's (``operator.add``).
+    """
+
+    def __init__(self, dynamic: bool) -> None:
+        super().__init__()
+        self.dynamic = dynamic
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_sum, self.bn_cat, self.bn_pool = nn.BatchNorm2d(4), nn.BatchNorm2d(8), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 4)
+        self.bn_flat = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.dynamic and bool(x.sum() > -1e9):
+            x = x * 1.0
+        a, b = self.a(x), self.b(x)
+        summed = self.bn_sum(a + b)
+        joined = self.bn_cat(torch.cat([a * 2, b], dim=1))
+        pooled = self.bn_pool(F.max_pool2d(a.relu(), 2))
+        flat = self.bn_flat(self.fc(a.mean((2, 3))).relu().flatten(1))
+        return summed, joined, pooled, flat
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["torch.fx", "forward pass"])
+def test_reasons_name_ops_as_users_write_them(dynamic: bool) -> None:
+    model = _OpsAfterLayers(dynamic).eval()
+    report = bnfold.plan(model, torch.randn(2, 3, 8, 8))
+    assert report.capture == ("forward pass" if dynamic else "torch.fx")
+    reasons = {e.name: e.reason or "" for e in report.entries}
+    assert "x + y" in reasons["bn_sum"], reasons["bn_sum"]
+    assert "torch.cat" in reasons["bn_cat"] or "x * y" in reasons["bn_cat"], reasons["bn_cat"]
+    assert "x.relu" in reasons["bn_pool"] or "F.max_pool2d" in reasons["bn_pool"], reasons["bn_pool"]
+    assert "x.relu" in reasons["bn_flat"] or "x.flatten" in reasons["bn_flat"], reasons["bn_flat"]
+    internal = ("_VariableFunctionsClass", "TensorBase", "boolean_dispatch", "<locals>", "_operator", "builtin")
+    for reason in reasons.values():
+        assert not any(word in reason for word in internal), reason
+
+
+def test_op_names_for_each_way_of_writing_an_op() -> None:
+    import operator
+
+    from bnfold.capture import _op_name
+
+    expected: dict[object, str] = {
+        torch.cat: "torch.cat", torch.flatten: "torch.flatten", operator.add: "x + y", torch.Tensor.__add__: "x + y",
+        torch.Tensor.__radd__: "x + y", operator.getitem: "x[...]", "add": "x.add",
+        torch.Tensor.add: "x + y",  # what a forward pass sees for x + y (and x.add(y): it cannot tell them apart)
+        torch.Tensor.add_: "x += y", torch.Tensor.mul: "x * y", torch.Tensor.relu: "x.relu",
+        "flatten": "x.flatten", torch.Tensor.flatten: "x.flatten", F.max_pool2d: "F.max_pool2d", F.relu: "F.relu",
+        F.gelu: "F.gelu", torch.special.erf: "torch.special.erf", operator.matmul: "x @ y",
+        torch.Tensor.__rtruediv__: "x / y",
+    }
+    assert {target: _op_name(target) for target in expected} == expected

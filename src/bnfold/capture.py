@@ -135,9 +135,64 @@ def _is_metadata_function(func: Callable[..., Any]) -> bool:
     return name == "__get__" and getattr(owner, "__name__", None) in _METADATA_ATTRIBUTES
 
 
+# Operators as users write them, for operator.* functions and the Tensor methods behind them.
+_OPERATOR_SYMBOLS: dict[str, str] = {
+    "add": "x + y", "sub": "x - y", "mul": "x * y", "truediv": "x / y", "floordiv": "x // y", "mod": "x % y",
+    "pow": "x ** y", "matmul": "x @ y", "neg": "-x", "pos": "+x", "abs": "abs(x)", "invert": "~x",
+    "and": "x & y", "or": "x | y", "xor": "x ^ y", "lshift": "x << y", "rshift": "x >> y",
+    "eq": "x == y", "ne": "x != y", "lt": "x < y", "le": "x <= y", "gt": "x > y", "ge": "x >= y",
+    "iadd": "x += y", "isub": "x -= y", "imul": "x *= y", "itruediv": "x /= y", "imatmul": "x @= y",
+    "getitem": "x[...]", "setitem": "x[...] = y", "contains": "y in x",
+}
+_REFLECTED = {"radd": "add", "rsub": "sub", "rmul": "mul", "rtruediv": "truediv", "rfloordiv": "floordiv",
+              "rmod": "mod", "rpow": "pow", "rmatmul": "matmul", "rand": "and", "ror": "or", "rxor": "xor",
+              "and_": "and", "or_": "or", "div": "truediv", "rdiv": "truediv", "idiv": "itruediv"}
+_FUNCTIONAL_MODULES = frozenset({"torch.nn.functional", "torch._C._nn"})
+
+
+def _operator_symbol(name: str, dunder_only: bool = False) -> str | None:
+    """``x + y`` for ``add`` / ``__add__`` / ``__radd__``; with ``dunder_only``, plain names (``x.add(y)``) stay None."""
+    dunder = name.startswith("__") and name.endswith("__")
+    if dunder_only and not dunder:
+        return None
+    bare = name[2:-2] if dunder else name
+    bare = _REFLECTED.get(bare, bare)
+    return _OPERATOR_SYMBOLS.get(bare)
+
+
 def _op_name(func: Any) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    return str(name)
+    """The op as a user writes it: ``torch.cat``, ``x + y``, ``F.max_pool2d``, ``x.flatten``.
+
+    Reasons name the op a norm's path runs into; the internal names Python gives these callables
+    (``_VariableFunctionsClass.cat``, ``TensorBase.add``, ``boolean_dispatch.<locals>.fn``) mean nothing to a user.
+    ``func`` is a torch.fx node target (a callable, or a method name for ``call_method``) or the callable a
+    watched forward pass saw.
+    """
+    if isinstance(func, str):  # torch.fx call_method: a Tensor method by name
+        return _operator_symbol(func, dunder_only=True) or f"x.{func}"
+    name = str(getattr(func, "__name__", None) or repr(func))
+    qualname = str(getattr(func, "__qualname__", None) or name)
+    module = getattr(func, "__module__", None)
+    if module in ("_operator", "operator"):
+        return _operator_symbol(name) or f"operator.{name}"
+    owner = qualname.split(".", 1)[0]
+    if owner in ("TensorBase", "Tensor", "_TensorBase"):
+        # A watched forward pass sees ``x + y`` as TensorBase.add (and ``x += y`` as add_), exactly like x.add(y):
+        # the operator is the common spelling, so it names both.
+        in_place = name.endswith("_") and not name.endswith("__")
+        return _operator_symbol(f"i{name[:-1]}" if in_place else name) or f"x.{name}"
+    if module in _FUNCTIONAL_MODULES:
+        return f"F.{name}"
+    if owner == "_VariableFunctionsClass" or module == "torch":
+        return f"torch.{name}"
+    if isinstance(module, str) and module.startswith("torch._C._"):  # torch.special.erf is _special.special_erf
+        namespace = module.removeprefix("torch._C._")
+        return f"torch.{namespace}.{name.removeprefix(namespace + '_')}"
+    if isinstance(module, str) and module.startswith("torch.") and not module.startswith("torch._"):
+        return f"{module}.{name}"
+    if name == "__get__" and hasattr(func, "__self__"):  # a property read: Tensor.T, Tensor.mT
+        return f"x.{getattr(func.__self__, '__name__', 'attribute')}"
+    return qualname if module in (None, "builtins") else f"{module}.{qualname}"
 
 
 def _canonical_names(model: nn.Module) -> dict[nn.Module, str]:

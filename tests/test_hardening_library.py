@@ -404,3 +404,81 @@ def test_op_names_for_each_way_of_writing_an_op() -> None:
         torch.Tensor.__rtruediv__: "x / y",
     }
     assert {target: _op_name(target) for target in expected} == expected
+
+
+# ------------------------------------------------------------------------ 4. never plan on a wrong fx graph
+
+
+class _Merge(nn.Module):
+    """MONAI's UpCat pattern: the skip input is used only when it is a tensor, which a torch.fx Proxy is not."""
+
+    def __init__(self, concatenate: bool) -> None:
+        super().__init__()
+        self.concatenate = concatenate
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None and torch.jit.isinstance(skip, torch.Tensor):
+            return torch.cat([x, skip], dim=1) if self.concatenate else x + skip
+        return x
+
+
+class _SkipNet(nn.Module):
+    """conv1 -> bn1 -> conv2, with conv1's raw output also carried over a skip connection to the end.
+
+    torch.fx drops the skip (see :class:`_Merge`), so on the traced graph conv1's output has one reader, bn1, and
+    folding bn1 into conv1 looks right; it would change what the skip carries. With ``concatenate`` the traced
+    graph does not even run (the last conv expects the concatenated channels); without, it runs and differs.
+    """
+
+    def __init__(self, concatenate: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.merge = _Merge(concatenate)
+        self.out = nn.Conv2d(8 if concatenate else 4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.conv1(x)
+        y = self.bn2(self.conv2(self.bn1(e).relu()))
+        return self.out(self.merge(y, e))
+
+
+@pytest.mark.parametrize("concatenate", [True, False], ids=["graph fails", "graph differs"])
+def test_a_trace_that_is_not_the_model_falls_back_to_the_forward_pass(concatenate: bool) -> None:
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    model = calibrated_by_training(_SkipNet(concatenate), x)
+    report = bnfold.plan(model, x)
+    assert report.capture == "forward pass"
+    assert any("torch.fx traced a graph that is not the model" in note for note in report.notes), report.notes
+    assert any(("fails on the example inputs" if concatenate else "differs from the model's") in n for n in report.notes)
+    status = {e.name: e.status for e in report.entries}
+    assert status == {"bn1": "left", "bn2": "folded"}  # conv1's output also goes over the skip
+    reasons = {e.name: e.reason or "" for e in report.entries}
+    assert "conv1" in reasons["bn1"], reasons["bn1"]
+    folded = bnfold.fold(model, x)
+    assert bnfold.report_for(folded).capture == "forward pass"
+    assert_same_outputs(model, folded, x)
+
+
+def test_a_trace_that_matches_the_model_is_still_used() -> None:
+    """The check costs one forward pass and must not push models fx traces correctly off torch.fx."""
+    x = torch.randn(2, 3, 8, 8)
+    report = bnfold.plan(_conv_bn(), x)
+    assert report.capture == "torch.fx"
+    assert not any("not the model" in note for note in report.notes)
+
+
+def test_monai_basic_unet_is_planned_on_its_real_dataflow() -> None:
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(6))
+    model = monai_nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4), norm="batch")
+    model = calibrated_by_training(model, x)
+    folded = bnfold.fold(model, x)
+    report = bnfold.report_for(folded)
+    assert report.capture == "forward pass"
+    assert any("torch.fx traced a graph that is not the model" in note for note in report.notes)
+    assert len(report.folded) == len(report.entries) == 18  # every norm follows its conv; the skips read the activations
+    assert_same_outputs(model, folded, x)

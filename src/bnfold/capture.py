@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -224,32 +223,98 @@ def _fx_node_is_metadata(node: fx.Node) -> bool:
     return False
 
 
-def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> dict[fx.Node, tuple[int, ...]] | None:
+class TraceMismatch(Exception):
+    """The torch.fx graph does not compute what the model computes on the example inputs.
+
+    Symbolic tracing can drop code silently: ``if x is not None and torch.jit.isinstance(x, torch.Tensor)`` is
+    False for a Proxy, so MONAI's BasicUNet traces without its skip connections. A graph that fails to run on the
+    example inputs, or returns something else than the model, must not be planned on.
+    """
+
+
+def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> dict[fx.Node, tuple[int, ...]]:
     """The shape of the (first) tensor each node produces, from running the traced graph on the example inputs.
 
-    ``None`` when the traced graph does not run (the caller then falls back to hooks on the model itself).
+    Raises :class:`TraceMismatch` when the traced graph does not run on them, or when its outputs differ from the
+    model's own (one extra forward pass of the model, which is what it costs to know the graph is the model's).
     """
+    recorder = _ShapeRecorder(fx.GraphModule(model, graph))
     try:
         with torch.no_grad():
-            ShapeProp(fx.GraphModule(model, graph)).propagate(*example_inputs)
+            traced_outputs = recorder.run(*example_inputs)
     except Exception as error:  # the interpreter surfaces whatever the model's code raises
-        log.info("shape propagation on the traced graph failed (%s); using forward hooks", error)
-        return None
-    shapes: dict[fx.Node, tuple[int, ...]] = {}
-    for node in graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        first = next((m for m in pytree.tree_leaves(meta, is_leaf=lambda m: isinstance(m, TensorMetadata))), None)
-        if isinstance(first, TensorMetadata):
-            shapes[node] = tuple(first.shape)
-    return shapes
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise TraceMismatch(f"the traced graph fails on the example inputs ({type(error).__name__}: {first})") from error
+    try:
+        with torch.no_grad():
+            model_outputs = model(*example_inputs)
+    except Exception as error:
+        raise TraceMismatch(f"the model fails on the example inputs ({type(error).__name__}: {error})") from error
+    difference = _outputs_differ(model_outputs, traced_outputs)
+    if difference:
+        raise TraceMismatch(f"the traced graph's output differs from the model's on the example inputs ({difference})")
+    return recorder.shapes
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph, keeping the shape of the first tensor each node produces.
+
+    Not torch.fx's ShapeProp, which prints a full traceback to stderr whenever the graph fails, as it does for
+    every graph that is not the model.
+    """
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        first = next((v for v in pytree.tree_leaves(result) if isinstance(v, torch.Tensor)), None)
+        if first is not None:
+            self.shapes[n] = tuple(first.shape)
+        return result
+
+
+def _outputs_differ(model_outputs: Any, traced_outputs: Any) -> str | None:
+    """How the traced graph's outputs differ from the model's, or ``None``.
+
+    The graph runs the model's own operations in the same order, so its outputs match to the last bit in practice;
+    the allowance (a thousandth of the output's magnitude) only absorbs a kernel choosing another summation order,
+    while a dropped branch or skip connection changes outputs by their own size.
+    """
+    model_leaves, model_spec = pytree.tree_flatten(model_outputs)
+    traced_leaves, traced_spec = pytree.tree_flatten(traced_outputs)
+    if model_spec != traced_spec:
+        return "different output structures"
+    for index, (a, b) in enumerate(zip(model_leaves, traced_leaves, strict=True)):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            continue
+        if a.shape != b.shape:
+            return f"output {index} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if not a.is_floating_point() or a.numel() == 0:
+            if not torch.equal(a, b):
+                return f"output {index} has other values"
+            continue
+        a64, b64 = a.detach().double(), b.detach().double()
+        finite = torch.isfinite(a64) & torch.isfinite(b64)
+        if not torch.equal(torch.isfinite(a64), torch.isfinite(b64)):
+            return f"output {index} is non-finite at other places"
+        if not bool(finite.any()):
+            continue
+        error = float((a64 - b64)[finite].abs().max())
+        scale = float(a64[finite].abs().max())
+        if error > 1e-3 * scale:
+            return f"output {index} is off by {error:.3g}, against a magnitude of {scale:.3g}"
+    return None
 
 
 def capture_fx(model: nn.Module, registry: LayerRegistry, example_inputs: tuple[Any, ...] | None = None) -> Dataflow:
     """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed).
 
     With ``example_inputs`` every site also gets the shape of what it produces (reshapes between a layer and its
-    norm can only be judged with shapes). Raises whatever torch.fx raises when the model cannot be traced;
-    :func:`capture` turns that into advice.
+    norm can only be judged with shapes), and the graph is checked against the model on them
+    (:class:`TraceMismatch`). Raises whatever torch.fx raises when the model cannot be traced; :func:`capture`
+    turns that into advice.
     """
     graph = _Tracer(registry).trace(model)
     shapes = _fx_shapes(model, graph, example_inputs) if example_inputs is not None else None
@@ -411,6 +476,22 @@ def capture(
 def _capture(model: nn.Module, example_inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> Dataflow:
     try:
         flow = capture_fx(model, registry, example_inputs)
+    except TraceMismatch as mismatch:
+        assert example_inputs is not None  # only checked with example inputs
+        log.info("torch.fx traced %s, but %s; watching one forward pass", type(model).__name__, mismatch)
+        try:
+            flow, _ = capture_forward(model, example_inputs, registry)
+        except Exception as run_error:
+            raise CaptureError(
+                f"torch.fx traced {type(model).__name__} into a graph that is not the model ({mismatch}), and running "
+                f"the model on the example inputs failed ({type(run_error).__name__}: {run_error}). Check that "
+                f"example_inputs match what forward() expects."
+            ) from run_error
+        flow.notes.append(
+            f"torch.fx traced a graph that is not the model ({mismatch}; code that inspects its inputs, such as "
+            f"isinstance checks, is dropped by tracing): the dataflow was learnt from one forward pass instead"
+        )
+        return flow
     except Exception as fx_error:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
         reason = f"{type(fx_error).__name__}: {fx_error}".splitlines()[0]
         if example_inputs is None:
@@ -428,39 +509,7 @@ def _capture(model: nn.Module, example_inputs: tuple[Any, ...] | None, registry:
             ) from run_error
         flow.notes.append(f"torch.fx could not trace the model: {reason}")
         return flow
-    if example_inputs is not None and not flow.shapes_known:
-        _add_shapes(flow, model, example_inputs, registry)
     return flow
-
-
-def _add_shapes(flow: Dataflow, model: nn.Module, example_inputs: tuple[Any, ...], registry: LayerRegistry) -> None:
-    """Record the output shape of each atomic module site, from one forward pass with hooks on those modules."""
-    sites_of = flow.module_sites()
-    seen: dict[str, list[tuple[int, ...]]] = {}
-    handles = []
-
-    def remember(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                seen.setdefault(name, []).append(tuple(output.shape))
-        return hook
-
-    try:
-        for name in sites_of:
-            handles.append(model.get_submodule(name).register_forward_hook(remember(name)))
-        with torch.no_grad():
-            model(*example_inputs)
-    except Exception as run_error:
-        raise CaptureError(
-            f"running {type(model).__name__} on the example inputs failed ({type(run_error).__name__}: {run_error}). "
-            f"Check that example_inputs match what forward() expects."
-        ) from run_error
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, shapes in seen.items():
-        for site, shape in zip(sites_of[name], shapes, strict=False):
-            site.shape = shape
 
 
 def count_batch_norm_calls(model: nn.Module, example_inputs: Iterable[Any]) -> int:

@@ -482,3 +482,67 @@ def test_monai_basic_unet_is_planned_on_its_real_dataflow() -> None:
     assert any("torch.fx traced a graph that is not the model" in note for note in report.notes)
     assert len(report.folded) == len(report.entries) == 18  # every norm follows its conv; the skips read the activations
     assert_same_outputs(model, folded, x)
+
+
+# ------------------------------------------------------------- 6. exact folds on badly conditioned models
+
+
+def _edge_filters_on_raw_pixels(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """Zero-sum integer filters (edge detectors) on raw, offset integer pixel values, then a BN.
+
+    The original computes its convolution exactly (integers below 2**24), so its float32 error is one rounding of
+    the BN; the fold must store ``W * s`` rounded, and the filter taps, each about 2e4 * s, cancel down to outputs
+    about 10 * s, which turns those roundings into an error ~1000 times the original's. The fold is exact in
+    float64: only the check that knows what rounding the weights does can tell.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(1, 8, 3, bias=False)
+    norm = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        weight = torch.randint(-2, 3, (8, 1, 3, 3), generator=generator).float()
+        weight[:, :, 1, 1] -= weight.sum((1, 2, 3)).reshape(8, 1)  # every filter sums to zero
+        conv.weight.copy_(weight)
+        norm.running_mean.copy_(torch.randn(8, generator=generator))
+        norm.running_var.copy_(torch.rand(8, generator=generator) * 20 + 1)
+        norm.weight.copy_(torch.randn(8, generator=generator))
+        norm.bias.copy_(torch.randn(8, generator=generator))
+    x = 10000 + torch.randint(-3, 4, (2, 1, 16, 16), generator=generator).float()
+    return nn.Sequential(conv, norm).eval(), x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_an_exact_fold_of_a_badly_conditioned_model_passes_verification(seed: int) -> None:
+    model, x = _edge_filters_on_raw_pixels(seed)
+    folded = bnfold.fold(model, x)  # raised VerificationError ("... please report this") before
+    verification = bnfold.report_for(folded).verification
+    assert verification["max_relative"] > TOLERANCES[torch.float32]  # the fixed tolerance alone refuses it
+    assert verification["passed"] and verification["rounding_check"]["passed"]
+    assert isinstance(folded[1], nn.Identity)
+
+
+def test_the_rounding_allowance_does_not_pass_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fold that gets the shift wrong by a hundredth, in the real fold *and* in the float64 one made for the check:
+    the allowance is measured between two versions of the same (wrong) fold, so it cannot cover the error."""
+    import bnfold.affine
+
+    model, x = _edge_filters_on_raw_pixels(0)
+    right = bnfold.affine.forward_bias
+    monkeypatch.setattr(bnfold.affine, "forward_bias", lambda b, s, t: right(b, s, t) + 1e-2 * t.abs().max())
+    with pytest.raises(VerificationError):
+        bnfold.fold(model, x)
+    assert isinstance(model[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize(("encoder", "folds"), [("efficientnet-b0", 9), ("timm-efficientnet-b0", 57)])
+def test_smp_deeplabv3plus_with_an_efficientnet_encoder_folds_and_verifies(encoder: str, folds: int) -> None:
+    """The model of the report (random weights, 64 x 64). efficientnet-b0's own Conv2dStaticSamePadding overrides
+    forward, so only the decoder's norms fold there; the timm encoder folds all but one."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    model = calibrated_by_training(smp.DeepLabV3Plus(encoder_name=encoder, encoder_weights=None, classes=3), x)
+    folded = bnfold.fold(model, x)
+    report = bnfold.report_for(folded)
+    assert report.verification["passed"]
+    assert len(report.folded) == folds
+    assert_same_outputs(model, folded, x)

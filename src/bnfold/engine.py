@@ -306,11 +306,15 @@ def fold(
                 f"attempted."
             )
         if not comparison.passed:
+            folded_float64 = None if comparison.problems else _copy(target).double()
             if inplace:
                 rollback.restore()  # the float64 second opinion needs the unfolded model
-            if not comparison.problems:
+            if folded_float64 is not None:
+                exact_fold = _copy(model).double()  # the same plan, carried out in float64
+                apply_plan(exact_fold, the_plan, registry, exact_undo=False)
                 with MODEL_CALLS_LOCK:
-                    second = explained_by_rounding(model, inputs, reference, folded_outputs)
+                    second = explained_by_rounding(model, inputs, reference, folded_outputs, exact_fold, folded_float64)
+                del exact_fold, folded_float64
                 report.verification["rounding_check"] = second.to_dict()
                 report.verification["passed"] = second.passed
             if not report.verification["passed"]:

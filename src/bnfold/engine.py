@@ -191,7 +191,8 @@ def _apply_in_range(
     does (it multiplies activations by ``s``, not weights). :func:`apply_plan` checks every new tensor before storing
     it and undoes everything on the first that does not fit; that norm is then refused, with the reason, and the plan
     is made again (a chain through it no longer folds either). Returns the plan carried out, its rollback, and
-    whether any norm was refused.
+    whether any norm was refused. With ``exact_undo=False`` (the caller's own model, folded in place without
+    verification) the folds made before the refused one are divided back, hence within one rounding, and made again.
     """
     refused: dict[int, str] = {}
     while True:
@@ -213,7 +214,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: La
     """Dry run: the report of what :func:`fold` would do, without changing anything.
 
     ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) are needed only for models that
-    torch.fx cannot trace; given anyway, they let bnfold check activation shapes.
+    torch.fx cannot trace; given anyway, they let bnfold check activation shapes and that the traced graph is the
+    model. Whether a fold would overflow its dtype shows only in the folded weights, so a copy of the model is
+    folded and thrown away (``model`` itself is never touched).
     """
     registry = registry or DEFAULT_REGISTRY
     with MODEL_CALLS_LOCK:
@@ -255,11 +258,18 @@ def fold(
             (:func:`bnfold.verification.default_tolerance`).
         registry: the layer rules to fold with (default: built-ins plus what was registered).
 
+    A norm whose fold would store a weight or bias its dtype cannot hold (float16 ends at 65504) is left, with that
+    reason in the report. Folds from several threads at once are safe (bnfold serialises its traces and model runs).
+
     Raises:
+        InvalidInputError: not an ``nn.Module`` (a TorchScript module, a ``torch.compile`` result), weights on the
+            meta device, or example inputs of the wrong kind.
         TrainingModeError: the model is in training mode.
         CaptureError: torch.fx cannot trace the model and no (working) example inputs were given.
         NonFiniteStatisticsError: a norm to fold has NaN or infinite statistics.
-        VerificationError: the folded outputs differ from the original's beyond the tolerance.
+        NonFiniteOutputError: the original model's own output on ``example_inputs`` is NaN: nothing to verify against.
+        VerificationError: the folded outputs differ from the original's beyond the tolerance (and beyond what
+            float rounding explains, see :func:`bnfold.verification.explained_by_rounding`).
     """
     registry = registry or DEFAULT_REGISTRY
     inputs = _as_input_tuple(example_inputs)

@@ -22,7 +22,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.onnx as bo
-from bnfold.errors import VerificationError
+from bnfold.core.graph import BATCH_STATISTICS
+from bnfold.errors import NonFiniteStatisticsError, TrainingModeError, VerificationError
 
 F32 = TensorProto.FLOAT
 F16 = TensorProto.FLOAT16
@@ -144,7 +145,7 @@ def matmul_3d() -> Case:
     b = Builder(62)
     b.node("MatMul", ["a", b.weight("B", (5, 6))], ["p"], "matmul")
     b.bn("bn", "p", "y", 3)
-    return Case(b.model([("a", [2, 3, 5])], [("y", [2, 3, 6])]), left=1, reason="rank 3")
+    return Case(b.model([("a", [2, 3, 5])], [("y", [2, 3, 6])]), left=1, reason="output channels but the norm has 3")
 
 
 def chain() -> Case:
@@ -217,7 +218,7 @@ def unnamed_nodes() -> Case:
     b.node("Relu", ["d"], ["r"], "")
     b.bn("", "r", "y", 6)
     return Case(
-        b.model([("x", [1, 3, 5, 5])], [("y", [1, 6, 3, 3])]), left=1, reason="'Relu:r' (Relu), is not one of"
+        b.model([("x", [1, 3, 5, 5])], [("y", [1, 6, 3, 3])]), left=1, reason="its input comes from 'Relu:r' (Relu), not from a conv or linear layer"
     )
 
 
@@ -284,12 +285,19 @@ def backward_conv_transpose() -> Case:
     )
 
 
-def training_mode() -> Case:
+def training_mode(eval_neighbour: bool = True) -> Case:
+    """One norm with training_mode=1 beside an eval one: left with the core's words (the whole model in training
+    mode is an error instead, see test_whole_model_in_training_mode)."""
     b = Builder(92)
     b.node("Conv", ["x", b.weight("W", (6, 3, 3, 3))], ["c"], "conv")
     b.bn("bn", "c", "y", 6, training_mode=1)
     b.nodes[-1].output.extend(["running_mean", "running_var"])  # training mode needs all three outputs
-    return Case(b.model([("x", [2, 3, 6, 6])], [("y", [2, 6, 4, 4])]), left=1, reason="training_mode=1")
+    outputs = [("y", [2, 6, 4, 4])]
+    if eval_neighbour:
+        b.node("Conv", ["x", b.weight("W2", (6, 3, 3, 3))], ["c2"], "conv2")
+        b.bn("bn2", "c2", "y2", 6)
+        outputs.append(("y2", [2, 6, 4, 4]))
+    return Case(b.model([("x", [2, 3, 6, 6])], outputs), left=1, reason=BATCH_STATISTICS)
 
 
 def non_constant_scale() -> Case:
@@ -310,7 +318,7 @@ def producer_two_consumers() -> Case:
     return Case(
         b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4]), ("r", [1, 6, 4, 4])]),
         left=1,
-        reason="also read by 'relu'",
+        reason="also used by 'relu' (Relu)",
     )
 
 
@@ -321,7 +329,7 @@ def producer_graph_output() -> Case:
     return Case(
         b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4]), ("c", [1, 6, 4, 4])]),
         left=1,
-        reason="'c' of 'conv' (Conv) is also a graph output",
+        reason="also used by the graph output 'c'",
     )
 
 
@@ -331,7 +339,7 @@ def non_finite_statistics() -> Case:
     b.bn("bn", "c", "y", 6)
     var = next(t for t in b.inits if t.name == "bn.var")
     var.CopyFrom(numpy_helper.from_array(np.array([1, 1, np.inf, 1, 1, 1], np.float32), "bn.var"))
-    return Case(b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4])]), left=1, reason="NaN or infinity")
+    return Case(b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4])]), left=1)
 
 
 def backward_output_is_graph_output() -> Case:
@@ -341,7 +349,7 @@ def backward_output_is_graph_output() -> Case:
     return Case(
         b.model([("a", [3, 5])], [("y", [3, 6]), ("n", [3, 5])]),
         left=1,
-        reason="its output 'n' is a graph output",
+        reason="goes to the graph output 'n'",
     )
 
 
@@ -383,7 +391,6 @@ CASES: dict[str, Callable[[], Case]] = {
     "left_producer_two_consumers": producer_two_consumers,
     "left_producer_graph_output": producer_graph_output,
     "left_backward_graph_output": backward_output_is_graph_output,
-    "left_non_finite_statistics": non_finite_statistics,
 }
 
 
@@ -425,7 +432,7 @@ def test_directions_and_targets() -> None:
     report = bo.fold(CASES["backward_convs_pads0"]().model).report
     assert report.entries[0].direction == "backward" and report.entries[0].into == ("conv1", "conv2")
     report = bo.fold(CASES["matmul_add_2d"]().model).report
-    assert report.entries[0].direction == "forward" and report.entries[0].into == ("matmul", "add")
+    assert report.entries[0].direction == "forward" and report.entries[0].into == ("matmul",)  # its Add: its bias
     report = bo.fold(CASES["chain_conv_bn_bn"]().model).report
     assert [e.into for e in report.entries] == [("conv",), ("conv",)]
 
@@ -458,10 +465,10 @@ def test_plan_is_a_dry_run() -> None:
 
 
 def test_verification_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bnfold.onnx import apply
+    from bnfold import affine
 
-    real = apply.forward_bias
-    monkeypatch.setattr(apply, "forward_bias", lambda bias, scale, shift: real(bias, scale, shift * 0))
+    real = affine.forward_bias
+    monkeypatch.setattr(affine, "forward_bias", lambda bias, scale, shift: real(bias, scale, shift * 0))
     with pytest.raises(VerificationError, match="output 'y'"):
         bo.fold(CASES["conv2d"]().model)
 
@@ -498,9 +505,9 @@ def test_import_without_torch() -> None:
 
 
 def test_rejects_what_is_not_a_model() -> None:
-    with pytest.raises(
-        bo.InvalidInputError if hasattr(bo, "InvalidInputError") else Exception, match="ModelProto"
-    ):
+    from bnfold.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="ModelProto"):
         bo.fold(42)  # type: ignore[arg-type]
 
 
@@ -530,7 +537,7 @@ def test_gemm_backward_with_trans_a_is_left() -> None:
     b.node("Gemm", ["n", b.weight("B", (5, 6))], ["y"], "gemm", transA=1)
     model = b.model([("a", [5, 5])], [("y", [5, 6])])
     report = bo.plan(model)
-    assert "transA=1" in report.left[0].reason and "its input 'a' is a graph input" in report.left[0].reason
+    assert "transA=1" in report.left[0].reason and "comes from the graph input 'a'" in report.left[0].reason
 
 
 def test_verification_reports_a_model_onnxruntime_cannot_run() -> None:
@@ -543,3 +550,175 @@ def test_verification_reports_a_model_onnxruntime_cannot_run() -> None:
     with pytest.raises(VerificationError, match="onnxruntime could not run the original model.*verify=False"):
         bo.fold(model)
     assert bn_count(bo.fold(model, verify=False).model) == 0
+
+
+def test_non_finite_statistics_are_an_error() -> None:
+    """A norm the plan would fold, with an infinite running variance: folding would hide invalid outputs."""
+    model = non_finite_statistics().model
+    with pytest.raises(NonFiniteStatisticsError, match="'bn' has NaN or infinite values in its running variance"):
+        bo.fold(model)
+    with pytest.raises(NonFiniteStatisticsError):
+        bo.plan(model)
+
+
+def test_whole_model_in_training_mode() -> None:
+    with pytest.raises(TrainingModeError, match="model.eval"):
+        bo.fold(training_mode(eval_neighbour=False).model)
+
+
+# -- the same answer as the module API (issue 11's table) ----------------------------------------------------------
+# Each model is exported from PyTorch (eval mode, norm statistics calibrated by train-mode passes) and folded both
+# ways: the decisions (folded / left, direction, in graph order) must be the module API's, and the folded ONNX model
+# must reproduce the original in onnxruntime within the float32 tolerance (fold() verifies; checked again below).
+
+
+def _table_model(name: str) -> tuple[object, object]:
+    import torch
+    from torch import nn
+
+    class Two(nn.Module):
+        def __init__(self, first: nn.Module, second: nn.Module) -> None:
+            super().__init__()
+            self.a, self.b = first, second
+
+    class Cat(Two):
+        def __init__(self) -> None:
+            super().__init__(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 5, 3))
+            self.bn = nn.BatchNorm2d(9)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.a(x), self.b(x)], 1))
+
+    class SecondReader(Two):
+        def __init__(self) -> None:
+            super().__init__(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y) + torch.relu(y)
+
+    conv = lambda: nn.Conv2d(3, 6, 3)  # noqa: E731
+    image = (2, 3, 12, 12)
+    models: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
+        "avg_pool": (nn.Sequential(conv(), nn.AvgPool2d(2), nn.BatchNorm2d(6)), image),
+        "max_pool": (nn.Sequential(conv(), nn.MaxPool2d(2), nn.BatchNorm2d(6)), image),
+        "upsample": (nn.Sequential(conv(), nn.Upsample(scale_factor=2, mode="bilinear"), nn.BatchNorm2d(6)), image),
+        "dropout": (nn.Sequential(conv(), nn.Dropout(0.3), nn.BatchNorm2d(6)), image),
+        "bn_flatten_linear": (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3, 5)), (4, 3, 1, 1)),
+        "bn_reflect_conv": (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, padding=1,
+                                                                            padding_mode="reflect")), image),
+        "cat": (Cat(), image),
+        "linear_bn1d": (nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7)), (4, 5)),
+        "conv_bn_bn": (nn.Sequential(conv(), nn.BatchNorm2d(6), nn.BatchNorm2d(6)), image),
+        "bn_bn_linear": (nn.Sequential(nn.ReLU(), nn.BatchNorm1d(5), nn.BatchNorm1d(5), nn.Linear(5, 3)), (4, 5)),
+        "second_reader": (SecondReader(), image),
+        "bn_zero_padded_conv": (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, padding=1)), image),
+        "batch_statistics": (nn.Sequential(conv(), nn.BatchNorm2d(6, track_running_stats=False), nn.ReLU(),
+                                           nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)), image),
+    }
+    module, shape = models[name]
+    return module, shape
+
+
+TABLE = {
+    "avg_pool": "forward", "max_pool": "forward", "upsample": "forward", "dropout": "forward",
+    "bn_flatten_linear": "backward", "bn_reflect_conv": "backward", "cat": "forward", "linear_bn1d": "forward",
+    "conv_bn_bn": "forward", "bn_bn_linear": "backward", "second_reader": "left", "bn_zero_padded_conv": "left",
+    "batch_statistics": "left",
+}
+
+
+def export_calibrated(module: object, shape: tuple[int, ...], seed: int = 0, positive: bool = False) -> onnx.ModelProto:
+    """``module`` with norm statistics calibrated by train-mode passes, in eval mode, exported by the TorchScript
+    exporter (no constant folding, so the graph keeps what the module computes). ``positive``: every norm weight
+    made positive (a max pooling commutes with the norm only then)."""
+    import io
+    import warnings
+
+    import torch
+
+    from conftest import calibrated_by_training
+
+    torch.manual_seed(seed)
+    x = torch.randn(*shape)
+    calibrated_by_training(module, x)
+    if positive:
+        for norm in module.modules():
+            if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.weight is not None:
+                norm.weight.data = norm.weight.data.abs()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), buffer, input_names=["x"], output_names=["y"], do_constant_folding=False,
+                          dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("name", list(TABLE))
+def test_same_answer_as_the_module_api(name: str) -> None:
+    torch = pytest.importorskip("torch")
+    import bnfold
+
+    module, shape = _table_model(name)
+    model = export_calibrated(module, shape, positive=name == "max_pool")
+    expected = {e.name: e for e in bnfold.plan(module, torch.randn(*shape)).entries}
+    result = bo.fold(model)
+    got = {e.name.strip("/").rpartition("/")[0].replace("/", "."): e for e in result.report.entries}
+    assert got.keys() == expected.keys()
+    for key, mine in got.items():
+        theirs = expected[key]
+        assert (mine.status, mine.direction, len(mine.into)) == (theirs.status, theirs.direction, len(theirs.into)), (
+            mine, theirs)
+    directions = [e.direction or e.status for e in result.report.entries]
+    assert TABLE[name] in directions, directions
+    assert bn_count(result.model) == len(result.report.left)
+    if result.report.folded:
+        check = bo.verify(model, result.model, seed=3)
+        assert check["passed"] and check["max_relative"] < FLOAT32_TOLERANCE, check
+
+
+def test_left_reasons_are_the_cores() -> None:
+    pytest.importorskip("torch")
+    reasons = {name: bo.plan(export_calibrated(*_table_model(name))).left[0].reason
+               for name in ("second_reader", "bn_zero_padded_conv", "batch_statistics")}
+    assert "is also used by" in reasons["second_reader"]
+    assert "zero-pads its input" in reasons["bn_zero_padded_conv"]
+    assert BATCH_STATISTICS in reasons["batch_statistics"]
+
+
+def test_dry_run_folds_nothing() -> None:
+    pytest.importorskip("torch")
+    model = export_calibrated(*_table_model("conv_bn_bn"))
+    before = model.SerializeToString()
+    report = bo.plan(model)
+    assert not report.applied and len(report.folded) == 2 and model.SerializeToString() == before
+
+
+def test_overflow_is_left_with_the_reason() -> None:
+    """A float16 conv whose norm scales by 1e5: the folded weight would be infinite in float16."""
+    case = CASES["fp16_conv"]()
+    for tensor in case.model.graph.initializer:
+        if tensor.name == "bn.scale":  # s = 6e4 / sqrt(var + eps) times weights of order 1 exceeds float16's 65504
+            tensor.CopyFrom(numpy_helper.from_array(np.full(tensor.dims, 6e4, np.float16), tensor.name))
+    report = bo.fold(case.model, verify=False).report
+    assert report.left and "overflow" in report.left[0].reason, report.entries
+
+
+def test_cli_on_onnx_files_imports_no_torch(tmp_path: object) -> None:
+    """inspect / fold / verify on .onnx files: the ONNX path of the CLI never imports torch (seconds saved)."""
+    import os
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    source, target = folder / "m.onnx", folder / "f.onnx"
+    onnx.save(CASES["chain_conv_bn_bn"]().model, source)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent / "src"), env.get("PYTHONPATH", "")])
+    for command, code in ((["inspect", str(source), "--json"], 0), (["fold", str(source), "-o", str(target)], 0),
+                          (["verify", str(source), str(target)], 0), (["inspect", str(folder / "no.onnx")], 2)):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "bnfold", *command], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == code, done.stderr[-2000:]
+        imported = [line for line in done.stderr.splitlines() if line.rstrip().endswith(" torch")]
+        assert not imported, command
+    assert bn_count(onnx.load(target)) == 0

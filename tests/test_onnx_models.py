@@ -75,3 +75,45 @@ def test_resnet18_folds_every_norm() -> None:
     channels = sum(e.channels for e in result.report.entries)
     assert result.report.parameters_after == kept + channels
     assert not [n for n in result.model.graph.node if n.op_type == "Identity"]
+
+
+def _export_module(model: object, size: int) -> onnx.ModelProto:
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, size, size),), buffer, input_names=["image"],
+                          output_names=["logits"], do_constant_folding=False, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("name", ["torchvision:densenet121", "timm:mixnet_s", "timm:rexnet_100"])
+def test_folds_as_many_norms_as_the_module_api(name: str) -> None:
+    """Real architectures (concatenations, BN -> ReLU -> Conv, depthwise convs): the ONNX export folds as many
+    norms as :func:`bnfold.plan` on the module, and the folded file reproduces the original."""
+    torch = pytest.importorskip("torch")
+    import bnfold
+
+    library, _, arch = name.partition(":")
+    torch.manual_seed(0)
+    if library == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(arch, pretrained=False)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(arch, weights=None)
+    size = 64
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, size, size))
+    model.eval()
+    expected = bnfold.plan(model, torch.randn(1, 3, size, size))
+    exported = _export_module(model, size)
+    result = bo.fold(exported)
+    assert len(result.report.folded) >= len(expected.folded), [e.reason for e in result.report.left][:3]
+    assert bn_count(result.model) == len(result.report.left)
+    assert result.report.verification["passed"]
+    assert result.report.verification["max_relative"] < FLOAT32_TOLERANCE

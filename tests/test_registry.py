@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bnfold
 from bnfold.layers import LayerRegistry, NormStatistics
-from conftest import assert_same_outputs, randomize_norms
+from conftest import assert_same_outputs, calibrated_by_training, randomize_norms
 
 GEN = torch.Generator().manual_seed(11)
 
@@ -98,3 +100,56 @@ def test_default_registry_is_untouched_by_a_private_registry() -> None:
     before = (len(bnfold.DEFAULT_REGISTRY.layers), len(bnfold.DEFAULT_REGISTRY.norms))
     bnfold.register_layer(ChannelLastLinear, out_axis=1, weight_name="kernel", bias_name="offset", registry=LayerRegistry())
     assert (len(bnfold.DEFAULT_REGISTRY.layers), len(bnfold.DEFAULT_REGISTRY.norms)) == before
+
+
+class _StaticSamePadConv(nn.Conv2d):
+    """smp's Conv2dStaticSamePadding in miniature: a Conv2d subclass whose own forward pads, then calls F.conv2d."""
+
+    def __init__(self, *args: object, pad: int = 1, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.static_padding = nn.ZeroPad2d(pad) if pad else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ScaledConv(nn.Conv2d):
+    """A subclass that really computes something else: bnfold must not fold into it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias) * 2 + 1
+
+
+def test_a_layer_that_computes_in_its_own_code_is_read_from_that_code() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9)
+    model = nn.Sequential(
+        _StaticSamePadConv(3, 6, 3, groups=3, bias=False), nn.BatchNorm2d(6), nn.ReLU(),  # forward: exact
+        nn.BatchNorm2d(6), _StaticSamePadConv(6, 4, 3, pad=0),  # backward: no padding anywhere, exact
+        nn.ReLU(), nn.BatchNorm2d(4), _StaticSamePadConv(4, 4, 3, pad=1),  # backward through zero padding: left
+        _ScaledConv(4, 4, 1), nn.BatchNorm2d(4),  # computes "* 2 + 1" after its conv: left
+    )
+    calibrated_by_training(model, x)
+    folded = bnfold.fold(model, x)
+    report = bnfold.report_for(folded)
+    decisions = {e.name: (e.status, e.direction, e.reason or "") for e in report.entries}
+    assert decisions["1"][:2] == ("folded", "forward") and decisions["3"][:2] == ("folded", "backward")
+    assert decisions["6"][0] == "left" and "before the convolution" in decisions["6"][2]
+    assert decisions["9"][0] == "left" and "overrides forward" in decisions["9"][2]
+    assert report.parameters_before - report.parameters_after == bnfold.plan(model, x).parameters_removed
+    assert folded[0].bias is not None and isinstance(folded[0], _StaticSamePadConv)
+    assert_same_outputs(model, folded, x)
+
+
+def test_smp_efficientnet_encoder_folds_through_its_same_padding_convs() -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    model = smp.FPN("efficientnet-b0", encoder_weights=None, classes=2)
+    x = torch.randn(2, 3, 64, 64)
+    calibrated_by_training(model, x)
+    report = bnfold.report_for(bnfold.fold(model, x))  # verified against the original on x
+    left = {e.name: e.reason for e in report.left}
+    # the stem norm `_bn1` is defined but never called by smp's encoder forward; every norm that runs folds
+    assert set(left) == {"encoder._bn1"} and "never called" in left["encoder._bn1"]
+    assert len(report.folded) == 48

@@ -321,8 +321,13 @@ def capture_fx(model: nn.Module, registry: LayerRegistry, example_inputs: tuple[
     canonical = _canonical_names(model)
     index_of: dict[fx.Node, int] = {}
     sites: list[Site] = []
+    metadata: set[fx.Node] = set()  # shape reads, and values computed from shapes only (``x.shape[0] * 2``)
     for node in graph.nodes:
-        if _fx_node_is_metadata(node):
+        inputs = node.all_input_nodes
+        if _fx_node_is_metadata(node) or (
+            node.op == "call_function" and inputs and all(source in metadata for source in inputs)
+        ):
+            metadata.add(node)
             continue
         index = len(sites)
         index_of[node] = index

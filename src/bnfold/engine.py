@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import FoldOverflow, Rollback, apply_plan, check_finite
+from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .capture import MODEL_CALLS_LOCK, Dataflow, capture
+from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
+from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
-from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, Match, NormRule
-from .planner import FoldPlan, make_plan
+from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
 
@@ -121,7 +122,7 @@ def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerR
     added = 0
     for name in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers):
         layer = model.get_submodule(name)
-        rule = registry.layer(layer).rule
+        rule, _ = layer_rule(layer, registry)
         if isinstance(rule, LinearLayerRule) and getattr(layer, rule.bias_name, None) is None:
             added += rule.out_channels(layer)
     return _count(model)[0] - removed + added
@@ -130,7 +131,7 @@ def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerR
 def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> FoldReport:
     entries = [
         _norm_entry(model, f.norm, registry, FOLDED, into=f.layers, direction=f.direction) for f in the_plan.folds
-    ] + [_norm_entry(model, s.norm, registry, LEFT, reason=s.reason) for s in the_plan.skips]
+    ] + [_norm_entry(model, s.norm, registry, LEFT, reason=s.reason) for s in the_plan.refusals]
     parameters, buffers = _count(model)
     return FoldReport(
         model=type(model).__name__,
@@ -148,66 +149,9 @@ def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> Fo
 def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> tuple[FoldPlan, FoldReport, Dataflow]:
     _check_model(model, registry)
     flow = capture(model, inputs, registry)
-    the_plan = make_plan(model, flow, registry)
-    check_finite(model, [f.norm for f in the_plan.folds], registry)
+    the_plan = make_plan(to_graph(model, flow, registry))
+    check_statistics([f.norm for f in the_plan.folds], ModuleWeights(model, registry))
     return the_plan, _report(model, the_plan, registry), flow
-
-
-class _RefusingRegistry(LayerRegistry):
-    """``registry``, except that the norms in ``refused`` (by module identity) are unfoldable, with their reason.
-
-    How the engine tells the planner "leave this norm" without a second planning code path: the planner already
-    skips a norm whose rule says it is unfoldable, and plans chains around it (a refused norm is not transparent).
-    """
-
-    def __init__(self, base: LayerRegistry, refused: dict[int, str]) -> None:
-        super().__init__(layers=base.layers, norms=base.norms)
-        self._base = base
-        self._refused = refused
-
-    def layer(self, module: nn.Module) -> Match:
-        return self._base.layer(module)
-
-    def norm(self, module: nn.Module) -> Match:
-        match = self._base.norm(module)
-        reason = self._refused.get(id(module))
-        if reason is None or not isinstance(match.rule, NormRule):
-            return match
-        return Match(dataclasses.replace(match.rule, unfoldable=lambda _module: reason))
-
-    def is_norm_candidate(self, module: nn.Module) -> bool:
-        return self._base.is_norm_candidate(module)
-
-    def is_atomic(self, module: nn.Module) -> bool:
-        return self._base.is_atomic(module)
-
-
-def _apply_in_range(
-    model: nn.Module, target: nn.Module, flow: Dataflow, the_plan: FoldPlan, registry: LayerRegistry, *, exact_undo: bool
-) -> tuple[FoldPlan, Rollback, bool]:
-    """Apply ``the_plan`` to ``target`` (``model`` or its copy), leaving every norm whose fold would overflow.
-
-    A folded weight lives in the layer's dtype, and ``W * s`` can exceed its range where the unfolded model never
-    does (it multiplies activations by ``s``, not weights). :func:`apply_plan` checks every new tensor before storing
-    it and undoes everything on the first that does not fit; that norm is then refused, with the reason, and the plan
-    is made again (a chain through it no longer folds either). Returns the plan carried out, its rollback, and
-    whether any norm was refused. With ``exact_undo=False`` (the caller's own model, folded in place without
-    verification) the folds made before the refused one are divided back, hence within one rounding, and made again.
-    """
-    refused: dict[int, str] = {}
-    while True:
-        try:
-            return the_plan, apply_plan(target, the_plan, registry, exact_undo=exact_undo), bool(refused)
-        except FoldOverflow as overflow:
-            log.info("leaving '%s': %s", overflow.norm, overflow.reason)
-            refused[id(model.get_submodule(overflow.norm))] = overflow.reason
-            the_plan = make_plan(model, flow, _RefusingRegistry(registry, refused))
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy whose tensors are normal tensors even under ``torch.inference_mode()`` (so it can be trained)."""
-    with torch.inference_mode(False):
-        return copy.deepcopy(model)
 
 
 def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: LayerRegistry | None = None) -> FoldReport:
@@ -215,18 +159,13 @@ def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: La
 
     ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) are needed only for models that
     torch.fx cannot trace; given anyway, they let bnfold check activation shapes and that the traced graph is the
-    model. Whether a fold would overflow its dtype shows only in the folded weights, so a copy of the model is
-    folded and thrown away (``model`` itself is never touched).
+    model.
     """
     registry = registry or DEFAULT_REGISTRY
     with MODEL_CALLS_LOCK:
-        the_plan, report, flow = _plan(model, _as_input_tuple(example_inputs), registry)
-    if not the_plan.folds:
-        return report
-    # Whether a fold overflows its dtype shows only in the folded weights: fold a copy (in place, it is thrown away).
-    the_plan, _, refused = _apply_in_range(model, _copy(model), flow, the_plan, registry, exact_undo=False)
-    if refused:
-        report = _report(model, the_plan, registry)
+        the_plan, report, _ = _plan(model, _as_input_tuple(example_inputs), registry)
+    with torch.no_grad():
+        _leave_overflowed(report, apply_plan(the_plan, DryRun(ModuleWeights(model, registry))))
     return report
 
 
@@ -277,19 +216,15 @@ def fold(
     if verify and inputs is None:
         raise InvalidInputError("verify=True needs example_inputs to run both models on")
     with MODEL_CALLS_LOCK:
-        the_plan, report, flow = _plan(model, inputs, registry)
+        the_plan, report, _ = _plan(model, inputs, registry)
         reference = None
         if verify:
             assert inputs is not None
             with torch.no_grad():
                 reference = model(*inputs)
-
     target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
-    exact_undo = inplace and verify
-    the_plan, rollback, refused = _apply_in_range(model, target, flow, the_plan, registry, exact_undo=exact_undo)
-    if refused:
-        report = _report(model, the_plan, registry)
+    rollback = _apply(target, the_plan, registry, report)
     if verify:
         assert inputs is not None
         try:
@@ -320,8 +255,12 @@ def fold(
             if inplace:
                 rollback.restore()  # the float64 second opinion needs the unfolded model
             if folded_float64 is not None:
-                exact_fold = _copy(model).double()  # the same plan, carried out in float64
-                apply_plan(exact_fold, the_plan, registry, exact_undo=False)
+                # The folds made (not those left because they would overflow), carried out in float64.
+                left = {e.name for e in report.entries if e.status == LEFT}
+                made = dataclasses.replace(the_plan, folds=[f for f in the_plan.folds if f.norm not in left])
+                exact_fold = _copy(model).double()
+                with torch.no_grad():
+                    apply_plan(made, ModuleWeights(exact_fold, registry))
                 with MODEL_CALLS_LOCK:
                     second = explained_by_rounding(model, inputs, reference, folded_outputs, exact_fold, folded_float64)
                 del exact_fold, folded_float64
@@ -338,12 +277,42 @@ def fold(
                 f"more than the model's own float rounding explains (checked against a float64 evaluation)"
             )
             if inplace:
-                apply_plan(target, the_plan, registry)
+                _apply(target, the_plan, registry, report)
     report.applied = True
     report.parameters_after, report.buffers_after = _count(target)
     _reports[target] = report
     log.info("%s", report.summary())
     return target
+
+
+def _apply(target: nn.Module, the_plan: FoldPlan, registry: LayerRegistry, report: FoldReport) -> Rollback:
+    """Fold ``target`` in place; on an exception everything done is undone. A fold that would overflow the layer's
+    dtype is not applied: its norm is reported as left, with the reason."""
+    rollback = Rollback()
+    try:
+        with torch.no_grad(), torch.inference_mode(False):
+            overflows = apply_plan(the_plan, ModuleWeights(target, registry, rollback))
+    except BaseException:
+        rollback.restore()
+        raise
+    _leave_overflowed(report, overflows)
+    return rollback
+
+
+def _leave_overflowed(report: FoldReport, overflows: list[FoldOverflow]) -> None:
+    reasons = {overflow.norm: str(overflow) for overflow in overflows}
+    if reasons:
+        report.entries = [
+            dataclasses.replace(e, status=LEFT, into=(), direction=None, reason=reasons[e.name])
+            if e.name in reasons else e
+            for e in report.entries
+        ]
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose tensors are normal tensors even under ``torch.inference_mode()`` (so it can be trained)."""
+    with torch.inference_mode(False):
+        return copy.deepcopy(model)
 
 
 def _holds_nan(outputs: Any) -> bool:

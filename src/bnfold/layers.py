@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .core.graph import BATCH_STATISTICS
 from .errors import InvalidInputError
 
 
@@ -193,7 +194,7 @@ def _batch_norm_statistics(module: nn.Module) -> NormStatistics:
 
 def _batch_norm_unfoldable(module: nn.Module) -> str | None:
     if not module.track_running_stats or module.running_mean is None or module.running_var is None:
-        return "it has track_running_stats=False: it normalises with the statistics of each batch, even in eval mode"
+        return f"it has track_running_stats=False: {BATCH_STATISTICS}"
     if isinstance(module.running_mean, nn.parameter.UninitializedBuffer):
         return "it is a lazy module that was never run: its statistics are not initialised yet"
     return None

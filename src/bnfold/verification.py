@@ -20,6 +20,7 @@ so their tolerance is ten roundings: 1e-2 and 8e-2.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,7 +261,9 @@ def explained_by_rounding(
         ):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
                 finite = torch.isfinite(t)
-                second_test.append((float((f - t)[finite].abs().max()), float((r - e)[finite].abs().max())))
+                rounding = float((r - e)[finite].abs().max())
+                # A rounding that is not finite measures nothing (and must not allow everything): no second test.
+                second_test.append((float((f - t)[finite].abs().max()), rounding if math.isfinite(rounding) else 0.0))
             else:
                 second_test.append((0.0, 0.0))
     truth_leaves, _ = _leaves_with_paths(truth)

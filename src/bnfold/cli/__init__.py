@@ -57,8 +57,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every command (also used to render ``--help``)."""
+def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of every command (also used to render ``--help``).
+
+    ``with_reproduce=False`` leaves out ``reproduce``, whose options come from a module that imports torch.
+    """
     parser = argparse.ArgumentParser(
         prog="bnfold", description="Fold BatchNorm into neighbouring conv / linear layers, losslessly.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(bench)
     _common(bench)
 
+    if not with_reproduce:
+        return parser
     from ..reproduce import __doc__ as reproduce_doc
     from ..reproduce import add_arguments
 
@@ -131,12 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (documented in the module docstring)."""
     from rich.console import Console
 
-    from . import commands
+    from . import onnx_commands
 
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    light = bool(words) and words[0] in onnx_commands.COMMANDS  # parsing them needs no torch
+    args = build_parser(with_reproduce=not light).parse_args(words)
     console = Console(stderr=bool(getattr(args, "json", False)))
     errors = Console(stderr=True)
-    handler: Any = getattr(commands, args.command)
+    if onnx_commands.handles(args):
+        handler: Any = getattr(onnx_commands, args.command)
+    else:
+        from . import commands
+
+        handler = getattr(commands, args.command)
     try:
         return handler(args, console)
     except KeyboardInterrupt:

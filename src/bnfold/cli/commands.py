@@ -55,15 +55,13 @@ def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
     if loaded.kind == ONNX:
         return _onnx_backend().plan(loaded.source or loaded.module)
     if loaded.kind == TORCHSCRIPT:
-        from ..torchscript import fold_script
+        from ..backends.torchscript import plan_script
 
-        report = fold_script(loaded.module, name=loaded.label)[1]
-        report.applied = False
-        return report
-    if loaded.kind == EXPORTED:
-        report = _fold_exported(loaded, example)[1]
-        report.applied = False
-        return report
+        return plan_script(loaded.module, example_inputs=example, name=loaded.label)
+    if loaded.kind == EXPORTED:  # a real dry run: the graph is planned, nothing is folded or exported again
+        from ..backends.exported import plan_exported
+
+        return plan_exported(loaded.module, name=loaded.label)
     from ..engine import plan
 
     return plan(loaded.module, example)
@@ -83,7 +81,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
 
 def _fold_exported(loaded: LoadedModel, example: torch.Tensor) -> tuple[Any, FoldReport]:
     """Fold a torch.export program, exported again on its own example inputs (or, lacking them, on ``example``)."""
-    from ..exported import fold_exported
+    from ..backends.exported import fold_exported
 
     stored = loaded.module.example_inputs
     return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label)
@@ -95,10 +93,10 @@ def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | 
         result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance)
         return result, result.report
     if loaded.kind == TORCHSCRIPT:
-        from ..torchscript import fold_script
+        from ..backends.torchscript import fold_script
         from ..verification import verify
 
-        folded, report = fold_script(loaded.module, name=loaded.label)
+        folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label)
         checked = verify(loaded.module, folded, example, tolerance=tolerance)
         report.verification = checked.to_dict()
         if not checked.passed:
@@ -212,7 +210,7 @@ def bench(args: argparse.Namespace, console: Any) -> int:
     if loaded.kind == TORCHSCRIPT:
         folded = _fold_loaded(loaded, example, args.tolerance)[0]
     if loaded.kind == EXPORTED:
-        from ..exported import check_batch_sizes
+        from ..backends.exported import check_batch_sizes
 
         check_batch_sizes(loaded.module, batch_sizes)
         model, folded = _graph_module(loaded.runnable), _graph_module(_fold_loaded(loaded, example, args.tolerance)[0].module())

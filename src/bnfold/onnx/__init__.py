@@ -26,8 +26,8 @@ import onnx
 
 from ..errors import InvalidInputError, VerificationError
 from ..report import FoldReport
+from .adapter import fold_graph
 from .io import load, read, save
-from .pipeline import fold_graph
 from .verification import TOLERANCES, default_tolerance, verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]

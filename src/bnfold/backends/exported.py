@@ -1,0 +1,870 @@
+"""The torch.export adapter: a program's ATen graph translated into the core graph, and the core's folds written back
+into it; the folded module is then exported again.
+
+An ``ExportedProgram`` carries no Python classes to rebuild, so its unlifted module (``program.module()``: an fx
+``GraphModule`` whose weights are ``get_attr`` nodes, a copy of the program) is what bnfold reads and rewrites.
+
+Translation (:func:`to_graph`), and nothing else is decided here:
+
+* every ATen call becomes a node whose inputs are the tensors it reads; reads of metadata only (``sym_size``,
+  tensor-metadata assertions, the export guards) are not uses, and nodes that compute sizes are left out;
+* ``aten.conv*`` / ``aten.convolution`` / ``aten.linear`` are linear layers, one unit each, named after their
+  weight's owner (``layer1.0.conv1``); a weight or bias that is not a stored tensor read by that node alone is the
+  layer's ``problem``;
+* ``aten.batch_norm``, ``aten.native_batch_norm`` and ``aten._native_batch_norm_legit*`` are norms (a tuple-valued
+  one stands for its ``getitem 0``), named after their statistics' owner (``layer1.0.bn1``); one that normalises
+  with batch statistics has :data:`~bnfold.core.graph.BATCH_STATISTICS` as its problem;
+* every other op is named in the core's vocabulary by one facts table (:data:`_OP_KINDS`), with the attributes
+  :mod:`bnfold.core.commuting` needs; shapes come from ``node.meta["val"]``.
+
+Writing back (:class:`ExportedWeights`): the core computes the new tensors; a layer's weight keeps its attribute name
+with the folded values, a missing bias becomes a new parameter ``<layer>.bias``, a folded norm's users read its input
+instead, and the norm's state is deleted once nothing reads it. The folded module is exported again on the program's
+example inputs, with its dynamic dimensions, so the result is an ``ExportedProgram`` that ``torch.export.save``
+writes like any other.
+
+Parameter counts are those of the program's ``parameters()``: the folded one has the folded norms' affine
+parameters less, and the biases the folds add more, as for an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from ..core.apply import FoldOverflow, LayerTensors, Statistics, apply_plan, check_statistics
+from ..core.graph import (
+    BATCH_STATISTICS,
+    CONSTANT,
+    INPUT,
+    LAYER,
+    NORM,
+    OP,
+    OUTPUT,
+    Graph,
+    LayerFacts,
+    NormFacts,
+    OpFacts,
+)
+from ..core.plan import FoldPlan, make_plan
+from ..errors import CaptureError, InvalidInputError, TrainingModeError
+from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from .modules import TorchNumerics
+
+CAPTURE = "torch.export graph"
+
+# ------------------------------------------------------------------------------------------- the facts table
+
+# Linear layers: ATen op name -> how its weight is laid out ("conv", "conv_transpose", "convolution": read the
+# ``transposed`` argument, "linear").
+_LAYERS: dict[str, str] = {
+    **dict.fromkeys(("conv1d", "conv2d", "conv3d"), "conv"),
+    **dict.fromkeys(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), "conv_transpose"),
+    "convolution": "convolution",
+    "linear": "linear",
+}
+
+# Norms: ATen op name -> how it decides between running and batch statistics ("flag": its ``training`` argument,
+# "running": always running statistics, "batch": always batch statistics).
+_NORMS: dict[str, str] = {
+    "batch_norm": "flag",
+    "native_batch_norm": "flag",
+    "_native_batch_norm_legit_functional": "flag",
+    "_native_batch_norm_legit_no_training": "running",
+    "_native_batch_norm_legit": "batch",
+}
+
+# Every other op the core can reason about: ATen op name -> OpFacts kind. Upsampling ops are recognised by name
+# (``upsample_*``, ``_upsample_*``) below.
+_OP_KINDS: dict[str, str] = {
+    **dict.fromkeys(("clone", "alias", "contiguous", "detach", "lift_fresh_copy", "_to_copy", "to"), "identity"),
+    **dict.fromkeys(("dropout", "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"),
+                    "dropout"),
+    **dict.fromkeys(("avg_pool1d", "avg_pool2d", "avg_pool3d"), "avg_pool"),
+    **dict.fromkeys(("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+                     "_adaptive_avg_pool3d"), "adaptive_avg_pool"),
+    **dict.fromkeys(("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+                     "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"),
+                    "max_pool"),
+    "mean": "mean",
+    **dict.fromkeys(("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy",
+                     "reshape_as", "view_as"), "reshape"),
+    "permute": "permute",
+    **dict.fromkeys(("transpose", "t", "swapaxes", "swapdims"), "transpose"),
+    **dict.fromkeys(("cat", "concat", "concatenate"), "concat"),
+    **dict.fromkeys(("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
+                     "replication_pad1d", "replication_pad2d", "replication_pad3d", "_pad_circular"), "pad"),
+}
+
+_PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
+
+# Ops whose outputs are tuples of which ``getitem 0`` is the tensor the core sees.
+_TUPLE_VALUED = frozenset({
+    "native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit", "native_dropout", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+})
+
+# Uses that read only a tensor's metadata (shape checks), which folding does not change.
+_METADATA_READS = frozenset({
+    "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "dim", "_assert_tensor_metadata",
+    "_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size",
+})
+
+# Arguments read only for their shape, dtype or device (``y.reshape_as(x)`` reads x's shape): not uses.
+_METADATA_ARGUMENTS: dict[str, frozenset[str]] = {
+    **dict.fromkeys(("reshape_as", "view_as", "expand_as", "type_as"), frozenset({"other"})),
+    **dict.fromkeys(("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"),
+                    frozenset({"self"})),
+}
+
+# Ops a decomposition makes out of a linear layer, which bnfold does not fold into.
+_DECOMPOSED_LINEAR = frozenset({"addmm", "mm"})
+
+
+def op_name(node: fx.Node) -> str:
+    """The ATen op name of a call (``"avg_pool2d"`` for ``aten.avg_pool2d.default``), or ``""``."""
+    if node.op != "call_function":
+        return ""
+    return str(getattr(node.target, "_opname", getattr(node.target, "__name__", "")))
+
+
+def _argument(node: fx.Node, name: str) -> Any:
+    """Argument ``name`` of an aten call: positional, keyword, or the schema's default."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return None
+    for index, spec in enumerate(schema.arguments):
+        if spec.name == name:
+            if index < len(node.args):
+                return node.args[index]
+            if name in node.kwargs:
+                return node.kwargs[name]
+            return spec.default_value if spec.has_default_value() else None
+    return None
+
+
+def _set_argument(node: fx.Node, name: str, value: Any) -> None:
+    index = [spec.name for spec in node.target._schema.arguments].index(name)  # type: ignore[union-attr]
+    if index < len(node.args):
+        node.update_arg(index, value)
+    elif index == len(node.args):
+        node.args = (*node.args, value)
+    else:
+        node.update_kwarg(name, value)
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) if isinstance(v, int) else v for v in value)
+    return () if value is None else (value,)
+
+
+def _value(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _rank(node: Any) -> int | None:
+    value = _value(node)
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def _op_facts(node: fx.Node, name: str) -> OpFacts:
+    """The node in the core's vocabulary, with the attributes that decide whether an affine map passes it."""
+    kind = _OP_KINDS.get(name)
+    if kind is None and (name.startswith("upsample_") or name.startswith("_upsample_")):
+        kind = "upsample"
+    if kind is None:
+        return OpFacts("other")
+    source = node.args[0] if node.args else None
+    if kind == "identity" and name in ("_to_copy", "to"):
+        before, after = _value(source), _value(node)
+        same = isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype
+        return OpFacts("identity" if same else "other")  # a dtype change rounds: the fold would not be exact
+    if kind == "dropout":
+        return OpFacts(kind, {"training": _argument(node, "train") is not False})
+    if kind == "avg_pool":
+        return OpFacts(kind, {
+            "padding": _ints(_argument(node, "padding")) or (0,),
+            "count_include_pad": bool(_argument(node, "count_include_pad")),
+            "divisor_override": _argument(node, "divisor_override"),
+        })
+    if kind == "max_pool":
+        indices_used = name.endswith("_with_indices") or name.startswith("adaptive_")
+        return OpFacts(kind, {"return_indices": indices_used and _outputs_used(node) != {0}})
+    if kind == "mean":
+        dims = _argument(node, "dim")
+        rank = _rank(source)
+        if dims is None or dims == []:
+            dims = None if rank is None else tuple(range(rank))
+        return OpFacts(kind, {"dims": None if dims is None else _ints(dims), "keepdim": bool(_argument(node, "keepdim"))})
+    if kind == "permute":
+        order = _argument(node, "dims")
+        return OpFacts(kind, {"order": _ints(order)}) if order is not None else OpFacts("other")
+    if kind == "transpose":
+        if name == "t":
+            return OpFacts(kind, {"dims": (0, 1)}) if _rank(source) == 2 else OpFacts("identity")
+        first, second = node.args[1:3] if len(node.args) >= 3 else (None, None)
+        if not isinstance(first, int) or not isinstance(second, int):
+            return OpFacts("other")
+        return OpFacts(kind, {"dims": (first, second)})
+    if kind == "concat":
+        axis = _argument(node, "dim")
+        return OpFacts(kind, {"axis": axis if isinstance(axis, int) else None})
+    if kind == "pad":
+        return _pad_facts(node, name)
+    return OpFacts(kind)
+
+
+def _pad_facts(node: fx.Node, name: str) -> OpFacts:
+    if name == "pad":
+        mode = str(_argument(node, "mode") or "constant")
+        widths = _argument(node, "pad")
+    elif name == "constant_pad_nd":
+        mode, widths = "constant", _argument(node, "pad")
+    else:
+        mode = next(m for prefix, m in _PAD_MODES.items() if name.startswith(prefix))
+        widths = _argument(node, "padding") if name != "_pad_circular" else _argument(node, "pad")
+    rank = _rank(node.args[0] if node.args else None)
+    padded: tuple[int, ...] | None = None
+    if rank is not None and isinstance(widths, (tuple, list)) and all(isinstance(w, int) for w in widths):
+        # pairs (before, after) from the last axis backwards
+        padded = tuple(rank - 1 - i for i in range(len(widths) // 2) if widths[2 * i] or widths[2 * i + 1])
+    return OpFacts("pad", {"mode": mode, "padded_axes": padded})
+
+
+def _outputs_used(node: fx.Node) -> set[int | None]:
+    """Which elements of a tuple-valued node are read (``None``: the tuple itself is passed on)."""
+    used: set[int | None] = set()
+    for user in node.users:
+        if user.target is operator.getitem and isinstance(user.args[1], int):
+            if user.users:
+                used.add(user.args[1])
+        else:
+            used.add(None)
+    return used
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    """A node that only looks at shapes, or computes sizes: not a use of the tensors it reads."""
+    if node.op == "call_module" and str(node.target).startswith("_guards"):
+        return True
+    if node.op != "call_function":
+        return False
+    if op_name(node) in _METADATA_READS:
+        return True
+    return isinstance(_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+# -------------------------------------------------------------------------------------------- translation
+
+
+@dataclass
+class _LayerSite:
+    node: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    out_axis: int
+    groups: int
+
+
+@dataclass
+class _NormSite:
+    node: fx.Node
+    output: fx.Node  # the norm itself, or its getitem 0
+    statistics: tuple[Any, Any, Any, Any]  # gamma, beta, mean, var argument nodes (gamma / beta may be None)
+    eps: float
+    training: bool  # batch statistics although it has running statistics (the program was exported in train mode)
+
+
+@dataclass
+class ExportedGraph:
+    """The core graph of an unlifted program module, and where each unit lives in the fx graph."""
+
+    graph: Graph
+    module: fx.GraphModule
+    layers: dict[str, _LayerSite]
+    norms: dict[str, _NormSite]
+
+
+def _fetch(module: nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
+def _is_stored(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
+    """A stand-in integer for every size symbol: large and distinct, so that no real size equals it by accident,
+    and consistent, so that ``s0 * 8`` in one shape equals the same product in another."""
+    symbols: set[Any] = set()
+    for node in module.graph.nodes:
+        value = _value(node)
+        if isinstance(value, torch.Tensor):
+            for size in value.shape:
+                if isinstance(size, torch.SymInt):
+                    symbols |= set(size.node.expr.free_symbols)
+    return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
+
+
+class _Translator:
+    def __init__(self, module: fx.GraphModule) -> None:
+        self.module = module
+        self.graph = Graph(method=CAPTURE, shapes_known=True)
+        self.index: dict[fx.Node, int] = {}
+        self.layers: dict[str, _LayerSite] = {}
+        self.norms: dict[str, _NormSite] = {}
+        self.symbols = _symbolic_sizes(module)
+        readers: dict[str, int] = {}
+        for node in module.graph.nodes:
+            if node.op == "get_attr":
+                readers[node.target] = readers.get(node.target, 0) + len(node.users)
+        aliases: dict[int, list[str]] = {}
+        for name, tensor in (*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)):
+            aliases.setdefault(id(tensor), []).append(name)
+        self.readers = readers
+        self.aliases = aliases
+
+    # ----------------------------------------------------------------------------------------------- helpers
+
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        value = _value(node)
+        if not isinstance(value, torch.Tensor):
+            return None
+        sizes = []
+        for size in value.shape:
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr.subs(self.symbols)
+                if not expr.is_Integer:
+                    return None
+                sizes.append(int(expr))
+            else:
+                sizes.append(int(size))
+        return tuple(sizes)
+
+    def tensor_inputs(self, node: fx.Node) -> list[int]:
+        """The graph nodes of the tensors ``node`` reads, in argument order (nested lists flattened)."""
+        found: list[int] = []
+        skipped = _METADATA_ARGUMENTS.get(op_name(node))
+        if skipped:
+            schema = node.target._schema  # type: ignore[union-attr]
+            names = [spec.name for spec in schema.arguments]
+            arguments = [a for i, a in enumerate(node.args) if i >= len(names) or names[i] not in skipped]
+            keywords = {k: v for k, v in node.kwargs.items() if k not in skipped}
+        else:
+            arguments, keywords = list(node.args), dict(node.kwargs)
+        for argument in pytree.tree_leaves((arguments, keywords)):
+            if isinstance(argument, fx.Node) and argument in self.index:
+                found.append(self.index[argument])
+        return found
+
+    def fresh(self, name: str, node: fx.Node) -> str:
+        """A unit name: the module path of the unit's state, made unique by the node's name when a module (or a
+        tensor the model owns directly) is called at several nodes."""
+        if not name:
+            return node.name
+        return name if name not in self.graph.units else f"{name}@{node.name}"
+
+    def sharing(self, attribute: fx.Node, what: str, layer: str) -> str | None:
+        """Why the stored tensor read by ``attribute`` must not change: read elsewhere too, or an alias."""
+        target = str(attribute.target)
+        if self.readers.get(target, 0) != 1:
+            return (
+                f"the {what} '{target}' of the layer '{layer}' is also read by another node of the program; folding "
+                f"would change that use too"
+            )
+        tensor = _fetch(self.module, target)
+        others = [n for n in self.aliases.get(id(tensor), [target]) if n != target]
+        if others:
+            return f"the layer '{layer}' shares its {what} '{target}' with '{others[0]}'"
+        return None
+
+    def label(self, node: fx.Node, name: str) -> str:
+        if name in _DECOMPOSED_LINEAR:
+            return (
+                f"the operation aten.{name} (%{node.name}, a linear layer after run_decompositions(), which bnfold "
+                f"does not fold into: fold the program before run_decompositions())"
+            )
+        return f"the operation aten.{name} (%{node.name})" if name else f"the operation {node.target} (%{node.name})"
+
+    # ------------------------------------------------------------------------------------------------ layers
+
+    def add_layer(self, node: fx.Node, name: str) -> None:
+        layout = _LAYERS[name]
+        weight, bias = _argument(node, "weight"), _argument(node, "bias")
+        source = node.args[0]
+        unit = self.fresh(str(weight.target).rpartition(".")[0] if _is_stored(weight) else "", node)
+        weight_value = _value(weight)
+        problem = None
+        if not isinstance(weight_value, torch.Tensor) or not weight_value.is_floating_point():
+            problem = f"the layer '{unit}' has no floating-point weight to fold into"
+        elif not _is_stored(weight) or (bias is not None and not _is_stored(bias)):
+            problem = f"the weight or bias of the layer '{unit}' is computed in the program, not a stored tensor"
+        else:
+            problem = self.sharing(weight, "weight", unit) or (bias is not None and self.sharing(bias, "bias", unit)) or None
+        transposed = layout == "conv_transpose" or (layout == "convolution" and bool(_argument(node, "transposed")))
+        groups = 1 if layout == "linear" else int(_argument(node, "groups") or 1)
+        shape = tuple(weight_value.shape) if isinstance(weight_value, torch.Tensor) else (0, 0)
+        if layout == "linear":
+            out_channels, in_channels, channel_dim = shape[0], shape[-1], -1
+        elif transposed:
+            out_channels, in_channels, channel_dim = shape[1] * groups, shape[0], 1
+        else:
+            out_channels, in_channels, channel_dim = shape[0], shape[1] * groups, 1
+        rank = _rank(source)
+        if layout != "linear" and rank is not None and rank == len(shape) - 1:
+            channel_dim = 0  # an unbatched input: (channels, spatial...)
+        facts = LayerFacts(out_channels, in_channels, channel_dim, problem=problem,
+                           input_fold_blocker=self.input_fold_blocker(node, layout, transposed, shape))
+        self.graph.add_unit(unit, LAYER, f"aten.{name}", layer=facts)
+        self.layers[unit] = _LayerSite(node, weight, bias, 1 if transposed else 0, groups)
+        extra = [self.index[a] for a in (weight, bias) if isinstance(a, fx.Node) and not _is_stored(a) and a in self.index]
+        inputs = ([self.index[source]] if isinstance(source, fx.Node) and source in self.index else []) + extra
+        self.index[node] = self.graph.add_node(
+            LAYER, f"'{unit}' (aten.{name}, %{node.name})", inputs, shape=self.shape(node), unit=unit).index
+
+    @staticmethod
+    def input_fold_blocker(node: fx.Node, layout: str, transposed: bool, weight_shape: tuple[int, ...]) -> str | None:
+        """Why an affine map on the layer's input cannot be absorbed exactly (the same words as for modules)."""
+        if layout == "linear":
+            return None
+        if transposed:
+            return (
+                "it is a transposed convolution: its output positions sum different numbers of input positions, so a "
+                "shift on its input does not become a constant bias"
+            )
+        padding = _argument(node, "padding")
+        if isinstance(padding, str):
+            dilation = _ints(_argument(node, "dilation")) or (1,)
+            kernel = weight_shape[2:]
+            dilation = dilation * len(kernel) if len(dilation) == 1 else dilation
+            if padding == "valid" or all(d * (k - 1) == 0 for d, k in zip(dilation, kernel, strict=False)):
+                return None
+        elif all(p == 0 for p in _ints(padding)):
+            return None
+        return (
+            f"it pads its input with zeros (padding={padding}): the border outputs would see the shift where the "
+            f"original saw zeros"
+        )
+
+    # ------------------------------------------------------------------------------------------------- norms
+
+    def add_norm(self, node: fx.Node, name: str) -> None:
+        mode = _NORMS[name]
+        statistics = tuple(_argument(node, a) for a in ("weight", "bias", "running_mean", "running_var"))
+        gamma, beta, mean, var = statistics
+        owner_of = next((s for s in (mean, gamma) if _is_stored(s)), None)
+        unit = self.fresh(str(owner_of.target).rpartition(".")[0] if owner_of is not None else "", node)
+        has_running = mean is not None and var is not None
+        batch = (mode == "batch") or (mode == "flag" and _argument(node, "training") is not False) or not has_running
+        channels_from = next((s for s in statistics if isinstance(_value(s), torch.Tensor)), None)
+        source = node.args[0]
+        source_shape = self.shape(source) if isinstance(source, fx.Node) else None
+        channels = int(_value(channels_from).numel()) if channels_from is not None else (
+            source_shape[1] if source_shape and len(source_shape) > 1 else 0)
+        output: fx.Node = node
+        problem = None
+        if name in _TUPLE_VALUED:
+            used = _outputs_used(node)
+            zero = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+            if used - {0}:
+                problem = "its saved mean / inverse standard deviation outputs are used; only its normalised output can be folded"
+            elif len(zero) == 1:
+                output = zero[0]
+            elif zero:
+                problem = "its normalised output is read through several getitem nodes"
+        if batch:
+            problem = BATCH_STATISTICS if not has_running or mode == "batch" else (
+                f"it runs in training mode (training=True): {BATCH_STATISTICS}; export the model after .eval()")
+        elif problem is None and any(s is not None and not _is_stored(s) for s in statistics):
+            problem = "its statistics or affine parameters are computed in the program, not stored tensors (get_attr)"
+        negative = 0
+        if problem is None and gamma is not None:
+            negative = int((_fetch(self.module, str(gamma.target)).detach() < 0).sum())
+        facts = NormFacts(channels=channels, channel_dim=1, problem=problem, negative_scales=negative)
+        self.graph.add_unit(unit, NORM, f"aten.{name}", norm=facts)
+        eps = _argument(node, "eps")
+        self.norms[unit] = _NormSite(node, output, statistics, float(eps) if eps is not None else 1e-5,
+                                     training=batch and has_running)
+        extra = [self.index[s] for s in statistics if isinstance(s, fx.Node) and not _is_stored(s) and s in self.index]
+        inputs = ([self.index[source]] if isinstance(source, fx.Node) and source in self.index else []) + extra
+        index = self.graph.add_node(NORM, f"'{unit}' (aten.{name}, %{node.name})", inputs,
+                                    shape=self.shape(output), unit=unit).index
+        self.index[node] = index
+        if output is not node:
+            self.index[output] = index
+
+    # ------------------------------------------------------------------------------------------------ driver
+
+    def translate(self) -> ExportedGraph:
+        for node in self.module.graph.nodes:
+            if node.op == "placeholder":
+                self.index[node] = self.graph.add_node(INPUT, "a program input", shape=self.shape(node)).index
+            elif node.op == "get_attr":
+                self.index[node] = self.graph.add_node(
+                    CONSTANT, f"the stored tensor '{node.target}'", shape=self.shape(node)).index
+            elif node.op == "output":
+                self.graph.add_node(OUTPUT, "the program output", self.tensor_inputs(node))
+            elif node in self.index or _is_metadata(node):
+                continue  # a getitem 0 already standing for its norm; a shape query
+            elif node.target is operator.getitem and node.args[0] in self.index and op_name(node.args[0]) in _TUPLE_VALUED \
+                    and node.args[1] == 0:
+                self.index[node] = self.index[node.args[0]]
+            else:
+                name = op_name(node)
+                if name in _LAYERS:
+                    self.add_layer(node, name)
+                elif name in _NORMS:
+                    self.add_norm(node, name)
+                else:
+                    facts = _op_facts(node, name) if node.op == "call_function" else OpFacts("other")
+                    self.index[node] = self.graph.add_node(
+                        OP, self.label(node, name), self.tensor_inputs(node), shape=self.shape(node), op=facts).index
+        return ExportedGraph(self.graph, self.module, self.layers, self.norms)
+
+
+def to_graph(module: fx.GraphModule) -> ExportedGraph:
+    """The core graph of an unlifted program module (``program.module()``)."""
+    return _Translator(module).translate()
+
+
+def _check_training(exported: ExportedGraph) -> None:
+    """A program whose every norm with running statistics uses batch statistics was exported in training mode."""
+    with_running = [site for site in exported.norms.values() if site.statistics[2] is not None]
+    if with_running and all(site.training for site in with_running):
+        raise TrainingModeError(
+            "the program was exported in training mode (its batch norms use the statistics of each batch), and "
+            "folding would change what it computes; call model.eval() before torch.export.export and export it again"
+        )
+
+
+# --------------------------------------------------------------------------------------------- writing back
+
+
+def _replace(module: nn.Module, target: str, value: torch.Tensor, like: torch.Tensor | None) -> None:
+    """Store ``value`` at ``target`` as a parameter (or a buffer, when ``like`` is one), keeping ``requires_grad``.
+
+    A new object, never an in-place change: the program the module was unlifted from shares its tensors.
+    """
+    owner_name, _, name = target.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if like is None or isinstance(like, nn.Parameter):
+        requires_grad = True if like is None else like.requires_grad
+        if hasattr(owner, name) and name not in owner._parameters:
+            delattr(owner, name)
+        owner.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _free_name(module: nn.Module, owner: str, name: str) -> str:
+    prefix = f"{owner}." if owner else ""
+    parent = module.get_submodule(owner) if owner else module
+    candidate, number = name, 0
+    while hasattr(parent, candidate):
+        number += 1
+        candidate = f"{name}_{number}"
+    return prefix + candidate
+
+
+class ExportedWeights:
+    """:class:`bnfold.core.apply.WeightAccess` on an unlifted program module."""
+
+    numerics = TorchNumerics()
+
+    def __init__(self, exported: ExportedGraph) -> None:
+        self.exported = exported
+        self.module = exported.module
+        self.removed_state: list[str] = []
+
+    def statistics(self, norm: str) -> Statistics:
+        site = self.exported.norms[norm]
+        gamma, beta, mean, var = (None if n is None else _fetch(self.module, str(n.target)) for n in site.statistics)
+        assert mean is not None and var is not None  # a norm without running statistics is never planned
+        return Statistics(mean, var, site.eps, gamma, beta)
+
+    def read(self, layer: str) -> LayerTensors:
+        site = self.exported.layers[layer]
+        bias = None if site.bias is None else _fetch(self.module, str(site.bias.target))
+        return LayerTensors(_fetch(self.module, str(site.weight.target)), bias, site.out_axis, site.groups)
+
+    def write(self, layer: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        site = self.exported.layers[layer]
+        old_weight = _fetch(self.module, str(site.weight.target))
+        _replace(self.module, str(site.weight.target), weight.contiguous(), old_weight)
+        if site.bias is not None:
+            target = str(site.bias.target)
+            _replace(self.module, target, bias.contiguous(), _fetch(self.module, target))
+            return
+        owner = str(site.weight.target).rpartition(".")[0]
+        target = _free_name(self.module, owner, "bias")
+        _replace(self.module, target, bias.contiguous(), old_weight if isinstance(old_weight, nn.Parameter) else None)
+        with self.module.graph.inserting_before(site.node):
+            site.bias = self.module.graph.get_attr(target)
+        _set_argument(site.node, "bias", site.bias)
+
+    def remove_norm(self, norm: str) -> None:
+        site = self.exported.norms[norm]
+        site.output.replace_all_uses_with(site.node.args[0])
+        graph = self.module.graph
+        if site.output is not site.node:
+            graph.erase_node(site.output)
+        for user in list(site.node.users):  # getitem nodes of unused outputs
+            if not user.users:
+                graph.erase_node(user)
+        graph.erase_node(site.node)
+        self.removed_state.extend(str(n.target) for n in site.statistics if n is not None)
+
+
+def _delete_unused(module: fx.GraphModule, targets: list[str]) -> None:
+    """Delete the folded norms' state no node reads any more (and their ``num_batches_tracked`` counters)."""
+    read = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    owners = {t.rpartition(".")[0] for t in targets}
+    candidates = list(dict.fromkeys(targets + [f"{o}.num_batches_tracked" if o else "num_batches_tracked" for o in owners]))
+    for target in candidates:
+        owner_name, _, name = target.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if target not in read and hasattr(owner, name):
+            delattr(owner, name)
+
+
+# ------------------------------------------------------------------------------------------------- the report
+
+
+def _entries(exported: ExportedGraph, the_plan: FoldPlan, overflows: list[FoldOverflow]) -> list[NormEntry]:
+    reasons = {overflow.norm: str(overflow) for overflow in overflows}
+    units = exported.graph.units
+    entries = []
+    for fold in the_plan.folds:
+        unit = units[fold.norm]
+        channels = unit.norm.channels if unit.norm else None
+        if fold.norm in reasons:
+            entries.append(NormEntry(fold.norm, unit.type_name, channels, LEFT, reason=reasons[fold.norm]))
+        else:
+            entries.append(NormEntry(fold.norm, unit.type_name, channels, FOLDED, into=fold.layers,
+                                     direction=fold.direction))
+    for refusal in the_plan.refusals:
+        unit = units[refusal.norm]
+        entries.append(NormEntry(refusal.norm, unit.type_name, unit.norm.channels if unit.norm else None, LEFT,
+                                 reason=refusal.reason))
+    order = {unit.name: i for i, unit in enumerate(exported.graph.norms())}
+    return sorted(entries, key=lambda e: order.get(e.name, len(order)))
+
+
+def _projected_parameters(program: torch.export.ExportedProgram, exported: ExportedGraph, the_plan: FoldPlan) -> int:
+    """Parameters once ``the_plan`` is applied: the folded norms' affine parameters go (when nothing else reads
+    them), a bias comes to each layer without one. What a dry run reports, without folding to find out."""
+    module = exported.module
+    folded_norms = {exported.norms[f.norm].node for f in the_plan.folds}
+    removed = 0
+    for fold in the_plan.folds:
+        for attribute in exported.norms[fold.norm].statistics[:2]:
+            if attribute is None:
+                continue
+            readers = [n for n in module.graph.nodes if n.op == "get_attr" and n.target == attribute.target]
+            if all(user in folded_norms for reader in readers for user in reader.users):
+                tensor = _fetch(module, str(attribute.target))
+                removed += tensor.numel() if isinstance(tensor, nn.Parameter) else 0
+    added = sum(
+        exported.graph.units[layer].layer.out_channels  # type: ignore[union-attr]
+        for layer in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers)
+        if exported.layers[layer].bias is None
+    )
+    return parameter_count(program) - removed + added
+
+
+def _planned(program: torch.export.ExportedProgram) -> tuple[ExportedGraph, FoldPlan]:
+    exported = to_graph(program.module())
+    _check_training(exported)
+    the_plan = make_plan(exported.graph)
+    check_statistics([fold.norm for fold in the_plan.folds], ExportedWeights(exported))
+    return exported, the_plan
+
+
+def plan_exported(program: torch.export.ExportedProgram, *, name: str = "exported program") -> FoldReport:
+    """Dry run: the report of what :func:`fold_exported` would do, without folding anything.
+
+    Raises:
+        TrainingModeError: the program was exported in training mode.
+        NonFiniteStatisticsError: a norm that would fold has NaN or infinite statistics.
+    """
+    exported, the_plan = _planned(program)
+    buffers = sum(b.numel() for b in program.buffers())
+    return FoldReport(
+        model=name, applied=False, capture=CAPTURE, entries=_entries(exported, the_plan, []),
+        parameters_before=parameter_count(program),
+        parameters_after=_projected_parameters(program, exported, the_plan),
+        buffers_before=buffers, buffers_after=buffers, notes=list(the_plan.notes),
+    )
+
+
+def fold_exported(
+    program: torch.export.ExportedProgram,
+    *,
+    example_inputs: Any = None,
+    name: str = "exported program",
+) -> tuple[torch.export.ExportedProgram, FoldReport]:
+    """Fold every foldable batch norm of a torch.export program; returns ``(folded program, report)``.
+
+    The decisions are the core planner's (:mod:`bnfold.core.plan`), the same as for the ``nn.Module`` it was exported
+    from. ``example_inputs`` (a tensor or a tuple) are used to export the folded module again; by default the
+    program's own. The caller's program is not changed (``program.module()`` is a copy, and tensors are replaced,
+    never changed in place).
+
+    Raises:
+        TrainingModeError: the program was exported in training mode.
+        NonFiniteStatisticsError: a norm that would fold has NaN or infinite statistics.
+        InvalidInputError: no example inputs to export the folded module again.
+        CaptureError: exporting the folded module again failed.
+    """
+    args, kwargs = _example_inputs(program, example_inputs)
+    exported, the_plan = _planned(program)
+    access = ExportedWeights(exported)
+    with torch.no_grad():
+        overflows = apply_plan(the_plan, access)
+    module = exported.module
+    module.graph.eliminate_dead_code()
+    _delete_unused(module, access.removed_state)
+    module.recompile()
+    notes = list(the_plan.notes)
+    dynamic_shapes = dynamic_shapes_of(program)
+    if dynamic_shapes is None and any(
+        isinstance(d, torch.SymInt) for shape in _user_input_shapes(program) if shape for d in shape
+    ):
+        notes.append("the program's dynamic dimensions were not kept (keyword inputs); it was exported with static shapes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folded = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
+    except Exception as error:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CaptureError(
+            f"exporting the folded program again failed ({first}); check that the example inputs match the program, "
+            "or fold the nn.Module with bnfold.fold and export that"
+        ) from error
+    report = FoldReport(
+        model=name, applied=True, capture=CAPTURE, entries=_entries(exported, the_plan, overflows),
+        parameters_before=parameter_count(program), parameters_after=parameter_count(folded),
+        buffers_before=sum(b.numel() for b in program.buffers()), buffers_after=sum(b.numel() for b in folded.buffers()),
+        notes=notes,
+    )
+    return folded, report
+
+
+# ------------------------------------------------------------------------------- program inputs and shapes
+
+
+def _user_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[Any, ...] | None]:
+    names = set(program.graph_signature.user_inputs)
+    return [
+        tuple(node.meta["val"].shape) if isinstance(node.meta.get("val"), torch.Tensor) else None
+        for node in program.graph.nodes if node.op == "placeholder" and node.name in names
+    ]
+
+
+def dynamic_shapes_of(program: torch.export.ExportedProgram) -> tuple[Any, ...] | None:
+    """The ``dynamic_shapes`` that reproduce the program's dynamic dimensions (with their ranges), or ``None``.
+
+    Only positional inputs are handled (a program with keyword inputs gets ``None``, with its shapes static).
+    """
+    dims: dict[str, Any] = {}
+    leaves: list[Any] = []
+    dynamic = False
+    for shape in _user_input_shapes(program):
+        if shape is None:
+            leaves.append(None)
+            continue
+        spec = {}
+        for axis, size in enumerate(shape):
+            if isinstance(size, torch.SymInt):
+                dynamic = True
+                spec[axis] = _dim(size, program, dims)
+        leaves.append(spec or None)
+    if not dynamic:
+        return None
+    args, kwargs = pytree.tree_unflatten(leaves, program.call_spec.in_spec)
+    return None if kwargs else tuple(args)
+
+
+def _dim(size: torch.SymInt, program: torch.export.ExportedProgram, dims: dict[str, Any]) -> Any:
+    import sympy
+
+    expr = size.node.expr
+    if not isinstance(expr, sympy.Symbol):
+        return torch.export.Dim.DYNAMIC
+    name = str(expr)
+    if name not in dims:
+        bounds = program.range_constraints.get(expr)
+        low = int(bounds.lower) if bounds is not None and bounds.lower.is_finite else None
+        high = int(bounds.upper) if bounds is not None and bounds.upper.is_finite else None
+        dims[name] = torch.export.Dim(f"d_{name}", min=low, max=high)
+    return dims[name]
+
+
+def _example_inputs(program: torch.export.ExportedProgram, given: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if given is not None:
+        return (given if isinstance(given, tuple) else (given,)), {}
+    stored = getattr(program, "example_inputs", None)
+    if stored is None:
+        raise InvalidInputError(
+            "the exported program carries no example inputs (torch.export.load of an older file, or they were dropped); "
+            "pass example_inputs= (a tensor or a tuple of them), or --input-shape on the command line"
+        )
+    args, kwargs = stored
+    return tuple(args), dict(kwargs)
+
+
+def parameter_count(program: torch.export.ExportedProgram) -> int:
+    """Trainable parameters of the program (buffers excluded), as the report counts them."""
+    return sum(p.numel() for p in program.parameters())
+
+
+def _allowed(program: torch.export.ExportedProgram, size: Any, value: int) -> bool:
+    """Whether a program exported with dimension ``size`` (an int, or a symbol with a range) accepts ``value``."""
+    if not isinstance(size, torch.SymInt):
+        return int(size) == value
+    bounds = program.range_constraints.get(size.node.expr)
+    return bounds is None or (bounds.lower <= value and (not bounds.upper.is_finite or value <= bounds.upper))
+
+
+def check_input_shape(program: torch.export.ExportedProgram, shape: tuple[int, ...]) -> None:
+    """Refuse an input shape the program's guards would reject, naming the shapes it accepts."""
+    expected = next(iter(_user_input_shapes(program)), None)
+    if expected is None:
+        return
+    if len(expected) != len(shape) or not all(_allowed(program, s, v) for s, v in zip(expected, shape, strict=False)):
+        accepted = ", ".join(str(s) if not isinstance(s, torch.SymInt) else "*" for s in expected)
+        raise InvalidInputError(
+            f"the program was exported for inputs of shape ({accepted}), not {tuple(shape)}; pass a matching "
+            "--input-shape, or export it with dynamic_shapes for the dimensions that vary"
+        )
+
+
+def check_batch_sizes(program: torch.export.ExportedProgram, batch_sizes: tuple[int, ...]) -> None:
+    """Refuse batch sizes outside what the program's first input accepts (a static batch accepts one size)."""
+    expected = next(iter(_user_input_shapes(program)), None)
+    if not expected:
+        return
+    refused = [b for b in batch_sizes if not _allowed(program, expected[0], b)]
+    if refused:
+        raise InvalidInputError(
+            f"the program was exported with batch dimension {expected[0]}, which does not accept batch sizes "
+            f"{refused}; pass matching --batch-sizes, or export it with a dynamic batch (dynamic_shapes)"
+        )
+
+
+__all__ = [
+    "ExportedGraph", "ExportedWeights", "check_batch_sizes", "check_input_shape", "dynamic_shapes_of",
+    "fold_exported", "parameter_count", "plan_exported", "to_graph",
+]

@@ -1,0 +1,463 @@
+"""The ``nn.Module`` adapter: a captured dataflow and the layer registry, translated into the core graph; and the
+core's folds written back into the module tree.
+
+Translation (:func:`to_graph`): every call site of :class:`~bnfold.capture.Dataflow` becomes a node; a module the
+registry knows as a linear layer or a norm becomes a unit whose calls are its sites (a module called twice is one
+unit with two calls); any other module or torch function becomes an op, named in the core's vocabulary by the one
+facts table below (:data:`_MODULE_KINDS`, :data:`_FUNCTION_KINDS`), with the arguments that decide whether an affine
+map passes it. Module-only knowledge, parametrizations, hooks, parameters shared between modules or read directly by
+the forward code, is read here once and handed to the planner as a layer's or norm's ``problem``.
+
+Writing back (:class:`ModuleWeights`): the core computes the new tensors, this class swaps them into the parameters
+(``parameter.data = new``, so optimisers and references see the new values) and replaces each folded norm in the
+module tree by its rule's replacement (``nn.Identity``, or a fused norm's activation), recording everything so that a
+failed verification can restore the model bit for bit (:class:`Rollback`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from ..capture import Dataflow, Site, TensorRef
+from ..core.apply import LayerTensors, Statistics
+from ..core.graph import CONSTANT, INPUT, LAYER, NORM, OP, OUTPUT, Graph, LayerFacts, NormFacts, OpFacts
+from ..layers import LayerRegistry, LinearLayerRule, NormRule
+
+# ------------------------------------------------------------------------------------------- the facts table
+
+_MODULE_KINDS: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
+    ((nn.Identity,), "identity"),
+    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout), "dropout"),
+    ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), "adaptive_avg_pool"),
+    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), "avg_pool"),
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), "max_pool"),
+    ((nn.Upsample,), "upsample"),  # UpsamplingNearest2d / UpsamplingBilinear2d subclass it
+    ((nn.Flatten, nn.Unflatten), "reshape"),
+)
+
+_FUNCTION_KINDS: dict[str, str] = {
+    **dict.fromkeys(("contiguous", "clone"), "identity"),
+    **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"), "dropout"),
+    **dict.fromkeys(("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"), "adaptive_avg_pool"),
+    **dict.fromkeys(("avg_pool1d", "avg_pool2d", "avg_pool3d"), "avg_pool"),
+    **dict.fromkeys(("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                     "adaptive_max_pool3d"), "max_pool"),
+    **dict.fromkeys(("interpolate", "upsample", "upsample_nearest", "upsample_bilinear"), "upsample"),
+    **dict.fromkeys(("flatten", "reshape", "view", "squeeze", "unsqueeze", "unflatten"), "reshape"),
+    "permute": "permute",
+    **dict.fromkeys(("transpose", "swapaxes", "swapdims"), "transpose"),
+    "mean": "mean",
+    **dict.fromkeys(("cat", "concat", "concatenate"), "concat"),
+}
+
+# Position of ``return_indices`` in the functional max pools.
+_RETURN_INDICES_AT = {"max_pool1d": 6, "max_pool2d": 6, "max_pool3d": 6,
+                      "adaptive_max_pool1d": 2, "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 2}
+
+
+def op_name(site: Site) -> str:
+    """The plain name of an op site's function or method (``"flatten"`` for ``torch.flatten`` and ``x.flatten``)."""
+    target = site.target
+    if isinstance(target, str):
+        return target
+    return str(getattr(target, "__name__", site.name))
+
+
+def _argument(site: Site, position: int, keyword: str, default: Any) -> Any:
+    if keyword in site.kwargs:
+        return site.kwargs[keyword]
+    if len(site.args) > position:
+        return site.args[position]
+    return default
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _function_facts(site: Site) -> OpFacts:
+    name = op_name(site)
+    kind = _FUNCTION_KINDS.get(name, "other")
+    if kind == "dropout":
+        # F.dropout(x, p, training) and torch.dropout(x, p, train) both take the flag third.
+        training = site.kwargs.get("training", site.kwargs.get("train", _argument(site, 2, "training", True)))
+        return OpFacts(kind, {"training": training})
+    if kind == "avg_pool":
+        divisor = _argument(site, 6, "divisor_override", None) if name != "avg_pool1d" else None
+        return OpFacts(kind, {
+            "padding": _ints(_argument(site, 3, "padding", 0)),
+            "count_include_pad": bool(_argument(site, 5, "count_include_pad", True)),
+            "divisor_override": divisor,
+        })
+    if kind == "max_pool":
+        return OpFacts(kind, {"return_indices": bool(_argument(site, _RETURN_INDICES_AT[name], "return_indices", False))})
+    if kind == "mean":
+        dims = _argument(site, 1, "dim", None)
+        return OpFacts(kind, {"dims": None if dims is None else _ints(dims), "keepdim": bool(_argument(site, 2, "keepdim", False))})
+    if kind == "permute":
+        args = list(site.args[1:])
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        order = site.kwargs.get("dims", dims)
+        if not all(isinstance(d, int) for d in order):
+            return OpFacts("other")
+        return OpFacts(kind, {"order": tuple(order)})
+    if kind == "transpose":
+        args = list(site.args[1:])
+        first = site.kwargs.get("dim0", args[0] if args else 0)
+        second = site.kwargs.get("dim1", args[1] if len(args) > 1 else 0)
+        if not isinstance(first, int) or not isinstance(second, int):
+            return OpFacts("other")
+        return OpFacts(kind, {"dims": (first, second)})
+    if kind == "concat":
+        axis = site.kwargs.get("dim", site.kwargs.get("axis", site.args[1] if len(site.args) > 1 else 0))
+        return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, TensorRef) else None})
+    return OpFacts(kind)
+
+
+def _module_facts(module: nn.Module) -> OpFacts:
+    kind = next((k for types, k in _MODULE_KINDS if isinstance(module, types)), "other")
+    if kind == "dropout":
+        return OpFacts(kind, {"training": module.training})
+    if kind == "avg_pool":
+        return OpFacts(kind, {
+            "padding": _ints(module.padding),  # type: ignore[attr-defined]
+            "count_include_pad": bool(module.count_include_pad),  # type: ignore[attr-defined]
+            "divisor_override": getattr(module, "divisor_override", None),
+        })
+    if kind == "max_pool":
+        return OpFacts(kind, {"return_indices": bool(module.return_indices)})  # type: ignore[attr-defined]
+    return OpFacts(kind)
+
+
+def describe(site: Site) -> str:
+    """How a reason names a call site."""
+    if site.kind == "module":
+        return f"module '{site.name}' ({type(site.target).__name__})"
+    if site.kind == "input":
+        return "a model input"
+    if site.kind == "param":
+        return f"the tensor '{site.name}'"
+    if site.kind == "output":
+        return "the model output"
+    return f"the operation {site.name}"
+
+
+# ------------------------------------------------------------------- layers that compute in their own code
+
+_FUNCTIONAL_LAYERS: dict[Any, int] = {  # functional conv / linear -> the activations' channel axis
+    F.conv1d: 1, F.conv2d: 1, F.conv3d: 1, torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1, F.linear: -1,
+}
+_PASSIVE_MODULES = (nn.Identity,)
+
+
+def _zero(value: Any) -> bool:
+    return all(v == 0 for v in _ints(value)) if not isinstance(value, str) else value == "valid"
+
+
+def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: str = "bias") -> LinearLayerRule | str:
+    """The rule of a layer whose class overrides ``forward`` but ends in one functional convolution / linear call on
+    its own weight and bias (smp's ``Conv2dStaticSamePadding``: pad, then ``F.conv2d(x, self.weight, self.bias,
+    ...)``); else why bnfold cannot tell what it computes.
+
+    A forward fold into such a layer is exact whatever its code does before the call (the map acts on the call's
+    output channels); a backward fold only when its input reaches the call unchanged and unpadded.
+    """
+    try:
+        graph = fx.Tracer().trace(module)
+    except Exception as error:  # fx raises many kinds on code it cannot follow
+        return f"its forward() cannot be read ({type(error).__name__})"
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL_LAYERS]
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    if len(calls) != 1 or len(outputs) != 1 or outputs[0].args[0] is not calls[0]:
+        return "its forward() does not end in exactly one convolution or linear call"
+    call = calls[0]
+    weight = call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
+    bias = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
+    own = {weight_name: weight, bias_name: bias}
+    for name, node in own.items():
+        if node is None and name == bias_name:
+            continue
+        if not isinstance(node, fx.Node) or node.op != "get_attr" or node.target != name or len(node.users) != 1:
+            return f"its forward() does not use its own {name} only in its convolution / linear call"
+    if len(call.users) != 1:
+        return "its forward() uses the convolution's output more than once"
+    channel_dim = _FUNCTIONAL_LAYERS[call.target]
+    arguments = list(call.args) + [None] * 7
+    groups = int(call.kwargs.get("groups", arguments[6] if arguments[6] is not None else 1)) if channel_dim == 1 else 1
+    padding = call.kwargs.get("padding", arguments[4] if arguments[4] is not None else 0)
+    source = call.args[0]
+    while isinstance(source, fx.Node) and source.op == "call_module" and isinstance(
+        module.get_submodule(str(source.target)), _PASSIVE_MODULES
+    ):
+        source = source.args[0]
+    blocker = None
+    if not (isinstance(source, fx.Node) and source.op == "placeholder"):
+        blocker = "its forward() transforms the input (padding it, for example) before the convolution"
+    elif channel_dim == 1 and not _zero(padding):
+        blocker = "its convolution pads with zeros: the border outputs would see the shift where the original saw zeros"
+    return LinearLayerRule(
+        types=(type(module),), out_axis=0, activation_channel_dim=channel_dim, groups=lambda m: groups,
+        input_fold_blocker=lambda m: blocker, weight_name=weight_name, bias_name=bias_name,
+    )
+
+
+def layer_rule(module: nn.Module, registry: LayerRegistry) -> tuple[LinearLayerRule | None, str | None]:
+    """The rule for ``module`` as a linear layer: the registry's, or one read off its own forward code; else
+    ``(None, reason)`` (``(None, None)``: not a linear layer at all)."""
+    match = registry.layer(module)
+    if isinstance(match.rule, LinearLayerRule):
+        return match.rule, None
+    if match.reason is None:
+        return None, None
+    read = functional_rule(module)
+    if isinstance(read, LinearLayerRule):
+        return read, None
+    return None, f"{match.reason} ({read})"
+
+
+# -------------------------------------------------------------------------------------------- translation
+
+
+class _Translator:
+    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry) -> None:
+        self.model = model
+        self.flow = flow
+        self.registry = registry
+        self.calls = flow.module_sites()
+        self.param_reads = flow.param_reads()
+        self.names_of: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.names_of.setdefault(id(module), []).append(name)
+        self.param_owners: dict[int, list[str]] = {}
+        for name, tensor in model.named_parameters(remove_duplicate=False):
+            self.param_owners.setdefault(id(tensor), []).append(name)
+
+    def module_problem(self, name: str, module: nn.Module, what: str) -> str | None:
+        """Why ``module`` must not be touched at all, whatever it is paired with."""
+        if parametrize.is_parametrized(module):
+            return (
+                f"{what} '{name}' has parametrizations (torch.nn.utils.parametrize, weight_norm or spectral_norm): "
+                f"its weight is recomputed at every call"
+            )
+        hooks = [
+            kind
+            for kind, table in (("forward pre-hooks", module._forward_pre_hooks), ("forward hooks", module._forward_hooks))
+            if table
+        ]
+        if hooks:
+            return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
+        aliases = self.names_of.get(id(module), [name])
+        for own_name, tensor in module.named_parameters(recurse=False):
+            own_names = {f"{alias}.{own_name}" if alias else own_name for alias in aliases}
+            others = [owner for owner in self.param_owners.get(id(tensor), []) if owner not in own_names]
+            if others:
+                return f"the {what} '{name}' shares its parameter '{own_name}' with '{others[0]}'"
+        own_tensors = {
+            f"{alias}.{tensor_name}" if alias else tensor_name
+            for alias in aliases
+            for tensor_name, _ in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+        }
+        for tensor_name in own_tensors & self.param_reads.keys():
+            read = self.param_reads[tensor_name][0]
+            user = self.flow.sites[read.users[0]] if read.users else read
+            return f"its tensor '{tensor_name}' is also read directly by {describe(user)} in the forward code"
+        return None
+
+    def layer_facts(self, name: str, module: nn.Module) -> LayerFacts | None:
+        rule, reason = layer_rule(module, self.registry)
+        if rule is None:
+            return None if reason is None else LayerFacts(0, 0, 1, not_a_rule=reason)
+        weight = getattr(module, rule.weight_name, None)
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            return LayerFacts(0, 0, rule.activation_channel_dim, problem=(
+                f"the layer '{name}' is a lazy module whose weight is not materialised yet; run one forward pass first"
+            ))
+        problem = None
+        if weight is None or not weight.is_floating_point():
+            problem = f"the layer '{name}' has no floating-point weight to fold into"
+        else:
+            problem = self.module_problem(name, module, "layer")
+        return LayerFacts(
+            out_channels=rule.out_channels(module),
+            in_channels=rule.in_channels(module),
+            channel_dim=rule.activation_channel_dim,
+            problem=problem,
+            input_fold_blocker=rule.input_fold_blocker(module),
+        )
+
+    def norm_facts(self, name: str, module: nn.Module) -> NormFacts:
+        match = self.registry.norm(module)
+        rule = match.rule
+        if not isinstance(rule, NormRule):
+            return NormFacts(channels=_channels_guess(module), problem=match.reason or "bnfold has no rule for it")
+        problem = rule.unfoldable(module)
+        if problem is not None:
+            return NormFacts(channels=_channels_guess(module), channel_dim=rule.channel_dim, problem=problem)
+        if name in self.calls:
+            problem = self.module_problem(name, module, "norm")
+        statistics = rule.statistics(module)
+        gamma = statistics.gamma
+        return NormFacts(
+            channels=int(statistics.mean.shape[0]),
+            channel_dim=rule.channel_dim,
+            problem=problem,
+            backward_blocker=rule.backward_blocker(module),
+            negative_scales=0 if gamma is None else int((gamma.detach() < 0).sum()),
+        )
+
+    def translate(self) -> Graph:
+        graph = Graph(method=self.flow.method, shapes_known=self.flow.shapes_known, notes=list(self.flow.notes))
+        seen: set[int] = set()
+        for name, module in self.model.named_modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            if self.registry.is_norm_candidate(module):
+                graph.add_unit(name, NORM, type(module).__name__, norm=self.norm_facts(name, module))
+            elif (facts := self.layer_facts(name, module)) is not None:
+                graph.add_unit(name, LAYER, type(module).__name__, layer=facts)
+        for site in self.flow.sites:
+            label = describe(site)
+            if site.kind == "input":
+                graph.add_node(INPUT, label, site.inputs, shape=site.shape)
+            elif site.kind == "param":
+                graph.add_node(CONSTANT, label, site.inputs, shape=site.shape)
+            elif site.kind == "output":
+                graph.add_node(OUTPUT, label, site.inputs, shape=site.shape)
+            elif site.kind == "module" and site.name in graph.units:
+                unit = graph.units[site.name]
+                graph.add_node(unit.kind, label, site.inputs, shape=site.shape, unit=site.name)
+            elif site.kind == "module":
+                graph.add_node(OP, label, site.inputs, shape=site.shape, op=_module_facts(site.target))
+            else:
+                graph.add_node(OP, label, site.inputs, shape=site.shape, op=_function_facts(site))
+        return graph
+
+
+def _channels_guess(module: nn.Module) -> int:
+    mean = getattr(module, "running_mean", None)
+    if not isinstance(mean, torch.Tensor) or isinstance(mean, nn.parameter.UninitializedTensorMixin) or mean.dim() != 1:
+        return 0
+    return int(mean.shape[0])
+
+
+def to_graph(model: nn.Module, flow: Dataflow, registry: LayerRegistry) -> Graph:
+    """The core graph of ``model`` as ``flow`` captured it."""
+    return _Translator(model, flow, registry).translate()
+
+
+# --------------------------------------------------------------------------------------------- writing back
+
+
+class TorchNumerics:
+    """:class:`bnfold.core.apply.Numerics` for torch tensors."""
+
+    def float64(self, array: torch.Tensor) -> torch.Tensor:
+        return array.detach().to(torch.float64)
+
+    def compute(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.detach()
+        return weight if weight.dtype in (torch.float32, torch.float64) else weight.to(torch.float32)
+
+    def cast(self, array: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return array.to(device=like.device, dtype=like.dtype)
+
+    def finite(self, array: torch.Tensor) -> bool:
+        # One reduction instead of isfinite + all: a sum is finite only if every term is (NaN and inf propagate);
+        # a sum that overflows although every term is finite is checked element by element.
+        if bool(torch.isfinite(array.sum())):
+            return True
+        return bool(torch.isfinite(array).all())
+
+    def dtype_name(self, array: torch.Tensor) -> str:
+        return str(array.dtype).removeprefix("torch.")
+
+
+@dataclass
+class Rollback:
+    """Undo information for a fold made on a module tree: every swapped tensor value and module slot, bit for bit."""
+
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    slots: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+
+    def swap(self, tensor: torch.Tensor, new_value: torch.Tensor) -> None:
+        self.swapped.append((tensor, tensor.data))
+        tensor.data = new_value
+
+    def set_slot(self, owner: nn.Module, name: str, value: object) -> None:
+        """Set a child module or parameter slot of ``owner`` (bypassing nn.Module's type checks on re-assignment)."""
+        table = owner._modules if name in owner._modules else owner._parameters
+        self.slots.append((owner, name, table.get(name)))
+        table[name] = value  # type: ignore[assignment]
+
+    def restore(self) -> None:
+        for tensor, old in reversed(self.swapped):
+            tensor.data = old
+        for owner, name, value in reversed(self.slots):
+            table = owner._modules if name in owner._modules else owner._parameters
+            table[name] = value  # type: ignore[assignment]
+
+
+class ModuleWeights:
+    """:class:`bnfold.core.apply.WeightAccess` on a module tree, recording a :class:`Rollback`."""
+
+    numerics = TorchNumerics()
+
+    def __init__(self, model: nn.Module, registry: LayerRegistry, rollback: Rollback | None = None) -> None:
+        self.model = model
+        self.registry = registry
+        self.rollback = rollback or Rollback()
+        self.rules: dict[str, LinearLayerRule] = {}
+        self.slots: dict[int, list[tuple[nn.Module, str]]] = {}
+        for parent in model.modules():
+            for child_name, child in parent._modules.items():
+                if child is not None:
+                    self.slots.setdefault(id(child), []).append((parent, child_name))
+
+    def _layer(self, name: str) -> tuple[nn.Module, LinearLayerRule]:
+        module = self.model.get_submodule(name)
+        if name not in self.rules:
+            rule, _ = layer_rule(module, self.registry)
+            assert rule is not None, f"'{name}' was planned as a layer"
+            self.rules[name] = rule
+        return module, self.rules[name]
+
+    def _norm(self, name: str) -> tuple[nn.Module, NormRule]:
+        module = self.model.get_submodule(name)
+        rule = self.registry.norm(module).rule
+        assert isinstance(rule, NormRule)
+        return module, rule
+
+    def statistics(self, norm: str) -> Statistics:
+        module, rule = self._norm(norm)
+        stats = rule.statistics(module)
+        return Statistics(stats.mean, stats.var, stats.eps, stats.gamma, stats.beta)
+
+    def read(self, layer: str) -> LayerTensors:
+        module, rule = self._layer(layer)
+        return LayerTensors(getattr(module, rule.weight_name), getattr(module, rule.bias_name, None), rule.out_axis,
+                            rule.groups(module))
+
+    def write(self, layer: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        module, rule = self._layer(layer)
+        self.rollback.swap(getattr(module, rule.weight_name), weight)
+        old_bias: torch.Tensor | None = getattr(module, rule.bias_name, None)
+        if old_bias is not None:
+            self.rollback.swap(old_bias, bias)
+            return
+        old_weight = getattr(module, rule.weight_name)
+        self.rollback.set_slot(module, rule.bias_name, nn.Parameter(bias, requires_grad=old_weight.requires_grad))
+
+    def remove_norm(self, norm: str) -> None:
+        module, rule = self._norm(norm)
+        replacement = rule.replacement(module)
+        for parent, child_name in self.slots.get(id(module), []):
+            self.rollback.set_slot(parent, child_name, replacement)
+
+

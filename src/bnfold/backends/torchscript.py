@@ -1,0 +1,641 @@
+"""The TorchScript adapter: a frozen JIT graph translated into the core graph, and the core's folds written back
+into that graph's constants.
+
+A TorchScript archive carries no Python classes to rebuild, so the module tree cannot be folded. The model is
+frozen instead (``torch._C._freeze_module``: submodule calls inlined, weights turned into graph constants, and
+*none* of ``torch.jit.freeze``'s optimisation passes, which would fold conv + BN silently and without a report).
+
+Translation (:func:`to_graph`): every node of the frozen graph's top-level block that reads a tensor becomes a core
+node, its inputs the nodes that produced the tensors it reads. Reads of metadata only (``aten::dim``,
+``aten::size``, ...: a norm's rank check) are not uses. Tensor lists and tuples (``prim::ListConstruct``) are not
+nodes: a reader of the list reads its elements, in order, so ``aten::cat`` sees the concatenated producers. A node
+with sub-blocks (``prim::If``, ``prim::Loop``) is one opaque operation reading everything its blocks read. Layers
+(convolutions, transposed convolutions, ``aten::linear``) and norms (``aten::batch_norm``) become units with the
+facts read off their constant arguments; every other op is named by the one facts table below (:data:`_OP_KINDS`).
+Scripted graphs carry no shapes: given example inputs, the frozen graph is run once with every tensor it computes
+as an extra output (:func:`_recorded_shapes`), so reshapes and permutes can be followed.
+
+Writing back (:class:`ScriptWeights`): the core computes the new tensors; they become new graph constants that
+replace the layer's weight and bias arguments (a ``None`` bias becomes a tensor), and a folded norm's users are
+rewired to its input before the norm node is deleted. Constants are never changed in place: the frozen graph may
+share their storage with the caller's module. For the same reason a constant read by several nodes is no
+``problem`` here, unlike a parameter shared by two modules: the folded layer gets constants of its own and every
+other reader keeps the old value. (Freezing also merges constants that are merely *equal*, such as a conv's zero
+bias and a fresh norm's zero beta, so refusing shared constants would refuse ordinary models.) A module called at
+two sites is inlined twice, so each call can absorb its own norm.
+
+The result is a frozen ``ScriptModule``: its weights are constants (no ``parameters()``), and only ``forward`` is
+kept, which is what a deployment archive needs. Parameter counts are those of the original's ``parameters()``, less
+the folded norms' affine parameters, plus the biases the folds add, as for an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.apply import LayerTensors, Statistics, apply_plan, check_statistics
+from ..core.graph import (
+    BATCH_STATISTICS,
+    CONSTANT,
+    INPUT,
+    LAYER,
+    NORM,
+    OP,
+    OUTPUT,
+    Graph,
+    LayerFacts,
+    NormFacts,
+    OpFacts,
+)
+from ..core.plan import FoldPlan, make_plan
+from ..errors import InvalidInputError, TrainingModeError
+from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from .modules import TorchNumerics
+
+CAPTURE = "torchscript graph"
+
+# ------------------------------------------------------------------------------------------- the facts table
+
+# Layer kinds: (out_axis of the weight, index of the groups argument or None, index of the "transposed" flag or None).
+_LAYERS: dict[str, tuple[int, int | None, int | None]] = {
+    "aten::linear": (0, None, None),
+    "aten::conv1d": (0, 6, None),
+    "aten::conv2d": (0, 6, None),
+    "aten::conv3d": (0, 6, None),
+    "aten::conv_transpose1d": (1, 6, None),
+    "aten::conv_transpose2d": (1, 6, None),
+    "aten::conv_transpose3d": (1, 6, None),
+    "aten::_convolution": (0, 8, 6),
+}
+_PADDING_AT = {"aten::conv1d": 4, "aten::conv2d": 4, "aten::conv3d": 4, "aten::_convolution": 4}
+
+_NORM = "aten::batch_norm"
+
+_OP_KINDS: dict[str, str] = {
+    **dict.fromkeys(("aten::contiguous", "aten::clone", "aten::detach", "aten::alias"), "identity"),
+    **dict.fromkeys(("aten::dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::feature_alpha_dropout"),
+                    "dropout"),
+    **dict.fromkeys(("aten::avg_pool1d", "aten::avg_pool2d", "aten::avg_pool3d"), "avg_pool"),
+    **dict.fromkeys(("aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool2d", "aten::adaptive_avg_pool3d",
+                     "aten::_adaptive_avg_pool2d", "aten::_adaptive_avg_pool3d"), "adaptive_avg_pool"),
+    **dict.fromkeys(("aten::max_pool1d", "aten::max_pool2d", "aten::max_pool3d", "aten::max_pool1d_with_indices",
+                     "aten::max_pool2d_with_indices", "aten::max_pool3d_with_indices", "aten::adaptive_max_pool1d",
+                     "aten::adaptive_max_pool2d", "aten::adaptive_max_pool3d"), "max_pool"),
+    **dict.fromkeys(("aten::upsample_nearest1d", "aten::upsample_nearest2d", "aten::upsample_nearest3d",
+                     "aten::_upsample_nearest_exact1d", "aten::_upsample_nearest_exact2d",
+                     "aten::_upsample_nearest_exact3d", "aten::upsample_linear1d", "aten::upsample_bilinear2d",
+                     "aten::upsample_bicubic2d", "aten::upsample_trilinear3d", "aten::_upsample_bilinear2d_aa",
+                     "aten::_upsample_bicubic2d_aa"), "upsample"),
+    **dict.fromkeys(("aten::flatten", "aten::reshape", "aten::view", "aten::squeeze", "aten::unsqueeze",
+                     "aten::unflatten"), "reshape"),
+    "aten::permute": "permute",
+    **dict.fromkeys(("aten::transpose", "aten::swapaxes", "aten::swapdims"), "transpose"),
+    "aten::mean": "mean",
+    **dict.fromkeys(("aten::cat", "aten::concat", "aten::concatenate"), "concat"),
+    **dict.fromkeys(("aten::pad", "aten::constant_pad_nd", "aten::reflection_pad1d", "aten::reflection_pad2d",
+                     "aten::reflection_pad3d", "aten::replication_pad1d", "aten::replication_pad2d",
+                     "aten::replication_pad3d", "aten::_pad_circular"), "pad"),
+}
+_PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
+
+# Uses that read only a tensor's metadata, which folding does not change (a norm's input-rank check reads dim()).
+_METADATA_READS = frozenset({
+    "aten::dim", "aten::size", "aten::sizes", "prim::shape", "aten::numel", "prim::dtype", "prim::device",
+    "prim::layout", "prim::is_cuda", "aten::is_floating_point", "aten::len", "aten::__is__", "aten::__isnot__",
+})
+# Containers: a reader of the container reads its elements.
+_CONTAINERS = frozenset({"prim::ListConstruct", "prim::TupleConstruct"})
+
+_NOT_CONSTANT = object()
+
+
+def _constant(value: Any) -> Any:
+    """The value of a ``prim::Constant`` argument, or ``_NOT_CONSTANT``."""
+    node = value.node()
+    return node.output().toIValue() if node.kind() == "prim::Constant" else _NOT_CONSTANT
+
+
+def _ints(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    return None
+
+
+def _op_facts(node: Any, shape_of: Any) -> OpFacts:
+    """The core's name and attributes of one JIT op (see :class:`bnfold.core.graph.OpFacts`)."""
+    name = node.kind()
+    kind = _OP_KINDS.get(name, "other")
+    inputs = list(node.inputs())
+    if kind == "dropout":
+        training = _constant(inputs[2])
+        return OpFacts(kind, {"training": training if isinstance(training, bool) else None})
+    if kind == "avg_pool":
+        padding = _ints(_constant(inputs[3]))
+        include = _constant(inputs[5])
+        divisor = _constant(inputs[6]) if len(inputs) > 6 else None
+        if padding is None or not isinstance(include, bool) or divisor is _NOT_CONSTANT:
+            return OpFacts("other")
+        return OpFacts(kind, {"padding": padding, "count_include_pad": include, "divisor_override": divisor})
+    if kind == "max_pool":
+        # the *_with_indices and adaptive variants also output indices: a problem only when something reads them
+        indices_read = any(_real_uses(output) for output in list(node.outputs())[1:])
+        return OpFacts(kind, {"return_indices": indices_read})
+    if kind == "mean":
+        if len(inputs) < 3:
+            return OpFacts(kind, {"dims": None, "keepdim": False})
+        dims, keepdim = _constant(inputs[1]), _constant(inputs[2])
+        if not isinstance(keepdim, bool) or (dims is not None and _ints(dims) is None):
+            return OpFacts("other")
+        return OpFacts(kind, {"dims": None if dims is None or dims == [] else _ints(dims), "keepdim": keepdim})
+    if kind == "permute":
+        order = _ints(_constant(inputs[1]))
+        return OpFacts("other") if order is None else OpFacts(kind, {"order": order})
+    if kind == "transpose":
+        dims = (_constant(inputs[1]), _constant(inputs[2]))
+        return OpFacts("other") if _ints(list(dims)) is None else OpFacts(kind, {"dims": dims})
+    if kind == "concat":
+        axis = _constant(inputs[1])
+        return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, bool) else None})
+    if kind == "pad":
+        return OpFacts(kind, _pad_attributes(name, inputs, shape_of(inputs[0])))
+    return OpFacts(kind)
+
+
+def _pad_attributes(name: str, inputs: list[Any], shape: tuple[int, ...] | None) -> dict[str, Any]:
+    if name == "aten::pad":
+        mode = _constant(inputs[2])
+        mode = mode if isinstance(mode, str) else "unknown"
+    else:
+        mode = next(m for prefix, m in _PAD_MODES.items() if name.removeprefix("aten::").startswith(prefix))
+    pads = _ints(_constant(inputs[1]))
+    padded: tuple[int, ...] | None = None
+    if pads is not None and shape is not None and len(pads) % 2 == 0:
+        # F.pad's list runs from the last axis backwards, two entries (before, after) per axis
+        rank = len(shape)
+        padded = tuple(rank - 1 - i for i in range(len(pads) // 2) if pads[2 * i] or pads[2 * i + 1])
+    return {"mode": mode, "padded_axes": padded}
+
+
+def _real_uses(value: Any) -> list[Any]:
+    return [use for use in value.uses() if use.user.kind() not in _METADATA_READS]
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value.type(), torch._C.TensorType)
+
+
+# ---------------------------------------------------------------------------------------------- freezing
+
+
+def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Freeze a copy of ``module`` without ``torch.jit.freeze``'s optimisation passes (they fold conv + BN
+    themselves, silently). Raises :class:`~bnfold.errors.TrainingModeError` for a model in training mode."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        raise InvalidInputError(
+            f"fold_script folds TorchScript modules (torch.jit.script / torch.jit.trace / torch.jit.load), got "
+            f"{type(module).__name__}; for an nn.Module call bnfold.fold"
+        )
+    if module.training:
+        raise TrainingModeError(
+            "the TorchScript model is in training mode, where batch norm uses batch statistics and folding would "
+            "change what it computes; call .eval() on it first (the command line: pass --eval)"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.RecursiveScriptModule(torch._C._freeze_module(module._c, []))
+        torch.jit.RecursiveScriptModule._finalize_scriptmodule(frozen)
+    return frozen
+
+
+def _recorded_shapes(frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...]) -> dict[int, tuple[int, ...]]:
+    """The shape of every tensor the top-level block computes, from one run on ``inputs``: position of the node in
+    the block -> shape of its first output.
+
+    A copy of the graph returns every such tensor as an extra output; the frozen module itself is not changed.
+    """
+    graph = frozen.graph.copy()
+    recorded: list[tuple[int, Any]] = []
+    for position, node in enumerate(graph.nodes()):
+        outputs = list(node.outputs())
+        if node.kind() != "prim::Constant" and outputs and _is_tensor(outputs[0]):
+            recorded.append((position, outputs[0]))
+    for _, value in recorded:
+        graph.registerOutput(value)
+    graph.makeMultiOutputIntoTuple()
+    function = torch._C._create_function_from_graph("bnfold_record_shapes", graph)
+    try:
+        with torch.no_grad():
+            results = function(frozen._c, *inputs)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise InvalidInputError(
+            f"the example inputs do not run through the TorchScript model ({type(error).__name__}: {first}); pass "
+            f"inputs of the shape and dtype its forward expects"
+        ) from error
+    extra = results[len(results) - len(recorded):]
+    return {position: tuple(t.shape) for (position, _), t in zip(recorded, extra, strict=True) if isinstance(t, torch.Tensor)}
+
+
+# -------------------------------------------------------------------------------------------- translation
+
+
+_HIERARCHY_PART = re.compile(r"([^.()]+)\(([^()]*)\)")
+
+
+def _module_path(node: Any) -> tuple[str, str]:
+    """``(path, class name)`` of the module whose code made ``node`` (``("layer1.0.bn1", "BatchNorm2d")``), from the
+    inlined call stack a scripted graph keeps, or the scope a traced graph keeps; ``("", "")`` when unknown."""
+    try:
+        hierarchy = node.getModuleHierarchy()
+    except Exception:  # older torch: no call stack on the node
+        hierarchy = ""
+    names, type_name = [], ""
+    for name, kind in _HIERARCHY_PART.findall(hierarchy or ""):
+        if name in ("SELF", "UNKNOWN_INSTANCE"):
+            continue
+        names.append(name)
+        type_name = kind
+    if names:
+        return ".".join(names), type_name
+    scope = node.scopeName() or ""
+    return scope.removeprefix("__module.").replace("/__module.", "."), ""
+
+
+def _attribute_path(value: Any, suffix: str) -> str:
+    """``"conv"`` from a frozen constant named ``self.conv.weight``; ``""`` when the name does not say."""
+    name = value.debugName() if value.node().kind() == "prim::Constant" else ""
+    if name.startswith("self.") and name.endswith(suffix):
+        return name.removeprefix("self.").removesuffix(suffix)
+    return ""
+
+
+@dataclass
+class _Translation:
+    """The core graph of a frozen module, and where each unit lives in the JIT graph."""
+
+    graph: Graph
+    jit_nodes: dict[str, Any] = field(default_factory=dict)  # unit name -> its JIT node
+    types: dict[str, str] = field(default_factory=dict)  # unit name -> the class name the report shows
+
+
+class _Translator:
+    def __init__(self, frozen: torch.jit.ScriptModule, shapes: dict[int, tuple[int, ...]] | None,
+                 inputs: tuple[Any, ...] | None) -> None:
+        self.jit = frozen.graph
+        self.shapes = shapes or {}
+        self.inputs = inputs
+        self.result = _Translation(Graph(method=CAPTURE, shapes_known=shapes is not None))
+        self.graph = self.result.graph
+        self.values: dict[int, list[int]] = {}  # JIT value -> core nodes it stands for (a list: its elements)
+        self.shape_of_value: dict[int, tuple[int, ...]] = {}
+        self.used_names: set[str] = set()
+
+    # names ------------------------------------------------------------------------------------------------
+
+    def unique(self, name: str) -> str:
+        candidate, count = name, 1
+        while candidate in self.used_names:
+            count += 1
+            candidate = f"{name}#{count}"
+        self.used_names.add(candidate)
+        return candidate
+
+    def unit_name(self, node: Any, suffix: str, fallback: str) -> tuple[str, str]:
+        path, type_name = _module_path(node)
+        if not path:
+            path = _attribute_path(node.inputsAt(3 if node.kind() == _NORM else 1), suffix)
+        return self.unique(path or fallback), type_name or node.kind()
+
+    # facts ------------------------------------------------------------------------------------------------
+
+    def layer_facts(self, node: Any, name: str) -> LayerFacts:
+        kind = node.kind()
+        out_axis, groups_at, flag_at = _LAYERS[kind]
+        weight, bias = _constant(node.inputsAt(1)), _constant(node.inputsAt(2))
+        if not isinstance(weight, torch.Tensor):
+            return LayerFacts(0, 0, 1, problem=f"the weight of '{name}' is not a constant of the frozen graph")
+        groups = _constant(node.inputsAt(groups_at)) if groups_at is not None else 1
+        transposed = _constant(node.inputsAt(flag_at)) if flag_at is not None else out_axis == 1
+        if not isinstance(groups, int) or not isinstance(transposed, bool):
+            return LayerFacts(0, 0, 1, problem=f"the groups of '{name}' are not a constant of the frozen graph")
+        out_axis = 1 if transposed else 0
+        channel_dim = -1 if kind == "aten::linear" else 1
+        if weight.dim() < 2:
+            return LayerFacts(0, 0, channel_dim, problem=f"the weight of '{name}' is not a matrix or a kernel")
+        out_channels = int(weight.shape[1]) * groups if transposed else int(weight.shape[0])
+        in_channels = int(weight.shape[0]) if transposed else int(weight.shape[1]) * groups
+        problem = None
+        if not weight.is_floating_point():
+            problem = f"the layer '{name}' has no floating-point weight to fold into"
+        elif bias is _NOT_CONSTANT or not (bias is None or isinstance(bias, torch.Tensor)):
+            problem = f"the bias of '{name}' is not a constant of the frozen graph"
+        return LayerFacts(out_channels, in_channels, channel_dim, problem=problem,
+                          input_fold_blocker=self.input_fold_blocker(node, transposed, weight))
+
+    @staticmethod
+    def input_fold_blocker(node: Any, transposed: bool, weight: torch.Tensor) -> str | None:
+        if transposed:
+            return (
+                "it is a transposed convolution: its output positions sum different numbers of input positions, so "
+                "a shift on its input does not become a constant bias"
+            )
+        at = _PADDING_AT.get(node.kind())
+        if at is None:
+            return None
+        padding = _constant(node.inputsAt(at))
+        if padding == "same" and all(size == 1 for size in weight.shape[2:]):
+            return None  # a 1 x 1 kernel needs no padding to keep its size
+        if padding == "valid" or (_ints(padding) is not None and not any(_ints(padding) or ())):
+            return None
+        shown = padding if padding is not _NOT_CONSTANT else "not a constant"
+        return (
+            f"it pads its input with zeros (padding={shown}): the border outputs would see the shift where the "
+            f"original saw zeros"
+        )
+
+    @staticmethod
+    def norm_facts(node: Any) -> NormFacts:
+        inputs = list(node.inputs())
+        gamma, beta, mean, var = (_constant(v) for v in inputs[1:5])
+        training, eps = _constant(inputs[5]), _constant(inputs[7])
+        channels = int(mean.numel()) if isinstance(mean, torch.Tensor) else 0
+        if training is True:
+            return NormFacts(channels, problem=f"it runs with training=True: {BATCH_STATISTICS}")
+        if training is not False:
+            return NormFacts(channels, problem="its training flag is not a constant of the frozen graph")
+        if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or not isinstance(eps, float):
+            return NormFacts(channels, problem="its running statistics are not constants of the frozen graph")
+        if any(p is _NOT_CONSTANT or not (p is None or isinstance(p, torch.Tensor)) for p in (gamma, beta)):
+            return NormFacts(channels, problem="its weight or bias is not a constant of the frozen graph")
+        negative = 0 if gamma is None else int((gamma.detach() < 0).sum())
+        return NormFacts(channels, channel_dim=1, negative_scales=negative)
+
+    # dataflow ---------------------------------------------------------------------------------------------
+
+    def read(self, values: Iterable[Any]) -> list[int]:
+        """The core nodes behind JIT ``values`` (a list stands for its elements); untracked values read nothing."""
+        nodes: list[int] = []
+        for value in values:
+            nodes.extend(self.values.get(value.unique(), []))
+        return nodes
+
+    def nested_reads(self, node: Any) -> list[Any]:
+        """Every value a node and its sub-blocks read that was defined outside it."""
+        values = list(node.inputs())
+        for block in node.blocks():
+            for inner in block.nodes():
+                if inner.kind() not in _METADATA_READS:
+                    values.extend(self.nested_reads(inner))
+            values.extend(block.returnNode().inputs())
+        return values
+
+    def shape(self, position: int) -> tuple[int, ...] | None:
+        return self.shapes.get(position)
+
+    def bind(self, node: Any, core_index: int, position: int) -> None:
+        for output in node.outputs():
+            self.values[output.unique()] = [core_index]
+        shape = self.shape(position)
+        if shape is not None:
+            self.shape_of_value[node.outputsAt(0).unique()] = shape
+
+    def translate(self) -> _Translation:
+        graph = self.graph
+        jit_inputs = list(self.jit.inputs())[1:]  # the first is the module itself
+        for index, value in enumerate(jit_inputs):
+            example = self.inputs[index] if self.inputs is not None and index < len(self.inputs) else None
+            shape = tuple(example.shape) if isinstance(example, torch.Tensor) else None
+            core = graph.add_node(INPUT, "a model input", shape=shape)
+            self.values[value.unique()] = [core.index]
+            if shape is not None:
+                self.shape_of_value[value.unique()] = shape
+        norm_count = layer_count = 0
+        for position, node in enumerate(self.jit.nodes()):
+            kind = node.kind()
+            outputs = list(node.outputs())
+            if kind == "prim::Constant":
+                if outputs and _is_tensor(outputs[0]) and isinstance(outputs[0].toIValue(), torch.Tensor):
+                    tensor = outputs[0].toIValue()
+                    core = graph.add_node(CONSTANT, f"the constant %{outputs[0].debugName()}", shape=tuple(tensor.shape))
+                    self.values[outputs[0].unique()] = [core.index]
+                continue
+            if kind in _METADATA_READS:
+                continue
+            if kind in _CONTAINERS:
+                self.values[node.output().unique()] = self.read(node.inputs())
+                continue
+            if kind in _LAYERS:
+                layer_count += 1
+                name, type_name = self.unit_name(node, ".weight", f"{kind.removeprefix('aten::')}#{layer_count}")
+                graph.add_unit(name, LAYER, type_name, layer=self.layer_facts(node, name))
+                self.add_unit_call(node, name, position, LAYER)
+                continue
+            if kind == _NORM:
+                norm_count += 1
+                name, type_name = self.unit_name(node, ".running_mean", f"batch_norm#{norm_count}")
+                graph.add_unit(name, NORM, type_name, norm=self.norm_facts(node))
+                self.add_unit_call(node, name, position, NORM)
+                continue
+            reads = self.read(self.nested_reads(node))
+            produces_tensor = any(_is_tensor(o) or "Tensor" in str(o.type()) for o in outputs)
+            if not reads and not produces_tensor:
+                continue
+            facts = _op_facts(node, lambda v: self.shape_of_value.get(v.unique())) if not list(node.blocks()) else OpFacts("other")
+            core = graph.add_node(OP, f"the operation {kind}", reads, shape=self.shape(position), op=facts)
+            self.bind(node, core.index, position)
+        graph.add_node(OUTPUT, "the model output", self.read(self.jit.return_node().inputs()))
+        self.nested_norms()
+        return self.result
+
+    def add_unit_call(self, node: Any, name: str, position: int, kind: str) -> None:
+        inputs = list(node.inputs())
+        # the activation, plus any weight / statistics computed in the graph rather than stored as a constant
+        reads = self.read(inputs[:1]) + self.read(v for v in inputs[1:] if v.node().kind() != "prim::Constant")
+        core = self.graph.add_node(kind, f"'{name}' ({node.kind()})", reads, shape=self.shape(position), unit=name)
+        self.bind(node, core.index, position)
+        self.result.jit_nodes[name] = node
+        self.result.types[name] = self.graph.units[name].type_name
+
+    def nested_norms(self) -> None:
+        """Norms inside control flow (a ``prim::If`` / ``prim::Loop`` block): reported, never folded."""
+        top = self.jit.block()
+        for index, node in enumerate(self.jit.findAllNodes(_NORM)):
+            if node.owningBlock() == top:
+                continue
+            name, type_name = self.unit_name(node, ".running_mean", f"batch_norm#{index + 1}")
+            facts = dataclasses.replace(self.norm_facts(node), problem=(
+                "it runs inside control flow (prim::If / prim::Loop) of the TorchScript graph, which bnfold does not "
+                "rewrite; fold the nn.Module before scripting it"
+            ))
+            self.graph.add_unit(name, NORM, type_name, norm=facts)
+            self.result.types[name] = type_name
+
+
+def to_graph(
+    frozen: torch.jit.ScriptModule, example_inputs: tuple[Any, ...] | None = None
+) -> _Translation:
+    """The core graph of a frozen module (shapes recorded from one run on ``example_inputs`` when given)."""
+    shapes = _recorded_shapes(frozen, example_inputs) if example_inputs is not None else None
+    return _Translator(frozen, shapes, example_inputs).translate()
+
+
+# --------------------------------------------------------------------------------------------- writing back
+
+
+class ScriptWeights:
+    """:class:`bnfold.core.apply.WeightAccess` on a frozen graph: new constants in, folded norms out."""
+
+    numerics = TorchNumerics()
+
+    def __init__(self, graph: Any, jit_nodes: dict[str, Any]) -> None:
+        self.graph = graph
+        self.jit_nodes = jit_nodes
+
+    def statistics(self, norm: str) -> Statistics:
+        gamma, beta, mean, var = (_constant(v) for v in list(self.jit_nodes[norm].inputs())[1:5])
+        eps = float(_constant(self.jit_nodes[norm].inputsAt(7)))
+        return Statistics(mean, var, eps, gamma, beta)
+
+    def read(self, layer: str) -> LayerTensors:
+        node = self.jit_nodes[layer]
+        out_axis, groups_at, flag_at = _LAYERS[node.kind()]
+        if flag_at is not None:
+            out_axis = 1 if _constant(node.inputsAt(flag_at)) else 0
+        groups = int(_constant(node.inputsAt(groups_at))) if groups_at is not None else 1
+        return LayerTensors(_constant(node.inputsAt(1)), _constant(node.inputsAt(2)), out_axis, groups)
+
+    def write(self, layer: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        node = self.jit_nodes[layer]
+        self.graph.setInsertPoint(node)
+        node.replaceInput(1, self.graph.insertConstant(weight.contiguous()))
+        node.replaceInput(2, self.graph.insertConstant(bias.contiguous()))
+        self.graph.setInsertPoint(self.graph.return_node())
+
+    def remove_norm(self, norm: str) -> None:
+        node = self.jit_nodes.pop(norm)
+        node.output().replaceAllUsesWith(node.inputsAt(0))
+        node.destroy()
+
+
+# ------------------------------------------------------------------------------------------------ the API
+
+
+def _as_inputs(example_inputs: torch.Tensor | Sequence[Any] | None) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise InvalidInputError(
+        f"example_inputs must be a tensor or a tuple of the forward's positional arguments, got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+@dataclass
+class _Planned:
+    """A frozen copy, its translation, the plan, and the sizes the report needs (read before anything changes)."""
+
+    frozen: torch.jit.ScriptModule
+    translation: _Translation
+    plan: FoldPlan
+    affine_parameters: dict[str, int]  # norm -> elements of its weight and bias
+    statistics_elements: dict[str, int]  # norm -> elements of its running mean and variance
+    bias_missing: set[str]  # layers that have no bias yet
+
+
+def _planned(module: torch.jit.ScriptModule, example_inputs: torch.Tensor | Sequence[Any] | None) -> _Planned:
+    frozen = freeze(module)
+    translation = to_graph(frozen, _as_inputs(example_inputs))
+    the_plan = make_plan(translation.graph)
+    access = ScriptWeights(frozen.graph, translation.jit_nodes)
+    check_statistics([f.norm for f in the_plan.folds], access)
+    affine, statistics = {}, {}
+    for fold in the_plan.folds:
+        stats = access.statistics(fold.norm)
+        affine[fold.norm] = sum(int(t.numel()) for t in (stats.gamma, stats.beta) if t is not None)
+        statistics[fold.norm] = int(stats.mean.numel() + stats.var.numel())
+    layers = {layer for fold in the_plan.folds for layer in fold.layers}
+    missing = {layer for layer in layers if access.read(layer).bias is None}
+    return _Planned(frozen, translation, the_plan, affine, statistics, missing)
+
+
+def _report(module: torch.jit.ScriptModule, planned: _Planned, name: str, overflows: dict[str, str]) -> FoldReport:
+    """One entry per norm (the folds in plan order, then the norms left); counts as if it were the module."""
+    units, types = planned.translation.graph.units, planned.translation.types
+    entries: list[NormEntry] = []
+    removed = buffers_removed = 0
+    biased: set[str] = set()
+    for fold in planned.plan.folds:
+        channels = units[fold.norm].norm.channels  # type: ignore[union-attr]
+        if fold.norm in overflows:
+            entries.append(NormEntry(fold.norm, types[fold.norm], channels, LEFT, reason=overflows[fold.norm]))
+            continue
+        entries.append(NormEntry(fold.norm, types[fold.norm], channels, FOLDED, into=fold.layers,
+                                 direction=fold.direction))
+        removed += planned.affine_parameters[fold.norm]
+        buffers_removed += planned.statistics_elements[fold.norm]
+        biased.update(fold.layers)
+    added = sum(units[layer].layer.out_channels for layer in biased & planned.bias_missing)  # type: ignore[union-attr]
+    for refusal in planned.plan.refusals:
+        channels = units[refusal.norm].norm.channels or None  # type: ignore[union-attr]
+        entries.append(NormEntry(refusal.norm, types[refusal.norm], channels, LEFT, reason=refusal.reason))
+    parameters = sum(p.numel() for p in module.parameters())
+    buffers = sum(b.numel() for b in module.buffers())
+    return FoldReport(
+        model=name, applied=False, capture=CAPTURE, entries=entries, parameters_before=parameters,
+        parameters_after=parameters - removed + added, buffers_before=buffers, buffers_after=buffers - buffers_removed,
+        notes=[*planned.plan.notes, "the folded model is frozen: weights are graph constants and only forward() is kept"],
+    )
+
+
+def plan_script(
+    module: torch.jit.ScriptModule,
+    *,
+    example_inputs: torch.Tensor | Sequence[Any] | None = None,
+    name: str = "TorchScript model",
+) -> FoldReport:
+    """Dry run: what :func:`fold_script` would do with every batch norm, without folding anything.
+
+    ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) let bnfold record the shapes a
+    scripted graph does not carry, so folds through reshapes and permutes can be checked.
+
+    Raises:
+        TrainingModeError: the model is in training mode.
+        NonFiniteStatisticsError: a norm that would be folded has NaN or infinite statistics.
+        InvalidInputError: not a TorchScript module, or example inputs it cannot run on.
+    """
+    return _report(module, _planned(module, example_inputs), name, {})
+
+
+def fold_script(
+    module: torch.jit.ScriptModule,
+    *,
+    example_inputs: torch.Tensor | Sequence[Any] | None = None,
+    name: str = "TorchScript model",
+) -> tuple[torch.jit.ScriptModule, FoldReport]:
+    """Fold every foldable batch norm of a TorchScript model; returns ``(frozen folded module, report)``.
+
+    The planner is the one every format shares (:mod:`bnfold.core.plan`): forward and backward folds, chains, folds
+    through pooling, dropout, upsampling, reflect padding, reshapes and concatenations. The caller's module is not
+    changed (freezing works on a copy). A fold that would overflow the layer's dtype is left, with the reason.
+    """
+    planned = _planned(module, example_inputs)
+    graph = planned.frozen.graph
+    with torch.no_grad():
+        overflows = apply_plan(planned.plan, ScriptWeights(graph, dict(planned.translation.jit_nodes)))
+    torch._C._jit_pass_dce(graph)
+    torch._C._jit_pass_constant_pooling(graph)
+    report = _report(module, planned, name, {o.norm: str(o) for o in overflows})
+    report.applied = True
+    return planned.frozen, report

@@ -1,0 +1,95 @@
+"""``bnfold inspect / fold / verify`` on ONNX files, without importing torch.
+
+The general commands (:mod:`bnfold.cli.commands`) load every kind of model and import torch to do so, which costs
+seconds and is needless for an ONNX file: the ONNX backend (:mod:`bnfold.onnx`) runs on onnx, numpy and
+onnxruntime. :func:`handles` tells :func:`bnfold.cli.main` when a command line only names ONNX files; the handlers
+here then do what the general ones do for ONNX, with the same output and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError
+from ..files import check_output_path
+
+OK, VERIFICATION_FAILED = 0, 1
+COMMANDS = ("inspect", "fold", "verify")
+
+
+def _files(args: argparse.Namespace) -> list[str]:
+    if args.command == "verify":
+        return [args.original, args.folded]
+    return [args.model]
+
+
+def handles(args: argparse.Namespace) -> bool:
+    """Whether the command names only ``.onnx`` files and no option that needs PyTorch."""
+    if args.command not in COMMANDS or getattr(args, "weights", None) or getattr(args, "arch", None):
+        return False
+    return all(Path(name).suffix.lower() == ".onnx" for name in _files(args))
+
+
+def _emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    for renderable in renderables:
+        console.print(renderable)
+
+
+def _backend() -> Any:
+    try:
+        from .. import onnx as backend
+    except ImportError as error:
+        raise InvalidInputError(f"ONNX files need the onnx package ({error}): pip install 'bnfold[onnx]'") from error
+    return backend
+
+
+def inspect(args: argparse.Namespace, console: Any) -> int:
+    """Each BatchNormalization and what folding would do with it; a dry run that writes nothing."""
+    backend = _backend()
+    with console.status(f"loading {args.model}"):
+        model = backend.load(args.model)
+    with console.status("planning"):
+        report = backend.plan(model)
+    report.model = Path(args.model).name
+    _emit(args, console, report.to_dict(), report)
+    return OK
+
+
+def fold(args: argparse.Namespace, console: Any) -> int:
+    """Fold, verify in onnxruntime, write OUT atomically (with external data beside it when the source had it)."""
+    if args.format not in (None, "onnx"):
+        raise InvalidInputError(f"an ONNX model is written as ONNX, not {args.format}; drop --format")
+    output = check_output_path(args.output, [Path(args.model)], force=args.force)
+    backend = _backend()
+    with console.status("folding and verifying"):
+        result = backend.fold(args.model, verify=True, tolerance=args.tolerance, seed=args.seed)
+    result.report.model = Path(args.model).name
+    with console.status(f"writing {output}"):
+        result.save(output, force=args.force)
+    payload = {"output": str(output), "format": "onnx", "report": result.report.to_dict(), "written_file_check": None}
+    _emit(args, console, payload, result.report, f"wrote {output} (onnx, {output.stat().st_size / 1e6:.2f} MB)")
+    return OK
+
+
+def verify(args: argparse.Namespace, console: Any) -> int:
+    """Compare two ONNX files in onnxruntime on seeded random inputs."""
+    if args.data:
+        raise InvalidInputError("--data is for PyTorch image models; ONNX files are compared on random inputs")
+    backend = _backend()
+    original, folded = backend.load(args.original), backend.load(args.folded)
+    with console.status("comparing outputs in onnxruntime"):
+        result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance)
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    lines = [f"verification {verdict}: max relative error {result['max_relative']:.3g} (tolerance "
+             f"{result['tolerance']:g}), worst output {result['worst_output']}"]
+    lines += [f"  {name} {info['shape']}: relative {info['relative']:.3g}, abs {info['max_abs']:.3g}"
+              for name, info in result["outputs"].items()]
+    _emit(args, console, result, *lines)
+    return OK if result["passed"] else VERIFICATION_FAILED

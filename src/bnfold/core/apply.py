@@ -1,0 +1,222 @@
+"""Execute a :class:`~bnfold.core.plan.FoldPlan` through a small read / write interface: the arithmetic, once.
+
+Every format stores weights its own way (module parameters, ATen graph attributes, frozen TorchScript constants,
+ONNX initializers). Each adapter implements :class:`WeightAccess`: read a norm's statistics, read a layer's weight
+and bias, write them back, remove the norm. Everything else, the order of folds, the channel shares of a
+concatenation, the formulas (:mod:`bnfold.affine`) and the precision, is here:
+
+* the per-channel ``(s, t)`` of a norm is computed in float64 from its statistics;
+* a weight is multiplied in its own dtype when that is float32 or wider, and in float32 when it is narrower
+  (float16 / bfloat16), then rounded once; biases are computed in float64 (a backward fold sums as many terms as
+  the layer has inputs);
+* before anything is written, every new weight and bias is checked to be finite in the layer's dtype: a fold that
+  would overflow it (a float16 weight times a scale of 1e5) raises :class:`FoldOverflow` naming the layer, and the
+  planner's caller leaves that norm alone with the reason.
+
+Arrays are ``torch.Tensor`` or ``numpy.ndarray``; :class:`Numerics` is the handful of conversions that differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .. import affine
+from ..errors import NonFiniteStatisticsError
+from .plan import FORWARD, Fold, FoldPlan
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """A norm's eval-mode map ``gamma * (x - mean) / sqrt(var + eps) + beta`` (``gamma`` / ``beta`` may be absent)."""
+
+    mean: Array
+    var: Array
+    eps: float
+    gamma: Array | None = None
+    beta: Array | None = None
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """A layer's weight and bias, and how its weight is laid out (see :mod:`bnfold.affine`)."""
+
+    weight: Array
+    bias: Array | None
+    out_axis: int
+    groups: int = 1
+
+    @property
+    def in_axis(self) -> int:
+        return 1 - self.out_axis
+
+
+class Numerics(Protocol):
+    """The conversions that differ between torch and numpy arrays."""
+
+    def float64(self, array: Array) -> Array: ...
+
+    def compute(self, weight: Array) -> Array:
+        """``weight`` in the dtype it is multiplied in: its own if float32 or wider, else float32."""
+
+    def cast(self, array: Array, like: Array) -> Array:
+        """``array`` in the dtype (and on the device) of ``like``."""
+
+    def finite(self, array: Array) -> bool: ...
+
+    def dtype_name(self, array: Array) -> str: ...
+
+
+class WeightAccess(Protocol):
+    """What an adapter provides so that :func:`apply_plan` can fold in its format."""
+
+    numerics: Numerics
+
+    def statistics(self, norm: str) -> Statistics: ...
+
+    def read(self, layer: str) -> LayerTensors: ...
+
+    def write(self, layer: str, weight: Array, bias: Array) -> None:
+        """Store a layer's new weight and bias (a bias is created where the layer had none)."""
+
+    def remove_norm(self, norm: str) -> None:
+        """Take the folded norm out of the computation."""
+
+
+class FoldOverflow(ArithmeticError):
+    """A fold would make a weight or bias non-finite in the layer's dtype; nothing was written for it."""
+
+    def __init__(self, norm: str, layer: str, message: str) -> None:
+        super().__init__(message)
+        self.norm = norm
+        self.layer = layer
+
+
+def check_statistics(norms: list[str], access: WeightAccess) -> None:
+    """Raise :class:`~bnfold.errors.NonFiniteStatisticsError` for the first of ``norms`` whose map is not finite: folding it would hide
+    a model that already computes NaN behind weights that look valid."""
+    numerics = access.numerics
+    for norm in norms:
+        stats = access.statistics(norm)
+        for label, array in (("running mean", stats.mean), ("running variance", stats.var), ("weight", stats.gamma),
+                             ("bias", stats.beta)):
+            if array is not None and not numerics.finite(numerics.float64(array)):
+                raise NonFiniteStatisticsError(
+                    f"norm '{norm}' has NaN or infinite values in its {label}: its outputs are already invalid. "
+                    f"Recalibrate its statistics (a few training-mode forward passes) before folding."
+                )
+        if not numerics.finite((numerics.float64(stats.var) + stats.eps) ** -0.5):
+            raise NonFiniteStatisticsError(
+                f"norm '{norm}' has running variance + eps <= 0, which has no square root; recalibrate its statistics."
+            )
+
+
+def scale_shift(statistics: Statistics, numerics: Numerics) -> tuple[Array, Array]:
+    """The norm's per-channel ``(s, t)``, in float64."""
+    f64 = numerics.float64
+    gamma = None if statistics.gamma is None else f64(statistics.gamma)
+    beta = None if statistics.beta is None else f64(statistics.beta)
+    return affine.bn_scale_shift(f64(statistics.mean), f64(statistics.var), statistics.eps, gamma, beta)
+
+
+def folded_forward(tensors: LayerTensors, scale: Array, shift: Array, numerics: Numerics) -> tuple[Array, Array]:
+    """``norm(layer(x)) == layer'(x)``: output channels scaled by ``s``, bias ``s * b + t``; in the layer's dtypes."""
+    weight = numerics.compute(tensors.weight)
+    new_weight = affine.scale_channels(weight, numerics.cast(scale, weight), tensors.out_axis, tensors.groups)
+    bias = None if tensors.bias is None else numerics.float64(tensors.bias)
+    new_bias = affine.forward_bias(bias, numerics.cast(scale, shift), shift)
+    reference_bias = tensors.bias if tensors.bias is not None else tensors.weight
+    return numerics.cast(new_weight, tensors.weight), numerics.cast(new_bias, reference_bias)
+
+
+def folded_backward(tensors: LayerTensors, scale: Array, shift: Array, numerics: Numerics) -> tuple[Array, Array]:
+    """``layer(norm(x)) == layer'(x)``: input channels scaled by ``s``, bias ``b + sum W t`` (summed in float64)."""
+    weight = numerics.compute(tensors.weight)
+    new_weight = affine.scale_channels(weight, numerics.cast(scale, weight), tensors.in_axis, tensors.groups)
+    bias = None if tensors.bias is None else numerics.float64(tensors.bias)
+    new_bias = affine.backward_bias(numerics.float64(tensors.weight), bias, shift, tensors.in_axis, tensors.groups)
+    reference_bias = tensors.bias if tensors.bias is not None else tensors.weight
+    return numerics.cast(new_weight, tensors.weight), numerics.cast(new_bias, reference_bias)
+
+
+def _out_channels(tensors: LayerTensors) -> int:
+    count = int(tensors.weight.shape[tensors.out_axis])
+    return count * tensors.groups if tensors.out_axis == 1 else count
+
+
+def fold_one(fold: Fold, access: WeightAccess) -> None:
+    """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm."""
+    numerics = access.numerics
+    scale, shift = scale_shift(access.statistics(fold.norm), numerics)
+    writes: list[tuple[str, Array, Array]] = []
+    offset = 0  # a forward fold into several layers: their outputs were concatenated, each takes its channels
+    for layer in fold.layers:
+        tensors = access.read(layer)
+        if fold.direction == FORWARD:
+            stop = offset + _out_channels(tensors) if len(fold.layers) > 1 else None
+            new_weight, new_bias = folded_forward(tensors, scale[offset:stop], shift[offset:stop], numerics)
+            offset = stop or 0
+        else:
+            new_weight, new_bias = folded_backward(tensors, scale, shift, numerics)
+        for what, array in (("weight", new_weight), ("bias", new_bias)):
+            if not numerics.finite(array):
+                raise FoldOverflow(
+                    fold.norm,
+                    layer,
+                    f"folding would overflow {numerics.dtype_name(array)}: the folded {what} of '{layer}' is not "
+                    f"finite in that dtype (the norm's scale reaches {float(abs(scale).max()):.3g})",
+                )
+        writes.append((layer, new_weight, new_bias))
+    for layer, new_weight, new_bias in writes:
+        access.write(layer, new_weight, new_bias)
+    access.remove_norm(fold.norm)
+
+
+def apply_plan(plan: FoldPlan, access: WeightAccess) -> list[FoldOverflow]:
+    """Fold in plan order. Returns the folds that would have overflowed (not applied; their norms stay).
+
+    A norm that stays may break a chain planned through it (BN1 -> BN2 -> Linear folded backward through BN2):
+    folds planned after an overflow that touch the same layers are skipped with it.
+    """
+    overflows: list[FoldOverflow] = []
+    untouchable: set[str] = set()
+    for fold in plan.folds:
+        if untouchable & set(fold.layers):
+            overflows.append(FoldOverflow(fold.norm, fold.layers[0], "a fold it is chained with would overflow"))
+            continue
+        try:
+            fold_one(fold, access)
+        except FoldOverflow as overflow:
+            overflows.append(overflow)
+            untouchable.update(fold.layers)
+    return overflows
+
+
+
+class DryRun:
+    """A :class:`WeightAccess` that reads through ``access`` and keeps every write to itself.
+
+    ``apply_plan(plan, DryRun(access))`` does all the arithmetic of a fold, chains included, and reports the folds
+    that would overflow, without changing the model: what a dry run (``plan()``, ``bnfold inspect``) needs to say
+    exactly what folding will do.
+    """
+
+    def __init__(self, access: WeightAccess) -> None:
+        self.access = access
+        self.numerics = access.numerics
+        self.written: dict[str, LayerTensors] = {}
+
+    def statistics(self, norm: str) -> Statistics:
+        return self.access.statistics(norm)
+
+    def read(self, layer: str) -> LayerTensors:
+        return self.written.get(layer) or self.access.read(layer)
+
+    def write(self, layer: str, weight: Array, bias: Array) -> None:
+        tensors = self.read(layer)
+        self.written[layer] = LayerTensors(weight, bias, tensors.out_axis, tensors.groups)
+
+    def remove_norm(self, norm: str) -> None:
+        pass

@@ -1,0 +1,189 @@
+"""The one graph every format is translated into: who feeds whom, and the facts folding needs.
+
+The planner (:mod:`bnfold.core.plan`) decides on this graph alone. It imports neither torch nor numpy, so that the
+ONNX backend stays usable without PyTorch and every format is judged by the same rules. Each format has an adapter
+that translates its own graph into a :class:`Graph` (``bnfold.modules``, ``bnfold.exported``,
+``bnfold.torchscript``, ``bnfold.onnx``) and writes the planner's decisions back.
+
+Two levels:
+
+* a **node** is one step of the dataflow: a model input, a read of a stored tensor, a call of a linear layer or of
+  a norm, any other operation, or the model output. ``inputs`` are the nodes whose tensors it reads (in argument
+  order), ``users`` the nodes that read its tensor; reads that only look at metadata (shapes) are not uses.
+* a **unit** is what a fold changes: a linear layer (its weight and bias) or a norm. In a module tree one module may
+  be called at several places, so a unit has one or more call nodes; in a file format every layer node is a unit of
+  its own (a weight shared by two nodes is a :attr:`LayerFacts.problem`).
+
+Facts are plain values the adapter reads off its format once: channel counts, axes, groups, whether an affine map on
+the layer's input can be absorbed exactly, and, for operations, a normalised op kind with the attributes
+:mod:`bnfold.core.commuting` needs. Every "no" is a sentence a user can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+INPUT = "input"
+CONSTANT = "constant"
+LAYER = "layer"
+NORM = "norm"
+OP = "op"
+OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What the planner needs to know of a linear layer (conv, transposed conv, fully connected, Gemm, MatMul).
+
+    Attributes:
+        out_channels / in_channels: channel counts of its output and input activations.
+        channel_dim: the axis of its input and output activations that holds channels (1 for convolutions, -1 for
+            a fully connected layer).
+        problem: why the layer must not be changed at all (no floating-point weight, weights shared with another
+            layer or read elsewhere, hooks or parametrizations, a weight that is not a constant...), or ``None``.
+        input_fold_blocker: why an affine map on its *input* cannot be absorbed exactly (zero padding, a transposed
+            convolution with padding or output cropping...), or ``None``.
+        not_a_rule: set when the layer looks like a linear layer but bnfold has no rule for it (a subclass that
+            overrides ``forward``): the whole reason, and the layer is never folded into.
+    """
+
+    out_channels: int
+    in_channels: int
+    channel_dim: int
+    problem: str | None = None
+    input_fold_blocker: str | None = None
+    not_a_rule: str | None = None
+
+
+@dataclass(frozen=True)
+class NormFacts:
+    """What the planner needs to know of a norm that is a per-channel affine map ``y = s * x + t`` in eval mode.
+
+    Attributes:
+        channels: its number of channels.
+        channel_dim: the axis of its input that holds channels.
+        problem: why it is not a foldable affine map at all (batch statistics, no rule for its class, non-constant
+            statistics, hooks...), or ``None``.
+        backward_blocker: why the layers after it cannot absorb it (a fused activation after the norm), or ``None``.
+        negative_scales: how many channels have ``s < 0`` (max pooling commutes with the map only when none has).
+    """
+
+    channels: int
+    channel_dim: int = 1
+    problem: str | None = None
+    backward_blocker: str | None = None
+    negative_scales: int = 0
+
+
+@dataclass(frozen=True)
+class OpFacts:
+    """An operation in a normalised vocabulary, with the attributes that decide whether an affine map passes it.
+
+    ``kind`` is one of :data:`OP_KINDS`; every other operation is ``"other"``. ``attributes`` by kind:
+
+    * ``dropout``: ``training`` (bool);
+    * ``avg_pool``: ``padding`` (a tuple of ints), ``count_include_pad`` (bool), ``divisor_override`` (or None);
+    * ``max_pool``: ``return_indices`` (bool);
+    * ``mean``: ``dims`` (tuple of ints, or None for all), ``keepdim`` (bool);
+    * ``permute``: ``order`` (the output's axes as input axes);
+    * ``transpose``: ``dims`` (the two swapped axes);
+    * ``concat``: ``axis`` (int, or None when it cannot be read);
+    * ``pad``: ``mode`` (``"constant"``, ``"reflect"``, ``"replicate"``, ``"circular"``), ``padded_axes`` (the
+      axes of the input that get padding, non-negative, or None when unknown).
+
+    ``adaptive_avg_pool``, ``upsample``, ``identity`` and ``reshape`` need none (reshapes are judged on shapes).
+    """
+
+    kind: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+OP_KINDS = frozenset({
+    "identity", "dropout", "avg_pool", "adaptive_avg_pool", "max_pool", "upsample", "mean", "reshape", "permute",
+    "transpose", "concat", "pad", "other",
+})
+
+# Reasons every adapter gives in the same words, so a model refused in one format reads the same in another.
+BATCH_STATISTICS = "it normalises with the statistics of each batch, even in eval mode"
+"""A single norm in batch-statistics mode inside an eval model (``track_running_stats=False``, ONNX
+``training_mode=1``, ``aten.batch_norm(training=True)``)."""
+
+
+
+@dataclass
+class Node:
+    """One step of the dataflow (see the module docstring).
+
+    ``label`` names the step the way a user reads it in a reason ("module 'layer1.0.conv1' (Conv2d)", "the operation
+    torch.cat", "a model input"). ``shape`` is the shape of the tensor it produces, when known. ``unit`` names the
+    :class:`Unit` a layer or norm call belongs to.
+    """
+
+    index: int
+    kind: str
+    label: str
+    inputs: list[int] = field(default_factory=list)
+    users: list[int] = field(default_factory=list)
+    shape: tuple[int, ...] | None = None
+    unit: str | None = None
+    op: OpFacts | None = None
+
+
+@dataclass
+class Unit:
+    """A linear layer or a norm that a fold changes, with its call nodes in call order."""
+
+    name: str
+    kind: str  # LAYER | NORM
+    type_name: str
+    layer: LayerFacts | None = None
+    norm: NormFacts | None = None
+    calls: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Graph:
+    """Nodes in execution order, the units they call, and what the adapter wants the report to say.
+
+    ``units`` is ordered as the report lists norms that are never called (by their place in the model).
+    ``shapes_known``: shapes come from a real forward pass (example inputs, or a format that records them).
+    """
+
+    nodes: list[Node] = field(default_factory=list)
+    units: dict[str, Unit] = field(default_factory=dict)
+    method: str = ""
+    shapes_known: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def add_node(
+        self,
+        kind: str,
+        label: str,
+        inputs: list[int] | None = None,
+        *,
+        shape: tuple[int, ...] | None = None,
+        unit: str | None = None,
+        op: OpFacts | None = None,
+    ) -> Node:
+        """Append a node reading ``inputs`` (node indices); links users and the unit's calls."""
+        node = Node(len(self.nodes), kind, label, list(inputs or []), [], shape, unit, op)
+        self.nodes.append(node)
+        for source in node.inputs:
+            self.nodes[source].users.append(node.index)
+        if unit is not None:
+            self.units[unit].calls.append(node.index)
+        return node
+
+    def add_unit(
+        self, name: str, kind: str, type_name: str, *, layer: LayerFacts | None = None, norm: NormFacts | None = None
+    ) -> Unit:
+        """Declare a layer or norm (before its calls are added)."""
+        unit = Unit(name, kind, type_name, layer, norm)
+        self.units[name] = unit
+        return unit
+
+    def norms(self) -> list[Unit]:
+        """Norm units in the order of their first call; never-called norms last, in declaration order."""
+        called = sorted((u for u in self.units.values() if u.kind == NORM and u.calls), key=lambda u: u.calls[0])
+        return called + [u for u in self.units.values() if u.kind == NORM and not u.calls]

@@ -1,0 +1,1048 @@
+"""The ONNX adapter: an ONNX graph translated into the core graph, and the core's folds written back as initializers.
+
+Nothing here decides what folds: :mod:`bnfold.core.plan` does, on the :class:`~bnfold.core.graph.Graph` built by
+:func:`to_graph`, with the same rules as for every other format. This module only translates:
+
+* **dataflow.** Every top-level node becomes a core node whose inputs are the activations it reads. Constants
+  (initializers the caller cannot override, ``Constant`` nodes, and small subgraphs computed from constants only)
+  and shape queries (``Shape``, ``Size`` and what is computed from them) are not activations: a ``Reshape`` reads its
+  data, not its target shape, and a ``Shape`` of a tensor does not use its values. Tensors read inside subgraphs
+  (``If`` / ``Loop`` bodies) count as read by the node that owns the subgraph; graph outputs are output nodes.
+* **units.** ``Conv``, ``ConvTranspose``, ``Gemm`` and ``MatMul`` with a constant 2-D weight are layers (a
+  ``MatMul`` followed by an ``Add`` of a constant per-column bias is one layer with that bias);
+  ``BatchNormalization`` is a norm. Each node is its own unit, named by the node's name (or its op and output).
+* **every other op** through one facts table, :data:`OPS`: op type -> core op kind and the attributes
+  :mod:`bnfold.core.commuting` needs.
+* **shapes** from ONNX shape inference, run on a copy of the graph without the weights' data (large initializers are
+  declared as inputs of the same type and shape), so a 500 MB model is not copied to learn its shapes.
+
+Writing back (:class:`OnnxWeights`) works on a copy of the model: a new weight or bias replaces the initializer when
+the layer is its only reader, and becomes a new initializer of the layer otherwise (a weight shared with another
+node, or an Identity alias, or a constant computed by a small subgraph: the fold stays exact and the report notes
+it). A folded norm is removed by handing its output name to the tensor it read (when nothing else reads that) or by
+pointing its readers at its input.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..core.apply import LayerTensors, Statistics, apply_plan, check_statistics
+from ..core.graph import (
+    BATCH_STATISTICS,
+    INPUT,
+    LAYER,
+    NORM,
+    OP,
+    OUTPUT,
+    Graph,
+    LayerFacts,
+    NormFacts,
+    OpFacts,
+)
+from ..core.plan import FoldPlan, make_plan
+from ..errors import TrainingModeError
+from ..report import FOLDED, LEFT, FoldReport, NormEntry
+
+ONNX_DOMAINS = ("", "ai.onnx")
+NORM_TYPE = "BatchNormalization"
+LAYER_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+)
+METADATA_OPS = frozenset({"Shape", "Size"})
+"""Ops that read only their input's shape: not a use of its values."""
+CONSTANT_SUBGRAPH_LIMIT = 24
+"""At most this many nodes are evaluated to compute one constant (``Expand(CastLike(0, w), shape)``, or the dozen
+shape operations the TorchScript exporter emits for a reflect padding's ``pads``)."""
+SMALL_INITIALIZER = 1024
+"""Initializers up to this many elements stay in the copy that shape inference sees (target shapes, axes, pads)."""
+
+
+def display_name(node: onnx.NodeProto) -> str:
+    """A node's name, or, for the many exporters that leave names empty, its kind and first output."""
+    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+
+
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of attribute ``name`` of ``node`` (strings decoded), or ``default``."""
+    for attr in node.attribute:
+        if attr.name == name:
+            value = helper.get_attribute_value(attr)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value: Any) -> None:
+    for i, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def _reads_inside(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(n for n in node.input if n)
+        for sub in _subgraphs(node):
+            names |= _reads_inside(sub)
+    names.update(o.name for o in graph.output)
+    return names
+
+
+def _count_norms(graph: onnx.GraphProto) -> int:
+    return sum(
+        (node.op_type == NORM_TYPE) + sum(_count_norms(sub) for sub in _subgraphs(node)) for node in graph.node
+    )
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ONNX_DOMAINS:
+            return int(entry.version)
+    return 1
+
+
+def float_parameter_count(graph: onnx.GraphProto) -> int:
+    """Total elements of the float initializers: the ONNX counterpart of a module's parameter count."""
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer if t.data_type in FLOAT_TYPES)
+
+
+# ------------------------------------------------------------------------------------------------- constants
+
+
+class Tensors:
+    """Who produces and who reads each tensor of one top-level graph, and which tensors are constants.
+
+    An initializer that is also a graph input is *not* a constant: ONNX lets the caller override it at run time.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.model = model
+        self.graph = graph
+        self.opset = default_opset(model)
+        self.graph_inputs = {i.name for i in graph.input}
+        self.graph_outputs = [o.name for o in graph.output]
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.nodes = list(graph.node)
+        """The graph's nodes, as the objects every other map hands out (compare them with ``is``)."""
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.readers[name].append(node)
+            for sub in _subgraphs(node):
+                for name in _reads_inside(sub):
+                    self.readers[name].append(node)
+        self._constant: dict[str, bool] = {}
+        self._values: dict[str, np.ndarray] = {}
+        self._static: dict[str, bool] = {}
+
+    def is_constant(self, name: str) -> bool:
+        """Whether ``name`` has the same value whatever the inputs (an initializer the caller cannot override, a
+        ``Constant`` node, or a small computation on those)."""
+        if not name:
+            return False
+        if name in self._constant:
+            return self._constant[name]
+        if name in self.initializers:
+            result = name not in self.graph_inputs
+        elif name in self.graph_inputs or name not in self.producer:
+            result = False
+        else:
+            node = self.producer[name]
+            self._constant[name] = False  # a cycle (an invalid graph) must not recurse forever
+            result = (
+                node.domain in ONNX_DOMAINS
+                and not _subgraphs(node)
+                and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                                         "Multinomial", "Bernoulli")
+                and all(self.is_constant(n) for n in node.input if n)
+            )
+        self._constant[name] = result
+        return result
+
+    def is_static(self, name: str) -> bool:
+        """Constant, or computed from shapes only: reading it is not a use of any activation's values."""
+        if not name:
+            return True
+        if name in self._static:
+            return self._static[name]
+        if self.is_constant(name):
+            result = True
+        elif name in self.graph_inputs or name not in self.producer:
+            result = False
+        else:
+            node = self.producer[name]
+            self._static[name] = False
+            result = node.op_type in METADATA_OPS or (
+                not _subgraphs(node) and all(self.is_static(n) for n in node.input if n)
+            )
+        self._static[name] = result
+        return result
+
+    def tensor(self, name: str) -> onnx.TensorProto | None:
+        """The stored TensorProto of an initializer or a ``Constant`` node's ``value`` (through Identity nodes)."""
+        while True:
+            if name in self.initializers and name not in self.graph_inputs:
+                return self.initializers[name]
+            node = self.producer.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Identity":
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant":
+                value = attribute(node, "value")
+                return value if isinstance(value, onnx.TensorProto) else None
+            return None
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The value of constant ``name`` in its own dtype, or ``None`` when it is not a constant (or too costly)."""
+        if name in self._values:
+            return self._values[name]
+        if not self.is_constant(name):
+            return None
+        stored = self.tensor(name)
+        if stored is not None:
+            array = numpy_helper.to_array(stored)
+        else:
+            array = self._evaluate(name)
+            if array is None:
+                return None
+        self._values[name] = array
+        return array
+
+    def forget(self, name: str) -> None:
+        self._values.pop(name, None)
+
+    def _evaluate(self, name: str) -> np.ndarray | None:
+        """Run the few nodes that compute constant ``name`` in onnx's reference evaluator."""
+        nodes: list[onnx.NodeProto] = []
+        leaves: dict[str, onnx.TensorProto] = {}
+        pending = [name]
+        while pending:
+            current = pending.pop()
+            if current in leaves or any(current in n.output for n in nodes):
+                continue
+            stored = self.tensor(current) if current not in self.producer or self.producer[current].op_type in (
+                "Constant", "Identity") else None
+            if stored is not None:
+                leaves[current] = numpy_helper.from_array(numpy_helper.to_array(stored), current)
+                continue
+            node = self.producer.get(current)
+            if node is None or len(nodes) >= CONSTANT_SUBGRAPH_LIMIT:
+                return None
+            nodes.append(node)
+            pending.extend(n for n in node.input if n)
+        from onnx.reference import ReferenceEvaluator
+
+        order = [n for n in self.nodes if any(n is m for m in nodes)]
+        graph = helper.make_graph(order, "constant", [], [helper.make_empty_tensor_value_info(name)],
+                                  list(leaves.values()))
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        try:
+            return np.asarray(ReferenceEvaluator(model).run([name], {})[0])
+        except Exception:  # an op the reference evaluator lacks: the tensor is then simply not a known constant
+            return None
+
+
+# ------------------------------------------------------------------------------------------------- shapes
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes of the top-level tensors, from ONNX shape inference on a copy without the large weights."""
+    graph = model.graph
+    light = onnx.GraphProto()
+    light.name = graph.name
+    light.node.extend(graph.node)
+    light.input.extend(graph.input)
+    light.output.extend(graph.output)
+    light.value_info.extend(graph.value_info)
+    declared = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        if tensor.data_type in FLOAT_TYPES and int(np.prod(tensor.dims, dtype=np.int64)) > SMALL_INITIALIZER:
+            if tensor.name not in declared:
+                light.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            light.initializer.append(tensor)
+    copy = helper.make_model(light, opset_imports=list(model.opset_import))
+    copy.ir_version = model.ir_version
+    try:
+        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
+    except Exception:  # shapes are an aid: without them reshapes and mean reductions are left with a reason
+        inferred = copy
+    shapes: dict[str, tuple[int, ...]] = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            continue
+        dims = info.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(int(d.dim_value) for d in dims)
+    for tensor in graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------- the facts table
+
+
+@dataclass(frozen=True)
+class OpContext:
+    """What a facts function may look at: the node, constants, and shapes."""
+
+    node: onnx.NodeProto
+    tensors: Tensors
+    shapes: dict[str, tuple[int, ...]]
+
+    def rank(self) -> int | None:
+        shape = self.shapes.get(self.node.input[0]) if self.node.input else None
+        return None if shape is None else len(shape)
+
+    def ints(self, slot: int) -> list[int] | None:
+        """A constant integer input, or ``None`` (absent or not constant)."""
+        if len(self.node.input) <= slot or not self.node.input[slot]:
+            return None
+        value = self.tensors.value(self.node.input[slot])
+        return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+
+    def output_used(self, slot: int) -> bool:
+        node = self.node
+        return len(node.output) > slot and bool(node.output[slot]) and (
+            bool(self.tensors.readers.get(node.output[slot])) or node.output[slot] in self.tensors.graph_outputs
+        )
+
+
+OTHER = OpFacts("other")
+
+
+def _dropout(c: OpContext) -> OpFacts:
+    if c.output_used(1):
+        return OTHER  # its mask is used: a training graph
+    training = c.ints(2)
+    if len(c.node.input) > 2 and c.node.input[2] and training is None:
+        return OpFacts("dropout", {"training": True})  # a training_mode computed at run time
+    is_test = attribute(c.node, "is_test", 1 if c.tensors.opset >= 7 else 0)
+    return OpFacts("dropout", {"training": bool(training and training[0]) or not is_test})
+
+
+def _avg_pool(c: OpContext) -> OpFacts:
+    pads = list(attribute(c.node, "pads", []) or [])
+    if str(attribute(c.node, "auto_pad", "NOTSET")).startswith("SAME"):
+        pads = [1]  # padding whose size depends on the input: treat as padded
+    return OpFacts("avg_pool", {"padding": tuple(pads) or (0,),
+                                "count_include_pad": bool(attribute(c.node, "count_include_pad", 0)),
+                                "divisor_override": None})
+
+
+def _max_pool(c: OpContext) -> OpFacts:
+    return OpFacts("max_pool", {"return_indices": c.output_used(1)})
+
+
+def _resize(c: OpContext) -> OpFacts:
+    """Resizing spatial axes only: every mode averages with weights summing to 1, or picks an input."""
+    node = c.node
+    if str(attribute(node, "coordinate_transformation_mode", "")) == "tf_crop_and_resize":
+        return OTHER  # extrapolated points take a constant value, which the shift would not reach
+    in_shape, out_shape = c.shapes.get(node.input[0]), c.shapes.get(node.output[0])
+    if in_shape is not None and out_shape is not None:
+        return OpFacts("upsample") if in_shape[:2] == out_shape[:2] else OTHER
+    scales = c.tensors.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if node.op_type == "Upsample":
+        scales = c.tensors.value(node.input[1]) if len(node.input) > 1 else None
+        if scales is None:
+            listed = attribute(node, "scales")
+            scales = None if listed is None else np.asarray(listed)
+    if scales is not None and scales.size >= 2 and np.all(np.asarray(scales).reshape(-1)[:2] == 1):
+        return OpFacts("upsample")
+    return OTHER
+
+
+def _reduce_mean(c: OpContext) -> OpFacts:
+    axes = attribute(c.node, "axes")
+    if axes is None and len(c.node.input) > 1 and c.node.input[1]:
+        axes = c.ints(1)
+        if axes is None:
+            return OpFacts("mean", {"dims": None, "keepdim": True})
+    keepdim = bool(attribute(c.node, "keepdims", 1))
+    if not axes:
+        if attribute(c.node, "noop_with_empty_axes", 0):
+            return OpFacts("identity")
+        return OpFacts("mean", {"dims": None, "keepdim": keepdim})  # every axis, the channels too
+    return OpFacts("mean", {"dims": tuple(int(a) for a in axes), "keepdim": keepdim})
+
+
+def _transpose(c: OpContext) -> OpFacts:
+    perm = attribute(c.node, "perm")
+    if perm is None:
+        rank = c.rank()
+        if rank is None:
+            return OTHER
+        perm = list(reversed(range(rank)))
+    return OpFacts("permute", {"order": tuple(int(p) for p in perm)})
+
+
+def _concat(c: OpContext) -> OpFacts:
+    axis = attribute(c.node, "axis")
+    rank = len(c.shapes[c.node.output[0]]) if c.node.output[0] in c.shapes else None
+    if isinstance(axis, int) and axis < 0 and rank is not None:
+        axis %= rank
+    return OpFacts("concat", {"axis": axis})
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _pad(c: OpContext) -> OpFacts:
+    mode = _PAD_MODES.get(str(attribute(c.node, "mode", "constant")), "other")
+    pads = attribute(c.node, "pads") if c.tensors.opset < 11 else c.ints(1)
+    rank = c.rank()
+    padded: tuple[int, ...] | None = None
+    if pads is not None:
+        axes = c.ints(3) if len(c.node.input) > 3 and c.node.input[3] else None
+        count = len(pads) // 2
+        if axes is None:
+            axes = list(range(count))
+        if rank is not None or all(a >= 0 for a in axes):
+            axes = [a % rank if rank is not None else a for a in axes]
+            padded = tuple(a for i, a in enumerate(axes) if pads[i] or pads[i + count])
+    return OpFacts("pad", {"mode": mode, "padded_axes": padded})
+
+
+def _fixed(kind: str) -> Callable[[OpContext], OpFacts]:
+    return lambda c: OpFacts(kind)
+
+
+OPS: dict[str, Callable[[OpContext], OpFacts]] = {
+    "Identity": _fixed("identity"),
+    "Dropout": _dropout,
+    "AveragePool": _avg_pool,
+    "GlobalAveragePool": _fixed("adaptive_avg_pool"),
+    "MaxPool": _max_pool,
+    "GlobalMaxPool": _max_pool,
+    "Resize": _resize,
+    "Upsample": _resize,
+    "Flatten": _fixed("reshape"),
+    "Reshape": _fixed("reshape"),
+    "Squeeze": _fixed("reshape"),
+    "Unsqueeze": _fixed("reshape"),
+    "Transpose": _transpose,
+    "ReduceMean": _reduce_mean,
+    "Concat": _concat,
+    "Pad": _pad,
+}
+"""Every op a per-channel affine map may pass, by ONNX op type: its core kind and attributes. Anything else is
+``other``. The data input is input 0 (Concat: all inputs); the other inputs (shapes, axes, pads) are parameters."""
+
+
+# -------------------------------------------------------------------------------------------- translation
+
+
+@dataclass
+class Layer:
+    """A layer unit: the node with the weight, and the Add carrying its bias (``MatMul -> Add``), if any."""
+
+    node: onnx.NodeProto
+    bias_add: onnx.NodeProto | None = None
+    bias_slot: int | None = None  # input of ``bias_add`` that holds the bias
+
+    @property
+    def output(self) -> str:
+        return (self.bias_add or self.node).output[0]
+
+
+@dataclass
+class Translation:
+    """The core graph and what the write-back needs to find the ONNX nodes again."""
+
+    graph: Graph
+    tensors: Tensors
+    shapes: dict[str, tuple[int, ...]]
+    layers: dict[str, Layer] = field(default_factory=dict)
+    norms: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    subgraph_norms: int = 0
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return f"'{display_name(node)}' ({node.op_type})"
+
+
+class _Translator:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.tensors = Tensors(model)
+        self.shapes = infer_shapes(model)
+        self.graph = Graph(method="onnx graph", shapes_known=True)
+        self.out = Translation(self.graph, self.tensors, self.shapes)
+        self.node_of: dict[str, int] = {}  # tensor name -> core node producing it
+        self.names: set[str] = set()
+
+    def unit_name(self, node: onnx.NodeProto) -> str:
+        base = display_name(node)
+        name, n = base, 1
+        while name in self.names:
+            n += 1
+            name = f"{base}#{n}"
+        self.names.add(name)
+        return name
+
+    # -- facts -----------------------------------------------------------------------------------------------
+    def constant_problem(self, name: str, role: str, owner: str) -> str | None:
+        tensors = self.tensors
+        if not tensors.is_constant(name):
+            if name in tensors.graph_inputs:
+                how = "a graph input (the caller can change it at run time)"
+            elif name in tensors.producer:
+                how = f"computed by {_label(tensors.producer[name])}"
+            else:
+                how = "not defined in the graph"
+            return f"the {role} '{name}' of {owner} is {how}, not a constant initializer"
+        value = tensors.value(name)
+        if value is None:
+            return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
+        if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
+            return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
+        return None
+
+    def layer_facts(self, node: onnx.NodeProto, bias_add: onnx.NodeProto | None, bias_slot: int | None) -> LayerFacts | None:
+        """Facts of a layer node; ``None`` when it is not a layer bnfold folds into (then it is an op)."""
+        op, label = node.op_type, _label(node)
+        if len(node.input) < 2 or not node.input[1]:
+            return None
+        weight_name = node.input[1]
+        shape = self.shapes.get(weight_name)
+        value = self.tensors.value(weight_name) if shape is None else None
+        if shape is None and value is not None:
+            shape = tuple(value.shape)
+        if op == "MatMul" and (shape is None or len(shape) != 2):
+            return None  # a MatMul of two activations, or a batched weight: an op like any other
+        if shape is None or len(shape) < 2:
+            return None
+        problem = self.constant_problem(weight_name, "weight", label)
+        bias_names = [node.input[2]] if op != "MatMul" and len(node.input) > 2 and node.input[2] else []
+        if bias_add is not None and bias_slot is not None:
+            bias_names.append(bias_add.input[bias_slot])
+        for bias in bias_names:
+            problem = problem or self.constant_problem(bias, "bias", label)
+        groups = int(attribute(node, "group", 1)) if op in ("Conv", "ConvTranspose") else 1
+        blocker = None
+        channel_dim = 1
+        if op == "Conv":
+            out_channels, in_channels = shape[0], shape[1] * groups
+            auto_pad = str(attribute(node, "auto_pad", "NOTSET"))
+            pads = list(attribute(node, "pads", []) or [])
+            if auto_pad.startswith("SAME") or any(int(p) for p in pads):
+                shown = f"auto_pad={auto_pad}" if auto_pad.startswith("SAME") else f"pads={pads}"
+                blocker = (f"{label} zero-pads its input ({shown}); the padded border would not receive the norm's "
+                           f"shift")
+        elif op == "ConvTranspose":
+            out_channels, in_channels = shape[1] * groups, shape[0]
+            blocker = (f"{label} is a transposed convolution, whose windows overlap unevenly, so a per-channel shift "
+                       f"of its input does not become a per-channel bias")
+        elif op == "Gemm":
+            trans_b = bool(attribute(node, "transB", 0))
+            out_channels, in_channels = (shape[0], shape[1]) if trans_b else (shape[1], shape[0])
+            if attribute(node, "transA", 0):
+                blocker = f"{label} has transA=1, so the norm's channels are not the Gemm's input features"
+        else:  # MatMul with a 2-D weight (K, N) on the last axis of its input
+            out_channels, in_channels, channel_dim = shape[1], shape[0], -1
+            if self.tensors.opset < 7:
+                problem = problem or f"folding into {label} needs a bias (Gemm with C), which needs opset 7 or later"
+        return LayerFacts(int(out_channels), int(in_channels), channel_dim, problem=problem, input_fold_blocker=blocker)
+
+    def norm_facts(self, node: onnx.NodeProto) -> NormFacts:
+        tensors, label = self.tensors, _label(node)
+        channels = 0
+        if len(node.input) >= 2 and node.input[1] in self.shapes and len(self.shapes[node.input[1]]) == 1:
+            channels = self.shapes[node.input[1]][0]
+        problem = None
+        if attribute(node, "training_mode", 0) or (tensors.opset < 7 and not attribute(node, "is_test", 0)):
+            problem = f"{BATCH_STATISTICS} (training_mode=1); export the model in eval mode (model.eval()) to fold it"
+        elif attribute(node, "spatial", 1) == 0:
+            problem = "it has spatial=0 (one statistic per element, opset < 9), which bnfold does not fold"
+        elif len(node.input) < 5:
+            problem = "it has fewer than five inputs, which is not a valid BatchNormalization"
+        elif any(name and (tensors.readers.get(name) or name in tensors.graph_outputs) for name in node.output[1:]):
+            problem = "its running-statistics outputs are used (a training graph); export in eval mode to fold it"
+        negative = 0
+        if problem is None:
+            for role, name in zip(("scale", "B", "input_mean", "input_var"), node.input[1:5], strict=True):
+                problem = self.constant_problem(name, role, label)
+                if problem:
+                    problem = problem.replace(f" of {label}", "")
+                    problem = f"its {problem.removeprefix('the ')}; export with export_params=True to fold it"
+                    break
+                value = tensors.value(name)
+                assert value is not None
+                if value.ndim != 1 or (channels and value.shape[0] != channels):
+                    problem = f"its {role} '{name}' has shape {list(value.shape)}, not one value per channel"
+                    break
+                channels = int(value.shape[0])
+            if problem is None:
+                gamma = tensors.value(node.input[1])
+                negative = int(np.sum(np.asarray(gamma, dtype=np.float64) < 0))
+        return NormFacts(channels=channels, channel_dim=1, problem=problem, negative_scales=negative)
+
+    def matmul_bias(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
+        """The ``Add`` of a constant per-column bias that alone reads a MatMul's output, and the bias's slot."""
+        readers = self.tensors.readers.get(node.output[0], [])
+        if len(readers) != 1 or node.output[0] in self.tensors.graph_outputs:
+            return None
+        add = readers[0]
+        if add.op_type != "Add" or add.domain not in ONNX_DOMAINS or len(add.input) != 2:
+            return None
+        slot = 1 if add.input[0] == node.output[0] else 0
+        if add.input[1 - slot] != node.output[0] or not self.tensors.is_constant(add.input[slot]):
+            return None
+        bias = self.tensors.value(add.input[slot])
+        weight = self.shapes.get(node.input[1])
+        if bias is None or weight is None or bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, weight[-1])):
+            return None
+        if bias.ndim == 2 and bias.shape[0] != 1:
+            return None
+        return add, slot
+
+    # -- the graph -------------------------------------------------------------------------------------------
+    def source(self, name: str) -> int | None:
+        return self.node_of.get(name)
+
+    def activation_inputs(self, names: list[str]) -> list[int]:
+        return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
+
+    def translate(self) -> Translation:
+        graph, tensors = self.graph, self.tensors
+        for value in self.model.graph.input:
+            if value.name in tensors.initializers and value.name not in tensors.graph_inputs:
+                continue
+            node = graph.add_node(INPUT, f"the graph input '{value.name}'", shape=self.shapes.get(value.name))
+            self.node_of[value.name] = node.index
+        merged: set[int] = set()  # ids of Add nodes translated as a MatMul's bias
+        for node in tensors.nodes:
+            if id(node) in merged:
+                continue
+            if node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS:
+                continue  # reads only its input's shape
+            if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
+                continue  # a constant or a shape computation: not dataflow
+            self.add(node, merged)
+            self.out.subgraph_norms += sum(_count_norms(sub) for sub in _subgraphs(node))
+        for name in tensors.graph_outputs:
+            inputs = [self.node_of[name]] if name in self.node_of else []
+            graph.add_node(OUTPUT, f"the graph output '{name}'", inputs)
+        return self.out
+
+    def add(self, node: onnx.NodeProto, merged: set[int]) -> None:
+        graph = self.graph
+        op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
+        output = node.output[0] if node.output else ""
+        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
+        if op == NORM_TYPE:
+            name = self.unit_name(node)
+            graph.add_unit(name, NORM, NORM_TYPE, norm=self.norm_facts(node))
+            self.out.norms[name] = node
+            extra = self.activation_inputs(list(node.input[1:]))
+            core = graph.add_node(NORM, f"norm '{name}'", self.activation_inputs(node.input[:1]) + extra,
+                                  shape=self.shapes.get(output), unit=name)
+        elif op in LAYER_TYPES:
+            bias = self.matmul_bias(node) if op == "MatMul" else None
+            facts = self.layer_facts(node, *(bias or (None, None)))
+            if facts is None:
+                self.op_node(node, op, outside)
+                return
+            name = self.unit_name(node)
+            graph.add_unit(name, LAYER, op, layer=facts)
+            layer = Layer(node, *(bias or (None, None)))
+            self.out.layers[name] = layer
+            if bias is not None:
+                merged.add(id(bias[0]))
+            inputs = self.activation_inputs(node.input[:1]) + self.activation_inputs(list(node.input[1:]))
+            if bias is not None:
+                inputs += self.activation_inputs([bias[0].input[bias[1]]])
+            core = graph.add_node(LAYER, f"layer '{name}' ({op})", inputs, shape=self.shapes.get(layer.output),
+                                  unit=name)
+            output = layer.output
+        else:
+            self.op_node(node, op, outside)
+            return
+        self.node_of[output] = core.index
+
+    def op_node(self, node: onnx.NodeProto, op: str, outside: list[str]) -> None:
+        facts_of = OPS.get(op)
+        facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
+        if facts.kind == "concat" or facts.kind == "other":
+            inputs = self.activation_inputs(list(node.input) + outside)
+        else:
+            params = self.activation_inputs(list(node.input[1:]))
+            inputs = self.activation_inputs(node.input[:1]) + params
+        core = self.graph.add_node(OP, f"{_label(node)}", inputs, shape=self.shapes.get(node.output[0]) if node.output
+                                   else None, op=facts)
+        for name in node.output:
+            if name:
+                self.node_of[name] = core.index
+
+
+def to_graph(model: onnx.ModelProto) -> Translation:
+    """Translate the top-level graph of ``model`` into the core graph (see the module docstring). Reads only."""
+    return _Translator(model).translate()
+
+
+def training_mode_norms(model: onnx.ModelProto) -> tuple[int, int]:
+    """How many top-level BatchNormalization nodes there are, and how many normalise with batch statistics."""
+    opset = default_opset(model)
+    norms = [n for n in model.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
+    training = [n for n in norms if attribute(n, "training_mode", 0) or (opset < 7 and not attribute(n, "is_test", 0))]
+    return len(norms), len(training)
+
+
+# ----------------------------------------------------------------------------------------------- write back
+
+
+class NumpyNumerics:
+    """:class:`bnfold.core.apply.Numerics` for numpy arrays (float16 / bfloat16 weights are multiplied in float32)."""
+
+    def float64(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array).astype(np.float64)
+
+    def compute(self, weight: np.ndarray) -> np.ndarray:
+        return weight if weight.dtype in (np.float32, np.float64) else weight.astype(np.float32)
+
+    def cast(self, array: np.ndarray, like: np.ndarray) -> np.ndarray:
+        return np.asarray(array).astype(like.dtype)
+
+    def finite(self, array: np.ndarray) -> bool:
+        return bool(np.all(np.isfinite(np.asarray(array).astype(np.float64))))
+
+    def dtype_name(self, array: np.ndarray) -> str:
+        return str(np.asarray(array).dtype)
+
+
+class OnnxWeights:
+    """:class:`bnfold.core.apply.WeightAccess` on a model the caller handed over for rewriting (a copy).
+
+    Gemm ``Y = alpha * A @ B' + beta * C`` is presented to the core as weight ``alpha * B`` and bias ``beta * C``
+    (rounded to their dtypes only when alpha / beta are not 1), and written back with ``alpha = beta = 1``, so both
+    fold directions see a plain ``x W + b``. A ``MatMul`` without a bias becomes a ``Gemm`` when its input is 2-D,
+    and gets an ``Add`` of the new bias otherwise.
+    """
+
+    numerics = NumpyNumerics()
+
+    def __init__(self, model: onnx.ModelProto, translation: Translation) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.tensors = translation.tensors
+        self.shapes = translation.shapes
+        self.layers = translation.layers
+        self.norms = translation.norms
+        self.notes: list[str] = []
+        self.removed_nodes: set[int] = set()
+        self.added_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after this node, the new node)
+        self.stale: set[str] = set()
+        self._taken: set[str] | None = None
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def _value(self, name: str) -> np.ndarray:
+        value = self.tensors.value(name)
+        if value is None:  # the planner only folds constants: this is a bug
+            raise RuntimeError(f"'{name}' is not a constant")
+        return value
+
+    def statistics(self, norm: str) -> Statistics:
+        node = self.norms[norm]
+        gamma, beta, mean, var = (self._value(n) for n in node.input[1:5])
+        return Statistics(mean, var, float(attribute(node, "epsilon", 1e-5)), gamma, beta)
+
+    def read(self, layer: str) -> LayerTensors:
+        unit = self.layers[layer]
+        node = unit.node
+        weight = self._value(node.input[1])
+        op = node.op_type
+        groups = int(attribute(node, "group", 1)) if op in ("Conv", "ConvTranspose") else 1
+        if op == "Conv":
+            out_axis = 0
+        elif op == "Gemm":
+            out_axis = 0 if attribute(node, "transB", 0) else 1
+            alpha = float(attribute(node, "alpha", 1.0))
+            if alpha != 1.0:
+                weight = (weight.astype(np.float64) * alpha).astype(weight.dtype)
+        else:
+            out_axis = 1
+        bias: np.ndarray | None = None
+        if unit.bias_add is not None and unit.bias_slot is not None:
+            bias = self._value(unit.bias_add.input[unit.bias_slot])
+        elif op != "MatMul" and len(node.input) > 2 and node.input[2]:
+            bias = self._value(node.input[2])
+            beta = float(attribute(node, "beta", 1.0)) if op == "Gemm" else 1.0
+            if beta != 1.0:
+                bias = (bias.astype(np.float64) * beta).astype(bias.dtype)
+        return LayerTensors(weight, bias, out_axis, groups)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def _unique(self, base: str) -> str:
+        if self._taken is None:
+            graph = self.graph
+            names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+            names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
+            for node in graph.node:
+                names.update(node.output)
+                names.update(node.input)
+            self._taken = names
+        name, n = f"{base}_bnfold", 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_bnfold{n}"
+        self._taken.add(name)
+        return name
+
+    def _store(self, node: onnx.NodeProto, slot: int, array: np.ndarray, role: str) -> None:
+        """Make input ``slot`` of ``node`` hold ``array``: in place when ``node`` alone reads that initializer,
+        else as a new initializer of ``node``."""
+        tensors = self.tensors
+        old = node.input[slot] if len(node.input) > slot else ""
+        readers = tensors.readers.get(old, []) if old else []
+        if (old in tensors.initializers and old not in tensors.graph_inputs and len(readers) == 1
+                and readers[0] is node and old not in tensors.graph_outputs):
+            tensors.initializers[old].CopyFrom(numpy_helper.from_array(array, old))
+            tensors.forget(old)
+            return
+        name = self._unique(old or f"{display_name(node).replace(':', '_')}_{role}")
+        tensor = numpy_helper.from_array(array, name)
+        self.graph.initializer.append(tensor)
+        tensors.initializers[name] = self.graph.initializer[-1]
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+        tensors.readers[name] = [node]
+        if old:
+            self.stale.add(old)
+            tensors.readers[old] = [r for r in readers if r is not node]
+            producer = tensors.producer.get(old)
+            if producer is None:
+                others = sorted({f"'{display_name(r)}'" for r in readers if r is not node}) or ["a graph output"]
+                how = f"is shared with {', '.join(others)}"
+            elif producer.op_type == "Identity":
+                origin = producer.input[0]
+                while origin in tensors.producer and tensors.producer[origin].op_type == "Identity":
+                    origin = tensors.producer[origin].input[0]
+                how = f"is an Identity of '{origin}' (an exporter sharing equal parameters)"
+            elif producer.op_type == "Constant":
+                how = "came from a Constant node"
+            else:
+                how = f"is computed from constants by {_label(producer)}"
+            self.notes.append(
+                f"{role} '{old}' of '{display_name(node)}' {how}; '{display_name(node)}' got its own initializer "
+                f"'{name}' so the fold stays exact ({array.size:,} values)"
+            )
+
+    def write(self, layer: str, weight: np.ndarray, bias: np.ndarray) -> None:
+        unit = self.layers[layer]
+        node = unit.node
+        self._store(node, 1, weight, "weight")
+        if node.op_type == "Gemm":
+            for name in ("alpha", "beta"):
+                if float(attribute(node, name, 1.0)) != 1.0:
+                    _set_attribute(node, name, 1.0)
+            self._store(node, 2, bias, "bias")
+        elif unit.bias_add is not None and unit.bias_slot is not None:
+            self._store(unit.bias_add, unit.bias_slot, bias, "bias")
+        elif node.op_type == "MatMul":
+            data = self.shapes.get(node.input[0])
+            if data is not None and len(data) == 2:
+                node.op_type = "Gemm"  # a 2-D MatMul is a Gemm without C; the Gemm gives the bias a place
+                self._store(node, 2, bias, "bias")
+                self.notes.append(f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias")
+            else:
+                product = self._unique(node.output[0])
+                add = helper.make_node("Add", [product, ""], [node.output[0]], name=self._unique(display_name(node)))
+                node.output[0] = product
+                self.added_nodes.append((node, add))
+                unit.bias_add, unit.bias_slot = add, 1
+                self.tensors.readers[product] = [add]
+                self._store(add, 1, bias, "bias")
+        else:
+            self._store(node, 2, bias, "bias")
+
+    def remove_norm(self, norm: str) -> None:
+        """Take the norm out: its producer's output takes the norm's output name when nothing else reads it,
+        otherwise the norm's readers read its input."""
+        node = self.norms[norm]
+        tensors = self.tensors
+        source, target = node.input[0], node.output[0]
+        self.removed_nodes.add(id(node))
+        self.stale.update(n for n in node.input[1:] if n)
+        for name in node.input[1:]:
+            if name:
+                tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
+        others = [r for r in tensors.readers.get(source, []) if r is not node]
+        producer = tensors.producer.get(source)
+        if producer is not None and not others and source not in tensors.graph_outputs:
+            producer.output[list(producer.output).index(source)] = target
+            tensors.producer[target] = producer
+            tensors.readers.pop(source, None)
+            self.stale.add(source)
+            return
+        readers = tensors.readers.pop(target, [])
+        for reader in readers:
+            for i, name in enumerate(reader.input):
+                if name == target:
+                    reader.input[i] = source
+        tensors.readers[source] = others + readers
+        self.stale.add(target)
+
+    # -- finishing -------------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Put the nodes in order (removed norms out, new Adds after their MatMul), then drop what nobody reads."""
+        after = {id(anchor): new for anchor, new in self.added_nodes}
+        nodes: list[onnx.NodeProto] = []
+        for node in self.tensors.nodes:
+            if id(node) in self.removed_nodes:
+                continue
+            nodes.append(node)
+            if id(node) in after:
+                nodes.append(after[id(node)])
+        if self.removed_nodes or self.added_nodes:
+            kept = [onnx.NodeProto() for _ in nodes]
+            for copy, node in zip(kept, nodes, strict=True):
+                copy.CopyFrom(node)
+            del self.graph.node[:]
+            self.graph.node.extend(kept)
+        self._drop_unused()
+
+    def _drop_unused(self) -> None:
+        graph = self.graph
+        if not self.stale:
+            return
+        while True:
+            read = {n for node in graph.node for n in node.input if n} | {o.name for o in graph.output}
+            for node in graph.node:
+                for sub in _subgraphs(node):
+                    read |= _reads_inside(sub)
+            dead_nodes = [
+                i for i, node in enumerate(graph.node)
+                if node.output and not any(n in read for n in node.output if n)
+                and all(n in self.stale for n in node.output if n)
+                and not _subgraphs(node)
+            ]
+            dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in read and t.name in self.stale]
+            if not dead_nodes and not dead_inits:
+                break
+            for i in reversed(dead_nodes):
+                self.stale.update(n for n in graph.node[i].input if n)
+                self.stale.update(graph.node[i].output)
+                del graph.node[i]
+            for i in reversed(dead_inits):
+                del graph.initializer[i]
+        alive = {n for node in graph.node for n in node.output} | {i.name for i in graph.input}
+        alive |= {t.name for t in graph.initializer}
+        for i in reversed(range(len(graph.value_info))):
+            name = graph.value_info[i].name
+            if name in self.stale and name not in alive:
+                del graph.value_info[i]
+
+
+# ------------------------------------------------------------------------------------------------- the pipeline
+
+
+def _check_mode(model: onnx.ModelProto) -> None:
+    norms, training = training_mode_norms(model)
+    if norms and training == norms:
+        raise TrainingModeError(
+            f"every BatchNormalization of this model ({norms}) runs in training mode (training_mode=1): it was "
+            f"exported from a model in training mode. Export it again after model.eval()."
+        )
+
+
+def _projected_parameters(translation: Translation, the_plan: FoldPlan, before: int) -> int:
+    """Float parameters once ``the_plan`` is applied: the norms' statistics go, a bias comes to bias-less layers."""
+    tensors = translation.tensors
+    removed = 0
+    for fold in the_plan.folds:
+        node = translation.norms[fold.norm]
+        for name in node.input[1:5]:
+            readers = tensors.readers.get(name, [])
+            if name in tensors.initializers and len(readers) == 1:
+                removed += int(np.prod(tensors.initializers[name].dims, dtype=np.int64))
+    added = 0
+    for name in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers):
+        layer = translation.layers[name]
+        has_bias = layer.bias_add is not None or (
+            layer.node.op_type != "MatMul" and len(layer.node.input) > 2 and bool(layer.node.input[2]))
+        facts = translation.graph.units[name].layer
+        if not has_bias and facts is not None:
+            added += facts.out_channels
+    return before - removed + added
+
+
+def fold_graph(model: onnx.ModelProto, name: str, applied: bool) -> tuple[onnx.ModelProto, FoldReport]:
+    """Plan the folds of ``model`` and, with ``applied``, make them on a copy; return the model and the report.
+
+    ``model`` itself is never modified; a dry run (``applied=False``) returns it unchanged beside the report.
+
+    Raises:
+        TrainingModeError: every BatchNormalization runs in training mode.
+        NonFiniteStatisticsError: a norm the plan folds has NaN or infinite statistics.
+    """
+    _check_mode(model)
+    target = model
+    if applied:
+        target = onnx.ModelProto()
+        target.CopyFrom(model)
+    translation = to_graph(target)
+    the_plan = make_plan(translation.graph)
+    access = OnnxWeights(target, translation)
+    check_statistics([fold.norm for fold in the_plan.folds], access)
+    before = float_parameter_count(model.graph)
+    overflows = {}
+    if applied:
+        overflows = {overflow.norm: str(overflow) for overflow in apply_plan(the_plan, access)}
+        access.finish()
+    nodes = translation.norms
+    entries: dict[str, NormEntry] = {}
+    for fold in the_plan.folds:
+        channels = translation.graph.units[fold.norm].norm.channels  # type: ignore[union-attr]
+        if fold.norm in overflows:
+            entries[fold.norm] = NormEntry(fold.norm, NORM_TYPE, channels, LEFT, reason=overflows[fold.norm])
+        else:
+            entries[fold.norm] = NormEntry(fold.norm, NORM_TYPE, channels, FOLDED, into=fold.layers,
+                                           direction=fold.direction)
+    for refusal in the_plan.refusals:
+        channels = translation.graph.units[refusal.norm].norm.channels  # type: ignore[union-attr]
+        entries[refusal.norm] = NormEntry(refusal.norm, NORM_TYPE, channels or None, LEFT, reason=refusal.reason)
+    notes = list(the_plan.notes) + list(dict.fromkeys(access.notes))
+    if translation.subgraph_norms:
+        notes.append(f"{translation.subgraph_norms} BatchNormalization node(s) inside subgraphs (If/Loop/Scan bodies) "
+                     f"were not considered")
+    report = FoldReport(
+        model=name,
+        applied=applied,
+        capture="onnx graph",
+        entries=[entries[n] for n in nodes if n in entries],
+        parameters_before=before,
+        parameters_after=float_parameter_count(target.graph) if applied
+        else _projected_parameters(translation, the_plan, before),
+        notes=notes,
+    )
+    return target, report

@@ -1,0 +1,261 @@
+"""One model, four formats, one answer: the same decisions, the same reasons, the same outputs.
+
+Every small model below is folded through the module API, a traced TorchScript archive, a torch.export program and
+an ONNX file. For each format the test asserts, norm by norm in execution order, the expected decision (forward,
+backward, or left with a phrase of the core's reason), and that the folded model computes what the original did
+(float32 tolerance, :data:`bnfold.verification.TOLERANCES`). The policies are checked the same way: a model in
+training mode is a ``TrainingModeError`` and NaN statistics are a ``NonFiniteStatisticsError`` in every format.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnfold
+from bnfold.core.graph import BATCH_STATISTICS
+from bnfold.report import FoldReport
+from bnfold.verification import TOLERANCES
+from conftest import calibrated_by_training
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+TOLERANCE = TOLERANCES[torch.float32]
+FORWARD, BACKWARD = "forward", "backward"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model, its input, and per norm (execution order) ``"forward"``, ``"backward"`` or a phrase of the reason."""
+
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    expected: tuple[str, ...]
+    positive_gamma: bool = False  # max pooling commutes with the norm only when every scale is >= 0
+
+
+class _Sum(nn.Module):
+    def __init__(self, conv: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.norm = conv, norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.norm(y) + y  # the conv's output has a second reader
+
+
+class _Cat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.norm = nn.BatchNorm2d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+def _seq(*layers: nn.Module) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(*layers)
+
+
+CASES: dict[str, Case] = {
+    "conv-avgpool-bn": Case(_seq(nn.Conv2d(3, 8, 3), nn.AvgPool2d(2), nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 12, 12), (FORWARD,)),
+    "conv-maxpool-bn": Case(_seq(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 12, 12), (FORWARD,),
+                            positive_gamma=True),
+    "conv-upsample-bn": Case(_seq(nn.Conv2d(3, 8, 3), nn.Upsample(scale_factor=2.0), nn.BatchNorm2d(8), nn.ReLU()),
+                             (2, 3, 8, 8), (FORWARD,)),
+    "conv-dropout-bn": Case(_seq(nn.Conv2d(3, 8, 3), nn.Dropout(0.3), nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 8, 8), (FORWARD,)),
+    "bn-flatten-linear": Case(
+        _seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 5)),
+        (2, 3, 8, 8), (BACKWARD,)),
+    "bn-reflect-conv": Case(_seq(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")),
+                            (2, 3, 8, 8), (BACKWARD,)),
+    "cat-bn": Case(_Cat, (2, 3, 8, 8), (FORWARD,)),
+    "linear-bn1d": Case(_seq(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)), (4, 6), (FORWARD,)),
+    "conv-bn-bn": Case(_seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 8, 8),
+                       (FORWARD, FORWARD)),
+    "bn-bn-linear": Case(_seq(nn.ReLU(), nn.BatchNorm1d(6), nn.BatchNorm1d(6), nn.Linear(6, 3)), (4, 6), (BACKWARD, BACKWARD)),
+    "second-reader": Case(lambda: _Sum(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8), ("also used by",)),
+    "bn-zero-padded-conv": Case(_seq(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1)), (2, 3, 8, 8),
+                                ("pad",)),
+}
+
+
+def _prepared(case: Case) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = case.build()
+    x = torch.randn(case.shape)
+    calibrated_by_training(model, x)
+    if case.positive_gamma:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.data.abs_()
+    return model, x
+
+
+# ------------------------------------------------------------------------------------------------ the formats
+
+
+def _module(model: nn.Module, x: torch.Tensor) -> tuple[FoldReport, Callable[[torch.Tensor], Any]]:
+    folded = bnfold.fold(model, x)
+    return bnfold.report_for(folded), folded
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor) -> tuple[FoldReport, Callable[[torch.Tensor], Any]]:
+    from bnfold.backends.torchscript import fold_script
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (x,), check_trace=False)  # a train-mode model changes its statistics
+    folded, report = fold_script(traced, example_inputs=x)
+    return report, folded
+
+
+def _exported(model: nn.Module, x: torch.Tensor) -> tuple[FoldReport, Callable[[torch.Tensor], Any]]:
+    from bnfold.backends.exported import fold_exported
+
+    program = torch.export.export(model, (x,))
+    folded, report = fold_exported(program, example_inputs=x)
+    return report, folded.module()
+
+
+def _onnx_model(model: nn.Module, x: torch.Tensor) -> Any:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, input_names=["x"], output_names=["y"], do_constant_folding=False,
+                          dynamo=False, training=torch.onnx.TrainingMode.PRESERVE)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _onnx(model: nn.Module, x: torch.Tensor) -> tuple[FoldReport, Callable[[torch.Tensor], Any]]:
+    import bnfold.onnx as bnfold_onnx
+
+    result = bnfold_onnx.fold(_onnx_model(model, x), verify=False)
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return result.report, lambda t: torch.from_numpy(session.run(None, {"x": t.numpy()})[0])
+
+
+FORMATS = {"module": _module, "torchscript": _torchscript, "exported": _exported, "onnx": _onnx}
+
+
+def _decisions(report: FoldReport) -> list[str]:
+    return [entry.direction or "" if entry.status == "folded" else f"left: {entry.reason}" for entry in report.entries]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", CASES)
+def test_every_format_decides_and_computes_the_same(name: str, fmt: str) -> None:
+    case = CASES[name]
+    model, x = _prepared(case)
+    with torch.no_grad():
+        expected = model(x)
+    report, run = FORMATS[fmt](model, x)
+    decisions = _decisions(report)
+    assert len(decisions) == len(case.expected), decisions
+    for decision, want in zip(decisions, case.expected, strict=True):
+        if want in (FORWARD, BACKWARD):
+            assert decision == want, decisions
+        else:
+            assert decision.startswith("left") and want in decision, decisions
+    with torch.no_grad():
+        actual = run(x)
+    error = float((actual - expected).abs().max() / expected.abs().max())
+    assert error <= TOLERANCE, error
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_norm_using_batch_statistics_is_left_with_the_same_reason(fmt: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    x = torch.randn(2, 3, 8, 8)
+    calibrated_by_training(model, x)
+    report, run = FORMATS[fmt](model, x)
+    first, second = _decisions(report)
+    assert first == FORWARD and second.startswith("left") and BATCH_STATISTICS in second, (first, second)
+    with torch.no_grad():
+        expected, actual = model(x), run(x)
+    assert float((actual - expected).abs().max() / expected.abs().max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nan_statistics_are_refused_in_every_format(fmt: str) -> None:
+    model, x = _prepared(CASES["conv-dropout-bn"])
+    model[2].running_var[0] = float("nan")
+    with pytest.raises(bnfold.NonFiniteStatisticsError):
+        FORMATS[fmt](model, x)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_model_in_training_mode_is_refused_in_every_format(fmt: str) -> None:
+    model, x = _prepared(CASES["conv-avgpool-bn"])
+    model.train()
+    model[2].momentum = 0.1  # a cumulative average (momentum=None) makes torch.export trip on the batch counter
+    with pytest.raises(bnfold.TrainingModeError):
+        FORMATS[fmt](model, x)
+
+
+def test_the_core_imports_without_torch_or_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None\n"
+        "from bnfold.core import apply, commuting, graph, plan\n"
+        "g = graph.Graph(method='test')\n"
+        "g.add_unit('conv', graph.LAYER, 'Conv', layer=graph.LayerFacts(4, 3, 1))\n"
+        "g.add_unit('bn', graph.NORM, 'BN', norm=graph.NormFacts(4))\n"
+        "x = g.add_node(graph.INPUT, 'a model input')\n"
+        "c = g.add_node(graph.LAYER, 'conv', [x.index], unit='conv')\n"
+        "b = g.add_node(graph.NORM, 'bn', [c.index], unit='bn')\n"
+        "g.add_node(graph.OUTPUT, 'the model output', [b.index])\n"
+        "p = plan.make_plan(g)\n"
+        "assert [(f.norm, f.layers, f.direction) for f in p.folds] == [('bn', ('conv',), 'forward')], p\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_numpy_arrays_fold_like_tensors() -> None:
+    """The core's arithmetic gives the same numbers on numpy arrays as on tensors (ONNX uses the former)."""
+    from bnfold.backends.modules import TorchNumerics
+    from bnfold.core.apply import LayerTensors, Statistics, folded_backward, folded_forward, scale_shift
+
+    class NumpyNumerics:
+        def float64(self, a: Any) -> Any:
+            return np.asarray(a, dtype=np.float64)
+
+        def compute(self, w: Any) -> Any:
+            return w if w.dtype in (np.float32, np.float64) else w.astype(np.float32)
+
+        def cast(self, a: Any, like: Any) -> Any:
+            return np.asarray(a).astype(like.dtype)
+
+        def finite(self, a: Any) -> bool:
+            return bool(np.isfinite(a).all())
+
+        def dtype_name(self, a: Any) -> str:
+            return str(a.dtype)
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(6, 2, 3, 3, generator=generator), torch.randn(6, generator=generator)
+    stats = [torch.randn(6, generator=generator), torch.rand(6, generator=generator) + 0.5]
+    for numerics, convert in ((TorchNumerics(), lambda t: t), (NumpyNumerics(), lambda t: t.numpy())):
+        s, t = scale_shift(Statistics(convert(stats[0]), convert(stats[1]), 1e-5), numerics)
+        tensors = LayerTensors(convert(weight), convert(bias), out_axis=0, groups=3)
+        forward = folded_forward(tensors, s, t, numerics)
+        backward = folded_backward(LayerTensors(convert(weight), convert(bias), out_axis=0, groups=1), s[:2], t[:2], numerics)
+        if numerics.__class__.__name__ == "TorchNumerics":
+            reference = [np.asarray(a) for a in (*forward, *backward)]
+        else:
+            for got, want in zip((*forward, *backward), reference, strict=True):
+                # the same float32 products; float64 bias sums may differ in order, so within one float32 rounding
+                np.testing.assert_allclose(got, want, rtol=float(np.finfo(np.float32).eps), atol=0)

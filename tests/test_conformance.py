@@ -187,6 +187,21 @@ def test_a_norm_using_batch_statistics_is_left_with_the_same_reason(fmt: str) ->
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_one_norm_in_training_mode_inside_an_eval_model_is_left_with_the_same_reason(fmt: str) -> None:
+    model, x = _prepared(CASES["conv-bn-bn"])
+    model[2].train()
+    model[2].momentum = 0.1  # see test_a_model_in_training_mode_is_refused_in_every_format
+    with torch.no_grad():
+        expected = model(x.clone())  # computed first: the train-mode norm would update its statistics
+    report, run = FORMATS[fmt](model, x)
+    first, second = _decisions(report)
+    assert first == FORWARD and second.startswith("left") and BATCH_STATISTICS in second, (first, second)
+    with torch.no_grad():
+        actual = run(x)
+    assert float((actual - expected).abs().max() / expected.abs().max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_nan_statistics_are_refused_in_every_format(fmt: str) -> None:
     model, x = _prepared(CASES["conv-dropout-bn"])
     model[2].running_var[0] = float("nan")

@@ -86,9 +86,9 @@ def test_training_mode_is_refused_with_the_fix() -> None:
     with pytest.raises(bnfold.TrainingModeError, match=r"model.eval\(\)"):
         bnfold.fold(model)
     model.eval()
-    model.features[1].train()
-    with pytest.raises(bnfold.TrainingModeError, match="features.1"):
-        bnfold.plan(model)
+    model.features[1].train()  # one norm in training mode inside an eval model: left, as in every format
+    entry = next(e for e in bnfold.plan(model).entries if e.name == "features.1")
+    assert entry.status == "left" and "training mode" in (entry.reason or "") and "model.eval()" in entry.reason
 
 
 def test_non_finite_statistics_name_the_layer() -> None:

@@ -20,9 +20,9 @@ from torch import nn
 
 import bnfold
 import bnfold.onnx as bo
+from bnfold.backends.exported import fold_exported
 from bnfold.backends.torchscript import fold_script
 from bnfold.errors import BnfoldError, InvalidInputError, NonFiniteOutputError, VerificationError
-from bnfold.exported import fold_exported
 from bnfold.verification import TOLERANCES, compare_outputs, verify
 from conftest import assert_same_outputs, calibrated_by_training
 

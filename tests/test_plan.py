@@ -337,3 +337,12 @@ def test_forward_pass_capture_sees_in_place_ops_on_the_conv_output() -> None:
 
     entry = _entry(bnfold.plan(_prepared(InPlace()), X), "bn")
     assert entry.status == "left" and "relu_" in entry.reason
+
+
+def test_a_conv_on_an_unbatched_input_is_not_paired_with_a_norm_on_axis_1() -> None:
+    # Conv1d on (C, L) = (3, 10) gives (4, 8): its channels on axis 0. BatchNorm1d reads that as (N=4, C=8).
+    model = _prepared(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(8)))
+    x = torch.randn(3, 10)
+    entry = _entry(bnfold.plan(model, x), "1")
+    assert entry.status == "left" and "unbatched" in (entry.reason or ""), entry.reason
+    assert_same_outputs(model, bnfold.fold(model, x), x)

@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C in the first milliseconds: still one line and exit 130 (see bnfold.cli.main)
+    sys.stderr.write("interrupted; nothing was written\n")
+    sys.exit(130)
 
 sys.exit(main())

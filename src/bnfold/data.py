@@ -2,7 +2,7 @@
 
 * :func:`image_folder`: an ImageNette-style folder (``train/<class>/*.jpg`` and ``val/<class>/*.jpg``), read with
   torchvision's ``ImageFolder``, resized to a square and normalised with the ImageNet statistics torchvision's
-  models expect.
+  models expect; :func:`validation_folder` reads its ``val/`` alone (``bnfold verify --data``).
 * :func:`digits`: scikit-learn's 1,797 handwritten digits (8 x 8, 16 grey levels, 10 classes), which ship inside
   the package, so an experiment runs on any machine without a download: scaled to [0, 1], upsampled to a square
   of ``size`` pixels (bilinear), copied to 3 channels and normalised the same way. The train / validation split is
@@ -64,17 +64,21 @@ def digits(size: int = 32, val_fraction: float = 0.2, seed: int = 0, limit: int 
     )
 
 
-def image_folder(path: str | Path, size: int = 224, limit: int | None = None) -> Splits:
-    """An ImageFolder data set with ``train/`` and ``val/`` sub-folders (ImageNette layout)."""
+def _root(path: str | Path, parts: tuple[str, ...]) -> Path:
     root = Path(path)
+    layout = " and ".join(f"{root}/{part}/<class>/<image>" for part in parts)
     if not root.is_dir():
-        raise InvalidInputError(f"--data {root}: no such directory; give a folder with train/ and val/ inside")
-    missing = [part for part in ("train", "val") if not (root / part).is_dir()]
+        raise InvalidInputError(f"--data {root}: no such directory; give a folder with {' and '.join(f'{p}/' for p in parts)} inside")
+    missing = [part for part in parts if not (root / part).is_dir()]
     if missing:
         raise InvalidInputError(
-            f"--data {root}: missing {' and '.join(f'{m}/' for m in missing)}; the layout is "
-            f"{root}/train/<class>/<image> and {root}/val/<class>/<image> (as in ImageNette)"
+            f"--data {root}: missing {' and '.join(f'{m}/' for m in missing)}; the layout is {layout} (as in ImageNette)"
         )
+    return root
+
+
+def _read_folder(root: Path, part: str, size: int) -> Dataset:
+    """torchvision's ``ImageFolder`` of ``root/part``, resized, centre-cropped and normalised for ImageNet models."""
     try:
         from torchvision import datasets, transforms
     except ImportError as error:
@@ -86,15 +90,32 @@ def image_folder(path: str | Path, size: int = 224, limit: int | None = None) ->
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
     try:
-        train = datasets.ImageFolder(str(root / "train"), transform=transform)
-        val = datasets.ImageFolder(str(root / "val"), transform=transform)
+        return datasets.ImageFolder(str(root / part), transform=transform)
     except (FileNotFoundError, RuntimeError) as error:  # ImageFolder's "Found no valid file for the classes ..."
         raise InvalidInputError(f"--data {root}: {error}") from error
-    if train.classes != val.classes:
-        raise InvalidInputError(f"--data {root}: train/ has classes {train.classes} but val/ has {val.classes}")
-    classes = list(train.classes)
-    if limit is not None:  # a seeded sample across classes (ImageFolder lists the images class by class)
-        generator = torch.Generator().manual_seed(0)
-        train = Subset(train, torch.randperm(len(train), generator=generator)[:limit].tolist())  # type: ignore[assignment]
-        val = Subset(val, torch.randperm(len(val), generator=generator)[:limit].tolist())  # type: ignore[assignment]
+
+
+def _sample(dataset: Dataset, limit: int | None, generator: torch.Generator) -> Dataset:
+    """At most ``limit`` items, a seeded sample across classes (ImageFolder lists the images class by class)."""
+    if limit is None:
+        return dataset
+    return Subset(dataset, torch.randperm(len(dataset), generator=generator)[:limit].tolist())  # type: ignore[arg-type]
+
+
+def validation_folder(path: str | Path, size: int = 224, limit: int | None = None) -> Dataset:
+    """The ``val/`` part of an ImageFolder data set, alone: comparing two models needs no training images."""
+    root = _root(path, ("val",))
+    return _sample(_read_folder(root, "val", size), limit, torch.Generator().manual_seed(0))
+
+
+def image_folder(path: str | Path, size: int = 224, limit: int | None = None) -> Splits:
+    """An ImageFolder data set with ``train/`` and ``val/`` sub-folders (ImageNette layout), for training."""
+    root = _root(path, ("train", "val"))
+    train = _read_folder(root, "train", size)
+    val = _read_folder(root, "val", size)
+    if train.classes != val.classes:  # type: ignore[attr-defined]
+        raise InvalidInputError(f"--data {root}: train/ has classes {train.classes} but val/ has {val.classes}")  # type: ignore[attr-defined]
+    classes = list(train.classes)  # type: ignore[attr-defined]
+    generator = torch.Generator().manual_seed(0)
+    train, val = _sample(train, limit, generator), _sample(val, limit, generator)
     return Splits(train, val, classes, f"image folder {root}")

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from .architectures import build_arch
 from .errors import InvalidInputError
-from .files import write_atomic
+from .files import refuse_inputs, write_atomic
 
 DEFAULT_MODELS = ("vgg16_bn", "resnet50")
 EXPECTED_REMOVED = {"vgg16_bn": 8_448, "resnet50": 26_560}  # the seed's figures, for the report's last column
@@ -238,6 +238,8 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--out {out} is a file; give a directory for report.md, report.json and latency.png")
+    if args.data:  # checked before hours of training: the report must never land among the images it reads
+        refuse_inputs([out / name for name in ("report.json", "report.md", "latency.png")], [Path(args.data)])
     if args.threads:
         torch.set_num_threads(args.threads)
     splits = _splits(args)

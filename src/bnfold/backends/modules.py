@@ -26,7 +26,19 @@ from torch.nn.utils import parametrize
 
 from ..capture import Dataflow, Site, TensorRef
 from ..core.apply import LayerTensors, Statistics
-from ..core.graph import CONSTANT, INPUT, LAYER, NORM, OP, OUTPUT, Graph, LayerFacts, NormFacts, OpFacts
+from ..core.graph import (
+    BATCH_STATISTICS,
+    CONSTANT,
+    INPUT,
+    LAYER,
+    NORM,
+    OP,
+    OUTPUT,
+    Graph,
+    LayerFacts,
+    NormFacts,
+    OpFacts,
+)
 from ..layers import LayerRegistry, LinearLayerRule, NormRule
 
 # ------------------------------------------------------------------------------------------- the facts table
@@ -279,8 +291,18 @@ class _Translator:
                 f"the layer '{name}' is a lazy module whose weight is not materialised yet; run one forward pass first"
             ))
         problem = None
+        unbatched = [
+            site.shape for site in self.calls.get(name, [])
+            if weight is not None and rule.activation_channel_dim == 1 and site.shape is not None
+            and len(site.shape) == weight.dim() - 1
+        ]
         if weight is None or not weight.is_floating_point():
             problem = f"the layer '{name}' has no floating-point weight to fold into"
+        elif unbatched:
+            problem = (
+                f"'{name}' runs on an unbatched input (output shape {tuple(unbatched[0])}): its channels are on axis 0, "
+                f"not on the axis 1 a norm normalises"
+            )
         else:
             problem = self.module_problem(name, module, "layer")
         return LayerFacts(
@@ -297,6 +319,11 @@ class _Translator:
         if not isinstance(rule, NormRule):
             return NormFacts(channels=_channels_guess(module), problem=match.reason or "bnfold has no rule for it")
         problem = rule.unfoldable(module)
+        if problem is None and module.training and rule.depends_on_training:
+            problem = (
+                f"it is in training mode although the model is not (train() called after eval()?): "
+                f"{BATCH_STATISTICS}; call model.eval() to fold it"
+            )
         if problem is not None:
             return NormFacts(channels=_channels_guess(module), channel_dim=rule.channel_dim, problem=problem)
         if name in self.calls:

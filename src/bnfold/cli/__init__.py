@@ -17,16 +17,18 @@ one-line ``error:`` names the problem and the fix; nothing written); 3 an intern
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from ..errors import BnfoldError, VerificationError
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """exit codes: 0 success; 1 outputs differ (nothing written); 2 bad input or usage (nothing written);
-3 internal error (rerun with --debug and report it); 130 interrupted"""
+3 internal error (rerun with --debug and report it); 130 interrupted (143 SIGTERM, 129 SIGHUP)"""
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -39,6 +41,36 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _tolerance(text: str) -> float:
+    """A relative error bound: a finite number >= 0 (nan would pass nothing, inf and negatives make no sense)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; write it like 1e-4") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tolerance; give a finite relative error >= 0, like 1e-4")
+    return value
+
+
+def _integer(minimum: int, maximum: int | None = None, what: str = "a number") -> Callable[[str], int]:
+    """An argparse type: an integer in ``[minimum, maximum]``, refused at parse time (exit 2) rather than deep in torch."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"{text} is not {what}; give a whole number {bound}")
+        return value
+
+    return parse
+
+
+_SEED = _integer(0, 2**64 - 1, "a seed")  # what torch.Generator.manual_seed accepts, without its wrap-around of negatives
+
+
 def _model_options(parser: argparse.ArgumentParser, weights: bool = True) -> None:
     group = parser.add_argument_group("model loading")
     group.add_argument("--arch", metavar="NAME", help="architecture of a state_dict file (torchvision or timm name)")
@@ -49,7 +81,7 @@ def _model_options(parser: argparse.ArgumentParser, weights: bool = True) -> Non
     group.add_argument("--eval", action="store_true", help="switch a model saved in training mode to eval mode")
     group.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                        help="example input shape (default: the architecture's, e.g. 1,3,224,224)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random example inputs (default: 0)")
+    group.add_argument("--seed", type=_SEED, default=0, help="seed of the random example inputs (default: 0)")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -57,12 +89,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one ``error:`` line on stderr and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     """The argument parser of every command (also used to render ``--help``).
 
     ``with_reproduce=False`` leaves out ``reproduce``, whose options come from a module that imports torch.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bnfold", description="Fold BatchNorm into neighbouring conv / linear layers, losslessly.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -86,7 +126,7 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     fold.add_argument("--format", choices=("state_dict", "safetensors", "pickle", "torchscript", "pt2", "onnx"),
                       help="output format (default: the input's; for an architecture name, from OUT's extension)")
     fold.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    fold.add_argument("--tolerance", type=float, help="largest accepted relative output error (default: from the dtype)")
+    fold.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
     _model_options(fold)
     _common(fold)
 
@@ -97,8 +137,8 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     verify.add_argument("original", metavar="ORIGINAL")
     verify.add_argument("folded", metavar="FOLDED")
     verify.add_argument("--data", metavar="DIR", help="ImageFolder root with val/ (ImageNette layout) to compare on")
-    verify.add_argument("--limit", type=int, metavar="N", help="compare on at most N images of --data")
-    verify.add_argument("--tolerance", type=float, help="largest accepted relative output error (default: from the dtype)")
+    verify.add_argument("--limit", type=_integer(1, what="an image count"), metavar="N", help="compare on at most N images of --data")
+    verify.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
     _model_options(verify, weights=False)
     _common(verify)
 
@@ -107,15 +147,15 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
                                 epilog="example: bnfold bench resnet50 --batch-sizes 1 32 --peers --plot latency.png",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("model", metavar="MODEL", help="architecture name or model file")
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1], metavar="B", help="batch sizes (default: 1)")
-    bench.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's)")
+    bench.add_argument("--batch-sizes", type=_integer(1, what="a batch size"), nargs="+", default=[1], metavar="B", help="batch sizes (default: 1)")
+    bench.add_argument("--threads", type=_integer(1, what="a thread count"), help="intra-op threads (default: PyTorch's)")
     bench.add_argument("--peers", action="store_true", help="also time torch.fx fuse and torch.jit.freeze")
     bench.add_argument("--channels-last", action="store_true", help="also time channels-last variants")
     bench.add_argument("--compile", action="store_true", help="also time torch.compile variants")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed rounds (default: 3)")
-    bench.add_argument("--repeats", type=int, default=20, help="timed interleaved rounds (default: 20)")
+    bench.add_argument("--warmup", type=_integer(0, what="a round count"), default=3, help="untimed rounds (default: 3)")
+    bench.add_argument("--repeats", type=_integer(1, what="a round count"), default=20, help="timed interleaved rounds (default: 20)")
     bench.add_argument("--plot", metavar="PNG", help="write a latency chart")
-    bench.add_argument("--tolerance", type=float, help=argparse.SUPPRESS)
+    bench.add_argument("--tolerance", type=_tolerance, help=argparse.SUPPRESS)
     _model_options(bench)
     _common(bench)
 
@@ -132,25 +172,81 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+class _Interrupts:
+    """SIGINT raised as ``KeyboardInterrupt``, and remembered.
+
+    Remembered because not every library lets the exception through: an interrupt during ``import torch`` can be
+    swallowed by an import guard (the run then went on as if nothing happened) or turn into an unrelated
+    ``ImportError`` later ("cannot load module more than once"). With the flag, Ctrl-C is honoured either way.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+        try:
+            self._previous = signal.signal(signal.SIGINT, self)
+        except ValueError:  # main() called outside the main thread: signals are not ours to handle
+            self._previous = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _interrupted() -> int:
+    sys.stderr.write("interrupted; nothing was written\n")
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (documented in the module docstring)."""
-    from rich.console import Console
+    """Run one command; returns the exit code (documented in the module docstring; SIGTERM / SIGHUP: 128 + signal).
 
-    from . import onnx_commands
-
-    words = list(sys.argv[1:] if argv is None else argv)
-    light = bool(words) and words[0] in onnx_commands.COMMANDS  # parsing them needs no torch
-    args = build_parser(with_reproduce=not light).parse_args(words)
-    console = Console(stderr=bool(getattr(args, "json", False)))
-    errors = Console(stderr=True)
-    if onnx_commands.handles(args):
-        handler: Any = getattr(onnx_commands, args.command)
-    else:
-        from . import commands
-
-        handler = getattr(commands, args.command)
+    Ctrl-C is one line and exit 130 wherever it lands, also while PyTorch is still being imported (the first
+    second or two of every run), not a traceback through the import machinery. Commands on ONNX files alone run
+    without importing PyTorch at all.
+    """
+    interrupts = _Interrupts()
     try:
-        return handler(args, console)
+        try:
+            from rich.console import Console
+
+            from . import onnx_commands
+
+            words = list(sys.argv[1:] if argv is None else argv)
+            light = bool(words) and words[0] in onnx_commands.COMMANDS  # parsing them needs no torch
+            args = build_parser(with_reproduce=not light).parse_args(words)
+            if onnx_commands.handles(args):
+                commands: Any = onnx_commands
+            else:
+                from . import commands
+        except BaseException as error:  # an import broken by an interrupt fails with whatever error it hits
+            if interrupts.seen or isinstance(error, KeyboardInterrupt):
+                return _interrupted()
+            raise
+        if interrupts.seen:  # swallowed during an import
+            return _interrupted()
+        return _run(args, commands, Console(stderr=bool(getattr(args, "json", False))), Console(stderr=True), interrupts)
+    except KeyboardInterrupt:
+        return _interrupted()
+    finally:
+        interrupts.restore()
+
+
+def _run(args: argparse.Namespace, commands: Any, console: Any, errors: Any, interrupts: _Interrupts) -> int:
+    from ..files import describe_os_error
+    from .signals import Terminated, stop_as_exception
+
+    handler: Any = getattr(commands, args.command)
+    try:
+        with stop_as_exception():  # SIGTERM / SIGHUP raise, so half-written files are cleaned up as for Ctrl-C
+            return handler(args, console)
+    except Terminated as stop:
+        errors.print(f"interrupted by {stop.name}; nothing was written", highlight=False)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         errors.print("interrupted; nothing was written")
         return EXIT_INTERRUPTED
@@ -159,7 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail(errors, "error", str(error))
         return EXIT_VERIFICATION_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
+    except OSError as error:  # the environment (a full disk, a read-only folder, permissions), not a bug
+        if args.debug:
+            raise
+        _fail(errors, "error", describe_os_error(error))
+        return EXIT_BAD_INPUT
     except Exception as error:
+        if interrupts.seen:  # e.g. a lazy import that an interrupt broke half way
+            errors.print("interrupted; nothing was written")
+            return EXIT_INTERRUPTED
         if args.debug:
             raise
         first = (str(error).strip().splitlines() or [""])[0]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError, VerificationError
-from ..files import check_output_path, staged
+from ..files import check_output_path, refuse_inputs, staged
 from ..report import FoldReport
 from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model
 from .saving import choose_format, read_back, write_model
@@ -29,6 +29,29 @@ def _load(args: argparse.Namespace, spec: str, console: Any) -> LoadedModel:
             spec, arch=args.arch, weights=getattr(args, "weights", None), trust_pickle=args.trust_pickle,
             switch_to_eval=args.eval, input_shape=args.input_shape,
         )
+
+
+def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: torch.Tensor) -> None:
+    """Run the model once on the example input, so that an input it cannot take is bad input (exit 2), said once.
+
+    Without this, the wrong shape surfaces deep in tracing, folding or verification, as a torch traceback or an
+    "internal error"; afterwards a failure there is bnfold's. ONNX files are checked by their own backend.
+    """
+    if loaded.kind == ONNX:
+        return
+    shape = ",".join(str(d) for d in example.shape)
+    try:
+        with torch.no_grad():
+            loaded.runnable(example)
+    except Exception as error:  # whatever the model's own forward raises on this input
+        lines = str(error).strip().splitlines()
+        cause = f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+        if args.input_shape is None:
+            advice = (f"the example input was the default {shape}: pass --input-shape with the shape of one batch "
+                      "that its forward() takes (e.g. --input-shape 1,3,32,32)")
+        else:
+            advice = "check --input-shape: it is the shape of one batch that the model's forward() takes"
+        raise InvalidInputError(f"{loaded.label} does not run on an input of shape {shape} ({cause}); {advice}") from error
 
 
 def _emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
@@ -71,6 +94,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     """``bnfold inspect MODEL``: each norm and what folding would do with it; parameter counts. Writes nothing."""
     loaded = _load(args, args.model, console)
     example = loaded.example_inputs(args.seed)
+    _check_runs(args, loaded, example)
     with console.status("tracing the dataflow"):
         report = _plan_report(loaded, example)
     report.model = loaded.label
@@ -87,52 +111,95 @@ def _fold_exported(loaded: LoadedModel, example: torch.Tensor) -> tuple[Any, Fol
     return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label)
 
 
-def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | None) -> tuple[Any, FoldReport]:
-    """Fold and verify; raises ``VerificationError`` (nothing written yet) if outputs differ."""
+def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | None, seed: int = 0) -> tuple[Any, FoldReport]:
+    """Fold and verify; raises ``VerificationError`` (nothing written yet) if outputs differ.
+
+    Every PyTorch format is judged by :func:`_judge`, the same check that later judges the written file.
+    """
     if loaded.kind == ONNX:  # the result object, which knows whether to write external data
-        result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance)
+        result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance, seed=seed)
         return result, result.report
     if loaded.kind == TORCHSCRIPT:
         from ..backends.torchscript import fold_script
-        from ..verification import verify
 
         folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label)
-        checked = verify(loaded.module, folded, example, tolerance=tolerance)
-        report.verification = checked.to_dict()
-        if not checked.passed:
-            raise VerificationError(f"the folded TorchScript model's outputs differ: {checked}")
+        report.verification = _judge(loaded.module, folded, example, tolerance, "the folded TorchScript model")
         return folded, report
     if loaded.kind == EXPORTED:
-        from ..verification import verify
-
         program, report = _fold_exported(loaded, example)
-        checked = verify(loaded.runnable, program.module(), example, tolerance=tolerance)
-        report.verification = checked.to_dict()
-        if not checked.passed:
-            raise VerificationError(f"the folded torch.export program's outputs differ: {checked}")
+        report.verification = _judge(loaded.runnable, program.module(), example, tolerance, "the folded torch.export program")
         return program, report
     from ..engine import fold, report_for
 
-    folded = fold(loaded.module, example, tolerance=tolerance)
-    return folded, report_for(folded)
+    folded = fold(loaded.module, example, verify=False)
+    report = report_for(folded)
+    report.verification = _judge(loaded.module, folded, example, tolerance, f"the folded {type(loaded.module).__name__}")
+    return folded, report
+
+
+def _judge(original: Any, candidate: Any, example: torch.Tensor, tolerance: float | None, what: str) -> dict[str, Any]:
+    """The one output check of the command line, for the folded model in memory and for the file written.
+
+    Both models run on ``example``; every output is held to ``tolerance`` (default: from the original's dtype) as
+    ``max|a - b| / max|a|``. Above it, the float64 second opinion of :func:`bnfold.fold` decides
+    (:func:`bnfold.verification.explained_by_rounding`: a correct fold of a badly conditioned model is no further
+    from the float64 truth than the model's own rounding). Judging the written file by anything else would let a
+    strict ``--tolerance`` pass the fold and then refuse the identical file, or the reverse.
+
+    Raises:
+        VerificationError: the outputs differ beyond both (one line, naming the worst output).
+    """
+    from ..verification import compare_outputs, default_tolerance, explained_by_rounding
+
+    limit = tolerance if tolerance is not None else default_tolerance(original)
+    with torch.no_grad():
+        expected, actual = original(example), candidate(example)
+    comparison = compare_outputs(expected, actual, limit)
+    verdict = comparison.to_dict()
+    if not comparison.passed and not comparison.problems:
+        try:
+            second = explained_by_rounding(original, (example,), expected, actual)
+        except Exception:  # a graph that cannot run in float64 (some TorchScript / exported graphs): no second opinion
+            second = None
+        if second is not None:
+            verdict["rounding_check"] = second.to_dict()
+            verdict["passed"] = second.passed
+    if not verdict["passed"]:
+        raise VerificationError(
+            f"{what} differs from the original: {comparison.worst()} exceeds the tolerance {limit:g}, and more than "
+            "float rounding explains; nothing was written"
+        )
+    return verdict
 
 
 def fold(args: argparse.Namespace, console: Any) -> int:
-    """``bnfold fold MODEL -o OUT``: fold, verify on example inputs, write OUT atomically, print the report."""
-    sources = [Path(args.model)] + ([Path(args.weights)] if args.weights else [])
-    output = check_output_path(args.output, sources, force=args.force)
+    """``bnfold fold MODEL -o OUT``: fold, verify on example inputs, write OUT atomically, print the report.
+
+    OUT (and, for ONNX, its external data file) is never a file the run reads (:func:`_files_read`), with
+    ``--force`` or not; it is written staged, read back and judged like the fold itself (:func:`_judge`), then
+    renamed into place (without ``--force``, a rename that refuses to replace a file another run wrote meanwhile).
+    """
+    output = check_output_path(args.output, _files_read(args), force=args.force)
     loaded = _load(args, args.model, console)
+    read = _files_read(args, loaded)  # now with the files the loader found (ONNX external data)
+    written = [output]
+    if _onnx_data_files(loaded):  # the folded model keeps external data too, in OUT.data (bnfold.onnx.save)
+        from ..onnx.io import data_file
+
+        written.append(data_file(output))
+    refuse_inputs(written, read)
     fmt = choose_format(loaded.kind, output, args.format)
     example = loaded.example_inputs(args.seed)
+    _check_runs(args, loaded, example)
     with console.status("folding and verifying"):
-        folded, report = _fold_loaded(loaded, example, args.tolerance)
+        folded, report = _fold_loaded(loaded, example, args.tolerance, args.seed)
     report.model = loaded.label
     reread = None
     with console.status(f"writing {output}"):
         if loaded.kind == ONNX:
-            folded.save(output, force=args.force)  # atomic, external data beside it when the source had it
+            reread = folded.save(output, force=args.force)  # staged, read back in onnxruntime, graph and data as one
         else:
-            with staged(output) as temporary:  # checked before it replaces anything
+            with staged(output, replace=args.force) as temporary:  # checked before it replaces anything
                 write_model(folded, temporary, fmt, loaded.kind, example)
                 reread = _check_written(loaded, temporary, fmt, example, args.tolerance)
     payload = {"output": str(output), "format": fmt, "report": report.to_dict(), "written_file_check": reread}
@@ -144,20 +211,41 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     return OK
 
 
-def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, example: torch.Tensor, tolerance: float | None) -> dict[str, Any] | None:
-    """Load the written file and compare it with the original; raises (and nothing is kept) on a mismatch."""
-    from ..verification import verify
+def _files_read(args: argparse.Namespace, loaded: LoadedModel | None = None) -> list[Path]:
+    """Every file this run reads, the one list no output may ever be part of (by path or inode, ``--force`` or not).
 
+    MODEL (when it is a file), ``--weights``, ``--data``, and, once ``loaded``, the external data files of an ONNX
+    model (every location of every tensor).
+    """
+    named = [getattr(args, "model", None), getattr(args, "weights", None)]
+    files = [Path(n) for n in named if n and Path(n).exists() and not Path(n).is_dir()]  # a folder is refused later
+    data = getattr(args, "data", None)
+    if data and Path(data).exists():
+        files.append(Path(data))  # a folder: nothing may be written inside it either
+    return files + (_onnx_data_files(loaded) if loaded is not None else [])
+
+
+def _onnx_data_files(loaded: LoadedModel) -> list[Path]:
+    """The external data files of an ONNX model file (none for any other kind)."""
+    if loaded.kind != ONNX or loaded.source is None:
+        return []
+    import onnx
+
+    from ..onnx.io import external_data_files
+
+    return external_data_files(onnx.load_model(str(loaded.source), load_external_data=False), loaded.source)
+
+
+def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, example: torch.Tensor, tolerance: float | None) -> dict[str, Any] | None:
+    """Load the written file and judge it as the fold was judged (:func:`_judge`); raises (nothing kept) on a mismatch."""
     try:
         written = read_back(written_path, fmt, loaded.arch)
     except Exception as error:
-        raise VerificationError(f"the {fmt} file bnfold wrote does not load back ({error}); nothing was written") from error
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise VerificationError(f"the {fmt} file bnfold wrote does not load back ({first}); nothing was written") from error
     if written is None:
         return None
-    checked = verify(loaded.runnable, written, example, tolerance=tolerance)
-    if not checked.passed:
-        raise VerificationError(f"the written {fmt} file does not reproduce the original's outputs ({checked}); nothing was written")
-    return checked.to_dict()
+    return _judge(loaded.runnable, written, example, tolerance, f"the written {fmt} file")
 
 
 def verify(args: argparse.Namespace, console: Any) -> int:
@@ -186,13 +274,16 @@ def verify(args: argparse.Namespace, console: Any) -> int:
         if args.data:
             from torch.utils.data import DataLoader
 
-            from ..data import image_folder
+            from ..data import validation_folder
 
             size = (shape or (1, 3, 224, 224))[-1]
-            loader = DataLoader(image_folder(args.data, size=size, limit=args.limit).val, batch_size=16)
+            loader = DataLoader(validation_folder(args.data, size=size, limit=args.limit), batch_size=16)
             result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
         else:
-            result = compare(original.runnable, folded.runnable, original.example_inputs(args.seed), tolerance=args.tolerance)
+            example = original.example_inputs(args.seed)
+            _check_runs(args, original, example)
+            _check_runs(args, folded, example)
+            result = compare(original.runnable, folded.runnable, example, tolerance=args.tolerance)
     _emit(args, console, result.to_dict(), str(result))
     return OK if result.passed else VERIFICATION_FAILED
 
@@ -201,10 +292,13 @@ def bench(args: argparse.Namespace, console: Any) -> int:
     """``bnfold bench MODEL``: latency and footprint before/after folding (and the peers with ``--peers``)."""
     from ..bench import PEERS, benchmark
 
+    if args.plot:  # before anything runs: a chart must never replace a file this run reads
+        check_output_path(args.plot, _files_read(args), force=True)
     loaded = _load(args, args.model, console)
     if loaded.kind == ONNX:
         raise InvalidInputError("bnfold bench times PyTorch models; for ONNX files run benchmarks/onnx_peers.py")
     example = loaded.example_inputs(args.seed)
+    _check_runs(args, loaded, example)
     batch_sizes = tuple(args.batch_sizes)
     model, folded = loaded.module, None
     if loaded.kind == TORCHSCRIPT:

@@ -9,7 +9,7 @@ A MODEL argument is one of:
 * a whole pickled ``nn.Module`` (``torch.save(model)``), only with ``--trust-pickle``: unpickling runs code from
   the file, so by default files are read with ``torch.load(weights_only=True)``, which refuses it;
 * a TorchScript archive (``torch.jit.save``);
-* a torch.export program (``torch.export.save``, ``.pt2``), folded by :mod:`bnfold.exported`;
+* a torch.export program (``torch.export.save``, ``.pt2``), folded by :mod:`bnfold.backends.exported`;
 * an ONNX file (the ONNX backend, :mod:`bnfold.onnx`).
 
 Every problem is raised as an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix.
@@ -17,7 +17,10 @@ Every problem is raised as an :class:`~bnfold.errors.InvalidInputError` naming t
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,19 +76,57 @@ class LoadedModel:
         return str(self.source) if self.source is not None else f"{self.arch} (random weights)"
 
     def example_inputs(self, seed: int = 0) -> torch.Tensor:
-        """A seeded random input of :attr:`input_shape` (standard normal, like normalised images)."""
+        """A seeded random input of :attr:`input_shape` (standard normal, like normalised images).
+
+        A shape whose tensor cannot fit in memory is bad input (``InvalidInputError``), not a crash: it is refused
+        before allocating when it needs more than half the machine's memory (the model's activations need more
+        still), and an allocation that fails anyway is reported the same way.
+        """
         shape = self.input_shape or DEFAULT_INPUT_SHAPE
-        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        text = ",".join(str(d) for d in shape)
+        needed = math.prod(shape) * torch.empty((), dtype=torch.float32).element_size()
+        memory = _physical_memory()
+        if memory is not None and needed > memory // 2:
+            raise InvalidInputError(
+                f"an example input of shape {text} needs {needed / 1e9:.1f} GB, more than half of this machine's "
+                f"memory ({memory / 1e9:.1f} GB); pass a smaller --input-shape (one batch, e.g. 1,3,224,224)"
+            )
+        try:
+            return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        except (RuntimeError, MemoryError) as error:
+            raise InvalidInputError(
+                f"cannot allocate an example input of shape {text} ({_first_line(error)}); pass a smaller --input-shape"
+            ) from error
+
+
+def _physical_memory() -> int | None:
+    """Bytes of physical memory, where the platform says (``None`` elsewhere)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------- files
 
 
 def _check_readable(path: Path) -> None:
-    if not path.exists():
-        raise InvalidInputError(f"{path}: no such file")
-    if path.is_dir():
+    """A regular file that can be read, checked without opening anything that could block or never end.
+
+    Opening a FIFO waits for a writer, and /dev/zero or /dev/urandom never reach end of file, so the kind of
+    file is decided from ``stat`` first, before any ``open``.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path}: no such file") from None
+    except OSError as error:
+        raise InvalidInputError(f"{path}: cannot read it ({error.strerror or error})") from error
+    if stat.S_ISDIR(mode):
         raise InvalidInputError(f"{path} is a directory; give a model file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file")
+        raise InvalidInputError(f"{path} is {kind}, not a model file; save the model to a regular file and pass that")
     try:
         with path.open("rb") as handle:
             handle.read(1)
@@ -93,6 +134,14 @@ def _check_readable(path: Path) -> None:
         raise InvalidInputError(f"{path}: cannot read it ({error.strerror or error})") from error
     if path.stat().st_size == 0:
         raise InvalidInputError(f"{path} is empty; the file was not written completely")
+
+
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def sniff(path: Path) -> str:
@@ -215,24 +264,18 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
         raise InvalidInputError(f"{path} is not a loadable TorchScript archive ({_first_line(error)})") from error
 
 
-def _load_exported(path: Path) -> torch.export.ExportedProgram:
-    import warnings
+def _load_exported(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
+    """The program in a ``.pt2`` file; refuses one that would run code on loading unless ``trust_pickle``."""
+    from ..pt2_safety import load_exported
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(str(path))
-    except Exception as error:  # the archive reader raises RuntimeError / KeyError / JSON errors on a damaged file
-        raise InvalidInputError(
-            f"{path} is not a loadable torch.export program ({_first_line(error)}); it may be truncated or corrupt"
-        ) from error
+    return load_exported(path, trust_pickle=trust_pickle)
 
 
 def _exported_input_shape(
     program: torch.export.ExportedProgram, path: Path, given: tuple[int, ...] | None
 ) -> tuple[int, ...]:
     """The shape of the program's one tensor input: ``--input-shape`` (if the program accepts it), else its example's."""
-    from ..exported import check_input_shape
+    from ..backends.exported import check_input_shape
 
     if given is not None:
         check_input_shape(program, given)
@@ -242,7 +285,7 @@ def _exported_input_shape(
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise InvalidInputError(
                 f"{path} takes {len(args)} positional and {len(kwargs)} keyword inputs; the command line handles "
-                "programs with one tensor input: call bnfold.exported.fold_exported from Python"
+                "programs with one tensor input: call bnfold.backends.exported.fold_exported from Python"
             )
         return given if given is not None else tuple(args[0].shape)
     if given is None:
@@ -275,6 +318,11 @@ def load_model(
     path = Path(spec)
     looks_like_file = path.exists() or path.suffix.lower() in (".pt", ".pth", ".onnx", ".safetensors", ".ts", ".pt2", ".bin", ".ckpt")
     if not looks_like_file:
+        if arch is not None:
+            raise InvalidInputError(
+                f"--arch does not apply here: {spec} is already an architecture name (--arch names the architecture "
+                "of a state_dict FILE); drop --arch, and pass trained weights with --weights FILE"
+            )
         if weights is None:
             model, default_shape = build_arch(spec)
             loaded = LoadedModel(model, ARCHITECTURE, None, spec, input_shape or default_shape)
@@ -284,8 +332,20 @@ def load_model(
         state = _read_state_dict(Path(weights), trust_pickle)
         load_state_dict_into(model, state, weights, spec)
         return LoadedModel(model.eval(), ARCHITECTURE, None, spec, input_shape or default_shape)
+    if weights is not None:
+        raise InvalidInputError(
+            f"--weights does not apply here: {path} is a model file, which carries its own weights (--weights gives "
+            "the state_dict of an architecture NAME, as in: bnfold fold resnet50 --weights FILE); drop --weights, "
+            "or pass the state_dict file as MODEL with --arch NAME"
+        )
     _check_readable(path)
     kind = sniff(path)
+    if arch is not None and kind in (ONNX, TORCHSCRIPT, EXPORTED):
+        label = {ONNX: "an ONNX", TORCHSCRIPT: "a TorchScript", EXPORTED: "a torch.export (.pt2)"}[kind]
+        raise InvalidInputError(
+            f"--arch does not apply here: {path} is {label} file, which carries its model (--arch names the "
+            "architecture of a file that holds only a state_dict); drop --arch"
+        )
     if kind == ONNX:
         return LoadedModel(_load_onnx(path), ONNX, path, None, input_shape)
     if kind == TORCHSCRIPT:
@@ -293,7 +353,7 @@ def load_model(
         _require_eval(module, str(path), switch_to_eval)
         return LoadedModel(module, TORCHSCRIPT, path, None, input_shape)
     if kind == EXPORTED:
-        program = _load_exported(path)
+        program = _load_exported(path, trust_pickle)
         return LoadedModel(program, EXPORTED, path, None, _exported_input_shape(program, path, input_shape))
     if kind == "unknown":
         raise InvalidInputError(
@@ -306,7 +366,10 @@ def load_model(
     content = _torch_load(path, trust_pickle)
     if isinstance(content, nn.Module):
         if arch is not None:
-            raise InvalidInputError(f"{path} holds a whole model; --arch is only for files that hold a state_dict")
+            raise InvalidInputError(
+                f"--arch does not apply here: {path} holds a whole model (--arch names the architecture of a file "
+                "that holds only a state_dict); drop --arch"
+            )
         _require_eval(content, str(path), switch_to_eval)
         return LoadedModel(content, PICKLE, path, None, input_shape)
     state = _state_dict_of(content, path)
@@ -334,10 +397,13 @@ def _from_state_dict(
 ) -> LoadedModel:
     if arch is None:
         raise InvalidInputError(
-            f"{path} holds a state_dict (weights without the model's code); pass --arch NAME with the "
-            "torchvision or timm architecture it belongs to"
+            f"{path} holds a state_dict (weights without the model's code): if the model is a torchvision or timm "
+            f"architecture, pass --arch NAME; for a model of your own, {_OWN_MODEL}"
         )
-    model, default_shape = build_arch(arch)
+    try:
+        model, default_shape = build_arch(arch)
+    except InvalidInputError as error:
+        raise InvalidInputError(f"--arch {error}; if {path} is the state_dict of a model of your own, {_OWN_MODEL}") from error
     try:
         load_state_dict_into(model, state, str(path), arch)
     except InvalidInputError:
@@ -349,6 +415,10 @@ def _from_state_dict(
         loaded.notes.append(f"{path} holds an already folded {arch} (bnfold's folded layout)")
         return loaded
     return LoadedModel(model.eval(), kind, path, arch, input_shape or default_shape)
+
+
+_OWN_MODEL = ("save the whole model (torch.save(model)) and pass that file with --trust-pickle, or fold it in Python: "
+              "bnfold.fold(model) after model.load_state_dict(...)")
 
 
 def _folded_structure(model: nn.Module) -> nn.Module | None:

@@ -72,9 +72,13 @@ def fold(args: argparse.Namespace, console: Any) -> int:
         result = backend.fold(args.model, verify=True, tolerance=args.tolerance, seed=args.seed)
     result.report.model = Path(args.model).name
     with console.status(f"writing {output}"):
-        result.save(output, force=args.force)
-    payload = {"output": str(output), "format": "onnx", "report": result.report.to_dict(), "written_file_check": None}
-    _emit(args, console, payload, result.report, f"wrote {output} (onnx, {output.stat().st_size / 1e6:.2f} MB)")
+        # never over a file the model was read from (its external data included); staged, read back, then renamed
+        reread = result.save(output, force=args.force)
+    payload = {"output": str(output), "format": "onnx", "report": result.report.to_dict(), "written_file_check": reread}
+    lines = [result.report, f"wrote {output} (onnx, {output.stat().st_size / 1e6:.2f} MB)"]
+    if reread is not None:
+        lines.append(f"read {output} back: max relative error against the original {reread['max_relative']:.2e}")
+    _emit(args, console, payload, *lines)
     return OK
 
 

@@ -8,7 +8,7 @@ Formats (``--format``):
 * ``pickle``: ``torch.save(folded)``, the whole module (loading needs its code, and ``weights_only=False``).
 * ``torchscript``: ``torch.jit.save`` (scripted, or traced on the example input where scripting fails).
 * ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``; a ``.pt2`` input is folded into a
-  program already (:mod:`bnfold.exported`), which is saved as it is. A ``.pt2`` input can only be written as pt2.
+  program already (:mod:`bnfold.backends.exported`), which is saved as it is. A ``.pt2`` input can only be written as pt2.
 * ``onnx``: ``torch.onnx.export`` (opset 18); an ONNX input is written by the ONNX backend instead.
 """
 

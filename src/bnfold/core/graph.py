@@ -2,8 +2,8 @@
 
 The planner (:mod:`bnfold.core.plan`) decides on this graph alone. It imports neither torch nor numpy, so that the
 ONNX backend stays usable without PyTorch and every format is judged by the same rules. Each format has an adapter
-that translates its own graph into a :class:`Graph` (``bnfold.modules``, ``bnfold.exported``,
-``bnfold.torchscript``, ``bnfold.onnx``) and writes the planner's decisions back.
+that translates its own graph into a :class:`Graph` (``bnfold.backends.modules``, ``bnfold.backends.exported``,
+``bnfold.backends.torchscript``, ``bnfold.onnx``) and writes the planner's decisions back.
 
 Two levels:
 

@@ -17,7 +17,7 @@ with the reason in the report.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 
 from ..errors import InvalidInputError, VerificationError
+from ..files import refuse_inputs
 from ..report import FoldReport
 from .adapter import fold_graph
-from .io import load, read, save
+from .io import EXTERNAL_DATA_THRESHOLD, data_file, load, read, save
 from .verification import TOLERANCES, default_tolerance, verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]
@@ -35,23 +36,74 @@ __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", 
 
 @dataclass
 class OnnxFoldResult:
-    """The folded model, its report, and whether the source stored its tensors as external data."""
+    """The folded model, its report, and what is needed to write it safely.
+
+    Attributes:
+        model: the folded ``onnx.ModelProto``.
+        report: what was folded into what, and why anything stayed (with ``verification`` when checked).
+        external_data: the source stored its tensors as external data (so :meth:`save` does too).
+        sources: every file the model was read from (the graph and its external data files): :meth:`save` never
+            writes over one of them.
+        original: the model before folding, kept when the fold was verified, so that :meth:`save` can check the
+            written file against it in the same way (``tolerance``, ``inputs``, ``seed``: those of the fold's check).
+    """
 
     model: onnx.ModelProto
     report: FoldReport
     external_data: bool = False
+    sources: tuple[Path, ...] = ()
+    original: onnx.ModelProto | None = field(default=None, repr=False)
+    tolerance: float | None = None
+    inputs: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    seed: int = 0
 
-    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
-        """Save the folded model (with external data beside it when the source had it)."""
-        save(self.model, path, force=force, external_data=True if self.external_data else None)
+    def files_written(self, path: str | os.PathLike[str]) -> list[Path]:
+        """The files :meth:`save` writes for ``path``: the graph, and its external data file when there is one."""
+        external = self.external_data or self.model.ByteSize() > EXTERNAL_DATA_THRESHOLD  # as save() decides
+        return [Path(path), data_file(path)] if external else [Path(path)]
+
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any] | None:
+        """Save the folded model (with external data beside it when the source had it), checked before it lands.
+
+        Never over a file the model was read from (``force`` or not). When the fold was verified, the staged file
+        is loaded back with its data and compared with the original in onnxruntime, on the same inputs and with the
+        same tolerance as the fold's own check, before anything is renamed into place.
+
+        Returns:
+            The comparison of the written file with the original (as :func:`verify` returns it), or ``None`` when
+            the fold was not verified.
+
+        Raises:
+            InvalidInputError: ``path`` is a source file, exists without ``force``, or cannot be written.
+            VerificationError: the written file does not reproduce the original's outputs (nothing is written).
+        """
+        refuse_inputs(self.files_written(path), self.sources)
+        checked: dict[str, Any] = {}
+
+        def read_back(staged: Path) -> None:
+            if self.original is None:
+                return
+            written = load(staged)
+            result = _verify(self.original, written, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance)
+            checked.update(result)
+            if not result["passed"]:
+                raise VerificationError(
+                    f"the written ONNX file does not reproduce the original's outputs (output '{result['worst_output']}'"
+                    f" differs by {result['max_relative']:.3g} relative, tolerance {result['tolerance']:g}); nothing "
+                    "was written"
+                )
+
+        save(self.model, path, force=force, external_data=True if self.external_data else None, check=read_back)
+        return checked or None
 
 
-def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, bool]:
+def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, tuple[Path, ...]]:
+    """The model, its name, and the files it was read from (none for a ModelProto in memory)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, model_or_path.graph.name or "model", False
+        return model_or_path, model_or_path.graph.name or "model", ()
     if isinstance(model_or_path, (str, os.PathLike)):
-        model, external = read(model_or_path)
-        return model, Path(model_or_path).name, external
+        model, data_files = read(model_or_path)
+        return model, Path(model_or_path).name, (Path(model_or_path), *data_files)
     raise InvalidInputError(
         f"expected an onnx.ModelProto or the path of an .onnx file, got {type(model_or_path).__name__}"
     )
@@ -82,9 +134,10 @@ def fold(
         InvalidInputError: the model cannot be read (see :func:`load`).
         VerificationError: the folded model's outputs differ by more than the tolerance.
     """
-    model, name, external = _resolve(model_or_path)
+    model, name, sources = _resolve(model_or_path)
     folded, report = fold_graph(model, name, applied=True)
-    if verify and report.folded:
+    checked = verify and bool(report.folded)
+    if checked:
         result = _verify(model, folded, inputs=inputs, seed=seed, tolerance=tolerance)
         report.verification = result
         if not result["passed"]:
@@ -94,7 +147,8 @@ def fold(
                 f"(relative; max abs {result['outputs'][worst]['max_abs']:.3g}), above the tolerance "
                 f"{result['tolerance']:g}; pass a larger tolerance if the model is badly conditioned, or report it"
             )
-    return OnnxFoldResult(folded, report, external)
+    return OnnxFoldResult(folded, report, external_data=len(sources) > 1, sources=sources,
+                          original=model if checked else None, tolerance=tolerance, inputs=inputs, seed=seed)
 
 
 _verify = verify

@@ -1,24 +1,27 @@
 """Read and write ONNX files with errors a user can act on, and writes that never leave half a file behind.
 
-``load`` tells apart the usual wrong inputs (no such file, a directory, a text file, a PyTorch checkpoint, a
-truncated or corrupt .onnx, missing external data) and names the file in a one-line :class:`InvalidInputError`.
+``read`` tells apart the usual wrong inputs (no such file, a directory, a text file, a PyTorch checkpoint, a
+truncated or corrupt .onnx, missing external data) and names the file in a one-line :class:`InvalidInputError`; it
+also returns every file it read (the graph and each external data file), so that no output can ever be one of them.
 
-``save`` refuses to overwrite unless asked, and writes into a temporary directory beside the target before
-renaming into place (``os.replace`` is atomic within one file system), external data file first, so readers
-never see a model whose data is missing, and a failed write leaves nothing behind.
+``save`` writes the graph and its external data file as one unit through :func:`bnfold.files.staged_files`: both
+are written into a staging folder beside the target, checked there (``check``: the CLI and
+:meth:`bnfold.onnx.OnnxFoldResult.save` load the staged graph with its data back into onnxruntime and compare it
+with the original), and only then renamed into place, data first and graph last, with a rollback if the second
+rename fails, so the old OUT and its old data stay complete and consistent until the new pair is complete.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
 from ..errors import InvalidInputError
+from ..files import staged_files
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Models larger than this (bytes) are saved with external data: protobuf cannot hold more than 2 GB."""
@@ -41,8 +44,8 @@ def _describe_non_onnx(head: bytes) -> str | None:
     return None
 
 
-def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
-    """Load ``path`` with its external data; also tell whether it had external data."""
+def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
+    """Load ``path`` with its external data; also return the external data files it read (empty if none)."""
     file = Path(path)
     if not file.exists():
         raise InvalidInputError(f"{file}: no such file; check the path")
@@ -64,17 +67,8 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
         ) from error
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise InvalidInputError(f"{file}: is not an ONNX model (no IR version, graph or opset); re-export it")
-    external = any(external_data_helper.uses_external_data(t) for t in _tensors(model.graph))
-    if external:
-        for tensor in _tensors(model.graph):
-            if external_data_helper.uses_external_data(tensor):
-                info = external_data_helper.ExternalDataInfo(tensor)
-                data = file.parent / info.location
-                if not data.is_file():
-                    raise InvalidInputError(
-                        f"{file}: its external data file '{info.location}' (tensor '{tensor.name}') is missing; "
-                        f"keep it beside the model, in {file.parent}"
-                    )
+    data_files = external_data_files(model, file)
+    if data_files:
         try:
             external_data_helper.load_external_data_for_model(model, str(file.parent))
         except Exception as error:
@@ -88,7 +82,30 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
             onnx.checker.check_model(str(file))
     except Exception as error:
         raise InvalidInputError(f"{file}: is not a valid ONNX model ({_first_line(error)})") from error
-    return model, external
+    return model, data_files
+
+
+def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
+    """The external data files that ``model`` (as read from ``path``, data not loaded yet) keeps its tensors in.
+
+    Every location of every tensor (initializers, attributes, subgraphs), relative to ``path``'s folder.
+
+    Raises:
+        InvalidInputError: a data file is missing.
+    """
+    file = Path(path)
+    found: dict[Path, None] = {}
+    for tensor in _tensors(model.graph):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            data = file.parent / info.location
+            if not data.is_file():
+                raise InvalidInputError(
+                    f"{file}: its external data file '{info.location}' (tensor '{tensor.name}') is missing; "
+                    f"keep it beside the model, in {file.parent}"
+                )
+            found[data] = None
+    return list(found)
 
 
 def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
@@ -121,19 +138,37 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def data_file(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save` puts the external data of a graph written to ``path``: ``<file name>.data`` beside it."""
+    target = Path(path)
+    return target.parent / f"{target.name}.data"
+
+
 def save(
     model: onnx.ModelProto,
     path: str | os.PathLike[str],
     *,
     force: bool = False,
     external_data: bool | None = None,
+    check: Callable[[Path], object] | None = None,
 ) -> None:
-    """Write ``model`` to ``path`` atomically; refuse to overwrite unless ``force``.
+    """Write ``model`` to ``path`` atomically, with its external data; refuse to overwrite unless ``force``.
 
     Args:
-        external_data: store tensors in ``<file name>.data`` beside the model. ``None`` (default) does so only
-            when the model is too large for one protobuf (> ~1.8 GB); pass True for a model loaded with
-            external data (:attr:`OnnxFoldResult.external_data` remembers it).
+        external_data: store tensors in ``<file name>.data`` beside the model (:func:`data_file`). ``None``
+            (default) does so only when the model is too large for one protobuf (> ~1.8 GB); pass True for a
+            model loaded with external data (:attr:`OnnxFoldResult.external_data` remembers it).
+        check: called with the staged graph's path (its data file beside it) before anything is renamed into
+            place; raising stops the save with nothing written.
+
+    The graph and its data file are one unit (:func:`bnfold.files.staged_files`): until both are complete and
+    checked, the old ``path`` and its old data file are untouched; the data file is renamed first and the graph
+    last, and a failure between the two puts the old data back. Without ``force`` the renames refuse to replace
+    files that appeared meanwhile (another run writing the same path).
+
+    Raises:
+        InvalidInputError: ``path`` (or its data file) exists without ``force``, is a directory, its folder is
+            missing, or the file system refused the write (read-only, full, ...).
     """
     if not isinstance(model, onnx.ModelProto):
         raise InvalidInputError(f"save() needs an onnx.ModelProto, got {type(model).__name__}")
@@ -146,27 +181,49 @@ def save(
         raise InvalidInputError(f"{target}: its directory {target.parent} does not exist; create it first")
     if external_data is None:
         external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    location = f"{target.name}.data"
-    data_target = target.parent / location
+    data_target = data_file(target)
     if external_data and data_target.exists() and not force:
         raise InvalidInputError(
             f"{data_target}: already exists (external data of {target.name}); pass force=True (--force) to overwrite it"
         )
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        staged = staging / target.name
+    targets = [data_target, target] if external_data else [target]
+    with staged_files(targets, replace=force) as staged:
+        graph = staged[-1]
         if external_data:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(
-                copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=location
-            )
-            if (staging / location).exists():
-                os.replace(staging / location, data_target)
+            onnx.save_model(_with_data_in(model, staged[0]), str(graph))
         else:
-            onnx.save_model(model, str(staged))
-        os.replace(staged, target)
-    except OSError as error:
-        raise InvalidInputError(f"{target}: could not be written ({error.strerror or error})") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            onnx.save_model(model, str(graph))
+        if check is not None:
+            check(graph)
+
+
+def _with_data_in(model: onnx.ModelProto, data: Path) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers' bytes are written to ``data``, referred to by its name (beside the graph).
+
+    Written here rather than by ``onnx.save_model(save_as_external_data=True)``, which refuses when a file of the
+    data file's name exists *in the current working folder* (so ``--force`` failed when run beside OUT) and creates
+    the file with its own permissions instead of the umask's.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with open(data, "wb") as handle:
+        for tensor in _initializers(copy.graph):
+            if tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                offset = handle.tell()
+                handle.write(tensor.raw_data)
+                external_data_helper.set_external_data(tensor, data.name, offset, len(tensor.raw_data))
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                tensor.ClearField("raw_data")
+    return copy
+
+
+def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """Initializers of ``graph`` and of its subgraphs."""
+    tensors = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                tensors.extend(_initializers(attr.g))
+            for sub in attr.graphs:
+                tensors.extend(_initializers(sub))
+    return tensors

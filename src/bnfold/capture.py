@@ -16,17 +16,15 @@ their insides are not looked at).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import operator
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -37,6 +35,14 @@ log = logging.getLogger(__name__)
 
 FX = "torch.fx"
 FORWARD_PASS = "forward pass"
+
+MODEL_CALLS_LOCK = threading.RLock()
+"""Held while bnfold traces a model or runs one.
+
+torch.fx tracing patches ``nn.Module.__call__`` (and ``__getattr__``) process-wide, not per thread, so while one
+thread traces, any module called in another thread is recorded into the wrong trace or returns a Proxy: a
+concurrent fold then fails with a misleading :class:`CaptureError`. bnfold serialises its own traces and model runs
+through this lock, so folds from several threads work (they cannot protect model calls of the user's own code)."""
 
 
 @dataclass
@@ -128,9 +134,64 @@ def _is_metadata_function(func: Callable[..., Any]) -> bool:
     return name == "__get__" and getattr(owner, "__name__", None) in _METADATA_ATTRIBUTES
 
 
+# Operators as users write them, for operator.* functions and the Tensor methods behind them.
+_OPERATOR_SYMBOLS: dict[str, str] = {
+    "add": "x + y", "sub": "x - y", "mul": "x * y", "truediv": "x / y", "floordiv": "x // y", "mod": "x % y",
+    "pow": "x ** y", "matmul": "x @ y", "neg": "-x", "pos": "+x", "abs": "abs(x)", "invert": "~x",
+    "and": "x & y", "or": "x | y", "xor": "x ^ y", "lshift": "x << y", "rshift": "x >> y",
+    "eq": "x == y", "ne": "x != y", "lt": "x < y", "le": "x <= y", "gt": "x > y", "ge": "x >= y",
+    "iadd": "x += y", "isub": "x -= y", "imul": "x *= y", "itruediv": "x /= y", "imatmul": "x @= y",
+    "getitem": "x[...]", "setitem": "x[...] = y", "contains": "y in x",
+}
+_REFLECTED = {"radd": "add", "rsub": "sub", "rmul": "mul", "rtruediv": "truediv", "rfloordiv": "floordiv",
+              "rmod": "mod", "rpow": "pow", "rmatmul": "matmul", "rand": "and", "ror": "or", "rxor": "xor",
+              "and_": "and", "or_": "or", "div": "truediv", "rdiv": "truediv", "idiv": "itruediv"}
+_FUNCTIONAL_MODULES = frozenset({"torch.nn.functional", "torch._C._nn"})
+
+
+def _operator_symbol(name: str, dunder_only: bool = False) -> str | None:
+    """``x + y`` for ``add`` / ``__add__`` / ``__radd__``; with ``dunder_only``, plain names (``x.add(y)``) stay None."""
+    dunder = name.startswith("__") and name.endswith("__")
+    if dunder_only and not dunder:
+        return None
+    bare = name[2:-2] if dunder else name
+    bare = _REFLECTED.get(bare, bare)
+    return _OPERATOR_SYMBOLS.get(bare)
+
+
 def _op_name(func: Any) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    return str(name)
+    """The op as a user writes it: ``torch.cat``, ``x + y``, ``F.max_pool2d``, ``x.flatten``.
+
+    Reasons name the op a norm's path runs into; the internal names Python gives these callables
+    (``_VariableFunctionsClass.cat``, ``TensorBase.add``, ``boolean_dispatch.<locals>.fn``) mean nothing to a user.
+    ``func`` is a torch.fx node target (a callable, or a method name for ``call_method``) or the callable a
+    watched forward pass saw.
+    """
+    if isinstance(func, str):  # torch.fx call_method: a Tensor method by name
+        return _operator_symbol(func, dunder_only=True) or f"x.{func}"
+    name = str(getattr(func, "__name__", None) or repr(func))
+    qualname = str(getattr(func, "__qualname__", None) or name)
+    module = getattr(func, "__module__", None)
+    if module in ("_operator", "operator"):
+        return _operator_symbol(name) or f"operator.{name}"
+    owner = qualname.split(".", 1)[0]
+    if owner in ("TensorBase", "Tensor", "_TensorBase"):
+        # A watched forward pass sees ``x + y`` as TensorBase.add (and ``x += y`` as add_), exactly like x.add(y):
+        # the operator is the common spelling, so it names both.
+        in_place = name.endswith("_") and not name.endswith("__")
+        return _operator_symbol(f"i{name[:-1]}" if in_place else name) or f"x.{name}"
+    if module in _FUNCTIONAL_MODULES:
+        return f"F.{name}"
+    if owner == "_VariableFunctionsClass" or module == "torch":
+        return f"torch.{name}"
+    if isinstance(module, str) and module.startswith("torch._C._"):  # torch.special.erf is _special.special_erf
+        namespace = module.removeprefix("torch._C._")
+        return f"torch.{namespace}.{name.removeprefix(namespace + '_')}"
+    if isinstance(module, str) and module.startswith("torch.") and not module.startswith("torch._"):
+        return f"{module}.{name}"
+    if name == "__get__" and hasattr(func, "__self__"):  # a property read: Tensor.T, Tensor.mT
+        return f"x.{getattr(func.__self__, '__name__', 'attribute')}"
+    return qualname if module in (None, "builtins") else f"{module}.{qualname}"
 
 
 def _canonical_names(model: nn.Module) -> dict[nn.Module, str]:
@@ -162,32 +223,98 @@ def _fx_node_is_metadata(node: fx.Node) -> bool:
     return False
 
 
-def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> dict[fx.Node, tuple[int, ...]] | None:
+class TraceMismatch(Exception):
+    """The torch.fx graph does not compute what the model computes on the example inputs.
+
+    Symbolic tracing can drop code silently: ``if x is not None and torch.jit.isinstance(x, torch.Tensor)`` is
+    False for a Proxy, so MONAI's BasicUNet traces without its skip connections. A graph that fails to run on the
+    example inputs, or returns something else than the model, must not be planned on.
+    """
+
+
+def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> dict[fx.Node, tuple[int, ...]]:
     """The shape of the (first) tensor each node produces, from running the traced graph on the example inputs.
 
-    ``None`` when the traced graph does not run (the caller then falls back to hooks on the model itself).
+    Raises :class:`TraceMismatch` when the traced graph does not run on them, or when its outputs differ from the
+    model's own (one extra forward pass of the model, which is what it costs to know the graph is the model's).
     """
-    try:  # ShapeProp prints the model's traceback to stderr before raising: a library must not print
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(fx.GraphModule(model, graph)).propagate(*example_inputs)
+    recorder = _ShapeRecorder(fx.GraphModule(model, graph))
+    try:
+        with torch.no_grad():
+            traced_outputs = recorder.run(*example_inputs)
     except Exception as error:  # the interpreter surfaces whatever the model's code raises
-        log.info("shape propagation on the traced graph failed (%s); using forward hooks", error)
-        return None
-    shapes: dict[fx.Node, tuple[int, ...]] = {}
-    for node in graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        first = next((m for m in pytree.tree_leaves(meta, is_leaf=lambda m: isinstance(m, TensorMetadata))), None)
-        if isinstance(first, TensorMetadata):
-            shapes[node] = tuple(first.shape)
-    return shapes
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise TraceMismatch(f"the traced graph fails on the example inputs ({type(error).__name__}: {first})") from error
+    try:
+        with torch.no_grad():
+            model_outputs = model(*example_inputs)
+    except Exception as error:
+        raise TraceMismatch(f"the model fails on the example inputs ({type(error).__name__}: {error})") from error
+    difference = _outputs_differ(model_outputs, traced_outputs)
+    if difference:
+        raise TraceMismatch(f"the traced graph's output differs from the model's on the example inputs ({difference})")
+    return recorder.shapes
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph, keeping the shape of the first tensor each node produces.
+
+    Not torch.fx's ShapeProp, which prints a full traceback to stderr whenever the graph fails, as it does for
+    every graph that is not the model.
+    """
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        first = next((v for v in pytree.tree_leaves(result) if isinstance(v, torch.Tensor)), None)
+        if first is not None:
+            self.shapes[n] = tuple(first.shape)
+        return result
+
+
+def _outputs_differ(model_outputs: Any, traced_outputs: Any) -> str | None:
+    """How the traced graph's outputs differ from the model's, or ``None``.
+
+    The graph runs the model's own operations in the same order, so its outputs match to the last bit in practice;
+    the allowance (a thousandth of the output's magnitude) only absorbs a kernel choosing another summation order,
+    while a dropped branch or skip connection changes outputs by their own size.
+    """
+    model_leaves, model_spec = pytree.tree_flatten(model_outputs)
+    traced_leaves, traced_spec = pytree.tree_flatten(traced_outputs)
+    if model_spec != traced_spec:
+        return "different output structures"
+    for index, (a, b) in enumerate(zip(model_leaves, traced_leaves, strict=True)):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            continue
+        if a.shape != b.shape:
+            return f"output {index} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if not a.is_floating_point() or a.numel() == 0:
+            if not torch.equal(a, b):
+                return f"output {index} has other values"
+            continue
+        a64, b64 = a.detach().double(), b.detach().double()
+        finite = torch.isfinite(a64) & torch.isfinite(b64)
+        if not torch.equal(torch.isfinite(a64), torch.isfinite(b64)):
+            return f"output {index} is non-finite at other places"
+        if not bool(finite.any()):
+            continue
+        error = float((a64 - b64)[finite].abs().max())
+        scale = float(a64[finite].abs().max())
+        if error > 1e-3 * scale:
+            return f"output {index} is off by {error:.3g}, against a magnitude of {scale:.3g}"
+    return None
 
 
 def capture_fx(model: nn.Module, registry: LayerRegistry, example_inputs: tuple[Any, ...] | None = None) -> Dataflow:
     """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed).
 
     With ``example_inputs`` every site also gets the shape of what it produces (reshapes between a layer and its
-    norm can only be judged with shapes). Raises whatever torch.fx raises when the model cannot be traced;
-    :func:`capture` turns that into advice.
+    norm can only be judged with shapes), and the graph is checked against the model on them
+    (:class:`TraceMismatch`). Raises whatever torch.fx raises when the model cannot be traced; :func:`capture`
+    turns that into advice.
     """
     graph = _Tracer(registry).trace(model)
     shapes = _fx_shapes(model, graph, example_inputs) if example_inputs is not None else None
@@ -347,8 +474,29 @@ def capture(
     With example inputs, the fx result is completed with the shapes a forward pass produces (bnfold needs the rank
     of a Linear layer's output to know which axis a following BatchNorm1d normalises).
     """
+    with MODEL_CALLS_LOCK:
+        return _capture(model, example_inputs, registry)
+
+
+def _capture(model: nn.Module, example_inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> Dataflow:
     try:
         flow = capture_fx(model, registry, example_inputs)
+    except TraceMismatch as mismatch:
+        assert example_inputs is not None  # only checked with example inputs
+        log.info("torch.fx traced %s, but %s; watching one forward pass", type(model).__name__, mismatch)
+        try:
+            flow, _ = capture_forward(model, example_inputs, registry)
+        except Exception as run_error:
+            raise CaptureError(
+                f"torch.fx traced {type(model).__name__} into a graph that is not the model ({mismatch}), and running "
+                f"the model on the example inputs failed ({type(run_error).__name__}: {run_error}). Check that "
+                f"example_inputs match what forward() expects."
+            ) from run_error
+        flow.notes.append(
+            f"torch.fx traced a graph that is not the model ({mismatch}; code that inspects its inputs, such as "
+            f"isinstance checks, is dropped by tracing): the dataflow was learnt from one forward pass instead"
+        )
+        return flow
     except Exception as fx_error:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
         reason = f"{type(fx_error).__name__}: {fx_error}".splitlines()[0]
         if example_inputs is None:
@@ -366,39 +514,7 @@ def capture(
             ) from run_error
         flow.notes.append(f"torch.fx could not trace the model: {reason}")
         return flow
-    if example_inputs is not None and not flow.shapes_known:
-        _add_shapes(flow, model, example_inputs, registry)
     return flow
-
-
-def _add_shapes(flow: Dataflow, model: nn.Module, example_inputs: tuple[Any, ...], registry: LayerRegistry) -> None:
-    """Record the output shape of each atomic module site, from one forward pass with hooks on those modules."""
-    sites_of = flow.module_sites()
-    seen: dict[str, list[tuple[int, ...]]] = {}
-    handles = []
-
-    def remember(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                seen.setdefault(name, []).append(tuple(output.shape))
-        return hook
-
-    try:
-        for name in sites_of:
-            handles.append(model.get_submodule(name).register_forward_hook(remember(name)))
-        with torch.no_grad():
-            model(*example_inputs)
-    except Exception as run_error:
-        raise CaptureError(
-            f"running {type(model).__name__} on the example inputs failed ({type(run_error).__name__}: {run_error}). "
-            f"Check that example_inputs match what forward() expects."
-        ) from run_error
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, shapes in seen.items():
-        for site, shape in zip(sites_of[name], shapes, strict=False):
-            site.shape = shape
 
 
 def count_batch_norm_calls(model: nn.Module, example_inputs: Iterable[Any]) -> int:

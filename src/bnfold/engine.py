@@ -7,16 +7,17 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import torch
 from torch import nn
 
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
-from .capture import Dataflow, capture
+from .capture import MODEL_CALLS_LOCK, Dataflow, capture
 from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
-from .errors import InvalidInputError, TrainingModeError, VerificationError
+from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
@@ -41,7 +42,21 @@ def _as_input_tuple(example_inputs: ExampleInputs) -> tuple[Any, ...] | None:
     )
 
 
+def _is_compiled(model: Any) -> bool:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # noqa: BLE001 - a torch without dynamo has no compiled modules
+        return False
+    return isinstance(model, OptimizedModule)
+
+
 def _check_model(model: Any, registry: LayerRegistry) -> None:
+    if _is_compiled(model):
+        raise InvalidInputError(
+            "this module was made by torch.compile, whose compiled graph bnfold cannot see into; fold the module "
+            "before compiling it (torch.compile(bnfold.fold(model))), or pass compiled._orig_mod and compile the "
+            "result again"
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise InvalidInputError(
             "this is a TorchScript module, whose layers bnfold cannot rewrite in Python; fold the nn.Module it was "
@@ -49,6 +64,13 @@ def _check_model(model: Any, registry: LayerRegistry) -> None:
         )
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"bnfold folds torch.nn.Module models, got {type(model).__name__}")
+    meta = next((name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise InvalidInputError(
+            f"the tensor '{meta}' of {type(model).__name__} is on the meta device: its weights are not materialised, "
+            f"so there is nothing to fold. Load them first, e.g. model.to_empty(device='cpu') then "
+            f"model.load_state_dict(state_dict)"
+        )
     if model.training:
         raise TrainingModeError(
             f"{type(model).__name__} is in training mode, where batch norm uses batch statistics and folding would "
@@ -124,10 +146,12 @@ def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: La
     """Dry run: the report of what :func:`fold` would do, without changing anything.
 
     ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) are needed only for models that
-    torch.fx cannot trace; given anyway, they let bnfold check activation shapes.
+    torch.fx cannot trace; given anyway, they let bnfold check activation shapes and that the traced graph is the
+    model.
     """
     registry = registry or DEFAULT_REGISTRY
-    the_plan, report, _ = _plan(model, _as_input_tuple(example_inputs), registry)
+    with MODEL_CALLS_LOCK:
+        the_plan, report, _ = _plan(model, _as_input_tuple(example_inputs), registry)
     with torch.no_grad():
         _leave_overflowed(report, apply_plan(the_plan, DryRun(ModuleWeights(model, registry))))
     return report
@@ -161,31 +185,38 @@ def fold(
             (:func:`bnfold.verification.default_tolerance`).
         registry: the layer rules to fold with (default: built-ins plus what was registered).
 
+    A norm whose fold would store a weight or bias its dtype cannot hold (float16 ends at 65504) is left, with that
+    reason in the report. Folds from several threads at once are safe (bnfold serialises its traces and model runs).
+
     Raises:
+        InvalidInputError: not an ``nn.Module`` (a TorchScript module, a ``torch.compile`` result), weights on the
+            meta device, or example inputs of the wrong kind.
         TrainingModeError: the model is in training mode.
         CaptureError: torch.fx cannot trace the model and no (working) example inputs were given.
         NonFiniteStatisticsError: a norm to fold has NaN or infinite statistics.
-        VerificationError: the folded outputs differ from the original's beyond the tolerance.
+        NonFiniteOutputError: the original model's own output on ``example_inputs`` is NaN: nothing to verify against.
+        VerificationError: the folded outputs differ from the original's beyond the tolerance (and beyond what
+            float rounding explains, see :func:`bnfold.verification.explained_by_rounding`).
     """
     registry = registry or DEFAULT_REGISTRY
     inputs = _as_input_tuple(example_inputs)
-    the_plan, report, _ = _plan(model, inputs, registry)
     verify = inputs is not None if verify is None else verify
     if verify and inputs is None:
         raise InvalidInputError("verify=True needs example_inputs to run both models on")
-
-    reference = None
-    if verify:
-        assert inputs is not None
-        with torch.no_grad():
-            reference = model(*inputs)
-    target = model if inplace else copy.deepcopy(model)
+    with MODEL_CALLS_LOCK:
+        the_plan, report, _ = _plan(model, inputs, registry)
+        reference = None
+        if verify:
+            assert inputs is not None
+            with torch.no_grad():
+                reference = model(*inputs)
+    target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
     rollback = _apply(target, the_plan, registry, report)
     if verify:
         assert inputs is not None
         try:
-            with torch.no_grad():
+            with MODEL_CALLS_LOCK, torch.no_grad():
                 folded_outputs = target(*inputs)
         except BaseException:
             rollback.restore()
@@ -193,11 +224,34 @@ def fold(
         limit = tolerance if tolerance is not None else default_tolerance(model)
         comparison = compare_outputs(reference, folded_outputs, limit)
         report.verification = comparison.to_dict()
+        if not comparison.judged:
+            if inplace:
+                rollback.restore()
+            if _holds_nan(reference):
+                raise NonFiniteOutputError(
+                    f"the original {type(model).__name__}'s own output is NaN on the example inputs, so whether the "
+                    f"fold is right cannot be checked. The model was left unchanged; check the model (weights, norm "
+                    f"statistics) and the inputs, or pass verify=False."
+                )
+            raise VerificationError(
+                f"the folded {type(model).__name__} differs from the original: {comparison.worst()}. The model was "
+                f"left unchanged. Please report this with the model; bnfold.plan(model) shows which folds were "
+                f"attempted."
+            )
         if not comparison.passed:
+            folded_float64 = None if comparison.problems else _copy(target).double()
             if inplace:
                 rollback.restore()  # the float64 second opinion needs the unfolded model
-            if not comparison.problems:
-                second = explained_by_rounding(model, inputs, reference, folded_outputs)
+            if folded_float64 is not None:
+                # The folds made (not those left because they would overflow), carried out in float64.
+                left = {e.name for e in report.entries if e.status == LEFT}
+                made = dataclasses.replace(the_plan, folds=[f for f in the_plan.folds if f.norm not in left])
+                exact_fold = _copy(model).double()
+                with torch.no_grad():
+                    apply_plan(made, ModuleWeights(exact_fold, registry))
+                with MODEL_CALLS_LOCK:
+                    second = explained_by_rounding(model, inputs, reference, folded_outputs, exact_fold, folded_float64)
+                del exact_fold, folded_float64
                 report.verification["rounding_check"] = second.to_dict()
                 report.verification["passed"] = second.passed
             if not report.verification["passed"]:
@@ -241,6 +295,17 @@ def _leave_overflowed(report: FoldReport, overflows: list[FoldOverflow]) -> None
             if e.name in reasons else e
             for e in report.entries
         ]
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose tensors are normal tensors even under ``torch.inference_mode()`` (so it can be trained)."""
+    with torch.inference_mode(False):
+        return copy.deepcopy(model)
+
+
+def _holds_nan(outputs: Any) -> bool:
+    leaves = torch.utils._pytree.tree_leaves(outputs)
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isnan(v).any()) for v in leaves)
 
 
 def report_for(model: nn.Module) -> FoldReport:

@@ -23,6 +23,10 @@ class NonFiniteStatisticsError(BnfoldError):
     """A norm layer's running statistics or affine parameters hold NaN or infinity."""
 
 
+class NonFiniteOutputError(BnfoldError):
+    """The original model's own output is NaN on the example inputs, so no comparison can judge the fold."""
+
+
 class CaptureError(BnfoldError):
     """bnfold could not learn the model's dataflow (it cannot be traced, and the forward pass failed or was not given)."""
 

@@ -19,7 +19,7 @@ import torchvision
 from rich.console import Console
 
 import bnfold
-from bnfold.calibration import calibrate, randomize_norm_affine, sample_images
+from bnfold.app.calibration import calibrate, randomize_norm_affine, sample_images
 from bnfold.files import write_atomic
 
 

@@ -46,8 +46,8 @@ from torch.fx.experimental.optimization import fuse
 from torch.overrides import TorchFunctionMode
 
 import bnfold
-from bnfold.calibration import calibrate, randomize_norm_affine, sample_images
-from bnfold.capture import Site, capture_forward
+from bnfold.app.calibration import calibrate, randomize_norm_affine, sample_images
+from bnfold.backends.capture import Site, capture_forward
 from bnfold.layers import DEFAULT_REGISTRY
 from bnfold.verification import TOLERANCES, compare_outputs, explained_by_rounding
 

@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 import bnfold
-from bnfold.calibration import calibrate, randomize_norm_affine
+from bnfold.app.calibration import calibrate, randomize_norm_affine
 from bnfold.verification import TOLERANCES
 
 SHAPE = ["--input-shape", "1,3,32,32"]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnfold.backends.capture import capture_forward
 from bnfold.backends.modules import to_graph
-from bnfold.capture import capture_forward
 from bnfold.core import commuting
 from bnfold.layers import DEFAULT_REGISTRY
 from bnfold.verification import TOLERANCES

@@ -384,7 +384,7 @@ def test_reasons_name_ops_as_users_write_them(dynamic: bool) -> None:
 def test_op_names_for_each_way_of_writing_an_op() -> None:
     import operator
 
-    from bnfold.capture import _op_name
+    from bnfold.backends.capture import _op_name
 
     expected: dict[object, str] = {
         torch.cat: "torch.cat", torch.flatten: "torch.flatten", operator.add: "x + y", torch.Tensor.__add__: "x + y",

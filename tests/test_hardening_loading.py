@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.pt2_safety import unsafe_records
+from bnfold.backends.pt2_safety import unsafe_records
 
 SMALL = ["--input-shape", "1,3,32,32"]
 
@@ -225,7 +225,7 @@ def test_a_normal_pt2_with_guards_and_dynamic_shapes_has_no_unsafe_record(tmp_pa
     path = tmp_path / "dynamic.pt2"
     torch.export.save(program, path)
     assert unsafe_records(path.read_bytes()) == []
-    loaded = bnfold.pt2_safety.load_exported(path)
+    loaded = bnfold.backends.pt2_safety.load_exported(path)
     x = torch.randn(6, 3, 10, 10)
     torch.testing.assert_close(loaded.module()(x), program.module()(x), rtol=0, atol=0)
 

@@ -488,7 +488,7 @@ def test_a_strict_tolerance_judges_the_fold_and_the_written_file_alike(state_dic
 
 def test_the_written_file_is_held_to_the_given_tolerance(state_dict: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from bnfold.cli import commands, main, saving
+    from bnfold.app.cli import commands, main, saving
 
     calls: list[tuple[float | None, torch.Tensor]] = []
     judge, serialise = commands._judge, saving.serialise

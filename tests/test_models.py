@@ -12,10 +12,10 @@ import torchvision
 from torch import fx, nn
 
 import bnfold
-from bnfold.calibration import calibrate, randomize_norm_affine, sample_images
-from bnfold.capture import count_batch_norm_calls
+from bnfold.app.calibration import calibrate, randomize_norm_affine, sample_images
 from bnfold.verification import TOLERANCES, compare_outputs, explained_by_rounding
 from conftest import bn_count, randomize_norms
+from helpers.counting import count_batch_norm_calls
 
 MAX_PARAMETERS = 150_000_000  # larger models (regnet_y_128gf: 644M) take gigabytes to build; nothing new to learn
 SMALL_INPUT = {"inception_v3": 80}  # the smallest input each model accepts, where 64 x 64 is too small

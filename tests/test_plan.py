@@ -280,7 +280,7 @@ def test_same_bn_registered_under_two_names_is_replaced_everywhere() -> None:
     assert_same_outputs(model, folded, X)
     with_inputs = bnfold.fold(model, X)  # fx with shapes; same names
     assert isinstance(with_inputs.alias, nn.Identity)
-    from bnfold.capture import capture_forward
+    from bnfold.backends.capture import capture_forward
     from bnfold.layers import DEFAULT_REGISTRY
 
     flow, _ = capture_forward(model, (X,), DEFAULT_REGISTRY)

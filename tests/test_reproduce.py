@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnfold import reproduce
+from bnfold.app import reproduce
+from bnfold.app.cli import main as cli_main
 
 QUICK = ["--epochs", "1", "--limit", "16", "--batch-size", "8", "--latency-size", "32", "--latency-repeats", "2"]
 
@@ -34,7 +35,7 @@ def _check_report(out: Path, models: list[str], classes: int) -> dict:
 
 def test_reproduce_on_digits_with_both_seed_models(tmp_path: Path) -> None:
     out = tmp_path / "digits"
-    assert reproduce.main([*QUICK, "--out", str(out)]) == 0
+    assert cli_main(["reproduce", *QUICK, "--out", str(out)]) == 0
     results = _check_report(out, ["vgg16_bn", "resnet50"], classes=10)
     assert results["data"]["source"] == "scikit-learn digits" and results["data"]["train_samples"] == 16
 
@@ -57,7 +58,7 @@ def test_reproduce_on_an_image_folder(tmp_path: Path) -> None:
     data = _image_folder(tmp_path / "imagenette")
     out = tmp_path / "folder"
     args = [*QUICK, "--models", "resnet50", "--data", str(data), "--image-size", "32", "--out", str(out)]
-    assert reproduce.main(args) == 0
+    assert cli_main(["reproduce", *args]) == 0
     results = _check_report(out, ["resnet50"], classes=2)
     assert results["data"]["train_samples"] == 8 and results["data"]["val_samples"] == 4
     assert results["data"]["image_size"] == 32
@@ -71,7 +72,7 @@ def test_bad_data_folder_is_a_one_line_error_and_nothing_is_written(
     if layout == "no-val":
         (data / "train" / "a").mkdir(parents=True)
     out = tmp_path / "out"
-    assert reproduce.main([*QUICK, "--data", str(data), "--out", str(out)]) == 2
+    assert cli_main(["reproduce", *QUICK, "--data", str(data), "--out", str(out)]) == 2
     message = capsys.readouterr().err
     assert len(message.strip().splitlines()) == 1 and message.startswith("error:") and ("no such directory" in message or "missing val/" in message)
     assert not out.exists()

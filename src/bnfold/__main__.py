@@ -3,8 +3,8 @@
 import sys
 
 try:
-    from .cli import main
-except KeyboardInterrupt:  # Ctrl-C in the first milliseconds: still one line and exit 130 (see bnfold.cli.main)
+    from .app.cli import main
+except KeyboardInterrupt:  # Ctrl-C in the first milliseconds: still one line and exit 130 (see bnfold.app.cli.main)
     sys.stderr.write("interrupted; nothing was written\n")
     sys.exit(130)
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backends.capture import MODEL_CALLS_LOCK, Dataflow, capture
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
-from .capture import MODEL_CALLS_LOCK, Dataflow, capture
 from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError

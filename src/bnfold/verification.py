@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .capture import MODEL_CALLS_LOCK
+from .backends.capture import MODEL_CALLS_LOCK
 from .errors import InvalidInputError
 
 TOLERANCES: dict[torch.dtype, float] = {

@@ -1,7 +1,7 @@
 """The ``nn.Module`` adapter: a captured dataflow and the layer registry, translated into the core graph; and the
 core's folds written back into the module tree.
 
-Translation (:func:`to_graph`): every call site of :class:`~bnfold.capture.Dataflow` becomes a node; a module the
+Translation (:func:`to_graph`): every call site of :class:`~bnfold.backends.capture.Dataflow` becomes a node; a module the
 registry knows as a linear layer or a norm becomes a unit whose calls are its sites (a module called twice is one
 unit with two calls); any other module or torch function becomes an op, named in the core's vocabulary by the one
 facts table below (:data:`_MODULE_KINDS`, :data:`_FUNCTION_KINDS`), with the arguments that decide whether an affine
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..capture import Dataflow, Site, TensorRef
 from ..core.apply import LayerTensors, Statistics
 from ..core.graph import (
     BATCH_STATISTICS,
@@ -40,6 +39,7 @@ from ..core.graph import (
     OpFacts,
 )
 from ..layers import LayerRegistry, LinearLayerRule, NormRule
+from .capture import Dataflow, Site, TensorRef
 
 # ------------------------------------------------------------------------------------------- the facts table
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidInputError
+from ...errors import InvalidInputError
 from .loading import ARCHITECTURE, EXPORTED, ONNX, PICKLE, SAFETENSORS, STATE_DICT, TORCHSCRIPT
 
 FORMATS = ("state_dict", "safetensors", "pickle", "torchscript", "pt2", "onnx")
@@ -108,7 +108,7 @@ def read_back(output: Path, fmt: str, arch: str | None) -> Any:
         if fmt in ("state_dict", "safetensors"):
             if arch is None:
                 return None
-            from ..engine import fold
+            from ...engine import fold
 
             state = torch.load(output, weights_only=True) if fmt == "state_dict" else _safetensors(output)
             skeleton = fold(build_arch(arch)[0], verify=False)

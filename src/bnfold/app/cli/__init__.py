@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from ..errors import BnfoldError, VerificationError
+from ...errors import BnfoldError, VerificationError
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, commands: Any, console: Any, errors: Any, interrupts: _Interrupts) -> int:
-    from ..files import describe_os_error
+    from ...files import describe_os_error
     from .signals import Terminated, stop_as_exception
 
     handler: Any = getattr(commands, args.command)

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import InvalidInputError, TrainingModeError
 from ..architectures import build_arch
-from ..errors import InvalidInputError, TrainingModeError
 
 STATE_DICT = "state_dict"
 SAFETENSORS = "safetensors"
@@ -266,7 +266,7 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
 
 def _load_exported(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
     """The program in a ``.pt2`` file; refuses one that would run code on loading unless ``trust_pickle``."""
-    from ..pt2_safety import load_exported
+    from ...backends.pt2_safety import load_exported
 
     return load_exported(path, trust_pickle=trust_pickle)
 
@@ -275,7 +275,7 @@ def _exported_input_shape(
     program: torch.export.ExportedProgram, path: Path, given: tuple[int, ...] | None
 ) -> tuple[int, ...]:
     """The shape of the program's one tensor input: ``--input-shape`` (if the program accepts it), else its example's."""
-    from ..backends.exported import check_input_shape
+    from ...backends.exported import check_input_shape
 
     if given is not None:
         check_input_shape(program, given)
@@ -423,7 +423,7 @@ _OWN_MODEL = ("save the whole model (torch.save(model)) and pass that file with 
 
 def _folded_structure(model: nn.Module) -> nn.Module | None:
     """The module tree bnfold makes of ``model`` (norms gone, biases added), to read a folded state_dict into."""
-    from ..engine import fold
+    from ...engine import fold
 
     try:
         return fold(model, verify=False)
@@ -437,7 +437,7 @@ def _load_onnx(path: Path) -> Any:
     except ImportError as error:
         raise InvalidInputError(f"{path}: ONNX files need the onnx package: pip install 'bnfold[onnx]'") from error
     try:
-        from .. import onnx as onnx_backend
+        from ... import onnx as onnx_backend
     except ImportError as error:
         raise InvalidInputError(f"{path}: ONNX files are not supported by this version of bnfold yet") from error
     return onnx_backend.load(path)

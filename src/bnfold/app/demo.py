@@ -1,6 +1,6 @@
 """The demo: fold torchvision's vgg16_bn and resnet50 (random weights, statistics from real images) and report.
 
-Run ``python -m bnfold.demo``. It prints, per model, the fold report table, the parameters removed and the largest
+Run ``python -m bnfold.app.demo``. It prints, per model, the fold report table, the parameters removed and the largest
 output difference between the original and the folded model on real images.
 """
 
@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from . import fold, report_for
+from .. import fold, report_for
 from .calibration import calibrate, randomize_norm_affine, sample_images
 
 

@@ -1,6 +1,6 @@
-"""What each ``bnfold`` command does, on models loaded by :mod:`bnfold.cli.loading`.
+"""What each ``bnfold`` command does, on models loaded by :mod:`bnfold.app.cli.loading`.
 
-Every command returns an exit code (see :mod:`bnfold.cli`) and writes its human output to the given console; with
+Every command returns an exit code (see :mod:`bnfold.app.cli`) and writes its human output to the given console; with
 ``--json`` it prints one JSON document on stdout instead. Nothing is written to disk before every check passed.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidInputError, VerificationError
-from ..files import check_output_path, refuse_inputs, staged
-from ..report import FoldReport
+from ...errors import InvalidInputError, VerificationError
+from ...files import check_output_path, refuse_inputs, staged
+from ...report import FoldReport
 from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model
 from .saving import choose_format, read_back, write_model
 
@@ -69,7 +69,7 @@ def _print_notes(args: argparse.Namespace, console: Any, loaded: LoadedModel) ->
 
 
 def _onnx_backend() -> Any:
-    from .. import onnx as onnx_backend
+    from ... import onnx as onnx_backend
 
     return onnx_backend
 
@@ -78,14 +78,14 @@ def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
     if loaded.kind == ONNX:
         return _onnx_backend().plan(loaded.source or loaded.module)
     if loaded.kind == TORCHSCRIPT:
-        from ..backends.torchscript import plan_script
+        from ...backends.torchscript import plan_script
 
         return plan_script(loaded.module, example_inputs=example, name=loaded.label)
     if loaded.kind == EXPORTED:  # a real dry run: the graph is planned, nothing is folded or exported again
-        from ..backends.exported import plan_exported
+        from ...backends.exported import plan_exported
 
         return plan_exported(loaded.module, name=loaded.label)
-    from ..engine import plan
+    from ...engine import plan
 
     return plan(loaded.module, example)
 
@@ -105,7 +105,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
 
 def _fold_exported(loaded: LoadedModel, example: torch.Tensor) -> tuple[Any, FoldReport]:
     """Fold a torch.export program, exported again on its own example inputs (or, lacking them, on ``example``)."""
-    from ..backends.exported import fold_exported
+    from ...backends.exported import fold_exported
 
     stored = loaded.module.example_inputs
     return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label)
@@ -120,7 +120,7 @@ def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | 
         result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance, seed=seed)
         return result, result.report
     if loaded.kind == TORCHSCRIPT:
-        from ..backends.torchscript import fold_script
+        from ...backends.torchscript import fold_script
 
         folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label)
         report.verification = _judge(loaded.module, folded, example, tolerance, "the folded TorchScript model")
@@ -129,7 +129,7 @@ def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | 
         program, report = _fold_exported(loaded, example)
         report.verification = _judge(loaded.runnable, program.module(), example, tolerance, "the folded torch.export program")
         return program, report
-    from ..engine import fold, report_for
+    from ...engine import fold, report_for
 
     folded = fold(loaded.module, example, verify=False)
     report = report_for(folded)
@@ -149,7 +149,7 @@ def _judge(original: Any, candidate: Any, example: torch.Tensor, tolerance: floa
     Raises:
         VerificationError: the outputs differ beyond both (one line, naming the worst output).
     """
-    from ..verification import compare_outputs, default_tolerance, explained_by_rounding
+    from ...verification import compare_outputs, default_tolerance, explained_by_rounding
 
     limit = tolerance if tolerance is not None else default_tolerance(original)
     with torch.no_grad():
@@ -184,7 +184,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     read = _files_read(args, loaded)  # now with the files the loader found (ONNX external data)
     written = [output]
     if _onnx_data_files(loaded):  # the folded model keeps external data too, in OUT.data (bnfold.onnx.save)
-        from ..onnx.io import data_file
+        from ...onnx.io import data_file
 
         written.append(data_file(output))
     refuse_inputs(written, read)
@@ -231,7 +231,7 @@ def _onnx_data_files(loaded: LoadedModel) -> list[Path]:
         return []
     import onnx
 
-    from ..onnx.io import external_data_files
+    from ...onnx.io import external_data_files
 
     return external_data_files(onnx.load_model(str(loaded.source), load_external_data=False), loaded.source)
 
@@ -266,7 +266,7 @@ def verify(args: argparse.Namespace, console: Any) -> int:
                   for name, info in result["outputs"].items()]
         _emit(args, console, result, *lines)
         return OK if result["passed"] else VERIFICATION_FAILED
-    from ..verification import verify as compare
+    from ...verification import verify as compare
 
     shape = original.input_shape or folded.input_shape
     original.input_shape = folded.input_shape = shape
@@ -290,7 +290,7 @@ def verify(args: argparse.Namespace, console: Any) -> int:
 
 def bench(args: argparse.Namespace, console: Any) -> int:
     """``bnfold bench MODEL``: latency and footprint before/after folding (and the peers with ``--peers``)."""
-    from ..bench import PEERS, benchmark
+    from ...bench import PEERS, benchmark
 
     if args.plot:  # before anything runs: a chart must never replace a file this run reads
         check_output_path(args.plot, _files_read(args), force=True)
@@ -304,7 +304,7 @@ def bench(args: argparse.Namespace, console: Any) -> int:
     if loaded.kind == TORCHSCRIPT:
         folded = _fold_loaded(loaded, example, args.tolerance)[0]
     if loaded.kind == EXPORTED:
-        from ..backends.exported import check_batch_sizes
+        from ...backends.exported import check_batch_sizes
 
         check_batch_sizes(loaded.module, batch_sizes)
         model, folded = _graph_module(loaded.runnable), _graph_module(_fold_loaded(loaded, example, args.tolerance)[0].module())
@@ -330,7 +330,7 @@ def _graph_module(module: Any) -> Any:
 
 
 def reproduce(args: argparse.Namespace, console: Any) -> int:
-    """``bnfold reproduce``: the seed's experiment (see :mod:`bnfold.reproduce`)."""
+    """``bnfold reproduce``: the seed's experiment (see :mod:`bnfold.app.reproduce`)."""
     from ..reproduce import run
 
     return run(args, console)

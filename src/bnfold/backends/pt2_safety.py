@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 # Records torch reads as raw bytes or as text, never unpickled (paths relative to the archive's root folder).
 _PLAIN_TEXT = frozenset({"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",

@@ -11,7 +11,7 @@ import difflib
 
 from torch import nn
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 
 def _torchvision_names() -> list[str]:

@@ -1,8 +1,8 @@
 """``bnfold inspect / fold / verify`` on ONNX files, without importing torch.
 
-The general commands (:mod:`bnfold.cli.commands`) load every kind of model and import torch to do so, which costs
+The general commands (:mod:`bnfold.app.cli.commands`) load every kind of model and import torch to do so, which costs
 seconds and is needless for an ONNX file: the ONNX backend (:mod:`bnfold.onnx`) runs on onnx, numpy and
-onnxruntime. :func:`handles` tells :func:`bnfold.cli.main` when a command line only names ONNX files; the handlers
+onnxruntime. :func:`handles` tells :func:`bnfold.app.cli.main` when a command line only names ONNX files; the handlers
 here then do what the general ones do for ONNX, with the same output and exit codes.
 """
 
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInputError
-from ..files import check_output_path
+from ...errors import InvalidInputError
+from ...files import check_output_path
 
 OK, VERIFICATION_FAILED = 0, 1
 COMMANDS = ("inspect", "fold", "verify")
@@ -58,7 +58,7 @@ def _emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *rend
 
 def _backend() -> Any:
     try:
-        from .. import onnx as backend
+        from ... import onnx as backend
     except ImportError as error:
         raise InvalidInputError(f"ONNX files need the onnx package ({error}): pip install 'bnfold[onnx]'") from error
     return backend

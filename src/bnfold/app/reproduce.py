@@ -1,7 +1,7 @@
 """The seed's experiment, end to end: train, fold, and report parameters, latency and accuracy before and after.
 
     bnfold reproduce [--models vgg16_bn resnet50] [--epochs 2] [--data PATH] [--out DIR]
-    python -m bnfold.reproduce ...                      (the same, without the console script)
+    python -m bnfold reproduce ...                          (the same, without the console script)
 
 For each model (torchvision ``vgg16_bn`` and ``resnet50`` by default, random initial weights, nothing downloaded):
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +37,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..errors import InvalidInputError
+from ..files import refuse_inputs, write_atomic
 from .architectures import build_arch
-from .errors import InvalidInputError
-from .files import refuse_inputs, write_atomic
 
 DEFAULT_MODELS = ("vgg16_bn", "resnet50")
 EXPECTED_REMOVED = {"vgg16_bn": 8_448, "resnet50": 26_560}  # the seed's figures, for the report's last column
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``bnfold reproduce`` (shared by the console script and ``python -m bnfold.reproduce``)."""
+    """The options of ``bnfold reproduce`` (``bnfold reproduce`` and ``python -m bnfold reproduce``)."""
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME",
                         help="torchvision architectures to train and fold (default: vgg16_bn resnet50)")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs per model (default: 2)")
@@ -68,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _splits(args: argparse.Namespace) -> Any:
-    from . import data
+    from .. import data
 
     if args.data:
         return data.image_folder(args.data, size=args.image_size or 160, limit=args.limit)
@@ -107,9 +106,9 @@ def train(
 
 def run_model(name: str, splits: Any, args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
     """Train, fold, verify and time one model; the figures of ``report.json``'s ``models[name]``."""
-    from .bench import BNFOLD, ORIGINAL, benchmark
-    from .engine import fold, report_for
-    from .verification import verify
+    from ..bench import BNFOLD, ORIGINAL, benchmark
+    from ..engine import fold, report_for
+    from ..verification import verify
 
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, generator=generator, drop_last=len(splits.train) > args.batch_size)
@@ -286,15 +285,3 @@ def run(args: argparse.Namespace, console: Any = None) -> int:
         return 1
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bnfold.reproduce``: the same as ``bnfold reproduce`` (errors and exit codes included)."""
-    import sys
-
-    from .cli import main as cli_main
-
-    return cli_main(["reproduce", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

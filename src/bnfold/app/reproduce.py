@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _splits(args: argparse.Namespace) -> Any:
-    from .. import data
+    from . import data
 
     if args.data:
         return data.image_folder(args.data, size=args.image_size or 160, limit=args.limit)

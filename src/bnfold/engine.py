@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends.capture import MODEL_CALLS_LOCK, Dataflow, capture
+from .backends.capture import MODEL_CALLS_LOCK, Dataflow, as_input_tuple, capture
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
@@ -27,19 +27,6 @@ log = logging.getLogger(__name__)
 ExampleInputs = torch.Tensor | Sequence[Any] | None
 
 _reports: weakref.WeakKeyDictionary[nn.Module, FoldReport] = weakref.WeakKeyDictionary()
-
-
-def _as_input_tuple(example_inputs: ExampleInputs) -> tuple[Any, ...] | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InvalidInputError(
-        f"example_inputs must be a tensor or a tuple of the forward's positional arguments, got "
-        f"{type(example_inputs).__name__}"
-    )
 
 
 def _is_compiled(model: Any) -> bool:
@@ -151,7 +138,7 @@ def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: La
     """
     registry = registry or DEFAULT_REGISTRY
     with MODEL_CALLS_LOCK:
-        the_plan, report, _ = _plan(model, _as_input_tuple(example_inputs), registry)
+        the_plan, report, _ = _plan(model, as_input_tuple(example_inputs), registry)
     with torch.no_grad():
         _leave_overflowed(report, apply_plan(the_plan, DryRun(ModuleWeights(model, registry))))
     return report
@@ -199,7 +186,7 @@ def fold(
             float rounding explains, see :func:`bnfold.verification.explained_by_rounding`).
     """
     registry = registry or DEFAULT_REGISTRY
-    inputs = _as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     verify = inputs is not None if verify is None else verify
     if verify and inputs is None:
         raise InvalidInputError("verify=True needs example_inputs to run both models on")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError
+from ..errors import CaptureError, InvalidInputError
 from ..layers import LayerRegistry
 
 log = logging.getLogger(__name__)
@@ -515,3 +515,17 @@ def _capture(model: nn.Module, example_inputs: tuple[Any, ...] | None, registry:
         flow.notes.append(f"torch.fx could not trace the model: {reason}")
         return flow
     return flow
+
+
+def as_input_tuple(example_inputs: torch.Tensor | Sequence[Any] | None) -> tuple[Any, ...] | None:
+    """``example_inputs`` as the tuple of a forward's positional arguments (a lone tensor is one argument)."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise InvalidInputError(
+        f"example_inputs must be a tensor or a tuple of the forward's positional arguments, got "
+        f"{type(example_inputs).__name__}"
+    )

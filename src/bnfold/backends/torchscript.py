@@ -57,6 +57,7 @@ from ..core.graph import (
 from ..core.plan import FoldPlan, make_plan
 from ..errors import InvalidInputError, TrainingModeError
 from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from .capture import as_input_tuple
 from .modules import TorchNumerics
 
 CAPTURE = "torchscript graph"
@@ -529,19 +530,6 @@ class ScriptWeights:
 # ------------------------------------------------------------------------------------------------ the API
 
 
-def _as_inputs(example_inputs: torch.Tensor | Sequence[Any] | None) -> tuple[Any, ...] | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InvalidInputError(
-        f"example_inputs must be a tensor or a tuple of the forward's positional arguments, got "
-        f"{type(example_inputs).__name__}"
-    )
-
-
 @dataclass
 class _Planned:
     """A frozen copy, its translation, the plan, and the sizes the report needs (read before anything changes)."""
@@ -556,7 +544,7 @@ class _Planned:
 
 def _planned(module: torch.jit.ScriptModule, example_inputs: torch.Tensor | Sequence[Any] | None) -> _Planned:
     frozen = freeze(module)
-    translation = to_graph(frozen, _as_inputs(example_inputs))
+    translation = to_graph(frozen, as_input_tuple(example_inputs))
     the_plan = make_plan(translation.graph)
     access = ScriptWeights(frozen.graph, translation.jit_nodes)
     check_statistics([f.norm for f in the_plan.folds], access)

@@ -378,6 +378,9 @@ class TorchNumerics:
     def dtype_name(self, array: torch.Tensor) -> str:
         return str(array.dtype).removeprefix("torch.")
 
+    def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=like.device)
+
 
 @dataclass
 class Rollback:

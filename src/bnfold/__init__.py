@@ -17,7 +17,7 @@ from .errors import (
     TrainingModeError,
     VerificationError,
 )
-from .report import FoldReport, NormEntry
+from .report import FoldReport, MergeEntry, NormEntry
 
 if TYPE_CHECKING:
     from .bench import BenchmarkResult, benchmark
@@ -72,6 +72,7 @@ __all__ = [
     "LayerRegistry",
     "LinearLayerRule",
     "NonFiniteStatisticsError",
+    "MergeEntry",
     "NormEntry",
     "NormRule",
     "NormStatistics",

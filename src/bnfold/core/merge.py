@@ -153,7 +153,8 @@ class _MergePlanner:
         return None
 
     def leaves(self, add: Node) -> tuple[list[Node], list[_Leaf]]:
-        """The additions of the tree rooted at ``add`` and its leaves, both in the order the sum reads them."""
+        """The additions of the tree rooted at ``add`` (with the identities between them) and its leaves, both in
+        the order the sum reads them."""
         adds: list[Node] = [add]
         leaves: list[_Leaf] = []
         for index in add.inputs:
@@ -162,6 +163,7 @@ class _MergePlanner:
                 path.append(node)
                 reader, node = node, self.nodes[node.inputs[0]]
             if self.is_add(node) and node.users == [reader.index]:
+                adds.extend(path)  # identities between two additions go with them
                 inner_adds, inner_leaves = self.leaves(node)
                 adds.extend(inner_adds)
                 leaves.extend(inner_leaves)
@@ -178,6 +180,8 @@ class _MergePlanner:
 
     def plan_block(self, root: Node, adds: list[Node], leaves: list[_Leaf]) -> Merge:
         for add in adds:
+            if not self.is_add(add):
+                continue
             assert add.op is not None
             alpha = add.op.attributes.get("alpha", 1)
             if alpha != 1:

@@ -245,3 +245,12 @@ def test_blocks_without_a_layer_branch_are_not_candidates() -> None:
     b.output(b.add(x, b.norm("bn", x)))
     plan = plan_merges(b.graph)
     assert plan.merges == [] and plan.refusals == []
+
+
+def test_a_layer_added_to_itself_is_refused() -> None:
+    b = Builder()
+    x = b.input()
+    c1 = b.layer("conv1", x, conv_geometry(1))
+    b.output(b.add(b.add(c1, c1), b.layer("conv3", x, conv_geometry(3))))
+    (refusal,) = plan_merges(b.graph).refusals
+    assert refusal.reason == "it adds the output of module 'conv1' (Conv2d) to itself"

@@ -223,7 +223,9 @@ class _MergePlanner:
             elif leaf.node.kind == NORM and leaf.only_to_tree and self.resolve(self.nodes[leaf.node.inputs[0]]) is source:
                 norms.append(leaf)
             elif not leaf.only_to_tree and (leaf.node.kind in (LAYER, NORM) or self.is_add(leaf.node)):
-                other = next(self.nodes[u].label for u in leaf.node.users if u != leaf.reader)
+                other = next((self.nodes[u].label for u in leaf.node.users if u != leaf.reader), None)
+                if other is None:
+                    raise _Refused(f"it adds the output of {leaf.node.label} to itself")
                 raise _Refused(f"the output of {leaf.node.label} is also used by {other}")
             else:
                 raise _Refused(

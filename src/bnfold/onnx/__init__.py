@@ -16,6 +16,7 @@ with the reason in the report.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ import numpy as np
 import onnx
 
 from ..errors import InvalidInputError, VerificationError
-from ..report import FoldReport
-from .adapter import fold_graph
+from ..report import FOLDED, MERGE, MERGED, FoldReport, NormEntry
+from .adapter import float_parameter_count, fold_graph
 from .io import load, read, save
 from .verification import TOLERANCES, default_tolerance, verify
 
@@ -70,13 +71,19 @@ def fold(
     tolerance: float | None = None,
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
+    merge_branches: bool = False,
 ) -> OnnxFoldResult:
     """Fold every foldable BatchNormalization of a copy of the model (the caller's ModelProto is not modified).
+
+    With ``merge_branches=True``, summed parallel branches of one input (RepVGG / MobileOne / RepViT blocks) are
+    then merged into one Conv, as :func:`bnfold.fold` does for an ``nn.Module`` (:mod:`bnfold.core.merge` says
+    when that is exact); ``report.merges`` lists every block merged or left, with the reason.
 
     Args:
         verify: run the original and the folded model in onnxruntime and compare (``report.verification``).
         tolerance: relative tolerance for the comparison; by default from the outputs' dtype.
         inputs, seed: inputs for the comparison by name; the others are random with ``seed``.
+        merge_branches: also merge summed parallel branches into one Conv.
 
     Raises:
         InvalidInputError: the model cannot be read (see :func:`load`).
@@ -84,7 +91,9 @@ def fold(
     """
     model, name, external = _resolve(model_or_path)
     folded, report = fold_graph(model, name, applied=True)
-    if verify and report.folded:
+    if merge_branches:
+        folded = _merge(folded, name, report)
+    if verify and (report.folded or any(m.status == MERGED for m in report.merges)):
         result = _verify(model, folded, inputs=inputs, seed=seed, tolerance=tolerance)
         report.verification = result
         if not result["passed"]:
@@ -95,6 +104,29 @@ def fold(
                 f"{result['tolerance']:g}; pass a larger tolerance if the model is badly conditioned, or report it"
             )
     return OnnxFoldResult(folded, report, external)
+
+
+def _merge(folded: onnx.ModelProto, name: str, report: FoldReport) -> onnx.ModelProto:
+    """Merge the branches of ``folded`` (owned here), folding what each round makes foldable; update ``report``."""
+    from .merges import merge_rounds
+
+    def fold_again(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, NormEntry]]:
+        again, again_report = fold_graph(model, name, applied=True)
+        return again, {entry.name: entry for entry in again_report.folded}
+
+    outcome = merge_rounds(folded, fold_again)
+    report.entries = [
+        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
+        if e.name in outcome.absorbed_norms
+        else dataclasses.replace(outcome.folded_norms[e.name], kind=e.kind, channels=e.channels)
+        if e.name in outcome.folded_norms
+        else e
+        for e in report.entries
+    ]
+    report.merges = outcome.entries
+    report.notes.extend(n for n in outcome.notes if n not in report.notes)
+    report.parameters_after = float_parameter_count(outcome.model.graph)
+    return outcome.model
 
 
 _verify = verify

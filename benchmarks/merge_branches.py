@@ -6,7 +6,8 @@ Per model (random weights, realistic norm statistics from three train-mode passe
 convolutions / linear layers computed in one forward pass (calls, counted with a TorchFunctionMode), the latency of
 batch 1 at 224 x 224 as a ratio of the unfolded model's (every variant timed in each round, in a rotating order,
 under torch.inference_mode(); medians over the rounds, one run), and the largest relative error
-``max|a - b| / max|a|`` against the unfolded model on a seeded batch. Issue 13's targets: bnfold with the option
+``max|a - b| / max|a|`` against the unfolded model on a seeded batch. The last row per model is the same model
+exported to ONNX and merged by ``bnfold.onnx`` (nodes left; error in onnxruntime). Issue 13's targets: bnfold with the option
 has no more norms and no more convolutions than timm's method, and a latency ratio at most timm's (within 3%).
 """
 
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
+import onnx
 import timm
 import torch
 from rich.console import Console
@@ -93,7 +97,28 @@ def latencies(variants: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> d
     return {label: statistics.median(samples) for label, samples in times.items()}
 
 
-def measure(name: str, rounds: int) -> list[tuple[str, int, int, float, float]]:
+def onnx_row(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> tuple[str, int, int, float | None, float]:
+    """The model exported to ONNX, folded and merged by bnfold.onnx: nodes left, and the error in onnxruntime
+    against the PyTorch original (no latency: another runtime)."""
+    import onnxruntime
+
+    from bnfold import onnx as bnfold_onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, input_names=["x"], output_names=["y"], do_constant_folding=False,
+                          dynamo=False)
+    merged = bnfold_onnx.fold(onnx.load_from_string(buffer.getvalue()), merge_branches=True, verify=False).model
+    ops = [node.op_type for node in merged.graph.node]
+    session = onnxruntime.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {"x": x.numpy()})
+    return ("bnfold.onnx --merge-branches", ops.count("BatchNormalization"),
+            sum(ops.count(op) for op in ("Conv", "Gemm", "MatMul")), None,
+            relative_error(reference, torch.from_numpy(output)))
+
+
+def measure(name: str, rounds: int) -> list[tuple[str, int, int, float | None, float]]:
     model = calibrated(name, 224)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     builders: dict[str, Callable[[], nn.Module]] = {
@@ -106,11 +131,12 @@ def measure(name: str, rounds: int) -> list[tuple[str, int, int, float, float]]:
     with torch.no_grad():
         reference = model(x)
         errors = {label: relative_error(reference, variant(x)) for label, variant in variants.items()}
-    return [
+    rows: list[tuple[str, int, int, float | None, float]] = [
         (label, count_batch_norm_calls(variant, [x]), conv_calls(variant, x), seconds[label] / seconds["unfolded"],
          errors[label])
         for label, variant in variants.items()
     ]
+    return [*rows, onnx_row(model, x, reference)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column, justify="left" if column in ("model", "variant") else "right")
     for name in args.models:
         for label, norms, convs, ratio, error in measure(name, args.rounds):
-            table.add_row(name, label, str(norms), str(convs), f"{ratio:.2f}", f"{error:.1e}")
+            shown = "-" if ratio is None else f"{ratio:.2f}"
+            table.add_row(name, label, str(norms), str(convs), shown, f"{error:.1e}")
         table.add_section()
     Console(width=140).print(table)
     return 0

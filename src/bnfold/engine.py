@@ -281,7 +281,8 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
         ]
         return dataclasses.replace(the_plan, folds=list(made.values()))
 
-    outcome = merge_rounds(model, registry, inputs, fold_again)
+    with torch.no_grad(), torch.inference_mode(False):  # new weights must be usable outside inference mode
+        outcome = merge_rounds(model, registry, inputs, fold_again)
     report.entries = [
         dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
         if e.name in outcome.absorbed_norms else e

@@ -111,3 +111,23 @@ def test_conv_geometry_reads_pads_and_auto_pad() -> None:
     lower = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_LOWER")
     assert conv_geometry(lower, (4, 4, 2, 2), (1, 4, 8, 8)).padding == ((1, 0), (1, 0))  # type: ignore[union-attr]
     assert conv_geometry(lower, (4, 4, 2, 2), None) is None  # unknown input shape: unknown geometry
+
+
+def test_two_gemms_reading_one_input_merge_into_one() -> None:
+    """RepViT's classifier sums two heads of one feature vector: one Gemm (transB=1, any alpha / beta) after."""
+    generator = torch.Generator().manual_seed(0)
+    inits = [numpy_helper.from_array(torch.randn(3, 5, generator=generator).numpy(), name) for name in ("wa", "wb")]
+    inits += [numpy_helper.from_array(torch.randn(3, generator=generator).numpy(), name) for name in ("ba", "bb")]
+    nodes = [
+        helper.make_node("Gemm", ["x", "wa", "ba"], ["a"], name="head", transB=1),
+        helper.make_node("Gemm", ["x", "wb", "bb"], ["b"], name="head_dist", transB=1, alpha=0.5, beta=2.0),
+        helper.make_node("Add", ["a", "b"], ["s"], name="sum"),
+        helper.make_node("Relu", ["s"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    merged = bnfold_onnx.fold(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                              merge_branches=True)
+    assert [node.op_type for node in merged.model.graph.node] == ["Gemm", "Relu"]
+    assert merged.report.verification is not None and merged.report.verification["passed"]
+    assert [(m.into, m.layers) for m in merged.report.merges] == [("head", ("head_dist",))]

@@ -2,7 +2,7 @@
 
 The adapter (:mod:`bnfold.onnx.adapter`) translates the graph for folding; this module adds what merging needs on
 top of that translation, the geometry of each ``Conv`` (kernel, strides, pads, dilations, group, ``auto_pad``) and
-the ``Add`` nodes as the core's ``add`` kind, then lets the core plan and compute (the same
+``Gemm`` with ``transB=1`` (a fully connected layer), and the ``Add`` nodes as the core's ``add`` kind, then lets the core plan and compute (the same
 :func:`~bnfold.core.merge.plan_merges` and :func:`~bnfold.core.apply.merge_one` as for an ``nn.Module``), and
 rewrites the graph: the merged ``Conv`` takes the sum's output name, the additions, the other branches' Conv and
 BatchNormalization nodes and the identities between are removed, and initializers nobody reads any more are
@@ -81,7 +81,10 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
             layer = translation.layers[core.unit]
             nodes[core.index] = layer.node
             unit = graph.units[core.unit]
-            if layer.node.op_type == "Conv" and unit.layer is not None and layer.bias_add is None:
+            if layer.node.op_type == "Gemm" and unit.layer is not None and attribute(layer.node, "transB", 0) \
+                    and not attribute(layer.node, "transA", 0):
+                unit.layer = dataclasses.replace(unit.layer, geometry=Geometry())  # (out, in) weights, like Linear
+            elif layer.node.op_type == "Conv" and unit.layer is not None and layer.bias_add is None:
                 shape = translation.shapes.get(layer.node.input[1])
                 value = translation.tensors.value(layer.node.input[1]) if shape is None else None
                 shape = shape if shape is not None else (None if value is None else tuple(value.shape))

@@ -220,3 +220,26 @@ def test_timm_reparameterisable_models_merge_as_far_as_timm(name: str) -> None:
     report = bnfold.report_for(folded)
     assert report.verification is not None and report.verification["max_relative"] <= TOLERANCES[torch.float64]
     assert report.left == []
+
+
+class LinearBranches(nn.Module):
+    """Fully connected branches of one input, the input itself, and a BatchNorm1d of it (2-D activations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.bn = nn.Linear(6, 6), nn.Linear(6, 6, bias=False), nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        return torch.relu(self.fc1(x) + self.fc2(x) + x + self.bn(x))
+
+
+def test_linear_branches_and_identities_merge_into_one_linear() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    model = calibrated_by_training(LinearBranches(), x)
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert_same_outputs(model, folded, x)
+    (merge,) = bnfold.report_for(folded).merges
+    assert (merge.into, merge.layers, merge.identities) == ("fc1", ("fc2",), ("input", "bn"))
+    assert conv_calls(folded, x) == 1 and count_batch_norm_calls(folded, [x]) == 0

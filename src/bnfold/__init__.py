@@ -18,7 +18,7 @@ from .errors import (
     TrainingModeError,
     VerificationError,
 )
-from .report import FoldReport, NormEntry
+from .report import FoldReport, MergeEntry, NormEntry
 
 if TYPE_CHECKING:
     from .bench import BenchmarkResult, benchmark
@@ -74,6 +74,7 @@ __all__ = [
     "LinearLayerRule",
     "NonFiniteOutputError",
     "NonFiniteStatisticsError",
+    "MergeEntry",
     "NormEntry",
     "NormRule",
     "NormStatistics",

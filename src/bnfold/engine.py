@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from .backends.capture import MODEL_CALLS_LOCK, Dataflow, as_input_tuple, capture
+from .backends.module_merges import merge_rounds
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
-from .report import FOLDED, LEFT, FoldReport, NormEntry
+from .report import FOLDED, LEFT, MERGE, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def fold(
     verify: bool | None = None,
     tolerance: float | None = None,
     registry: LayerRegistry | None = None,
+    merge_branches: bool = False,
 ) -> nn.Module:
     """Fold every batch norm that can be folded exactly into its neighbouring conv / linear layer.
 
@@ -159,6 +161,14 @@ def fold(
     norm-activation module, its activation) and the absorbing layers' weights and biases updated; dtype, device and
     ``requires_grad`` are kept. The report of what was folded and what was left alone (and why) is
     :func:`report_for` of the returned model.
+
+    With ``merge_branches=True`` bnfold goes on to re-parameterise blocks that sum parallel branches of one input
+    (RepVGG, MobileOne, RepViT, ...: ``conv3x3(x) + conv1x1(x) + BN(x)`` becomes one 3x3 convolution; see
+    :mod:`bnfold.core.merge` for when that is exact). Removing branches from the forward computation needs a graph:
+    where a block merges, the result is a ``torch.fx.GraphModule`` of the traced model (same module names, the
+    merged layer in place of the sum, the other branches gone), not the model's own class; a model with nothing to
+    merge is returned as without the option. ``report.merges`` lists every block merged or left, with the reason.
+    Merges are made on a copy even with ``inplace=True`` (``model`` then gets the folds only).
 
     Args:
         model: an ``nn.Module`` in eval mode.
@@ -171,6 +181,7 @@ def fold(
         tolerance: largest accepted ``max|a - b| / max|a|`` per output; default from the model's dtype
             (:func:`bnfold.verification.default_tolerance`).
         registry: the layer rules to fold with (default: built-ins plus what was registered).
+        merge_branches: also merge summed parallel branches into one layer (the result may be a GraphModule).
 
     A norm whose fold would store a weight or bias its dtype cannot hold (float16 ends at 65504) is left, with that
     reason in the report. Folds from several threads at once are safe (bnfold serialises its traces and model runs).
@@ -200,6 +211,12 @@ def fold(
     target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
     rollback = _apply(target, the_plan, registry, report)
+    if merge_branches:
+        try:
+            target = _merge(copy.deepcopy(target) if inplace else target, inputs, registry, report)
+        except BaseException:
+            rollback.restore()
+            raise
     if verify:
         assert inputs is not None
         try:
@@ -252,7 +269,7 @@ def fold(
                 f"more than the model's own float rounding explains (checked against a float64 evaluation)"
             )
             if inplace:
-                _apply(target, the_plan, registry, report)
+                _apply(model, the_plan, registry, report)
     report.applied = True
     report.parameters_after, report.buffers_after = _count(target)
     _reports[target] = report
@@ -272,6 +289,37 @@ def _apply(target: nn.Module, the_plan: FoldPlan, registry: LayerRegistry, repor
         raise
     _leave_overflowed(report, overflows)
     return rollback
+
+
+def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry, report: FoldReport) -> nn.Module:
+    """Merge the summed branches of the folded ``model`` (owned here), folding what each round makes foldable;
+    the report gets the blocks, and the norms folded or absorbed on the way."""
+
+    def fold_again(module: nn.Module) -> FoldPlan:
+        the_plan, _, _ = _plan(module, inputs, registry)
+        with torch.no_grad(), torch.inference_mode(False):
+            overflows = apply_plan(the_plan, ModuleWeights(module, registry))
+        _leave_overflowed(report, overflows)
+        failed = {overflow.norm for overflow in overflows}
+        made = {f.norm: f for f in the_plan.folds if f.norm not in failed}
+        report.entries = [
+            dataclasses.replace(e, status=FOLDED, into=made[e.name].layers, direction=made[e.name].direction,
+                                reason=None)
+            if e.name in made else e
+            for e in report.entries
+        ]
+        return dataclasses.replace(the_plan, folds=list(made.values()))
+
+    with torch.no_grad(), torch.inference_mode(False):  # new weights must be usable outside inference mode
+        outcome = merge_rounds(model, registry, inputs, fold_again)
+    report.entries = [
+        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
+        if e.name in outcome.absorbed_norms else e
+        for e in report.entries
+    ]
+    report.merges = outcome.entries
+    report.notes.extend(outcome.notes)
+    return outcome.model
 
 
 def _leave_overflowed(report: FoldReport, overflows: list[FoldOverflow]) -> None:

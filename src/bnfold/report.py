@@ -12,14 +12,17 @@ from typing import Any
 
 FOLDED = "folded"
 LEFT = "left"
+MERGE = "merge"
+"""The direction of a norm on an identity branch, absorbed when its block merged into one layer."""
 
 
 @dataclass(frozen=True)
 class NormEntry:
     """One norm layer (or ONNX BatchNormalization node) and what folding does with it.
 
-    ``into`` names the layer(s) it folds into and ``direction`` is ``"forward"`` (into the layer before it) or
-    ``"backward"`` (into the layers after it); for a norm left alone, ``reason`` says why, in words a user can
+    ``into`` names the layer(s) it folds into and ``direction`` is ``"forward"`` (into the layer before it),
+    ``"backward"`` (into the layers after it) or ``"merge"`` (a norm on an identity branch, absorbed by the layer its
+    block merged into, ``fold(..., merge_branches=True)``); for a norm left alone, ``reason`` says why, in words a user can
     act on.
     """
 
@@ -29,6 +32,26 @@ class NormEntry:
     status: str
     into: tuple[str, ...] = ()
     direction: str | None = None
+    reason: str | None = None
+
+
+MERGED = "merged"
+
+
+@dataclass(frozen=True)
+class MergeEntry:
+    """One block of summed parallel branches (``fold(..., merge_branches=True)``) and what became of it.
+
+    ``block`` names the sum as the dataflow shows it; a merged block lists the layer that now computes it
+    (``into``), the other branch layers merged into it (``layers``) and its identity branches (``identities``:
+    the norm of each, or ``"input"`` for the input itself); a block left alone has ``reason``.
+    """
+
+    block: str
+    status: str  # MERGED | LEFT
+    into: str | None = None
+    layers: tuple[str, ...] = ()
+    identities: tuple[str, ...] = ()
     reason: str | None = None
 
 
@@ -59,6 +82,7 @@ class FoldReport(RichPrintable):
         buffers_before / buffers_after: element counts of buffers (running statistics and the like).
         notes: anything the user should know that is not a per-norm decision.
         verification: filled in when the folded model was checked against the original (max errors, tolerance).
+        merges: with ``merge_branches=True``, one :class:`MergeEntry` per block of summed branches.
     """
 
     model: str
@@ -71,6 +95,7 @@ class FoldReport(RichPrintable):
     buffers_after: int = 0
     notes: list[str] = field(default_factory=list)
     verification: dict[str, Any] | None = None
+    merges: list[MergeEntry] = field(default_factory=list)
 
     @property
     def folded(self) -> list[NormEntry]:
@@ -89,6 +114,8 @@ class FoldReport(RichPrintable):
         data = asdict(self)
         for entry in data["entries"]:
             entry["into"] = list(entry["into"])
+        for merge in data["merges"]:
+            merge["layers"], merge["identities"] = list(merge["layers"]), list(merge["identities"])
         data["summary"] = {
             "norms": len(self.entries),
             "folded": len(self.folded),
@@ -115,10 +142,21 @@ class FoldReport(RichPrintable):
             rows.append((e.name, e.kind, "" if e.channels is None else str(e.channels), e.status, outcome))
         return rows
 
+    def _merge_lines(self) -> list[str]:
+        lines = []
+        for m in self.merges:
+            if m.status == MERGED:
+                parts = [*m.layers, *(f"identity ({i})" for i in m.identities)]
+                lines.append(f"merged {m.block}: {', '.join(parts)} into {m.into}")
+            else:
+                lines.append(f"left   {m.block}: {m.reason}")
+        return lines
+
     def __str__(self) -> str:
         lines = [self.summary()]
         for name, kind, channels, status, outcome in self._rows():
             lines.append(f"  {status:<6} {name} ({kind}, {channels} ch): {outcome}")
+        lines.extend(f"  {line}" for line in self._merge_lines())
         lines.extend(f"  note: {n}" for n in self.notes)
         if self.verification:
             lines.append(f"  verified: {self.verification}")
@@ -136,5 +174,6 @@ class FoldReport(RichPrintable):
         for name, kind, channels, status, outcome in self._rows():
             style = "green" if status == FOLDED else "yellow"
             table.add_row(name, kind, channels, Text(status, style=style), outcome)
-        extra = [Text(f"note: {n}", style="dim") for n in self.notes]
+        extra = [Text(line, style="green" if line.startswith(MERGED) else "yellow") for line in self._merge_lines()]
+        extra += [Text(f"note: {n}", style="dim") for n in self.notes]
         return Group(table, *extra)

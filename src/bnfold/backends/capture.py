@@ -63,6 +63,7 @@ class Site:
     args: tuple[Any, ...] = ()  # the call's arguments, each tensor replaced by TensorRef(site index)
     kwargs: dict[str, Any] = field(default_factory=dict)
     shape: tuple[int, ...] | None = None  # shape of the (first) tensor produced, when seen
+    origin: Any = None  # the torch.fx node this site was read from (fx capture only): what a graph rewrite edits
 
 
 @dataclass(frozen=True)
@@ -308,15 +309,26 @@ def _outputs_differ(model_outputs: Any, traced_outputs: Any) -> str | None:
     return None
 
 
-def capture_fx(model: nn.Module, registry: LayerRegistry, example_inputs: tuple[Any, ...] | None = None) -> Dataflow:
+def trace(model: nn.Module, registry: LayerRegistry) -> fx.Graph:
+    """The torch.fx graph of ``model``, with every module the registry knows kept as one call."""
+    return _Tracer(registry).trace(model)
+
+
+def capture_fx(
+    model: nn.Module,
+    registry: LayerRegistry,
+    example_inputs: tuple[Any, ...] | None = None,
+    graph: fx.Graph | None = None,
+) -> Dataflow:
     """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed).
 
     With ``example_inputs`` every site also gets the shape of what it produces (reshapes between a layer and its
     norm can only be judged with shapes), and the graph is checked against the model on them
     (:class:`TraceMismatch`). Raises whatever torch.fx raises when the model cannot be traced; :func:`capture`
-    turns that into advice.
+    turns that into advice. ``graph``: a graph :func:`trace` made of ``model`` already (each site's ``origin`` is
+    then a node of it, for a caller that rewrites that graph).
     """
-    graph = _Tracer(registry).trace(model)
+    graph = graph if graph is not None else trace(model, registry)
     shapes = _fx_shapes(model, graph, example_inputs) if example_inputs is not None else None
     canonical = _canonical_names(model)
     index_of: dict[fx.Node, int] = {}
@@ -342,6 +354,7 @@ def capture_fx(model: nn.Module, registry: LayerRegistry, example_inputs: tuple[
             site = Site(index, "output", "output")
         else:
             site = Site(index, "op", _op_name(node.target), target=node.target)
+        site.origin = node
         if shapes is not None:
             site.shape = shapes.get(node)
         to_ref = lambda n: TensorRef(index_of[n]) if n in index_of else n  # noqa: E731

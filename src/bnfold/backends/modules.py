@@ -33,12 +33,13 @@ from ..core.graph import (
     NORM,
     OP,
     OUTPUT,
+    Geometry,
     Graph,
     LayerFacts,
     NormFacts,
     OpFacts,
 )
-from ..layers import LayerRegistry, LinearLayerRule, NormRule
+from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
 from .capture import Dataflow, Site, TensorRef
 
 # ------------------------------------------------------------------------------------------- the facts table
@@ -66,6 +67,7 @@ _FUNCTION_KINDS: dict[str, str] = {
     **dict.fromkeys(("transpose", "swapaxes", "swapdims"), "transpose"),
     "mean": "mean",
     **dict.fromkeys(("cat", "concat", "concatenate"), "concat"),
+    **dict.fromkeys(("add", "__add__", "__radd__", "iadd", "__iadd__", "add_"), "add"),
 }
 
 # Position of ``return_indices`` in the functional max pools.
@@ -126,6 +128,10 @@ def _function_facts(site: Site) -> OpFacts:
         if not isinstance(first, int) or not isinstance(second, int):
             return OpFacts("other")
         return OpFacts(kind, {"dims": (first, second)})
+    if kind == "add":
+        operands = [_argument(site, 0, "input", None), _argument(site, 1, "other", None)]
+        scalars = tuple(v for v in operands if not isinstance(v, TensorRef))
+        return OpFacts(kind, {"alpha": site.kwargs.get("alpha", 1), "scalars": scalars})
     if kind == "concat":
         axis = site.kwargs.get("dim", site.kwargs.get("axis", site.args[1] if len(site.args) > 1 else 0))
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, TensorRef) else None})
@@ -233,6 +239,25 @@ def layer_rule(module: nn.Module, registry: LayerRegistry) -> tuple[LinearLayerR
     return None, f"{match.reason} ({read})"
 
 
+def geometry(module: nn.Module, rule: LinearLayerRule) -> Geometry | None:
+    """Where the layer's kernel reads its input, for the built-in convolutions and Linear; ``None`` for a layer
+    whose padding or kernel is decided by its own code (registered layers, timm's ``Conv2dSame``)."""
+    if rule is LINEAR_RULE:
+        return Geometry()
+    if rule not in (CONV_RULE, CONV_TRANSPOSE_RULE) or not isinstance(module, nn.modules.conv._ConvNd):
+        return None
+    kernel = tuple(int(k) for k in module.kernel_size)
+    dilation = tuple(int(d) for d in module.dilation)
+    if module.padding == "valid":
+        padding = tuple((0, 0) for _ in kernel)
+    elif module.padding == "same":  # PyTorch puts the odd one at the end
+        padding = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True))
+    else:
+        padding = tuple((int(p), int(p)) for p in module.padding)  # type: ignore[union-attr]
+    return Geometry(kernel, tuple(int(s) for s in module.stride), padding, dilation, int(module.groups),
+                    str(module.padding_mode), bool(module.transposed))
+
+
 # -------------------------------------------------------------------------------------------- translation
 
 
@@ -311,6 +336,7 @@ class _Translator:
             channel_dim=rule.activation_channel_dim,
             problem=problem,
             input_fold_blocker=rule.input_fold_blocker(module),
+            geometry=geometry(module, rule),
         )
 
     def norm_facts(self, name: str, module: nn.Module) -> NormFacts:
@@ -404,6 +430,9 @@ class TorchNumerics:
 
     def dtype_name(self, array: torch.Tensor) -> str:
         return str(array.dtype).removeprefix("torch.")
+
+    def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=like.device)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from .. import affine
 from ..errors import NonFiniteStatisticsError
+from .merge import Merge
 from .plan import FORWARD, Fold, FoldPlan
 
 Array = Any
@@ -67,6 +68,9 @@ class Numerics(Protocol):
     def finite(self, array: Array) -> bool: ...
 
     def dtype_name(self, array: Array) -> str: ...
+
+    def zeros(self, shape: tuple[int, ...], like: Array) -> Array:
+        """A float64 array of zeros of ``shape`` (on the device of ``like``)."""
 
 
 class WeightAccess(Protocol):
@@ -193,6 +197,90 @@ def apply_plan(plan: FoldPlan, access: WeightAccess) -> list[FoldOverflow]:
             untouchable.update(fold.layers)
     return overflows
 
+
+class MergeOverflow(ArithmeticError):
+    """A merge would make the merged weight or bias non-finite in the layer's dtype; nothing was written."""
+
+    def __init__(self, block: str, message: str) -> None:
+        super().__init__(message)
+        self.block = block
+
+
+def merged_tensors(
+    branches: list[tuple[LayerTensors, tuple[int, ...]]],
+    identities: list[tuple[Array | None, Array | None]],
+    tap: tuple[int, ...],
+    numerics: Numerics,
+) -> tuple[Array, Array]:
+    """The kernel and bias of one layer computing the sum of ``branches`` and ``identities`` of the same input.
+
+    ``branches[0]`` is the layer that keeps its geometry (the largest kernel); each branch's kernel is placed at its
+    offset inside it, zeros elsewhere, and the kernels are summed; the biases are summed. Each identity is a
+    per-channel map ``s * x + t`` (``(None, None)``: ``x`` itself): ``s`` on the kernel position ``tap`` of each
+    output channel's own input channel (within its group, for grouped and depthwise layers), ``t`` added to the
+    bias. The sums are exact in float64 and rounded once to the dtype of ``branches[0]``'s weight and bias::
+
+        W = sum_k pad(W_k) + sum_i diag(s_i) at tap        b = sum_k b_k + sum_i t_i
+    """
+    first = branches[0][0]
+    if any(tensors.out_axis != 0 for tensors, _ in branches):
+        raise ValueError("branch merges need weights laid out (out, in / groups, *kernel)")
+    f64 = numerics.float64
+    shape = tuple(int(n) for n in first.weight.shape)
+    out_channels, per_group = shape[0], shape[1]
+    weight = numerics.zeros(shape, first.weight)
+    bias = numerics.zeros((out_channels,), first.weight)
+    for tensors, offset in branches:
+        kernel = tuple(int(n) for n in tensors.weight.shape[2:])
+        if tuple(int(n) for n in tensors.weight.shape[:2]) != (out_channels, per_group):
+            raise ValueError(f"a branch of weight shape {tuple(tensors.weight.shape)} does not fit {shape}")
+        window = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, kernel, strict=True)))
+        weight[window] = weight[window] + f64(tensors.weight)
+        if tensors.bias is not None:
+            bias = bias + f64(tensors.bias)
+    if identities:
+        groups = out_channels // per_group
+        # eye(per_group), one per group: every (per_group + 1)-th entry of a flat (per_group, per_group) block.
+        eye = numerics.zeros((per_group * per_group,), first.weight)
+        eye[:: per_group + 1] = 1.0
+        eye = eye.reshape((1, per_group, per_group))
+        diagonal = numerics.zeros((out_channels,), first.weight)
+        for scale, shift in identities:
+            diagonal = diagonal + (1.0 if scale is None else f64(scale))
+            if shift is not None:
+                bias = bias + f64(shift)
+        block = (eye * diagonal.reshape((groups, per_group, 1))).reshape((out_channels, per_group))
+        position = (slice(None), slice(None), *tap)
+        weight[position] = weight[position] + block
+    reference_bias = first.bias if first.bias is not None else first.weight
+    return numerics.cast(weight, first.weight), numerics.cast(bias, reference_bias)
+
+
+def merge_one(merge: Merge, access: WeightAccess) -> None:
+    """Compute the merged kernel and bias of ``merge``, check they are finite, and write them into its layer.
+
+    Reads every layer after the folds were applied (their norms are in their weights already). Taking the merged
+    branches and norms out of the computation is the adapter's rewrite of its graph.
+    """
+    numerics = access.numerics
+    order = sorted(merge.branches, key=lambda branch: branch.layer != merge.into)
+    branches = [(access.read(branch.layer), branch.offset) for branch in order]
+    identities: list[tuple[Array | None, Array | None]] = []
+    for identity in merge.identities:
+        if identity.norm is None:
+            identities.append((None, None))
+        else:
+            identities.append(scale_shift(access.statistics(identity.norm), numerics))
+    tap = merge.identities[0].tap if merge.identities else ()
+    weight, bias = merged_tensors(branches, identities, tap, numerics)
+    for what, array in (("weight", weight), ("bias", bias)):
+        if not numerics.finite(array):
+            raise MergeOverflow(
+                merge.block,
+                f"merging would overflow {numerics.dtype_name(array)}: the merged {what} of '{merge.into}' is not "
+                f"finite in that dtype",
+            )
+    access.write(merge.into, weight, bias)
 
 
 class DryRun:

@@ -33,6 +33,29 @@ OUTPUT = "output"
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """Where a linear layer's kernel reads its input: what deciding a branch merge needs.
+
+    Attributes:
+        kernel: the kernel size per spatial axis (``()`` for a fully connected layer).
+        stride / dilation: per spatial axis.
+        padding: ``(begin, end)`` per spatial axis, in input positions (a symmetric ``padding=p`` is ``(p, p)``;
+            PyTorch's ``"same"`` puts the odd one at the end).
+        groups: channel groups.
+        padding_mode: what the padding holds: ``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``.
+        transposed: a transposed convolution.
+    """
+
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[tuple[int, int], ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    padding_mode: str = "zeros"
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
 class LayerFacts:
     """What the planner needs to know of a linear layer (conv, transposed conv, fully connected, Gemm, MatMul).
 
@@ -46,6 +69,8 @@ class LayerFacts:
             convolution with padding or output cropping...), or ``None``.
         not_a_rule: set when the layer looks like a linear layer but bnfold has no rule for it (a subclass that
             overrides ``forward``): the whole reason, and the layer is never folded into.
+        geometry: its kernel, stride, padding, ... (:class:`Geometry`), or ``None`` where the format does not say
+            (such a layer is never merged with another).
     """
 
     out_channels: int
@@ -54,6 +79,7 @@ class LayerFacts:
     problem: str | None = None
     input_fold_blocker: str | None = None
     not_a_rule: str | None = None
+    geometry: Geometry | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,9 @@ class OpFacts:
     * ``pad``: ``mode`` (``"constant"``, ``"reflect"``, ``"replicate"``, ``"circular"``), ``padded_axes`` (the
       axes of the input that get padding, non-negative, or None when unknown).
 
+    * ``add``: ``alpha`` (the factor of the second operand, ``torch.add(x, y, alpha=...)``; 1 for ``+``),
+      ``scalars`` (the operands that are plain numbers, not tensors: ``(0,)`` for ``0 + t``).
+
     ``adaptive_avg_pool``, ``upsample``, ``identity`` and ``reshape`` need none (reshapes are judged on shapes).
     """
 
@@ -101,7 +130,7 @@ class OpFacts:
 
 OP_KINDS = frozenset({
     "identity", "dropout", "avg_pool", "adaptive_avg_pool", "max_pool", "upsample", "mean", "reshape", "permute",
-    "transpose", "concat", "pad", "other",
+    "transpose", "concat", "pad", "add", "other",
 })
 
 # Reasons every adapter gives in the same words, so a model refused in one format reads the same in another.

@@ -16,6 +16,7 @@ with the reason in the report.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ import onnx
 
 from ..errors import InvalidInputError, VerificationError
 from ..files import refuse_inputs
-from ..report import FoldReport
-from .adapter import fold_graph
+from ..report import FOLDED, MERGE, MERGED, FoldReport, NormEntry
+from .adapter import float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
 from .verification import TOLERANCES, default_tolerance, random_inputs, verify
 
@@ -126,8 +127,13 @@ def fold(
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
+    merge_branches: bool = False,
 ) -> OnnxFoldResult:
     """Fold every foldable BatchNormalization of a copy of the model (the caller's ModelProto is not modified).
+
+    With ``merge_branches=True``, summed parallel branches of one input (RepVGG / MobileOne / RepViT blocks) are
+    then merged into one Conv, as :func:`bnfold.fold` does for an ``nn.Module`` (:mod:`bnfold.core.merge` says
+    when that is exact); ``report.merges`` lists every block merged or left, with the reason.
 
     Args:
         verify: run the original and the folded model in onnxruntime and compare (``report.verification``).
@@ -135,6 +141,7 @@ def fold(
         inputs, seed: inputs for the comparison by name; the others are random with ``seed``.
         input_shape: shape of the random inputs: the only input's, or by input name (dynamic dimensions are 1
             otherwise, which not every graph accepts).
+        merge_branches: also merge summed parallel branches into one Conv / Gemm.
 
     Raises:
         InvalidInputError: the model cannot be read (see :func:`load`), or ``input_shape`` does not fit it.
@@ -147,8 +154,10 @@ def fold(
     # A model read here belongs to nobody else: fold it in place, and verify against the file it came from
     # (onnxruntime reads it itself) instead of keeping a copy of every weight. A caller's ModelProto is copied.
     folded, report = fold_graph(model, name, applied=True, copy=not from_file)
+    if merge_branches:
+        folded = _merge(folded, name, report)
     original: onnx.ModelProto | str = os.fspath(model_or_path) if from_file else model
-    checked = verify and bool(report.folded)
+    checked = verify and bool(report.folded or any(m.status == MERGED for m in report.merges))
     if checked:
         result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance, input_shape=input_shape)
         report.verification = result
@@ -162,6 +171,29 @@ def fold(
     return OnnxFoldResult(folded, report, external_data=len(sources) > 1, sources=sources,
                           original=original if checked else None, tolerance=tolerance, inputs=inputs, seed=seed,
                           input_shape=input_shape)
+
+
+def _merge(folded: onnx.ModelProto, name: str, report: FoldReport) -> onnx.ModelProto:
+    """Merge the branches of ``folded`` (owned here), folding what each round makes foldable; update ``report``."""
+    from .merges import merge_rounds
+
+    def fold_again(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, NormEntry]]:
+        again, again_report = fold_graph(model, name, applied=True, copy=False)
+        return again, {entry.name: entry for entry in again_report.folded}
+
+    outcome = merge_rounds(folded, fold_again)
+    report.entries = [
+        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
+        if e.name in outcome.absorbed_norms
+        else dataclasses.replace(outcome.folded_norms[e.name], kind=e.kind, channels=e.channels)
+        if e.name in outcome.folded_norms
+        else e
+        for e in report.entries
+    ]
+    report.merges = outcome.entries
+    report.notes.extend(n for n in outcome.notes if n not in report.notes)
+    report.parameters_after = float_parameter_count(outcome.model.graph)
+    return outcome.model
 
 
 _verify = verify

@@ -779,6 +779,9 @@ class NumpyNumerics:
     def dtype_name(self, array: np.ndarray) -> str:
         return str(np.asarray(array).dtype)
 
+    def zeros(self, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float64)
+
 
 class OnnxWeights:
     """:class:`bnfold.core.apply.WeightAccess` on a model the caller handed over for rewriting (a copy).

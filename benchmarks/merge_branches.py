@@ -1,0 +1,168 @@
+"""Re-parameterisable timm models: bnfold without and with merge_branches, against timm's reparameterize_model.
+
+    python benchmarks/merge_branches.py [--models mobileone_s0 repvgg_a0 ...] [--rounds 30] [--threads 2]
+
+Per model (random weights, realistic norm statistics from three train-mode passes, then eval): the norms and the
+convolutions / linear layers computed in one forward pass (calls, counted with a TorchFunctionMode), the latency of
+batch 1 at 224 x 224 as a ratio of the unfolded model's (every variant timed in each round, in a rotating order,
+under torch.inference_mode(); medians over the rounds, one run), and the largest relative error
+``max|a - b| / max|a|`` against the unfolded model on a seeded batch. The last row per model is the same model
+exported to ONNX and merged by ``bnfold.onnx`` (nodes left; error in onnxruntime). Issue 13's targets: bnfold with the option
+has no more norms and no more convolutions than timm's method, and a latency ratio at most timm's (within 3%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+from timm.utils import reparameterize_model
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import bnfold
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers' counter
+from helpers.counting import count_batch_norm_calls  # noqa: E402
+
+MODELS = ["mobileone_s0", "repvgg_a0", "repvit_m0_9", "fastvit_t8", "repghostnet_100"]
+_LINEAR = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "linear"})
+
+
+class _ConvCounter(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in _LINEAR:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def conv_calls(model: nn.Module, x: torch.Tensor) -> int:
+    counter = _ConvCounter()
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.count
+
+
+@torch.no_grad()
+def calibrated(name: str, size: int) -> nn.Module:
+    """The model with random affine norm parameters and running statistics from three train-mode passes."""
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    generator = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            module.weight.copy_(1 + 0.2 * torch.randn(module.num_features, generator=generator))
+            module.bias.copy_(0.2 * torch.randn(module.num_features, generator=generator))
+            module.momentum = None
+    model.train()
+    for _ in range(3):
+        model(torch.randn(4, 3, size, size, generator=generator))
+    return model.eval()
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return float((other.double() - reference.double()).abs().max() / reference.double().abs().max())
+
+
+def latencies(variants: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds per forward pass of each variant, timed in interleaved rounds of a rotating order."""
+    times: dict[str, list[float]] = {label: [] for label in variants}
+    labels = list(variants)
+
+    def once(model: nn.Module) -> float:
+        start = time.perf_counter()
+        model(x)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        for model in variants.values():  # warm-up
+            for _ in range(3):
+                model(x)
+        for index in range(rounds):
+            shift = index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                times[label].append(once(variants[label]))
+    return {label: statistics.median(samples) for label, samples in times.items()}
+
+
+def onnx_row(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> tuple[str, int, int, float | None, float]:
+    """The model exported to ONNX, folded and merged by bnfold.onnx: nodes left, and the error in onnxruntime
+    against the PyTorch original (no latency: another runtime)."""
+    import onnxruntime
+
+    from bnfold import onnx as bnfold_onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, input_names=["x"], output_names=["y"], do_constant_folding=False,
+                          dynamo=False)
+    merged = bnfold_onnx.fold(onnx.load_from_string(buffer.getvalue()), merge_branches=True, verify=False).model
+    ops = [node.op_type for node in merged.graph.node]
+    session = onnxruntime.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {"x": x.numpy()})
+    return ("bnfold.onnx --merge-branches", ops.count("BatchNormalization"),
+            sum(ops.count(op) for op in ("Conv", "Gemm", "MatMul")), None,
+            relative_error(reference, torch.from_numpy(output)))
+
+
+def measure(name: str, rounds: int) -> list[tuple[str, int, int, float | None, float]]:
+    model = calibrated(name, 224)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "bnfold": lambda: bnfold.fold(model, x),
+        "bnfold --merge-branches": lambda: bnfold.fold(model, x, merge_branches=True),
+        "timm reparameterize_model": lambda: reparameterize_model(copy.deepcopy(model)),
+    }
+    variants = {"unfolded": model} | {label: build() for label, build in builders.items()}
+    seconds = latencies(variants, x, rounds)
+    with torch.no_grad():
+        reference = model(x)
+        errors = {label: relative_error(reference, variant(x)) for label, variant in variants.items()}
+    rows: list[tuple[str, int, int, float | None, float]] = [
+        (label, count_batch_norm_calls(variant, [x]), conv_calls(variant, x), seconds[label] / seconds["unfolded"],
+         errors[label])
+        for label, variant in variants.items()
+    ]
+    return [*rows, onnx_row(model, x, reference)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    table = Table(title=f"Branch merges, batch 1 at 224x224, {args.rounds} interleaved rounds, {args.threads} "
+                        f"thread(s), torch {torch.__version__}, timm {timm.__version__}")
+    for column in ("model", "variant", "BN", "convs", "latency ratio", "max rel. error"):
+        table.add_column(column, justify="left" if column in ("model", "variant") else "right")
+    for name in args.models:
+        for label, norms, convs, ratio, error in measure(name, args.rounds):
+            shown = "-" if ratio is None else f"{ratio:.2f}"
+            table.add_row(name, label, str(norms), str(convs), shown, f"{error:.1e}")
+        table.add_section()
+    Console(width=140).print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Branch merges on an ``nn.Module``: the core's :class:`~bnfold.core.merge.MergePlan` written into a torch.fx graph.
+
+A merge removes layers and additions from the forward computation, which a module tree cannot express without
+its forward code: the model is traced with torch.fx (every module the registry knows kept as one call), the merged
+layer's weight and bias are written by the core's arithmetic (:func:`bnfold.core.apply.merge_one`), and in the
+traced graph every reader of the sum reads the merged layer's output instead; the additions, the other branches'
+layer and norm calls and the identities between are erased. The result is a ``torch.fx.GraphModule`` that keeps
+the model's module names (``state_dict`` keys of what is left stay as they were).
+
+Each round of merges can make new folds possible (RepViT's ``BN(conv3x3(x) + conv1x1(x) + x)``: once the sum is one
+convolution, the norm after it folds forward), and new folds new merges; :func:`merge_rounds` alternates until
+nothing changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from ..core.apply import MergeOverflow, merge_one
+from ..core.merge import Merge, MergeRefusal, plan_merges
+from ..core.plan import FoldPlan
+from ..layers import LayerRegistry
+from ..report import LEFT, MERGED, MergeEntry
+from .capture import capture_fx, trace
+from .modules import ModuleWeights, Rollback, to_graph
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 4
+"""Merges and folds alternate at most this often (each round needs a sum that only the previous round's folds
+made mergeable: two rounds are what the known architectures need)."""
+
+
+@dataclass
+class MergeOutcome:
+    """What :func:`merge_rounds` did: the model to return, its blocks, the folds made between rounds."""
+
+    model: nn.Module
+    entries: list[MergeEntry] = field(default_factory=list)
+    folds: list[FoldPlan] = field(default_factory=list)
+    absorbed_norms: dict[str, str] = field(default_factory=dict)  # identity-branch norm -> the layer it went into
+    notes: list[str] = field(default_factory=list)
+
+
+def _dead_outside(merge: Merge, nodes: list[fx.Node]) -> str | None:
+    """Why erasing the merge's nodes would break the graph (a node read for its shape only), or None."""
+    removed = {nodes[i] for i in merge.removed}
+    root = nodes[merge.root]  # its readers read the merged layer instead
+    for node in removed - {root}:
+        for user in node.users:
+            if user not in removed:
+                return f"{node.name} is also read by {user.name} (for its shape, or outside the captured dataflow)"
+    return None
+
+
+def _rewrite(graph: fx.Graph, merge: Merge, nodes: list[fx.Node], into_node: fx.Node) -> None:
+    nodes[merge.root].replace_all_uses_with(into_node)
+    for index in sorted(merge.removed, reverse=True):
+        graph.erase_node(nodes[index])
+
+
+def merge_once(
+    model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None
+) -> tuple[fx.GraphModule | None, list[Merge], list[MergeRefusal], str | None]:
+    """One round: plan the merges on the core graph of ``model`` and apply them to a GraphModule of it.
+
+    ``model`` is traced, unless it is a GraphModule a previous round returned (its graph is edited again, so block
+    names stay those of the returned model). Returns the GraphModule (None when nothing merged), the merges made,
+    the blocks refused (named by their sum's node in that graph), and why nothing could be planned at all (torch.fx
+    cannot trace the model) or None. The GraphModule shares every module with ``model``, the merged layers are
+    written in place: the caller hands over a model it owns.
+    """
+    if isinstance(model, fx.GraphModule):
+        module = model
+    else:
+        try:
+            graph = trace(model, registry)
+        except Exception as error:  # fx raises many kinds on code it cannot follow
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            return None, [], [], (
+                f"branches were not merged: torch.fx cannot trace {type(model).__name__} ({reason}), and merging "
+                f"rewrites the traced graph"
+            )
+        module = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        module.training = model.training  # a new Module starts in training mode; its submodules are the model's
+    flow = capture_fx(module, registry, inputs, graph=module.graph)
+    core = to_graph(module, flow, registry)
+    plan = plan_merges(core)
+    nodes = [site.origin for site in flow.sites]
+    refusals = [dataclasses.replace(r, block=nodes[r.root].name) for r in plan.refusals]
+    merges: list[Merge] = []
+    weights = ModuleWeights(module, registry, Rollback())
+    for merge in plan.merges:
+        blocked = _dead_outside(merge, nodes)
+        if blocked is None:
+            try:
+                merge_one(merge, weights)
+            except MergeOverflow as overflow:
+                blocked = str(overflow)
+        if blocked is not None:
+            refusals.append(MergeRefusal(nodes[merge.root].name, merge.root, blocked))
+            continue
+        merges.append(dataclasses.replace(merge, block=nodes[merge.root].name))
+        _rewrite(module.graph, merge, nodes, nodes[core.units[merge.into].calls[0]])
+    if not merges:
+        return None, [], refusals, None
+    module.graph.lint()
+    module.delete_all_unused_submodules()
+    module.recompile()
+    return module, merges, refusals, None
+
+
+def merge_rounds(
+    model: nn.Module,
+    registry: LayerRegistry,
+    inputs: tuple[Any, ...] | None,
+    fold_again: Callable[[nn.Module], FoldPlan],
+) -> MergeOutcome:
+    """Merge the summed branches of ``model`` (folded already, owned by the caller), fold what that made foldable
+    (``fold_again(module)`` folds in place and returns its plan), and repeat while anything changes."""
+    outcome = MergeOutcome(model)
+    current = model
+    left: list[MergeEntry] = []
+    for _ in range(MAX_ROUNDS):
+        merged, merges, refusals, failure = merge_once(current, registry, inputs)
+        if failure is not None:
+            outcome.notes.append(failure)
+            break
+        for merge in merges:
+            identities = tuple(i.norm or "input" for i in merge.identities)
+            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities))
+            for norm in merge.norms:
+                outcome.absorbed_norms[norm] = merge.into
+        left = [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in refusals]
+        if merged is None:
+            break
+        current = merged
+        plan = fold_again(current)
+        outcome.folds.append(plan)
+        if not plan.folds:
+            break  # nothing new to fold: another round would find the same blocks left
+    outcome.model = current
+    outcome.entries.extend(left)
+    return outcome

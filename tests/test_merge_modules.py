@@ -1,0 +1,245 @@
+"""``bnfold.fold(model, x, merge_branches=True)``: re-parameterisable blocks merged into one layer on nn.Modules.
+
+Checked on hand-written blocks (every branch kind, the norm after the sum, the refusals) and on timm's RepVGG,
+MobileOne and RepViT with realistic statistics, against the original and against timm's own
+``reparameterize_model``: the same outputs (float64, so that the comparison is not drowned in the float32 rounding
+of a deep random network), no more norms and no more convolutions in the forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+
+import bnfold
+from bnfold.verification import TOLERANCES
+from conftest import assert_same_outputs, calibrated_by_training
+from helpers.counting import count_batch_norm_calls
+
+_CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "linear"})
+
+
+class _Calls(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in _CONVS:
+            self.convs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def conv_calls(model: nn.Module, x: torch.Tensor) -> int:
+    """Convolutions and linear layers computed in one forward pass (calls, not modules)."""
+    counter = _Calls()
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.convs
+
+
+def conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out))
+
+
+class RepBlock(nn.Module):
+    """RepVGG / MobileOne: 3x3 + 1x1 (+ BN(x) when the shapes allow), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.kxk = conv_bn(c_in, c_out, 3, stride, groups)
+        self.scale = conv_bn(c_in, c_out, 1, stride, groups)
+        self.identity = nn.BatchNorm2d(c_in) if c_in == c_out and stride == 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = 0 if self.identity is None else self.identity(x)
+        out = self.scale(x)
+        out += self.kxk(x)
+        return self.act(out + identity)
+
+
+class RepDw(nn.Module):
+    """RepViT's token mixer: BN(dw3x3(x) + dw1x1(x) + x); the norm after the sum folds once the sum is one conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv_bn(channels, channels, 3, groups=channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, groups=channels)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+def net() -> nn.Module:
+    # the ReLU after RepDw keeps its norm from folding backward into the classifier
+    return nn.Sequential(RepBlock(3, 8, stride=2), RepBlock(8, 8), RepBlock(8, 8, groups=8), RepDw(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+@pytest.fixture
+def prepared() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    return calibrated_by_training(net(), x), x
+
+
+def test_blocks_merge_into_one_conv_each_and_compute_the_same(prepared: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = prepared
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert isinstance(folded, fx.GraphModule)
+    assert_same_outputs(model, folded, x)
+    assert count_batch_norm_calls(folded, [x]) == 0
+    assert conv_calls(folded, x) == 4 + 1  # one conv per block, and the classifier
+    report = bnfold.report_for(folded)
+    merged = {m.into: m for m in report.merges}
+    assert set(merged) == {"0.kxk.0", "1.kxk.0", "2.kxk.0", "3.conv.0"}
+    assert merged["0.kxk.0"].layers == ("0.scale.0",) and merged["0.kxk.0"].identities == ()
+    assert merged["1.kxk.0"].identities == ("1.identity",)
+    assert merged["3.conv.0"].layers == ("3.conv1",) and merged["3.conv.0"].identities == ("input",)
+    entries = {e.name: e for e in report.entries}
+    assert entries["1.identity"].status == "folded" and entries["1.identity"].direction == "merge"
+    assert entries["1.identity"].into == ("1.kxk.0",)
+    # the norm after RepDw's sum folds into the merged conv in the round after the merge
+    assert entries["3.bn"].status == "folded" and entries["3.bn"].into == ("3.conv.0",)
+    assert report.left == []
+    data = json.loads(report.to_json())
+    assert data["merges"][0]["status"] == "merged" and isinstance(data["merges"][0]["layers"], list)
+    assert "merged" in str(report)
+
+
+def test_without_the_option_nothing_merges(prepared: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = prepared
+    folded = bnfold.fold(model, x)
+    assert type(folded) is nn.Sequential and bnfold.report_for(folded).merges == []
+    assert count_batch_norm_calls(folded, [x]) == 3  # 1.identity, 2.identity, 3.bn
+    assert conv_calls(folded, x) == 9
+
+
+def test_inplace_folds_the_model_and_merges_a_copy(prepared: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = prepared
+    original = copy.deepcopy(model)
+    folded = bnfold.fold(model, x, merge_branches=True, inplace=True)
+    assert isinstance(folded, fx.GraphModule) and folded is not model
+    assert isinstance(model[0].kxk[1], nn.Identity)  # folds made in place
+    assert conv_calls(model, x) == 9  # the merges were not: the model's own forward still sums its branches
+    assert_same_outputs(original, model, x)
+    assert_same_outputs(original, folded, x)
+
+
+class Refused(nn.Module):
+    """A 3x3 and a 1x1 whose paddings do not centre it, and a sum with an activation in one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1, padding=1)  # a 1x1 reading positions the 3x3 does not
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.d = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) + nn.functional.pad(self.b(x), (-1, -1, -1, -1))
+        return self.c(y) + nn.functional.relu(self.d(y))
+
+
+def test_blocks_that_cannot_merge_are_left_with_their_reason() -> None:
+    torch.manual_seed(0)
+    model, x = Refused().eval(), torch.randn(1, 4, 8, 8)
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert type(folded) is Refused  # nothing merged: the model as without the option
+    reasons = sorted(m.reason or "" for m in bnfold.report_for(folded).merges)
+    assert len(reasons) == 2
+    assert reasons[0].startswith("one of its terms comes from the operation pad, which is not a conv or linear layer")
+    assert reasons[1].startswith("one of its terms comes from the operation relu, which is not a conv")
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = RepBlock(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # fx cannot trace a branch on a value
+            return self.block(x)
+        return -self.block(x)
+
+
+def test_a_model_fx_cannot_trace_is_folded_and_left_unmerged_with_the_reason() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8).abs()
+    model = calibrated_by_training(DataDependent(), x)
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert type(folded) is DataDependent
+    report = bnfold.report_for(folded)
+    assert report.merges == []
+    assert any(note.startswith("branches were not merged: torch.fx cannot trace DataDependent") for note in report.notes)
+    assert_same_outputs(model, folded, x)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16_bn"])
+def test_models_without_reparameterisable_blocks_are_untouched_by_the_option(name: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    model = calibrated_by_training(getattr(torchvision.models, name)(num_classes=10), x)
+    plain = bnfold.fold(model, x)
+    merged = bnfold.fold(model, x, merge_branches=True)
+    assert type(merged) is type(plain)
+    assert plain.state_dict().keys() == merged.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), merged.state_dict().values(), strict=True))
+    report = bnfold.report_for(merged)
+    assert all(m.status == "left" for m in report.merges)
+    assert len(report.merges) == (16 if name == "resnet50" else 0)  # the residual sums, each with its reason
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repvit_m0_9"])
+def test_timm_reparameterisable_models_merge_as_far_as_timm(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    from timm.utils import reparameterize_model
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = calibrated_by_training(timm.create_model(name, num_classes=10), x).double()
+    x = x.double()
+    folded = bnfold.fold(model, x, merge_branches=True)  # verified against the original at float64's tolerance
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # timm's fuse() creates new float32 layers otherwise
+    try:
+        timm_model = reparameterize_model(copy.deepcopy(model))
+    finally:
+        torch.set_default_dtype(default)
+    assert_same_outputs(timm_model, folded, x, dtype=torch.float64)
+    assert count_batch_norm_calls(folded, [x]) <= count_batch_norm_calls(timm_model, [x]) == 0
+    assert conv_calls(folded, x) <= conv_calls(timm_model, x)
+    report = bnfold.report_for(folded)
+    assert report.verification is not None and report.verification["max_relative"] <= TOLERANCES[torch.float64]
+    assert report.left == []
+
+
+class LinearBranches(nn.Module):
+    """Fully connected branches of one input, the input itself, and a BatchNorm1d of it (2-D activations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.bn = nn.Linear(6, 6), nn.Linear(6, 6, bias=False), nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        return torch.relu(self.fc1(x) + self.fc2(x) + x + self.bn(x))
+
+
+def test_linear_branches_and_identities_merge_into_one_linear() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    model = calibrated_by_training(LinearBranches(), x)
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert_same_outputs(model, folded, x)
+    (merge,) = bnfold.report_for(folded).merges
+    assert (merge.into, merge.layers, merge.identities) == ("fc1", ("fc2",), ("input", "bn"))
+    assert conv_calls(folded, x) == 1 and count_batch_norm_calls(folded, [x]) == 0

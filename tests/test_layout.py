@@ -36,7 +36,10 @@ def _imports() -> dict[str, set[str]]:
                     anchor = package.split(".")
                     anchor = anchor[: len(anchor) - (node.level - 1)]
                     base = ".".join([*anchor, base]) if base else ".".join(anchor)
-                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+                # `from package import module` imports that module (the package is its parent, initialised
+                # first anyway); `from module import name` imports the module
+                submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
+                targets = submodules or [base]
             elif isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             for target in targets:

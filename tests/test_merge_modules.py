@@ -156,8 +156,8 @@ def test_blocks_that_cannot_merge_are_left_with_their_reason() -> None:
     assert type(folded) is Refused  # nothing merged: the model as without the option
     reasons = sorted(m.reason or "" for m in bnfold.report_for(folded).merges)
     assert len(reasons) == 2
-    assert reasons[0].startswith("one of its terms comes from the operation pad, which is not a conv or linear layer")
-    assert reasons[1].startswith("one of its terms comes from the operation relu, which is not a conv")
+    assert reasons[0].startswith("one of its terms comes from the operation F.pad, which is not a conv or linear layer")
+    assert reasons[1].startswith("one of its terms comes from the operation F.relu, which is not a conv")
 
 
 class DataDependent(nn.Module):

@@ -42,6 +42,16 @@ class Fold:
 
 
 @dataclass(frozen=True)
+class Reason:
+    """Why a fold cannot be made, in words a user can act on: what the planner's steps return instead of a result."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
 class Refusal:
     """Leave norm ``norm`` in place, because of ``reason`` (a sentence a user can act on)."""
 
@@ -95,7 +105,7 @@ class _Planner:
         """Whether a trace towards the consumers looks through ``node``: a norm folded backward, or a commuting op."""
         return (node.kind == NORM and node.unit in self.folded_backward) or commuting.may_commute(node)
 
-    def trace_back(self, reader: Node, source: Node) -> tuple[Node, list[Node]] | str:
+    def trace_back(self, reader: Node, source: Node) -> tuple[Node, list[Node]] | Reason:
         """The node that produced the tensor ``source`` hands to ``reader``, looking through transparent nodes.
 
         Returns that producer and the nodes between (producer side first). Every node on the way must have the next
@@ -105,25 +115,25 @@ class _Planner:
         current = reader
         while self.passes_forward(source):
             if source.users != [current.index]:
-                return (
+                return Reason(
                     f"the output of {source.label}, between it and its layer, is also used by "
                     f"{self._other_user(source, current)}"
                 )
             between.append(source)
             if not source.inputs:
-                return "its input is not produced by a layer (it is a constant)"
+                return Reason("its input is not produced by a layer (it is a constant)")
             current, source = source, self.nodes[source.inputs[0]]
         between.reverse()
         return source, between
 
-    def trace_on(self, norm_node: Node) -> list[tuple[Node, list[Node]]] | str:
+    def trace_on(self, norm_node: Node) -> list[tuple[Node, list[Node]]] | Reason:
         """Every layer call the norm's output reaches, each with the nodes between (norm side first)."""
         leaves: list[tuple[Node, list[Node]]] = []
         pending: list[tuple[Node, list[Node]]] = [(norm_node, [])]
         while pending:
             node, between = pending.pop()
             if not node.users:
-                return f"the output of {node.label} is not used"
+                return Reason(f"the output of {node.label} is not used")
             for index in node.users:
                 user = self.nodes[index]
                 if user.kind == LAYER:
@@ -132,12 +142,12 @@ class _Planner:
                     pending.append((user, [*between, user]))
                 else:
                     what = "it" if node is norm_node else node.label
-                    return f"the output of {what} goes to {user.label}, not only to conv or linear layers"
+                    return Reason(f"the output of {what} goes to {user.label}, not only to conv or linear layers")
         return leaves
 
     def follow_axis(
         self, axis: int, shape: tuple[int, ...] | None, between: list[Node] | tuple[Node, ...]
-    ) -> tuple[int, tuple[int, ...] | None, bool] | str:
+    ) -> tuple[int, tuple[int, ...] | None, bool] | Reason:
         """Follow channel ``axis`` of a tensor of ``shape`` through ``between``: the axis and shape at the end, and
         whether an op on the way needs every scale to be non-negative; or why the map does not pass."""
         needs_non_negative = False
@@ -148,14 +158,14 @@ class _Planner:
                 continue
             passage = commuting.passage(node, shape, axis)
             if isinstance(passage, str):
-                return passage
+                return Reason(passage)
             axis, shape = passage.axis, node.shape
             needs_non_negative = needs_non_negative or passage.needs_non_negative_scale
         return axis, shape, needs_non_negative
 
     def axis_mismatch(
         self, layer_label: str, norm: str, layer_axis: int, norm_axis: int, shape: tuple[int, ...] | None, what: str
-    ) -> str | None:
+    ) -> Reason | None:
         """Why channel axis ``layer_axis`` of the layer does not meet the norm's ``norm_axis``; ``None`` if it does.
 
         Without shapes a fully connected layer next to a norm of channel axis 1 is assumed to see 2-D activations,
@@ -164,7 +174,7 @@ class _Planner:
         if shape is not None:
             if layer_axis % len(shape) == norm_axis % len(shape):
                 return None
-            return (
+            return Reason(
                 f"{layer_label} has its channels on axis {layer_axis % len(shape)} of a {len(shape)}-D {what} but the "
                 f"norm normalises axis {norm_axis % len(shape)}"
             )
@@ -175,11 +185,11 @@ class _Planner:
             )
         return None
 
-    def sign_problem(self, norm: Unit) -> str | None:
+    def sign_problem(self, norm: Unit) -> Reason | None:
         assert norm.norm is not None
         negative = norm.norm.negative_scales
         if negative:
-            return (
+            return Reason(
                 f"a max pooling lies on the way, which commutes with the norm only when every scale is >= 0, and "
                 f"{negative} of its channels have a negative weight"
             )
@@ -190,7 +200,7 @@ class _Planner:
 
     # ------------------------------------------------------------------------------------------ forward fold
 
-    def forward_fold(self, norm: Unit) -> tuple[str, ...] | str:
+    def forward_fold(self, norm: Unit) -> tuple[str, ...] | Reason:
         """The layer(s) ``norm`` folds into, or the reason it cannot."""
         assert norm.norm is not None
         layer: Unit | None = None
@@ -199,28 +209,28 @@ class _Planner:
         for index in norm.calls:
             call = self.nodes[index]
             if not call.inputs:
-                return "its input is not produced by a layer (it is a constant)"
+                return Reason("its input is not produced by a layer (it is a constant)")
             found = self.trace_back(call, self.nodes[call.inputs[0]])
-            if isinstance(found, str):
+            if isinstance(found, Reason):
                 return found
             source, between = found
             consumer = between[0] if between else call
             if source.kind == "op" and source.op is not None and source.op.kind == "concat" and len(norm.calls) == 1:
                 return self.concat_fold(norm, consumer, source, between)
             if source.kind != LAYER:
-                return f"its input comes from {source.label}, not from a conv or linear layer"
+                return Reason(f"its input comes from {source.label}, not from a conv or linear layer")
             source_unit = self.units[source.unit or ""]
             facts = source_unit.layer
             assert facts is not None
             if facts.not_a_rule:
-                return f"the layer before it, '{source_unit.name}': {facts.not_a_rule}"
+                return Reason(f"the layer before it, '{source_unit.name}': {facts.not_a_rule}")
             if layer is not None and source_unit is not layer:
-                return (
+                return Reason(
                     f"it is called at several sites with different layers before it ('{layer.name}' and "
                     f"'{source_unit.name}')"
                 )
             if source.users != [consumer.index]:
-                return (
+                return Reason(
                     f"the output of '{source_unit.name}' is also used by {self._other_user(source, consumer)}, which "
                     f"must keep seeing the unnormalised values"
                 )
@@ -229,18 +239,18 @@ class _Planner:
             paths.append(_Path(source, call, tuple(between)))
         assert layer is not None and layer.layer is not None
         if not self.only_called_at(layer, layer_sites):
-            return (
+            return Reason(
                 f"'{layer.name}' is also called at another site whose output this norm does not normalise; folding "
                 f"would change that call too"
             )
         if layer.layer.problem:
-            return layer.layer.problem
+            return Reason(layer.layer.problem)
         if layer.layer.out_channels != norm.norm.channels:
-            return f"'{layer.name}' has {layer.layer.out_channels} output channels but the norm has {norm.norm.channels}"
+            return Reason(f"'{layer.name}' has {layer.layer.out_channels} output channels but the norm has {norm.norm.channels}")
         for path in paths:
             followed = self.follow_axis(layer.layer.channel_dim, path.layer.shape, path.between)
-            if isinstance(followed, str):
-                return f"between '{layer.name}' and the norm, {followed}"
+            if isinstance(followed, Reason):
+                return Reason(f"between '{layer.name}' and the norm, {followed}")
             axis, shape, needs_non_negative = followed
             mismatch = self.axis_mismatch(f"'{layer.name}'", norm.name, axis, norm.norm.channel_dim, shape, "output")
             if mismatch:
@@ -249,7 +259,7 @@ class _Planner:
                 return problem
         return (layer.name,)
 
-    def concat_fold(self, norm: Unit, consumer: Node, cat: Node, between: list[Node]) -> tuple[str, ...] | str:
+    def concat_fold(self, norm: Unit, consumer: Node, cat: Node, between: list[Node]) -> tuple[str, ...] | Reason:
         """The layers whose outputs are concatenated along channels into the norm's input, in channel order.
 
         ``norm(cat([a(x), b(y)]))`` is ``cat([norm_a(a(x)), norm_b(b(y))])`` with the norm's channels split at the
@@ -257,36 +267,36 @@ class _Planner:
         """
         assert norm.norm is not None and cat.op is not None
         if cat.users != [consumer.index]:
-            return f"its input, {cat.label}, is also used by {self._other_user(cat, consumer)}"
+            return Reason(f"its input, {cat.label}, is also used by {self._other_user(cat, consumer)}")
         dim = cat.op.attributes.get("axis")
         if not isinstance(dim, int):
-            return f"its input comes from {cat.label} along an axis bnfold cannot read"
+            return Reason(f"its input comes from {cat.label} along an axis bnfold cannot read")
         followed = self.follow_axis(dim, cat.shape, between)
-        if isinstance(followed, str):
-            return f"between {cat.label} and the norm, {followed}"
+        if isinstance(followed, Reason):
+            return Reason(f"between {cat.label} and the norm, {followed}")
         axis, shape, needs_non_negative = followed
         mismatch = self.axis_mismatch(cat.label, norm.name, axis, norm.norm.channel_dim, shape, "output")
         if mismatch:
-            return f"its input concatenates along another axis than its channels ({mismatch})"
+            return Reason(f"its input concatenates along another axis than its channels ({mismatch})")
         layers: list[Unit] = []
         for index in cat.inputs:
             found = self.trace_back(cat, self.nodes[index])
-            if isinstance(found, str):
+            if isinstance(found, Reason):
                 return found
             source, path = found
             if source.users != [(path[0] if path else cat).index]:
-                return f"the output of {source.label} is also used by {self._other_user(source, path[0] if path else cat)}"
+                return Reason(f"the output of {source.label} is also used by {self._other_user(source, path[0] if path else cat)}")
             unit = self.units.get(source.unit or "") if source.kind == LAYER else None
             if unit is None or unit.layer is None or unit.layer.not_a_rule:
                 why = f": {unit.layer.not_a_rule}" if unit is not None and unit.layer is not None else ""
-                return f"its input concatenates the output of {source.label}{why}, which is not a conv or linear layer"
+                return Reason(f"its input concatenates the output of {source.label}{why}, which is not a conv or linear layer")
             if not self.only_called_at(unit, {source.index}) or unit in layers:
-                return f"'{unit.name}' before it is also called at another site; folding would change that call too"
+                return Reason(f"'{unit.name}' before it is also called at another site; folding would change that call too")
             if unit.layer.problem:
-                return unit.layer.problem
+                return Reason(unit.layer.problem)
             followed = self.follow_axis(unit.layer.channel_dim, source.shape, path)
-            if isinstance(followed, str):
-                return f"between '{unit.name}' and the concatenation, {followed}"
+            if isinstance(followed, Reason):
+                return Reason(f"between '{unit.name}' and the concatenation, {followed}")
             layer_axis, layer_shape, needs = followed
             needs_non_negative = needs_non_negative or needs
             mismatch = self.axis_mismatch(f"'{unit.name}'", norm.name, layer_axis, dim, layer_shape, "output")
@@ -295,7 +305,7 @@ class _Planner:
             layers.append(unit)
         channels = sum(self._facts(u).out_channels for u in layers)
         if channels != norm.norm.channels:
-            return f"the layers concatenated before it have {channels} output channels but the norm has {norm.norm.channels}"
+            return Reason(f"the layers concatenated before it have {channels} output channels but the norm has {norm.norm.channels}")
         if needs_non_negative and (problem := self.sign_problem(norm)):
             return problem
         return tuple(u.name for u in layers)
@@ -307,44 +317,44 @@ class _Planner:
 
     # ----------------------------------------------------------------------------------------- backward fold
 
-    def backward_fold(self, norm: Unit) -> tuple[str, ...] | str:
+    def backward_fold(self, norm: Unit) -> tuple[str, ...] | Reason:
         """The layers after ``norm`` that absorb it (every one its output reaches), or why they cannot."""
         assert norm.norm is not None
         if norm.norm.backward_blocker:
-            return norm.norm.backward_blocker
+            return Reason(norm.norm.backward_blocker)
         consumers: dict[str, set[int]] = {}
         paths: list[_Path] = []
         for index in norm.calls:
             call = self.nodes[index]
             found = self.trace_on(call)
-            if isinstance(found, str):
+            if isinstance(found, Reason):
                 return found
             for layer_node, between in found:
                 reader = between[-1] if between else call
                 if layer_node.inputs != [reader.index]:
-                    return f"'{layer_node.unit}' after it also reads other tensors"
+                    return Reason(f"'{layer_node.unit}' after it also reads other tensors")
                 consumers.setdefault(layer_node.unit or "", set()).add(layer_node.index)
                 paths.append(_Path(layer_node, call, tuple(between)))
         for name, sites in consumers.items():
             layer = self.units[name]
             facts = self._facts(layer)
             if facts.not_a_rule:
-                return f"the layer after it, '{name}': {facts.not_a_rule}"
+                return Reason(f"the layer after it, '{name}': {facts.not_a_rule}")
             if facts.input_fold_blocker:
-                return f"the layer after it, '{name}', cannot absorb it exactly: {facts.input_fold_blocker}"
+                return Reason(f"the layer after it, '{name}', cannot absorb it exactly: {facts.input_fold_blocker}")
             if not self.only_called_at(layer, sites):
-                return (
+                return Reason(
                     f"'{name}' after it is also called at another site whose input this norm does not "
                     f"normalise; folding would change that call too"
                 )
             if facts.problem:
-                return facts.problem
+                return Reason(facts.problem)
             if facts.in_channels != norm.norm.channels:
-                return f"'{name}' after it has {facts.in_channels} input channels but the norm has {norm.norm.channels}"
+                return Reason(f"'{name}' after it has {facts.in_channels} input channels but the norm has {norm.norm.channels}")
         for path in paths:
             followed = self.follow_axis(norm.norm.channel_dim, path.norm.shape, path.between)
-            if isinstance(followed, str):
-                return f"between the norm and '{path.layer.unit}', {followed}"
+            if isinstance(followed, Reason):
+                return Reason(f"between the norm and '{path.layer.unit}', {followed}")
             axis, shape, needs_non_negative = followed
             facts = self._facts(self.units[path.layer.unit or ""])
             mismatch = self.axis_mismatch(f"'{path.layer.unit}'", norm.name, facts.channel_dim, axis, shape, "input")
@@ -374,7 +384,7 @@ class _Planner:
                 self.folded_forward.add(norm.name)
                 folds.append(Fold(norm.name, outcome, FORWARD))
             else:
-                refused[norm.name] = outcome
+                refused[norm.name] = outcome.text
                 candidates.append(norm)
         for norm in reversed(candidates):
             backward = self.backward_fold(norm)

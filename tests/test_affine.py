@@ -92,3 +92,17 @@ def test_compose_applies_first_then_second() -> None:
     x = torch.tensor([1.5, -2.0])
     s, t = affine.compose((s1, t1), (s2, t2))
     torch.testing.assert_close(s * x + t, s2 * (s1 * x + t1) + t2)
+
+
+@pytest.mark.parametrize("axis, groups", [(0, 1), (0, 3), (1, 1), (1, 3)])
+def test_scaling_in_place_gives_the_same_bits_as_scaling_beside(axis: int, groups: int) -> None:
+    generator = torch.Generator().manual_seed(axis * 10 + groups)
+    weight = torch.randn(6, 4, 3, 3, generator=generator)
+    channels = weight.shape[0] if axis == 0 else groups * weight.shape[1]
+    scale = torch.rand(channels, generator=generator) + 0.5
+    expected = affine.scale_channels(weight, scale, axis, groups)
+    affine.scale_channels_in_place(weight, scale, axis, groups)
+    assert torch.equal(weight, expected)
+    on_numpy = weight.numpy().copy()  # the same for numpy arrays
+    affine.scale_channels_in_place(on_numpy, (1 / scale).numpy(), axis, groups)
+    np.testing.assert_allclose(on_numpy, affine.scale_channels(weight, 1 / scale, axis, groups).numpy(), rtol=0, atol=0)

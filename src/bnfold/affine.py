@@ -83,6 +83,23 @@ def scale_channels(weight: Array, scale: Array, axis: int, groups: int = 1) -> A
     return (grouped * factors).reshape(tuple(weight.shape))
 
 
+def scale_channels_in_place(weight: Array, scale: Array, axis: int, groups: int = 1) -> None:
+    """:func:`scale_channels` written into ``weight`` itself, which must be contiguous (the reshape is then a view).
+
+    The same products as :func:`scale_channels` (bit for bit), without allocating a second weight: for a large
+    model most of a fold's time is that allocation.
+    """
+    if axis == 0:
+        weight *= scale.reshape((weight.shape[0],) + (1,) * (len(weight.shape) - 1))
+        return
+    if axis != 1:
+        raise ValueError(f"channel axis must be 0 or 1, got {axis}")
+    rows, per_group = weight.shape[0], weight.shape[1]
+    kernel = tuple(weight.shape[2:])
+    grouped = weight.reshape((groups, rows // groups, per_group) + kernel)
+    grouped *= scale.reshape((groups, 1, per_group) + (1,) * len(kernel))
+
+
 def forward_bias(bias: Array | None, scale: Array, shift: Array) -> Array:
     """Bias after folding ``y = s * layer(x) + t`` into the producing layer: ``s * b + t`` (``b = 0`` if absent)."""
     if bias is None:

@@ -210,7 +210,7 @@ def fold(
                 reference = model(*inputs)
     target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
-    rollback = _apply(target, the_plan, registry, report)
+    rollback = _apply(target, the_plan, registry, report, in_place=not (inplace and verify))
     if merge_branches:
         try:
             target = _merge(copy.deepcopy(target) if inplace else target, inputs, registry, report)
@@ -277,13 +277,16 @@ def fold(
     return target
 
 
-def _apply(target: nn.Module, the_plan: FoldPlan, registry: LayerRegistry, report: FoldReport) -> Rollback:
-    """Fold ``target`` in place; on an exception everything done is undone. A fold that would overflow the layer's
-    dtype is not applied: its norm is reported as left, with the reason."""
+def _apply(
+    target: nn.Module, the_plan: FoldPlan, registry: LayerRegistry, report: FoldReport, *, in_place: bool = False
+) -> Rollback:
+    """Fold ``target`` in place; on an exception everything done is undone (bit for bit unless ``in_place``: see
+    :class:`~bnfold.backends.modules.Rollback`). A fold that would overflow the layer's dtype is not applied: its
+    norm is reported as left, with the reason."""
     rollback = Rollback()
     try:
         with torch.no_grad(), torch.inference_mode(False):
-            overflows = apply_plan(the_plan, ModuleWeights(target, registry, rollback))
+            overflows = apply_plan(the_plan, ModuleWeights(target, registry, rollback, in_place=in_place))
     except BaseException:
         rollback.restore()
         raise

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from .. import affine
 from ..core.apply import LayerTensors, Statistics
 from ..core.graph import (
     BATCH_STATISTICS,
@@ -431,16 +432,32 @@ class TorchNumerics:
     def dtype_name(self, array: torch.Tensor) -> str:
         return str(array.dtype).removeprefix("torch.")
 
+    def scalable_in_place(self, weight: torch.Tensor) -> bool:
+        return weight.dtype in (torch.float32, torch.float64) and weight.is_contiguous() and not weight.is_inference()
+
+    def max_abs(self, array: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(array.detach(), float("inf")))
+
+    def max_finite(self, array: torch.Tensor) -> float:
+        return float(torch.finfo(array.dtype).max)
+
     def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=like.device)
 
 
 @dataclass
 class Rollback:
-    """Undo information for a fold made on a module tree: every swapped tensor value and module slot, bit for bit."""
+    """Undo information for a fold made on a module tree.
+
+    Swapped tensor values and module slots come back bit for bit. Weights multiplied in place (only where no
+    verification may have to undo the fold: a copy, or ``inplace=True`` without example inputs) are divided back,
+    which restores them to within one rounding; that path is several times faster on large models, because no
+    second copy of every weight is allocated.
+    """
 
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     slots: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+    scaled: list[tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=list)
 
     def swap(self, tensor: torch.Tensor, new_value: torch.Tensor) -> None:
         self.swapped.append((tensor, tensor.data))
@@ -452,7 +469,13 @@ class Rollback:
         self.slots.append((owner, name, table.get(name)))
         table[name] = value  # type: ignore[assignment]
 
+    def scale(self, weight: torch.Tensor, factors: torch.Tensor, axis: int, groups: int) -> None:
+        affine.scale_channels_in_place(weight.data, factors, axis, groups)
+        self.scaled.append((weight, factors, axis, groups))
+
     def restore(self) -> None:
+        for weight, factors, axis, groups in reversed(self.scaled):
+            affine.scale_channels_in_place(weight.data, 1 / factors, axis, groups)
         for tensor, old in reversed(self.swapped):
             tensor.data = old
         for owner, name, value in reversed(self.slots):
@@ -465,10 +488,13 @@ class ModuleWeights:
 
     numerics = TorchNumerics()
 
-    def __init__(self, model: nn.Module, registry: LayerRegistry, rollback: Rollback | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, registry: LayerRegistry, rollback: Rollback | None = None, *, in_place: bool = False
+    ) -> None:
         self.model = model
         self.registry = registry
         self.rollback = rollback or Rollback()
+        self.in_place = in_place  # weights may be multiplied where they are (see Rollback)
         self.rules: dict[str, LinearLayerRule] = {}
         self.slots: dict[int, list[tuple[nn.Module, str]]] = {}
         for parent in model.modules():
@@ -503,6 +529,14 @@ class ModuleWeights:
     def write(self, layer: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
         module, rule = self._layer(layer)
         self.rollback.swap(getattr(module, rule.weight_name), weight)
+        self.write_bias(layer, bias)
+
+    def scale_in_place(self, layer: str, factors: torch.Tensor, axis: int, groups: int) -> None:
+        module, rule = self._layer(layer)
+        self.rollback.scale(getattr(module, rule.weight_name), factors, axis, groups)
+
+    def write_bias(self, layer: str, bias: torch.Tensor) -> None:
+        module, rule = self._layer(layer)
         old_bias: torch.Tensor | None = getattr(module, rule.bias_name, None)
         if old_bias is not None:
             self.rollback.swap(old_bias, bias)

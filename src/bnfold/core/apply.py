@@ -69,6 +69,14 @@ class Numerics(Protocol):
 
     def dtype_name(self, array: Array) -> str: ...
 
+    def scalable_in_place(self, weight: Array) -> bool:
+        """Whether ``weight`` can be multiplied in place (contiguous, float32 or wider)."""
+
+    def max_abs(self, array: Array) -> float: ...
+
+    def max_finite(self, array: Array) -> float:
+        """The largest finite value of ``array``'s dtype."""
+
     def zeros(self, shape: tuple[int, ...], like: Array) -> Array:
         """A float64 array of zeros of ``shape`` (on the device of ``like``)."""
 
@@ -87,6 +95,17 @@ class WeightAccess(Protocol):
 
     def remove_norm(self, norm: str) -> None:
         """Take the folded norm out of the computation."""
+
+
+class InPlaceWeightAccess(WeightAccess, Protocol):
+    """A :class:`WeightAccess` whose weights may be multiplied where they are (no copy of each weight is made)."""
+
+    in_place: bool
+
+    def scale_in_place(self, layer: str, factors: Array, axis: int, groups: int) -> None:
+        """Multiply the layer's weight by ``factors`` along channel ``axis`` (:func:`affine.scale_channels_in_place`)."""
+
+    def write_bias(self, layer: str, bias: Array) -> None: ...
 
 
 class FoldOverflow(ArithmeticError):
@@ -125,24 +144,39 @@ def scale_shift(statistics: Statistics, numerics: Numerics) -> tuple[Array, Arra
     return affine.bn_scale_shift(f64(statistics.mean), f64(statistics.var), statistics.eps, gamma, beta)
 
 
+def _forward_bias(tensors: LayerTensors, scale: Array, shift: Array, numerics: Numerics) -> Array:
+    bias = None if tensors.bias is None else numerics.float64(tensors.bias)
+    new_bias = affine.forward_bias(bias, numerics.cast(scale, shift), shift)
+    return numerics.cast(new_bias, tensors.bias if tensors.bias is not None else tensors.weight)
+
+
+def _backward_bias(tensors: LayerTensors, shift: Array, numerics: Numerics) -> Array:
+    bias = None if tensors.bias is None else numerics.float64(tensors.bias)
+    new_bias = affine.backward_bias(numerics.float64(tensors.weight), bias, shift, tensors.in_axis, tensors.groups)
+    return numerics.cast(new_bias, tensors.bias if tensors.bias is not None else tensors.weight)
+
+
 def folded_forward(tensors: LayerTensors, scale: Array, shift: Array, numerics: Numerics) -> tuple[Array, Array]:
     """``norm(layer(x)) == layer'(x)``: output channels scaled by ``s``, bias ``s * b + t``; in the layer's dtypes."""
     weight = numerics.compute(tensors.weight)
     new_weight = affine.scale_channels(weight, numerics.cast(scale, weight), tensors.out_axis, tensors.groups)
-    bias = None if tensors.bias is None else numerics.float64(tensors.bias)
-    new_bias = affine.forward_bias(bias, numerics.cast(scale, shift), shift)
-    reference_bias = tensors.bias if tensors.bias is not None else tensors.weight
-    return numerics.cast(new_weight, tensors.weight), numerics.cast(new_bias, reference_bias)
+    return numerics.cast(new_weight, tensors.weight), _forward_bias(tensors, scale, shift, numerics)
 
 
 def folded_backward(tensors: LayerTensors, scale: Array, shift: Array, numerics: Numerics) -> tuple[Array, Array]:
     """``layer(norm(x)) == layer'(x)``: input channels scaled by ``s``, bias ``b + sum W t`` (summed in float64)."""
     weight = numerics.compute(tensors.weight)
     new_weight = affine.scale_channels(weight, numerics.cast(scale, weight), tensors.in_axis, tensors.groups)
-    bias = None if tensors.bias is None else numerics.float64(tensors.bias)
-    new_bias = affine.backward_bias(numerics.float64(tensors.weight), bias, shift, tensors.in_axis, tensors.groups)
-    reference_bias = tensors.bias if tensors.bias is not None else tensors.weight
-    return numerics.cast(new_weight, tensors.weight), numerics.cast(new_bias, reference_bias)
+    return numerics.cast(new_weight, tensors.weight), _backward_bias(tensors, shift, numerics)
+
+
+def _in_place_is_safe(tensors: LayerTensors, factors: Array, numerics: Numerics) -> bool:
+    """Whether the weight can be scaled where it is: no product can leave its dtype's range (bounded by the largest
+    weight times the largest factor, with a margin for rounding), so no check of the result is needed."""
+    if not numerics.scalable_in_place(tensors.weight):
+        return False
+    bound = numerics.max_abs(tensors.weight) * float(abs(factors).max())
+    return bound < numerics.max_finite(tensors.weight) * (1 - 2.0**-8)
 
 
 def _out_channels(tensors: LayerTensors) -> int:
@@ -151,20 +185,36 @@ def _out_channels(tensors: LayerTensors) -> int:
 
 
 def fold_one(fold: Fold, access: WeightAccess) -> None:
-    """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm."""
+    """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm.
+
+    With an access that allows it (``in_place``), a weight whose products provably stay finite is multiplied where
+    it is, after every check of the fold passed; any other is computed beside it and checked.
+    """
     numerics = access.numerics
+    in_place = bool(getattr(access, "in_place", False))
     scale, shift = scale_shift(access.statistics(fold.norm), numerics)
     writes: list[tuple[str, Array, Array]] = []
+    scalings: list[tuple[str, Array, int, int, Array]] = []
     offset = 0  # a forward fold into several layers: their outputs were concatenated, each takes its channels
     for layer in fold.layers:
         tensors = access.read(layer)
         if fold.direction == FORWARD:
             stop = offset + _out_channels(tensors) if len(fold.layers) > 1 else None
-            new_weight, new_bias = folded_forward(tensors, scale[offset:stop], shift[offset:stop], numerics)
+            factors, shifts, axis = scale[offset:stop], shift[offset:stop], tensors.out_axis
             offset = stop or 0
         else:
-            new_weight, new_bias = folded_backward(tensors, scale, shift, numerics)
-        for what, array in (("weight", new_weight), ("bias", new_bias)):
+            factors, shifts, axis = scale, shift, tensors.in_axis
+        if in_place and _in_place_is_safe(tensors, factors, numerics):
+            new_bias = (_forward_bias(tensors, factors, shifts, numerics) if fold.direction == FORWARD
+                        else _backward_bias(tensors, shifts, numerics))
+            arrays = (("bias", new_bias),)
+            scalings.append((layer, numerics.cast(factors, tensors.weight), axis, tensors.groups, new_bias))
+        else:
+            fold_layer = folded_forward if fold.direction == FORWARD else folded_backward
+            new_weight, new_bias = fold_layer(tensors, factors, shifts, numerics)
+            arrays = (("weight", new_weight), ("bias", new_bias))
+            writes.append((layer, new_weight, new_bias))
+        for what, array in arrays:
             if not numerics.finite(array):
                 raise FoldOverflow(
                     fold.norm,
@@ -172,9 +222,11 @@ def fold_one(fold: Fold, access: WeightAccess) -> None:
                     f"folding would overflow {numerics.dtype_name(array)}: the folded {what} of '{layer}' is not "
                     f"finite in that dtype (the norm's scale reaches {float(abs(scale).max()):.3g})",
                 )
-        writes.append((layer, new_weight, new_bias))
     for layer, new_weight, new_bias in writes:
         access.write(layer, new_weight, new_bias)
+    for layer, factors, axis, groups, new_bias in scalings:
+        access.scale_in_place(layer, factors, axis, groups)  # type: ignore[attr-defined]
+        access.write_bias(layer, new_bias)  # type: ignore[attr-defined]
     access.remove_norm(fold.norm)
 
 

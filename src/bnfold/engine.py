@@ -82,7 +82,7 @@ def _count(model: nn.Module) -> tuple[int, int]:
     return parameters, buffers
 
 
-def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> int:
+def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry, parameters: int) -> int:
     """Parameters once ``the_plan`` is applied: the folded norms' own go, a bias comes to each layer without one.
 
     What a dry run reports as ``parameters_after``, without copying the model to find out.
@@ -101,7 +101,7 @@ def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerR
         rule, _ = layer_rule(layer, registry)
         if isinstance(rule, LinearLayerRule) and getattr(layer, rule.bias_name, None) is None:
             added += rule.out_channels(layer)
-    return _count(model)[0] - removed + added
+    return parameters - removed + added
 
 
 def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> FoldReport:
@@ -115,7 +115,7 @@ def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> Fo
         capture=the_plan.method,
         entries=entries,
         parameters_before=parameters,
-        parameters_after=_projected_parameters(model, the_plan, registry),
+        parameters_after=_projected_parameters(model, the_plan, registry, parameters),
         buffers_before=buffers,
         buffers_after=buffers,
         notes=list(the_plan.notes),

@@ -125,7 +125,7 @@ def check_statistics(norms: list[str], access: WeightAccess) -> None:
         stats = access.statistics(norm)
         for label, array in (("running mean", stats.mean), ("running variance", stats.var), ("weight", stats.gamma),
                              ("bias", stats.beta)):
-            if array is not None and not numerics.finite(numerics.float64(array)):
+            if array is not None and not numerics.finite(array):
                 raise NonFiniteStatisticsError(
                     f"norm '{norm}' has NaN or infinite values in its {label}: its outputs are already invalid. "
                     f"Recalibrate its statistics (a few training-mode forward passes) before folding."
@@ -175,7 +175,10 @@ def _in_place_is_safe(tensors: LayerTensors, factors: Array, numerics: Numerics)
     weight times the largest factor, with a margin for rounding), so no check of the result is needed."""
     if not numerics.scalable_in_place(tensors.weight):
         return False
-    bound = numerics.max_abs(tensors.weight) * float(abs(factors).max())
+    largest_factor = float(abs(factors).max())
+    if largest_factor <= 1:  # no product grows: a finite weight stays finite
+        return True
+    bound = numerics.max_abs(tensors.weight) * largest_factor
     return bound < numerics.max_finite(tensors.weight) * (1 - 2.0**-8)
 
 

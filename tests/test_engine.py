@@ -254,11 +254,10 @@ def test_failed_verification_restores_an_inplace_fold_exactly(monkeypatch: pytes
     assert model.features[0].bias is None
 
 
-def test_exception_half_way_undoes_an_inplace_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fail_on_third_bias_write(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Make the third bias write of a fold raise, half way through it; returns the call counter."""
     from bnfold.backends import modules
 
-    model = _net()
-    before = _snapshot(model)
     calls = {"n": 0}
     original = modules.ModuleWeights.write_bias
 
@@ -269,6 +268,13 @@ def test_exception_half_way_undoes_an_inplace_fold(monkeypatch: pytest.MonkeyPat
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(modules.ModuleWeights, "write_bias", failing)
+    return calls
+
+
+def test_exception_half_way_undoes_an_inplace_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _net()
+    before = _snapshot(model)
+    calls = _fail_on_third_bias_write(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated"):
         bnfold.fold(model, inplace=True)  # no verification: weights were multiplied in place
     assert calls["n"] == 3
@@ -281,20 +287,9 @@ def test_exception_half_way_undoes_an_inplace_fold(monkeypatch: pytest.MonkeyPat
 def test_a_failure_half_way_through_a_verified_inplace_fold_restores_it_bit_for_bit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from bnfold.backends import modules
-
     model = _net()
     before = _snapshot(model)
-    calls = {"n": 0}
-    original = modules.ModuleWeights.write_bias
-
-    def failing(self: modules.ModuleWeights, *args: object, **kwargs: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated failure")
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(modules.ModuleWeights, "write_bias", failing)
+    calls = _fail_on_third_bias_write(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated"):
         bnfold.fold(model, X, inplace=True)  # verified: new tensors are swapped in, the old ones kept
     after = model.state_dict()

@@ -67,6 +67,9 @@ class Numerics(Protocol):
 
     def finite(self, array: Array) -> bool: ...
 
+    def all_finite(self, arrays: list[Array]) -> bool:
+        """Whether every value of every array is finite (one check for many small arrays)."""
+
     def dtype_name(self, array: Array) -> str: ...
 
     def scalable_in_place(self, weight: Array) -> bool:
@@ -118,11 +121,19 @@ class FoldOverflow(ArithmeticError):
 
 
 def check_statistics(norms: list[str], access: WeightAccess) -> None:
-    """Raise :class:`~bnfold.errors.NonFiniteStatisticsError` for the first of ``norms`` whose map is not finite: folding it would hide
-    a model that already computes NaN behind weights that look valid."""
+    """Raise :class:`~bnfold.errors.NonFiniteStatisticsError` for the first of ``norms`` whose map is not finite:
+    folding it would hide a model that already computes NaN behind weights that look valid.
+
+    One check over every norm's statistics and ``(var + eps) ** -0.5`` first; the norm and the tensor to name are
+    looked for only when that check fails.
+    """
     numerics = access.numerics
-    for norm in norms:
-        stats = access.statistics(norm)
+    statistics = [(norm, access.statistics(norm)) for norm in norms]
+    arrays = [a for _, st in statistics for a in (st.mean, st.var, st.gamma, st.beta) if a is not None]
+    inverse_deviations = [(numerics.float64(st.var) + st.eps) ** -0.5 for _, st in statistics]
+    if numerics.all_finite(arrays + inverse_deviations):
+        return
+    for (norm, stats), inverse_deviation in zip(statistics, inverse_deviations, strict=True):
         for label, array in (("running mean", stats.mean), ("running variance", stats.var), ("weight", stats.gamma),
                              ("bias", stats.beta)):
             if array is not None and not numerics.finite(array):
@@ -130,7 +141,7 @@ def check_statistics(norms: list[str], access: WeightAccess) -> None:
                     f"norm '{norm}' has NaN or infinite values in its {label}: its outputs are already invalid. "
                     f"Recalibrate its statistics (a few training-mode forward passes) before folding."
                 )
-        if not numerics.finite((numerics.float64(stats.var) + stats.eps) ** -0.5):
+        if not numerics.finite(inverse_deviation):
             raise NonFiniteStatisticsError(
                 f"norm '{norm}' has running variance + eps <= 0, which has no square root; recalibrate its statistics."
             )

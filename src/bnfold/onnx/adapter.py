@@ -779,6 +779,9 @@ class NumpyNumerics:
     def dtype_name(self, array: np.ndarray) -> str:
         return str(np.asarray(array).dtype)
 
+    def all_finite(self, arrays: list[np.ndarray]) -> bool:
+        return all(self.finite(array) for array in arrays)
+
     def scalable_in_place(self, weight: np.ndarray) -> bool:
         return False  # initializers are decoded into fresh arrays anyway: nothing to save
 

@@ -127,6 +127,9 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
                       help="output format (default: the input's; for an architecture name, from OUT's extension)")
     fold.add_argument("--force", action="store_true", help="replace OUT if it exists")
     fold.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
+    fold.add_argument("--merge-branches", action="store_true",
+                      help="also merge summed parallel branches (RepVGG / MobileOne / RepViT blocks) into one layer; "
+                           "PyTorch modules and ONNX files")
     _model_options(fold)
     _common(fold)
 

@@ -16,7 +16,7 @@ import torch
 
 from ...errors import InvalidInputError, VerificationError
 from ...files import check_output_path, refuse_inputs, staged
-from ...report import FoldReport
+from ...report import MERGED, FoldReport
 from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model
 from .saving import choose_format, read_back, write_model
 
@@ -111,14 +111,22 @@ def _fold_exported(loaded: LoadedModel, example: torch.Tensor) -> tuple[Any, Fol
     return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label)
 
 
-def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | None, seed: int = 0) -> tuple[Any, FoldReport]:
+def _fold_loaded(
+    loaded: LoadedModel, example: torch.Tensor, tolerance: float | None, seed: int = 0, merge_branches: bool = False
+) -> tuple[Any, FoldReport]:
     """Fold and verify; raises ``VerificationError`` (nothing written yet) if outputs differ.
 
     Every PyTorch format is judged by :func:`_judge`, the same check that later judges the written file.
     """
     if loaded.kind == ONNX:  # the result object, which knows whether to write external data
-        result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance, seed=seed)
+        result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance, seed=seed,
+                                      merge_branches=merge_branches)
         return result, result.report
+    if merge_branches and loaded.kind in (TORCHSCRIPT, EXPORTED):
+        raise InvalidInputError(
+            "--merge-branches is not available for TorchScript and .pt2 files yet; fold the nn.Module they were made "
+            "from (a checkpoint with --arch, or a pickled module) or its ONNX export, or drop --merge-branches"
+        )
     if loaded.kind == TORCHSCRIPT:
         from ...backends.torchscript import fold_script
 
@@ -131,7 +139,7 @@ def _fold_loaded(loaded: LoadedModel, example: torch.Tensor, tolerance: float | 
         return program, report
     from ...engine import fold, report_for
 
-    folded = fold(loaded.module, example, verify=False)
+    folded = fold(loaded.module, example, verify=False, merge_branches=merge_branches)
     report = report_for(folded)
     report.verification = _judge(loaded.module, folded, example, tolerance, f"the folded {type(loaded.module).__name__}")
     return folded, report
@@ -192,8 +200,13 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     example = loaded.example_inputs(args.seed)
     _check_runs(args, loaded, example)
     with console.status("folding and verifying"):
-        folded, report = _fold_loaded(loaded, example, args.tolerance, args.seed)
+        folded, report = _fold_loaded(loaded, example, args.tolerance, args.seed, args.merge_branches)
     report.model = loaded.label
+    if fmt in ("state_dict", "safetensors") and any(m.status == MERGED for m in report.merges):
+        raise InvalidInputError(
+            f"merged branches make the model a torch.fx GraphModule, whose weights no architecture loads as a "
+            f"{fmt}; write it with --format pickle, torchscript, pt2 or onnx (or an OUT ending in .pt2 / .onnx / .ts)"
+        )
     reread = None
     with console.status(f"writing {output}"):
         if loaded.kind == ONNX:

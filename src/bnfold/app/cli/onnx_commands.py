@@ -86,7 +86,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     backend = _backend()
     with console.status("folding and verifying"):
         result = backend.fold(args.model, verify=True, tolerance=args.tolerance, seed=args.seed,
-                              input_shape=args.input_shape)
+                              input_shape=args.input_shape, merge_branches=args.merge_branches)
     result.report.model = Path(args.model).name
     with console.status(f"writing {output}"):
         # never over a file the model was read from (its external data included); staged, read back, then renamed

@@ -84,19 +84,18 @@ class Dataflow:
 
     def module_sites(self) -> dict[str, list[Site]]:
         """Call sites of each module, by qualified name, in call order."""
-        calls: dict[str, list[Site]] = {}
-        for site in self.sites:
-            if site.kind == "module":
-                calls.setdefault(site.name, []).append(site)
-        return calls
+        return self._by_name("module")
 
     def param_reads(self) -> dict[str, list[Site]]:
         """Sites that read a parameter or buffer outside its own module's call, by qualified name."""
-        reads: dict[str, list[Site]] = {}
+        return self._by_name("param")
+
+    def _by_name(self, kind: str) -> dict[str, list[Site]]:
+        grouped: dict[str, list[Site]] = {}
         for site in self.sites:
-            if site.kind == "param":
-                reads.setdefault(site.name, []).append(site)
-        return reads
+            if site.kind == kind:
+                grouped.setdefault(site.name, []).append(site)
+        return grouped
 
 
 # ----------------------------------------------------------------------------------------------- metadata ops

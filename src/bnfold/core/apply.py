@@ -19,11 +19,11 @@ Arrays are ``torch.Tensor`` or ``numpy.ndarray``; :class:`Numerics` is the handf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .. import affine
 from ..errors import NonFiniteStatisticsError
-from .merge import Merge
+from .merge import Coefficient, Merge
 from .plan import FORWARD, Fold, FoldPlan
 
 Array = Any
@@ -98,6 +98,14 @@ class WeightAccess(Protocol):
 
     def remove_norm(self, norm: str) -> None:
         """Take the folded norm out of the computation."""
+
+
+@runtime_checkable
+class ConstantAccess(Protocol):
+    """What a :class:`WeightAccess` adds so that merges can scale terms by stored constants (a layer scale)."""
+
+    def constant(self, name: str) -> Array:
+        """The value of the stored constant ``name`` (a parameter, a buffer, an initializer), any shape."""
 
 
 class InPlaceWeightAccess(WeightAccess, Protocol):
@@ -277,16 +285,22 @@ def merged_tensors(
     identities: list[tuple[Array | None, Array | None]],
     tap: tuple[int, ...],
     numerics: Numerics,
+    *,
+    branch_coefficients: list[Array | float | None] | None = None,
+    identity_coefficients: list[Array | float | None] | None = None,
 ) -> tuple[Array, Array]:
-    """The kernel and bias of one layer computing the sum of ``branches`` and ``identities`` of the same input.
+    """The kernel and bias of one layer computing a linear combination of ``branches`` and ``identities`` of the
+    same input.
 
     ``branches[0]`` is the layer that keeps its geometry (the largest kernel); each branch's kernel is placed at its
-    offset inside it, zeros elsewhere, and the kernels are summed; the biases are summed. Each identity is a
-    per-channel map ``s * x + t`` (``(None, None)``: ``x`` itself): ``s`` on the kernel position ``tap`` of each
-    output channel's own input channel (within its group, for grouped and depthwise layers), ``t`` added to the
-    bias. The sums are exact in float64 and rounded once to the dtype of ``branches[0]``'s weight and bias::
+    offset inside it, zeros elsewhere. Each identity is a per-channel map ``s * x + t`` (``(None, None)``: ``x``
+    itself): ``s`` on the kernel position ``tap`` of each output channel's own input channel (within its group, for
+    grouped and depthwise layers), ``t`` added to the bias. Each term enters with its coefficient ``c`` (one value
+    per output channel, a single value, or None for 1: ``branch_coefficients`` / ``identity_coefficients`` in the
+    order of the terms), a scale of its output channels. The sums are exact in float64 (a float32 coefficient times
+    a float32 weight is exact there) and rounded once to the dtype of ``branches[0]``'s weight and bias::
 
-        W = sum_k pad(W_k) + sum_i diag(s_i) at tap        b = sum_k b_k + sum_i t_i
+        W = sum_k diag(c_k) pad(W_k) + sum_i diag(c_i * s_i) at tap        b = sum_k c_k * b_k + sum_i c_i * t_i
     """
     first = branches[0][0]
     if any(tensors.out_axis != 0 for tensors, _ in branches):
@@ -294,16 +308,24 @@ def merged_tensors(
     f64 = numerics.float64
     shape = tuple(int(n) for n in first.weight.shape)
     out_channels, per_group = shape[0], shape[1]
+    branch_coefficients = branch_coefficients or [None] * len(branches)
+    identity_coefficients = identity_coefficients or [None] * len(identities)
+    if len(branch_coefficients) != len(branches) or len(identity_coefficients) != len(identities):
+        raise ValueError("one coefficient per branch and per identity")
     weight = numerics.zeros(shape, first.weight)
     bias = numerics.zeros((out_channels,), first.weight)
-    for tensors, offset in branches:
+    for (tensors, offset), coefficient in zip(branches, branch_coefficients, strict=True):
         kernel = tuple(int(n) for n in tensors.weight.shape[2:])
         if tuple(int(n) for n in tensors.weight.shape[:2]) != (out_channels, per_group):
             raise ValueError(f"a branch of weight shape {tuple(tensors.weight.shape)} does not fit {shape}")
         window = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, kernel, strict=True)))
-        weight[window] = weight[window] + f64(tensors.weight)
+        term = f64(tensors.weight)
+        if coefficient is not None:
+            term = term * _per_output(coefficient, out_channels, len(shape))
+        weight[window] = weight[window] + term
         if tensors.bias is not None:
-            bias = bias + f64(tensors.bias)
+            term = f64(tensors.bias)
+            bias = bias + (term if coefficient is None else term * _per_output(coefficient, out_channels, 1))
     if identities:
         groups = out_channels // per_group
         # eye(per_group), one per group: every (per_group + 1)-th entry of a flat (per_group, per_group) block.
@@ -311,10 +333,12 @@ def merged_tensors(
         eye[:: per_group + 1] = 1.0
         eye = eye.reshape((1, per_group, per_group))
         diagonal = numerics.zeros((out_channels,), first.weight)
-        for scale, shift in identities:
-            diagonal = diagonal + (1.0 if scale is None else f64(scale))
+        for (scale, shift), coefficient in zip(identities, identity_coefficients, strict=True):
+            factor = None if coefficient is None else _per_output(coefficient, out_channels, 1)
+            term = 1.0 if scale is None else f64(scale)
+            diagonal = diagonal + (term if factor is None else term * factor)
             if shift is not None:
-                bias = bias + f64(shift)
+                bias = bias + (f64(shift) if factor is None else f64(shift) * factor)
         block = (eye * diagonal.reshape((groups, per_group, 1))).reshape((out_channels, per_group))
         position = (slice(None), slice(None), *tap)
         weight[position] = weight[position] + block
@@ -322,11 +346,37 @@ def merged_tensors(
     return numerics.cast(weight, first.weight), numerics.cast(bias, reference_bias)
 
 
+def _per_output(coefficient: Array | float, out_channels: int, rank: int) -> Array | float:
+    """``coefficient`` shaped to scale axis 0 of an array of ``rank`` axes: a column of one value per output
+    channel, or a single value."""
+    if isinstance(coefficient, (int, float)):
+        return float(coefficient)
+    size = int(coefficient.reshape(-1).shape[0])
+    if size not in (1, out_channels):
+        raise ValueError(f"a coefficient of {size} values for {out_channels} output channels")
+    return coefficient.reshape((-1,) + (1,) * (rank - 1))
+
+
+def coefficient_values(coefficient: Coefficient, access: WeightAccess) -> Array | float | None:
+    """The values of a term's :class:`~bnfold.core.merge.Coefficient` in float64 (``scale`` times its stored
+    factors, each read through the access's ``constant`` and flattened to one value per channel), or None for 1."""
+    if coefficient.is_one:
+        return None
+    value: Array | float = float(coefficient.scale)
+    if coefficient.factors and not isinstance(access, ConstantAccess):
+        raise TypeError(f"{type(access).__name__} cannot read constants, which this merge's scales need")
+    for name in coefficient.factors:
+        factor = access.numerics.float64(access.constant(name))  # type: ignore[attr-defined]
+        value = factor.reshape(-1) * value
+    return value
+
+
 def merge_one(merge: Merge, access: WeightAccess) -> None:
     """Compute the merged kernel and bias of ``merge``, check they are finite, and write them into its layer.
 
-    Reads every layer after the folds were applied (their norms are in their weights already). Taking the merged
-    branches and norms out of the computation is the adapter's rewrite of its graph.
+    Reads every layer after the folds were applied (their norms are in their weights already), and each term's
+    coefficient (signs, layer scales) through the access (:class:`ConstantAccess`). Taking the merged branches and
+    norms out of the computation is the adapter's rewrite of its graph.
     """
     numerics = access.numerics
     order = sorted(merge.branches, key=lambda branch: branch.layer != merge.into)
@@ -338,7 +388,11 @@ def merge_one(merge: Merge, access: WeightAccess) -> None:
         else:
             identities.append(scale_shift(access.statistics(identity.norm), numerics))
     tap = merge.identities[0].tap if merge.identities else ()
-    weight, bias = merged_tensors(branches, identities, tap, numerics)
+    weight, bias = merged_tensors(
+        branches, identities, tap, numerics,
+        branch_coefficients=[coefficient_values(branch.coefficient, access) for branch in order],
+        identity_coefficients=[coefficient_values(identity.coefficient, access) for identity in merge.identities],
+    )
     for what, array in (("weight", weight), ("bias", bias)):
         if not numerics.finite(array):
             raise MergeOverflow(
@@ -374,3 +428,6 @@ class DryRun:
 
     def remove_norm(self, norm: str) -> None:
         pass
+
+    def constant(self, name: str) -> Array:
+        return self.access.constant(name)  # type: ignore[attr-defined]

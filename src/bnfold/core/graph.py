@@ -119,7 +119,15 @@ class OpFacts:
       axes of the input that get padding, non-negative, or None when unknown).
 
     * ``add``: ``alpha`` (the factor of the second operand, ``torch.add(x, y, alpha=...)``; 1 for ``+``),
-      ``scalars`` (the operands that are plain numbers, not tensors: ``(0,)`` for ``0 + t``).
+      ``scalars`` (the operands that are plain numbers, not tensors: ``(0,)`` for ``0 + t``), and optionally
+      ``operands`` (below);
+    * ``sub``: ``x - alpha * y``: ``alpha``, ``scalars`` as for ``add``, and ``operands`` (which one is subtracted);
+      without ``operands`` the node's two inputs are read as ``inputs[0] - inputs[1]``;
+    * ``mul``: a product (``-x`` is ``x * -1``): ``operands``, the one way to tell the tensor from its factors.
+
+    ``operands`` (a tuple of :class:`Operand`, in call order) says what each operand of ``add`` / ``sub`` / ``mul``
+    is; a format whose node inputs can repeat a tensor or drop constants needs it to describe ``y + y`` or
+    ``x * gamma`` exactly (torch.fx lists ``y`` once among the inputs of ``y + y``).
 
     ``adaptive_avg_pool``, ``upsample``, ``identity`` and ``reshape`` need none (reshapes are judged on shapes).
     """
@@ -128,9 +136,27 @@ class OpFacts:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Operand:
+    """One operand of an ``add`` / ``sub`` / ``mul`` op: exactly one of ``input`` / ``number`` / ``constant`` says what
+    it is (a constant may also name its ``input``, the node that reads it, where the format has one).
+
+    Attributes:
+        input: the operand is the tensor of ``node.inputs[input]``.
+        number: the operand is a plain number.
+        constant: the operand is a stored tensor the model never changes (a parameter or buffer, an ONNX
+            initializer), named as the format's weight access reads it (``constant(name)``); ``shape`` is its shape.
+    """
+
+    input: int | None = None
+    number: float | None = None
+    constant: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
 OP_KINDS = frozenset({
     "identity", "dropout", "avg_pool", "adaptive_avg_pool", "max_pool", "upsample", "mean", "reshape", "permute",
-    "transpose", "concat", "pad", "add", "other",
+    "transpose", "concat", "pad", "add", "sub", "mul", "other",
 })
 
 # Reasons every adapter gives in the same words, so a model refused in one format reads the same in another.

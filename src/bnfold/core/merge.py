@@ -23,33 +23,70 @@ which add trees merge and why the others do not; the arithmetic is :func:`bnfold
 rewrite of the graph is each adapter's.
 
 An **add tree** is a tree of additions (``x + y``, ``torch.add``, ``+=``; a constant ``0`` operand counts for
-nothing) whose inner sums are read only by the next addition. Its **leaves** are what the additions read, looking
-through identities (an ``nn.Identity``, a dropout in eval, a folded norm).
+nothing), subtractions (``x - y``: ``y`` enters with the factor -1) and products by a constant (``gamma * s`` with a
+``gamma`` of one value per channel, FastViT's ``LayerScale2d``, or a single number) whose inner results are read
+only by the next op of the tree. Its **leaves** are what the ops read, looking through identities (an
+``nn.Identity``, a dropout in eval, a folded norm); each enters the sum with a per-output-channel **coefficient**
+``c_k`` (the product of the signs and scales on its way to the root), so the tree computes ``sum_k c_k * leaf_k``
+and a merge of it is
+
+    W = sum_k diag(c_k) pad(W_k) + sum_identities diag(c_i * s_i) at the centre tap,
+    b = sum_k c_k * b_k + sum_identities c_i * t_i
+
+(FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``, is one depthwise convolution this way).
+
+A tree whose terms read **different tensors** (a residual ``conv_a(x) + conv_b(x) + BN(x) + y``) is split: the
+terms that read one tensor merge into one layer, the others (``y``) stay, added to that layer's output
+(:attr:`Merge.kept`). That is done only where it removes a layer or a norm, and only where every term left enters
+the sum with the coefficient 1.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from .graph import LAYER, NORM, OP, Geometry, Graph, LayerFacts, Node
+from .graph import CONSTANT, LAYER, NORM, OP, Geometry, Graph, LayerFacts, Node, Operand
 from .plan import FoldPlan
 
 
 @dataclass(frozen=True)
+class Coefficient:
+    """The factor a term enters its sum with, per output channel: ``scale`` times the product of the stored
+    tensors ``factors`` (each one value per channel, or a single value), named as the format's weight access reads
+    them (``constant(name)``). ``Coefficient()`` is 1: a term of a plain sum."""
+
+    scale: float = 1.0
+    factors: tuple[str, ...] = ()
+
+    @property
+    def is_one(self) -> bool:
+        """A plain term: no sign, no scale."""
+        return self.scale == 1.0 and not self.factors
+
+
+ONE = Coefficient()
+
+
+@dataclass(frozen=True)
 class Branch:
-    """A layer merged: ``offset`` is where its kernel sits inside the merged kernel, per spatial axis."""
+    """A layer merged: ``offset`` is where its kernel sits inside the merged kernel, per spatial axis;
+    ``coefficient`` scales its output channels (its kernel and bias) in the sum."""
 
     layer: str
     offset: tuple[int, ...]
+    coefficient: Coefficient = ONE
 
 
 @dataclass(frozen=True)
 class IdentityBranch:
     """An identity branch: ``X`` itself (``norm`` None) or a norm of ``X`` (an identity scaled per channel, plus
-    its shift); ``tap`` is the kernel position that reads, for every output, the input at the same place."""
+    its shift); ``tap`` is the kernel position that reads, for every output, the input at the same place;
+    ``coefficient`` scales the branch in the sum."""
 
     norm: str | None
     tap: tuple[int, ...]
+    coefficient: Coefficient = ONE
 
 
 @dataclass(frozen=True)
@@ -62,8 +99,12 @@ class Merge:
         into: the branch layer with the largest kernel, which keeps its geometry.
         branches: every layer merged, ``into`` included, in the tree's order.
         identities: the identity branches.
-        removed: node indices that are no longer computed (the additions, the other branches' layer and norm calls,
-            and the identities between them and the additions).
+        removed: node indices that are no longer computed (the additions, subtractions and products of the tree,
+            the other branches' layer and norm calls, the identities between them and the tree, and constants only
+            the removed products read).
+        kept: for a split tree, the node indices of the terms that stay (each read by the tree directly, each with
+            the coefficient 1): the readers of the sum read ``into``'s output plus these, in this order. Empty when
+            the whole tree merged (the readers of the sum read ``into``'s output itself).
     """
 
     block: str
@@ -72,6 +113,7 @@ class Merge:
     branches: tuple[Branch, ...]
     identities: tuple[IdentityBranch, ...]
     removed: tuple[int, ...]
+    kept: tuple[int, ...] = ()
 
     @property
     def norms(self) -> tuple[str, ...]:
@@ -99,18 +141,62 @@ class MergePlan:
 
     merges: list[Merge] = field(default_factory=list)
     refusals: list[MergeRefusal] = field(default_factory=list)
+    again: bool = False
+    """A split left terms that may merge among themselves: another round (planned on the rewritten graph) may
+    merge them."""
+
+
+@dataclass(frozen=True)
+class _Factor:
+    name: str
+    shape: tuple[int, ...]
+    op: Node  # the product that multiplies by it
+
+
+@dataclass(frozen=True)
+class _Coefficient:
+    scale: float = 1.0
+    factors: tuple[_Factor, ...] = ()
+
+    def times(self, other: _Coefficient) -> _Coefficient:
+        return _Coefficient(self.scale * other.scale, self.factors + other.factors)
+
+    @property
+    def is_one(self) -> bool:
+        return self.scale == 1.0 and not self.factors
+
+    def public(self) -> Coefficient:
+        return Coefficient(self.scale, tuple(f.name for f in self.factors))
+
+
+_ONE = _Coefficient()
 
 
 @dataclass(frozen=True)
 class _Leaf:
-    node: Node  # what the additions read, looking through identities
-    path: tuple[Node, ...]  # the identities between it and its addition
+    node: Node  # what the tree's ops read, looking through identities
+    path: tuple[Node, ...]  # the identities between it and the op that reads it
     only_to_tree: bool  # the leaf's output (and every identity on the way) is read by the tree alone
     reader: int  # the node of the tree that reads it
+    coefficient: _Coefficient = _ONE  # the factor it enters the root's sum with
+
+    @property
+    def operand(self) -> Node:
+        """The node the tree's op reads directly (the leaf, or the last identity after it)."""
+        return self.path[-1] if self.path else self.node
 
 
 class _Refused(Exception):
     pass
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _channel_axes(shape: tuple[int, ...]) -> list[int]:
+    """The axes of a constant's shape that hold more than one value."""
+    return [axis for axis, size in enumerate(shape) if size != 1]
 
 
 class _MergePlanner:
@@ -141,35 +227,87 @@ class _MergePlanner:
             node = self.nodes[node.inputs[0]]
         return node
 
+    def operands(self, node: Node) -> list[Operand] | None:
+        """The operands of an ``add`` / ``sub`` / ``mul`` node in call order, or None where the facts do not say."""
+        assert node.op is not None
+        listed = node.op.attributes.get("operands")
+        if listed is not None:
+            return list(listed)
+        if node.op.kind == "add":  # every input a term (the numbers are checked from ``scalars``)
+            return [Operand(input=i) for i in range(len(node.inputs))]
+        if node.op.kind == "sub" and len(node.inputs) == 2 and not node.op.attributes.get("scalars"):
+            return [Operand(input=0), Operand(input=1)]
+        return None
+
+    def terms(self, node: Node) -> list[tuple[Node, _Coefficient]] | None:
+        """The tensors a linear-combination op reads, each with the factor it enters the op's result with; None
+        when ``node`` is no such op (any other op, a product of two computed tensors, a scale that is not one value
+        per channel)."""
+        if node.kind != OP or node.op is None or node.op.kind not in ("add", "sub", "mul"):
+            return None
+        operands = self.operands(node)
+        if operands is None or any(o.input is not None and not 0 <= o.input < len(node.inputs) for o in operands):
+            return None
+        kind = node.op.kind
+        if kind in ("add", "sub"):
+            terms = []
+            for position, operand in enumerate(operands):
+                if operand.input is None or operand.constant is not None:
+                    continue  # numbers and constants added: refused by check_ops with the value
+                sign = -1.0 if kind == "sub" and position == 1 else 1.0
+                terms.append((self.nodes[node.inputs[operand.input]], _Coefficient(sign)))
+            return terms
+        tensors = [o for o in operands if o.constant is None and o.number is None and o.input is not None
+                   and self.nodes[node.inputs[o.input]].kind != CONSTANT]
+        if len(tensors) != 1:
+            return None  # a product of computed tensors (or of constants only) is no scale of a sum
+        scale, factors = 1.0, []
+        for operand in operands:
+            if operand is tensors[0]:
+                continue
+            if operand.number is not None and _is_number(operand.number):
+                scale *= float(operand.number)
+            elif operand.constant is not None and operand.shape is not None and len(_channel_axes(operand.shape)) <= 1:
+                factors.append(_Factor(operand.constant, tuple(operand.shape), node))
+            else:
+                return None
+        assert tensors[0].input is not None
+        return [(self.nodes[node.inputs[tensors[0].input]], _Coefficient(scale, tuple(factors)))]
+
     def reader_in_tree(self, node: Node) -> Node | None:
-        """The addition that reads ``node`` as part of a tree (through identities each read once), or None."""
+        """The op that reads ``node`` as part of a tree (through identities each read once), or None."""
         while len(node.users) == 1:
             user = self.nodes[node.users[0]]
-            if self.is_add(user):
+            if self.terms(user) is not None:
                 return user
             if not self.transparent(user):
                 return None
             node = user
         return None
 
-    def leaves(self, add: Node) -> tuple[list[Node], list[_Leaf]]:
-        """The additions of the tree rooted at ``add`` (with the identities between them) and its leaves, both in
-        the order the sum reads them."""
-        adds: list[Node] = [add]
+    def leaves(self, root: Node) -> tuple[list[Node], list[_Leaf]]:
+        """The ops of the tree rooted at ``root`` (with the identities between them) and its leaves with their
+        coefficients, both in the order the tree reads them."""
+        ops: list[Node] = [root]
         leaves: list[_Leaf] = []
-        for index in add.inputs:
-            node, reader, path = self.nodes[index], add, []
+        self._walk(root, _ONE, ops, leaves)
+        return ops, leaves
+
+    def _walk(self, op: Node, coefficient: _Coefficient, ops: list[Node], leaves: list[_Leaf]) -> None:
+        terms = self.terms(op) or []
+        repeated = {id(n) for n, _ in terms if sum(m is n for m, _ in terms) > 1}  # ``y + y``: one input, twice
+        for child, factor in terms:
+            node, reader, path = child, op, []
             while self.transparent(node) and node.users == [reader.index]:
                 path.append(node)
                 reader, node = node, self.nodes[node.inputs[0]]
-            if self.is_add(node) and node.users == [reader.index]:
-                adds.extend(path)  # identities between two additions go with them
-                inner_adds, inner_leaves = self.leaves(node)
-                adds.extend(inner_adds)
-                leaves.extend(inner_leaves)
+            only_to_tree = node.users == [reader.index] and id(child) not in repeated
+            if only_to_tree and self.terms(node) is not None:
+                ops.extend(path)  # identities between two ops of the tree go with them
+                ops.append(node)
+                self._walk(node, coefficient.times(factor), ops, leaves)
                 continue
-            leaves.append(_Leaf(node, tuple(path), node.users == [reader.index], reader.index))
-        return adds, leaves
+            leaves.append(_Leaf(node, tuple(path), only_to_tree, reader.index, coefficient.times(factor)))
 
     # --------------------------------------------------------------------------------------- one block
 
@@ -178,17 +316,76 @@ class _MergePlanner:
         assert unit.layer is not None
         return unit.layer
 
-    def plan_block(self, root: Node, adds: list[Node], leaves: list[_Leaf]) -> Merge:
-        for add in adds:
-            if not self.is_add(add):
+    def check_ops(self, ops: list[Node]) -> None:
+        """Refuse additions and subtractions that are not plain sums and differences of the terms."""
+        for op in ops:
+            if op.op is None or op.op.kind not in ("add", "sub"):
                 continue
-            assert add.op is not None
-            alpha = add.op.attributes.get("alpha", 1)
+            alpha = op.op.attributes.get("alpha", 1)
             if alpha != 1:
-                raise _Refused(f"{add.label} scales an operand by alpha={alpha}")
-            for scalar in add.op.attributes.get("scalars", ()):
+                raise _Refused(f"{op.label} scales an operand by alpha={alpha}")
+            verb = "adds" if op.op.kind == "add" else "subtracts"
+            for scalar in op.op.attributes.get("scalars", ()):
                 if scalar != 0:
-                    raise _Refused(f"{add.label} adds the constant {scalar}")
+                    raise _Refused(f"{op.label} {verb} the constant {scalar}")
+            for operand in self.operands(op) or []:
+                if operand.constant is not None:
+                    raise _Refused(f"{op.label} {verb} the constant '{operand.constant}'")
+                if operand.number is not None and operand.number != 0:
+                    raise _Refused(f"{op.label} {verb} the constant {operand.number}")
+
+    def source_of(self, leaf: _Leaf) -> Node | None:
+        """The tensor a mergeable layer or norm term reads (through identities), or None for any other term."""
+        if leaf.node.kind in (LAYER, NORM) and leaf.only_to_tree and len(leaf.node.inputs) >= 1:
+            return self.resolve(self.nodes[leaf.node.inputs[0]])
+        return None
+
+    def plan_tree(self, root: Node, ops: list[Node], leaves: list[_Leaf]) -> tuple[Merge, bool]:
+        """The merge of the tree, split where its terms read different tensors; and whether the terms a split left
+        may merge among themselves in another round. Raises :class:`_Refused` with the reason when nothing merges."""
+        self.check_ops(ops)
+        groups: dict[int, list[_Leaf]] = {}  # source node -> its layer terms, in the tree's order
+        sources: dict[int, Node] = {}
+        for leaf in leaves:
+            source = self.source_of(leaf) if leaf.node.kind == LAYER else None
+            if source is not None:
+                groups.setdefault(source.index, []).append(leaf)
+                sources[source.index] = source
+        for index, layers in groups.items():  # the identities and the norms of each source join its layers
+            source = sources[index]
+            for leaf in leaves:
+                if leaf in layers:
+                    continue
+                if self.resolve(leaf.node) is source or (leaf.node.kind == NORM and self.source_of(leaf) is source):
+                    layers.append(leaf)
+        whole = [g for g in groups.values() if len(g) == len(leaves)]
+        if whole:
+            return self.plan_block(root, ops, leaves), False
+        candidates = sorted((g for g in groups.values() if self.removes(g)), key=lambda g: -self.removes(g))
+        if not candidates:
+            self.plan_block(root, ops, leaves)  # raises the reason the whole tree cannot merge
+            raise AssertionError("a tree whose terms read different tensors merged whole")  # pragma: no cover
+        first: _Refused | None = None
+        for group in candidates:
+            kept = [leaf for leaf in leaves if leaf not in group]
+            try:
+                return self.plan_block(root, ops, [leaf for leaf in leaves if leaf in group], kept), len(candidates) > 1
+            except _Refused as refusal:
+                first = first or refusal
+        assert first is not None
+        raise first
+
+    def removes(self, group: list[_Leaf]) -> int:
+        """How many layer and norm calls merging ``group`` saves (0: the split would only move an addition)."""
+        layers = sum(1 for leaf in group if leaf.node.kind == LAYER and leaf.only_to_tree)
+        norms = sum(1 for leaf in group if leaf.node.kind == NORM and leaf.only_to_tree and self.resolve(leaf.node)
+                    is leaf.node)
+        return layers - 1 + norms
+
+    def plan_block(self, root: Node, ops: list[Node], leaves: list[_Leaf], kept: list[_Leaf] | None = None) -> Merge:
+        """Merge ``leaves`` (all the tree's terms, or one tensor's terms of a split tree) into one layer; ``kept``: the
+        terms of a split tree that stay added to it."""
+        kept = kept or []
         layers = [leaf for leaf in leaves if leaf.node.kind == LAYER and leaf.only_to_tree]
         for leaf in layers:
             name = leaf.node.unit or ""
@@ -222,26 +419,92 @@ class _MergePlanner:
                 identities.append(leaf)
             elif leaf.node.kind == NORM and leaf.only_to_tree and self.resolve(self.nodes[leaf.node.inputs[0]]) is source:
                 norms.append(leaf)
-            elif not leaf.only_to_tree and (leaf.node.kind in (LAYER, NORM) or self.is_add(leaf.node)):
-                other = next((self.nodes[u].label for u in leaf.node.users if u != leaf.reader), None)
-                if other is None:
-                    raise _Refused(f"it adds the output of {leaf.node.label} to itself")
-                raise _Refused(f"the output of {leaf.node.label} is also used by {other}")
             else:
+                raise _Refused(self.term_reason(leaf, source))
+        for leaf in kept:
+            related = leaf.node.kind in (LAYER, NORM) and leaf.node.inputs and self.resolve(
+                self.nodes[leaf.node.inputs[0]]) is source
+            if related and not leaf.only_to_tree:
+                raise _Refused(self.term_reason(leaf, source))
+            if not leaf.coefficient.is_one:
                 raise _Refused(
-                    f"one of its terms comes from {leaf.node.label}, which is not a conv or linear layer reading "
-                    f"{source.label}, a norm of it, or that tensor itself"
+                    f"its terms read different tensors, and {leaf.node.label}, which would stay added to the merged "
+                    f"layer's output, enters the sum scaled or subtracted"
                 )
         into, branches = self.place_kernels(layers)
         taps = self.identity_taps(into, layers, identities + norms, source)
-        identity_branches = [IdentityBranch(leaf.node.unit if leaf in norms else None, taps) for leaf in leaves
-                             if leaf in identities or leaf in norms]
-        removed = [add.index for add in adds]
+        self.check_factors(into, [leaf for leaf in leaves if leaf in layers or leaf in identities or leaf in norms])
+        coefficients = {id(leaf): leaf.coefficient.public() for leaf in leaves}
+        branches = [Branch(b.layer, b.offset, coefficients[id(leaf)]) for b, leaf in zip(branches, layers, strict=True)]
+        identity_branches = [IdentityBranch(leaf.node.unit if leaf in norms else None, taps, coefficients[id(leaf)])
+                             for leaf in leaves if leaf in identities or leaf in norms]
+        removed = {op.index for op in ops}
         for leaf in leaves:
-            removed.extend(n.index for n in leaf.path)
+            removed.update(n.index for n in leaf.path)
             if leaf in norms or (leaf in layers and leaf.node.unit != into):
-                removed.append(leaf.node.index)
-        return Merge(root.label, root.index, into, tuple(branches), tuple(identity_branches), tuple(sorted(removed)))
+                removed.add(leaf.node.index)
+        for op in ops:  # constants only the removed products read (a layer scale) go with them
+            for index in op.inputs:
+                node = self.nodes[index]
+                if node.kind == CONSTANT and all(user in removed for user in node.users):
+                    removed.add(index)
+        return Merge(root.label, root.index, into, tuple(branches), tuple(identity_branches), tuple(sorted(removed)),
+                     tuple(leaf.operand.index for leaf in kept))
+
+    def term_reason(self, leaf: _Leaf, source: Node) -> str:
+        """Why the term ``leaf`` keeps the tree reading ``source`` from merging."""
+        if not leaf.only_to_tree and (leaf.node.kind in (LAYER, NORM) or self.terms(leaf.node) is not None):
+            other = next((self.nodes[u].label for u in leaf.node.users if u != leaf.reader), None)
+            if other is None:
+                return f"it adds the output of {leaf.node.label} to itself"
+            return f"the output of {leaf.node.label} is also used by {other}"
+        node = leaf.node
+        if node.kind == OP and node.op is not None and node.op.kind == "mul":
+            return self.product_reason(node)
+        return (
+            f"one of its terms comes from {node.label}, which is not a conv or linear layer reading "
+            f"{source.label}, a norm of it, or that tensor itself"
+        )
+
+    def product_reason(self, node: Node) -> str:
+        """Why the product ``node`` is not a scale of a term bnfold can merge."""
+        operands = self.operands(node) or []
+        for operand in operands:
+            if operand.constant is not None and (operand.shape is None or len(_channel_axes(operand.shape)) > 1):
+                shape = "of unknown shape" if operand.shape is None else f"of shape {operand.shape}"
+                return (f"one of its terms is {node.label}, which multiplies by '{operand.constant}' {shape}: the scale "
+                        f"is not per channel")
+            if operand.number is not None and not _is_number(operand.number):
+                return f"one of its terms is {node.label}, which multiplies by {operand.number!r}"
+        computed = [self.nodes[node.inputs[o.input]].label for o in operands
+                    if o.input is not None and o.constant is None and self.nodes[node.inputs[o.input]].kind != CONSTANT]
+        if len(computed) > 1:
+            return (f"one of its terms is {node.label}, a product of {computed[0]} and {computed[1]}: a non-constant "
+                    f"multiplier")
+        return f"one of its terms is {node.label}, a product bnfold cannot read as a per-channel scale"
+
+    def check_factors(self, into: str, terms: list[_Leaf]) -> None:
+        """Every scale on the merged terms must be one value per output channel of ``into`` (or a single value)."""
+        facts = self.graph.units[into].layer
+        assert facts is not None and facts.geometry is not None
+        shapes = [leaf.node.shape for leaf in terms if leaf.node.shape is not None]
+        rank = len(shapes[0]) if shapes else (len(facts.geometry.kernel) + 2 if facts.channel_dim >= 0 else None)
+        for leaf in terms:
+            for factor in leaf.coefficient.factors:
+                where = f"{factor.op.label} multiplies by '{factor.name}' of shape {factor.shape}"
+                if rank is not None and len(factor.shape) > rank:
+                    raise _Refused(f"{where}, more axes than the terms it scales have")
+                axes = _channel_axes(factor.shape)
+                if not axes:
+                    continue  # a single value
+                if facts.channel_dim >= 0 and rank is None:
+                    raise _Refused(f"{where}, and the rank of the terms it scales is not known")
+                channel = facts.channel_dim - rank if facts.channel_dim >= 0 and rank is not None else facts.channel_dim
+                if axes[0] - len(factor.shape) != channel or factor.shape[axes[0]] != facts.out_channels:
+                    raise _Refused(
+                        f"{where}: the scale is not per channel of '{into}' ({facts.out_channels} channels on axis "
+                        f"{facts.channel_dim})"
+                    )
 
     def place_kernels(self, layers: list[_Leaf]) -> tuple[str, list[Branch]]:
         """The layer whose kernel covers every other's, and where each kernel sits inside it; or why none can."""
@@ -355,15 +618,18 @@ class _MergePlanner:
     def run(self) -> MergePlan:
         plan = MergePlan()
         for node in self.nodes:
-            if not self.is_add(node) or self.reader_in_tree(node) is not None:
+            if self.terms(node) is None or self.reader_in_tree(node) is not None:
                 continue
-            adds, leaves = self.leaves(node)
+            ops, leaves = self.leaves(node)
             if len(leaves) < 2 or not any(leaf.node.kind == LAYER and leaf.only_to_tree for leaf in leaves):
                 continue  # not a block with a branch to merge into: nothing to report
             try:
-                plan.merges.append(self.plan_block(node, adds, leaves))
+                merge, again = self.plan_tree(node, ops, leaves)
             except _Refused as refusal:
                 plan.refusals.append(MergeRefusal(node.label, node.index, str(refusal)))
+                continue
+            plan.merges.append(merge)
+            plan.again = plan.again or again
         return plan
 
 
@@ -383,4 +649,5 @@ def plan_merges(graph: Graph, fold_plan: FoldPlan | None = None) -> MergePlan:
     return _MergePlanner(graph, fold_plan).run()
 
 
-__all__ = ["Branch", "Geometry", "IdentityBranch", "Merge", "MergePlan", "MergeRefusal", "plan_merges"]
+__all__ = ["ONE", "Branch", "Coefficient", "Geometry", "IdentityBranch", "Merge", "MergePlan", "MergeRefusal",
+           "plan_merges"]

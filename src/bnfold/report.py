@@ -44,7 +44,9 @@ class MergeEntry:
 
     ``block`` names the sum as the dataflow shows it; a merged block lists the layer that now computes it
     (``into``), the other branch layers merged into it (``layers``) and its identity branches (``identities``:
-    the norm of each, or ``"input"`` for the input itself); a block left alone has ``reason``.
+    the norm of each, or ``"input"`` for the input itself); a block left alone has ``reason``. A sum whose terms
+    read different tensors merges the terms of one tensor: ``kept`` names the terms that stay added to ``into``'s
+    output (a residual).
     """
 
     block: str
@@ -53,6 +55,7 @@ class MergeEntry:
     layers: tuple[str, ...] = ()
     identities: tuple[str, ...] = ()
     reason: str | None = None
+    kept: tuple[str, ...] = ()
 
 
 class RichPrintable:
@@ -116,6 +119,7 @@ class FoldReport(RichPrintable):
             entry["into"] = list(entry["into"])
         for merge in data["merges"]:
             merge["layers"], merge["identities"] = list(merge["layers"]), list(merge["identities"])
+            merge["kept"] = list(merge["kept"])
         data["summary"] = {
             "norms": len(self.entries),
             "folded": len(self.folded),
@@ -147,7 +151,8 @@ class FoldReport(RichPrintable):
         for m in self.merges:
             if m.status == MERGED:
                 parts = [*m.layers, *(f"identity ({i})" for i in m.identities)]
-                lines.append(f"merged {m.block}: {', '.join(parts)} into {m.into}")
+                kept = f" (+ {', '.join(m.kept)} kept)" if m.kept else ""
+                lines.append(f"merged {m.block}: {', '.join(parts)} into {m.into}{kept}")
             else:
                 lines.append(f"left   {m.block}: {m.reason}")
         return lines

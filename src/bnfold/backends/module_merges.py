@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,22 +60,44 @@ def _dead_outside(merge: Merge, nodes: list[fx.Node]) -> str | None:
     return None
 
 
-def _rewrite(graph: fx.Graph, merge: Merge, nodes: list[fx.Node], into_node: fx.Node) -> None:
-    nodes[merge.root].replace_all_uses_with(into_node)
+def _rewrite(graph: fx.Graph, merge: Merge, nodes: list[fx.Node], into_node: fx.Node,
+             replaced: dict[fx.Node, fx.Node]) -> None:
+    """Readers of the sum read the merged layer's output (plus the terms a split kept); the merged nodes go.
+
+    ``replaced``: the roots of the blocks merged before in this round, and the node computing each now (a kept term
+    may be one: RepGhost's shortcut is the previous block's sum); this block's root is added to it.
+    """
+    root = nodes[merge.root]
+    result = into_node
+    with graph.inserting_before(root):  # after every term: the root reads them all
+        for index in merge.kept:
+            result = graph.call_function(operator.add, (result, replaced.get(nodes[index], nodes[index])))
+    root.replace_all_uses_with(result)
+    replaced[root] = result
     for index in sorted(merge.removed, reverse=True):
         graph.erase_node(nodes[index])
 
 
-def merge_once(
-    model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None
-) -> tuple[fx.GraphModule | None, list[Merge], list[MergeRefusal], str | None]:
+@dataclass
+class MergeRound:
+    """One round of :func:`merge_once`: the GraphModule (None when nothing merged), the merges made (named by their
+    sum's node in that graph, with the ``kept`` terms' node names), the blocks refused, why nothing could be planned
+    at all (torch.fx cannot trace the model) or None, and whether a split left terms another round may merge."""
+
+    module: fx.GraphModule | None
+    merges: list[Merge] = field(default_factory=list)
+    refusals: list[MergeRefusal] = field(default_factory=list)
+    failure: str | None = None
+    kept: list[tuple[str, ...]] = field(default_factory=list)  # per merge, the node names of its kept terms
+    again: bool = False
+
+
+def merge_once(model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None) -> MergeRound:
     """One round: plan the merges on the core graph of ``model`` and apply them to a GraphModule of it.
 
     ``model`` is traced, unless it is a GraphModule a previous round returned (its graph is edited again, so block
-    names stay those of the returned model). Returns the GraphModule (None when nothing merged), the merges made,
-    the blocks refused (named by their sum's node in that graph), and why nothing could be planned at all (torch.fx
-    cannot trace the model) or None. The GraphModule shares every module with ``model``, the merged layers are
-    written in place: the caller hands over a model it owns.
+    names stay those of the returned model). The GraphModule shares every module with ``model``, the merged layers
+    are written in place: the caller hands over a model it owns.
     """
     if isinstance(model, fx.GraphModule):
         module = model
@@ -83,19 +106,20 @@ def merge_once(
             graph = trace(model, registry)
         except Exception as error:  # fx raises many kinds on code it cannot follow
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            return None, [], [], (
+            return MergeRound(None, failure=(
                 f"branches were not merged: torch.fx cannot trace {type(model).__name__} ({reason}), and merging "
                 f"rewrites the traced graph"
-            )
+            ))
         module = fx.GraphModule(model, graph, class_name=type(model).__name__)
         module.training = model.training  # a new Module starts in training mode; its submodules are the model's
     flow = capture_fx(module, registry, inputs, graph=module.graph)
     core = to_graph(module, flow, registry)
     plan = plan_merges(core)
     nodes = [site.origin for site in flow.sites]
-    refusals = [dataclasses.replace(r, block=nodes[r.root].name) for r in plan.refusals]
-    merges: list[Merge] = []
+    outcome = MergeRound(None, refusals=[dataclasses.replace(r, block=nodes[r.root].name) for r in plan.refusals],
+                         again=plan.again)
     weights = ModuleWeights(module, registry, Rollback())
+    replaced: dict[fx.Node, fx.Node] = {}
     for merge in plan.merges:
         blocked = _dead_outside(merge, nodes)
         if blocked is None:
@@ -104,16 +128,19 @@ def merge_once(
             except MergeOverflow as overflow:
                 blocked = str(overflow)
         if blocked is not None:
-            refusals.append(MergeRefusal(nodes[merge.root].name, merge.root, blocked))
+            outcome.refusals.append(MergeRefusal(nodes[merge.root].name, merge.root, blocked))
             continue
-        merges.append(dataclasses.replace(merge, block=nodes[merge.root].name))
-        _rewrite(module.graph, merge, nodes, nodes[core.units[merge.into].calls[0]])
-    if not merges:
-        return None, [], refusals, None
+        named = dataclasses.replace(merge, block=nodes[merge.root].name)
+        outcome.merges.append(named)
+        outcome.kept.append(tuple(nodes[index].name for index in merge.kept))
+        _rewrite(module.graph, merge, nodes, nodes[core.units[merge.into].calls[0]], replaced)
+    if not outcome.merges:
+        return outcome
     module.graph.lint()
     module.delete_all_unused_submodules()
     module.recompile()
-    return module, merges, refusals, None
+    outcome.module = module
+    return outcome
 
 
 def merge_rounds(
@@ -128,23 +155,24 @@ def merge_rounds(
     current = model
     left: list[MergeEntry] = []
     for _ in range(MAX_ROUNDS):
-        merged, merges, refusals, failure = merge_once(current, registry, inputs)
-        if failure is not None:
-            outcome.notes.append(failure)
+        done = merge_once(current, registry, inputs)
+        if done.failure is not None:
+            outcome.notes.append(done.failure)
             break
-        for merge in merges:
+        for merge, kept in zip(done.merges, done.kept, strict=True):
             identities = tuple(i.norm or "input" for i in merge.identities)
-            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities))
+            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities,
+                                              kept=kept))
             for norm in merge.norms:
                 outcome.absorbed_norms[norm] = merge.into
-        left = [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in refusals]
-        if merged is None:
+        left = [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in done.refusals]
+        if done.module is None:
             break
-        current = merged
+        current = done.module
         plan = fold_again(current)
         outcome.folds.append(plan)
-        if not plan.folds:
-            break  # nothing new to fold: another round would find the same blocks left
+        if not plan.folds and not done.again:
+            break  # nothing new to fold or to merge: another round would find the same blocks left
     outcome.model = current
     outcome.entries.extend(left)
     return outcome

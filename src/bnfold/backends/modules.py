@@ -39,6 +39,7 @@ from ..core.graph import (
     Graph,
     LayerFacts,
     NormFacts,
+    Operand,
     OpFacts,
 )
 from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
@@ -70,6 +71,9 @@ _FUNCTION_KINDS: dict[str, str] = {
     "mean": "mean",
     **dict.fromkeys(("cat", "concat", "concatenate"), "concat"),
     **dict.fromkeys(("add", "__add__", "__radd__", "iadd", "__iadd__", "add_"), "add"),
+    **dict.fromkeys(("sub", "__sub__", "isub", "__isub__", "sub_", "subtract", "rsub", "__rsub__"), "sub"),
+    **dict.fromkeys(("mul", "__mul__", "__rmul__", "imul", "__imul__", "mul_", "multiply"), "mul"),
+    **dict.fromkeys(("neg", "__neg__", "neg_", "negative"), "mul"),  # -x is x * -1
 }
 
 # Position of ``return_indices`` in the functional max pools.
@@ -130,14 +134,39 @@ def _function_facts(site: Site) -> OpFacts:
         if not isinstance(first, int) or not isinstance(second, int):
             return OpFacts("other")
         return OpFacts(kind, {"dims": (first, second)})
-    if kind == "add":
-        operands = [_argument(site, 0, "input", None), _argument(site, 1, "other", None)]
-        scalars = tuple(v for v in operands if not isinstance(v, TensorRef))
-        return OpFacts(kind, {"alpha": site.kwargs.get("alpha", 1), "scalars": scalars})
+    if kind in ("add", "sub", "mul"):
+        return _arithmetic_facts(site, kind, name)
     if kind == "concat":
         axis = site.kwargs.get("dim", site.kwargs.get("axis", site.args[1] if len(site.args) > 1 else 0))
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, TensorRef) else None})
     return OpFacts(kind)
+
+
+def _arithmetic_facts(site: Site, kind: str, name: str) -> OpFacts:
+    """``add`` / ``sub`` / ``mul`` with their operands in call order (:class:`~bnfold.core.graph.Operand`): a tensor
+    the model computes is its position among the site's inputs (torch.fx lists a tensor read twice once), a
+    parameter or buffer read is a constant by name and shape (:func:`constant_shapes` fills the shape in), a plain
+    number is a number. ``rsub`` is written as the subtraction it computes; ``-x`` as ``x * -1``. Anything else
+    among the operands (a list, None) makes it an ``other`` op."""
+    if name.lstrip("_").startswith("neg"):
+        values: list[Any] = [_argument(site, 0, "input", None), -1]
+    else:
+        values = [_argument(site, 0, "input", None), _argument(site, 1, "other", None)]
+        if name.strip("_") == "rsub":
+            values.reverse()
+    operands: list[Operand] = []
+    for value in values:
+        if isinstance(value, TensorRef) and value.site in site.inputs:
+            operands.append(Operand(input=site.inputs.index(value.site)))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            operands.append(Operand(number=float(value)))
+        else:
+            return OpFacts("other")
+    alpha = _argument(site, 2, "alpha", 1) if kind == "sub" else site.kwargs.get("alpha", 1)
+    scalars = tuple(o.number for o in operands if o.number is not None)
+    if kind == "mul":
+        return OpFacts(kind, {"operands": tuple(operands)})
+    return OpFacts(kind, {"alpha": alpha, "scalars": scalars, "operands": tuple(operands)})
 
 
 def _module_facts(module: nn.Module) -> OpFacts:
@@ -382,7 +411,7 @@ class _Translator:
             if site.kind == "input":
                 graph.add_node(INPUT, label, site.inputs, shape=site.shape)
             elif site.kind == "param":
-                graph.add_node(CONSTANT, label, site.inputs, shape=site.shape)
+                graph.add_node(CONSTANT, label, site.inputs, shape=site.shape or self.constant_shape(site.name))
             elif site.kind == "output":
                 graph.add_node(OUTPUT, label, site.inputs, shape=site.shape)
             elif site.kind == "module" and site.name in graph.units:
@@ -391,8 +420,39 @@ class _Translator:
             elif site.kind == "module":
                 graph.add_node(OP, label, site.inputs, shape=site.shape, op=_module_facts(site.target))
             else:
-                graph.add_node(OP, label, site.inputs, shape=site.shape, op=_function_facts(site))
+                graph.add_node(OP, label, site.inputs, shape=site.shape, op=self.with_constants(_function_facts(site), site))
         return graph
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of the parameter or buffer ``name`` of the model, or None."""
+        try:
+            return tuple(read_constant(self.model, name).shape)
+        except (AttributeError, TypeError):
+            return None
+
+    def with_constants(self, facts: OpFacts, site: Site) -> OpFacts:
+        """Arithmetic facts whose operands read a parameter or buffer name it as a constant, with its shape."""
+        operands = facts.attributes.get("operands")
+        if operands is None:
+            return facts
+        named = []
+        for operand in operands:
+            source = self.flow.sites[site.inputs[operand.input]] if operand.input is not None else None
+            if source is not None and source.kind == "param":
+                shape = source.shape or self.constant_shape(source.name)
+                operand = Operand(input=operand.input, constant=source.name, shape=shape)
+            named.append(operand)
+        return OpFacts(facts.kind, {**facts.attributes, "operands": tuple(named)})
+
+
+def read_constant(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter, buffer or tensor attribute ``name`` (a qualified name, as a torch.fx ``get_attr`` reads it)."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    value = getattr(owner, attribute)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"'{name}' is not a tensor")
+    return value
 
 
 def _channels_guess(module: nn.Module) -> int:
@@ -552,6 +612,10 @@ class ModuleWeights:
             return
         old_weight = getattr(module, rule.weight_name)
         self.rollback.set_slot(module, rule.bias_name, nn.Parameter(bias, requires_grad=old_weight.requires_grad))
+
+    def constant(self, name: str) -> torch.Tensor:
+        """A parameter or buffer the model reads directly (a layer scale), for merges."""
+        return read_constant(self.model, name).detach()
 
     def remove_norm(self, norm: str) -> None:
         module, rule = self._norm(norm)

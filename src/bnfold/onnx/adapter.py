@@ -513,6 +513,8 @@ class Translation:
     layers: dict[str, Layer] = field(default_factory=dict)
     norms: dict[str, onnx.NodeProto] = field(default_factory=dict)
     subgraph_norms: int = 0
+    node_of: dict[str, int] = field(default_factory=dict)
+    """Tensor name -> the core node that produces it (graph inputs, layers, norms, ops)."""
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -528,7 +530,7 @@ class _Translator:
             self.tensors.types.setdefault(name, elem)
         self.graph = Graph(method="onnx graph", shapes_known=True)
         self.out = Translation(self.graph, self.tensors, self.shapes)
-        self.node_of: dict[str, int] = {}  # tensor name -> core node producing it
+        self.node_of: dict[str, int] = self.out.node_of  # tensor name -> core node producing it
         self.names: set[str] = set()
 
     def unit_name(self, node: onnx.NodeProto) -> str:
@@ -943,6 +945,10 @@ class OnnxWeights:
                 self._store(add, 1, bias, "bias")
         else:
             self._store(node, 2, bias, "bias")
+
+    def constant(self, name: str) -> np.ndarray:
+        """The value of a constant a merge scales by (a layer scale's initializer)."""
+        return self._value(name)
 
     def remove_norm(self, norm: str) -> None:
         """Take the norm out: its producer's output takes the norm's output name when nothing else reads it,

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from ..core.apply import MergeOverflow, merge_one
-from ..core.graph import LAYER, NORM, OP, Geometry, Graph, OpFacts
+from ..core.graph import LAYER, NORM, OP, Geometry, Graph, Operand, OpFacts
 from ..core.merge import Merge, MergeRefusal, plan_merges
 from ..report import LEFT, MERGED, MergeEntry, NormEntry
-from .adapter import ONNX_DOMAINS, OnnxWeights, Translation, _label, attribute, to_graph
+from .adapter import ONNX_DOMAINS, OnnxWeights, Translation, _label, attribute, display_name, to_graph
 
 MAX_ROUNDS = 4
 """Merges and folds alternate at most this often (see :mod:`bnfold.backends.module_merges`)."""
@@ -55,18 +56,50 @@ def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_sha
     return Geometry(kernel, strides, padding, dilations, int(attribute(node, "group", 1)), "zeros", False)
 
 
-def _add_facts(node: onnx.NodeProto, translation: Translation) -> OpFacts:
-    """An ``Add`` as the core's ``add``: constant operands are scalars (0 when all their values are 0)."""
+_ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul"}
+"""ONNX ops the merge planner reads as linear combinations, and their core kinds (``Neg`` is ``x * -1``)."""
+
+
+def arithmetic_facts(node: onnx.NodeProto, translation: Translation) -> OpFacts | None:
+    """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` in the core's terms, with its operands in order
+    (:class:`~bnfold.core.graph.Operand`): a tensor computed from the inputs is its position among the core node's
+    inputs (the non-constant inputs, in order), a constant of value 0 added or subtracted is the number 0, any
+    other constant is named with its shape (a layer scale ``gamma`` of shape ``(C, 1, 1)``), a 0-d constant
+    multiplied is its number. None when an operand cannot be read (a shape computation, a constant bnfold cannot
+    evaluate): the op then stays ``other``."""
+    kind = _ARITHMETIC[node.op_type]
+    tensors = translation.tensors
+    operands: list[Operand] = []
     scalars: list[object] = []
+    position = 0
     for name in node.input:
-        if translation.tensors.is_static(name):
-            value = translation.tensors.value(name)
-            scalars.append(0 if value is not None and not np.any(value) else f"'{name}'")
-    return OpFacts("add", {"alpha": 1, "scalars": tuple(scalars)})
+        if not tensors.is_static(name):
+            if name not in translation.node_of:
+                return None
+            operands.append(Operand(input=position))
+            position += 1
+            continue
+        value = tensors.value(name)
+        if value is None or value.dtype.kind not in "fiu":
+            return None
+        if kind != "mul" and not np.any(value):
+            operands.append(Operand(number=0.0))
+            scalars.append(0)
+        elif kind == "mul" and value.ndim == 0:
+            operands.append(Operand(number=float(value)))
+        else:
+            operands.append(Operand(constant=name, shape=tuple(int(n) for n in value.shape)))
+            scalars.append(f"'{name}'")
+    if node.op_type == "Neg":
+        operands.append(Operand(number=-1.0))
+    if kind == "mul":
+        return OpFacts(kind, {"operands": tuple(operands)})
+    return OpFacts(kind, {"alpha": 1, "scalars": tuple(scalars), "operands": tuple(operands)})
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
-    """Give the translated graph what merging needs, in place: each Conv's geometry, each Add the kind ``add``.
+    """Give the translated graph what merging needs, in place: each Conv's geometry, each Add / Sub / Mul / Neg its
+    kind and operands (:func:`arithmetic_facts`).
 
     Returns the ONNX node of every core node a merge may remove or rewrite (layers, norms, ops), by core index.
     Ops are found by their label, which names the node; a name two nodes share leaves both as they were.
@@ -98,8 +131,8 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
             if len(found) != 1:
                 continue
             nodes[core.index] = found[0]
-            if found[0].op_type == "Add" and found[0].domain in ONNX_DOMAINS:
-                core.op = _add_facts(found[0], translation)
+            if found[0].op_type in _ARITHMETIC and found[0].domain in ONNX_DOMAINS:
+                core.op = arithmetic_facts(found[0], translation) or core.op
     return nodes
 
 
@@ -125,15 +158,24 @@ def _rewrite(model: onnx.ModelProto, access: OnnxWeights, merge: Merge, graph: G
     return None
 
 
-def _apply_rewrite(access: OnnxWeights, merge: Merge, nodes: dict[int, onnx.NodeProto]) -> None:
+def _kept_tensors(merge: Merge, translation: Translation, nodes: dict[int, onnx.NodeProto]) -> list[str] | None:
+    """The tensor names of a split's kept terms, as the tree's ops read them; None if one cannot be found."""
+    read = {name for index in merge.removed if index in nodes for name in nodes[index].input if name}
+    names = []
+    for index in merge.kept:
+        found = [name for name, producer in translation.node_of.items() if producer == index and name in read]
+        if len(found) != 1:
+            return None
+        names.append(found[0])
+    return names
+
+
+def _apply_rewrite(access: OnnxWeights, merge: Merge, nodes: dict[int, onnx.NodeProto], kept: list[str]) -> None:
+    """The merged layer computes the sum (it takes the root's output name); for a split, new ``Add`` nodes at the
+    root's place add the kept terms to its output and write the root's output. The tree's nodes go."""
     into = access.layers[merge.into].node
     root = nodes[merge.root]
     tensors = access.tensors
-    old = into.output[0]
-    into.output[0] = root.output[0]
-    tensors.producer[root.output[0]] = into
-    tensors.readers.pop(old, None)
-    access.stale.add(old)
     for index in merge.removed:
         node = nodes[index]
         access.removed_nodes.add(id(node))
@@ -141,13 +183,41 @@ def _apply_rewrite(access: OnnxWeights, merge: Merge, nodes: dict[int, onnx.Node
         for name in node.input:
             if name:
                 tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
+    if not kept:
+        old = into.output[0]
+        into.output[0] = root.output[0]
+        tensors.producer[root.output[0]] = into
+        tensors.readers.pop(old, None)
+        access.stale.add(old)
+        return
+    added: list[onnx.NodeProto] = []
+    current = into.output[0]
+    for i, name in enumerate(kept):
+        output = root.output[0] if i == len(kept) - 1 else access._unique(f"{root.output[0]}_partial")
+        add = helper.make_node("Add", [current, name], [output], name=access._unique(display_name(root)))
+        tensors.readers[current] = [*tensors.readers.get(current, []), add]
+        tensors.readers[name] = [*tensors.readers.get(name, []), add]
+        tensors.producer[output] = add
+        added.append(add)
+        current = output
+    at = next(i for i, node in enumerate(tensors.nodes) if node is root)
+    tensors.nodes[at:at] = added  # where the root was: after every term it read
 
 
-def merge_once(model: onnx.ModelProto) -> tuple[list[Merge], list[MergeRefusal], list[str]]:
-    """One round on ``model`` (a copy the caller owns, folded already): plan, compute, rewrite in place.
+@dataclass
+class OnnxMergeRound:
+    """One round of :func:`merge_once`: the merges made (named by their sum's node), the labels of each one's kept
+    terms, the blocks left, notes, and whether a split left terms another round may merge."""
 
-    Returns the merges made, the blocks left (named by their sum's node) and notes.
-    """
+    merges: list[Merge] = field(default_factory=list)
+    kept: list[tuple[str, ...]] = field(default_factory=list)
+    refusals: list[MergeRefusal] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    again: bool = False
+
+
+def merge_once(model: onnx.ModelProto) -> OnnxMergeRound:
+    """One round on ``model`` (a copy the caller owns, folded already): plan, compute, rewrite in place."""
     translation = to_graph(model)
     nodes = annotate(model, translation)
     plan = plan_merges(translation.graph)
@@ -156,14 +226,18 @@ def merge_once(model: onnx.ModelProto) -> tuple[list[Merge], list[MergeRefusal],
     def name_of(index: int) -> str:
         return graph.nodes[index].label
 
-    refusals = [dataclasses.replace(r, block=name_of(r.root)) for r in plan.refusals]
+    done = OnnxMergeRound(refusals=[dataclasses.replace(r, block=name_of(r.root)) for r in plan.refusals],
+                          again=plan.again)
+    refusals = done.refusals
     access = OnnxWeights(model, translation)
-    merges: list[Merge] = []
     for merge in plan.merges:
         if merge.into not in translation.layers:
             refusals.append(MergeRefusal(name_of(merge.root), merge.root, f"'{merge.into}' is not a Conv"))
             continue
         blocked = _rewrite(model, access, merge, graph, nodes)
+        kept = _kept_tensors(merge, translation, nodes) if merge.kept else []
+        if blocked is None and kept is None:
+            blocked = "bnfold cannot tell which tensors the terms left after the merge are"
         if blocked is None:
             try:
                 merge_one(merge, access)
@@ -172,11 +246,14 @@ def merge_once(model: onnx.ModelProto) -> tuple[list[Merge], list[MergeRefusal],
         if blocked is not None:
             refusals.append(MergeRefusal(name_of(merge.root), merge.root, blocked))
             continue
-        _apply_rewrite(access, merge, nodes)
-        merges.append(dataclasses.replace(merge, block=name_of(merge.root)))
-    if merges:
+        assert kept is not None
+        _apply_rewrite(access, merge, nodes, kept)
+        done.merges.append(dataclasses.replace(merge, block=name_of(merge.root)))
+        done.kept.append(tuple(name_of(index) for index in merge.kept))
+    if done.merges:
         access.finish()
-    return merges, refusals, list(dict.fromkeys(access.notes))
+    done.notes = list(dict.fromkeys(access.notes))
+    return done
 
 
 @dataclass
@@ -199,19 +276,20 @@ def merge_rounds(model: onnx.ModelProto,
     outcome = OnnxMergeOutcome(model)
     left: list[MergeEntry] = []
     for _ in range(MAX_ROUNDS):
-        merges, refusals, notes = merge_once(outcome.model)
-        outcome.notes.extend(notes)
-        for merge in merges:
+        done = merge_once(outcome.model)
+        outcome.notes.extend(done.notes)
+        for merge, kept in zip(done.merges, done.kept, strict=True):
             identities = tuple(i.norm or "input" for i in merge.identities)
-            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities))
+            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities,
+                                              kept=kept))
             for norm in merge.norms:
                 outcome.absorbed_norms[norm] = merge.into
-        left = [MergeEntry(r.block, LEFT, reason=r.reason) for r in refusals]
-        if not merges:
+        left = [MergeEntry(r.block, LEFT, reason=r.reason) for r in done.refusals]
+        if not done.merges:
             break
         outcome.model, folds = fold_again(outcome.model)
         outcome.folded_norms.update(folds)
-        if not folds:
+        if not folds and not done.again:
             break
     outcome.entries.extend(left)
     return outcome

@@ -15,8 +15,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bnfold.backends.modules import TorchNumerics
-from bnfold.core.apply import LayerTensors, Statistics, merged_tensors, scale_shift
-from bnfold.core.graph import INPUT, LAYER, NORM, OP, OUTPUT, Geometry, Graph, LayerFacts, NormFacts, OpFacts
+from bnfold.core.apply import LayerTensors, Statistics, merge_one, merged_tensors, scale_shift
+from bnfold.core.graph import (
+    CONSTANT,
+    INPUT,
+    LAYER,
+    NORM,
+    OP,
+    OUTPUT,
+    Geometry,
+    Graph,
+    LayerFacts,
+    NormFacts,
+    Operand,
+    OpFacts,
+)
 from bnfold.core.merge import plan_merges
 from bnfold.onnx.adapter import NumpyNumerics
 
@@ -139,3 +152,153 @@ def test_identity_kernel_is_per_group() -> None:
                                       TorchNumerics())
         x = torch.randn(1, channels, 5, 5, generator=torch.Generator().manual_seed(1))
         assert torch.equal(F.conv2d(x, weight, bias, padding=1, groups=groups), x)
+
+
+# ------------------------------------------------------------------ linear combinations: signs and scales
+
+
+class _Access:
+    """A WeightAccess on plain dicts: what merge_one reads (layers, norm statistics, constants) and writes."""
+
+    def __init__(self, numerics: object, layers: dict[str, LayerTensors], statistics: dict[str, Statistics],
+                 constants: dict[str, object]) -> None:
+        self.numerics = numerics
+        self.layers, self.stats, self.constants = layers, statistics, constants
+        self.written: dict[str, tuple[object, object]] = {}
+
+    def statistics(self, norm: str) -> Statistics:
+        return self.stats[norm]
+
+    def read(self, layer: str) -> LayerTensors:
+        return self.layers[layer]
+
+    def write(self, layer: str, weight: object, bias: object) -> None:
+        self.written[layer] = (weight, bias)
+
+    def remove_norm(self, norm: str) -> None:
+        pass
+
+    def constant(self, name: str) -> object:
+        return self.constants[name]
+
+
+@st.composite
+def combinations(draw: st.DrawFn) -> dict[str, object]:
+    """A random tree over conv / identity / norm terms of one input: sums, differences, negations, and products
+    by a number or by a per-channel constant of shape (C, 1, 1) or (1, C, 1, 1)."""
+    groups = draw(st.sampled_from([1, 2, 4]))
+    channels = groups * draw(st.sampled_from([1, 2]))
+    kinds = draw(st.lists(st.sampled_from(["conv", "identity", "norm"]), min_size=2, max_size=5))
+    kernels = draw(st.lists(st.sampled_from([1, 3, 5]), min_size=len(kinds), max_size=len(kinds)))
+    steps = [(draw(st.sampled_from(["add", "sub"])), draw(st.integers(0, 10**6)),
+              draw(st.sampled_from(["none", "none", "number", "neg", "channels", "channels4"])))
+             for _ in range(len(kinds) - 1)]
+    return {"groups": groups, "channels": channels, "kinds": ["conv", *kinds[1:]], "kernels": kernels,
+            "steps": steps, "seed": draw(st.integers(0, 2**16))}
+
+
+def _combination_graph(spec: dict[str, object]) -> tuple[Graph, dict[str, object]]:
+    """The core graph of ``spec`` and what evaluating it needs (weights, statistics, constants, the float64 result
+    computed by torch on an input)."""
+    generator = torch.Generator().manual_seed(int(spec["seed"]))  # type: ignore[call-overload]
+    groups, channels = int(spec["groups"]), int(spec["channels"])  # type: ignore[call-overload]
+    x = torch.randn(2, channels, 9, 9, generator=generator, dtype=torch.float64)
+    graph = Graph(method="test")
+    source = graph.add_node(OP, "the operation relu", [graph.add_node(INPUT, "input").index], op=OpFacts("other")).index
+    layers: dict[str, LayerTensors] = {}
+    statistics: dict[str, Statistics] = {}
+    constants: dict[str, torch.Tensor] = {}
+    terms: list[tuple[int, torch.Tensor]] = []  # (node, its value on x)
+    for i, (kind, k) in enumerate(zip(spec["kinds"], spec["kernels"], strict=True)):  # type: ignore[call-overload]
+        if kind == "conv":
+            weight = torch.randn(channels, channels // groups, k, k, generator=generator, dtype=torch.float64)
+            bias = torch.randn(channels, generator=generator, dtype=torch.float64)
+            layers[f"conv{i}"] = LayerTensors(weight, bias, 0, groups)
+            geometry = Geometry((k, k), (1, 1), ((k // 2, k // 2),) * 2, (1, 1), groups)
+            graph.add_unit(f"conv{i}", LAYER, "Conv", layer=LayerFacts(channels, channels, 1, geometry=geometry))
+            node = graph.add_node(LAYER, f"conv{i}", [source], unit=f"conv{i}", shape=tuple(x.shape)).index
+            terms.append((node, F.conv2d(x, weight, bias, padding=k // 2, groups=groups)))
+        elif kind == "identity":
+            terms.append((source, x))
+        else:
+            stats = Statistics(torch.randn(channels, generator=generator, dtype=torch.float64),
+                               0.2 + 2 * torch.rand(channels, generator=generator, dtype=torch.float64), 1e-5,
+                               torch.randn(channels, generator=generator, dtype=torch.float64),
+                               torch.randn(channels, generator=generator, dtype=torch.float64))
+            statistics[f"bn{i}"] = stats
+            graph.add_unit(f"bn{i}", NORM, "BN", norm=NormFacts(channels))
+            node = graph.add_node(NORM, f"bn{i}", [source], unit=f"bn{i}", shape=tuple(x.shape)).index
+            scale, shift = scale_shift(stats, TorchNumerics())
+            terms.append((node, x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)))
+    (total, value), rest = terms[0], terms[1:]
+    for (op, number_seed, scaling), (term, term_value) in zip(spec["steps"], rest, strict=True):  # type: ignore[call-overload]
+        operands = (Operand(input=0), Operand(input=1))
+        total = graph.add_node(OP, op, [total, term], op=OpFacts(op, {"alpha": 1, "scalars": (), "operands": operands}),
+                               shape=tuple(x.shape)).index
+        value = value + term_value if op == "add" else value - term_value
+        if scaling == "number":
+            number = (number_seed % 2001 - 1000) / 250
+            value = value * number
+            total = graph.add_node(OP, "mul", [total], op=OpFacts("mul", {"operands": (
+                Operand(number=number), Operand(input=0))}), shape=tuple(x.shape)).index
+        elif scaling == "neg":
+            value = -value
+            total = graph.add_node(OP, "neg", [total], op=OpFacts("mul", {"operands": (
+                Operand(input=0), Operand(number=-1.0))}), shape=tuple(x.shape)).index
+        elif scaling.startswith("channels"):
+            name = f"gamma{len(constants)}"
+            shape = (channels, 1, 1) if scaling == "channels" else (1, channels, 1, 1)
+            gamma = torch.randn(shape, generator=generator, dtype=torch.float64)
+            constants[name] = gamma
+            value = value * gamma
+            read = graph.add_node(CONSTANT, f"the tensor '{name}'", shape=shape).index
+            total = graph.add_node(OP, "mul", [total, read], op=OpFacts("mul", {"operands": (
+                Operand(input=0), Operand(input=1, constant=name, shape=shape))}), shape=tuple(x.shape)).index
+    graph.add_node(OUTPUT, "output", [total])
+    return graph, {"x": x, "expected": value, "layers": layers, "statistics": statistics, "constants": constants}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(combinations())
+def test_merged_kernel_computes_the_signed_and_scaled_combination(spec: dict[str, object]) -> None:
+    """Planner coefficients and arithmetic together: one convolution with the merged kernel computes the tree."""
+    graph, values = _combination_graph(spec)
+    plan = plan_merges(graph)
+    assert plan.refusals == [], plan.refusals
+    (merge,) = plan.merges
+    access = _Access(TorchNumerics(), values["layers"], values["statistics"], values["constants"])  # type: ignore[arg-type]
+    merge_one(merge, access)  # type: ignore[arg-type]
+    weight, bias = access.written[merge.into]
+    x, expected = values["x"], values["expected"]
+    k = weight.shape[-1]  # type: ignore[attr-defined]
+    actual = F.conv2d(x, weight, bias, padding=k // 2, groups=int(spec["groups"]))  # type: ignore[arg-type, call-overload]
+    # float64 products and a few dozen terms per output; scales of up to 4 per step make magnitudes vary, so the
+    # error is taken against the largest term's magnitude
+    error = float((actual - expected).abs().max()) / max(float(expected.abs().max()), 1.0)  # type: ignore[union-attr]
+    assert error <= FLOAT64_TOLERANCE * 4 * k * k, error
+
+    # numpy numerics: the same arithmetic, the same tensors
+    numpy_access = _Access(NumpyNumerics(), {
+        name: LayerTensors(t.weight.numpy(), t.bias.numpy(), 0, t.groups) for name, t in access.layers.items()
+    }, {name: Statistics(*(a.numpy() if isinstance(a, torch.Tensor) else a for a in (
+        s.mean, s.var, s.eps, s.gamma, s.beta))) for name, s in access.stats.items()},
+        {name: c.numpy() for name, c in access.constants.items()})  # type: ignore[attr-defined]
+    merge_one(merge, numpy_access)  # type: ignore[arg-type]
+    numpy_weight, numpy_bias = numpy_access.written[merge.into]
+    np.testing.assert_allclose(numpy_weight, weight.numpy(), rtol=0, atol=4 * torch.finfo(torch.float64).eps  # type: ignore[attr-defined]
+                               * float(weight.abs().max()))  # type: ignore[attr-defined]
+    np.testing.assert_allclose(numpy_bias, bias.numpy(), rtol=0, atol=4 * torch.finfo(torch.float64).eps  # type: ignore[attr-defined]
+                               * float(bias.abs().max()))  # type: ignore[attr-defined]
+
+
+def test_a_float32_coefficient_times_a_float32_weight_is_rounded_once() -> None:
+    """c * W is exact in float64 for float32 factors: the merged float32 kernel is the correctly rounded sum."""
+    generator = torch.Generator().manual_seed(0)
+    big = torch.randn(4, 4, 3, 3, generator=generator)
+    small = torch.randn(4, 4, 1, 1, generator=generator)
+    gamma = torch.randn(4, generator=generator) * 1e-7
+    weight, _ = merged_tensors([(LayerTensors(big, None, 0), (0, 0)), (LayerTensors(small, None, 0), (1, 1))], [], (),
+                               TorchNumerics(), branch_coefficients=[None, gamma.double()])
+    exact = big.double()
+    exact[:, :, 1, 1] += gamma.double().reshape(4, 1) * small.double()[:, :, 0, 0]
+    assert torch.equal(weight, exact.float())

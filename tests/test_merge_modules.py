@@ -243,3 +243,179 @@ def test_linear_branches_and_identities_merge_into_one_linear() -> None:
     (merge,) = bnfold.report_for(folded).merges
     assert (merge.into, merge.layers, merge.identities) == ("fc1", ("fc2",), ("input", "bn"))
     assert conv_calls(folded, x) == 1 and count_batch_norm_calls(folded, [x]) == 0
+
+
+# ------------------------------------------------------------------ differences, scales and split sums
+
+
+def _timm_reference(model: nn.Module) -> nn.Module:
+    from timm.utils import reparameterize_model
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # timm's fuse() creates new float32 layers otherwise
+    try:
+        return reparameterize_model(copy.deepcopy(model))
+    finally:
+        torch.set_default_dtype(default)
+
+
+@torch.no_grad()
+def _random_layer_scales(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Layer scales of order 1 (timm starts them at 1e-5, where a wrong coefficient would hide in the rounding)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if name.endswith("gamma"):
+            parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return model
+
+
+def test_repmixer_merges_into_one_depthwise_conv() -> None:
+    """FastViT's RepMixer, x + gamma * (mixer(x) - norm(x)), is one depthwise convolution (as timm makes it)."""
+    fastvit = pytest.importorskip("timm.models.fastvit")
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+    model = _random_layer_scales(calibrated_by_training(fastvit.RepMixer(8), x)).double()
+    x = x.double()
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert_same_outputs(model, folded, x, dtype=torch.float64)
+    assert_same_outputs(_timm_reference(model), folded, x, dtype=torch.float64)
+    assert conv_calls(folded, x) == 1 and count_batch_norm_calls(folded, [x]) == 0
+    assert [n.op for n in folded.graph.nodes] == ["placeholder", "call_module", "output"]
+    (merge,) = bnfold.report_for(folded).merges
+    assert merge.into == "mixer.conv_kxk.0.conv" and merge.layers == ("mixer.conv_scale.conv",)
+    assert merge.identities == ("input", "mixer.identity", "norm.identity") and merge.kept == ()
+    assert not any(name.startswith("layer_scale") for name, _ in folded.named_parameters())
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("fastvit_t8", 10), ("repghostnet_100", 16)])
+def test_fastvit_and_repghostnet_merge_at_least_as_far_as_timm(name: str, blocks: int) -> None:
+    """fastvit_t8: every RepMixer merges (timm leaves 10 norms, bnfold none); repghostnet_100: the ghost modules
+    whose sum is added to the shortcut merge with the shortcut kept (timm leaves 48 norms, bnfold none)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = _random_layer_scales(calibrated_by_training(timm.create_model(name, num_classes=10), x)).double()
+    x = x.double()
+    folded = bnfold.fold(model, x, merge_branches=True)  # verified against the original at float64's tolerance
+    timm_model = _timm_reference(model)
+    assert_same_outputs(timm_model, folded, x, dtype=torch.float64)
+    assert count_batch_norm_calls(folded, [x]) == 0 < count_batch_norm_calls(timm_model, [x])
+    assert conv_calls(folded, x) <= conv_calls(timm_model, x)
+    report = bnfold.report_for(folded)
+    assert report.left == []
+    if name == "fastvit_t8":
+        mixers = [m for m in report.merges if m.status == "merged" and "norm.identity" in "".join(m.identities)]
+        assert len(mixers) == blocks and all(m.kept == () for m in mixers)
+    else:
+        split = [m for m in report.merges if m.kept]
+        assert len(split) == blocks and all(m.status == "merged" and "ghost2" in (m.into or "") for m in split)
+        assert all(m.status == "merged" for m in report.merges)
+
+
+class Residual(nn.Module):
+    """``dw3(x) + dw1(x) + bn(x)`` plus a residual of the block input (RepGhost's second ghost module)."""
+
+    def __init__(self, shortcut: bool) -> None:
+        super().__init__()
+        self.primary = nn.Conv2d(4, 8, 1)
+        self.dw3, self.dw1 = conv_bn(8, 8, 3, groups=8), conv_bn(8, 8, 1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.shortcut = conv_bn(4, 8, 1) if shortcut else None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        x = self.primary(y)
+        out = self.dw3(x) + self.dw1(x) + self.bn(x)
+        out += self.shortcut(y) if self.shortcut is not None else y.repeat(1, 2, 1, 1)
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_a_sum_with_a_residual_merges_the_terms_of_one_tensor(shortcut: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    model = calibrated_by_training(Residual(shortcut), x).double()
+    x = x.double()
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert_same_outputs(model, folded, x, dtype=torch.float64)
+    (merge,) = bnfold.report_for(folded).merges
+    assert (merge.status, merge.into, merge.layers, merge.identities) == ("merged", "dw3.0", ("dw1.0",), ("bn",))
+    assert merge.kept == (("shortcut_1",) if shortcut else ("repeat",))  # what the sum read: the folded norm
+    assert count_batch_norm_calls(folded, [x]) == 0
+    assert conv_calls(folded, x) == 2 + shortcut  # primary, the merged conv, the shortcut
+
+
+class Differences(nn.Module):
+    """Every way of writing a difference, a negation and a scale the module adapter reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gamma = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.register_buffer("beta", torch.randn(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        first = torch.sub(self.a(x), self.b(x)).mul(self.gamma)  # (a - b) * gamma
+        second = torch.rsub(self.bn(x), -self.c(x)) * 0.5  # (-c - bn) * 0.5
+        third = x.mul_(self.beta) if not torch.jit.is_scripting() else x  # x * beta, in place on relu's output
+        return first - second + third
+
+
+def test_differences_negations_and_scales_in_all_spellings_merge() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    model = calibrated_by_training(Differences(), x).double()
+    x = x.double()
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert_same_outputs(model, folded, x.clone(), dtype=torch.float64)
+    (merge,) = bnfold.report_for(folded).merges
+    assert merge.status == "merged" and set(merge.layers) | {merge.into} == {"a", "b", "c"}
+    assert merge.identities == ("bn", "input")
+    assert conv_calls(folded, x) == 1 and count_batch_norm_calls(folded, [x]) == 0
+
+
+class Unmergeable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.positions = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) + self.b(x) * torch.sigmoid(x)  # a gate computed from the input
+        return self.c(y) + self.d(y) * self.positions  # a scale per position, not per channel
+
+
+def test_products_that_are_no_per_channel_constant_are_left_with_their_reason() -> None:
+    torch.manual_seed(0)
+    model, x = Unmergeable().eval(), torch.randn(1, 4, 8, 8)
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert type(folded) is Unmergeable
+    reasons = sorted(m.reason or "" for m in bnfold.report_for(folded).merges)
+    assert reasons == [
+        "one of its terms is the operation x * y, a product of module 'b' (Conv2d) and the operation torch.sigmoid: "
+        "a non-constant multiplier",
+        "one of its terms is the operation x * y, which multiplies by 'positions' of shape (4, 8, 8): the scale is "
+        "not per channel",
+    ]
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return (y + y) + self.b(x)
+
+
+def test_a_layer_output_added_to_itself_is_left_not_merged_once() -> None:
+    """torch.fx lists y once among the inputs of y + y: merging used to count it once (caught by verification)."""
+    torch.manual_seed(0)
+    model, x = Twice().eval(), torch.randn(1, 4, 8, 8)
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert type(folded) is Twice
+    (merge,) = bnfold.report_for(folded).merges
+    assert merge.reason == "it adds the output of module 'a' (Conv2d) to itself"

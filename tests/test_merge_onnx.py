@@ -131,3 +131,117 @@ def test_two_gemms_reading_one_input_merge_into_one() -> None:
     assert [node.op_type for node in merged.model.graph.node] == ["Gemm", "Relu"]
     assert merged.report.verification is not None and merged.report.verification["passed"]
     assert [(m.into, m.layers) for m in merged.report.merges] == [("head", ("head_dist",))]
+
+
+# ------------------------------------------------------------------ differences, scales and split sums
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+def test_exported_repmixer_is_one_conv() -> None:
+    """x + gamma * (mixer(x) - norm(x)) as the exporter writes it (Sub, Mul by a (C, 1, 1) initializer, Add)."""
+    fastvit = pytest.importorskip("timm.models.fastvit")
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+    model = calibrated_by_training(fastvit.RepMixer(8), x)
+    with torch.no_grad():
+        model.layer_scale.gamma.copy_(0.5 * torch.randn(8, 1, 1))
+    exported = export(model, x[:1])
+    assert {"Sub", "Mul"} <= set(op_types(exported))
+    merged = bnfold_onnx.fold(exported, merge_branches=True)
+    assert op_types(merged.model) == ["Conv"] and merged.model.graph.node[0].output[0] == "y"
+    assert [i.name for i in merged.model.graph.initializer if "gamma" in i.name] == []  # the scale went into it
+    report = merged.report
+    assert report.verification is not None and report.verification["passed"]
+    (entry,) = report.merges
+    assert entry.status == "merged" and len(entry.identities) == 3 and entry.kept == ()
+
+
+@pytest.mark.parametrize("name", ["fastvit_t8", "repghostnet_100"])
+def test_fastvit_and_repghostnet_merge_in_onnx_as_far_as_with_the_module(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = timm.create_model(name, num_classes=10)
+    with torch.no_grad():  # gammas near 1: a random deep network that stays well conditioned in float32
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.num_features))
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith("gamma"):
+                parameter.copy_(0.1 * torch.randn(parameter.shape))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x + torch.randn(x.shape))
+    model.eval()
+    exported = export(model, x[:1])
+    merged = bnfold_onnx.fold(exported, merge_branches=True)
+    assert merged.report.verification is not None and merged.report.verification["passed"]
+    module = bnfold.fold(model, x, merge_branches=True)
+    counts = op_counts(merged.model)
+    assert counts["BatchNormalization"] == count_batch_norm_calls(module, [x]) == 0
+    assert counts["Conv"] + 1 == conv_calls(module, x)  # the classifier is a Gemm in ONNX
+    module_blocks = sorted((m.into, m.status, len(m.kept)) for m in bnfold.report_for(module).merges
+                           if m.status == "merged")
+    onnx_merged = [m for m in merged.report.merges if m.status == "merged"]
+    assert len(onnx_merged) == len(module_blocks)
+    assert sorted(len(m.kept) for m in onnx_merged) == sorted(kept for _, _, kept in module_blocks)
+    assert "Sub" not in op_types(merged.model)
+
+
+def _combination_graph(gamma_shape: tuple[int, ...], residual: bool) -> onnx.ModelProto:
+    """``-(conv3(x) - conv1(x)) * gamma + Neg(... )`` plus, optionally, the graph input ``r`` added as a residual."""
+    generator = torch.Generator().manual_seed(0)
+    inits = [numpy_helper.from_array(torch.randn(4, 4, k, k, generator=generator).numpy(), f"w{k}") for k in (3, 1)]
+    inits.append(numpy_helper.from_array(torch.randn(*gamma_shape, generator=generator).numpy(), "gamma"))
+    nodes = [
+        helper.make_node("Relu", ["x"], ["xr"], name="relu"),
+        helper.make_node("Conv", ["xr", "w3"], ["a"], name="conv3", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["xr", "w1"], ["b"], name="conv1"),
+        helper.make_node("Sub", ["a", "b"], ["d"], name="difference"),
+        helper.make_node("Neg", ["d"], ["n"], name="negate"),
+        helper.make_node("Mul", ["n", "gamma"], ["s"], name="scale"),
+        helper.make_node("Add", ["s", "xr"], ["t"], name="identity"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])]
+    if residual:
+        nodes.append(helper.make_node("Add", ["t", "r"], ["y"], name="residual"))
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4, 8, 8]))
+    else:
+        nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_hand_built_differences_negations_scales_and_residuals_merge(residual: bool) -> None:
+    merged = bnfold_onnx.fold(_combination_graph((1, 4, 1, 1), residual), merge_branches=True)
+    assert op_types(merged.model) == ["Relu", "Conv"] + (["Add"] if residual else [])
+    assert merged.model.graph.node[-1].output[0] == "y"
+    if residual:
+        assert list(merged.model.graph.node[-1].input)[1] == "r"
+    assert merged.report.verification is not None and merged.report.verification["passed"]
+    (entry,) = merged.report.merges
+    assert (entry.into, entry.layers, entry.identities) == ("conv3", ("conv1",), ("input",))
+    assert entry.kept == (("the graph input 'r'",) if residual else ())
+
+
+@pytest.mark.parametrize(("shape", "reason"), [
+    ((1, 1, 1, 4), "'scale' (Mul) multiplies by 'gamma' of shape (1, 1, 1, 4): the scale is not per channel of "
+                   "'conv3' (4 channels on axis 1)"),
+    ((4, 8, 8), None),  # several values per channel: the product bounds the tree (below)
+])
+def test_hand_built_scales_that_are_not_per_channel_are_left(shape: tuple[int, ...], reason: str | None) -> None:
+    original = _combination_graph(shape, False)
+    merged = bnfold_onnx.fold(original, merge_branches=True)
+    if reason is not None:
+        (entry,) = merged.report.merges
+        assert entry.status == "left" and entry.reason == reason
+        assert op_types(merged.model) == op_types(original)  # nothing changed (so nothing to verify)
+    else:  # the negated difference inside the product merges on its own (sign -1); the sum with the input has no
+        # layer term
+        assert op_types(merged.model) == ["Relu", "Conv", "Mul", "Add"]
+        assert merged.report.verification is not None and merged.report.verification["passed"]

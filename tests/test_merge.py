@@ -126,11 +126,13 @@ def test_without_the_fold_plan_the_norms_between_are_not_looked_through() -> Non
     # bn3 / bn1 not folded: the sum reads three norms and no layer, so it is no block to merge
     plan = plan_merges(repvgg().graph)
     assert plan.merges == [] and plan.refusals == []
-    # only bn3 folded: bn1 is a norm of conv1's output, another tensor than x, so it is not looked through; the
-    # sum is split, conv3(x) + bn(x) merge into conv3 and bn1(conv1(x)) stays added to it
     only_bn3 = FoldPlan([Fold("bn3", ("conv3",), FORWARD)], [], "test")
+    (refusal,) = plan_merges(repvgg().graph, only_bn3).refusals
+    assert "comes from module 'bn1' (BatchNorm2d)" in refusal.reason
+    # where the adapter splits sums: bn1 is a norm of conv1's output, another tensor than x, still not looked
+    # through; conv3(x) + bn(x) merge into conv3 and bn1(conv1(x)) stays added to it
     b = repvgg()
-    plan = plan_merges(b.graph, only_bn3)
+    plan = plan_merges(b.graph, only_bn3, split_sums=True)
     assert plan.refusals == []
     (merge,) = plan.merges
     assert merge.into == "conv3" and merge.merged_layers == () and merge.norms == ("bn",)
@@ -449,7 +451,8 @@ def split_block(*, residual: str = "input", negate: bool = False) -> tuple[Build
 @pytest.mark.parametrize("residual", ["input", "conv"])
 def test_terms_reading_one_tensor_merge_and_the_residual_stays_added(residual: str) -> None:
     b, at = split_block(residual=residual)
-    plan = plan_merges(b.graph)
+    assert plan_merges(b.graph).merges == []  # split only where the adapter asks for it
+    plan = plan_merges(b.graph, split_sums=True)
     assert plan.refusals == [] and not plan.again
     (merge,) = plan.merges
     assert merge.root == at["root"] and merge.into == "dw3" and merge.merged_layers == ("dw1",)
@@ -461,7 +464,7 @@ def test_terms_reading_one_tensor_merge_and_the_residual_stays_added(residual: s
 
 def test_a_subtracted_residual_is_not_split_off() -> None:
     b, _ = split_block(negate=True)
-    (refusal,) = plan_merges(b.graph).refusals
+    (refusal,) = plan_merges(b.graph, split_sums=True).refusals
     assert refusal.reason == ("its terms read different tensors, and a model input, which would stay added to the "
                               "merged layer's output, enters the sum scaled or subtracted")
 
@@ -471,7 +474,7 @@ def test_a_split_that_removes_no_layer_or_norm_is_not_made() -> None:
     y = b.input()
     x = b.op("other", y, label="the operation relu")
     b.output(b.add(b.add(b.layer("conv", x, conv_geometry(3)), x), y))  # conv(x) + x: only an addition to save
-    (refusal,) = plan_merges(b.graph).refusals
+    (refusal,) = plan_merges(b.graph, split_sums=True).refusals
     assert refusal.reason.startswith("one of its terms comes from a model input, which is not a conv or linear layer")
 
 
@@ -481,7 +484,9 @@ def test_of_two_tensors_whose_terms_merge_the_larger_saving_goes_first_and_anoth
     total = b.add(b.add(b.layer("x3", x, conv_geometry(3)), b.layer("x1", x, conv_geometry(1))),
                   b.add(b.add(b.layer("y3", y, conv_geometry(3)), b.layer("y1", y, conv_geometry(1))), b.norm("bn", y)))
     b.output(total)
-    plan = plan_merges(b.graph)
+    plan = plan_merges(b.graph, split_sums=True)
     (merge,) = plan.merges
     assert merge.into == "y3" and plan.again
+    (refusal,) = plan_merges(b.graph).refusals  # an adapter that does not split sums
+    assert refusal.reason.startswith("its branches read different tensors")
     assert [b.graph.nodes[i].label for i in merge.kept] == ["module 'x3' (Conv2d)", "module 'x1' (Conv2d)"]

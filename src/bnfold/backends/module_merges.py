@@ -114,7 +114,7 @@ def merge_once(model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...
         module.training = model.training  # a new Module starts in training mode; its submodules are the model's
     flow = capture_fx(module, registry, inputs, graph=module.graph)
     core = to_graph(module, flow, registry)
-    plan = plan_merges(core)
+    plan = plan_merges(core, split_sums=True)
     nodes = [site.origin for site in flow.sites]
     outcome = MergeRound(None, refusals=[dataclasses.replace(r, block=nodes[r.root].name) for r in plan.refusals],
                          again=plan.again)

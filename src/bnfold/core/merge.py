@@ -200,10 +200,11 @@ def _channel_axes(shape: tuple[int, ...]) -> list[int]:
 
 
 class _MergePlanner:
-    def __init__(self, graph: Graph, fold_plan: FoldPlan | None) -> None:
+    def __init__(self, graph: Graph, fold_plan: FoldPlan | None, split_sums: bool) -> None:
         self.graph = graph
         self.nodes = graph.nodes
         self.folded = {fold.norm for fold in fold_plan.folds} if fold_plan is not None else set()
+        self.split_sums = split_sums
 
     # ------------------------------------------------------------------------------------------ the trees
 
@@ -361,7 +362,8 @@ class _MergePlanner:
         whole = [g for g in groups.values() if len(g) == len(leaves)]
         if whole:
             return self.plan_block(root, ops, leaves), False
-        candidates = sorted((g for g in groups.values() if self.removes(g)), key=lambda g: -self.removes(g))
+        candidates = sorted((g for g in groups.values() if self.removes(g)), key=lambda g: -self.removes(g)) \
+            if self.split_sums else []
         if not candidates:
             self.plan_block(root, ops, leaves)  # raises the reason the whole tree cannot merge
             raise AssertionError("a tree whose terms read different tensors merged whole")  # pragma: no cover
@@ -639,14 +641,16 @@ def _show(padding: tuple[tuple[int, int], ...]) -> str:
     return str(padding)
 
 
-def plan_merges(graph: Graph, fold_plan: FoldPlan | None = None) -> MergePlan:
+def plan_merges(graph: Graph, fold_plan: FoldPlan | None = None, *, split_sums: bool = False) -> MergePlan:
     """Decide which add trees of ``graph`` merge into one layer, once the norms of ``fold_plan`` are folded.
 
     ``fold_plan``: the folds applied before the merges (their norms are identities now); ``None`` when the graph
-    was read after folding. Every add tree that has a layer among its terms is either merged or refused with a
-    reason; the merges are disjoint (a layer or norm belongs to one tree at most).
+    was read after folding. ``split_sums``: also split trees whose terms read different tensors (merges with
+    :attr:`Merge.kept` terms); an adapter passes True once its rewrite adds the kept terms to the merged layer's
+    output, so one that does not know them never gets such a merge. Every add tree that has a layer among its terms
+    is either merged or refused with a reason; the merges are disjoint (a layer or norm belongs to one tree at most).
     """
-    return _MergePlanner(graph, fold_plan).run()
+    return _MergePlanner(graph, fold_plan, split_sums).run()
 
 
 __all__ = ["ONE", "Branch", "Coefficient", "Geometry", "IdentityBranch", "Merge", "MergePlan", "MergeRefusal",

@@ -220,7 +220,7 @@ def merge_once(model: onnx.ModelProto) -> OnnxMergeRound:
     """One round on ``model`` (a copy the caller owns, folded already): plan, compute, rewrite in place."""
     translation = to_graph(model)
     nodes = annotate(model, translation)
-    plan = plan_merges(translation.graph)
+    plan = plan_merges(translation.graph, split_sums=True)
     graph = translation.graph
 
     def name_of(index: int) -> str:

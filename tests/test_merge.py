@@ -476,6 +476,9 @@ def test_a_split_that_removes_no_layer_or_norm_is_not_made() -> None:
     b.output(b.add(b.add(b.layer("conv", x, conv_geometry(3)), x), y))  # conv(x) + x: only an addition to save
     (refusal,) = plan_merges(b.graph, split_sums=True).refusals
     assert refusal.reason.startswith("one of its terms comes from a model input, which is not a conv or linear layer")
+    assert refusal.reason.endswith("; merging only the terms that read one tensor would remove no layer or norm")
+    (refusal,) = plan_merges(b.graph).refusals
+    assert refusal.reason.endswith("or that tensor itself")  # without splits, the reason as before
 
 
 def test_of_two_tensors_whose_terms_merge_the_larger_saving_goes_first_and_another_round_is_asked() -> None:

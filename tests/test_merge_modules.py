@@ -393,11 +393,12 @@ def test_products_that_are_no_per_channel_constant_are_left_with_their_reason() 
     folded = bnfold.fold(model, x, merge_branches=True)
     assert type(folded) is Unmergeable
     reasons = sorted(m.reason or "" for m in bnfold.report_for(folded).merges)
+    no_split = "; merging only the terms that read one tensor would remove no layer or norm"
     assert reasons == [
         "one of its terms is the operation x * y, a product of module 'b' (Conv2d) and the operation torch.sigmoid: "
-        "a non-constant multiplier",
+        "a non-constant multiplier" + no_split,
         "one of its terms is the operation x * y, which multiplies by 'positions' of shape (4, 8, 8): the scale is "
-        "not per channel",
+        "not per channel" + no_split,
     ]
 
 
@@ -418,4 +419,4 @@ def test_a_layer_output_added_to_itself_is_left_not_merged_once() -> None:
     folded = bnfold.fold(model, x, merge_branches=True)
     assert type(folded) is Twice
     (merge,) = bnfold.report_for(folded).merges
-    assert merge.reason == "it adds the output of module 'a' (Conv2d) to itself"
+    assert (merge.reason or "").startswith("it adds the output of module 'a' (Conv2d) to itself")

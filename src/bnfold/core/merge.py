@@ -365,7 +365,13 @@ class _MergePlanner:
         candidates = sorted((g for g in groups.values() if self.removes(g)), key=lambda g: -self.removes(g)) \
             if self.split_sums else []
         if not candidates:
-            self.plan_block(root, ops, leaves)  # raises the reason the whole tree cannot merge
+            try:
+                self.plan_block(root, ops, leaves)  # raises the reason the whole tree cannot merge
+            except _Refused as refusal:
+                if not self.split_sums:
+                    raise
+                raise _Refused(f"{refusal}; merging only the terms that read one tensor would remove no layer or "
+                               f"norm") from None
             raise AssertionError("a tree whose terms read different tensors merged whole")  # pragma: no cover
         first: _Refused | None = None
         for group in candidates:

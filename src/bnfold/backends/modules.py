@@ -43,6 +43,7 @@ from ..core.graph import (
 )
 from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
 from .capture import Dataflow, Site, TensorRef
+from .module_tree import ModuleTree
 
 # ------------------------------------------------------------------------------------------- the facts table
 
@@ -140,8 +141,13 @@ def _function_facts(site: Site) -> OpFacts:
     return OpFacts(kind)
 
 
+_KIND_OF_TYPE: dict[type, str] = {}  # _MODULE_KINDS resolved once per module class
+
+
 def _module_facts(module: nn.Module) -> OpFacts:
-    kind = next((k for types, k in _MODULE_KINDS if isinstance(module, types)), "other")
+    kind = _KIND_OF_TYPE.get(type(module))
+    if kind is None:
+        kind = _KIND_OF_TYPE[type(module)] = next((k for types, k in _MODULE_KINDS if isinstance(module, types)), "other")
     if kind == "dropout":
         return OpFacts(kind, {"training": module.training})
     if kind == "avg_pool":
@@ -264,18 +270,20 @@ def geometry(module: nn.Module, rule: LinearLayerRule) -> Geometry | None:
 
 
 class _Translator:
-    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry) -> None:
+    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree) -> None:
         self.model = model
         self.flow = flow
         self.registry = registry
+        self.tree = tree
         self.calls = flow.module_sites()
         self.param_reads = flow.param_reads()
-        self.names_of: dict[int, list[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            self.names_of.setdefault(id(module), []).append(name)
-        self.param_owners: dict[int, list[str]] = {}
-        for name, tensor in model.named_parameters(remove_duplicate=False):
-            self.param_owners.setdefault(id(tensor), []).append(name)
+        self.names_of = tree.names_of
+        self.param_owners: dict[int, list[str]] = {}  # every qualified name of each parameter
+        for module_name, module in tree.by_name.items():
+            prefix = f"{module_name}." if module_name else ""
+            for own_name, tensor in module._parameters.items():
+                if tensor is not None:
+                    self.param_owners.setdefault(id(tensor), []).append(prefix + own_name)
 
     def module_problem(self, name: str, module: nn.Module, what: str) -> str | None:
         """Why ``module`` must not be touched at all, whatever it is paired with."""
@@ -292,11 +300,16 @@ class _Translator:
         if hooks:
             return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
         aliases = self.names_of.get(id(module), [name])
-        for own_name, tensor in module.named_parameters(recurse=False):
+        for own_name, tensor in module._parameters.items():
+            owners = self.param_owners.get(id(tensor), []) if tensor is not None else []
+            if len(owners) <= len(aliases):  # only its own names (the common case: nothing to compare)
+                continue
             own_names = {f"{alias}.{own_name}" if alias else own_name for alias in aliases}
-            others = [owner for owner in self.param_owners.get(id(tensor), []) if owner not in own_names]
+            others = [owner for owner in owners if owner not in own_names]
             if others:
                 return f"the {what} '{name}' shares its parameter '{own_name}' with '{others[0]}'"
+        if not self.param_reads:
+            return None
         own_tensors = {
             f"{alias}.{tensor_name}" if alias else tensor_name
             for alias in aliases
@@ -368,11 +381,7 @@ class _Translator:
 
     def translate(self) -> Graph:
         graph = Graph(method=self.flow.method, shapes_known=self.flow.shapes_known, notes=list(self.flow.notes))
-        seen: set[int] = set()
-        for name, module in self.model.named_modules():
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
+        for name, module in self.tree.unique:
             if self.registry.is_norm_candidate(module):
                 graph.add_unit(name, NORM, type(module).__name__, norm=self.norm_facts(name, module))
             elif (facts := self.layer_facts(name, module)) is not None:
@@ -402,9 +411,9 @@ def _channels_guess(module: nn.Module) -> int:
     return int(mean.shape[0])
 
 
-def to_graph(model: nn.Module, flow: Dataflow, registry: LayerRegistry) -> Graph:
-    """The core graph of ``model`` as ``flow`` captured it."""
-    return _Translator(model, flow, registry).translate()
+def to_graph(model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree | None = None) -> Graph:
+    """The core graph of ``model`` as ``flow`` captured it (``tree``: the model's :class:`ModuleTree`, if made)."""
+    return _Translator(model, flow, registry, tree if tree is not None else ModuleTree(model)).translate()
 
 
 # --------------------------------------------------------------------------------------------- writing back
@@ -424,6 +433,10 @@ class TorchNumerics:
         return array.to(device=like.device, dtype=like.dtype)
 
     def finite(self, array: torch.Tensor) -> bool:
+        if array.device.type == "cpu" and array.numel() < 1 << 20:
+            # numpy's single-threaded check: on up to a million values, waking torch's thread pool costs more
+            return bool(np.isfinite(array.detach().numpy()).all()) if array.dtype != torch.bfloat16 else bool(
+                torch.isfinite(array).all())
         # One reduction instead of isfinite + all: a sum is finite only if every term is (NaN and inf propagate);
         # a sum that overflows although every term is finite is checked element by element.
         if bool(torch.isfinite(array.sum())):
@@ -433,12 +446,14 @@ class TorchNumerics:
     def dtype_name(self, array: torch.Tensor) -> str:
         return str(array.dtype).removeprefix("torch.")
 
-    def all_finite(self, arrays: list[torch.Tensor]) -> bool:
-        if not arrays:
-            return True
-        flat = torch.cat([a.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for a in arrays])
-        # numpy's single-threaded check: on a few hundred thousand values, waking torch's thread pool costs more
-        return bool(np.isfinite(flat.numpy()).all())
+    def concat64(self, arrays: list[torch.Tensor]) -> torch.Tensor:
+        flat = [a.detach() if a.dim() == 1 else a.detach().reshape(-1) for a in arrays]
+        if all(a.device == flat[0].device and a.dtype == flat[0].dtype for a in flat):
+            return torch.cat(flat).to(device="cpu", dtype=torch.float64)  # one conversion, not one per array
+        return torch.cat([a.to(device="cpu", dtype=torch.float64) for a in flat])
+
+    def repeat64(self, values: list[float], counts: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.repeat(np.asarray(values, dtype=np.float64), counts))
 
     def scalable_in_place(self, weight: torch.Tensor) -> bool:
         return weight.dtype in (torch.float32, torch.float64) and weight.is_contiguous() and not weight.is_inference()
@@ -498,21 +513,24 @@ class ModuleWeights:
     numerics = TorchNumerics()
 
     def __init__(
-        self, model: nn.Module, registry: LayerRegistry, rollback: Rollback | None = None, *, in_place: bool = False
+        self,
+        model: nn.Module,
+        registry: LayerRegistry,
+        rollback: Rollback | None = None,
+        *,
+        in_place: bool = False,
+        tree: ModuleTree | None = None,
     ) -> None:
         self.model = model
         self.registry = registry
         self.rollback = rollback or Rollback()
         self.in_place = in_place  # weights may be multiplied where they are (see Rollback)
         self.rules: dict[str, LinearLayerRule] = {}
-        self.slots: dict[int, list[tuple[nn.Module, str]]] = {}
-        for parent in model.modules():
-            for child_name, child in parent._modules.items():
-                if child is not None:
-                    self.slots.setdefault(id(child), []).append((parent, child_name))
+        self.tree = tree if tree is not None else ModuleTree(model)
+        self.slots = self.tree.slots
 
     def _layer(self, name: str) -> tuple[nn.Module, LinearLayerRule]:
-        module = self.model.get_submodule(name)
+        module = self.tree.get(name)
         if name not in self.rules:
             rule, _ = layer_rule(module, self.registry)
             assert rule is not None, f"'{name}' was planned as a layer"
@@ -520,7 +538,7 @@ class ModuleWeights:
         return module, self.rules[name]
 
     def _norm(self, name: str) -> tuple[nn.Module, NormRule]:
-        module = self.model.get_submodule(name)
+        module = self.tree.get(name)
         rule = self.registry.norm(module).rule
         assert isinstance(rule, NormRule)
         return module, rule

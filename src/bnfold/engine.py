@@ -20,7 +20,7 @@ from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
-from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
+from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
 from .report import FOLDED, LEFT, MERGE, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
 
@@ -101,7 +101,9 @@ def _projected_parameters(tree: ModuleTree, the_plan: FoldPlan, registry: LayerR
     for fold in the_plan.folds:
         norm = tree.get(fold.norm)
         rule = registry.norm(norm).rule
-        replacement = rule.replacement(norm) if isinstance(rule, NormRule) else None
+        replacement = None
+        if isinstance(rule, NormRule) and rule.replacement is not identity_replacement:  # Identity keeps nothing
+            replacement = rule.replacement(norm)
         kept = {id(p) for p in replacement.parameters()} if replacement is not None else set()
         removed += sum(p.numel() for p in norm.parameters() if id(p) not in kept and not isinstance(p, lazy))
     added = 0

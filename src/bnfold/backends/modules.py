@@ -376,7 +376,7 @@ class _Translator:
             channel_dim=rule.channel_dim,
             problem=problem,
             backward_blocker=rule.backward_blocker(module),
-            negative_scales=0 if gamma is None else int((gamma.detach() < 0).sum()),
+            negative_scales=0 if gamma is None else _count_negative(gamma),
         )
 
     def translate(self) -> Graph:
@@ -402,6 +402,13 @@ class _Translator:
             else:
                 graph.add_node(OP, label, site.inputs, shape=site.shape, op=_function_facts(site))
         return graph
+
+
+def _count_negative(values: torch.Tensor) -> int:
+    values = values.detach()
+    if values.device.type == "cpu" and values.dtype != torch.bfloat16:
+        return int(np.count_nonzero(values.numpy() < 0))  # a few hundred values: numpy, no torch dispatch
+    return int((values < 0).sum())
 
 
 def _channels_guess(module: nn.Module) -> int:
@@ -459,6 +466,8 @@ class TorchNumerics:
         return weight.dtype in (torch.float32, torch.float64) and weight.is_contiguous() and not weight.is_inference()
 
     def max_abs(self, array: torch.Tensor) -> float:
+        if array.device.type == "cpu" and array.numel() < 1 << 16 and array.dtype != torch.bfloat16:
+            return float(np.abs(array.detach().numpy()).max(initial=0.0))  # a norm's scales: no thread pool
         low, high = torch.aminmax(array.detach())  # one pass, no copy (vector_norm(inf) is ~10x slower on CPU)
         return max(float(high), -float(low))
 

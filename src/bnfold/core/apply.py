@@ -215,7 +215,7 @@ def _in_place_is_safe(tensors: LayerTensors, factors: Array, numerics: Numerics)
     weight times the largest factor, with a margin for rounding), so no check of the result is needed."""
     if not numerics.scalable_in_place(tensors.weight):
         return False
-    largest_factor = float(abs(factors).max())
+    largest_factor = numerics.max_abs(factors)
     if largest_factor <= 1:  # no product grows: a finite weight stays finite
         return True
     bound = numerics.max_abs(tensors.weight) * largest_factor

@@ -55,8 +55,7 @@ def _check_model(model: Any, registry: LayerRegistry) -> ModuleTree:
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"bnfold folds torch.nn.Module models, got {type(model).__name__}")
     tree = ModuleTree(model)
-    meta = next((name for name, t, is_parameter in tree.tensors() if is_parameter and t.is_meta), None) or next(
-        (name for name, t, _ in tree.tensors() if t.is_meta), None)
+    meta = tree.census.first_meta
     if meta is not None:
         raise InvalidInputError(
             f"the tensor '{meta}' of {type(model).__name__} is on the meta device: its weights are not materialised, "
@@ -82,13 +81,8 @@ def _norm_entry(tree: ModuleTree, name: str, registry: LayerRegistry, status: st
 
 def _count(model: nn.Module | ModuleTree) -> tuple[int, int]:
     """The model's parameter and buffer counts (from its tree, if it has one made already)."""
-    tree = model if isinstance(model, ModuleTree) else ModuleTree(model)
-    lazy = nn.parameter.UninitializedTensorMixin  # a lazy module's tensors have no size yet
-    counts = [0, 0]
-    for _, tensor, is_parameter in tree.tensors():
-        if not isinstance(tensor, lazy):
-            counts[0 if is_parameter else 1] += tensor.numel()
-    return counts[0], counts[1]
+    census = (model if isinstance(model, ModuleTree) else ModuleTree(model)).census
+    return census.parameters, census.buffers
 
 
 def _projected_parameters(tree: ModuleTree, the_plan: FoldPlan, registry: LayerRegistry, parameters: int) -> int:

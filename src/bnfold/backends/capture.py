@@ -218,6 +218,21 @@ class _Tracer(fx.Tracer):
             self._leaf[id(m)] = leaf
         return leaf
 
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # A leaf is one call node; fx's scope and module-stack bookkeeping around it feeds node metadata that
+        # nothing here reads (the dataflow names modules by their qualified name, the node's target).
+        name = self.path_of_module(m)
+        if self.is_leaf_module(m, name):
+            return self.create_proxy("call_module", name, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any | None = None) -> fx.Node:
+        if kind == "call_function" and self.check_mutable_operations:
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        # Without fx's copy of the module stack and scope into every node's metadata (unused here).
+        return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, fx.Proxy):  # what fx's own create_arg does for these, without its dispatch
             return a.node

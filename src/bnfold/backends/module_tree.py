@@ -10,10 +10,21 @@ is made per model and per pass, and the names it resolves are those the plan was
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorCensus:
+    """What a report counts, and what must be checked before folding: see :attr:`ModuleTree.census`."""
+
+    parameters: int
+    buffers: int
+    first_meta: str | None  # a tensor on the meta device (a parameter's name first), or None
 
 
 class ModuleTree:
@@ -47,6 +58,20 @@ class ModuleTree:
     def first_name(self, module: nn.Module) -> str:
         """The module's first qualified name, so a module reachable under two names gets one name in the dataflow."""
         return self.names_of[id(module)][0]
+
+    @functools.cached_property
+    def census(self) -> TensorCensus:
+        """Parameter and buffer counts, and the first tensor on the meta device: one pass over :meth:`tensors`."""
+        counts = [0, 0]
+        meta: list[str | None] = [None, None]  # the first parameter, the first buffer
+        lazy = nn.parameter.UninitializedTensorMixin  # a lazy module's tensors have no size yet
+        for name, tensor, is_parameter in self.tensors():
+            kind = 0 if is_parameter else 1
+            if tensor.is_meta and meta[kind] is None:
+                meta[kind] = name
+            if not isinstance(tensor, lazy):
+                counts[kind] += tensor.numel()
+        return TensorCensus(counts[0], counts[1], meta[0] or meta[1])
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor, bool]]:
         """Every parameter and buffer once, as ``(qualified name, tensor, is_parameter)``: what

@@ -134,6 +134,21 @@ def test_inplace_folds_the_model_and_merges_a_copy(prepared: tuple[nn.Module, to
     assert_same_outputs(original, folded, x)
 
 
+def test_plan_previews_the_merges_and_leaves_the_model_alone(prepared: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = prepared
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = bnfold.plan(model, x, merge_branches=True)
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert not report.applied
+    assert report.merges == bnfold.report_for(folded).merges
+    assert {m.into for m in report.merges} == {"0.kxk.0", "1.kxk.0", "2.kxk.0", "3.conv.0"}
+    assert report.parameters_after == sum(p.numel() for p in folded.parameters())
+    assert "would merge add_3: 1.scale.0, identity (1.identity) into 1.kxk.0" in str(report).splitlines()[-3]
+    assert not any(line.lstrip().startswith("merged") for line in str(report).splitlines())
+    assert type(model) is nn.Sequential and conv_calls(model, x) == 9
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
 class Refused(nn.Module):
     """A 3x3 and a 1x1 whose paddings do not centre it, and a sum with an activation in one branch."""
 

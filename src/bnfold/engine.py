@@ -147,14 +147,29 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegis
     return _Planned(the_plan, _report(tree, the_plan, registry), flow, tree, maps)
 
 
-def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: LayerRegistry | None = None) -> FoldReport:
+def plan(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    registry: LayerRegistry | None = None,
+    merge_branches: bool = False,
+) -> FoldReport:
     """Dry run: the report of what :func:`fold` would do, without changing anything.
 
     ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) are needed only for models that
     torch.fx cannot trace; given anyway, they let bnfold check activation shapes and that the traced graph is the
     model.
+
+    With ``merge_branches=True`` the report also lists the blocks of summed branches that would merge, and why the
+    others would not. Whether a block merges depends on the folds made before it (a norm folded into a branch makes
+    it a plain layer), so this preview folds and merges a copy of ``model``; the model itself is not touched.
     """
     registry = registry or DEFAULT_REGISTRY
+    if merge_branches:
+        preview = fold(model, example_inputs, verify=False, registry=registry, merge_branches=True)
+        report = dataclasses.replace(_reports[preview], applied=False)
+        del preview
+        return report
     with MODEL_CALLS_LOCK:
         planned = _plan(model, as_input_tuple(example_inputs), registry)
     with torch.no_grad():

@@ -13,6 +13,8 @@ activations well scaled (the timm models get gammas near 1 for that, as in test_
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,7 @@ from bnfold.backends.pt2_safety import load_exported
 from bnfold.layers import CONV_RULE
 from bnfold.report import MERGED
 from conftest import assert_same_outputs, calibrated_by_training
+from test_cli import bnfold_cli
 from test_merge_modules import net
 
 _CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "linear"})
@@ -293,3 +296,21 @@ def test_a_stored_zero_and_a_scalar_zero_count_for_nothing_in_a_sum() -> None:
     assert [(m.status, m.into, m.layers) for m in report.merges] == [(MERGED, "a", ("b",))]
     assert set(merged.state_dict) == {"a.weight", "a.bias"}  # the zero is read by nothing any more
     assert_same_outputs(program.module(), merged.module(), x)
+
+
+def test_cli_merges_a_pt2_file_and_leaves_the_input_as_it_was(tmp_path: Path) -> None:
+    x = _x(2, 3, 16, 16)
+    model = calibrated_by_training(net(), x)
+    source = tmp_path / "net.pt2"
+    torch.export.save(_export(model, x[:1]), source)
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    done = bnfold_cli("fold", "net.pt2", "--merge-branches", "-o", "merged.pt2", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert [m["status"] for m in payload["report"]["merges"]] == [MERGED] * 4
+    assert payload["report"]["verification"]["passed"] and payload["written_file_check"]["passed"]
+    written = load_exported(tmp_path / "merged.pt2")
+    assert _count(written, _NORMS) == 0 and _count(written, _CONVS) == 5
+    assert_same_outputs(model, written.module(), x[:1])
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.pt2", "net.pt2"]

@@ -124,6 +124,19 @@ def test_every_branch_kind_merges_as_with_the_module_api() -> None:
     assert not any(key.startswith(("0.scale", "1.identity", "3.conv1")) for key in merged.state_dict)
 
 
+def test_a_decomposed_program_merges_its_convolution_nodes_and_tuple_valued_norms() -> None:
+    x = _x(1, 3, 16, 16)
+    program = _export(calibrated_by_training(net(), _x(2, 3, 16, 16)), x).run_decompositions()
+    assert {op_name(node) for node in program.graph.nodes} >= {"convolution", "_native_batch_norm_legit_no_training"}
+    merged, report = fold_exported(program, merge_branches=True)
+    assert [(m.status, m.into, m.layers, m.identities) for m in report.merges] == [
+        (MERGED, "0.kxk.0", ("0.scale.0",), ()), (MERGED, "1.kxk.0", ("1.scale.0",), ("1.identity",)),
+        (MERGED, "2.kxk.0", ("2.scale.0",), ("2.identity",)), (MERGED, "3.conv.0", ("3.conv1",), ("input",))]
+    names = [op_name(node) for node in merged.graph.nodes]
+    assert names.count("convolution") == 4 and "getitem" not in names and _count(merged, _NORMS) == 0
+    assert_same_outputs(program.module(), merged.module(), x)
+
+
 def test_without_the_option_nothing_merges() -> None:
     x = _x(1, 3, 16, 16)
     program = _export(calibrated_by_training(net(), _x(2, 3, 16, 16)), x)

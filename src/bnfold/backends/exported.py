@@ -191,7 +191,7 @@ def _per_axis(value: Any, rank: int, default: int) -> tuple[int, ...] | None:
 
 
 def layer_geometry(node: fx.Node, layout: str, transposed: bool, weight_shape: tuple[int, ...]) -> Geometry | None:
-    """Where an ATen conv / linear call's kernel reads its input (what :class:`~bnfold.backends.modules.geometry`
+    """Where an ATen conv / linear call's kernel reads its input (what :func:`~bnfold.backends.modules.geometry`
     reads off a module), or ``None`` when an argument is not a plain integer.
 
     ``padding="same"`` puts the odd one at the end, as PyTorch does; ATen convolutions pad with zeros (a module's

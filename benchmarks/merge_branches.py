@@ -6,9 +6,11 @@ Per model (random weights, realistic norm statistics from three train-mode passe
 convolutions / linear layers computed in one forward pass (calls, counted with a TorchFunctionMode), the latency of
 batch 1 at 224 x 224 as a ratio of the unfolded model's (every variant timed in each round, in a rotating order,
 under torch.inference_mode(); medians over the rounds, one run), and the largest relative error
-``max|a - b| / max|a|`` against the unfolded model on a seeded batch. The last row per model is the same model
-exported to ONNX and merged by ``bnfold.onnx`` (nodes left; error in onnxruntime). Issue 13's targets: bnfold with the option
-has no more norms and no more convolutions than timm's method, and a latency ratio at most timm's (within 3%).
+``max|a - b| / max|a|`` against the unfolded model on a seeded batch. The ``.pt2`` row is the model exported with
+torch.export and merged by ``fold_exported(..., merge_branches=True)`` (norm and convolution nodes left in its graph;
+its unlifted module timed with the others). The last row per model is the same model exported to ONNX and merged by
+``bnfold.onnx`` (nodes left; error in onnxruntime). Issue 13's targets: bnfold with the option has no more norms and
+no more convolutions than timm's method, and a latency ratio at most timm's (within 3%).
 """
 
 from __future__ import annotations
@@ -101,6 +103,29 @@ def latencies(variants: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> d
     return {label: statistics.median(samples) for label, samples in times.items()}
 
 
+PT2 = "bnfold .pt2 --merge-branches"
+
+
+def exported_merged(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
+    """The model exported with torch.export, folded and merged by bnfold's .pt2 adapter."""
+    from bnfold.backends.exported import fold_exported
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (x,))
+    return fold_exported(program, merge_branches=True)[0]
+
+
+def graph_counts(program: torch.export.ExportedProgram) -> tuple[int, int]:
+    """Norm and convolution / linear nodes of a program's graph (its module calls ATen ops, which a
+    TorchFunctionMode does not see by these names)."""
+    from bnfold.backends.exported import op_name
+
+    names = [op_name(node) for node in program.graph.nodes]
+    norms = sum(n in ("batch_norm", "_native_batch_norm_legit_no_training") for n in names)
+    return norms, sum(n in _LINEAR for n in names)
+
+
 def onnx_row(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> tuple[str, int, int, float | None, float]:
     """The model exported to ONNX, folded and merged by bnfold.onnx: nodes left, and the error in onnxruntime
     against the PyTorch original (no latency: another runtime)."""
@@ -131,14 +156,16 @@ def measure(name: str, rounds: int) -> list[tuple[str, int, int, float | None, f
         "timm reparameterize_model": lambda: reparameterize_model(copy.deepcopy(model)),
     }
     variants = {"unfolded": model} | {label: build() for label, build in builders.items()}
+    program = exported_merged(model, x)
+    variants[PT2] = program.module()
     seconds = latencies(variants, x, rounds)
     with torch.no_grad():
         reference = model(x)
         errors = {label: relative_error(reference, variant(x)) for label, variant in variants.items()}
+    counts = {label: (count_batch_norm_calls(variant, [x]), conv_calls(variant, x)) for label, variant in variants.items()
+              if label != PT2} | {PT2: graph_counts(program)}
     rows: list[tuple[str, int, int, float | None, float]] = [
-        (label, count_batch_norm_calls(variant, [x]), conv_calls(variant, x), seconds[label] / seconds["unfolded"],
-         errors[label])
-        for label, variant in variants.items()
+        (label, *counts[label], seconds[label] / seconds["unfolded"], errors[label]) for label in variants
     ]
     return [*rows, onnx_row(model, x, reference)]
 

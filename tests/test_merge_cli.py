@@ -64,5 +64,5 @@ def test_torchscript_files_say_merging_is_not_available_yet(tmp_path: Path) -> N
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
     torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 8, 8)), str(tmp_path / "m.ts"))
     done = bnfold_cli("fold", "m.ts", "--merge-branches", "--input-shape", "1,3,8,8", "-o", "out.ts", cwd=tmp_path)
-    assert done.returncode == 2 and "not available for TorchScript and .pt2 files yet" in done.stderr
+    assert done.returncode == 2 and "not available for TorchScript files yet" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ts"]

@@ -103,12 +103,13 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     return OK
 
 
-def _fold_exported(loaded: LoadedModel, example: torch.Tensor) -> tuple[Any, FoldReport]:
+def _fold_exported(loaded: LoadedModel, example: torch.Tensor, merge_branches: bool = False) -> tuple[Any, FoldReport]:
     """Fold a torch.export program, exported again on its own example inputs (or, lacking them, on ``example``)."""
     from ...backends.exported import fold_exported
 
     stored = loaded.module.example_inputs
-    return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label)
+    return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label,
+                         merge_branches=merge_branches)
 
 
 def _fold_loaded(
@@ -122,9 +123,9 @@ def _fold_loaded(
         result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance, seed=seed,
                                       merge_branches=merge_branches)
         return result, result.report
-    if merge_branches and loaded.kind in (TORCHSCRIPT, EXPORTED):
+    if merge_branches and loaded.kind == TORCHSCRIPT:
         raise InvalidInputError(
-            "--merge-branches is not available for TorchScript and .pt2 files yet; fold the nn.Module they were made "
+            "--merge-branches is not available for TorchScript files yet; fold the nn.Module they were made "
             "from (a checkpoint with --arch, or a pickled module) or its ONNX export, or drop --merge-branches"
         )
     if loaded.kind == TORCHSCRIPT:
@@ -134,7 +135,7 @@ def _fold_loaded(
         report.verification = _judge(loaded.module, folded, example, tolerance, "the folded TorchScript model")
         return folded, report
     if loaded.kind == EXPORTED:
-        program, report = _fold_exported(loaded, example)
+        program, report = _fold_exported(loaded, example, merge_branches)
         report.verification = _judge(loaded.runnable, program.module(), example, tolerance, "the folded torch.export program")
         return program, report
     from ...engine import fold, report_for

@@ -78,6 +78,17 @@ _RETURN_INDICES_AT = {"max_pool1d": 6, "max_pool2d": 6, "max_pool3d": 6,
                       "adaptive_max_pool1d": 2, "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 2}
 
 
+_IN_PLACE_ADDS = frozenset({"iadd", "__iadd__", "add_"})
+
+
+def _passes_its_input(site: Site) -> bool:
+    """A module call that returns the tensor it reads itself (``nn.Identity``, dropout in eval)."""
+    if site.kind != "module" or len(site.inputs) != 1 or not isinstance(site.target, nn.Module):
+        return False
+    facts = _module_facts(site.target)
+    return facts.kind == "identity" or (facts.kind == "dropout" and facts.attributes.get("training") is False)
+
+
 def op_name(site: Site) -> str:
     """The plain name of an op site's function or method (``"flatten"`` for ``torch.flatten`` and ``x.flatten``)."""
     target = site.target
@@ -400,8 +411,49 @@ class _Translator:
             elif site.kind == "module":
                 graph.add_node(OP, label, site.inputs, shape=site.shape, op=_module_facts(site.target))
             else:
-                graph.add_node(OP, label, site.inputs, shape=site.shape, op=_function_facts(site))
+                facts = _function_facts(site)
+                if facts.kind == "add" and op_name(site) in _IN_PLACE_ADDS and not self.overwritable(site, graph):
+                    facts = OpFacts("other")
+                graph.add_node(OP, label, site.inputs, shape=site.shape, op=facts)
         return graph
+
+    def overwritable(self, site: Site, graph: Graph) -> bool:
+        """Whether the tensor an in-place addition (``x += y``, ``x.add_(y)``) overwrites is its own, so that the
+        addition may be merged like ``x + y``.
+
+        torch.fx records later reads of an overwritten tensor as reads of the value before the addition, while at
+        run time they see the sum; once the sum is merged away they would not. So the tensor must be computed by a
+        layer, a norm or another such addition (not an input, a parameter or a view of another tensor), and read
+        before the addition only by layers, norms and out-of-place additions (none of which makes a view of it),
+        and never after it.
+        """
+        first = site.args[0] if site.args else None
+        if not isinstance(first, TensorRef):
+            return False
+        # The overwritten tensor, and the identities it passed through (nn.Identity, a folded norm, dropout in
+        # eval: each returns the very tensor it reads).
+        chain = [self.flow.sites[first.site]]
+        while _passes_its_input(chain[-1]):
+            chain.append(self.flow.sites[chain[-1].inputs[0]])
+        if not self._own_tensor(chain[-1], graph):
+            return False
+        allowed = {site.index} | {member.index for member in chain[:-1]}
+        return all(
+            user in allowed or (user < site.index and self._reads_without_aliasing(self.flow.sites[user], graph))
+            for member in chain for user in member.users
+        )
+
+    def _own_tensor(self, site: Site, graph: Graph) -> bool:
+        if site.kind == "module":
+            return site.name in graph.units
+        if site.kind == "op" and _FUNCTION_KINDS.get(op_name(site)) == "add":
+            return op_name(site) not in _IN_PLACE_ADDS or self.overwritable(site, graph)
+        return False
+
+    def _reads_without_aliasing(self, site: Site, graph: Graph) -> bool:
+        if site.kind == "module":
+            return site.name in graph.units
+        return site.kind == "op" and _FUNCTION_KINDS.get(op_name(site)) == "add" and op_name(site) not in _IN_PLACE_ADDS
 
 
 def _count_negative(values: torch.Tensor) -> int:

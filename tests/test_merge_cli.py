@@ -58,11 +58,3 @@ def test_an_onnx_file_merges_without_torch_in_the_command(tmp_path: Path) -> Non
     assert _ops(tmp_path / "merged.onnx")["Conv"] < _ops(tmp_path / "folded.onnx")["Conv"]
     assert _ops(tmp_path / "merged.onnx")["BatchNormalization"] == 0
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
-
-
-def test_torchscript_files_say_merging_is_not_available_yet(tmp_path: Path) -> None:
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
-    torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 8, 8)), str(tmp_path / "m.ts"))
-    done = bnfold_cli("fold", "m.ts", "--merge-branches", "--input-shape", "1,3,8,8", "-o", "out.ts", cwd=tmp_path)
-    assert done.returncode == 2 and "not available for TorchScript files yet" in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ts"]

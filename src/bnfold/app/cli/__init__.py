@@ -129,7 +129,7 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     fold.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
     fold.add_argument("--merge-branches", action="store_true",
                       help="also merge summed parallel branches (RepVGG / MobileOne / RepViT blocks) into one layer; "
-                           "PyTorch modules, .pt2 programs and ONNX files")
+                           "PyTorch modules, TorchScript, .pt2 programs and ONNX files")
     _model_options(fold)
     _common(fold)
 

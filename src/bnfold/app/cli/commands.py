@@ -123,15 +123,11 @@ def _fold_loaded(
         result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance, seed=seed,
                                       merge_branches=merge_branches)
         return result, result.report
-    if merge_branches and loaded.kind == TORCHSCRIPT:
-        raise InvalidInputError(
-            "--merge-branches is not available for TorchScript files yet; fold the nn.Module they were made "
-            "from (a checkpoint with --arch, or a pickled module) or its ONNX export, or drop --merge-branches"
-        )
     if loaded.kind == TORCHSCRIPT:
         from ...backends.torchscript import fold_script
 
-        folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label)
+        folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label,
+                                     merge_branches=merge_branches)
         report.verification = _judge(loaded.module, folded, example, tolerance, "the folded TorchScript model")
         return folded, report
     if loaded.kind == EXPORTED:

@@ -74,9 +74,20 @@ def _onnx_backend() -> Any:
     return onnx_backend
 
 
-def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
+def _plan_report(loaded: LoadedModel, example: torch.Tensor, merge_branches: bool = False) -> FoldReport:
     if loaded.kind == ONNX:
-        return _onnx_backend().plan(loaded.source or loaded.module)
+        return _onnx_backend().plan(loaded.source or loaded.module, merge_branches=merge_branches)
+    if merge_branches and loaded.kind in (TORCHSCRIPT, EXPORTED):
+        # Which blocks merge depends on the folds before them: fold and merge in memory (the loaded model is
+        # not changed, nothing is written) and report it as the dry run it is.
+        if loaded.kind == TORCHSCRIPT:
+            from ...backends.torchscript import fold_script
+
+            _, report = fold_script(loaded.module, example_inputs=example, name=loaded.label, merge_branches=True)
+        else:
+            _, report = _fold_exported(loaded, example, merge_branches=True)
+        report.applied = False
+        return report
     if loaded.kind == TORCHSCRIPT:
         from ...backends.torchscript import plan_script
 
@@ -87,7 +98,7 @@ def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
         return plan_exported(loaded.module, name=loaded.label)
     from ...engine import plan
 
-    return plan(loaded.module, example)
+    return plan(loaded.module, example, merge_branches=merge_branches)
 
 
 def inspect(args: argparse.Namespace, console: Any) -> int:
@@ -96,7 +107,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     example = loaded.example_inputs(args.seed)
     _check_runs(args, loaded, example)
     with console.status("tracing the dataflow"):
-        report = _plan_report(loaded, example)
+        report = _plan_report(loaded, example, args.merge_branches)
     report.model = loaded.label
     _print_notes(args, console, loaded)
     _emit(args, console, report.to_dict(), report)

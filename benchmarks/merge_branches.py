@@ -6,9 +6,13 @@ Per model (random weights, realistic norm statistics from three train-mode passe
 convolutions / linear layers computed in one forward pass (calls, counted with a TorchFunctionMode), the latency of
 batch 1 at 224 x 224 as a ratio of the unfolded model's (every variant timed in each round, in a rotating order,
 under torch.inference_mode(); medians over the rounds, one run), and the largest relative error
-``max|a - b| / max|a|`` against the unfolded model on a seeded batch. The last row per model is the same model
-exported to ONNX and merged by ``bnfold.onnx`` (nodes left; error in onnxruntime). Issue 13's targets: bnfold with the option
-has no more norms and no more convolutions than timm's method, and a latency ratio at most timm's (within 3%).
+``max|a - b| / max|a|`` against the unfolded model on a seeded batch. The ``.pt2`` row is the model exported with
+torch.export and merged by ``fold_exported(..., merge_branches=True)`` (norm and convolution nodes left in its graph;
+its unlifted module timed with the others). The TorchScript row is the model traced with ``torch.jit.trace`` and
+merged by ``fold_script(..., merge_branches=True)`` (its norms and convolutions counted in the frozen graph). The
+last row per model is the same model exported to ONNX and merged by ``bnfold.onnx`` (nodes left; error in
+onnxruntime). Issue 13's targets: bnfold with the option has no more norms and no more convolutions than timm's
+method, and a latency ratio at most timm's (within 3%).
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import bnfold
+from bnfold.backends.torchscript import fold_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers' counter
 from helpers.counting import count_batch_norm_calls  # noqa: E402
 
 MODELS = ["mobileone_s0", "repvgg_a0", "repvit_m0_9", "fastvit_t8", "repghostnet_100"]
 _LINEAR = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "linear"})
+_SCRIPT = "bnfold TorchScript --merge-branches"
 
 
 class _ConvCounter(TorchFunctionMode):
@@ -101,6 +107,43 @@ def latencies(variants: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> d
     return {label: statistics.median(samples) for label, samples in times.items()}
 
 
+PT2 = "bnfold .pt2 --merge-branches"
+
+
+def exported_merged(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
+    """The model exported with torch.export, folded and merged by bnfold's .pt2 adapter."""
+    from bnfold.backends.exported import fold_exported
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (x,))
+    return fold_exported(program, merge_branches=True)[0]
+
+
+def graph_counts(program: torch.export.ExportedProgram) -> tuple[int, int]:
+    """Norm and convolution / linear nodes of a program's graph (its module calls ATen ops, which a
+    TorchFunctionMode does not see by these names)."""
+    from bnfold.backends.exported import op_name
+
+    names = [op_name(node) for node in program.graph.nodes]
+    norms = sum(n in ("batch_norm", "_native_batch_norm_legit_no_training") for n in names)
+    return norms, sum(n in _LINEAR for n in names)
+
+
+def merged_script(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
+    """The model traced, then folded and merged as a TorchScript file would be."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x)
+    return fold_script(traced, example_inputs=x, merge_branches=True)[0]
+
+
+def script_counts(module: torch.jit.ScriptModule) -> tuple[int, int]:
+    """Norms and convolutions / linear layers in a frozen graph (its forward computes each node once)."""
+    kinds = [node.kind().removeprefix("aten::") for node in module.graph.nodes()]
+    return kinds.count("batch_norm"), sum(kinds.count(k) for k in _LINEAR)
+
+
 def onnx_row(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> tuple[str, int, int, float | None, float]:
     """The model exported to ONNX, folded and merged by bnfold.onnx: nodes left, and the error in onnxruntime
     against the PyTorch original (no latency: another runtime)."""
@@ -130,16 +173,23 @@ def measure(name: str, rounds: int) -> list[tuple[str, int, int, float | None, f
         "bnfold --merge-branches": lambda: bnfold.fold(model, x, merge_branches=True),
         "timm reparameterize_model": lambda: reparameterize_model(copy.deepcopy(model)),
     }
-    variants = {"unfolded": model} | {label: build() for label, build in builders.items()}
+    variants: dict[str, nn.Module] = {"unfolded": model} | {label: build() for label, build in builders.items()}
+    program = exported_merged(model, x)
+    variants[PT2] = program.module()
+    variants[_SCRIPT] = merged_script(model, x)
     seconds = latencies(variants, x, rounds)
     with torch.no_grad():
         reference = model(x)
         errors = {label: relative_error(reference, variant(x)) for label, variant in variants.items()}
-    rows: list[tuple[str, int, int, float | None, float]] = [
-        (label, count_batch_norm_calls(variant, [x]), conv_calls(variant, x), seconds[label] / seconds["unfolded"],
-         errors[label])
-        for label, variant in variants.items()
-    ]
+    rows: list[tuple[str, int, int, float | None, float]] = []
+    for label, variant in variants.items():
+        if label == PT2:
+            norms, convs = graph_counts(program)
+        elif isinstance(variant, torch.jit.ScriptModule):
+            norms, convs = script_counts(variant)
+        else:
+            norms, convs = count_batch_norm_calls(variant, [x]), conv_calls(variant, x)
+        rows.append((label, norms, convs, seconds[label] / seconds["unfolded"], errors[label]))
     return [*rows, onnx_row(model, x, reference)]
 
 

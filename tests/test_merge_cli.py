@@ -60,9 +60,52 @@ def test_an_onnx_file_merges_without_torch_in_the_command(tmp_path: Path) -> Non
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
 
 
-def test_torchscript_files_say_merging_is_not_available_yet(tmp_path: Path) -> None:
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
-    torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 8, 8)), str(tmp_path / "m.ts"))
-    done = bnfold_cli("fold", "m.ts", "--merge-branches", "--input-shape", "1,3,8,8", "-o", "out.ts", cwd=tmp_path)
-    assert done.returncode == 2 and "not available for TorchScript and .pt2 files yet" in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ts"]
+class _RepBlock(torch.nn.Module):
+    """conv3x3+BN + conv1x1+BN + BN(x): one 3x3 convolution once merged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k3 = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4))
+        self.k1 = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.BatchNorm2d(4))
+        self.identity = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.k3(x) + self.k1(x) + self.identity(x))
+
+
+def _save(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.suffix == ".ts":
+            torch.jit.save(torch.jit.trace(model, x), str(path))
+        elif path.suffix == ".pt2":
+            torch.export.save(torch.export.export(model, (x,)), str(path))
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (x,), buffer, input_names=["x"], do_constant_folding=False, dynamo=False)
+            path.write_bytes(buffer.getvalue())
+
+
+@pytest.mark.parametrize("suffix", [".ts", ".pt2", ".onnx"])
+def test_inspect_previews_the_merges_of_a_file_and_writes_nothing(tmp_path: Path, suffix: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    model = _RepBlock().train()
+    with torch.no_grad():
+        model(x)  # statistics of its own
+    model.eval()
+    source = tmp_path / f"block{suffix}"
+    _save(model, x, source)
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    shape = [] if suffix == ".onnx" else ["--input-shape", "2,4,8,8"]  # ONNX is planned on the graph's own shapes
+    done = bnfold_cli("inspect", source.name, "--merge-branches", *shape, "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    report = report.get("report", report)
+    merged = [m for m in report["merges"] if m["status"] == "merged"]
+    assert len(merged) == 1 and len(merged[0]["layers"]) == 1 and len(merged[0]["identities"]) == 1
+    assert report["applied"] is False
+    plain = json.loads(bnfold_cli("inspect", source.name, *shape, "--json", cwd=tmp_path).stdout)
+    assert plain.get("report", plain)["merges"] == []  # without the option, no preview
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]

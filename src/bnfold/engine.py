@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
-from itertools import chain
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,11 +15,12 @@ from torch import nn
 
 from .backends.capture import MODEL_CALLS_LOCK, Dataflow, as_input_tuple, capture
 from .backends.module_merges import merge_rounds
+from .backends.module_tree import ModuleTree
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
-from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule
+from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
 from .report import FOLDED, LEFT, MERGE, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
 
@@ -38,7 +39,8 @@ def _is_compiled(model: Any) -> bool:
     return isinstance(model, OptimizedModule)
 
 
-def _check_model(model: Any, registry: LayerRegistry) -> None:
+def _check_model(model: Any, registry: LayerRegistry) -> ModuleTree:
+    """Raise the error for a model bnfold cannot fold; return its :class:`ModuleTree` (walked once, here)."""
     if _is_compiled(model):
         raise InvalidInputError(
             "this module was made by torch.compile, whose compiled graph bnfold cannot see into; fold the module "
@@ -52,7 +54,8 @@ def _check_model(model: Any, registry: LayerRegistry) -> None:
         )
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"bnfold folds torch.nn.Module models, got {type(model).__name__}")
-    meta = next((name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    tree = ModuleTree(model)
+    meta = tree.census.first_meta
     if meta is not None:
         raise InvalidInputError(
             f"the tensor '{meta}' of {type(model).__name__} is on the meta device: its weights are not materialised, "
@@ -64,10 +67,11 @@ def _check_model(model: Any, registry: LayerRegistry) -> None:
             f"{type(model).__name__} is in training mode, where batch norm uses batch statistics and folding would "
             f"change what the model computes. Call model.eval() first."
         )
+    return tree
 
 
-def _norm_entry(model: nn.Module, name: str, registry: LayerRegistry, status: str, **fields: Any) -> NormEntry:
-    module = model.get_submodule(name)
+def _norm_entry(tree: ModuleTree, name: str, registry: LayerRegistry, status: str, **fields: Any) -> NormEntry:
+    module = tree.get(name)
     rule = registry.norm(module).rule
     channels = getattr(module, "num_features", None)
     if channels is None and isinstance(rule, NormRule):
@@ -75,14 +79,13 @@ def _norm_entry(model: nn.Module, name: str, registry: LayerRegistry, status: st
     return NormEntry(name=name, kind=type(module).__name__, channels=channels, status=status, **fields)
 
 
-def _count(model: nn.Module) -> tuple[int, int]:
-    lazy = nn.parameter.UninitializedTensorMixin  # a lazy module's tensors have no size yet
-    parameters = sum(p.numel() for p in model.parameters() if not isinstance(p, lazy))
-    buffers = sum(b.numel() for b in model.buffers() if not isinstance(b, lazy))
-    return parameters, buffers
+def _count(model: nn.Module | ModuleTree) -> tuple[int, int]:
+    """The model's parameter and buffer counts (from its tree, if it has one made already)."""
+    census = (model if isinstance(model, ModuleTree) else ModuleTree(model)).census
+    return census.parameters, census.buffers
 
 
-def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry, parameters: int) -> int:
+def _projected_parameters(tree: ModuleTree, the_plan: FoldPlan, registry: LayerRegistry, parameters: int) -> int:
     """Parameters once ``the_plan`` is applied: the folded norms' own go, a bias comes to each layer without one.
 
     What a dry run reports as ``parameters_after``, without copying the model to find out.
@@ -90,59 +93,89 @@ def _projected_parameters(model: nn.Module, the_plan: FoldPlan, registry: LayerR
     lazy = nn.parameter.UninitializedTensorMixin
     removed = 0
     for fold in the_plan.folds:
-        norm = model.get_submodule(fold.norm)
+        norm = tree.get(fold.norm)
         rule = registry.norm(norm).rule
-        replacement = rule.replacement(norm) if isinstance(rule, NormRule) else None
+        replacement = None
+        if isinstance(rule, NormRule) and rule.replacement is not identity_replacement:  # Identity keeps nothing
+            replacement = rule.replacement(norm)
         kept = {id(p) for p in replacement.parameters()} if replacement is not None else set()
         removed += sum(p.numel() for p in norm.parameters() if id(p) not in kept and not isinstance(p, lazy))
     added = 0
     for name in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers):
-        layer = model.get_submodule(name)
+        layer = tree.get(name)
         rule, _ = layer_rule(layer, registry)
         if isinstance(rule, LinearLayerRule) and getattr(layer, rule.bias_name, None) is None:
             added += rule.out_channels(layer)
     return parameters - removed + added
 
 
-def _report(model: nn.Module, the_plan: FoldPlan, registry: LayerRegistry) -> FoldReport:
+def _report(tree: ModuleTree, the_plan: FoldPlan, registry: LayerRegistry) -> FoldReport:
+    model = tree.model
     entries = [
-        _norm_entry(model, f.norm, registry, FOLDED, into=f.layers, direction=f.direction) for f in the_plan.folds
-    ] + [_norm_entry(model, s.norm, registry, LEFT, reason=s.reason) for s in the_plan.refusals]
-    parameters, buffers = _count(model)
+        _norm_entry(tree, f.norm, registry, FOLDED, into=f.layers, direction=f.direction) for f in the_plan.folds
+    ] + [_norm_entry(tree, s.norm, registry, LEFT, reason=s.reason) for s in the_plan.refusals]
+    parameters, buffers = _count(tree)
     return FoldReport(
         model=type(model).__name__,
         applied=False,
         capture=the_plan.method,
         entries=entries,
         parameters_before=parameters,
-        parameters_after=_projected_parameters(model, the_plan, registry, parameters),
+        parameters_after=_projected_parameters(tree, the_plan, registry, parameters),
         buffers_before=buffers,
         buffers_after=buffers,
         notes=list(the_plan.notes),
     )
 
 
-def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> tuple[FoldPlan, FoldReport, Dataflow]:
-    _check_model(model, registry)
-    flow = capture(model, inputs, registry)
-    the_plan = make_plan(to_graph(model, flow, registry))
-    check_statistics([f.norm for f in the_plan.folds], ModuleWeights(model, registry))
-    return the_plan, _report(model, the_plan, registry), flow
+@dataclass
+class _Planned:
+    """What planning a module's fold learnt, for the steps after it."""
+
+    plan: FoldPlan
+    report: FoldReport
+    flow: Dataflow
+    tree: ModuleTree
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]]  # each norm to fold: its (s, t), in float64
 
 
-def plan(model: nn.Module, example_inputs: ExampleInputs = None, *, registry: LayerRegistry | None = None) -> FoldReport:
+def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> _Planned:
+    tree = _check_model(model, registry)
+    flow = capture(model, inputs, registry, tree)
+    the_plan = make_plan(to_graph(model, flow, registry, tree))
+    maps = check_statistics([f.norm for f in the_plan.folds], ModuleWeights(model, registry, tree=tree))
+    return _Planned(the_plan, _report(tree, the_plan, registry), flow, tree, maps)
+
+
+def plan(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    registry: LayerRegistry | None = None,
+    merge_branches: bool = False,
+) -> FoldReport:
     """Dry run: the report of what :func:`fold` would do, without changing anything.
 
     ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) are needed only for models that
     torch.fx cannot trace; given anyway, they let bnfold check activation shapes and that the traced graph is the
     model.
+
+    With ``merge_branches=True`` the report also lists the blocks of summed branches that would merge, and why the
+    others would not. Whether a block merges depends on the folds made before it (a norm folded into a branch makes
+    it a plain layer), so this preview folds and merges a copy of ``model``; the model itself is not touched.
     """
     registry = registry or DEFAULT_REGISTRY
+    if merge_branches:
+        preview = fold(model, example_inputs, verify=False, registry=registry, merge_branches=True)
+        report = dataclasses.replace(_reports[preview], applied=False)
+        del preview
+        return report
     with MODEL_CALLS_LOCK:
-        the_plan, report, _ = _plan(model, as_input_tuple(example_inputs), registry)
+        planned = _plan(model, as_input_tuple(example_inputs), registry)
     with torch.no_grad():
-        _leave_overflowed(report, apply_plan(the_plan, DryRun(ModuleWeights(model, registry))))
-    return report
+        access = DryRun(ModuleWeights(model, registry, tree=planned.tree))
+        _leave_overflowed(planned.report, apply_plan(planned.plan, access, planned.maps))
+    return planned.report
 
 
 def fold(
@@ -202,7 +235,8 @@ def fold(
     if verify and inputs is None:
         raise InvalidInputError("verify=True needs example_inputs to run both models on")
     with MODEL_CALLS_LOCK:
-        the_plan, report, _ = _plan(model, inputs, registry)
+        planned = _plan(model, inputs, registry)
+        the_plan, report = planned.plan, planned.report
         reference = None
         if verify:
             assert inputs is not None
@@ -210,7 +244,8 @@ def fold(
                 reference = model(*inputs)
     target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
-    rollback = _apply(target, the_plan, registry, report, in_place=not (inplace and verify))
+    rollback = _apply(target, the_plan, registry, report, in_place=not (inplace and verify), maps=planned.maps,
+                      tree=planned.tree if target is model else None)
     if merge_branches:
         try:
             target = _merge(copy.deepcopy(target) if inplace else target, inputs, registry, report)
@@ -269,7 +304,7 @@ def fold(
                 f"more than the model's own float rounding explains (checked against a float64 evaluation)"
             )
             if inplace:
-                _apply(model, the_plan, registry, report)
+                _apply(model, the_plan, registry, report, maps=planned.maps)
     report.applied = True
     report.parameters_after, report.buffers_after = _count(target)
     _reports[target] = report
@@ -278,15 +313,24 @@ def fold(
 
 
 def _apply(
-    target: nn.Module, the_plan: FoldPlan, registry: LayerRegistry, report: FoldReport, *, in_place: bool = False
+    target: nn.Module,
+    the_plan: FoldPlan,
+    registry: LayerRegistry,
+    report: FoldReport,
+    *,
+    in_place: bool = False,
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    tree: ModuleTree | None = None,
 ) -> Rollback:
     """Fold ``target`` in place; on an exception everything done is undone (bit for bit unless ``in_place``: see
     :class:`~bnfold.backends.modules.Rollback`). A fold that would overflow the layer's dtype is not applied: its
-    norm is reported as left, with the reason."""
+    norm is reported as left, with the reason. ``maps`` and ``tree``: what planning computed, if it was planned on
+    ``target`` itself (``maps`` also for a copy: the statistics are the same)."""
     rollback = Rollback()
     try:
         with torch.no_grad(), torch.inference_mode(False):
-            overflows = apply_plan(the_plan, ModuleWeights(target, registry, rollback, in_place=in_place))
+            access = ModuleWeights(target, registry, rollback, in_place=in_place, tree=tree)
+            overflows = apply_plan(the_plan, access, maps)
     except BaseException:
         rollback.restore()
         raise
@@ -299,9 +343,10 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
     the report gets the blocks, and the norms folded or absorbed on the way."""
 
     def fold_again(module: nn.Module) -> FoldPlan:
-        the_plan, _, _ = _plan(module, inputs, registry)
+        planned = _plan(module, inputs, registry)
+        the_plan = planned.plan
         with torch.no_grad(), torch.inference_mode(False):
-            overflows = apply_plan(the_plan, ModuleWeights(module, registry))
+            overflows = apply_plan(the_plan, ModuleWeights(module, registry, tree=planned.tree), planned.maps)
         _leave_overflowed(report, overflows)
         failed = {overflow.norm for overflow in overflows}
         made = {f.norm: f for f in the_plan.folds if f.norm not in failed}

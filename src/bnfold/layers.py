@@ -81,7 +81,7 @@ class LinearLayerRule:
         return count * self.groups(module) if self.in_axis == 1 else count
 
 
-def _default_replacement(module: nn.Module) -> nn.Module:
+def identity_replacement(module: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
@@ -109,7 +109,7 @@ class NormRule:
     types: tuple[type[nn.Module] | str, ...]
     statistics: Callable[[nn.Module], NormStatistics]
     unfoldable: Callable[[nn.Module], str | None] = lambda module: None
-    replacement: Callable[[nn.Module], nn.Module] = _default_replacement
+    replacement: Callable[[nn.Module], nn.Module] = identity_replacement
     channel_dim: int = 1
     behaviour_methods: tuple[str, ...] = ("forward",)
     depends_on_training: bool = True
@@ -446,7 +446,7 @@ def register_norm(
         types=tuple(types) if isinstance(types, Sequence) else (types,),
         statistics=statistics,
         unfoldable=unfoldable or (lambda module: None),
-        replacement=replacement or _default_replacement,
+        replacement=replacement or identity_replacement,
         channel_dim=channel_dim,
         depends_on_training=depends_on_training,
         backward_blocker=backward_blocker or (lambda module: None),

@@ -146,22 +146,24 @@ class FoldReport(RichPrintable):
             rows.append((e.name, e.kind, "" if e.channels is None else str(e.channels), e.status, outcome))
         return rows
 
-    def _merge_lines(self) -> list[str]:
+    def _merge_lines(self) -> list[tuple[bool, str]]:
+        """``(merged, line)`` per block; a dry run (``applied`` False) says what would merge."""
         lines = []
+        verb = "merged" if self.applied else "would merge"
         for m in self.merges:
             if m.status == MERGED:
                 parts = [*m.layers, *(f"identity ({i})" for i in m.identities)]
                 kept = f" (+ {', '.join(m.kept)} kept)" if m.kept else ""
-                lines.append(f"merged {m.block}: {', '.join(parts)} into {m.into}{kept}")
+                lines.append((True, f"{verb} {m.block}: {', '.join(parts)} into {m.into}{kept}"))
             else:
-                lines.append(f"left   {m.block}: {m.reason}")
+                lines.append((False, f"left   {m.block}: {m.reason}"))
         return lines
 
     def __str__(self) -> str:
         lines = [self.summary()]
         for name, kind, channels, status, outcome in self._rows():
             lines.append(f"  {status:<6} {name} ({kind}, {channels} ch): {outcome}")
-        lines.extend(f"  {line}" for line in self._merge_lines())
+        lines.extend(f"  {line}" for _, line in self._merge_lines())
         lines.extend(f"  note: {n}" for n in self.notes)
         if self.verification:
             lines.append(f"  verified: {self.verification}")
@@ -179,6 +181,6 @@ class FoldReport(RichPrintable):
         for name, kind, channels, status, outcome in self._rows():
             style = "green" if status == FOLDED else "yellow"
             table.add_row(name, kind, channels, Text(status, style=style), outcome)
-        extra = [Text(line, style="green" if line.startswith(MERGED) else "yellow") for line in self._merge_lines()]
+        extra = [Text(line, style="green" if merged else "yellow") for merged, line in self._merge_lines()]
         extra += [Text(f"note: {n}", style="dim") for n in self.notes]
         return Group(table, *extra)

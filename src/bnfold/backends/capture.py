@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, InvalidInputError
 from ..layers import LayerRegistry
+from .module_tree import ModuleTree
 
 log = logging.getLogger(__name__)
 
@@ -194,23 +195,50 @@ def _op_name(func: Any) -> str:
     return qualname if module in (None, "builtins") else f"{module}.{qualname}"
 
 
-def _canonical_names(model: nn.Module) -> dict[nn.Module, str]:
-    """Each module's first qualified name, so a module reachable under two names gets one name in the dataflow."""
-    return {module: name for name, module in reversed(list(model.named_modules(remove_duplicate=False)))}
-
-
 # ---------------------------------------------------------------------------------------------------- torch.fx
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps every module the registry knows as one call, so BN subclasses stay visible."""
+    """fx tracer that keeps every module the registry knows as one call, so BN subclasses stay visible.
+
+    Tracing is the largest part of an in-place fold's time, so the two hooks fx calls for every node are kept
+    short: whether a module is a leaf is decided once per module, and a call's arguments that are already graph
+    values (the common case: ``conv(x)``, ``x + y``) are mapped without fx's general walk over argument trees.
+    """
 
     def __init__(self, registry: LayerRegistry) -> None:
         super().__init__()
         self._registry = registry
+        self._leaf: dict[int, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return self._registry.is_atomic(m) or super().is_leaf_module(m, module_qualified_name)
+        leaf = self._leaf.get(id(m))
+        if leaf is None:
+            leaf = self._registry.is_atomic(m) or super().is_leaf_module(m, module_qualified_name)
+            self._leaf[id(m)] = leaf
+        return leaf
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # A leaf is one call node; fx's scope and module-stack bookkeeping around it feeds node metadata that
+        # nothing here reads (the dataflow names modules by their qualified name, the node's target).
+        name = self.path_of_module(m)
+        if self.is_leaf_module(m, name):
+            return self.create_proxy("call_module", name, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any | None = None) -> fx.Node:
+        if kind == "call_function" and self.check_mutable_operations:
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        # Without fx's copy of the module stack and scope into every node's metadata (unused here).
+        return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, fx.Proxy):  # what fx's own create_arg does for these, without its dispatch
+            return a.node
+        if type(a) is tuple and all(isinstance(v, fx.Proxy) for v in a):
+            return tuple(v.node for v in a)
+        return super().create_arg(a)
 
 
 def _fx_node_is_metadata(node: fx.Node) -> bool:
@@ -318,6 +346,7 @@ def capture_fx(
     registry: LayerRegistry,
     example_inputs: tuple[Any, ...] | None = None,
     graph: fx.Graph | None = None,
+    tree: ModuleTree | None = None,
 ) -> Dataflow:
     """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed).
 
@@ -325,11 +354,12 @@ def capture_fx(
     norm can only be judged with shapes), and the graph is checked against the model on them
     (:class:`TraceMismatch`). Raises whatever torch.fx raises when the model cannot be traced; :func:`capture`
     turns that into advice. ``graph``: a graph :func:`trace` made of ``model`` already (each site's ``origin`` is
-    then a node of it, for a caller that rewrites that graph).
+    then a node of it, for a caller that rewrites that graph). ``tree``: the model's :class:`ModuleTree`, if the caller
+    has one.
     """
     graph = graph if graph is not None else trace(model, registry)
     shapes = _fx_shapes(model, graph, example_inputs) if example_inputs is not None else None
-    canonical = _canonical_names(model)
+    tree = tree if tree is not None else ModuleTree(model)
     index_of: dict[fx.Node, int] = {}
     sites: list[Site] = []
     metadata: set[fx.Node] = set()  # shape reads, and values computed from shapes only (``x.shape[0] * 2``)
@@ -347,8 +377,8 @@ def capture_fx(
         elif node.op == "get_attr":
             site = Site(index, "param", str(node.target))
         elif node.op == "call_module":
-            module = model.get_submodule(str(node.target))
-            site = Site(index, "module", canonical[module], target=module)
+            module = tree.get(str(node.target))
+            site = Site(index, "module", tree.first_name(module), target=module)
         elif node.op == "output":
             site = Site(index, "output", "output")
         else:
@@ -440,7 +470,8 @@ def capture_forward(
 
     Every tensor the pass creates is kept alive until it ends, so a tensor's ``id`` names one tensor only.
     """
-    names = _canonical_names(model)
+    tree = ModuleTree(model)
+    names = {module: tree.first_name(module) for _, module in tree.unique}
     parameter_names = {
         id(t): n for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     }
@@ -479,7 +510,7 @@ def capture_forward(
 
 
 def capture(
-    model: nn.Module, example_inputs: tuple[Any, ...] | None, registry: LayerRegistry
+    model: nn.Module, example_inputs: tuple[Any, ...] | None, registry: LayerRegistry, tree: ModuleTree | None = None
 ) -> Dataflow:
     """Learn the dataflow of ``model``: torch.fx first, one watched forward pass if fx cannot trace it.
 
@@ -487,12 +518,14 @@ def capture(
     of a Linear layer's output to know which axis a following BatchNorm1d normalises).
     """
     with MODEL_CALLS_LOCK:
-        return _capture(model, example_inputs, registry)
+        return _capture(model, example_inputs, registry, tree)
 
 
-def _capture(model: nn.Module, example_inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> Dataflow:
+def _capture(
+    model: nn.Module, example_inputs: tuple[Any, ...] | None, registry: LayerRegistry, tree: ModuleTree | None
+) -> Dataflow:
     try:
-        flow = capture_fx(model, registry, example_inputs)
+        flow = capture_fx(model, registry, example_inputs, tree=tree)
     except TraceMismatch as mismatch:
         assert example_inputs is not None  # only checked with example inputs
         log.info("torch.fx traced %s, but %s; watching one forward pass", type(model).__name__, mismatch)

@@ -15,7 +15,10 @@ Translation (:func:`to_graph`), and nothing else is decided here:
   one stands for its ``getitem 0``), named after their statistics' owner (``layer1.0.bn1``); one that normalises
   with batch statistics has :data:`~bnfold.core.graph.BATCH_STATISTICS` as its problem;
 * every other op is named in the core's vocabulary by one facts table (:data:`_OP_KINDS`), with the attributes
-  :mod:`bnfold.core.commuting` needs; shapes come from ``node.meta["val"]``.
+  :mod:`bnfold.core.commuting` needs; shapes come from ``node.meta["val"]``;
+* what branch merges need (:mod:`bnfold.core.merge`, :mod:`bnfold.backends.exported_merges`): each layer's
+  :class:`~bnfold.core.graph.Geometry` read off its arguments, and ``aten.add`` / ``aten.add_`` of same-shaped
+  tensors as the core's ``add`` (a scalar operand, or a stored all-zero tensor, is one of its ``scalars``).
 
 Writing back (:class:`ExportedWeights`): the core computes the new tensors; a layer's weight keeps its attribute name
 with the folded values, a missing bias becomes a new parameter ``<layer>.bias``, a folded norm's users read its input
@@ -29,9 +32,10 @@ parameters less, and the biases the folds add more, as for an ``nn.Module``.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +51,7 @@ from ..core.graph import (
     NORM,
     OP,
     OUTPUT,
+    Geometry,
     Graph,
     LayerFacts,
     NormFacts,
@@ -54,7 +59,8 @@ from ..core.graph import (
 )
 from ..core.plan import FoldPlan, make_plan
 from ..errors import CaptureError, InvalidInputError, TrainingModeError
-from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from ..report import FOLDED, LEFT, MERGE, FoldReport, NormEntry
+from .exported_merges import Translation, merge_rounds
 from .modules import TorchNumerics
 
 CAPTURE = "torch.export graph"
@@ -124,6 +130,9 @@ _METADATA_ARGUMENTS: dict[str, frozenset[str]] = {
                     frozenset({"self"})),
 }
 
+# Additions: ATen op names whose ``add`` facts the merge planner reads (overloads ``Tensor`` and ``Scalar``).
+_ADDS = frozenset({"add", "add_"})
+
 # Ops a decomposition makes out of a linear layer, which bnfold does not fold into.
 _DECOMPOSED_LINEAR = frozenset({"addmm", "mm"})
 
@@ -168,6 +177,47 @@ def _ints(value: Any) -> tuple[int, ...]:
 
 def _value(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _per_axis(value: Any, rank: int, default: int) -> tuple[int, ...] | None:
+    """An ATen ``int[n]`` argument as one int per spatial axis (a single value stands for every axis), or None
+    when it is not plain integers."""
+    values = _ints(value) or (default,)
+    if len(values) == 1:
+        values = values * rank
+    if len(values) != rank or not all(isinstance(v, int) for v in values):
+        return None
+    return tuple(int(v) for v in values)
+
+
+def layer_geometry(node: fx.Node, layout: str, transposed: bool, weight_shape: tuple[int, ...]) -> Geometry | None:
+    """Where an ATen conv / linear call's kernel reads its input (what :func:`~bnfold.backends.modules.geometry`
+    reads off a module), or ``None`` when an argument is not a plain integer.
+
+    ``padding="same"`` puts the odd one at the end, as PyTorch does; ATen convolutions pad with zeros (a module's
+    other padding modes are an explicit pad op before the call, which the merge planner sees as another tensor).
+    """
+    if layout == "linear":
+        return Geometry()
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    rank = len(kernel)
+    stride = _per_axis(_argument(node, "stride"), rank, 1)
+    dilation = _per_axis(_argument(node, "dilation"), rank, 1)
+    groups = _argument(node, "groups")
+    if stride is None or dilation is None or not isinstance(groups if groups is not None else 1, int):
+        return None
+    padding_argument = _argument(node, "padding")
+    padding: tuple[tuple[int, int], ...]
+    if padding_argument == "valid":
+        padding = tuple((0, 0) for _ in kernel)
+    elif padding_argument == "same":
+        padding = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True))
+    else:
+        pads = _per_axis(padding_argument, rank, 0)
+        if pads is None:
+            return None
+        padding = tuple((p, p) for p in pads)
+    return Geometry(kernel, stride, padding, dilation, int(groups or 1), "zeros", transposed)
 
 
 def _rank(node: Any) -> int | None:
@@ -251,6 +301,13 @@ def _outputs_used(node: fx.Node) -> set[int | None]:
     return used
 
 
+def _aliases(node: fx.Node) -> bool:
+    """Whether the output of a call may be a view of one of its inputs (an ATen op whose schema says so, or a call
+    bnfold cannot look up: ``getitem`` of a tuple, a Python function)."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or any(result.alias_info is not None for result in schema.returns)
+
+
 def _is_metadata(node: fx.Node) -> bool:
     """A node that only looks at shapes, or computes sizes: not a use of the tensors it reads."""
     if node.op == "call_module" and str(node.target).startswith("_guards"):
@@ -291,6 +348,7 @@ class ExportedGraph:
     module: fx.GraphModule
     layers: dict[str, _LayerSite]
     norms: dict[str, _NormSite]
+    nodes: dict[int, list[fx.Node]] = field(default_factory=dict)  # core index -> the fx nodes it stands for
 
 
 def _fetch(module: nn.Module, target: str) -> torch.Tensor:
@@ -323,6 +381,7 @@ class _Translator:
         self.layers: dict[str, _LayerSite] = {}
         self.norms: dict[str, _NormSite] = {}
         self.symbols = _symbolic_sizes(module)
+        self.order = {node: position for position, node in enumerate(module.graph.nodes)}
         readers: dict[str, int] = {}
         for node in module.graph.nodes:
             if node.op == "get_attr":
@@ -424,7 +483,8 @@ class _Translator:
         if layout != "linear" and rank is not None and rank == len(shape) - 1:
             channel_dim = 0  # an unbatched input: (channels, spatial...)
         facts = LayerFacts(out_channels, in_channels, channel_dim, problem=problem,
-                           input_fold_blocker=self.input_fold_blocker(node, layout, transposed, shape))
+                           input_fold_blocker=self.input_fold_blocker(node, layout, transposed, shape),
+                           geometry=layer_geometry(node, layout, transposed, shape))
         self.graph.add_unit(unit, LAYER, f"aten.{name}", layer=facts)
         self.layers[unit] = _LayerSite(node, weight, bias, 1 if transposed else 0, groups)
         extra = [self.index[a] for a in (weight, bias) if isinstance(a, fx.Node) and not _is_stored(a) and a in self.index]
@@ -503,6 +563,55 @@ class _Translator:
         if output is not node:
             self.index[output] = index
 
+    # ---------------------------------------------------------------------------------------------- additions
+
+    def add_facts(self, node: fx.Node) -> tuple[OpFacts, list[fx.Node]]:
+        """``aten.add`` / ``aten.add_`` as the core's ``add`` (with its ``alpha`` and scalar operands), and the
+        stored all-zero tensors it adds (they count as the scalar 0, and are not terms of a sum); or ``other``.
+
+        Only a sum of same-shaped tensors is an ``add``: a broadcast is not a sum of branches. An in-place
+        ``add_`` is one only when nothing but the addition reads the tensor it overwrites (a later reader of that
+        tensor would see the sum, which a merge no longer computes).
+        """
+        other = OpFacts("other"), []
+        if getattr(node.target, "_overloadname", "") not in ("Tensor", "Scalar"):
+            return other
+        alpha = _argument(node, "alpha")
+        if isinstance(alpha, fx.Node):
+            return other
+        output = self.shape(node)
+        scalars: list[Any] = []
+        zeros: list[fx.Node] = []
+        for operand in (_argument(node, "self"), _argument(node, "other")):
+            if not isinstance(operand, fx.Node):
+                scalars.append(operand)
+                continue
+            value = _value(operand)
+            if not isinstance(value, torch.Tensor):
+                return other  # a size symbol
+            if _is_stored(operand) and not torch.any(_fetch(self.module, str(operand.target))):
+                scalars.append(0)
+                zeros.append(operand)
+            elif output is None or self.shape(operand) != output:
+                return other
+        if op_name(node) == "add_" and not self.overwritable(node):
+            return other
+        return OpFacts("add", {"alpha": 1 if alpha is None else alpha, "scalars": tuple(scalars)}), zeros
+
+    def overwritable(self, node: fx.Node) -> bool:
+        """Whether the tensor an in-place ``add_`` overwrites is its own: computed in the program (not an input or
+        a stored tensor), not a view of another tensor, and read before the addition only, by ops that do not make
+        views of it. torch.export makes every later read of it read the ``add_`` node instead; a view would still
+        see the sum at run time, which a merge (it no longer computes that sum in place) would change. A chain of
+        in-place additions (``out += branch`` in a loop) overwrites one tensor of its own."""
+        target = node.args[0]
+        if not isinstance(target, fx.Node) or target.op != "call_function":
+            return False
+        if _aliases(target) and not (op_name(target) == "add_" and self.overwritable(target)):
+            return False
+        return all(user is node or _is_metadata(user) or (self.order[user] < self.order[node] and not _aliases(user))
+                   for user in target.users)
+
     # ------------------------------------------------------------------------------------------------ driver
 
     def translate(self) -> ExportedGraph:
@@ -525,11 +634,19 @@ class _Translator:
                     self.add_layer(node, name)
                 elif name in _NORMS:
                     self.add_norm(node, name)
+                elif name in _ADDS:
+                    facts, zeros = self.add_facts(node)
+                    inputs = [i for i in self.tensor_inputs(node) if i not in {self.index[z] for z in zeros}]
+                    self.index[node] = self.graph.add_node(
+                        OP, self.label(node, name), inputs, shape=self.shape(node), op=facts).index
                 else:
                     facts = _op_facts(node, name) if node.op == "call_function" else OpFacts("other")
                     self.index[node] = self.graph.add_node(
                         OP, self.label(node, name), self.tensor_inputs(node), shape=self.shape(node), op=facts).index
-        return ExportedGraph(self.graph, self.module, self.layers, self.norms)
+        nodes: dict[int, list[fx.Node]] = {}
+        for fx_node, index in self.index.items():
+            nodes.setdefault(index, []).append(fx_node)
+        return ExportedGraph(self.graph, self.module, self.layers, self.norms, nodes)
 
 
 def to_graph(module: fx.GraphModule) -> ExportedGraph:
@@ -709,11 +826,61 @@ def plan_exported(program: torch.export.ExportedProgram, *, name: str = "exporte
     )
 
 
+def _translation(module: fx.GraphModule) -> Translation:
+    exported = to_graph(module)
+    return exported.graph, exported.nodes, ExportedWeights(exported)
+
+
+def _fold_in_place(module: fx.GraphModule, exported: ExportedGraph, the_plan: FoldPlan) -> list[FoldOverflow]:
+    """Apply ``the_plan`` to ``module`` (whose translation is ``exported``), erase what no longer computes anything
+    and delete the folded norms' state."""
+    access = ExportedWeights(exported)
+    with torch.no_grad():
+        overflows = apply_plan(the_plan, access)
+    module.graph.eliminate_dead_code()
+    _delete_unused(module, access.removed_state)
+    module.recompile()
+    return overflows
+
+
+def _merge(module: fx.GraphModule, report: FoldReport) -> None:
+    """Merge the summed branches of the folded ``module`` in place (:mod:`bnfold.backends.exported_merges`),
+    folding what each round makes foldable; ``report`` gets the blocks, and the norms folded or absorbed on the way."""
+
+    def fold_again(current: fx.GraphModule) -> FoldPlan:
+        exported = to_graph(current)
+        the_plan = make_plan(exported.graph)
+        check_statistics([fold.norm for fold in the_plan.folds], ExportedWeights(exported))
+        overflows = _fold_in_place(current, exported, the_plan)
+        failed = {overflow.norm: str(overflow) for overflow in overflows}
+        made = {fold.norm: fold for fold in the_plan.folds if fold.norm not in failed}
+        report.entries = [
+            dataclasses.replace(e, status=FOLDED, into=made[e.name].layers, direction=made[e.name].direction,
+                                reason=None) if e.name in made
+            else dataclasses.replace(e, status=LEFT, into=(), direction=None, reason=failed[e.name])
+            if e.name in failed else e
+            for e in report.entries
+        ]
+        return dataclasses.replace(the_plan, folds=list(made.values()))
+
+    with torch.no_grad():
+        outcome = merge_rounds(module, _translation, fold_again)
+    _delete_unused(module, outcome.removed_state)
+    module.recompile()
+    report.entries = [
+        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
+        if e.name in outcome.absorbed_norms else e
+        for e in report.entries
+    ]
+    report.merges = outcome.entries
+
+
 def fold_exported(
     program: torch.export.ExportedProgram,
     *,
     example_inputs: Any = None,
     name: str = "exported program",
+    merge_branches: bool = False,
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold every foldable batch norm of a torch.export program; returns ``(folded program, report)``.
 
@@ -721,6 +888,12 @@ def fold_exported(
     from. ``example_inputs`` (a tensor or a tuple) are used to export the folded module again; by default the
     program's own. The caller's program is not changed (``program.module()`` is a copy, and tensors are replaced,
     never changed in place).
+
+    With ``merge_branches=True`` the folded graph's re-parameterisable blocks (``conv3x3(x) + conv1x1(x) + BN(x)``)
+    are then merged into one convolution each, by the same planner and arithmetic as ``bnfold.fold(module, x,
+    merge_branches=True)`` (:mod:`bnfold.core.merge`); ``report.merges`` lists every block merged or left, with the
+    reason. The merged program is an ordinary ``ExportedProgram``: the merged layers' weights are in its state_dict,
+    the other branches' weights and the absorbed norms' state are gone from it and from its graph signature.
 
     Raises:
         TrainingModeError: the program was exported in training mode.
@@ -730,13 +903,13 @@ def fold_exported(
     """
     args, kwargs = _example_inputs(program, example_inputs)
     exported, the_plan = _planned(program)
-    access = ExportedWeights(exported)
-    with torch.no_grad():
-        overflows = apply_plan(the_plan, access)
     module = exported.module
-    module.graph.eliminate_dead_code()
-    _delete_unused(module, access.removed_state)
-    module.recompile()
+    overflows = _fold_in_place(module, exported, the_plan)
+    before = parameter_count(program)
+    report = FoldReport(model=name, applied=True, capture=CAPTURE, entries=_entries(exported, the_plan, overflows),
+                        parameters_before=before, parameters_after=before)  # counted once exported again
+    if merge_branches:
+        _merge(module, report)
     notes = list(the_plan.notes)
     dynamic_shapes = dynamic_shapes_of(program)
     if dynamic_shapes is None and any(
@@ -753,12 +926,10 @@ def fold_exported(
             f"exporting the folded program again failed ({first}); check that the example inputs match the program, "
             "or fold the nn.Module with bnfold.fold and export that"
         ) from error
-    report = FoldReport(
-        model=name, applied=True, capture=CAPTURE, entries=_entries(exported, the_plan, overflows),
-        parameters_before=parameter_count(program), parameters_after=parameter_count(folded),
-        buffers_before=sum(b.numel() for b in program.buffers()), buffers_after=sum(b.numel() for b in folded.buffers()),
-        notes=notes,
-    )
+    report.parameters_after = parameter_count(folded)
+    report.buffers_before = sum(b.numel() for b in program.buffers())
+    report.buffers_after = sum(b.numel() for b in folded.buffers())
+    report.notes = notes
     return folded, report
 
 

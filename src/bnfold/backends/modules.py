@@ -44,6 +44,7 @@ from ..core.graph import (
 )
 from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
 from .capture import Dataflow, Site, TensorRef
+from .module_tree import ModuleTree
 
 # ------------------------------------------------------------------------------------------- the facts table
 
@@ -79,6 +80,20 @@ _FUNCTION_KINDS: dict[str, str] = {
 # Position of ``return_indices`` in the functional max pools.
 _RETURN_INDICES_AT = {"max_pool1d": 6, "max_pool2d": 6, "max_pool3d": 6,
                       "adaptive_max_pool1d": 2, "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 2}
+
+
+_IN_PLACE_ARITHMETIC = frozenset({"iadd", "__iadd__", "add_", "isub", "__isub__", "sub_", "imul", "__imul__", "mul_",
+                                  "neg_"})
+"""In-place additions, subtractions and products: merged only where the tensor they overwrite is their own."""
+_ARITHMETIC_KINDS = frozenset({"add", "sub", "mul"})
+
+
+def _passes_its_input(site: Site) -> bool:
+    """A module call that returns the tensor it reads itself (``nn.Identity``, dropout in eval)."""
+    if site.kind != "module" or len(site.inputs) != 1 or not isinstance(site.target, nn.Module):
+        return False
+    facts = _module_facts(site.target)
+    return facts.kind == "identity" or (facts.kind == "dropout" and facts.attributes.get("training") is False)
 
 
 def op_name(site: Site) -> str:
@@ -169,8 +184,13 @@ def _arithmetic_facts(site: Site, kind: str, name: str) -> OpFacts:
     return OpFacts(kind, {"alpha": alpha, "scalars": scalars, "operands": tuple(operands)})
 
 
+_KIND_OF_TYPE: dict[type, str] = {}  # _MODULE_KINDS resolved once per module class
+
+
 def _module_facts(module: nn.Module) -> OpFacts:
-    kind = next((k for types, k in _MODULE_KINDS if isinstance(module, types)), "other")
+    kind = _KIND_OF_TYPE.get(type(module))
+    if kind is None:
+        kind = _KIND_OF_TYPE[type(module)] = next((k for types, k in _MODULE_KINDS if isinstance(module, types)), "other")
     if kind == "dropout":
         return OpFacts(kind, {"training": module.training})
     if kind == "avg_pool":
@@ -293,18 +313,20 @@ def geometry(module: nn.Module, rule: LinearLayerRule) -> Geometry | None:
 
 
 class _Translator:
-    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry) -> None:
+    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree) -> None:
         self.model = model
         self.flow = flow
         self.registry = registry
+        self.tree = tree
         self.calls = flow.module_sites()
         self.param_reads = flow.param_reads()
-        self.names_of: dict[int, list[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            self.names_of.setdefault(id(module), []).append(name)
-        self.param_owners: dict[int, list[str]] = {}
-        for name, tensor in model.named_parameters(remove_duplicate=False):
-            self.param_owners.setdefault(id(tensor), []).append(name)
+        self.names_of = tree.names_of
+        self.param_owners: dict[int, list[str]] = {}  # every qualified name of each parameter
+        for module_name, module in tree.by_name.items():
+            prefix = f"{module_name}." if module_name else ""
+            for own_name, tensor in module._parameters.items():
+                if tensor is not None:
+                    self.param_owners.setdefault(id(tensor), []).append(prefix + own_name)
 
     def module_problem(self, name: str, module: nn.Module, what: str) -> str | None:
         """Why ``module`` must not be touched at all, whatever it is paired with."""
@@ -321,11 +343,16 @@ class _Translator:
         if hooks:
             return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
         aliases = self.names_of.get(id(module), [name])
-        for own_name, tensor in module.named_parameters(recurse=False):
+        for own_name, tensor in module._parameters.items():
+            owners = self.param_owners.get(id(tensor), []) if tensor is not None else []
+            if len(owners) <= len(aliases):  # only its own names (the common case: nothing to compare)
+                continue
             own_names = {f"{alias}.{own_name}" if alias else own_name for alias in aliases}
-            others = [owner for owner in self.param_owners.get(id(tensor), []) if owner not in own_names]
+            others = [owner for owner in owners if owner not in own_names]
             if others:
                 return f"the {what} '{name}' shares its parameter '{own_name}' with '{others[0]}'"
+        if not self.param_reads:
+            return None
         own_tensors = {
             f"{alias}.{tensor_name}" if alias else tensor_name
             for alias in aliases
@@ -392,16 +419,12 @@ class _Translator:
             channel_dim=rule.channel_dim,
             problem=problem,
             backward_blocker=rule.backward_blocker(module),
-            negative_scales=0 if gamma is None else int((gamma.detach() < 0).sum()),
+            negative_scales=0 if gamma is None else _count_negative(gamma),
         )
 
     def translate(self) -> Graph:
         graph = Graph(method=self.flow.method, shapes_known=self.flow.shapes_known, notes=list(self.flow.notes))
-        seen: set[int] = set()
-        for name, module in self.model.named_modules():
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
+        for name, module in self.tree.unique:
             if self.registry.is_norm_candidate(module):
                 graph.add_unit(name, NORM, type(module).__name__, norm=self.norm_facts(name, module))
             elif (facts := self.layer_facts(name, module)) is not None:
@@ -420,7 +443,11 @@ class _Translator:
             elif site.kind == "module":
                 graph.add_node(OP, label, site.inputs, shape=site.shape, op=_module_facts(site.target))
             else:
-                graph.add_node(OP, label, site.inputs, shape=site.shape, op=self.with_constants(_function_facts(site), site))
+                facts = self.with_constants(_function_facts(site), site)
+                if facts.kind in ("add", "sub", "mul") and op_name(site) in _IN_PLACE_ARITHMETIC \
+                        and not self.overwritable(site, graph):
+                    facts = OpFacts("other")
+                graph.add_node(OP, label, site.inputs, shape=site.shape, op=facts)
         return graph
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
@@ -444,6 +471,45 @@ class _Translator:
             named.append(operand)
         return OpFacts(facts.kind, {**facts.attributes, "operands": tuple(named)})
 
+    def overwritable(self, site: Site, graph: Graph) -> bool:
+        """Whether the tensor an in-place addition, subtraction or product (``x += y``, ``x.add_(y)``, ``x -= y``,
+        ``x.mul_(gamma)``) overwrites is its own, so that the op may be merged like ``x + y``.
+
+        torch.fx records later reads of an overwritten tensor as reads of the value before the op, while at run
+        time they see its result; once the op is merged away they would not. So the tensor must be computed by a
+        layer, a norm or another such op (not an input, a parameter or a view of another tensor), and read before
+        the op only by layers, norms and out-of-place arithmetic (none of which makes a view of it), and never after
+        it.
+        """
+        first = site.args[0] if site.args else None
+        if not isinstance(first, TensorRef):
+            return False
+        # The overwritten tensor, and the identities it passed through (nn.Identity, a folded norm, dropout in
+        # eval: each returns the very tensor it reads).
+        chain = [self.flow.sites[first.site]]
+        while _passes_its_input(chain[-1]):
+            chain.append(self.flow.sites[chain[-1].inputs[0]])
+        if not self._own_tensor(chain[-1], graph):
+            return False
+        allowed = {site.index} | {member.index for member in chain[:-1]}
+        return all(
+            user in allowed or (user < site.index and self._reads_without_aliasing(self.flow.sites[user], graph))
+            for member in chain for user in member.users
+        )
+
+    def _own_tensor(self, site: Site, graph: Graph) -> bool:
+        if site.kind == "module":
+            return site.name in graph.units
+        if site.kind == "op" and _FUNCTION_KINDS.get(op_name(site)) in _ARITHMETIC_KINDS:
+            return op_name(site) not in _IN_PLACE_ARITHMETIC or self.overwritable(site, graph)
+        return False
+
+    def _reads_without_aliasing(self, site: Site, graph: Graph) -> bool:
+        if site.kind == "module":
+            return site.name in graph.units
+        return (site.kind == "op" and _FUNCTION_KINDS.get(op_name(site)) in _ARITHMETIC_KINDS
+                and op_name(site) not in _IN_PLACE_ARITHMETIC)
+
 
 def read_constant(model: nn.Module, name: str) -> torch.Tensor:
     """The parameter, buffer or tensor attribute ``name`` (a qualified name, as a torch.fx ``get_attr`` reads it)."""
@@ -455,6 +521,13 @@ def read_constant(model: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
+def _count_negative(values: torch.Tensor) -> int:
+    values = values.detach()
+    if values.device.type == "cpu" and values.dtype != torch.bfloat16:
+        return int(np.count_nonzero(values.numpy() < 0))  # a few hundred values: numpy, no torch dispatch
+    return int((values < 0).sum())
+
+
 def _channels_guess(module: nn.Module) -> int:
     mean = getattr(module, "running_mean", None)
     if not isinstance(mean, torch.Tensor) or isinstance(mean, nn.parameter.UninitializedTensorMixin) or mean.dim() != 1:
@@ -462,9 +535,9 @@ def _channels_guess(module: nn.Module) -> int:
     return int(mean.shape[0])
 
 
-def to_graph(model: nn.Module, flow: Dataflow, registry: LayerRegistry) -> Graph:
-    """The core graph of ``model`` as ``flow`` captured it."""
-    return _Translator(model, flow, registry).translate()
+def to_graph(model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree | None = None) -> Graph:
+    """The core graph of ``model`` as ``flow`` captured it (``tree``: the model's :class:`ModuleTree`, if made)."""
+    return _Translator(model, flow, registry, tree if tree is not None else ModuleTree(model)).translate()
 
 
 # --------------------------------------------------------------------------------------------- writing back
@@ -484,6 +557,10 @@ class TorchNumerics:
         return array.to(device=like.device, dtype=like.dtype)
 
     def finite(self, array: torch.Tensor) -> bool:
+        if array.device.type == "cpu" and array.numel() < 1 << 20:
+            # numpy's single-threaded check: on up to a million values, waking torch's thread pool costs more
+            return bool(np.isfinite(array.detach().numpy()).all()) if array.dtype != torch.bfloat16 else bool(
+                torch.isfinite(array).all())
         # One reduction instead of isfinite + all: a sum is finite only if every term is (NaN and inf propagate);
         # a sum that overflows although every term is finite is checked element by element.
         if bool(torch.isfinite(array.sum())):
@@ -493,17 +570,21 @@ class TorchNumerics:
     def dtype_name(self, array: torch.Tensor) -> str:
         return str(array.dtype).removeprefix("torch.")
 
-    def all_finite(self, arrays: list[torch.Tensor]) -> bool:
-        if not arrays:
-            return True
-        flat = torch.cat([a.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for a in arrays])
-        # numpy's single-threaded check: on a few hundred thousand values, waking torch's thread pool costs more
-        return bool(np.isfinite(flat.numpy()).all())
+    def concat64(self, arrays: list[torch.Tensor]) -> torch.Tensor:
+        flat = [a.detach() if a.dim() == 1 else a.detach().reshape(-1) for a in arrays]
+        if all(a.device == flat[0].device and a.dtype == flat[0].dtype for a in flat):
+            return torch.cat(flat).to(device="cpu", dtype=torch.float64)  # one conversion, not one per array
+        return torch.cat([a.to(device="cpu", dtype=torch.float64) for a in flat])
+
+    def repeat64(self, values: list[float], counts: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.repeat(np.asarray(values, dtype=np.float64), counts))
 
     def scalable_in_place(self, weight: torch.Tensor) -> bool:
         return weight.dtype in (torch.float32, torch.float64) and weight.is_contiguous() and not weight.is_inference()
 
     def max_abs(self, array: torch.Tensor) -> float:
+        if array.device.type == "cpu" and array.numel() < 1 << 16 and array.dtype != torch.bfloat16:
+            return float(np.abs(array.detach().numpy()).max(initial=0.0))  # a norm's scales: no thread pool
         low, high = torch.aminmax(array.detach())  # one pass, no copy (vector_norm(inf) is ~10x slower on CPU)
         return max(float(high), -float(low))
 
@@ -558,21 +639,24 @@ class ModuleWeights:
     numerics = TorchNumerics()
 
     def __init__(
-        self, model: nn.Module, registry: LayerRegistry, rollback: Rollback | None = None, *, in_place: bool = False
+        self,
+        model: nn.Module,
+        registry: LayerRegistry,
+        rollback: Rollback | None = None,
+        *,
+        in_place: bool = False,
+        tree: ModuleTree | None = None,
     ) -> None:
         self.model = model
         self.registry = registry
         self.rollback = rollback or Rollback()
         self.in_place = in_place  # weights may be multiplied where they are (see Rollback)
         self.rules: dict[str, LinearLayerRule] = {}
-        self.slots: dict[int, list[tuple[nn.Module, str]]] = {}
-        for parent in model.modules():
-            for child_name, child in parent._modules.items():
-                if child is not None:
-                    self.slots.setdefault(id(child), []).append((parent, child_name))
+        self.tree = tree if tree is not None else ModuleTree(model)
+        self.slots = self.tree.slots
 
     def _layer(self, name: str) -> tuple[nn.Module, LinearLayerRule]:
-        module = self.model.get_submodule(name)
+        module = self.tree.get(name)
         if name not in self.rules:
             rule, _ = layer_rule(module, self.registry)
             assert rule is not None, f"'{name}' was planned as a layer"
@@ -580,7 +664,7 @@ class ModuleWeights:
         return module, self.rules[name]
 
     def _norm(self, name: str) -> tuple[nn.Module, NormRule]:
-        module = self.model.get_submodule(name)
+        module = self.tree.get(name)
         rule = self.registry.norm(module).rule
         assert isinstance(rule, NormRule)
         return module, rule

@@ -11,7 +11,10 @@ node, its inputs the nodes that produced the tensors it reads. Reads of metadata
 nodes: a reader of the list reads its elements, in order, so ``aten::cat`` sees the concatenated producers. A node
 with sub-blocks (``prim::If``, ``prim::Loop``) is one opaque operation reading everything its blocks read. Layers
 (convolutions, transposed convolutions, ``aten::linear``) and norms (``aten::batch_norm``) become units with the
-facts read off their constant arguments; every other op is named by the one facts table below (:data:`_OP_KINDS`).
+facts read off their constant arguments (their :class:`~bnfold.core.graph.Geometry` included, for branch merges);
+every other op is named by the one facts table below (:data:`_OP_KINDS`; ``aten::add`` / ``aten::add_`` are the
+core's ``add`` where they are plain sums, :func:`_add_facts`). Units are named by their module path: the scope of
+a traced graph, or the inlined call stack of a scripted one completed by the names freezing gave the constants.
 Scripted graphs carry no shapes: given example inputs, the frozen graph is run once with every tensor it computes
 as an extra output (:func:`_recorded_shapes`), so reshapes and permutes can be followed.
 
@@ -27,6 +30,10 @@ two sites is inlined twice, so each call can absorb its own norm.
 The result is a frozen ``ScriptModule``: its weights are constants (no ``parameters()``), and only ``forward`` is
 kept, which is what a deployment archive needs. Parameter counts are those of the original's ``parameters()``, less
 the folded norms' affine parameters, plus the biases the folds add, as for an ``nn.Module``.
+
+Branch merges (``fold_script(..., merge_branches=True)``): after the folds, the core's merge planner decides on a
+new translation of the folded graph and :mod:`bnfold.backends.script_merges` rewrites it, in rounds with the folds
+they make possible.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from ..core.graph import (
     NORM,
     OP,
     OUTPUT,
+    Geometry,
     Graph,
     LayerFacts,
     NormFacts,
@@ -56,9 +64,10 @@ from ..core.graph import (
 )
 from ..core.plan import FoldPlan, make_plan
 from ..errors import InvalidInputError, TrainingModeError
-from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from ..report import FOLDED, LEFT, MERGE, FoldReport, NormEntry
 from .capture import as_input_tuple
 from .modules import TorchNumerics
+from .script_merges import FoldRound, ScriptBlocks, merge_rounds
 
 CAPTURE = "torchscript graph"
 
@@ -103,6 +112,7 @@ _OP_KINDS: dict[str, str] = {
     **dict.fromkeys(("aten::pad", "aten::constant_pad_nd", "aten::reflection_pad1d", "aten::reflection_pad2d",
                      "aten::reflection_pad3d", "aten::replication_pad1d", "aten::replication_pad2d",
                      "aten::replication_pad3d", "aten::_pad_circular"), "pad"),
+    **dict.fromkeys(("aten::add", "aten::add_"), "add"),
 }
 _PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
 
@@ -168,7 +178,99 @@ def _op_facts(node: Any, shape_of: Any) -> OpFacts:
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, bool) else None})
     if kind == "pad":
         return OpFacts(kind, _pad_attributes(name, inputs, shape_of(inputs[0])))
+    if kind == "add":
+        return _add_facts(node, shape_of)
     return OpFacts(kind)
+
+
+def _add_facts(node: Any, shape_of: Any) -> OpFacts:
+    """``aten::add`` / ``aten::add_`` as the core's ``add``, where it is a plain sum the merge planner may rewrite.
+
+    ``add(self, other, alpha)``: ``self`` a tensor; ``other`` a tensor of the same shape as ``self`` (when shapes
+    are known: a broadcast is no branch sum), a number, or a constant tensor (a scalar, or one that broadcasts
+    into ``self``: counted as ``0`` when all its values are zero, otherwise named); ``alpha`` a constant number.
+    Anything else is ``"other"``. The in-place ``add_`` also writes into ``self``: it is a sum only when ``self``
+    is a fresh tensor nobody else reads (see :func:`_private_result`), so that computing the sum elsewhere changes
+    no other reader's value.
+    """
+    inputs = list(node.inputs())
+    if len(inputs) != 3 or not _is_tensor(inputs[0]) or _constant(inputs[0]) is not _NOT_CONSTANT:
+        return OpFacts("other")
+    alpha = _constant(inputs[2])
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return OpFacts("other")
+    if node.kind() == "aten::add_" and not _private_result(inputs[0], node):
+        return OpFacts("other")
+    other, scalars = inputs[1], ()
+    value = _constant(other)
+    shape = shape_of(inputs[0])
+    if isinstance(value, torch.Tensor):
+        if value.dim() and (shape is None or tuple(torch.broadcast_shapes(shape, value.shape)) != shape):
+            return OpFacts("other")
+        scalars = (0,) if not bool(torch.any(value)) else (f"%{other.debugName()}",)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):  # a traced ``x + 0`` is a number too
+        scalars = (value,)
+    elif _is_tensor(other) and value is _NOT_CONSTANT:
+        other_shape = shape_of(other)
+        if shape is not None and other_shape is not None and shape != other_shape:
+            return OpFacts("other")
+    else:
+        return OpFacts("other")
+    return OpFacts("add", {"alpha": alpha, "scalars": scalars})
+
+
+def _private_result(value: Any, writer: Any) -> bool:
+    """Whether ``value`` is a new tensor (a layer's, a norm's, or a sum's) that only ``writer`` reads, so that an
+    in-place write into it is seen by nobody else."""
+    if len(_real_uses(value)) != 1:
+        return False
+    producer = value.node()
+    if producer.kind() in _LAYERS or producer.kind() in (_NORM, "aten::add"):
+        return True
+    return producer.kind() == "aten::add_" and _private_result(producer.inputsAt(0), producer)
+
+
+def _spatial(value: Any, rank: int) -> tuple[int, ...] | None:
+    """An ``int[]`` argument of a convolution, one entry per spatial axis (a single entry stands for every axis)."""
+    numbers = _ints(_constant(value))
+    if numbers is not None and len(numbers) == 1:
+        numbers = numbers * rank
+    return numbers if numbers is not None and len(numbers) == rank else None
+
+
+# Positions of (stride, padding, dilation) in the convolutions' arguments.
+_GEOMETRY_AT: dict[str, tuple[int, int, int]] = {
+    **dict.fromkeys(("aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"), (3, 4, 5)),
+    **dict.fromkeys(("aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d"), (3, 4, 7)),
+}
+
+
+def _geometry(node: Any, weight: torch.Tensor, groups: int, transposed: bool) -> Geometry | None:
+    """Where a layer node's kernel reads its input (:class:`~bnfold.core.graph.Geometry`, as
+    :func:`bnfold.backends.modules.geometry` gives for the module), or ``None`` when an argument is not a constant.
+
+    The padding is always zeros here: a module's ``padding_mode`` other than zeros is an explicit ``aten::pad``
+    node before a convolution with ``padding=0`` in a TorchScript graph.
+    """
+    if node.kind() == "aten::linear":
+        return Geometry()
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    rank = len(kernel)
+    stride_at, padding_at, dilation_at = _GEOMETRY_AT[node.kind()]
+    stride, dilation = _spatial(node.inputsAt(stride_at), rank), _spatial(node.inputsAt(dilation_at), rank)
+    if stride is None or dilation is None:
+        return None
+    padding_value = _constant(node.inputsAt(padding_at))
+    if padding_value == "valid":
+        padding = tuple((0, 0) for _ in kernel)
+    elif padding_value == "same":  # PyTorch puts the odd one at the end
+        padding = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True))
+    else:
+        symmetric = _spatial(node.inputsAt(padding_at), rank)
+        if symmetric is None:
+            return None
+        padding = tuple((p, p) for p in symmetric)
+    return Geometry(kernel, stride, padding, dilation, groups, "zeros", transposed)
 
 
 def _pad_attributes(name: str, inputs: list[Any], shape: tuple[int, ...] | None) -> dict[str, Any]:
@@ -253,8 +355,15 @@ _HIERARCHY_PART = re.compile(r"([^.()]+)\(([^()]*)\)")
 
 
 def _module_path(node: Any) -> tuple[str, str]:
-    """``(path, class name)`` of the module whose code made ``node`` (``("layer1.0.bn1", "BatchNorm2d")``), from the
-    inlined call stack a scripted graph keeps, or the scope a traced graph keeps; ``("", "")`` when unknown."""
+    """``(path, class name)`` of the module whose code made ``node`` (``("layer1.0.bn1", "BatchNorm2d")``); ``("", "")``
+    when unknown.
+
+    A traced graph keeps each node's scope, whose innermost part is the module's full name. The inlined call stack
+    (what a scripted graph keeps) names the modules that were *called*, so it skips containers that are only
+    iterated or indexed (``nn.ModuleList``, ``nn.ModuleDict``: ``stages.0.1.0.conv`` for
+    ``stages.0.1.conv_kxk.0.conv``); it gives the class name, and the path where there is no scope (see
+    :meth:`_Translator.unit_name` for how a layer's own constants complete it).
+    """
     try:
         hierarchy = node.getModuleHierarchy()
     except Exception:  # older torch: no call stack on the node
@@ -265,10 +374,26 @@ def _module_path(node: Any) -> tuple[str, str]:
             continue
         names.append(name)
         type_name = kind
-    if names:
-        return ".".join(names), type_name
-    scope = node.scopeName() or ""
-    return scope.removeprefix("__module.").replace("/__module.", "."), ""
+    return _traced_scope(node) or ".".join(names), type_name
+
+
+def _traced_scope(node: Any) -> str:
+    """The full name of the module whose code made ``node`` in a traced graph, or ``""``."""
+    innermost = (node.scopeName() or "").rsplit("/", 1)[-1]
+    return innermost.removeprefix("__module.") if innermost.startswith("__module.") else ""
+
+
+# Where a layer's / norm's constants are in its arguments, and the attribute names freezing gives them.
+_LAYER_TENSORS = ((1, ".weight"), (2, ".bias"))
+_NORM_TENSORS = ((3, ".running_mean"), (4, ".running_var"), (1, ".weight"), (2, ".bias"))
+
+
+def _completes(full: str, called: str) -> bool:
+    """Whether ``full`` is ``called`` with the containers the call stack skips put back: the names of ``called`` in
+    order among those of ``full``, ending with the same one."""
+    remaining = iter(full.split("."))
+    parts = called.split(".")
+    return full.split(".")[-1] == parts[-1] and all(part in remaining for part in parts)
 
 
 def _attribute_path(value: Any, suffix: str) -> str:
@@ -286,12 +411,19 @@ class _Translation:
     graph: Graph
     jit_nodes: dict[str, Any] = field(default_factory=dict)  # unit name -> its JIT node
     types: dict[str, str] = field(default_factory=dict)  # unit name -> the class name the report shows
+    node_of: dict[int, Any] = field(default_factory=dict)  # core index of an op / layer / norm -> its JIT node
+
+    def names(self) -> dict[int, str]:
+        """Unit names by the JIT value each unit's node computes (stable while the node lives; read it before a
+        fold deletes norm nodes)."""
+        return {node.outputsAt(0).unique(): name for name, node in self.jit_nodes.items()}
 
 
 class _Translator:
     def __init__(self, frozen: torch.jit.ScriptModule, shapes: dict[int, tuple[int, ...]] | None,
-                 inputs: tuple[Any, ...] | None) -> None:
+                 inputs: tuple[Any, ...] | None, names: dict[int, str] | None = None) -> None:
         self.jit = frozen.graph
+        self.names = names or {}
         self.shapes = shapes or {}
         self.inputs = inputs
         self.result = _Translation(Graph(method=CAPTURE, shapes_known=shapes is not None))
@@ -310,10 +442,19 @@ class _Translator:
         self.used_names.add(candidate)
         return candidate
 
-    def unit_name(self, node: Any, suffix: str, fallback: str) -> tuple[str, str]:
+    def unit_name(self, node: Any, fallback: str) -> tuple[str, str]:
         path, type_name = _module_path(node)
-        if not path:
-            path = _attribute_path(node.inputsAt(3 if node.kind() == _NORM else 1), suffix)
+        if node.outputsAt(0).unique() in self.names:  # named by an earlier translation of the same graph
+            return self.unique(self.names[node.outputsAt(0).unique()]), type_name or node.kind()
+        # The name freezing gave a layer's or norm's constants is its full module path, unless the constant was
+        # pooled with an equal one of another module (a fresh norm's zero mean): trusted where it agrees with the
+        # call stack.
+        tensors = _NORM_TENSORS if node.kind() == _NORM else _LAYER_TENSORS
+        for at, suffix in tensors if not _traced_scope(node) else ():  # a traced scope is the full name already
+            attribute = _attribute_path(node.inputsAt(at), suffix)
+            if attribute and (not path or _completes(attribute, path)):
+                path = attribute
+                break
         return self.unique(path or fallback), type_name or node.kind()
 
     # facts ------------------------------------------------------------------------------------------------
@@ -340,7 +481,8 @@ class _Translator:
         elif bias is _NOT_CONSTANT or not (bias is None or isinstance(bias, torch.Tensor)):
             problem = f"the bias of '{name}' is not a constant of the frozen graph"
         return LayerFacts(out_channels, in_channels, channel_dim, problem=problem,
-                          input_fold_blocker=self.input_fold_blocker(node, transposed, weight))
+                          input_fold_blocker=self.input_fold_blocker(node, transposed, weight),
+                          geometry=_geometry(node, weight, groups, transposed))
 
     @staticmethod
     def input_fold_blocker(node: Any, transposed: bool, weight: torch.Tensor) -> str | None:
@@ -403,6 +545,7 @@ class _Translator:
         return self.shapes.get(position)
 
     def bind(self, node: Any, core_index: int, position: int) -> None:
+        self.result.node_of[core_index] = node
         for output in node.outputs():
             self.values[output.unique()] = [core_index]
         shape = self.shape(position)
@@ -436,13 +579,13 @@ class _Translator:
                 continue
             if kind in _LAYERS:
                 layer_count += 1
-                name, type_name = self.unit_name(node, ".weight", f"{kind.removeprefix('aten::')}#{layer_count}")
+                name, type_name = self.unit_name(node, f"{kind.removeprefix('aten::')}#{layer_count}")
                 graph.add_unit(name, LAYER, type_name, layer=self.layer_facts(node, name))
                 self.add_unit_call(node, name, position, LAYER)
                 continue
             if kind == _NORM:
                 norm_count += 1
-                name, type_name = self.unit_name(node, ".running_mean", f"batch_norm#{norm_count}")
+                name, type_name = self.unit_name(node, f"batch_norm#{norm_count}")
                 graph.add_unit(name, NORM, type_name, norm=self.norm_facts(node))
                 self.add_unit_call(node, name, position, NORM)
                 continue
@@ -451,6 +594,8 @@ class _Translator:
             if not reads and not produces_tensor:
                 continue
             facts = _op_facts(node, lambda v: self.shape_of_value.get(v.unique())) if not list(node.blocks()) else OpFacts("other")
+            if facts.kind == "add":  # a constant operand is one of its scalars, not a term
+                reads = self.read(v for v in node.inputs() if v.node().kind() != "prim::Constant")
             core = graph.add_node(OP, f"the operation {kind}", reads, shape=self.shape(position), op=facts)
             self.bind(node, core.index, position)
         graph.add_node(OUTPUT, "the model output", self.read(self.jit.return_node().inputs()))
@@ -472,7 +617,7 @@ class _Translator:
         for index, node in enumerate(self.jit.findAllNodes(_NORM)):
             if node.owningBlock() == top:
                 continue
-            name, type_name = self.unit_name(node, ".running_mean", f"batch_norm#{index + 1}")
+            name, type_name = self.unit_name(node, f"batch_norm#{index + 1}")
             facts = dataclasses.replace(self.norm_facts(node), problem=(
                 "it runs inside control flow (prim::If / prim::Loop) of the TorchScript graph, which bnfold does not "
                 "rewrite; fold the nn.Module before scripting it"
@@ -482,11 +627,15 @@ class _Translator:
 
 
 def to_graph(
-    frozen: torch.jit.ScriptModule, example_inputs: tuple[Any, ...] | None = None
+    frozen: torch.jit.ScriptModule, example_inputs: tuple[Any, ...] | None = None, names: dict[int, str] | None = None
 ) -> _Translation:
-    """The core graph of a frozen module (shapes recorded from one run on ``example_inputs`` when given)."""
+    """The core graph of a frozen module (shapes recorded from one run on ``example_inputs`` when given).
+
+    ``names`` (:meth:`_Translation.names`) keeps the units' names of an earlier translation of the same graph: a
+    scripted graph's names come partly from its constants, which folds replace.
+    """
     shapes = _recorded_shapes(frozen, example_inputs) if example_inputs is not None else None
-    return _Translator(frozen, shapes, example_inputs).translate()
+    return _Translator(frozen, shapes, example_inputs, names).translate()
 
 
 # --------------------------------------------------------------------------------------------- writing back
@@ -542,9 +691,11 @@ class _Planned:
     bias_missing: set[str]  # layers that have no bias yet
 
 
-def _planned(module: torch.jit.ScriptModule, example_inputs: torch.Tensor | Sequence[Any] | None) -> _Planned:
-    frozen = freeze(module)
-    translation = to_graph(frozen, as_input_tuple(example_inputs))
+def _planned(
+    frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str] | None = None
+) -> _Planned:
+    """Plan the folds of a frozen module as its graph is now (after freezing, or between merge rounds)."""
+    translation = to_graph(frozen, inputs, names)
     the_plan = make_plan(translation.graph)
     access = ScriptWeights(frozen.graph, translation.jit_nodes)
     check_statistics([f.norm for f in the_plan.folds], access)
@@ -558,8 +709,27 @@ def _planned(module: torch.jit.ScriptModule, example_inputs: torch.Tensor | Sequ
     return _Planned(frozen, translation, the_plan, affine, statistics, missing)
 
 
-def _report(module: torch.jit.ScriptModule, planned: _Planned, name: str, overflows: dict[str, str]) -> FoldReport:
-    """One entry per norm (the folds in plan order, then the norms left); counts as if it were the module."""
+def _apply(planned: _Planned) -> dict[str, str]:
+    """Fold the planned norms into the frozen graph's constants; returns the folds left because they would
+    overflow (norm -> reason)."""
+    graph = planned.frozen.graph
+    with torch.no_grad():
+        overflows = apply_plan(planned.plan, ScriptWeights(graph, dict(planned.translation.jit_nodes)))
+    torch._C._jit_pass_dce(graph)
+    torch._C._jit_pass_constant_pooling(graph)
+    return {o.norm: str(o) for o in overflows}
+
+
+@dataclass
+class _Folded:
+    """The report entries of a plan's folds (folded, or left because they would overflow) and what they saved."""
+
+    entries: list[NormEntry]
+    parameters_removed: int  # the folded norms' affine parameters, less the biases the folds added
+    buffers_removed: int  # the folded norms' running statistics
+
+
+def _folded(planned: _Planned, overflows: dict[str, str]) -> _Folded:
     units, types = planned.translation.graph.units, planned.translation.types
     entries: list[NormEntry] = []
     removed = buffers_removed = 0
@@ -575,6 +745,14 @@ def _report(module: torch.jit.ScriptModule, planned: _Planned, name: str, overfl
         buffers_removed += planned.statistics_elements[fold.norm]
         biased.update(fold.layers)
     added = sum(units[layer].layer.out_channels for layer in biased & planned.bias_missing)  # type: ignore[union-attr]
+    return _Folded(entries, removed - added, buffers_removed)
+
+
+def _report(module: torch.jit.ScriptModule, planned: _Planned, name: str, overflows: dict[str, str]) -> FoldReport:
+    """One entry per norm (the folds in plan order, then the norms left); counts as if it were the module."""
+    units, types = planned.translation.graph.units, planned.translation.types
+    folded = _folded(planned, overflows)
+    entries = list(folded.entries)
     for refusal in planned.plan.refusals:
         channels = units[refusal.norm].norm.channels or None  # type: ignore[union-attr]
         entries.append(NormEntry(refusal.norm, types[refusal.norm], channels, LEFT, reason=refusal.reason))
@@ -582,9 +760,49 @@ def _report(module: torch.jit.ScriptModule, planned: _Planned, name: str, overfl
     buffers = sum(b.numel() for b in module.buffers())
     return FoldReport(
         model=name, applied=False, capture=CAPTURE, entries=entries, parameters_before=parameters,
-        parameters_after=parameters - removed + added, buffers_before=buffers, buffers_after=buffers - buffers_removed,
+        parameters_after=parameters - folded.parameters_removed, buffers_before=buffers,
+        buffers_after=buffers - folded.buffers_removed,
         notes=[*planned.plan.notes, "the folded model is frozen: weights are graph constants and only forward() is kept"],
     )
+
+
+def _block_name(node: Any) -> str:
+    """How the report names the sum a JIT node computes: ``%out.3 = aten::add_ in stages.0.1``."""
+    path, _ = _module_path(node)
+    site = f"%{node.outputsAt(0).debugName()} = {node.kind()}"
+    return f"{site} in {path}" if path else site
+
+
+def _merge(
+    frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str], report: FoldReport
+) -> None:
+    """Merge the summed branches of the folded ``frozen`` (owned here) in place, folding what each round makes
+    foldable; the report gets the blocks, the norms folded or absorbed on the way, and the new counts. ``names``:
+    the units' names in the report of the folds (:meth:`_Translation.names`)."""
+
+    def translate() -> ScriptBlocks:
+        translation = to_graph(frozen, inputs, names)
+        access = ScriptWeights(frozen.graph, translation.jit_nodes)
+        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name)
+
+    def fold_again() -> FoldRound:
+        planned = _planned(frozen, inputs, names)
+        folded = _folded(planned, _apply(planned))
+        return FoldRound({e.name: e for e in folded.entries}, folded.parameters_removed, folded.buffers_removed)
+
+    with torch.no_grad(), torch.inference_mode(False):  # new constants must be usable outside inference mode
+        outcome = merge_rounds(frozen.graph, translate, fold_again)
+    report.entries = [
+        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
+        if e.name in outcome.absorbed_norms
+        else dataclasses.replace(outcome.folded_norms[e.name], kind=e.kind, channels=e.channels)
+        if e.name in outcome.folded_norms
+        else e
+        for e in report.entries
+    ]
+    report.merges = outcome.entries
+    report.parameters_after -= outcome.parameters_removed
+    report.buffers_after -= outcome.buffers_removed
 
 
 def plan_script(
@@ -596,14 +814,15 @@ def plan_script(
     """Dry run: what :func:`fold_script` would do with every batch norm, without folding anything.
 
     ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) let bnfold record the shapes a
-    scripted graph does not carry, so folds through reshapes and permutes can be checked.
+    scripted graph does not carry, so folds through reshapes and permutes can be checked. Branch merges are not
+    previewed (as for :func:`bnfold.plan`).
 
     Raises:
         TrainingModeError: the model is in training mode.
         NonFiniteStatisticsError: a norm that would be folded has NaN or infinite statistics.
         InvalidInputError: not a TorchScript module, or example inputs it cannot run on.
     """
-    return _report(module, _planned(module, example_inputs), name, {})
+    return _report(module, _planned(freeze(module), as_input_tuple(example_inputs)), name, {})
 
 
 def fold_script(
@@ -611,19 +830,27 @@ def fold_script(
     *,
     example_inputs: torch.Tensor | Sequence[Any] | None = None,
     name: str = "TorchScript model",
+    merge_branches: bool = False,
 ) -> tuple[torch.jit.ScriptModule, FoldReport]:
     """Fold every foldable batch norm of a TorchScript model; returns ``(frozen folded module, report)``.
 
     The planner is the one every format shares (:mod:`bnfold.core.plan`): forward and backward folds, chains, folds
     through pooling, dropout, upsampling, reflect padding, reshapes and concatenations. The caller's module is not
     changed (freezing works on a copy). A fold that would overflow the layer's dtype is left, with the reason.
+
+    With ``merge_branches=True`` bnfold then merges blocks that sum parallel branches of one input (RepVGG,
+    MobileOne, RepViT: ``conv3x3(x) + conv1x1(x) + BN(x)`` becomes one 3x3 convolution) with the planner and the
+    arithmetic every format shares (:mod:`bnfold.core.merge`, :func:`bnfold.core.apply.merged_tensors`): in the
+    frozen graph the merged convolution computes the sum and the other branches are gone
+    (:mod:`bnfold.backends.script_merges`). ``report.merges`` lists every block merged or left, with the reason, as
+    :func:`bnfold.fold` does for the ``nn.Module``. ``example_inputs`` are not needed for that, but give the
+    planner the shapes of the terms to check.
     """
-    planned = _planned(module, example_inputs)
-    graph = planned.frozen.graph
-    with torch.no_grad():
-        overflows = apply_plan(planned.plan, ScriptWeights(graph, dict(planned.translation.jit_nodes)))
-    torch._C._jit_pass_dce(graph)
-    torch._C._jit_pass_constant_pooling(graph)
-    report = _report(module, planned, name, {o.norm: str(o) for o in overflows})
+    inputs = as_input_tuple(example_inputs)
+    planned = _planned(freeze(module), inputs)
+    names = planned.translation.names()
+    report = _report(module, planned, name, _apply(planned))
+    if merge_branches:
+        _merge(planned.frozen, inputs, names, report)
     report.applied = True
     return planned.frozen, report

@@ -67,8 +67,12 @@ class Numerics(Protocol):
 
     def finite(self, array: Array) -> bool: ...
 
-    def all_finite(self, arrays: list[Array]) -> bool:
-        """Whether every value of every array is finite (one check for many small arrays)."""
+    def concat64(self, arrays: list[Array]) -> Array:
+        """Every value of ``arrays``, flattened, in one float64 array (on the CPU): one vectorised pass over many
+        small arrays instead of one per array."""
+
+    def repeat64(self, values: list[float], counts: list[int]) -> Array:
+        """A float64 array of ``values[i]`` repeated ``counts[i]`` times, one after the other (on the CPU)."""
 
     def dtype_name(self, array: Array) -> str: ...
 
@@ -128,20 +132,44 @@ class FoldOverflow(ArithmeticError):
         self.layer = layer
 
 
-def check_statistics(norms: list[str], access: WeightAccess) -> None:
-    """Raise :class:`~bnfold.errors.NonFiniteStatisticsError` for the first of ``norms`` whose map is not finite:
+def check_statistics(norms: list[str], access: WeightAccess) -> dict[str, tuple[Array, Array]]:
+    """Every norm's per-channel ``(s, t)`` in float64, after checking its map is finite.
+
+    Raises :class:`~bnfold.errors.NonFiniteStatisticsError` for the first of ``norms`` whose map is not finite:
     folding it would hide a model that already computes NaN behind weights that look valid.
 
-    One check over every norm's statistics and ``(var + eps) ** -0.5`` first; the norm and the tensor to name are
-    looked for only when that check fails.
+    The statistics of all norms are joined and the maps computed in one vectorised pass (the same float64
+    operations, in the same order, as :func:`scale_shift` on each norm): a model has hundreds of small norms, and
+    one pass per norm costs more than the arithmetic. The norm and tensor to name are looked for only when the
+    check fails. The maps stay valid while the plan is applied: folds write into layers, never into norms.
     """
     numerics = access.numerics
-    statistics = [(norm, access.statistics(norm)) for norm in norms]
-    arrays = [a for _, st in statistics for a in (st.mean, st.var, st.gamma, st.beta) if a is not None]
-    inverse_deviations = [(numerics.float64(st.var) + st.eps) ** -0.5 for _, st in statistics]
-    if numerics.all_finite(arrays + inverse_deviations):
-        return
-    for (norm, stats), inverse_deviation in zip(statistics, inverse_deviations, strict=True):
+    if not norms:
+        return {}
+    statistics = [access.statistics(norm) for norm in norms]
+    counts = [int(st.mean.shape[0]) for st in statistics]
+    mean = numerics.concat64([st.mean for st in statistics])
+    var = numerics.concat64([st.var for st in statistics])
+    eps = numerics.repeat64([float(st.eps) for st in statistics], counts)
+    gamma = numerics.concat64([st.gamma if st.gamma is not None else numerics.repeat64([1.0], [c])
+                               for st, c in zip(statistics, counts, strict=True)])
+    beta = numerics.concat64([st.beta if st.beta is not None else numerics.repeat64([0.0], [c])
+                              for st, c in zip(statistics, counts, strict=True)])
+    inverse_deviation = (var + eps) ** -0.5
+    if not numerics.finite(numerics.concat64([mean, var, gamma, beta, inverse_deviation])):
+        _raise_for_non_finite(norms, statistics, access.numerics)
+    scale = inverse_deviation * gamma
+    shift = -mean * scale + beta
+    maps: dict[str, tuple[Array, Array]] = {}
+    start = 0
+    for norm, count in zip(norms, counts, strict=True):
+        maps[norm] = (scale[start:start + count], shift[start:start + count])
+        start += count
+    return maps
+
+
+def _raise_for_non_finite(norms: list[str], statistics: list[Statistics], numerics: Numerics) -> None:
+    for norm, stats in zip(norms, statistics, strict=True):
         for label, array in (("running mean", stats.mean), ("running variance", stats.var), ("weight", stats.gamma),
                              ("bias", stats.beta)):
             if array is not None and not numerics.finite(array):
@@ -149,10 +177,11 @@ def check_statistics(norms: list[str], access: WeightAccess) -> None:
                     f"norm '{norm}' has NaN or infinite values in its {label}: its outputs are already invalid. "
                     f"Recalibrate its statistics (a few training-mode forward passes) before folding."
                 )
-        if not numerics.finite(inverse_deviation):
+        if not numerics.finite((numerics.float64(stats.var) + stats.eps) ** -0.5):
             raise NonFiniteStatisticsError(
                 f"norm '{norm}' has running variance + eps <= 0, which has no square root; recalibrate its statistics."
             )
+    raise NonFiniteStatisticsError("a norm's scale gamma / sqrt(var + eps) overflows float64; recalibrate its statistics.")
 
 
 def scale_shift(statistics: Statistics, numerics: Numerics) -> tuple[Array, Array]:
@@ -194,7 +223,7 @@ def _in_place_is_safe(tensors: LayerTensors, factors: Array, numerics: Numerics)
     weight times the largest factor, with a margin for rounding), so no check of the result is needed."""
     if not numerics.scalable_in_place(tensors.weight):
         return False
-    largest_factor = float(abs(factors).max())
+    largest_factor = numerics.max_abs(factors)
     if largest_factor <= 1:  # no product grows: a finite weight stays finite
         return True
     bound = numerics.max_abs(tensors.weight) * largest_factor
@@ -206,15 +235,17 @@ def _out_channels(tensors: LayerTensors) -> int:
     return count * tensors.groups if tensors.out_axis == 1 else count
 
 
-def fold_one(fold: Fold, access: WeightAccess) -> None:
+def fold_one(fold: Fold, access: WeightAccess, maps: dict[str, tuple[Array, Array]] | None = None) -> None:
     """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm.
 
     With an access that allows it (``in_place``), a weight whose products provably stay finite is multiplied where
-    it is, after every check of the fold passed; any other is computed beside it and checked.
+    it is, after every check of the fold passed; any other is computed beside it and checked. ``maps``: the norms'
+    ``(s, t)`` from :func:`check_statistics`, if the caller has them.
     """
     numerics = access.numerics
     in_place = bool(getattr(access, "in_place", False))
-    scale, shift = scale_shift(access.statistics(fold.norm), numerics)
+    known = maps.get(fold.norm) if maps is not None else None
+    scale, shift = known if known is not None else scale_shift(access.statistics(fold.norm), numerics)
     writes: list[tuple[str, Array, Array]] = []
     scalings: list[tuple[str, Array, int, int, Array]] = []
     offset = 0  # a forward fold into several layers: their outputs were concatenated, each takes its channels
@@ -252,8 +283,11 @@ def fold_one(fold: Fold, access: WeightAccess) -> None:
     access.remove_norm(fold.norm)
 
 
-def apply_plan(plan: FoldPlan, access: WeightAccess) -> list[FoldOverflow]:
+def apply_plan(
+    plan: FoldPlan, access: WeightAccess, maps: dict[str, tuple[Array, Array]] | None = None
+) -> list[FoldOverflow]:
     """Fold in plan order. Returns the folds that would have overflowed (not applied; their norms stay).
+    ``maps``: the norms' ``(s, t)`` as :func:`check_statistics` returned them (computed here otherwise).
 
     A norm that stays may break a chain planned through it (BN1 -> BN2 -> Linear folded backward through BN2):
     folds planned after an overflow that touch the same layers are skipped with it.
@@ -265,7 +299,7 @@ def apply_plan(plan: FoldPlan, access: WeightAccess) -> list[FoldOverflow]:
             overflows.append(FoldOverflow(fold.norm, fold.layers[0], "a fold it is chained with would overflow"))
             continue
         try:
-            fold_one(fold, access)
+            fold_one(fold, access, maps)
         except FoldOverflow as overflow:
             overflows.append(overflow)
             untouchable.update(fold.layers)

@@ -781,8 +781,11 @@ class NumpyNumerics:
     def dtype_name(self, array: np.ndarray) -> str:
         return str(np.asarray(array).dtype)
 
-    def all_finite(self, arrays: list[np.ndarray]) -> bool:
-        return all(self.finite(array) for array in arrays)
+    def concat64(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
+
+    def repeat64(self, values: list[float], counts: list[int]) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=np.float64), counts)
 
     def scalable_in_place(self, weight: np.ndarray) -> bool:
         return False  # initializers are decoded into fresh arrays anyway: nothing to save

@@ -112,6 +112,9 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
                                   description="Show each batch norm and what folding would do with it, and parameter counts.",
                                   epilog="example: bnfold inspect resnet50", formatter_class=argparse.RawDescriptionHelpFormatter)
     inspect.add_argument("model", metavar="MODEL", help="architecture name or model file")
+    inspect.add_argument("--merge-branches", action="store_true",
+                         help="also show which summed parallel branches would merge into one layer (and why others "
+                              "would not)")
     _model_options(inspect)
     _common(inspect)
 
@@ -129,7 +132,7 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     fold.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
     fold.add_argument("--merge-branches", action="store_true",
                       help="also merge summed parallel branches (RepVGG / MobileOne / RepViT blocks) into one layer; "
-                           "PyTorch modules and ONNX files")
+                           "PyTorch modules, TorchScript, .pt2 programs and ONNX files")
     _model_options(fold)
     _common(fold)
 

@@ -74,9 +74,20 @@ def _onnx_backend() -> Any:
     return onnx_backend
 
 
-def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
+def _plan_report(loaded: LoadedModel, example: torch.Tensor, merge_branches: bool = False) -> FoldReport:
     if loaded.kind == ONNX:
-        return _onnx_backend().plan(loaded.source or loaded.module)
+        return _onnx_backend().plan(loaded.source or loaded.module, merge_branches=merge_branches)
+    if merge_branches and loaded.kind in (TORCHSCRIPT, EXPORTED):
+        # Which blocks merge depends on the folds before them: fold and merge in memory (the loaded model is
+        # not changed, nothing is written) and report it as the dry run it is.
+        if loaded.kind == TORCHSCRIPT:
+            from ...backends.torchscript import fold_script
+
+            _, report = fold_script(loaded.module, example_inputs=example, name=loaded.label, merge_branches=True)
+        else:
+            _, report = _fold_exported(loaded, example, merge_branches=True)
+        report.applied = False
+        return report
     if loaded.kind == TORCHSCRIPT:
         from ...backends.torchscript import plan_script
 
@@ -87,7 +98,7 @@ def _plan_report(loaded: LoadedModel, example: torch.Tensor) -> FoldReport:
         return plan_exported(loaded.module, name=loaded.label)
     from ...engine import plan
 
-    return plan(loaded.module, example)
+    return plan(loaded.module, example, merge_branches=merge_branches)
 
 
 def inspect(args: argparse.Namespace, console: Any) -> int:
@@ -96,19 +107,20 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     example = loaded.example_inputs(args.seed)
     _check_runs(args, loaded, example)
     with console.status("tracing the dataflow"):
-        report = _plan_report(loaded, example)
+        report = _plan_report(loaded, example, args.merge_branches)
     report.model = loaded.label
     _print_notes(args, console, loaded)
     _emit(args, console, report.to_dict(), report)
     return OK
 
 
-def _fold_exported(loaded: LoadedModel, example: torch.Tensor) -> tuple[Any, FoldReport]:
+def _fold_exported(loaded: LoadedModel, example: torch.Tensor, merge_branches: bool = False) -> tuple[Any, FoldReport]:
     """Fold a torch.export program, exported again on its own example inputs (or, lacking them, on ``example``)."""
     from ...backends.exported import fold_exported
 
     stored = loaded.module.example_inputs
-    return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label)
+    return fold_exported(loaded.module, example_inputs=None if stored is not None else example, name=loaded.label,
+                         merge_branches=merge_branches)
 
 
 def _fold_loaded(
@@ -122,19 +134,15 @@ def _fold_loaded(
         result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance, seed=seed,
                                       merge_branches=merge_branches)
         return result, result.report
-    if merge_branches and loaded.kind in (TORCHSCRIPT, EXPORTED):
-        raise InvalidInputError(
-            "--merge-branches is not available for TorchScript and .pt2 files yet; fold the nn.Module they were made "
-            "from (a checkpoint with --arch, or a pickled module) or its ONNX export, or drop --merge-branches"
-        )
     if loaded.kind == TORCHSCRIPT:
         from ...backends.torchscript import fold_script
 
-        folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label)
+        folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label,
+                                     merge_branches=merge_branches)
         report.verification = _judge(loaded.module, folded, example, tolerance, "the folded TorchScript model")
         return folded, report
     if loaded.kind == EXPORTED:
-        program, report = _fold_exported(loaded, example)
+        program, report = _fold_exported(loaded, example, merge_branches)
         report.verification = _judge(loaded.runnable, program.module(), example, tolerance, "the folded torch.export program")
         return program, report
     from ...engine import fold, report_for

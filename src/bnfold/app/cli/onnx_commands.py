@@ -71,7 +71,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     with console.status(f"loading {args.model}"):
         model = backend.load(args.model)
     with console.status("planning"):
-        report = backend.plan(model)
+        report = backend.plan(model, merge_branches=args.merge_branches)
     report.model = Path(args.model).name
     _emit(args, console, report.to_dict(), report)
     return OK

@@ -1,0 +1,86 @@
+"""One walk over a model's module tree, shared by every step of a fold.
+
+Capture, translation, the report and the write-back all look modules up by name, ask for a module's first name,
+or for the parents that hold it. ``nn.Module.get_submodule`` and ``named_modules`` walk the tree again on every
+call; on resnet50 those walks were a fifth of an in-place fold's time. A :class:`ModuleTree` walks it once.
+
+It describes the tree as it was when it was made: a fold replaces norms in the tree (by ``nn.Identity``), so a tree
+is made per model and per pass, and the names it resolves are those the plan was made from.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorCensus:
+    """What a report counts, and what must be checked before folding: see :attr:`ModuleTree.census`."""
+
+    parameters: int
+    buffers: int
+    first_meta: str | None  # a tensor on the meta device (a parameter's name first), or None
+
+
+class ModuleTree:
+    """Every module of ``model`` by qualified name (aliases included), each module's names, and the parent slots
+    that hold each module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.by_name: dict[str, nn.Module] = {}
+        self.names_of: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.by_name[name] = module
+            self.names_of.setdefault(id(module), []).append(name)
+        self.slots: dict[int, list[tuple[nn.Module, str]]] = {}
+        self.unique: list[tuple[str, nn.Module]] = []  # each module once, under its first name, in tree order
+        seen: set[int] = set()
+        for name, module in self.by_name.items():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            self.unique.append((name, module))
+            for child_name, child in module._modules.items():
+                if child is not None:
+                    self.slots.setdefault(id(child), []).append((module, child_name))
+
+    def get(self, name: str) -> nn.Module:
+        """The module called ``name`` (``get_submodule``'s answer, and its error for a name that is not there)."""
+        module = self.by_name.get(name)
+        return module if module is not None else self.model.get_submodule(name)
+
+    def first_name(self, module: nn.Module) -> str:
+        """The module's first qualified name, so a module reachable under two names gets one name in the dataflow."""
+        return self.names_of[id(module)][0]
+
+    @functools.cached_property
+    def census(self) -> TensorCensus:
+        """Parameter and buffer counts, and the first tensor on the meta device: one pass over :meth:`tensors`."""
+        counts = [0, 0]
+        meta: list[str | None] = [None, None]  # the first parameter, the first buffer
+        lazy = nn.parameter.UninitializedTensorMixin  # a lazy module's tensors have no size yet
+        for name, tensor, is_parameter in self.tensors():
+            kind = 0 if is_parameter else 1
+            if tensor.is_meta and meta[kind] is None:
+                meta[kind] = name
+            if not isinstance(tensor, lazy):
+                counts[kind] += tensor.numel()
+        return TensorCensus(counts[0], counts[1], meta[0] or meta[1])
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        """Every parameter and buffer once, as ``(qualified name, tensor, is_parameter)``: what
+        ``named_parameters()`` and ``named_buffers()`` give, from the walk already made."""
+        seen: set[int] = set()
+        for module_name, module in self.unique:
+            prefix = f"{module_name}." if module_name else ""
+            for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+                for name, tensor in table.items():
+                    if tensor is not None and id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        yield prefix + name, tensor, is_parameter

@@ -180,6 +180,43 @@ def test_an_in_place_sum_merges_only_when_nothing_reads_the_overwritten_tensor_a
         assert conv_calls(folded, x) == 2
 
 
+class ChangedBetweenReads(nn.Module):
+    """Two branches of ``x``; ``where`` says when ``x`` is changed in place: before both reads (every branch sees
+    the change), between them (each sees another value), or after the sum."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.stem, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True)
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.where == "before":
+            self.act(x)  # ReLU(inplace=True): x itself is changed
+        a = self.a(x)
+        if self.where == "between":
+            x.mul_(2)
+        total = a + self.b(x)
+        if self.where == "after":
+            x.mul_(2)
+        return total * x.mean()
+
+
+@pytest.mark.parametrize("where", ["before", "between", "after"])
+def test_a_tensor_changed_in_place_between_the_branches_reads_is_not_merged(where: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = ChangedBetweenReads(where).eval()
+    folded = bnfold.fold(model, x, merge_branches=True)  # verified on x
+    assert_same_outputs(model, folded, x)
+    (merge,) = bnfold.report_for(folded).merges
+    if where == "between":  # the merged conv would read x once: a(x) and b(x) read two values of it
+        assert merge.status == "left" and "changed in place by mul_ between their reads" in (merge.reason or "")
+    else:
+        assert merge.status == "merged" and conv_calls(folded, x) == 2
+
+
 class Refused(nn.Module):
     """A 3x3 and a 1x1 whose paddings do not centre it, and a sum with an activation in one branch."""
 

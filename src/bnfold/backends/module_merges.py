@@ -15,6 +15,7 @@ nothing changes.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import operator
 from collections.abc import Callable
@@ -58,6 +59,85 @@ def _dead_outside(merge: Merge, nodes: list[fx.Node]) -> str | None:
             if user not in removed:
                 return f"{node.name} is also read by {user.name} (for its shape, or outside the captured dataflow)"
     return None
+
+
+_IN_PLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+    operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul, operator.setitem,
+})
+
+
+def _overwritten(node: fx.Node, module: fx.GraphModule) -> fx.Node | None:
+    """The tensor ``node`` changes in place (its first argument), or None: ``x.mul_(2)``, ``x += y``,
+    ``x[i] = v``, ``F.relu(x, inplace=True)``, a module built with ``inplace=True``."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        return first if name.endswith("_") and not name.endswith("__") else None
+    if node.op == "call_module":
+        return first if getattr(module.get_submodule(str(node.target)), "inplace", False) is True else None
+    if node.op != "call_function":
+        return None
+    name = getattr(node.target, "__name__", "")
+    if node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+        return first
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # no signature (a builtin), or not these arguments
+        return first if node.kwargs.get("inplace") is True else None
+    return first if bound.arguments.get("inplace") is True else None
+
+
+def _changed_in_place(merge: Merge, nodes: list[fx.Node], into_node: fx.Node, module: fx.GraphModule) -> str | None:
+    """Why a merge would change what its terms read, or None.
+
+    torch.fx records every read of a tensor as a read of the node that made it, also after an in-place change
+    (``a(x); x.mul_(2); b(x)``): the branches then read two different values of ``x``, while the merged layer reads
+    one. So no tensor the merged terms read (nor an alias of it through an identity) may be changed in place between
+    the first and the last of their reads; before them every term sees the change alike, after them none does.
+    """
+    removed = {nodes[i] for i in merge.removed}
+    readers = removed | {into_node}  # the merged terms' calls, and the additions that read them
+    position = {node: index for index, node in enumerate(module.graph.nodes)}
+    group: dict[fx.Node, int] = {}  # each tensor read, and its aliases, numbered by the tensor
+    for start in {source for node in readers for source in node.all_input_nodes if source not in removed}:
+        if start in group:
+            continue
+        number, frontier = len(group), [start]
+        group[start] = number
+        while frontier:  # identities return the tensor they read: a change through one is a change of it
+            node = frontier.pop()
+            linked = [user for user in node.users if _is_passing(user, module)]
+            if _is_passing(node, module):
+                linked += node.all_input_nodes
+            for other in linked:
+                if other not in group:
+                    group[other] = number
+                    frontier.append(other)
+    reads: dict[int, list[int]] = {group[into_node]: [position[into_node]]} if into_node in group else {}
+    for node in readers:  # (the merged layer's own output counts from where it is made: `a = conv(x); a.relu_()`)
+        for source in node.all_input_nodes:
+            if source in group:
+                reads.setdefault(group[source], []).append(position[node])
+    for node in module.graph.nodes:
+        changed = _overwritten(node, module) if node not in removed else None
+        if changed is None or changed not in group:
+            continue
+        seen = reads.get(group[changed], [])
+        if seen and min(seen) < position[node] < max(seen):
+            return f"{changed.name}, which its terms read, is changed in place by {node.name} between their reads"
+    return None
+
+
+def _is_passing(node: fx.Node, module: fx.GraphModule) -> bool:
+    return node.op == "call_module" and _passes_its_input(module.get_submodule(str(node.target)))
+
+
+def _passes_its_input(module: nn.Module) -> bool:
+    """An nn.Identity or a dropout in eval: its output is the very tensor it reads."""
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
 
 
 def _rewrite(graph: fx.Graph, merge: Merge, nodes: list[fx.Node], into_node: fx.Node,
@@ -121,7 +201,8 @@ def merge_once(model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...
     weights = ModuleWeights(module, registry, Rollback())
     replaced: dict[fx.Node, fx.Node] = {}
     for merge in plan.merges:
-        blocked = _dead_outside(merge, nodes)
+        into_node = nodes[core.units[merge.into].calls[0]]
+        blocked = _dead_outside(merge, nodes) or _changed_in_place(merge, nodes, into_node, module)
         if blocked is None:
             try:
                 merge_one(merge, weights)
@@ -133,7 +214,7 @@ def merge_once(model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...
         named = dataclasses.replace(merge, block=nodes[merge.root].name)
         outcome.merges.append(named)
         outcome.kept.append(tuple(nodes[index].name for index in merge.kept))
-        _rewrite(module.graph, merge, nodes, nodes[core.units[merge.into].calls[0]], replaced)
+        _rewrite(module.graph, merge, nodes, into_node, replaced)
     if not outcome.merges:
         return outcome
     module.graph.lint()

@@ -343,3 +343,33 @@ def test_a_fold_that_would_overflow_the_dtype_is_left_with_the_reason(dtype: tor
     x = torch.randn(1, 3, 6, 6, dtype=dtype) * (1 / big)
     with torch.no_grad():
         assert torch.isfinite(folded(x)).all() == torch.isfinite(model(x)).all()
+
+
+class _SharedNormTensor(nn.Module):
+    """Two norms holding one running-mean buffer; only ``bn2`` folds (``bn1`` reads the input, a ReLU follows it):
+    the buffer stays in the model with ``bn1``, so the count after the fold must keep it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv, self.bn2 = nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3)
+        self.bn2.running_mean = self.bn1.running_mean  # a buffer held by two norms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv(torch.relu(self.bn1(x))))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: __import__("torchvision").models.resnet18(),
+    lambda: __import__("timm").create_model("efficientnet_b0"),  # BatchNormAct2d: the norm leaves its activation
+    lambda: _SharedNormTensor(),
+], ids=["resnet18", "efficientnet_b0", "shared_buffer"])
+def test_inplace_fold_reports_the_counts_a_fresh_count_gives(build) -> None:  # type: ignore[no-untyped-def]
+    """An in-place fold without verification counts parameters and buffers from what it replaced, not by walking
+    the model again: the numbers must be those of a walk."""
+    model = randomize_norms(build().eval())
+    folded = bnfold.fold(model, inplace=True)
+    report = bnfold.report_for(folded)
+    assert report.parameters_after == sum(p.numel() for p in folded.parameters())
+    assert report.buffers_after == sum(b.numel() for b in folded.buffers())
+    assert report.parameters_after < report.parameters_before

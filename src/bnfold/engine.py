@@ -306,7 +306,10 @@ def fold(
             if inplace:
                 _apply(model, the_plan, registry, report, maps=planned.maps)
     report.applied = True
-    report.parameters_after, report.buffers_after = _count(target)
+    counts = None
+    if target is model and not verify and not merge_branches:  # one fold, recorded by ``rollback``: no new walk
+        counts = planned.tree.counts_after(rollback.replacements())
+    report.parameters_after, report.buffers_after = counts if counts is not None else _count(target)
     _reports[target] = report
     log.info("%s", report.summary())
     return target

@@ -11,11 +11,26 @@ is made per model and per pass, and the names it resolves are those the plan was
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+_LAZY = nn.parameter.UninitializedTensorMixin  # a lazy module's tensors have no size yet
+
+
+def _own_tensors(value: object) -> dict[int, tuple[torch.Tensor, int]]:
+    """The parameters (kind 0) and buffers (kind 1) a slot value brings: a module's whole subtree, a parameter."""
+    if isinstance(value, nn.Module):
+        found: dict[int, tuple[torch.Tensor, int]] = {}
+        for module in value.modules():
+            for table, kind in ((module._parameters, 0), (module._buffers, 1)):
+                found.update((id(t), (t, kind)) for t in table.values() if t is not None)
+        return found
+    if isinstance(value, torch.Tensor):
+        return {id(value): (value, 0)}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,7 @@ class TensorCensus:
     parameters: int
     buffers: int
     first_meta: str | None  # a tensor on the meta device (a parameter's name first), or None
+    holders: dict[int, int]  # id(tensor) -> how many module slots hold it
 
 
 class ModuleTree:
@@ -61,17 +77,51 @@ class ModuleTree:
 
     @functools.cached_property
     def census(self) -> TensorCensus:
-        """Parameter and buffer counts, and the first tensor on the meta device: one pass over :meth:`tensors`."""
+        """Parameter and buffer counts, and the first tensor on the meta device: one pass over every module's own
+        tensors (each tensor counted once, however many slots hold it; the slots are counted too)."""
         counts = [0, 0]
         meta: list[str | None] = [None, None]  # the first parameter, the first buffer
-        lazy = nn.parameter.UninitializedTensorMixin  # a lazy module's tensors have no size yet
-        for name, tensor, is_parameter in self.tensors():
-            kind = 0 if is_parameter else 1
-            if tensor.is_meta and meta[kind] is None:
-                meta[kind] = name
-            if not isinstance(tensor, lazy):
-                counts[kind] += tensor.numel()
-        return TensorCensus(counts[0], counts[1], meta[0] or meta[1])
+        holders: dict[int, int] = {}
+        for module_name, module in self.unique:
+            prefix = f"{module_name}." if module_name else ""
+            for table, kind in ((module._parameters, 0), (module._buffers, 1)):
+                for name, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    seen = holders.get(id(tensor), 0)
+                    holders[id(tensor)] = seen + 1
+                    if seen:
+                        continue
+                    if tensor.is_meta and meta[kind] is None:
+                        meta[kind] = prefix + name
+                    if not isinstance(tensor, _LAZY):
+                        counts[kind] += tensor.numel()
+        return TensorCensus(counts[0], counts[1], meta[0] or meta[1], holders)
+
+    def counts_after(self, replaced: Iterable[tuple[object, object]]) -> tuple[int, int] | None:
+        """The parameter and buffer counts once each ``(old, new)`` slot value (a module, a parameter, or None) has
+        been put in place of the other, from :attr:`census` without walking the tree again; None where that cannot
+        be told this way (a tensor that goes is held by another slot too, or one that comes was there already)."""
+        census = self.census
+        gone: dict[int, tuple[torch.Tensor, int]] = {}
+        came: dict[int, tuple[torch.Tensor, int]] = {}
+        for old, new in replaced:
+            gone.update(_own_tensors(old))
+            came.update(_own_tensors(new))
+        counts = [census.parameters, census.buffers]
+        for key, (tensor, kind) in gone.items():
+            if key in came:
+                continue
+            if census.holders.get(key) != 1 or isinstance(tensor, _LAZY):
+                return None
+            counts[kind] -= tensor.numel()
+        for key, (tensor, kind) in came.items():
+            if key in gone:
+                continue
+            if key in census.holders or isinstance(tensor, _LAZY):
+                return None
+            counts[kind] += tensor.numel()
+        return counts[0], counts[1]
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor, bool]]:
         """Every parameter and buffer once, as ``(qualified name, tensor, is_parameter)``: what

@@ -623,6 +623,11 @@ class Rollback:
         affine.scale_channels_in_place(weight.data, factors, axis, groups)
         self.scaled.append((weight, factors, axis, groups))
 
+    def replacements(self) -> list[tuple[object, object]]:
+        """Each slot changed, as ``(old value, value now)``: what a tensor count needs to know."""
+        return [(old, (owner._modules if name in owner._modules else owner._parameters).get(name))
+                for owner, name, old in self.slots]
+
     def restore(self) -> None:
         for weight, factors, axis, groups in reversed(self.scaled):
             affine.scale_channels_in_place(weight.data, 1 / factors, axis, groups)

@@ -30,6 +30,7 @@ from torch import nn
 import bnfold
 from bnfold.backends.modules import geometry, layer_rule
 from bnfold.backends.torchscript import fold_script, freeze, to_graph
+from bnfold.core.graph import Operand
 from bnfold.layers import DEFAULT_REGISTRY
 from bnfold.report import FoldReport
 from bnfold.verification import compare_outputs
@@ -138,10 +139,12 @@ def test_sums_are_add_ops_and_other_additions_are_not() -> None:
     x = torch.randn(1, 3, 4, 4)
     graph = to_graph(freeze(_trace(Sums().eval(), x)), (x.clone(),)).graph
     adds = [(n.label, n.op.kind, n.op.attributes) for n in graph.nodes if n.op is not None and "add" in n.label]
+    two = (Operand(input=0), Operand(input=1))
     assert adds == [
-        ("the operation aten::add", "add", {"alpha": 1, "scalars": ()}),
-        ("the operation aten::add", "add", {"alpha": 2, "scalars": ()}),
-        ("the operation aten::add", "add", {"alpha": 1, "scalars": (0,)}),
+        ("the operation aten::add", "add", {"alpha": 1, "scalars": (), "operands": two}),
+        ("the operation aten::add", "add", {"alpha": 2, "scalars": (), "operands": two}),
+        ("the operation aten::add", "add", {"alpha": 1, "scalars": (0,), "operands": (Operand(input=0),
+                                                                                     Operand(number=0.0))}),
         ("the operation aten::add", "other", {}),
         ("the operation aten::add_", "other", {}),
     ]

@@ -857,7 +857,7 @@ def _merge(
     def translate() -> ScriptBlocks:
         translation = to_graph(frozen, inputs, names)
         access = ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
-        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name)
+        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes)
 
     def fold_again() -> FoldRound:
         planned = _planned(frozen, inputs, names)

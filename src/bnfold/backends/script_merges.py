@@ -49,6 +49,8 @@ class ScriptBlocks:
         name: how a report names the sum a JIT node computes.
         value_nodes: JIT value (its ``unique()``) -> the core nodes it stands for: how the terms a split sum keeps
             are found among the inputs of the sum's JIT nodes.
+        parameters: the names of the graph constants that were parameters of the module (``%self.layer_scale.gamma``),
+            so that a layer scale merged away counts as a parameter removed, not a buffer.
     """
 
     graph: Graph
@@ -56,6 +58,7 @@ class ScriptBlocks:
     access: WeightAccess
     name: Callable[[Any], str]
     value_nodes: dict[int, list[int]] = field(default_factory=dict)
+    parameters: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -127,10 +130,14 @@ def _numel(tensor: Any) -> int:
     return int(tensor.numel()) if isinstance(tensor, torch.Tensor) else 0
 
 
-def _sizes_removed(merge: Merge, access: WeightAccess) -> tuple[int, int]:
+def _sizes_removed(merge: Merge, access: WeightAccess, parameters_named: frozenset[str]) -> tuple[int, int]:
     """Parameter and buffer elements the merge takes out of the model (read before anything is written): the other
-    branches' weights and biases, the identity norms' affine parameters and statistics, less the bias ``into`` gets
-    when it had none."""
+    branches' weights and biases, the identity norms' affine parameters and statistics, the layer scales its
+    products multiplied by (a parameter where ``parameters_named`` has its name, a buffer otherwise), less the bias
+    ``into`` gets when it had none.
+
+    A layer scale counts once per merge that multiplies by it, as the module's parameters count it: freezing pools
+    constants of equal value (the layer scales of fresh blocks), so one graph constant may stand for several."""
     parameters = buffers = 0
     for layer in merge.merged_layers:
         tensors = access.read(layer)
@@ -142,6 +149,13 @@ def _sizes_removed(merge: Merge, access: WeightAccess) -> tuple[int, int]:
         statistics = access.statistics(norm)
         parameters += _numel(statistics.gamma) + _numel(statistics.beta)
         buffers += _numel(statistics.mean) + _numel(statistics.var)
+    factors = {name for term in (*merge.branches, *merge.identities) for name in term.coefficient.factors}
+    for name in sorted(factors):
+        elements = _numel(access.constant(name))  # type: ignore[attr-defined]
+        if name in parameters_named:
+            parameters += elements
+        else:
+            buffers += elements
     return parameters, buffers
 
 
@@ -201,7 +215,7 @@ def merge_once(blocks: ScriptBlocks, jit_graph: Any) -> ScriptMergeRound:
             blocked = "bnfold cannot tell which values of the TorchScript graph the terms left after the merge are"
         sizes = (0, 0)
         if blocked is None:
-            sizes = _sizes_removed(merge, blocks.access)
+            sizes = _sizes_removed(merge, blocks.access, blocks.parameters)
             try:
                 merge_one(merge, blocks.access)
             except MergeOverflow as overflow:

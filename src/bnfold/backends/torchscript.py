@@ -848,16 +848,19 @@ def _block_name(node: Any) -> str:
 
 
 def _merge(
-    frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str], report: FoldReport
+    frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str], report: FoldReport,
+    parameters: frozenset[str] = frozenset(),
 ) -> None:
     """Merge the summed branches of the folded ``frozen`` (owned here) in place, folding what each round makes
     foldable; the report gets the blocks, the norms folded or absorbed on the way, and the new counts. ``names``:
-    the units' names in the report of the folds (:meth:`_Translation.names`)."""
+    the units' names in the report of the folds (:meth:`_Translation.names`); ``parameters``: the names freezing
+    gives the module's parameters as constants (``%self.layer_scale.gamma``)."""
 
     def translate() -> ScriptBlocks:
         translation = to_graph(frozen, inputs, names)
         access = ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
-        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes)
+        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes,
+                            parameters)
 
     def fold_again() -> FoldRound:
         planned = _planned(frozen, inputs, names)
@@ -925,6 +928,7 @@ def fold_script(
     names = planned.translation.names()
     report = _report(module, planned, name, _apply(planned))
     if merge_branches:
-        _merge(planned.frozen, inputs, names, report)
+        _merge(planned.frozen, inputs, names, report,
+               frozenset(f"%self.{name}" for name, _ in module.named_parameters()))
     report.applied = True
     return planned.frozen, report

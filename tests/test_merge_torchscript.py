@@ -395,10 +395,10 @@ def test_products_that_are_no_per_channel_constant_are_left_with_their_reason(ho
     split = "; merging only the terms that read one tensor would remove no layer or norm"
     for model, reasons in (
         (Unmergeable().eval(), [
-            f"one of its terms is the operation aten::mul, a product of 'b' ({conv}) and the operation aten::sigmoid: a "
-            f"non-constant multiplier{split}",
-            f"one of its terms is the operation aten::mul, which multiplies by '%self.positions' of shape (4, 8, 8): the "
-            f"scale is not per channel{split}",
+            f"one of its terms is the operation aten::mul, a product of 'b' ({conv}) and the operation "
+            f"aten::sigmoid: a non-constant multiplier{split}",
+            f"one of its terms is the operation aten::mul, which multiplies by '%self.positions' of shape (4, 8, 8): "
+            f"the scale is not per channel{split}",
         ]),
         (Twice().eval(), [f"it adds the output of 'a' ({conv}) to itself{split}"]),
     ):

@@ -9,8 +9,8 @@ constants of the ``into`` node through the adapter's weight access, as a fold do
 graph: every use of the sum's output becomes a use of the ``into`` node's output (for a split sum, of new
 ``aten::add`` nodes adding the terms that stay to it, RepGhost's shortcut), the additions, subtractions and
 products, the other branches' layer and norm nodes and the identities between them are destroyed, and the
-constants nobody reads any more (a layer scale) go with dead-code elimination. The result is still a frozen ``ScriptModule`` that
-``torch.jit.save`` writes and ``torch.jit.load`` reads back.
+constants nobody reads any more (a layer scale) go with dead-code elimination. The result is still a frozen
+``ScriptModule`` that ``torch.jit.save`` writes and ``torch.jit.load`` reads back.
 
 As for the other formats, a round of merges can make new folds possible (RepViT's ``BN(conv3x3(x) + conv1x1(x) +
 x)``: once the sum is one convolution, the norm after it folds forward) and new folds new merges, so

@@ -714,7 +714,9 @@ class ScriptWeights:
 
     numerics = TorchNumerics()
 
-    def __init__(self, graph: Any, jit_nodes: dict[str, Any], constants: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, graph: Any, jit_nodes: dict[str, Any], constants: dict[str, torch.Tensor] | None = None
+    ) -> None:
         self.graph = graph
         self.jit_nodes = jit_nodes
         self.constants = constants or {}

@@ -33,8 +33,9 @@ kept, which is what a deployment archive needs. Parameter counts are those of th
 the folded norms' affine parameters, plus the biases the folds add, as for an ``nn.Module``.
 
 Branch merges (``fold_script(..., merge_branches=True)``): after the folds, the core's merge planner decides on a
-new translation of the folded graph and :mod:`bnfold.backends.script_merges` rewrites it, in rounds with the folds
-they make possible.
+new translation of the folded graph (sums, differences and per-channel scales, split where their terms read
+different tensors) and :mod:`bnfold.backends.script_merges` rewrites it, in rounds with the folds they make
+possible.
 """
 
 from __future__ import annotations
@@ -921,8 +922,11 @@ def fold_script(
     MobileOne, RepViT: ``conv3x3(x) + conv1x1(x) + BN(x)`` becomes one 3x3 convolution) with the planner and the
     arithmetic every format shares (:mod:`bnfold.core.merge`, :func:`bnfold.core.apply.merged_tensors`): in the
     frozen graph the merged convolution computes the sum and the other branches are gone
-    (:mod:`bnfold.backends.script_merges`). ``report.merges`` lists every block merged or left, with the reason, as
-    :func:`bnfold.fold` does for the ``nn.Module``. ``example_inputs`` are not needed for that, but give the
+    (:mod:`bnfold.backends.script_merges`). Differences, negations and scales by a per-channel constant or a number
+    merge too (FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``, becomes one depthwise convolution), and a
+    sum whose terms read different tensors (a residual, RepGhost) merges the terms of one tensor and keeps the others
+    added to the merged convolution's output (``MergeEntry.kept``), as for the ``nn.Module``. ``report.merges``
+    lists every block merged or left, with the reason, as :func:`bnfold.fold` does for the ``nn.Module``. ``example_inputs`` are not needed for that, but give the
     planner the shapes of the terms to check.
     """
     inputs = as_input_tuple(example_inputs)

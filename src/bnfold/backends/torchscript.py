@@ -12,9 +12,10 @@ nodes: a reader of the list reads its elements, in order, so ``aten::cat`` sees 
 with sub-blocks (``prim::If``, ``prim::Loop``) is one opaque operation reading everything its blocks read. Layers
 (convolutions, transposed convolutions, ``aten::linear``) and norms (``aten::batch_norm``) become units with the
 facts read off their constant arguments (their :class:`~bnfold.core.graph.Geometry` included, for branch merges);
-every other op is named by the one facts table below (:data:`_OP_KINDS`; ``aten::add`` / ``aten::add_`` are the
-core's ``add`` where they are plain sums, :func:`_add_facts`). Units are named by their module path: the scope of
-a traced graph, or the inlined call stack of a scripted one completed by the names freezing gave the constants.
+every other op is named by the one facts table below (:data:`_OP_KINDS`; ``aten::add`` / ``sub`` / ``rsub`` /
+``mul`` / ``neg`` and their in-place forms are the core's ``add`` / ``sub`` / ``mul`` with their operands where
+they are linear combinations, :func:`_arithmetic_facts`). Units are named by their module path: the scope of a
+traced graph, or the inlined call stack of a scripted one completed by the names freezing gave the constants.
 Scripted graphs carry no shapes: given example inputs, the frozen graph is run once with every tensor it computes
 as an extra output (:func:`_recorded_shapes`), so reshapes and permutes can be followed.
 
@@ -32,8 +33,9 @@ kept, which is what a deployment archive needs. Parameter counts are those of th
 the folded norms' affine parameters, plus the biases the folds add, as for an ``nn.Module``.
 
 Branch merges (``fold_script(..., merge_branches=True)``): after the folds, the core's merge planner decides on a
-new translation of the folded graph and :mod:`bnfold.backends.script_merges` rewrites it, in rounds with the folds
-they make possible.
+new translation of the folded graph (sums, differences and per-channel scales, split where their terms read
+different tensors) and :mod:`bnfold.backends.script_merges` rewrites it, in rounds with the folds they make
+possible.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from ..core.graph import (
     Graph,
     LayerFacts,
     NormFacts,
+    Operand,
     OpFacts,
 )
 from ..core.plan import FoldPlan, make_plan
@@ -113,7 +116,14 @@ _OP_KINDS: dict[str, str] = {
                      "aten::reflection_pad3d", "aten::replication_pad1d", "aten::replication_pad2d",
                      "aten::replication_pad3d", "aten::_pad_circular"), "pad"),
     **dict.fromkeys(("aten::add", "aten::add_"), "add"),
+    **dict.fromkeys(("aten::sub", "aten::sub_", "aten::subtract", "aten::rsub"), "sub"),
+    **dict.fromkeys(("aten::mul", "aten::mul_", "aten::multiply"), "mul"),
+    **dict.fromkeys(("aten::neg", "aten::neg_", "aten::negative"), "mul"),  # -x is x * -1
 }
+_ARITHMETIC_KINDS = frozenset({"add", "sub", "mul"})
+_NEGATIONS = frozenset({"aten::neg", "aten::neg_", "aten::negative"})
+_IN_PLACE_ARITHMETIC = frozenset({"aten::add_", "aten::sub_", "aten::mul_", "aten::neg_"})
+"""In-place additions, subtractions and products: arithmetic only where the tensor they overwrite is their own."""
 _PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
 
 # Uses that read only a tensor's metadata, which folding does not change (a norm's input-rank check reads dim()).
@@ -178,56 +188,107 @@ def _op_facts(node: Any, shape_of: Any) -> OpFacts:
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, bool) else None})
     if kind == "pad":
         return OpFacts(kind, _pad_attributes(name, inputs, shape_of(inputs[0])))
-    if kind == "add":
-        return _add_facts(node, shape_of)
+    if kind in _ARITHMETIC_KINDS:
+        return _arithmetic_facts(node, shape_of)
     return OpFacts(kind)
 
 
-def _add_facts(node: Any, shape_of: Any) -> OpFacts:
-    """``aten::add`` / ``aten::add_`` as the core's ``add``, where it is a plain sum the merge planner may rewrite.
+def _computed(value: Any) -> bool:
+    """A tensor the graph computes (not a ``prim::Constant``): what the core node of an op reads."""
+    return _is_tensor(value) and _constant(value) is _NOT_CONSTANT
 
-    ``add(self, other, alpha)``: ``self`` a tensor; ``other`` a tensor of the same shape as ``self`` (when shapes
-    are known: a broadcast is no branch sum), a number, or a constant tensor (a scalar, or one that broadcasts
-    into ``self``: counted as ``0`` when all its values are zero, otherwise named); ``alpha`` a constant number.
-    Anything else is ``"other"``. The in-place ``add_`` also writes into ``self``: it is a sum only when ``self``
-    is a fresh tensor nobody else reads (see :func:`_private_result`), so that computing the sum elsewhere changes
-    no other reader's value.
+
+def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
+    """``aten::add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` (and their in-place forms) as the core's ``add`` /
+    ``sub`` / ``mul``, with their operands in the order the op computes them (:class:`~bnfold.core.graph.Operand`;
+    the same facts the module and ONNX adapters give).
+
+    * a tensor the graph computes is its position among the core node's inputs (the computed tensor inputs of the
+      JIT node, in argument order, as the translator reads them); a tensor read twice (``y + y``) is two inputs;
+    * a number, or a 0-d constant tensor (what tracing makes of ``x * 0.5``), is its number;
+    * a constant tensor (a frozen parameter: a layer scale ``gamma`` of shape ``(C, 1, 1)``) is named by its JIT
+      value, ``%name``, with its shape (:meth:`ScriptWeights.constant` reads it); one of value 0 added or
+      subtracted counts as the number 0.
+
+    ``rsub(self, other, alpha)`` is written as the subtraction it computes, ``other - alpha * self``; ``neg(x)`` as
+    ``x * -1``. Anything the merge planner could not rewrite is ``"other"``: an operand that is neither (a list, a
+    number computed in the graph), a non-constant ``alpha``, computed tensors of different shapes or a constant
+    that broadcasts the result to a larger shape (where shapes are known: a broadcast is no branch sum; an added
+    constant of unknown effect on the shape too), a complex or boolean constant. The in-place forms also write into
+    their first operand: they are arithmetic only when it is a fresh tensor nobody else reads
+    (:func:`_private_result`), so that computing the result elsewhere changes no other reader's value.
     """
+    name = node.kind()
+    kind = _OP_KINDS[name]
     inputs = list(node.inputs())
-    if len(inputs) != 3 or not _is_tensor(inputs[0]) or _constant(inputs[0]) is not _NOT_CONSTANT:
-        return OpFacts("other")
-    alpha = _constant(inputs[2])
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        return OpFacts("other")
-    if node.kind() == "aten::add_" and not _private_result(inputs[0], node):
-        return OpFacts("other")
-    other, scalars = inputs[1], ()
-    value = _constant(other)
-    shape = shape_of(inputs[0])
-    if isinstance(value, torch.Tensor):
-        if value.dim() and (shape is None or tuple(torch.broadcast_shapes(shape, value.shape)) != shape):
+    values: list[Any]
+    alpha: Any = 1
+    if name in _NEGATIONS:
+        if len(inputs) != 1:
             return OpFacts("other")
-        scalars = (0,) if not bool(torch.any(value)) else (f"%{other.debugName()}",)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):  # a traced ``x + 0`` is a number too
-        scalars = (value,)
-    elif _is_tensor(other) and value is _NOT_CONSTANT:
-        other_shape = shape_of(other)
-        if shape is not None and other_shape is not None and shape != other_shape:
-            return OpFacts("other")
+        values = [inputs[0], -1.0]
     else:
+        if len(inputs) != (2 if kind == "mul" else 3):
+            return OpFacts("other")
+        values = inputs[:2] if name != "aten::rsub" else [inputs[1], inputs[0]]
+        if kind != "mul":
+            alpha = _constant(inputs[2])
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                return OpFacts("other")
+    if name in _IN_PLACE_ARITHMETIC and not _private_result(inputs[0], node):
         return OpFacts("other")
-    return OpFacts("add", {"alpha": alpha, "scalars": scalars})
+    computed = [value for value in inputs if _computed(value)]
+    shapes = {shape_of(value) for value in computed}
+    if len(shapes - {None}) > 1:
+        return OpFacts("other")
+    shape = None if None in shapes or not shapes else next(iter(shapes))
+    operands: list[Operand] = []
+    for value in values:
+        if isinstance(value, float):
+            operands.append(Operand(number=value))
+            continue
+        constant = _constant(value)
+        if constant is _NOT_CONSTANT:
+            if not _is_tensor(value):
+                return OpFacts("other")
+            taken = {o.input for o in operands}  # ``y + y``: the second operand is the second input
+            operands.append(Operand(input=next(i for i, v in enumerate(computed)
+                                               if v.unique() == value.unique() and i not in taken)))
+        elif isinstance(constant, (int, float)) and not isinstance(constant, bool):
+            operands.append(Operand(number=float(constant)))
+        elif isinstance(constant, torch.Tensor):
+            if constant.dtype == torch.bool or constant.is_complex():
+                return OpFacts("other")
+            if constant.dim() == 0:
+                operands.append(Operand(number=float(constant)))
+                continue
+            if shape is None and kind != "mul":
+                return OpFacts("other")
+            if shape is not None and tuple(torch.broadcast_shapes(shape, constant.shape)) != shape:
+                return OpFacts("other")
+            if kind != "mul" and not bool(torch.any(constant)):
+                operands.append(Operand(number=0.0))
+            else:
+                operands.append(Operand(constant=f"%{value.debugName()}", shape=tuple(constant.shape)))
+        else:
+            return OpFacts("other")
+    if kind == "mul":
+        return OpFacts(kind, {"operands": tuple(operands)})
+    scalars = tuple(o.number for o in operands if o.number is not None)
+    return OpFacts(kind, {"alpha": alpha, "scalars": scalars, "operands": tuple(operands)})
 
 
 def _private_result(value: Any, writer: Any) -> bool:
-    """Whether ``value`` is a new tensor (a layer's, a norm's, or a sum's) that only ``writer`` reads, so that an
-    in-place write into it is seen by nobody else."""
+    """Whether ``value`` is a new tensor (a layer's, a norm's, or an addition's, subtraction's or product's) that
+    only ``writer`` reads, so that an in-place write into it is seen by nobody else."""
     if len(_real_uses(value)) != 1:
         return False
     producer = value.node()
-    if producer.kind() in _LAYERS or producer.kind() in (_NORM, "aten::add"):
+    kind = producer.kind()
+    if kind in _LAYERS or kind == _NORM or (kind in _OP_KINDS and _OP_KINDS[kind] in _ARITHMETIC_KINDS
+                                            and kind not in _IN_PLACE_ARITHMETIC):
         return True
-    return producer.kind() == "aten::add_" and _private_result(producer.inputsAt(0), producer)
+    return kind in _IN_PLACE_ARITHMETIC and _private_result(producer.inputsAt(0), producer)
 
 
 def _spatial(value: Any, rank: int) -> tuple[int, ...] | None:
@@ -412,6 +473,8 @@ class _Translation:
     jit_nodes: dict[str, Any] = field(default_factory=dict)  # unit name -> its JIT node
     types: dict[str, str] = field(default_factory=dict)  # unit name -> the class name the report shows
     node_of: dict[int, Any] = field(default_factory=dict)  # core index of an op / layer / norm -> its JIT node
+    value_nodes: dict[int, list[int]] = field(default_factory=dict)  # JIT value -> the core nodes it stands for
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # "%name" -> the constant tensor it holds
 
     def names(self) -> dict[int, str]:
         """Unit names by the JIT value each unit's node computes (stable while the node lives; read it before a
@@ -428,7 +491,8 @@ class _Translator:
         self.inputs = inputs
         self.result = _Translation(Graph(method=CAPTURE, shapes_known=shapes is not None))
         self.graph = self.result.graph
-        self.values: dict[int, list[int]] = {}  # JIT value -> core nodes it stands for (a list: its elements)
+        # JIT value -> core nodes it stands for (a list: its elements)
+        self.values: dict[int, list[int]] = self.result.value_nodes
         self.shape_of_value: dict[int, tuple[int, ...]] = {}
         self.used_names: set[str] = set()
 
@@ -570,6 +634,7 @@ class _Translator:
                 if outputs and _is_tensor(outputs[0]) and isinstance(outputs[0].toIValue(), torch.Tensor):
                     tensor = outputs[0].toIValue()
                     core = graph.add_node(CONSTANT, f"the constant %{outputs[0].debugName()}", shape=tuple(tensor.shape))
+                    self.result.constants[f"%{outputs[0].debugName()}"] = tensor
                     self.values[outputs[0].unique()] = [core.index]
                 continue
             if kind in _METADATA_READS:
@@ -594,8 +659,12 @@ class _Translator:
             if not reads and not produces_tensor:
                 continue
             facts = _op_facts(node, lambda v: self.shape_of_value.get(v.unique())) if not list(node.blocks()) else OpFacts("other")
-            if facts.kind == "add":  # a constant operand is one of its scalars, not a term
-                reads = self.read(v for v in node.inputs() if v.node().kind() != "prim::Constant")
+            if facts.kind in _ARITHMETIC_KINDS:  # its operands say which computed input each reads
+                computed = [v for v in node.inputs() if _computed(v)]
+                if all(len(self.values.get(v.unique(), [])) == 1 for v in computed):
+                    reads = self.read(computed)
+                else:  # an operand that is no single node of the dataflow: not a term bnfold can place
+                    facts = OpFacts("other")
             core = graph.add_node(OP, f"the operation {kind}", reads, shape=self.shape(position), op=facts)
             self.bind(node, core.index, position)
         graph.add_node(OUTPUT, "the model output", self.read(self.jit.return_node().inputs()))
@@ -646,9 +715,17 @@ class ScriptWeights:
 
     numerics = TorchNumerics()
 
-    def __init__(self, graph: Any, jit_nodes: dict[str, Any]) -> None:
+    def __init__(
+        self, graph: Any, jit_nodes: dict[str, Any], constants: dict[str, torch.Tensor] | None = None
+    ) -> None:
         self.graph = graph
         self.jit_nodes = jit_nodes
+        self.constants = constants or {}
+
+    def constant(self, name: str) -> torch.Tensor:
+        """The tensor of the graph constant ``name`` (``%name``, as :func:`_arithmetic_facts` names an operand): a
+        layer scale a merge multiplies terms by (:class:`bnfold.core.apply.ConstantAccess`)."""
+        return self.constants[name]
 
     def statistics(self, norm: str) -> Statistics:
         gamma, beta, mean, var = (_constant(v) for v in list(self.jit_nodes[norm].inputs())[1:5])
@@ -774,16 +851,19 @@ def _block_name(node: Any) -> str:
 
 
 def _merge(
-    frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str], report: FoldReport
+    frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str], report: FoldReport,
+    parameters: frozenset[str] = frozenset(),
 ) -> None:
     """Merge the summed branches of the folded ``frozen`` (owned here) in place, folding what each round makes
     foldable; the report gets the blocks, the norms folded or absorbed on the way, and the new counts. ``names``:
-    the units' names in the report of the folds (:meth:`_Translation.names`)."""
+    the units' names in the report of the folds (:meth:`_Translation.names`); ``parameters``: the names freezing
+    gives the module's parameters as constants (``%self.layer_scale.gamma``)."""
 
     def translate() -> ScriptBlocks:
         translation = to_graph(frozen, inputs, names)
-        access = ScriptWeights(frozen.graph, translation.jit_nodes)
-        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name)
+        access = ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
+        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes,
+                            parameters)
 
     def fold_again() -> FoldRound:
         planned = _planned(frozen, inputs, names)
@@ -842,8 +922,11 @@ def fold_script(
     MobileOne, RepViT: ``conv3x3(x) + conv1x1(x) + BN(x)`` becomes one 3x3 convolution) with the planner and the
     arithmetic every format shares (:mod:`bnfold.core.merge`, :func:`bnfold.core.apply.merged_tensors`): in the
     frozen graph the merged convolution computes the sum and the other branches are gone
-    (:mod:`bnfold.backends.script_merges`). ``report.merges`` lists every block merged or left, with the reason, as
-    :func:`bnfold.fold` does for the ``nn.Module``. ``example_inputs`` are not needed for that, but give the
+    (:mod:`bnfold.backends.script_merges`). Differences, negations and scales by a per-channel constant or a number
+    merge too (FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``, becomes one depthwise convolution), and a
+    sum whose terms read different tensors (a residual, RepGhost) merges the terms of one tensor and keeps the others
+    added to the merged convolution's output (``MergeEntry.kept``), as for the ``nn.Module``. ``report.merges``
+    lists every block merged or left, with the reason, as :func:`bnfold.fold` does for the ``nn.Module``. ``example_inputs`` are not needed for that, but give the
     planner the shapes of the terms to check.
     """
     inputs = as_input_tuple(example_inputs)
@@ -851,6 +934,7 @@ def fold_script(
     names = planned.translation.names()
     report = _report(module, planned, name, _apply(planned))
     if merge_branches:
-        _merge(planned.frozen, inputs, names, report)
+        _merge(planned.frozen, inputs, names, report,
+               frozenset(f"%self.{name}" for name, _ in module.named_parameters()))
     report.applied = True
     return planned.frozen, report

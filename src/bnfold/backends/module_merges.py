@@ -28,7 +28,7 @@ from ..core.apply import MergeOverflow, merge_one
 from ..core.merge import Merge, MergeRefusal, plan_merges
 from ..core.plan import FoldPlan
 from ..layers import LayerRegistry
-from ..report import LEFT, MERGED, MergeEntry
+from ..report import MergeEntry, record_merges
 from .capture import capture_fx, trace
 from .modules import ModuleWeights, Rollback, to_graph
 
@@ -240,13 +240,8 @@ def merge_rounds(
         if done.failure is not None:
             outcome.notes.append(done.failure)
             break
-        for merge, kept in zip(done.merges, done.kept, strict=True):
-            identities = tuple(i.norm or "input" for i in merge.identities)
-            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities,
-                                              kept=kept))
-            for norm in merge.norms:
-                outcome.absorbed_norms[norm] = merge.into
-        left = [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in done.refusals]
+        left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
+                             outcome.absorbed_norms)
         if done.module is None:
             break
         current = done.module

@@ -32,7 +32,7 @@ import torch
 from ..core.apply import MergeOverflow, WeightAccess, merge_one
 from ..core.graph import CONSTANT, OP, Graph
 from ..core.merge import Merge, MergeRefusal, plan_merges
-from ..report import FOLDED, LEFT, MERGED, MergeEntry, NormEntry
+from ..report import FOLDED, MergeEntry, NormEntry, record_merges
 
 MAX_ROUNDS = 4
 """Merges and folds alternate at most this often (see :mod:`bnfold.backends.module_merges`)."""
@@ -250,13 +250,8 @@ def merge_rounds(
         done = merge_once(translate(), jit_graph)
         outcome.parameters_removed += done.parameters_removed
         outcome.buffers_removed += done.buffers_removed
-        for merge, kept in zip(done.merges, done.kept, strict=True):
-            identities = tuple(i.norm or "input" for i in merge.identities)
-            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities,
-                                              kept=kept))
-            for norm in merge.norms:
-                outcome.absorbed_norms[norm] = merge.into
-        left = [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in done.refusals]
+        left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
+                             outcome.absorbed_norms)
         if not done.merges:
             break
         folds = fold_again()

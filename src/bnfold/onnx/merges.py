@@ -23,7 +23,7 @@ from onnx import helper
 from ..core.apply import MergeOverflow, merge_one
 from ..core.graph import LAYER, NORM, OP, Geometry, Graph, Operand, OpFacts
 from ..core.merge import Merge, MergeRefusal, plan_merges
-from ..report import LEFT, MERGED, MergeEntry, NormEntry
+from ..report import MergeEntry, NormEntry, record_merges
 from .adapter import ONNX_DOMAINS, OnnxWeights, Translation, _label, attribute, display_name, to_graph
 
 MAX_ROUNDS = 4
@@ -278,13 +278,8 @@ def merge_rounds(model: onnx.ModelProto,
     for _ in range(MAX_ROUNDS):
         done = merge_once(outcome.model)
         outcome.notes.extend(done.notes)
-        for merge, kept in zip(done.merges, done.kept, strict=True):
-            identities = tuple(i.norm or "input" for i in merge.identities)
-            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities,
-                                              kept=kept))
-            for norm in merge.norms:
-                outcome.absorbed_norms[norm] = merge.into
-        left = [MergeEntry(r.block, LEFT, reason=r.reason) for r in done.refusals]
+        left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
+                             outcome.absorbed_norms)
         if not done.merges:
             break
         outcome.model, folds = fold_again(outcome.model)

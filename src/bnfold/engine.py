@@ -21,7 +21,7 @@ from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
-from .report import FOLDED, LEFT, MERGE, FoldReport, NormEntry
+from .report import FOLDED, LEFT, FoldReport, NormEntry
 from .verification import compare_outputs, default_tolerance, explained_by_rounding
 
 log = logging.getLogger(__name__)
@@ -363,11 +363,7 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
 
     with torch.no_grad(), torch.inference_mode(False):  # new weights must be usable outside inference mode
         outcome = merge_rounds(model, registry, inputs, fold_again)
-    report.entries = [
-        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
-        if e.name in outcome.absorbed_norms else e
-        for e in report.entries
-    ]
+    report.absorb_merged_norms(outcome.absorbed_norms)
     report.merges = outcome.entries
     report.notes.extend(outcome.notes)
     return outcome.model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -152,6 +152,17 @@ class FoldReport(RichPrintable):
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+    def absorb_merged_norms(self, absorbed: dict[str, str], folded: dict[str, NormEntry] | None = None) -> None:
+        """After merge rounds: a norm a merge absorbed (an identity branch) is folded, direction ``"merge"``, into the
+        merged layer; a norm a later round folded takes that round's entry (with the kind and channels of the first)."""
+        folded = folded or {}
+        self.entries = [
+            replace(e, status=FOLDED, into=(absorbed[e.name],), direction=MERGE, reason=None) if e.name in absorbed
+            else replace(folded[e.name], kind=e.kind, channels=e.channels) if e.name in folded
+            else e
+            for e in self.entries
+        ]
 
     def summary(self) -> str:
         verb = "folded" if self.applied else "would fold"

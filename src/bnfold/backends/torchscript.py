@@ -67,7 +67,7 @@ from ..core.graph import (
 )
 from ..core.plan import FoldPlan, make_plan
 from ..errors import InvalidInputError, TrainingModeError
-from ..report import FOLDED, LEFT, MERGE, FoldReport, NormEntry
+from ..report import FOLDED, LEFT, FoldReport, NormEntry
 from .capture import as_input_tuple
 from .modules import TorchNumerics
 from .script_merges import FoldRound, ScriptBlocks, merge_rounds
@@ -872,14 +872,7 @@ def _merge(
 
     with torch.no_grad(), torch.inference_mode(False):  # new constants must be usable outside inference mode
         outcome = merge_rounds(frozen.graph, translate, fold_again)
-    report.entries = [
-        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
-        if e.name in outcome.absorbed_norms
-        else dataclasses.replace(outcome.folded_norms[e.name], kind=e.kind, channels=e.channels)
-        if e.name in outcome.folded_norms
-        else e
-        for e in report.entries
-    ]
+    report.absorb_merged_norms(outcome.absorbed_norms, outcome.folded_norms)
     report.merges = outcome.entries
     report.parameters_after -= outcome.parameters_removed
     report.buffers_after -= outcome.buffers_removed

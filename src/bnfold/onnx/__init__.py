@@ -16,7 +16,6 @@ with the reason in the report.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import onnx
 
 from ..errors import InvalidInputError, VerificationError
 from ..files import refuse_inputs
-from ..report import FOLDED, MERGE, MERGED, FoldReport, NormEntry
+from ..report import MERGED, FoldReport, NormEntry
 from .adapter import float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
 from .verification import TOLERANCES, default_tolerance, random_inputs, verify
@@ -190,14 +189,7 @@ def _merge(folded: onnx.ModelProto, name: str, report: FoldReport) -> onnx.Model
         return again, {entry.name: entry for entry in again_report.folded}
 
     outcome = merge_rounds(folded, fold_again)
-    report.entries = [
-        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
-        if e.name in outcome.absorbed_norms
-        else dataclasses.replace(outcome.folded_norms[e.name], kind=e.kind, channels=e.channels)
-        if e.name in outcome.folded_norms
-        else e
-        for e in report.entries
-    ]
+    report.absorb_merged_norms(outcome.absorbed_norms, outcome.folded_norms)
     report.merges = outcome.entries
     report.notes.extend(n for n in outcome.notes if n not in report.notes)
     report.parameters_after = float_parameter_count(outcome.model.graph)

@@ -28,6 +28,7 @@ import bnfold
 from bnfold.backends.exported import fold_exported, op_name, to_graph
 from bnfold.backends.modules import geometry
 from bnfold.backends.pt2_safety import load_exported
+from bnfold.core.graph import Operand
 from bnfold.layers import CONV_RULE
 from bnfold.report import MERGED
 from conftest import assert_same_outputs, calibrated_by_training
@@ -201,7 +202,7 @@ def test_an_add_is_a_sum_for_the_planner_only_of_same_shaped_tensors() -> None:
     assert list(kinds.values()) == ["other"]
     scaled = to_graph(_export(Scaled().eval(), x).module()).graph
     (add,) = [node.op for node in scaled.nodes if node.op is not None and node.op.kind == "add"]
-    assert add.attributes == {"alpha": 2, "scalars": ()}
+    assert add.attributes == {"alpha": 2, "scalars": (), "operands": (Operand(input=0), Operand(input=1))}
 
 
 @pytest.mark.parametrize("conv", [

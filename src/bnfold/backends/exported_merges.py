@@ -128,6 +128,22 @@ def _rewrite(module: fx.GraphModule, into: fx.Node, root: fx.Node, erased: list[
     return result, _erase_unread(graph, read)
 
 
+def _kept_terms(merge: Merge, nodes: dict[int, list[fx.Node]], erased: list[fx.Node],
+                replaced: dict[fx.Node, fx.Node]) -> list[fx.Node] | None:
+    """The fx nodes of a split's kept terms, as the block's ops read them (a tuple-valued op stands for its
+    ``getitem 0`` too; a kept term that is the sum of a block merged before in this round, RepGhost's shortcut, is
+    read from the node computing it now); None if one cannot be told."""
+    gone = set(erased)
+    kept = []
+    for index in merge.kept:
+        found = {replaced.get(node, node) for node in nodes[index]}
+        read = [node for node in found if gone.intersection(node.users)]
+        if len(read) != 1:
+            return None
+        kept.append(read[0])
+    return kept
+
+
 @dataclass
 class ExportedMergeRound:
     """One round of :func:`merge_once`: the merges made (named by their sum's node), the node names of each one's
@@ -165,9 +181,11 @@ def merge_once(module: fx.GraphModule, translation: Translation) -> ExportedMerg
             done.refusals.append(MergeRefusal(name_of(merge.root), merge.root, blocked))
             continue
         root = nodes[merge.root][0]
-        # a kept term may be the sum of a block merged before in this round (RepGhost's shortcut is the previous
-        # block's sum): it is read from the node that computes it now
-        kept = [replaced.get(nodes[index][0], nodes[index][0]) for index in merge.kept]
+        kept = _kept_terms(merge, nodes, erased, replaced)
+        if kept is None:
+            done.refusals.append(MergeRefusal(name_of(merge.root), merge.root,
+                                              "bnfold cannot tell which nodes the terms left after the merge are"))
+            continue
         done.kept.append(tuple(node.name for node in kept))
         into = nodes[graph.units[merge.into].calls[0]][0]
         replaced[root], stale = _rewrite(module, into, root, erased, kept)

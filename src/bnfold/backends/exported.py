@@ -946,9 +946,13 @@ def fold_exported(
 
     With ``merge_branches=True`` the folded graph's re-parameterisable blocks (``conv3x3(x) + conv1x1(x) + BN(x)``)
     are then merged into one convolution each, by the same planner and arithmetic as ``bnfold.fold(module, x,
-    merge_branches=True)`` (:mod:`bnfold.core.merge`); ``report.merges`` lists every block merged or left, with the
-    reason. The merged program is an ordinary ``ExportedProgram``: the merged layers' weights are in its state_dict,
-    the other branches' weights and the absorbed norms' state are gone from it and from its graph signature.
+    merge_branches=True)`` (:mod:`bnfold.core.merge`): differences, negations and scales by a number or a stored
+    per-channel constant included (FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``), and sums whose terms
+    read different tensors split (RepGhost: the terms of one tensor merge, the shortcut stays added to the merged
+    convolution's output, ``MergeEntry.kept``). ``report.merges`` lists every block merged or left, with the reason.
+    The merged program is an ordinary ``ExportedProgram``: the merged layers' weights are in its state_dict, the
+    other branches' weights, the absorbed norms' state and the layer scales merged in are gone from it and from its
+    graph signature.
 
     Raises:
         TrainingModeError: the program was exported in training mode.

@@ -25,6 +25,7 @@ import torchvision
 from torch import fx, nn
 
 import bnfold
+from bnfold.backends import exported_merges
 from bnfold.backends.exported import fold_exported, op_name, to_graph
 from bnfold.backends.modules import geometry
 from bnfold.backends.pt2_safety import load_exported
@@ -545,3 +546,19 @@ def test_a_sum_with_a_residual_merges_the_terms_of_one_tensor_and_saves(shortcut
     loaded = load_exported(tmp_path / "merged.pt2")
     assert _count(loaded, _CONVS) == 2 + shortcut and _count(loaded, _NORMS) == 0
     assert_same_outputs(model, loaded.module(), x)
+
+
+def test_a_split_whose_kept_terms_cannot_be_told_is_left_with_its_weights_as_they_were(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every check comes before the merged weights are written: a block left at the last check computes what it
+    computed (a merge written into the layer without the graph's rewrite would count the other branches twice)."""
+    torch.manual_seed(0)
+    x = _x(2, 4, 8, 8)
+    program = _export(calibrated_by_training(Residual(True), x), x)
+    monkeypatch.setattr(exported_merges, "_kept_terms", lambda *args: None)
+    merged, report = fold_exported(program, merge_branches=True)
+    plain, _ = fold_exported(program)
+    (entry,) = report.merges
+    assert entry.status == "left" and entry.reason == "bnfold cannot tell which nodes the terms left after the merge are"
+    assert torch.equal(merged.state_dict["dw3.0.weight"], plain.state_dict["dw3.0.weight"])
+    assert_same_outputs(program.module(), merged.module(), x)

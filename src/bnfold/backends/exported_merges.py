@@ -172,20 +172,18 @@ def merge_once(module: fx.GraphModule, translation: Translation) -> ExportedMerg
     for merge in plan.merges:
         erased = _erased(merge, nodes)
         blocked = _blocked(merge, nodes, erased)
-        if blocked is None:
+        kept = _kept_terms(merge, nodes, erased, replaced) if blocked is None else []
+        if kept is None:
+            blocked = "bnfold cannot tell which nodes the terms left after the merge are"
+        if blocked is None:  # every check before the weights are written: a block left keeps its weights
             try:
                 merge_one(merge, access)
             except MergeOverflow as overflow:
                 blocked = str(overflow)
-        if blocked is not None:
-            done.refusals.append(MergeRefusal(name_of(merge.root), merge.root, blocked))
+        if blocked is not None or kept is None:
+            done.refusals.append(MergeRefusal(name_of(merge.root), merge.root, blocked or ""))
             continue
         root = nodes[merge.root][0]
-        kept = _kept_terms(merge, nodes, erased, replaced)
-        if kept is None:
-            done.refusals.append(MergeRefusal(name_of(merge.root), merge.root,
-                                              "bnfold cannot tell which nodes the terms left after the merge are"))
-            continue
         done.kept.append(tuple(node.name for node in kept))
         into = nodes[graph.units[merge.into].calls[0]][0]
         replaced[root], stale = _rewrite(module, into, root, erased, kept)

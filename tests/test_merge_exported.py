@@ -25,14 +25,16 @@ import torchvision
 from torch import fx, nn
 
 import bnfold
+from bnfold.backends import exported_merges
 from bnfold.backends.exported import fold_exported, op_name, to_graph
 from bnfold.backends.modules import geometry
 from bnfold.backends.pt2_safety import load_exported
+from bnfold.core.graph import Operand
 from bnfold.layers import CONV_RULE
 from bnfold.report import MERGED
 from conftest import assert_same_outputs, calibrated_by_training
 from test_cli import bnfold_cli
-from test_merge_modules import net
+from test_merge_modules import Differences, Residual, _random_layer_scales, net
 
 _CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "linear"})
 _NORMS = frozenset({"batch_norm", "_native_batch_norm_legit_no_training"})
@@ -167,6 +169,29 @@ class Scaled(nn.Module):
         return torch.add(self.a(x), self.b(x), alpha=2)
 
 
+class RowScaled(nn.Module):
+    """``(a(x) + b(x)) * g`` with ``g`` of one value per row (shape (1, 1, H, 1)): not a scale per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.g = nn.Parameter(torch.randn(1, 1, 8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a(x) + self.b(x)) * self.g
+
+
+class Gated(nn.Module):
+    """``a(x) - b(x) * sigmoid(x)``: a product by a computed tensor (a gate), no constant scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) - self.b(x) * torch.sigmoid(x)
+
+
 @pytest.mark.parametrize(("make", "reason"), [
     (Dilated, "different dilations: 'a.0' has (1, 1), 'b.0' has (2, 2)"),
     (Scaled, "scales an operand by alpha=2"),
@@ -181,6 +206,21 @@ def test_a_block_that_must_not_merge_is_left_with_the_planners_reason(make: Call
     (module_entry,) = bnfold.report_for(bnfold.fold(model, x, merge_branches=True)).merges
     assert module_entry.reason is not None and module_entry.reason.endswith(reason)  # an op is named per format
     assert _count(merged, _CONVS) == 2 and any(op_name(node) == "add" for node in merged.graph.nodes)
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (RowScaled, "multiplies by 'g' of shape (1, 1, 8, 1): the scale is not per channel of 'a' (4 channels on axis 1)"),
+    (Gated, "a non-constant multiplier; merging only the terms that read one tensor would remove no layer or norm"),
+])
+def test_a_product_that_is_no_per_channel_constant_is_left_with_the_planners_reason(
+        make: Callable[[], nn.Module], reason: str) -> None:
+    x = _x(2, 4, 8, 8)
+    model = calibrated_by_training(make(), x)
+    merged, report = merge_and_check(model, x)
+    (entry,) = report.merges
+    assert entry.status == "left" and entry.reason is not None and entry.reason.endswith(reason)
+    assert "aten.mul (%mul)" in entry.reason  # the product, named as the program calls it
+    assert _count(merged, _CONVS) == 2 and any(op_name(node) == "mul" for node in merged.graph.nodes)
 
 
 class Broadcast(nn.Module):
@@ -201,7 +241,35 @@ def test_an_add_is_a_sum_for_the_planner_only_of_same_shaped_tensors() -> None:
     assert list(kinds.values()) == ["other"]
     scaled = to_graph(_export(Scaled().eval(), x).module()).graph
     (add,) = [node.op for node in scaled.nodes if node.op is not None and node.op.kind == "add"]
-    assert add.attributes == {"alpha": 2, "scalars": ()}
+    assert add.attributes == {"alpha": 2, "scalars": (), "operands": (Operand(input=0), Operand(input=1))}
+
+
+class BroadcastArithmetic(nn.Module):
+    """Differences and products that broadcast or promote a term: none is a linear combination of its terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.wide = nn.Parameter(torch.randn(1, 4, 6, 6))
+        self.register_buffer("g64", torch.randn(4, 1, 1, dtype=torch.float64))
+        self.g = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, pooled = self.a(x), self.b(x.mean((2, 3), keepdim=True))
+        broadcast_difference = y - pooled  # (N, 4, 6, 6) - (N, 4, 1, 1)
+        broadcast_product = pooled * self.wide  # the scaled term grows to (N, 4, 6, 6)
+        promoted = y * self.g64  # float32 * float64 -> float64
+        return broadcast_difference + broadcast_product + promoted.float() + y * self.g
+
+
+def test_differences_and_products_that_broadcast_or_promote_their_term_are_other_ops() -> None:
+    graph = to_graph(_export(BroadcastArithmetic().eval(), _x(1, 4, 6, 6)).module()).graph
+    kinds = [(node.label.split(" (")[0], node.op.kind) for node in graph.nodes
+             if node.op is not None and node.label.startswith(("the operation aten.sub", "the operation aten.mul"))]
+    assert kinds == [("the operation aten.sub", "other"), ("the operation aten.mul", "other"),
+                     ("the operation aten.mul", "other"), ("the operation aten.mul", "mul")]
+    (scale,) = [node.op for node in graph.nodes if node.op is not None and node.op.kind == "mul"]
+    assert scale.attributes == {"operands": (Operand(input=0), Operand(input=1, constant="g", shape=(4, 1, 1)))}
 
 
 @pytest.mark.parametrize("conv", [
@@ -327,3 +395,170 @@ def test_cli_merges_a_pt2_file_and_leaves_the_input_as_it_was(tmp_path: Path) ->
     assert_same_outputs(model, written.module(), x[:1])
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.pt2", "net.pt2"]
+
+
+# ------------------------------------------------------------------ differences, scales and split sums
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("fastvit_t8", 10), ("repghostnet_100", 16)])
+def test_fastvit_and_repghostnet_merge_to_the_module_apis_norm_and_conv_counts(name: str, blocks: int) -> None:
+    """fastvit_t8: every RepMixer, ``x + gamma * (mixer(x) - norm(x))``, becomes one depthwise convolution;
+    repghostnet_100: each second ghost module's sum merges with the shortcut kept added to it (a split). As the
+    module API does it: no norm left, as many convolutions, the same merged weights; layer scales of order 1 (timm
+    starts them at 1e-5, where a wrong coefficient would hide in the rounding)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = _x(2, 3, 64, 64)
+    model = _random_layer_scales(well_conditioned(timm.create_model(name, num_classes=10), x))
+    merged, report = merge_and_check(model, x[:1])
+    assert report.left == [] and _count(merged, _NORMS) == 0
+    merged_blocks = [m for m in report.merges if m.status == MERGED]
+    if name == "fastvit_t8":
+        mixers = [m for m in merged_blocks if "norm.identity" in "".join(m.identities)]
+        assert len(mixers) == blocks and all(m.kept == () for m in mixers)
+        assert not any(key.endswith("token_mixer.layer_scale.gamma") for key in merged.state_dict)
+        assert not any(op_name(node) == "sub" for node in merged.graph.nodes)  # one per RepMixer before
+    else:
+        split = [m for m in merged_blocks if m.kept]
+        assert len(split) == blocks and all("ghost2" in (m.into or "") for m in split)
+        assert all(m.status == MERGED for m in report.merges)
+
+
+def test_repmixer_becomes_one_depthwise_convolution() -> None:
+    fastvit = pytest.importorskip("timm.models.fastvit")
+    torch.manual_seed(0)
+    x = _x(2, 8, 12, 12)
+    model = _random_layer_scales(calibrated_by_training(fastvit.RepMixer(8), x))
+    merged, report = merge_and_check(model, x)
+    (merge,) = report.merges
+    assert (merge.status, merge.into, merge.layers, merge.kept) == (
+        MERGED, "mixer.conv_kxk.0.conv", ("mixer.conv_scale.conv",), ())
+    assert merge.identities == ("input", "mixer.identity", "norm.identity")
+    assert [n.op for n in merged.module().graph.nodes if n.op != "get_attr"] == [
+        "placeholder", "call_module", "call_function", "output"]  # the guards, one convolution
+    assert set(merged.state_dict) == {"mixer.conv_kxk.0.conv.weight", "mixer.conv_kxk.0.conv.bias"}
+
+
+class Spellings(nn.Module):
+    """A difference, a reversed difference, negations and scales (by a number, a parameter, a buffer) in the
+    in-place forms the adapter accepts: each on a tensor of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gamma = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.register_buffer("beta", torch.randn(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        first = (self.a(x) - self.b(x)).mul_(self.gamma)  # sub, then mul_ on the difference
+        second = torch.rsub(self.bn(x), self.c(x).neg_()) * 0.5  # (-c - bn) * 0.5: rsub, neg_, a number
+        third = torch.neg(x * self.beta)  # -(x * beta)
+        return (first - second).sub_(third)
+
+
+def test_differences_negations_and_scales_merge_as_with_the_module_api() -> None:
+    torch.manual_seed(0)
+    x = _x(2, 4, 8, 8)
+    merged, report = merge_and_check(calibrated_by_training(Spellings(), x), x)
+    (merge,) = report.merges
+    assert merge.status == MERGED and {merge.into, *merge.layers} == {"a", "b", "c"}
+    assert merge.identities == ("bn", "input") and merge.kept == ()
+    assert _count(merged, _CONVS) == 1 and _count(merged, _NORMS) == 0
+    assert set(merged.state_dict) == {"a.weight", "a.bias"}  # gamma, beta, b, c and bn are read by nothing
+
+
+class LiftedScale(nn.Module):
+    """A layer scale written as a tensor literal in ``forward``: a lifted constant of the program, read through
+    ``lift_fresh_copy`` and a ``view``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.a(x) + self.b(x)) * torch.tensor([0.5, -1.5, 2.0, 0.25]).view(4, 1, 1)
+
+
+def test_a_scale_by_a_lifted_constant_merges_and_leaves_the_program() -> None:
+    torch.manual_seed(0)
+    x = _x(1, 4, 8, 8)
+    program = _export(LiftedScale().eval(), x)
+    assert program.constants  # the literal
+    merged, report = fold_exported(program, merge_branches=True)
+    assert [(m.status, m.into, m.layers, m.identities) for m in report.merges] == [(MERGED, "a", ("b",), ("input",))]
+    assert not merged.constants and set(merged.state_dict) == {"a.weight", "a.bias"}
+    assert [op_name(n) for n in merged.graph.nodes if n.op == "call_function"] == ["conv2d"]
+    assert_same_outputs(program.module(), merged.module(), x)
+
+
+def test_an_in_place_scale_of_the_tensor_the_branches_read_merges_where_its_reads_come_first() -> None:
+    """``x.mul_(beta)`` after the branches read ``x``: the program says which reads see which value (later reads
+    read the ``mul_`` node), so the product is the identity branch scaled by ``beta``; the module API, whose fx
+    graph does not say it, keeps the product as a term."""
+    torch.manual_seed(0)
+    x = _x(2, 4, 8, 8)
+    model = calibrated_by_training(Differences(overwrite_input=True), x)
+    program = _export(model, x)
+    merged, report = fold_exported(program, merge_branches=True)
+    (merge,) = report.merges
+    assert merge.status == MERGED and merge.identities == ("bn", "input") and merge.kept == ()
+    assert _count(merged, _CONVS) == 1
+    assert_same_outputs(program.module(), merged.module(), x)
+
+
+class OverwrittenInput(nn.Module):
+    """``x.mul_(gamma)`` on the program's input: not a tensor of its own, so no scale of a term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.gamma = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) + x.mul_(self.gamma)
+
+
+def test_an_in_place_product_that_overwrites_an_input_is_no_scale() -> None:
+    x = _x(1, 4, 6, 6)
+    graph = to_graph(_export(OverwrittenInput().eval(), x.clone()).module()).graph
+    assert [n.op.kind for n in graph.nodes if n.op is not None and "aten.mul_" in n.label] == ["other"]
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_a_sum_with_a_residual_merges_the_terms_of_one_tensor_and_saves(shortcut: bool, tmp_path: Path) -> None:
+    """RepGhost's second ghost module: ``dw3(x) + dw1(x) + bn(x)`` merges into ``dw3``, the shortcut ``y`` (a
+    convolution of the block input, or a ``repeat`` of it) stays added to its output in a new ``aten.add``; the
+    program saves and loads back through bnfold's checks."""
+    torch.manual_seed(0)
+    x = _x(2, 4, 8, 8)
+    model = calibrated_by_training(Residual(shortcut), x)
+    merged, report = merge_and_check(model, x)
+    (merge,) = report.merges
+    assert (merge.status, merge.into, merge.layers, merge.identities) == (MERGED, "dw3.0", ("dw1.0",), ("bn",))
+    assert len(merge.kept) == 1
+    graph = merged.module().graph
+    (add,) = [n for n in graph.nodes if op_name(n) in ("add", "add_")]
+    assert op_name(add.args[0]) == "conv2d" and add.args[0].args[1].target == "dw3.0.weight"
+    assert op_name(add.args[1]) == ("conv2d" if shortcut else "repeat")
+    torch.export.save(merged, tmp_path / "merged.pt2")
+    loaded = load_exported(tmp_path / "merged.pt2")
+    assert _count(loaded, _CONVS) == 2 + shortcut and _count(loaded, _NORMS) == 0
+    assert_same_outputs(model, loaded.module(), x)
+
+
+def test_a_split_whose_kept_terms_cannot_be_told_is_left_with_its_weights_as_they_were(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every check comes before the merged weights are written: a block left at the last check computes what it
+    computed (a merge written into the layer without the graph's rewrite would count the other branches twice)."""
+    torch.manual_seed(0)
+    x = _x(2, 4, 8, 8)
+    program = _export(calibrated_by_training(Residual(True), x), x)
+    monkeypatch.setattr(exported_merges, "_kept_terms", lambda *args: None)
+    merged, report = fold_exported(program, merge_branches=True)
+    plain, _ = fold_exported(program)
+    (entry,) = report.merges
+    assert entry.status == "left" and entry.reason == "bnfold cannot tell which nodes the terms left after the merge are"
+    assert torch.equal(merged.state_dict["dw3.0.weight"], plain.state_dict["dw3.0.weight"])
+    assert_same_outputs(program.module(), merged.module(), x)

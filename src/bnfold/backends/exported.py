@@ -17,8 +17,10 @@ Translation (:func:`to_graph`), and nothing else is decided here:
 * every other op is named in the core's vocabulary by one facts table (:data:`_OP_KINDS`), with the attributes
   :mod:`bnfold.core.commuting` needs; shapes come from ``node.meta["val"]``;
 * what branch merges need (:mod:`bnfold.core.merge`, :mod:`bnfold.backends.exported_merges`): each layer's
-  :class:`~bnfold.core.graph.Geometry` read off its arguments, and ``aten.add`` / ``aten.add_`` of same-shaped
-  tensors as the core's ``add`` (a scalar operand, or a stored all-zero tensor, is one of its ``scalars``).
+  :class:`~bnfold.core.graph.Geometry` read off its arguments, and the linear combinations of :data:`_ARITHMETIC`
+  (``aten.add`` / ``sub`` / ``rsub`` of same-shaped tensors, ``aten.mul`` by a number or a stored tensor,
+  ``aten.neg``) as the core's ``add`` / ``sub`` / ``mul`` with their operands (a stored all-zero tensor added is
+  the number 0; a stored tensor multiplied is a ``constant`` the access reads, :meth:`ExportedWeights.constant`).
 
 Writing back (:class:`ExportedWeights`): the core computes the new tensors; a layer's weight keeps its attribute name
 with the folded values, a missing bias becomes a new parameter ``<layer>.bias``, a folded norm's users read its input
@@ -55,6 +57,7 @@ from ..core.graph import (
     Graph,
     LayerFacts,
     NormFacts,
+    Operand,
     OpFacts,
 )
 from ..core.plan import FoldPlan, make_plan
@@ -130,8 +133,22 @@ _METADATA_ARGUMENTS: dict[str, frozenset[str]] = {
                     frozenset({"self"})),
 }
 
-# Additions: ATen op names whose ``add`` facts the merge planner reads (overloads ``Tensor`` and ``Scalar``).
-_ADDS = frozenset({"add", "add_"})
+# Linear combinations the merge planner reads: ATen op name -> the core's kind (overloads ``Tensor``, ``Scalar`` and
+# ``default``). ``rsub(x, y)`` is ``y - x``; ``neg(x)`` is ``x * -1``. The in-place forms (``_``) only under the rule
+# of :meth:`_Translator.overwritable`.
+_ARITHMETIC: dict[str, str] = {
+    **dict.fromkeys(("add", "add_"), "add"),
+    **dict.fromkeys(("sub", "sub_", "subtract", "subtract_", "rsub"), "sub"),
+    **dict.fromkeys(("mul", "mul_", "multiply", "multiply_", "neg", "neg_", "negative", "negative_"), "mul"),
+}
+
+# Ops through which a stored tensor is still that tensor's values in the same order (``torch.tensor([...])`` in a
+# forward is a lifted constant read through ``lift_fresh_copy`` / ``detach_`` / ``view``): a product by their output
+# is a product by a constant, named after the stored tensor.
+_CONSTANT_VIEWS = frozenset({
+    "lift_fresh_copy", "detach", "detach_", "clone", "alias", "contiguous", "view", "reshape", "_unsafe_view",
+    "unsqueeze", "squeeze", "flatten", "unflatten",
+})
 
 # Ops a decomposition makes out of a linear layer, which bnfold does not fold into.
 _DECOMPOSED_LINEAR = frozenset({"addmm", "mm"})
@@ -565,49 +582,83 @@ class _Translator:
 
     # ---------------------------------------------------------------------------------------------- additions
 
-    def add_facts(self, node: fx.Node) -> tuple[OpFacts, list[fx.Node]]:
-        """``aten.add`` / ``aten.add_`` as the core's ``add`` (with its ``alpha`` and scalar operands), and the
-        stored all-zero tensors it adds (they count as the scalar 0, and are not terms of a sum); or ``other``.
+    def constant_of(self, node: fx.Node) -> str | None:
+        """The stored tensor ``node`` is, read directly or through :data:`_CONSTANT_VIEWS` (its values in the same
+        order), by its target; None for a tensor the program computes."""
+        while (node.op == "call_function" and op_name(node) in _CONSTANT_VIEWS and node.args
+               and isinstance(node.args[0], fx.Node) and node.all_input_nodes == [node.args[0]]):
+            node = node.args[0]
+        return str(node.target) if node.op == "get_attr" else None
 
-        Only a sum of same-shaped tensors is an ``add``: a broadcast is not a sum of branches. An in-place
-        ``add_`` is one only when nothing but the addition reads the tensor it overwrites (a later reader of that
-        tensor would see the sum, which a merge no longer computes).
+    def arithmetic_facts(self, node: fx.Node, name: str) -> tuple[OpFacts, list[int]]:
+        """``aten.add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` (and their in-place forms) as the core's ``add`` /
+        ``sub`` / ``mul``, with their operands in the order the op combines them (:class:`~bnfold.core.graph.Operand`:
+        a tensor by its position among the node's inputs, a stored tensor also by its target and shape, a plain number
+        as itself), and the node's inputs; or ``other`` with every tensor it reads.
+
+        A stored all-zero tensor added or subtracted is the number 0 and not an input (the ``identity = 0`` of a block
+        without an identity branch). Only a sum or difference of same-shaped tensors is ``add`` / ``sub``, and only a
+        product that keeps the scaled tensor's shape and dtype is ``mul``: a broadcast is not a sum of branches, nor a
+        scale of one. An in-place form is one only when the tensor it overwrites is its own (:meth:`overwritable`).
         """
-        other = OpFacts("other"), []
-        if getattr(node.target, "_overloadname", "") not in ("Tensor", "Scalar"):
+        other = OpFacts("other"), self.tensor_inputs(node)
+        if getattr(node.target, "_overloadname", "") not in ("Tensor", "Scalar", "default"):
             return other
-        alpha = _argument(node, "alpha")
-        if isinstance(alpha, fx.Node):
+        kind = _ARITHMETIC[name]
+        if name.startswith("neg"):
+            values: list[Any] = [_argument(node, "self"), -1.0]
+        else:
+            values = [_argument(node, "self"), _argument(node, "other")]
+            if name == "rsub":
+                values.reverse()
+        alpha = 1 if kind == "mul" else _argument(node, "alpha")
+        if isinstance(alpha, (fx.Node, bool)):
             return other
         output = self.shape(node)
-        scalars: list[Any] = []
-        zeros: list[fx.Node] = []
-        for operand in (_argument(node, "self"), _argument(node, "other")):
-            if not isinstance(operand, fx.Node):
-                scalars.append(operand)
+        operands: list[Operand] = []
+        inputs: list[int] = []
+        scaled: list[fx.Node] = []
+        for value in values:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                operands.append(Operand(number=float(value)))
                 continue
-            value = _value(operand)
-            if not isinstance(value, torch.Tensor):
-                return other  # a size symbol
-            if _is_stored(operand) and not torch.any(_fetch(self.module, str(operand.target))):
-                scalars.append(0)
-                zeros.append(operand)
-            elif output is None or self.shape(operand) != output:
-                return other
-        if op_name(node) == "add_" and not self.overwritable(node):
+            if not isinstance(value, fx.Node) or value not in self.index or not isinstance(_value(value), torch.Tensor):
+                return other  # a size symbol, a list, ...
+            constant = self.constant_of(value)
+            if kind != "mul":
+                if constant is not None and not torch.any(_fetch(self.module, constant)):
+                    operands.append(Operand(number=0.0))
+                    continue
+                if output is None or self.shape(value) != output:
+                    return other
+            elif constant is None:
+                scaled.append(value)
+            shape = self.shape(value) if constant is not None else None
+            operands.append(Operand(input=len(inputs), constant=constant, shape=shape))
+            inputs.append(self.index[value])
+        if len(scaled) == 1 and (output is None or self.shape(scaled[0]) != output
+                                 or _value(scaled[0]).dtype != _value(node).dtype):
             return other
-        return OpFacts("add", {"alpha": 1 if alpha is None else alpha, "scalars": tuple(scalars)}), zeros
+        if name.endswith("_") and not self.overwritable(node):
+            return other
+        if kind == "mul":
+            return OpFacts(kind, {"operands": tuple(operands)}), inputs
+        scalars = tuple(o.number for o in operands if o.number is not None)
+        return OpFacts(kind, {"alpha": alpha if alpha is not None else 1, "scalars": scalars,
+                              "operands": tuple(operands)}), inputs
 
     def overwritable(self, node: fx.Node) -> bool:
-        """Whether the tensor an in-place ``add_`` overwrites is its own: computed in the program (not an input or
-        a stored tensor), not a view of another tensor, and read before the addition only, by ops that do not make
-        views of it. torch.export makes every later read of it read the ``add_`` node instead; a view would still
-        see the sum at run time, which a merge (it no longer computes that sum in place) would change. A chain of
-        in-place additions (``out += branch`` in a loop) overwrites one tensor of its own."""
+        """Whether the tensor an in-place ``add_`` (``sub_``, ``mul_``, ``neg_``) overwrites is its own: computed in
+        the program (not an input or a stored tensor), not a view of another tensor, and read before the op only, by
+        ops that do not make views of it. torch.export makes every later read of it read the in-place node instead; a
+        view would still see the result at run time, which a merge (it no longer computes that result in place) would
+        change. A chain of in-place ops (``out += branch`` in a loop, ``(a - b).mul_(gamma)``) overwrites one tensor
+        of its own."""
         target = node.args[0]
         if not isinstance(target, fx.Node) or target.op != "call_function":
             return False
-        if _aliases(target) and not (op_name(target) == "add_" and self.overwritable(target)):
+        in_place = op_name(target).endswith("_") and op_name(target) in _ARITHMETIC
+        if _aliases(target) and not (in_place and self.overwritable(target)):
             return False
         return all(user is node or _is_metadata(user) or (self.order[user] < self.order[node] and not _aliases(user))
                    for user in target.users)
@@ -634,9 +685,8 @@ class _Translator:
                     self.add_layer(node, name)
                 elif name in _NORMS:
                     self.add_norm(node, name)
-                elif name in _ADDS:
-                    facts, zeros = self.add_facts(node)
-                    inputs = [i for i in self.tensor_inputs(node) if i not in {self.index[z] for z in zeros}]
+                elif name in _ARITHMETIC:
+                    facts, inputs = self.arithmetic_facts(node, name)
                     self.index[node] = self.graph.add_node(
                         OP, self.label(node, name), inputs, shape=self.shape(node), op=facts).index
                 else:
@@ -730,6 +780,11 @@ class ExportedWeights:
         with self.module.graph.inserting_before(site.node):
             site.bias = self.module.graph.get_attr(target)
         _set_argument(site.node, "bias", site.bias)
+
+    def constant(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` (a layer scale a merge multiplies a term by: a parameter, a buffer, a lifted
+        constant), for :func:`bnfold.core.apply.merge_one`."""
+        return _fetch(self.module, name).detach()
 
     def remove_norm(self, norm: str) -> None:
         site = self.exported.norms[norm]
@@ -891,9 +946,13 @@ def fold_exported(
 
     With ``merge_branches=True`` the folded graph's re-parameterisable blocks (``conv3x3(x) + conv1x1(x) + BN(x)``)
     are then merged into one convolution each, by the same planner and arithmetic as ``bnfold.fold(module, x,
-    merge_branches=True)`` (:mod:`bnfold.core.merge`); ``report.merges`` lists every block merged or left, with the
-    reason. The merged program is an ordinary ``ExportedProgram``: the merged layers' weights are in its state_dict,
-    the other branches' weights and the absorbed norms' state are gone from it and from its graph signature.
+    merge_branches=True)`` (:mod:`bnfold.core.merge`): differences, negations and scales by a number or a stored
+    per-channel constant included (FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``), and sums whose terms
+    read different tensors split (RepGhost: the terms of one tensor merge, the shortcut stays added to the merged
+    convolution's output, ``MergeEntry.kept``). ``report.merges`` lists every block merged or left, with the reason.
+    The merged program is an ordinary ``ExportedProgram``: the merged layers' weights are in its state_dict, the
+    other branches' weights, the absorbed norms' state and the layer scales merged in are gone from it and from its
+    graph signature.
 
     Raises:
         TrainingModeError: the program was exported in training mode.

@@ -62,7 +62,7 @@ from ..core.graph import (
 )
 from ..core.plan import FoldPlan, make_plan
 from ..errors import CaptureError, InvalidInputError, TrainingModeError
-from ..report import FOLDED, LEFT, MERGE, FoldReport, NormEntry
+from ..report import FOLDED, LEFT, FoldReport, NormEntry
 from .exported_merges import Translation, merge_rounds
 from .modules import TorchNumerics
 
@@ -922,11 +922,7 @@ def _merge(module: fx.GraphModule, report: FoldReport) -> None:
         outcome = merge_rounds(module, _translation, fold_again)
     _delete_unused(module, outcome.removed_state)
     module.recompile()
-    report.entries = [
-        dataclasses.replace(e, status=FOLDED, into=(outcome.absorbed_norms[e.name],), direction=MERGE, reason=None)
-        if e.name in outcome.absorbed_norms else e
-        for e in report.entries
-    ]
+    report.absorb_merged_norms(outcome.absorbed_norms)
     report.merges = outcome.entries
 
 

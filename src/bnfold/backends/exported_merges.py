@@ -31,7 +31,7 @@ from ..core.apply import MergeOverflow, WeightAccess, merge_one
 from ..core.graph import Graph
 from ..core.merge import Merge, MergeRefusal, plan_merges
 from ..core.plan import FoldPlan
-from ..report import LEFT, MERGED, MergeEntry
+from ..report import MergeEntry, record_merges
 
 MAX_ROUNDS = 4
 """Merges and folds alternate at most this often (see :mod:`bnfold.backends.module_merges`)."""
@@ -209,13 +209,8 @@ def merge_rounds(
     for _ in range(MAX_ROUNDS):
         done = merge_once(module, translate(module))
         outcome.removed_state.extend(done.stale)
-        for merge, kept in zip(done.merges, done.kept, strict=True):
-            identities = tuple(i.norm or "input" for i in merge.identities)
-            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities,
-                                              kept=kept))
-            for norm in merge.norms:
-                outcome.absorbed_norms[norm] = merge.into
-        left = [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in done.refusals]
+        left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
+                             outcome.absorbed_norms)
         if not done.merges:
             break
         plan = fold_again(module)

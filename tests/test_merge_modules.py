@@ -517,3 +517,19 @@ def test_a_layer_output_added_to_itself_is_left_not_merged_once() -> None:
     assert type(folded) is Twice
     (merge,) = bnfold.report_for(folded).merges
     assert (merge.reason or "").startswith("it adds the output of module 'a' (Conv2d) to itself")
+
+
+def test_a_merged_graph_module_calls_no_identity_and_keeps_its_state_dict() -> None:
+    """The folded norms left as nn.Identity are taken out of the merged forward (each was a Python call for
+    nothing); the state_dict keys are those of the model that would be merged without that."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = calibrated_by_training(net(), x)
+    folded = bnfold.fold(model, x, merge_branches=True)
+    assert not any(n.op == "call_module" and isinstance(folded.get_submodule(n.target), nn.Identity)
+                   for n in folded.graph.nodes)
+    assert not any(isinstance(m, nn.Identity) for m in folded.modules())
+    assert_same_outputs(model, folded, x)
+    names = set(folded.state_dict())  # the model's own names: fewer (merged branches, absorbed norms), none new
+    assert names < set(bnfold.fold(model, x).state_dict())
+    assert {f"{i}.kxk.0.weight" for i in range(3)} | {"3.conv.0.weight"} <= names

@@ -34,35 +34,15 @@ from rich.console import Console
 from rich.table import Table
 from timm.utils import reparameterize_model
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import bnfold
 from bnfold.backends.torchscript import fold_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers' counter
-from helpers.counting import count_batch_norm_calls  # noqa: E402
+from helpers.counting import LINEAR_FUNCTIONS, conv_calls, count_batch_norm_calls  # noqa: E402
 
 MODELS = ["mobileone_s0", "repvgg_a0", "repvit_m0_9", "fastvit_t8", "repghostnet_100"]
-_LINEAR = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "linear"})
 _SCRIPT = "bnfold TorchScript --merge-branches"
-
-
-class _ConvCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if getattr(func, "__name__", "") in _LINEAR:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def conv_calls(model: nn.Module, x: torch.Tensor) -> int:
-    counter = _ConvCounter()
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.count
 
 
 @torch.no_grad()
@@ -127,7 +107,7 @@ def graph_counts(program: torch.export.ExportedProgram) -> tuple[int, int]:
 
     names = [op_name(node) for node in program.graph.nodes]
     norms = sum(n in ("batch_norm", "_native_batch_norm_legit_no_training") for n in names)
-    return norms, sum(n in _LINEAR for n in names)
+    return norms, sum(n in LINEAR_FUNCTIONS for n in names)
 
 
 def merged_script(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
@@ -141,7 +121,7 @@ def merged_script(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
 def script_counts(module: torch.jit.ScriptModule) -> tuple[int, int]:
     """Norms and convolutions / linear layers in a frozen graph (its forward computes each node once)."""
     kinds = [node.kind().removeprefix("aten::") for node in module.graph.nodes()]
-    return kinds.count("batch_norm"), sum(kinds.count(k) for k in _LINEAR)
+    return kinds.count("batch_norm"), sum(kinds.count(k) for k in LINEAR_FUNCTIONS)
 
 
 def onnx_row(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> tuple[str, int, int, float | None, float]:

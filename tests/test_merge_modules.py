@@ -15,33 +15,11 @@ import pytest
 import torch
 import torchvision
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
 
 import bnfold
 from bnfold.verification import TOLERANCES
 from conftest import assert_same_outputs, calibrated_by_training
-from helpers.counting import count_batch_norm_calls
-
-_CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "linear"})
-
-
-class _Calls(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.convs = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if getattr(func, "__name__", "") in _CONVS:
-            self.convs += 1
-        return func(*args, **(kwargs or {}))
-
-
-def conv_calls(model: nn.Module, x: torch.Tensor) -> int:
-    """Convolutions and linear layers computed in one forward pass (calls, not modules)."""
-    counter = _Calls()
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.convs
+from helpers.counting import conv_calls, count_batch_norm_calls
 
 
 def conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:

@@ -20,8 +20,8 @@ from bnfold import onnx as bnfold_onnx
 from bnfold.core.graph import Geometry
 from bnfold.onnx.merges import conv_geometry
 from conftest import calibrated_by_training
-from helpers.counting import count_batch_norm_calls
-from test_merge_modules import conv_calls, net
+from helpers.counting import conv_calls, count_batch_norm_calls
+from test_merge_modules import net
 
 
 def export(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:

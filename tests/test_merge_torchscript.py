@@ -35,7 +35,7 @@ from bnfold.layers import DEFAULT_REGISTRY
 from bnfold.report import FoldReport
 from bnfold.verification import compare_outputs
 from conftest import assert_same_outputs, calibrated_by_training
-from helpers.counting import count_batch_norm_calls
+from helpers.counting import conv_calls, count_batch_norm_calls
 from test_cli import bnfold_cli
 from test_merge_modules import (
     Differences,
@@ -43,7 +43,6 @@ from test_merge_modules import (
     Twice,
     Unmergeable,
     _random_layer_scales,
-    conv_calls,
     net,
 )
 

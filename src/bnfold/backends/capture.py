@@ -529,14 +529,8 @@ def _capture(
     except TraceMismatch as mismatch:
         assert example_inputs is not None  # only checked with example inputs
         log.info("torch.fx traced %s, but %s; watching one forward pass", type(model).__name__, mismatch)
-        try:
-            flow, _ = capture_forward(model, example_inputs, registry)
-        except Exception as run_error:
-            raise CaptureError(
-                f"torch.fx traced {type(model).__name__} into a graph that is not the model ({mismatch}), and running "
-                f"the model on the example inputs failed ({type(run_error).__name__}: {run_error}). Check that "
-                f"example_inputs match what forward() expects."
-            ) from run_error
+        flow = _watched(model, example_inputs, registry, f"torch.fx traced {type(model).__name__} into a graph that "
+                        f"is not the model ({mismatch}), and running the model on the example inputs failed")
         flow.notes.append(
             f"torch.fx traced a graph that is not the model ({mismatch}; code that inspects its inputs, such as "
             f"isinstance checks, is dropped by tracing): the dataflow was learnt from one forward pass instead"
@@ -550,15 +544,24 @@ def _capture(
                 f"the forward's positional arguments) so bnfold can learn the dataflow from one forward pass."
             ) from fx_error
         log.info("torch.fx could not trace %s (%s); watching one forward pass", type(model).__name__, reason)
-        try:
-            flow, _ = capture_forward(model, example_inputs, registry)
-        except Exception as run_error:
-            raise CaptureError(
-                f"torch.fx cannot trace {type(model).__name__} ({reason}), and running it on the example inputs failed "
-                f"({type(run_error).__name__}: {run_error}). Check that example_inputs match what forward() expects."
-            ) from run_error
+        flow = _watched(model, example_inputs, registry,
+                        f"torch.fx cannot trace {type(model).__name__} ({reason}), and running it on the example "
+                        f"inputs failed")
         flow.notes.append(f"torch.fx could not trace the model: {reason}")
         return flow
+    return flow
+
+
+def _watched(model: nn.Module, example_inputs: tuple[Any, ...], registry: LayerRegistry, failure: str) -> Dataflow:
+    """The dataflow from one watched forward pass, where torch.fx could not give it; ``failure`` starts the error
+    raised if the model does not run on the example inputs either."""
+    try:
+        flow, _ = capture_forward(model, example_inputs, registry)
+    except Exception as run_error:  # whatever the model's own forward raises
+        raise CaptureError(
+            f"{failure} ({type(run_error).__name__}: {run_error}). Check that example_inputs match what forward() "
+            f"expects."
+        ) from run_error
     return flow
 
 

@@ -522,10 +522,21 @@ def read_constant(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _count_negative(values: torch.Tensor) -> int:
-    values = values.detach()
-    if values.device.type == "cpu" and values.dtype != torch.bfloat16:
-        return int(np.count_nonzero(values.numpy() < 0))  # a few hundred values: numpy, no torch dispatch
-    return int((values < 0).sum())
+    small = _small_numpy(values, 1 << 16)  # a norm's few hundred values: numpy, no torch dispatch
+    if small is not None:
+        return int(np.count_nonzero(small < 0))
+    return int((values.detach() < 0).sum())
+
+
+def _small_numpy(array: torch.Tensor, limit: int) -> np.ndarray | None:
+    """``array`` as a numpy view, when it is a CPU array of fewer than ``limit`` values in a dtype numpy has.
+
+    On a few hundred or thousand values, one numpy call is several times cheaper than torch's dispatch (and, above
+    its grain size, the wake-up of its thread pool); bnfold checks and bounds many such small arrays per fold.
+    """
+    if array.device.type != "cpu" or array.numel() >= limit or array.dtype == torch.bfloat16:
+        return None
+    return array.detach().numpy()
 
 
 def _channels_guess(module: nn.Module) -> int:
@@ -557,10 +568,9 @@ class TorchNumerics:
         return array.to(device=like.device, dtype=like.dtype)
 
     def finite(self, array: torch.Tensor) -> bool:
-        if array.device.type == "cpu" and array.numel() < 1 << 20:
-            # numpy's single-threaded check: on up to a million values, waking torch's thread pool costs more
-            return bool(np.isfinite(array.detach().numpy()).all()) if array.dtype != torch.bfloat16 else bool(
-                torch.isfinite(array).all())
+        small = _small_numpy(array, 1 << 20)  # up to a million values, waking torch's thread pool costs more
+        if small is not None:
+            return bool(np.isfinite(small).all())
         # One reduction instead of isfinite + all: a sum is finite only if every term is (NaN and inf propagate);
         # a sum that overflows although every term is finite is checked element by element.
         if bool(torch.isfinite(array.sum())):
@@ -583,8 +593,9 @@ class TorchNumerics:
         return weight.dtype in (torch.float32, torch.float64) and weight.is_contiguous() and not weight.is_inference()
 
     def max_abs(self, array: torch.Tensor) -> float:
-        if array.device.type == "cpu" and array.numel() < 1 << 16 and array.dtype != torch.bfloat16:
-            return float(np.abs(array.detach().numpy()).max(initial=0.0))  # a norm's scales: no thread pool
+        small = _small_numpy(array, 1 << 16)
+        if small is not None:
+            return float(np.abs(small).max(initial=0.0))  # a norm's scales: no thread pool
         low, high = torch.aminmax(array.detach())  # one pass, no copy (vector_norm(inf) is ~10x slower on CPU)
         return max(float(high), -float(low))
 

@@ -7,8 +7,6 @@ Every command returns an exit code (see :mod:`bnfold.app.cli`) and writes its hu
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from ...errors import InvalidInputError, VerificationError
 from ...files import check_output_path, refuse_inputs, staged
 from ...report import MERGED, FoldReport
 from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model
+from .output import emit
 from .saving import choose_format, read_back, write_model
 
 OK, VERIFICATION_FAILED, BAD_INPUT = 0, 1, 2
@@ -52,14 +51,6 @@ def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: torch.Te
         else:
             advice = "check --input-shape: it is the shape of one batch that the model's forward() takes"
         raise InvalidInputError(f"{loaded.label} does not run on an input of shape {shape} ({cause}); {advice}") from error
-
-
-def _emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
-    if args.json:
-        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
-        return
-    for renderable in renderables:
-        console.print(renderable)
 
 
 def _print_notes(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> None:
@@ -110,7 +101,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
         report = _plan_report(loaded, example, args.merge_branches)
     report.model = loaded.label
     _print_notes(args, console, loaded)
-    _emit(args, console, report.to_dict(), report)
+    emit(args, console, report.to_dict(), report)
     return OK
 
 
@@ -228,7 +219,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     lines = [report, f"wrote {output} ({fmt}, {output.stat().st_size / 1e6:.2f} MB)"]
     if reread is not None:
         lines.append(f"read {output} back: max relative error against the original {reread['max_relative']:.2e}")
-    _emit(args, console, payload, *lines)
+    emit(args, console, payload, *lines)
     return OK
 
 
@@ -297,7 +288,7 @@ def verify(args: argparse.Namespace, console: Any) -> int:
             _check_runs(args, original, example)
             _check_runs(args, folded, example)
             result = compare(original.runnable, folded.runnable, example, tolerance=args.tolerance)
-    _emit(args, console, result.to_dict(), str(result))
+    emit(args, console, result.to_dict(), str(result))
     return OK if result.passed else VERIFICATION_FAILED
 
 
@@ -332,7 +323,7 @@ def bench(args: argparse.Namespace, console: Any) -> int:
     if args.plot:
         result.plot(args.plot)
     _print_notes(args, console, loaded)
-    _emit(args, console, result.to_dict(), result, *([f"wrote {args.plot}"] if args.plot else []))
+    emit(args, console, result.to_dict(), result, *([f"wrote {args.plot}"] if args.plot else []))
     return OK
 
 

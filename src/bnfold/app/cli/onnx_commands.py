@@ -9,13 +9,12 @@ here then do what the general ones do for ONNX, with the same output and exit co
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from ...errors import InvalidInputError
 from ...files import check_output_path
+from .output import emit
 
 OK, VERIFICATION_FAILED = 0, 1
 COMMANDS = ("inspect", "fold", "verify")
@@ -48,14 +47,6 @@ def _check_options(args: argparse.Namespace) -> None:
         )
 
 
-def _emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
-    if args.json:
-        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
-        return
-    for renderable in renderables:
-        console.print(renderable)
-
-
 def _backend() -> Any:
     try:
         from ... import onnx as backend
@@ -73,7 +64,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     with console.status("planning"):
         report = backend.plan(model, merge_branches=args.merge_branches)
     report.model = Path(args.model).name
-    _emit(args, console, report.to_dict(), report)
+    emit(args, console, report.to_dict(), report)
     return OK
 
 
@@ -95,7 +86,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     lines = [result.report, f"wrote {output} (onnx, {output.stat().st_size / 1e6:.2f} MB)"]
     if reread is not None:
         lines.append(f"read {output} back: max relative error against the original {reread['max_relative']:.2e}")
-    _emit(args, console, payload, *lines)
+    emit(args, console, payload, *lines)
     return OK
 
 
@@ -114,5 +105,5 @@ def verify(args: argparse.Namespace, console: Any) -> int:
              f"{result['tolerance']:g}), worst output {result['worst_output']}"]
     lines += [f"  {name} {info['shape']}: relative {info['relative']:.3g}, abs {info['max_abs']:.3g}"
               for name, info in result["outputs"].items()]
-    _emit(args, console, result, *lines)
+    emit(args, console, result, *lines)
     return OK if result["passed"] else VERIFICATION_FAILED

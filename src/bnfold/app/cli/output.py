@@ -1,0 +1,21 @@
+"""How a command's result reaches the user: JSON on stdout for scripts (``--json``), else rich renderables.
+
+Shared by the general commands and the torch-free ONNX ones (:mod:`bnfold.app.cli.onnx_commands`), so it imports
+neither torch nor anything that does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
+    """Write ``payload`` as JSON when ``--json`` was given, else print each renderable on ``console``."""
+    if args.json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    for renderable in renderables:
+        console.print(renderable)

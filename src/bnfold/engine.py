@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
 import logging
 import weakref
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from .backends.capture import MODEL_CALLS_LOCK, Dataflow, as_input_tuple, captur
 from .backends.module_merges import merge_rounds
 from .backends.module_tree import ModuleTree
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
-from .core.apply import DryRun, FoldOverflow, apply_plan, check_statistics
+from .core.apply import DryRun, FoldOverflow, NormMaps, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
 from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
@@ -99,7 +101,8 @@ def _projected_parameters(tree: ModuleTree, the_plan: FoldPlan, registry: LayerR
         if isinstance(rule, NormRule) and rule.replacement is not identity_replacement:  # Identity keeps nothing
             replacement = rule.replacement(norm)
         kept = {id(p) for p in replacement.parameters()} if replacement is not None else set()
-        removed += sum(p.numel() for p in norm.parameters() if id(p) not in kept and not isinstance(p, lazy))
+        own = norm.parameters() if norm._modules else norm._parameters.values()  # a norm is mostly a leaf
+        removed += sum(p.numel() for p in own if p is not None and id(p) not in kept and not isinstance(p, lazy))
     added = 0
     for name in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers):
         layer = tree.get(name)
@@ -136,7 +139,26 @@ class _Planned:
     report: FoldReport
     flow: Dataflow
     tree: ModuleTree
-    maps: dict[str, tuple[torch.Tensor, torch.Tensor]]  # each norm to fold: its (s, t), in float64
+    maps: NormMaps  # each norm to fold: its (s, t), in float64
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Any:
+    """Python's cyclic garbage collector off for a fold's bookkeeping, back as it was after.
+
+    A fold allocates tens of thousands of small objects (the fx graph, sites, the core graph, the report), none of
+    them garbage until it ends; each allocation threshold crossed meanwhile runs a collection that scans them again,
+    and now and then every object of the process (a tenth of resnet50's in-place fold time). Paused, the young
+    objects are scanned once, by the first collection after the fold; it also collects what the fold leaves as
+    cyclic garbage (the fx graph).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> _Planned:
@@ -164,7 +186,12 @@ def plan(
     others would not. Whether a block merges depends on the folds made before it (a norm folded into a branch makes
     it a plain layer), so this preview folds and merges a copy of ``model``; the model itself is not touched.
     """
-    registry = registry or DEFAULT_REGISTRY
+    with _collector_paused():
+        return _plan_report(model, example_inputs, registry or DEFAULT_REGISTRY, merge_branches)
+
+
+def _plan_report(model: nn.Module, example_inputs: ExampleInputs, registry: LayerRegistry, merge_branches: bool
+                 ) -> FoldReport:
     if merge_branches:
         preview = fold(model, example_inputs, verify=False, registry=registry, merge_branches=True)
         report = dataclasses.replace(_reports[preview], applied=False)
@@ -229,7 +256,12 @@ def fold(
         VerificationError: the folded outputs differ from the original's beyond the tolerance (and beyond what
             float rounding explains, see :func:`bnfold.verification.explained_by_rounding`).
     """
-    registry = registry or DEFAULT_REGISTRY
+    with _collector_paused():
+        return _fold(model, example_inputs, inplace, verify, tolerance, registry or DEFAULT_REGISTRY, merge_branches)
+
+
+def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify: bool | None, tolerance: float | None,
+          registry: LayerRegistry, merge_branches: bool) -> nn.Module:
     inputs = as_input_tuple(example_inputs)
     verify = inputs is not None if verify is None else verify
     if verify and inputs is None:
@@ -322,7 +354,7 @@ def _apply(
     report: FoldReport,
     *,
     in_place: bool = False,
-    maps: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    maps: NormMaps | None = None,
     tree: ModuleTree | None = None,
 ) -> Rollback:
     """Fold ``target`` in place; on an exception everything done is undone (bit for bit unless ``in_place``: see

@@ -219,12 +219,13 @@ class _Tracer(fx.Tracer):
         return leaf
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # A leaf is one call node; fx's scope and module-stack bookkeeping around it feeds node metadata that
-        # nothing here reads (the dataflow names modules by their qualified name, the node's target).
+        # A leaf is one call node, any other module is traced through; fx's scope and module-stack bookkeeping
+        # around either feeds node metadata that nothing here reads (the dataflow names modules by their qualified
+        # name, the node's target) and that create_node below does not copy.
         name = self.path_of_module(m)
         if self.is_leaf_module(m, name):
             return self.create_proxy("call_module", name, args, kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        return forward(*args, **kwargs)
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
                     type_expr: Any | None = None) -> fx.Node:
@@ -238,6 +239,8 @@ class _Tracer(fx.Tracer):
             return a.node
         if type(a) is tuple and all(isinstance(v, fx.Proxy) for v in a):
             return tuple(v.node for v in a)
+        if type(a) is dict and not a:  # the keyword arguments of most calls
+            return {}
         return super().create_arg(a)
 
 

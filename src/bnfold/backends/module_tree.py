@@ -24,7 +24,7 @@ def _own_tensors(value: object) -> dict[int, tuple[torch.Tensor, int]]:
     """The parameters (kind 0) and buffers (kind 1) a slot value brings: a module's whole subtree, a parameter."""
     if isinstance(value, nn.Module):
         found: dict[int, tuple[torch.Tensor, int]] = {}
-        for module in value.modules():
+        for module in (value.modules() if value._modules else (value,)):  # a norm is a leaf: no walk
             for table, kind in ((module._parameters, 0), (module._buffers, 1)):
                 found.update((id(t), (t, kind)) for t in table.values() if t is not None)
         return found

@@ -16,7 +16,8 @@ failed verification can restore the model bit for bit (:class:`Rollback`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from ..core.graph import (
     OpFacts,
 )
 from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
+from ..segments import span_all_finite, span_counts, span_max_abs
 from .capture import Dataflow, Site, TensorRef
 from .module_tree import ModuleTree
 
@@ -321,6 +323,7 @@ class _Translator:
         self.calls = flow.module_sites()
         self.param_reads = flow.param_reads()
         self.names_of = tree.names_of
+        self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
         self.param_owners: dict[int, list[str]] = {}  # every qualified name of each parameter
         for module_name, module in tree.by_name.items():
             prefix = f"{module_name}." if module_name else ""
@@ -413,21 +416,32 @@ class _Translator:
         if name in self.calls:
             problem = self.module_problem(name, module, "norm")
         statistics = rule.statistics(module)
-        gamma = statistics.gamma
+        if statistics.gamma is not None:
+            self.gammas[name] = statistics.gamma  # its negative scales are counted with all the others'
         return NormFacts(
             channels=int(statistics.mean.shape[0]),
             channel_dim=rule.channel_dim,
             problem=problem,
             backward_blocker=rule.backward_blocker(module),
-            negative_scales=0 if gamma is None else _count_negative(gamma),
         )
 
     def translate(self) -> Graph:
         graph = Graph(method=self.flow.method, shapes_known=self.flow.shapes_known, notes=list(self.flow.notes))
+        units: list[tuple[str, str, nn.Module, NormFacts | LayerFacts]] = []
         for name, module in self.tree.unique:
             if self.registry.is_norm_candidate(module):
-                graph.add_unit(name, NORM, type(module).__name__, norm=self.norm_facts(name, module))
+                units.append((name, NORM, module, self.norm_facts(name, module)))
             elif (facts := self.layer_facts(name, module)) is not None:
+                units.append((name, LAYER, module, facts))
+        negatives = dict(zip(self.gammas, _count_negatives(list(self.gammas.values())), strict=True))
+        for name, kind, module, facts in units:
+            if kind == NORM:
+                assert isinstance(facts, NormFacts)
+                if negatives.get(name):
+                    facts = replace(facts, negative_scales=negatives[name])
+                graph.add_unit(name, NORM, type(module).__name__, norm=facts)
+            else:
+                assert isinstance(facts, LayerFacts)
                 graph.add_unit(name, LAYER, type(module).__name__, layer=facts)
         for site in self.flow.sites:
             label = describe(site)
@@ -521,11 +535,23 @@ def read_constant(model: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
-def _count_negative(values: torch.Tensor) -> int:
-    small = _small_numpy(values, 1 << 16)  # a norm's few hundred values: numpy, no torch dispatch
-    if small is not None:
-        return int(np.count_nonzero(small < 0))
-    return int((values.detach() < 0).sum())
+def _count_negatives(arrays: list[torch.Tensor]) -> list[int]:
+    """How many values of each array are negative, in one comparison over all of them joined (see
+    :mod:`bnfold.segments`)."""
+    if not arrays:
+        return []
+    with torch.no_grad():  # no detach() per array: on arrays this small, every call counts
+        flat = arrays if all(a.dim() == 1 for a in arrays) else [a.reshape(-1) for a in arrays]
+        try:
+            negative = (torch.cat(flat) < 0).cpu().numpy()
+        except RuntimeError:  # arrays on several devices
+            return [int((a < 0).sum()) for a in flat]
+    return span_counts(negative, list(itertools.accumulate((a.shape[0] for a in flat), initial=0)))
+
+
+def _as_numpy64(array: torch.Tensor) -> np.ndarray:
+    """``array`` as a float64 numpy array on the CPU (a view where it is one already)."""
+    return array.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
 def _small_numpy(array: torch.Tensor, limit: int) -> np.ndarray | None:
@@ -581,10 +607,13 @@ class TorchNumerics:
         return str(array.dtype).removeprefix("torch.")
 
     def concat64(self, arrays: list[torch.Tensor]) -> torch.Tensor:
-        flat = [a.detach() if a.dim() == 1 else a.detach().reshape(-1) for a in arrays]
-        if all(a.device == flat[0].device and a.dtype == flat[0].dtype for a in flat):
-            return torch.cat(flat).to(device="cpu", dtype=torch.float64)  # one conversion, not one per array
-        return torch.cat([a.to(device="cpu", dtype=torch.float64) for a in flat])
+        with torch.no_grad():  # no detach() per array: on arrays this small, every call counts
+            flat = arrays if all(a.dim() == 1 for a in arrays) else [a.reshape(-1) for a in arrays]
+            try:
+                # One conversion, not one per array. Mixed float dtypes are promoted to the widest, exactly.
+                return torch.cat(flat).to(device="cpu", dtype=torch.float64)
+            except RuntimeError:  # arrays on several devices
+                return torch.cat([a.to(device="cpu", dtype=torch.float64) for a in flat])
 
     def repeat64(self, values: list[float], counts: list[int]) -> torch.Tensor:
         return torch.from_numpy(np.repeat(np.asarray(values, dtype=np.float64), counts))
@@ -598,6 +627,13 @@ class TorchNumerics:
             return float(np.abs(small).max(initial=0.0))  # a norm's scales: no thread pool
         low, high = torch.aminmax(array.detach())  # one pass, no copy (vector_norm(inf) is ~10x slower on CPU)
         return max(float(high), -float(low))
+
+    def segment_max_abs(self, array: torch.Tensor, bounds: list[int]) -> list[float]:
+        return span_max_abs(_as_numpy64(array), bounds)
+
+    def segment_finite(self, array: torch.Tensor, bounds: list[int]) -> list[bool]:
+        # Checked in the array's own dtype: an entry that overflowed when cast to it is inf there.
+        return span_all_finite(_as_numpy64(array), bounds)
 
     def max_finite(self, array: torch.Tensor) -> float:
         return float(torch.finfo(array.dtype).max)

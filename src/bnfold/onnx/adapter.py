@@ -50,6 +50,7 @@ from ..core.graph import (
 from ..core.plan import FoldPlan, make_plan
 from ..errors import TrainingModeError
 from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from ..segments import span_all_finite, span_max_abs
 
 ONNX_DOMAINS = ("", "ai.onnx")
 NORM_TYPE = "BatchNormalization"
@@ -792,6 +793,12 @@ class NumpyNumerics:
 
     def max_abs(self, array: np.ndarray) -> float:
         return float(np.abs(array).max(initial=0.0))
+
+    def segment_max_abs(self, array: np.ndarray, bounds: list[int]) -> list[float]:
+        return span_max_abs(np.asarray(array, dtype=np.float64), bounds)
+
+    def segment_finite(self, array: np.ndarray, bounds: list[int]) -> list[bool]:
+        return span_all_finite(np.asarray(array, dtype=np.float64), bounds)
 
     def max_finite(self, array: np.ndarray) -> float:
         return float(np.finfo(np.asarray(array).dtype).max)

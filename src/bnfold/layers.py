@@ -21,23 +21,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .core.apply import Statistics
 from .core.graph import BATCH_STATISTICS
 from .errors import InvalidInputError
 
-
-class NormStatistics(NamedTuple):
-    """What a norm layer computes in eval: ``gamma * (x - mean) / sqrt(var + eps) + beta`` per channel."""
-
-    mean: torch.Tensor
-    var: torch.Tensor
-    eps: float
-    gamma: torch.Tensor | None
-    beta: torch.Tensor | None
+NormStatistics = Statistics
+"""What a norm layer computes in eval: ``gamma * (x - mean) / sqrt(var + eps) + beta`` per channel; the fields
+``mean``, ``var``, ``eps``, ``gamma`` and ``beta`` (the last two may be ``None``). The core's
+:class:`~bnfold.core.apply.Statistics`, under the name norm rules know it by."""
 
 
 @dataclass(frozen=True)
@@ -310,6 +305,7 @@ class Match:
 
 
 _MATCHES: dict[tuple[type, tuple[int, ...]], Match] = {}
+_ATOMIC: dict[tuple[type, tuple[int, ...]], bool] = {}
 
 
 def _match(module: nn.Module, rules: Sequence[LinearLayerRule | NormRule]) -> Match:
@@ -378,13 +374,17 @@ class LayerRegistry:
         return isinstance(module, NORM_BASE_TYPES) or _match(module, self.norms).rule is not None
 
     def is_atomic(self, module: nn.Module) -> bool:
-        """Whether capture should see calls of ``module`` as one step rather than look inside it."""
-        if isinstance(module, NORM_BASE_TYPES):
-            return True
-        for rule in (*self.layers, *self.norms):
-            if isinstance(module, _resolve(rule.types)):
-                return True
-        return False
+        """Whether capture should see calls of ``module`` as one step rather than look inside it (remembered per
+        class and rule list, as :func:`_match` is: tracing asks it of every module)."""
+        rules = (*self.layers, *self.norms)
+        key = (type(module), tuple(map(id, rules)))
+        atomic = _ATOMIC.get(key)
+        if atomic is None:
+            cls = type(module)
+            atomic = _ATOMIC[key] = issubclass(cls, NORM_BASE_TYPES) or any(
+                issubclass(cls, _resolve(rule.types)) for rule in rules
+            )
+        return atomic
 
 
 DEFAULT_REGISTRY = LayerRegistry()

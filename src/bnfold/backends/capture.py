@@ -227,6 +227,13 @@ class _Tracer(fx.Tracer):
             return self.create_proxy("call_module", name, args, kwargs)
         return forward(*args, **kwargs)
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # fx makes graph values of parameters and buffers read in forward code; anything else it returns as it is
+        # (submodules, flags such as ``self.downsample is not None``: most reads).
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
                     type_expr: Any | None = None) -> fx.Node:
         if kind == "call_function" and self.check_mutable_operations:
@@ -364,8 +371,14 @@ def capture_fx(
     shapes = _fx_shapes(model, graph, example_inputs) if example_inputs is not None else None
     tree = tree if tree is not None else ModuleTree(model)
     index_of: dict[fx.Node, int] = {}
+    refs: list[TensorRef] = []  # one per site, shared by every argument that reads it
     sites: list[Site] = []
     metadata: set[fx.Node] = set()  # shape reads, and values computed from shapes only (``x.shape[0] * 2``)
+
+    def to_ref(n: fx.Node) -> Any:
+        index = index_of.get(n)
+        return n if index is None else refs[index]
+
     for node in graph.nodes:
         inputs = node.all_input_nodes
         if _fx_node_is_metadata(node) or (
@@ -375,6 +388,7 @@ def capture_fx(
             continue
         index = len(sites)
         index_of[node] = index
+        refs.append(TensorRef(index))
         if node.op == "placeholder":
             site = Site(index, "input", str(node.target))
         elif node.op == "get_attr":
@@ -389,10 +403,10 @@ def capture_fx(
         site.origin = node
         if shapes is not None:
             site.shape = shapes.get(node)
-        to_ref = lambda n: TensorRef(index_of[n]) if n in index_of else n  # noqa: E731
         site.args = tuple(fx.node.map_arg(node.args, to_ref))
-        site.kwargs = dict(fx.node.map_arg(node.kwargs, to_ref))
-        metadata_only = {node.args[p] for p in _metadata_positions(node.target) if p < len(node.args)}
+        site.kwargs = dict(fx.node.map_arg(node.kwargs, to_ref)) if node.kwargs else {}
+        positions = _metadata_positions(node.target) if node.op != "call_module" else ()
+        metadata_only = {node.args[p] for p in positions if p < len(node.args)}
         for source in node.all_input_nodes:
             if source in index_of and source not in metadata_only:
                 site.inputs.append(index_of[source])

@@ -20,17 +20,19 @@ from torch import nn
 _LAZY = nn.parameter.UninitializedTensorMixin  # a lazy module's tensors have no size yet
 
 
-def _own_tensors(value: object) -> dict[int, tuple[torch.Tensor, int]]:
-    """The parameters (kind 0) and buffers (kind 1) a slot value brings: a module's whole subtree, a parameter."""
+def _add_own_tensors(value: object, found: dict[int, tuple[torch.Tensor, int]]) -> None:
+    """Add the parameters (kind 0) and buffers (kind 1) a slot value brings to ``found``: a module's whole subtree,
+    a parameter."""
     if isinstance(value, nn.Module):
-        found: dict[int, tuple[torch.Tensor, int]] = {}
         for module in (value.modules() if value._modules else (value,)):  # a norm is a leaf: no walk
-            for table, kind in ((module._parameters, 0), (module._buffers, 1)):
-                found.update((id(t), (t, kind)) for t in table.values() if t is not None)
-        return found
-    if isinstance(value, torch.Tensor):
-        return {id(value): (value, 0)}
-    return {}
+            for tensor in module._parameters.values():
+                if tensor is not None:
+                    found[id(tensor)] = (tensor, 0)
+            for tensor in module._buffers.values():
+                if tensor is not None:
+                    found[id(tensor)] = (tensor, 1)
+    elif isinstance(value, torch.Tensor):
+        found[id(value)] = (value, 0)
 
 
 @dataclass(frozen=True)
@@ -106,19 +108,20 @@ class ModuleTree:
         gone: dict[int, tuple[torch.Tensor, int]] = {}
         came: dict[int, tuple[torch.Tensor, int]] = {}
         for old, new in replaced:
-            gone.update(_own_tensors(old))
-            came.update(_own_tensors(new))
+            _add_own_tensors(old, gone)
+            _add_own_tensors(new, came)
         counts = [census.parameters, census.buffers]
+        holders = census.holders
         for key, (tensor, kind) in gone.items():
             if key in came:
                 continue
-            if census.holders.get(key) != 1 or isinstance(tensor, _LAZY):
+            if holders.get(key) != 1 or isinstance(tensor, _LAZY):
                 return None
             counts[kind] -= tensor.numel()
         for key, (tensor, kind) in came.items():
             if key in gone:
                 continue
-            if key in census.holders or isinstance(tensor, _LAZY):
+            if key in holders or isinstance(tensor, _LAZY):
                 return None
             counts[kind] += tensor.numel()
         return counts[0], counts[1]

@@ -299,16 +299,22 @@ def geometry(module: nn.Module, rule: LinearLayerRule) -> Geometry | None:
         return Geometry()
     if rule not in (CONV_RULE, CONV_TRANSPOSE_RULE) or not isinstance(module, nn.modules.conv._ConvNd):
         return None
-    kernel = tuple(int(k) for k in module.kernel_size)
-    dilation = tuple(int(d) for d in module.dilation)
+    kernel, dilation = _sizes(module.kernel_size), _sizes(module.dilation)
     if module.padding == "valid":
         padding = tuple((0, 0) for _ in kernel)
     elif module.padding == "same":  # PyTorch puts the odd one at the end
         padding = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True))
     else:
-        padding = tuple((int(p), int(p)) for p in module.padding)  # type: ignore[union-attr]
-    return Geometry(kernel, tuple(int(s) for s in module.stride), padding, dilation, int(module.groups),
-                    str(module.padding_mode), bool(module.transposed))
+        padding = tuple((p, p) for p in _sizes(module.padding))  # type: ignore[arg-type]
+    return Geometry(kernel, _sizes(module.stride), padding, dilation, int(module.groups), str(module.padding_mode),
+                    bool(module.transposed))
+
+
+def _sizes(values: tuple[Any, ...]) -> tuple[int, ...]:
+    """A conv's sizes as a tuple of Python ints (what they are already, unless code set them otherwise)."""
+    if type(values) is tuple and all(type(v) is int for v in values):
+        return values
+    return tuple(int(v) for v in values)
 
 
 # -------------------------------------------------------------------------------------------- translation
@@ -333,17 +339,17 @@ class _Translator:
 
     def module_problem(self, name: str, module: nn.Module, what: str) -> str | None:
         """Why ``module`` must not be touched at all, whatever it is paired with."""
-        if parametrize.is_parametrized(module):
+        if _may_be_parametrized(module) and parametrize.is_parametrized(module):
             return (
                 f"{what} '{name}' has parametrizations (torch.nn.utils.parametrize, weight_norm or spectral_norm): "
                 f"its weight is recomputed at every call"
             )
-        hooks = [
-            kind
-            for kind, table in (("forward pre-hooks", module._forward_pre_hooks), ("forward hooks", module._forward_hooks))
-            if table
-        ]
-        if hooks:
+        if module._forward_pre_hooks or module._forward_hooks:
+            hooks = [
+                kind
+                for kind, table in (("forward pre-hooks", module._forward_pre_hooks), ("forward hooks", module._forward_hooks))
+                if table
+            ]
             return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
         aliases = self.names_of.get(id(module), [name])
         for own_name, tensor in module._parameters.items():
@@ -523,6 +529,13 @@ class _Translator:
             return site.name in graph.units
         return (site.kind == "op" and _FUNCTION_KINDS.get(op_name(site)) in _ARITHMETIC_KINDS
                 and op_name(site) not in _IN_PLACE_ARITHMETIC)
+
+
+def _may_be_parametrized(module: nn.Module) -> bool:
+    """Whether ``module`` has an attribute ``parametrizations`` at all (where torch.nn.utils.parametrize keeps
+    them: a submodule), without the failed attribute lookup ``is_parametrized`` makes on every other module."""
+    return "parametrizations" in module._modules or "parametrizations" in module.__dict__ \
+        or hasattr(type(module), "parametrizations")
 
 
 def read_constant(model: nn.Module, name: str) -> torch.Tensor:
@@ -724,7 +737,7 @@ class ModuleWeights:
     def statistics(self, norm: str) -> Statistics:
         module, rule = self._norm(norm)
         stats = rule.statistics(module)
-        return Statistics(stats.mean, stats.var, stats.eps, stats.gamma, stats.beta)
+        return stats if type(stats) is Statistics else Statistics(*stats)  # a rule's own tuple: the core's type
 
     def read(self, layer: str) -> LayerTensors:
         module, rule = self._layer(layer)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .. import affine
 from ..errors import NonFiniteStatisticsError
@@ -30,9 +30,12 @@ from .plan import FORWARD, Fold, FoldPlan
 Array = Any
 
 
-@dataclass(frozen=True)
-class Statistics:
-    """A norm's eval-mode map ``gamma * (x - mean) / sqrt(var + eps) + beta`` (``gamma`` / ``beta`` may be absent)."""
+class Statistics(NamedTuple):
+    """A norm's eval-mode map ``gamma * (x - mean) / sqrt(var + eps) + beta`` (``gamma`` / ``beta`` may be absent).
+
+    A named tuple, not a dataclass: it is read for every norm of every fold, and a tuple is the cheapest to make.
+    Norm rules return it under its public name :class:`bnfold.NormStatistics`.
+    """
 
     mean: Array
     var: Array
@@ -166,7 +169,7 @@ class NormMaps(Mapping[str, tuple[Array, Array]]):
         self.index = {norm: i for i, norm in enumerate(spans)}
         self.bounds = [start for start, _ in spans.values()] + [len(scale)]
         self._largest: list[float] | None = None
-        self._casts: dict[tuple[str, str], CastMaps] = {}
+        self._casts: dict[tuple[Any, Any], CastMaps] = {}
 
     def __getitem__(self, norm: str) -> tuple[Array, Array]:
         start, stop = self.spans[norm]
@@ -189,7 +192,7 @@ class NormMaps(Mapping[str, tuple[Array, Array]]):
 
     def cast(self, like: Array) -> CastMaps:
         """All maps in the dtype (and on the device) of ``like``."""
-        key = (self.numerics.dtype_name(like), str(getattr(like, "device", "")))
+        key = (like.dtype, getattr(like, "device", None))
         found = self._casts.get(key)
         if found is None:
             bias = self.numerics.cast(affine.forward_bias(None, self.scale, self.shift), like)

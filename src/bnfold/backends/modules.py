@@ -330,12 +330,19 @@ class _Translator:
         self.param_reads = flow.param_reads()
         self.names_of = tree.names_of
         self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
-        self.param_owners: dict[int, list[str]] = {}  # every qualified name of each parameter
-        for module_name, module in tree.by_name.items():
-            prefix = f"{module_name}." if module_name else ""
-            for own_name, tensor in module._parameters.items():
-                if tensor is not None:
-                    self.param_owners.setdefault(id(tensor), []).append(prefix + own_name)
+        self.holders = tree.census.holders
+        self._param_owners: dict[int, list[str]] | None = None
+
+    def param_owners(self, tensor: torch.Tensor) -> list[str]:
+        """Every qualified name of a parameter held by more than one module slot (found on the first such one)."""
+        if self._param_owners is None:
+            self._param_owners = {}
+            for module_name, module in self.tree.by_name.items():
+                prefix = f"{module_name}." if module_name else ""
+                for own_name, own in module._parameters.items():
+                    if own is not None:
+                        self._param_owners.setdefault(id(own), []).append(prefix + own_name)
+        return self._param_owners.get(id(tensor), [])
 
     def module_problem(self, name: str, module: nn.Module, what: str) -> str | None:
         """Why ``module`` must not be touched at all, whatever it is paired with."""
@@ -353,8 +360,10 @@ class _Translator:
             return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
         aliases = self.names_of.get(id(module), [name])
         for own_name, tensor in module._parameters.items():
-            owners = self.param_owners.get(id(tensor), []) if tensor is not None else []
-            if len(owners) <= len(aliases):  # only its own names (the common case: nothing to compare)
+            if tensor is None or self.holders.get(id(tensor), 1) <= 1:  # held by this slot only: the common case
+                continue
+            owners = self.param_owners(tensor)
+            if len(owners) <= len(aliases):  # only its own names
                 continue
             own_names = {f"{alias}.{own_name}" if alias else own_name for alias in aliases}
             others = [owner for owner in owners if owner not in own_names]

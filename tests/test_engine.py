@@ -111,6 +111,25 @@ def test_bad_arguments_get_clear_errors() -> None:
         bnfold.fold(scripted)
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fold_and_plan_leave_the_garbage_collector_as_they_found_it(enabled: bool) -> None:
+    """fold() pauses Python's cyclic collector while it works; whatever happens, it is back as it was after."""
+    import gc
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        bnfold.fold(_net())
+        assert gc.isenabled() is enabled
+        bnfold.plan(_net(), merge_branches=True)
+        assert gc.isenabled() is enabled
+        with pytest.raises(bnfold.TrainingModeError):
+            bnfold.fold(_net().train())
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
+
+
 def test_wrong_example_inputs_for_untraceable_model() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:

@@ -32,9 +32,9 @@ from bnfold.backends.pt2_safety import load_exported
 from bnfold.core.graph import Operand
 from bnfold.layers import CONV_RULE
 from bnfold.report import MERGED
-from conftest import assert_same_outputs, calibrated_by_training
+from conftest import assert_same_outputs, calibrated_by_training, random_layer_scales, well_conditioned
 from test_cli import bnfold_cli
-from test_merge_modules import Differences, Residual, _random_layer_scales, net
+from test_merge_modules import Differences, Residual, net
 
 _CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "linear"})
 _NORMS = frozenset({"batch_norm", "_native_batch_norm_legit_no_training"})
@@ -88,22 +88,6 @@ def merge_and_check(model: nn.Module, x: torch.Tensor) -> tuple[torch.export.Exp
     assert str(program.graph) == graph_before  # the input program is untouched
     assert all(torch.equal(v, program.state_dict[k]) for k, v in state_before.items())
     return merged, report
-
-
-def well_conditioned(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Gammas near 1, then statistics from three train-mode passes: a deep random network whose float32 rounding
-    stays far below the tolerance (random N(0, 1) gammas make mobileone_s0's own float32 error 2e-4)."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.num_features, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(module.num_features, generator=generator))
-                module.momentum = None
-        model.train()
-        for _ in range(3):
-            model(x + torch.randn(x.shape, generator=generator))
-    return model.eval()
 
 
 def _x(*shape: int) -> torch.Tensor:
@@ -409,7 +393,7 @@ def test_fastvit_and_repghostnet_merge_to_the_module_apis_norm_and_conv_counts(n
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     x = _x(2, 3, 64, 64)
-    model = _random_layer_scales(well_conditioned(timm.create_model(name, num_classes=10), x))
+    model = random_layer_scales(well_conditioned(timm.create_model(name, num_classes=10), x))
     merged, report = merge_and_check(model, x[:1])
     assert report.left == [] and _count(merged, _NORMS) == 0
     merged_blocks = [m for m in report.merges if m.status == MERGED]
@@ -428,7 +412,7 @@ def test_repmixer_becomes_one_depthwise_convolution() -> None:
     fastvit = pytest.importorskip("timm.models.fastvit")
     torch.manual_seed(0)
     x = _x(2, 8, 12, 12)
-    model = _random_layer_scales(calibrated_by_training(fastvit.RepMixer(8), x))
+    model = random_layer_scales(calibrated_by_training(fastvit.RepMixer(8), x))
     merged, report = merge_and_check(model, x)
     (merge,) = report.merges
     assert (merge.status, merge.into, merge.layers, merge.kept) == (

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 import bnfold
 from bnfold.verification import TOLERANCES
-from conftest import assert_same_outputs, calibrated_by_training
+from conftest import assert_same_outputs, calibrated_by_training, random_layer_scales
 from helpers.counting import conv_calls, count_batch_norm_calls
 
 
@@ -320,22 +320,12 @@ def _timm_reference(model: nn.Module) -> nn.Module:
         torch.set_default_dtype(default)
 
 
-@torch.no_grad()
-def _random_layer_scales(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Layer scales of order 1 (timm starts them at 1e-5, where a wrong coefficient would hide in the rounding)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, parameter in model.named_parameters():
-        if name.endswith("gamma"):
-            parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
-    return model
-
-
 def test_repmixer_merges_into_one_depthwise_conv() -> None:
     """FastViT's RepMixer, x + gamma * (mixer(x) - norm(x)), is one depthwise convolution (as timm makes it)."""
     fastvit = pytest.importorskip("timm.models.fastvit")
     torch.manual_seed(0)
     x = torch.randn(2, 8, 12, 12)
-    model = _random_layer_scales(calibrated_by_training(fastvit.RepMixer(8), x)).double()
+    model = random_layer_scales(calibrated_by_training(fastvit.RepMixer(8), x)).double()
     x = x.double()
     folded = bnfold.fold(model, x, merge_branches=True)
     assert_same_outputs(model, folded, x, dtype=torch.float64)
@@ -355,7 +345,7 @@ def test_fastvit_and_repghostnet_merge_at_least_as_far_as_timm(name: str, blocks
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
-    model = _random_layer_scales(calibrated_by_training(timm.create_model(name, num_classes=10), x)).double()
+    model = random_layer_scales(calibrated_by_training(timm.create_model(name, num_classes=10), x)).double()
     x = x.double()
     folded = bnfold.fold(model, x, merge_branches=True)  # verified against the original at float64's tolerance
     timm_model = _timm_reference(model)

@@ -19,7 +19,7 @@ import bnfold
 from bnfold import onnx as bnfold_onnx
 from bnfold.core.graph import Geometry
 from bnfold.onnx.merges import conv_geometry
-from conftest import calibrated_by_training
+from conftest import calibrated_by_training, random_layer_scales, well_conditioned
 from helpers.counting import conv_calls, count_batch_norm_calls
 from test_merge_modules import net
 
@@ -60,16 +60,7 @@ def test_timm_models_merge_in_onnx_as_far_as_with_the_module(name: str) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
-    model = timm.create_model(name, num_classes=10)
-    with torch.no_grad():  # gammas near 1: a random deep network that stays well conditioned in float32
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.num_features))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x + torch.randn(x.shape))
-    model.eval()
+    model = well_conditioned(timm.create_model(name, num_classes=10), x)
     merged = bnfold_onnx.fold(export(model, x[:1]), merge_branches=True)
     assert merged.report.verification is not None and merged.report.verification["passed"]
     module = bnfold.fold(model, x, merge_branches=True)
@@ -164,19 +155,7 @@ def test_fastvit_and_repghostnet_merge_in_onnx_as_far_as_with_the_module(name: s
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
-    model = timm.create_model(name, num_classes=10)
-    with torch.no_grad():  # gammas near 1: a random deep network that stays well conditioned in float32
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.num_features))
-        for parameter_name, parameter in model.named_parameters():
-            if parameter_name.endswith("gamma"):
-                parameter.copy_(0.1 * torch.randn(parameter.shape))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x + torch.randn(x.shape))
-    model.eval()
+    model = random_layer_scales(well_conditioned(timm.create_model(name, num_classes=10), x))
     exported = export(model, x[:1])
     merged = bnfold_onnx.fold(exported, merge_branches=True)
     assert merged.report.verification is not None and merged.report.verification["passed"]

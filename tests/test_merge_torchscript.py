@@ -34,7 +34,7 @@ from bnfold.core.graph import Operand
 from bnfold.layers import DEFAULT_REGISTRY
 from bnfold.report import FoldReport
 from bnfold.verification import compare_outputs
-from conftest import assert_same_outputs, calibrated_by_training
+from conftest import assert_same_outputs, calibrated_by_training, random_layer_scales, well_conditioned
 from helpers.counting import conv_calls, count_batch_norm_calls
 from test_cli import bnfold_cli
 from test_merge_modules import (
@@ -42,7 +42,6 @@ from test_merge_modules import (
     Residual,
     Twice,
     Unmergeable,
-    _random_layer_scales,
     net,
 )
 
@@ -85,25 +84,6 @@ def _decisions(report: FoldReport) -> dict[str, tuple[str, tuple[str, ...], str 
 
 
 @torch.no_grad()
-def _well_conditioned(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Norm gammas near 1 and running statistics from three train-mode passes on noisy ``x``, then eval mode.
-
-    With gammas drawn around 0 (``calibrated_by_training``) a deep random network amplifies float32 rounding so much
-    that the unfolded model is itself ~2e-4 away from its float64 evaluation, and no float32 comparison at the fold
-    tolerance could tell a right merge from a wrong one; gammas near 1 keep the network well conditioned.
-    """
-    generator = torch.Generator().manual_seed(3)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.weight.copy_(1 + 0.2 * torch.randn(module.num_features, generator=generator))
-            module.bias.copy_(0.2 * torch.randn(module.num_features, generator=generator))
-            module.momentum = None
-    model.train()
-    for _ in range(3):
-        model(x + torch.randn(x.shape, generator=generator))
-    return model.eval()
-
-
 # ---------------------------------------------------------------------------------------------- the facts
 
 
@@ -220,7 +200,7 @@ def test_timm_models_merge_as_far_as_with_the_module_api(name: str) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
-    model = _random_layer_scales(_well_conditioned(timm.create_model(name, num_classes=10), x))
+    model = random_layer_scales(well_conditioned(timm.create_model(name, num_classes=10), x))
     x = x[:1]
     traced = _trace(model, x)
     merged, report = fold_script(traced, example_inputs=x, merge_branches=True)
@@ -332,7 +312,7 @@ def test_repmixer_merges_into_one_depthwise_conv(how: str) -> None:
     fastvit = pytest.importorskip("timm.models.fastvit")
     torch.manual_seed(0)
     x = torch.randn(2, 8, 12, 12)
-    model = _random_layer_scales(_well_conditioned(fastvit.RepMixer(8), x))
+    model = random_layer_scales(well_conditioned(fastvit.RepMixer(8), x))
     merged, report = fold_script(_script_or_trace(model, x, how), example_inputs=x, merge_branches=True)
     module_report = bnfold.report_for(bnfold.fold(model, x, merge_branches=True))
     assert _merged(report) == _merged(module_report) == {
@@ -526,7 +506,7 @@ def test_the_command_line_merges_a_torchscript_file(tmp_path: Path) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
-    model = _well_conditioned(timm.create_model("repvgg_a0", num_classes=10), x)
+    model = well_conditioned(timm.create_model("repvgg_a0", num_classes=10), x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(_trace(model, x[:1]), str(tmp_path / "repvgg.ts"))

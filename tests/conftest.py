@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,13 @@ def random_layer_scales(model: nn.Module, seed: int = 1) -> nn.Module:
         if name.endswith("gamma"):
             parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
     return model
+
+
+def script_or_trace(model: nn.Module, x: torch.Tensor, how: str) -> torch.jit.ScriptModule:
+    """``model`` as TorchScript, scripted (``how="script"``) or traced on ``x``, without torch's deprecation warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
 
 
 def assert_same_outputs(original: nn.Module, folded: nn.Module, *inputs: object, dtype: torch.dtype = torch.float32) -> float:

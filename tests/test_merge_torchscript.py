@@ -34,7 +34,13 @@ from bnfold.core.graph import Operand
 from bnfold.layers import DEFAULT_REGISTRY
 from bnfold.report import FoldReport
 from bnfold.verification import compare_outputs
-from conftest import assert_same_outputs, calibrated_by_training, random_layer_scales, well_conditioned
+from conftest import (
+    assert_same_outputs,
+    calibrated_by_training,
+    random_layer_scales,
+    script_or_trace,
+    well_conditioned,
+)
 from helpers.counting import conv_calls, count_batch_norm_calls
 from test_cli import bnfold_cli
 from test_merge_modules import (
@@ -161,9 +167,7 @@ def test_layers_in_module_lists_are_named_by_their_module_path(how: str) -> None
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
     model = calibrated_by_training(Listed(), x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
+    scripted = script_or_trace(model, x, how)
     merged, report = fold_script(scripted, example_inputs=x, merge_branches=True)
     module_report = bnfold.report_for(bnfold.fold(model, x, merge_branches=True))
     assert _decisions(report) == _decisions(module_report)
@@ -178,9 +182,7 @@ def test_hand_written_blocks_merge_like_the_module_api(how: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
     model = calibrated_by_training(net(), x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
+    scripted = script_or_trace(model, x, how)
     merged, report = fold_script(scripted, example_inputs=x, merge_branches=True)
     module = bnfold.fold(model, x, merge_branches=True)
     module_report = bnfold.report_for(module)
@@ -279,7 +281,7 @@ def _arithmetic(module: torch.jit.ScriptModule, x: torch.Tensor) -> list[tuple[s
 @pytest.mark.parametrize("how", ["trace", "script"])
 def test_differences_negations_and_scales_are_sub_and_mul_with_their_operands(how: str) -> None:
     x = torch.randn(1, 4, 5, 5)
-    module = _script_or_trace(Spellings().eval(), x, how)
+    module = script_or_trace(Spellings().eval(), x, how)
     tensor, gamma = Operand(input=0), Operand(constant="%self.gamma", shape=(4, 1, 1))
     minus_one = ("neg", "mul", (tensor, Operand(number=-1.0)))
     one_minus = [("rsub", "sub", (Operand(number=1.0), tensor))] if how == "trace" else [  # 1 - y
@@ -299,12 +301,6 @@ def test_differences_negations_and_scales_are_sub_and_mul_with_their_operands(ho
     assert scaled.op is not None and scaled.op.attributes["alpha"] == 2
 
 
-def _script_or_trace(model: nn.Module, x: torch.Tensor, how: str) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
-
-
 @pytest.mark.parametrize("how", ["trace", "script"])
 def test_repmixer_merges_into_one_depthwise_conv(how: str) -> None:
     """FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``, is one depthwise convolution, as with the module
@@ -313,7 +309,7 @@ def test_repmixer_merges_into_one_depthwise_conv(how: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 8, 12, 12)
     model = random_layer_scales(well_conditioned(fastvit.RepMixer(8), x))
-    merged, report = fold_script(_script_or_trace(model, x, how), example_inputs=x, merge_branches=True)
+    merged, report = fold_script(script_or_trace(model, x, how), example_inputs=x, merge_branches=True)
     module_report = bnfold.report_for(bnfold.fold(model, x, merge_branches=True))
     assert _merged(report) == _merged(module_report) == {
         ("mixer.conv_kxk.0.conv", ("mixer.conv_scale.conv",), ("input", "mixer.identity", "norm.identity"))}
@@ -334,7 +330,7 @@ def test_a_sum_with_a_residual_merges_the_terms_of_one_tensor(how: str, shortcut
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
     model = calibrated_by_training(Residual(shortcut), x)
-    merged, report = fold_script(_script_or_trace(model, x, how), example_inputs=x, merge_branches=True)
+    merged, report = fold_script(script_or_trace(model, x, how), example_inputs=x, merge_branches=True)
     module = bnfold.fold(model, x, merge_branches=True)
     module_report = bnfold.report_for(module)
     (merge,) = report.merges
@@ -358,7 +354,7 @@ def test_differences_negations_and_scales_merge_like_the_module_api(how: str) ->
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
     model = calibrated_by_training(Differences(), x)
-    merged, report = fold_script(_script_or_trace(model, x.clone(), how), example_inputs=x.clone(),
+    merged, report = fold_script(script_or_trace(model, x.clone(), how), example_inputs=x.clone(),
                                  merge_branches=True)
     module_report = bnfold.report_for(bnfold.fold(model, x.clone(), merge_branches=True))
     assert _merged(report) == _merged(module_report) == {("a", ("b", "c"), ("bn", "input"))}
@@ -381,7 +377,7 @@ def test_products_that_are_no_per_channel_constant_are_left_with_their_reason(ho
         ]),
         (Twice().eval(), [f"it adds the output of 'a' ({conv}) to itself{split}"]),
     ):
-        module = _script_or_trace(model, x, how)
+        module = script_or_trace(model, x, how)
         merged, report = fold_script(module, example_inputs=x, merge_branches=True)
         assert [m.reason for m in report.merges] == reasons
         assert _kinds(merged) == _kinds(fold_script(module, example_inputs=x)[0])  # nothing rewritten
@@ -480,9 +476,7 @@ def test_in_place_sums_merge_only_into_tensors_nobody_else_reads(how: str) -> No
     torch.manual_seed(0)
     x = torch.randn(1, 4, 8, 8)
     model = InPlace().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
+    scripted = script_or_trace(model, x, how)
     merged, report = fold_script(scripted, example_inputs=x, merge_branches=True)
     assert ("a", ("b",), ()) in _merged(report)
     assert_same_outputs(model, merged, x)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,9 @@ import bnfold
 from bnfold.backends.torchscript import fold_script, plan_script
 from bnfold.core.graph import BATCH_STATISTICS
 from bnfold.errors import InvalidInputError, NonFiniteStatisticsError, TrainingModeError
-from conftest import assert_same_outputs, calibrated_by_training
+from conftest import assert_same_outputs, calibrated_by_training, script_or_trace
 
 HOW = ("script", "trace")
-
-
-def _script(model: nn.Module, how: str, x: torch.Tensor) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
 
 
 def _decisions(report: bnfold.FoldReport) -> dict[str, tuple[str, tuple[str, ...], str | None]]:
@@ -165,7 +158,7 @@ def _calibrated(build, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]
 def test_each_row_of_the_table_decides_like_the_module_api_and_keeps_the_outputs(row: str, how: str) -> None:
     build, shape, expected = TABLE[row]
     model, x = _calibrated(build, shape)
-    scripted = _script(model, how, x)
+    scripted = script_or_trace(model, x, how)
     before = {k: v.clone() for k, v in scripted.state_dict().items()}
 
     planned = plan_script(scripted, example_inputs=x)
@@ -189,7 +182,7 @@ def test_each_row_of_the_table_decides_like_the_module_api_and_keeps_the_outputs
 @pytest.mark.parametrize("how", HOW)
 def test_a_second_reader_and_a_zero_padded_conv_are_left_with_the_cores_reasons(how: str) -> None:
     model, x = _calibrated(SecondReader, (2, 3, 5, 5))
-    reasons = _reasons(fold_script(_script(model, how, x), example_inputs=x)[1])
+    reasons = _reasons(fold_script(script_or_trace(model, x, how), example_inputs=x)[1])
     assert "the output of 'conv' is also used by" in reasons["bn"]
     assert "'padded', cannot absorb it exactly: it pads its input with zeros" in reasons["bn_in"]
 
@@ -209,7 +202,7 @@ PRODUCERS = {
 def test_every_producer_kind_absorbs_the_norm_after_it(name: str, how: str) -> None:
     build, shape = PRODUCERS[name]
     model, x = _calibrated(build, shape)
-    scripted = _script(model, how, x)
+    scripted = script_or_trace(model, x, how)
     folded, report = fold_script(scripted)  # no example inputs: channels-first layers need no shapes
     norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert len(report.folded) == norms and not report.left
@@ -222,7 +215,7 @@ def test_every_producer_kind_absorbs_the_norm_after_it(name: str, how: str) -> N
 
 def test_the_dry_run_changes_nothing_and_reports_what_the_fold_does() -> None:
     model, x = _calibrated(ConvNormNorm, (2, 3, 6, 6))
-    scripted = _script(model, "script", x)
+    scripted = script_or_trace(model, x, "script")
     graph_before = str(scripted.inlined_graph)
     state_before = {k: v.clone() for k, v in scripted.state_dict().items()}
     planned = plan_script(scripted, example_inputs=x)
@@ -244,7 +237,7 @@ def test_a_reshape_without_example_inputs_is_refused_with_the_cores_hint(how: st
             return self.bn(self.conv(x).flatten(2))
 
     model, x = _calibrated(Reshaped, (2, 3, 4, 4))
-    scripted = _script(model, how, x)
+    scripted = script_or_trace(model, x, how)
     without = plan_script(scripted)
     assert "pass example_inputs" in _reasons(without)["bn"]
     folded, report = fold_script(scripted, example_inputs=x)
@@ -255,7 +248,7 @@ def test_a_reshape_without_example_inputs_is_refused_with_the_cores_hint(how: st
 @pytest.mark.parametrize("how", HOW)
 def test_nan_statistics_raise_non_finite_statistics_error(how: str) -> None:
     model, x = _calibrated(ConvNormNorm, (2, 3, 6, 6))
-    scripted = _script(model, how, x)
+    scripted = script_or_trace(model, x, how)
     scripted.bn2.running_var[1] = float("nan")
     with pytest.raises(NonFiniteStatisticsError, match="bn2"):
         fold_script(scripted, example_inputs=x)
@@ -281,7 +274,7 @@ def test_a_norm_with_batch_statistics_inside_an_eval_model_is_left_with_the_shar
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 4, 1),
                           nn.BatchNorm2d(4))
     model, x = _calibrated(lambda: model, (2, 3, 4, 4))
-    scripted = _script(model, how, x)
+    scripted = script_or_trace(model, x, how)
     folded, report = fold_script(scripted, example_inputs=x)
     assert BATCH_STATISTICS in _reasons(report)["1"]
     assert _decisions(report)["3"] == ("folded", ("2",), "forward")
@@ -296,7 +289,7 @@ def test_a_fold_that_would_overflow_float32_is_left_with_the_reason() -> None:
         model.bn.running_var.zero_()  # finite statistics, but gamma / sqrt(eps) times the weight exceeds float32
     model.eval()
     x = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
-    scripted = _script(model, "script", x)
+    scripted = script_or_trace(model, x, "script")
     folded, report = fold_script(scripted, example_inputs=x)
     assert _decisions(report) == {"bn": ("left", (), None)}
     assert "would overflow float32" in _reasons(report)["bn"]
@@ -318,7 +311,7 @@ def test_real_models_fold_as_many_norms_as_the_module_api(name: str, how: str) -
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     model = calibrated_by_training(_zoo_model(name), x)
-    scripted = _script(model, how, x)
+    scripted = script_or_trace(model, x, how)
     folded, report = fold_script(scripted, example_inputs=x)
     module_report = bnfold.plan(model, x)
     assert _decisions(report) == _decisions(module_report)  # the same norms, into the same layers, the same way
@@ -335,7 +328,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_cli_inspect_on_an_archive_is_a_dry_run_and_training_mode_exits_2(tmp_path: Path) -> None:
     model, x = _calibrated(lambda: Through(nn.AvgPool2d(2)), (1, 3, 10, 10))
     archive = tmp_path / "model.ts"
-    torch.jit.save(_script(model, "script", x), str(archive))
+    torch.jit.save(script_or_trace(model, x, "script"), str(archive))
     before = archive.read_bytes()
     result = _cli("inspect", str(archive), "--input-shape", "1,3,10,10", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -360,7 +353,7 @@ def test_constants_merged_by_freezing_do_not_block_a_fold() -> None:
         model[1].running_var.fill_(0.5)
         model[3].running_mean.fill_(0.25)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    scripted = _script(model, "script", x)
+    scripted = script_or_trace(model, x, "script")
     folded, report = fold_script(scripted, example_inputs=x)
     assert _decisions(report) == {"1": ("folded", ("0",), "forward"), "3": ("folded", ("2",), "forward")}
     assert_same_outputs(scripted, folded, x)
@@ -379,7 +372,7 @@ def test_a_norm_inside_control_flow_is_reported_and_left() -> None:
             return y
 
     model, x = _calibrated(Branching, (2, 3, 4, 4))
-    scripted = _script(model, "script", x)
+    scripted = script_or_trace(model, x, "script")
     folded, report = fold_script(scripted, example_inputs=x)
     assert _decisions(report)["bn"] == ("folded", ("conv",), "forward")  # its output's readers are not touched
     assert "control flow" in _reasons(report)["bn_inner"]

@@ -8,9 +8,6 @@ keep each run at a few seconds (most of it is importing torch).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,18 +18,10 @@ import torchvision
 import bnfold
 from bnfold.app.calibration import calibrate, randomize_norm_affine
 from bnfold.verification import TOLERANCES
+from helpers.cli import bnfold_cli
 
 SHAPE = ["--input-shape", "1,3,32,32"]
 TOLERANCE = TOLERANCES[torch.float32]
-
-
-def bnfold_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    # The subprocess runs the bnfold these tests imported (a relative PYTHONPATH=src would not survive cwd=).
-    source = str(Path(bnfold.__file__).resolve().parents[1])
-    path = os.pathsep.join([source, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    environment = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-m", "bnfold", *args], cwd=cwd, capture_output=True, text=True,
-                          env=environment, timeout=300)
 
 
 def _trained_resnet18() -> torch.nn.Module:

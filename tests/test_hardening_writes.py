@@ -109,7 +109,7 @@ def onnx_with_data(folder: Path, name: str = "model.onnx", location: str | None 
     """An ONNX file whose tensors live in an external data file (``<name>.data`` unless ``location``)."""
     folder.mkdir(parents=True, exist_ok=True)
     location = location or f"{name}.data"
-    graph = _external(CASES["conv2d_bias_groups"]().model, folder / name, location)
+    graph = _external(CASES["conv2d"]().model, folder / name, location)  # a weight of 1,152 bytes: stored outside
     return [graph, folder / location]
 
 
@@ -309,9 +309,18 @@ def test_onnx_save_reads_the_written_file_back_and_keeps_nothing_wrong(tmp_path:
     real_save = onnx.save_model
 
     def lossy_save(model: onnx.ModelProto, target: str, **kwargs: Any) -> None:  # a writer that damages one weight
-        real_save(model, target, **kwargs)
-        with open(f"{target}.data", "r+b") as data:  # the first bytes are the convolution's first weight
-            data.write(np.float32(100.0).tobytes())
+        damaged = onnx.ModelProto()
+        damaged.CopyFrom(model)
+        weight = next(t for t in damaged.graph.initializer if t.name == damaged.graph.node[0].input[1])
+        external = onnx.external_data_helper.uses_external_data(weight)
+        if not external:  # small tensors stay inline in the graph
+            weight.raw_data = np.float32(100.0).tobytes() + weight.raw_data[4:]
+        real_save(damaged, target, **kwargs)
+        if external:
+            info = onnx.external_data_helper.ExternalDataInfo(weight)
+            with open(Path(target).parent / info.location, "r+b") as data:
+                data.seek(info.offset or 0)
+                data.write(np.float32(100.0).tobytes())
 
     monkeypatch.setattr(onnx, "save_model", lossy_save)
     with pytest.raises(VerificationError, match="written ONNX file does not reproduce"):
@@ -368,7 +377,8 @@ def test_onnx_force_works_from_any_working_folder(tmp_path: Path, where: str) ->
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["written_file_check"]["passed"]
     written = onnx.load_model(str(tmp_path / "out" / "out.onnx"), load_external_data=False)
-    locations = {onnx.external_data_helper.ExternalDataInfo(t).location for t in written.graph.initializer}
+    locations = {onnx.external_data_helper.ExternalDataInfo(t).location for t in written.graph.initializer
+                 if onnx.external_data_helper.uses_external_data(t)}
     assert locations == {"out.onnx.data"}  # relative to OUT, wherever the command ran
     folded = bo.load(tmp_path / "out" / "out.onnx")
     assert bn_count(folded) == 0 and bo.verify(bo.load(inputs[0]), folded, seed=4)["passed"]

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from test_cli import bnfold_cli
+from helpers.cli import bnfold_cli
 
 timm = pytest.importorskip("timm")
 SHAPE = ["--input-shape", "1,3,64,64"]

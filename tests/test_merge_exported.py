@@ -33,7 +33,7 @@ from bnfold.core.graph import Operand
 from bnfold.layers import CONV_RULE
 from bnfold.report import MERGED
 from conftest import assert_same_outputs, calibrated_by_training, random_layer_scales, well_conditioned
-from test_cli import bnfold_cli
+from helpers.cli import bnfold_cli
 from test_merge_modules import Differences, Residual, net
 
 _CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "linear"})

@@ -41,8 +41,8 @@ from conftest import (
     script_or_trace,
     well_conditioned,
 )
+from helpers.cli import bnfold_cli
 from helpers.counting import conv_calls, count_batch_norm_calls
-from test_cli import bnfold_cli
 from test_merge_modules import (
     Differences,
     Residual,

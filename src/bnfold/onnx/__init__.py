@@ -30,7 +30,7 @@ from ..files import refuse_inputs
 from ..report import MERGED, FoldReport, NormEntry
 from .adapter import float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
-from .verification import TOLERANCES, default_tolerance, random_inputs, verify
+from .verification import TOLERANCES, default_tolerance, random_inputs, session, verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]
 
@@ -67,9 +67,11 @@ class OnnxFoldResult:
     def save(self, path: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any] | None:
         """Save the folded model (with external data beside it when the source had it), checked before it lands.
 
-        Never over a file the model was read from (``force`` or not). When the fold was verified, the staged file
-        is loaded back with its data and compared with the original in onnxruntime, on the same inputs and with the
-        same tolerance as the fold's own check, before anything is renamed into place.
+        Never over a file the model was read from (``force`` or not). The staged file is opened by its path in
+        onnxruntime, with its data file beside it under its final name, exactly as a user's
+        ``InferenceSession(path)`` opens it: a file that does not load is never renamed into place. When the fold
+        was verified, the staged file is also compared with the original, on the same inputs and with the same
+        tolerance as the fold's own check.
 
         Returns:
             The comparison of the written file with the original (as :func:`verify` returns it), or ``None`` when
@@ -77,16 +79,17 @@ class OnnxFoldResult:
 
         Raises:
             InvalidInputError: ``path`` is a source file, exists without ``force``, or cannot be written.
-            VerificationError: the written file does not reproduce the original's outputs (nothing is written).
+            VerificationError: the written file does not load in onnxruntime, or does not reproduce the
+                original's outputs (nothing is written).
         """
         refuse_inputs(self.files_written(path), self.sources)
         checked: dict[str, Any] = {}
 
         def read_back(staged: Path) -> None:
+            _loads_by_path(staged, Path(path).name)
             if self.original is None:
                 return
-            written = load(staged)
-            result = _verify(self.original, written, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance,
+            result = _verify(self.original, staged, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance,
                              input_shape=self.input_shape)
             checked.update(result)
             if not result["passed"]:
@@ -98,6 +101,22 @@ class OnnxFoldResult:
 
         save(self.model, path, force=force, external_data=True if self.external_data else None, check=read_back)
         return checked or None
+
+
+def _loads_by_path(staged: Path, name: str) -> None:
+    """Open the staged graph by its path in onnxruntime, as the user will open the written file.
+
+    Raises:
+        VerificationError: onnxruntime refuses the file (nothing is renamed into place).
+    """
+    try:
+        session(staged)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise VerificationError(
+            f"onnxruntime cannot open the ONNX file bnfold wrote for {name} ({first}); nothing was written: "
+            "please report it"
+        ) from error
 
 
 def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, tuple[Path, ...]]:

@@ -5,9 +5,10 @@ truncated or corrupt .onnx, missing external data) and names the file in a one-l
 also returns every file it read (the graph and each external data file), so that no output can ever be one of them.
 
 ``save`` writes the graph and its external data file as one unit through :func:`bnfold.files.staged_files`: both
-are written into a staging folder beside the target, checked there (``check``: the CLI and
-:meth:`bnfold.onnx.OnnxFoldResult.save` load the staged graph with its data back into onnxruntime and compare it
-with the original), and only then renamed into place, data first and graph last, with a rollback if the second
+are written into a staging folder beside the target, under their final names, and checked there (``check``: the CLI
+and :meth:`bnfold.onnx.OnnxFoldResult.save` open the staged graph by its path in onnxruntime, as a user's
+``InferenceSession(path)`` does, with its data file beside it, and compare it with the original), and only then
+renamed into place, data first and graph last, with a rollback if the second
 rename fails, so the old OUT and its old data stay complete and consistent until the new pair is complete.
 """
 
@@ -25,6 +26,16 @@ from ..files import staged_files
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Models larger than this (bytes) are saved with external data: protobuf cannot hold more than 2 GB."""
+
+INLINE_TENSOR_BYTES = 1024
+"""Tensors smaller than this stay inside the graph when a model is saved with external data.
+
+The ``onnx`` library's own threshold (``convert_model_to_external_data(size_threshold=1024)``), which exporters
+follow. It matters beyond tidiness: the small integer tensors that say which axes a ``ReduceMean`` reduces or what
+size a ``Resize`` / ``Reshape`` / ``Unsqueeze`` produces must be inline, because onnxruntime infers shapes while it
+loads a file and that inference cannot read external data ("Cannot parse data from external tensors"): a file with
+every tensor moved out does not load at all.
+"""
 
 
 def _describe_non_onnx(head: bytes) -> str | None:
@@ -224,7 +235,8 @@ def save(
 
 
 def _with_data_in(model: onnx.ModelProto, data: Path) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers' bytes are written to ``data``, referred to by its name (beside the graph).
+    """A copy of ``model`` whose large initializers' bytes are written to ``data``, referred to by its name (beside
+    the graph); tensors under :data:`INLINE_TENSOR_BYTES` stay inline, where onnxruntime's shape inference needs them.
 
     Written here rather than by ``onnx.save_model(save_as_external_data=True)``, which refuses when a file of the
     data file's name exists *in the current working folder* (so ``--force`` failed when run beside OUT) and creates
@@ -234,7 +246,11 @@ def _with_data_in(model: onnx.ModelProto, data: Path) -> onnx.ModelProto:
     copy.CopyFrom(model)
     with open(data, "wb") as handle:
         for tensor in _initializers(copy.graph):
-            if tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            if (
+                tensor.HasField("raw_data")
+                and tensor.data_location != onnx.TensorProto.EXTERNAL
+                and len(tensor.raw_data) >= INLINE_TENSOR_BYTES
+            ):
                 offset = handle.tell()
                 handle.write(tensor.raw_data)
                 external_data_helper.set_external_data(tensor, data.name, offset, len(tensor.raw_data))

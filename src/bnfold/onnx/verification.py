@@ -178,7 +178,7 @@ def compare(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> dict[
 
 def verify(
     original: onnx.ModelProto | str | os.PathLike[str],
-    folded: onnx.ModelProto,
+    folded: onnx.ModelProto | str | os.PathLike[str],
     *,
     inputs: dict[str, np.ndarray] | None = None,
     seed: int = 0,
@@ -188,8 +188,9 @@ def verify(
     """Run both models on the same inputs and compare every output.
 
     Args:
-        original, folded: the models to compare (same input and output names). ``original`` may be the path of
-            its file (onnxruntime then reads it; the inputs and the tolerance come from ``folded``).
+        original, folded: the models to compare (same input and output names), each a ModelProto or the path of
+            its file (onnxruntime then opens the file itself, external data included, as a user's
+            ``InferenceSession(path)`` does; the inputs and the tolerance come from the graph of ``original``).
         inputs: input arrays by name; inputs not given are random (``seed``), dynamic dimensions set to 1.
         tolerance: relative tolerance; by default from the outputs' dtype (:data:`TOLERANCES`).
         input_shape: shape of the random inputs (see :func:`random_inputs`).
@@ -198,7 +199,9 @@ def verify(
         ``{"passed", "tolerance", "max_relative", "worst_output", "inputs", "outputs": {name: {"max_abs",
         "relative", "passed", "shape"}}}`` — plain data, ready for ``json.dumps`` and ``FoldReport.verification``.
     """
-    described = original if isinstance(original, onnx.ModelProto) else folded
+    described = next((m for m in (original, folded) if isinstance(m, onnx.ModelProto)), None)
+    if described is None:  # two paths: the graph describes the inputs and outputs; its weights are not needed
+        described = onnx.load_model(os.fspath(original), load_external_data=False)
     if tolerance is None:
         tolerance = default_tolerance(described)
     feeds = random_inputs(described, seed, input_shape)

@@ -250,8 +250,12 @@ def _onnx_data_files(loaded: LoadedModel) -> list[Path]:
 
 def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, example: torch.Tensor, tolerance: float | None) -> dict[str, Any] | None:
     """Load the written file and judge it as the fold was judged (:func:`_judge`); raises (nothing kept) on a mismatch."""
+    outputs_like = None
+    if fmt == "onnx":  # the file answers in flat outputs; the original's structure puts them back
+        with torch.no_grad():
+            outputs_like = loaded.runnable(example)
     try:
-        written = read_back(written_path, fmt, loaded.arch)
+        written = read_back(written_path, fmt, loaded.arch, outputs_like)
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise VerificationError(f"the {fmt} file bnfold wrote does not load back ({first}); nothing was written") from error

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from ...errors import InvalidInputError
 from .loading import ARCHITECTURE, EXPORTED, ONNX, PICKLE, SAFETENSORS, STATE_DICT, TORCHSCRIPT
@@ -98,8 +99,12 @@ def write_model(folded: Any, path: Path, fmt: str, kind: str, example: torch.Ten
         path.write_bytes(serialise(folded, fmt, kind, example))
 
 
-def read_back(output: Path, fmt: str, arch: str | None) -> Any:
-    """Load what :func:`write_model` wrote, to check that the file (not just the object in memory) is right."""
+def read_back(output: Path, fmt: str, arch: str | None, outputs_like: Any = None) -> Any:
+    """Load what :func:`write_model` wrote, to check that the file (not just the object in memory) is right.
+
+    An ONNX file is opened by its path in onnxruntime, as its user will open it, and returned as a callable that
+    answers in the structure of ``outputs_like`` (the original's outputs on the example input).
+    """
     from ..architectures import build_arch
     from .loading import load_state_dict_into
 
@@ -120,7 +125,31 @@ def read_back(output: Path, fmt: str, arch: str | None) -> Any:
             return torch.jit.load(str(output)).eval()
         if fmt == "pt2":
             return torch.export.load(str(output)).module()
+        if fmt == "onnx":
+            return OnnxRuntimeFile(output, outputs_like)
     return None
+
+
+class OnnxRuntimeFile:
+    """An ONNX file opened by its path in onnxruntime, called like the module it was exported from.
+
+    ``torch.onnx.export`` flattens the module's inputs and outputs; the outputs are put back into the structure of
+    ``outputs_like`` (a tensor, a tuple, a dict ...) so the file is judged with the same comparison as the module.
+    """
+
+    def __init__(self, path: Path, outputs_like: Any) -> None:
+        from ...onnx.verification import session
+
+        self._session = session(path)
+        self._input_names = [i.name for i in self._session.get_inputs()]
+        self._structure = None if outputs_like is None else tree_flatten(outputs_like)[1]
+
+    def __call__(self, *inputs: Any) -> Any:
+        arrays = [leaf.detach().cpu().numpy() for leaf in tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
+        results = [torch.from_numpy(r) for r in self._session.run(None, dict(zip(self._input_names, arrays, strict=True)))]
+        if self._structure is not None and self._structure.num_leaves == len(results):
+            return tree_unflatten(results, self._structure)
+        return results[0] if len(results) == 1 else tuple(results)
 
 
 def _safetensors(path: Path) -> dict[str, torch.Tensor]:

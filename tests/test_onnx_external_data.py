@@ -19,8 +19,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
-from conftest import calibrated_by_training
-from helpers.cli import bnfold_cli
 from onnx import external_data_helper
 from torch import nn
 from torch.nn import functional as F
@@ -30,6 +28,8 @@ import bnfold.onnx.io as onnx_io
 from bnfold.app.cli import main as cli_main
 from bnfold.errors import VerificationError
 from bnfold.verification import TOLERANCES
+from conftest import calibrated_by_training
+from helpers.cli import bnfold_cli
 
 pytest.importorskip("onnxscript")  # torch.onnx's dynamo exporter needs it
 

@@ -520,7 +520,7 @@ class _Planner:
             outcome = self.forward_fold(norm)
             if isinstance(outcome, tuple):
                 self.folded_forward.add(norm.name)
-                folds.append(_fold(norm.name, outcome, FORWARD))
+                folds.append(_fold(norm.name, outcome, FORWARD, self.notes))
             else:
                 refused[norm.name] = outcome.text
                 candidates.append(norm)
@@ -528,7 +528,7 @@ class _Planner:
             backward = self.backward_fold(norm)
             if isinstance(backward, tuple):
                 self.folded_backward.add(norm.name)
-                folds.append(_fold(norm.name, backward, BACKWARD))
+                folds.append(_fold(norm.name, backward, BACKWARD, self.notes))
                 del refused[norm.name]
             else:
                 refused[norm.name] = f"{refused[norm.name]}; nor can the layers after it absorb it: {backward}"
@@ -536,10 +536,18 @@ class _Planner:
         return FoldPlan(folds, refusals, self.graph.method, list(dict.fromkeys(self.notes)))
 
 
-def _fold(norm: str, outcome: tuple[str, ...] | tuple[tuple[str, ...], tuple[Route, ...]], direction: str) -> Fold:
+def _fold(norm: str, outcome: tuple[str, ...] | tuple[tuple[str, ...], tuple[Route, ...]], direction: str,
+          notes: list[str]) -> Fold:
     if outcome and isinstance(outcome[0], tuple):
         layers, routes = outcome
-        return Fold(norm, layers, direction, routes)  # type: ignore[arg-type]
+        fold = Fold(norm, layers, direction, routes)  # type: ignore[arg-type]
+        for layer, route in zip(fold.layers, fold.routes, strict=True):
+            if route.steps:
+                ops = ", ".join(step.label for step in route.steps)
+                stay = "stays" if len(route.steps) == 1 else "stay"
+                notes.append(f"'{norm}' folded into '{layer}' through {ops}, which {stay} in the model (their "
+                             f"constants unchanged; the folded bias accounts for them)")
+        return fold
     return Fold(norm, outcome, direction)  # type: ignore[arg-type]
 
 

@@ -169,15 +169,16 @@ class _Planner:
         return ((node.kind == NORM and node.unit in self.folded_backward) or commuting.may_commute(node)
                 or isinstance(self.step(node), tuple))
 
-    def trace_back(self, reader: Node, source: Node) -> tuple[Node, list[Node]] | Reason:
-        """The node that produced the tensor ``source`` hands to ``reader``, looking through transparent nodes.
+    def trace_back(self, reader: Node, source: Node, steps: bool = True) -> tuple[Node, list[Node]] | Reason:
+        """The node that produced the tensor ``source`` hands to ``reader``, looking through transparent nodes (and
+        affine steps unless ``steps`` is False: a concatenation's inputs are never folded through them).
 
         Returns that producer and the nodes between (producer side first). Every node on the way must have the next
         one as its only user.
         """
         between: list[Node] = []
         current = reader
-        while self.passes_forward(source):
+        while self.passes_forward(source) and (steps or not isinstance(self.step(source), tuple)):
             if source.users != [current.index]:
                 return Reason(
                     f"the output of {source.label}, between it and its layer, is also used by "
@@ -392,7 +393,7 @@ class _Planner:
             return Reason(f"its input concatenates along another axis than its channels ({mismatch})")
         layers: list[Unit] = []
         for index in cat.inputs:
-            found = self.trace_back(cat, self.nodes[index])
+            found = self.trace_back(cat, self.nodes[index], steps=False)
             if isinstance(found, Reason):
                 return found
             source, path = found

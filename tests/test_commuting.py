@@ -47,6 +47,14 @@ PASSING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "permute": lambda x: x.permute(0, 2, 3, 1),
     "transpose": lambda x: x.transpose(1, 3),
     "contiguous": lambda x: x.contiguous(),
+    "squeeze of a size-1 axis after the channels": lambda x: x.reshape(2, 3, 1, 49).squeeze(2),
+    "unsqueeze before the channels": lambda x: x.unsqueeze(1),
+    "unsqueeze at the end": lambda x: torch.unsqueeze(x, -1),
+}
+SPREAD = {  # each channel's values spread over several features of one axis: (outer, inner)
+    "flatten(1)": (lambda x: torch.flatten(x, 1), (1, 49)),
+    "reshape (N, C*H, W)": (lambda x: x.reshape(2, -1, 7), (1, 7)),
+    "channels last, flattened": (lambda x: x.reshape(2, 3, 49).transpose(1, 2).reshape(2, 147), (49, 1)),
 }
 NEEDS_NON_NEGATIVE = {
     "max_pool": lambda x: F.max_pool2d(x, 2),
@@ -58,7 +66,7 @@ REFUSED = {
     "avg_pool counting zero padding": lambda x: F.avg_pool2d(x, 3, 1, 1),
     "avg_pool divisor_override": lambda x: F.avg_pool2d(x, 2, divisor_override=3),
     "mean over channels": lambda x: x.mean(1),
-    "flatten mixes channels": lambda x: torch.flatten(x, 1),
+    "reshape mixes channels": lambda x: x.reshape(2, 7, 3, 7),
     "relu": torch.relu,
     "sum spatial": lambda x: x.sum((2, 3)),
 }
@@ -70,10 +78,15 @@ def _site_and_passage(fn: Callable[[torch.Tensor], torch.Tensor]) -> commuting.P
     graph = to_graph(module, flow, DEFAULT_REGISTRY)
     ops = [node for node in graph.nodes if node.kind == "op"]
     assert ops, "the op was not recorded"
-    node = ops[0]
-    if not commuting.may_commute(node):
-        return "not a commuting kind"
-    return commuting.passage(node, graph.nodes[node.inputs[0]].shape, 1)
+    axis, layout = 1, (1, 1)
+    for node in ops:  # the ops one after the other, as the planner follows them
+        if not commuting.may_commute(node):
+            return "not a commuting kind"
+        passage = commuting.passage(node, graph.nodes[node.inputs[0]].shape, axis, layout)
+        if isinstance(passage, str):
+            return passage
+        axis, layout = passage.axis, (passage.outer, passage.inner)
+    return passage
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
@@ -121,3 +134,17 @@ def test_refused_ops_really_do_not_commute(name: str) -> None:
     axes = [axis for axis in range(out.dim()) if out.shape[axis] == 3]
     for axis in axes:
         assert not _commutes(fn, SCALE, SHIFT, axis), axis
+
+
+@pytest.mark.parametrize("name", list(SPREAD))
+def test_reshapes_that_spread_channels_say_which_feature_is_whose(name: str) -> None:
+    fn, layout = SPREAD[name]
+    passage = _site_and_passage(fn)
+    assert isinstance(passage, commuting.Passage), passage
+    assert (passage.outer, passage.inner) == layout
+    outer, inner = layout  # feature f of the axis belongs to channel (f // inner) % 3
+    expanded_scale = SCALE.repeat_interleave(inner).repeat(outer)
+    expanded_shift = SHIFT.repeat_interleave(inner).repeat(outer)
+    left = fn(_affine(X, SCALE, SHIFT, 1))
+    right = _affine(fn(X), expanded_scale, expanded_shift, passage.axis)
+    assert torch.allclose(left, right, rtol=0, atol=TOLERANCES[torch.float64])

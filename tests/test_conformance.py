@@ -63,6 +63,74 @@ class _Cat(nn.Module):
         return torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1)))
 
 
+class _Affine(nn.Module):
+    """``x * scale + bias`` (or ``x / 2``, ``x - bias``) written in Python between two layers, with stored constants
+    of one value per channel: the chain an exporter writes as ``Mul`` / ``Add`` / ``Div`` / ``Sub`` nodes."""
+
+    def __init__(self, channels: int, rank: int, how: str) -> None:
+        super().__init__()
+        shape = (channels,) + (1,) * (rank - 2)
+        self.scale = nn.Parameter(torch.rand(shape) + 0.5)
+        self.bias = nn.Parameter(torch.randn(shape))
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "add":
+            return x + self.bias
+        if self.how == "sub-div":
+            return (x - self.bias) / 2
+        if self.how == "scalar-add":
+            return 0.5 * x + 3.0
+        if self.how == "div":
+            return x / self.scale
+        return x * self.scale + self.bias
+
+
+class _Positional(nn.Module):
+    """Adds a constant that varies over positions, not per channel: no per-channel affine map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(8, 6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+class _Squeezed(nn.Module):
+    """A 2-D convolution over (C, 1, T), squeezed to (N, C, T) and normalised with a 1-D norm (text recognisers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, (4, 3)), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.conv(x).squeeze(2)))
+
+
+class _Crepe(nn.Module):
+    """An audio pitch model's head: conv -> relu -> BN -> max pool, channels moved before time, flattened, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.classifier = nn.Conv2d(1, 8, (5, 1)), nn.BatchNorm2d(8), nn.Linear(8 * 4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(self.norm(torch.relu(self.conv(x))), (2, 1), (2, 1))
+        return torch.sigmoid(self.classifier(x.permute(0, 2, 1, 3).reshape(-1, 8 * 4)))
+
+
+class _Mixing(nn.Module):
+    """A reshape that mixes channels: (N, 8, 4) read as (N, 4, 8) before a Linear of 8 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(torch.relu(self.conv(x))).reshape(x.shape[0], 4, 8))
+
+
 def _seq(*layers: nn.Module) -> Callable[[], nn.Module]:
     return lambda: nn.Sequential(*layers)
 
@@ -87,6 +155,28 @@ CASES: dict[str, Case] = {
     "second-reader": Case(lambda: _Sum(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8), ("also used by",)),
     "bn-zero-padded-conv": Case(_seq(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1)), (2, 3, 8, 8),
                                 ("pad",)),
+    # Constants of one value per channel (or one value) between a layer and its norm: folded through (issue 19).
+    "convtranspose-add-bn": Case(_seq(nn.ConvTranspose2d(3, 8, 2, 2, bias=False), _Affine(8, 4, "add"),
+                                      nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 6, 6), (FORWARD,)),
+    "conv-scale-shift-bn": Case(_seq(nn.Conv2d(3, 8, 3), _Affine(8, 4, "scale-shift"), nn.BatchNorm2d(8), nn.ReLU()),
+                                (2, 3, 8, 8), (FORWARD,)),
+    "conv-sub-div-bn": Case(_seq(nn.Conv2d(3, 8, 3), _Affine(8, 4, "sub-div"), nn.BatchNorm2d(8), nn.ReLU()),
+                            (2, 3, 8, 8), (FORWARD,)),
+    "linear-div-bn1d": Case(_seq(nn.Linear(6, 5), _Affine(5, 2, "div"), nn.BatchNorm1d(5), nn.ReLU()), (4, 6),
+                            (FORWARD,)),
+    "bn-scalar-linear": Case(_seq(nn.ReLU(), nn.BatchNorm1d(6), _Affine(6, 2, "scalar-add"), nn.Linear(6, 3)), (4, 6),
+                             (BACKWARD,)),
+    "bn-scale-shift-linear": Case(_seq(nn.ReLU(), nn.BatchNorm1d(6), _Affine(6, 2, "scale-shift"), nn.Linear(6, 3)),
+                                  (4, 6), (BACKWARD,)),
+    "conv-positional-add-bn": Case(_seq(nn.Conv2d(3, 8, 3), _Positional(), nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 8, 8),
+                                   ("varies over positions",)),
+    # Squeezes that keep the channel axis, and norms whose channels a reshape spreads over a Linear's features.
+    "conv-squeeze-bn1d": Case(_Squeezed, (2, 3, 4, 10), (FORWARD,)),
+    "bn-flatten-linear-spatial": Case(
+        _seq(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)),
+        (2, 3, 4, 4), (BACKWARD,)),
+    "bn-maxpool-permute-reshape-linear": Case(_Crepe, (3, 1, 12, 1), (BACKWARD,), positive_gamma=True),
+    "bn-reshape-mixing-linear": Case(_Mixing, (2, 3, 6), ("mixes the values of different channels",)),
 }
 
 

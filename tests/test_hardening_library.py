@@ -7,6 +7,7 @@ user relies on (outputs, the report's reason, the error type and message), so ea
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 
@@ -312,6 +313,30 @@ def test_folds_from_four_threads_at_once_all_succeed_and_are_correct() -> None:
         for model, folded in zip(models, results, strict=True):
             assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 0
             assert_same_outputs(model, folded, x)
+
+
+def test_fold_plan_and_merges_from_four_threads_at_once_on_fresh_copies_are_correct() -> None:
+    """Issue 19: merges trace the folded model with torch.fx again; without the lock around them, a fold in another
+    thread failed with 'module is not installed as a submodule'. Four fresh copies of one traceable model, each
+    folded another way (with merges, without inputs, after a plan, with inputs), all at once."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    base = calibrated_by_training(_Branchy(8, False), x)
+    models = [copy.deepcopy(base) for _ in range(4)]
+
+    def plan_then_fold(model: nn.Module) -> nn.Module:
+        bnfold.plan(model, x)
+        return bnfold.fold(model, x)
+
+    calls = [
+        lambda: bnfold.fold(models[0], x, merge_branches=True),
+        lambda: bnfold.fold(models[1]),
+        lambda: plan_then_fold(models[2]),
+        lambda: bnfold.fold(models[3], x),
+    ]
+    for _ in range(3):
+        for folded in _run_at_once(calls):
+            assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 0
+            assert_same_outputs(base, folded, x)
 
 
 def _run_at_once(calls: list[Callable[[], nn.Module]]) -> list[nn.Module]:

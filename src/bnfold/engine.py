@@ -393,7 +393,8 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
         ]
         return dataclasses.replace(the_plan, folds=list(made.values()))
 
-    with torch.no_grad(), torch.inference_mode(False):  # new weights must be usable outside inference mode
+    # Merges trace the model with torch.fx (and run it) again: while no other thread traces (see MODEL_CALLS_LOCK).
+    with MODEL_CALLS_LOCK, torch.no_grad(), torch.inference_mode(False):  # new weights usable outside inference mode
         outcome = merge_rounds(model, registry, inputs, fold_again)
     report.absorb_merged_norms(outcome.absorbed_norms)
     report.merges = outcome.entries

@@ -140,6 +140,7 @@ _ARITHMETIC: dict[str, str] = {
     **dict.fromkeys(("add", "add_"), "add"),
     **dict.fromkeys(("sub", "sub_", "subtract", "subtract_", "rsub"), "sub"),
     **dict.fromkeys(("mul", "mul_", "multiply", "multiply_", "neg", "neg_", "negative", "negative_"), "mul"),
+    **dict.fromkeys(("div", "divide", "true_divide"), "div"),
 }
 
 # Ops through which a stored tensor is still that tensor's values in the same order (``torch.tensor([...])`` in a
@@ -611,7 +612,7 @@ class _Translator:
             values = [_argument(node, "self"), _argument(node, "other")]
             if name == "rsub":
                 values.reverse()
-        alpha = 1 if kind == "mul" else _argument(node, "alpha")
+        alpha = 1 if kind in ("mul", "div") else _argument(node, "alpha")
         if isinstance(alpha, (fx.Node, bool)):
             return other
         output = self.shape(node)
@@ -625,12 +626,14 @@ class _Translator:
             if not isinstance(value, fx.Node) or value not in self.index or not isinstance(_value(value), torch.Tensor):
                 return other  # a size symbol, a list, ...
             constant = self.constant_of(value)
-            if kind != "mul":
+            if kind in ("add", "sub"):
                 if constant is not None and not torch.any(_fetch(self.module, constant)):
                     operands.append(Operand(number=0.0))
                     continue
-                if output is None or self.shape(value) != output:
-                    return other
+                shape = self.shape(value)
+                if output is None or shape is None or (shape != output and (
+                        constant is None or tuple(torch.broadcast_shapes(output, shape)) != tuple(output))):
+                    return other  # a broadcast of a computed tensor is no sum of branches
             elif constant is None:
                 scaled.append(value)
             shape = self.shape(value) if constant is not None else None
@@ -641,7 +644,7 @@ class _Translator:
             return other
         if name.endswith("_") and not self.overwritable(node):
             return other
-        if kind == "mul":
+        if kind in ("mul", "div"):
             return OpFacts(kind, {"operands": tuple(operands)}), inputs
         scalars = tuple(o.number for o in operands if o.number is not None)
         return OpFacts(kind, {"alpha": alpha if alpha is not None else 1, "scalars": scalars,

@@ -68,7 +68,9 @@ _FUNCTION_KINDS: dict[str, str] = {
     **dict.fromkeys(("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
                      "adaptive_max_pool3d"), "max_pool"),
     **dict.fromkeys(("interpolate", "upsample", "upsample_nearest", "upsample_bilinear"), "upsample"),
-    **dict.fromkeys(("flatten", "reshape", "view", "squeeze", "unsqueeze", "unflatten"), "reshape"),
+    **dict.fromkeys(("flatten", "reshape", "view", "unflatten"), "reshape"),
+    "squeeze": "squeeze",
+    "unsqueeze": "unsqueeze",
     "permute": "permute",
     **dict.fromkeys(("transpose", "swapaxes", "swapdims"), "transpose"),
     "mean": "mean",
@@ -77,6 +79,7 @@ _FUNCTION_KINDS: dict[str, str] = {
     **dict.fromkeys(("sub", "__sub__", "isub", "__isub__", "sub_", "subtract", "rsub", "__rsub__"), "sub"),
     **dict.fromkeys(("mul", "__mul__", "__rmul__", "imul", "__imul__", "mul_", "multiply"), "mul"),
     **dict.fromkeys(("neg", "__neg__", "neg_", "negative"), "mul"),  # -x is x * -1
+    **dict.fromkeys(("truediv", "__truediv__", "div", "divide", "true_divide"), "div"),
 }
 
 # Position of ``return_indices`` in the functional max pools.
@@ -151,7 +154,20 @@ def _function_facts(site: Site) -> OpFacts:
         if not isinstance(first, int) or not isinstance(second, int):
             return OpFacts("other")
         return OpFacts(kind, {"dims": (first, second)})
+    if kind in ("squeeze", "unsqueeze"):
+        dims = site.kwargs.get("dim", site.args[1] if len(site.args) > 1 else None)
+        if dims is None and kind == "squeeze":
+            return OpFacts(kind, {"dims": None})
+        if isinstance(dims, int) and not isinstance(dims, bool):
+            return OpFacts(kind, {"dims": (dims,)})
+        if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims):
+            return OpFacts(kind, {"dims": tuple(dims)})
+        return OpFacts("other")
     if kind in ("add", "sub", "mul"):
+        return _arithmetic_facts(site, kind, name)
+    if kind == "div":
+        if site.kwargs.get("rounding_mode", site.args[2] if len(site.args) > 2 else None) is not None:
+            return OpFacts("other")  # floor / trunc division rounds: no affine map
         return _arithmetic_facts(site, kind, name)
     if kind == "concat":
         axis = site.kwargs.get("dim", site.kwargs.get("axis", site.args[1] if len(site.args) > 1 else 0))
@@ -181,7 +197,7 @@ def _arithmetic_facts(site: Site, kind: str, name: str) -> OpFacts:
             return OpFacts("other")
     alpha = _argument(site, 2, "alpha", 1) if kind == "sub" else site.kwargs.get("alpha", 1)
     scalars = tuple(o.number for o in operands if o.number is not None)
-    if kind == "mul":
+    if kind in ("mul", "div"):
         return OpFacts(kind, {"operands": tuple(operands)})
     return OpFacts(kind, {"alpha": alpha, "scalars": scalars, "operands": tuple(operands)})
 

@@ -106,8 +106,9 @@ _OP_KINDS: dict[str, str] = {
                      "aten::_upsample_nearest_exact3d", "aten::upsample_linear1d", "aten::upsample_bilinear2d",
                      "aten::upsample_bicubic2d", "aten::upsample_trilinear3d", "aten::_upsample_bilinear2d_aa",
                      "aten::_upsample_bicubic2d_aa"), "upsample"),
-    **dict.fromkeys(("aten::flatten", "aten::reshape", "aten::view", "aten::squeeze", "aten::unsqueeze",
-                     "aten::unflatten"), "reshape"),
+    **dict.fromkeys(("aten::flatten", "aten::reshape", "aten::view", "aten::unflatten"), "reshape"),
+    **dict.fromkeys(("aten::squeeze", "aten::squeeze_"), "squeeze"),
+    **dict.fromkeys(("aten::unsqueeze", "aten::unsqueeze_"), "unsqueeze"),
     "aten::permute": "permute",
     **dict.fromkeys(("aten::transpose", "aten::swapaxes", "aten::swapdims"), "transpose"),
     "aten::mean": "mean",
@@ -119,8 +120,9 @@ _OP_KINDS: dict[str, str] = {
     **dict.fromkeys(("aten::sub", "aten::sub_", "aten::subtract", "aten::rsub"), "sub"),
     **dict.fromkeys(("aten::mul", "aten::mul_", "aten::multiply"), "mul"),
     **dict.fromkeys(("aten::neg", "aten::neg_", "aten::negative"), "mul"),  # -x is x * -1
+    **dict.fromkeys(("aten::div", "aten::divide", "aten::true_divide"), "div"),
 }
-_ARITHMETIC_KINDS = frozenset({"add", "sub", "mul"})
+_ARITHMETIC_KINDS = frozenset({"add", "sub", "mul", "div"})
 _NEGATIONS = frozenset({"aten::neg", "aten::neg_", "aten::negative"})
 _IN_PLACE_ARITHMETIC = frozenset({"aten::add_", "aten::sub_", "aten::mul_", "aten::neg_"})
 """In-place additions, subtractions and products: arithmetic only where the tensor they overwrite is their own."""
@@ -188,6 +190,11 @@ def _op_facts(node: Any, shape_of: Any) -> OpFacts:
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, bool) else None})
     if kind == "pad":
         return OpFacts(kind, _pad_attributes(name, inputs, shape_of(inputs[0])))
+    if kind in ("squeeze", "unsqueeze"):
+        if len(inputs) < 2:
+            return OpFacts(kind, {"dims": None})
+        dims = _ints(_constant(inputs[1]))
+        return OpFacts("other") if dims is None else OpFacts(kind, {"dims": dims})
     if kind in _ARITHMETIC_KINDS:
         return _arithmetic_facts(node, shape_of)
     return OpFacts(kind)
@@ -228,10 +235,12 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
             return OpFacts("other")
         values = [inputs[0], -1.0]
     else:
-        if len(inputs) != (2 if kind == "mul" else 3):
+        if kind == "div" and len(inputs) == 3 and _constant(inputs[2]) is None:
+            inputs = inputs[:2]  # rounding_mode=None: a true division
+        if len(inputs) != (2 if kind in ("mul", "div") else 3):
             return OpFacts("other")
         values = inputs[:2] if name != "aten::rsub" else [inputs[1], inputs[0]]
-        if kind != "mul":
+        if kind not in ("mul", "div"):
             alpha = _constant(inputs[2])
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
                 return OpFacts("other")
@@ -262,7 +271,7 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
             if constant.dim() == 0:
                 operands.append(Operand(number=float(constant)))
                 continue
-            if shape is None and kind != "mul":
+            if shape is None and kind not in ("mul", "div"):
                 return OpFacts("other")
             if shape is not None and tuple(torch.broadcast_shapes(shape, constant.shape)) != shape:
                 return OpFacts("other")
@@ -272,7 +281,7 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
                 operands.append(Operand(constant=f"%{value.debugName()}", shape=tuple(constant.shape)))
         else:
             return OpFacts("other")
-    if kind == "mul":
+    if kind in ("mul", "div"):
         return OpFacts(kind, {"operands": tuple(operands)})
     scalars = tuple(o.number for o in operands if o.number is not None)
     return OpFacts(kind, {"alpha": alpha, "scalars": scalars, "operands": tuple(operands)})
@@ -774,7 +783,7 @@ def _planned(
     """Plan the folds of a frozen module as its graph is now (after freezing, or between merge rounds)."""
     translation = to_graph(frozen, inputs, names)
     the_plan = make_plan(translation.graph)
-    access = ScriptWeights(frozen.graph, translation.jit_nodes)
+    access = ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
     check_statistics([f.norm for f in the_plan.folds], access)
     affine, statistics = {}, {}
     for fold in the_plan.folds:
@@ -791,7 +800,8 @@ def _apply(planned: _Planned) -> dict[str, str]:
     overflow (norm -> reason)."""
     graph = planned.frozen.graph
     with torch.no_grad():
-        overflows = apply_plan(planned.plan, ScriptWeights(graph, dict(planned.translation.jit_nodes)))
+        overflows = apply_plan(planned.plan, ScriptWeights(graph, dict(planned.translation.jit_nodes),
+                                                         planned.translation.constants))
     torch._C._jit_pass_dce(graph)
     torch._C._jit_pass_constant_pooling(graph)
     return {o.norm: str(o) for o in overflows}

@@ -13,6 +13,17 @@ concatenation, the formulas (:mod:`bnfold.affine`) and the precision, is here:
   would overflow it (a float16 weight times a scale of 1e5) raises :class:`FoldOverflow` naming the layer, and the
   planner's caller leaves that norm alone with the reason.
 
+* a fold through the model's own affine steps (:class:`~bnfold.core.plan.Route`: ``y = a * x + b`` per channel, an
+  ``Add`` of a bias, ``x * scale``, ``x / 2``) keeps them, and changes only the shift the layer absorbs.
+  Forward, ``layer -> A -> norm`` becomes ``layer' -> A``: ``norm(A(y)) = A(M(y))`` with ``M(y) = s * y + t'`` and
+  ``t' = (s * b + t - b) / a``, step by step from the norm outward. Backward, ``norm -> A -> layer`` becomes
+  ``A -> layer'`` with ``A(norm(x)) = M(A(x))``, ``M(y) = s * y + t'``, ``t' = a * t + (1 - s) * b``. The scale
+  ``s`` never changes. ``a`` and ``b`` are computed in float64 (a division by a constant ``d`` as ``1 / d``, which
+  rounds to 2**-53 relative, far below float32's 2**-24); a forward fold through a factor ``a = 0`` is refused
+  (that channel's output no longer depends on the layer);
+* a backward fold into a layer whose input features spread each channel over several features (``flatten`` of
+  ``(N, C, H, W)``) absorbs ``s`` and ``t`` expanded: feature ``f`` takes channel ``(f // inner) % C``'s values.
+
 Arrays are ``torch.Tensor`` or ``numpy.ndarray``; :class:`Numerics` is the handful of conversions that differ.
 """
 
@@ -24,8 +35,9 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .. import affine
 from ..errors import NonFiniteStatisticsError
+from .commuting import Value
 from .merge import Coefficient, Merge
-from .plan import FORWARD, Fold, FoldPlan
+from .plan import FORWARD, Fold, FoldPlan, Route
 
 Array = Any
 
@@ -337,6 +349,65 @@ def _largest(factors: Array, fold: Fold, joined: NormMaps | None, numerics: Nume
     return numerics.max_abs(factors)
 
 
+class FoldRefused(FoldOverflow):
+    """A fold the planner allowed that the model's values make impossible (a factor 0 between a layer and its norm);
+    nothing was written for it, and the norm stays with the reason."""
+
+
+def _value(value: Value | None, access: WeightAccess, channels: int, fold: Fold, layer: str) -> Array | float | None:
+    """A step's ``a`` or ``b`` in float64: a number, or one value per channel (flattened)."""
+    if value is None:
+        return None
+    result: Array | float = float(value.number)
+    if (value.constants or value.divisors) and not isinstance(access, ConstantAccess):
+        raise FoldRefused(fold.norm, layer, f"{type(access).__name__} cannot read the constants this fold goes through")
+    for name, divide in [*((n, False) for n in value.constants), *((n, True) for n in value.divisors)]:
+        array = access.numerics.float64(access.constant(name)).reshape(-1)  # type: ignore[attr-defined]
+        if int(array.shape[0]) not in (1, channels):
+            raise FoldRefused(fold.norm, layer, f"the constant '{name}' has {int(array.shape[0])} values for "
+                                                f"{channels} channels")
+        if int(array.shape[0]) == 1:
+            array = float(array[0])
+        result = result / array if divide else result * array
+    return result
+
+
+def routed(fold: Fold, index: int, scale: Array, shift: Array, access: WeightAccess) -> tuple[Array, Array]:
+    """The ``(s, t')`` that layer ``fold.layers[index]`` absorbs: the norm's map carried through the route's affine
+    steps (see the module docstring), then expanded to the layer's input features where the route spreads channels
+    over them. ``scale`` / ``shift``: the norm's ``(s, t)`` in float64 (for a forward fold into concatenated
+    layers, this layer's share)."""
+    route: Route = fold.route(index)
+    if route.plain:
+        return scale, shift
+    numerics = access.numerics
+    layer = fold.layers[index]
+    channels = int(scale.shape[0])
+    for step in route.steps:
+        a = _value(step.scale, access, channels, fold, layer)
+        b = _value(step.shift, access, channels, fold, layer)
+        if fold.direction == FORWARD:
+            moved = shift if b is None else scale * b + shift - b
+            if a is not None:
+                if (a == 0) if isinstance(a, float) else bool((a == 0).any()):
+                    raise FoldRefused(
+                        fold.norm, layer,
+                        f"{step.label} multiplies some channel by 0 between '{layer}' and the norm, so the layer "
+                        f"cannot carry the norm's shift there",
+                    )
+                moved = moved / a
+            shift = moved
+        else:
+            moved = shift if a is None else shift * a
+            shift = moved if b is None else moved + (1.0 - scale) * b
+        shift = shift + numerics.zeros((channels,), scale)  # a single value broadcast back to one per channel
+    if route.outer != 1 or route.inner != 1:
+        spread = numerics.zeros((route.outer, channels, route.inner), scale)
+        scale = (spread + scale.reshape((1, channels, 1))).reshape(-1)
+        shift = (spread + shift.reshape((1, channels, 1))).reshape(-1)
+    return scale, shift
+
+
 def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, Array]] | None = None) -> None:
     """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm.
 
@@ -347,7 +418,7 @@ def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, A
     numerics = access.numerics
     in_place = bool(getattr(access, "in_place", False))
     joined = maps if isinstance(maps, NormMaps) and fold.norm in maps.spans else None
-    if joined is not None and in_place and fold.direction == FORWARD and len(fold.layers) == 1:
+    if joined is not None and in_place and fold.direction == FORWARD and len(fold.layers) == 1 and not fold.routes:
         if _fold_into_layer_without_bias(fold, access, joined):
             return
     known = maps.get(fold.norm) if maps is not None else None
@@ -355,7 +426,7 @@ def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, A
     writes: list[tuple[str, Array, Array]] = []
     scalings: list[tuple[str, Array, int, int, Array]] = []
     offset = 0  # a forward fold into several layers: their outputs were concatenated, each takes its channels
-    for layer in fold.layers:
+    for index, layer in enumerate(fold.layers):
         tensors = access.read(layer)
         if fold.direction == FORWARD:
             stop = offset + _out_channels(tensors) if len(fold.layers) > 1 else None
@@ -363,6 +434,7 @@ def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, A
             offset = stop or 0
         else:
             factors, shifts, axis = scale, shift, tensors.in_axis
+        factors, shifts = routed(fold, index, factors, shifts, access)
         if in_place and _in_place_is_safe(tensors, _largest(factors, fold, joined, numerics), numerics):
             new_bias = (_forward_bias(tensors, factors, shifts, numerics) if fold.direction == FORWARD
                         else _backward_bias(tensors, shifts, numerics))

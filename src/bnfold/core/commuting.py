@@ -12,9 +12,19 @@ kinds), and when each is exact:
 * ``max_pool`` when every scale ``s >= 0``: ``max(s * x + t) == s * max(x) + t`` only then;
 * ``pad`` that copies values (``reflect``, ``replicate``, ``circular``) and does not pad the channel axis: every
   output is one of the inputs of its own channel;
+* ``squeeze`` / ``unsqueeze`` of given axes other than the channel axis: the channel axis moves by the number of
+  axes removed or inserted before it, which the axes alone tell (negative axes need the rank);
 * ``reshape`` that keeps every channel's values in one channel, and ``permute`` / ``transpose``, which move the
   channel axis. A row-major reshape keeps channel ``c`` at output axis ``k`` when ``out[k] == in[c_axis]`` and the
   dimensions after the channel hold the same number of elements before and after; that needs shapes.
+* a reshape that **spreads** each channel over several features of one axis (``flatten`` of ``(N, C, H, W)`` to
+  ``(N, C*H*W)``, or ``(N, T, C)`` to ``(N, T*C)``): feature ``f`` of that axis belongs to channel
+  ``(f // inner) % C``; the :class:`Passage` says ``outer`` and ``inner``, and only a layer reading the features
+  (a backward fold) can absorb the map, with ``s`` and ``t`` expanded to ``outer * C * inner`` features.
+
+**Affine steps.** An ``add`` / ``sub`` / ``mul`` / ``div`` of the tensor with numbers or stored constants of one
+value per channel (or one value) is itself a per-channel affine map ``y = a * x + b`` (:class:`AffineStep`): it
+stays in the model, and the norm is folded *through* it (:mod:`bnfold.core.apply` says how its ``t`` changes).
 
 Pure and torch-free: it answers, for one node, "does a per-channel affine on channel axis ``a`` of the input pass
 through, and on which axis does it come out".
@@ -26,7 +36,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .graph import OP, Node
+from .graph import CONSTANT, OP, Node, Operand
 
 
 @dataclass(frozen=True)
@@ -38,12 +48,16 @@ class Passage:
 
     axis: int
     needs_non_negative_scale: bool = False
+    outer: int = 1
+    inner: int = 1
 
 
 _COMMUTING_KINDS = frozenset(
     {"identity", "dropout", "avg_pool", "adaptive_avg_pool", "max_pool", "upsample", "mean", "reshape", "permute", "transpose",
-     "pad"}
+     "pad", "squeeze", "unsqueeze"}
 )
+_LAYOUT_KINDS = frozenset({"identity", "dropout", "reshape", "permute", "transpose", "squeeze", "unsqueeze"})
+"""Ops that a map spread over features (``outer`` / ``inner`` > 1) still passes: they only move values."""
 
 
 def may_commute(node: Node) -> bool:
@@ -57,22 +71,37 @@ def _normalise(axis: int, rank: int | None) -> int | None:
     return None if rank is None else axis % rank
 
 
-def passage(node: Node, in_shape: Sequence[int] | None, axis: int) -> Passage | str:
+def passage(
+    node: Node, in_shape: Sequence[int] | None, axis: int, layout: tuple[int, int] = (1, 1), rank: int | None = None
+) -> Passage | str:
     """How an affine map on channel ``axis`` of ``node``'s (single) input passes through it, or why it does not.
 
-    ``in_shape`` is the input's shape when known, else ``None``; ``node.shape`` the output's.
+    ``in_shape`` is the input's shape when known, else ``None`` (``rank`` may still be known); ``node.shape`` the
+    output's. ``layout``: ``(outer, inner)`` of a map already spread over the features of ``axis`` (see the module
+    docstring); ``(1, 1)`` for one channel per index.
     """
     if len(node.inputs) != 1:
         return f"{node.label} combines {len(node.inputs)} tensors"
     if node.op is None or node.op.kind not in _COMMUTING_KINDS:
         return f"{node.label} does not commute with a per-channel affine map"
     kind, attributes = node.op.kind, node.op.attributes
-    rank = None if in_shape is None else len(in_shape)
+    rank = len(in_shape) if in_shape is not None else rank
     channel_axis = _normalise(axis, rank)
+    if layout != (1, 1) and kind not in _LAYOUT_KINDS:
+        return f"{node.label} acts on features that a reshape before it made of several channels' values"
+    if kind == "reshape":
+        return _reshape(node, in_shape, channel_axis, layout)
+    if kind in ("squeeze", "unsqueeze"):
+        return _squeeze(node, in_shape, channel_axis, rank, layout)
+    if kind in ("permute", "transpose"):
+        moved = _permute(node, channel_axis, rank)
+        return Passage(moved.axis, False, *layout) if isinstance(moved, Passage) else moved
     if kind == "identity":
-        return Passage(axis)
+        return Passage(axis, False, *layout)
     if kind == "dropout":
-        return Passage(axis) if attributes.get("training") is False else f"{node.label} is applied with training=True"
+        if attributes.get("training") is False:
+            return Passage(axis, False, *layout)
+        return f"{node.label} is applied with training=True"
     if kind in ("adaptive_avg_pool", "upsample"):
         return _spatial(node, axis, channel_axis)
     if kind == "avg_pool":
@@ -84,11 +113,7 @@ def passage(node: Node, in_shape: Sequence[int] | None, axis: int) -> Passage | 
         return Passage(spatial.axis, True) if isinstance(spatial, Passage) else spatial
     if kind == "mean":
         return _mean(node, axis, channel_axis, rank)
-    if kind == "reshape":
-        return _reshape(node, in_shape, channel_axis)
-    if kind == "pad":
-        return _pad(node, axis, channel_axis)
-    return _permute(node, channel_axis, rank)
+    return _pad(node, axis, channel_axis)
 
 
 def _spatial(node: Node, axis: int, channel_axis: int | None) -> Passage | str:
@@ -141,22 +166,74 @@ def _mean(node: Node, axis: int, channel_axis: int | None, rank: int | None) -> 
     return Passage(channel_axis if keepdim else channel_axis - sum(d < channel_axis for d in normalised))
 
 
-def _reshape(node: Node, in_shape: Sequence[int] | None, channel_axis: int | None) -> Passage | str:
+def _reshape(
+    node: Node, in_shape: Sequence[int] | None, channel_axis: int | None, layout: tuple[int, int] = (1, 1)
+) -> Passage | str:
+    """A row-major reshape does not move values in memory order: element ``i`` (flat index) of the input is element
+    ``i`` of the output. Channel ``c`` owns the elements with ``(i // P) % C == c``, ``P`` being ``inner`` times the
+    number of elements after the channel axis. Output axis ``k`` (``n`` long, ``T`` elements after it) holds the
+    channels alone when ``T`` divides ``P`` and ``(P / T) * C`` divides ``n``: then index ``j`` of that axis
+    belongs to channel ``(j // (P / T)) % C``, a layout ``(n / ((P / T) * C), P / T)``. An axis of exactly ``C``
+    (the channels kept as they are) is preferred; else the last axis that qualifies (where features are read)."""
     out_shape = node.shape
     if in_shape is None or out_shape is None or channel_axis is None:
         return (
             f"{node.label} reshapes its input; pass example_inputs so bnfold can check that every channel keeps "
             f"its own values"
         )
-    channels = in_shape[channel_axis]
-    trailing = math.prod(in_shape[channel_axis + 1 :])
+    outer, inner = layout
+    channels = in_shape[channel_axis] // (outer * inner)
+    period = inner * math.prod(in_shape[channel_axis + 1 :])
+    found: list[Passage] = []
     for out_axis, size in enumerate(out_shape):
-        if size == channels and math.prod(out_shape[out_axis + 1 :]) == trailing:
+        trailing = math.prod(out_shape[out_axis + 1 :])
+        if period % trailing:
+            continue
+        new_inner = period // trailing
+        if size % (new_inner * channels):
+            continue
+        new_outer = size // (new_inner * channels)
+        if (new_outer, new_inner) == (1, 1):
             return Passage(out_axis)
+        found.append(Passage(out_axis, False, new_outer, new_inner))
+    if found and channels > 1:
+        return found[-1]
     return (
         f"{node.label} reshapes {tuple(in_shape)} to {tuple(out_shape)}, which mixes the values of different channels "
         f"along one axis"
     )
+
+
+def _squeeze(
+    node: Node, in_shape: Sequence[int] | None, channel_axis: int | None, rank: int | None, layout: tuple[int, int]
+) -> Passage | str:
+    """``squeeze`` / ``unsqueeze`` with their ``dims`` given: decided from the axes; without, from the shapes."""
+    assert node.op is not None
+    dims = node.op.attributes.get("dims")
+    if dims is not None and not all(isinstance(d, int) for d in dims):
+        dims = None
+    if dims is None or channel_axis is None:
+        if in_shape is None or node.shape is None:
+            return (f"{node.label} {node.op.kind}es axes bnfold cannot read; pass example_inputs so bnfold can check "
+                    f"that the channel axis stays")
+        return _reshape(node, in_shape, channel_axis, layout)
+    if node.op.kind == "squeeze":
+        if any(d < 0 for d in dims) and rank is None:
+            return _reshape(node, in_shape, channel_axis, layout)
+        removed = {d % rank if rank is not None else d for d in dims}
+        if in_shape is not None:  # torch skips an axis whose size is not 1; ONNX would fail on it
+            removed = {d for d in removed if in_shape[d] == 1}
+        if channel_axis in removed:
+            return f"{node.label} removes the channel axis"
+        return Passage(channel_axis - sum(d < channel_axis for d in removed), False, *layout)
+    out_rank = None if rank is None else rank + len(dims)
+    if any(d < 0 for d in dims) and out_rank is None:
+        return _reshape(node, in_shape, channel_axis, layout)
+    position = channel_axis
+    for inserted in sorted(d % out_rank if out_rank is not None else d for d in dims):
+        if inserted <= position:
+            position += 1
+    return Passage(position, False, *layout)
 
 
 def _permute(node: Node, channel_axis: int | None, rank: int | None) -> Passage | str:
@@ -172,3 +249,135 @@ def _permute(node: Node, channel_axis: int | None, rank: int | None) -> Passage 
     if channel_axis == second:
         return Passage(first)
     return Passage(channel_axis)
+
+
+# ------------------------------------------------------------------------------------------ affine steps
+
+ARITHMETIC_KINDS = frozenset({"add", "sub", "mul", "div"})
+
+
+@dataclass(frozen=True)
+class Value:
+    """``number * prod(constants) / prod(divisors)``: one value per channel, or a single value, read from stored
+    constants (by the name the format's weight access reads them with) when the fold is applied.
+
+    ``shapes``: the stored shapes of ``constants`` then ``divisors``, for the planner's per-channel check.
+    """
+
+    number: float = 1.0
+    constants: tuple[str, ...] = ()
+    divisors: tuple[str, ...] = ()
+    shapes: tuple[tuple[int, ...], ...] = ()
+
+    def times(self, other: Value) -> Value:
+        return Value(self.number * other.number, self.constants + other.constants, self.divisors + other.divisors,
+                     self.shapes[: len(self.constants)] + other.shapes[: len(other.constants)]
+                     + self.shapes[len(self.constants):] + other.shapes[len(other.constants):])
+
+    def named(self) -> list[tuple[str, tuple[int, ...]]]:
+        return list(zip(self.constants + self.divisors, self.shapes, strict=True))
+
+
+@dataclass(frozen=True)
+class AffineStep:
+    """An op of the model that computes ``y = a * x + b`` per channel: ``scale`` is ``a`` (None: 1), ``shift``
+    ``b`` (None: 0). ``label`` names the op for reasons."""
+
+    label: str
+    scale: Value | None = None
+    shift: Value | None = None
+
+    def named(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [*(self.scale.named() if self.scale else []), *(self.shift.named() if self.shift else [])]
+
+
+def _operand_value(operand: Operand) -> Value | str:
+    if operand.number is not None:
+        return Value(float(operand.number))
+    if operand.constant is None:
+        return "an operand bnfold cannot read"
+    if operand.shape is None:
+        return f"'{operand.constant}' of unknown shape"
+    return Value(1.0, (operand.constant,), (), (tuple(operand.shape),))
+
+
+def affine_step(node: Node, nodes: Sequence[Node]) -> tuple[int, AffineStep] | str | None:
+    """``node`` as a per-channel affine step: the index of the node whose tensor it transforms, and the step; the
+    reason it is no such step (it combines computed tensors, divides by the tensor, ...); or None when it is no
+    ``add`` / ``sub`` / ``mul`` / ``div`` at all. Whether each constant holds one value per channel is the
+    planner's check (it knows the channel axis): see :func:`constant_problem`."""
+    if node.kind != OP or node.op is None or node.op.kind not in ARITHMETIC_KINDS:
+        return None
+    kind, attributes = node.op.kind, node.op.attributes
+    operands: tuple[Operand, ...] | None = attributes.get("operands")
+    if operands is None:
+        return f"{node.label} combines {len(node.inputs)} tensors"
+
+    def computed(operand: Operand) -> bool:
+        return (operand.constant is None and operand.number is None and operand.input is not None
+                and 0 <= operand.input < len(node.inputs) and nodes[node.inputs[operand.input]].kind != CONSTANT)
+
+    tensors = [i for i, operand in enumerate(operands) if computed(operand)]
+    if len(tensors) != 1:
+        return f"{node.label} combines {len(tensors)} computed tensors" if tensors else None
+    position = tensors[0]
+    data = node.inputs[operands[position].input or 0]
+    values: list[Value] = []
+    for i, operand in enumerate(operands):
+        if i == position:
+            continue
+        value = _operand_value(operand)
+        if isinstance(value, str):
+            return f"{node.label} reads {value}"
+        values.append(value)
+    alpha = attributes.get("alpha", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return f"{node.label} has a factor alpha bnfold cannot read"
+    if kind in ("add", "sub"):
+        if len(operands) != 2:
+            return f"{node.label} has {len(operands)} operands"
+        sign = -1.0 if kind == "sub" else 1.0
+        if position == 0:  # x + alpha * c, x - alpha * c
+            return data, AffineStep(node.label, None, Value(sign * float(alpha)).times(values[0]))
+        return data, AffineStep(node.label, Value(sign * float(alpha)), values[0])  # c + alpha * x, c - alpha * x
+    if kind == "div":
+        if len(operands) != 2 or position != 0:
+            return f"{node.label} divides by the tensor, which is not an affine map of it"
+        divisor = values[0]
+        if divisor.number == 0:
+            return f"{node.label} divides by 0"
+        return data, AffineStep(node.label, Value(1.0 / divisor.number, (), divisor.constants, divisor.shapes))
+    scale = Value()
+    for value in values:
+        scale = scale.times(value)
+    return data, AffineStep(node.label, scale, None)
+
+
+def constant_problem(
+    step: AffineStep, rank: int | None, axis: int, channels: int, layout: tuple[int, int] = (1, 1)
+) -> str | None:
+    """Why a constant of ``step`` is not one value per channel (or one value) of a tensor of ``rank`` axes whose
+    channels are on ``axis``, or None. Constants broadcast from the right, as in every format; one with more axes
+    than the tensor would change its shape."""
+    for name, shape in step.named():
+        where = f"{step.label} reads '{name}' of shape {tuple(shape)}"
+        varying = [i for i, size in enumerate(shape) if size != 1]
+        if rank is not None and len(shape) > rank:
+            return f"{where}, more axes than the tensor it acts on"
+        if not varying:
+            continue
+        if layout != (1, 1):
+            return f"{where}, which varies over features a reshape made of several channels' values"
+        if len(varying) > 1:
+            return f"{where}, which varies over positions, not only over channels"
+        if rank is None and axis < 0:  # the channels counted from the end: the constant's axes align from the end
+            if varying[0] - len(shape) != axis or shape[varying[0]] != channels:
+                return f"{where}, which is not one value per channel ({channels} channels on axis {axis})"
+            continue
+        if rank is None:
+            return f"{where}; pass example_inputs so bnfold can check that it holds one value per channel"
+        aligned = rank - len(shape) + varying[0]
+        if aligned != axis % rank or shape[varying[0]] != channels:
+            return (f"{where}, which varies along axis {aligned} of the {rank}-D tensor, not one value per channel "
+                    f"({channels} channels on axis {axis % rank})")
+    return None

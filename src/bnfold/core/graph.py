@@ -71,6 +71,8 @@ class LayerFacts:
             overrides ``forward``): the whole reason, and the layer is never folded into.
         geometry: its kernel, stride, padding, ... (:class:`Geometry`), or ``None`` where the format does not say
             (such a layer is never merged with another).
+        rank: the number of axes of its activations where the format tells it without shapes (a convolution's
+            weight has as many axes as its input), or ``None``.
     """
 
     out_channels: int
@@ -80,6 +82,7 @@ class LayerFacts:
     input_fold_blocker: str | None = None
     not_a_rule: str | None = None
     geometry: Geometry | None = None
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class OpFacts:
     * ``sub``: ``x - alpha * y``: ``alpha``, ``scalars`` as for ``add``, and ``operands`` (which one is subtracted);
       without ``operands`` the node's two inputs are read as ``inputs[0] - inputs[1]``;
     * ``mul``: a product (``-x`` is ``x * -1``): ``operands``, the one way to tell the tensor from its factors.
+    * ``div``: ``operands[0] / operands[1]`` (a true division; a rounding one is ``other``): ``operands``.
+    * ``squeeze`` / ``unsqueeze``: ``dims`` (the axes removed / inserted, as the op gives them, or None when it
+      does not say: ``squeeze()`` of every size-1 axis).
 
     ``operands`` (a tuple of :class:`Operand`, in call order) says what each operand of ``add`` / ``sub`` / ``mul``
     is; a format whose node inputs can repeat a tensor or drop constants needs it to describe ``y + y`` or
@@ -156,7 +162,7 @@ class Operand:
 
 OP_KINDS = frozenset({
     "identity", "dropout", "avg_pool", "adaptive_avg_pool", "max_pool", "upsample", "mean", "reshape", "permute",
-    "transpose", "concat", "pad", "add", "sub", "mul", "other",
+    "transpose", "concat", "pad", "add", "sub", "mul", "div", "squeeze", "unsqueeze", "other",
 })
 
 # Reasons every adapter gives in the same words, so a model refused in one format reads the same in another.

@@ -45,6 +45,7 @@ from ..core.graph import (
     Graph,
     LayerFacts,
     NormFacts,
+    Operand,
     OpFacts,
 )
 from ..core.plan import FoldPlan, make_plan
@@ -462,6 +463,59 @@ def _pad(c: OpContext) -> OpFacts:
     return OpFacts("pad", {"mode": mode, "padded_axes": padded})
 
 
+def _squeeze(c: OpContext) -> OpFacts:
+    """``Squeeze`` / ``Unsqueeze`` with their axes (an attribute before opset 13, an input from 13 on)."""
+    kind = c.node.op_type.lower()
+    axes = attribute(c.node, "axes")
+    if axes is None and len(c.node.input) > 1 and c.node.input[1]:
+        axes = c.ints(1)
+        if axes is None:
+            return OpFacts("reshape")  # axes computed at run time: judged on the shapes
+    if axes is None:
+        return OpFacts(kind, {"dims": None})
+    return OpFacts(kind, {"dims": tuple(int(a) for a in axes)})
+
+
+ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul", "Div": "div"}
+"""ONNX ops read as arithmetic, and their core kinds (``Neg`` is ``x * -1``)."""
+
+
+def arithmetic_facts(node: onnx.NodeProto, tensors: Tensors, node_of: dict[str, int]) -> OpFacts | None:
+    """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` / ``Div`` in the core's terms, with its operands in order
+    (:class:`~bnfold.core.graph.Operand`): a tensor computed from the inputs is its position among the core node's
+    inputs (the non-constant inputs, in order), a constant of value 0 added or subtracted is the number 0, any
+    other constant is named with its shape (a layer scale ``gamma`` of shape ``(C, 1, 1)``), a 0-d constant
+    multiplied or divided by is its number. None when an operand cannot be read (a shape computation, a constant
+    bnfold cannot evaluate): the op then stays ``other``."""
+    kind = ARITHMETIC[node.op_type]
+    operands: list[Operand] = []
+    scalars: list[object] = []
+    position = 0
+    for name in node.input:
+        if not tensors.is_static(name):
+            if name not in node_of:
+                return None
+            operands.append(Operand(input=position))
+            position += 1
+            continue
+        value = tensors.value(name)
+        if value is None or value.dtype.kind not in "fiu":
+            return None
+        if kind in ("add", "sub") and not np.any(value):
+            operands.append(Operand(number=0.0))
+            scalars.append(0)
+        elif kind in ("mul", "div") and value.ndim == 0:
+            operands.append(Operand(number=float(value)))
+        else:
+            operands.append(Operand(constant=name, shape=tuple(int(n) for n in value.shape)))
+            scalars.append(f"'{name}'")
+    if node.op_type == "Neg":
+        operands.append(Operand(number=-1.0))
+    if kind in ("mul", "div"):
+        return OpFacts(kind, {"operands": tuple(operands)})
+    return OpFacts(kind, {"alpha": 1, "scalars": tuple(scalars), "operands": tuple(operands)})
+
+
 def _fixed(kind: str) -> Callable[[OpContext], OpFacts]:
     return lambda c: OpFacts(kind)
 
@@ -477,8 +531,8 @@ OPS: dict[str, Callable[[OpContext], OpFacts]] = {
     "Upsample": _resize,
     "Flatten": _fixed("reshape"),
     "Reshape": _fixed("reshape"),
-    "Squeeze": _fixed("reshape"),
-    "Unsqueeze": _fixed("reshape"),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _squeeze,
     "Transpose": _transpose,
     "ReduceMean": _reduce_mean,
     "Concat": _concat,
@@ -610,7 +664,9 @@ class _Translator:
             out_channels, in_channels, channel_dim = shape[1], shape[0], -1
             if self.tensors.opset < 7:
                 problem = problem or f"folding into {label} needs a bias (Gemm with C), which needs opset 7 or later"
-        return LayerFacts(int(out_channels), int(in_channels), channel_dim, problem=problem, input_fold_blocker=blocker)
+        rank = len(shape) if op in ("Conv", "ConvTranspose") else None  # a convolution's weight: its input's rank
+        return LayerFacts(int(out_channels), int(in_channels), channel_dim, problem=problem, input_fold_blocker=blocker,
+                          rank=rank)
 
     def norm_facts(self, node: onnx.NodeProto) -> NormFacts:
         tensors, label = self.tensors, _label(node)
@@ -731,7 +787,9 @@ class _Translator:
     def op_node(self, node: onnx.NodeProto, op: str, outside: list[str]) -> None:
         facts_of = OPS.get(op)
         facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
-        if facts.kind == "concat" or facts.kind == "other":
+        if op in ARITHMETIC and not outside:
+            facts = arithmetic_facts(node, self.tensors, self.node_of) or OTHER
+        if facts.kind in ("concat", "other", "add", "sub", "mul", "div"):
             inputs = self.activation_inputs(list(node.input) + outside)
         else:
             params = self.activation_inputs(list(node.input[1:]))

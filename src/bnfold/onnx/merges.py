@@ -16,15 +16,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 from onnx import helper
 
 from ..core.apply import MergeOverflow, merge_one
-from ..core.graph import LAYER, NORM, OP, Geometry, Graph, Operand, OpFacts
+from ..core.graph import LAYER, NORM, OP, Geometry, Graph, OpFacts
 from ..core.merge import Merge, MergeRefusal, plan_merges
 from ..report import MergeEntry, NormEntry, record_merges
 from .adapter import ONNX_DOMAINS, OnnxWeights, Translation, _label, attribute, display_name, to_graph
+from .adapter import arithmetic_facts as adapter_arithmetic_facts
 
 MAX_ROUNDS = 4
 """Merges and folds alternate at most this often (see :mod:`bnfold.backends.module_merges`)."""
@@ -61,40 +61,8 @@ _ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul"}
 
 
 def arithmetic_facts(node: onnx.NodeProto, translation: Translation) -> OpFacts | None:
-    """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` in the core's terms, with its operands in order
-    (:class:`~bnfold.core.graph.Operand`): a tensor computed from the inputs is its position among the core node's
-    inputs (the non-constant inputs, in order), a constant of value 0 added or subtracted is the number 0, any
-    other constant is named with its shape (a layer scale ``gamma`` of shape ``(C, 1, 1)``), a 0-d constant
-    multiplied is its number. None when an operand cannot be read (a shape computation, a constant bnfold cannot
-    evaluate): the op then stays ``other``."""
-    kind = _ARITHMETIC[node.op_type]
-    tensors = translation.tensors
-    operands: list[Operand] = []
-    scalars: list[object] = []
-    position = 0
-    for name in node.input:
-        if not tensors.is_static(name):
-            if name not in translation.node_of:
-                return None
-            operands.append(Operand(input=position))
-            position += 1
-            continue
-        value = tensors.value(name)
-        if value is None or value.dtype.kind not in "fiu":
-            return None
-        if kind != "mul" and not np.any(value):
-            operands.append(Operand(number=0.0))
-            scalars.append(0)
-        elif kind == "mul" and value.ndim == 0:
-            operands.append(Operand(number=float(value)))
-        else:
-            operands.append(Operand(constant=name, shape=tuple(int(n) for n in value.shape)))
-            scalars.append(f"'{name}'")
-    if node.op_type == "Neg":
-        operands.append(Operand(number=-1.0))
-    if kind == "mul":
-        return OpFacts(kind, {"operands": tuple(operands)})
-    return OpFacts(kind, {"alpha": 1, "scalars": tuple(scalars), "operands": tuple(operands)})
+    """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` in the core's terms (:func:`bnfold.onnx.adapter.arithmetic_facts`)."""
+    return adapter_arithmetic_facts(node, translation.tensors, translation.node_of)
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:

@@ -33,3 +33,16 @@ class CaptureError(BnfoldError):
 
 class VerificationError(BnfoldError):
     """The folded model's outputs differ from the original's by more than the tolerance."""
+
+
+class OriginalRunError(InvalidInputError):
+    """The original model does not run on the example inputs, so there is nothing to compare the fold with.
+
+    Bad input (the command line's exit 2), never a failed verification: the fold was not judged at all. ``str()``
+    gives the cause and the Python keywords to fix it; :attr:`cli_message` the same without the runtime's own text
+    (the command line shows that with ``--debug``) and with the command-line options instead.
+    """
+
+    def __init__(self, what: str, shapes: str, cause: str, api_hint: str, cli_hint: str) -> None:
+        super().__init__(f"{what} does not run on example inputs of shape {shapes} ({cause}); {api_hint}")
+        self.cli_message = f"{what} does not run on example inputs of shape {shapes}; {cli_hint}"

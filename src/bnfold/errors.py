@@ -27,6 +27,11 @@ class NonFiniteOutputError(BnfoldError):
     """The original model's own output is NaN on the example inputs, so no comparison can judge the fold."""
 
 
+class UndecidedError(BnfoldError):
+    """No verdict is possible: the original's own outputs differ from run to run on the same inputs and random state
+    (it draws random numbers bnfold cannot replay), by as much as the fold's difference."""
+
+
 class CaptureError(BnfoldError):
     """bnfold could not learn the model's dataflow (it cannot be traced, and the forward pass failed or was not given)."""
 

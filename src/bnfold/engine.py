@@ -21,7 +21,13 @@ from .backends.module_tree import ModuleTree
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .core.apply import DryRun, FoldOverflow, NormMaps, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
-from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, UndecidedError, VerificationError
+from .errors import (
+    InvalidInputError,
+    NonFiniteOutputError,
+    TrainingModeError,
+    UndecidedError,
+    VerificationError,
+)
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
 from .report import FOLDED, LEFT, FoldReport, NormEntry
 from .verification import (
@@ -318,24 +324,31 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
                 f"left unchanged. Please report this with the model; bnfold.plan(model) shows which folds were "
                 f"attempted."
             )
+        # a copy of the folded model for the float64 second opinion, before an in-place fold is undone
+        folded_float64 = None if comparison.passed or comparison.problems else _copy(target).double()
+        restored = False
+        if comparison.judged and not comparison.problems and comparison.max_relative > limit:
+            if inplace:
+                rollback.restore()  # the original, run again
+                restored = True
+            with MODEL_CALLS_LOCK:
+                run_to_run(model, inputs, reference, comparison)
+            if comparison.undecided:
+                report.verification = comparison.to_dict()
+                raise UndecidedError(
+                    f"the fold of {type(model).__name__} cannot be verified: {comparison.undecided}. The model was "
+                    f"left unchanged; pass verify=False to fold without the check."
+                )
+            if restored and comparison.passed:
+                _apply(model, the_plan, registry, report, maps=planned.maps)
         if comparison.passed and comparison.max_relative > limit:
             report.notes.append(
                 f"outputs differ by {comparison.max_relative:.2g} (relative), above the tolerance {limit:g}, but by no "
                 f"more than one rounding step of the folded weights explains ({comparison.describe()})"
             )
         if not comparison.passed:
-            folded_float64 = None if comparison.problems else _copy(target).double()
-            if inplace:
+            if inplace and not restored:
                 rollback.restore()  # the float64 second opinion needs the unfolded model
-            if not comparison.problems:
-                with MODEL_CALLS_LOCK:
-                    run_to_run(model, inputs, reference, comparison)
-                if comparison.undecided:
-                    report.verification = comparison.to_dict()
-                    raise UndecidedError(
-                        f"the fold of {type(model).__name__} cannot be verified: {comparison.undecided}. The model was "
-                        f"left unchanged; pass verify=False to fold without the check."
-                    )
             if folded_float64 is not None:
                 # The folds made (not those left because they would overflow), carried out in float64.
                 left = {e.name for e in report.entries if e.status == LEFT}

@@ -258,15 +258,16 @@ def noise_floor(model: Any, names: Any, inputs: tuple[Any, ...], seed: int = RUN
 
 
 def run_to_run(model: Any, inputs: tuple[Any, ...], first: Any, comparison: Comparison, seed: int = RUN_SEED) -> None:
-    """Run the original again on the same inputs and random state; when it differs from ``first`` by as much as the
-    fold does, mark ``comparison`` undecided (:func:`bnfold.judge.undecided`)."""
+    """Run the original again on the same inputs and random state; where it differs from ``first`` as much as the fold
+    or the noise floor do, mark ``comparison`` undecided (:func:`bnfold.judge.undecided`). Called whenever an output
+    is beyond the fixed tolerance (the verdict then rests on the floor)."""
     again = run_seeded(model, inputs, seed)
     drift = _floors(first, again)
     for error in comparison.outputs:
-        if error.within(comparison.tolerance):
+        if error.relative <= comparison.tolerance:
             continue
         run = drift.get(error.path, 0.0)
-        if judge.undecided(run, error.allowance, error.max_abs):
+        if judge.undecided(run, error.max_abs, error.floor):
             comparison.undecided = judge.UNDECIDED.format(run=run, error=error.max_abs)
             return
 
@@ -454,12 +455,14 @@ class VerificationResult(Comparison):
             f"max abs {self.max_abs:.3g}, over {self.batches} batch(es)"
         ]
         for e in self.outputs:
-            lines.append(f"  output {e.path or '(tensor)'} {list(e.shape)}: relative {e.relative:.3g}, abs {e.max_abs:.3g}")
+            allowance = f", allowance {e.allowance:.3g}" if e.allowance is not None else ""
+            lines.append(f"  output {e.path or '(tensor)'} {list(e.shape)}: relative {e.relative:.3g}, abs {e.max_abs:.3g}"
+                         f"{allowance}")
         if self.samples:
             lines.append(f"  top-1 agreement {self.agreement:.2%} over {self.samples} samples")
         if self.accuracy_original is not None:
             lines.append(f"  top-1 accuracy: original {self.accuracy_original:.2%}, folded {self.accuracy_folded:.2%}")
-        lines.extend(f"  problem: {p}" for p in (*self.problems, *self.not_finite))
+        lines.extend(f"  problem: {p}" for p in (*self.problems, *self.not_finite, *filter(None, [self.undecided])))
         return "\n".join(lines)
 
 
@@ -512,7 +515,9 @@ def verify(
         max_batches: stop after this many batches of ``data``.
 
     Errors are taken per output tensor (tuples, lists, dicts of tensors are walked), against the largest magnitude
-    of the original's output, so near-zero outputs do not blow the relative error up.
+    of the original's output, so near-zero outputs do not blow the relative error up; an output beyond ``tolerance``
+    still passes within the :mod:`bnfold.judge` allowance (the noise floor of the tensors ``folded`` changed, see
+    :func:`changed_tensors`). Both models run from the same random state.
     """
     if inputs is None and data is None:
         raise InvalidInputError("verify() needs inputs or data to run both models on")
@@ -525,12 +530,17 @@ def verify(
         batches.append((inputs if isinstance(inputs, tuple) else (inputs,), None))
     # the models run while no other thread traces (see MODEL_CALLS_LOCK)
 
+    touched = changed_tensors(original, folded)
     with MODEL_CALLS_LOCK, torch.no_grad():
         for number, (batch, labels) in enumerate(_chain(batches, _batches(data) if data is not None else ())):
             if max_batches is not None and number >= max_batches + len(batches):
                 break
-            expected, actual = original(*batch), folded(*batch)
-            comparison = compare_outputs(expected, actual, limit)
+            expected, actual = run_seeded(original, batch), run_seeded(folded, batch)
+            comparison = compare_outputs(expected, actual, limit, noise_floor(original, touched, batch))
+            if comparison.judged and comparison.max_relative > limit:
+                run_to_run(original, batch, expected, comparison)
+                if comparison.undecided and comparison.undecided not in result.problems:
+                    result.undecided = comparison.undecided
             result.problems.extend(p for p in comparison.problems if p not in result.problems)
             result.not_finite.extend(p for p in comparison.not_finite if p not in result.not_finite)
             _merge(worst, comparison)
@@ -552,6 +562,21 @@ def verify(
         result.accuracy_original = correct_original / labelled
         result.accuracy_folded = correct_folded / labelled
     return result
+
+
+def changed_tensors(original: Any, folded: Any) -> list[str]:
+    """Floating parameters and buffers of ``original`` that ``folded`` lacks or holds with other values (what a fold
+    touched, read from the two models: the noise floor of :func:`verify` perturbs them). A model whose tensors are
+    not named like the original's (a frozen TorchScript module) makes every tensor count as touched."""
+    theirs = dict([*folded.named_parameters(), *folded.named_buffers()])
+    changed = []
+    for name, tensor in [*original.named_parameters(), *original.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        other = theirs.get(name)
+        if other is None or other.shape != tensor.shape or not torch.equal(other.detach(), tensor.detach()):
+            changed.append(name)
+    return changed
 
 
 def _chain(first: list[Any], rest: Any) -> Any:

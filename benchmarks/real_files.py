@@ -23,10 +23,9 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers.trained_files import FILES, crepe_tiny, locate  # noqa: E402
-
 from bnfold import onnx as bo  # noqa: E402
 from bnfold.onnx import verification  # noqa: E402
+from helpers.trained_files import FILES, crepe_tiny, locate  # noqa: E402
 
 
 def bn_count(model: onnx.ModelProto) -> int:

@@ -324,8 +324,9 @@ def test_difference_explained_by_rounding_is_accepted_and_noted() -> None:
     report = bnfold.report_for(folded)
     assert folded is model and bn_count(model) == 0
     assert report.verification is not None and report.verification["passed"]
-    assert report.verification["rounding_check"]["passed"]
-    assert any("float rounding" in note for note in report.notes)
+    worst = max(report.verification["outputs"], key=lambda o: o["relative"])
+    assert worst["relative"] > 0 and worst["max_abs"] <= worst["allowance"]  # the judge's allowance explains it
+    assert any("rounding" in note and "allowance" in note for note in report.notes)
     assert_same_outputs(reference, folded, X)
 
 

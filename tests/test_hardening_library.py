@@ -533,7 +533,10 @@ def test_an_exact_fold_of_a_badly_conditioned_model_passes_verification(seed: in
     folded = bnfold.fold(model, x)  # raised VerificationError ("... please report this") before
     verification = bnfold.report_for(folded).verification
     assert verification["max_relative"] > TOLERANCES[torch.float32]  # the fixed tolerance alone refuses it
-    assert verification["passed"] and verification["rounding_check"]["passed"]
+    assert verification["passed"]
+    # the noise floor (one rounding step of the touched weights, in the original) explains the difference
+    worst = max(verification["outputs"], key=lambda o: o["relative"])
+    assert worst["max_abs"] <= worst["allowance"]
     assert isinstance(folded[1], nn.Identity)
 
 

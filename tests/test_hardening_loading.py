@@ -391,9 +391,11 @@ def test_verify_data_needs_only_the_val_folder(files, tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "PASSED" in result.stdout
     assert _digests([files["r18.pth"], folded_path]) == before
-    (data / "val").rename(data / "elsewhere")
+    # without val/, --data is a plain folder of images (compared batch by batch); one without images is refused
+    empty = tmp_path / "empty"
+    empty.mkdir()
     _refused(lambda: _cli("verify", str(files["r18.pth"]), str(folded_path), "--arch", "resnet18", "--data",
-                          str(data), *SMALL, cwd=work), [files["r18.pth"], folded_path], work, 2, "missing val/")
+                          str(empty), *SMALL, cwd=work), [files["r18.pth"], folded_path], work, 2, "holds no images")
 
 
 # ------------------------------------------------------------------------- 9. installed without extras

@@ -493,7 +493,8 @@ def test_a_strict_tolerance_judges_the_fold_and_the_written_file_alike(state_dic
     in_memory, written = payload["report"]["verification"], payload["written_file_check"]
     assert in_memory["tolerance"] == written["tolerance"] == 1e-9
     assert 1e-9 < in_memory["max_relative"] == written["max_relative"] < 1e-4
-    assert in_memory["rounding_check"]["passed"] and written["rounding_check"]["passed"]
+    # passed by one judge alike: the noise floor's allowance (or the float64 second opinion)
+    assert in_memory["passed"] and written["passed"] and in_memory["judged"] == written["judged"]
 
 
 def test_the_written_file_is_held_to_the_given_tolerance(state_dict: Path, monkeypatch: pytest.MonkeyPatch,
@@ -503,9 +504,10 @@ def test_the_written_file_is_held_to_the_given_tolerance(state_dict: Path, monke
     calls: list[tuple[float | None, torch.Tensor]] = []
     judge, serialise = commands._judge, saving.serialise
 
-    def spy(original: Any, candidate: Any, example: torch.Tensor, tolerance: float | None, what: str) -> dict[str, Any]:
-        calls.append((tolerance, example))
-        return judge(original, candidate, example, tolerance, what)
+    def spy(original: Any, candidate: Any, examples: list[torch.Tensor], tolerance: float | None, what: str,
+            report: Any = None) -> dict[str, Any]:
+        calls.append((tolerance, examples[0]))
+        return judge(original, candidate, examples, tolerance, what, report)
 
     def drifting(folded: Any, fmt: str, kind: str, example: torch.Tensor) -> bytes:  # a writer off by 1e-3
         state = {k: v.clone() for k, v in folded.state_dict().items()}

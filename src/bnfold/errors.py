@@ -27,9 +27,27 @@ class NonFiniteOutputError(BnfoldError):
     """The original model's own output is NaN on the example inputs, so no comparison can judge the fold."""
 
 
+class UndecidedError(BnfoldError):
+    """No verdict is possible: the original's own outputs differ from run to run on the same inputs and random state
+    (it draws random numbers bnfold cannot replay), by as much as the fold's difference."""
+
+
 class CaptureError(BnfoldError):
     """bnfold could not learn the model's dataflow (it cannot be traced, and the forward pass failed or was not given)."""
 
 
 class VerificationError(BnfoldError):
     """The folded model's outputs differ from the original's by more than the tolerance."""
+
+
+class OriginalRunError(InvalidInputError):
+    """The original model does not run on the example inputs, so there is nothing to compare the fold with.
+
+    Bad input (the command line's exit 2), never a failed verification: the fold was not judged at all. ``str()``
+    gives the cause and the Python keywords to fix it; :attr:`cli_message` the same without the runtime's own text
+    (the command line shows that with ``--debug``) and with the command-line options instead.
+    """
+
+    def __init__(self, what: str, shapes: str, cause: str, api_hint: str, cli_hint: str) -> None:
+        super().__init__(f"{what} does not run on example inputs of shape {shapes} ({cause}); {api_hint}")
+        self.cli_message = f"{what} does not run on example inputs of shape {shapes}; {cli_hint}"

@@ -130,6 +130,13 @@ class FoldReport(RichPrintable):
     def left(self) -> list[NormEntry]:
         return [e for e in self.entries if e.status == LEFT]
 
+    def touched(self) -> list[str]:
+        """The names of every layer and norm a fold or merge changed (what :mod:`bnfold.judge` perturbs)."""
+        names = [n for e in self.folded for n in (e.name, *e.into)]
+        names += [n for m in self.merges if m.status == MERGED and m.into
+                  for n in (m.into, *m.layers, *(i for i in m.identities if i != "input"))]
+        return list(dict.fromkeys(names))
+
     @property
     def parameters_removed(self) -> int:
         return self.parameters_before - self.parameters_after

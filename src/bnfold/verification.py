@@ -8,6 +8,12 @@ detection and segmentation models return) as
 The relative error is taken against the largest magnitude of the reference output rather than element-wise:
 element-wise relative errors explode where the reference is near zero, which says nothing about the fold.
 
+Every output is judged by :mod:`bnfold.judge`, the rule all formats share: it passes within the fixed relative
+tolerance below, or when its error is within what one rounding step of the tensors the fold touched does to the
+original on the same inputs (:func:`noise_floor`; "error X against allowance Y"). Models that draw random numbers
+in eval mode run every time under the same seed (:func:`run_seeded`), so the original and the folded model see the
+same draws.
+
 Default tolerances (:data:`TOLERANCES`) follow from float precision. Folding changes each weight by one rounding
 (relative ``eps/2``) and removes the rounding of the norm's own multiply and add; a layer's output therefore moves
 by a few ``eps`` of its magnitude, and through ``L`` layers such differences add up (roughly as ``sqrt(L)`` for
@@ -28,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import judge
 from .backends.capture import MODEL_CALLS_LOCK
 from .errors import InvalidInputError
 
@@ -57,6 +64,11 @@ class OutputError:
     max_abs: float
     relative: float
     shape: tuple[int, ...]
+    allowance: float | None = None  # bnfold.judge: FLOOR_FACTOR * noise floor + one rounding of the output
+    floor: float | None = None  # max |P - O| of the original with its touched tensors moved one rounding step
+
+    def within(self, tolerance: float) -> bool:
+        return self.relative <= tolerance or (self.allowance is not None and self.max_abs <= self.allowance)
 
 
 @dataclass
@@ -67,15 +79,27 @@ class Comparison:
     tolerance: float
     problems: list[str] = field(default_factory=list)  # structural mismatches: missing outputs, shapes, types
     not_finite: list[str] = field(default_factory=list)  # outputs holding NaN / unmatched inf: no verdict possible
+    undecided: str | None = None  # the original differs from itself run to run: no verdict possible
 
     @property
     def passed(self) -> bool:
-        return not self.problems and not self.not_finite and all(e.relative <= self.tolerance for e in self.outputs)
+        return (not self.problems and not self.not_finite and self.undecided is None
+                and all(e.within(self.tolerance) for e in self.outputs))
 
     @property
     def judged(self) -> bool:
-        """Whether a verdict was possible: ``False`` when an output is NaN (or inf unmatched), so no error is known."""
-        return not self.not_finite
+        """Whether a verdict was possible: ``False`` when an output is NaN (or inf unmatched), so no error is known,
+        or when the original's own outputs vary from run to run as much as the fold's."""
+        return not self.not_finite and self.undecided is None
+
+    def describe(self) -> str:
+        """The worst output's ``error X against allowance Y`` (or its relative error beside the tolerance)."""
+        if not self.outputs:
+            return "no floating outputs"
+        worst = max(self.outputs, key=lambda e: (not e.within(self.tolerance), e.relative))
+        verdict = judge.Verdict(worst.max_abs, worst.relative, worst.allowance, worst.floor, self.tolerance,
+                                worst.within(self.tolerance))
+        return verdict.describe()
 
     @property
     def max_abs(self) -> float:
@@ -90,7 +114,11 @@ class Comparison:
             return self.problems[0]
         if self.not_finite:
             return self.not_finite[0]
-        worst = max(self.outputs, key=lambda e: e.relative)
+        if self.undecided:
+            return self.undecided
+        worst = max(self.outputs, key=lambda e: (not e.within(self.tolerance), e.relative))
+        if worst.allowance is not None:
+            return f"output {worst.path or '(tensor)'}: {self.describe()}"
         return f"output {worst.path or '(tensor)'} with relative error {worst.relative:.3g} (max abs {worst.max_abs:.3g})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,11 +127,14 @@ class Comparison:
             "tolerance": self.tolerance,
             "max_abs": self.max_abs,
             "max_relative": self.max_relative,
+            "judged": self.describe() if self.outputs else None,
             "outputs": [
-                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape)} for e in self.outputs
+                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape),
+                 "allowance": e.allowance, "floor": e.floor} for e in self.outputs
             ],
             "problems": list(self.problems),
             "not_finite": list(self.not_finite),
+            "undecided": self.undecided,
         }
 
 
@@ -112,8 +143,13 @@ def _leaves_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
     return [(pytree.keystr(path), leaf) for path, leaf in leaves], spec
 
 
-def compare_outputs(reference: Any, candidate: Any, tolerance: float) -> Comparison:
-    """Compare two model outputs of the same structure, tensor by tensor."""
+def compare_outputs(reference: Any, candidate: Any, tolerance: float, perturbed: Any = None) -> Comparison:
+    """Compare two model outputs of the same structure, tensor by tensor.
+
+    ``perturbed``: the original's outputs with its touched tensors moved one rounding step (:func:`noise_floor`);
+    when given, each floating output also gets its :mod:`bnfold.judge` allowance.
+    """
+    floors = _floors(reference, perturbed) if perturbed is not None else {}
     ref_leaves, ref_spec = _leaves_with_paths(reference)
     cand_leaves, cand_spec = _leaves_with_paths(candidate)
     comparison = Comparison([], tolerance)
@@ -144,9 +180,96 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: float) -> Compari
         difference = (a64 - b64)[finite_a]
         max_abs = float(difference.abs().max()) if difference.numel() else 0.0
         scale = float(a64[finite_a].abs().max()) if difference.numel() else 0.0
-        relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-        comparison.outputs.append(OutputError(path, max_abs, relative, tuple(a.shape)))
+        floor = floors.get(path)
+        verdict = judge.verdict(max_abs, scale, torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0, tolerance,
+                                floor)
+        comparison.outputs.append(OutputError(path, max_abs, verdict.relative, tuple(a.shape), verdict.allowance, floor))
     return comparison
+
+
+def _floors(reference: Any, perturbed: Any) -> dict[str, float]:
+    """``max |P - O|`` per floating output path (outputs whose structure or values do not match are left out)."""
+    floors = {}
+    ref_leaves, ref_spec = _leaves_with_paths(reference)
+    pert_leaves, pert_spec = _leaves_with_paths(perturbed)
+    if ref_spec != pert_spec:
+        return {}
+    for (path, a), (_, p) in zip(ref_leaves, pert_leaves, strict=True):
+        if isinstance(a, torch.Tensor) and isinstance(p, torch.Tensor) and a.is_floating_point() and a.shape == p.shape:
+            a64, p64 = a.detach().double(), p.detach().double()
+            finite = torch.isfinite(a64) & torch.isfinite(p64)
+            if finite.any():
+                floors[path] = float((a64 - p64)[finite].abs().max())
+    return floors
+
+
+RUN_SEED = 0
+"""The random state every model run of a check starts from (:func:`run_seeded`)."""
+
+
+def run_seeded(model: Any, inputs: tuple[Any, ...], seed: int = RUN_SEED) -> Any:
+    """``model(*inputs)`` without gradients, from torch's random state ``seed`` (the caller's state is kept).
+
+    A forward that draws random numbers in eval mode (noise injection, a VAE's sampling) then draws the same numbers
+    for the original, the folded model and the perturbed original, so their outputs are comparable.
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        return model(*inputs)
+
+
+def touched_tensors(model: Any, modules: Any) -> list[str]:
+    """Names of the floating parameters and buffers owned (directly) by the named modules of ``model``."""
+    owners = set(modules)
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in named
+            if name.rpartition(".")[0] in owners and isinstance(tensor, torch.Tensor) and tensor.is_floating_point()]
+
+
+def _one_step(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``tensor`` with each value moved to its next representable neighbour, up or down at random."""
+    up = torch.rand(tensor.shape, generator=generator) < 0.5
+    if tensor.dtype in (torch.float32, torch.float64):
+        infinity = torch.full_like(tensor, float("inf"))
+        return torch.nextafter(tensor, torch.where(up.to(tensor.device), infinity, -infinity))
+    step = torch.finfo(tensor.dtype).eps
+    sign = torch.where(up, 1.0, -1.0).to(tensor.device)
+    return (tensor.float() * (1 + sign * step)).to(tensor.dtype)
+
+
+def noise_floor(model: Any, names: Any, inputs: tuple[Any, ...], seed: int = RUN_SEED) -> Any:
+    """The outputs of ``model`` with each named tensor moved one rounding step (:mod:`bnfold.judge`), or ``None``
+    when no name matches. The tensors are swapped back afterwards, bit for bit, whatever the forward does."""
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    chosen = [n for n in names if n in tensors]
+    if not chosen:
+        return None
+    generator = torch.Generator().manual_seed(judge.PERTURB_SEED)
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name in chosen:
+                saved[name] = tensors[name].data
+                tensors[name].data = _one_step(tensors[name].data, generator)
+        return run_seeded(model, inputs, seed)
+    finally:
+        for name, data in saved.items():
+            tensors[name].data = data
+
+
+def run_to_run(model: Any, inputs: tuple[Any, ...], first: Any, comparison: Comparison, seed: int = RUN_SEED) -> None:
+    """Run the original again on the same inputs and random state; where it differs from ``first`` as much as the fold
+    or the noise floor do, mark ``comparison`` undecided (:func:`bnfold.judge.undecided`). Called whenever an output
+    is beyond the fixed tolerance (the verdict then rests on the floor)."""
+    again = run_seeded(model, inputs, seed)
+    drift = _floors(first, again)
+    for error in comparison.outputs:
+        if error.relative <= comparison.tolerance:
+            continue
+        run = drift.get(error.path, 0.0)
+        if judge.undecided(run, error.max_abs, error.floor):
+            comparison.undecided = judge.UNDECIDED.format(run=run, error=error.max_abs)
+            return
 
 
 def _non_finite_problem(path: str, reference: torch.Tensor, candidate: torch.Tensor) -> str | None:
@@ -245,16 +368,14 @@ def explained_by_rounding(
     import copy
 
     truth_model = copy.deepcopy(original).double()
-    with torch.no_grad():
-        truth = truth_model(*_to_float64(inputs))
+    truth = run_seeded(truth_model, _to_float64(inputs))
     del truth_model
     second_test: list[tuple[float, float]] = []  # per output: (|F64 - T|, |R - E|)
     if exact_fold is not None and folded_float64 is not None:
-        with torch.no_grad():
-            exact = exact_fold(*_to_float64(inputs))
-            _round_like(exact_fold, original)
-            rounded = exact_fold(*_to_float64(inputs))
-            folded64 = folded_float64(*_to_float64(inputs))
+        exact = run_seeded(exact_fold, _to_float64(inputs))
+        _round_like(exact_fold, original)
+        rounded = run_seeded(exact_fold, _to_float64(inputs))
+        folded64 = run_seeded(folded_float64, _to_float64(inputs))
         for (_, t), (_, e), (_, r), (_, f) in zip(
             _leaves_with_paths(truth)[0], _leaves_with_paths(exact)[0], _leaves_with_paths(rounded)[0],
             _leaves_with_paths(folded64)[0], strict=True,
@@ -334,12 +455,14 @@ class VerificationResult(Comparison):
             f"max abs {self.max_abs:.3g}, over {self.batches} batch(es)"
         ]
         for e in self.outputs:
-            lines.append(f"  output {e.path or '(tensor)'} {list(e.shape)}: relative {e.relative:.3g}, abs {e.max_abs:.3g}")
+            allowance = f", allowance {e.allowance:.3g}" if e.allowance is not None else ""
+            lines.append(f"  output {e.path or '(tensor)'} {list(e.shape)}: relative {e.relative:.3g}, abs {e.max_abs:.3g}"
+                         f"{allowance}")
         if self.samples:
             lines.append(f"  top-1 agreement {self.agreement:.2%} over {self.samples} samples")
         if self.accuracy_original is not None:
             lines.append(f"  top-1 accuracy: original {self.accuracy_original:.2%}, folded {self.accuracy_folded:.2%}")
-        lines.extend(f"  problem: {p}" for p in (*self.problems, *self.not_finite))
+        lines.extend(f"  problem: {p}" for p in (*self.problems, *self.not_finite, *filter(None, [self.undecided])))
         return "\n".join(lines)
 
 
@@ -392,7 +515,9 @@ def verify(
         max_batches: stop after this many batches of ``data``.
 
     Errors are taken per output tensor (tuples, lists, dicts of tensors are walked), against the largest magnitude
-    of the original's output, so near-zero outputs do not blow the relative error up.
+    of the original's output, so near-zero outputs do not blow the relative error up; an output beyond ``tolerance``
+    still passes within the :mod:`bnfold.judge` allowance (the noise floor of the tensors ``folded`` changed, see
+    :func:`changed_tensors`). Both models run from the same random state.
     """
     if inputs is None and data is None:
         raise InvalidInputError("verify() needs inputs or data to run both models on")
@@ -405,12 +530,17 @@ def verify(
         batches.append((inputs if isinstance(inputs, tuple) else (inputs,), None))
     # the models run while no other thread traces (see MODEL_CALLS_LOCK)
 
+    touched = changed_tensors(original, folded)
     with MODEL_CALLS_LOCK, torch.no_grad():
         for number, (batch, labels) in enumerate(_chain(batches, _batches(data) if data is not None else ())):
             if max_batches is not None and number >= max_batches + len(batches):
                 break
-            expected, actual = original(*batch), folded(*batch)
-            comparison = compare_outputs(expected, actual, limit)
+            expected, actual = run_seeded(original, batch), run_seeded(folded, batch)
+            comparison = compare_outputs(expected, actual, limit, noise_floor(original, touched, batch))
+            if comparison.judged and comparison.max_relative > limit:
+                run_to_run(original, batch, expected, comparison)
+                if comparison.undecided and comparison.undecided not in result.problems:
+                    result.undecided = comparison.undecided
             result.problems.extend(p for p in comparison.problems if p not in result.problems)
             result.not_finite.extend(p for p in comparison.not_finite if p not in result.not_finite)
             _merge(worst, comparison)
@@ -432,6 +562,21 @@ def verify(
         result.accuracy_original = correct_original / labelled
         result.accuracy_folded = correct_folded / labelled
     return result
+
+
+def changed_tensors(original: Any, folded: Any) -> list[str]:
+    """Floating parameters and buffers of ``original`` that ``folded`` lacks or holds with other values (what a fold
+    touched, read from the two models: the noise floor of :func:`verify` perturbs them). A model whose tensors are
+    not named like the original's (a frozen TorchScript module) makes every tensor count as touched."""
+    theirs = dict([*folded.named_parameters(), *folded.named_buffers()])
+    changed = []
+    for name, tensor in [*original.named_parameters(), *original.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        other = theirs.get(name)
+        if other is None or other.shape != tensor.shape or not torch.equal(other.detach(), tensor.detach()):
+            changed.append(name)
+    return changed
 
 
 def _chain(first: list[Any], rest: Any) -> Any:

@@ -30,7 +30,7 @@ from ..files import refuse_inputs
 from ..report import MERGED, FoldReport, NormEntry
 from .adapter import float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
-from .verification import TOLERANCES, default_tolerance, random_inputs, session, verify
+from .verification import TOLERANCES, default_tolerance, describe_failure, random_inputs, session, verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]
 
@@ -55,7 +55,7 @@ class OnnxFoldResult:
     sources: tuple[Path, ...] = ()
     original: onnx.ModelProto | str | None = field(default=None, repr=False)  # what the fold was verified against
     tolerance: float | None = None
-    inputs: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    inputs: dict[str, np.ndarray] | list[dict[str, np.ndarray]] | None = field(default=None, repr=False)
     seed: int = 0
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
 
@@ -94,9 +94,8 @@ class OnnxFoldResult:
             checked.update(result)
             if not result["passed"]:
                 raise VerificationError(
-                    f"the written ONNX file does not reproduce the original's outputs (output '{result['worst_output']}'"
-                    f" differs by {result['max_relative']:.3g} relative, tolerance {result['tolerance']:g}); nothing "
-                    "was written"
+                    f"the written ONNX file does not reproduce the original's outputs ({describe_failure(result)}); "
+                    "nothing was written"
                 )
 
         save(self.model, path, force=force, external_data=True if self.external_data else None, check=read_back)
@@ -150,7 +149,7 @@ def fold(
     *,
     verify: bool = True,
     tolerance: float | None = None,
-    inputs: dict[str, np.ndarray] | None = None,
+    inputs: dict[str, np.ndarray] | list[dict[str, np.ndarray]] | None = None,
     seed: int = 0,
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
     merge_branches: bool = False,
@@ -164,14 +163,17 @@ def fold(
     Args:
         verify: run the original and the folded model in onnxruntime and compare (``report.verification``).
         tolerance: relative tolerance for the comparison; by default from the outputs' dtype.
-        inputs, seed: inputs for the comparison by name; the others are random with ``seed``.
-        input_shape: shape of the random inputs: the only input's, or by input name (dynamic dimensions are 1
-            otherwise, which not every graph accepts).
+        inputs, seed: inputs for the comparison by name (or a list of such batches); the others are example
+            inputs (photographs for ``N x 3 x H x W`` inputs, random with ``seed`` otherwise).
+        input_shape: shape of the example inputs: the only input's, or by input name (otherwise dynamic sizes are
+            the first of :data:`bnfold.examples.SIZES` the original runs on).
         merge_branches: also merge summed parallel branches into one Conv / Gemm.
 
     Raises:
         InvalidInputError: the model cannot be read (see :func:`load`), or ``input_shape`` does not fit it.
-        VerificationError: the folded model's outputs differ by more than the tolerance.
+        OriginalRunError: the original does not run on the inputs (nothing to judge the fold against).
+        VerificationError: the folded model's outputs differ by more than rounding its weights explains (and than
+            the tolerance), see :mod:`bnfold.judge`; or the original's own outputs vary from run to run.
     """
     model, name, sources = _resolve(model_or_path)
     if input_shape is not None:
@@ -188,12 +190,7 @@ def fold(
         result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance, input_shape=input_shape)
         report.verification = result
         if not result["passed"]:
-            worst = result["worst_output"]
-            raise VerificationError(
-                f"{name}: folded output '{worst}' differs from the original by {result['max_relative']:.3g} "
-                f"(relative; max abs {result['outputs'][worst]['max_abs']:.3g}), above the tolerance "
-                f"{result['tolerance']:g}; pass a larger tolerance if the model is badly conditioned, or report it"
-            )
+            raise VerificationError(f"{name}: the folded model is refused: {describe_failure(result)}")
     return OnnxFoldResult(folded, report, external_data=len(sources) > 1, sources=sources,
                           original=original if checked else None, tolerance=tolerance, inputs=inputs, seed=seed,
                           input_shape=input_shape)

@@ -5,8 +5,14 @@ Errors are measured per output as in :mod:`bnfold.verification` (the PyTorch sid
     max_abs = max |a - b|        relative = max_abs / max |a|
 
 Both sessions run on onnxruntime's CPU provider with graph optimisations off, so what is compared is the two
-graphs, not what onnxruntime makes of them. Inputs are random (seeded) from the graph's input types, with dynamic
-dimensions set to 1, unless the caller gives them.
+graphs, not what onnxruntime makes of them. An input shaped like a batch of RGB images gets the photographs bnfold
+ships (:mod:`bnfold.examples`), every other input seeded random values; a dynamic batch dimension is 1 and the other
+dynamic dimensions take the first of :data:`bnfold.examples.SIZES` (224, then multiples of 32) the original runs
+on, unless the caller gives shapes or inputs.
+
+The verdict is :mod:`bnfold.judge`'s, the same in every format: besides the fixed relative tolerance, an output
+passes when its error is within what one rounding step of the tensors the fold touched does to the original (the
+noise floor, measured here on a perturbed copy of the original, in onnxruntime, on the same inputs).
 
 The default tolerances are those of :data:`bnfold.verification.TOLERANCES`, which explains where they come from.
 That module imports torch, and this one must not, so the numbers are repeated here by ONNX element type; a test
@@ -25,8 +31,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import InvalidInputError, VerificationError
-from .io import data_size
+from .. import judge
+from ..errors import InvalidInputError, OriginalRunError, VerificationError
+from ..examples import SIZES, STRIP_HEIGHTS, STRIP_WIDTH, is_image_like, photo_batch
+from .io import data_size, read
 
 TOLERANCES: dict[int, float] = {
     onnx.TensorProto.DOUBLE: 1e-9,
@@ -129,7 +137,7 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, o
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the caller as exceptions; not also printed on stderr
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
@@ -145,91 +153,421 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, o
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
-    """Outputs of ``model`` on ``feeds``, by output name.
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    values = [v for v in model.graph.input if v.name not in initializers]
+    for value in values:
+        if not value.type.HasField("tensor_type"):
+            raise InvalidInputError(
+                f"graph input '{value.name}' is not a tensor; give its value in the inputs (by name)"
+            )
+    return values
 
-    Raises:
-        VerificationError: onnxruntime cannot load or run the model (custom ops, invalid random inputs, ...).
+
+def _declared(value: onnx.ValueInfoProto) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in value.type.tensor_type.shape.dim]
+
+
+def has_free_sizes(model: onnx.ModelProto) -> bool:
+    """Whether a graph input has a dynamic dimension other than the batch (axis 0): its size must be chosen."""
+    return any(d is None for v in _graph_inputs(model) for d in _declared(v)[1:])
+
+
+def example_inputs(
+    model: onnx.ModelProto, seed: int = 0, input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """One array per graph input: photographs for ``N x 3 x H x W`` float inputs, seeded random values otherwise.
+
+    A dynamic batch dimension (axis 0) is 1, another dynamic dimension ``size`` (1 when ``None``; a pair gives the
+    first free dimension and the others); ``input_shape`` (the only input's shape, or shapes by name) overrides
+    both. Fixed dimensions are kept.
     """
+    rng = np.random.default_rng(seed)
+    values = _graph_inputs(model)
+    given = _input_shapes(values, input_shape)
+    feeds: dict[str, np.ndarray] = {}
+    for value in values:
+        tensor_type = value.type.tensor_type
+        declared = _declared(value)
+        first, rest = size if isinstance(size, tuple) else (size, size)
+        free = [axis for axis, d in enumerate(declared) if d is None and axis > 0]
+        shape = given.get(value.name) or tuple(
+            d if d is not None else 1 if axis == 0 or first is None else first if axis == free[0] else rest
+            for axis, d in enumerate(declared)
+        )
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        floating = np.issubdtype(dtype, np.floating) or tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+        if floating and is_image_like(shape):
+            feeds[value.name] = photo_batch(shape, dtype)
+        elif floating:
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.random(shape) < 0.5
+        else:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
+    return feeds
+
+
+def _shapes(feeds: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name}: {'x'.join(map(str, a.shape)) or 'scalar'}" for name, a in feeds.items())
+
+
+def _cause(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+class _Runner:
+    """One onnxruntime session of a model, created on first use; errors say which model could not run."""
+
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike[str], which: str) -> None:
+        self.model, self.which, self._session = model, which, None
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            self._session = session(self.model)
+        names = [o.name for o in self._session.get_outputs()]
+        return dict(zip(names, self._session.run(names, feeds), strict=True))
+
+
+def _run_original(runner: _Runner, feeds: dict[str, np.ndarray], given: bool) -> dict[str, np.ndarray]:
     try:
-        sess = session(model)
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds), strict=True))
+        return runner(feeds)
     except Exception as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise VerificationError(
-            f"onnxruntime could not run the {which or 'given'} model ({message}); pass inputs={{name: array}} if "
-            "random inputs are not valid for it, or verify=False to skip the check"
+        source = "the given inputs" if given else "example inputs"
+        raise OriginalRunError(
+            "the original model", _shapes(feeds), f"onnxruntime: {_cause(error)}",
+            f"pass inputs={{name: array}} or input_shape= with {source} it takes, or verify=False to skip the check",
+            "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's "
+            "message)",
         ) from error
 
 
-def compare(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> dict[str, Any]:
-    """``max_abs``, ``relative`` (max_abs / max |expected|) and ``passed`` for one output."""
+def _run_folded(runner: _Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    try:
+        return runner(feeds)
+    except Exception as error:
+        raise VerificationError(
+            f"onnxruntime could not run the {runner.which} model on inputs the original runs on "
+            f"({_shapes(feeds)}: {_cause(error)})"
+        ) from error
+
+
+def choose_inputs(
+    original: _Runner, described: onnx.ModelProto, seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Example inputs the original runs on, and its outputs: free sizes take the first of :data:`SIZES` that works,
+    then a strip (each of :data:`STRIP_HEIGHTS` by :data:`STRIP_WIDTH`), then 1 (the smallest input there is).
+
+    Raises:
+        OriginalRunError: no size works (the last error is chained).
+    """
+    if not has_free_sizes(described):
+        feeds = example_inputs(described, seed)
+        return feeds, _run_original(original, feeds, False)
+    tried, last = [], None
+    sizes: list[int | tuple[int, int]] = [*SIZES, *((h, STRIP_WIDTH) for h in STRIP_HEIGHTS), 1]
+    for size in sizes:
+        feeds = example_inputs(described, seed, size=size)
+        try:
+            return feeds, original(feeds)
+        except Exception as error:
+            tried.append(_shapes(feeds))
+            last = error
+    raise OriginalRunError(
+        "the original model", f"{tried[0]} ... {tried[-1]} ({len(tried)} sizes tried)",
+        f"onnxruntime: {_cause(last) if last else ''}",
+        "pass input_shape= or inputs={name: array} with inputs it takes, or verify=False to skip the check",
+        "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's message)",
+    ) from last
+
+
+# ----------------------------------------------------------------------------- the noise floor of a fold
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and ``Constant`` node values by name (the tensors a fold may touch)."""
+    found = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
+                    found[node.output[0]] = attribute.t
+    return found
+
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+
+
+def touched_constants(original: onnx.ModelProto, folded: onnx.ModelProto) -> list[str]:
+    """The float constants of ``original`` that ``folded`` changed: every float constant input of a node the fold
+    removed (a BatchNormalization, a merged branch), and each constant input of a kept node whose value differs."""
+    mine, theirs = _constants(original), _constants(folded)
+
+    def key(node: onnx.NodeProto) -> tuple[str, ...]:
+        return (node.name,) if node.name else tuple(node.output)
+
+    kept = {key(n): n for n in folded.graph.node}
+    touched: dict[str, None] = {}
+    for node in original.graph.node:
+        if node.op_type == "Constant":
+            continue
+        other = kept.get(key(node))
+        for position, name in enumerate(node.input):
+            tensor = mine.get(name)
+            if tensor is None or tensor.data_type not in _FLOATS:
+                continue
+            if other is None or other.op_type != node.op_type or position >= len(other.input):
+                touched[name] = None
+                continue
+            counterpart = theirs.get(other.input[position])
+            if counterpart is None or not _same(tensor, counterpart):
+                touched[name] = None
+    return list(touched)
+
+
+def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    if a.data_type != b.data_type or list(a.dims) != list(b.dims):
+        return False
+    if a.raw_data and b.raw_data:
+        return a.raw_data == b.raw_data
+    return bool(np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b)))
+
+
+def perturbed(original: onnx.ModelProto, names: Sequence[str], seed: int = judge.PERTURB_SEED) -> onnx.ModelProto:
+    """A copy of ``original`` with each named float constant moved one step of its dtype, up or down (seeded)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(original)
+    rng = np.random.default_rng(seed)
+    constants = _constants(copy)
+    for name in names:
+        tensor = constants[name]
+        value = onnx.numpy_helper.to_array(tensor)
+        direction = np.where(rng.random(value.shape) < 0.5, -np.inf, np.inf).astype(value.dtype)
+        moved = np.nextafter(value, direction).astype(value.dtype)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(moved, tensor.name))
+    return copy
+
+
+def _floor(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.ModelProto | str | os.PathLike[str]
+           ) -> tuple[_Runner, int] | None:
+    """A runner of the perturbed original, and how many tensors it moves (``None`` when the fold touched nothing)."""
+    source = original if isinstance(original, onnx.ModelProto) else read(original)[0]
+    target = folded if isinstance(folded, onnx.ModelProto) else read(folded)[0]
+    names = touched_constants(source, target)
+    if not names:
+        return None
+    return _Runner(perturbed(source, names), "perturbed original"), len(names)
+
+
+# ------------------------------------------------------------------------------------------------ verify
+
+
+def _reduce(expected: np.ndarray, actual: np.ndarray) -> tuple[float, float] | str:
+    """``(max |a - b|, max |a|)`` over the finite places of ``a``, or why the two cannot be compared."""
     a = np.asarray(expected).astype(np.float64)
     b = np.asarray(actual).astype(np.float64)
     if a.shape != b.shape:
-        return {"max_abs": float("inf"), "relative": float("inf"), "passed": False, "shape": list(a.shape)}
-    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
-    scale = float(np.max(np.abs(a))) if a.size else 0.0
-    relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    passed = bool(relative <= tolerance)  # NaN compares False: a NaN output fails
-    return {"max_abs": max_abs, "relative": relative, "passed": passed, "shape": list(a.shape)}
+        return f"shape {list(a.shape)} vs {list(b.shape)}"
+    if np.isnan(a).any():
+        return "the original's output holds NaN on these inputs, so the check cannot be made"
+    if np.isnan(b).any():
+        return "the folded model's output holds NaN where the original's is a number"
+    infinite = np.isinf(a)
+    if not np.array_equal(infinite, np.isinf(b)) or not np.array_equal(a[infinite], b[infinite]):
+        return "infinite at different places (or with different signs) in the original and the folded model"
+    finite = ~infinite
+    if not finite.any():
+        return 0.0, 0.0
+    return float(np.max(np.abs(a[finite] - b[finite]))), float(np.max(np.abs(a[finite])))
+
+
+def _eps(array: np.ndarray) -> float:
+    return float(np.finfo(array.dtype).eps) if np.issubdtype(array.dtype, np.floating) else 0.0
+
+
+def compare(expected: np.ndarray, actual: np.ndarray, tolerance: float, floor: float | None = None) -> dict[str, Any]:
+    """One output judged by :func:`bnfold.judge.verdict`: ``max_abs``, ``relative``, ``allowance``, ``passed``.
+
+    ``floor`` is ``max |P - O|`` of the perturbed original (see :mod:`bnfold.judge`), when measured.
+    """
+    shape = list(np.shape(expected))
+    reduced = _reduce(expected, actual)
+    if isinstance(reduced, str):
+        return {"max_abs": float("inf"), "relative": float("inf"), "passed": False, "shape": shape,
+                "allowance": None, "floor": floor, "problem": reduced}
+    error, scale = reduced
+    if not np.issubdtype(np.asarray(expected).dtype, np.floating):
+        floor = None  # integer outputs (indices, counts) must match exactly, up to the tolerance
+    verdict = judge.verdict(error, scale, _eps(np.asarray(expected)), tolerance, floor)
+    return {"max_abs": error, "relative": verdict.relative, "passed": verdict.passed, "shape": shape,
+            "allowance": verdict.allowance, "floor": floor, "judged": verdict.describe()}
+
+
+def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
+                 input_shape: Sequence[int] | dict[str, Sequence[int]] | None) -> list[dict[str, np.ndarray]]:
+    """The batches to compare on: ``inputs`` (a dict, or a list of dicts, by input name) over the example inputs."""
+    batches = inputs if isinstance(inputs, list) else [inputs]
+    feeds = []
+    for batch in batches:
+        if not isinstance(batch, dict):
+            raise InvalidInputError(
+                f"inputs must be a dict of input name -> numpy array (or a list of them), got {type(batch).__name__}"
+            )
+        names = [v.name for v in _graph_inputs(described)]
+        unknown = sorted(set(batch) - set(names))
+        if unknown:
+            raise InvalidInputError(f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(names)}")
+        shapes = {name: np.shape(array) for name, array in batch.items()}
+        base = example_inputs(described, seed, input_shape if input_shape is not None else None,
+                              size=_common_size(described, shapes))
+        base.update({k: np.asarray(v) for k, v in batch.items()})
+        feeds.append(base)
+    return feeds
+
+
+def _common_size(described: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The size given inputs use for their free dimensions, for the inputs not given (``None``: nothing to copy)."""
+    for value in _graph_inputs(described):
+        if value.name in shapes:
+            for axis, d in enumerate(_declared(value)):
+                if axis and d is None and axis < len(shapes[value.name]):
+                    return int(shapes[value.name][axis])
+    return None
 
 
 def verify(
     original: onnx.ModelProto | str | os.PathLike[str],
     folded: onnx.ModelProto | str | os.PathLike[str],
     *,
-    inputs: dict[str, np.ndarray] | None = None,
+    inputs: dict[str, np.ndarray] | list[dict[str, np.ndarray]] | None = None,
     seed: int = 0,
     tolerance: float | None = None,
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Run both models on the same inputs and compare every output.
+    """Run both models on the same inputs and judge every output (:mod:`bnfold.judge`).
 
     Args:
         original, folded: the models to compare (same input and output names), each a ModelProto or the path of
             its file (onnxruntime then opens the file itself, external data included, as a user's
             ``InferenceSession(path)`` does; the inputs and the tolerance come from the graph of ``original``).
-        inputs: input arrays by name; inputs not given are random (``seed``), dynamic dimensions set to 1.
-        tolerance: relative tolerance; by default from the outputs' dtype (:data:`TOLERANCES`).
-        input_shape: shape of the random inputs (see :func:`random_inputs`).
+        inputs: input arrays by name, or a list of such batches (each is compared); inputs not given are example
+            inputs (photographs for ``N x 3 x H x W``, seeded random otherwise).
+        tolerance: relative tolerance; by default from the outputs' dtype (:data:`TOLERANCES`). An output within it,
+            or within the noise floor's allowance, passes.
+        input_shape: shape of the example inputs (see :func:`example_inputs`); without it, dynamic sizes are
+            chosen: the first of :data:`bnfold.examples.SIZES` the original runs on.
 
     Returns:
-        ``{"passed", "tolerance", "max_relative", "worst_output", "inputs", "outputs": {name: {"max_abs",
-        "relative", "passed", "shape"}}}`` — plain data, ready for ``json.dumps`` and ``FoldReport.verification``.
+        ``{"passed", "tolerance", "max_relative", "max_abs", "allowance", "worst_output", "inputs", "input_shapes",
+        "outputs": {name: {"max_abs", "relative", "allowance", "floor", "passed", "shape"}}, "undecided"}`` — plain
+        data, ready for ``json.dumps`` and ``FoldReport.verification``.
+
+    Raises:
+        OriginalRunError: the original does not run on the inputs (bad input, not a failed verification).
+        VerificationError: the folded model does not run where the original does.
     """
     described = next((m for m in (original, folded) if isinstance(m, onnx.ModelProto)), None)
     if described is None:  # two paths: the graph describes the inputs and outputs; its weights are not needed
         described = onnx.load_model(os.fspath(original), load_external_data=False)
     if tolerance is None:
         tolerance = default_tolerance(described)
-    feeds = random_inputs(described, seed, input_shape)
+    run_original, run_folded = _Runner(original, "original"), _Runner(folded, "folded")
     if inputs is not None:
-        if not isinstance(inputs, dict):
-            raise InvalidInputError(
-                f"inputs must be a dict of input name -> numpy array, got {type(inputs).__name__}"
-            )
-        unknown = sorted(set(inputs) - set(feeds))
-        if unknown:
-            raise InvalidInputError(
-                f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(feeds)}"
-            )
-        feeds.update({k: np.asarray(v) for k, v in inputs.items()})
-    expected = run(original, feeds, "original")
-    actual = run(folded, feeds, "folded")
-    outputs = {}
-    for name, value in expected.items():
-        if name not in actual:
-            outputs[name] = {"max_abs": float("inf"), "relative": float("inf"), "passed": False, "shape": []}
-            continue
-        outputs[name] = compare(value, actual[name], tolerance)
-    worst = max(outputs, key=lambda n: outputs[n]["relative"], default=None)
+        batches = _given_feeds(described, inputs, seed, input_shape)
+        expected = [_run_original(run_original, feeds, True) for feeds in batches]
+        chosen = "given"
+    elif input_shape is not None:
+        batches = [example_inputs(described, seed, input_shape)]
+        expected = [_run_original(run_original, batches[0], False)]
+        chosen = "example (--input-shape)"
+    else:
+        feeds, outputs = choose_inputs(run_original, described, seed)
+        batches, expected = [feeds], [outputs]
+        chosen = "example (chosen)" if has_free_sizes(described) else "example"
+    actual = [_run_folded(run_folded, feeds) for feeds in batches]
+    floor = _floor(original, folded)
+    outputs: dict[str, dict[str, Any]] = {}
+    for number, feeds in enumerate(batches):
+        noisy = floor[0](feeds) if floor is not None else None
+        for name, value in expected[number].items():
+            if name not in actual[number]:
+                result = {"max_abs": float("inf"), "relative": float("inf"), "passed": False, "shape": [],
+                          "allowance": None, "floor": None, "problem": "missing in the folded model"}
+            else:
+                measured = _reduce(value, noisy[name]) if noisy is not None and name in noisy else None
+                noise = measured[0] if isinstance(measured, tuple) else None
+                result = compare(value, actual[number][name], tolerance, noise)
+            if name not in outputs or _worse(result, outputs[name]):
+                outputs[name] = result
+    undecided = None
+    if any(o["relative"] > tolerance for o in outputs.values()):  # the verdict rests on the floor: is it noise?
+        undecided = _run_to_run(run_original, batches, expected, outputs, tolerance)
+    worst = max(outputs, key=lambda n: (not outputs[n]["passed"], outputs[n]["relative"]), default=None)
+    passed = all(o["passed"] for o in outputs.values()) and undecided is None
     return {
-        "passed": all(o["passed"] for o in outputs.values()),
+        "passed": passed,
         "tolerance": tolerance,
         "max_relative": outputs[worst]["relative"] if worst is not None else 0.0,
+        "max_abs": outputs[worst]["max_abs"] if worst is not None else 0.0,
+        "allowance": outputs[worst]["allowance"] if worst is not None else None,
+        "judged": outputs[worst].get("judged") if worst is not None else None,
         "worst_output": worst,
-        "inputs": "given" if inputs else f"random (seed {seed})",
+        "inputs": _label(chosen, batches[0], seed),
+        "input_shapes": {name: list(a.shape) for name, a in batches[0].items()},
+        "batches": len(batches),
+        "perturbed_tensors": floor[1] if floor is not None else 0,
+        "undecided": undecided,
         "outputs": outputs,
     }
+
+
+def _label(chosen: str, feeds: dict[str, np.ndarray], seed: int) -> str:
+    """What the inputs were: ``"photographs, sizes chosen"``, ``"random (seed 0)"``, ``"given"``..."""
+    if chosen == "given":
+        return "given inputs"
+    kinds = ["photographs" if is_image_like(a.shape) and np.issubdtype(a.dtype, np.floating) else f"random (seed {seed})"
+             for a in feeds.values()]
+    text = ", ".join(dict.fromkeys(kinds))
+    return f"{text}, sizes chosen: the first the original runs on" if chosen == "example (chosen)" else text
+
+
+def _worse(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (not a["passed"], a["relative"]) > (not b["passed"], b["relative"])
+
+
+def _run_to_run(runner: _Runner, batches: list[dict[str, np.ndarray]], expected: list[dict[str, np.ndarray]],
+                outputs: dict[str, dict[str, Any]], tolerance: float) -> str | None:
+    """Why the check cannot judge (the original differs from itself on a second run), or ``None``."""
+    for feeds, first in zip(batches, expected, strict=True):
+        again = runner(feeds)
+        for name, value in first.items():
+            measured = _reduce(value, again[name])
+            result = outputs.get(name)
+            if result is None or result["relative"] <= tolerance or not isinstance(measured, tuple):
+                continue
+            if judge.undecided(measured[0], result["max_abs"], result["floor"]):
+                return judge.UNDECIDED.format(run=measured[0], error=result["max_abs"])
+    return None
+
+
+def describe_failure(result: dict[str, Any]) -> str:
+    """One line for a failed :func:`verify`: the worst output, its error against its allowance, or why undecided."""
+    if result.get("undecided"):
+        return result["undecided"]
+    worst = result["worst_output"]
+    output = result["outputs"][worst]
+    if output.get("problem"):
+        return f"output '{worst}': {output['problem']}"
+    return f"output '{worst}' differs: {output.get('judged')}, more than rounding the folded weights explains"
+
+
+def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds``, by output name.
+
+    Raises:
+        OriginalRunError: onnxruntime cannot load or run the model (custom ops, inputs it does not take, ...).
+    """
+    return _run_original(_Runner(model, which or "given"), feeds, True)

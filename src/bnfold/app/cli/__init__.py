@@ -84,6 +84,18 @@ def _model_options(parser: argparse.ArgumentParser, weights: bool = True) -> Non
     group.add_argument("--seed", type=_SEED, default=0, help="seed of the random example inputs (default: 0)")
 
 
+def _input_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("inputs to judge the fold on (default: photographs for N x 3 x H x W inputs, "
+                                      "seeded random values for others)")
+    group.add_argument("--input", metavar="FILE", help="an .npz of arrays by input name (numpy.savez), or an .npy for "
+                                                      "the only input")
+    group.add_argument("--data", metavar="DIR", help="a folder of images (resized to the input's H x W and normalised "
+                                                     "as ImageNet models expect); for verify of PyTorch models also an "
+                                                     "ImageFolder root with val/<class>/ (top-1 agreement)")
+    group.add_argument("--limit", type=_integer(1, what="an image count"), metavar="N", default=None,
+                       help="use at most N images of --data (default: 8; all of an ImageFolder's val/)")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for scripts)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -116,6 +128,7 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
                          help="also show which summed parallel branches would merge into one layer (and why others "
                               "would not)")
     _model_options(inspect)
+    _input_options(inspect)
     _common(inspect)
 
     fold = commands.add_parser("fold", help="fold, verify and write the folded model",
@@ -134,6 +147,7 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
                       help="also merge summed parallel branches (RepVGG / MobileOne / RepViT blocks) into one layer; "
                            "PyTorch modules, TorchScript, .pt2 programs and ONNX files")
     _model_options(fold)
+    _input_options(fold)
     _common(fold)
 
     verify = commands.add_parser("verify", help="compare the outputs of two models",
@@ -142,10 +156,9 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("original", metavar="ORIGINAL")
     verify.add_argument("folded", metavar="FOLDED")
-    verify.add_argument("--data", metavar="DIR", help="ImageFolder root with val/ (ImageNette layout) to compare on")
-    verify.add_argument("--limit", type=_integer(1, what="an image count"), metavar="N", help="compare on at most N images of --data")
     verify.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
     _model_options(verify, weights=False)
+    _input_options(verify)
     _common(verify)
 
     bench = commands.add_parser("bench", help="latency and footprint before / after folding",
@@ -259,7 +272,8 @@ def _run(args: argparse.Namespace, commands: Any, console: Any, errors: Any, int
     except BnfoldError as error:
         if args.debug:
             raise
-        _fail(errors, "error", str(error))
+        # an error that knows its command-line wording (options, not Python keywords; no runtime internals) uses it
+        _fail(errors, "error", getattr(error, "cli_message", None) or str(error))
         return EXIT_VERIFICATION_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
     except OSError as error:  # the environment (a full disk, a read-only folder, permissions), not a bug
         if args.debug:

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from ...errors import InvalidInputError, VerificationError
+from ...errors import InvalidInputError, OriginalRunError, UndecidedError, VerificationError
 from ...files import check_output_path, refuse_inputs, staged
 from ...report import MERGED, FoldReport
 from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model
-from .output import emit
+from .output import emit, verification_line
 from .saving import choose_format, read_back, write_model
 
 OK, VERIFICATION_FAILED, BAD_INPUT = 0, 1, 2
@@ -45,12 +45,37 @@ def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: torch.Te
     except Exception as error:  # whatever the model's own forward raises on this input
         lines = str(error).strip().splitlines()
         cause = f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
-        if args.input_shape is None:
+        if getattr(args, "input", None) or getattr(args, "data", None):
+            advice = "check --input / --data: they must fit the shape of one batch that the model's forward() takes"
+        elif args.input_shape is None:
             advice = (f"the example input was the default {shape}: pass --input-shape with the shape of one batch "
-                      "that its forward() takes (e.g. --input-shape 1,3,32,32)")
+                      "that its forward() takes (e.g. --input-shape 1,3,32,32), or --input FILE.npy")
         else:
             advice = "check --input-shape: it is the shape of one batch that the model's forward() takes"
-        raise InvalidInputError(f"{loaded.label} does not run on an input of shape {shape} ({cause}); {advice}") from error
+        raise OriginalRunError(loaded.label, shape, cause, advice, advice) from error
+
+
+def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[torch.Tensor]:
+    """The batches to fold and judge on: ``--input FILE`` (.npy, or an .npz of one array), ``--data DIR`` (images
+    resized to the example shape), else the model's example input (photographs for N x 3 x H x W)."""
+    if getattr(args, "input", None) and getattr(args, "data", None):
+        raise InvalidInputError("--input and --data both give the inputs to judge on: pass one of them")
+    if getattr(args, "input", None):
+        from ...examples import read_arrays
+
+        arrays = read_arrays(args.input)
+        if len(arrays) != 1:
+            raise InvalidInputError(
+                f"--input {args.input} holds {len(arrays)} arrays ({', '.join(arrays)}); the command line feeds PyTorch "
+                "models one tensor: save one array (numpy.save)"
+            )
+        return [torch.from_numpy(next(iter(arrays.values())).copy())]
+    if getattr(args, "data", None):
+        from ...examples import image_batches
+
+        shape = loaded.input_shape or loaded.example_inputs(seed).shape
+        return [torch.from_numpy(b) for b in image_batches(args.data, tuple(shape), limit=args.limit or 8)]
+    return [loaded.example_inputs(seed)]
 
 
 def _print_notes(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> None:
@@ -95,7 +120,7 @@ def _plan_report(loaded: LoadedModel, example: torch.Tensor, merge_branches: boo
 def inspect(args: argparse.Namespace, console: Any) -> int:
     """``bnfold inspect MODEL``: each norm and what folding would do with it; parameter counts. Writes nothing."""
     loaded = _load(args, args.model, console)
-    example = loaded.example_inputs(args.seed)
+    example = _examples(args, loaded, args.seed)[0]
     _check_runs(args, loaded, example)
     with console.status("tracing the dataflow"):
         report = _plan_report(loaded, example, args.merge_branches)
@@ -115,7 +140,8 @@ def _fold_exported(loaded: LoadedModel, example: torch.Tensor, merge_branches: b
 
 
 def _fold_loaded(
-    loaded: LoadedModel, example: torch.Tensor, tolerance: float | None, seed: int = 0, merge_branches: bool = False
+    loaded: LoadedModel, example: torch.Tensor | None, tolerance: float | None, seed: int = 0,
+    merge_branches: bool = False, examples: list[Any] | None = None,
 ) -> tuple[Any, FoldReport]:
     """Fold and verify; raises ``VerificationError`` (nothing written yet) if outputs differ.
 
@@ -123,59 +149,84 @@ def _fold_loaded(
     """
     if loaded.kind == ONNX:  # the result object, which knows whether to write external data
         result = _onnx_backend().fold(loaded.source or loaded.module, verify=True, tolerance=tolerance, seed=seed,
-                                      merge_branches=merge_branches)
+                                      merge_branches=merge_branches, inputs=examples or None,
+                                      input_shape=loaded.input_shape)
         return result, result.report
     if loaded.kind == TORCHSCRIPT:
         from ...backends.torchscript import fold_script
 
         folded, report = fold_script(loaded.module, example_inputs=example, name=loaded.label,
                                      merge_branches=merge_branches)
-        report.verification = _judge(loaded.module, folded, example, tolerance, "the folded TorchScript model")
+        report.verification = _judge(loaded.module, folded, examples or [example], tolerance,
+                                     "the folded TorchScript model", report)
         return folded, report
     if loaded.kind == EXPORTED:
         program, report = _fold_exported(loaded, example, merge_branches)
-        report.verification = _judge(loaded.runnable, program.module(), example, tolerance, "the folded torch.export program")
+        report.verification = _judge(loaded.runnable, program.module(), examples or [example], tolerance,
+                                     "the folded torch.export program", report)
         return program, report
     from ...engine import fold, report_for
 
     folded = fold(loaded.module, example, verify=False, merge_branches=merge_branches)
     report = report_for(folded)
-    report.verification = _judge(loaded.module, folded, example, tolerance, f"the folded {type(loaded.module).__name__}")
+    report.verification = _judge(loaded.module, folded, examples or [example], tolerance,
+                                 f"the folded {type(loaded.module).__name__}", report)
     return folded, report
 
 
-def _judge(original: Any, candidate: Any, example: torch.Tensor, tolerance: float | None, what: str) -> dict[str, Any]:
+def _judge(original: Any, candidate: Any, examples: list[torch.Tensor], tolerance: float | None, what: str,
+           report: FoldReport | None = None) -> dict[str, Any]:
     """The one output check of the command line, for the folded model in memory and for the file written.
 
-    Both models run on ``example``; every output is held to ``tolerance`` (default: from the original's dtype) as
-    ``max|a - b| / max|a|``. Above it, the float64 second opinion of :func:`bnfold.fold` decides
-    (:func:`bnfold.verification.explained_by_rounding`: a correct fold of a badly conditioned model is no further
-    from the float64 truth than the model's own rounding). Judging the written file by anything else would let a
+    Both models run on each example batch from the same random state; every output is judged by
+    :mod:`bnfold.judge`, as in every format: within ``tolerance`` (default: from the original's dtype) as
+    ``max|a - b| / max|a|``, or within the allowance of the noise floor, what one rounding step of the tensors the
+    fold touched (``report.touched()``) does to the original. Above both, an original that differs from itself run
+    to run makes the check undecided; otherwise the float64 second opinion of :func:`bnfold.fold` decides
+    (:func:`bnfold.verification.explained_by_rounding`). Judging the written file by anything else would let a
     strict ``--tolerance`` pass the fold and then refuse the identical file, or the reverse.
 
     Raises:
         VerificationError: the outputs differ beyond both (one line, naming the worst output).
+        UndecidedError: the original's own outputs vary run to run as much (no verdict; nothing written).
     """
-    from ...verification import compare_outputs, default_tolerance, explained_by_rounding
+    from ...verification import (
+        compare_outputs,
+        default_tolerance,
+        explained_by_rounding,
+        noise_floor,
+        run_seeded,
+        run_to_run,
+        touched_tensors,
+    )
 
     limit = tolerance if tolerance is not None else default_tolerance(original)
-    with torch.no_grad():
-        expected, actual = original(example), candidate(example)
-    comparison = compare_outputs(expected, actual, limit)
-    verdict = comparison.to_dict()
-    if not comparison.passed and not comparison.problems:
-        try:
-            second = explained_by_rounding(original, (example,), expected, actual)
-        except Exception:  # a graph that cannot run in float64 (some TorchScript / exported graphs): no second opinion
-            second = None
-        if second is not None:
-            verdict["rounding_check"] = second.to_dict()
-            verdict["passed"] = second.passed
-    if not verdict["passed"]:
-        raise VerificationError(
-            f"{what} differs from the original: {comparison.worst()} exceeds the tolerance {limit:g}, and more than "
-            "float rounding explains; nothing was written"
-        )
+    names = touched_tensors(original, report.touched()) if report is not None else []
+    verdict: dict[str, Any] = {}
+    for example in examples:
+        expected, actual = run_seeded(original, (example,)), run_seeded(candidate, (example,))
+        perturbed = noise_floor(original, names, (example,)) if names else None
+        comparison = compare_outputs(expected, actual, limit, perturbed)
+        verdict = comparison.to_dict()
+        verdict["input_shapes"] = {"input": list(example.shape)}
+        verdict["batches"] = len(examples)
+        if comparison.judged and not comparison.problems and comparison.max_relative > limit:
+            run_to_run(original, (example,), expected, comparison)  # the verdict rests on the floor: is it noise?
+            if comparison.undecided:
+                raise UndecidedError(f"{what} cannot be verified: {comparison.undecided}; nothing was written")
+        if not comparison.passed and not comparison.problems:
+            try:
+                second = explained_by_rounding(original, (example,), expected, actual)
+            except Exception:  # a graph that cannot run in float64 (some TorchScript / exported graphs): no opinion
+                second = None
+            if second is not None:
+                verdict["rounding_check"] = second.to_dict()
+                verdict["passed"] = second.passed
+        if not verdict["passed"]:
+            raise VerificationError(
+                f"{what} differs from the original: {comparison.worst()}, more than rounding the folded weights "
+                f"explains (tolerance {limit:g}); nothing was written"
+            )
     return verdict
 
 
@@ -196,10 +247,18 @@ def fold(args: argparse.Namespace, console: Any) -> int:
         written.append(data_file(output))
     refuse_inputs(written, read)
     fmt = choose_format(loaded.kind, output, args.format)
-    example = loaded.example_inputs(args.seed)
-    _check_runs(args, loaded, example)
+    if loaded.kind == ONNX:
+        from .onnx_commands import user_inputs
+
+        examples: list[Any] = user_inputs(args, loaded.module) or []
+        example = None
+    else:
+        examples = _examples(args, loaded, args.seed)
+        example = examples[0]
+        for batch in examples:
+            _check_runs(args, loaded, batch)
     with console.status("folding and verifying"):
-        folded, report = _fold_loaded(loaded, example, args.tolerance, args.seed, args.merge_branches)
+        folded, report = _fold_loaded(loaded, example, args.tolerance, args.seed, args.merge_branches, examples)
     report.model = loaded.label
     if fmt in ("state_dict", "safetensors") and any(m.status == MERGED for m in report.merges):
         raise InvalidInputError(
@@ -213,12 +272,13 @@ def fold(args: argparse.Namespace, console: Any) -> int:
         else:
             with staged(output, replace=args.force) as temporary:  # checked before it replaces anything
                 write_model(folded, temporary, fmt, loaded.kind, example)
-                reread = _check_written(loaded, temporary, fmt, example, args.tolerance)
+                reread = _check_written(loaded, temporary, fmt, examples, args.tolerance, report)
     payload = {"output": str(output), "format": fmt, "report": report.to_dict(), "written_file_check": reread}
     _print_notes(args, console, loaded)
-    lines = [report, f"wrote {output} ({fmt}, {output.stat().st_size / 1e6:.2f} MB)"]
+    lines = [report, *filter(None, [verification_line(report.verification)]),
+             f"wrote {output} ({fmt}, {output.stat().st_size / 1e6:.2f} MB)"]
     if reread is not None:
-        lines.append(f"read {output} back: max relative error against the original {reread['max_relative']:.2e}")
+        lines.append(verification_line(reread, f"read {output} back"))
     emit(args, console, payload, *lines)
     return OK
 
@@ -248,12 +308,14 @@ def _onnx_data_files(loaded: LoadedModel) -> list[Path]:
     return external_data_files(onnx.load_model(str(loaded.source), load_external_data=False), loaded.source)
 
 
-def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, example: torch.Tensor, tolerance: float | None) -> dict[str, Any] | None:
+def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, examples: list[torch.Tensor],
+                   tolerance: float | None, report: FoldReport | None = None) -> dict[str, Any] | None:
     """Load the written file and judge it as the fold was judged (:func:`_judge`); raises (nothing kept) on a mismatch."""
     outputs_like = None
-    if fmt == "onnx":  # the file answers in flat outputs; the original's structure puts them back
-        with torch.no_grad():
-            outputs_like = loaded.runnable(example)
+    if fmt == "onnx":  # exported on the first example, whose shapes it keeps: judged on that one
+        examples = examples[:1]
+        with torch.no_grad():  # the file answers in flat outputs; the original's structure puts them back
+            outputs_like = loaded.runnable(examples[0])
     try:
         written = read_back(written_path, fmt, loaded.arch, outputs_like)
     except Exception as error:
@@ -261,7 +323,7 @@ def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, example: t
         raise VerificationError(f"the {fmt} file bnfold wrote does not load back ({first}); nothing was written") from error
     if written is None:
         return None
-    return _judge(loaded.runnable, written, example, tolerance, f"the written {fmt} file")
+    return _judge(loaded.runnable, written, examples, tolerance, f"the written {fmt} file", report)
 
 
 def verify(args: argparse.Namespace, console: Any) -> int:
@@ -279,7 +341,13 @@ def verify(args: argparse.Namespace, console: Any) -> int:
     shape = original.input_shape or folded.input_shape
     original.input_shape = folded.input_shape = shape
     with console.status("comparing outputs"):
-        if args.data:
+        if args.input or (args.data and not (Path(args.data) / "val").is_dir()):  # arrays, or a plain image folder
+            batches = _examples(args, original, args.seed)
+            for batch in batches:
+                _check_runs(args, original, batch)
+            result = compare(original.runnable, folded.runnable, batches[0], data=batches[1:] or None,
+                             tolerance=args.tolerance)
+        elif args.data:
             from torch.utils.data import DataLoader
 
             from ..data import validation_folder

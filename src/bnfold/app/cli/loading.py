@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ...errors import InvalidInputError, TrainingModeError
+from ...examples import is_image_like, photo_batch
 from ..architectures import build_arch
 
 STATE_DICT = "state_dict"
@@ -76,7 +77,8 @@ class LoadedModel:
         return str(self.source) if self.source is not None else f"{self.arch} (random weights)"
 
     def example_inputs(self, seed: int = 0) -> torch.Tensor:
-        """A seeded random input of :attr:`input_shape` (standard normal, like normalised images).
+        """An input of :attr:`input_shape`: the photographs bnfold ships for ``N x 3 x H x W`` (scaled and normalised
+        as vision models expect, :mod:`bnfold.examples`), else seeded random values (standard normal).
 
         A shape whose tensor cannot fit in memory is bad input (``InvalidInputError``), not a crash: it is refused
         before allocating when it needs more than half the machine's memory (the model's activations need more
@@ -92,6 +94,8 @@ class LoadedModel:
                 f"memory ({memory / 1e9:.1f} GB); pass a smaller --input-shape (one batch, e.g. 1,3,224,224)"
             )
         try:
+            if is_image_like(shape):  # real photographs: random noise saturates trained models (bnfold.examples)
+                return torch.from_numpy(photo_batch(shape))
             return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
         except (RuntimeError, MemoryError) as error:
             raise InvalidInputError(

@@ -14,7 +14,7 @@ from typing import Any
 
 from ...errors import InvalidInputError
 from ...files import check_output_path
-from .output import emit
+from .output import emit, verification_line
 
 OK, VERIFICATION_FAILED = 0, 1
 COMMANDS = ("inspect", "fold", "verify")
@@ -45,6 +45,43 @@ def _check_options(args: argparse.Namespace) -> None:
             "--input-shape sets the shape of the random inputs that fold and verify run; inspect of an ONNX file "
             "runs nothing and plans on the graph's own shapes: drop --input-shape"
         )
+    if getattr(args, "input", None) and getattr(args, "data", None):
+        raise InvalidInputError("--input and --data both give the inputs to judge on: pass one of them")
+
+
+def user_inputs(args: argparse.Namespace, model: Any) -> list[dict[str, Any]] | None:
+    """The batches of ``--input FILE`` (arrays by graph input name; an .npy for the only input) or ``--data DIR``
+    (images, resized to the image input's size: ``--input-shape``, else its fixed sizes, else 224), or ``None``."""
+    from ...examples import image_batches, read_arrays
+    from ...onnx.verification import _declared, _graph_inputs
+
+    values = _graph_inputs(model)
+    names = [v.name for v in values]
+    if getattr(args, "input", None):
+        arrays = read_arrays(args.input)
+        if set(arrays) == {""} or (len(names) == 1 and len(arrays) == 1):
+            if len(names) != 1:
+                raise InvalidInputError(
+                    f"--input {args.input} holds one unnamed array; the model has {len(names)} inputs "
+                    f"({', '.join(names)}): save them by name with numpy.savez(FILE, name=array, ...)"
+                )
+            return [{names[0]: next(iter(arrays.values()))}]
+        unknown = sorted(set(arrays) - set(names))
+        if unknown:
+            raise InvalidInputError(f"--input {args.input}: arrays {unknown} name no graph input; its inputs are {names}")
+        return [arrays]
+    if getattr(args, "data", None):
+        images = [v for v in values if len(_declared(v)) == 4 and _declared(v)[1] in (3, None)]
+        if len(images) != 1:
+            raise InvalidInputError(
+                f"--data gives images for a model with one image input (N x 3 x H x W); this one has inputs {names}: "
+                "pass --input FILE.npz with arrays by input name"
+            )
+        declared = _declared(images[0])
+        shape = args.input_shape or tuple(d if d is not None else (1 if axis == 0 else 3 if axis == 1 else 224)
+                                          for axis, d in enumerate(declared))
+        return [{images[0].name: batch} for batch in image_batches(args.data, shape, limit=args.limit)]
+    return None
 
 
 def _backend() -> Any:
@@ -61,6 +98,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     backend = _backend()
     with console.status(f"loading {args.model}"):
         model = backend.load(args.model)
+    user_inputs(args, model)  # a file that does not fit is bad input here too (inspect runs nothing)
     with console.status("planning"):
         report = backend.plan(model, merge_branches=args.merge_branches)
     report.model = Path(args.model).name
@@ -75,35 +113,42 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     _check_options(args)
     output = check_output_path(args.output, [Path(args.model)], force=args.force)
     backend = _backend()
+    inputs = None
+    if args.input or args.data:
+        with console.status("reading the inputs"):
+            inputs = user_inputs(args, backend.load(args.model))
     with console.status("folding and verifying"):
-        result = backend.fold(args.model, verify=True, tolerance=args.tolerance, seed=args.seed,
+        result = backend.fold(args.model, verify=True, tolerance=args.tolerance, seed=args.seed, inputs=inputs,
                               input_shape=args.input_shape, merge_branches=args.merge_branches)
     result.report.model = Path(args.model).name
     with console.status(f"writing {output}"):
         # never over a file the model was read from (its external data included); staged, read back, then renamed
         reread = result.save(output, force=args.force)
     payload = {"output": str(output), "format": "onnx", "report": result.report.to_dict(), "written_file_check": reread}
-    lines = [result.report, f"wrote {output} (onnx, {output.stat().st_size / 1e6:.2f} MB)"]
+    lines = [result.report, *filter(None, [verification_line(result.report.verification)]),
+             f"wrote {output} (onnx, {output.stat().st_size / 1e6:.2f} MB)"]
     if reread is not None:
-        lines.append(f"read {output} back: max relative error against the original {reread['max_relative']:.2e}")
+        lines.append(verification_line(reread, f"read {output} back"))
     emit(args, console, payload, *lines)
     return OK
 
 
 def verify(args: argparse.Namespace, console: Any) -> int:
-    """Compare two ONNX files in onnxruntime on seeded random inputs."""
-    if args.data:
-        raise InvalidInputError("--data is for PyTorch image models; ONNX files are compared on random inputs")
+    """Compare two ONNX files in onnxruntime on example inputs (or ``--input`` / ``--data``), judged as a fold is."""
     _check_options(args)
     backend = _backend()
     original, folded = backend.load(args.original), backend.load(args.folded)
+    inputs = user_inputs(args, original)
     with console.status("comparing outputs in onnxruntime"):
-        result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance,
+        result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance, inputs=inputs,
                                 input_shape=args.input_shape)
-    verdict = "PASSED" if result["passed"] else "FAILED"
-    lines = [f"verification {verdict}: max relative error {result['max_relative']:.3g} (tolerance "
-             f"{result['tolerance']:g}), worst output {result['worst_output']}"]
+    verdict = "PASSED" if result["passed"] else ("NOT POSSIBLE" if result.get("undecided") else "FAILED")
+    lines = [f"verification {verdict}: worst output {result['worst_output']}, "
+             f"{verification_line(result, 'judged')}"]
     lines += [f"  {name} {info['shape']}: relative {info['relative']:.3g}, abs {info['max_abs']:.3g}"
+              + (f", allowance {info['allowance']:.3g}" if info.get("allowance") is not None else "")
               for name, info in result["outputs"].items()]
+    if result.get("undecided"):
+        lines.append(f"  {result['undecided']}")
     emit(args, console, result, *lines)
     return OK if result["passed"] else VERIFICATION_FAILED

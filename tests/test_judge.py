@@ -152,6 +152,7 @@ def test_a_model_drawing_from_torchs_generator_is_compared_under_one_random_stat
 
 def test_a_model_drawing_random_numbers_bnfold_cannot_replay_is_undecided() -> None:
     torch.manual_seed(0)
+    random.seed(0)  # draws that happen to be close would pass as rounding: the test fixes them
     model, x = NoisyHead("python").eval(), torch.randn(2, 3, 8, 8)
     with pytest.raises(UndecidedError, match="differ from run to run"):
         bnfold.fold(model, x)

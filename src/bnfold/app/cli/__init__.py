@@ -81,7 +81,9 @@ def _model_options(parser: argparse.ArgumentParser, weights: bool = True) -> Non
     group.add_argument("--eval", action="store_true", help="switch a model saved in training mode to eval mode")
     group.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                        help="example input shape (default: the architecture's, e.g. 1,3,224,224)")
-    group.add_argument("--seed", type=_SEED, default=0, help="seed of the random example inputs (default: 0)")
+    group.add_argument("--seed", type=_SEED, default=0,
+                       help="seed of the random weights of an architecture name and of the random example inputs: "
+                            "the same name and seed are the same model in every command (default: 0)")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +97,19 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(EXIT_BAD_INPUT)
+
+
+FOLD_EXAMPLES = """examples:
+  bnfold fold resnet50 -o resnet50-folded.pt
+  bnfold fold checkpoint.pth --arch resnet50 -o folded.pth
+  bnfold fold model.ts -o model-folded.ts
+  bnfold fold model.onnx -o model-folded.onnx"""
+
+VERIFY_EXAMPLES = """examples (each checks what the fold example of the same line wrote):
+  bnfold verify resnet50 resnet50-folded.pt
+  bnfold verify checkpoint.pth folded.pth --arch resnet50
+  bnfold verify model.ts model-folded.ts
+  bnfold verify model.onnx model-folded.onnx"""
 
 
 def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
@@ -120,9 +135,7 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
 
     fold = commands.add_parser("fold", help="fold, verify and write the folded model",
                                description="Fold every foldable batch norm, verify the outputs, write OUT atomically.",
-                               epilog="examples:\n  bnfold fold resnet50 -o resnet50-folded.pt\n"
-                               "  bnfold fold checkpoint.pth --arch resnet50 -o folded.pth\n"
-                               "  bnfold fold model.ts -o model-folded.ts\n  bnfold fold model.onnx -o model-folded.onnx",
+                               epilog=FOLD_EXAMPLES,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     fold.add_argument("model", metavar="MODEL", help="architecture name or model file")
     fold.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the folded model")
@@ -137,15 +150,17 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     _common(fold)
 
     verify = commands.add_parser("verify", help="compare the outputs of two models",
-                                 description="Compare ORIGINAL and FOLDED on random example inputs or on --data.",
-                                 epilog="example: bnfold verify original.pth folded.pth --arch resnet50",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    verify.add_argument("original", metavar="ORIGINAL")
-    verify.add_argument("folded", metavar="FOLDED")
+                                 description="Compare ORIGINAL and FOLDED on random example inputs or on --data. "
+                                 "FOLDED may be any file bnfold fold wrote from ORIGINAL, in any format (an ONNX "
+                                 "file runs in onnxruntime); a state_dict among them is read as the architecture "
+                                 "ORIGINAL names, or --arch.",
+                                 epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("original", metavar="ORIGINAL", help="architecture name or model file")
+    verify.add_argument("folded", metavar="FOLDED", help="model file (what bnfold fold wrote)")
     verify.add_argument("--data", metavar="DIR", help="ImageFolder root with val/ (ImageNette layout) to compare on")
     verify.add_argument("--limit", type=_integer(1, what="an image count"), metavar="N", help="compare on at most N images of --data")
     verify.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
-    _model_options(verify, weights=False)
+    _model_options(verify)
     _common(verify)
 
     bench = commands.add_parser("bench", help="latency and footprint before / after folding",

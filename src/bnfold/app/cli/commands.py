@@ -15,18 +15,19 @@ import torch
 from ...errors import InvalidInputError, VerificationError
 from ...files import check_output_path, refuse_inputs, staged
 from ...report import MERGED, FoldReport
-from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model
+from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model, names_a_file
 from .output import emit
 from .saving import choose_format, read_back, write_model
 
 OK, VERIFICATION_FAILED, BAD_INPUT = 0, 1, 2
 
 
-def _load(args: argparse.Namespace, spec: str, console: Any) -> LoadedModel:
+def _load(args: argparse.Namespace, spec: str, console: Any, **options: Any) -> LoadedModel:
+    settings = {"arch": args.arch, "weights": getattr(args, "weights", None), **options}
     with console.status(f"loading {spec}"):
         return load_model(
-            spec, arch=args.arch, weights=getattr(args, "weights", None), trust_pickle=args.trust_pickle,
-            switch_to_eval=args.eval, input_shape=args.input_shape,
+            spec, trust_pickle=args.trust_pickle, switch_to_eval=args.eval, input_shape=args.input_shape,
+            seed=args.seed, **settings,
         )
 
 
@@ -260,19 +261,40 @@ def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, example: t
     return _judge(loaded.runnable, written, example, tolerance, f"the written {fmt} file")
 
 
+def _load_pair(args: argparse.Namespace, console: Any) -> tuple[LoadedModel, LoadedModel]:
+    """ORIGINAL and FOLDED of ``bnfold verify``, whatever ``bnfold fold`` wrote FOLDED as.
+
+    ``--arch``, or else ORIGINAL's architecture name, is the architecture of whichever of the two holds a state_dict
+    (``bnfold verify resnet50 folded.pt`` needs nothing more), and is ignored for files that carry their model;
+    ``--weights`` and ``--seed`` make ORIGINAL's architecture name the model that was folded.
+    """
+    original_is_name = not names_a_file(args.original)
+    if original_is_name and args.arch is not None and args.arch != args.original:
+        raise InvalidInputError(
+            f"--arch {args.arch} and ORIGINAL {args.original} name different architectures; FOLDED's architecture is "
+            f"ORIGINAL's: drop --arch"
+        )
+    arch = args.arch or (args.original if original_is_name else None)
+    original = _load(args, args.original, console, arch=None, weights=getattr(args, "weights", None),
+                     state_dict_arch=arch)
+    folded = _load(args, args.folded, console, arch=None, weights=None, state_dict_arch=arch)
+    return original, folded
+
+
 def verify(args: argparse.Namespace, console: Any) -> int:
-    """``bnfold verify ORIGINAL FOLDED``: compare outputs on example inputs or on ``--data``."""
-    original = _load(args, args.original, console)
-    folded = _load(args, args.folded, console)
-    if (original.kind == ONNX) != (folded.kind == ONNX):
-        raise InvalidInputError("compare an ONNX file with an ONNX file, and a PyTorch model with a PyTorch model")
-    if original.kind == ONNX:  # ONNX files named with options that route here: the ONNX command decides
+    """``bnfold verify ORIGINAL FOLDED``: compare outputs on example inputs or on ``--data``.
+
+    Any pair of formats compares: a PyTorch model against an ONNX file runs the first in PyTorch and the second in
+    onnxruntime on the same inputs (``bnfold fold resnet50 -o r50.onnx`` then ``bnfold verify resnet50 r50.onnx``).
+    """
+    original, folded = _load_pair(args, console)
+    if original.kind == ONNX and folded.kind == ONNX:  # ONNX files named with options that route here
         from . import onnx_commands
 
         return onnx_commands.verify(args, console)
     from ...verification import verify as compare
 
-    shape = original.input_shape or folded.input_shape
+    shape = original.input_shape or folded.input_shape or _onnx_input_shape(original, folded)
     original.input_shape = folded.input_shape = shape
     with console.status("comparing outputs"):
         if args.data:
@@ -282,14 +304,66 @@ def verify(args: argparse.Namespace, console: Any) -> int:
 
             size = (shape or (1, 3, 224, 224))[-1]
             loader = DataLoader(validation_folder(args.data, size=size, limit=args.limit), batch_size=16)
-            result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
+            result = compare(_runnable(original), _runnable(folded), data=loader, tolerance=args.tolerance)
         else:
             example = original.example_inputs(args.seed)
             _check_runs(args, original, example)
             _check_runs(args, folded, example)
-            result = compare(original.runnable, folded.runnable, example, tolerance=args.tolerance)
-    emit(args, console, result.to_dict(), str(result))
+            result = compare(_runnable(original), _runnable(folded), example, tolerance=args.tolerance)
+    _print_notes(args, console, original)
+    _print_notes(args, console, folded)
+    lines = [str(result)]
+    if not result.passed and original.seed is not None:
+        lines.append(f"{original.label} is the model of --seed {original.seed}: if FOLDED was folded from other "
+                     "weights, pass the --seed or --weights it was folded with")
+    emit(args, console, result.to_dict(), *lines)
     return OK if result.passed else VERIFICATION_FAILED
+
+
+class _OnnxInTorch(torch.nn.Module):
+    """An ONNX file run in onnxruntime behind a PyTorch call, to compare it with a PyTorch model on the same tensor.
+
+    A graph exported with a fixed batch size runs on a larger batch one slice at a time.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        from ...onnx.verification import session
+
+        self.session = session(loaded.source or loaded.module)
+        (self.input,) = self.session.get_inputs()
+        self.batch = self.input.shape[0] if self.input.shape and isinstance(self.input.shape[0], int) else None
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        step = self.batch if self.batch and self.batch < len(x) else len(x)
+        parts = [self.session.run(None, {self.input.name: x[i:i + step].numpy()}) for i in range(0, len(x), step)]
+        outputs = [torch.cat([torch.from_numpy(p[k]) for p in parts]) for k in range(len(parts[0]))]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _runnable(loaded: LoadedModel) -> Any:
+    """What ``bnfold verify`` calls: the model, or an ONNX file run in onnxruntime (:class:`_OnnxInTorch`)."""
+    if loaded.kind != ONNX:
+        return loaded.runnable
+    try:
+        return _OnnxInTorch(loaded)
+    except ValueError as error:  # more than one graph input
+        raise InvalidInputError(
+            f"{loaded.label} has several inputs; a PyTorch model is compared with an ONNX file of one input "
+            "(compare two ONNX files, or call bnfold.onnx.verify with inputs by name)"
+        ) from error
+
+
+def _onnx_input_shape(*models: LoadedModel) -> tuple[int, ...] | None:
+    """The declared input shape of the ONNX model among ``models`` (dynamic sizes as 1), for a model without one."""
+    for loaded in models:
+        if loaded.kind == ONNX:
+            from ...onnx.verification import random_inputs
+
+            arrays = list(random_inputs(loaded.module).values())
+            return tuple(arrays[0].shape) if len(arrays) == 1 else None
+    return None
 
 
 def bench(args: argparse.Namespace, console: Any) -> int:

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import InvalidInputError
 from ..files import refuse_inputs, write_atomic
+from ..report import print_whole
 from .architectures import build_arch
 
 DEFAULT_MODELS = ("vgg16_bn", "resnet50")
@@ -189,7 +190,7 @@ def table(results: dict[str, Any]) -> Any:
     grid = Table(title=f"bnfold reproduce: latency ms per image at {settings['latency_size']}px, batch 1",
                  title_justify="left")
     for column in ("model", "removed", "BN", "ms before", "after", "ratio", "acc before", "after", "same"):
-        grid.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
+        grid.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for name, m in results["models"].items():
         grid.add_row(
             name, f"{m['parameters_removed']:,}", f"{m['norms_folded']}/{m['norms_total']}",
@@ -203,31 +204,50 @@ def _percent(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Per-image latency before / after folding for each model, with the interquartile range."""
+def figure(results: dict[str, Any]) -> Any:
+    """The latency chart: one panel per model, each on its own scale, the ratio folded / original as its headline.
+
+    The models differ in latency by several times (vgg16_bn against resnet50), so one shared axis would squash the
+    smaller model's bars and their difference; each panel starts at zero and fits its own model. Bars are the
+    per-image medians, whiskers the interquartile ranges. Returns a matplotlib ``Figure`` (Agg backend).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(results["models"])
-    figure, axis = plt.subplots(figsize=(2.5 + 2 * len(names), 4))
-    width = 0.38
-    for offset, (key, label, colour) in enumerate((("before", "original", "#999999"), ("after", "folded", "#2a7ab9"))):
-        medians = [results["models"][n][f"latency_ms_{key}"] for n in names]
-        iqr = [results["models"][n][f"latency_iqr_ms_{key}"] for n in names]
-        errors = [[m - q[0] for m, q in zip(medians, iqr, strict=True)], [q[1] - m for m, q in zip(medians, iqr, strict=True)]]
-        positions = [i + (offset - 0.5) * width for i in range(len(names))]
-        axis.bar(positions, medians, width, yerr=errors, label=label, color=colour, capsize=3)
-    for i, n in enumerate(names):
-        axis.annotate(f"{results['models'][n]['latency_ratio']:.2f}x", (i + width / 2, results["models"][n]["latency_ms_after"]),
-                      ha="center", va="bottom", fontsize=8)
-    axis.set_xticks(range(len(names)), names)
-    axis.set_ylabel("ms per image (batch 1, median, IQR)")
-    axis.set_title(f"latency at {results['settings']['latency_size']} x {results['settings']['latency_size']}")
-    axis.legend()
-    figure.tight_layout()
-    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(figure))
+    chart, axes = plt.subplots(1, len(names), figsize=(1.2 + 3.2 * len(names), 4.4), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        model = results["models"][name]
+        medians = [model["latency_ms_before"], model["latency_ms_after"]]
+        iqr = [model["latency_iqr_ms_before"], model["latency_iqr_ms_after"]]
+        errors = [[max(m - q[0], 0.0) for m, q in zip(medians, iqr, strict=True)],
+                  [max(q[1] - m, 0.0) for m, q in zip(medians, iqr, strict=True)]]
+        axis.bar([0, 1], medians, 0.6, yerr=errors, color=["#999999", "#2a7ab9"], capsize=4)
+        axis.set_xticks([0, 1], ["original", "folded"])
+        for x, median in enumerate(medians):  # inside the bar, clear of the whiskers
+            axis.text(x, median / 2, f"{median:.2f}\nms", ha="center", va="center", fontsize=9, color="white",
+                      fontweight="bold")
+        axis.set_ylim(0, 1.08 * max(max(q[1] for q in iqr), *medians))
+        axis.set_ylabel("ms per image")
+        ratio = model["latency_ratio"]
+        axis.set_title(name, fontsize=11, loc="left")
+        axis.set_title(f"{ratio:.2f}x", fontsize=20, fontweight="bold", color="#2a7ab9", loc="right")
+        axis.set_xlabel(f"folded / original = {ratio:.3f} ({100 * (ratio - 1):+.1f}% latency)", fontsize=9)
+    size = results["settings"]["latency_size"]
+    chart.suptitle(f"latency before and after folding: batch 1, {size} x {size}, median and IQR; each model on its "
+                   "own scale", fontsize=10)
+    chart.tight_layout()
+    return chart
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Write :func:`figure` to ``path`` as a PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    chart = figure(results)
+    write_atomic(path, lambda handle: chart.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(chart))
 
 
 def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
@@ -277,8 +297,7 @@ def run(args: argparse.Namespace, console: Any = None) -> int:
 
     console = console or Console()
     results = reproduce(args, console)
-    console.print(table(results))
-    console.print(f"wrote {Path(args.out) / 'report.md'}, report.json and latency.png")
+    print_whole(console, table(results), f"wrote {Path(args.out) / 'report.md'}, report.json and latency.png")
     failed = [n for n, m in results["models"].items() if not m["verification_passed"]]
     if failed:
         console.print(f"[red]verification failed for {', '.join(failed)}[/]")

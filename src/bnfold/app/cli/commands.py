@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.text import Text
 
 from ...errors import InvalidInputError, VerificationError
 from ...files import check_output_path, refuse_inputs, staged
-from ...report import MERGED, FoldReport
+from ...report import MERGED, FoldReport, print_whole
 from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model, names_a_file
 from .output import emit
 from .saving import choose_format, read_back, write_model
@@ -55,9 +56,8 @@ def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: torch.Te
 
 
 def _print_notes(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> None:
-    if not args.json:
-        for note in loaded.notes:
-            console.print(f"[dim]note: {note}[/]", highlight=False)
+    if not args.json and loaded.notes:
+        print_whole(console, *(Text(f"note: {note}", style="dim") for note in loaded.notes))
 
 
 def _onnx_backend() -> Any:

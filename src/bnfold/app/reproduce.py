@@ -31,16 +31,15 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
 from ..files import refuse_inputs, write_atomic
 from ..report import print_whole
-from .architectures import build_arch
+
+if TYPE_CHECKING:  # imported where they run, so that `bnfold reproduce --help` works before PyTorch is installed
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 DEFAULT_MODELS = ("vgg16_bn", "resnet50")
 EXPECTED_REMOVED = {"vgg16_bn": 8_448, "resnet50": 26_560}  # the seed's figures, for the report's last column
@@ -79,6 +78,9 @@ def train(
     model: nn.Module, loader: DataLoader, epochs: int, lr: float, progress: Any = None, label: str = ""
 ) -> dict[str, float]:
     """One-cycle SGD with momentum, cross-entropy; returns the last epoch's mean loss and accuracy."""
+    import torch
+    from torch import nn
+
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = max(1, epochs * len(loader))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.25)
@@ -107,9 +109,13 @@ def train(
 
 def run_model(name: str, splits: Any, args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
     """Train, fold, verify and time one model; the figures of ``report.json``'s ``models[name]``."""
+    import torch
+    from torch.utils.data import DataLoader
+
     from ..bench import BNFOLD, ORIGINAL, benchmark
     from ..engine import fold, report_for
     from ..verification import verify
+    from .architectures import build_arch
 
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, generator=generator, drop_last=len(splits.train) > args.batch_size)
@@ -252,6 +258,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
     """Run the experiment with the options of :func:`add_arguments`; write and return the figures."""
+    import torch
+
     if args.epochs < 0 or args.batch_size < 1 or args.latency_repeats < 1:
         raise InvalidInputError("--epochs must be >= 0, --batch-size and --latency-repeats >= 1")
     out = Path(args.out)

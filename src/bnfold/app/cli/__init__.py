@@ -218,6 +218,12 @@ class _Interrupts:
             signal.signal(signal.SIGINT, self._previous)
 
 
+_NEEDS_TORCH = (
+    "bnfold {command} needs PyTorch for anything but ONNX files, and it is not installed here: pip install "
+    "'bnfold[torch]' (and 'bnfold[vision]' for architecture names like resnet50); ONNX files need only 'bnfold[onnx]'"
+)
+
+
 def _interrupted() -> int:
     sys.stderr.write("interrupted; nothing was written\n")
     return EXIT_INTERRUPTED
@@ -247,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException as error:  # an import broken by an interrupt fails with whatever error it hits
             if interrupts.seen or isinstance(error, KeyboardInterrupt):
                 return _interrupted()
+            if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == "torch":
+                _fail(Console(stderr=True), "error", _NEEDS_TORCH.format(command=words[0]))
+                return EXIT_BAD_INPUT
             raise
         if interrupts.seen:  # swallowed during an import
             return _interrupted()

@@ -100,14 +100,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 FOLD_EXAMPLES = """examples:
-  bnfold fold resnet50 -o resnet50-folded.pt
-  bnfold fold checkpoint.pth --arch resnet50 -o folded.pth
+  bnfold fold resnet18 -o resnet18-folded.pt
+  bnfold fold checkpoint.pth --arch resnet18 -o folded.pth
   bnfold fold model.ts -o model-folded.ts
   bnfold fold model.onnx -o model-folded.onnx"""
 
 VERIFY_EXAMPLES = """examples (each checks what the fold example of the same line wrote):
-  bnfold verify resnet50 resnet50-folded.pt
-  bnfold verify checkpoint.pth folded.pth --arch resnet50
+  bnfold verify resnet18 resnet18-folded.pt
+  bnfold verify checkpoint.pth folded.pth --arch resnet18
   bnfold verify model.ts model-folded.ts
   bnfold verify model.onnx model-folded.onnx"""
 

@@ -30,11 +30,20 @@ _BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".t
 
 
 def choose_format(kind: str, output: Path, requested: str | None) -> str:
-    """``--format``, else the input's format, else (for an architecture name) the output file's extension."""
+    """``--format``, else the format OUT's extension names (``.onnx``, ``.pt2``, ``.ts``, ``.safetensors``), else the
+    input's format (a state_dict for an architecture name).
+
+    The extension comes before the input's format so that no file is written under the name of another format
+    (a state_dict in ``folded.onnx``, which no tool, ``bnfold verify`` included, would read as what it says); an
+    input that cannot be written in that format is refused with the reason (:func:`_check_compatible`).
+    """
     if requested is not None:
         return requested
+    named = _BY_SUFFIX.get(output.suffix.lower())
+    if named is not None:
+        return named
     if kind == ARCHITECTURE:
-        return _BY_SUFFIX.get(output.suffix.lower(), "state_dict")
+        return "state_dict"
     return {STATE_DICT: "state_dict", SAFETENSORS: "safetensors", PICKLE: "pickle", TORCHSCRIPT: "torchscript",
             ONNX: "onnx", EXPORTED: "pt2"}[kind]
 

@@ -6,8 +6,10 @@
     bnfold bench MODEL                   latency and size before / after (--peers: fx.fuse, jit.freeze)
     bnfold reproduce                     the seed's experiment (train, fold, report)
 
-MODEL is an architecture name (``resnet50``, ``timm:efficientnet_b0``), a checkpoint holding a state_dict (with
-``--arch``), a pickled module (with ``--trust-pickle``), a TorchScript archive or an ONNX file.
+MODEL is an architecture name (``resnet50``, ``timm:efficientnet_b0``; random weights drawn from ``--seed``, the
+same model in every command), a checkpoint holding a state_dict (with ``--arch``), a pickled module (with
+``--trust-pickle``), a TorchScript archive, a ``.pt2`` program or an ONNX file. ``verify`` compares any pair of them
+(FOLDED as ``fold`` wrote it; an ONNX file runs in onnxruntime). PyTorch is needed for everything but ONNX files.
 
 Exit codes: 0 success; 1 the outputs differ (verification failed; nothing written); 2 bad input or usage (a
 one-line ``error:`` names the problem and the fix; nothing written); 3 an internal error (a bug: rerun with

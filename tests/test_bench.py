@@ -64,3 +64,22 @@ def test_benchmark_rejects_bad_arguments() -> None:
         bnfold.benchmark(_tiny(), input_shape=(1, 3, 8, 8), peers=("onnx",))
     with pytest.raises(bnfold.InvalidInputError, match="eval"):
         bnfold.benchmark(_tiny().train(), input_shape=(1, 3, 8, 8))
+
+
+def test_the_table_never_cuts_a_number_in_a_pipe_or_in_a_narrow_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from bnfold.bench import BenchmarkResult, Footprint, Timing
+
+    result = BenchmarkResult(settings={"model": "resnet18", "threads": 2, "repeats": 20})
+    result.timings.append(Timing("jit.freeze", 1, 51.9, 23.33, 124.99, 51.896, 5.298, 20))
+    result.footprints.append(Footprint("jit.freeze", 11_689_512, 46_840_000, 0))
+    piped = io.StringIO()
+    result.print(Console(file=piped, width=60))  # not a terminal: as wide as the widest row
+    row = next(line for line in piped.getvalue().splitlines() if "jit.freeze" in line)
+    assert all(cell in row for cell in ("51.90", "23.33-124.99", "51.896", "5.298", "11,689,512", "46.84"))
+    narrow = io.StringIO()
+    result.print(Console(file=narrow, width=60, force_terminal=True))  # a terminal: cells fold onto a next line
+    assert "…" not in piped.getvalue() + narrow.getvalue()

@@ -7,7 +7,13 @@ keep each run at a few seconds (most of it is importing torch).
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -217,3 +223,231 @@ def test_an_existing_output_or_the_input_itself_is_never_overwritten(files, tmp_
 def test_debug_shows_the_traceback(tmp_path) -> None:
     result = bnfold_cli("fold", "missing.pth", "--arch", "resnet18", "-o", "x.pth", "--debug", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+# ------------------------------------------------------------------ one model per name and seed, in every command
+
+
+def test_an_architecture_name_and_seed_are_one_model_and_leave_the_global_random_state_alone() -> None:
+    from bnfold.app.cli.loading import load_model
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first, again = (load_model("resnet18", seed=4).module.state_dict() for _ in range(2))
+    other = load_model("resnet18", seed=5).module.state_dict()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["conv1.weight"], other["conv1.weight"])
+    torch.manual_seed(4)  # the documented meaning of --seed 4: the weights of torch.manual_seed(4); then build
+    oracle = torchvision.models.resnet18().state_dict()
+    assert all(torch.equal(first[k], oracle[k]) for k in first)
+
+
+def _run_written(path: Path, x: torch.Tensor) -> torch.Tensor:
+    """The output of a file bnfold wrote, run by its own runtime (not by bnfold)."""
+    if path.suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        if path.suffix == ".pt2":
+            return torch.export.load(str(path)).module()(x)
+        if path.suffix == ".ts":
+            return torch.jit.load(str(path))(x)
+        skeleton = bnfold.fold(torchvision.models.resnet18().eval(), verify=False)
+        skeleton.load_state_dict(torch.load(path, weights_only=True))
+        return skeleton.eval()(x)
+
+
+def test_fold_of_a_name_writes_one_model_in_every_format_and_verify_checks_each_against_the_name(tmp_path) -> None:
+    torch.manual_seed(7)
+    original = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = original(x)
+    for name in ("r18.pt", "r18.pt2", "r18.ts", "r18.onnx"):
+        written = bnfold_cli("fold", "resnet18", "--seed", "7", "-o", name, *SHAPE, cwd=tmp_path)
+        assert written.returncode == 0, written.stderr
+        assert "random weights drawn from --seed 7" in " ".join(written.stdout.split())
+        assert _relative(expected, _run_written(tmp_path / name, x)) < TOLERANCE, name
+        checked = bnfold_cli("verify", "resnet18", name, "--seed", "7", *SHAPE, cwd=tmp_path)
+        assert checked.returncode == 0 and "PASSED" in checked.stdout, (name, checked.stdout, checked.stderr)
+    same_arch = bnfold_cli("verify", "resnet18", "r18.pt", "--arch", "resnet18", "--seed", "7", *SHAPE, cwd=tmp_path)
+    assert same_arch.returncode == 0, same_arch.stderr
+    other_seed = bnfold_cli("verify", "resnet18", "r18.pt", *SHAPE, cwd=tmp_path)  # --seed 0: another model
+    assert other_seed.returncode == 1 and "FAILED" in other_seed.stdout
+    assert "pass the --seed or --weights it was folded with" in " ".join(other_seed.stdout.split())
+    other_arch = bnfold_cli("verify", "resnet18", "r18.pt", "--arch", "resnet34", *SHAPE, cwd=tmp_path)
+    assert other_arch.returncode == 2 and "name different architectures" in other_arch.stderr
+
+
+def test_verify_a_state_dict_against_the_onnx_file_folded_from_it(files, tmp_path) -> None:
+    """--arch is the architecture of whichever of the two files holds a state_dict, whatever the other one is (the
+    .ts and .pt2 cases load the same way; ONNX is the one that runs in another runtime)."""
+    for name in ("folded.onnx",):
+        assert bnfold_cli("fold", str(files["r18.pth"]), "--arch", "resnet18", "-o", name, *SHAPE,
+                          cwd=tmp_path).returncode == 0
+        checked = bnfold_cli("verify", str(files["r18.pth"]), name, "--arch", "resnet18", *SHAPE, cwd=tmp_path)
+        assert checked.returncode == 0 and "PASSED" in checked.stdout, (name, checked.stderr)
+
+
+def _examples(command: str) -> list[str]:
+    from bnfold.app.cli import build_parser
+
+    parser = build_parser(with_reproduce=False)
+    (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    text = subcommands.choices[command].format_help()
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(f"bnfold {command} ")]
+
+
+def test_the_helps_fold_and_verify_examples_run_as_written_and_pass(files, tmp_path) -> None:
+    """Each line of ``bnfold fold --help``'s examples, then the same line of ``bnfold verify --help``'s."""
+    model = _trained_resnet18()
+    model.load_state_dict(torch.load(files["r18.pth"], weights_only=True))
+    torch.save(model.state_dict(), tmp_path / "checkpoint.pth")
+    (tmp_path / "model.ts").write_bytes(files["r18.ts"].read_bytes())
+    (tmp_path / "model.onnx").write_bytes(files["r18.onnx"].read_bytes())
+    folds, verifies = _examples("fold"), _examples("verify")
+    assert len(folds) == len(verifies) == 4
+    for fold_line, verify_line in zip(folds, verifies, strict=True):
+        written = bnfold_cli(*shlex.split(fold_line)[1:], cwd=tmp_path)
+        assert written.returncode == 0, (fold_line, written.stderr)
+        checked = bnfold_cli(*shlex.split(verify_line)[1:], cwd=tmp_path)
+        assert checked.returncode == 0 and "PASSED" in checked.stdout, (verify_line, checked.stdout, checked.stderr)
+
+
+@pytest.mark.slow
+def test_the_readmes_fold_and_verify_examples_run_as_written_and_pass(tmp_path) -> None:
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith(("bnfold fold", "bnfold verify"))]
+    assert [line.split()[1] for line in lines] == ["fold", "verify"]
+    torch.manual_seed(0)
+    checkpoint = torchvision.models.resnet50()
+    randomize_norm_affine(checkpoint, seed=1)
+    calibrate(checkpoint, torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    torch.save({"epoch": 3, "state_dict": checkpoint.state_dict()}, tmp_path / "checkpoint.pth")
+    generator = torch.Generator().manual_seed(3)
+    for label in ("cat", "dog"):  # the layout of imagenette2-160: val/<class>/<image>
+        folder = tmp_path / "imagenette2-160" / "val" / label
+        folder.mkdir(parents=True)
+        pixels = (torch.rand(160, 160, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / "0.png")
+    for line in lines:
+        result = bnfold_cli(*shlex.split(line)[1:], cwd=tmp_path)
+        assert result.returncode == 0, (line, result.stdout, result.stderr)
+    assert "PASSED" in result.stdout
+
+
+# ------------------------------------------------------------------ tables outside a terminal: nothing cut
+
+
+def _long_names_script(path: Path) -> list[str]:
+    names = ["encoder_stage_one_depthwise_separable_convolution_block_with_a_long_name",
+             "encoder_stage_one_depthwise_separable_convolution_block_normalisation_layer",
+             "classifier_head_convolution_with_an_equally_long_and_descriptive_module_name",
+             "classifier_head_normalisation_with_an_equally_long_and_descriptive_module_name"]
+    model = torch.nn.Sequential()
+    model.add_module(names[0], torch.nn.Conv2d(3, 8, 3, padding=1))
+    model.add_module(names[1], torch.nn.BatchNorm2d(8))
+    model.add_module("relu", torch.nn.ReLU())
+    model.add_module(names[2], torch.nn.Conv2d(8, 4, 3, padding=1))
+    model.add_module(names[3], torch.nn.BatchNorm2d(4))
+    calibrate(model, torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(model.eval()), path)
+    return names
+
+
+def test_tables_printed_to_a_pipe_cut_no_number_and_no_name(tmp_path) -> None:
+    """An 80-column pipe, as in a CI log: every cell whole on its row, never an ellipsis."""
+    names = _long_names_script(tmp_path / "long.ts")
+    runs = {
+        "bench": bnfold_cli("bench", "resnet18", "--peers", *SHAPE, "--repeats", "2", "--warmup", "1",
+                            cwd=tmp_path, columns="80"),
+        "inspect": bnfold_cli("inspect", "long.ts", "--input-shape", "1,3,16,16", cwd=tmp_path, columns="80"),
+        "fold": bnfold_cli("fold", "long.ts", "-o", "out.ts", "--input-shape", "1,3,16,16", cwd=tmp_path, columns="80"),
+    }
+    for command, result in runs.items():
+        assert result.returncode == 0, (command, result.stderr)
+        assert "…" not in result.stdout and "..." not in result.stdout, (command, result.stdout)
+    bench_rows = {line.split()[1]: line for line in runs["bench"].stdout.splitlines() if line.startswith("│")}
+    assert set(bench_rows) == {"original", "bnfold", "fx.fuse", "jit.freeze"}
+    assert "11,689,512" in bench_rows["original"] and "11,684,712" in bench_rows["bnfold"]
+    assert all(re.search(r"│ +\d+\.\d\d-\d+\.\d\d │", row) for row in bench_rows.values())  # the IQR whole
+    for command in ("inspect", "fold"):
+        rows = [line for line in runs[command].stdout.splitlines() if names[1] in line or names[3] in line]
+        assert len(rows) == 2 and names[0] in rows[0] and names[2] in rows[1], runs[command].stdout
+    plain = bnfold_cli("bench", "resnet18", *SHAPE, "--repeats", "2", "--warmup", "0", "--json", cwd=tmp_path, columns="80")
+    assert {t["variant"] for t in json.loads(plain.stdout)["timings"]} == {"original", "bnfold"}  # --json unchanged
+
+
+# ------------------------------------------------------------------ ONNX without PyTorch installed
+
+
+_NO_TORCH = """
+import importlib.abc, sys
+
+
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm", "functorch"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def test_the_onnx_commands_run_where_torch_cannot_be_imported(files, tmp_path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_NO_TORCH)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "model.onnx").write_bytes(files["r18.onnx"].read_bytes())
+
+    def run(*arguments: str) -> subprocess.CompletedProcess[str]:
+        return bnfold_cli(*arguments, cwd=work, path=[str(site)])
+
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(site)})
+    assert "No module named 'torch'" in probe.stderr, "the blocker must work for this test to mean anything"
+    for arguments in (["--help"], ["fold", "--help"], ["reproduce", "--help"]):
+        assert run(*arguments).returncode == 0
+    folded = run("fold", "model.onnx", "-o", "folded.onnx", "--json")
+    assert folded.returncode == 0, folded.stderr
+    assert json.loads(folded.stdout)["report"]["summary"]["folded"] == 20
+    assert run("inspect", "model.onnx").returncode == 0
+    checked = run("verify", "model.onnx", "folded.onnx")
+    assert checked.returncode == 0 and "PASSED" in checked.stdout
+    for arguments in (["inspect", "resnet18"], ["reproduce"]):
+        refused = run(*arguments)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and "pip install 'bnfold[torch]'" in lines[0], refused.stderr
+    library = subprocess.run(
+        [sys.executable, "-c", "import bnfold, bnfold.onnx\ntry:\n    bnfold.fold\nexcept ImportError as e:\n    print(e)"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(bnfold.__file__).resolve().parents[1]), str(site)])})
+    assert library.returncode == 0 and "pip install 'bnfold[torch]'" in library.stdout, library.stderr
+
+
+def test_torch_is_an_extra_and_the_onnx_extra_does_not_pull_it_in() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0] for r in requirements}
+
+    extras = project["optional-dependencies"]
+    assert "torch" not in names(project["dependencies"]) and "torch" in names(extras["torch"])
+    assert not names(extras["onnx"]) & {"torch", "bnfold"}
+    for extra in ("vision", "all"):
+        assert any("torch" in r for r in extras[extra]), extra  # directly or through bnfold[torch]
+    assert "bnfold[all]" in extras["test"]

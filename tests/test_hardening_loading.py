@@ -442,4 +442,4 @@ def test_the_command_line_starts_without_any_extra(files, tmp_path) -> None:
 def test_what_the_command_line_needs_to_start_is_a_core_dependency() -> None:
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     core = {requirement.split(">")[0].split("=")[0].split("[")[0].strip() for requirement in project["dependencies"]}
-    assert {"torch", "rich"} <= core
+    assert "rich" in core  # torch is not: the command line starts without it (tests/test_cli.py runs it so)

@@ -76,3 +76,52 @@ def test_bad_data_folder_is_a_one_line_error_and_nothing_is_written(
     message = capsys.readouterr().err
     assert len(message.strip().splitlines()) == 1 and message.startswith("error:") and ("no such directory" in message or "missing val/" in message)
     assert not out.exists()
+
+
+def _results(latencies: dict[str, tuple[float, float]]) -> dict:
+    models = {
+        name: {"latency_ms_before": before, "latency_ms_after": after, "latency_ratio": after / before,
+               "latency_iqr_ms_before": [0.97 * before, 1.04 * before], "latency_iqr_ms_after": [0.96 * after, 1.05 * after],
+               "parameters_before": 138_365_992, "parameters_after": 138_357_544, "parameters_removed": 8_448,
+               "norms_folded": 13, "norms_total": 13, "accuracy_before": 0.123456, "accuracy_after": 0.123456,
+               "top1_agreement": 1.0}
+        for name, (before, after) in latencies.items()
+    }
+    return {"settings": {"latency_size": 224}, "models": models}
+
+
+def test_the_chart_draws_each_model_on_its_own_scale_with_the_ratio_as_headline() -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    results = _results({"vgg16_bn": (180.0, 171.0), "resnet50": (41.7, 36.2)})  # 4x apart, as on 2 CPU cores
+    chart = reproduce.figure(results)
+    try:
+        assert len(chart.axes) == 2
+        for axis, (name, figures) in zip(chart.axes, results["models"].items(), strict=True):
+            tallest = figures["latency_iqr_ms_before"][1]
+            low, high = axis.get_ylim()
+            assert low == 0 and tallest <= high <= 1.25 * tallest, (name, high)  # its own scale, from zero
+            heights = sorted(bar.get_height() for bar in axis.patches)
+            assert heights == sorted([figures["latency_ms_before"], figures["latency_ms_after"]])
+            assert axis.get_title("left") == name
+            assert axis.get_title("right") == f"{figures['latency_ratio']:.2f}x"
+            (headline,) = [t for t in axis.get_children() if isinstance(t, Text) and t.get_text() == axis.get_title("right")]
+            assert headline.get_fontsize() >= 2 * axis.yaxis.label.get_fontsize()  # the largest text of the panel
+    finally:
+        plt.close(chart)
+
+
+def test_the_table_in_a_pipe_cuts_nothing() -> None:
+    import io
+
+    from rich.console import Console
+
+    from bnfold.report import print_whole
+
+    results = _results({"vgg16_bn": (180.0, 171.0), "a_model_with_a_rather_long_name_for_a_table": (41.7, 36.2)})
+    results["settings"]["latency_size"] = 224
+    out = io.StringIO()
+    print_whole(Console(file=out, width=60), reproduce.table(results))
+    text = out.getvalue()
+    assert "…" not in text and "a_model_with_a_rather_long_name_for_a_table" in text and "171.0" in text

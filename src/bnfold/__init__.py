@@ -56,7 +56,16 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        try:
+            module = import_module(f".{_LAZY[name]}", __name__)
+        except ModuleNotFoundError as error:
+            if (error.name or "").split(".")[0] != "torch":
+                raise
+            raise ModuleNotFoundError(
+                f"bnfold.{name} works on PyTorch models and needs PyTorch, which is not installed: "
+                "pip install 'bnfold[torch]' (bnfold.onnx folds ONNX files without it)", name="torch"
+            ) from error
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

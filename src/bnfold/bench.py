@@ -125,7 +125,7 @@ class BenchmarkResult(RichPrintable):
             title_justify="left",
         )
         for column in self._COLUMNS:
-            table.add_column(column, justify="left" if column == "variant" else "right")
+            table.add_column(column, justify="left" if column == "variant" else "right", overflow="fold")
         for row in self._table_rows():
             table.add_row(*row)
         notes = [Text(f"skipped {variant}: {reason}", style="yellow") for variant, reason in self.skipped.items()]
@@ -321,7 +321,9 @@ def benchmark(
             samples = _interleaved(variants, per_variant, warmup, repeats, device)
             base = statistics.median(samples[ORIGINAL])
             for name, times in samples.items():
-                quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+                # inclusive: quartiles within the measured times (the default extrapolates below the fastest
+                # round on few rounds, down to negative latencies)
+                quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
                 median = statistics.median(times)
                 result.timings.append(Timing(
                     name, batch, median * 1e3, quartiles[0] * 1e3, quartiles[2] * 1e3, median * 1e3 / batch,

@@ -80,17 +80,43 @@ def record_merges(
     return [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in refusals]
 
 
+def print_whole(console: Any, *renderables: Any) -> None:
+    """Print each renderable on a rich ``console`` without cutting a number or a name.
+
+    On a terminal, rich lays tables out to the terminal's width (a cell too long for its column wraps onto the next
+    line). Anywhere else (a pipe, a file, ``tee``, a CI log) there is no width to respect, and rich's default of 80
+    columns would cut cells with an ellipsis (``11,689…``): the output is printed at the width its widest row needs,
+    so every cell stays on its line, whole.
+    """
+    if console.is_terminal:
+        for renderable in renderables:
+            console.print(renderable)
+        return
+    from rich.measure import Measurement
+
+    unbounded = console.options.update_width(1 << 20)
+    needed = max((Measurement.get(console, unbounded, r).maximum for r in renderables), default=0)
+    previous = console.width
+    console.width = max(previous, needed)
+    try:
+        for renderable in renderables:
+            console.print(renderable)
+    finally:
+        console.width = previous
+
+
 class RichPrintable:
     """``print()`` for result objects that render with rich (``__rich__``) and as plain text (``__str__``)."""
 
     def print(self, console: Any = None) -> None:
-        """Print as a rich table when rich is installed, as plain text otherwise."""
+        """Print as a rich table when rich is installed, as plain text otherwise; never a cut cell
+        (:func:`print_whole`)."""
         try:
             from rich.console import Console
         except ImportError:
             print(self)
             return
-        (console or Console()).print(self)
+        print_whole(console or Console(), self)
 
 
 @dataclass

@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import bnfold
 
 
-def bnfold_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m bnfold ARGS`` in ``cwd``, output captured, wide enough that tables do not wrap."""
+def bnfold_cli(*args: str, cwd: Path, columns: str = "200", path: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """``python -m bnfold ARGS`` in ``cwd``; its output is a pipe (not a terminal) of ``columns`` (rich reads COLUMNS).
+
+    ``path``: folders put on the subprocess's ``PYTHONPATH`` after bnfold's own (a ``sitecustomize`` that blocks an
+    import, for example).
+    """
     # The subprocess runs the bnfold these tests imported (a relative PYTHONPATH=src would not survive cwd=).
     source = str(Path(bnfold.__file__).resolve().parents[1])
-    path = os.pathsep.join([source, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    environment = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    search = os.pathsep.join([source, *path, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    environment = {**os.environ, "COLUMNS": columns, "OMP_NUM_THREADS": "1", "PYTHONPATH": search}
     return subprocess.run([sys.executable, "-m", "bnfold", *args], cwd=cwd, capture_output=True, text=True,
-                          env=environment, timeout=300)
+                          env=environment, timeout=600)

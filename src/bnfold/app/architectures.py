@@ -1,5 +1,9 @@
 """Models by architecture name: torchvision's and timm's registries, freshly initialised, nothing downloaded.
 
+With a ``seed``, the random initial weights are a function of the name and the seed alone (the global random state
+is left as it was), so that ``bnfold fold resnet50 --seed 0`` and ``bnfold verify resnet50 ... --seed 0`` speak of
+the same model.
+
 Shared by the command line (``bnfold fold resnet50``) and ``bnfold reproduce``. A bare name is looked up in
 torchvision first, then timm; ``tv:NAME`` / ``timm:NAME`` choose. An unknown name is an error that suggests the
 closest known names.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 
+import torch
 from torch import nn
 
 from ..errors import InvalidInputError
@@ -53,8 +58,21 @@ def resolve_arch(name: str) -> tuple[str, str]:
     raise InvalidInputError(f"{name!r} is neither a model file nor a known architecture{hint}")
 
 
-def build_arch(name: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
-    """A freshly initialised model of architecture ``name`` (nothing downloaded) and its default input shape."""
+def build_arch(name: str, num_classes: int | None = None, seed: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """A freshly initialised model of architecture ``name`` (nothing downloaded) and its default input shape.
+
+    ``seed``: initialise the weights from ``torch.manual_seed(seed)`` inside a forked random state, so the same name
+    and seed give the same weights in every run and the caller's random state is not consumed; ``None`` draws them
+    from the global random state (as ``bnfold reproduce`` does after seeding it).
+    """
+    if seed is None:
+        return _build(name, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(name, num_classes)
+
+
+def _build(name: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, ...]]:
     library, bare = resolve_arch(name)
     extra = {} if num_classes is None else {"num_classes": num_classes}
     if library == "torchvision":

@@ -31,15 +31,15 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
 from ..files import refuse_inputs, write_atomic
-from .architectures import build_arch
+from ..report import print_whole
+
+if TYPE_CHECKING:  # imported where they run, so that `bnfold reproduce --help` works before PyTorch is installed
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 DEFAULT_MODELS = ("vgg16_bn", "resnet50")
 EXPECTED_REMOVED = {"vgg16_bn": 8_448, "resnet50": 26_560}  # the seed's figures, for the report's last column
@@ -78,6 +78,9 @@ def train(
     model: nn.Module, loader: DataLoader, epochs: int, lr: float, progress: Any = None, label: str = ""
 ) -> dict[str, float]:
     """One-cycle SGD with momentum, cross-entropy; returns the last epoch's mean loss and accuracy."""
+    import torch
+    from torch import nn
+
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = max(1, epochs * len(loader))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.25)
@@ -106,9 +109,13 @@ def train(
 
 def run_model(name: str, splits: Any, args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
     """Train, fold, verify and time one model; the figures of ``report.json``'s ``models[name]``."""
+    import torch
+    from torch.utils.data import DataLoader
+
     from ..bench import BNFOLD, ORIGINAL, benchmark
     from ..engine import fold, report_for
     from ..verification import verify
+    from .architectures import build_arch
 
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, generator=generator, drop_last=len(splits.train) > args.batch_size)
@@ -189,7 +196,7 @@ def table(results: dict[str, Any]) -> Any:
     grid = Table(title=f"bnfold reproduce: latency ms per image at {settings['latency_size']}px, batch 1",
                  title_justify="left")
     for column in ("model", "removed", "BN", "ms before", "after", "ratio", "acc before", "after", "same"):
-        grid.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
+        grid.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for name, m in results["models"].items():
         grid.add_row(
             name, f"{m['parameters_removed']:,}", f"{m['norms_folded']}/{m['norms_total']}",
@@ -203,35 +210,56 @@ def _percent(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Per-image latency before / after folding for each model, with the interquartile range."""
+def figure(results: dict[str, Any]) -> Any:
+    """The latency chart: one panel per model, each on its own scale, the ratio folded / original as its headline.
+
+    The models differ in latency by several times (vgg16_bn against resnet50), so one shared axis would squash the
+    smaller model's bars and their difference; each panel starts at zero and fits its own model. Bars are the
+    per-image medians, whiskers the interquartile ranges. Returns a matplotlib ``Figure`` (Agg backend).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(results["models"])
-    figure, axis = plt.subplots(figsize=(2.5 + 2 * len(names), 4))
-    width = 0.38
-    for offset, (key, label, colour) in enumerate((("before", "original", "#999999"), ("after", "folded", "#2a7ab9"))):
-        medians = [results["models"][n][f"latency_ms_{key}"] for n in names]
-        iqr = [results["models"][n][f"latency_iqr_ms_{key}"] for n in names]
-        errors = [[m - q[0] for m, q in zip(medians, iqr, strict=True)], [q[1] - m for m, q in zip(medians, iqr, strict=True)]]
-        positions = [i + (offset - 0.5) * width for i in range(len(names))]
-        axis.bar(positions, medians, width, yerr=errors, label=label, color=colour, capsize=3)
-    for i, n in enumerate(names):
-        axis.annotate(f"{results['models'][n]['latency_ratio']:.2f}x", (i + width / 2, results["models"][n]["latency_ms_after"]),
-                      ha="center", va="bottom", fontsize=8)
-    axis.set_xticks(range(len(names)), names)
-    axis.set_ylabel("ms per image (batch 1, median, IQR)")
-    axis.set_title(f"latency at {results['settings']['latency_size']} x {results['settings']['latency_size']}")
-    axis.legend()
-    figure.tight_layout()
-    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(figure))
+    chart, axes = plt.subplots(1, len(names), figsize=(1.2 + 3.2 * len(names), 4.4), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        model = results["models"][name]
+        medians = [model["latency_ms_before"], model["latency_ms_after"]]
+        iqr = [model["latency_iqr_ms_before"], model["latency_iqr_ms_after"]]
+        errors = [[max(m - q[0], 0.0) for m, q in zip(medians, iqr, strict=True)],
+                  [max(q[1] - m, 0.0) for m, q in zip(medians, iqr, strict=True)]]
+        axis.bar([0, 1], medians, 0.6, yerr=errors, color=["#999999", "#2a7ab9"], capsize=4)
+        axis.set_xticks([0, 1], ["original", "folded"])
+        for x, median in enumerate(medians):  # inside the bar, clear of the whiskers
+            axis.text(x, median / 2, f"{median:.2f}\nms", ha="center", va="center", fontsize=9, color="white",
+                      fontweight="bold")
+        axis.set_ylim(0, 1.08 * max(max(q[1] for q in iqr), *medians))
+        axis.set_ylabel("ms per image")
+        ratio = model["latency_ratio"]
+        axis.set_title(name, fontsize=11, loc="left")
+        axis.set_title(f"{ratio:.2f}x", fontsize=20, fontweight="bold", color="#2a7ab9", loc="right")
+        axis.set_xlabel(f"folded / original = {ratio:.3f} ({100 * (ratio - 1):+.1f}% latency)", fontsize=9)
+    size = results["settings"]["latency_size"]
+    chart.suptitle(f"latency before and after folding: batch 1, {size} x {size}, median and IQR; each model on its "
+                   "own scale", fontsize=10)
+    chart.tight_layout()
+    return chart
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Write :func:`figure` to ``path`` as a PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    chart = figure(results)
+    write_atomic(path, lambda handle: chart.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(chart))
 
 
 def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
     """Run the experiment with the options of :func:`add_arguments`; write and return the figures."""
+    import torch
+
     if args.epochs < 0 or args.batch_size < 1 or args.latency_repeats < 1:
         raise InvalidInputError("--epochs must be >= 0, --batch-size and --latency-repeats >= 1")
     out = Path(args.out)
@@ -277,8 +305,7 @@ def run(args: argparse.Namespace, console: Any = None) -> int:
 
     console = console or Console()
     results = reproduce(args, console)
-    console.print(table(results))
-    console.print(f"wrote {Path(args.out) / 'report.md'}, report.json and latency.png")
+    print_whole(console, table(results), f"wrote {Path(args.out) / 'report.md'}, report.json and latency.png")
     failed = [n for n, m in results["models"].items() if not m["verification_passed"]]
     if failed:
         console.print(f"[red]verification failed for {', '.join(failed)}[/]")

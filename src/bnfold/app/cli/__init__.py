@@ -6,8 +6,10 @@
     bnfold bench MODEL                   latency and size before / after (--peers: fx.fuse, jit.freeze)
     bnfold reproduce                     the seed's experiment (train, fold, report)
 
-MODEL is an architecture name (``resnet50``, ``timm:efficientnet_b0``), a checkpoint holding a state_dict (with
-``--arch``), a pickled module (with ``--trust-pickle``), a TorchScript archive or an ONNX file.
+MODEL is an architecture name (``resnet50``, ``timm:efficientnet_b0``; random weights drawn from ``--seed``, the
+same model in every command), a checkpoint holding a state_dict (with ``--arch``), a pickled module (with
+``--trust-pickle``), a TorchScript archive, a ``.pt2`` program or an ONNX file. ``verify`` compares any pair of them
+(FOLDED as ``fold`` wrote it; an ONNX file runs in onnxruntime). PyTorch is needed for everything but ONNX files.
 
 Exit codes: 0 success; 1 the outputs differ (verification failed; nothing written); 2 bad input or usage (a
 one-line ``error:`` names the problem and the fix; nothing written); 3 an internal error (a bug: rerun with
@@ -81,7 +83,9 @@ def _model_options(parser: argparse.ArgumentParser, weights: bool = True) -> Non
     group.add_argument("--eval", action="store_true", help="switch a model saved in training mode to eval mode")
     group.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                        help="example input shape (default: the architecture's, e.g. 1,3,224,224)")
-    group.add_argument("--seed", type=_SEED, default=0, help="seed of the random example inputs (default: 0)")
+    group.add_argument("--seed", type=_SEED, default=0,
+                       help="seed of the random weights of an architecture name and of the random example inputs: "
+                            "the same name and seed are the same model in every command (default: 0)")
 
 
 def _input_options(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +113,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+FOLD_EXAMPLES = """examples:
+  bnfold fold resnet18 -o resnet18-folded.pt
+  bnfold fold checkpoint.pth --arch resnet18 -o folded.pth
+  bnfold fold model.ts -o model-folded.ts
+  bnfold fold model.onnx -o model-folded.onnx"""
+
+VERIFY_EXAMPLES = """examples (each checks what the fold example of the same line wrote):
+  bnfold verify resnet18 resnet18-folded.pt
+  bnfold verify checkpoint.pth folded.pth --arch resnet18
+  bnfold verify model.ts model-folded.ts
+  bnfold verify model.onnx model-folded.onnx"""
+
+
 def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     """The argument parser of every command (also used to render ``--help``).
 
@@ -133,9 +150,7 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
 
     fold = commands.add_parser("fold", help="fold, verify and write the folded model",
                                description="Fold every foldable batch norm, verify the outputs, write OUT atomically.",
-                               epilog="examples:\n  bnfold fold resnet50 -o resnet50-folded.pt\n"
-                               "  bnfold fold checkpoint.pth --arch resnet50 -o folded.pth\n"
-                               "  bnfold fold model.ts -o model-folded.ts\n  bnfold fold model.onnx -o model-folded.onnx",
+                               epilog=FOLD_EXAMPLES,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     fold.add_argument("model", metavar="MODEL", help="architecture name or model file")
     fold.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the folded model")
@@ -151,13 +166,15 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     _common(fold)
 
     verify = commands.add_parser("verify", help="compare the outputs of two models",
-                                 description="Compare ORIGINAL and FOLDED on random example inputs or on --data.",
-                                 epilog="example: bnfold verify original.pth folded.pth --arch resnet50",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    verify.add_argument("original", metavar="ORIGINAL")
-    verify.add_argument("folded", metavar="FOLDED")
+                                 description="Compare ORIGINAL and FOLDED on example inputs, --input or --data. "
+                                 "FOLDED may be any file bnfold fold wrote from ORIGINAL, in any format (an ONNX "
+                                 "file runs in onnxruntime); a state_dict among them is read as the architecture "
+                                 "ORIGINAL names, or --arch.",
+                                 epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("original", metavar="ORIGINAL", help="architecture name or model file")
+    verify.add_argument("folded", metavar="FOLDED", help="model file (what bnfold fold wrote)")
     verify.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
-    _model_options(verify, weights=False)
+    _model_options(verify)
     _input_options(verify)
     _common(verify)
 
@@ -216,6 +233,12 @@ class _Interrupts:
             signal.signal(signal.SIGINT, self._previous)
 
 
+_NEEDS_TORCH = (
+    "bnfold {command} needs PyTorch for anything but ONNX files, and it is not installed here: pip install "
+    "'bnfold[torch]' (and 'bnfold[vision]' for architecture names like resnet50); ONNX files need only 'bnfold[onnx]'"
+)
+
+
 def _interrupted() -> int:
     sys.stderr.write("interrupted; nothing was written\n")
     return EXIT_INTERRUPTED
@@ -245,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException as error:  # an import broken by an interrupt fails with whatever error it hits
             if interrupts.seen or isinstance(error, KeyboardInterrupt):
                 return _interrupted()
+            if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == "torch":
+                _fail(Console(stderr=True), "error", _NEEDS_TORCH.format(command=words[0]))
+                return EXIT_BAD_INPUT
             raise
         if interrupts.seen:  # swallowed during an import
             return _interrupted()

@@ -11,22 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.text import Text
 
 from ...errors import InvalidInputError, OriginalRunError, UndecidedError, VerificationError
 from ...files import check_output_path, refuse_inputs, staged
-from ...report import MERGED, FoldReport
-from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model
+from ...report import MERGED, FoldReport, print_whole
+from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model, names_a_file
 from .output import emit, verification_line
-from .saving import choose_format, read_back, write_model
+from .saving import OnnxRuntimeModule, choose_format, read_back, write_model
 
 OK, VERIFICATION_FAILED, BAD_INPUT = 0, 1, 2
 
 
-def _load(args: argparse.Namespace, spec: str, console: Any) -> LoadedModel:
+def _load(args: argparse.Namespace, spec: str, console: Any, **options: Any) -> LoadedModel:
+    settings = {"arch": args.arch, "weights": getattr(args, "weights", None), **options}
     with console.status(f"loading {spec}"):
         return load_model(
-            spec, arch=args.arch, weights=getattr(args, "weights", None), trust_pickle=args.trust_pickle,
-            switch_to_eval=args.eval, input_shape=args.input_shape,
+            spec, trust_pickle=args.trust_pickle, switch_to_eval=args.eval, input_shape=args.input_shape,
+            seed=args.seed, **settings,
         )
 
 
@@ -79,9 +81,8 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[
 
 
 def _print_notes(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> None:
-    if not args.json:
-        for note in loaded.notes:
-            console.print(f"[dim]note: {note}[/]", highlight=False)
+    if not args.json and loaded.notes:
+        print_whole(console, *(Text(f"note: {note}", style="dim") for note in loaded.notes))
 
 
 def _onnx_backend() -> Any:
@@ -326,26 +327,48 @@ def _check_written(loaded: LoadedModel, written_path: Path, fmt: str, examples: 
     return _judge(loaded.runnable, written, examples, tolerance, f"the written {fmt} file", report)
 
 
+def _load_pair(args: argparse.Namespace, console: Any) -> tuple[LoadedModel, LoadedModel]:
+    """ORIGINAL and FOLDED of ``bnfold verify``, whatever ``bnfold fold`` wrote FOLDED as.
+
+    ``--arch``, or else ORIGINAL's architecture name, is the architecture of whichever of the two holds a state_dict
+    (``bnfold verify resnet50 folded.pt`` needs nothing more), and is ignored for files that carry their model;
+    ``--weights`` and ``--seed`` make ORIGINAL's architecture name the model that was folded.
+    """
+    original_is_name = not names_a_file(args.original)
+    if original_is_name and args.arch is not None and args.arch != args.original:
+        raise InvalidInputError(
+            f"--arch {args.arch} and ORIGINAL {args.original} name different architectures; FOLDED's architecture is "
+            f"ORIGINAL's: drop --arch"
+        )
+    arch = args.arch or (args.original if original_is_name else None)
+    original = _load(args, args.original, console, arch=None, weights=getattr(args, "weights", None),
+                     state_dict_arch=arch)
+    folded = _load(args, args.folded, console, arch=None, weights=None, state_dict_arch=arch)
+    return original, folded
+
+
 def verify(args: argparse.Namespace, console: Any) -> int:
-    """``bnfold verify ORIGINAL FOLDED``: compare outputs on example inputs or on ``--data``."""
-    original = _load(args, args.original, console)
-    folded = _load(args, args.folded, console)
-    if (original.kind == ONNX) != (folded.kind == ONNX):
-        raise InvalidInputError("compare an ONNX file with an ONNX file, and a PyTorch model with a PyTorch model")
-    if original.kind == ONNX:  # ONNX files named with options that route here: the ONNX command decides
+    """``bnfold verify ORIGINAL FOLDED``: compare outputs on example inputs or on ``--data``.
+
+    Any pair of formats compares: a PyTorch model against an ONNX file runs the first in PyTorch and the second in
+    onnxruntime on the same inputs (``bnfold fold resnet50 -o r50.onnx`` then ``bnfold verify resnet50 r50.onnx``).
+    """
+    original, folded = _load_pair(args, console)
+    if original.kind == ONNX and folded.kind == ONNX:  # ONNX files named with options that route here
         from . import onnx_commands
 
         return onnx_commands.verify(args, console)
     from ...verification import verify as compare
 
-    shape = original.input_shape or folded.input_shape
+    # an ONNX file's fixed input shape is the one it was exported (and folded) with: the best default for both
+    shape = args.input_shape or _onnx_input_shape(original, folded) or original.input_shape or folded.input_shape
     original.input_shape = folded.input_shape = shape
     with console.status("comparing outputs"):
         if args.input or (args.data and not (Path(args.data) / "val").is_dir()):  # arrays, or a plain image folder
             batches = _examples(args, original, args.seed)
             for batch in batches:
                 _check_runs(args, original, batch)
-            result = compare(original.runnable, folded.runnable, batches[0], data=batches[1:] or None,
+            result = compare(_runnable(original), _runnable(folded), batches[0], data=batches[1:] or None,
                              tolerance=args.tolerance)
         elif args.data:
             from torch.utils.data import DataLoader
@@ -354,14 +377,41 @@ def verify(args: argparse.Namespace, console: Any) -> int:
 
             size = (shape or (1, 3, 224, 224))[-1]
             loader = DataLoader(validation_folder(args.data, size=size, limit=args.limit), batch_size=16)
-            result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
+            result = compare(_runnable(original), _runnable(folded), data=loader, tolerance=args.tolerance)
         else:
             example = original.example_inputs(args.seed)
             _check_runs(args, original, example)
             _check_runs(args, folded, example)
-            result = compare(original.runnable, folded.runnable, example, tolerance=args.tolerance)
-    emit(args, console, result.to_dict(), str(result))
+            result = compare(_runnable(original), _runnable(folded), example, tolerance=args.tolerance)
+    _print_notes(args, console, original)
+    _print_notes(args, console, folded)
+    lines = [str(result)]
+    if not result.passed and original.seed is not None:
+        lines.append(f"{original.label} is the model of --seed {original.seed}: if FOLDED was folded from other "
+                     "weights, pass the --seed or --weights it was folded with")
+    emit(args, console, result.to_dict(), *lines)
     return OK if result.passed else VERIFICATION_FAILED
+
+
+def _runnable(loaded: LoadedModel) -> Any:
+    """What ``bnfold verify`` calls: the model, or an ONNX file run in onnxruntime (:class:`OnnxRuntimeModule`)."""
+    if loaded.kind != ONNX:
+        return loaded.runnable
+    return OnnxRuntimeModule(loaded.source or loaded.module)
+
+
+def _onnx_input_shape(*models: LoadedModel) -> tuple[int, ...] | None:
+    """The input shape the ONNX model among ``models`` declares, when it has one input and every size is fixed."""
+    for loaded in models:
+        if loaded.kind == ONNX:
+            initializers = {t.name for t in loaded.module.graph.initializer}
+            inputs = [v for v in loaded.module.graph.input if v.name not in initializers]
+            if len(inputs) != 1:
+                return None
+            dims = inputs[0].type.tensor_type.shape.dim
+            sizes = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in dims)
+            return sizes if sizes and all(n > 0 for n in sizes) else None
+    return None
 
 
 def bench(args: argparse.Namespace, console: Any) -> int:

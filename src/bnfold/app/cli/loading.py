@@ -58,6 +58,7 @@ class LoadedModel:
         arch: the architecture name, when known (needed to rebuild a state_dict's model).
         input_shape: the shape of one example input (the architecture's default, or ``--input-shape``).
         notes: things the user should know about the loading (e.g. the weights were random).
+        seed: the seed of the random weights of an architecture name (``None`` for weights read from a file).
     """
 
     module: Any
@@ -66,6 +67,7 @@ class LoadedModel:
     arch: str | None
     input_shape: tuple[int, ...] | None
     notes: list[str] = field(default_factory=list)
+    seed: int | None = None
 
     @property
     def runnable(self) -> Any:
@@ -74,7 +76,9 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
-        return str(self.source) if self.source is not None else f"{self.arch} (random weights)"
+        if self.source is not None:
+            return str(self.source)
+        return f"{self.arch} (random weights, seed {self.seed})" if self.seed is not None else str(self.arch)
 
     def example_inputs(self, seed: int = 0) -> torch.Tensor:
         """An input of :attr:`input_shape`: the photographs bnfold ships for ``N x 3 x H x W`` (scaled and normalised
@@ -309,6 +313,15 @@ def _require_eval(module: Any, label: str, switch: bool) -> None:
     )
 
 
+MODEL_SUFFIXES = (".pt", ".pth", ".onnx", ".safetensors", ".ts", ".pt2", ".bin", ".ckpt")
+
+
+def names_a_file(spec: str) -> bool:
+    """Whether MODEL names a file (it exists, or has a model file's extension) rather than an architecture."""
+    path = Path(spec)
+    return path.exists() or path.suffix.lower() in MODEL_SUFFIXES
+
+
 def load_model(
     spec: str,
     *,
@@ -317,20 +330,30 @@ def load_model(
     trust_pickle: bool = False,
     switch_to_eval: bool = False,
     input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    state_dict_arch: str | None = None,
 ) -> LoadedModel:
-    """Load MODEL as the CLI names it (see the module docstring); raises ``InvalidInputError`` on bad input."""
+    """Load MODEL as the CLI names it (see the module docstring); raises ``InvalidInputError`` on bad input.
+
+    ``seed`` seeds the random weights of an architecture name (the same name and seed, the same model, in every
+    command). ``state_dict_arch`` is the architecture of MODEL if it turns out to hold a state_dict, and is
+    ignored otherwise (``bnfold verify``, where ``--arch`` or an architecture name applies to whichever of its two
+    models is a state_dict); ``arch``, by contrast, is refused for anything but a state_dict.
+    """
     path = Path(spec)
-    looks_like_file = path.exists() or path.suffix.lower() in (".pt", ".pth", ".onnx", ".safetensors", ".ts", ".pt2", ".bin", ".ckpt")
-    if not looks_like_file:
+    if not names_a_file(spec):
         if arch is not None:
             raise InvalidInputError(
                 f"--arch does not apply here: {spec} is already an architecture name (--arch names the architecture "
                 "of a state_dict FILE); drop --arch, and pass trained weights with --weights FILE"
             )
         if weights is None:
-            model, default_shape = build_arch(spec)
-            loaded = LoadedModel(model, ARCHITECTURE, None, spec, input_shape or default_shape)
-            loaded.notes.append(f"{spec}: random weights (pass --weights FILE for trained ones)")
+            model, default_shape = build_arch(spec, seed=seed)
+            loaded = LoadedModel(model, ARCHITECTURE, None, spec, input_shape or default_shape, seed=seed)
+            loaded.notes.append(
+                f"{spec}: random weights drawn from --seed {seed} (the same model for every command with this name and "
+                "seed; pass --weights FILE for trained ones)"
+            )
             return loaded
         model, default_shape = build_arch(spec)
         state = _read_state_dict(Path(weights), trust_pickle)
@@ -366,7 +389,7 @@ def load_model(
         )
     if kind == SAFETENSORS:
         state = _load_safetensors(path)
-        return _from_state_dict(state, path, SAFETENSORS, arch, input_shape)
+        return _from_state_dict(state, path, SAFETENSORS, arch or state_dict_arch, input_shape)
     content = _torch_load(path, trust_pickle)
     if isinstance(content, nn.Module):
         if arch is not None:
@@ -382,7 +405,7 @@ def load_model(
             f"{path} holds a {type(content).__name__}, neither a model nor a state_dict of tensors; save "
             "model.state_dict() or the model itself"
         )
-    return _from_state_dict(state, path, STATE_DICT, arch, input_shape)
+    return _from_state_dict(state, path, STATE_DICT, arch or state_dict_arch, input_shape)
 
 
 def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:

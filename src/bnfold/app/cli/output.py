@@ -11,14 +11,16 @@ import json
 import sys
 from typing import Any
 
+from ...report import print_whole
+
 
 def emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
-    """Write ``payload`` as JSON when ``--json`` was given, else print each renderable on ``console``."""
+    """Write ``payload`` as JSON when ``--json`` was given, else print each renderable on ``console``, whole
+    (:func:`bnfold.report.print_whole`)."""
     if args.json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    for renderable in renderables:
-        console.print(renderable)
+    print_whole(console, *renderables)  # outside a terminal, as wide as the widest row: no cell is ever cut
 
 
 def verification_line(verification: dict[str, Any] | None, what: str = "verified") -> str | None:

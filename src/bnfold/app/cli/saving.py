@@ -31,11 +31,20 @@ _BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".t
 
 
 def choose_format(kind: str, output: Path, requested: str | None) -> str:
-    """``--format``, else the input's format, else (for an architecture name) the output file's extension."""
+    """``--format``, else the format OUT's extension names (``.onnx``, ``.pt2``, ``.ts``, ``.safetensors``), else the
+    input's format (a state_dict for an architecture name).
+
+    The extension comes before the input's format so that no file is written under the name of another format
+    (a state_dict in ``folded.onnx``, which no tool, ``bnfold verify`` included, would read as what it says); an
+    input that cannot be written in that format is refused with the reason (:func:`_check_compatible`).
+    """
     if requested is not None:
         return requested
+    named = _BY_SUFFIX.get(output.suffix.lower())
+    if named is not None:
+        return named
     if kind == ARCHITECTURE:
-        return _BY_SUFFIX.get(output.suffix.lower(), "state_dict")
+        return "state_dict"
     return {STATE_DICT: "state_dict", SAFETENSORS: "safetensors", PICKLE: "pickle", TORCHSCRIPT: "torchscript",
             ONNX: "onnx", EXPORTED: "pt2"}[kind]
 
@@ -126,29 +135,52 @@ def read_back(output: Path, fmt: str, arch: str | None, outputs_like: Any = None
         if fmt == "pt2":
             return torch.export.load(str(output)).module()
         if fmt == "onnx":
-            return OnnxRuntimeFile(output, outputs_like)
+            return OnnxRuntimeModule(output, outputs_like)
     return None
 
 
-class OnnxRuntimeFile:
-    """An ONNX file opened by its path in onnxruntime, called like the module it was exported from.
+class OnnxRuntimeModule(torch.nn.Module):
+    """An ONNX model run in onnxruntime behind a PyTorch call, to judge it against a PyTorch model on the same tensors.
 
-    ``torch.onnx.export`` flattens the module's inputs and outputs; the outputs are put back into the structure of
-    ``outputs_like`` (a tensor, a tuple, a dict ...) so the file is judged with the same comparison as the module.
+    For the file ``bnfold fold`` wrote (opened by its path, as its user opens it) and for ``bnfold verify`` of a
+    PyTorch model against an ONNX file. ``torch.onnx.export`` flattens the module's outputs; they are put back into
+    the structure of ``outputs_like`` (a tensor, a tuple, a dict ...) when given, so the file is judged with the
+    same comparison as the module. A graph exported with a fixed batch size runs on a larger batch one slice at a
+    time.
     """
 
-    def __init__(self, path: Path, outputs_like: Any) -> None:
+    def __init__(self, model: Any, outputs_like: Any = None) -> None:
+        super().__init__()
         from ...onnx.verification import session
 
-        self._session = session(path)
-        self._input_names = [i.name for i in self._session.get_inputs()]
-        self._structure = None if outputs_like is None else tree_flatten(outputs_like)[1]
+        self.session = session(model)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        first = self.session.get_inputs()[0].shape
+        self.batch = first[0] if first and isinstance(first[0], int) else None
+        self.structure = None if outputs_like is None else tree_flatten(outputs_like)[1]
+        self.eval()
 
-    def __call__(self, *inputs: Any) -> Any:
+    def forward(self, *inputs: Any) -> Any:
         arrays = [leaf.detach().cpu().numpy() for leaf in tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
-        results = [torch.from_numpy(r) for r in self._session.run(None, dict(zip(self._input_names, arrays, strict=True)))]
-        if self._structure is not None and self._structure.num_leaves == len(results):
-            return tree_unflatten(results, self._structure)
+        if len(arrays) != len(self.input_names):
+            raise InvalidInputError(f"the ONNX model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}),"
+                                    f" not {len(arrays)}; compare two ONNX files, or call bnfold.onnx.verify with "
+                                    "inputs by name")
+        length = len(arrays[0]) if arrays[0].ndim else 1
+        step = self.batch if self.batch and self.batch < length else length
+        try:
+            parts = [self.session.run(None, {name: a[i:i + step] for name, a in zip(self.input_names, arrays, strict=True)})
+                     for i in range(0, length, step)]
+        except Exception as error:  # onnxruntime's own errors: a shape or type the graph does not take
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            shapes = [i.shape for i in self.session.get_inputs()]
+            raise InvalidInputError(
+                f"onnxruntime cannot run the ONNX model on inputs of shape {[list(a.shape) for a in arrays]} ({first}); "
+                f"pass --input-shape with the shape it was exported with (its graph inputs: {shapes})"
+            ) from error
+        results = [torch.cat([torch.from_numpy(p[k]) for p in parts]) for k in range(len(parts[0]))]
+        if self.structure is not None and self.structure.num_leaves == len(results):
+            return tree_unflatten(results, self.structure)
         return results[0] if len(results) == 1 else tuple(results)
 
 

@@ -1,9 +1,13 @@
-"""bnfold: fold Batch Normalization into neighbouring conv / linear layers, losslessly, on any PyTorch model.
+"""bnfold: fold Batch Normalization into neighbouring conv / linear layers, losslessly, in every format.
 
 >>> import torch, torchvision, bnfold
 >>> model = torchvision.models.resnet50().eval()
 >>> folded = bnfold.fold(model)                # a ResNet again, 53 BN layers fewer
 >>> print(bnfold.report_for(folded))           # what was folded into what, and why anything was left
+>>> bnfold.save(folded, "resnet50-folded.pt")  # staged, read back, never over a file the fold read
+
+The same call folds a ``torch.jit.ScriptModule``, a ``torch.export.ExportedProgram``, an ``onnx.ModelProto`` or the
+path of any of their files, and returns the same kind (:mod:`bnfold.api`).
 """
 
 from importlib import import_module
@@ -21,8 +25,8 @@ from .errors import (
 from .report import FoldReport, MergeEntry, NormEntry
 
 if TYPE_CHECKING:
+    from .api import fold, plan, report_for, save
     from .bench import BenchmarkResult, benchmark
-    from .engine import fold, plan, report_for
     from .layers import (
         DEFAULT_REGISTRY,
         LayerRegistry,
@@ -34,12 +38,13 @@ if TYPE_CHECKING:
     )
     from .verification import VerificationResult, verify
 
-# The PyTorch engine is imported on first use, so that `bnfold.onnx` (and `bnfold.affine`, `bnfold.report`)
-# work on a machine without PyTorch.
+# Modules are imported on first use, so that `bnfold.onnx` and `bnfold.fold` of an ONNX model (and `bnfold.affine`,
+# `bnfold.report`) work on a machine without PyTorch; `bnfold.api` imports PyTorch only for a PyTorch model.
 _LAZY = {
-    "fold": "engine",
-    "plan": "engine",
-    "report_for": "engine",
+    "fold": "api",
+    "plan": "api",
+    "report_for": "api",
+    "save": "api",
     "verify": "verification",
     "VerificationResult": "verification",
     "benchmark": "bench",
@@ -98,4 +103,5 @@ __all__ = [
     "register_layer",
     "register_norm",
     "report_for",
+    "save",
 ]

@@ -65,11 +65,14 @@ def _check_model(model: Any, registry: LayerRegistry) -> ModuleTree:
         )
     if isinstance(model, torch.jit.ScriptModule):
         raise InvalidInputError(
-            "this is a TorchScript module, whose layers bnfold cannot rewrite in Python; fold the nn.Module it was "
-            "scripted from, then script the folded model (or use the `bnfold fold` command on the file)"
+            "this is a TorchScript module, whose layers bnfold.engine.fold cannot rewrite in Python: bnfold.fold(module) "
+            "folds it into a frozen TorchScript module"
         )
     if not isinstance(model, nn.Module):
-        raise InvalidInputError(f"bnfold folds torch.nn.Module models, got {type(model).__name__}")
+        raise InvalidInputError(
+            f"bnfold.engine.fold takes a torch.nn.Module, got {type(model).__name__}; bnfold.fold takes every kind "
+            "bnfold folds (a ScriptModule, an ExportedProgram, an onnx.ModelProto, a model file's path)"
+        )
     tree = ModuleTree(model)
     meta = tree.census.first_meta
     if meta is not None:

@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from . import judge
 from .backends.capture import MODEL_CALLS_LOCK
-from .errors import InvalidInputError
+from .errors import InvalidInputError, UndecidedError, VerificationError
 
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
@@ -409,6 +409,60 @@ def explained_by_rounding(
                 ratio, error = second, weights_error
         comparison.outputs.append(OutputError(path, error, ratio, tuple(t.shape)))
     return comparison
+
+
+# ------------------------------------------------------------------------- the check of a fold in any format
+
+
+def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], tolerance: float | None, what: str,
+               touched: Any = (), consequence: str = "nothing was written") -> dict[str, Any]:
+    """The one output check of a fold of a TorchScript module or a torch.export program, and of a written file
+    (``bnfold fold``, :func:`bnfold.save`): ``candidate`` against ``original`` on each batch of ``examples``.
+
+    Both models run on each batch (a tuple of positional inputs) from the same random state; every output is judged
+    by :mod:`bnfold.judge`, as in every format: within ``tolerance`` (default: from the original's dtype) as
+    ``max|a - b| / max|a|``, or within the allowance of the noise floor, what one rounding step of the tensors the
+    fold touched (``touched``: module names of ``original``, ``FoldReport.touched()``) does to the original. Above
+    both, an original that differs from itself run to run makes the check undecided; otherwise the float64 second
+    opinion of :func:`bnfold.fold` decides (:func:`explained_by_rounding`).
+
+    Returns:
+        The verdict of the last batch as plain data (``Comparison.to_dict()`` with ``input_shapes`` and ``batches``).
+
+    Raises:
+        VerificationError: the outputs differ beyond both (one line, naming the worst output, then ``consequence``).
+        UndecidedError: the original's own outputs vary run to run as much (no verdict).
+    """
+    limit = tolerance if tolerance is not None else default_tolerance(original)
+    names = touched_tensors(original, touched) if touched else []
+    verdict: dict[str, Any] = {}
+    for example in examples:
+        expected, actual = run_seeded(original, example), run_seeded(candidate, example)
+        perturbed = noise_floor(original, names, example) if names else None
+        comparison = compare_outputs(expected, actual, limit, perturbed)
+        verdict = comparison.to_dict()
+        shapes = [list(t.shape) for t in example if isinstance(t, torch.Tensor)]
+        verdict["input_shapes"] = ({"input": shapes[0]} if len(shapes) == 1
+                                   else {f"input{number}": shape for number, shape in enumerate(shapes)})
+        verdict["batches"] = len(examples)
+        if comparison.judged and not comparison.problems and comparison.max_relative > limit:
+            run_to_run(original, example, expected, comparison)  # the verdict rests on the floor: is it noise?
+            if comparison.undecided:
+                raise UndecidedError(f"{what} cannot be verified: {comparison.undecided}; {consequence}")
+        if not comparison.passed and not comparison.problems:
+            try:
+                second = explained_by_rounding(original, example, expected, actual)
+            except Exception:  # a graph that cannot run in float64 (some TorchScript / exported graphs): no opinion
+                second = None
+            if second is not None:
+                verdict["rounding_check"] = second.to_dict()
+                verdict["passed"] = second.passed
+        if not verdict["passed"]:
+            raise VerificationError(
+                f"{what} differs from the original: {comparison.worst()}, more than rounding the folded weights "
+                f"explains (tolerance {limit:g}); {consequence}"
+            )
+    return verdict
 
 
 # ------------------------------------------------------------------------------------------ bnfold.verify()

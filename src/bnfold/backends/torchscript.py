@@ -377,7 +377,7 @@ def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
             f"fold_script folds TorchScript modules (torch.jit.script / torch.jit.trace / torch.jit.load), got "
             f"{type(module).__name__}; for an nn.Module call bnfold.fold"
         )
-    if module.training:
+    if getattr(module, "training", False):  # a frozen module (folded before) has no mode: it is frozen in eval
         raise TrainingModeError(
             "the TorchScript model is in training mode, where batch norm uses batch statistics and folding would "
             "change what it computes; call .eval() on it first (the command line: pass --eval)"

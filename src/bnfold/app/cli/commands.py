@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from rich.text import Text
 
-from ...errors import InvalidInputError, OriginalRunError, UndecidedError, VerificationError
+from ...errors import InvalidInputError, OriginalRunError, VerificationError
 from ...files import check_output_path, refuse_inputs, staged
 from ...report import MERGED, FoldReport, print_whole
 from .loading import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel, load_model, names_a_file
@@ -191,44 +191,10 @@ def _judge(original: Any, candidate: Any, examples: list[torch.Tensor], toleranc
         VerificationError: the outputs differ beyond both (one line, naming the worst output).
         UndecidedError: the original's own outputs vary run to run as much (no verdict; nothing written).
     """
-    from ...verification import (
-        compare_outputs,
-        default_tolerance,
-        explained_by_rounding,
-        noise_floor,
-        run_seeded,
-        run_to_run,
-        touched_tensors,
-    )
+    from ...verification import judge_fold
 
-    limit = tolerance if tolerance is not None else default_tolerance(original)
-    names = touched_tensors(original, report.touched()) if report is not None else []
-    verdict: dict[str, Any] = {}
-    for example in examples:
-        expected, actual = run_seeded(original, (example,)), run_seeded(candidate, (example,))
-        perturbed = noise_floor(original, names, (example,)) if names else None
-        comparison = compare_outputs(expected, actual, limit, perturbed)
-        verdict = comparison.to_dict()
-        verdict["input_shapes"] = {"input": list(example.shape)}
-        verdict["batches"] = len(examples)
-        if comparison.judged and not comparison.problems and comparison.max_relative > limit:
-            run_to_run(original, (example,), expected, comparison)  # the verdict rests on the floor: is it noise?
-            if comparison.undecided:
-                raise UndecidedError(f"{what} cannot be verified: {comparison.undecided}; nothing was written")
-        if not comparison.passed and not comparison.problems:
-            try:
-                second = explained_by_rounding(original, (example,), expected, actual)
-            except Exception:  # a graph that cannot run in float64 (some TorchScript / exported graphs): no opinion
-                second = None
-            if second is not None:
-                verdict["rounding_check"] = second.to_dict()
-                verdict["passed"] = second.passed
-        if not verdict["passed"]:
-            raise VerificationError(
-                f"{what} differs from the original: {comparison.worst()}, more than rounding the folded weights "
-                f"explains (tolerance {limit:g}); nothing was written"
-            )
-    return verdict
+    touched = report.touched() if report is not None else ()
+    return judge_fold(original, candidate, [(example,) for example in examples], tolerance, what, touched)
 
 
 def fold(args: argparse.Namespace, console: Any) -> int:

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import stat
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +29,16 @@ from torch import nn
 
 from ...errors import InvalidInputError, TrainingModeError
 from ...examples import is_image_like, photo_batch
+from ...loading import EXPORTED, ONNX, PICKLE, SAFETENSORS, STATE_DICT, TORCHSCRIPT, sniff
+from ...loading import check_readable as _check_readable
+from ...loading import first_line as _first_line
+from ...loading import load_exported as _load_exported
+from ...loading import load_onnx as _load_onnx
+from ...loading import load_safetensors as _load_safetensors
+from ...loading import load_torchscript as _load_torchscript
+from ...loading import torch_load as _torch_load
 from ..architectures import build_arch
 
-STATE_DICT = "state_dict"
-SAFETENSORS = "safetensors"
-PICKLE = "pickle"
-TORCHSCRIPT = "torchscript"
-ONNX = "onnx"
-EXPORTED = "exported"
 ARCHITECTURE = "architecture"
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
@@ -118,74 +117,6 @@ def _physical_memory() -> int | None:
 # ------------------------------------------------------------------------------------------------- files
 
 
-def _check_readable(path: Path) -> None:
-    """A regular file that can be read, checked without opening anything that could block or never end.
-
-    Opening a FIFO waits for a writer, and /dev/zero or /dev/urandom never reach end of file, so the kind of
-    file is decided from ``stat`` first, before any ``open``.
-    """
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise InvalidInputError(f"{path}: no such file") from None
-    except OSError as error:
-        raise InvalidInputError(f"{path}: cannot read it ({error.strerror or error})") from error
-    if stat.S_ISDIR(mode):
-        raise InvalidInputError(f"{path} is a directory; give a model file")
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file")
-        raise InvalidInputError(f"{path} is {kind}, not a model file; save the model to a regular file and pass that")
-    try:
-        with path.open("rb") as handle:
-            handle.read(1)
-    except OSError as error:
-        raise InvalidInputError(f"{path}: cannot read it ({error.strerror or error})") from error
-    if path.stat().st_size == 0:
-        raise InvalidInputError(f"{path} is empty; the file was not written completely")
-
-
-_SPECIAL_FILES = (
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def sniff(path: Path) -> str:
-    """The file's format from its content (the extension can lie): onnx, safetensors, torchscript, exported, torch."""
-    if path.suffix.lower() == ".onnx":
-        return ONNX
-    if path.suffix.lower() == ".safetensors":
-        return SAFETENSORS
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError) as error:
-            raise InvalidInputError(f"{path} is a damaged zip archive ({error}); the file may be truncated") from error
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            return TORCHSCRIPT
-        if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in names):
-            return EXPORTED
-        return "torch"
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    if head[:4] == b"PK\x03\x04":
-        raise InvalidInputError(
-            f"{path} is a damaged zip archive (PyTorch checkpoints, TorchScript archives and .pt2 programs are zip files: this one "
-            "has no central directory); the file is probably truncated: write it again"
-        )
-    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save or a plain pickle
-        return "torch"
-    if len(head) == 8 and int.from_bytes(head, "little") < 100_000_000:
-        with path.open("rb") as handle:
-            handle.seek(8)
-            if handle.read(1) == b"{":
-                return SAFETENSORS
-    return "unknown"
-
-
 def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor] | None:
     """The state_dict inside a loaded checkpoint: a plain one, or under a usual key of a training checkpoint."""
     if isinstance(loaded, Mapping):
@@ -196,36 +127,6 @@ def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor] | None:
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
                 return dict(inner)
     return None
-
-
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as error:
-        text = str(error).lower()
-        if not trust_pickle and "global" in text:  # the weights-only unpickler met a class: a pickled object
-            raise InvalidInputError(
-                f"{path} holds pickled Python objects (probably a whole nn.Module saved with torch.save(model)); "
-                "unpickling runs code from the file, so bnfold refuses by default: pass --trust-pickle if you "
-                "trust where it came from, or save model.state_dict() and pass it with --arch NAME"
-            ) from error
-        raise InvalidInputError(
-            f"{path} is not a readable PyTorch file (its pickled data is damaged); it may be corrupt or truncated"
-        ) from error
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, ModuleNotFoundError) as error:
-        if isinstance(error, (AttributeError, ModuleNotFoundError)):
-            raise InvalidInputError(
-                f"{path}: the pickled model needs code that is not importable here ({_first_line(error)}); "
-                "install the package that defines it, or save a state_dict instead"
-            ) from error
-        raise InvalidInputError(
-            f"{path} is not a complete PyTorch file ({_first_line(error)}); it may be truncated or corrupt"
-        ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, arch: str) -> None:
@@ -250,35 +151,6 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
     model.load_state_dict(state)
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError as error:
-        raise InvalidInputError("reading .safetensors needs the safetensors package: pip install 'bnfold[safetensors]'") from error
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises its own SafetensorError for a damaged header or data
-        raise InvalidInputError(f"{path} is not a complete safetensors file ({_first_line(error)})") from error
-
-
-def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu")
-    except Exception as error:  # the TorchScript loader raises RuntimeError with a C++ backtrace
-        raise InvalidInputError(f"{path} is not a loadable TorchScript archive ({_first_line(error)})") from error
-
-
-def _load_exported(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
-    """The program in a ``.pt2`` file; refuses one that would run code on loading unless ``trust_pickle``."""
-    from ...backends.pt2_safety import load_exported
-
-    return load_exported(path, trust_pickle=trust_pickle)
-
-
 def _exported_input_shape(
     program: torch.export.ExportedProgram, path: Path, given: tuple[int, ...] | None
 ) -> tuple[int, ...]:
@@ -293,7 +165,7 @@ def _exported_input_shape(
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise InvalidInputError(
                 f"{path} takes {len(args)} positional and {len(kwargs)} keyword inputs; the command line handles "
-                "programs with one tensor input: call bnfold.backends.exported.fold_exported from Python"
+                "programs with one tensor input: call bnfold.fold(program, example_inputs) from Python"
             )
         return given if given is not None else tuple(args[0].shape)
     if given is None:
@@ -456,15 +328,3 @@ def _folded_structure(model: nn.Module) -> nn.Module | None:
         return fold(model, verify=False)
     except Exception:  # an architecture bnfold cannot trace: the file cannot be a bnfold-folded state_dict of it
         return None
-
-
-def _load_onnx(path: Path) -> Any:
-    try:
-        import onnx  # noqa: F401
-    except ImportError as error:
-        raise InvalidInputError(f"{path}: ONNX files need the onnx package: pip install 'bnfold[onnx]'") from error
-    try:
-        from ... import onnx as onnx_backend
-    except ImportError as error:
-        raise InvalidInputError(f"{path}: ONNX files are not supported by this version of bnfold yet") from error
-    return onnx_backend.load(path)

@@ -431,7 +431,7 @@ def test_the_onnx_commands_run_where_torch_cannot_be_imported(files, tmp_path) -
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 2 and len(lines) == 1 and "pip install 'bnfold[torch]'" in lines[0], refused.stderr
     library = subprocess.run(
-        [sys.executable, "-c", "import bnfold, bnfold.onnx\ntry:\n    bnfold.fold\nexcept ImportError as e:\n    print(e)"],
+        [sys.executable, "-c", "import bnfold, bnfold.onnx\nbnfold.fold\ntry:\n    bnfold.verify\nexcept ImportError as e:\n    print(e)"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(Path(bnfold.__file__).resolve().parents[1]), str(site)])})
     assert library.returncode == 0 and "pip install 'bnfold[torch]'" in library.stdout, library.stderr

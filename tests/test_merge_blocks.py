@@ -54,6 +54,10 @@ def test_a_block_of_a_model_fx_cannot_trace_merges_and_the_model_keeps_its_class
     identity = next(e for e in report.entries if e.name == "block.identity")
     assert (identity.status, identity.direction, identity.into) == ("folded", "merge", ("block.kxk.0",))
     assert report.left == []
+    assert report.to_dict()["merges"][0]["region"] == "block"
+    preview = bnfold.plan(model, x, merge_branches=True)  # folds and merges a copy, as fold() does
+    assert preview.merges == report.merges and not preview.applied
+    assert type(model.block) is RepBlock  # the model itself is untouched
 
 
 class SumsInItsOwnCode(nn.Module):

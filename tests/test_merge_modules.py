@@ -221,27 +221,7 @@ def test_blocks_that_cannot_merge_are_left_with_their_reason() -> None:
     assert reasons[1].startswith("one of its terms comes from the operation F.relu, which is not a conv")
 
 
-class DataDependent(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = RepBlock(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:  # fx cannot trace a branch on a value
-            return self.block(x)
-        return -self.block(x)
-
-
-def test_a_model_fx_cannot_trace_is_folded_and_left_unmerged_with_the_reason() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 8, 8).abs()
-    model = calibrated_by_training(DataDependent(), x)
-    folded = bnfold.fold(model, x, merge_branches=True)
-    assert type(folded) is DataDependent
-    report = bnfold.report_for(folded)
-    assert report.merges == []
-    assert any(note.startswith("branches were not merged: torch.fx cannot trace DataDependent") for note in report.notes)
-    assert_same_outputs(model, folded, x)
+# Models torch.fx cannot trace as a whole are merged block by block: tests/test_merge_blocks.py.
 
 
 @pytest.mark.parametrize("name", ["resnet50", "vgg16_bn"])

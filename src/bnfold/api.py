@@ -345,6 +345,11 @@ def _resolve(model: Any, trust_pickle: bool) -> tuple[Any, _Backend, tuple[Path,
 
 
 def _check_options(backend: _Backend, options: dict[str, Any], defaults: dict[str, Any]) -> None:
+    if options.get("merge_branches") == "blocks" and "inplace" not in backend.options:
+        raise InvalidInputError(
+            f"merge_branches='blocks' keeps an nn.Module's class by merging block by block; a {backend.kind} merges "
+            "through its graph: pass merge_branches=True"
+        )
     for option, value in options.items():
         if option not in _COMMON | backend.options and value != defaults[option]:
             owners = [b.kind for b in _BACKENDS if option in b.options]
@@ -409,7 +414,7 @@ def fold(
     inplace: bool = False,
     verify: bool | None = None,
     tolerance: float | None = None,
-    merge_branches: bool = False,
+    merge_branches: bool | str = False,
     registry: Any = None,
     seed: int = 0,
     input_shape: Any = None,
@@ -431,7 +436,8 @@ def fold(
             a program's own, an ONNX graph's). A fold that fails the check raises and returns nothing.
         tolerance: largest accepted ``max|a - b| / max|a|`` per output (default: from the dtype); an output above it
             still passes within what one rounding step of the touched weights does (:mod:`bnfold.judge`).
-        merge_branches: also merge summed parallel branches into one layer (RepVGG, MobileOne, ...).
+        merge_branches: also merge summed parallel branches into one layer (RepVGG, MobileOne, ...). ``"blocks"``
+            (``nn.Module`` only) merges inside each block and keeps the model's class (see :func:`bnfold.engine.fold`).
         registry: the layer rules (``nn.Module`` only; default: built-ins plus what was registered).
         seed, input_shape: the ONNX example inputs' random seed and shape (ONNX only).
         name: the model's name in the report (default: the path, or the kind).
@@ -462,7 +468,7 @@ def plan(
     model: Any,
     example_inputs: Any = None,
     *,
-    merge_branches: bool = False,
+    merge_branches: bool | str = False,
     registry: Any = None,
     name: str | None = None,
     trust_pickle: bool = False,

@@ -10,11 +10,12 @@ import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .backends.block_merges import merge_blocks
 from .backends.capture import MODEL_CALLS_LOCK, Dataflow, as_input_tuple, capture
 from .backends.module_merges import merge_rounds
 from .backends.module_tree import ModuleTree
@@ -43,6 +44,9 @@ from .verification import (
 log = logging.getLogger(__name__)
 
 ExampleInputs = torch.Tensor | Sequence[Any] | None
+MergeBranches = bool | Literal["blocks"]
+"""``fold(..., merge_branches=)``: False, True (the whole model's traced graph, block by block where torch.fx cannot
+trace it whole) or ``"blocks"`` (block by block: the model keeps its class)."""
 
 _reports: weakref.WeakKeyDictionary[nn.Module, FoldReport] = weakref.WeakKeyDictionary()
 
@@ -191,7 +195,7 @@ def plan(
     example_inputs: ExampleInputs = None,
     *,
     registry: LayerRegistry | None = None,
-    merge_branches: bool = False,
+    merge_branches: MergeBranches = False,
 ) -> FoldReport:
     """Dry run: the report of what :func:`fold` would do, without changing anything.
 
@@ -207,10 +211,10 @@ def plan(
         return _plan_report(model, example_inputs, registry or DEFAULT_REGISTRY, merge_branches)
 
 
-def _plan_report(model: nn.Module, example_inputs: ExampleInputs, registry: LayerRegistry, merge_branches: bool
-                 ) -> FoldReport:
+def _plan_report(model: nn.Module, example_inputs: ExampleInputs, registry: LayerRegistry,
+                 merge_branches: MergeBranches) -> FoldReport:
     if merge_branches:
-        preview = fold(model, example_inputs, verify=False, registry=registry, merge_branches=True)
+        preview = fold(model, example_inputs, verify=False, registry=registry, merge_branches=merge_branches)
         report = dataclasses.replace(_reports[preview], applied=False)
         del preview
         return report
@@ -230,7 +234,7 @@ def fold(
     verify: bool | None = None,
     tolerance: float | None = None,
     registry: LayerRegistry | None = None,
-    merge_branches: bool = False,
+    merge_branches: MergeBranches = False,
 ) -> nn.Module:
     """Fold every batch norm that can be folded exactly into its neighbouring conv / linear layer.
 
@@ -244,8 +248,13 @@ def fold(
     :mod:`bnfold.core.merge` for when that is exact). Removing branches from the forward computation needs a graph:
     where a block merges, the result is a ``torch.fx.GraphModule`` of the traced model (same module names, the
     merged layer in place of the sum, the other branches gone), not the model's own class; a model with nothing to
-    merge is returned as without the option. ``report.merges`` lists every block merged or left, with the reason.
-    Merges are made on a copy even with ``inplace=True`` (``model`` then gets the folds only).
+    merge is returned as without the option. Where torch.fx cannot trace the model as a whole (ultralytics'
+    detectors), or with ``merge_branches="blocks"``, branches are merged block by block instead: inside each module
+    whose own forward torch.fx traces, on the inputs it receives in the model's forward pass, and each block where
+    something merged becomes the GraphModule of its merged graph in the module tree; the model keeps its class, and
+    every other module stays as it was (:mod:`bnfold.backends.block_merges`). ``report.merges`` lists every block
+    merged or left, with the reason. Merges are made on a copy even with ``inplace=True`` (``model`` then gets the
+    folds only).
 
     Args:
         model: an ``nn.Module`` in eval mode.
@@ -258,14 +267,15 @@ def fold(
         tolerance: largest accepted ``max|a - b| / max|a|`` per output; default from the model's dtype
             (:func:`bnfold.verification.default_tolerance`).
         registry: the layer rules to fold with (default: built-ins plus what was registered).
-        merge_branches: also merge summed parallel branches into one layer (the result may be a GraphModule).
+        merge_branches: also merge summed parallel branches into one layer: ``True`` (the result may be a
+            GraphModule) or ``"blocks"`` (block by block: the model keeps its class; needs ``example_inputs``).
 
     A norm whose fold would store a weight or bias its dtype cannot hold (float16 ends at 65504) is left, with that
     reason in the report. Folds from several threads at once are safe (bnfold serialises its traces and model runs).
 
     Raises:
         InvalidInputError: not an ``nn.Module`` (a TorchScript module, a ``torch.compile`` result), weights on the
-            meta device, or example inputs of the wrong kind.
+            meta device, example inputs of the wrong kind, or ``merge_branches="blocks"`` without example inputs.
         TrainingModeError: the model is in training mode.
         CaptureError: torch.fx cannot trace the model and no (working) example inputs were given.
         NonFiniteStatisticsError: a norm to fold has NaN or infinite statistics.
@@ -278,11 +288,18 @@ def fold(
 
 
 def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify: bool | None, tolerance: float | None,
-          registry: LayerRegistry, merge_branches: bool) -> nn.Module:
+          registry: LayerRegistry, merge_branches: MergeBranches) -> nn.Module:
     inputs = as_input_tuple(example_inputs)
     verify = inputs is not None if verify is None else verify
     if verify and inputs is None:
         raise InvalidInputError("verify=True needs example_inputs to run both models on")
+    if not (isinstance(merge_branches, bool) or merge_branches == "blocks"):
+        raise InvalidInputError(f"merge_branches must be False, True or \"blocks\", got {merge_branches!r}")
+    if merge_branches == "blocks" and inputs is None:
+        raise InvalidInputError(
+            'merge_branches="blocks" needs example_inputs: each block is merged on the inputs it receives in one '
+            "forward pass of the model"
+        )
     with MODEL_CALLS_LOCK:
         planned = _plan(model, inputs, registry)
         the_plan, report = planned.plan, planned.report
@@ -298,7 +315,7 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
                       tree=planned.tree if target is model else None)
     if merge_branches:
         try:
-            target = _merge(copy.deepcopy(target) if inplace else target, inputs, registry, report)
+            target = _merge(copy.deepcopy(target) if inplace else target, inputs, registry, report, merge_branches)
         except BaseException:
             rollback.restore()
             raise
@@ -412,21 +429,23 @@ def _apply(
     return rollback
 
 
-def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry, report: FoldReport) -> nn.Module:
+def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry, report: FoldReport,
+           how: bool | str) -> nn.Module:
     """Merge the summed branches of the folded ``model`` (owned here), folding what each round makes foldable;
-    the report gets the blocks, and the norms folded or absorbed on the way."""
+    the report gets the blocks, and the norms folded or absorbed on the way. ``how``: ``True`` merges in the whole
+    model's traced graph, or block by block where torch.fx cannot trace it; ``"blocks"`` block by block only."""
 
-    def fold_again(module: nn.Module) -> FoldPlan:
-        planned = _plan(module, inputs, registry)
+    def fold_again(module: nn.Module, module_inputs: tuple[Any, ...] | None, prefix: str) -> FoldPlan:
+        planned = _plan(module, module_inputs, registry)
         the_plan = planned.plan
         with torch.no_grad(), torch.inference_mode(False):
             overflows = apply_plan(the_plan, ModuleWeights(module, registry, tree=planned.tree), planned.maps)
-        _leave_overflowed(report, overflows)
-        failed = {overflow.norm for overflow in overflows}
-        made = {f.norm: f for f in the_plan.folds if f.norm not in failed}
+        reasons = {prefix + overflow.norm: str(overflow) for overflow in overflows}
+        _leave_with(report, reasons)
+        made = {prefix + f.norm: f for f in the_plan.folds if prefix + f.norm not in reasons}
         report.entries = [
-            dataclasses.replace(e, status=FOLDED, into=made[e.name].layers, direction=made[e.name].direction,
-                                reason=None)
+            dataclasses.replace(e, status=FOLDED, into=tuple(prefix + layer for layer in made[e.name].layers),
+                                direction=made[e.name].direction, reason=None)
             if e.name in made else e
             for e in report.entries
         ]
@@ -434,7 +453,18 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
 
     # Merges trace the model with torch.fx (and run it) again: while no other thread traces (see MODEL_CALLS_LOCK).
     with MODEL_CALLS_LOCK, torch.no_grad(), torch.inference_mode(False):  # new weights usable outside inference mode
-        outcome = merge_rounds(model, registry, inputs, fold_again)
+        whole_failure = None
+        if how is True:
+            outcome = merge_rounds(model, registry, inputs, fold_again)
+            whole_failure = outcome.failure
+        if how == "blocks" or whole_failure is not None:
+            assert inputs is not None  # checked by fold(); an untraceable model was folded on them already
+            outcome = merge_blocks(model, registry, inputs, fold_again, include_root=False)
+            if whole_failure is not None:
+                outcome.notes.insert(0, (
+                    f"{type(model).__name__} was not merged as a whole, {whole_failure}: branches were merged inside "
+                    f"the modules whose own forward torch.fx traces"
+                ))
     report.absorb_merged_norms(outcome.absorbed_norms)
     report.merges = outcome.entries
     report.notes.extend(outcome.notes)
@@ -442,7 +472,11 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
 
 
 def _leave_overflowed(report: FoldReport, overflows: list[FoldOverflow]) -> None:
-    reasons = {overflow.norm: str(overflow) for overflow in overflows}
+    _leave_with(report, {overflow.norm: str(overflow) for overflow in overflows})
+
+
+def _leave_with(report: FoldReport, reasons: dict[str, str]) -> None:
+    """The norms named in ``reasons`` are left, each with its reason."""
     if reasons:
         report.entries = [
             dataclasses.replace(e, status=LEFT, into=(), direction=None, reason=reasons[e.name])

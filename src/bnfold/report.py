@@ -50,7 +50,9 @@ class MergeEntry:
     (``into``), the other branch layers merged into it (``layers``) and its identity branches (``identities``:
     the norm of each, or ``"input"`` for the input itself); a block left alone has ``reason``. A sum whose terms
     read different tensors merges the terms of one tensor: ``kept`` names the terms that stay added to ``into``'s
-    output (a residual).
+    output (a residual). ``region``: the module whose own traced forward the block was found in, when branches were
+    merged block by block (a model torch.fx cannot trace as a whole, or ``merge_branches="blocks"``); None when the
+    whole model was traced.
     """
 
     block: str
@@ -60,6 +62,7 @@ class MergeEntry:
     identities: tuple[str, ...] = ()
     reason: str | None = None
     kept: tuple[str, ...] = ()
+    region: str | None = None
 
 
 def record_merges(

@@ -29,7 +29,7 @@ from ..core.merge import Merge, MergeRefusal, plan_merges
 from ..core.plan import FoldPlan
 from ..layers import LayerRegistry
 from ..report import MergeEntry, record_merges
-from .capture import capture_fx, trace
+from .capture import TraceMismatch, capture_fx, trace
 from .modules import ModuleWeights, Rollback, to_graph
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class MergeOutcome:
     folds: list[FoldPlan] = field(default_factory=list)
     absorbed_norms: dict[str, str] = field(default_factory=dict)  # identity-branch norm -> the layer it went into
     notes: list[str] = field(default_factory=list)
+    failure: str | None = None  # why the model's traced graph could not be merged in (nothing was merged), or None
 
 
 def _dead_outside(merge: Merge, nodes: list[fx.Node]) -> str | None:
@@ -172,27 +173,33 @@ class MergeRound:
     again: bool = False
 
 
-def merge_once(model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None) -> MergeRound:
+def merge_once(model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None,
+               graph: fx.Graph | None = None) -> MergeRound:
     """One round: plan the merges on the core graph of ``model`` and apply them to a GraphModule of it.
 
-    ``model`` is traced, unless it is a GraphModule a previous round returned (its graph is edited again, so block
-    names stay those of the returned model). The GraphModule shares every module with ``model``, the merged layers
-    are written in place: the caller hands over a model it owns.
+    ``model`` is traced (unless ``graph``, a trace of it, is given), or it is a GraphModule a previous round returned
+    (its graph is edited again, so block names stay those of the returned model). The GraphModule shares every module
+    with ``model``, the merged layers are written in place: the caller hands over a model it owns. With ``inputs``
+    the graph is checked against ``model`` on them first (:class:`~bnfold.backends.capture.TraceMismatch`).
     """
     if isinstance(model, fx.GraphModule):
         module = model
+        flow = capture_fx(module, registry, inputs, graph=module.graph)
     else:
-        try:
-            graph = trace(model, registry)
-        except Exception as error:  # fx raises many kinds on code it cannot follow
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            return MergeRound(None, failure=(
-                f"branches were not merged: torch.fx cannot trace {type(model).__name__} ({reason}), and merging "
-                f"rewrites the traced graph"
-            ))
+        if graph is None:
+            try:
+                graph = trace(model, registry)
+            except Exception as error:  # fx raises many kinds on code it cannot follow
+                return MergeRound(None, failure=f"torch.fx cannot trace it ({trace_failure(error)})")
+        try:  # the graph checked against the model itself (a GraphModule of it would be checked against itself)
+            flow = capture_fx(model, registry, inputs, graph=graph)
+        except TraceMismatch as mismatch:
+            return MergeRound(None, failure=f"its torch.fx trace is not what it computes ({mismatch})")
         module = fx.GraphModule(model, graph, class_name=type(model).__name__)
         module.training = model.training  # a new Module starts in training mode; its submodules are the model's
-    flow = capture_fx(module, registry, inputs, graph=module.graph)
+        # torch.load re-traces a pickled GraphModule's code with the class that traced it (every module kept as a
+        # leaf); bnfold's tracer needs a registry to be made, torch.fx's own makes the same graph of that code.
+        module._tracer_cls = None
     core = to_graph(module, flow, registry)
     plan = plan_merges(core, split_sums=True)
     nodes = [site.origin for site in flow.sites]
@@ -224,28 +231,46 @@ def merge_once(model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...
     return outcome
 
 
+FoldAgain = Callable[[nn.Module, "tuple[Any, ...] | None", str], FoldPlan]
+"""``fold_again(module, inputs, prefix)`` folds ``module`` in place (planned on ``inputs``) and returns its plan;
+``prefix`` is the module's qualified name in the model plus a dot (empty for the model itself), for the report."""
+
+
+def trace_failure(error: Exception) -> str:
+    """Why torch.fx could not trace a module, in one short line (fx's messages run on with advice)."""
+    first = (f"{type(error).__name__}: {error}".strip().splitlines() or [""])[0]
+    return first.split(". ", 1)[0].rstrip(".")
+
+
 def merge_rounds(
     model: nn.Module,
     registry: LayerRegistry,
     inputs: tuple[Any, ...] | None,
-    fold_again: Callable[[nn.Module], FoldPlan],
+    fold_again: FoldAgain,
+    *,
+    graph: fx.Graph | None = None,
+    prefix: str = "",
 ) -> MergeOutcome:
     """Merge the summed branches of ``model`` (folded already, owned by the caller), fold what that made foldable
-    (``fold_again(module)`` folds in place and returns its plan), and repeat while anything changes."""
+    (``fold_again``), and repeat while anything changes. ``graph``: a torch.fx trace of ``model`` made already;
+    ``prefix``: what ``fold_again`` is told (``model`` is that block of a larger model). When torch.fx cannot trace
+    ``model``, or traces a graph that is not ``model`` on ``inputs``, nothing is merged and
+    :attr:`MergeOutcome.failure` says why."""
     outcome = MergeOutcome(model)
     current = model
     left: list[MergeEntry] = []
     for _ in range(MAX_ROUNDS):
-        done = merge_once(current, registry, inputs)
+        done = merge_once(current, registry, inputs, graph)
+        graph = None
         if done.failure is not None:
-            outcome.notes.append(done.failure)
+            outcome.failure = done.failure
             break
         left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
                              outcome.absorbed_norms)
         if done.module is None:
             break
         current = done.module
-        plan = fold_again(current)
+        plan = fold_again(current, inputs, prefix)
         outcome.folds.append(plan)
         if not plan.folds and not done.again:
             break  # nothing new to fold or to merge: another round would find the same blocks left

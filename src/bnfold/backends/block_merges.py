@@ -1,0 +1,267 @@
+"""Branch merges block by block: where torch.fx cannot trace a model as a whole, or its class is to be kept.
+
+:mod:`bnfold.backends.module_merges` rewrites the traced graph of a whole model. Many models cannot be traced as a
+whole (ultralytics' detectors loop over their layers, ``for m in self.model: ... y.append(x)``), while the blocks
+that hold their summed branches can (``RepConv``: ``act(conv1(x) + conv2(x) + bn(x))``). So here:
+
+1. the module tree is walked from the top: each module whose own forward torch.fx traces is a *block* (its
+   descendants are not looked at separately); a module it cannot trace is looked into, child by child; layers and
+   norms (atomic for the registry) and modules without children hold no sum of layers and are passed by;
+2. one forward pass of the model on the example inputs records what each block is called with (and how often);
+3. each block called once is merged exactly as a whole model is (:func:`~bnfold.backends.module_merges.
+   merge_rounds`, on the inputs it received, the traced graph checked against the block on them first); a block
+   where something merged is put back in the module tree as the ``GraphModule`` of its merged graph (same module
+   names inside, the block's own plain attributes kept, e.g. ultralytics' ``f`` and ``i`` that the model's loop
+   reads); every other module stays as it was: class, forward code and names.
+
+A block whose trace does not compute what it computes on its inputs is looked into as an untraceable module is; one
+called several times or never is left, with the reason in a note. Sums in the forward code of a module torch.fx
+cannot trace are not seen: the notes name those modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from ..layers import LayerRegistry
+from ..report import MergeEntry
+from .capture import MODEL_CALLS_LOCK, trace
+from .module_merges import FoldAgain, MergeOutcome, merge_rounds, trace_failure
+
+log = logging.getLogger(__name__)
+
+_PRESERVED = "_user_preserved_attributes"
+"""The key of ``GraphModule.meta`` whose attributes ``copy.deepcopy`` of a GraphModule sets on the copy."""
+
+
+@dataclass
+class _Block:
+    """A module whose own forward torch.fx traced, and where it sits in the model."""
+
+    name: str
+    module: nn.Module
+    graph: fx.Graph
+
+
+@dataclass
+class _Calls:
+    """How often a block was called in one forward pass, and the positional arguments of its first call (None when
+    they could not be bound to its forward's parameters)."""
+
+    count: int = 0
+    args: tuple[Any, ...] | None = None
+
+
+def _children(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    prefix = f"{name}." if name else ""
+    return [(prefix + child_name, child) for child_name, child in module._modules.items() if child is not None]
+
+
+Reasons = dict[str, tuple[nn.Module, str]]
+"""A module's qualified name -> the module, and why it was looked into (or left)."""
+
+
+def _find_blocks(
+    starts: Iterable[tuple[str, nn.Module]], registry: LayerRegistry, seen: set[int], untraced: Reasons
+) -> list[_Block]:
+    """The highest modules under ``starts`` (included) whose forward torch.fx traces; each module looked at once
+    (``seen``, shared between calls); ``untraced`` gets each module looked into instead, with the reason."""
+    blocks: list[_Block] = []
+    stack = list(reversed(list(starts)))
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if registry.is_atomic(module) or not module._modules:
+            continue  # a layer, a norm, or code without layers: no sum of layers inside to merge
+        if module._forward_hooks or module._forward_pre_hooks:
+            untraced[name] = module, "it has forward hooks, which a GraphModule in its place would not call"
+        else:
+            try:
+                blocks.append(_Block(name, module, trace(module, registry)))
+                continue
+            except Exception as error:  # fx raises many kinds on code it cannot follow
+                if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # containers have no forward of their own
+                    untraced[name] = module, f"torch.fx cannot trace it ({trace_failure(error)})"
+        stack.extend(reversed(_children(name, module)))
+    return blocks
+
+
+_SUMS = frozenset({"add", "sub", "iadd", "isub", "add_", "sub_", "__add__", "__sub__", "__radd__", "__rsub__",
+                   "__iadd__", "__isub__"})
+
+
+def _has_sum(graph: fx.Graph) -> bool:
+    """Whether a traced graph adds or subtracts anything (every block of branches is a sum or a difference)."""
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if name in _SUMS:
+                return True
+    return False
+
+
+def _positional(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """A call's arguments as the positional arguments of the module's forward (a traced graph takes those), or
+    None when its parameters do not allow that (``*args``, ``**kwargs``, keyword-only)."""
+    if not kwargs:
+        return args
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+        return None
+    bound.apply_defaults()
+    return tuple(bound.arguments[p.name] for p in parameters)
+
+
+def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.Module], inputs: tuple[Any, ...]
+                  ) -> dict[int, _Calls]:
+    """One forward pass of ``model``: how often each block and each ``counted`` module is called, and (a copy of)
+    what each block first receives."""
+    calls: dict[int, _Calls] = {id(module): _Calls() for module in counted}
+    arguments = {id(block.module) for block in blocks}
+    calls.update({key: _Calls() for key in arguments})
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen = calls[id(module)]
+        seen.count += 1
+        if seen.count == 1 and id(module) in arguments:  # copied: the model may change a tensor after the read
+            copied = pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+            seen.args = _positional(module, *copied)
+
+    modules = {id(module): module for module in counted} | {id(block.module): block.module for block in blocks}
+    handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in modules.values()]
+    try:
+        with MODEL_CALLS_LOCK, torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _qualified(entry: MergeEntry, prefix: str, region: str) -> MergeEntry:
+    def name(local: str) -> str:
+        return prefix + local
+
+    return dataclasses.replace(
+        entry, block=name(entry.block), into=None if entry.into is None else name(entry.into),
+        layers=tuple(map(name, entry.layers)), kept=tuple(map(name, entry.kept)), region=region,
+        identities=tuple(i if i == "input" else name(i) for i in entry.identities),
+    )
+
+
+def _put_in_place(model: nn.Module, name: str, original: nn.Module, merged: nn.Module) -> None:
+    """``merged`` in every slot of the tree that holds ``original``, with ``original``'s plain attributes (data the
+    model's own code may read, such as ultralytics' ``m.f``); its bound methods and hooks stay behind."""
+    own = vars(merged)
+    kept = merged.meta.setdefault(_PRESERVED, {}) if isinstance(merged, fx.GraphModule) else {}
+    for key, value in vars(original).items():
+        if key.startswith("_") or key in own or key == "forward" or getattr(value, "__self__", None) is original:
+            continue
+        setattr(merged, key, value)
+        kept[key] = value  # a deep copy of a GraphModule keeps only these (and what its graph reads)
+    for module in model.modules():
+        for child_name, child in list(module._modules.items()):
+            if child is original:
+                module._modules[child_name] = merged
+
+
+def merge_blocks(
+    model: nn.Module,
+    registry: LayerRegistry,
+    inputs: tuple[Any, ...],
+    fold_again: FoldAgain,
+    *,
+    include_root: bool,
+) -> MergeOutcome:
+    """Merge the summed branches of ``model`` (folded already, owned by the caller) inside each block whose forward
+    torch.fx traces, and put the merged blocks back into its module tree; the model keeps its class.
+
+    ``include_root``: whether ``model`` itself may be such a block (it is not when its class is to be kept, or when
+    it was tried already). Once blocks merged, ``fold_again`` folds the whole model once more (a norm after a merged
+    block, in its parent's code, may fold now). Merge entries name blocks, layers and norms by their qualified names
+    in ``model`` and the block they were merged in (:attr:`~bnfold.report.MergeEntry.region`).
+    """
+    outcome = MergeOutcome(model)
+    untraced: Reasons = {}
+    left: Reasons = {}  # blocks not merged in
+    merged_blocks: list[str] = []
+    seen: set[int] = set()
+    starts = [("", model)] if include_root else _children("", model)
+    called_untraced: set[str] = set()  # the modules looked into that the forward pass calls (not only holds)
+    pending = _find_blocks(starts, registry, seen, untraced)
+    while pending:
+        counted = {name: module for name, (module, _) in untraced.items() if name not in called_untraced}
+        calls = _record_calls(model, pending, counted.values(), inputs)
+        called_untraced.update(name for name, module in counted.items() if calls[id(module)].count)
+        looked_into: list[tuple[str, nn.Module]] = []
+        for block in pending:
+            called = calls[id(block.module)]
+            if called.count == 0:  # a container whose children its parent calls one by one, or a path not taken
+                looked_into.extend(_children(block.name, block.module))
+                continue
+            if called.count != 1 or called.args is None:
+                if not _has_sum(block.graph):
+                    continue  # nothing to merge in it anyway
+                left[block.name] = block.module, (
+                    f"it is called {called.count} times in one forward pass" if called.count > 1
+                    else "its forward takes arguments a traced graph cannot be called with (*args, **kwargs)"
+                )
+                continue
+            prefix = f"{block.name}." if block.name else ""
+            done = merge_rounds(block.module, registry, called.args, fold_again, graph=block.graph, prefix=prefix)
+            if done.failure is not None:  # the trace is not what the block computes: its children may trace right
+                untraced[block.name] = block.module, done.failure
+                called_untraced.add(block.name)
+                looked_into.extend(_children(block.name, block.module))
+                continue
+            outcome.entries.extend(_qualified(e, prefix, block.name) for e in done.entries)
+            outcome.absorbed_norms.update({prefix + n: prefix + layer for n, layer in done.absorbed_norms.items()})
+            outcome.notes.extend(done.notes)
+            outcome.folds.extend(done.folds)
+            if done.model is not block.module:
+                merged_blocks.append(block.name or "the model itself")
+                if block.module is model:
+                    outcome.model = done.model
+                else:
+                    _put_in_place(model, block.name, block.module, done.model)
+        pending = _find_blocks(looked_into, registry, seen, untraced)
+    if merged_blocks and outcome.model is model:
+        outcome.folds.append(fold_again(model, inputs, ""))
+    outcome.notes.extend(_notes(merged_blocks, {n: r for n, r in untraced.items() if n in called_untraced}, left))
+    return outcome
+
+
+def _notes(merged_blocks: list[str], untraced: Reasons, left: Reasons) -> list[str]:
+    notes = []
+    if merged_blocks:
+        notes.append(
+            f"branches were merged block by block, inside {len(merged_blocks)} module(s) whose forward torch.fx "
+            f"traces, each now the GraphModule of its merged graph: {', '.join(merged_blocks)}"
+        )
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for name, (module, reason) in untraced.items():
+        if name:  # the model itself: the caller says why it was not traced as a whole
+            by_reason.setdefault((type(module).__name__, reason), []).append(name)
+    if by_reason:
+        parts = [f"{kind} ({', '.join(names)}: {reason})" for (kind, reason), names in by_reason.items()]
+        notes.append(
+            "sums in the forward code of these modules were not looked at (their children were): " + "; ".join(parts)
+        )
+    for name, (module, reason) in left.items():
+        notes.append(f"no branches were merged inside {name} ({type(module).__name__}): {reason}")
+    return notes

@@ -90,7 +90,7 @@ class OnnxFoldResult:
             if self.original is None:
                 return
             result = _verify(self.original, staged, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance,
-                             input_shape=self.input_shape)
+                             input_shape=self._checked_shape())
             checked.update(result)
             if not result["passed"]:
                 raise VerificationError(
@@ -100,6 +100,15 @@ class OnnxFoldResult:
 
         save(self.model, path, force=force, external_data=True if self.external_data else None, check=read_back)
         return checked or None
+
+
+    def _checked_shape(self) -> Sequence[int] | dict[str, Sequence[int]] | None:
+        """The input shapes the fold was judged on: the read-back runs the same inputs (same seed, same sizes),
+        without searching the dynamic sizes again."""
+        if self.input_shape is not None or self.inputs is not None:
+            return self.input_shape
+        shapes = (self.report.verification or {}).get("input_shapes")
+        return dict(shapes) if shapes else None
 
 
 def _loads_by_path(staged: Path, name: str) -> None:

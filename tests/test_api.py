@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bnfold
+from helpers.cli import NO_TORCH
 from helpers.planted import plant_wrong_scale
 
 X = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
@@ -261,20 +262,6 @@ def test_the_onnx_registry_keeps_the_last_folds_by_identity() -> None:
 # ------------------------------------------------------------------------------- ONNX without PyTorch
 
 
-_NO_TORCH = """
-import importlib.abc, sys
-
-
-class _NotInstalled(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "timm", "functorch"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _NotInstalled())
-"""
-
 _ONNX_SCRIPT = """
 import sys, onnx, bnfold
 model = onnx.load(sys.argv[1])
@@ -294,7 +281,7 @@ assert "torch" not in sys.modules
 def test_onnx_through_bnfold_fold_without_torch(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(_NO_TORCH)
+    (site / "sitecustomize.py").write_text(NO_TORCH)
     onnx.save(_onnx_model(), str(tmp_path / "model.onnx"))
     torch.save(_net().state_dict(), tmp_path / "weights.pt")
     source = str(Path(bnfold.__file__).resolve().parents[1])

@@ -24,7 +24,7 @@ import torchvision
 import bnfold
 from bnfold.app.calibration import calibrate, randomize_norm_affine
 from bnfold.verification import TOLERANCES
-from helpers.cli import bnfold_cli
+from helpers.cli import NO_TORCH, bnfold_cli
 
 SHAPE = ["--input-shape", "1,3,32,32"]
 TOLERANCE = TOLERANCES[torch.float32]
@@ -389,25 +389,10 @@ def test_tables_printed_to_a_pipe_cut_no_number_and_no_name(tmp_path) -> None:
 # ------------------------------------------------------------------ ONNX without PyTorch installed
 
 
-_NO_TORCH = """
-import importlib.abc, sys
-
-
-class _NotInstalled(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "timm", "functorch"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _NotInstalled())
-"""
-
-
 def test_the_onnx_commands_run_where_torch_cannot_be_imported(files, tmp_path) -> None:
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(_NO_TORCH)
+    (site / "sitecustomize.py").write_text(NO_TORCH)
     work = tmp_path / "work"
     work.mkdir()
     (work / "model.onnx").write_bytes(files["r18.onnx"].read_bytes())

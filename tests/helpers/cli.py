@@ -23,3 +23,19 @@ def bnfold_cli(*args: str, cwd: Path, columns: str = "200", path: Sequence[str] 
     environment = {**os.environ, "COLUMNS": columns, "OMP_NUM_THREADS": "1", "PYTHONPATH": search}
     return subprocess.run([sys.executable, "-m", "bnfold", *args], cwd=cwd, capture_output=True, text=True,
                           env=environment, timeout=600)
+
+
+NO_TORCH = """
+import importlib.abc, sys
+
+
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm", "functorch"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+"""A ``sitecustomize.py`` that makes PyTorch (and what needs it) impossible to import: an ONNX-only install."""

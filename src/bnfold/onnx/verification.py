@@ -106,13 +106,7 @@ def random_inputs(
         InvalidInputError: an input is not a tensor, or ``input_shape`` does not fit the graph's inputs.
     """
     rng = np.random.default_rng(seed)
-    initializers = {t.name for t in model.graph.initializer}
-    values = [v for v in model.graph.input if v.name not in initializers]
-    for value in values:
-        if not value.type.HasField("tensor_type"):
-            raise InvalidInputError(
-                f"graph input '{value.name}' is not a tensor; pass its value in inputs={{'{value.name}': ...}}"
-            )
+    values = _graph_inputs(model)
     given = _input_shapes(values, input_shape)
     feeds: dict[str, np.ndarray] = {}
     for value in values:

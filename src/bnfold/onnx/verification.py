@@ -105,23 +105,7 @@ def random_inputs(
     Raises:
         InvalidInputError: an input is not a tensor, or ``input_shape`` does not fit the graph's inputs.
     """
-    rng = np.random.default_rng(seed)
-    values = _graph_inputs(model)
-    given = _input_shapes(values, input_shape)
-    feeds: dict[str, np.ndarray] = {}
-    for value in values:
-        tensor_type = value.type.tensor_type
-        shape = given.get(value.name) or tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor_type.shape.dim
-        )
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        if np.issubdtype(dtype, np.floating) or tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        else:
-            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
-    return feeds
+    return example_inputs(model, seed, input_shape, photographs=False)
 
 
 def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, optimize: bool = False) -> Any:
@@ -170,9 +154,10 @@ def has_free_sizes(model: onnx.ModelProto) -> bool:
 
 def example_inputs(
     model: onnx.ModelProto, seed: int = 0, input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
-    size: int | tuple[int, int] | None = None,
+    size: int | tuple[int, int] | None = None, photographs: bool = True,
 ) -> dict[str, np.ndarray]:
-    """One array per graph input: photographs for ``N x 3 x H x W`` float inputs, seeded random values otherwise.
+    """One array per graph input: photographs for ``N x 3 x H x W`` float inputs (unless ``photographs`` is
+    false), seeded random values otherwise.
 
     A dynamic batch dimension (axis 0) is 1, another dynamic dimension ``size`` (1 when ``None``; a pair gives the
     first free dimension and the others); ``input_shape`` (the only input's shape, or shapes by name) overrides
@@ -193,7 +178,7 @@ def example_inputs(
         )
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         floating = np.issubdtype(dtype, np.floating) or tensor_type.elem_type == onnx.TensorProto.BFLOAT16
-        if floating and is_image_like(shape):
+        if floating and photographs and is_image_like(shape):
             feeds[value.name] = photo_batch(shape, dtype)
         elif floating:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)

@@ -177,20 +177,9 @@ def _fold_loaded(
 
 def _judge(original: Any, candidate: Any, examples: list[torch.Tensor], tolerance: float | None, what: str,
            report: FoldReport | None = None) -> dict[str, Any]:
-    """The one output check of the command line, for the folded model in memory and for the file written.
-
-    Both models run on each example batch from the same random state; every output is judged by
-    :mod:`bnfold.judge`, as in every format: within ``tolerance`` (default: from the original's dtype) as
-    ``max|a - b| / max|a|``, or within the allowance of the noise floor, what one rounding step of the tensors the
-    fold touched (``report.touched()``) does to the original. Above both, an original that differs from itself run
-    to run makes the check undecided; otherwise the float64 second opinion of :func:`bnfold.fold` decides
-    (:func:`bnfold.verification.explained_by_rounding`). Judging the written file by anything else would let a
-    strict ``--tolerance`` pass the fold and then refuse the identical file, or the reverse.
-
-    Raises:
-        VerificationError: the outputs differ beyond both (one line, naming the worst output).
-        UndecidedError: the original's own outputs vary run to run as much (no verdict; nothing written).
-    """
+    """The command line's check of the folded model in memory and of the file written: one tensor input per batch,
+    judged by :func:`bnfold.verification.judge_fold` with the tensors ``report`` says the fold touched (the same rule
+    for both, so a strict ``--tolerance`` cannot pass the fold and then refuse the identical file)."""
     from ...verification import judge_fold
 
     touched = report.touched() if report is not None else ()

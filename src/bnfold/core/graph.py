@@ -98,13 +98,10 @@ class LayerFacts:
             a fully connected layer).
         problem: why the layer must not be changed at all (no floating-point weight, weights shared with another
             layer or read elsewhere, hooks or parametrizations, a weight that is not a constant...), or ``None``.
-        input_fold_blocker: the layer's own reason an affine map on its *input* cannot be absorbed exactly, for what
-            no fact below says (a registered layer's rule, an ONNX ``Gemm`` with ``transA=1``), or ``None``. The
-            reasons that follow from the facts (zero padding, a transposed convolution) are the core's:
-            :func:`input_fold_blocker`.
-        input_padding: how the layer pads its input where ``geometry`` cannot say: :data:`PADS_ZEROS` (its code
-            pads with zeros), :data:`PADS_TO_SAME_AT_RUN_TIME`, :data:`PADS_BEFORE_THE_LAYER` or
-            :data:`PADDING_UNKNOWN`; ``None`` when ``geometry`` says all (or the layer reads no positions).
+        input_fold_blocker: why an affine map on its *input* cannot be absorbed exactly, where no fact says it (a
+            registered layer's own rule, an ONNX ``Gemm`` with ``transA=1``); the core words the rest from the facts
+            (:func:`input_fold_blocker`).
+        input_padding: how the layer pads its input where ``geometry`` cannot say (``PADS_*``, ``PADDING_UNKNOWN``).
         not_a_rule: set when the layer looks like a linear layer but bnfold has no rule for it (a subclass that
             overrides ``forward``): the whole reason, and the layer is never folded into.
         geometry: its kernel, stride, padding, ... (:class:`Geometry`), or ``None`` where the format does not say
@@ -124,15 +121,11 @@ class LayerFacts:
     input_padding: str | None = None
 
 
-PADS_ZEROS = "zeros"
-"""Fact: the layer's own code pads its input with zeros (a ``forward`` read by bnfold, no :class:`Geometry`)."""
-PADS_TO_SAME_AT_RUN_TIME = "same at run time"
-"""Fact: the layer pads its input with zeros to "same" size, by an amount its input's size decides at run time
-(timm's ``Conv2dSame``, ONNX ``auto_pad=SAME_*`` on an input of unknown shape)."""
-PADS_BEFORE_THE_LAYER = "before the layer"
-"""Fact: the layer's ``forward`` transforms its input (padding it, for example) before its convolution."""
-PADDING_UNKNOWN = "unknown"
-"""Fact: the layer's padding cannot be read (an argument that is not a constant)."""
+# Facts for LayerFacts.input_padding: how a layer pads its input where no Geometry says it.
+PADS_ZEROS = "zeros"  # its own code pads with zeros (a forward() bnfold read)
+PADS_TO_SAME_AT_RUN_TIME = "same at run time"  # timm's Conv2dSame; ONNX auto_pad=SAME_* on an input of unknown shape
+PADS_BEFORE_THE_LAYER = "before the layer"  # its forward() transforms the input (pads it, ...) before the convolution
+PADDING_UNKNOWN = "unknown"  # an argument that is not a constant
 
 ZERO_PADDED_BORDER = "the border outputs would see the shift where the original saw zeros"
 """Why zeros around a tensor keep a per-channel shift from passing (a padded convolution, an average pool that

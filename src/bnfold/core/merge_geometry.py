@@ -1,12 +1,6 @@
-"""Where branch kernels sit inside the merged kernel, and where an identity branch's tap is: the geometry of a merge.
-
-A sum of convolutions of one input is one convolution when every kernel, placed inside the largest one, reads the
-same input positions (zeros elsewhere): same stride, dilation, groups and channels, and padding that puts each kernel
-at the place it reads from. An identity branch is the kernel tap that reads, for every output, the input at the same
-place: it exists where the layer keeps its input's positions (stride 1, as many outputs as inputs). A scale on the
-terms must be one value per output channel (or one value). Each function
-returns what it found or the :class:`~bnfold.core.plan.Reason` it found none; they read only
-:class:`~bnfold.core.graph.LayerFacts` and :class:`~bnfold.core.graph.Geometry`.
+"""The geometry of a merge (see :mod:`bnfold.core.merge`): where each branch kernel sits inside the merged one, where
+an identity branch's tap is, whether a scale is per output channel; each found, or the
+:class:`~bnfold.core.plan.Reason` it is not.
 """
 
 from __future__ import annotations

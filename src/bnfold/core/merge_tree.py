@@ -1,10 +1,5 @@
-"""Reading an add tree on the core graph: its ops, its leaves and the factor each leaf enters the sum with.
-
-The merge planner (:mod:`bnfold.core.merge`) decides on what this module reads; nothing here decides whether a tree
-merges. A tree is made of additions, subtractions and products by a constant whose inner results are read only by
-the next op of the tree; its leaves are what the ops read, looking through identities (an ``nn.Identity``, a dropout
-in eval, a norm already folded). The sentences that describe a term bnfold cannot read as part of a sum are written
-here too, because only the reading knows why.
+"""Reading an add tree (see :mod:`bnfold.core.merge`): its ops, its leaves, the factor each leaf enters the sum with,
+and why a term cannot be read as part of a sum. Nothing here decides whether a tree merges.
 """
 
 from __future__ import annotations

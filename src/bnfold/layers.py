@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .core.apply import Statistics
-from .core.graph import BATCH_STATISTICS
+from .core.graph import BATCH_STATISTICS, PADS_TO_SAME_AT_RUN_TIME
 from .errors import InvalidInputError
 
 NormStatistics = Statistics
@@ -47,7 +47,10 @@ class LinearLayerRule:
             (1 for convolutions, -1 for Linear).
         groups: number of channel groups of a module (1 unless it is a grouped convolution).
         input_fold_blocker: ``None`` when an affine on the layer's input can be folded into it exactly, else the
-            reason it cannot (zero padding, transposed convolution, ...).
+            reason it cannot, for a rule of your own. The built-in rules state facts instead (the module's
+            :class:`~bnfold.core.graph.Geometry`, ``input_padding``) and the core words the reason.
+        input_padding: how the module pads its input where bnfold reads no geometry for it: one of the
+            ``PADS_*`` / ``PADDING_UNKNOWN`` facts of :mod:`bnfold.core.graph`, or ``None``.
         behaviour_methods: methods a subclass must not override to still be covered by the rule.
         weight_name / bias_name: attribute names of the weight and bias parameters.
     """
@@ -57,6 +60,7 @@ class LinearLayerRule:
     activation_channel_dim: int
     groups: Callable[[nn.Module], int] = lambda module: 1
     input_fold_blocker: Callable[[nn.Module], str | None] = lambda module: None
+    input_padding: Callable[[nn.Module], str | None] = lambda module: None
     behaviour_methods: tuple[str, ...] = ("forward",)
     weight_name: str = "weight"
     bias_name: str = "bias"
@@ -118,38 +122,11 @@ def _conv_groups(module: nn.Module) -> int:
     return int(getattr(module, "groups", 1))
 
 
-def _is_zero_padding(module: nn.Module) -> bool:
-    padding = module.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            return True
-        # "same": the total padding per dimension is dilation * (kernel - 1).
-        return all(d * (k - 1) == 0 for d, k in zip(module.dilation, module.kernel_size, strict=True))
-    return all(p == 0 for p in padding)
-
-
-def _conv_input_fold_blocker(module: nn.Module) -> str | None:
-    if _is_zero_padding(module) or module.padding_mode in ("reflect", "replicate", "circular"):
-        return None
-    return (
-        f"it pads its input with zeros (padding={module.padding}): the border outputs would see the shift where the "
-        f"original saw zeros"
-    )
-
-
-def _transposed_input_fold_blocker(module: nn.Module) -> str | None:
-    return (
-        "it is a transposed convolution: its output positions sum different numbers of input positions, so a shift "
-        "on its input does not become a constant bias"
-    )
-
-
 CONV_RULE = LinearLayerRule(
     types=(nn.Conv1d, nn.Conv2d, nn.Conv3d),
     out_axis=0,
     activation_channel_dim=1,
     groups=_conv_groups,
-    input_fold_blocker=_conv_input_fold_blocker,
     behaviour_methods=("forward", "_conv_forward"),
 )
 CONV_TRANSPOSE_RULE = LinearLayerRule(
@@ -157,19 +134,9 @@ CONV_TRANSPOSE_RULE = LinearLayerRule(
     out_axis=1,
     activation_channel_dim=1,
     groups=_conv_groups,
-    input_fold_blocker=_transposed_input_fold_blocker,
     behaviour_methods=("forward", "_output_padding"),
 )
 LINEAR_RULE = LinearLayerRule(types=(nn.Linear,), out_axis=0, activation_channel_dim=-1)
-
-
-def _same_padding_input_fold_blocker(module: nn.Module) -> str | None:
-    if all(k == 1 for k in module.kernel_size):
-        return None  # a 1x1 kernel never needs padding, whatever the stride
-    return (
-        "it pads its input with zeros to TensorFlow-style 'same' size at run time: the border outputs would see the "
-        "shift where the original saw zeros"
-    )
 
 
 # timm's Conv2dSame (tf_* EfficientNets, MixNets, ...): zero-pads the input to 'same' size, then a plain conv2d
@@ -179,7 +146,7 @@ TIMM_CONV2D_SAME_RULE = LinearLayerRule(
     out_axis=0,
     activation_channel_dim=1,
     groups=_conv_groups,
-    input_fold_blocker=_same_padding_input_fold_blocker,
+    input_padding=lambda module: None if all(k == 1 for k in module.kernel_size) else PADS_TO_SAME_AT_RUN_TIME,
 )
 
 

@@ -53,12 +53,14 @@ from ..core.graph import (
     NORM,
     OP,
     OUTPUT,
+    PADDING_UNKNOWN,
     Geometry,
     Graph,
     LayerFacts,
     NormFacts,
     Operand,
     OpFacts,
+    same_padding,
 )
 from ..core.plan import FoldPlan, make_plan
 from ..errors import CaptureError, InvalidInputError, TrainingModeError
@@ -229,7 +231,7 @@ def layer_geometry(node: fx.Node, layout: str, transposed: bool, weight_shape: t
     if padding_argument == "valid":
         padding = tuple((0, 0) for _ in kernel)
     elif padding_argument == "same":
-        padding = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True))
+        padding = same_padding(kernel, dilation) or ()
     else:
         pads = _per_axis(padding_argument, rank, 0)
         if pads is None:
@@ -500,39 +502,15 @@ class _Translator:
         rank = _rank(source)
         if layout != "linear" and rank is not None and rank == len(shape) - 1:
             channel_dim = 0  # an unbatched input: (channels, spatial...)
-        facts = LayerFacts(out_channels, in_channels, channel_dim, problem=problem,
-                           input_fold_blocker=self.input_fold_blocker(node, layout, transposed, shape),
-                           geometry=layer_geometry(node, layout, transposed, shape))
+        geometry = layer_geometry(node, layout, transposed, shape)
+        facts = LayerFacts(out_channels, in_channels, channel_dim, problem=problem, geometry=geometry,
+                           input_padding=PADDING_UNKNOWN if geometry is None else None)
         self.graph.add_unit(unit, LAYER, f"aten.{name}", layer=facts)
         self.layers[unit] = _LayerSite(node, weight, bias, 1 if transposed else 0, groups)
         extra = [self.index[a] for a in (weight, bias) if isinstance(a, fx.Node) and not _is_stored(a) and a in self.index]
         inputs = ([self.index[source]] if isinstance(source, fx.Node) and source in self.index else []) + extra
         self.index[node] = self.graph.add_node(
             LAYER, f"'{unit}' (aten.{name}, %{node.name})", inputs, shape=self.shape(node), unit=unit).index
-
-    @staticmethod
-    def input_fold_blocker(node: fx.Node, layout: str, transposed: bool, weight_shape: tuple[int, ...]) -> str | None:
-        """Why an affine map on the layer's input cannot be absorbed exactly (the same words as for modules)."""
-        if layout == "linear":
-            return None
-        if transposed:
-            return (
-                "it is a transposed convolution: its output positions sum different numbers of input positions, so a "
-                "shift on its input does not become a constant bias"
-            )
-        padding = _argument(node, "padding")
-        if isinstance(padding, str):
-            dilation = _ints(_argument(node, "dilation")) or (1,)
-            kernel = weight_shape[2:]
-            dilation = dilation * len(kernel) if len(dilation) == 1 else dilation
-            if padding == "valid" or all(d * (k - 1) == 0 for d, k in zip(dilation, kernel, strict=False)):
-                return None
-        elif all(p == 0 for p in _ints(padding)):
-            return None
-        return (
-            f"it pads its input with zeros (padding={padding}): the border outputs would see the shift where the "
-            f"original saw zeros"
-        )
 
     # ------------------------------------------------------------------------------------------------- norms
 

@@ -36,12 +36,15 @@ from ..core.graph import (
     NORM,
     OP,
     OUTPUT,
+    PADS_BEFORE_THE_LAYER,
+    PADS_ZEROS,
     Geometry,
     Graph,
     LayerFacts,
     NormFacts,
     Operand,
     OpFacts,
+    same_padding,
 )
 from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
 from ..segments import span_all_finite, span_counts, span_max_abs
@@ -283,14 +286,14 @@ def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: s
         module.get_submodule(str(source.target)), _PASSIVE_MODULES
     ):
         source = source.args[0]
-    blocker = None
+    padded = None
     if not (isinstance(source, fx.Node) and source.op == "placeholder"):
-        blocker = "its forward() transforms the input (padding it, for example) before the convolution"
+        padded = PADS_BEFORE_THE_LAYER
     elif channel_dim == 1 and not _zero(padding):
-        blocker = "its convolution pads with zeros: the border outputs would see the shift where the original saw zeros"
+        padded = PADS_ZEROS
     return LinearLayerRule(
         types=(type(module),), out_axis=0, activation_channel_dim=channel_dim, groups=lambda m: groups,
-        input_fold_blocker=lambda m: blocker, weight_name=weight_name, bias_name=bias_name,
+        input_padding=lambda m: padded, weight_name=weight_name, bias_name=bias_name,
     )
 
 
@@ -318,8 +321,8 @@ def geometry(module: nn.Module, rule: LinearLayerRule) -> Geometry | None:
     kernel, dilation = _sizes(module.kernel_size), _sizes(module.dilation)
     if module.padding == "valid":
         padding = tuple((0, 0) for _ in kernel)
-    elif module.padding == "same":  # PyTorch puts the odd one at the end
-        padding = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True))
+    elif module.padding == "same":
+        padding = same_padding(kernel, dilation) or ()
     else:
         padding = tuple((p, p) for p in _sizes(module.padding))  # type: ignore[arg-type]
     return Geometry(kernel, _sizes(module.stride), padding, dilation, int(module.groups), str(module.padding_mode),
@@ -429,6 +432,7 @@ class _Translator:
             problem=problem,
             input_fold_blocker=rule.input_fold_blocker(module),
             geometry=geometry(module, rule),
+            input_padding=rule.input_padding(module),
         )
 
     def norm_facts(self, name: str, module: nn.Module) -> NormFacts:

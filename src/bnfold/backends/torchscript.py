@@ -58,12 +58,14 @@ from ..core.graph import (
     NORM,
     OP,
     OUTPUT,
+    PADDING_UNKNOWN,
     Geometry,
     Graph,
     LayerFacts,
     NormFacts,
     Operand,
     OpFacts,
+    same_padding,
 )
 from ..core.plan import FoldPlan, make_plan
 from ..errors import InvalidInputError, TrainingModeError
@@ -87,7 +89,6 @@ _LAYERS: dict[str, tuple[int, int | None, int | None]] = {
     "aten::conv_transpose3d": (1, 6, None),
     "aten::_convolution": (0, 8, 6),
 }
-_PADDING_AT = {"aten::conv1d": 4, "aten::conv2d": 4, "aten::conv3d": 4, "aten::_convolution": 4}
 
 _NORM = "aten::batch_norm"
 
@@ -333,8 +334,8 @@ def _geometry(node: Any, weight: torch.Tensor, groups: int, transposed: bool) ->
     padding_value = _constant(node.inputsAt(padding_at))
     if padding_value == "valid":
         padding = tuple((0, 0) for _ in kernel)
-    elif padding_value == "same":  # PyTorch puts the odd one at the end
-        padding = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True))
+    elif padding_value == "same":
+        padding = same_padding(kernel, dilation) or ()
     else:
         symmetric = _spatial(node.inputsAt(padding_at), rank)
         if symmetric is None:
@@ -553,30 +554,9 @@ class _Translator:
             problem = f"the layer '{name}' has no floating-point weight to fold into"
         elif bias is _NOT_CONSTANT or not (bias is None or isinstance(bias, torch.Tensor)):
             problem = f"the bias of '{name}' is not a constant of the frozen graph"
-        return LayerFacts(out_channels, in_channels, channel_dim, problem=problem,
-                          input_fold_blocker=self.input_fold_blocker(node, transposed, weight),
-                          geometry=_geometry(node, weight, groups, transposed))
-
-    @staticmethod
-    def input_fold_blocker(node: Any, transposed: bool, weight: torch.Tensor) -> str | None:
-        if transposed:
-            return (
-                "it is a transposed convolution: its output positions sum different numbers of input positions, so "
-                "a shift on its input does not become a constant bias"
-            )
-        at = _PADDING_AT.get(node.kind())
-        if at is None:
-            return None
-        padding = _constant(node.inputsAt(at))
-        if padding == "same" and all(size == 1 for size in weight.shape[2:]):
-            return None  # a 1 x 1 kernel needs no padding to keep its size
-        if padding == "valid" or (_ints(padding) is not None and not any(_ints(padding) or ())):
-            return None
-        shown = padding if padding is not _NOT_CONSTANT else "not a constant"
-        return (
-            f"it pads its input with zeros (padding={shown}): the border outputs would see the shift where the "
-            f"original saw zeros"
-        )
+        geometry = _geometry(node, weight, groups, transposed)
+        return LayerFacts(out_channels, in_channels, channel_dim, problem=problem, geometry=geometry,
+                          input_padding=PADDING_UNKNOWN if geometry is None else None)
 
     @staticmethod
     def norm_facts(node: Any) -> NormFacts:

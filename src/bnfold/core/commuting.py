@@ -36,7 +36,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .graph import CONSTANT, OP, Node, Operand
+from .graph import CONSTANT, OP, ZERO_PADDED_BORDER, Node, Operand
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,8 @@ def _avg_pool(node: Node, axis: int, channel_axis: int | None) -> Passage | str:
     if attributes.get("count_include_pad", True) and any(p != 0 for p in padding):
         shown = padding[0] if len(padding) == 1 else tuple(padding)
         return (
-            f"{node.label} counts its zero padding in the mean (count_include_pad=True, padding={shown}): the border "
-            f"outputs would see the shift where the original saw zeros"
+            f"{node.label} counts its zero padding in the mean (count_include_pad=True, padding={shown}): "
+            f"{ZERO_PADDED_BORDER}"
         )
     return _spatial(node, axis, channel_axis)
 

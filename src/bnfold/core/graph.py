@@ -55,6 +55,39 @@ class Geometry:
     transposed: bool = False
 
 
+def same_padding(
+    kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...] | None = None,
+    sizes: tuple[int, ...] | None = None, *, odd_at_end: bool = True,
+) -> tuple[tuple[int, int], ...] | None:
+    """The ``(begin, end)`` zero padding per spatial axis that keeps ``ceil(size / stride)`` outputs ("same" in
+    PyTorch, ``auto_pad=SAME_UPPER`` / ``SAME_LOWER`` in ONNX, TensorFlow's ``"SAME"``).
+
+    The total on an axis of ``n`` inputs is ``max((ceil(n / s) - 1) * s + d * (k - 1) + 1 - n, 0)``: ``d * (k - 1)``
+    whatever ``n`` at stride 1 (PyTorch allows "same" only there), 0 for a 1-wide kernel. The odd one goes at the
+    end (PyTorch, ``SAME_UPPER``) or at the beginning (``SAME_LOWER``). ``None`` where the total depends on an input
+    size that ``sizes`` does not give.
+    """
+    stride = stride or (1,) * len(kernel)
+    pairs = []
+    for axis, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True)):
+        if s == 1 or d * (k - 1) == 0:
+            total = d * (k - 1) if s == 1 else 0
+        elif sizes is None:
+            return None
+        else:
+            total = max((-(-sizes[axis] // s) - 1) * s + d * (k - 1) + 1 - sizes[axis], 0)
+        small, large = total // 2, total - total // 2
+        pairs.append((small, large) if odd_at_end else (large, small))
+    return tuple(pairs)
+
+
+def show_padding(padding: tuple[tuple[int, int], ...]) -> str:
+    """Padding as a user wrote it: ``(1, 1)`` when symmetric, else the ``(begin, end)`` pairs."""
+    if all(begin == end for begin, end in padding):
+        return str(tuple(begin for begin, _ in padding))
+    return str(padding)
+
+
 @dataclass(frozen=True)
 class LayerFacts:
     """What the planner needs to know of a linear layer (conv, transposed conv, fully connected, Gemm, MatMul).
@@ -65,8 +98,10 @@ class LayerFacts:
             a fully connected layer).
         problem: why the layer must not be changed at all (no floating-point weight, weights shared with another
             layer or read elsewhere, hooks or parametrizations, a weight that is not a constant...), or ``None``.
-        input_fold_blocker: why an affine map on its *input* cannot be absorbed exactly (zero padding, a transposed
-            convolution with padding or output cropping...), or ``None``.
+        input_fold_blocker: why an affine map on its *input* cannot be absorbed exactly, where no fact says it (a
+            registered layer's own rule, an ONNX ``Gemm`` with ``transA=1``); the core words the rest from the facts
+            (:func:`input_fold_blocker`).
+        input_padding: how the layer pads its input where ``geometry`` cannot say (``PADS_*``, ``PADDING_UNKNOWN``).
         not_a_rule: set when the layer looks like a linear layer but bnfold has no rule for it (a subclass that
             overrides ``forward``): the whole reason, and the layer is never folded into.
         geometry: its kernel, stride, padding, ... (:class:`Geometry`), or ``None`` where the format does not say
@@ -83,6 +118,47 @@ class LayerFacts:
     not_a_rule: str | None = None
     geometry: Geometry | None = None
     rank: int | None = None
+    input_padding: str | None = None
+
+
+# Facts for LayerFacts.input_padding: how a layer pads its input where no Geometry says it.
+PADS_ZEROS = "zeros"  # its own code pads with zeros (a forward() bnfold read)
+PADS_TO_SAME_AT_RUN_TIME = "same at run time"  # timm's Conv2dSame; ONNX auto_pad=SAME_* on an input of unknown shape
+PADS_BEFORE_THE_LAYER = "before the layer"  # its forward() transforms the input (pads it, ...) before the convolution
+PADDING_UNKNOWN = "unknown"  # an argument that is not a constant
+
+ZERO_PADDED_BORDER = "the border outputs would see the shift where the original saw zeros"
+"""Why zeros around a tensor keep a per-channel shift from passing (a padded convolution, an average pool that
+counts its padding)."""
+
+_PADDING_REASONS = {
+    PADS_ZEROS: f"it pads its input with zeros: {ZERO_PADDED_BORDER}",
+    PADS_TO_SAME_AT_RUN_TIME: f"it pads its input with zeros to 'same' size at run time: {ZERO_PADDED_BORDER}",
+    PADS_BEFORE_THE_LAYER: "its forward() transforms the input (padding it, for example) before the convolution",
+    PADDING_UNKNOWN: "bnfold cannot read how it pads its input (an argument that is not a constant)",
+}
+
+
+def input_fold_blocker(facts: LayerFacts) -> str | None:
+    """Why an affine map ``s * x + t`` on the layer's input cannot be absorbed into it exactly, or ``None``.
+
+    Written here once from the facts, so that every format refuses in the same words: zero padding (the border
+    outputs sum fewer shifted inputs than the others), a transposed convolution (its outputs sum different numbers of
+    inputs), and the layer's own reasons (:attr:`LayerFacts.input_fold_blocker`).
+    """
+    if facts.input_fold_blocker:
+        return facts.input_fold_blocker
+    if facts.input_padding is not None:
+        return _PADDING_REASONS[facts.input_padding]
+    geometry = facts.geometry
+    if geometry is None:
+        return None
+    if geometry.transposed:
+        return ("it is a transposed convolution: its output positions sum different numbers of input positions, so a "
+                "shift on its input does not become a constant bias")
+    if geometry.padding_mode == "zeros" and any(p for pair in geometry.padding for p in pair):
+        return f"it pads its input with zeros (padding={show_padding(geometry.padding)}): {ZERO_PADDED_BORDER}"
+    return None
 
 
 @dataclass(frozen=True)

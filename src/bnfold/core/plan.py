@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import commuting
 from .commuting import AffineStep
-from .graph import LAYER, NORM, Graph, LayerFacts, Node, Unit
+from .graph import LAYER, NORM, Graph, LayerFacts, Node, Unit, input_fold_blocker
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -463,8 +463,9 @@ class _Planner:
             facts = self._facts(layer)
             if facts.not_a_rule:
                 return Reason(f"the layer after it, '{name}': {facts.not_a_rule}")
-            if facts.input_fold_blocker:
-                return Reason(f"the layer after it, '{name}', cannot absorb it exactly: {facts.input_fold_blocker}")
+            blocker = input_fold_blocker(facts)
+            if blocker:
+                return Reason(f"the layer after it, '{name}', cannot absorb it exactly: {blocker}")
             if not self.only_called_at(layer, sites):
                 return Reason(
                     f"'{name}' after it is also called at another site whose input this norm does not "

@@ -42,11 +42,15 @@ from ..core.graph import (
     NORM,
     OP,
     OUTPUT,
+    PADDING_UNKNOWN,
+    PADS_TO_SAME_AT_RUN_TIME,
+    Geometry,
     Graph,
     LayerFacts,
     NormFacts,
     Operand,
     OpFacts,
+    same_padding,
 )
 from ..core.plan import FoldPlan, make_plan
 from ..errors import TrainingModeError
@@ -83,6 +87,33 @@ def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
             value = helper.get_attribute_value(attr)
             return value.decode() if isinstance(value, bytes) else value
     return default
+
+
+def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_shape: tuple[int, ...] | None
+                  ) -> Geometry | None:
+    """The geometry of a ``Conv`` or ``ConvTranspose`` node, or ``None`` when it cannot be known: ``auto_pad=SAME_*``
+    with a stride above 1 on an input of unknown shape, a ``ConvTranspose`` whose padding ``auto_pad`` or
+    ``output_shape`` decides."""
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    rank = len(kernel)
+    strides = tuple(int(s) for s in (attribute(node, "strides") or [1] * rank))
+    dilations = tuple(int(d) for d in (attribute(node, "dilations") or [1] * rank))
+    auto_pad = str(attribute(node, "auto_pad", "NOTSET"))
+    transposed = node.op_type == "ConvTranspose"
+    padding: tuple[tuple[int, int], ...] | None
+    if transposed and (attribute(node, "output_shape") or auto_pad not in ("NOTSET", "", "VALID")):
+        return None
+    if auto_pad in ("NOTSET", ""):
+        pads = [int(p) for p in (attribute(node, "pads") or [0] * (2 * rank))]
+        padding = tuple((pads[i], pads[i + rank]) for i in range(rank))
+    elif auto_pad == "VALID":
+        padding = tuple((0, 0) for _ in kernel)
+    else:
+        sizes = input_shape[2:] if input_shape is not None and len(input_shape) == rank + 2 else None
+        padding = same_padding(kernel, dilations, strides, sizes, odd_at_end=auto_pad == "SAME_UPPER")
+        if padding is None:
+            return None
+    return Geometry(kernel, strides, padding, dilations, int(attribute(node, "group", 1)), "zeros", transposed)
 
 
 def _set_attribute(node: onnx.NodeProto, name: str, value: Any) -> None:
@@ -641,20 +672,13 @@ class _Translator:
         for bias in bias_names:
             problem = problem or self.constant_problem(bias, "bias", label)
         groups = int(attribute(node, "group", 1)) if op in ("Conv", "ConvTranspose") else 1
-        blocker = None
+        blocker = geometry = padded = None
         channel_dim = 1
-        if op == "Conv":
-            out_channels, in_channels = shape[0], shape[1] * groups
-            auto_pad = str(attribute(node, "auto_pad", "NOTSET"))
-            pads = list(attribute(node, "pads", []) or [])
-            if auto_pad.startswith("SAME") or any(int(p) for p in pads):
-                shown = f"auto_pad={auto_pad}" if auto_pad.startswith("SAME") else f"pads={pads}"
-                blocker = (f"{label} zero-pads its input ({shown}); the padded border would not receive the norm's "
-                           f"shift")
-        elif op == "ConvTranspose":
-            out_channels, in_channels = shape[1] * groups, shape[0]
-            blocker = (f"{label} is a transposed convolution, whose windows overlap unevenly, so a per-channel shift "
-                       f"of its input does not become a per-channel bias")
+        if op in ("Conv", "ConvTranspose"):
+            out_channels, in_channels = (shape[0], shape[1] * groups) if op == "Conv" else (shape[1] * groups, shape[0])
+            geometry = conv_geometry(node, tuple(shape), self.shapes.get(node.input[0]))
+            if geometry is None:
+                padded = PADS_TO_SAME_AT_RUN_TIME if op == "Conv" else PADDING_UNKNOWN
         elif op == "Gemm":
             trans_b = bool(attribute(node, "transB", 0))
             out_channels, in_channels = (shape[0], shape[1]) if trans_b else (shape[1], shape[0])
@@ -666,7 +690,7 @@ class _Translator:
                 problem = problem or f"folding into {label} needs a bias (Gemm with C), which needs opset 7 or later"
         rank = len(shape) if op in ("Conv", "ConvTranspose") else None  # a convolution's weight: its input's rank
         return LayerFacts(int(out_channels), int(in_channels), channel_dim, problem=problem, input_fold_blocker=blocker,
-                          rank=rank)
+                          rank=rank, geometry=geometry, input_padding=padded)
 
     def norm_facts(self, node: onnx.NodeProto) -> NormFacts:
         tensors, label = self.tensors, _label(node)

@@ -1,8 +1,8 @@
 """Branch merges in ONNX files: the core's :class:`~bnfold.core.merge.MergePlan` written into an ONNX graph.
 
 The adapter (:mod:`bnfold.onnx.adapter`) translates the graph for folding; this module adds what merging needs on
-top of that translation, the geometry of each ``Conv`` (kernel, strides, pads, dilations, group, ``auto_pad``) and
-``Gemm`` with ``transB=1`` (a fully connected layer), and the ``Add`` nodes as the core's ``add`` kind, then lets the core plan and compute (the same
+top of that translation (whose facts hold each ``Conv``'s geometry), the geometry of each ``Gemm`` with ``transB=1`` (a
+fully connected layer), and the ``Add`` nodes as the core's ``add`` kind, then lets the core plan and compute (the same
 :func:`~bnfold.core.merge.plan_merges` and :func:`~bnfold.core.apply.merge_one` as for an ``nn.Module``), and
 rewrites the graph: the merged ``Conv`` takes the sum's output name, the additions, the other branches' Conv and
 BatchNormalization nodes and the identities between are removed, and initializers nobody reads any more are
@@ -12,7 +12,6 @@ dropped. Works without torch, like the rest of the ONNX backend.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,32 +29,6 @@ MAX_ROUNDS = 4
 """Merges and folds alternate at most this often (see :mod:`bnfold.backends.module_merges`)."""
 
 
-def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_shape: tuple[int, ...] | None
-                  ) -> Geometry | None:
-    """The geometry of a ``Conv`` node, or ``None`` when it cannot be known (``auto_pad=SAME_*`` on an input of
-    unknown shape)."""
-    kernel = tuple(int(k) for k in weight_shape[2:])
-    rank = len(kernel)
-    strides = tuple(int(s) for s in (attribute(node, "strides") or [1] * rank))
-    dilations = tuple(int(d) for d in (attribute(node, "dilations") or [1] * rank))
-    auto_pad = str(attribute(node, "auto_pad", "NOTSET"))
-    if auto_pad in ("NOTSET", ""):
-        pads = [int(p) for p in (attribute(node, "pads") or [0] * (2 * rank))]
-        padding = tuple((pads[i], pads[i + rank]) for i in range(rank))
-    elif auto_pad == "VALID":
-        padding = tuple((0, 0) for _ in kernel)
-    else:
-        if input_shape is None or len(input_shape) != rank + 2:
-            return None
-        pairs = []
-        for size, k, s, d in zip(input_shape[2:], kernel, strides, dilations, strict=True):
-            total = max((math.ceil(size / s) - 1) * s + d * (k - 1) + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            pairs.append((small, large) if auto_pad == "SAME_UPPER" else (large, small))
-        padding = tuple(pairs)
-    return Geometry(kernel, strides, padding, dilations, int(attribute(node, "group", 1)), "zeros", False)
-
-
 _ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul"}
 """ONNX ops the merge planner reads as linear combinations, and their core kinds (``Neg`` is ``x * -1``)."""
 
@@ -66,8 +39,8 @@ def arithmetic_facts(node: onnx.NodeProto, translation: Translation) -> OpFacts 
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
-    """Give the translated graph what merging needs, in place: each Conv's geometry, each Add / Sub / Mul / Neg its
-    kind and operands (:func:`arithmetic_facts`).
+    """Give the translated graph what merging needs, in place: each Gemm's geometry (none for a layer whose bias is
+    a separate Add), each Add / Sub / Mul / Neg its kind and operands (:func:`arithmetic_facts`).
 
     Returns the ONNX node of every core node a merge may remove or rewrite (layers, norms, ops), by core index.
     Ops are found by their label, which names the node; a name two nodes share leaves both as they were.
@@ -85,13 +58,8 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
             if layer.node.op_type == "Gemm" and unit.layer is not None and attribute(layer.node, "transB", 0) \
                     and not attribute(layer.node, "transA", 0):
                 unit.layer = dataclasses.replace(unit.layer, geometry=Geometry())  # (out, in) weights, like Linear
-            elif layer.node.op_type == "Conv" and unit.layer is not None and layer.bias_add is None:
-                shape = translation.shapes.get(layer.node.input[1])
-                value = translation.tensors.value(layer.node.input[1]) if shape is None else None
-                shape = shape if shape is not None else (None if value is None else tuple(value.shape))
-                if shape is not None:
-                    geometry = conv_geometry(layer.node, tuple(shape), translation.shapes.get(layer.node.input[0]))
-                    unit.layer = dataclasses.replace(unit.layer, geometry=geometry)
+            elif layer.bias_add is not None and unit.layer is not None:  # a bias the rewrite would not move
+                unit.layer = dataclasses.replace(unit.layer, geometry=None)
         elif core.kind == NORM and core.unit in translation.norms:
             nodes[core.index] = translation.norms[core.unit]
         elif core.kind == OP:

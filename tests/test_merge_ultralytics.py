@@ -24,6 +24,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # never download anything
 ultralytics = pytest.importorskip("ultralytics", reason="ultralytics is not installed (pip install -e '.[test]')")
 
 import bnfold  # noqa: E402
+from bnfold import judge  # noqa: E402
 from bnfold.verification import TOLERANCES  # noqa: E402
 from conftest import assert_same_outputs  # noqa: E402
 from helpers.counting import conv_calls, count_batch_norm_calls  # noqa: E402
@@ -105,21 +106,41 @@ def marked_fused(model: nn.Module) -> nn.Module:
     return model
 
 
+def one_rounding_step(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every floating-point tensor moved to a neighbouring float (up or down, seeded): the
+    original's own rounding noise, the yardstick of :mod:`bnfold.judge` (a merge touches nearly every tensor)."""
+    moved = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(judge.PERTURB_SEED)
+    with torch.no_grad():
+        for tensor in [*moved.parameters(), *moved.buffers()]:
+            if tensor.is_floating_point():
+                up = torch.rand(tensor.shape, generator=generator) < 0.5
+                tensor.copy_(torch.nextafter(tensor, torch.where(up, float("inf"), float("-inf")).to(tensor.dtype)))
+    return moved
+
+
 def test_the_ultralytics_predictor_runs_the_merged_model(yolov9t: nn.Module) -> None:
     image = photograph_arrays()[0]
     merged = marked_fused(bnfold.fold(yolov9t, photographs(SIZE, 1), merge_branches=True))
-    expected = ultralytics.YOLO("yolov9t.yaml")
-    expected.model = copy.deepcopy(yolov9t)
-    actual = ultralytics.YOLO("yolov9t.yaml")
-    actual.model = merged
-    (before,) = expected.predict(image, imgsz=SIZE, conf=0.05, verbose=False)
-    (after,) = actual.predict(image, imgsz=SIZE, conf=0.05, verbose=False)
-    assert len(after.boxes) == len(before.boxes) > 0
-    # float32, so within the random head's rounding noise (see the module docstring): a pixel, a thousandth of a score
-    assert torch.equal(after.boxes.cls, before.boxes.cls)
-    assert torch.allclose(after.boxes.xyxy, before.boxes.xyxy, atol=1.0)  # of a 512 x 512 photograph
-    assert torch.allclose(after.boxes.conf, before.boxes.conf, atol=1e-3)
-    assert type(actual.model) is type(yolov9t)
+
+    def boxes(model: nn.Module) -> object:
+        predictor = ultralytics.YOLO("yolov9t.yaml")
+        predictor.model = model
+        # ultralytics' default confidence: at 0.05 the 200-box cap and exact score ties among the weakest boxes make
+        # the kept set and its order a coin toss that one rounding step of the weights already flips
+        (result,) = predictor.predict(image, imgsz=SIZE, conf=0.25, verbose=False)
+        return result.boxes
+
+    before, after, noisy = boxes(copy.deepcopy(yolov9t)), boxes(merged), boxes(one_rounding_step(yolov9t))
+    assert type(merged) is type(yolov9t)
+    assert len(after) == len(before) == len(noisy) > 0
+    assert torch.equal(after.cls, before.cls)
+    # float32: a random head's boxes move by up to a pixel under one rounding step of its weights (the floor); the
+    # merged model may differ by what bnfold's judge allows every fold, FLOOR_FACTOR floors (plus float32's eps)
+    for field in ("xyxy", "conf"):
+        floor = (getattr(noisy, field) - getattr(before, field)).abs().max().item()
+        error = (getattr(after, field) - getattr(before, field)).abs().max().item()
+        assert error <= judge.FLOOR_FACTOR * floor + 1e-6 * getattr(before, field).abs().max().item(), field
 
 
 def exportable(model: nn.Module, how: str) -> nn.Module:

@@ -65,12 +65,13 @@ from ..core.graph import (
     Operand,
     OpFacts,
 )
+from ..core.merge_rounds import merge_rounds
 from ..core.plan import FoldPlan, make_plan
 from ..errors import InvalidInputError, TrainingModeError
 from ..report import FOLDED, LEFT, FoldReport, NormEntry
 from .capture import as_input_tuple
 from .modules import TorchNumerics
-from .script_merges import FoldRound, ScriptBlocks, merge_rounds
+from .script_merges import ScriptBlocks, ScriptMerges
 
 CAPTURE = "torchscript graph"
 
@@ -875,17 +876,17 @@ def _merge(
         return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes,
                             parameters)
 
-    def fold_again() -> FoldRound:
+    def fold_again() -> _Folded:
         planned = _planned(frozen, inputs, names)
-        folded = _folded(planned, _apply(planned))
-        return FoldRound({e.name: e for e in folded.entries}, folded.parameters_removed, folded.buffers_removed)
+        return _folded(planned, _apply(planned))
 
+    merges = ScriptMerges(frozen.graph, translate, fold_again)
     with torch.no_grad(), torch.inference_mode(False):  # new constants must be usable outside inference mode
-        outcome = merge_rounds(frozen.graph, translate, fold_again)
-    report.absorb_merged_norms(outcome.absorbed_norms, outcome.folded_norms)
+        outcome = merge_rounds(merges)
+    report.absorb_merged_norms(outcome.absorbed_norms, merges.folded_norms)
     report.merges = outcome.entries
-    report.parameters_after -= outcome.parameters_removed
-    report.buffers_after -= outcome.buffers_removed
+    report.parameters_after -= merges.parameters_removed
+    report.buffers_after -= merges.buffers_removed
 
 
 def plan_script(

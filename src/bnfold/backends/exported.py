@@ -60,10 +60,11 @@ from ..core.graph import (
     Operand,
     OpFacts,
 )
+from ..core.merge_rounds import merge_rounds
 from ..core.plan import FoldPlan, make_plan
 from ..errors import CaptureError, InvalidInputError, TrainingModeError
 from ..report import FOLDED, LEFT, FoldReport, NormEntry
-from .exported_merges import Translation, merge_rounds
+from .exported_merges import ExportedMerges, Translation
 from .modules import TorchNumerics
 
 CAPTURE = "torch.export graph"
@@ -921,9 +922,10 @@ def _merge(module: fx.GraphModule, report: FoldReport) -> None:
         ]
         return dataclasses.replace(the_plan, folds=list(made.values()))
 
+    merges = ExportedMerges(module, _translation, fold_again)
     with torch.no_grad():
-        outcome = merge_rounds(module, _translation, fold_again)
-    _delete_unused(module, outcome.removed_state)
+        outcome = merge_rounds(merges)
+    _delete_unused(module, merges.removed_state)
     module.recompile()
     report.absorb_merged_norms(outcome.absorbed_norms)
     report.merges = outcome.entries

@@ -57,7 +57,7 @@ _ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul"}
 
 def arithmetic_facts(node: onnx.NodeProto, translation: Translation) -> OpFacts | None:
     """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` in the core's terms (:func:`bnfold.onnx.adapter.arithmetic_facts`)."""
-    return adapter_arithmetic_facts(node, translation.tensors, translation.node_of)
+    return adapter_arithmetic_facts(node, translation.tensors, translation.node_of, translation.shapes)
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:

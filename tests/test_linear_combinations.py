@@ -164,3 +164,18 @@ def test_every_format_merges_the_same_terms_and_computes_the_same(build: Callabl
                           for e in report.merges]
     assert decisions["module"] == [("merged", *merged)]
     assert all(found == decisions["module"] for found in decisions.values()), decisions
+
+
+def test_the_rule_and_the_merge_rounds_import_without_torch_or_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None\n"
+        "from bnfold.core import arithmetic, merge_rounds\n"
+        "from bnfold.core.graph import Operand\n"
+        "facts = arithmetic.linear_combination('add', [Operand(input=0), Operand(input=1)])\n"
+        "assert facts.kind == 'add', facts\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

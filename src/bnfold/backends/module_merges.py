@@ -14,7 +14,6 @@ of them (:class:`_TracedMerges`).
 from __future__ import annotations
 
 import inspect
-import logging
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +27,6 @@ from ..core.plan import FoldPlan
 from ..layers import LayerRegistry
 from .capture import TraceMismatch, capture_fx, trace
 from .modules import ModuleWeights, Rollback, to_graph
-
-log = logging.getLogger(__name__)
 
 
 def _dead_outside(merge: Merge, nodes: list[fx.Node]) -> str | None:

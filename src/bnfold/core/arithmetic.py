@@ -1,21 +1,13 @@
 """What counts as a linear combination: one rule for the ``add`` / ``sub`` / ``mul`` / ``div`` of every format.
 
-An adapter states what it reads of an addition, subtraction, product or true division (:class:`~bnfold.core.graph.
-Operand`: each operand a computed tensor, a plain number or a stored constant, with the shapes it knows and whether a
-constant is all zeros; the factor ``alpha`` of ``torch.add(x, y, alpha=...)``; the op's output shape); this module
-decides what the planners see (:func:`linear_combination`):
-
-* ``alpha`` must be a number;
-* a sum or difference must not broadcast: no computed term is stretched to the result's shape and no constant makes
-  the result larger than the computed terms, where shapes are known (a broadcast is no sum of branches); a product
-  or quotient of one computed tensor by constants must keep that tensor's shape (a broadcast is no scale of it);
-* a constant whose every value is 0, added or subtracted where it does not broadcast, is the number 0 (the
-  ``identity = 0`` of a block without an identity branch); where shapes are not known it stays a constant (the
-  planners refuse to merge over it);
-* anything else is ``other``: an op no affine map passes and no merge reads.
-
-The facts the format alone can know (whether an in-place form overwrites a tensor someone else reads, whether a
-constant can be read at all) stay the adapter's.
+The adapters state what they read (:class:`~bnfold.core.graph.Operand`: a computed tensor, a number or a stored
+constant, the shapes they know, whether a constant is all zeros; ``alpha``; the output's shape); the core decides
+(:func:`linear_combination`): ``alpha`` must be a number; a sum must not broadcast a computed term nor be made
+larger by a constant (a broadcast is no sum of branches), a product or quotient of one computed tensor must keep its
+shape (no scale of it); an all-zero constant added where it changes no shape is the number 0 (the ``identity = 0``
+of a block without an identity branch), and stays a constant where shapes are unknown. Anything else is ``other``.
+What only the format can know (an in-place form overwriting a tensor others read, a constant it cannot evaluate)
+stays the adapter's.
 """
 
 from __future__ import annotations

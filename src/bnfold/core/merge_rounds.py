@@ -28,45 +28,33 @@ mergeable: two rounds are what the known architectures need)."""
 
 
 class MergeTarget(Protocol):
-    """A format's graph as merge rounds see it. ``translate`` starts a round; the other methods act on that round's
-    translation, in the order :func:`merge_once` calls them.
-
-    Attributes:
-        model: what the rounds leave (the format's model, rewritten in place or replaced by ``commit``).
-        access: the weights of the round's translation (merged kernels and biases are written through it).
-    """
+    """A format's side of the rounds. ``translate`` starts a round; the other methods act on its translation, in the
+    order :func:`merge_once` calls them. ``model``: what the rounds leave (rewritten in place, or replaced by
+    ``commit``); ``access``: the round's weights, through which the merged kernels and biases are written."""
 
     model: Any
     access: WeightAccess
 
     def translate(self) -> Graph | str:
         """The core graph of the format's graph as it is now, or why it cannot be merged at all (nothing is)."""
-        ...
 
     def start(self, merges: list[Merge]) -> None:
-        """The round's merges, before any is checked or written (what must be read before a rewrite changes it)."""
-        ...
+        """The round's merges, before any is checked or written (what a rewrite would change is read here)."""
 
     def name(self, index: int) -> str:
         """How the report names core node ``index`` (the sum of a block)."""
-        ...
 
     def blocked(self, merge: Merge) -> str | None:
-        """Why ``merge`` cannot be written into the format's graph, or None: checked before its weights are."""
-        ...
+        """Why ``merge`` cannot be written into the format's graph, or None; asked before its weights are written."""
 
     def rewrite(self, merge: Merge) -> tuple[str, ...]:
-        """Write ``merge`` (its weights written already) into the format's graph; returns the names of the terms a
-        split kept."""
-        ...
+        """Write ``merge`` (its weights written) into the graph; returns the names of the terms a split kept."""
 
     def commit(self) -> None:
         """After a round that merged: make the rewritten graph whole again (dead code, recompiling, ...)."""
-        ...
 
     def fold_again(self) -> bool:
         """Fold what the round's merges made foldable, in place; whether anything new folded."""
-        ...
 
 
 @dataclass

@@ -2,11 +2,10 @@
 
 The adapter (:mod:`bnfold.onnx.adapter`) translates the graph for folding; this module adds what merging needs on
 top of that translation, the geometry of each ``Conv`` (kernel, strides, pads, dilations, group, ``auto_pad``) and
-``Gemm`` with ``transB=1`` (a fully connected layer), and the ``Add`` nodes as the core's ``add`` kind, then lets the core plan and compute (the same
-:func:`~bnfold.core.merge.plan_merges` and :func:`~bnfold.core.apply.merge_one` as for an ``nn.Module``), and
-rewrites the graph: the merged ``Conv`` takes the sum's output name, the additions, the other branches' Conv and
-BatchNormalization nodes and the identities between are removed, and initializers nobody reads any more are
-dropped. Works without torch, like the rest of the ONNX backend.
+``Gemm`` with ``transB=1`` (a fully connected layer); the core's rounds (:mod:`bnfold.core.merge_rounds`) plan and
+compute, and :class:`OnnxMerges` rewrites the graph: the merged ``Conv`` takes the sum's output name, the additions,
+the other branches' Conv and BatchNormalization nodes and the identities between are removed, and initializers
+nobody reads any more are dropped. Works without torch, like the rest of the ONNX backend.
 """
 
 from __future__ import annotations
@@ -18,11 +17,10 @@ from collections.abc import Callable
 import onnx
 from onnx import helper
 
-from ..core.graph import LAYER, NORM, OP, Geometry, Graph, OpFacts
+from ..core.graph import LAYER, NORM, OP, Geometry, Graph
 from ..core.merge import Merge
 from ..report import NormEntry
-from .adapter import ONNX_DOMAINS, OnnxWeights, Translation, _label, attribute, display_name, to_graph
-from .adapter import arithmetic_facts as adapter_arithmetic_facts
+from .adapter import OnnxWeights, Translation, _label, attribute, display_name, to_graph
 
 
 def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_shape: tuple[int, ...] | None
@@ -51,18 +49,9 @@ def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_sha
     return Geometry(kernel, strides, padding, dilations, int(attribute(node, "group", 1)), "zeros", False)
 
 
-_ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul"}
-"""ONNX ops the merge planner reads as linear combinations, and their core kinds (``Neg`` is ``x * -1``)."""
-
-
-def arithmetic_facts(node: onnx.NodeProto, translation: Translation) -> OpFacts | None:
-    """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` in the core's terms (:func:`bnfold.onnx.adapter.arithmetic_facts`)."""
-    return adapter_arithmetic_facts(node, translation.tensors, translation.node_of, translation.shapes)
-
-
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
-    """Give the translated graph what merging needs, in place: each Conv's geometry, each Add / Sub / Mul / Neg its
-    kind and operands (:func:`arithmetic_facts`).
+    """Give the translated graph what merging needs, in place: each Conv's geometry (the additions, subtractions
+    and products are the core's linear combinations already: :func:`bnfold.onnx.adapter.arithmetic_facts`).
 
     Returns the ONNX node of every core node a merge may remove or rewrite (layers, norms, ops), by core index.
     Ops are found by their label, which names the node; a name two nodes share leaves both as they were.
@@ -94,8 +83,6 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
             if len(found) != 1:
                 continue
             nodes[core.index] = found[0]
-            if found[0].op_type in _ARITHMETIC and found[0].domain in ONNX_DOMAINS:
-                core.op = arithmetic_facts(found[0], translation) or core.op
     return nodes
 
 

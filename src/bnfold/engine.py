@@ -17,7 +17,7 @@ from torch import nn
 
 from .backends.block_merges import merge_blocks
 from .backends.capture import MODEL_CALLS_LOCK, Dataflow, as_input_tuple, capture
-from .backends.module_merges import merge_rounds
+from .backends.module_merges import merge_traced
 from .backends.module_tree import ModuleTree
 from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
 from .core.apply import DryRun, FoldOverflow, NormMaps, apply_plan, check_statistics
@@ -455,7 +455,7 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
     with MODEL_CALLS_LOCK, torch.no_grad(), torch.inference_mode(False):  # new weights usable outside inference mode
         whole_failure = None
         if how is True:
-            outcome = merge_rounds(model, registry, inputs, fold_again)
+            outcome = merge_traced(model, registry, inputs, fold_again)
             whole_failure = outcome.failure
         if how == "blocks" or whole_failure is not None:
             assert inputs is not None  # checked by fold(); an untraceable model was folded on them already

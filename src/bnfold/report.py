@@ -7,12 +7,8 @@ it is installed, plain text otherwise) and plain JSON-able data for scripts (:me
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .core.merge import Merge, MergeRefusal
+from typing import Any
 
 FOLDED = "folded"
 LEFT = "left"
@@ -63,24 +59,6 @@ class MergeEntry:
     reason: str | None = None
     kept: tuple[str, ...] = ()
     region: str | None = None
-
-
-def record_merges(
-    merges: Iterable[tuple[Merge, tuple[str, ...]]],
-    refusals: Iterable[MergeRefusal],
-    entries: list[MergeEntry],
-    absorbed_norms: dict[str, str],
-) -> list[MergeEntry]:
-    """One round of merges, in report terms, for every format's merge loop: each merge made (with the names of the
-    terms a split kept) is appended to ``entries``, the norms of its identity branches to ``absorbed_norms`` (norm ->
-    the layer it went into); returns the entries of the blocks left, with their reasons (the last round's are the
-    report's)."""
-    for merge, kept in merges:
-        identities = tuple(i.norm or "input" for i in merge.identities)
-        entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities, kept=kept))
-        for norm in merge.norms:
-            absorbed_norms[norm] = merge.into
-    return [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in refusals]
 
 
 def print_whole(console: Any, *renderables: Any) -> None:

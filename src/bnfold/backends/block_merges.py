@@ -9,7 +9,7 @@ that hold their summed branches can (``RepConv``: ``act(conv1(x) + conv2(x) + bn
    norms (atomic for the registry) and modules without children hold no sum of layers and are passed by;
 2. one forward pass of the model on the example inputs records what each block is called with (and how often);
 3. each block called once is merged exactly as a whole model is (:func:`~bnfold.backends.module_merges.
-   merge_rounds`, on the inputs it received, the traced graph checked against the block on them first); a block
+   merge_traced`, on the inputs it received, the traced graph checked against the block on them first); a block
    where something merged is put back in the module tree as the ``GraphModule`` of its merged graph (same module
    names inside, the block's own plain attributes kept, e.g. ultralytics' ``f`` and ``i`` that the model's loop
    reads); every other module stays as it was: class, forward code and names.
@@ -32,10 +32,11 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from ..core.merge_rounds import MergeOutcome
 from ..layers import LayerRegistry
 from ..report import MergeEntry
 from .capture import MODEL_CALLS_LOCK, trace
-from .module_merges import FoldAgain, MergeOutcome, merge_rounds, trace_failure
+from .module_merges import FoldAgain, merge_traced, trace_failure
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def merge_blocks(
     block, in its parent's code, may fold now). Merge entries name blocks, layers and norms by their qualified names
     in ``model`` and the block they were merged in (:attr:`~bnfold.report.MergeEntry.region`).
     """
-    outcome = MergeOutcome(model)
+    outcome = MergeOutcome(model=model)
     untraced: Reasons = {}
     left: Reasons = {}  # blocks not merged in
     merged_blocks: list[str] = []
@@ -223,7 +224,7 @@ def merge_blocks(
                 )
                 continue
             prefix = f"{block.name}." if block.name else ""
-            done = merge_rounds(block.module, registry, called.args, fold_again, graph=block.graph, prefix=prefix)
+            done = merge_traced(block.module, registry, called.args, fold_again, graph=block.graph, prefix=prefix)
             if done.failure is not None:  # the trace is not what the block computes: its children may trace right
                 untraced[block.name] = block.module, done.failure
                 called_untraced.add(block.name)
@@ -232,7 +233,6 @@ def merge_blocks(
             outcome.entries.extend(_qualified(e, prefix, block.name) for e in done.entries)
             outcome.absorbed_norms.update({prefix + n: prefix + layer for n, layer in done.absorbed_norms.items()})
             outcome.notes.extend(done.notes)
-            outcome.folds.extend(done.folds)
             if done.model is not block.module:
                 merged_blocks.append(block.name or "the model itself")
                 if block.module is model:
@@ -241,7 +241,7 @@ def merge_blocks(
                     _put_in_place(model, block.name, block.module, done.model)
         pending = _find_blocks(looked_into, registry, seen, untraced)
     if merged_blocks and outcome.model is model:
-        outcome.folds.append(fold_again(model, inputs, ""))
+        fold_again(model, inputs, "")
     outcome.notes.extend(_notes(merged_blocks, {n: r for n, r in untraced.items() if n in called_untraced}, left))
     return outcome
 

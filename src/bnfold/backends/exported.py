@@ -45,6 +45,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..core.apply import FoldOverflow, LayerTensors, Statistics, apply_plan, check_statistics
+from ..core.arithmetic import linear_combination
 from ..core.graph import (
     BATCH_STATISTICS,
     CONSTANT,
@@ -62,10 +63,11 @@ from ..core.graph import (
     OpFacts,
     same_padding,
 )
+from ..core.merge_rounds import merge_rounds
 from ..core.plan import FoldPlan, make_plan
 from ..errors import CaptureError, InvalidInputError, TrainingModeError
 from ..report import FOLDED, LEFT, FoldReport, NormEntry
-from .exported_merges import Translation, merge_rounds
+from .exported_merges import ExportedMerges, Translation
 from .modules import TorchNumerics
 
 CAPTURE = "torch.export graph"
@@ -570,15 +572,14 @@ class _Translator:
         return str(node.target) if node.op == "get_attr" else None
 
     def arithmetic_facts(self, node: fx.Node, name: str) -> tuple[OpFacts, list[int]]:
-        """``aten.add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` (and their in-place forms) as the core's ``add`` /
-        ``sub`` / ``mul``, with their operands in the order the op combines them (:class:`~bnfold.core.graph.Operand`:
-        a tensor by its position among the node's inputs, a stored tensor also by its target and shape, a plain number
-        as itself), and the node's inputs; or ``other`` with every tensor it reads.
+        """``aten.add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` / ``div`` (and their in-place forms) in the core's
+        terms (the core decides: :func:`~bnfold.core.arithmetic.linear_combination`), with their operands in the
+        order the op combines them (:class:`~bnfold.core.graph.Operand`: a tensor by its position among the node's
+        inputs and its shape, a stored tensor also by its target and whether it is all zeros, a plain number as
+        itself), and the node's inputs; or ``other`` with every tensor it reads.
 
-        A stored all-zero tensor added or subtracted is the number 0 and not an input (the ``identity = 0`` of a block
-        without an identity branch). Only a sum or difference of same-shaped tensors is ``add`` / ``sub``, and only a
-        product that keeps the scaled tensor's shape and dtype is ``mul``: a broadcast is not a sum of branches, nor a
-        scale of one. An in-place form is one only when the tensor it overwrites is its own (:meth:`overwritable`).
+        A product that changes the scaled tensor's dtype is no scale of it. An in-place form is arithmetic only when
+        the tensor it overwrites is its own (:meth:`overwritable`).
         """
         other = OpFacts("other"), self.tensor_inputs(node)
         if getattr(node.target, "_overloadname", "") not in ("Tensor", "Scalar", "default"):
@@ -591,9 +592,6 @@ class _Translator:
             if name == "rsub":
                 values.reverse()
         alpha = 1 if kind in ("mul", "div") else _argument(node, "alpha")
-        if isinstance(alpha, (fx.Node, bool)):
-            return other
-        output = self.shape(node)
         operands: list[Operand] = []
         inputs: list[int] = []
         scaled: list[fx.Node] = []
@@ -604,29 +602,17 @@ class _Translator:
             if not isinstance(value, fx.Node) or value not in self.index or not isinstance(_value(value), torch.Tensor):
                 return other  # a size symbol, a list, ...
             constant = self.constant_of(value)
-            if kind in ("add", "sub"):
-                if constant is not None and not torch.any(_fetch(self.module, constant)):
-                    operands.append(Operand(number=0.0))
-                    continue
-                shape = self.shape(value)
-                if output is None or shape is None or (shape != output and (
-                        constant is None or tuple(torch.broadcast_shapes(output, shape)) != tuple(output))):
-                    return other  # a broadcast of a computed tensor is no sum of branches
-            elif constant is None:
+            if constant is None:
                 scaled.append(value)
-            shape = self.shape(value) if constant is not None else None
-            operands.append(Operand(input=len(inputs), constant=constant, shape=shape))
+            zero = constant is not None and kind in ("add", "sub") and not torch.any(_fetch(self.module, constant))
+            operands.append(Operand(input=len(inputs), constant=constant, shape=self.shape(value), zero=bool(zero)))
             inputs.append(self.index[value])
-        if len(scaled) == 1 and (output is None or self.shape(scaled[0]) != output
-                                 or _value(scaled[0]).dtype != _value(node).dtype):
+        if kind in ("mul", "div") and len(scaled) == 1 and _value(scaled[0]).dtype != _value(node).dtype:
             return other
         if name.endswith("_") and not self.overwritable(node):
             return other
-        if kind in ("mul", "div"):
-            return OpFacts(kind, {"operands": tuple(operands)}), inputs
-        scalars = tuple(o.number for o in operands if o.number is not None)
-        return OpFacts(kind, {"alpha": alpha if alpha is not None else 1, "scalars": scalars,
-                              "operands": tuple(operands)}), inputs
+        facts = linear_combination(kind, operands, alpha=1 if alpha is None else alpha, shape=self.shape(node))
+        return (facts, inputs) if facts.kind != "other" else other
 
     def overwritable(self, node: fx.Node) -> bool:
         """Whether the tensor an in-place ``add_`` (``sub_``, ``mul_``, ``neg_``) overwrites is its own: computed in
@@ -899,9 +885,10 @@ def _merge(module: fx.GraphModule, report: FoldReport) -> None:
         ]
         return dataclasses.replace(the_plan, folds=list(made.values()))
 
+    merges = ExportedMerges(module, _translation, fold_again)
     with torch.no_grad():
-        outcome = merge_rounds(module, _translation, fold_again)
-    _delete_unused(module, outcome.removed_state)
+        outcome = merge_rounds(merges)
+    _delete_unused(module, merges.removed_state)
     module.recompile()
     report.absorb_merged_norms(outcome.absorbed_norms)
     report.merges = outcome.entries

@@ -13,41 +13,26 @@ the identities between them are erased. The stored tensors nobody reads any more
 layer scale) are returned to the caller, which deletes them before the module is exported again, so that the new
 program's state_dict and graph signature hold exactly what its graph reads.
 
-It imports nothing of the adapter (which calls it): the graph's translation and the folds between rounds are
-handed in, as :mod:`bnfold.backends.module_merges` is handed its folds.
+The rounds of merges and folds are the core's (:mod:`bnfold.core.merge_rounds`); :class:`ExportedMerges` is the
+program module's side of them. It imports nothing of the adapter (which calls it): the graph's translation and the
+folds between rounds are handed in.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from ..core.apply import MergeOverflow, WeightAccess, merge_one
+from ..core.apply import WeightAccess
 from ..core.graph import Graph
-from ..core.merge import Merge, MergeRefusal, plan_merges
+from ..core.merge import Merge
 from ..core.plan import FoldPlan
-from ..report import MergeEntry, record_merges
-
-MAX_ROUNDS = 4
-"""Merges and folds alternate at most this often (see :mod:`bnfold.backends.module_merges`)."""
 
 Translation = tuple[Graph, dict[int, list[fx.Node]], WeightAccess]
 """The core graph of a module, the fx nodes each core node stands for, and write access to its tensors."""
-
-
-@dataclass
-class ExportedMergeOutcome:
-    """What :func:`merge_rounds` did to the module it was handed (the module itself is rewritten in place)."""
-
-    entries: list[MergeEntry] = field(default_factory=list)
-    folds: list[FoldPlan] = field(default_factory=list)  # the folds made between rounds
-    absorbed_norms: dict[str, str] = field(default_factory=dict)  # identity-branch norm -> the layer it went into
-    removed_state: list[str] = field(default_factory=list)  # stored tensors the erased nodes read
 
 
 def _erased(merge: Merge, nodes: dict[int, list[fx.Node]]) -> list[fx.Node]:
@@ -144,78 +129,47 @@ def _kept_terms(merge: Merge, nodes: dict[int, list[fx.Node]], erased: list[fx.N
     return kept
 
 
-@dataclass
-class ExportedMergeRound:
-    """One round of :func:`merge_once`: the merges made (named by their sum's node), the node names of each one's
-    kept terms, the blocks left, the stored tensors nothing reads any more, and whether a split left terms another
-    round may merge."""
+class ExportedMerges:
+    """An unlifted program module as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`), rewritten
+    in place. ``translate(module)`` reads the module's current graph; ``fold_again(module)`` folds in place and
+    returns the folds it made. ``removed_state`` gathers the stored tensors the erased nodes read that nothing reads
+    any more: the caller deletes them before the module is exported again."""
 
-    merges: list[Merge] = field(default_factory=list)
-    kept: list[tuple[str, ...]] = field(default_factory=list)
-    refusals: list[MergeRefusal] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
-    again: bool = False
+    def __init__(self, module: fx.GraphModule, translate: Callable[[fx.GraphModule], Translation],
+                 fold_again: Callable[[fx.GraphModule], FoldPlan]) -> None:
+        self.model = module
+        self._translate, self._fold_again = translate, fold_again
+        self.removed_state: list[str] = []
 
+    def translate(self) -> Graph:
+        self.graph, self.nodes, self.access = self._translate(self.model)
+        return self.graph
 
-def merge_once(module: fx.GraphModule, translation: Translation) -> ExportedMergeRound:
-    """One round on ``module`` (folded already, owned by the caller): plan on its translation (sums split where
-    their terms read different tensors), compute, rewrite."""
-    graph, nodes, access = translation
-    plan = plan_merges(graph, split_sums=True)
+    def start(self, merges: list[Merge]) -> None:
+        self.replaced: dict[fx.Node, fx.Node] = {}  # the sums merged in this round -> the node computing each now
 
-    def name_of(index: int) -> str:
-        return nodes[index][0].name if index in nodes else graph.nodes[index].label
+    def name(self, index: int) -> str:
+        return self.nodes[index][0].name if index in self.nodes else self.graph.nodes[index].label
 
-    done = ExportedMergeRound(refusals=[dataclasses.replace(r, block=name_of(r.root)) for r in plan.refusals],
-                              again=plan.again)
-    replaced: dict[fx.Node, fx.Node] = {}  # the sums merged in this round -> the node computing each now
-    for merge in plan.merges:
-        erased = _erased(merge, nodes)
-        blocked = _blocked(merge, nodes, erased)
-        kept = _kept_terms(merge, nodes, erased, replaced) if blocked is None else []
-        if kept is None:
-            blocked = "bnfold cannot tell which nodes the terms left after the merge are"
-        if blocked is None:  # every check before the weights are written: a block left keeps its weights
-            try:
-                merge_one(merge, access)
-            except MergeOverflow as overflow:
-                blocked = str(overflow)
-        if blocked is not None or kept is None:
-            done.refusals.append(MergeRefusal(name_of(merge.root), merge.root, blocked or ""))
-            continue
-        root = nodes[merge.root][0]
-        done.kept.append(tuple(node.name for node in kept))
-        into = nodes[graph.units[merge.into].calls[0]][0]
-        replaced[root], stale = _rewrite(module, into, root, erased, kept)
-        done.stale.extend(stale)
-        done.merges.append(dataclasses.replace(merge, block=name_of(merge.root)))
-    if done.merges:
-        module.graph.lint()
-        module.recompile()
-    return done
+    def blocked(self, merge: Merge) -> str | None:
+        self.erased = _erased(merge, self.nodes)
+        blocked = _blocked(merge, self.nodes, self.erased)
+        self.kept = _kept_terms(merge, self.nodes, self.erased, self.replaced) if blocked is None else []
+        if self.kept is None:
+            return "bnfold cannot tell which nodes the terms left after the merge are"
+        return blocked
 
+    def rewrite(self, merge: Merge) -> tuple[str, ...]:
+        assert self.kept is not None  # checked by blocked()
+        root = self.nodes[merge.root][0]
+        into = self.nodes[self.graph.units[merge.into].calls[0]][0]
+        self.replaced[root], stale = _rewrite(self.model, into, root, self.erased, self.kept)
+        self.removed_state.extend(stale)
+        return tuple(node.name for node in self.kept)
 
-def merge_rounds(
-    module: fx.GraphModule,
-    translate: Callable[[fx.GraphModule], Translation],
-    fold_again: Callable[[fx.GraphModule], FoldPlan],
-) -> ExportedMergeOutcome:
-    """Merge the summed branches of ``module`` (an unlifted program module, folded already, owned by the caller),
-    fold what that made foldable (``fold_again(module)`` folds in place and returns the folds it made), and repeat
-    while anything changes (new folds, or a split whose kept terms may merge among themselves).
-    ``translate(module)`` reads the module's current graph."""
-    outcome = ExportedMergeOutcome()
-    left: list[MergeEntry] = []
-    for _ in range(MAX_ROUNDS):
-        done = merge_once(module, translate(module))
-        outcome.removed_state.extend(done.stale)
-        left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
-                             outcome.absorbed_norms)
-        if not done.merges:
-            break
-        plan = fold_again(module)
-        outcome.folds.append(plan)
-        if not plan.folds and not done.again:
-            break  # nothing new to fold or to merge: another round would find the same blocks left
-    outcome.entries.extend(left)
-    return outcome
+    def commit(self) -> None:
+        self.model.graph.lint()
+        self.model.recompile()
+
+    def fold_again(self) -> bool:
+        return bool(self._fold_again(self.model).folds)

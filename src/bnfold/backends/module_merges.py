@@ -7,48 +7,26 @@ traced graph every reader of the sum reads the merged layer's output instead; th
 layer and norm calls and the identities between are erased. The result is a ``torch.fx.GraphModule`` that keeps
 the model's module names (``state_dict`` keys of what is left stay as they were).
 
-Each round of merges can make new folds possible (RepViT's ``BN(conv3x3(x) + conv1x1(x) + x)``: once the sum is one
-convolution, the norm after it folds forward), and new folds new merges; :func:`merge_rounds` alternates until
-nothing changes.
+The rounds of merges and folds are the core's (:mod:`bnfold.core.merge_rounds`); this module is the trace's side
+of them (:class:`_TracedMerges`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import logging
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
 
-from ..core.apply import MergeOverflow, merge_one
-from ..core.merge import Merge, MergeRefusal, plan_merges
+from ..core.graph import Graph
+from ..core.merge import Merge
+from ..core.merge_rounds import MergeOutcome, merge_rounds
 from ..core.plan import FoldPlan
 from ..layers import LayerRegistry
-from ..report import MergeEntry, record_merges
 from .capture import TraceMismatch, capture_fx, trace
 from .modules import ModuleWeights, Rollback, to_graph
-
-log = logging.getLogger(__name__)
-
-MAX_ROUNDS = 4
-"""Merges and folds alternate at most this often (each round needs a sum that only the previous round's folds
-made mergeable: two rounds are what the known architectures need)."""
-
-
-@dataclass
-class MergeOutcome:
-    """What :func:`merge_rounds` did: the model to return, its blocks, the folds made between rounds."""
-
-    model: nn.Module
-    entries: list[MergeEntry] = field(default_factory=list)
-    folds: list[FoldPlan] = field(default_factory=list)
-    absorbed_norms: dict[str, str] = field(default_factory=dict)  # identity-branch norm -> the layer it went into
-    notes: list[str] = field(default_factory=list)
-    failure: str | None = None  # why the model's traced graph could not be merged in (nothing was merged), or None
 
 
 def _dead_outside(merge: Merge, nodes: list[fx.Node]) -> str | None:
@@ -159,76 +137,72 @@ def _rewrite(graph: fx.Graph, merge: Merge, nodes: list[fx.Node], into_node: fx.
         graph.erase_node(nodes[index])
 
 
-@dataclass
-class MergeRound:
-    """One round of :func:`merge_once`: the GraphModule (None when nothing merged), the merges made (named by their
-    sum's node in that graph, with the ``kept`` terms' node names), the blocks refused, why nothing could be planned
-    at all (torch.fx cannot trace the model) or None, and whether a split left terms another round may merge."""
+class _TracedMerges:
+    """A model's torch.fx trace as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`).
 
-    module: fx.GraphModule | None
-    merges: list[Merge] = field(default_factory=list)
-    refusals: list[MergeRefusal] = field(default_factory=list)
-    failure: str | None = None
-    kept: list[tuple[str, ...]] = field(default_factory=list)  # per merge, the node names of its kept terms
-    again: bool = False
-
-
-def merge_once(model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None,
-               graph: fx.Graph | None = None) -> MergeRound:
-    """One round: plan the merges on the core graph of ``model`` and apply them to a GraphModule of it.
-
-    ``model`` is traced (unless ``graph``, a trace of it, is given), or it is a GraphModule a previous round returned
-    (its graph is edited again, so block names stay those of the returned model). The GraphModule shares every module
-    with ``model``, the merged layers are written in place: the caller hands over a model it owns. With ``inputs``
-    the graph is checked against ``model`` on them first (:class:`~bnfold.backends.capture.TraceMismatch`).
+    The first round traces ``model`` (unless ``graph``, a trace of it, is given), checks the trace against ``model``
+    on ``inputs`` (:class:`~bnfold.backends.capture.TraceMismatch`) and makes a GraphModule of it that shares every
+    module with ``model`` (the merged layers are written in place: the caller hands over a model it owns); the rounds
+    after a merge edit that GraphModule's graph again, so block names stay those of the returned model.
     """
-    if isinstance(model, fx.GraphModule):
-        module = model
-        flow = capture_fx(module, registry, inputs, graph=module.graph)
-    else:
-        if graph is None:
-            try:
-                graph = trace(model, registry)
-            except Exception as error:  # fx raises many kinds on code it cannot follow
-                return MergeRound(None, failure=f"torch.fx cannot trace it ({trace_failure(error)})")
-        try:  # the graph checked against the model itself (a GraphModule of it would be checked against itself)
-            flow = capture_fx(model, registry, inputs, graph=graph)
-        except TraceMismatch as mismatch:
-            return MergeRound(None, failure=f"its torch.fx trace is not what it computes ({mismatch})")
-        module = fx.GraphModule(model, graph, class_name=type(model).__name__)
-        module.training = model.training  # a new Module starts in training mode; its submodules are the model's
-        # torch.load re-traces a pickled GraphModule's code with the class that traced it (every module kept as a
-        # leaf); bnfold's tracer needs a registry to be made, torch.fx's own makes the same graph of that code.
-        module._tracer_cls = None
-    core = to_graph(module, flow, registry)
-    plan = plan_merges(core, split_sums=True)
-    nodes = [site.origin for site in flow.sites]
-    outcome = MergeRound(None, refusals=[dataclasses.replace(r, block=nodes[r.root].name) for r in plan.refusals],
-                         again=plan.again)
-    weights = ModuleWeights(module, registry, Rollback())
-    replaced: dict[fx.Node, fx.Node] = {}
-    for merge in plan.merges:
-        into_node = nodes[core.units[merge.into].calls[0]]
-        blocked = _dead_outside(merge, nodes) or _changed_in_place(merge, nodes, into_node, module)
-        if blocked is None:
-            try:
-                merge_one(merge, weights)
-            except MergeOverflow as overflow:
-                blocked = str(overflow)
-        if blocked is not None:
-            outcome.refusals.append(MergeRefusal(nodes[merge.root].name, merge.root, blocked))
-            continue
-        named = dataclasses.replace(merge, block=nodes[merge.root].name)
-        outcome.merges.append(named)
-        outcome.kept.append(tuple(nodes[index].name for index in merge.kept))
-        _rewrite(module.graph, merge, nodes, into_node, replaced)
-    if not outcome.merges:
-        return outcome
-    module.graph.lint()
-    module.delete_all_unused_submodules()
-    module.recompile()
-    outcome.module = module
-    return outcome
+
+    def __init__(self, model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None,
+                 fold_again: FoldAgain, graph: fx.Graph | None, prefix: str) -> None:
+        self.model, self.registry, self.inputs, self.graph = model, registry, inputs, graph
+        self._fold_again, self.prefix = fold_again, prefix
+
+    def translate(self) -> Graph | str:
+        model, registry, inputs, graph = self.model, self.registry, self.inputs, self.graph
+        self.graph = None
+        if isinstance(model, fx.GraphModule):
+            module = model
+            flow = capture_fx(module, registry, inputs, graph=module.graph)
+        else:
+            if graph is None:
+                try:
+                    graph = trace(model, registry)
+                except Exception as error:  # fx raises many kinds on code it cannot follow
+                    return f"torch.fx cannot trace it ({trace_failure(error)})"
+            try:  # the graph checked against the model itself (a GraphModule of it would be checked against itself)
+                flow = capture_fx(model, registry, inputs, graph=graph)
+            except TraceMismatch as mismatch:
+                return f"its torch.fx trace is not what it computes ({mismatch})"
+            module = fx.GraphModule(model, graph, class_name=type(model).__name__)
+            module.training = model.training  # a new Module starts in training mode; its submodules are the model's
+            # torch.load re-traces a pickled GraphModule's code with the class that traced it (every module kept as a
+            # leaf); bnfold's tracer needs a registry to be made, torch.fx's own makes the same graph of that code.
+            module._tracer_cls = None
+        self.module = module
+        self.nodes = [site.origin for site in flow.sites]
+        self.core = to_graph(module, flow, registry)
+        self.access = ModuleWeights(module, registry, Rollback())
+        return self.core
+
+    def start(self, merges: list[Merge]) -> None:
+        self.replaced: dict[fx.Node, fx.Node] = {}
+
+    def name(self, index: int) -> str:
+        return self.nodes[index].name
+
+    def _into(self, merge: Merge) -> fx.Node:
+        return self.nodes[self.core.units[merge.into].calls[0]]
+
+    def blocked(self, merge: Merge) -> str | None:
+        return _dead_outside(merge, self.nodes) or _changed_in_place(merge, self.nodes, self._into(merge), self.module)
+
+    def rewrite(self, merge: Merge) -> tuple[str, ...]:
+        kept = tuple(self.nodes[index].name for index in merge.kept)
+        _rewrite(self.module.graph, merge, self.nodes, self._into(merge), self.replaced)
+        return kept
+
+    def commit(self) -> None:
+        self.module.graph.lint()
+        self.module.delete_all_unused_submodules()
+        self.module.recompile()
+        self.model = self.module
+
+    def fold_again(self) -> bool:
+        return bool(self._fold_again(self.model, self.inputs, self.prefix).folds)
 
 
 FoldAgain = Callable[[nn.Module, "tuple[Any, ...] | None", str], FoldPlan]
@@ -242,7 +216,7 @@ def trace_failure(error: Exception) -> str:
     return first.split(". ", 1)[0].rstrip(".")
 
 
-def merge_rounds(
+def merge_traced(
     model: nn.Module,
     registry: LayerRegistry,
     inputs: tuple[Any, ...] | None,
@@ -251,33 +225,14 @@ def merge_rounds(
     graph: fx.Graph | None = None,
     prefix: str = "",
 ) -> MergeOutcome:
-    """Merge the summed branches of ``model`` (folded already, owned by the caller), fold what that made foldable
-    (``fold_again``), and repeat while anything changes. ``graph``: a torch.fx trace of ``model`` made already;
-    ``prefix``: what ``fold_again`` is told (``model`` is that block of a larger model). When torch.fx cannot trace
-    ``model``, or traces a graph that is not ``model`` on ``inputs``, nothing is merged and
-    :attr:`MergeOutcome.failure` says why."""
-    outcome = MergeOutcome(model)
-    current = model
-    left: list[MergeEntry] = []
-    for _ in range(MAX_ROUNDS):
-        done = merge_once(current, registry, inputs, graph)
-        graph = None
-        if done.failure is not None:
-            outcome.failure = done.failure
-            break
-        left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
-                             outcome.absorbed_norms)
-        if done.module is None:
-            break
-        current = done.module
-        plan = fold_again(current, inputs, prefix)
-        outcome.folds.append(plan)
-        if not plan.folds and not done.again:
-            break  # nothing new to fold or to merge: another round would find the same blocks left
-    if isinstance(current, fx.GraphModule) and current is not model:
-        _drop_identity_calls(current)
-    outcome.model = current
-    outcome.entries.extend(left)
+    """Merge the summed branches of ``model`` (folded already, owned by the caller) in its torch.fx trace, fold what
+    that made foldable (``fold_again``), and repeat while anything changes (:func:`bnfold.core.merge_rounds.
+    merge_rounds`). ``graph``: a torch.fx trace of ``model`` made already; ``prefix``: what ``fold_again`` is told
+    (``model`` is that block of a larger model). When torch.fx cannot trace ``model``, or traces a graph that is not
+    ``model`` on ``inputs``, nothing is merged and :attr:`MergeOutcome.failure` says why."""
+    outcome = merge_rounds(_TracedMerges(model, registry, inputs, fold_again, graph, prefix))
+    if outcome.model is not model:
+        _drop_identity_calls(outcome.model)
     return outcome
 
 

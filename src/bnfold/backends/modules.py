@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 
 from .. import affine
 from ..core.apply import LayerTensors, Statistics
+from ..core.arithmetic import linear_combination
 from ..core.graph import (
     BATCH_STATISTICS,
     CONSTANT,
@@ -179,11 +180,11 @@ def _function_facts(site: Site) -> OpFacts:
 
 
 def _arithmetic_facts(site: Site, kind: str, name: str) -> OpFacts:
-    """``add`` / ``sub`` / ``mul`` with their operands in call order (:class:`~bnfold.core.graph.Operand`): a tensor
-    the model computes is its position among the site's inputs (torch.fx lists a tensor read twice once), a
-    parameter or buffer read is a constant by name and shape (:func:`constant_shapes` fills the shape in), a plain
-    number is a number. ``rsub`` is written as the subtraction it computes; ``-x`` as ``x * -1``. Anything else
-    among the operands (a list, None) makes it an ``other`` op."""
+    """``add`` / ``sub`` / ``mul`` / ``div`` with their operands in call order (:class:`~bnfold.core.graph.Operand`):
+    a tensor the model reads is its position among the site's inputs (torch.fx lists a tensor read twice once), a
+    plain number is a number; :meth:`_Translator.with_constants` adds what the dataflow knows of them and lets the
+    core decide. ``rsub`` is written as the subtraction it computes; ``-x`` as ``x * -1``. Anything else among the
+    operands (a list, None) makes it an ``other`` op."""
     if name.lstrip("_").startswith("neg"):
         values: list[Any] = [_argument(site, 0, "input", None), -1]
     else:
@@ -199,10 +200,7 @@ def _arithmetic_facts(site: Site, kind: str, name: str) -> OpFacts:
         else:
             return OpFacts("other")
     alpha = _argument(site, 2, "alpha", 1) if kind == "sub" else site.kwargs.get("alpha", 1)
-    scalars = tuple(o.number for o in operands if o.number is not None)
-    if kind in ("mul", "div"):
-        return OpFacts(kind, {"operands": tuple(operands)})
-    return OpFacts(kind, {"alpha": alpha, "scalars": scalars, "operands": tuple(operands)})
+    return OpFacts(kind, {"alpha": alpha, "operands": tuple(operands)})
 
 
 _KIND_OF_TYPE: dict[type, str] = {}  # _MODULE_KINDS resolved once per module class
@@ -506,8 +504,17 @@ class _Translator:
         except (AttributeError, TypeError):
             return None
 
+    def all_zero(self, name: str) -> bool:
+        """Whether every value of the parameter or buffer ``name`` is 0 (False when it cannot be read)."""
+        try:
+            return not bool(torch.any(read_constant(self.model, name)))
+        except (AttributeError, TypeError, RuntimeError):
+            return False
+
     def with_constants(self, facts: OpFacts, site: Site) -> OpFacts:
-        """Arithmetic facts whose operands read a parameter or buffer name it as a constant, with its shape."""
+        """Arithmetic facts with what the dataflow knows of their operands (a parameter or buffer read is a constant
+        by name, with its shape and whether it is all zeros; a computed tensor has its shape, where recorded), as the
+        core decides them (:func:`~bnfold.core.arithmetic.linear_combination`)."""
         operands = facts.attributes.get("operands")
         if operands is None:
             return facts
@@ -516,9 +523,12 @@ class _Translator:
             source = self.flow.sites[site.inputs[operand.input]] if operand.input is not None else None
             if source is not None and source.kind == "param":
                 shape = source.shape or self.constant_shape(source.name)
-                operand = Operand(input=operand.input, constant=source.name, shape=shape)
+                zero = facts.kind in ("add", "sub") and self.all_zero(source.name)
+                operand = Operand(input=operand.input, constant=source.name, shape=shape, zero=zero)
+            elif source is not None:
+                operand = Operand(input=operand.input, shape=source.shape)
             named.append(operand)
-        return OpFacts(facts.kind, {**facts.attributes, "operands": tuple(named)})
+        return linear_combination(facts.kind, named, alpha=facts.attributes.get("alpha", 1), shape=site.shape)
 
     def overwritable(self, site: Site, graph: Graph) -> bool:
         """Whether the tensor an in-place addition, subtraction or product (``x += y``, ``x.add_(y)``, ``x -= y``,

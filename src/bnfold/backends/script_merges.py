@@ -12,30 +12,24 @@ products, the other branches' layer and norm nodes and the identities between th
 constants nobody reads any more (a layer scale) go with dead-code elimination. The result is still a frozen
 ``ScriptModule`` that ``torch.jit.save`` writes and ``torch.jit.load`` reads back.
 
-As for the other formats, a round of merges can make new folds possible (RepViT's ``BN(conv3x3(x) + conv1x1(x) +
-x)``: once the sum is one convolution, the norm after it folds forward) and new folds new merges, so
-:func:`merge_rounds` alternates until nothing changes.
-
-This module knows nothing of how the graph was translated: the adapter hands it each round's translation
-(:class:`ScriptBlocks`) and folds between rounds itself (it imports this module, not the other way round).
+The rounds of merges and folds are the core's (:mod:`bnfold.core.merge_rounds`); :class:`ScriptMerges` is the
+frozen graph's side of them. This module knows nothing of how the graph was translated: the adapter hands it each
+round's translation (:class:`ScriptBlocks`) and folds between rounds itself (it imports this module, not the other
+way round).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..core.apply import MergeOverflow, WeightAccess, merge_one
+from ..core.apply import WeightAccess
 from ..core.graph import CONSTANT, OP, Graph
-from ..core.merge import Merge, MergeRefusal, plan_merges
-from ..report import FOLDED, MergeEntry, NormEntry, record_merges
-
-MAX_ROUNDS = 4
-"""Merges and folds alternate at most this often (see :mod:`bnfold.backends.module_merges`)."""
+from ..core.merge import Merge
+from ..report import FOLDED, NormEntry
 
 
 @dataclass
@@ -59,27 +53,6 @@ class ScriptBlocks:
     name: Callable[[Any], str]
     value_nodes: dict[int, list[int]] = field(default_factory=dict)
     parameters: frozenset[str] = frozenset()
-
-
-@dataclass
-class FoldRound:
-    """What the adapter's fold between two rounds did: the report entries of the norms it folded (or left because
-    the fold would overflow), and the parameter and buffer elements the folds removed (net of biases added)."""
-
-    entries: dict[str, NormEntry] = field(default_factory=dict)
-    parameters_removed: int = 0
-    buffers_removed: int = 0
-
-
-@dataclass
-class ScriptMergeOutcome:
-    """What :func:`merge_rounds` did to the graph it was handed."""
-
-    entries: list[MergeEntry] = field(default_factory=list)
-    absorbed_norms: dict[str, str] = field(default_factory=dict)  # identity-branch norm -> the layer it went into
-    folded_norms: dict[str, NormEntry] = field(default_factory=dict)  # norms the folds between rounds decided
-    parameters_removed: int = 0
-    buffers_removed: int = 0
 
 
 def _computed_nodes(merge: Merge, graph: Graph) -> list[int]:
@@ -178,87 +151,63 @@ def _rewrite(merge: Merge, blocks: ScriptBlocks, into: Any, kept: list[tuple[Any
         blocks.node_of[index].destroy()
 
 
-@dataclass
-class ScriptMergeRound:
-    """One round of :func:`merge_once`: the merges made and the blocks left (both named by their sum's JIT node),
-    per merge the names of the terms a split kept, the parameter and buffer elements the merges removed, and
-    whether a split left terms another round may merge."""
-
-    merges: list[Merge] = field(default_factory=list)
-    kept: list[tuple[str, ...]] = field(default_factory=list)
-    refusals: list[MergeRefusal] = field(default_factory=list)
-    parameters_removed: int = 0
-    buffers_removed: int = 0
-    again: bool = False
-
-
-def merge_once(blocks: ScriptBlocks, jit_graph: Any) -> ScriptMergeRound:
-    """One round on ``jit_graph`` (the frozen graph ``blocks`` translates, owned by the caller): plan (sums split
-    where their terms read different tensors), compute, rewrite in place."""
-    graph, node_of = blocks.graph, blocks.node_of
-
-    def name_of(index: int) -> str:
-        if index in node_of and graph.nodes[index].kind == OP:
-            return blocks.name(node_of[index])
-        return graph.nodes[index].label
-
-    plan = plan_merges(graph, split_sums=True)
-    done = ScriptMergeRound(refusals=[dataclasses.replace(r, block=name_of(r.root)) for r in plan.refusals],
-                            again=plan.again)
-    # found and named before any rewrite: a kept term may be the sum of a block merged earlier in the round
-    kept_inputs = {merge.root: _kept_inputs(merge, blocks) for merge in plan.merges}
-    kept_names = {merge.root: tuple(name_of(index) for index in merge.kept) for merge in plan.merges}
-    for merge in plan.merges:
-        blocked = _read_elsewhere(merge, graph, node_of)
-        kept = kept_inputs[merge.root]
-        if blocked is None and kept is None:
-            blocked = "bnfold cannot tell which values of the TorchScript graph the terms left after the merge are"
-        sizes = (0, 0)
-        if blocked is None:
-            sizes = _sizes_removed(merge, blocks.access, blocks.parameters)
-            try:
-                merge_one(merge, blocks.access)
-            except MergeOverflow as overflow:
-                blocked = str(overflow)
-        if blocked is not None:
-            done.refusals.append(MergeRefusal(name_of(merge.root), merge.root, blocked))
-            continue
-        assert kept is not None
-        done.merges.append(dataclasses.replace(merge, block=name_of(merge.root)))
-        done.kept.append(kept_names[merge.root])
-        _rewrite(merge, blocks, node_of[graph.units[merge.into].calls[0]], kept, jit_graph)
-        done.parameters_removed += sizes[0]
-        done.buffers_removed += sizes[1]
-    if done.merges:
-        torch._C._jit_pass_dce(jit_graph)
-        torch._C._jit_pass_constant_pooling(jit_graph)
-    return done
-
-
-def merge_rounds(
-    jit_graph: Any, translate: Callable[[], ScriptBlocks], fold_again: Callable[[], FoldRound]
-) -> ScriptMergeOutcome:
-    """Merge the summed branches of ``jit_graph`` (a frozen graph, folded already, owned by the caller), fold what
-    that made foldable, and repeat while anything changes.
+class ScriptMerges:
+    """A frozen JIT graph as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`), rewritten in place.
 
     ``translate()`` translates the graph as it is now; ``fold_again()`` plans and applies the folds of the graph as
-    it is now and says what it did.
+    it is now and says what it did (``entries``: the report entries of the norms it folded or left because the fold
+    would overflow; ``parameters_removed`` / ``buffers_removed``: the elements the folds removed, net of biases
+    added). What the merges and the folds between them removed is added up here, with the norms the folds decided.
     """
-    outcome = ScriptMergeOutcome()
-    left: list[MergeEntry] = []
-    for _ in range(MAX_ROUNDS):
-        done = merge_once(translate(), jit_graph)
-        outcome.parameters_removed += done.parameters_removed
-        outcome.buffers_removed += done.buffers_removed
-        left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
-                             outcome.absorbed_norms)
-        if not done.merges:
-            break
-        folds = fold_again()
-        outcome.folded_norms.update(folds.entries)
-        outcome.parameters_removed += folds.parameters_removed
-        outcome.buffers_removed += folds.buffers_removed
-        if not any(entry.status == FOLDED for entry in folds.entries.values()) and not done.again:
-            break  # nothing new to fold or to merge: another round would find the same blocks left
-    outcome.entries.extend(left)
-    return outcome
+
+    def __init__(self, jit_graph: Any, translate: Callable[[], ScriptBlocks], fold_again: Callable[[], Any]) -> None:
+        self.model = jit_graph
+        self._translate, self._fold_again = translate, fold_again
+        self.folded_norms: dict[str, NormEntry] = {}
+        self.parameters_removed = self.buffers_removed = 0
+
+    def translate(self) -> Graph:
+        self.blocks = self._translate()
+        self.access = self.blocks.access
+        return self.blocks.graph
+
+    def start(self, merges: list[Merge]) -> None:
+        # found and named before any rewrite: a kept term may be the sum of a block merged earlier in the round
+        self.kept_inputs = {merge.root: _kept_inputs(merge, self.blocks) for merge in merges}
+        self.kept_names = {merge.root: tuple(self.name(index) for index in merge.kept) for merge in merges}
+        self.sizes: dict[int, tuple[int, int]] = {}
+
+    def name(self, index: int) -> str:
+        node_of, graph = self.blocks.node_of, self.blocks.graph
+        if index in node_of and graph.nodes[index].kind == OP:
+            return self.blocks.name(node_of[index])
+        return graph.nodes[index].label
+
+    def blocked(self, merge: Merge) -> str | None:
+        blocked = _read_elsewhere(merge, self.blocks.graph, self.blocks.node_of)
+        if blocked is None and self.kept_inputs[merge.root] is None:
+            blocked = "bnfold cannot tell which values of the TorchScript graph the terms left after the merge are"
+        if blocked is None:  # read before the merge writes
+            self.sizes[merge.root] = _sizes_removed(merge, self.access, self.blocks.parameters)
+        return blocked
+
+    def rewrite(self, merge: Merge) -> tuple[str, ...]:
+        kept = self.kept_inputs[merge.root]
+        assert kept is not None  # checked by blocked()
+        into = self.blocks.node_of[self.blocks.graph.units[merge.into].calls[0]]
+        _rewrite(merge, self.blocks, into, kept, self.model)
+        parameters, buffers = self.sizes[merge.root]
+        self.parameters_removed += parameters
+        self.buffers_removed += buffers
+        return self.kept_names[merge.root]
+
+    def commit(self) -> None:
+        torch._C._jit_pass_dce(self.model)
+        torch._C._jit_pass_constant_pooling(self.model)
+
+    def fold_again(self) -> bool:
+        folds = self._fold_again()
+        self.folded_norms.update({entry.name: entry for entry in folds.entries})
+        self.parameters_removed += folds.parameters_removed
+        self.buffers_removed += folds.buffers_removed
+        return any(entry.status == FOLDED for entry in folds.entries)

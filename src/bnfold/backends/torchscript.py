@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from ..core.apply import LayerTensors, Statistics, apply_plan, check_statistics
+from ..core.arithmetic import linear_combination
 from ..core.graph import (
     BATCH_STATISTICS,
     CONSTANT,
@@ -67,12 +68,13 @@ from ..core.graph import (
     OpFacts,
     same_padding,
 )
+from ..core.merge_rounds import merge_rounds
 from ..core.plan import FoldPlan, make_plan
 from ..errors import InvalidInputError, TrainingModeError
 from ..report import FOLDED, LEFT, FoldReport, NormEntry
 from .capture import as_input_tuple
 from .modules import TorchNumerics
-from .script_merges import FoldRound, ScriptBlocks, merge_rounds
+from .script_merges import ScriptBlocks, ScriptMerges
 
 CAPTURE = "torchscript graph"
 
@@ -207,24 +209,22 @@ def _computed(value: Any) -> bool:
 
 
 def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
-    """``aten::add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` (and their in-place forms) as the core's ``add`` /
-    ``sub`` / ``mul``, with their operands in the order the op computes them (:class:`~bnfold.core.graph.Operand`;
-    the same facts the module and ONNX adapters give).
+    """``aten::add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` / ``div`` (and their in-place forms) in the core's terms
+    (the core decides: :func:`~bnfold.core.arithmetic.linear_combination`), with their operands in the order the op
+    computes them (:class:`~bnfold.core.graph.Operand`):
 
     * a tensor the graph computes is its position among the core node's inputs (the computed tensor inputs of the
-      JIT node, in argument order, as the translator reads them); a tensor read twice (``y + y``) is two inputs;
+      JIT node, in argument order, as the translator reads them), with its shape; a tensor read twice (``y + y``)
+      is two inputs;
     * a number, or a 0-d constant tensor (what tracing makes of ``x * 0.5``), is its number;
     * a constant tensor (a frozen parameter: a layer scale ``gamma`` of shape ``(C, 1, 1)``) is named by its JIT
-      value, ``%name``, with its shape (:meth:`ScriptWeights.constant` reads it); one of value 0 added or
-      subtracted counts as the number 0.
+      value, ``%name``, with its shape and whether it is all zeros (:meth:`ScriptWeights.constant` reads it).
 
     ``rsub(self, other, alpha)`` is written as the subtraction it computes, ``other - alpha * self``; ``neg(x)`` as
-    ``x * -1``. Anything the merge planner could not rewrite is ``"other"``: an operand that is neither (a list, a
-    number computed in the graph), a non-constant ``alpha``, computed tensors of different shapes or a constant
-    that broadcasts the result to a larger shape (where shapes are known: a broadcast is no branch sum; an added
-    constant of unknown effect on the shape too), a complex or boolean constant. The in-place forms also write into
-    their first operand: they are arithmetic only when it is a fresh tensor nobody else reads
-    (:func:`_private_result`), so that computing the result elsewhere changes no other reader's value.
+    ``x * -1``. ``other`` where an operand is neither (a list, a number computed in the graph), or a complex or
+    boolean constant. The in-place forms also write into their first operand: they are arithmetic only when it is a
+    fresh tensor nobody else reads (:func:`_private_result`), so that computing the result elsewhere changes no
+    other reader's value.
     """
     name = node.kind()
     kind = _OP_KINDS[name]
@@ -243,15 +243,9 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
         values = inputs[:2] if name != "aten::rsub" else [inputs[1], inputs[0]]
         if kind not in ("mul", "div"):
             alpha = _constant(inputs[2])
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-                return OpFacts("other")
     if name in _IN_PLACE_ARITHMETIC and not _private_result(inputs[0], node):
         return OpFacts("other")
     computed = [value for value in inputs if _computed(value)]
-    shapes = {shape_of(value) for value in computed}
-    if len(shapes - {None}) > 1:
-        return OpFacts("other")
-    shape = None if None in shapes or not shapes else next(iter(shapes))
     operands: list[Operand] = []
     for value in values:
         if isinstance(value, float):
@@ -263,7 +257,8 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
                 return OpFacts("other")
             taken = {o.input for o in operands}  # ``y + y``: the second operand is the second input
             operands.append(Operand(input=next(i for i, v in enumerate(computed)
-                                               if v.unique() == value.unique() and i not in taken)))
+                                               if v.unique() == value.unique() and i not in taken),
+                                    shape=shape_of(value)))
         elif isinstance(constant, (int, float)) and not isinstance(constant, bool):
             operands.append(Operand(number=float(constant)))
         elif isinstance(constant, torch.Tensor):
@@ -272,20 +267,11 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
             if constant.dim() == 0:
                 operands.append(Operand(number=float(constant)))
                 continue
-            if shape is None and kind not in ("mul", "div"):
-                return OpFacts("other")
-            if shape is not None and tuple(torch.broadcast_shapes(shape, constant.shape)) != shape:
-                return OpFacts("other")
-            if kind != "mul" and not bool(torch.any(constant)):
-                operands.append(Operand(number=0.0))
-            else:
-                operands.append(Operand(constant=f"%{value.debugName()}", shape=tuple(constant.shape)))
+            operands.append(Operand(constant=f"%{value.debugName()}", shape=tuple(constant.shape),
+                                    zero=not bool(torch.any(constant))))
         else:
             return OpFacts("other")
-    if kind in ("mul", "div"):
-        return OpFacts(kind, {"operands": tuple(operands)})
-    scalars = tuple(o.number for o in operands if o.number is not None)
-    return OpFacts(kind, {"alpha": alpha, "scalars": scalars, "operands": tuple(operands)})
+    return linear_combination(kind, operands, alpha=alpha, shape=shape_of(node.output()))
 
 
 def _private_result(value: Any, writer: Any) -> bool:
@@ -855,17 +841,17 @@ def _merge(
         return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes,
                             parameters)
 
-    def fold_again() -> FoldRound:
+    def fold_again() -> _Folded:
         planned = _planned(frozen, inputs, names)
-        folded = _folded(planned, _apply(planned))
-        return FoldRound({e.name: e for e in folded.entries}, folded.parameters_removed, folded.buffers_removed)
+        return _folded(planned, _apply(planned))
 
+    merges = ScriptMerges(frozen.graph, translate, fold_again)
     with torch.no_grad(), torch.inference_mode(False):  # new constants must be usable outside inference mode
-        outcome = merge_rounds(frozen.graph, translate, fold_again)
-    report.absorb_merged_norms(outcome.absorbed_norms, outcome.folded_norms)
+        outcome = merge_rounds(merges)
+    report.absorb_merged_norms(outcome.absorbed_norms, merges.folded_norms)
     report.merges = outcome.entries
-    report.parameters_after -= outcome.parameters_removed
-    report.buffers_after -= outcome.buffers_removed
+    report.parameters_after -= merges.parameters_removed
+    report.buffers_after -= merges.buffers_removed
 
 
 def plan_script(

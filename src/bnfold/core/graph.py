@@ -227,13 +227,17 @@ class Operand:
         input: the operand is the tensor of ``node.inputs[input]``.
         number: the operand is a plain number.
         constant: the operand is a stored tensor the model never changes (a parameter or buffer, an ONNX
-            initializer), named as the format's weight access reads it (``constant(name)``); ``shape`` is its shape.
+            initializer), named as the format's weight access reads it (``constant(name)``).
+        shape: the constant's shape; what an adapter states of a computed operand's shape, where it knows it, for
+            :func:`bnfold.core.arithmetic.linear_combination` (which decides and drops it).
+        zero: the constant's every value is 0 (stated by the adapter; the core decides whether it is the number 0).
     """
 
     input: int | None = None
     number: float | None = None
     constant: str | None = None
     shape: tuple[int, ...] | None = None
+    zero: bool = False
 
 
 OP_KINDS = frozenset({

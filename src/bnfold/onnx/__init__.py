@@ -207,16 +207,18 @@ def fold(
 
 def _merge(folded: onnx.ModelProto, name: str, report: FoldReport) -> onnx.ModelProto:
     """Merge the branches of ``folded`` (owned here), folding what each round makes foldable; update ``report``."""
-    from .merges import merge_rounds
+    from ..core.merge_rounds import merge_rounds
+    from .merges import OnnxMerges
 
     def fold_again(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, NormEntry]]:
         again, again_report = fold_graph(model, name, applied=True, copy=False)
         return again, {entry.name: entry for entry in again_report.folded}
 
-    outcome = merge_rounds(folded, fold_again)
-    report.absorb_merged_norms(outcome.absorbed_norms, outcome.folded_norms)
+    merges = OnnxMerges(folded, fold_again)
+    outcome = merge_rounds(merges)
+    report.absorb_merged_norms(outcome.absorbed_norms, merges.folded_norms)
     report.merges = outcome.entries
-    report.notes.extend(n for n in outcome.notes if n not in report.notes)
+    report.notes.extend(n for n in merges.notes if n not in report.notes)
     report.parameters_after = float_parameter_count(outcome.model.graph)
     return outcome.model
 

@@ -35,6 +35,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..core.apply import LayerTensors, Statistics, apply_plan, check_statistics
+from ..core.arithmetic import linear_combination
 from ..core.graph import (
     BATCH_STATISTICS,
     INPUT,
@@ -511,40 +512,34 @@ ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul", "Div": "di
 """ONNX ops read as arithmetic, and their core kinds (``Neg`` is ``x * -1``)."""
 
 
-def arithmetic_facts(node: onnx.NodeProto, tensors: Tensors, node_of: dict[str, int]) -> OpFacts | None:
-    """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` / ``Div`` in the core's terms, with its operands in order
-    (:class:`~bnfold.core.graph.Operand`): a tensor computed from the inputs is its position among the core node's
-    inputs (the non-constant inputs, in order), a constant of value 0 added or subtracted is the number 0, any
-    other constant is named with its shape (a layer scale ``gamma`` of shape ``(C, 1, 1)``), a 0-d constant
-    multiplied or divided by is its number. None when an operand cannot be read (a shape computation, a constant
-    bnfold cannot evaluate): the op then stays ``other``."""
+def arithmetic_facts(node: onnx.NodeProto, tensors: Tensors, node_of: dict[str, int],
+                     shapes: dict[str, tuple[int, ...]]) -> OpFacts | None:
+    """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` / ``Div`` in the core's terms (the core decides:
+    :func:`~bnfold.core.arithmetic.linear_combination`), with its operands in order: a tensor computed from the
+    inputs is its position among the core node's inputs (the non-constant inputs, in order), a 0-d constant
+    multiplied or divided by is its number, any other constant is named with its shape (a layer scale ``gamma`` of
+    shape ``(C, 1, 1)``) and whether it is all zeros. None when an operand cannot be read (a shape computation, a
+    constant bnfold cannot evaluate): the op then stays ``other``."""
     kind = ARITHMETIC[node.op_type]
     operands: list[Operand] = []
-    scalars: list[object] = []
     position = 0
     for name in node.input:
         if not tensors.is_static(name):
             if name not in node_of:
                 return None
-            operands.append(Operand(input=position))
+            operands.append(Operand(input=position, shape=shapes.get(name)))
             position += 1
             continue
         value = tensors.value(name)
         if value is None or value.dtype.kind not in "fiu":
             return None
-        if kind in ("add", "sub") and not np.any(value):
-            operands.append(Operand(number=0.0))
-            scalars.append(0)
-        elif kind in ("mul", "div") and value.ndim == 0:
+        if kind in ("mul", "div") and value.ndim == 0:
             operands.append(Operand(number=float(value)))
         else:
-            operands.append(Operand(constant=name, shape=tuple(int(n) for n in value.shape)))
-            scalars.append(f"'{name}'")
+            operands.append(Operand(constant=name, shape=tuple(int(n) for n in value.shape), zero=not np.any(value)))
     if node.op_type == "Neg":
         operands.append(Operand(number=-1.0))
-    if kind in ("mul", "div"):
-        return OpFacts(kind, {"operands": tuple(operands)})
-    return OpFacts(kind, {"alpha": 1, "scalars": tuple(scalars), "operands": tuple(operands)})
+    return linear_combination(kind, operands, shape=shapes.get(node.output[0]) if node.output else None)
 
 
 def _fixed(kind: str) -> Callable[[OpContext], OpFacts]:
@@ -812,7 +807,7 @@ class _Translator:
         facts_of = OPS.get(op)
         facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
         if op in ARITHMETIC and not outside:
-            facts = arithmetic_facts(node, self.tensors, self.node_of) or OTHER
+            facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
         if facts.kind in ("concat", "other", "add", "sub", "mul", "div"):
             inputs = self.activation_inputs(list(node.input) + outside)
         else:

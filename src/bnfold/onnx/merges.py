@@ -1,46 +1,31 @@
 """Branch merges in ONNX files: the core's :class:`~bnfold.core.merge.MergePlan` written into an ONNX graph.
 
 The adapter (:mod:`bnfold.onnx.adapter`) translates the graph for folding; this module adds what merging needs on
-top of that translation (whose facts hold each ``Conv``'s geometry), the geometry of each ``Gemm`` with ``transB=1`` (a
-fully connected layer), and the ``Add`` nodes as the core's ``add`` kind, then lets the core plan and compute (the same
-:func:`~bnfold.core.merge.plan_merges` and :func:`~bnfold.core.apply.merge_one` as for an ``nn.Module``), and
-rewrites the graph: the merged ``Conv`` takes the sum's output name, the additions, the other branches' Conv and
-BatchNormalization nodes and the identities between are removed, and initializers nobody reads any more are
-dropped. Works without torch, like the rest of the ONNX backend.
+top of that translation (whose facts hold each ``Conv``'s geometry): the geometry of each ``Gemm`` with ``transB=1`` (a
+fully connected layer); the core's rounds (:mod:`bnfold.core.merge_rounds`) plan and compute, and
+:class:`OnnxMerges` rewrites the graph: the merged ``Conv`` takes the sum's output name, the additions, the other
+branches' Conv and BatchNormalization nodes and the identities between are removed, and initializers nobody reads
+any more are dropped. Works without torch, like the rest of the ONNX backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import onnx
 from onnx import helper
 
-from ..core.apply import MergeOverflow, merge_one
-from ..core.graph import LAYER, NORM, OP, Geometry, Graph, OpFacts
-from ..core.merge import Merge, MergeRefusal, plan_merges
-from ..report import MergeEntry, NormEntry, record_merges
-from .adapter import ONNX_DOMAINS, OnnxWeights, Translation, _label, attribute, display_name, to_graph
-from .adapter import arithmetic_facts as adapter_arithmetic_facts
-
-MAX_ROUNDS = 4
-"""Merges and folds alternate at most this often (see :mod:`bnfold.backends.module_merges`)."""
-
-
-_ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul"}
-"""ONNX ops the merge planner reads as linear combinations, and their core kinds (``Neg`` is ``x * -1``)."""
-
-
-def arithmetic_facts(node: onnx.NodeProto, translation: Translation) -> OpFacts | None:
-    """An ``Add`` / ``Sub`` / ``Mul`` / ``Neg`` in the core's terms (:func:`bnfold.onnx.adapter.arithmetic_facts`)."""
-    return adapter_arithmetic_facts(node, translation.tensors, translation.node_of)
+from ..core.graph import LAYER, NORM, OP, Geometry, Graph
+from ..core.merge import Merge
+from ..report import NormEntry
+from .adapter import OnnxWeights, Translation, _label, attribute, display_name, to_graph
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
     """Give the translated graph what merging needs, in place: each Gemm's geometry (none for a layer whose bias is
-    a separate Add), each Add / Sub / Mul / Neg its kind and operands (:func:`arithmetic_facts`).
+    a separate Add; the additions, subtractions and products are the core's linear combinations already:
+    :func:`bnfold.onnx.adapter.arithmetic_facts`).
 
     Returns the ONNX node of every core node a merge may remove or rewrite (layers, norms, ops), by core index.
     Ops are found by their label, which names the node; a name two nodes share leaves both as they were.
@@ -67,8 +52,6 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
             if len(found) != 1:
                 continue
             nodes[core.index] = found[0]
-            if found[0].op_type in _ARITHMETIC and found[0].domain in ONNX_DOMAINS:
-                core.op = arithmetic_facts(found[0], translation) or core.op
     return nodes
 
 
@@ -140,87 +123,49 @@ def _apply_rewrite(access: OnnxWeights, merge: Merge, nodes: dict[int, onnx.Node
     tensors.nodes[at:at] = added  # where the root was: after every term it read
 
 
-@dataclass
-class OnnxMergeRound:
-    """One round of :func:`merge_once`: the merges made (named by their sum's node), the labels of each one's kept
-    terms, the blocks left, notes, and whether a split left terms another round may merge."""
+class OnnxMerges:
+    """An ONNX model as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`): ``model`` (a copy the
+    caller owns, folded already) is rewritten in place; ``fold_again(model)`` returns the folded model and the report
+    entries of the norms it folded, gathered in ``folded_norms``; ``notes`` gathers what the writes noted."""
 
-    merges: list[Merge] = field(default_factory=list)
-    kept: list[tuple[str, ...]] = field(default_factory=list)
-    refusals: list[MergeRefusal] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    again: bool = False
+    def __init__(self, model: onnx.ModelProto,
+                 fold_again: Callable[[onnx.ModelProto], tuple[onnx.ModelProto, dict[str, NormEntry]]]) -> None:
+        self.model = model
+        self._fold_again = fold_again
+        self.folded_norms: dict[str, NormEntry] = {}
+        self.notes: list[str] = []
 
+    def translate(self) -> Graph:
+        self.translation = to_graph(self.model)
+        self.nodes = annotate(self.model, self.translation)
+        self.access = OnnxWeights(self.model, self.translation)
+        return self.translation.graph
 
-def merge_once(model: onnx.ModelProto) -> OnnxMergeRound:
-    """One round on ``model`` (a copy the caller owns, folded already): plan, compute, rewrite in place."""
-    translation = to_graph(model)
-    nodes = annotate(model, translation)
-    plan = plan_merges(translation.graph, split_sums=True)
-    graph = translation.graph
+    def start(self, merges: list[Merge]) -> None:
+        pass
 
-    def name_of(index: int) -> str:
-        return graph.nodes[index].label
+    def name(self, index: int) -> str:
+        return self.translation.graph.nodes[index].label
 
-    done = OnnxMergeRound(refusals=[dataclasses.replace(r, block=name_of(r.root)) for r in plan.refusals],
-                          again=plan.again)
-    refusals = done.refusals
-    access = OnnxWeights(model, translation)
-    for merge in plan.merges:
-        if merge.into not in translation.layers:
-            refusals.append(MergeRefusal(name_of(merge.root), merge.root, f"'{merge.into}' is not a Conv"))
-            continue
-        blocked = _rewrite(model, access, merge, graph, nodes)
-        kept = _kept_tensors(merge, translation, nodes) if merge.kept else []
-        if blocked is None and kept is None:
-            blocked = "bnfold cannot tell which tensors the terms left after the merge are"
-        if blocked is None:
-            try:
-                merge_one(merge, access)
-            except MergeOverflow as overflow:
-                blocked = str(overflow)
-        if blocked is not None:
-            refusals.append(MergeRefusal(name_of(merge.root), merge.root, blocked))
-            continue
-        assert kept is not None
-        _apply_rewrite(access, merge, nodes, kept)
-        done.merges.append(dataclasses.replace(merge, block=name_of(merge.root)))
-        done.kept.append(tuple(name_of(index) for index in merge.kept))
-    if done.merges:
-        access.finish()
-    done.notes = list(dict.fromkeys(access.notes))
-    return done
+    def blocked(self, merge: Merge) -> str | None:
+        if merge.into not in self.translation.layers:
+            return f"'{merge.into}' is not a Conv"
+        blocked = _rewrite(self.model, self.access, merge, self.translation.graph, self.nodes)
+        self.kept = _kept_tensors(merge, self.translation, self.nodes) if merge.kept else []
+        if blocked is None and self.kept is None:
+            return "bnfold cannot tell which tensors the terms left after the merge are"
+        return blocked
 
+    def rewrite(self, merge: Merge) -> tuple[str, ...]:
+        assert self.kept is not None  # checked by blocked()
+        _apply_rewrite(self.access, merge, self.nodes, self.kept)
+        return tuple(self.name(index) for index in merge.kept)
 
-@dataclass
-class OnnxMergeOutcome:
-    """What :func:`merge_rounds` did to the model it was handed."""
+    def commit(self) -> None:
+        self.access.finish()
+        self.notes.extend(dict.fromkeys(self.access.notes))
 
-    model: onnx.ModelProto
-    entries: list[MergeEntry] = field(default_factory=list)
-    absorbed_norms: dict[str, str] = field(default_factory=dict)
-    folded_norms: dict[str, NormEntry] = field(default_factory=dict)  # folded in a later round
-    notes: list[str] = field(default_factory=list)
-
-
-def merge_rounds(model: onnx.ModelProto,
-                 fold_again: Callable[[onnx.ModelProto], tuple[onnx.ModelProto, dict[str, NormEntry]]]
-                 ) -> OnnxMergeOutcome:
-    """Merge the summed branches of ``model`` (folded, owned by the caller), fold what that made foldable
-    (``fold_again(model)`` returns the folded model and the report entries of the norms it folded), and repeat while
-    anything changes."""
-    outcome = OnnxMergeOutcome(model)
-    left: list[MergeEntry] = []
-    for _ in range(MAX_ROUNDS):
-        done = merge_once(outcome.model)
-        outcome.notes.extend(done.notes)
-        left = record_merges(zip(done.merges, done.kept, strict=True), done.refusals, outcome.entries,
-                             outcome.absorbed_norms)
-        if not done.merges:
-            break
-        outcome.model, folds = fold_again(outcome.model)
-        outcome.folded_norms.update(folds)
-        if not folds and not done.again:
-            break
-    outcome.entries.extend(left)
-    return outcome
+    def fold_again(self) -> bool:
+        self.model, folds = self._fold_again(self.model)
+        self.folded_norms.update(folds)
+        return bool(folds)

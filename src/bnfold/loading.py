@@ -19,6 +19,7 @@ from __future__ import annotations
 import pickle
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,32 @@ def needs_torch(path: Path, kind: str) -> None:
         raise InvalidInputError(
             f"{path} is a PyTorch file ({kind}), which needs PyTorch, not installed here: pip install 'bnfold[torch]'"
         ) from error
+
+
+def onnx_graph(path: Path) -> Any:
+    """The graph of an ONNX file without its weights (its inputs and outputs), cheap for a large model."""
+    import onnx
+
+    return onnx.load_model(str(path), load_external_data=False)
+
+
+_READERS: dict[str, Callable[[Path, bool], Any]] = {
+    ONNX: lambda path, trust_pickle: path,  # bnfold.onnx reads it itself, external data and all
+    TORCHSCRIPT: lambda path, trust_pickle: load_torchscript(path),
+    EXPORTED: load_exported,
+    TORCH_FILE: torch_load,
+    SAFETENSORS: lambda path, trust_pickle: load_safetensors(path),
+}
+
+
+def read(path: Path, kind: str, trust_pickle: bool) -> Any:
+    """What a file of ``kind`` (:func:`sniff`) holds: a model, a state_dict (or a checkpoint around one), or, for
+    an ONNX file, its path (the ONNX backend reads the graph and its external data itself)."""
+    if kind not in _READERS:
+        raise InvalidInputError(
+            f"{path} is not a model file bnfold knows (PyTorch checkpoint, pickled module, TorchScript, .pt2 program, "
+            "safetensors or ONNX); check the path"
+        )
+    if kind != ONNX:
+        needs_torch(path, kind)
+    return _READERS[kind](path, trust_pickle)

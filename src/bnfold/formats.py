@@ -262,8 +262,11 @@ def _onnx_save(model: Any, record: Fold, path: Path | str, force: bool) -> dict[
 
 
 def _onnx_runnable(model_or_path: Any) -> Any:
+    from .onnx import load
     from .onnx.in_torch import OnnxRuntimeModule
 
+    if not is_onnx(model_or_path):
+        load(model_or_path)  # a file that is not a complete ONNX model is bad input, said in one line
     return OnnxRuntimeModule(model_or_path)
 
 
@@ -342,12 +345,11 @@ def save_checked(target: Path, force: bool, what: str, write: Callable[[Path], N
         return judge(written) if judge is not None and written is not None else None
 
 
-def _save(result: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
-    """Write a PyTorch result in its own format (:func:`save_checked`): judged, when the fold was verified, against
-    the original while it is alive and unchanged by the fold, else against the verified result in memory."""
-    backend = backend_for(result)
-    assert backend.write is not None and backend.read is not None  # every PyTorch backend writes
-    target = check_output_path(path, record.sources, force=force)
+def judge_written(backend: Backend, result: Any, record: Fold, what: str, batches: int | None = None
+                  ) -> Callable[[Any], dict[str, Any] | None]:
+    """The check of a written file of ``result`` (the fold's first ``batches`` batches, all by default): judged like
+    the fold, when it was verified, against the original while it is alive and unchanged by the fold, else against
+    the verified result in memory."""
 
     def judge(written: Any) -> dict[str, Any] | None:
         from .verification import judge_fold
@@ -356,13 +358,21 @@ def _save(result: Any, record: Fold, path: Path | str, force: bool) -> dict[str,
             return None
         original = record.original() if record.original is not None else None
         reference = backend.runnable(original if original is not None else result)
-        return judge_fold(reference, written, record.examples, record.tolerance, f"the written {target.name}",
+        return judge_fold(reference, written, record.examples[:batches], record.tolerance, what,
                           record.report.touched() if original is not None else ())
 
-    assert backend.read is not None
-    read = backend.read
-    return save_checked(target, force, f"the folded {backend.kind}", lambda staged_path: backend.write(result, staged_path),
-                        lambda staged_path: backend.runnable(read(staged_path)), judge)
+    return judge
+
+
+def _save(result: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
+    """Write a PyTorch result in its own format, checked (:func:`save_checked`, :func:`judge_written`)."""
+    backend = backend_for(result)
+    assert backend is not None and backend.write is not None and backend.read is not None  # every PyTorch backend
+    write, read = backend.write, backend.read
+    target = check_output_path(path, record.sources, force=force)
+    return save_checked(target, force, f"the folded {backend.kind}", lambda staged_path: write(result, staged_path),
+                        lambda staged_path: backend.runnable(read(staged_path)),
+                        judge_written(backend, result, record, f"the written {target.name}"))
 
 
 BACKENDS = (

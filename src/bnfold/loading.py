@@ -74,12 +74,19 @@ def check_readable(path: Path) -> None:
         raise InvalidInputError(f"{path} is empty; the file was not written completely")
 
 
+_NAMED = {".onnx": ONNX, ".safetensors": SAFETENSORS}
+
+
+def kind_by_name(path: Path) -> str | None:
+    """The format a file's name alone tells (an ONNX or safetensors file), before it is opened; else ``None``."""
+    return _NAMED.get(path.suffix.lower())
+
+
 def sniff(path: Path) -> str:
     """The file's format from its content (the extension can lie): onnx, safetensors, torchscript, exported, torch."""
-    if path.suffix.lower() == ".onnx":
-        return ONNX
-    if path.suffix.lower() == ".safetensors":
-        return SAFETENSORS
+    named = kind_by_name(path)
+    if named is not None:
+        return named
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:

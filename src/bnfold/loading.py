@@ -25,7 +25,6 @@ from typing import Any
 
 from .errors import InvalidInputError
 
-STATE_DICT = "state_dict"
 SAFETENSORS = "safetensors"
 PICKLE = "pickle"
 TORCHSCRIPT = "torchscript"
@@ -175,17 +174,6 @@ def load_exported(path: Path, trust_pickle: bool) -> Any:
     from .backends.pt2_safety import load_exported as safe_load
 
     return safe_load(path, trust_pickle=trust_pickle)
-
-
-def load_onnx(path: Path) -> Any:
-    """The ``onnx.ModelProto`` of an ONNX file (external data included), without PyTorch."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError as error:
-        raise InvalidInputError(f"{path}: ONNX files need the onnx package: pip install 'bnfold[onnx]'") from error
-    from . import onnx as onnx_backend
-
-    return onnx_backend.load(path)
 
 
 def needs_torch(path: Path, kind: str) -> None:

@@ -259,4 +259,5 @@ def save(result: Any, path: str | os.PathLike[str], *, force: bool = False) -> d
             without ``force``, or cannot be written.
         VerificationError: the written file does not load back or does not reproduce the outputs (nothing written).
     """
-    return _backend(result).save(result, _record(result), path, force)
+    record = _record(result)
+    return _backend(result).save(result, record, path, force)

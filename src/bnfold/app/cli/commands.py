@@ -114,8 +114,8 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     """``bnfold fold MODEL -o OUT``: fold, verify on example inputs, write OUT atomically, print the report.
 
     OUT is never a file the run reads (:func:`_files_read`), with ``--force`` or not; it is written staged, read
-    back and judged like the fold itself (:func:`bnfold.app.cli.saving.write`), then
-    renamed into place (without ``--force``, a rename that refuses to replace a file another run wrote meanwhile).
+    back and judged like the fold itself (:func:`bnfold.app.cli.saving.write`), then renamed into place (without
+    ``--force``, a rename that refuses to replace a file another run wrote meanwhile).
     """
     output = check_output_path(args.output, _files_read(args), force=args.force)
     loaded = _load(args, args.model, console)
@@ -235,7 +235,8 @@ def bench(args: argparse.Namespace, console: Any) -> int:
     _check_runs(args, loaded, example)
     batch_sizes = tuple(args.batch_sizes)
     loaded.backend.check_batch_sizes(loaded.module, batch_sizes)
-    folded = loaded.backend.runnable(_fold_loaded(args, loaded, [example])[0])
+    with console.status("folding and verifying"):
+        folded = loaded.backend.runnable(_fold_loaded(args, loaded, [example])[0])
     peers = PEERS if args.peers and loaded.backend.only_as is None else ()  # the peers convert an eager nn.Module
     with console.status("timing (interleaved rounds)") as status:
         result = benchmark(

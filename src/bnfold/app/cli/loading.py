@@ -9,10 +9,12 @@ A MODEL argument is one of:
 * a whole pickled ``nn.Module`` (``torch.save(model)``), only with ``--trust-pickle``: unpickling runs code from
   the file, so by default files are read with ``torch.load(weights_only=True)``, which refuses it;
 * a TorchScript archive (``torch.jit.save``);
-* a torch.export program (``torch.export.save``, ``.pt2``), folded by :mod:`bnfold.backends.exported`;
-* an ONNX file (the ONNX backend, :mod:`bnfold.onnx`).
+* a torch.export program (``torch.export.save``, ``.pt2``);
+* an ONNX file.
 
-Every problem is raised as an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix.
+A file is read by :func:`bnfold.loading.read`, as :func:`bnfold.fold` reads a path, and carries the backend of its
+kind (:mod:`bnfold.formats`), which the commands call without asking which it is. Every problem is raised as an
+:class:`~bnfold.errors.InvalidInputError` naming the file and the fix.
 """
 
 from __future__ import annotations

@@ -64,8 +64,11 @@ class Backend:
     runnable: Callable[[Any], Any] = lambda model: model  # what to call on inputs
     only_as: str | None = None  # why it is written in no other format (None: an nn.Module converts to every one)
     needs_torch: bool = True
+    # the command line's one example input: its shape from the one given (checked) or the model's own example
     input_shape: Callable[[Any, tuple[int, ...] | None, str], tuple[int, ...] | None] = lambda model, given, name: given
+    # the only input shape the model runs on (an ONNX graph with every size fixed), the best default for a pair
     fixed_input_shape: Callable[[Any], tuple[int, ...] | None] = lambda model: None
+    # refuse batch sizes the model cannot run (a program exported with a static batch), before timing them
     check_batch_sizes: Callable[[Any, tuple[int, ...]], None] = lambda model, sizes: None
 
 

@@ -499,25 +499,28 @@ def test_a_strict_tolerance_judges_the_fold_and_the_written_file_alike(state_dic
 
 def test_the_written_file_is_held_to_the_given_tolerance(state_dict: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from bnfold.app.cli import commands, main, saving
+    import dataclasses
+
+    import bnfold.verification
+    from bnfold.app.cli import main, saving
 
     calls: list[tuple[float | None, torch.Tensor]] = []
-    judge, serialise = commands._judge, saving.serialise
+    judge, state_dict_format = bnfold.verification.judge_fold, saving.FORMATS["state_dict"]
 
-    def spy(original: Any, candidate: Any, examples: list[torch.Tensor], tolerance: float | None, what: str,
-            report: Any = None) -> dict[str, Any]:
-        calls.append((tolerance, examples[0]))
-        return judge(original, candidate, examples, tolerance, what, report)
+    def spy(original: Any, candidate: Any, examples: list[tuple[torch.Tensor]], tolerance: float | None, what: str,
+            *args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append((tolerance, examples[0][0]))
+        return judge(original, candidate, examples, tolerance, what, *args, **kwargs)
 
-    def drifting(folded: Any, fmt: str, kind: str, example: torch.Tensor) -> bytes:  # a writer off by 1e-3
+    def drifting(folded: Any, path: Path, example: torch.Tensor) -> None:  # a writer off by 1e-3
         state = {k: v.clone() for k, v in folded.state_dict().items()}
         state["fc.bias"] += 1e-3 * state["fc.bias"].abs().max()
         copy = bnfold.fold(torchvision.models.resnet18().eval(), verify=False)
         copy.load_state_dict(state)
-        return serialise(copy, fmt, kind, example)
+        state_dict_format.write(copy, path, example)
 
-    monkeypatch.setattr(commands, "_judge", spy)
-    monkeypatch.setattr(saving, "serialise", drifting)
+    monkeypatch.setattr(bnfold.verification, "judge_fold", spy)
+    monkeypatch.setitem(saving.FORMATS, "state_dict", dataclasses.replace(state_dict_format, write=drifting))
     monkeypatch.chdir(state_dict.parent)
     arguments = ["fold", "r18.pth", "--arch", "resnet18", "-o", "out.pth", *SHAPE]
     assert main([*arguments, "--tolerance", "1e-5"]) == 1  # the fold passes, the file (1e-3 off) does not

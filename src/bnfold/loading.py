@@ -19,12 +19,12 @@ from __future__ import annotations
 import pickle
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError
 
-STATE_DICT = "state_dict"
 SAFETENSORS = "safetensors"
 PICKLE = "pickle"
 TORCHSCRIPT = "torchscript"
@@ -73,12 +73,19 @@ def check_readable(path: Path) -> None:
         raise InvalidInputError(f"{path} is empty; the file was not written completely")
 
 
+_NAMED = {".onnx": ONNX, ".safetensors": SAFETENSORS}
+
+
+def kind_by_name(path: Path) -> str | None:
+    """The format a file's name alone tells (an ONNX or safetensors file), before it is opened; else ``None``."""
+    return _NAMED.get(path.suffix.lower())
+
+
 def sniff(path: Path) -> str:
     """The file's format from its content (the extension can lie): onnx, safetensors, torchscript, exported, torch."""
-    if path.suffix.lower() == ".onnx":
-        return ONNX
-    if path.suffix.lower() == ".safetensors":
-        return SAFETENSORS
+    named = kind_by_name(path)
+    if named is not None:
+        return named
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -169,17 +176,6 @@ def load_exported(path: Path, trust_pickle: bool) -> Any:
     return safe_load(path, trust_pickle=trust_pickle)
 
 
-def load_onnx(path: Path) -> Any:
-    """The ``onnx.ModelProto`` of an ONNX file (external data included), without PyTorch."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError as error:
-        raise InvalidInputError(f"{path}: ONNX files need the onnx package: pip install 'bnfold[onnx]'") from error
-    from . import onnx as onnx_backend
-
-    return onnx_backend.load(path)
-
-
 def needs_torch(path: Path, kind: str) -> None:
     """Raise the install hint for a PyTorch file where PyTorch cannot be imported (ONNX files need no PyTorch)."""
     try:
@@ -190,3 +186,32 @@ def needs_torch(path: Path, kind: str) -> None:
         raise InvalidInputError(
             f"{path} is a PyTorch file ({kind}), which needs PyTorch, not installed here: pip install 'bnfold[torch]'"
         ) from error
+
+
+def onnx_graph(path: Path) -> Any:
+    """The graph of an ONNX file without its weights (its inputs and outputs), cheap for a large model."""
+    import onnx
+
+    return onnx.load_model(str(path), load_external_data=False)
+
+
+_READERS: dict[str, Callable[[Path, bool], Any]] = {
+    ONNX: lambda path, trust_pickle: path,  # bnfold.onnx reads it itself, external data and all
+    TORCHSCRIPT: lambda path, trust_pickle: load_torchscript(path),
+    EXPORTED: load_exported,
+    TORCH_FILE: torch_load,
+    SAFETENSORS: lambda path, trust_pickle: load_safetensors(path),
+}
+
+
+def read(path: Path, kind: str, trust_pickle: bool) -> Any:
+    """What a file of ``kind`` (:func:`sniff`) holds: a model, a state_dict (or a checkpoint around one), or, for
+    an ONNX file, its path (the ONNX backend reads the graph and its external data itself)."""
+    if kind not in _READERS:
+        raise InvalidInputError(
+            f"{path} is not a model file bnfold knows (PyTorch checkpoint, pickled module, TorchScript, .pt2 program, "
+            "safetensors or ONNX); check the path"
+        )
+    if kind != ONNX:
+        needs_torch(path, kind)
+    return _READERS[kind](path, trust_pickle)

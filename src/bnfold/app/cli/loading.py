@@ -9,10 +9,12 @@ A MODEL argument is one of:
 * a whole pickled ``nn.Module`` (``torch.save(model)``), only with ``--trust-pickle``: unpickling runs code from
   the file, so by default files are read with ``torch.load(weights_only=True)``, which refuses it;
 * a TorchScript archive (``torch.jit.save``);
-* a torch.export program (``torch.export.save``, ``.pt2``), folded by :mod:`bnfold.backends.exported`;
-* an ONNX file (the ONNX backend, :mod:`bnfold.onnx`).
+* a torch.export program (``torch.export.save``, ``.pt2``);
+* an ONNX file.
 
-Every problem is raised as an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix.
+A file is read by :func:`bnfold.loading.read`, as :func:`bnfold.fold` reads a path, and carries the backend of its
+kind (:mod:`bnfold.formats`), which the commands call without asking which it is. Every problem is raised as an
+:class:`~bnfold.errors.InvalidInputError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -27,19 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import loading
 from ...errors import InvalidInputError, TrainingModeError
 from ...examples import is_image_like, photo_batch
-from ...loading import EXPORTED, ONNX, PICKLE, SAFETENSORS, STATE_DICT, TORCHSCRIPT, sniff
-from ...loading import check_readable as _check_readable
-from ...loading import first_line as _first_line
-from ...loading import load_exported as _load_exported
-from ...loading import load_onnx as _load_onnx
-from ...loading import load_safetensors as _load_safetensors
-from ...loading import load_torchscript as _load_torchscript
-from ...loading import torch_load as _torch_load
+from ...formats import Backend, backend_for, backend_for_file
 from ..architectures import build_arch
-
-ARCHITECTURE = "architecture"
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
@@ -50,9 +44,10 @@ class LoadedModel:
 
     Attributes:
         module: the model (an ``nn.Module``, a ``torch.jit.ScriptModule``, a ``torch.export.ExportedProgram``, or an
-            ``onnx.ModelProto``).
-        kind: where it came from: ``architecture``, ``state_dict``, ``safetensors``, ``pickle``, ``torchscript``,
-            ``exported``, ``onnx``.
+            ONNX file's path).
+        backend: what folds, plans, writes and runs it (:mod:`bnfold.formats`).
+        format: the format ``bnfold fold`` writes it in by default (that of its file; a state_dict for an
+            architecture name).
         source: the file it was read from (``None`` for an architecture name).
         arch: the architecture name, when known (needed to rebuild a state_dict's model).
         input_shape: the shape of one example input (the architecture's default, or ``--input-shape``).
@@ -61,7 +56,8 @@ class LoadedModel:
     """
 
     module: Any
-    kind: str
+    backend: Backend
+    format: str
     source: Path | None
     arch: str | None
     input_shape: tuple[int, ...] | None
@@ -70,8 +66,8 @@ class LoadedModel:
 
     @property
     def runnable(self) -> Any:
-        """Something to call on inputs: the module itself, or a fresh ``.module()`` of an exported program."""
-        return self.module.module() if self.kind == EXPORTED else self.module
+        """Something to call on inputs (the module itself; a fresh ``.module()`` of an exported program...)."""
+        return self.backend.runnable(self.module)
 
     @property
     def label(self) -> str:
@@ -102,7 +98,7 @@ class LoadedModel:
             return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
         except (RuntimeError, MemoryError) as error:
             raise InvalidInputError(
-                f"cannot allocate an example input of shape {text} ({_first_line(error)}); pass a smaller --input-shape"
+                f"cannot allocate an example input of shape {text} ({loading.first_line(error)}); pass a smaller --input-shape"
             ) from error
 
 
@@ -149,28 +145,6 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
             "the state_dict of that model"
         )
     model.load_state_dict(state)
-
-
-def _exported_input_shape(
-    program: torch.export.ExportedProgram, path: Path, given: tuple[int, ...] | None
-) -> tuple[int, ...]:
-    """The shape of the program's one tensor input: ``--input-shape`` (if the program accepts it), else its example's."""
-    from ...backends.exported import check_input_shape
-
-    if given is not None:
-        check_input_shape(program, given)
-    stored = program.example_inputs
-    if stored is not None:
-        args, kwargs = stored
-        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            raise InvalidInputError(
-                f"{path} takes {len(args)} positional and {len(kwargs)} keyword inputs; the command line handles "
-                "programs with one tensor input: call bnfold.fold(program, example_inputs) from Python"
-            )
-        return given if given is not None else tuple(args[0].shape)
-    if given is None:
-        raise InvalidInputError(f"{path} carries no example inputs; pass --input-shape (e.g. 1,3,224,224)")
-    return given
 
 
 def _require_eval(module: Any, label: str, switch: bool) -> None:
@@ -221,7 +195,8 @@ def load_model(
             )
         if weights is None:
             model, default_shape = build_arch(spec, seed=seed)
-            loaded = LoadedModel(model, ARCHITECTURE, None, spec, input_shape or default_shape, seed=seed)
+            loaded = LoadedModel(model, _backend(model), "state_dict", None, spec, input_shape or default_shape,
+                                 seed=seed)
             loaded.notes.append(
                 f"{spec}: random weights drawn from --seed {seed} (the same model for every command with this name and "
                 "seed; pass --weights FILE for trained ones)"
@@ -230,61 +205,47 @@ def load_model(
         model, default_shape = build_arch(spec)
         state = _read_state_dict(Path(weights), trust_pickle)
         load_state_dict_into(model, state, weights, spec)
-        return LoadedModel(model.eval(), ARCHITECTURE, None, spec, input_shape or default_shape)
+        return LoadedModel(model.eval(), _backend(model), "state_dict", None, spec, input_shape or default_shape)
     if weights is not None:
         raise InvalidInputError(
             f"--weights does not apply here: {path} is a model file, which carries its own weights (--weights gives "
             "the state_dict of an architecture NAME, as in: bnfold fold resnet50 --weights FILE); drop --weights, "
             "or pass the state_dict file as MODEL with --arch NAME"
         )
-    _check_readable(path)
-    kind = sniff(path)
-    if arch is not None and kind in (ONNX, TORCHSCRIPT, EXPORTED):
-        label = {ONNX: "an ONNX", TORCHSCRIPT: "a TorchScript", EXPORTED: "a torch.export (.pt2)"}[kind]
+    loading.check_readable(path)
+    kind = loading.sniff(path)
+    carrier = backend_for_file(kind)
+    if arch is not None and carrier is not None:
         raise InvalidInputError(
-            f"--arch does not apply here: {path} is {label} file, which carries its model (--arch names the "
+            f"--arch does not apply here: {path} is {carrier.article} file, which carries its model (--arch names the "
             "architecture of a file that holds only a state_dict); drop --arch"
         )
-    if kind == ONNX:
-        return LoadedModel(_load_onnx(path), ONNX, path, None, input_shape)
-    if kind == TORCHSCRIPT:
-        module = _load_torchscript(path)
-        _require_eval(module, str(path), switch_to_eval)
-        return LoadedModel(module, TORCHSCRIPT, path, None, input_shape)
-    if kind == EXPORTED:
-        program = _load_exported(path, trust_pickle)
-        return LoadedModel(program, EXPORTED, path, None, _exported_input_shape(program, path, input_shape))
-    if kind == "unknown":
-        raise InvalidInputError(
-            f"{path} is not a model file bnfold knows (PyTorch checkpoint, pickled module, TorchScript, safetensors "
-            "or ONNX); check the path"
-        )
-    if kind == SAFETENSORS:
-        state = _load_safetensors(path)
-        return _from_state_dict(state, path, SAFETENSORS, arch or state_dict_arch, input_shape)
-    content = _torch_load(path, trust_pickle)
-    if isinstance(content, nn.Module):
+    content = loading.read(path, kind, trust_pickle)
+    backend = backend_for(content) or carrier
+    if backend is not None:
         if arch is not None:
             raise InvalidInputError(
                 f"--arch does not apply here: {path} holds a whole model (--arch names the architecture of a file "
                 "that holds only a state_dict); drop --arch"
             )
         _require_eval(content, str(path), switch_to_eval)
-        return LoadedModel(content, PICKLE, path, None, input_shape)
+        return LoadedModel(content, backend, backend.format, path, None,
+                           backend.input_shape(content, input_shape, str(path)))
     state = _state_dict_of(content, path)
     if state is None:
         raise InvalidInputError(
             f"{path} holds a {type(content).__name__}, neither a model nor a state_dict of tensors; save "
             "model.state_dict() or the model itself"
         )
-    return _from_state_dict(state, path, STATE_DICT, arch or state_dict_arch, input_shape)
+    return _from_state_dict(state, path, _STATE_DICT_FORMATS[kind], arch or state_dict_arch, input_shape)
+
+
+_STATE_DICT_FORMATS = {loading.SAFETENSORS: "safetensors", loading.TORCH_FILE: "state_dict"}
 
 
 def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    _check_readable(path)
-    if sniff(path) == SAFETENSORS:
-        return _load_safetensors(path)
-    content = _torch_load(path, trust_pickle)
+    loading.check_readable(path)
+    content = loading.read(path, loading.sniff(path), trust_pickle)
     state = _state_dict_of(content, path)
     if state is None:
         raise InvalidInputError(f"--weights {path} does not hold a state_dict of tensors")
@@ -292,7 +253,7 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _from_state_dict(
-    state: dict[str, torch.Tensor], path: Path, kind: str, arch: str | None, input_shape: tuple[int, ...] | None
+    state: dict[str, torch.Tensor], path: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None
 ) -> LoadedModel:
     if arch is None:
         raise InvalidInputError(
@@ -310,10 +271,16 @@ def _from_state_dict(
         if folded is None or set(folded.state_dict()) != set(state):
             raise
         load_state_dict_into(folded, state, str(path), arch)
-        loaded = LoadedModel(folded, kind, path, arch, input_shape or default_shape)
+        loaded = LoadedModel(folded, _backend(folded), fmt, path, arch, input_shape or default_shape)
         loaded.notes.append(f"{path} holds an already folded {arch} (bnfold's folded layout)")
         return loaded
-    return LoadedModel(model.eval(), kind, path, arch, input_shape or default_shape)
+    return LoadedModel(model.eval(), _backend(model), fmt, path, arch, input_shape or default_shape)
+
+
+def _backend(model: nn.Module) -> Backend:
+    backend = backend_for(model)
+    assert backend is not None  # an nn.Module
+    return backend
 
 
 _OWN_MODEL = ("save the whole model (torch.save(model)) and pass that file with --trust-pickle, or fold it in Python: "

@@ -14,6 +14,8 @@ from typing import Any
 
 from ...errors import InvalidInputError
 from ...files import check_output_path
+from ...formats import backend_for_file
+from ...loading import kind_by_name
 from .output import emit, verification_line
 
 OK, VERIFICATION_FAILED = 0, 1
@@ -27,10 +29,12 @@ def _files(args: argparse.Namespace) -> list[str]:
 
 
 def handles(args: argparse.Namespace) -> bool:
-    """Whether the command names only ``.onnx`` files and no option that needs PyTorch."""
+    """Whether the command names only files whose backend needs no PyTorch (ONNX files, known by their names:
+    :mod:`bnfold.formats`) and no option that needs PyTorch."""
     if args.command not in COMMANDS or getattr(args, "weights", None) or getattr(args, "arch", None):
         return False
-    return all(Path(name).suffix.lower() == ".onnx" for name in _files(args))
+    backends = [backend_for_file(kind_by_name(Path(name)) or "") for name in _files(args)]
+    return all(backend is not None and not backend.needs_torch for backend in backends)
 
 
 def _check_options(args: argparse.Namespace) -> None:

@@ -1,92 +1,103 @@
-"""Write a folded model to a file, in the input's format unless asked otherwise; and read it back to check it.
+"""Write a folded model in the format ``bnfold fold`` was asked for, read it back and check it.
 
-Formats (``--format``):
+The model's own format is written by its backend, as :func:`bnfold.save` writes it (:mod:`bnfold.formats`). An
+``nn.Module`` also converts to every other format (``--format``, or OUT's extension):
 
 * ``state_dict``: ``torch.save(folded.state_dict())``. The folded layout (norms gone, conv biases added) loads
   into ``bnfold.fold(arch())`` of the same architecture; ``bnfold verify --arch NAME`` does that for you.
 * ``safetensors``: the same state_dict as a ``.safetensors`` file.
 * ``pickle``: ``torch.save(folded)``, the whole module (loading needs its code, and ``weights_only=False``).
 * ``torchscript``: ``torch.jit.save`` (scripted, or traced on the example input where scripting fails).
-* ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``; a ``.pt2`` input is folded into a
-  program already (:mod:`bnfold.backends.exported`), which is saved as it is. A ``.pt2`` input can only be written as pt2.
-* ``onnx``: ``torch.onnx.export`` (opset 18); an ONNX input is written by the ONNX backend instead.
+* ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``.
+* ``onnx``: ``torch.onnx.export`` (opset 18), opened by its path in onnxruntime to be checked.
+
+A TorchScript module, a ``.pt2`` program and an ONNX model are written in their own format only.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from ...errors import InvalidInputError
-from .loading import ARCHITECTURE, EXPORTED, ONNX, PICKLE, SAFETENSORS, STATE_DICT, TORCHSCRIPT
+from ...formats import BACKENDS, Backend, Fold, judge_written, save_checked
 
-FORMATS = ("state_dict", "safetensors", "pickle", "torchscript", "pt2", "onnx")
 _BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".ts": "torchscript", ".jit": "torchscript",
               ".torchscript": "torchscript"}
 
 
-def choose_format(kind: str, output: Path, requested: str | None) -> str:
+def choose_format(own: str, output: Path, requested: str | None) -> str:
     """``--format``, else the format OUT's extension names (``.onnx``, ``.pt2``, ``.ts``, ``.safetensors``), else the
-    input's format (a state_dict for an architecture name).
+    input's own format ``own`` (a state_dict for an architecture name).
 
     The extension comes before the input's format so that no file is written under the name of another format
     (a state_dict in ``folded.onnx``, which no tool, ``bnfold verify`` included, would read as what it says); an
-    input that cannot be written in that format is refused with the reason (:func:`_check_compatible`).
+    input that cannot be written in that format is refused with the reason (:func:`check_writable`).
     """
-    if requested is not None:
-        return requested
-    named = _BY_SUFFIX.get(output.suffix.lower())
-    if named is not None:
-        return named
-    if kind == ARCHITECTURE:
-        return "state_dict"
-    return {STATE_DICT: "state_dict", SAFETENSORS: "safetensors", PICKLE: "pickle", TORCHSCRIPT: "torchscript",
-            ONNX: "onnx", EXPORTED: "pt2"}[kind]
+    return requested or _BY_SUFFIX.get(output.suffix.lower()) or own
 
 
-def _check_compatible(kind: str, fmt: str) -> None:
-    if kind == TORCHSCRIPT and fmt != "torchscript":
-        raise InvalidInputError(f"a TorchScript model can only be written as TorchScript, not --format {fmt}")
-    if kind == EXPORTED and fmt != "pt2":
-        raise InvalidInputError(f"a torch.export program (.pt2) can only be written as pt2, not --format {fmt}")
-    if kind == ONNX and fmt != "onnx":
-        raise InvalidInputError(f"an ONNX model can only be written as ONNX, not --format {fmt}")
+def check_writable(backend: Backend, fmt: str) -> None:
+    """Refuse a format the model cannot be written in (only an ``nn.Module`` converts)."""
+    if backend.only_as is not None and fmt != backend.format:
+        raise InvalidInputError(f"{backend.only_as}, not --format {fmt}")
 
 
-def serialise(folded: Any, fmt: str, kind: str, example: torch.Tensor) -> bytes:
-    """The bytes of ``folded`` in format ``fmt`` (everything except ONNX, which writes through a path)."""
-    _check_compatible(kind, fmt)
+@dataclass(frozen=True)
+class Format:
+    """How an ``nn.Module`` is written in one format and the file read back by its path (``None``: not checkable)."""
+
+    write: Callable[[Any, Path, torch.Tensor], None]  # (folded module, path, example input)
+    read: Callable[[Path, str | None, Callable[[], Any]], Any]  # (path, architecture, the original's outputs)
+    batches: int | None = None  # how many of the fold's batches the file is judged on (None: all)
+
+
+def _of(fmt: str) -> Backend:
+    return next(b for b in BACKENDS if b.format == fmt)
+
+
+def _state_dict_bytes(folded: Any) -> bytes:
     buffer = io.BytesIO()
-    if fmt == "state_dict":
-        torch.save(folded.state_dict(), buffer)
-    elif fmt == "safetensors":
-        from safetensors.torch import save
-
-        state = {k: v.contiguous() for k, v in folded.state_dict().items()}
-        buffer.write(save(state))
-    elif fmt == "pickle":
-        torch.save(folded, buffer)
-    elif fmt == "torchscript":
-        torch.jit.save(_scripted(folded, example), buffer)
-    elif fmt == "pt2" and kind == EXPORTED:
-        torch.export.save(folded, buffer)
-    elif fmt == "pt2":
-        with torch.no_grad():
-            program = torch.export.export(folded, (example,))
-        torch.export.save(program, buffer)
-    else:
-        raise InvalidInputError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    torch.save(folded.state_dict(), buffer)
     return buffer.getvalue()
 
 
+def _safetensors_bytes(folded: Any) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in folded.state_dict().items()})
+
+
+def _read_state_dict(state: Callable[[Path], Any]) -> Callable[[Path, str | None, Callable[[], Any]], Any]:
+    """Read a written state_dict into bnfold's folded layout of ``arch`` (without an architecture: no check)."""
+
+    def read(path: Path, arch: str | None, outputs: Callable[[], Any]) -> Any:
+        from ...engine import fold
+        from ..architectures import build_arch
+        from .loading import load_state_dict_into
+
+        if arch is None:
+            return None
+        skeleton = fold(build_arch(arch)[0], verify=False)
+        load_state_dict_into(skeleton, state(path), str(path), arch)
+        return skeleton.eval()
+
+    return read
+
+
+def _safetensors(path: Path) -> Any:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
 def _scripted(model: Any, example: torch.Tensor) -> torch.jit.ScriptModule:
-    if isinstance(model, torch.jit.ScriptModule):
-        return model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -95,96 +106,61 @@ def _scripted(model: Any, example: torch.Tensor) -> torch.jit.ScriptModule:
             return torch.jit.trace(model, example)
 
 
-def write_model(folded: Any, path: Path, fmt: str, kind: str, example: torch.Tensor) -> None:
-    """Write ``folded`` to ``path`` (a staged temporary file: see :func:`bnfold.files.staged`)."""
-    _check_compatible(kind, fmt)
-    if fmt == "onnx":
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(folded, (example,), str(path), opset_version=18, dynamo=False)
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save is deprecated; it is still the input's format
-        path.write_bytes(serialise(folded, fmt, kind, example))
+def _exported(model: Any, example: torch.Tensor) -> Any:
+    with torch.no_grad():
+        return torch.export.export(model, (example,))
 
 
-def read_back(output: Path, fmt: str, arch: str | None, outputs_like: Any = None) -> Any:
-    """Load what :func:`write_model` wrote, to check that the file (not just the object in memory) is right.
-
-    An ONNX file is opened by its path in onnxruntime, as its user will open it, and returned as a callable that
-    answers in the structure of ``outputs_like`` (the original's outputs on the example input).
-    """
-    from ..architectures import build_arch
-    from .loading import load_state_dict_into
-
-    with warnings.catch_warnings():
+def _write_onnx(model: Any, path: Path, example: torch.Tensor) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        if fmt in ("state_dict", "safetensors"):
-            if arch is None:
-                return None
-            from ...engine import fold
-
-            state = torch.load(output, weights_only=True) if fmt == "state_dict" else _safetensors(output)
-            skeleton = fold(build_arch(arch)[0], verify=False)
-            load_state_dict_into(skeleton, state, str(output), arch)
-            return skeleton.eval()
-        if fmt == "pickle":
-            return torch.load(output, weights_only=False).eval()  # the file bnfold has just written itself
-        if fmt == "torchscript":
-            return torch.jit.load(str(output)).eval()
-        if fmt == "pt2":
-            return torch.export.load(str(output)).module()
-        if fmt == "onnx":
-            return OnnxRuntimeModule(output, outputs_like)
-    return None
+        torch.onnx.export(model, (example,), str(path), opset_version=18, dynamo=False)
 
 
-class OnnxRuntimeModule(torch.nn.Module):
-    """An ONNX model run in onnxruntime behind a PyTorch call, to judge it against a PyTorch model on the same tensors.
+def _read_onnx(path: Path, arch: str | None, outputs: Callable[[], Any]) -> Any:
+    """The file in onnxruntime, opened by its path; it answers in flat outputs, put back in the original's structure."""
+    from ...onnx.in_torch import OnnxRuntimeModule
 
-    For the file ``bnfold fold`` wrote (opened by its path, as its user opens it) and for ``bnfold verify`` of a
-    PyTorch model against an ONNX file. ``torch.onnx.export`` flattens the module's outputs; they are put back into
-    the structure of ``outputs_like`` (a tensor, a tuple, a dict ...) when given, so the file is judged with the
-    same comparison as the module. A graph exported with a fixed batch size runs on a larger batch one slice at a
-    time.
-    """
-
-    def __init__(self, model: Any, outputs_like: Any = None) -> None:
-        super().__init__()
-        from ...onnx.verification import session
-
-        self.session = session(model)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        first = self.session.get_inputs()[0].shape
-        self.batch = first[0] if first and isinstance(first[0], int) else None
-        self.structure = None if outputs_like is None else tree_flatten(outputs_like)[1]
-        self.eval()
-
-    def forward(self, *inputs: Any) -> Any:
-        arrays = [leaf.detach().cpu().numpy() for leaf in tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
-        if len(arrays) != len(self.input_names):
-            raise InvalidInputError(f"the ONNX model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}),"
-                                    f" not {len(arrays)}; compare two ONNX files, or call bnfold.onnx.verify with "
-                                    "inputs by name")
-        length = len(arrays[0]) if arrays[0].ndim else 1
-        step = self.batch if self.batch and self.batch < length else length
-        try:
-            parts = [self.session.run(None, {name: a[i:i + step] for name, a in zip(self.input_names, arrays, strict=True)})
-                     for i in range(0, length, step)]
-        except Exception as error:  # onnxruntime's own errors: a shape or type the graph does not take
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-            shapes = [i.shape for i in self.session.get_inputs()]
-            raise InvalidInputError(
-                f"onnxruntime cannot run the ONNX model on inputs of shape {[list(a.shape) for a in arrays]} ({first}); "
-                f"pass --input-shape with the shape it was exported with (its graph inputs: {shapes})"
-            ) from error
-        results = [torch.cat([torch.from_numpy(p[k]) for p in parts]) for k in range(len(parts[0]))]
-        if self.structure is not None and self.structure.num_leaves == len(results):
-            return tree_unflatten(results, self.structure)
-        return results[0] if len(results) == 1 else tuple(results)
+    return OnnxRuntimeModule(path, outputs())
 
 
-def _safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _as(fmt: str, convert: Callable[[Any, torch.Tensor], Any]) -> Format:
+    """A format that is another backend's own: convert the module to its kind, and let the backend write and read."""
+    backend = _of(fmt)
+    assert backend.write is not None and backend.read is not None
+    write, read = backend.write, backend.read
+    return Format(lambda model, path, example: write(convert(model, example), path),
+                  lambda path, arch, outputs: backend.runnable(read(path)))
 
-    return load_file(str(path))
+
+FORMATS: dict[str, Format] = {
+    "state_dict": Format(lambda model, path, example: path.write_bytes(_state_dict_bytes(model)),
+                         _read_state_dict(lambda path: torch.load(path, weights_only=True))),
+    "safetensors": Format(lambda model, path, example: path.write_bytes(_safetensors_bytes(model)),
+                          _read_state_dict(_safetensors)),
+    "pickle": _as("pickle", lambda model, example: model),
+    "torchscript": _as("torchscript", _scripted),
+    "pt2": _as("pt2", _exported),
+    "onnx": Format(_write_onnx, _read_onnx, batches=1),  # exported on the first example, whose shapes it keeps
+}
+
+
+def write(folded: Any, record: Fold, backend: Backend, output: Path, fmt: str, *, force: bool, arch: str | None
+          ) -> dict[str, Any] | None:
+    """Write ``folded`` to ``output`` in ``fmt``, staged, read back by its path and judged like the fold (nothing is
+    kept on a mismatch); returns the written file's verdict. Its own format is written by its backend, as
+    :func:`bnfold.save` writes it; an ``nn.Module`` converts to the others (:data:`FORMATS`)."""
+    check_writable(backend, fmt)
+    if fmt == backend.format:
+        return backend.save(folded, record, output, force)
+    form = FORMATS[fmt]
+    example = record.examples[0][0] if record.examples else None
+    original = record.original() if record.original is not None else None
+
+    def outputs() -> Any:
+        with torch.no_grad():
+            return backend.runnable(original if original is not None else folded)(example)
+
+    return save_checked(output, force, f"the folded model as {fmt}", lambda path: form.write(folded, path, example),
+                        lambda path: form.read(path, arch, outputs),
+                        judge_written(backend, folded, record, f"the written {fmt} file", form.batches))

@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 import bnfold.onnx as bo
-from test_onnx import FLOAT32_TOLERANCE, bn_count
+from helpers.onnx_cases import FLOAT32_TOLERANCE, bn_count
 
 
 def export_torchvision(

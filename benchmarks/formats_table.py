@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep the files here (default: a temporary folder)")
     args = parser.parse_args(argv)
     folder = args.out or Path(tempfile.mkdtemp(prefix="bnfold-formats-"))
-    # The rows' classes as `formats_table.X`, importable by the `bnfold` process that unpickles them
-    sys.path.insert(0, str(HERE))
+    # The rows' classes as `formats_table.X` (this script's folder is sys.path[0]), importable by the `bnfold` process
+    # that unpickles them (HERE on its PYTHONPATH)
     import formats_table
     formats = ("module API", "TorchScript", ".pt2", "ONNX")
     print(f"| model | {' | '.join(formats)} |")

@@ -31,11 +31,9 @@ import argparse
 import copy
 import io
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import onnx
 import timm
@@ -47,10 +45,11 @@ from torch import nn
 
 import bnfold
 from bnfold.backends.torchscript import fold_script
+from from_tests import load_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers' counter
-from helpers.counting import LINEAR_FUNCTIONS, conv_calls, count_batch_norm_calls  # noqa: E402
-from helpers.photos import calibrated_on_photographs, photographs  # noqa: E402
+counting, photos = load_helper("counting"), load_helper("photos")  # the tests' counters and detector calibration
+LINEAR_FUNCTIONS, conv_calls, count_batch_norm_calls = counting.LINEAR_FUNCTIONS, counting.conv_calls, counting.count_batch_norm_calls
+calibrated_on_photographs, photographs = photos.calibrated_on_photographs, photos.photographs
 
 TIMM_MODELS = ["mobileone_s0", "repvgg_a0", "repvit_m0_9", "fastvit_t8", "repghostnet_100"]
 ULTRALYTICS_MODELS = ["yolov9t", "rtdetr-l", "yolov8n"]

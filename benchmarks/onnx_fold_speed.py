@@ -2,7 +2,7 @@
 
 Both read the file and write the result: ``bnfold.onnx.fold(path, verify=False)`` plus ``save``, and an onnxruntime
 session with ``ORT_ENABLE_BASIC`` and ``optimized_model_filepath``. Files: torchvision exports (random weights,
-calibrated statistics, 224x224) made by ``tests/test_onnx_models.export_torchvision``.
+calibrated statistics, 224x224) made by ``benchmarks/onnx_exports.py``.
 
     python benchmarks/onnx_fold_speed.py --repeats 5 resnet18 vgg11_bn mobilenet_v3_small densenet121
 """
@@ -18,10 +18,8 @@ from pathlib import Path
 
 import onnx
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests")]
-
-import bnfold.onnx as bo  # noqa: E402
+import bnfold.onnx as bo
+from onnx_exports import export_zoo_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import onnxruntime as ort
 
-    from test_onnx_models import export_torchvision
-
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         print(f"{'model':22} {'bnfold s':>9} {'ort-basic s':>11} {'ratio':>6}  folded")
         for name in args.models:
             path = work / f"{name}.onnx"
-            onnx.save(export_torchvision(name, size=224), path)
+            onnx.save(export_zoo_model(name, size=224), path)
             times: dict[str, list[float]] = {"bnfold": [], "ort": []}
             folded = 0
             for repeat in range(args.repeats):

@@ -2,8 +2,8 @@
 
 Peers: ``onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])`` and onnxruntime's own basic graph optimisation
 (``ORT_ENABLE_BASIC``, saved with ``optimized_model_filepath``). Files: PyTorch exports of torchvision models with
-batch norm (random weights, norm statistics calibrated by a few train-mode passes) and the hand-built graphs of
-``tests/test_onnx.py`` (one per fold rule and per leave-alone reason).
+batch norm (random weights, norm statistics calibrated on photographs: ``benchmarks/onnx_exports.py``) and the
+hand-built graphs of ``tests/helpers/onnx_cases.py`` (one per fold rule and per leave-alone reason).
 
 Errors are ``max |a - b| / max |a|`` over every output against the original model run by onnxruntime with
 optimisations off, on the same seeded random inputs. Latency: onnxruntime CPU, original vs bnfold-folded, runs
@@ -27,11 +27,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests")]
-
-import bnfold.onnx as bo  # noqa: E402
-from bnfold.onnx.verification import compare, random_inputs  # noqa: E402
+import bnfold.onnx as bo
+from bnfold.onnx.verification import compare, random_inputs
 
 TOOLS = ("bnfold", "onnxoptimizer", "ort-basic")
 DEFAULT_MODELS = ("resnet18", "mobilenet_v3_small", "vgg11_bn", "densenet121")
@@ -166,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from test_onnx import CASES
-    from test_onnx_models import export_torchvision
+    from from_tests import load_helper
+    from onnx_exports import export_zoo_model
+
+    cases = load_helper("onnx_cases").CASES
 
     console = Console(width=150)
     rows: list[dict[str, Any]] = []
@@ -179,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             path = workdir / f"{name}.onnx"
             console.log(f"exporting {name}")
             try:
-                onnx.save_model(export_torchvision(name, size=args.size), str(path))
+                onnx.save_model(export_zoo_model(name, size=args.size), str(path))
             except Exception as error:
                 console.print(f"skipped {name}: export failed: {str(error).splitlines()[0][:120]}")
                 continue
             files.append((path, True))
-        for name, build in CASES.items():
+        for name, build in cases.items():
             path = workdir / f"case_{name}.onnx"
             onnx.save_model(build().model, str(path))
             files.append((path, False))

@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bnfold import onnx as bo  # noqa: E402
-from bnfold.onnx import verification  # noqa: E402
-from helpers.trained_files import FILES, crepe_tiny, locate  # noqa: E402
+from bnfold import onnx as bo
+from bnfold.onnx import verification
+from from_tests import load_helper
+
+trained_files = load_helper("trained_files")
+FILES, crepe_tiny, locate = trained_files.FILES, trained_files.crepe_tiny, trained_files.locate
 
 
 def bn_count(model: onnx.ModelProto) -> int:

@@ -21,7 +21,7 @@ import bnfold
 import bnfold.onnx as bo
 from bnfold.verification import TOLERANCES
 from conftest import calibrated_by_training
-from test_onnx import FLOAT32_TOLERANCE, Builder, bn_count
+from helpers.onnx_cases import FLOAT32_TOLERANCE, Builder, bn_count
 
 ort = pytest.importorskip("onnxruntime")
 C = 6

@@ -3,8 +3,10 @@
 Every small model below is folded through the module API, a traced TorchScript archive, a torch.export program and
 an ONNX file. For each format the test asserts, norm by norm in execution order, the expected decision (forward,
 backward, or left with a phrase of the core's reason), and that the folded model computes what the original did
-(float32 tolerance, :data:`bnfold.verification.TOLERANCES`). The policies are checked the same way: a model in
-training mode is a ``TrainingModeError`` and NaN statistics are a ``NonFiniteStatisticsError`` in every format.
+(float32 tolerance, :data:`bnfold.verification.TOLERANCES`). For every norm left, the four formats' reasons must be
+the same sentence once the names each format gives its layers and operations are taken out
+(:func:`helpers.reasons.without_names`). The policies are checked the same way: a model in training mode is a
+``TrainingModeError`` and NaN statistics are a ``NonFiniteStatisticsError`` in every format.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from bnfold.core.graph import BATCH_STATISTICS
 from bnfold.report import FoldReport
 from bnfold.verification import TOLERANCES
 from conftest import calibrated_by_training
+from helpers.reasons import without_names
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -154,7 +157,7 @@ CASES: dict[str, Case] = {
     "bn-bn-linear": Case(_seq(nn.ReLU(), nn.BatchNorm1d(6), nn.BatchNorm1d(6), nn.Linear(6, 3)), (4, 6), (BACKWARD, BACKWARD)),
     "second-reader": Case(lambda: _Sum(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8), ("also used by",)),
     "bn-zero-padded-conv": Case(_seq(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1)), (2, 3, 8, 8),
-                                ("pad",)),
+                                ("pads its input",)),
     # Constants of one value per channel (or one value) between a layer and its norm: folded through (issue 19).
     "convtranspose-add-bn": Case(_seq(nn.ConvTranspose2d(3, 8, 2, 2, bias=False), _Affine(8, 4, "add"),
                                       nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 6, 6), (FORWARD,)),
@@ -263,11 +266,24 @@ def test_every_format_decides_and_computes_the_same(name: str, fmt: str) -> None
     assert error <= TOLERANCE, error
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_a_norm_using_batch_statistics_is_left_with_the_same_reason(fmt: str) -> None:
+def _batch_statistics() -> tuple[nn.Module, torch.Tensor]:
+    """A norm that keeps no running statistics (it normalises with the batch's own) after one that folds."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
     x = torch.randn(2, 3, 8, 8)
-    calibrated_by_training(model, x)
+    return calibrated_by_training(model, x), x
+
+
+def _one_norm_in_training_mode() -> tuple[nn.Module, torch.Tensor]:
+    """conv -> BN -> BN with the second norm alone in training mode."""
+    model, x = _prepared(CASES["conv-bn-bn"])
+    model[2].train()
+    model[2].momentum = 0.1  # see test_a_model_in_training_mode_is_refused_in_every_format
+    return model, x
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_norm_using_batch_statistics_is_left_with_the_same_reason(fmt: str) -> None:
+    model, x = _batch_statistics()
     report, run = FORMATS[fmt](model, x)
     first, second = _decisions(report)
     assert first == FORWARD and second.startswith("left") and BATCH_STATISTICS in second, (first, second)
@@ -278,9 +294,7 @@ def test_a_norm_using_batch_statistics_is_left_with_the_same_reason(fmt: str) ->
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_one_norm_in_training_mode_inside_an_eval_model_is_left_with_the_same_reason(fmt: str) -> None:
-    model, x = _prepared(CASES["conv-bn-bn"])
-    model[2].train()
-    model[2].momentum = 0.1  # see test_a_model_in_training_mode_is_refused_in_every_format
+    model, x = _one_norm_in_training_mode()
     with torch.no_grad():
         expected = model(x.clone())  # computed first: the train-mode norm would update its statistics
     report, run = FORMATS[fmt](model, x)
@@ -289,6 +303,80 @@ def test_one_norm_in_training_mode_inside_an_eval_model_is_left_with_the_same_re
     with torch.no_grad():
         actual = run(x)
     assert float((actual - expected).abs().max() / expected.abs().max()) <= TOLERANCE
+
+
+REFUSALS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
+    **{name: (lambda case=case: _prepared(case)) for name, case in CASES.items()
+       if any(want not in (FORWARD, BACKWARD) for want in case.expected)},
+    "batch-statistics": _batch_statistics,
+    "one-norm-in-training-mode": _one_norm_in_training_mode,
+}
+"""Every model of this file that leaves a norm, built afresh for each format (a traced train-mode norm updates its
+statistics)."""
+
+_PER_NORM_TRAINING = ("each adapter writes the sentence around the core's BATCH_STATISTICS itself ('it has "
+                      "track_running_stats=False: ', 'it runs with training=True: ', 'it is in training mode although "
+                      "the model is not', '(training_mode=1); export ...'); issue 18 makes the training rule one fact on "
+                      "the graph with its sentence written by the core")
+WORDED_PER_FORMAT = {
+    "bn-zero-padded-conv": "the zero-padding refusal is still written by each adapter: '(padding=(1, 1))' for a module, "
+                           "'[1, 1]' in TorchScript and .pt2, another sentence in ONNX; issue 18's mplan part writes it "
+                           "once in the core from Geometry, which makes the four the same",
+    "batch-statistics": _PER_NORM_TRAINING,
+    "one-norm-in-training-mode": _PER_NORM_TRAINING,
+}
+"""Refusals whose sentence differs between the formats today, though the rule is the same: the structured part that
+holds is checked by :func:`test_a_zero_padded_layer_is_refused_by_the_same_rule_in_every_format` and, for the norms
+using batch statistics, by the two tests above (the core's ``BATCH_STATISTICS`` in every format's reason). Their
+exact comparison is a strict xfail, so that it fails, and the entry must go, the day the sentences become one."""
+
+
+def _left_without_names(build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> dict[str, list[str]]:
+    """Per format, the reasons of the norms left (execution order), with the names taken out."""
+    reasons = {}
+    for fmt, fold in FORMATS.items():
+        report, _ = fold(*build())
+        reasons[fmt] = [without_names(entry.reason or "") for entry in report.left]
+    return reasons
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=WORDED_PER_FORMAT[name]))
+    if name in WORDED_PER_FORMAT else name for name in REFUSALS
+])
+def test_every_format_leaves_a_norm_with_the_same_sentence(name: str) -> None:
+    reasons = _left_without_names(REFUSALS[name])
+    assert reasons["module"] and all(reason for reason in reasons["module"]), reasons
+    for fmt, theirs in reasons.items():
+        assert theirs == reasons["module"], (fmt, theirs, reasons["module"])
+
+
+LAYER_EXPLAINS = "cannot absorb it exactly: "
+"""Where the zero-padding sentences part: up to here the four formats use the same words, after it each adapter
+explains the padding in its own."""
+
+
+@pytest.mark.parametrize("name", ["bn-zero-padded-conv"])
+def test_a_zero_padded_layer_is_refused_by_the_same_rule_in_every_format(name: str) -> None:
+    """What holds while the wordings differ: the same clauses and the same layer refusing, word for word up to its
+    own explanation, and that explanation is zero padding in every format."""
+    reasons = _left_without_names(REFUSALS[name])
+    (module,) = reasons["module"]
+    agreed, _, _ = module.partition(LAYER_EXPLAINS)
+    for fmt, (theirs,) in reasons.items():
+        before, found, explanation = theirs.partition(LAYER_EXPLAINS)
+        assert found and before == agreed, (fmt, theirs, module)
+        assert "pads its input" in explanation, (fmt, explanation)
+
+
+def test_names_taken_out_leave_the_rules_apart() -> None:
+    """Taking the names out cannot make different refusals look alike: each model's module reasons differ from every
+    other model's."""
+    sentences = {}
+    for name, build in REFUSALS.items():
+        report = bnfold.plan(*build())
+        sentences[name] = tuple(without_names(entry.reason or "") for entry in report.left)
+    assert len(set(sentences.values())) == len(sentences), sentences
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -333,22 +421,7 @@ def test_numpy_arrays_fold_like_tensors() -> None:
     """The core's arithmetic gives the same numbers on numpy arrays as on tensors (ONNX uses the former)."""
     from bnfold.backends.modules import TorchNumerics
     from bnfold.core.apply import LayerTensors, Statistics, folded_backward, folded_forward, scale_shift
-
-    class NumpyNumerics:
-        def float64(self, a: Any) -> Any:
-            return np.asarray(a, dtype=np.float64)
-
-        def compute(self, w: Any) -> Any:
-            return w if w.dtype in (np.float32, np.float64) else w.astype(np.float32)
-
-        def cast(self, a: Any, like: Any) -> Any:
-            return np.asarray(a).astype(like.dtype)
-
-        def finite(self, a: Any) -> bool:
-            return bool(np.isfinite(a).all())
-
-        def dtype_name(self, a: Any) -> str:
-            return str(a.dtype)
+    from bnfold.onnx.adapter import NumpyNumerics
 
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(6, 2, 3, 3, generator=generator), torch.randn(6, generator=generator)

@@ -36,7 +36,7 @@ import bnfold.onnx as bo
 from bnfold.errors import InvalidInputError, VerificationError
 from bnfold.files import check_output_path, refuse_inputs, same_file, staged, staged_files, write_atomic
 from conftest import calibrated_by_training
-from test_onnx import CASES, bn_count
+from helpers.onnx_cases import CASES, bn_count
 
 SHAPE = ["--input-shape", "1,3,32,32"]
 

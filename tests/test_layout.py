@@ -5,7 +5,9 @@ Imports are read from the source (module-level and inside functions alike), so t
 * ``bnfold.core`` (graph, commuting, plan, apply) imports nothing of bnfold but itself, ``affine`` and ``errors``:
   it is the torch-free core every format shares;
 * the library never imports the application (``bnfold.app``: the command line, reproduce, the demo);
-* no module imports, directly or through others, a module that imports it back.
+* no module imports, directly or through others, a module that imports it back;
+* test code the tests share lives in ``tests/helpers`` (no test module imports another), and the benchmarks never
+  put ``tests/`` or ``src/`` on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent.parent / "src" / "bnfold"
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "src" / "bnfold"
 
 
 def _module_name(path: Path) -> str:
@@ -87,3 +90,26 @@ def test_there_are_no_import_cycles() -> None:
     for name in sorted(graph):
         if name not in state:
             visit(name)
+
+
+def _imported_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_no_test_module_imports_another() -> None:
+    for path in sorted([*ROOT.glob("tests/*.py"), *ROOT.glob("tests/helpers/*.py"), *ROOT.glob("benchmarks/*.py")]):
+        tests = {name for name in _imported_names(path) if name.split(".")[0].startswith("test_")}
+        assert not tests, f"{path.relative_to(ROOT)} imports {tests}: shared test code goes in tests/helpers"
+
+
+def test_benchmarks_leave_sys_path_alone() -> None:
+    for path in sorted(ROOT.glob("benchmarks/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+                raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} uses sys.path (see benchmarks/from_tests.py)")

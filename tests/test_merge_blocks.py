@@ -19,7 +19,7 @@ import bnfold
 from bnfold.errors import InvalidInputError
 from conftest import assert_same_outputs, calibrated_by_training
 from helpers.counting import conv_calls, count_batch_norm_calls
-from test_merge_modules import RepBlock, RepDw, net
+from helpers.merge_nets import RepBlock, RepDw, net
 
 
 class DataDependent(nn.Module):

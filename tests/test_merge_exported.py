@@ -34,7 +34,7 @@ from bnfold.layers import CONV_RULE
 from bnfold.report import MERGED
 from conftest import assert_same_outputs, calibrated_by_training, random_layer_scales, well_conditioned
 from helpers.cli import bnfold_cli
-from test_merge_modules import Differences, Residual, net
+from helpers.merge_nets import Differences, Residual, net
 
 _CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "linear"})
 _NORMS = frozenset({"batch_norm", "_native_batch_norm_legit_no_training"})

@@ -21,8 +21,8 @@ from bnfold.core.graph import Geometry
 from bnfold.onnx.adapter import conv_geometry
 from conftest import calibrated_by_training, random_layer_scales, well_conditioned
 from helpers.counting import conv_calls, count_batch_norm_calls
+from helpers.merge_nets import net
 from helpers.onnx_oracle import assert_same_outputs
-from test_merge_modules import net
 
 
 def export(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:

@@ -43,7 +43,7 @@ from conftest import (
 )
 from helpers.cli import bnfold_cli
 from helpers.counting import conv_calls, count_batch_norm_calls
-from test_merge_modules import (
+from helpers.merge_nets import (
     Differences,
     Residual,
     Twice,

@@ -11,7 +11,7 @@ import pytest
 
 import bnfold.onnx as bo
 from bnfold.errors import InvalidInputError
-from test_onnx import CASES, bn_count
+from helpers.onnx_cases import CASES, bn_count
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 
 import bnfold.onnx as bo
 from bnfold.errors import InvalidInputError
-from test_onnx import FLOAT32_TOLERANCE, Builder, bn_count
+from helpers.onnx_cases import FLOAT32_TOLERANCE, Builder, bn_count
 
 B, T, C_IN, C = 2, 5, 8, 6
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bnfold.onnx as bo
-from test_onnx import FLOAT32_TOLERANCE, Builder, bn_count
+from helpers.onnx_cases import FLOAT32_TOLERANCE, Builder, bn_count
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

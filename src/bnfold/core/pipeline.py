@@ -1,0 +1,228 @@
+"""The one fold driver: the steps every format takes in the same order, written once.
+
+Each format (``nn.Module``, TorchScript, ``.pt2``, ONNX) only translates its model into the core graph, gives access
+to its weights and writes the decisions back (a :class:`FoldBackend`). What happens in between is here:
+
+1. the training-mode rule, before anything runs the model (:func:`check_mode`);
+2. translate, plan (:func:`bnfold.core.plan.make_plan`), check the statistics of every norm the plan folds;
+3. apply the plan; a fold that would overflow the layer's dtype is not made and its norm is reported as left;
+4. the report: one entry per norm in call order, and the parameter and buffer counts after the fold, projected
+   from what the folds release when the format cannot count them afterwards (a dry run, a frozen graph).
+
+Torch-free and numpy-free, like the rest of the core: the ONNX backend drives its folds through it without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import TrainingModeError
+from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from .apply import DryRun, FoldOverflow, NormMaps, WeightAccess, apply_plan, check_statistics
+from .graph import Graph
+from .plan import FoldPlan, make_plan
+
+
+@dataclass(frozen=True)
+class NormModes:
+    """The fact the training-mode rule reads: of the model's norms that have running statistics, how many there
+    are and how many are set to normalise with the statistics of each batch instead."""
+
+    with_running_statistics: int
+    in_training_mode: int
+
+
+class FoldBackend(Protocol):
+    """One format, as the driver sees it.
+
+    Attributes:
+        name: the model's name in the report.
+        exported: the model's mode was fixed when it was exported (``.pt2``, ONNX): the remedy for a model in
+            training mode is to export it again, not to call ``.eval()`` on it.
+        measures_counts: :meth:`counts` is exact after the folds are written; otherwise the driver projects them.
+    """
+
+    name: str
+    exported: bool
+    measures_counts: bool
+
+    def norm_modes(self) -> NormModes:
+        """The training-mode fact, read before the model is translated (translating may run it)."""
+        ...
+
+    def translate(self) -> Graph:
+        """The core graph of the model as it is now."""
+        ...
+
+    def weights(self) -> WeightAccess:
+        """Read and write access to the translated model's weights."""
+        ...
+
+    def counts(self) -> tuple[int, int]:
+        """The model's parameter and buffer element counts, as the report counts them."""
+        ...
+
+    def released(self, norm: str) -> tuple[int, int]:
+        """The parameter and buffer elements that leave the model with the norm once it is folded."""
+        ...
+
+    def lacks_bias(self, layer: str) -> bool:
+        """Whether the layer has no bias yet (a fold gives it one)."""
+        ...
+
+    def finish(self) -> None:
+        """Make the written folds part of the model (dead code out, graph recompiled, nodes reordered...)."""
+        ...
+
+
+def check_mode(backend: FoldBackend) -> None:
+    """The whole-model training-mode rule, the same for every format: a model all of whose norms with running
+    statistics normalise with the statistics of each batch is in training mode, and is refused as a whole (one norm
+    in training mode inside an eval model is only left, with its reason)."""
+    modes = backend.norm_modes()
+    if not modes.with_running_statistics or modes.in_training_mode < modes.with_running_statistics:
+        return
+    remedy = (
+        "call model.eval() before torch.export.export or torch.onnx.export and export it again" if backend.exported
+        else "call .eval() on it first (model.eval(); on the command line, pass --eval)"
+    )
+    raise TrainingModeError(
+        f"{backend.name} is in training mode, where batch norm uses the statistics of each batch and folding would "
+        f"change what it computes; {remedy}"
+    )
+
+
+@dataclass
+class Planned:
+    """A plan and what the steps after it need: the graph it was made on, the weights, the norms' maps, the report."""
+
+    graph: Graph
+    plan: FoldPlan
+    access: WeightAccess
+    maps: NormMaps
+    report: FoldReport
+    released: dict[str, tuple[int, int]] = field(default_factory=dict)  # fold norm -> (parameters, buffers)
+    unbiased: set[str] = field(default_factory=set)  # layers folds will give a bias
+
+    def made(self) -> FoldPlan:
+        """The plan of the folds made: without those left because they would overflow."""
+        left = {e.name for e in self.report.entries if e.status == LEFT}
+        return dataclasses.replace(self.plan, folds=[f for f in self.plan.folds if f.norm not in left])
+
+
+def entries(graph: Graph, the_plan: FoldPlan) -> list[NormEntry]:
+    """One entry per norm in the order the model calls them: folded into what, or left and why."""
+    decided: dict[str, NormEntry] = {}
+    units = graph.units
+    for fold in the_plan.folds:
+        unit = units[fold.norm]
+        decided[fold.norm] = NormEntry(fold.norm, unit.type_name, _channels(unit.norm), FOLDED, into=fold.layers,
+                                       direction=fold.direction)
+    for refusal in the_plan.refusals:
+        unit = units[refusal.norm]
+        decided[refusal.norm] = NormEntry(refusal.norm, unit.type_name, _channels(unit.norm), LEFT,
+                                          reason=refusal.reason)
+    ordered = [decided.pop(unit.name) for unit in graph.norms() if unit.name in decided]
+    return ordered + list(decided.values())
+
+
+def _channels(facts: object) -> int | None:
+    return getattr(facts, "channels", None) or None
+
+
+def plan(backend: FoldBackend, *, project: bool = True) -> Planned:
+    """Check the mode, translate, plan, check the statistics, and start the report (``applied=False``).
+
+    ``project``: read what the folds will release, to project the counts after them (:func:`project`); not needed
+    when the backend counts them after the fold.
+    """
+    check_mode(backend)
+    graph = backend.translate()
+    the_plan = make_plan(graph)
+    access = backend.weights()
+    maps = check_statistics([fold.norm for fold in the_plan.folds], access)
+    parameters, buffers = backend.counts()
+    report = FoldReport(
+        model=backend.name, applied=False, capture=the_plan.method, entries=entries(graph, the_plan),
+        parameters_before=parameters, parameters_after=parameters, buffers_before=buffers, buffers_after=buffers,
+        notes=list(the_plan.notes),
+    )
+    planned = Planned(graph, the_plan, access, maps, report)
+    if project:
+        planned.released = {fold.norm: backend.released(fold.norm) for fold in the_plan.folds}
+        layers = dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers)
+        planned.unbiased = {layer for layer in layers if backend.lacks_bias(layer)}
+    return planned
+
+
+def project(planned: Planned) -> None:
+    """The report's counts after the folds made: their norms' parameters and buffers go, each layer without a
+    bias gets one (what a dry run reports, without folding to find out)."""
+    made = planned.made().folds
+    report = planned.report
+    units = planned.graph.units
+    biased = {layer for fold in made for layer in fold.layers} & planned.unbiased
+    added = sum(units[layer].layer.out_channels for layer in biased)  # type: ignore[union-attr]
+    report.parameters_after = report.parameters_before + added - sum(planned.released[f.norm][0] for f in made)
+    report.buffers_after = report.buffers_before - sum(planned.released[f.norm][1] for f in made)
+
+
+def apply(planned: Planned, access: WeightAccess | None = None) -> list[FoldOverflow]:
+    """Apply the plan through ``access`` (the planned weights by default); the folds that would overflow are not
+    made, and their norms are reported as left with the reason."""
+    overflows = apply_plan(planned.plan, access if access is not None else planned.access, planned.maps)
+    leave(planned.report, {overflow.norm: str(overflow) for overflow in overflows})
+    return overflows
+
+
+def leave(report: FoldReport, reasons: dict[str, str]) -> None:
+    """The norms named in ``reasons`` are left, each with its reason."""
+    if reasons:
+        report.entries = [
+            dataclasses.replace(e, status=LEFT, into=(), direction=None, reason=reasons[e.name])
+            if e.name in reasons else e
+            for e in report.entries
+        ]
+
+
+def dry_run(backend: FoldBackend) -> Planned:
+    """The report of what folding would do, arithmetic included (a fold that would overflow is left), without
+    changing the model."""
+    planned = plan(backend)
+    apply(planned, DryRun(planned.access))
+    project(planned)
+    return planned
+
+
+def fold(backend: FoldBackend) -> Planned:
+    """Plan and make the folds; the report counts what the model holds after them (``applied=True``)."""
+    planned = plan(backend, project=not backend.measures_counts)
+    apply(planned)
+    backend.finish()
+    if backend.measures_counts:
+        planned.report.parameters_after, planned.report.buffers_after = backend.counts()
+    else:
+        project(planned)
+    planned.report.applied = True
+    return planned
+
+
+def refold(backend: FoldBackend, prefix: str = "") -> tuple[FoldPlan, dict[str, NormEntry]]:
+    """Fold what a merge round made foldable: the plan of the folds made, and the round's entries of the norms it
+    folded or left because they would overflow (named with ``prefix``, for a block folded on its own)."""
+    planned = plan(backend, project=False)
+    overflows = {overflow.norm for overflow in apply(planned)}
+    backend.finish()
+    changed = {e.name for e in planned.report.entries} & ({f.norm for f in planned.plan.folds} | overflows)
+    round_entries = {
+        prefix + e.name: dataclasses.replace(e, name=prefix + e.name, into=tuple(prefix + n for n in e.into))
+        for e in planned.report.entries if e.name in changed
+    }
+    return planned.made(), round_entries
+
+
+def take_round(report: FoldReport, round_entries: dict[str, NormEntry]) -> None:
+    """A later round's decision replaces a norm's entry (keeping the kind and channels of the first)."""
+    report.absorb_merged_norms({}, round_entries)

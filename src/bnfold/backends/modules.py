@@ -43,6 +43,7 @@ from ..core.graph import (
     Operand,
     OpFacts,
 )
+from ..core.pipeline import NormModes
 from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
 from ..segments import span_all_finite, span_counts, span_max_abs
 from .capture import Dataflow, Site, TensorRef
@@ -608,6 +609,14 @@ def _channels_guess(module: nn.Module) -> int:
     if not isinstance(mean, torch.Tensor) or isinstance(mean, nn.parameter.UninitializedTensorMixin) or mean.dim() != 1:
         return 0
     return int(mean.shape[0])
+
+
+def norm_modes(module: nn.Module) -> NormModes:
+    """The training-mode fact of a live model (an ``nn.Module`` or a ScriptModule): its submodules that hold running
+    statistics, and how many of them are in training mode. A frozen module (folded before) has none: its mode was
+    fixed when it was frozen."""
+    modes = [m.training for m in module.modules() if getattr(m, "running_mean", None) is not None]
+    return NormModes(len(modes), sum(modes))
 
 
 def to_graph(model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree | None = None) -> Graph:

@@ -209,18 +209,15 @@ def fold(backend: FoldBackend) -> Planned:
     return planned
 
 
-def refold(backend: FoldBackend, prefix: str = "") -> tuple[FoldPlan, dict[str, NormEntry]]:
-    """Fold what a merge round made foldable: the plan of the folds made, and the round's entries of the norms it
-    folded or left because they would overflow (named with ``prefix``, for a block folded on its own)."""
-    planned = plan(backend, project=False)
-    overflows = {overflow.norm for overflow in apply(planned)}
-    backend.finish()
-    changed = {e.name for e in planned.report.entries} & ({f.norm for f in planned.plan.folds} | overflows)
-    round_entries = {
+def refold(backend: FoldBackend, prefix: str = "") -> tuple[Planned, dict[str, NormEntry]]:
+    """Fold what a merge round made foldable; returns what was planned, and the round's entries of the norms it
+    folded or left because the fold would overflow (named with ``prefix``, for a block folded on its own)."""
+    planned = fold(backend)
+    planned_norms = {fold.norm for fold in planned.plan.folds}
+    return planned, {
         prefix + e.name: dataclasses.replace(e, name=prefix + e.name, into=tuple(prefix + n for n in e.into))
-        for e in planned.report.entries if e.name in changed
+        for e in planned.report.entries if e.name in planned_norms
     }
-    return planned.made(), round_entries
 
 
 def take_round(report: FoldReport, round_entries: dict[str, NormEntry]) -> None:

@@ -132,13 +132,15 @@ def _channels(facts: object) -> int | None:
     return getattr(facts, "channels", None) or None
 
 
-def plan(backend: FoldBackend, *, project: bool = True) -> Planned:
+def plan(backend: FoldBackend, *, project: bool = True, mode: bool = True) -> Planned:
     """Check the mode, translate, plan, check the statistics, and start the report (``applied=False``).
 
     ``project``: read what the folds will release, to project the counts after them (:func:`project`); not needed
-    when the backend counts them after the fold.
+    when the backend counts them after the fold. ``mode``: apply the training-mode rule (not between merge rounds,
+    where the norms left may all be in training mode although the model was not).
     """
-    check_mode(backend)
+    if mode:
+        check_mode(backend)
     graph = backend.translate()
     the_plan = make_plan(graph)
     access = backend.weights()
@@ -196,9 +198,9 @@ def dry_run(backend: FoldBackend) -> Planned:
     return planned
 
 
-def fold(backend: FoldBackend) -> Planned:
+def fold(backend: FoldBackend, *, mode: bool = True) -> Planned:
     """Plan and make the folds; the report counts what the model holds after them (``applied=True``)."""
-    planned = plan(backend, project=not backend.measures_counts)
+    planned = plan(backend, project=not backend.measures_counts, mode=mode)
     apply(planned)
     backend.finish()
     if backend.measures_counts:
@@ -212,7 +214,7 @@ def fold(backend: FoldBackend) -> Planned:
 def refold(backend: FoldBackend, prefix: str = "") -> tuple[Planned, dict[str, NormEntry]]:
     """Fold what a merge round made foldable; returns what was planned, and the round's entries of the norms it
     folded or left because the fold would overflow (named with ``prefix``, for a block folded on its own)."""
-    planned = fold(backend)
+    planned = fold(backend, mode=False)
     planned_norms = {fold.norm for fold in planned.plan.folds}
     return planned, {
         prefix + e.name: dataclasses.replace(e, name=prefix + e.name, into=tuple(prefix + n for n in e.into))

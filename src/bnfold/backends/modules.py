@@ -17,6 +17,7 @@ failed verification can restore the model bit for bit (:class:`Rollback`).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -605,17 +606,19 @@ def _small_numpy(array: torch.Tensor, limit: int) -> np.ndarray | None:
 
 
 def _channels_guess(module: nn.Module) -> int:
+    if isinstance(getattr(module, "num_features", None), int):
+        return module.num_features  # type: ignore[return-value]
     mean = getattr(module, "running_mean", None)
     if not isinstance(mean, torch.Tensor) or isinstance(mean, nn.parameter.UninitializedTensorMixin) or mean.dim() != 1:
         return 0
     return int(mean.shape[0])
 
 
-def norm_modes(module: nn.Module) -> NormModes:
-    """The training-mode fact of a live model (an ``nn.Module`` or a ScriptModule): its submodules that hold running
-    statistics, and how many of them are in training mode. A frozen module (folded before) has none: its mode was
-    fixed when it was frozen."""
-    modes = [m.training for m in module.modules() if getattr(m, "running_mean", None) is not None]
+def norm_modes(modules: Iterable[nn.Module]) -> NormModes:
+    """The training-mode fact of a live model (an ``nn.Module`` or a ScriptModule), from its ``modules``: those
+    that hold running statistics, and how many of them are in training mode. A frozen module (folded before) has
+    none: its mode was fixed when it was frozen."""
+    modes = [m.training for m in modules if getattr(m, "running_mean", None) is not None]
     return NormModes(len(modes), sum(modes))
 
 

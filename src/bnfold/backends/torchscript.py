@@ -778,7 +778,7 @@ class ScriptBackend:
         self.module, self.frozen, self.name, self.inputs, self.names = module, frozen, name, inputs, names
 
     def norm_modes(self) -> NormModes:
-        return norm_modes(self.module)
+        return norm_modes(self.module.modules())
 
     def translate(self) -> Graph:
         if self.frozen is None:

@@ -31,7 +31,7 @@ from .errors import (
     VerificationError,
 )
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
-from .report import LEFT, FoldReport
+from .report import FoldReport
 from .verification import (
     compare_outputs,
     default_tolerance,
@@ -356,11 +356,9 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
                 rollback.restore()  # the float64 second opinion needs the unfolded model
             if folded_float64 is not None:
                 # The folds made (not those left because they would overflow), carried out in float64.
-                left = {e.name for e in report.entries if e.status == LEFT}
-                made = dataclasses.replace(the_plan, folds=[f for f in the_plan.folds if f.norm not in left])
                 exact_fold = _copy(model).double()
                 with torch.no_grad():
-                    apply_plan(made, ModuleWeights(exact_fold, registry))
+                    apply_plan(planned.made(), ModuleWeights(exact_fold, registry))
                 with MODEL_CALLS_LOCK:
                     second = explained_by_rounding(model, inputs, reference, folded_outputs, exact_fold, folded_float64)
                 del exact_fold, folded_float64

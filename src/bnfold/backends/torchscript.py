@@ -373,20 +373,11 @@ def _is_tensor(value: Any) -> bool:
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """Freeze a copy of ``module`` without ``torch.jit.freeze``'s optimisation passes (they fold conv + BN
     themselves, silently)."""
-    _check_scripted(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frozen = torch.jit.RecursiveScriptModule(torch._C._freeze_module(module._c, []))
         torch.jit.RecursiveScriptModule._finalize_scriptmodule(frozen)
     return frozen
-
-
-def _check_scripted(module: Any) -> None:
-    if not isinstance(module, torch.jit.ScriptModule):
-        raise InvalidInputError(
-            f"fold_script folds TorchScript modules (torch.jit.script / torch.jit.trace / torch.jit.load), got "
-            f"{type(module).__name__}; for an nn.Module call bnfold.fold"
-        )
 
 
 def _recorded_shapes(frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...]) -> dict[int, tuple[int, ...]]:
@@ -480,7 +471,6 @@ class _Translation:
 
     graph: Graph
     jit_nodes: dict[str, Any] = field(default_factory=dict)  # unit name -> its JIT node
-    types: dict[str, str] = field(default_factory=dict)  # unit name -> the class name the report shows
     node_of: dict[int, Any] = field(default_factory=dict)  # core index of an op / layer / norm -> its JIT node
     value_nodes: dict[int, list[int]] = field(default_factory=dict)  # JIT value -> the core nodes it stands for
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # "%name" -> the constant tensor it holds
@@ -687,7 +677,6 @@ class _Translator:
         core = self.graph.add_node(kind, f"'{name}' ({node.kind()})", reads, shape=self.shape(position), unit=name)
         self.bind(node, core.index, position)
         self.result.jit_nodes[name] = node
-        self.result.types[name] = self.graph.units[name].type_name
 
     def nested_norms(self) -> None:
         """Norms inside control flow (a ``prim::If`` / ``prim::Loop`` block): reported, never folded."""
@@ -701,7 +690,6 @@ class _Translator:
                 "rewrite; fold the nn.Module before scripting it"
             ))
             self.graph.add_unit(name, NORM, type_name, norm=facts)
-            self.result.types[name] = type_name
 
 
 def to_graph(
@@ -774,7 +762,11 @@ class ScriptBackend:
 
     def __init__(self, module: torch.jit.ScriptModule, frozen: torch.jit.ScriptModule | None, name: str,
                  inputs: tuple[Any, ...] | None, names: dict[int, str] | None = None) -> None:
-        _check_scripted(module)
+        if not isinstance(module, torch.jit.ScriptModule):
+            raise InvalidInputError(
+                f"fold_script folds TorchScript modules (torch.jit.script / torch.jit.trace / torch.jit.load), got "
+                f"{type(module).__name__}; for an nn.Module call bnfold.fold"
+            )
         self.module, self.frozen, self.name, self.inputs, self.names = module, frozen, name, inputs, names
 
     def norm_modes(self) -> NormModes:

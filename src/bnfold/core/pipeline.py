@@ -22,7 +22,7 @@ from ..errors import TrainingModeError
 from ..report import FOLDED, LEFT, FoldReport, NormEntry
 from .apply import DryRun, FoldOverflow, NormMaps, WeightAccess, apply_plan, check_statistics
 from .graph import Graph
-from .plan import FoldPlan, make_plan
+from .plan import Fold, FoldPlan, make_plan
 
 
 @dataclass(frozen=True)
@@ -113,23 +113,16 @@ class Planned:
 
 
 def entries(graph: Graph, the_plan: FoldPlan) -> list[NormEntry]:
-    """One entry per norm in the order the model calls them: folded into what, or left and why."""
-    decided: dict[str, NormEntry] = {}
+    """One entry per norm: the folds in the order they are made (a chain's first norm first), then the norms left,
+    with the reason."""
     units = graph.units
-    for fold in the_plan.folds:
-        unit = units[fold.norm]
-        decided[fold.norm] = NormEntry(fold.norm, unit.type_name, _channels(unit.norm), FOLDED, into=fold.layers,
-                                       direction=fold.direction)
-    for refusal in the_plan.refusals:
-        unit = units[refusal.norm]
-        decided[refusal.norm] = NormEntry(refusal.norm, unit.type_name, _channels(unit.norm), LEFT,
-                                          reason=refusal.reason)
-    ordered = [decided.pop(unit.name) for unit in graph.norms() if unit.name in decided]
-    return ordered + list(decided.values())
-
-
-def _channels(facts: object) -> int | None:
-    return getattr(facts, "channels", None) or None
+    return [
+        NormEntry(d.norm, units[d.norm].type_name, getattr(units[d.norm].norm, "channels", None) or None, FOLDED,
+                  into=d.layers, direction=d.direction) if isinstance(d, Fold)
+        else NormEntry(d.norm, units[d.norm].type_name, getattr(units[d.norm].norm, "channels", None) or None, LEFT,
+                       reason=d.reason)
+        for d in the_plan.decisions()
+    ]
 
 
 def plan(backend: FoldBackend, *, project: bool = True, mode: bool = True) -> Planned:

@@ -410,7 +410,7 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
 
     def fold_again(module: nn.Module, module_inputs: tuple[Any, ...] | None, prefix: str) -> FoldPlan:
         planned, entries = pipeline.refold(ModuleBackend(module, module_inputs, registry), prefix)
-        pipeline.take_round(report, entries)
+        report.absorb_merged_norms({}, entries)
         return planned.made()
 
     # Merges trace the model with torch.fx (and run it) again: while no other thread traces (see MODEL_CALLS_LOCK).

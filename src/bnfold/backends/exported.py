@@ -888,7 +888,7 @@ def _merge(module: fx.GraphModule, report: FoldReport) -> None:
 
     def fold_again(current: fx.GraphModule) -> FoldPlan:
         planned, entries = pipeline.refold(ExportedBackend(current, report.model))
-        pipeline.take_round(report, entries)
+        report.absorb_merged_norms({}, entries)
         return planned.made()
 
     with torch.no_grad():

@@ -6,8 +6,8 @@ to its weights and writes the decisions back (a :class:`FoldBackend`). What happ
 1. the training-mode rule, before anything runs the model (:func:`check_mode`);
 2. translate, plan (:func:`bnfold.core.plan.make_plan`), check the statistics of every norm the plan folds;
 3. apply the plan; a fold that would overflow the layer's dtype is not made and its norm is reported as left;
-4. the report: one entry per norm in call order, and the parameter and buffer counts after the fold, projected
-   from what the folds release when the format cannot count them afterwards (a dry run, a frozen graph).
+4. the report: one entry per norm, and the parameter and buffer counts after the fold, projected from what the
+   folds release where the format cannot count them afterwards (a dry run, a frozen graph).
 
 Torch-free and numpy-free, like the rest of the core: the ONNX backend drives its folds through it without torch.
 """
@@ -37,44 +37,27 @@ class NormModes:
 class FoldBackend(Protocol):
     """One format, as the driver sees it.
 
-    Attributes:
-        name: the model's name in the report.
-        exported: the model's mode was fixed when it was exported (``.pt2``, ONNX): the remedy for a model in
-            training mode is to export it again, not to call ``.eval()`` on it.
-        measures_counts: :meth:`counts` is exact after the folds are written; otherwise the driver projects them.
+    ``name``: the model's name in the report. ``exported``: its mode was fixed when it was exported (``.pt2``,
+    ONNX), so the remedy for training mode is to export it again. ``measures_counts``: :meth:`counts` is exact after
+    the folds are written (otherwise the driver projects the counts from :meth:`released` and :meth:`lacks_bias`).
+
+    :meth:`norm_modes` is read before :meth:`translate` (translating may run the model); :meth:`weights` is the
+    translated model's; :meth:`counts` are its parameter and buffer elements; :meth:`released` the parameter and
+    buffer elements that leave with a folded norm; :meth:`finish` makes the written folds part of the model (dead
+    code out, graph recompiled, nodes reordered...).
     """
 
     name: str
     exported: bool
     measures_counts: bool
 
-    def norm_modes(self) -> NormModes:
-        """The training-mode fact, read before the model is translated (translating may run it)."""
-        ...
-
-    def translate(self) -> Graph:
-        """The core graph of the model as it is now."""
-        ...
-
-    def weights(self) -> WeightAccess:
-        """Read and write access to the translated model's weights."""
-        ...
-
-    def counts(self) -> tuple[int, int]:
-        """The model's parameter and buffer element counts, as the report counts them."""
-        ...
-
-    def released(self, norm: str) -> tuple[int, int]:
-        """The parameter and buffer elements that leave the model with the norm once it is folded."""
-        ...
-
-    def lacks_bias(self, layer: str) -> bool:
-        """Whether the layer has no bias yet (a fold gives it one)."""
-        ...
-
-    def finish(self) -> None:
-        """Make the written folds part of the model (dead code out, graph recompiled, nodes reordered...)."""
-        ...
+    def norm_modes(self) -> NormModes: ...
+    def translate(self) -> Graph: ...
+    def weights(self) -> WeightAccess: ...
+    def counts(self) -> tuple[int, int]: ...
+    def released(self, norm: str) -> tuple[int, int]: ...
+    def lacks_bias(self, layer: str) -> bool: ...
+    def finish(self) -> None: ...
 
 
 def check_mode(backend: FoldBackend) -> None:
@@ -168,18 +151,14 @@ def apply(planned: Planned, access: WeightAccess | None = None) -> list[FoldOver
     """Apply the plan through ``access`` (the planned weights by default); the folds that would overflow are not
     made, and their norms are reported as left with the reason."""
     overflows = apply_plan(planned.plan, access if access is not None else planned.access, planned.maps)
-    leave(planned.report, {overflow.norm: str(overflow) for overflow in overflows})
-    return overflows
-
-
-def leave(report: FoldReport, reasons: dict[str, str]) -> None:
-    """The norms named in ``reasons`` are left, each with its reason."""
+    reasons = {overflow.norm: str(overflow) for overflow in overflows}
     if reasons:
-        report.entries = [
+        planned.report.entries = [
             dataclasses.replace(e, status=LEFT, into=(), direction=None, reason=reasons[e.name])
             if e.name in reasons else e
-            for e in report.entries
+            for e in planned.report.entries
         ]
+    return overflows
 
 
 def dry_run(backend: FoldBackend) -> Planned:
@@ -206,7 +185,8 @@ def fold(backend: FoldBackend, *, mode: bool = True) -> Planned:
 
 def refold(backend: FoldBackend, prefix: str = "") -> tuple[Planned, dict[str, NormEntry]]:
     """Fold what a merge round made foldable; returns what was planned, and the round's entries of the norms it
-    folded or left because the fold would overflow (named with ``prefix``, for a block folded on its own)."""
+    folded or left because the fold would overflow (named with ``prefix``, for a block folded on its own), for
+    :meth:`~bnfold.report.FoldReport.absorb_merged_norms`."""
     planned = fold(backend, mode=False)
     planned_norms = {fold.norm for fold in planned.plan.folds}
     return planned, {
@@ -214,7 +194,3 @@ def refold(backend: FoldBackend, prefix: str = "") -> tuple[Planned, dict[str, N
         for e in planned.report.entries if e.name in planned_norms
     }
 
-
-def take_round(report: FoldReport, round_entries: dict[str, NormEntry]) -> None:
-    """A later round's decision replaces a norm's entry (keeping the kind and channels of the first)."""
-    report.absorb_merged_norms({}, round_entries)

@@ -674,7 +674,7 @@ class _Translator:
         if len(node.input) >= 2 and node.input[1] in self.shapes and len(self.shapes[node.input[1]]) == 1:
             channels = self.shapes[node.input[1]][0]
         problem = None
-        if attribute(node, "training_mode", 0) or (tensors.opset < 7 and not attribute(node, "is_test", 0)):
+        if _in_training_mode(node, tensors.opset):
             problem = f"{BATCH_STATISTICS} (training_mode=1); export the model in eval mode (model.eval()) to fold it"
         elif attribute(node, "spatial", 1) == 0:
             problem = "it has spatial=0 (one statistic per element, opset < 9), which bnfold does not fold"
@@ -806,12 +806,10 @@ def to_graph(model: onnx.ModelProto) -> Translation:
     return _Translator(model).translate()
 
 
-def training_mode_norms(model: onnx.ModelProto) -> tuple[int, int]:
-    """How many top-level BatchNormalization nodes there are, and how many normalise with batch statistics."""
-    opset = default_opset(model)
-    norms = [n for n in model.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
-    training = [n for n in norms if attribute(n, "training_mode", 0) or (opset < 7 and not attribute(n, "is_test", 0))]
-    return len(norms), len(training)
+def _in_training_mode(node: onnx.NodeProto, opset: int) -> bool:
+    """A BatchNormalization set to normalise with batch statistics (``training_mode=1``; before opset 7, no
+    ``is_test``)."""
+    return bool(attribute(node, "training_mode", 0) or (opset < 7 and not attribute(node, "is_test", 0)))
 
 
 # ----------------------------------------------------------------------------------------------- write back
@@ -1111,7 +1109,10 @@ class OnnxBackend:
         self.name = name
 
     def norm_modes(self) -> NormModes:
-        return NormModes(*training_mode_norms(self.model))
+        """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
+        opset = default_opset(self.model)
+        norms = [n for n in self.model.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
+        return NormModes(len(norms), sum(_in_training_mode(n, opset) for n in norms))
 
     def translate(self) -> Graph:
         self.translation = to_graph(self.model)

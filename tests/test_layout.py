@@ -54,8 +54,8 @@ def _imports() -> dict[str, set[str]]:
     return graph
 
 
-def test_the_core_imports_only_itself_affine_and_errors() -> None:
-    allowed = {"bnfold.affine", "bnfold.errors"}
+def test_the_core_imports_only_itself_affine_errors_and_the_report() -> None:
+    allowed = {"bnfold.affine", "bnfold.errors", "bnfold.report"}  # report: the plain data the driver fills
     for name, imported in _imports().items():
         if name.startswith("bnfold.core"):
             outside = {m for m in imported if not m.startswith("bnfold.core") and m not in allowed | {"bnfold"}}

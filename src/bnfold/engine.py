@@ -9,28 +9,29 @@ import gc
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .backends.block_merges import merge_blocks
-from .backends.capture import MODEL_CALLS_LOCK, Dataflow, as_input_tuple, capture
+from .backends.capture import MODEL_CALLS_LOCK, as_input_tuple, capture
 from .backends.module_merges import merge_traced
 from .backends.module_tree import ModuleTree
-from .backends.modules import ModuleWeights, Rollback, layer_rule, to_graph
-from .core.apply import DryRun, FoldOverflow, NormMaps, apply_plan, check_statistics
-from .core.plan import FoldPlan, make_plan
+from .backends.modules import ModuleWeights, Rollback, layer_rule, norm_modes, to_graph
+from .core import pipeline
+from .core.apply import DryRun, apply_plan
+from .core.graph import Graph
+from .core.pipeline import NormModes, Planned
+from .core.plan import FoldPlan
 from .errors import (
     InvalidInputError,
     NonFiniteOutputError,
-    TrainingModeError,
     UndecidedError,
     VerificationError,
 )
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
-from .report import FOLDED, LEFT, FoldReport, NormEntry
+from .report import FoldReport
 from .verification import (
     compare_outputs,
     default_tolerance,
@@ -85,21 +86,7 @@ def _check_model(model: Any, registry: LayerRegistry) -> ModuleTree:
             f"so there is nothing to fold. Load them first, e.g. model.to_empty(device='cpu') then "
             f"model.load_state_dict(state_dict)"
         )
-    if model.training:
-        raise TrainingModeError(
-            f"{type(model).__name__} is in training mode, where batch norm uses batch statistics and folding would "
-            f"change what the model computes. Call model.eval() first."
-        )
     return tree
-
-
-def _norm_entry(tree: ModuleTree, name: str, registry: LayerRegistry, status: str, **fields: Any) -> NormEntry:
-    module = tree.get(name)
-    rule = registry.norm(module).rule
-    channels = getattr(module, "num_features", None)
-    if channels is None and isinstance(rule, NormRule):
-        channels = int(rule.statistics(module).mean.shape[0])
-    return NormEntry(name=name, kind=type(module).__name__, channels=channels, status=status, **fields)
 
 
 def _count(model: nn.Module | ModuleTree) -> tuple[int, int]:
@@ -108,59 +95,58 @@ def _count(model: nn.Module | ModuleTree) -> tuple[int, int]:
     return census.parameters, census.buffers
 
 
-def _projected_parameters(tree: ModuleTree, the_plan: FoldPlan, registry: LayerRegistry, parameters: int) -> int:
-    """Parameters once ``the_plan`` is applied: the folded norms' own go, a bias comes to each layer without one.
+class ModuleBackend:
+    """:class:`bnfold.core.pipeline.FoldBackend` for an ``nn.Module``: its dataflow is captured (torch.fx, or one
+    watched forward pass), its weights changed in place."""
 
-    What a dry run reports as ``parameters_after``, without copying the model to find out.
-    """
-    lazy = nn.parameter.UninitializedTensorMixin
-    removed = 0
-    for fold in the_plan.folds:
-        norm = tree.get(fold.norm)
-        rule = registry.norm(norm).rule
-        replacement = None
+    exported = False
+    measures_counts = True
+
+    def __init__(self, model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> None:
+        self.tree: ModuleTree | None = _check_model(model, registry)
+        self.model, self.inputs, self.registry, self.name = model, inputs, registry, type(model).__name__
+        self.access = ModuleWeights(model, registry, tree=self.tree)
+
+    def norm_modes(self) -> NormModes:
+        assert self.tree is not None
+        return norm_modes(module for _, module in self.tree.unique)
+
+    def translate(self) -> Graph:
+        assert self.tree is not None
+        self.flow = capture(self.model, self.inputs, self.registry, self.tree)
+        return to_graph(self.model, self.flow, self.registry, self.tree)
+
+    def weights(self) -> ModuleWeights:
+        return self.access
+
+    def counts(self) -> tuple[int, int]:
+        return _count(self.tree if self.tree is not None else self.model)
+
+    def released(self, norm: str) -> tuple[int, int]:
+        """The norm's own parameters and buffers, less what its replacement keeps (a fused activation's)."""
+        assert self.tree is not None
+        module = self.tree.get(norm)
+        rule = self.registry.norm(module).rule
+        kept: set[int] = set()
         if isinstance(rule, NormRule) and rule.replacement is not identity_replacement:  # Identity keeps nothing
-            replacement = rule.replacement(norm)
-        kept = {id(p) for p in replacement.parameters()} if replacement is not None else set()
-        own = norm.parameters() if norm._modules else norm._parameters.values()  # a norm is mostly a leaf
-        removed += sum(p.numel() for p in own if p is not None and id(p) not in kept and not isinstance(p, lazy))
-    added = 0
-    for name in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers):
-        layer = tree.get(name)
-        rule, _ = layer_rule(layer, registry)
-        if isinstance(rule, LinearLayerRule) and getattr(layer, rule.bias_name, None) is None:
-            added += rule.out_channels(layer)
-    return parameters - removed + added
+            replacement = rule.replacement(module)
+            kept = {id(t) for t in (*replacement.parameters(), *replacement.buffers())}
+        lazy = nn.parameter.UninitializedTensorMixin
+        leaf = not module._modules  # a norm is mostly a leaf
+        own = (module._parameters.values(), module._buffers.values()) if leaf else (module.parameters(), module.buffers())
+        return tuple(  # type: ignore[return-value]
+            sum(t.numel() for t in tensors if t is not None and id(t) not in kept and not isinstance(t, lazy))
+            for tensors in own
+        )
 
+    def lacks_bias(self, layer: str) -> bool:
+        assert self.tree is not None
+        module = self.tree.get(layer)
+        rule, _ = layer_rule(module, self.registry)
+        return isinstance(rule, LinearLayerRule) and getattr(module, rule.bias_name, None) is None
 
-def _report(tree: ModuleTree, the_plan: FoldPlan, registry: LayerRegistry) -> FoldReport:
-    model = tree.model
-    entries = [
-        _norm_entry(tree, f.norm, registry, FOLDED, into=f.layers, direction=f.direction) for f in the_plan.folds
-    ] + [_norm_entry(tree, s.norm, registry, LEFT, reason=s.reason) for s in the_plan.refusals]
-    parameters, buffers = _count(tree)
-    return FoldReport(
-        model=type(model).__name__,
-        applied=False,
-        capture=the_plan.method,
-        entries=entries,
-        parameters_before=parameters,
-        parameters_after=_projected_parameters(tree, the_plan, registry, parameters),
-        buffers_before=buffers,
-        buffers_after=buffers,
-        notes=list(the_plan.notes),
-    )
-
-
-@dataclass
-class _Planned:
-    """What planning a module's fold learnt, for the steps after it."""
-
-    plan: FoldPlan
-    report: FoldReport
-    flow: Dataflow
-    tree: ModuleTree
-    maps: NormMaps  # each norm to fold: its (s, t), in float64
+    def finish(self) -> None:
+        self.tree = None  # the tree's counts are the model's before the folds
 
 
 @contextlib.contextmanager
@@ -182,12 +168,11 @@ def _collector_paused() -> Any:
             gc.enable()
 
 
-def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> _Planned:
-    tree = _check_model(model, registry)
-    flow = capture(model, inputs, registry, tree)
-    the_plan = make_plan(to_graph(model, flow, registry, tree))
-    maps = check_statistics([f.norm for f in the_plan.folds], ModuleWeights(model, registry, tree=tree))
-    return _Planned(the_plan, _report(tree, the_plan, registry), flow, tree, maps)
+def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> tuple[Planned, ModuleTree]:
+    backend = ModuleBackend(model, inputs, registry)
+    tree = backend.tree
+    assert tree is not None
+    return pipeline.plan(backend), tree
 
 
 def plan(
@@ -219,10 +204,10 @@ def _plan_report(model: nn.Module, example_inputs: ExampleInputs, registry: Laye
         del preview
         return report
     with MODEL_CALLS_LOCK:
-        planned = _plan(model, as_input_tuple(example_inputs), registry)
+        planned, _ = _plan(model, as_input_tuple(example_inputs), registry)
     with torch.no_grad():
-        access = DryRun(ModuleWeights(model, registry, tree=planned.tree))
-        _leave_overflowed(planned.report, apply_plan(planned.plan, access, planned.maps))
+        pipeline.apply(planned, DryRun(planned.access))
+    pipeline.project(planned)
     return planned.report
 
 
@@ -301,7 +286,7 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
             "forward pass of the model"
         )
     with MODEL_CALLS_LOCK:
-        planned = _plan(model, inputs, registry)
+        planned, tree = _plan(model, inputs, registry)
         the_plan, report = planned.plan, planned.report
         reference = perturbed = None
         if verify:
@@ -311,8 +296,8 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
             perturbed = noise_floor(model, touched_tensors(model, touched), inputs)
     target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
-    rollback = _apply(target, the_plan, registry, report, in_place=not (inplace and verify), maps=planned.maps,
-                      tree=planned.tree if target is model else None)
+    rollback = _apply(target, planned, registry, in_place=not (inplace and verify),
+                      tree=tree if target is model else None)
     if merge_branches:
         try:
             target = _merge(copy.deepcopy(target) if inplace else target, inputs, registry, report, merge_branches)
@@ -360,7 +345,7 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
                     f"left unchanged; pass verify=False to fold without the check."
                 )
             if restored and comparison.passed:
-                _apply(model, the_plan, registry, report, maps=planned.maps)
+                _apply(model, planned, registry)
         if comparison.passed and comparison.max_relative > limit:
             report.notes.append(
                 f"outputs differ by {comparison.max_relative:.2g} (relative), above the tolerance {limit:g}, but by no "
@@ -371,11 +356,9 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
                 rollback.restore()  # the float64 second opinion needs the unfolded model
             if folded_float64 is not None:
                 # The folds made (not those left because they would overflow), carried out in float64.
-                left = {e.name for e in report.entries if e.status == LEFT}
-                made = dataclasses.replace(the_plan, folds=[f for f in the_plan.folds if f.norm not in left])
                 exact_fold = _copy(model).double()
                 with torch.no_grad():
-                    apply_plan(made, ModuleWeights(exact_fold, registry))
+                    apply_plan(planned.made(), ModuleWeights(exact_fold, registry))
                 with MODEL_CALLS_LOCK:
                     second = explained_by_rounding(model, inputs, reference, folded_outputs, exact_fold, folded_float64)
                 del exact_fold, folded_float64
@@ -392,40 +375,30 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
                 f"more than the model's own float rounding explains (checked against a float64 evaluation)"
             )
             if inplace:
-                _apply(model, the_plan, registry, report, maps=planned.maps)
+                _apply(model, planned, registry)
     report.applied = True
     counts = None
     if target is model and not verify and not merge_branches:  # one fold, recorded by ``rollback``: no new walk
-        counts = planned.tree.counts_after(rollback.replacements())
+        counts = tree.counts_after(rollback.replacements())
     report.parameters_after, report.buffers_after = counts if counts is not None else _count(target)
     _reports[target] = report
     log.info("%s", report.summary())
     return target
 
 
-def _apply(
-    target: nn.Module,
-    the_plan: FoldPlan,
-    registry: LayerRegistry,
-    report: FoldReport,
-    *,
-    in_place: bool = False,
-    maps: NormMaps | None = None,
-    tree: ModuleTree | None = None,
-) -> Rollback:
-    """Fold ``target`` in place; on an exception everything done is undone (bit for bit unless ``in_place``: see
-    :class:`~bnfold.backends.modules.Rollback`). A fold that would overflow the layer's dtype is not applied: its
-    norm is reported as left, with the reason. ``maps`` and ``tree``: what planning computed, if it was planned on
-    ``target`` itself (``maps`` also for a copy: the statistics are the same)."""
+def _apply(target: nn.Module, planned: Planned, registry: LayerRegistry, *, in_place: bool = False,
+           tree: ModuleTree | None = None) -> Rollback:
+    """Fold ``target`` (``planned``'s model or a copy of it) in place; on an exception everything done is undone
+    (bit for bit unless ``in_place``: see :class:`~bnfold.backends.modules.Rollback`). A fold that would overflow
+    the layer's dtype is not applied: its norm is reported as left, with the reason. ``tree``: the model's, if
+    ``target`` is the model planned."""
     rollback = Rollback()
     try:
         with torch.no_grad(), torch.inference_mode(False):
-            access = ModuleWeights(target, registry, rollback, in_place=in_place, tree=tree)
-            overflows = apply_plan(the_plan, access, maps)
+            pipeline.apply(planned, ModuleWeights(target, registry, rollback, in_place=in_place, tree=tree))
     except BaseException:
         rollback.restore()
         raise
-    _leave_overflowed(report, overflows)
     return rollback
 
 
@@ -436,20 +409,9 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
     model's traced graph, or block by block where torch.fx cannot trace it; ``"blocks"`` block by block only."""
 
     def fold_again(module: nn.Module, module_inputs: tuple[Any, ...] | None, prefix: str) -> FoldPlan:
-        planned = _plan(module, module_inputs, registry)
-        the_plan = planned.plan
-        with torch.no_grad(), torch.inference_mode(False):
-            overflows = apply_plan(the_plan, ModuleWeights(module, registry, tree=planned.tree), planned.maps)
-        reasons = {prefix + overflow.norm: str(overflow) for overflow in overflows}
-        _leave_with(report, reasons)
-        made = {prefix + f.norm: f for f in the_plan.folds if prefix + f.norm not in reasons}
-        report.entries = [
-            dataclasses.replace(e, status=FOLDED, into=tuple(prefix + layer for layer in made[e.name].layers),
-                                direction=made[e.name].direction, reason=None)
-            if e.name in made else e
-            for e in report.entries
-        ]
-        return dataclasses.replace(the_plan, folds=list(made.values()))
+        planned, entries = pipeline.refold(ModuleBackend(module, module_inputs, registry), prefix)
+        report.absorb_merged_norms({}, entries)
+        return planned.made()
 
     # Merges trace the model with torch.fx (and run it) again: while no other thread traces (see MODEL_CALLS_LOCK).
     with MODEL_CALLS_LOCK, torch.no_grad(), torch.inference_mode(False):  # new weights usable outside inference mode
@@ -469,20 +431,6 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
     report.merges = outcome.entries
     report.notes.extend(outcome.notes)
     return outcome.model
-
-
-def _leave_overflowed(report: FoldReport, overflows: list[FoldOverflow]) -> None:
-    _leave_with(report, {overflow.norm: str(overflow) for overflow in overflows})
-
-
-def _leave_with(report: FoldReport, reasons: dict[str, str]) -> None:
-    """The norms named in ``reasons`` are left, each with its reason."""
-    if reasons:
-        report.entries = [
-            dataclasses.replace(e, status=LEFT, into=(), direction=None, reason=reasons[e.name])
-            if e.name in reasons else e
-            for e in report.entries
-        ]
 
 
 def _copy(model: nn.Module) -> nn.Module:

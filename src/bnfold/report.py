@@ -108,7 +108,7 @@ class FoldReport(RichPrintable):
         model: the model's class (or file) name.
         applied: ``False`` for a dry run (:func:`bnfold.plan`), ``True`` once the folds were made.
         capture: how the dataflow was learnt (``"torch.fx"``, ``"forward pass"``, ``"onnx graph"``).
-        entries: one :class:`NormEntry` per norm, in call order.
+        entries: one :class:`NormEntry` per norm: the folds in the order they are made, then the norms left.
         parameters_before / parameters_after: trainable parameter counts (buffers excluded); for a dry run,
             ``parameters_after`` is what the fold would leave.
         buffers_before / buffers_after: element counts of buffers (running statistics and the like).

@@ -34,7 +34,6 @@ parameters less, and the biases the folds add more, as for an ``nn.Module``.
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -44,7 +43,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from ..core.apply import FoldOverflow, LayerTensors, Statistics, apply_plan, check_statistics
+from ..core import pipeline
+from ..core.apply import LayerTensors, Statistics
 from ..core.arithmetic import linear_combination
 from ..core.graph import (
     BATCH_STATISTICS,
@@ -64,9 +64,10 @@ from ..core.graph import (
     same_padding,
 )
 from ..core.merge_rounds import merge_rounds
-from ..core.plan import FoldPlan, make_plan
-from ..errors import CaptureError, InvalidInputError, TrainingModeError
-from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from ..core.pipeline import NormModes
+from ..core.plan import FoldPlan
+from ..errors import CaptureError, InvalidInputError
+from ..report import FoldReport
 from .exported_merges import ExportedMerges, Translation
 from .modules import TorchNumerics
 
@@ -671,16 +672,6 @@ def to_graph(module: fx.GraphModule) -> ExportedGraph:
     return _Translator(module).translate()
 
 
-def _check_training(exported: ExportedGraph) -> None:
-    """A program whose every norm with running statistics uses batch statistics was exported in training mode."""
-    with_running = [site for site in exported.norms.values() if site.statistics[2] is not None]
-    if with_running and all(site.training for site in with_running):
-        raise TrainingModeError(
-            "the program was exported in training mode (its batch norms use the statistics of each batch), and "
-            "folding would change what it computes; call model.eval() before torch.export.export and export it again"
-        )
-
-
 # --------------------------------------------------------------------------------------------- writing back
 
 
@@ -778,57 +769,65 @@ def _delete_unused(module: fx.GraphModule, targets: list[str]) -> None:
             delattr(owner, name)
 
 
-# ------------------------------------------------------------------------------------------------- the report
+# ------------------------------------------------------------------------------------------------- the driver
 
 
-def _entries(exported: ExportedGraph, the_plan: FoldPlan, overflows: list[FoldOverflow]) -> list[NormEntry]:
-    reasons = {overflow.norm: str(overflow) for overflow in overflows}
-    units = exported.graph.units
-    entries = []
-    for fold in the_plan.folds:
-        unit = units[fold.norm]
-        channels = unit.norm.channels if unit.norm else None
-        if fold.norm in reasons:
-            entries.append(NormEntry(fold.norm, unit.type_name, channels, LEFT, reason=reasons[fold.norm]))
-        else:
-            entries.append(NormEntry(fold.norm, unit.type_name, channels, FOLDED, into=fold.layers,
-                                     direction=fold.direction))
-    for refusal in the_plan.refusals:
-        unit = units[refusal.norm]
-        entries.append(NormEntry(refusal.norm, unit.type_name, unit.norm.channels if unit.norm else None, LEFT,
-                                 reason=refusal.reason))
-    order = {unit.name: i for i, unit in enumerate(exported.graph.norms())}
-    return sorted(entries, key=lambda e: order.get(e.name, len(order)))
+class ExportedBackend:
+    """:class:`bnfold.core.pipeline.FoldBackend` for an unlifted program module (``program.module()``, a copy): the
+    folds replace its tensors and erase the norms' nodes. Counts before are the program's; after, the caller counts
+    the program exported again."""
 
+    exported = True
+    measures_counts = True
 
-def _projected_parameters(program: torch.export.ExportedProgram, exported: ExportedGraph, the_plan: FoldPlan) -> int:
-    """Parameters once ``the_plan`` is applied: the folded norms' affine parameters go (when nothing else reads
-    them), a bias comes to each layer without one. What a dry run reports, without folding to find out."""
-    module = exported.module
-    folded_norms = {exported.norms[f.norm].node for f in the_plan.folds}
-    removed = 0
-    for fold in the_plan.folds:
-        for attribute in exported.norms[fold.norm].statistics[:2]:
+    def __init__(self, module: fx.GraphModule, name: str, program: torch.export.ExportedProgram | None = None) -> None:
+        self.module, self.name, self.program = module, name, program
+        self.exported_graph: ExportedGraph | None = None
+
+    def norm_modes(self) -> NormModes:
+        sites = [site for site in self._translated().norms.values() if site.statistics[2] is not None]
+        return NormModes(len(sites), sum(site.training for site in sites))
+
+    def _translated(self) -> ExportedGraph:
+        if self.exported_graph is None:
+            self.exported_graph = to_graph(self.module)
+            self.access = ExportedWeights(self.exported_graph)
+        return self.exported_graph
+
+    def translate(self) -> Graph:
+        return self._translated().graph
+
+    def weights(self) -> ExportedWeights:
+        return self.access
+
+    def counts(self) -> tuple[int, int]:
+        if self.program is None:
+            return 0, 0
+        return parameter_count(self.program), sum(b.numel() for b in self.program.buffers())
+
+    def released(self, norm: str) -> tuple[int, int]:
+        """Its affine parameters, when nothing else reads them, and its running statistics."""
+        site = self._translated().norms[norm]
+        parameters = buffers = 0
+        for i, attribute in enumerate(site.statistics):
             if attribute is None:
                 continue
-            readers = [n for n in module.graph.nodes if n.op == "get_attr" and n.target == attribute.target]
-            if all(user in folded_norms for reader in readers for user in reader.users):
-                tensor = _fetch(module, str(attribute.target))
-                removed += tensor.numel() if isinstance(tensor, nn.Parameter) else 0
-    added = sum(
-        exported.graph.units[layer].layer.out_channels  # type: ignore[union-attr]
-        for layer in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers)
-        if exported.layers[layer].bias is None
-    )
-    return parameter_count(program) - removed + added
+            tensor = _fetch(self.module, str(attribute.target))
+            if i >= 2:
+                buffers += tensor.numel()
+                continue
+            readers = [n for n in self.module.graph.nodes if n.op == "get_attr" and n.target == attribute.target]
+            if isinstance(tensor, nn.Parameter) and all(user is site.node for r in readers for user in r.users):
+                parameters += tensor.numel()
+        return parameters, buffers
 
+    def lacks_bias(self, layer: str) -> bool:
+        return self._translated().layers[layer].bias is None
 
-def _planned(program: torch.export.ExportedProgram) -> tuple[ExportedGraph, FoldPlan]:
-    exported = to_graph(program.module())
-    _check_training(exported)
-    the_plan = make_plan(exported.graph)
-    check_statistics([fold.norm for fold in the_plan.folds], ExportedWeights(exported))
-    return exported, the_plan
+    def finish(self) -> None:
+        self.module.graph.eliminate_dead_code()
+        _delete_unused(self.module, self.access.removed_state)
+        self.module.recompile()
 
 
 def plan_exported(program: torch.export.ExportedProgram, *, name: str = "exported program") -> FoldReport:
@@ -838,14 +837,8 @@ def plan_exported(program: torch.export.ExportedProgram, *, name: str = "exporte
         TrainingModeError: the program was exported in training mode.
         NonFiniteStatisticsError: a norm that would fold has NaN or infinite statistics.
     """
-    exported, the_plan = _planned(program)
-    buffers = sum(b.numel() for b in program.buffers())
-    return FoldReport(
-        model=name, applied=False, capture=CAPTURE, entries=_entries(exported, the_plan, []),
-        parameters_before=parameter_count(program),
-        parameters_after=_projected_parameters(program, exported, the_plan),
-        buffers_before=buffers, buffers_after=buffers, notes=list(the_plan.notes),
-    )
+    with torch.no_grad():
+        return pipeline.dry_run(ExportedBackend(program.module(), name, program)).report
 
 
 def _translation(module: fx.GraphModule) -> Translation:
@@ -853,37 +846,14 @@ def _translation(module: fx.GraphModule) -> Translation:
     return exported.graph, exported.nodes, ExportedWeights(exported)
 
 
-def _fold_in_place(module: fx.GraphModule, exported: ExportedGraph, the_plan: FoldPlan) -> list[FoldOverflow]:
-    """Apply ``the_plan`` to ``module`` (whose translation is ``exported``), erase what no longer computes anything
-    and delete the folded norms' state."""
-    access = ExportedWeights(exported)
-    with torch.no_grad():
-        overflows = apply_plan(the_plan, access)
-    module.graph.eliminate_dead_code()
-    _delete_unused(module, access.removed_state)
-    module.recompile()
-    return overflows
-
-
 def _merge(module: fx.GraphModule, report: FoldReport) -> None:
     """Merge the summed branches of the folded ``module`` in place (:mod:`bnfold.backends.exported_merges`),
     folding what each round makes foldable; ``report`` gets the blocks, and the norms folded or absorbed on the way."""
 
     def fold_again(current: fx.GraphModule) -> FoldPlan:
-        exported = to_graph(current)
-        the_plan = make_plan(exported.graph)
-        check_statistics([fold.norm for fold in the_plan.folds], ExportedWeights(exported))
-        overflows = _fold_in_place(current, exported, the_plan)
-        failed = {overflow.norm: str(overflow) for overflow in overflows}
-        made = {fold.norm: fold for fold in the_plan.folds if fold.norm not in failed}
-        report.entries = [
-            dataclasses.replace(e, status=FOLDED, into=made[e.name].layers, direction=made[e.name].direction,
-                                reason=None) if e.name in made
-            else dataclasses.replace(e, status=LEFT, into=(), direction=None, reason=failed[e.name])
-            if e.name in failed else e
-            for e in report.entries
-        ]
-        return dataclasses.replace(the_plan, folds=list(made.values()))
+        planned, entries = pipeline.refold(ExportedBackend(current, report.model))
+        report.absorb_merged_norms({}, entries)
+        return planned.made()
 
     merges = ExportedMerges(module, _translation, fold_again)
     with torch.no_grad():
@@ -925,15 +895,13 @@ def fold_exported(
         CaptureError: exporting the folded module again failed.
     """
     args, kwargs = _example_inputs(program, example_inputs)
-    exported, the_plan = _planned(program)
-    module = exported.module
-    overflows = _fold_in_place(module, exported, the_plan)
-    before = parameter_count(program)
-    report = FoldReport(model=name, applied=True, capture=CAPTURE, entries=_entries(exported, the_plan, overflows),
-                        parameters_before=before, parameters_after=before)  # counted once exported again
+    backend = ExportedBackend(program.module(), name, program)
+    with torch.no_grad():
+        report = pipeline.fold(backend).report  # counted again once exported again
+    module = backend.module
+    notes = list(report.notes)
     if merge_branches:
         _merge(module, report)
-    notes = list(the_plan.notes)
     dynamic_shapes = dynamic_shapes_of(program)
     if dynamic_shapes is None and any(
         isinstance(d, torch.SymInt) for shape in _user_input_shapes(program) if shape for d in shape
@@ -950,7 +918,6 @@ def fold_exported(
             "or fold the nn.Module with bnfold.fold and export that"
         ) from error
     report.parameters_after = parameter_count(folded)
-    report.buffers_before = sum(b.numel() for b in program.buffers())
     report.buffers_after = sum(b.numel() for b in folded.buffers())
     report.notes = notes
     return folded, report

@@ -17,6 +17,7 @@ failed verification can restore the model bit for bit (:class:`Rollback`).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,6 +48,7 @@ from ..core.graph import (
     OpFacts,
     same_padding,
 )
+from ..core.pipeline import NormModes
 from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
 from ..segments import span_all_finite, span_counts, span_max_abs
 from .capture import Dataflow, Site, TensorRef
@@ -618,10 +620,20 @@ def _small_numpy(array: torch.Tensor, limit: int) -> np.ndarray | None:
 
 
 def _channels_guess(module: nn.Module) -> int:
+    if isinstance(getattr(module, "num_features", None), int):
+        return module.num_features  # type: ignore[return-value]
     mean = getattr(module, "running_mean", None)
     if not isinstance(mean, torch.Tensor) or isinstance(mean, nn.parameter.UninitializedTensorMixin) or mean.dim() != 1:
         return 0
     return int(mean.shape[0])
+
+
+def norm_modes(modules: Iterable[nn.Module]) -> NormModes:
+    """The training-mode fact of a live model (an ``nn.Module`` or a ScriptModule), from its ``modules``: those
+    that hold running statistics, and how many of them are in training mode. A frozen module (folded before) has
+    none: its mode was fixed when it was frozen."""
+    modes = [m.training for m in modules if getattr(m, "running_mean", None) is not None]
+    return NormModes(len(modes), sum(modes))
 
 
 def to_graph(model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree | None = None) -> Graph:

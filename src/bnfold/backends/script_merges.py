@@ -155,12 +155,11 @@ class ScriptMerges:
     """A frozen JIT graph as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`), rewritten in place.
 
     ``translate()`` translates the graph as it is now; ``fold_again()`` plans and applies the folds of the graph as
-    it is now and says what it did (``entries``: the report entries of the norms it folded or left because the fold
-    would overflow; ``parameters_removed`` / ``buffers_removed``: the elements the folds removed, net of biases
-    added). What the merges and the folds between them removed is added up here, with the norms the folds decided.
+    it is now and says what it did: the report entries of the norms it folded or left because the fold would
+    overflow, by name, and the parameter and buffer elements the folds removed, net of biases added. What the merges and the folds between them removed is added up here, with the norms the folds decided.
     """
 
-    def __init__(self, jit_graph: Any, translate: Callable[[], ScriptBlocks], fold_again: Callable[[], Any]) -> None:
+    def __init__(self, jit_graph: Any, translate: Callable[[], ScriptBlocks], fold_again: Callable[[], tuple[dict[str, NormEntry], int, int]]) -> None:
         self.model = jit_graph
         self._translate, self._fold_again = translate, fold_again
         self.folded_norms: dict[str, NormEntry] = {}
@@ -206,8 +205,8 @@ class ScriptMerges:
         torch._C._jit_pass_constant_pooling(self.model)
 
     def fold_again(self) -> bool:
-        folds = self._fold_again()
-        self.folded_norms.update({entry.name: entry for entry in folds.entries})
-        self.parameters_removed += folds.parameters_removed
-        self.buffers_removed += folds.buffers_removed
-        return any(entry.status == FOLDED for entry in folds.entries)
+        entries, parameters, buffers = self._fold_again()
+        self.folded_norms.update(entries)
+        self.parameters_removed += parameters
+        self.buffers_removed += buffers
+        return any(entry.status == FOLDED for entry in entries.values())

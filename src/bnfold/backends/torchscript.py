@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from ..core.apply import LayerTensors, Statistics, apply_plan, check_statistics
+from ..core import pipeline
+from ..core.apply import LayerTensors, Statistics
 from ..core.arithmetic import linear_combination
 from ..core.graph import (
     BATCH_STATISTICS,
@@ -69,11 +70,11 @@ from ..core.graph import (
     same_padding,
 )
 from ..core.merge_rounds import merge_rounds
-from ..core.plan import FoldPlan, make_plan
-from ..errors import InvalidInputError, TrainingModeError
-from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from ..core.pipeline import NormModes
+from ..errors import InvalidInputError
+from ..report import FoldReport, NormEntry
 from .capture import as_input_tuple
-from .modules import TorchNumerics
+from .modules import TorchNumerics, norm_modes
 from .script_merges import ScriptBlocks, ScriptMerges
 
 CAPTURE = "torchscript graph"
@@ -358,17 +359,7 @@ def _is_tensor(value: Any) -> bool:
 
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """Freeze a copy of ``module`` without ``torch.jit.freeze``'s optimisation passes (they fold conv + BN
-    themselves, silently). Raises :class:`~bnfold.errors.TrainingModeError` for a model in training mode."""
-    if not isinstance(module, torch.jit.ScriptModule):
-        raise InvalidInputError(
-            f"fold_script folds TorchScript modules (torch.jit.script / torch.jit.trace / torch.jit.load), got "
-            f"{type(module).__name__}; for an nn.Module call bnfold.fold"
-        )
-    if getattr(module, "training", False):  # a frozen module (folded before) has no mode: it is frozen in eval
-        raise TrainingModeError(
-            "the TorchScript model is in training mode, where batch norm uses batch statistics and folding would "
-            "change what it computes; call .eval() on it first (the command line: pass --eval)"
-        )
+    themselves, silently)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frozen = torch.jit.RecursiveScriptModule(torch._C._freeze_module(module._c, []))
@@ -467,7 +458,6 @@ class _Translation:
 
     graph: Graph
     jit_nodes: dict[str, Any] = field(default_factory=dict)  # unit name -> its JIT node
-    types: dict[str, str] = field(default_factory=dict)  # unit name -> the class name the report shows
     node_of: dict[int, Any] = field(default_factory=dict)  # core index of an op / layer / norm -> its JIT node
     value_nodes: dict[int, list[int]] = field(default_factory=dict)  # JIT value -> the core nodes it stands for
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # "%name" -> the constant tensor it holds
@@ -653,7 +643,6 @@ class _Translator:
         core = self.graph.add_node(kind, f"'{name}' ({node.kind()})", reads, shape=self.shape(position), unit=name)
         self.bind(node, core.index, position)
         self.result.jit_nodes[name] = node
-        self.result.types[name] = self.graph.units[name].type_name
 
     def nested_norms(self) -> None:
         """Norms inside control flow (a ``prim::If`` / ``prim::Loop`` block): reported, never folded."""
@@ -667,7 +656,6 @@ class _Translator:
                 "rewrite; fold the nn.Module before scripting it"
             ))
             self.graph.add_unit(name, NORM, type_name, norm=facts)
-            self.result.types[name] = type_name
 
 
 def to_graph(
@@ -731,92 +719,56 @@ class ScriptWeights:
 # ------------------------------------------------------------------------------------------------ the API
 
 
-@dataclass
-class _Planned:
-    """A frozen copy, its translation, the plan, and the sizes the report needs (read before anything changes)."""
+class ScriptBackend:
+    """:class:`bnfold.core.pipeline.FoldBackend` for a frozen module (a copy): the folds rewrite its graph's
+    constants. Counts are projected as if it were the module (a frozen module holds its weights as constants)."""
 
-    frozen: torch.jit.ScriptModule
-    translation: _Translation
-    plan: FoldPlan
-    affine_parameters: dict[str, int]  # norm -> elements of its weight and bias
-    statistics_elements: dict[str, int]  # norm -> elements of its running mean and variance
-    bias_missing: set[str]  # layers that have no bias yet
+    exported = False
+    measures_counts = False
 
+    def __init__(self, module: torch.jit.ScriptModule, frozen: torch.jit.ScriptModule | None, name: str,
+                 inputs: tuple[Any, ...] | None, names: dict[int, str] | None = None) -> None:
+        if not isinstance(module, torch.jit.ScriptModule):
+            raise InvalidInputError(
+                f"fold_script folds TorchScript modules (torch.jit.script / torch.jit.trace / torch.jit.load), got "
+                f"{type(module).__name__}; for an nn.Module call bnfold.fold"
+            )
+        self.module, self.frozen, self.name, self.inputs, self.names = module, frozen, name, inputs, names
 
-def _planned(
-    frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str] | None = None
-) -> _Planned:
-    """Plan the folds of a frozen module as its graph is now (after freezing, or between merge rounds)."""
-    translation = to_graph(frozen, inputs, names)
-    the_plan = make_plan(translation.graph)
-    access = ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
-    check_statistics([f.norm for f in the_plan.folds], access)
-    affine, statistics = {}, {}
-    for fold in the_plan.folds:
-        stats = access.statistics(fold.norm)
-        affine[fold.norm] = sum(int(t.numel()) for t in (stats.gamma, stats.beta) if t is not None)
-        statistics[fold.norm] = int(stats.mean.numel() + stats.var.numel())
-    layers = {layer for fold in the_plan.folds for layer in fold.layers}
-    missing = {layer for layer in layers if access.read(layer).bias is None}
-    return _Planned(frozen, translation, the_plan, affine, statistics, missing)
+    def norm_modes(self) -> NormModes:
+        return norm_modes(self.module.modules())
 
+    def translate(self) -> Graph:
+        if self.frozen is None:
+            self.frozen = freeze(self.module)
+        translation = to_graph(self.frozen, self.inputs, self.names)
+        self.translation, self.names = translation, translation.names()  # names: read before folds delete nodes
+        self.access = ScriptWeights(self.frozen.graph, dict(translation.jit_nodes), translation.constants)
+        return translation.graph
 
-def _apply(planned: _Planned) -> dict[str, str]:
-    """Fold the planned norms into the frozen graph's constants; returns the folds left because they would
-    overflow (norm -> reason)."""
-    graph = planned.frozen.graph
-    with torch.no_grad():
-        overflows = apply_plan(planned.plan, ScriptWeights(graph, dict(planned.translation.jit_nodes),
-                                                         planned.translation.constants))
-    torch._C._jit_pass_dce(graph)
-    torch._C._jit_pass_constant_pooling(graph)
-    return {o.norm: str(o) for o in overflows}
+    def weights(self) -> ScriptWeights:
+        return self.access
 
+    def counts(self) -> tuple[int, int]:
+        return sum(p.numel() for p in self.module.parameters()), sum(b.numel() for b in self.module.buffers())
 
-@dataclass
-class _Folded:
-    """The report entries of a plan's folds (folded, or left because they would overflow) and what they saved."""
+    def released(self, norm: str) -> tuple[int, int]:
+        stats = self.access.statistics(norm)
+        affine = sum(int(t.numel()) for t in (stats.gamma, stats.beta) if t is not None)
+        return affine, int(stats.mean.numel() + stats.var.numel())
 
-    entries: list[NormEntry]
-    parameters_removed: int  # the folded norms' affine parameters, less the biases the folds added
-    buffers_removed: int  # the folded norms' running statistics
+    def lacks_bias(self, layer: str) -> bool:
+        return self.access.read(layer).bias is None
+
+    def finish(self) -> None:
+        assert self.frozen is not None
+        torch._C._jit_pass_dce(self.frozen.graph)
+        torch._C._jit_pass_constant_pooling(self.frozen.graph)
 
 
-def _folded(planned: _Planned, overflows: dict[str, str]) -> _Folded:
-    units, types = planned.translation.graph.units, planned.translation.types
-    entries: list[NormEntry] = []
-    removed = buffers_removed = 0
-    biased: set[str] = set()
-    for fold in planned.plan.folds:
-        channels = units[fold.norm].norm.channels  # type: ignore[union-attr]
-        if fold.norm in overflows:
-            entries.append(NormEntry(fold.norm, types[fold.norm], channels, LEFT, reason=overflows[fold.norm]))
-            continue
-        entries.append(NormEntry(fold.norm, types[fold.norm], channels, FOLDED, into=fold.layers,
-                                 direction=fold.direction))
-        removed += planned.affine_parameters[fold.norm]
-        buffers_removed += planned.statistics_elements[fold.norm]
-        biased.update(fold.layers)
-    added = sum(units[layer].layer.out_channels for layer in biased & planned.bias_missing)  # type: ignore[union-attr]
-    return _Folded(entries, removed - added, buffers_removed)
-
-
-def _report(module: torch.jit.ScriptModule, planned: _Planned, name: str, overflows: dict[str, str]) -> FoldReport:
-    """One entry per norm (the folds in plan order, then the norms left); counts as if it were the module."""
-    units, types = planned.translation.graph.units, planned.translation.types
-    folded = _folded(planned, overflows)
-    entries = list(folded.entries)
-    for refusal in planned.plan.refusals:
-        channels = units[refusal.norm].norm.channels or None  # type: ignore[union-attr]
-        entries.append(NormEntry(refusal.norm, types[refusal.norm], channels, LEFT, reason=refusal.reason))
-    parameters = sum(p.numel() for p in module.parameters())
-    buffers = sum(b.numel() for b in module.buffers())
-    return FoldReport(
-        model=name, applied=False, capture=CAPTURE, entries=entries, parameters_before=parameters,
-        parameters_after=parameters - folded.parameters_removed, buffers_before=buffers,
-        buffers_after=buffers - folded.buffers_removed,
-        notes=[*planned.plan.notes, "the folded model is frozen: weights are graph constants and only forward() is kept"],
-    )
+def _with_frozen_note(report: FoldReport) -> FoldReport:
+    report.notes.append("the folded model is frozen: weights are graph constants and only forward() is kept")
+    return report
 
 
 def _block_name(node: Any) -> str:
@@ -841,9 +793,10 @@ def _merge(
         return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes,
                             parameters)
 
-    def fold_again() -> _Folded:
-        planned = _planned(frozen, inputs, names)
-        return _folded(planned, _apply(planned))
+    def fold_again() -> tuple[dict[str, NormEntry], int, int]:
+        planned, entries = pipeline.refold(ScriptBackend(frozen, frozen, "", inputs, names))
+        report = planned.report
+        return entries, report.parameters_before - report.parameters_after, report.buffers_before - report.buffers_after
 
     merges = ScriptMerges(frozen.graph, translate, fold_again)
     with torch.no_grad(), torch.inference_mode(False):  # new constants must be usable outside inference mode
@@ -871,7 +824,9 @@ def plan_script(
         NonFiniteStatisticsError: a norm that would be folded has NaN or infinite statistics.
         InvalidInputError: not a TorchScript module, or example inputs it cannot run on.
     """
-    return _report(module, _planned(freeze(module), as_input_tuple(example_inputs)), name, {})
+    with torch.no_grad():
+        planned = pipeline.dry_run(ScriptBackend(module, None, name, as_input_tuple(example_inputs)))
+    return _with_frozen_note(planned.report)
 
 
 def fold_script(
@@ -899,11 +854,11 @@ def fold_script(
     planner the shapes of the terms to check.
     """
     inputs = as_input_tuple(example_inputs)
-    planned = _planned(freeze(module), inputs)
-    names = planned.translation.names()
-    report = _report(module, planned, name, _apply(planned))
+    backend = ScriptBackend(module, None, name, inputs)
+    with torch.no_grad():
+        report = _with_frozen_note(pipeline.fold(backend).report)
+    assert backend.frozen is not None and backend.names is not None
     if merge_branches:
-        _merge(planned.frozen, inputs, names, report,
+        _merge(backend.frozen, inputs, backend.names, report,
                frozenset(f"%self.{name}" for name, _ in module.named_parameters()))
-    report.applied = True
-    return planned.frozen, report
+    return backend.frozen, report

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..core import pipeline
 from ..errors import InvalidInputError, VerificationError
 from ..files import refuse_inputs
-from ..report import MERGED, FoldReport, NormEntry
-from .adapter import float_parameter_count, fold_graph
+from ..report import FOLDED, MERGED, FoldReport, NormEntry
+from .adapter import OnnxBackend, float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
 from .verification import TOLERANCES, default_tolerance, describe_failure, random_inputs, session, verify
 
@@ -211,8 +212,8 @@ def _merge(folded: onnx.ModelProto, name: str, report: FoldReport) -> onnx.Model
     from .merges import OnnxMerges
 
     def fold_again(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, NormEntry]]:
-        again, again_report = fold_graph(model, name, applied=True, copy=False)
-        return again, {entry.name: entry for entry in again_report.folded}
+        _, entries = pipeline.refold(OnnxBackend(model, name))
+        return model, {name: entry for name, entry in entries.items() if entry.status == FOLDED}
 
     merges = OnnxMerges(folded, fold_again)
     outcome = merge_rounds(merges)

@@ -34,7 +34,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..core.apply import LayerTensors, Statistics, apply_plan, check_statistics
+from ..core import pipeline
+from ..core.apply import LayerTensors, Statistics
 from ..core.arithmetic import linear_combination
 from ..core.graph import (
     BATCH_STATISTICS,
@@ -53,9 +54,8 @@ from ..core.graph import (
     OpFacts,
     same_padding,
 )
-from ..core.plan import FoldPlan, make_plan
-from ..errors import TrainingModeError
-from ..report import FOLDED, LEFT, FoldReport, NormEntry
+from ..core.pipeline import NormModes
+from ..report import FoldReport
 from ..segments import span_all_finite, span_max_abs
 
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -693,7 +693,7 @@ class _Translator:
         if len(node.input) >= 2 and node.input[1] in self.shapes and len(self.shapes[node.input[1]]) == 1:
             channels = self.shapes[node.input[1]][0]
         problem = None
-        if attribute(node, "training_mode", 0) or (tensors.opset < 7 and not attribute(node, "is_test", 0)):
+        if _in_training_mode(node, tensors.opset):
             problem = f"{BATCH_STATISTICS} (training_mode=1); export the model in eval mode (model.eval()) to fold it"
         elif attribute(node, "spatial", 1) == 0:
             problem = "it has spatial=0 (one statistic per element, opset < 9), which bnfold does not fold"
@@ -825,12 +825,10 @@ def to_graph(model: onnx.ModelProto) -> Translation:
     return _Translator(model).translate()
 
 
-def training_mode_norms(model: onnx.ModelProto) -> tuple[int, int]:
-    """How many top-level BatchNormalization nodes there are, and how many normalise with batch statistics."""
-    opset = default_opset(model)
-    norms = [n for n in model.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
-    training = [n for n in norms if attribute(n, "training_mode", 0) or (opset < 7 and not attribute(n, "is_test", 0))]
-    return len(norms), len(training)
+def _in_training_mode(node: onnx.NodeProto, opset: int) -> bool:
+    """A BatchNormalization set to normalise with batch statistics (``training_mode=1``; before opset 7, no
+    ``is_test``)."""
+    return bool(attribute(node, "training_mode", 0) or (opset < 7 and not attribute(node, "is_test", 0)))
 
 
 # ----------------------------------------------------------------------------------------------- write back
@@ -1118,34 +1116,48 @@ class OnnxWeights:
 # ------------------------------------------------------------------------------------------------- the pipeline
 
 
-def _check_mode(model: onnx.ModelProto) -> None:
-    norms, training = training_mode_norms(model)
-    if norms and training == norms:
-        raise TrainingModeError(
-            f"every BatchNormalization of this model ({norms}) runs in training mode (training_mode=1): it was "
-            f"exported from a model in training mode. Export it again after model.eval()."
-        )
+class OnnxBackend:
+    """:class:`bnfold.core.pipeline.FoldBackend` for a model handed over for rewriting (a copy, or a model just read
+    from a file). Counts are the float initializers' elements (ONNX has no buffers)."""
 
+    exported = True
+    measures_counts = True
 
-def _projected_parameters(translation: Translation, the_plan: FoldPlan, before: int) -> int:
-    """Float parameters once ``the_plan`` is applied: the norms' statistics go, a bias comes to bias-less layers."""
-    tensors = translation.tensors
-    removed = 0
-    for fold in the_plan.folds:
-        node = translation.norms[fold.norm]
-        for name in node.input[1:5]:
-            readers = tensors.readers.get(name, [])
-            if name in tensors.initializers and len(readers) == 1:
-                removed += int(np.prod(tensors.initializers[name].dims, dtype=np.int64))
-    added = 0
-    for name in dict.fromkeys(layer for fold in the_plan.folds for layer in fold.layers):
-        layer = translation.layers[name]
-        has_bias = layer.bias_add is not None or (
-            layer.node.op_type != "MatMul" and len(layer.node.input) > 2 and bool(layer.node.input[2]))
-        facts = translation.graph.units[name].layer
-        if not has_bias and facts is not None:
-            added += facts.out_channels
-    return before - removed + added
+    def __init__(self, model: onnx.ModelProto, name: str) -> None:
+        self.model = model
+        self.name = name
+
+    def norm_modes(self) -> NormModes:
+        """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
+        opset = default_opset(self.model)
+        norms = [n for n in self.model.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
+        return NormModes(len(norms), sum(_in_training_mode(n, opset) for n in norms))
+
+    def translate(self) -> Graph:
+        self.translation = to_graph(self.model)
+        self.access = OnnxWeights(self.model, self.translation)
+        return self.translation.graph
+
+    def weights(self) -> OnnxWeights:
+        return self.access
+
+    def counts(self) -> tuple[int, int]:
+        return float_parameter_count(self.model.graph), 0
+
+    def released(self, norm: str) -> tuple[int, int]:
+        """Its scale, shift and statistics, where no other node reads them."""
+        tensors = self.translation.tensors
+        names = [n for n in self.translation.norms[norm].input[1:5]
+                 if n in tensors.initializers and len(tensors.readers.get(n, [])) == 1]
+        return sum(int(np.prod(tensors.initializers[n].dims, dtype=np.int64)) for n in names), 0
+
+    def lacks_bias(self, layer: str) -> bool:
+        unit = self.translation.layers[layer]
+        node = unit.node
+        return unit.bias_add is None and not (node.op_type != "MatMul" and len(node.input) > 2 and node.input[2])
+
+    def finish(self) -> None:
+        self.access.finish()
 
 
 def fold_graph(
@@ -1161,44 +1173,14 @@ def fold_graph(
         TrainingModeError: every BatchNormalization runs in training mode.
         NonFiniteStatisticsError: a norm the plan folds has NaN or infinite statistics.
     """
-    _check_mode(model)
     target = model
     if applied and copy:
         target = onnx.ModelProto()
         target.CopyFrom(model)
-    translation = to_graph(target)
-    the_plan = make_plan(translation.graph)
-    access = OnnxWeights(target, translation)
-    check_statistics([fold.norm for fold in the_plan.folds], access)
-    before = float_parameter_count(model.graph)
-    overflows = {}
-    if applied:
-        overflows = {overflow.norm: str(overflow) for overflow in apply_plan(the_plan, access)}
-        access.finish()
-    nodes = translation.norms
-    entries: dict[str, NormEntry] = {}
-    for fold in the_plan.folds:
-        channels = translation.graph.units[fold.norm].norm.channels  # type: ignore[union-attr]
-        if fold.norm in overflows:
-            entries[fold.norm] = NormEntry(fold.norm, NORM_TYPE, channels, LEFT, reason=overflows[fold.norm])
-        else:
-            entries[fold.norm] = NormEntry(fold.norm, NORM_TYPE, channels, FOLDED, into=fold.layers,
-                                           direction=fold.direction)
-    for refusal in the_plan.refusals:
-        channels = translation.graph.units[refusal.norm].norm.channels  # type: ignore[union-attr]
-        entries[refusal.norm] = NormEntry(refusal.norm, NORM_TYPE, channels or None, LEFT, reason=refusal.reason)
-    notes = list(the_plan.notes) + list(dict.fromkeys(access.notes))
-    if translation.subgraph_norms:
-        notes.append(f"{translation.subgraph_norms} BatchNormalization node(s) inside subgraphs (If/Loop/Scan bodies) "
-                     f"were not considered")
-    report = FoldReport(
-        model=name,
-        applied=applied,
-        capture="onnx graph",
-        entries=[entries[n] for n in nodes if n in entries],
-        parameters_before=before,
-        parameters_after=float_parameter_count(target.graph) if applied
-        else _projected_parameters(translation, the_plan, before),
-        notes=notes,
-    )
+    backend = OnnxBackend(target, name)
+    report = (pipeline.fold(backend) if applied else pipeline.dry_run(backend)).report
+    report.notes.extend(n for n in dict.fromkeys(backend.access.notes) if applied)
+    if backend.translation.subgraph_norms:
+        report.notes.append(f"{backend.translation.subgraph_norms} BatchNormalization node(s) inside subgraphs "
+                            f"(If/Loop/Scan bodies) were not considered")
     return target, report

@@ -319,16 +319,12 @@ _PER_NORM_TRAINING = ("each adapter writes the sentence around the core's BATCH_
                       "the model is not', '(training_mode=1); export ...'); issue 18 makes the training rule one fact on "
                       "the graph with its sentence written by the core")
 WORDED_PER_FORMAT = {
-    "bn-zero-padded-conv": "the zero-padding refusal is still written by each adapter: '(padding=(1, 1))' for a module, "
-                           "'[1, 1]' in TorchScript and .pt2, another sentence in ONNX; issue 18's mplan part writes it "
-                           "once in the core from Geometry, which makes the four the same",
     "batch-statistics": _PER_NORM_TRAINING,
     "one-norm-in-training-mode": _PER_NORM_TRAINING,
 }
-"""Refusals whose sentence differs between the formats today, though the rule is the same: the structured part that
-holds is checked by :func:`test_a_zero_padded_layer_is_refused_by_the_same_rule_in_every_format` and, for the norms
-using batch statistics, by the two tests above (the core's ``BATCH_STATISTICS`` in every format's reason). Their
-exact comparison is a strict xfail, so that it fails, and the entry must go, the day the sentences become one."""
+"""Refusals whose sentence differs between the formats today, though the rule is the same (the two tests above find
+the core's ``BATCH_STATISTICS`` in every format's reason). Their exact comparison is a strict xfail, so that it
+fails, and the entry must go, the day the sentences become one."""
 
 
 def _left_without_names(build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> dict[str, list[str]]:
@@ -349,24 +345,6 @@ def test_every_format_leaves_a_norm_with_the_same_sentence(name: str) -> None:
     assert reasons["module"] and all(reason for reason in reasons["module"]), reasons
     for fmt, theirs in reasons.items():
         assert theirs == reasons["module"], (fmt, theirs, reasons["module"])
-
-
-LAYER_EXPLAINS = "cannot absorb it exactly: "
-"""Where the zero-padding sentences part: up to here the four formats use the same words, after it each adapter
-explains the padding in its own."""
-
-
-@pytest.mark.parametrize("name", ["bn-zero-padded-conv"])
-def test_a_zero_padded_layer_is_refused_by_the_same_rule_in_every_format(name: str) -> None:
-    """What holds while the wordings differ: the same clauses and the same layer refusing, word for word up to its
-    own explanation, and that explanation is zero padding in every format."""
-    reasons = _left_without_names(REFUSALS[name])
-    (module,) = reasons["module"]
-    agreed, _, _ = module.partition(LAYER_EXPLAINS)
-    for fmt, (theirs,) in reasons.items():
-        before, found, explanation = theirs.partition(LAYER_EXPLAINS)
-        assert found and before == agreed, (fmt, theirs, module)
-        assert "pads its input" in explanation, (fmt, explanation)
 
 
 def test_names_taken_out_leave_the_rules_apart() -> None:

@@ -322,10 +322,9 @@ WORDED_PER_FORMAT = {
     "batch-statistics": _PER_NORM_TRAINING,
     "one-norm-in-training-mode": _PER_NORM_TRAINING,
 }
-"""Refusals whose sentence differs between the formats today, though the rule is the same: what holds (the core's
-``BATCH_STATISTICS`` in every format's reason) is checked by the two tests above. Their exact comparison is a strict
-xfail, so that it fails, and the entry must go, the day the sentences become one (the zero-padding refusal's went
-when the core began to word it from ``Geometry``)."""
+"""Refusals whose sentence differs between the formats today, though the rule is the same (the two tests above find
+the core's ``BATCH_STATISTICS`` in every format's reason). Their exact comparison is a strict xfail, so that it
+fails, and the entry must go, the day the sentences become one."""
 
 
 def _left_without_names(build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> dict[str, list[str]]:

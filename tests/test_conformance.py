@@ -287,6 +287,7 @@ def test_a_norm_using_batch_statistics_is_left_with_the_same_reason(fmt: str) ->
     report, run = FORMATS[fmt](model, x)
     first, second = _decisions(report)
     assert first == FORWARD and second.startswith("left") and BATCH_STATISTICS in second, (first, second)
+    assert "track_running_stats=True" in second, second  # the remedy
     with torch.no_grad():
         expected, actual = model(x), run(x)
     assert float((actual - expected).abs().max() / expected.abs().max()) <= TOLERANCE
@@ -300,6 +301,7 @@ def test_one_norm_in_training_mode_inside_an_eval_model_is_left_with_the_same_re
     report, run = FORMATS[fmt](model, x)
     first, second = _decisions(report)
     assert first == FORWARD and second.startswith("left") and BATCH_STATISTICS in second, (first, second)
+    assert "call model.eval()" in second, second  # the remedy
     with torch.no_grad():
         actual = run(x)
     assert float((actual - expected).abs().max() / expected.abs().max()) <= TOLERANCE
@@ -314,18 +316,6 @@ REFUSALS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
 """Every model of this file that leaves a norm, built afresh for each format (a traced train-mode norm updates its
 statistics)."""
 
-_PER_NORM_TRAINING = ("each adapter writes the sentence around the core's BATCH_STATISTICS itself ('it has "
-                      "track_running_stats=False: ', 'it runs with training=True: ', 'it is in training mode although "
-                      "the model is not', '(training_mode=1); export ...'); issue 18 makes the training rule one fact on "
-                      "the graph with its sentence written by the core")
-WORDED_PER_FORMAT = {
-    "batch-statistics": _PER_NORM_TRAINING,
-    "one-norm-in-training-mode": _PER_NORM_TRAINING,
-}
-"""Refusals whose sentence differs between the formats today, though the rule is the same (the two tests above find
-the core's ``BATCH_STATISTICS`` in every format's reason). Their exact comparison is a strict xfail, so that it
-fails, and the entry must go, the day the sentences become one."""
-
 
 def _left_without_names(build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> dict[str, list[str]]:
     """Per format, the reasons of the norms left (execution order), with the names taken out."""
@@ -336,10 +326,7 @@ def _left_without_names(build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> 
     return reasons
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=WORDED_PER_FORMAT[name]))
-    if name in WORDED_PER_FORMAT else name for name in REFUSALS
-])
+@pytest.mark.parametrize("name", REFUSALS)
 def test_every_format_leaves_a_norm_with_the_same_sentence(name: str) -> None:
     reasons = _left_without_names(REFUSALS[name])
     assert reasons["module"] and all(reason for reason in reasons["module"]), reasons

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .core.apply import Statistics
-from .core.graph import BATCH_STATISTICS, PADS_TO_SAME_AT_RUN_TIME
+from .core.graph import PADS_TO_SAME_AT_RUN_TIME
 from .errors import InvalidInputError
 
 NormStatistics = Statistics
@@ -93,8 +93,10 @@ class NormRule:
             optional packages may be given by their dotted name (``"torchvision.ops.misc.FrozenBatchNorm2d"``):
             they match only once that package is imported, which it is whenever a model holds such a layer.
         statistics: reads the eval-mode affine map of a module.
-        unfoldable: ``None`` when the module is a per-channel affine in eval, else the reason it is not (for
-            example ``track_running_stats=False``: it normalises with batch statistics even in eval).
+        unfoldable: ``None`` when the module is a per-channel affine in eval, else the reason it is not (a lazy
+            module never run).
+        keeps_running_statistics: whether the module holds running statistics; one that does not
+            (``track_running_stats=False``) normalises with batch statistics even in eval.
         replacement: the module that takes the norm's place in the module tree after the fold (``nn.Identity``,
             or the activation of a fused norm-activation module).
         channel_dim: the dimension of the norm's input that holds channels.
@@ -108,6 +110,7 @@ class NormRule:
     types: tuple[type[nn.Module] | str, ...]
     statistics: Callable[[nn.Module], NormStatistics]
     unfoldable: Callable[[nn.Module], str | None] = lambda module: None
+    keeps_running_statistics: Callable[[nn.Module], bool] = lambda module: True
     replacement: Callable[[nn.Module], nn.Module] = identity_replacement
     channel_dim: int = 1
     behaviour_methods: tuple[str, ...] = ("forward",)
@@ -154,9 +157,11 @@ def _batch_norm_statistics(module: nn.Module) -> NormStatistics:
     return NormStatistics(module.running_mean, module.running_var, float(module.eps), module.weight, module.bias)
 
 
+def _batch_norm_keeps_running_statistics(module: nn.Module) -> bool:
+    return module.track_running_stats and module.running_mean is not None and module.running_var is not None
+
+
 def _batch_norm_unfoldable(module: nn.Module) -> str | None:
-    if not module.track_running_stats or module.running_mean is None or module.running_var is None:
-        return f"it has track_running_stats=False: {BATCH_STATISTICS}"
     if isinstance(module.running_mean, nn.parameter.UninitializedBuffer):
         return "it is a lazy module that was never run: its statistics are not initialised yet"
     return None
@@ -170,6 +175,7 @@ BATCH_NORM_RULE = NormRule(
     types=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
     statistics=_batch_norm_statistics,
     unfoldable=_batch_norm_unfoldable,
+    keeps_running_statistics=_batch_norm_keeps_running_statistics,
 )
 FROZEN_BATCH_NORM_RULE = NormRule(
     types=("torchvision.ops.misc.FrozenBatchNorm2d",),
@@ -223,6 +229,7 @@ TIMM_BATCH_NORM_ACT_RULE = NormRule(
     types=("timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct"),
     statistics=_batch_norm_statistics,
     unfoldable=_batch_norm_unfoldable,
+    keeps_running_statistics=_batch_norm_keeps_running_statistics,
     replacement=_norm_act_replacement,
     backward_blocker=_norm_act_backward_blocker,
 )

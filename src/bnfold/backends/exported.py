@@ -13,7 +13,7 @@ Translation (:func:`to_graph`), and nothing else is decided here:
   layer's ``problem``;
 * ``aten.batch_norm``, ``aten.native_batch_norm`` and ``aten._native_batch_norm_legit*`` are norms (a tuple-valued
   one stands for its ``getitem 0``), named after their statistics' owner (``layer1.0.bn1``); one that normalises
-  with batch statistics has :data:`~bnfold.core.graph.BATCH_STATISTICS` as its problem;
+  with batch statistics states why (:attr:`~bnfold.core.graph.NormFacts.batch_statistics`);
 * every other op is named in the core's vocabulary by one facts table (:data:`_OP_KINDS`), with the attributes
   :mod:`bnfold.core.commuting` needs; shapes come from ``node.meta["val"]``;
 * what branch merges need (:mod:`bnfold.core.merge`, :mod:`bnfold.backends.exported_merges`): each layer's
@@ -47,10 +47,11 @@ from ..core import pipeline
 from ..core.apply import LayerTensors, Statistics
 from ..core.arithmetic import linear_combination
 from ..core.graph import (
-    BATCH_STATISTICS,
     CONSTANT,
+    IN_TRAINING_MODE,
     INPUT,
     LAYER,
+    NO_RUNNING_STATISTICS,
     NORM,
     OP,
     OUTPUT,
@@ -542,14 +543,14 @@ class _Translator:
             elif zero:
                 problem = "its normalised output is read through several getitem nodes"
         if batch:
-            problem = BATCH_STATISTICS if not has_running or mode == "batch" else (
-                f"it runs in training mode (training=True): {BATCH_STATISTICS}; export the model after .eval()")
+            problem = None
         elif problem is None and any(s is not None and not _is_stored(s) for s in statistics):
             problem = "its statistics or affine parameters are computed in the program, not stored tensors (get_attr)"
         negative = 0
-        if problem is None and gamma is not None:
+        if problem is None and not batch and gamma is not None:
             negative = int((_fetch(self.module, str(gamma.target)).detach() < 0).sum())
-        facts = NormFacts(channels=channels, channel_dim=1, problem=problem, negative_scales=negative)
+        batch_statistics = (NO_RUNNING_STATISTICS if not has_running or mode == "batch" else IN_TRAINING_MODE) if batch else None
+        facts = NormFacts(channels, 1, problem=problem, batch_statistics=batch_statistics, negative_scales=negative)
         self.graph.add_unit(unit, NORM, f"aten.{name}", norm=facts)
         eps = _argument(node, "eps")
         self.norms[unit] = _NormSite(node, output, statistics, float(eps) if eps is not None else 1e-5,

@@ -31,10 +31,11 @@ from .. import affine
 from ..core.apply import LayerTensors, Statistics
 from ..core.arithmetic import linear_combination
 from ..core.graph import (
-    BATCH_STATISTICS,
     CONSTANT,
+    IN_TRAINING_MODE,
     INPUT,
     LAYER,
+    NO_RUNNING_STATISTICS,
     NORM,
     OP,
     OUTPUT,
@@ -440,14 +441,13 @@ class _Translator:
         rule = match.rule
         if not isinstance(rule, NormRule):
             return NormFacts(channels=_channels_guess(module), problem=match.reason or "bnfold has no rule for it")
-        problem = rule.unfoldable(module)
-        if problem is None and module.training and rule.depends_on_training:
-            problem = (
-                f"it is in training mode although the model is not (train() called after eval()?): "
-                f"{BATCH_STATISTICS}; call model.eval() to fold it"
-            )
-        if problem is not None:
-            return NormFacts(channels=_channels_guess(module), channel_dim=rule.channel_dim, problem=problem)
+        problem, batch = rule.unfoldable(module), None
+        if problem is None and not rule.keeps_running_statistics(module):
+            batch = NO_RUNNING_STATISTICS
+        elif problem is None and module.training and rule.depends_on_training:
+            batch = IN_TRAINING_MODE
+        if problem is not None or batch is not None:
+            return NormFacts(_channels_guess(module), rule.channel_dim, problem=problem, batch_statistics=batch)
         if name in self.calls:
             problem = self.module_problem(name, module, "norm")
         statistics = rule.statistics(module)

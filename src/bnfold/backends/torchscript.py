@@ -53,10 +53,11 @@ from ..core import pipeline
 from ..core.apply import LayerTensors, Statistics
 from ..core.arithmetic import linear_combination
 from ..core.graph import (
-    BATCH_STATISTICS,
     CONSTANT,
+    IN_TRAINING_MODE,
     INPUT,
     LAYER,
+    NO_RUNNING_STATISTICS,
     NORM,
     OP,
     OUTPUT,
@@ -541,7 +542,7 @@ class _Translator:
         training, eps = _constant(inputs[5]), _constant(inputs[7])
         channels = int(mean.numel()) if isinstance(mean, torch.Tensor) else 0
         if training is True:
-            return NormFacts(channels, problem=f"it runs with training=True: {BATCH_STATISTICS}")
+            return NormFacts(channels, batch_statistics=NO_RUNNING_STATISTICS if mean is None else IN_TRAINING_MODE)
         if training is not False:
             return NormFacts(channels, problem="its training flag is not a constant of the frozen graph")
         if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or not isinstance(eps, float):

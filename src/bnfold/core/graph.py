@@ -168,8 +168,10 @@ class NormFacts:
     Attributes:
         channels: its number of channels.
         channel_dim: the axis of its input that holds channels.
-        problem: why it is not a foldable affine map at all (batch statistics, no rule for its class, non-constant
-            statistics, hooks...), or ``None``.
+        problem: why it is not a foldable affine map at all (no rule for its class, non-constant statistics,
+            hooks...), or ``None``; :func:`norm_problem` reads it.
+        batch_statistics: why it normalises with the statistics of each batch, where it does:
+            :data:`NO_RUNNING_STATISTICS` or :data:`IN_TRAINING_MODE` (the core words it, :func:`norm_problem`).
         backward_blocker: why the layers after it cannot absorb it (a fused activation after the norm), or ``None``.
         negative_scales: how many channels have ``s < 0`` (max pooling commutes with the map only when none has).
     """
@@ -177,8 +179,25 @@ class NormFacts:
     channels: int
     channel_dim: int = 1
     problem: str | None = None
+    batch_statistics: str | None = None
     backward_blocker: str | None = None
     negative_scales: int = 0
+
+
+NO_RUNNING_STATISTICS = "no running statistics"  # track_running_stats=False; an exported graph computes them
+IN_TRAINING_MODE = "in training mode"  # has them, but set to training mode inside an eval model
+
+
+def norm_problem(facts: NormFacts) -> str | None:
+    """Why the norm is not a foldable affine map, or ``None``.
+
+    Written here once from :attr:`NormFacts.batch_statistics`, so that every format refuses a norm that normalises
+    with batch statistics in the same words, remedy included (the user's fix is in the model before any export);
+    the adapter's own :attr:`NormFacts.problem` comes first (a norm inside control flow is never rewritten).
+    """
+    if facts.problem or facts.batch_statistics is None:
+        return facts.problem
+    return _BATCH_STATISTICS_REASONS[facts.batch_statistics]
 
 
 @dataclass(frozen=True)
@@ -247,8 +266,14 @@ OP_KINDS = frozenset({
 
 # Reasons every adapter gives in the same words, so a model refused in one format reads the same in another.
 BATCH_STATISTICS = "it normalises with the statistics of each batch, even in eval mode"
-"""A single norm in batch-statistics mode inside an eval model (``track_running_stats=False``, ONNX
-``training_mode=1``, ``aten.batch_norm(training=True)``)."""
+"""What a norm with :attr:`NormFacts.batch_statistics` computes, in every sentence :func:`norm_problem` writes."""
+_BATCH_STATISTICS_REASONS = {
+    NO_RUNNING_STATISTICS: f"it keeps no running statistics (track_running_stats=False): {BATCH_STATISTICS}; give it "
+                           f"running statistics (track_running_stats=True) and train the model to fold it",
+    IN_TRAINING_MODE: f"it is in training mode although the model is not (train() called on it after eval()?): "
+                      f"{BATCH_STATISTICS}; call model.eval() before folding the model, or before exporting it "
+                      f"(TorchScript, .pt2, ONNX), to fold it",
+}
 
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .graph import CONSTANT, LAYER, NORM, Geometry, Graph, LayerFacts, Node
+from .graph import CONSTANT, LAYER, NORM, Geometry, Graph, LayerFacts, Node, norm_problem
 from .merge_geometry import identity_tap, place_kernels, scale_reason
 from .merge_tree import AddTrees, Leaf, Scale
 from .plan import FoldPlan, Reason
@@ -335,8 +335,8 @@ class _MergePlanner:
             if norm.norm is None:
                 return Reason(f"'{norm.name}' on its identity branch is not a norm")
             where = f"the norm '{norm.name}' on its identity branch"
-            if norm.norm.problem or norm.norm.backward_blocker:
-                return Reason(f"{where}: {norm.norm.problem or norm.norm.backward_blocker}")
+            if blocker := norm_problem(norm.norm) or norm.norm.backward_blocker:
+                return Reason(f"{where}: {blocker}")
             if norm.calls != [leaf.node.index]:
                 return Reason(f"{where} is also called at another site")
             if norm.norm.channels != facts.in_channels:

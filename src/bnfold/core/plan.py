@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import commuting
 from .commuting import AffineStep
-from .graph import LAYER, NORM, Graph, LayerFacts, Node, Unit, input_fold_blocker
+from .graph import LAYER, NORM, Graph, LayerFacts, Node, Unit, input_fold_blocker, norm_problem
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -513,8 +513,8 @@ class _Planner:
         order = self.graph.norms()
         for norm in order:
             assert norm.norm is not None
-            if norm.norm.problem:
-                refused[norm.name] = norm.norm.problem
+            if problem := norm_problem(norm.norm):
+                refused[norm.name] = problem
                 continue
             if not norm.calls:
                 refused[norm.name] = f"it is never called in the forward pass ({self.graph.method} capture)"

@@ -38,9 +38,10 @@ from ..core import pipeline
 from ..core.apply import LayerTensors, Statistics
 from ..core.arithmetic import linear_combination
 from ..core.graph import (
-    BATCH_STATISTICS,
+    IN_TRAINING_MODE,
     INPUT,
     LAYER,
+    NO_RUNNING_STATISTICS,
     NORM,
     OP,
     OUTPUT,
@@ -692,9 +693,9 @@ class _Translator:
         channels = 0
         if len(node.input) >= 2 and node.input[1] in self.shapes and len(self.shapes[node.input[1]]) == 1:
             channels = self.shapes[node.input[1]][0]
-        problem = None
-        if _in_training_mode(node, tensors.opset):
-            problem = f"{BATCH_STATISTICS} (training_mode=1); export the model in eval mode (model.eval()) to fold it"
+        problem = batch = None
+        if _in_training_mode(node, tensors.opset):  # statistics computed in the graph: it kept none when exported
+            batch = IN_TRAINING_MODE if len(node.input) >= 5 and tensors.is_constant(node.input[3]) else NO_RUNNING_STATISTICS
         elif attribute(node, "spatial", 1) == 0:
             problem = "it has spatial=0 (one statistic per element, opset < 9), which bnfold does not fold"
         elif len(node.input) < 5:
@@ -702,7 +703,7 @@ class _Translator:
         elif any(name and (tensors.readers.get(name) or name in tensors.graph_outputs) for name in node.output[1:]):
             problem = "its running-statistics outputs are used (a training graph); export in eval mode to fold it"
         negative = 0
-        if problem is None:
+        if problem is None and batch is None:
             for role, name in zip(("scale", "B", "input_mean", "input_var"), node.input[1:5], strict=True):
                 problem = self.constant_problem(name, role, label)
                 if problem:
@@ -718,7 +719,7 @@ class _Translator:
             if problem is None:
                 gamma = tensors.value(node.input[1])
                 negative = int(np.sum(np.asarray(gamma, dtype=np.float64) < 0))
-        return NormFacts(channels=channels, channel_dim=1, problem=problem, negative_scales=negative)
+        return NormFacts(channels, 1, problem=problem, batch_statistics=batch, negative_scales=negative)
 
     def matmul_bias(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
         """The ``Add`` of a constant per-column bias that alone reads a MatMul's output, and the bias's slot."""

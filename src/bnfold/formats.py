@@ -18,6 +18,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -148,29 +149,43 @@ def _module_plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> Fo
                        merge_branches=options.get("merge_branches", False)), options)
 
 
-def _script_fold(module: Any, batches: list[Any] | None, options: dict[str, Any], sources: tuple[Path, ...]
-                 ) -> tuple[Any, Fold]:
-    from .backends.torchscript import fold_script
+def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: str, what: str,
+                   runnable: Callable[[Any], Any] = lambda model: model,
+                   own_batches: Callable[[Any], list[Any] | None] = lambda model: None, plan_reads_inputs: bool = True,
+                   ) -> tuple[Callable[..., tuple[Any, Fold]], Callable[..., FoldReport]]:
+    """The fold and plan entries of a graph format folded by ``bnfold.backends.<backend>``: TorchScript and
+    torch.export differ only in their functions' names, what runs a model (``runnable``) and whether a model carries
+    its own example inputs (``own_batches``, used when none are given; its dry run then reads none of the given ones:
+``plan_reads_inputs``)."""
 
-    verify = _verify_default(options.get("verify"), batches)
-    folded, report = fold_script(module, example_inputs=batches[0] if batches else None,
-                                 name=options.get("name") or "TorchScript model",
-                                 merge_branches=options.get("merge_branches", False))
-    if verify:
-        assert batches is not None
-        _judge(module, folded, batches, options, report, "the folded TorchScript model")
-    return folded, Fold(report, sources, batches if verify else None, options.get("tolerance"), weakref.ref(module))
+    def functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
+        module = import_module(f".backends.{backend}", __package__)
+        return getattr(module, fold_name), getattr(module, plan_name)
 
+    def fold(model: Any, batches: list[Any] | None, options: dict[str, Any], sources: tuple[Path, ...]
+             ) -> tuple[Any, Fold]:
+        fold_function, _ = functions()
+        given, batches = batches, batches or own_batches(model)
+        verify = _verify_default(options.get("verify"), batches)
+        folded, report = fold_function(model, example_inputs=given[0] if given else None,
+                                       name=options.get("name") or default_name,
+                                       merge_branches=options.get("merge_branches", False))
+        if verify:
+            assert batches is not None
+            _judge(runnable(model), runnable(folded), batches, options, report, what)
+        return folded, Fold(report, sources, batches if verify else None, options.get("tolerance"), weakref.ref(model))
 
-def _script_plan(module: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
-    from .backends.torchscript import fold_script, plan_script
+    def plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
+        fold_function, plan_function = functions()
+        name = options.get("name") or default_name
+        given = None if example_inputs is None else _torch_batches(example_inputs)[0]
+        if options.get("merge_branches"):  # which blocks merge depends on the folds before them: fold a copy
+            _, report = fold_function(model, example_inputs=given, name=name, merge_branches=True)
+            report.applied = False
+            return report
+        return plan_function(model, example_inputs=given, name=name) if plan_reads_inputs else plan_function(model, name=name)
 
-    name = options.get("name") or "TorchScript model"
-    if options.get("merge_branches"):  # which blocks merge depends on the folds before them: fold a copy
-        _, report = fold_script(module, example_inputs=example_inputs, name=name, merge_branches=True)
-        report.applied = False
-        return report
-    return plan_script(module, example_inputs=example_inputs, name=name)
+    return fold, plan
 
 
 def _own_inputs(program: Any) -> list[Any] | None:
@@ -179,40 +194,18 @@ def _own_inputs(program: Any) -> list[Any] | None:
     return None if stored is None or stored[1] else [tuple(stored[0])]
 
 
-def _exported_fold(program: Any, batches: list[Any] | None, options: dict[str, Any], sources: tuple[Path, ...]
-                   ) -> tuple[Any, Fold]:
-    from .backends.exported import fold_exported
-
-    given = batches
-    batches = batches or _own_inputs(program)
-    verify = _verify_default(options.get("verify"), batches)
-    folded, report = fold_exported(program, example_inputs=given[0] if given else None,
-                                   name=options.get("name") or "exported program",
-                                   merge_branches=options.get("merge_branches", False))
-    if verify:
-        assert batches is not None
-        _judge(_graph_module(program), _graph_module(folded), batches, options, report,
-               "the folded torch.export program")
-    return folded, Fold(report, sources, batches if verify else None, options.get("tolerance"), weakref.ref(program))
-
-
-def _exported_plan(program: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
-    from .backends.exported import fold_exported, plan_exported
-
-    name = options.get("name") or "exported program"
-    if options.get("merge_branches"):
-        given = None if example_inputs is None else _torch_batches(example_inputs)[0]
-        _, report = fold_exported(program, example_inputs=given, name=name, merge_branches=True)
-        report.applied = False
-        return report
-    return plan_exported(program, name=name)
-
-
 def _graph_module(program: Any) -> Any:
     """A program's module, marked as in eval mode (its ``.eval()`` raises; its graph has no mode to switch)."""
     module = program.module()
     module.training = False
     return module
+
+
+_script_fold, _script_plan = _frozen_format("torchscript", "fold_script", "plan_script", "TorchScript model",
+                                            "the folded TorchScript model")
+_exported_fold, _exported_plan = _frozen_format("exported", "fold_exported", "plan_exported", "exported program",
+                                                "the folded torch.export program", runnable=_graph_module,
+                                                own_batches=_own_inputs, plan_reads_inputs=False)
 
 
 def _exported_input_shape(program: Any, given: tuple[int, ...] | None, name: str) -> tuple[int, ...]:

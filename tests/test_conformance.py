@@ -27,6 +27,7 @@ from bnfold.core.graph import BATCH_STATISTICS
 from bnfold.report import FoldReport
 from bnfold.verification import TOLERANCES
 from conftest import calibrated_by_training
+from helpers.cli import python_without
 from helpers.reasons import without_names
 
 onnx = pytest.importorskip("onnx")
@@ -362,11 +363,7 @@ def test_a_model_in_training_mode_is_refused_in_every_format(fmt: str) -> None:
 
 
 def test_the_core_imports_without_torch_or_numpy() -> None:
-    import subprocess
-    import sys
-
     code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None\n"
         "from bnfold.core import apply, commuting, graph, plan\n"
         "g = graph.Graph(method='test')\n"
         "g.add_unit('conv', graph.LAYER, 'Conv', layer=graph.LayerFacts(4, 3, 1))\n"
@@ -378,7 +375,7 @@ def test_the_core_imports_without_torch_or_numpy() -> None:
         "p = plan.make_plan(g)\n"
         "assert [(f.norm, f.layers, f.direction) for f in p.folds] == [('bn', ('conv',), 'forward')], p\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = python_without(code, "torch", "numpy")
     assert done.returncode == 0, done.stderr
 
 

@@ -25,6 +25,7 @@ from bnfold.core.graph import Operand
 from bnfold.report import FoldReport
 from bnfold.verification import TOLERANCES
 from conftest import calibrated_by_training
+from helpers.cli import python_without
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -167,15 +168,11 @@ def test_every_format_merges_the_same_terms_and_computes_the_same(build: Callabl
 
 
 def test_the_rule_and_the_merge_rounds_import_without_torch_or_numpy() -> None:
-    import subprocess
-    import sys
-
     code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None\n"
         "from bnfold.core import arithmetic, merge_rounds\n"
         "from bnfold.core.graph import Operand\n"
         "facts = arithmetic.linear_combination('add', [Operand(input=0), Operand(input=1)])\n"
         "assert facts.kind == 'add', facts\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = python_without(code, "torch", "numpy")
     assert done.returncode == 0, done.stderr

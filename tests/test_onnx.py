@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold.onnx as bo
 from bnfold.core.graph import BATCH_STATISTICS, ZERO_PADDED_BORDER
 from bnfold.errors import NonFiniteStatisticsError, OriginalRunError, TrainingModeError, VerificationError
+from helpers.cli import python_without
 from helpers.onnx_cases import (
     CASES,
     F16,
@@ -124,19 +125,12 @@ def test_tolerances_match_the_pytorch_side() -> None:
 
 def test_import_without_torch() -> None:
     code = (
-        "import sys; sys.modules['torch'] = None\n"
         "import bnfold.onnx as bo\n"
-        "from test_onnx import CASES\n"
+        "from helpers.onnx_cases import CASES\n"
         "r = bo.fold(CASES['conv2d']().model)\n"
         "assert r.report.verification['passed'] and 'torch' not in [m for m in sys.modules if sys.modules[m]]\n"
     )
-    import os
-    from pathlib import Path
-
-    env = dict(os.environ)
-    here = Path(__file__).parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parent / "src"), str(here), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = python_without(code, "torch")
     assert done.returncode == 0, done.stderr
 
 

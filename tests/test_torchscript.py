@@ -342,6 +342,22 @@ def test_cli_inspect_on_an_archive_is_a_dry_run_and_training_mode_exits_2(tmp_pa
     assert "Traceback" not in refused.stderr and not (tmp_path / "out.ts").exists()
 
 
+def test_a_module_frozen_before_the_fold_counts_its_constants_as_parameters() -> None:
+    """``torch.jit.freeze`` turns weights into constants: the report counts those (it read ``0 -> -N`` before), and
+    a fold of it and of the module it was frozen from remove the same elements (norms' statistics included)."""
+    model, x = _calibrated(ConvNormNorm, (2, 3, 6, 6))
+    scripted = script_or_trace(model, x, "trace")
+    frozen = torch.jit.freeze(scripted, optimize_numerics=False)  # no conv + BN folding by freeze itself
+    assert len(frozen.graph.findAllNodes("aten::batch_norm")) == 2 and not list(frozen.parameters())
+    weights = sum(t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    unfrozen, report = fold_script(scripted, example_inputs=x)[1], fold_script(frozen, example_inputs=x)[1]
+    planned = plan_script(frozen, example_inputs=x)
+    assert report.parameters_before == planned.parameters_before == weights
+    removed = unfrozen.parameters_removed + unfrozen.buffers_before - unfrozen.buffers_after
+    assert report.parameters_removed == planned.parameters_removed == removed > 0
+    assert report.buffers_before == report.buffers_after == 0
+
+
 def test_constants_merged_by_freezing_do_not_block_a_fold() -> None:
     """Freezing merges equal constants (a zero conv bias and a fresh norm's zero beta): each fold gets new ones."""
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()

@@ -767,8 +767,19 @@ class ScriptBackend:
         torch._C._jit_pass_constant_pooling(self.frozen.graph)
 
 
-def _with_frozen_note(report: FoldReport) -> FoldReport:
+def _as_frozen(report: FoldReport, module: torch.jit.ScriptModule) -> FoldReport:
+    """The report of a fold whose result is frozen, with the note that says so.
+
+    A module frozen before bnfold saw it (``torch.jit.freeze``) holds its weights as graph constants: it has no
+    parameters or buffers to count (counted as such, a fold would read ``0 -> -4,800``). Its report counts the
+    elements of its constant tensors as its parameters, and what the folds and merges remove comes out of them."""
     report.notes.append("the folded model is frozen: weights are graph constants and only forward() is kept")
+    if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+        removed = report.parameters_removed + report.buffers_before - report.buffers_after
+        report.parameters_before = sum(node.t("value").numel() for node in module.graph.findAllNodes("prim::Constant")
+                                       if node.hasAttribute("value") and node.kindOf("value") == "t")
+        report.parameters_after = report.parameters_before - removed
+        report.buffers_before = report.buffers_after = 0
     return report
 
 
@@ -827,7 +838,7 @@ def plan_script(
     """
     with torch.no_grad():
         planned = pipeline.dry_run(ScriptBackend(module, None, name, as_input_tuple(example_inputs)))
-    return _with_frozen_note(planned.report)
+    return _as_frozen(planned.report, module)
 
 
 def fold_script(
@@ -857,9 +868,9 @@ def fold_script(
     inputs = as_input_tuple(example_inputs)
     backend = ScriptBackend(module, None, name, inputs)
     with torch.no_grad():
-        report = _with_frozen_note(pipeline.fold(backend).report)
+        report = pipeline.fold(backend).report
     assert backend.frozen is not None and backend.names is not None
     if merge_branches:
         _merge(backend.frozen, inputs, backend.names, report,
                frozenset(f"%self.{name}" for name, _ in module.named_parameters()))
-    return backend.frozen, report
+    return backend.frozen, _as_frozen(report, module)

@@ -59,7 +59,7 @@ def test_case(name: str) -> None:
     if report.folded:
         tolerance = 1e-2 if name.startswith("fp16") else FLOAT32_TOLERANCE
         check = bo.verify(case.model, folded, seed=1)  # fresh inputs, independent of fold()'s own check
-        assert check["passed"] and check["tolerance"] == tolerance, check
+        assert check.passed and check.tolerance == tolerance, str(check)
         assert report.verification is not None and report.verification["passed"]
         used = {n for node in folded.graph.node for n in node.input}
         assert all(t.name in used for t in folded.graph.initializer), "unused initializer left behind"
@@ -307,7 +307,7 @@ def test_same_answer_as_the_module_api(name: str) -> None:
     assert bn_count(result.model) == len(result.report.left)
     if result.report.folded:
         check = bo.verify(model, result.model, seed=3)
-        assert check["passed"] and check["max_relative"] < FLOAT32_TOLERANCE, check
+        assert check.passed and check.max_relative < FLOAT32_TOLERANCE, str(check)
 
 
 def test_left_reasons_are_the_cores() -> None:

@@ -101,6 +101,27 @@ def test_plan_is_a_dry_run() -> None:
     assert bn_count(case.model) == 2
 
 
+def _one_op(op_type: str, output: str) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node(op_type, ["x"], [output])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_verify_names_each_output_that_cannot_be_compared() -> None:
+    """A missing or reshaped output is a problem naming it, a NaN one is not finite: as on the PyTorch side."""
+    original = _one_op("Identity", "y")
+    missing = bo.verify(original, _one_op("Identity", "z"))
+    assert missing.problems == ["output 'y' is missing in the folded model"] and not missing.passed
+    assert missing.to_dict()["outputs"] == [] and missing.worst() == missing.problems[0]
+    reshaped = bo.verify(original, _one_op("Flatten", "y"))
+    assert reshaped.problems == ["output 'y' has shape [1, 2, 3] vs [1, 6]"] and not reshaped.passed
+    nan = bo.verify(original, _one_op("Log", "y"))  # the log of the negative random inputs
+    assert not nan.passed and not nan.judged and nan.not_finite[0].startswith("output 'y' of the folded model holds NaN")
+    same = bo.verify(original, _one_op("Identity", "y"))
+    assert same.passed and [o["path"] for o in same.to_dict()["outputs"]] == ["y"] and same.worst_output == "y"
+
+
 def test_verification_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
     from bnfold import affine
 

@@ -98,11 +98,12 @@ def onnx_row(key: str, path: Path) -> dict[str, str]:
         start = time.perf_counter()
         checked = bo.verify(str(path), result.model)
         row["verify s"] = f"{time.perf_counter() - start:.2f}"
-        worst = checked["outputs"][checked["worst_output"]]
-        row["error / allowance"] = f"{worst['max_abs']:.2g} / {worst['allowance']:.2g}"
-        row["relative"] = f"{worst['relative']:.2g}"
-        row["inputs"] = "x".join(map(str, next(iter(checked["input_shapes"].values()))))
-        feeds = verification.example_inputs(model, 0, checked["input_shapes"])
+        worst = next(e for e in checked.outputs if e.path == checked.worst_output)
+        row["error / allowance"] = f"{worst.max_abs:.2g} / {worst.allowance or 0:.2g}"
+        row["relative"] = f"{worst.relative:.2g}"
+        shapes = checked.input_shapes or {}
+        row["inputs"] = "x".join(map(str, next(iter(shapes.values()))))
+        feeds = verification.example_inputs(model, 0, shapes)
         expected = verification._Runner(str(path), "original")(feeds)
         row.update(peers(path, feeds, expected))
     else:

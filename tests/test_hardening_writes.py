@@ -381,7 +381,7 @@ def test_onnx_force_works_from_any_working_folder(tmp_path: Path, where: str) ->
                  if onnx.external_data_helper.uses_external_data(t)}
     assert locations == {"out.onnx.data"}  # relative to OUT, wherever the command ran
     folded = bo.load(tmp_path / "out" / "out.onnx")
-    assert bn_count(folded) == 0 and bo.verify(bo.load(inputs[0]), folded, seed=4)["passed"]
+    assert bn_count(folded) == 0 and bo.verify(bo.load(inputs[0]), folded, seed=4).passed
     assert listing(tmp_path / "out") == ["out.onnx", "out.onnx.data"] and sha256(inputs) == before
 
 
@@ -537,7 +537,7 @@ def test_onnx_read_back_uses_the_folds_tolerance_and_inputs(tmp_path: Path, monk
     calls: list[dict[str, Any]] = []
     real = backend._verify
 
-    def spy(original: onnx.ModelProto, folded: onnx.ModelProto, **kwargs: Any) -> dict[str, Any]:
+    def spy(original: onnx.ModelProto, folded: onnx.ModelProto, **kwargs: Any) -> Any:
         calls.append(kwargs)
         return real(original, folded, **kwargs)
 

@@ -21,6 +21,7 @@ from torch import nn
 import bnfold
 from bnfold import judge
 from bnfold.errors import UndecidedError, VerificationError
+from helpers.cli import python_without
 from helpers.planted import plant_wrong_scale
 
 SHAPE = (1, 3, 16, 16)
@@ -55,12 +56,13 @@ def _photo() -> torch.Tensor:
 
 def test_the_rule_accepts_a_saturated_output_and_refuses_a_wrong_fold() -> None:
     # numbers of the PP-OCRv4 detector on random inputs: error 2.1e-7 on a map whose largest value is 1.5e-5
-    exact = judge.verdict(error=2.1e-7, scale=1.55e-5, eps=1.19e-7, tolerance=1e-4, floor=2.0e-7)
-    assert exact.relative > 1e-4 and exact.passed and exact.ratio < 1
-    assert "against allowance" in exact.describe()
-    wrong = judge.verdict(error=2.1e-4, scale=1.55e-5, eps=1.19e-7, tolerance=1e-4, floor=2.0e-7)
-    assert not wrong.passed
-    assert not judge.verdict(1.0, 1.0, 1.19e-7, 1e-4, float("nan")).passed  # a NaN floor allows nothing
+    exact = judge.output_error(error=2.1e-7, scale=1.55e-5, eps=1.19e-7, floor=2.0e-7)
+    assert exact.relative > 1e-4 and exact.within(1e-4) and exact.allowance is not None
+    assert exact.max_abs < exact.allowance  # passed by the allowance, not the tolerance
+    assert "against allowance" in exact.describe(1e-4)
+    wrong = judge.output_error(error=2.1e-4, scale=1.55e-5, eps=1.19e-7, floor=2.0e-7)
+    assert not wrong.within(1e-4)
+    assert not judge.output_error(1.0, 1.0, 1.19e-7, float("nan")).within(1e-4)  # a NaN floor allows one rounding
 
 
 def test_the_saturating_model_fails_the_fixed_tolerance_alone() -> None:
@@ -99,11 +101,43 @@ def test_onnx_accepts_the_exact_fold_and_refuses_a_planted_wrong_one(tmp_path: P
     result = bo.fold(path)
     verification = result.report.verification
     assert verification["passed"] and verification["max_relative"] > 1e-4  # passed by the allowance, not the tolerance
-    assert verification["max_abs"] <= verification["allowance"]
+    worst = next(o for o in verification["outputs"] if o["path"] == verification["worst_output"])
+    assert verification["max_abs"] <= worst["allowance"] and worst["passed"]
     assert verification["input_shapes"] == {"x": list(SHAPE)} and "photographs" in verification["inputs"]
     plant_wrong_scale(monkeypatch)
     with pytest.raises(VerificationError, match="against allowance"):
         bo.fold(path)
+
+
+def test_pytorch_and_onnx_give_one_result_with_one_layout(tmp_path: Path) -> None:
+    """``bnfold.verify`` and ``bnfold.onnx.verify`` of the same model (and the checks of ``fold`` in both) give one
+    result type with the same keys, per output too; the ONNX one runs without torch."""
+    from bnfold import onnx as bo
+    from bnfold.verification import VerificationResult
+
+    model, x = saturating(), _photo()
+    path = _onnx_file(model, tmp_path / "s.onnx")
+    folded_path = tmp_path / "folded.onnx"
+    folded_onnx = bo.fold(path)
+    folded_onnx.save(folded_path)
+    folded = bnfold.fold(model, x)
+    in_pytorch = bnfold.verify(model, folded, x)
+    in_onnx = bo.verify(path, folded_onnx.model, inputs={"x": x.numpy()})
+    assert isinstance(in_pytorch, VerificationResult) and isinstance(in_onnx, bnfold.VerificationResult)
+    a, b = in_pytorch.to_dict(), in_onnx.to_dict()
+    assert a.keys() == b.keys() == bnfold.report_for(folded).verification.keys() == folded_onnx.report.verification.keys()
+    assert len(a["outputs"]) == len(b["outputs"]) == 1 and a["outputs"][0].keys() == b["outputs"][0].keys()
+    assert a["outputs"][0]["shape"] == b["outputs"][0]["shape"] and (a["worst_output"], b["worst_output"]) == ("", "y")
+    for result in (a, b):  # both beyond the tolerance, both within the allowance of the same rule
+        assert result["passed"] and result["outputs"][0]["passed"] and result["max_relative"] > 1e-4
+        assert "against allowance" in result["judged"] and result["perturbed_tensors"] > 0
+    assert (a["input_shapes"], b["input_shapes"]) == ({"input": list(SHAPE)}, {"x": list(SHAPE)})
+    assert (a["inputs"], b["inputs"]) == (None, "given inputs")
+    code = (f"import bnfold.onnx as bo\nresult = bo.verify({str(path)!r}, {str(folded_path)!r})\n"
+            f"assert result.passed and sorted(result.to_dict()) == {sorted(a)!r}, str(result)\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m]]\n")
+    done = python_without(code, "torch")
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])

@@ -59,7 +59,7 @@ def test_case(name: str) -> None:
     if report.folded:
         tolerance = 1e-2 if name.startswith("fp16") else FLOAT32_TOLERANCE
         check = bo.verify(case.model, folded, seed=1)  # fresh inputs, independent of fold()'s own check
-        assert check["passed"] and check["tolerance"] == tolerance, check
+        assert check.passed and check.tolerance == tolerance, str(check)
         assert report.verification is not None and report.verification["passed"]
         used = {n for node in folded.graph.node for n in node.input}
         assert all(t.name in used for t in folded.graph.initializer), "unused initializer left behind"
@@ -99,6 +99,27 @@ def test_plan_is_a_dry_run() -> None:
     assert not report.applied and len(report.folded) == 2 and report.verification is None
     assert report.parameters_after < report.parameters_before
     assert bn_count(case.model) == 2
+
+
+def _one_op(op_type: str, output: str) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node(op_type, ["x"], [output])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_verify_names_each_output_that_cannot_be_compared() -> None:
+    """A missing or reshaped output is a problem naming it, a NaN one is not finite: as on the PyTorch side."""
+    original = _one_op("Identity", "y")
+    missing = bo.verify(original, _one_op("Identity", "z"))
+    assert missing.problems == ["output 'y' is missing in the folded model"] and not missing.passed
+    assert missing.to_dict()["outputs"] == [] and missing.worst() == missing.problems[0]
+    reshaped = bo.verify(original, _one_op("Flatten", "y"))
+    assert reshaped.problems == ["output 'y' has shape [1, 2, 3] vs [1, 6]"] and not reshaped.passed
+    nan = bo.verify(original, _one_op("Log", "y"))  # the log of the negative random inputs
+    assert not nan.passed and not nan.judged and nan.not_finite[0].startswith("output 'y' of the folded model holds NaN")
+    same = bo.verify(original, _one_op("Identity", "y"))
+    assert same.passed and [o["path"] for o in same.to_dict()["outputs"]] == ["y"] and same.worst_output == "y"
 
 
 def test_verification_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,7 +328,7 @@ def test_same_answer_as_the_module_api(name: str) -> None:
     assert bn_count(result.model) == len(result.report.left)
     if result.report.folded:
         check = bo.verify(model, result.model, seed=3)
-        assert check["passed"] and check["max_relative"] < FLOAT32_TOLERANCE, check
+        assert check.passed and check.max_relative < FLOAT32_TOLERANCE, str(check)
 
 
 def test_left_reasons_are_the_cores() -> None:

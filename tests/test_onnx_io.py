@@ -119,7 +119,7 @@ def test_external_data_round_trip(tmp_path: Path) -> None:
     reloaded = bo.load(out_dir / "folded.onnx")
     assert bn_count(reloaded) == 0
     check = bo.verify(original, reloaded, seed=3)
-    assert check["passed"], check
+    assert check.passed, str(check)
 
 
 def test_missing_external_data(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def test_the_text_detector_at_640_is_judged_by_the_allowance() -> None:
     from bnfold import onnx as bo
 
     verification = bo.fold(trained_file("ppocr_det"), input_shape=(1, 3, 640, 640)).report.verification
-    assert verification["passed"] and verification["max_abs"] <= verification["allowance"]
+    worst = next(o for o in verification["outputs"] if o["path"] == verification["worst_output"])
+    assert verification["passed"] and verification["max_abs"] <= worst["allowance"]
 
 
 def test_a_planted_wrong_fold_is_refused_on_the_text_detector(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,6 +78,8 @@ def test_verify_needs_something_to_run_on() -> None:
     model = _classifier()
     with pytest.raises(bnfold.InvalidInputError, match="inputs or data"):
         bnfold.verify(model, model)
+    with pytest.raises(bnfold.InvalidInputError, match="compared nothing"):  # an empty set proves nothing
+        bnfold.verify(model, model, data=[])
 
 
 def test_max_batches_limits_the_data_read() -> None:

@@ -27,6 +27,7 @@ from .report import FoldReport, MergeEntry, NormEntry
 if TYPE_CHECKING:
     from .api import fold, plan, report_for, save
     from .bench import BenchmarkResult, benchmark
+    from .judge import VerificationResult
     from .layers import (
         DEFAULT_REGISTRY,
         LayerRegistry,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
         register_layer,
         register_norm,
     )
-    from .verification import VerificationResult, verify
+    from .verification import verify
 
 # Modules are imported on first use, so that `bnfold.onnx` and `bnfold.fold` of an ONNX model (and `bnfold.affine`,
 # `bnfold.report`) work on a machine without PyTorch; `bnfold.api` imports PyTorch only for a PyTorch model.
@@ -46,7 +47,7 @@ _LAZY = {
     "report_for": "api",
     "save": "api",
     "verify": "verification",
-    "VerificationResult": "verification",
+    "VerificationResult": "judge",
     "benchmark": "bench",
     "BenchmarkResult": "bench",
     "DEFAULT_REGISTRY": "layers",

@@ -35,6 +35,7 @@ from .report import FoldReport
 from .verification import (
     compare_outputs,
     default_tolerance,
+    described,
     explained_by_rounding,
     noise_floor,
     run_seeded,
@@ -292,8 +293,8 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
         if verify:
             assert inputs is not None
             reference = run_seeded(model, inputs)
-            touched = [name for fold in the_plan.folds for name in (fold.norm, *fold.layers)]
-            perturbed = noise_floor(model, touched_tensors(model, touched), inputs)
+            touched = touched_tensors(model, [name for fold in the_plan.folds for name in (fold.norm, *fold.layers)])
+            perturbed = noise_floor(model, touched, inputs)
     target = model if inplace else _copy(model)
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
     rollback = _apply(target, planned, registry, in_place=not (inplace and verify),
@@ -313,7 +314,7 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
             rollback.restore()
             raise
         limit = tolerance if tolerance is not None else default_tolerance(model)
-        comparison = compare_outputs(reference, folded_outputs, limit, perturbed)
+        comparison = described(compare_outputs(reference, folded_outputs, limit, perturbed), inputs, touched)
         report.verification = comparison.to_dict()
         if not comparison.judged:
             if inplace:
@@ -362,13 +363,13 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
                 with MODEL_CALLS_LOCK:
                     second = explained_by_rounding(model, inputs, reference, folded_outputs, exact_fold, folded_float64)
                 del exact_fold, folded_float64
-                report.verification["rounding_check"] = second.to_dict()
-                report.verification["passed"] = second.passed
-            if not report.verification["passed"]:
+                comparison.rounding_check = second
+                report.verification = comparison.to_dict()
+            if not comparison.passed:
                 raise VerificationError(
-                    f"the folded {type(model).__name__} differs from the original: {comparison.worst()} exceeds the "
-                    f"tolerance {limit:g}. The model was left unchanged. Please report this with the model; "
-                    f"bnfold.plan(model) shows which folds were attempted."
+                    f"the folded {type(model).__name__} differs from the original: {comparison.worst()}. The model "
+                    f"was left unchanged. Please report this with the model; bnfold.plan(model) shows which folds "
+                    f"were attempted."
                 )
             report.notes.append(
                 f"outputs differ by {comparison.max_relative:.2g} (relative), above the tolerance {limit:g}, but by no "

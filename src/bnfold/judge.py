@@ -21,14 +21,15 @@ by 1e-3 on one channel is thousands of rounding steps, so ``E`` is thousands of 
 The floor is measured between the original and a perturbed original, never against the folded model, so a wrong
 fold cannot widen its own allowance.
 
-This module is plain Python (no torch, no numpy): each format reduces its outputs to the numbers above and asks
-:func:`verdict`.
+This module is plain Python (no torch, no numpy): each format reduces its outputs to the numbers above, asks
+:func:`output_error`, and gathers the answers in one :class:`VerificationResult`, the result of every format's check.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 FLOOR_FACTOR = 4.0
 """How many noise floors a correct fold may differ by. The floor is one draw of the rounding pattern, while the
@@ -40,52 +41,47 @@ PERTURB_SEED = 1234
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """One output's judgement: its error, the allowance it is held to, and the relative error beside the tolerance."""
+class OutputError:
+    """One output's judgement: its error, the allowance it is held to, and its relative error (for the tolerance).
 
-    error: float  # max |F - O|
-    relative: float  # error / max |O|
-    allowance: float | None  # FLOOR_FACTOR * floor + one rounding of the output; None when no floor was measured
-    floor: float | None  # max |P - O|
-    tolerance: float
-    passed: bool
+    ``path``: the output's place in a PyTorch output structure (``"[0]"``, ``"['boxes']"``, ``""`` for a lone
+    tensor) or the name of an ONNX output.
+    """
 
-    @property
-    def ratio(self) -> float | None:
-        """``error / allowance`` (pass <= 1), or ``None`` without a floor."""
-        if self.allowance is None:
-            return None
-        if self.allowance > 0:
-            return self.error / self.allowance
-        return 0.0 if self.error == 0 else math.inf
+    path: str
+    max_abs: float  # max |F - O|
+    relative: float  # max_abs / max |O|
+    shape: tuple[int, ...]
+    allowance: float | None = None  # FLOOR_FACTOR * floor + one rounding of the output; None without a floor
+    floor: float | None = None  # max |P - O|
 
-    def describe(self) -> str:
+    def within(self, tolerance: float) -> bool:
+        """Whether the output passes: within the fixed relative ``tolerance``, or within its allowance."""
+        return self.relative <= tolerance or (self.allowance is not None and self.max_abs <= self.allowance)
+
+    def describe(self, tolerance: float) -> str:
         """``"error 2.1e-07 against allowance 9.5e-07 (relative 0.0135, tolerance 1e-04)"``."""
-        if self.allowance is None:
-            return f"error {self.error:.3g} (relative {self.relative:.3g}, tolerance {self.tolerance:g})"
-        return (f"error {self.error:.3g} against allowance {self.allowance:.3g} (relative {self.relative:.3g}, "
-                f"tolerance {self.tolerance:g})")
+        against = f" against allowance {self.allowance:.3g}" if self.allowance is not None else ""
+        return f"error {self.max_abs:.3g}{against} (relative {self.relative:.3g}, tolerance {tolerance:g})"
 
 
-def verdict(error: float, scale: float, eps: float, tolerance: float, floor: float | None) -> Verdict:
-    """Judge one output.
+def output_error(error: float, scale: float, eps: float, floor: float | None, path: str = "",
+                 shape: tuple[int, ...] = ()) -> OutputError:
+    """Judge one output (it passes when :meth:`OutputError.within` the tolerance).
 
     Args:
         error: ``max |F - O|``, the folded model's largest difference from the original.
         scale: ``max |O|``, the original output's largest magnitude.
         eps: the machine epsilon of the output's dtype (one rounding of the output is ``eps * scale``).
-        tolerance: the fixed relative tolerance (the dtype's default, or the user's).
         floor: ``max |P - O|`` (see the module docstring), or ``None`` when it was not measured.
 
-    NaN anywhere fails: a NaN error or floor allows nothing.
+    NaN anywhere fails: a NaN error passes nothing, a NaN floor allows only one rounding of the output.
     """
     relative = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
-    passed = relative <= tolerance
     allowance = None
     if floor is not None:
         allowance = FLOOR_FACTOR * floor + eps * scale if math.isfinite(floor) else eps * scale
-        passed = passed or error <= allowance
-    return Verdict(error, relative, allowance, floor, tolerance, bool(passed))
+    return OutputError(path, error, relative, shape, allowance, floor)
 
 
 def undecided(run_to_run: float, error: float, floor: float | None) -> bool:
@@ -107,3 +103,187 @@ UNDECIDED = ("the original model's own outputs differ from run to run on the sam
 
 
 PERTURBED = "the original with every tensor the fold touched moved one rounding step"
+
+
+def not_comparable(where: str, size: int, nan_original: int, nan_folded: int, same_infinities: bool) -> str | None:
+    """Why output ``where`` (of ``size`` values) cannot be compared, or ``None``.
+
+    A NaN carries no value to compare, so an output holding NaN (in either model) leaves the check undecided, never
+    passed: two all-NaN outputs "differ by 0" only because NaN is skipped. An infinity is a value: the same
+    infinity (same sign) at the same places in both outputs counts as equal, and the finite rest is compared.
+    """
+    if nan_original:
+        return (f"{where} of the original model holds NaN ({nan_original} of {size} values) on these inputs, so the "
+                "outputs are not finite and the check could not be made; check the model (weights, norm statistics) "
+                "and the inputs")
+    if nan_folded:
+        return f"{where} of the folded model holds NaN ({nan_folded} of {size} values) where the original's is a number"
+    if not same_infinities:
+        return f"{where} is infinite at different places (or with different signs) in the original and the folded model"
+    return None
+
+
+def output_label(path: str) -> str:
+    """How messages name an output: ``output [0]``, ``output ['boxes']`` (a place in a PyTorch output structure),
+    ``output 'logits'`` (an ONNX output's name), ``output (tensor)`` (a PyTorch model's one tensor)."""
+    if not path:
+        return "output (tensor)"
+    return f"output {path}" if path[0] in "[." else f"output '{path}'"
+
+
+def describe_inputs(shapes: dict[str, Any] | None, label: str | None = None, batches: int = 1) -> str:
+    """``" on x: 1x3x224x224 (photographs, 2 batches)"``: what a check ran on, to end a phrase ("" when unknown)."""
+    shown = ", ".join(f"{name or 'input'}: {'x'.join(map(str, shape))}" for name, shape in (shapes or {}).items())
+    detail = f" ({label}{f', {batches} batches' if batches > 1 else ''})" if label else ""
+    return f"{f' on {shown}' if shown else ''}{detail}"
+
+
+@dataclass
+class VerificationResult:
+    """What a check of folded outputs against the original's found, in every format (``bnfold.verify``, the check of
+    ``bnfold.fold`` and of a written file, ``bnfold.onnx.verify``); :meth:`to_dict` is the same plain data for all.
+
+    Attributes:
+        outputs: the worst error of each output (by path or name) over every batch compared.
+        tolerance: the relative tolerance each output was held to (it also passes within its allowance).
+        problems: structural differences (missing outputs, other shapes or types), each naming its output.
+        not_finite: outputs holding NaN (or unmatched infinities): no error is known, no verdict possible.
+        undecided: why no verdict is possible: the original differs from itself run to run.
+        batches: how many input batches were compared.
+        samples / agreement: how many classifier samples were compared for top-1 agreement (``bnfold.verify`` with
+            ``data``), and the fraction where both models predict the same class.
+        accuracy_original / accuracy_folded: top-1 accuracy of each model when ``data`` carries labels.
+        inputs / input_shapes: what the inputs were (``"photographs"``, ``"given inputs"``...) and their shapes.
+        perturbed_tensors: how many tensors the noise floor moved (those the fold touched).
+        rounding_check: the float64 second opinion (:func:`bnfold.verification.explained_by_rounding`), asked when
+            outputs are beyond both the tolerance and the allowance; when asked, it decides :attr:`passed`.
+    """
+
+    outputs: list[OutputError]
+    tolerance: float
+    problems: list[str] = field(default_factory=list)
+    not_finite: list[str] = field(default_factory=list)
+    undecided: str | None = None
+    batches: int = 1
+    samples: int = 0
+    agreement: float | None = None
+    accuracy_original: float | None = None
+    accuracy_folded: float | None = None
+    inputs: str | None = None
+    input_shapes: dict[str, list[int]] | None = None
+    perturbed_tensors: int | None = None
+    rounding_check: VerificationResult | None = None
+
+    @property
+    def passed(self) -> bool:
+        if self.rounding_check is not None:
+            return self.rounding_check.passed
+        return (not self.problems and not self.not_finite and self.undecided is None
+                and all(e.within(self.tolerance) for e in self.outputs))
+
+    @property
+    def judged(self) -> bool:
+        """Whether a verdict was possible: ``False`` when an output is NaN (or inf unmatched), so no error is known,
+        or when the original's own outputs vary from run to run as much as the fold's."""
+        return not self.not_finite and self.undecided is None
+
+    @property
+    def max_abs(self) -> float:
+        return max((e.max_abs for e in self.outputs), default=0.0)
+
+    @property
+    def max_relative(self) -> float:
+        return max((e.relative for e in self.outputs), default=0.0)
+
+    def _worst(self) -> OutputError | None:
+        return max(self.outputs, key=lambda e: (not e.within(self.tolerance), e.relative), default=None)
+
+    @property
+    def worst_output(self) -> str | None:
+        """The path (or name) of the worst output: the first that fails, else the largest relative error."""
+        worst = self._worst()
+        return worst.path if worst is not None else None
+
+    def describe(self) -> str:
+        """The worst output's ``error X against allowance Y (relative r, tolerance t)``."""
+        worst = self._worst()
+        return worst.describe(self.tolerance) if worst is not None else "no floating outputs"
+
+    def worst(self) -> str:
+        """One line for messages: the first problem, or why no verdict is possible, or the worst output's error
+        (saying, when it fails its allowance, that rounding the folded weights does not explain it)."""
+        reasons = [*self.problems, *self.not_finite, *filter(None, [self.undecided])]
+        if reasons:
+            return reasons[0]
+        worst = self._worst()
+        if worst is None:
+            return self.describe()
+        beyond = not worst.within(self.tolerance) and worst.allowance is not None
+        return (f"{output_label(worst.path)}: {self.describe()}"
+                f"{', more than rounding the folded weights explains' if beyond else ''}")
+
+    def absorb(self, other: VerificationResult) -> None:
+        """Take in the comparison of another batch: per output the worse error (a failing one first), every problem
+        once."""
+        worst = {e.path: e for e in self.outputs}
+        for error in other.outputs:
+            mine = worst.get(error.path)
+            if mine is None or ((not error.within(self.tolerance), error.relative)
+                                > (not mine.within(self.tolerance), mine.relative)):
+                worst[error.path] = error
+        self.outputs = list(worst.values())
+        self.problems.extend(p for p in other.problems if p not in self.problems)
+        self.not_finite.extend(p for p in other.not_finite if p not in self.not_finite)
+        self.undecided = self.undecided or other.undecided
+
+    def check_run_to_run(self, drift: dict[str, float]) -> None:
+        """Mark the result undecided (:func:`undecided`) where the original's own run-to-run difference (``drift``,
+        by output path) swamps an output beyond the tolerance: its verdict rests on the floor, and that is noise."""
+        for error in self.outputs:
+            run = drift.get(error.path, 0.0)
+            if error.relative > self.tolerance and undecided(run, error.max_abs, error.floor):
+                self.undecided = UNDECIDED.format(run=run, error=error.max_abs)
+                return
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, ready for JSON: ``FoldReport.verification``, ``bnfold verify --json``."""
+        return {
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "max_abs": self.max_abs,
+            "max_relative": self.max_relative,
+            "judged": self.describe() if self.outputs else None,
+            "worst_output": self.worst_output,
+            "outputs": [
+                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape),
+                 "allowance": e.allowance, "floor": e.floor, "passed": e.within(self.tolerance)} for e in self.outputs
+            ],
+            "problems": list(self.problems),
+            "not_finite": list(self.not_finite),
+            "undecided": self.undecided,
+            "batches": self.batches,
+            "samples": self.samples,
+            "top1_agreement": self.agreement,
+            "accuracy_original": self.accuracy_original,
+            "accuracy_folded": self.accuracy_folded,
+            "inputs": self.inputs,
+            "input_shapes": self.input_shapes,
+            "perturbed_tensors": self.perturbed_tensors,
+            "rounding_check": self.rounding_check.to_dict() if self.rounding_check is not None else None,
+        }
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED" if self.judged else "NOT POSSIBLE"
+        lines = [f"verification {verdict}: max relative error {self.max_relative:.3g} (tolerance {self.tolerance:g}), "
+                 f"max abs {self.max_abs:.3g}, over {self.batches} batch(es)"]
+        inputs = describe_inputs(self.input_shapes, self.inputs)
+        if inputs:
+            lines.append(f"  compared{inputs}")
+        lines.extend(f"  {output_label(e.path)} {list(e.shape)}: {e.describe(self.tolerance)}"
+                     for e in self.outputs)
+        if self.samples:
+            lines.append(f"  top-1 agreement {self.agreement:.2%} over {self.samples} samples")
+        if self.accuracy_original is not None:
+            lines.append(f"  top-1 accuracy: original {self.accuracy_original:.2%}, folded {self.accuracy_folded:.2%}")
+        lines.extend(f"  problem: {p}" for p in (*self.problems, *self.not_finite, *filter(None, [self.undecided])))
+        return "\n".join(lines)

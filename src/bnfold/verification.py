@@ -27,7 +27,6 @@ so their tolerance is ten roundings: 1e-2 and 8e-2.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from torch.utils import _pytree as pytree
 from . import judge
 from .backends.capture import MODEL_CALLS_LOCK
 from .errors import InvalidInputError, UndecidedError, VerificationError
+from .judge import OutputError, VerificationResult
 
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
@@ -56,94 +56,12 @@ def default_tolerance(model_or_dtype: nn.Module | torch.dtype) -> float:
     return max(TOLERANCES.get(d, TOLERANCES[torch.float32]) for d in dtypes)
 
 
-@dataclass(frozen=True)
-class OutputError:
-    """Error of one output tensor, at ``path`` in the output structure (``"[0]"``, ``"['boxes']"``, ...)."""
-
-    path: str
-    max_abs: float
-    relative: float
-    shape: tuple[int, ...]
-    allowance: float | None = None  # bnfold.judge: FLOOR_FACTOR * noise floor + one rounding of the output
-    floor: float | None = None  # max |P - O| of the original with its touched tensors moved one rounding step
-
-    def within(self, tolerance: float) -> bool:
-        return self.relative <= tolerance or (self.allowance is not None and self.max_abs <= self.allowance)
-
-
-@dataclass
-class Comparison:
-    """Per-output errors of a folded model against the original, and whether all are within ``tolerance``."""
-
-    outputs: list[OutputError]
-    tolerance: float
-    problems: list[str] = field(default_factory=list)  # structural mismatches: missing outputs, shapes, types
-    not_finite: list[str] = field(default_factory=list)  # outputs holding NaN / unmatched inf: no verdict possible
-    undecided: str | None = None  # the original differs from itself run to run: no verdict possible
-
-    @property
-    def passed(self) -> bool:
-        return (not self.problems and not self.not_finite and self.undecided is None
-                and all(e.within(self.tolerance) for e in self.outputs))
-
-    @property
-    def judged(self) -> bool:
-        """Whether a verdict was possible: ``False`` when an output is NaN (or inf unmatched), so no error is known,
-        or when the original's own outputs vary from run to run as much as the fold's."""
-        return not self.not_finite and self.undecided is None
-
-    def describe(self) -> str:
-        """The worst output's ``error X against allowance Y`` (or its relative error beside the tolerance)."""
-        if not self.outputs:
-            return "no floating outputs"
-        worst = max(self.outputs, key=lambda e: (not e.within(self.tolerance), e.relative))
-        verdict = judge.Verdict(worst.max_abs, worst.relative, worst.allowance, worst.floor, self.tolerance,
-                                worst.within(self.tolerance))
-        return verdict.describe()
-
-    @property
-    def max_abs(self) -> float:
-        return max((e.max_abs for e in self.outputs), default=0.0)
-
-    @property
-    def max_relative(self) -> float:
-        return max((e.relative for e in self.outputs), default=0.0)
-
-    def worst(self) -> str:
-        if self.problems:
-            return self.problems[0]
-        if self.not_finite:
-            return self.not_finite[0]
-        if self.undecided:
-            return self.undecided
-        worst = max(self.outputs, key=lambda e: (not e.within(self.tolerance), e.relative))
-        if worst.allowance is not None:
-            return f"output {worst.path or '(tensor)'}: {self.describe()}"
-        return f"output {worst.path or '(tensor)'} with relative error {worst.relative:.3g} (max abs {worst.max_abs:.3g})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "tolerance": self.tolerance,
-            "max_abs": self.max_abs,
-            "max_relative": self.max_relative,
-            "judged": self.describe() if self.outputs else None,
-            "outputs": [
-                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape),
-                 "allowance": e.allowance, "floor": e.floor} for e in self.outputs
-            ],
-            "problems": list(self.problems),
-            "not_finite": list(self.not_finite),
-            "undecided": self.undecided,
-        }
-
-
 def _leaves_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
     leaves, spec = pytree.tree_flatten_with_path(tree)
     return [(pytree.keystr(path), leaf) for path, leaf in leaves], spec
 
 
-def compare_outputs(reference: Any, candidate: Any, tolerance: float, perturbed: Any = None) -> Comparison:
+def compare_outputs(reference: Any, candidate: Any, tolerance: float, perturbed: Any = None) -> VerificationResult:
     """Compare two model outputs of the same structure, tensor by tensor.
 
     ``perturbed``: the original's outputs with its touched tensors moved one rounding step (:func:`noise_floor`);
@@ -152,17 +70,18 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: float, perturbed:
     floors = _floors(reference, perturbed) if perturbed is not None else {}
     ref_leaves, ref_spec = _leaves_with_paths(reference)
     cand_leaves, cand_spec = _leaves_with_paths(candidate)
-    comparison = Comparison([], tolerance)
+    comparison = VerificationResult([], tolerance)
     if ref_spec != cand_spec:
         comparison.problems.append(f"the outputs have different structures ({ref_spec} vs {cand_spec})")
         return comparison
     for (path, a), (_, b) in zip(ref_leaves, cand_leaves, strict=True):
         if not isinstance(a, torch.Tensor):
             if a != b:
-                comparison.problems.append(f"output {path} differs: {a!r} vs {b!r}")
+                comparison.problems.append(f"{judge.output_label(path)} differs: {a!r} vs {b!r}")
             continue
         if not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            comparison.problems.append(f"output {path} has shape {tuple(a.shape)} vs {getattr(b, 'shape', type(b))}")
+            comparison.problems.append(
+                f"{judge.output_label(path)} has shape {list(a.shape)} vs {list(getattr(b, 'shape', [type(b)]))}")
             continue
         if not a.is_floating_point() and not a.is_complex():
             mismatches = int((a != b).sum())
@@ -172,7 +91,10 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: float, perturbed:
             comparison.outputs.append(OutputError(path, 0.0, 0.0, tuple(a.shape)))
             continue
         a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-        problem = _non_finite_problem(path, a64, b64)
+        infinite = torch.isinf(a64)
+        problem = judge.not_comparable(
+            judge.output_label(path), a64.numel(), int(torch.isnan(a64).sum()), int(torch.isnan(b64).sum()),
+            torch.equal(infinite, torch.isinf(b64)) and torch.equal(a64[infinite], b64[infinite]))
         if problem:
             comparison.not_finite.append(problem)
             continue
@@ -180,10 +102,8 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: float, perturbed:
         difference = (a64 - b64)[finite_a]
         max_abs = float(difference.abs().max()) if difference.numel() else 0.0
         scale = float(a64[finite_a].abs().max()) if difference.numel() else 0.0
-        floor = floors.get(path)
-        verdict = judge.verdict(max_abs, scale, torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0, tolerance,
-                                floor)
-        comparison.outputs.append(OutputError(path, max_abs, verdict.relative, tuple(a.shape), verdict.allowance, floor))
+        eps = torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0
+        comparison.outputs.append(judge.output_error(max_abs, scale, eps, floors.get(path), path, tuple(a.shape)))
     return comparison
 
 
@@ -257,44 +177,11 @@ def noise_floor(model: Any, names: Any, inputs: tuple[Any, ...], seed: int = RUN
             tensors[name].data = data
 
 
-def run_to_run(model: Any, inputs: tuple[Any, ...], first: Any, comparison: Comparison, seed: int = RUN_SEED) -> None:
+def run_to_run(model: Any, inputs: tuple[Any, ...], first: Any, comparison: VerificationResult, seed: int = RUN_SEED) -> None:
     """Run the original again on the same inputs and random state; where it differs from ``first`` as much as the fold
     or the noise floor do, mark ``comparison`` undecided (:func:`bnfold.judge.undecided`). Called whenever an output
     is beyond the fixed tolerance (the verdict then rests on the floor)."""
-    again = run_seeded(model, inputs, seed)
-    drift = _floors(first, again)
-    for error in comparison.outputs:
-        if error.relative <= comparison.tolerance:
-            continue
-        run = drift.get(error.path, 0.0)
-        if judge.undecided(run, error.max_abs, error.floor):
-            comparison.undecided = judge.UNDECIDED.format(run=run, error=error.max_abs)
-            return
-
-
-def _non_finite_problem(path: str, reference: torch.Tensor, candidate: torch.Tensor) -> str | None:
-    """Why two outputs cannot be compared, or ``None``.
-
-    A NaN carries no value to compare, so an output holding NaN (in either model) leaves the check undecided, never
-    passed: two all-NaN outputs "differ by 0" only because NaN is skipped. An infinity is a value: the same
-    infinity (same sign) at the same places in both outputs counts as equal, and the finite rest is compared.
-    """
-    where = f"output {path or '(tensor)'}"
-    nan_reference, nan_candidate = int(torch.isnan(reference).sum()), int(torch.isnan(candidate).sum())
-    if nan_reference:
-        return (
-            f"{where} of the original model holds NaN ({nan_reference} of {reference.numel()} values) on these "
-            f"inputs, so the outputs are not finite and the check could not be made; check the model (weights, "
-            f"norm statistics) and the inputs"
-        )
-    if nan_candidate:
-        return f"{where} of the folded model holds NaN ({nan_candidate} of {candidate.numel()} values) where the original's is a number"
-    infinite_reference, infinite_candidate = torch.isinf(reference), torch.isinf(candidate)
-    if not torch.equal(infinite_reference, infinite_candidate) or not torch.equal(
-        reference[infinite_reference], candidate[infinite_candidate]
-    ):
-        return f"{where} is infinite at different places (or with different signs) in the original and the folded model"
-    return None
+    comparison.check_run_to_run(_floors(first, run_seeded(model, inputs, seed)))
 
 
 def _to_float64(tree: Any) -> Any:
@@ -336,7 +223,7 @@ def explained_by_rounding(
     folded_outputs: Any,
     exact_fold: nn.Module | None = None,
     folded_float64: nn.Module | None = None,
-) -> Comparison:
+) -> VerificationResult:
     """Second opinion for a difference above the fixed tolerance: is it only float rounding?
 
     Badly conditioned networks (random weights, BN variances near zero, outputs that cancel) amplify float32
@@ -390,7 +277,7 @@ def explained_by_rounding(
     truth_leaves, _ = _leaves_with_paths(truth)
     original_leaves, _ = _leaves_with_paths(original_outputs)
     folded_leaves, _ = _leaves_with_paths(folded_outputs)
-    comparison = Comparison([], 1.0)
+    comparison = VerificationResult([], 1.0)
     for number, ((path, t), (_, a), (_, b)) in enumerate(zip(truth_leaves, original_leaves, folded_leaves, strict=True)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
             continue
@@ -427,7 +314,7 @@ def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], t
     opinion of :func:`bnfold.fold` decides (:func:`explained_by_rounding`).
 
     Returns:
-        The verdict of the last batch as plain data (``Comparison.to_dict()`` with ``input_shapes`` and ``batches``).
+        The verdict of the last batch as plain data (:meth:`VerificationResult.to_dict`).
 
     Raises:
         VerificationError: the outputs differ beyond both (one line, naming the worst output, then ``consequence``).
@@ -439,12 +326,8 @@ def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], t
     for example in examples:
         expected, actual = run_seeded(original, example), run_seeded(candidate, example)
         perturbed = noise_floor(original, names, example) if names else None
-        comparison = compare_outputs(expected, actual, limit, perturbed)
-        verdict = comparison.to_dict()
-        shapes = [list(t.shape) for t in example if isinstance(t, torch.Tensor)]
-        verdict["input_shapes"] = ({"input": shapes[0]} if len(shapes) == 1
-                                   else {f"input{number}": shape for number, shape in enumerate(shapes)})
-        verdict["batches"] = len(examples)
+        comparison = described(compare_outputs(expected, actual, limit, perturbed), example, names)
+        comparison.batches = len(examples)
         if comparison.judged and not comparison.problems and comparison.max_relative > limit:
             run_to_run(original, example, expected, comparison)  # the verdict rests on the floor: is it noise?
             if comparison.undecided:
@@ -454,70 +337,23 @@ def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], t
                 second = explained_by_rounding(original, example, expected, actual)
             except Exception:  # a graph that cannot run in float64 (some TorchScript / exported graphs): no opinion
                 second = None
-            if second is not None:
-                verdict["rounding_check"] = second.to_dict()
-                verdict["passed"] = second.passed
-        if not verdict["passed"]:
-            raise VerificationError(
-                f"{what} differs from the original: {comparison.worst()}, more than rounding the folded weights "
-                f"explains (tolerance {limit:g}); {consequence}"
-            )
+            comparison.rounding_check = second
+        verdict = comparison.to_dict()
+        if not comparison.passed:
+            raise VerificationError(f"{what} differs from the original: {comparison.worst()}; {consequence}")
     return verdict
 
 
+def described(result: VerificationResult, inputs: tuple[Any, ...], touched: list[str]) -> VerificationResult:
+    """``result`` with what it was judged on: the shapes of ``inputs`` and the number of ``touched`` tensors (those
+    the noise floor moved)."""
+    shapes = [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+    result.input_shapes = {"input": shapes[0]} if len(shapes) == 1 else {f"input{n}": s for n, s in enumerate(shapes)}
+    result.perturbed_tensors = len(touched)
+    return result
+
+
 # ------------------------------------------------------------------------------------------ bnfold.verify()
-
-
-@dataclass
-class VerificationResult(Comparison):
-    """What :func:`verify` found: per-output errors (worst over every batch) and, for classifiers, top-1 agreement.
-
-    Attributes:
-        outputs: the worst error of each output (by path in the output structure) over all inputs compared.
-        tolerance: the relative tolerance each output was held to.
-        batches: how many input batches were compared (``inputs`` counts as one).
-        samples: how many classifier samples were compared for top-1 agreement (0 when ``data`` was not given or the
-            model is not a classifier: its output is not a ``(batch, classes)`` tensor).
-        agreement: fraction of those samples where both models predict the same class.
-        accuracy_original / accuracy_folded: top-1 accuracy of each model when ``data`` carries labels.
-        problems: structural differences (missing outputs, different shapes).
-    """
-
-    batches: int = 0
-    samples: int = 0
-    agreement: float | None = None
-    accuracy_original: float | None = None
-    accuracy_folded: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **super().to_dict(),
-            "batches": self.batches,
-            "samples": self.samples,
-            "top1_agreement": self.agreement,
-            "accuracy_original": self.accuracy_original,
-            "accuracy_folded": self.accuracy_folded,
-        }
-
-    def __str__(self) -> str:
-        if not self.judged:
-            verdict = "NOT POSSIBLE (outputs are not finite)"
-        else:
-            verdict = "PASSED" if self.passed else "FAILED"
-        lines = [
-            f"verification {verdict}: max relative error {self.max_relative:.3g} (tolerance {self.tolerance:g}), "
-            f"max abs {self.max_abs:.3g}, over {self.batches} batch(es)"
-        ]
-        for e in self.outputs:
-            allowance = f", allowance {e.allowance:.3g}" if e.allowance is not None else ""
-            lines.append(f"  output {e.path or '(tensor)'} {list(e.shape)}: relative {e.relative:.3g}, abs {e.max_abs:.3g}"
-                         f"{allowance}")
-        if self.samples:
-            lines.append(f"  top-1 agreement {self.agreement:.2%} over {self.samples} samples")
-        if self.accuracy_original is not None:
-            lines.append(f"  top-1 accuracy: original {self.accuracy_original:.2%}, folded {self.accuracy_folded:.2%}")
-        lines.extend(f"  problem: {p}" for p in (*self.problems, *self.not_finite, *filter(None, [self.undecided])))
-        return "\n".join(lines)
 
 
 def _batches(data: Any) -> Any:
@@ -539,12 +375,6 @@ def _batches(data: Any) -> Any:
                 f"data must yield tensors or (inputs, labels) pairs, got {type(batch).__name__}; pass a DataLoader "
                 f"over your validation set"
             )
-
-
-def _merge(worst: dict[str, OutputError], comparison: Comparison) -> None:
-    for error in comparison.outputs:
-        if error.path not in worst or error.relative > worst[error.path].relative:
-            worst[error.path] = error
 
 
 def verify(
@@ -576,8 +406,7 @@ def verify(
     if inputs is None and data is None:
         raise InvalidInputError("verify() needs inputs or data to run both models on")
     limit = tolerance if tolerance is not None else default_tolerance(original)
-    worst: dict[str, OutputError] = {}
-    result = VerificationResult([], limit)
+    result: VerificationResult | None = None
     agree = correct_original = correct_folded = labelled = 0
     batches = []
     if inputs is not None:
@@ -593,12 +422,11 @@ def verify(
             comparison = compare_outputs(expected, actual, limit, noise_floor(original, touched, batch))
             if comparison.judged and comparison.max_relative > limit:
                 run_to_run(original, batch, expected, comparison)
-                if comparison.undecided and comparison.undecided not in result.problems:
-                    result.undecided = comparison.undecided
-            result.problems.extend(p for p in comparison.problems if p not in result.problems)
-            result.not_finite.extend(p for p in comparison.not_finite if p not in result.not_finite)
-            _merge(worst, comparison)
-            result.batches += 1
+            if result is None:
+                result = described(comparison, batch, touched)
+            else:
+                result.absorb(comparison)
+                result.batches += 1
             if number < len(batches) or not _is_logits(expected):
                 continue
             top_original, top_folded = expected.argmax(-1), actual.argmax(-1)
@@ -609,7 +437,8 @@ def verify(
                 correct_original += int((top_original == labels).sum())
                 correct_folded += int((top_folded == labels).sum())
                 labelled += int(labels.numel())
-    result.outputs = list(worst.values())
+    if result is None:
+        raise InvalidInputError("verify() compared nothing: data holds no batch (or max_batches is 0)")
     if result.samples:
         result.agreement = agree / result.samples
     if labelled:

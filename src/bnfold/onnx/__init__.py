@@ -31,7 +31,7 @@ from ..files import refuse_inputs
 from ..report import FOLDED, MERGED, FoldReport, NormEntry
 from .adapter import OnnxBackend, float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
-from .verification import TOLERANCES, default_tolerance, describe_failure, random_inputs, session, verify
+from .verification import TOLERANCES, default_tolerance, random_inputs, session, verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]
 
@@ -75,8 +75,8 @@ class OnnxFoldResult:
         tolerance as the fold's own check.
 
         Returns:
-            The comparison of the written file with the original (as :func:`verify` returns it), or ``None`` when
-            the fold was not verified.
+            The comparison of the written file with the original (:func:`verify`'s result as plain data,
+            ``to_dict()``), or ``None`` when the fold was not verified.
 
         Raises:
             InvalidInputError: ``path`` is a source file, exists without ``force``, or cannot be written.
@@ -92,11 +92,11 @@ class OnnxFoldResult:
                 return
             result = _verify(self.original, staged, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance,
                              input_shape=self._checked_shape())
-            checked.update(result)
-            if not result["passed"]:
+            checked.update(result.to_dict())
+            if not result.passed:
                 raise VerificationError(
-                    f"the written ONNX file does not reproduce the original's outputs ({describe_failure(result)}); "
-                    "nothing was written"
+                    f"the written ONNX file does not reproduce the original's outputs ({result.worst()}); nothing "
+                    "was written"
                 )
 
         save(self.model, path, force=force, external_data=True if self.external_data else None, check=read_back)
@@ -198,9 +198,9 @@ def fold(
     checked = verify and bool(report.folded or any(m.status == MERGED for m in report.merges))
     if checked:
         result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance, input_shape=input_shape)
-        report.verification = result
-        if not result["passed"]:
-            raise VerificationError(f"{name}: the folded model is refused: {describe_failure(result)}")
+        report.verification = result.to_dict()
+        if not result.passed:
+            raise VerificationError(f"{name}: the folded model is refused: {result.worst()}")
     return OnnxFoldResult(folded, report, external_data=len(sources) > 1, sources=sources,
                           original=original if checked else None, tolerance=tolerance, inputs=inputs, seed=seed,
                           input_shape=input_shape)

@@ -34,6 +34,7 @@ from onnx import helper
 from .. import judge
 from ..errors import InvalidInputError, OriginalRunError, VerificationError
 from ..examples import SIZES, STRIP_HEIGHTS, STRIP_WIDTH, is_image_like, photo_batch
+from ..judge import VerificationResult
 from .io import data_size, read
 
 TOLERANCES: dict[int, float] = {
@@ -344,45 +345,53 @@ def _floor(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.Mode
 # ------------------------------------------------------------------------------------------------ verify
 
 
-def _reduce(expected: np.ndarray, actual: np.ndarray) -> tuple[float, float] | str:
-    """``(max |a - b|, max |a|)`` over the finite places of ``a``, or why the two cannot be compared."""
-    a = np.asarray(expected).astype(np.float64)
-    b = np.asarray(actual).astype(np.float64)
-    if a.shape != b.shape:
-        return f"shape {list(a.shape)} vs {list(b.shape)}"
-    if np.isnan(a).any():
-        return "the original's output holds NaN on these inputs, so the check cannot be made"
-    if np.isnan(b).any():
-        return "the folded model's output holds NaN where the original's is a number"
+def _not_finite(where: str, a: np.ndarray, b: np.ndarray) -> str | None:
     infinite = np.isinf(a)
-    if not np.array_equal(infinite, np.isinf(b)) or not np.array_equal(a[infinite], b[infinite]):
-        return "infinite at different places (or with different signs) in the original and the folded model"
-    finite = ~infinite
+    return judge.not_comparable(where, a.size, int(np.isnan(a).sum()), int(np.isnan(b).sum()),
+                                np.array_equal(infinite, np.isinf(b)) and np.array_equal(a[infinite], b[infinite]))
+
+
+def _reduce(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``(max |a - b|, max |a|)`` over the finite places of ``a`` (two float64 arrays of one shape, :func:`_not_finite`
+    passed)."""
+    finite = ~np.isinf(a)
     if not finite.any():
         return 0.0, 0.0
     return float(np.max(np.abs(a[finite] - b[finite]))), float(np.max(np.abs(a[finite])))
 
 
-def _eps(array: np.ndarray) -> float:
-    return float(np.finfo(array.dtype).eps) if np.issubdtype(array.dtype, np.floating) else 0.0
+def _difference(expected: np.ndarray, actual: np.ndarray) -> float | None:
+    """``max |a - b|`` (a noise floor, a run-to-run drift), or ``None`` when the two cannot be compared."""
+    a, b = np.asarray(expected).astype(np.float64), np.asarray(actual).astype(np.float64)
+    return None if a.shape != b.shape or _not_finite("", a, b) else _reduce(a, b)[0]
 
 
-def compare(expected: np.ndarray, actual: np.ndarray, tolerance: float, floor: float | None = None) -> dict[str, Any]:
-    """One output judged by :func:`bnfold.judge.verdict`: ``max_abs``, ``relative``, ``allowance``, ``passed``.
+def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], tolerance: float,
+                    perturbed: dict[str, np.ndarray] | None = None) -> VerificationResult:
+    """Compare two models' outputs by name, each judged by :func:`bnfold.judge.output_error`.
 
-    ``floor`` is ``max |P - O|`` of the perturbed original (see :mod:`bnfold.judge`), when measured.
+    ``perturbed``: the perturbed original's outputs (the noise floor, see :mod:`bnfold.judge`), when measured.
     """
-    shape = list(np.shape(expected))
-    reduced = _reduce(expected, actual)
-    if isinstance(reduced, str):
-        return {"max_abs": float("inf"), "relative": float("inf"), "passed": False, "shape": shape,
-                "allowance": None, "floor": floor, "problem": reduced}
-    error, scale = reduced
-    if not np.issubdtype(np.asarray(expected).dtype, np.floating):
-        floor = None  # integer outputs (indices, counts) must match exactly, up to the tolerance
-    verdict = judge.verdict(error, scale, _eps(np.asarray(expected)), tolerance, floor)
-    return {"max_abs": error, "relative": verdict.relative, "passed": verdict.passed, "shape": shape,
-            "allowance": verdict.allowance, "floor": floor, "judged": verdict.describe()}
+    result = VerificationResult([], tolerance)
+    for name, value in expected.items():
+        where, a = judge.output_label(name), np.asarray(value)
+        if name not in actual:
+            result.problems.append(f"{where} is missing in the folded model")
+            continue
+        a64, b64 = a.astype(np.float64), np.asarray(actual[name]).astype(np.float64)
+        if a64.shape != b64.shape:
+            result.problems.append(f"{where} has shape {list(a64.shape)} vs {list(b64.shape)}")
+            continue
+        problem = _not_finite(where, a64, b64)
+        if problem:
+            result.not_finite.append(problem)
+            continue
+        error, scale = _reduce(a64, b64)
+        floating = np.issubdtype(a.dtype, np.floating)  # integer outputs (indices, counts) have no floor
+        floor = _difference(a, perturbed[name]) if floating and perturbed is not None and name in perturbed else None
+        eps = float(np.finfo(a.dtype).eps) if floating else 0.0
+        result.outputs.append(judge.output_error(error, scale, eps, floor, name, tuple(a.shape)))
+    return result
 
 
 def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
@@ -425,7 +434,7 @@ def verify(
     seed: int = 0,
     tolerance: float | None = None,
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
-) -> dict[str, Any]:
+) -> VerificationResult:
     """Run both models on the same inputs and judge every output (:mod:`bnfold.judge`).
 
     Args:
@@ -440,9 +449,8 @@ def verify(
             chosen: the first of :data:`bnfold.examples.SIZES` the original runs on.
 
     Returns:
-        ``{"passed", "tolerance", "max_relative", "max_abs", "allowance", "worst_output", "inputs", "input_shapes",
-        "outputs": {name: {"max_abs", "relative", "allowance", "floor", "passed", "shape"}}, "undecided"}`` — plain
-        data, ready for ``json.dumps`` and ``FoldReport.verification``.
+        The :class:`~bnfold.judge.VerificationResult` every format's check gives (each output by its name, the worst
+        over the batches); ``to_dict()`` is the plain data of ``FoldReport.verification``.
 
     Raises:
         OriginalRunError: the original does not run on the inputs (bad input, not a failed verification).
@@ -468,39 +476,18 @@ def verify(
         chosen = "example (chosen)" if has_free_sizes(described) else "example"
     actual = [_run_folded(run_folded, feeds) for feeds in batches]
     floor = _floor(original, folded)
-    outputs: dict[str, dict[str, Any]] = {}
-    for number, feeds in enumerate(batches):
-        noisy = floor[0](feeds) if floor is not None else None
-        for name, value in expected[number].items():
-            if name not in actual[number]:
-                result = {"max_abs": float("inf"), "relative": float("inf"), "passed": False, "shape": [],
-                          "allowance": None, "floor": None, "problem": "missing in the folded model"}
-            else:
-                measured = _reduce(value, noisy[name]) if noisy is not None and name in noisy else None
-                noise = measured[0] if isinstance(measured, tuple) else None
-                result = compare(value, actual[number][name], tolerance, noise)
-            if name not in outputs or _worse(result, outputs[name]):
-                outputs[name] = result
-    undecided = None
-    if any(o["relative"] > tolerance for o in outputs.values()):  # the verdict rests on the floor: is it noise?
-        undecided = _run_to_run(run_original, batches, expected, outputs, tolerance)
-    worst = max(outputs, key=lambda n: (not outputs[n]["passed"], outputs[n]["relative"]), default=None)
-    passed = all(o["passed"] for o in outputs.values()) and undecided is None
-    return {
-        "passed": passed,
-        "tolerance": tolerance,
-        "max_relative": outputs[worst]["relative"] if worst is not None else 0.0,
-        "max_abs": outputs[worst]["max_abs"] if worst is not None else 0.0,
-        "allowance": outputs[worst]["allowance"] if worst is not None else None,
-        "judged": outputs[worst].get("judged") if worst is not None else None,
-        "worst_output": worst,
-        "inputs": _label(chosen, batches[0], seed),
-        "input_shapes": {name: list(a.shape) for name, a in batches[0].items()},
-        "batches": len(batches),
-        "perturbed_tensors": floor[1] if floor is not None else 0,
-        "undecided": undecided,
-        "outputs": outputs,
-    }
+    result = VerificationResult([], tolerance, batches=len(batches), inputs=_label(chosen, batches[0], seed),
+                                input_shapes={name: list(a.shape) for name, a in batches[0].items()},
+                                perturbed_tensors=floor[1] if floor is not None else 0)
+    for feeds, outputs, folded_outputs in zip(batches, expected, actual, strict=True):
+        result.absorb(compare_outputs(outputs, folded_outputs, tolerance, floor[0](feeds) if floor else None))
+    for feeds, first in zip(batches, expected, strict=True):
+        if result.max_relative <= tolerance or result.undecided:  # beyond it, the verdict rests on the floor: noise?
+            break
+        again = run_original(feeds)
+        drift = {name: _difference(value, again[name]) for name, value in first.items()}
+        result.check_run_to_run({name: run for name, run in drift.items() if run is not None})
+    return result
 
 
 def _label(chosen: str, feeds: dict[str, np.ndarray], seed: int) -> str:
@@ -511,36 +498,6 @@ def _label(chosen: str, feeds: dict[str, np.ndarray], seed: int) -> str:
              for a in feeds.values()]
     text = ", ".join(dict.fromkeys(kinds))
     return f"{text}, sizes chosen: the first the original runs on" if chosen == "example (chosen)" else text
-
-
-def _worse(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (not a["passed"], a["relative"]) > (not b["passed"], b["relative"])
-
-
-def _run_to_run(runner: _Runner, batches: list[dict[str, np.ndarray]], expected: list[dict[str, np.ndarray]],
-                outputs: dict[str, dict[str, Any]], tolerance: float) -> str | None:
-    """Why the check cannot judge (the original differs from itself on a second run), or ``None``."""
-    for feeds, first in zip(batches, expected, strict=True):
-        again = runner(feeds)
-        for name, value in first.items():
-            measured = _reduce(value, again[name])
-            result = outputs.get(name)
-            if result is None or result["relative"] <= tolerance or not isinstance(measured, tuple):
-                continue
-            if judge.undecided(measured[0], result["max_abs"], result["floor"]):
-                return judge.UNDECIDED.format(run=measured[0], error=result["max_abs"])
-    return None
-
-
-def describe_failure(result: dict[str, Any]) -> str:
-    """One line for a failed :func:`verify`: the worst output, its error against its allowance, or why undecided."""
-    if result.get("undecided"):
-        return result["undecided"]
-    worst = result["worst_output"]
-    output = result["outputs"][worst]
-    if output.get("problem"):
-        return f"output '{worst}': {output['problem']}"
-    return f"output '{worst}' differs: {output.get('judged')}, more than rounding the folded weights explains"
 
 
 def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:

@@ -146,13 +146,5 @@ def verify(args: argparse.Namespace, console: Any) -> int:
     with console.status("comparing outputs in onnxruntime"):
         result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance, inputs=inputs,
                                 input_shape=args.input_shape)
-    verdict = "PASSED" if result["passed"] else ("NOT POSSIBLE" if result.get("undecided") else "FAILED")
-    lines = [f"verification {verdict}: worst output {result['worst_output']}, "
-             f"{verification_line(result, 'judged')}"]
-    lines += [f"  {name} {info['shape']}: relative {info['relative']:.3g}, abs {info['max_abs']:.3g}"
-              + (f", allowance {info['allowance']:.3g}" if info.get("allowance") is not None else "")
-              for name, info in result["outputs"].items()]
-    if result.get("undecided"):
-        lines.append(f"  {result['undecided']}")
-    emit(args, console, result, *lines)
-    return OK if result["passed"] else VERIFICATION_FAILED
+    emit(args, console, result.to_dict(), str(result))
+    return OK if result.passed else VERIFICATION_FAILED

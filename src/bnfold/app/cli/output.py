@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Any
 
+from ...judge import describe_inputs
 from ...report import print_whole
 
 
@@ -24,16 +25,12 @@ def emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *rende
 
 
 def verification_line(verification: dict[str, Any] | None, what: str = "verified") -> str | None:
-    """``verified on x: 1x3x224x224 (example inputs): error 1.2e-07 against allowance 4.8e-07 (...)``, for every format."""
+    """``verified on x: 1x3x224x224 (example inputs): error 1.2e-07 against allowance 4.8e-07 (...)``, for every format
+    (``verification``: :meth:`bnfold.judge.VerificationResult.to_dict`)."""
     if not verification:
         return None
-    shapes = verification.get("input_shapes") or {}
-    shown = ", ".join(f"{name or 'input'}: {'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
-    where = f" on {shown}" if shown else ""
-    source = verification.get("inputs")
-    batches = verification.get("batches") or 1
-    detail = f" ({source}{f', {batches} batches' if batches > 1 else ''})" if source else ""
-    judged = verification.get("judged") or (
-        f"max relative error {verification.get('max_relative', 0.0):.3g} (tolerance {verification.get('tolerance', 0.0):g})"
+    inputs = describe_inputs(verification["input_shapes"], verification["inputs"], verification["batches"])
+    judged = verification["judged"] or (
+        f"max relative error {verification['max_relative']:.3g} (tolerance {verification['tolerance']:g})"
     )
-    return f"{what}{where}{detail}: {judged}"
+    return f"{what}{inputs}: {judged}"

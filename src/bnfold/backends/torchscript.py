@@ -245,7 +245,7 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
         values = inputs[:2] if name != "aten::rsub" else [inputs[1], inputs[0]]
         if kind not in ("mul", "div"):
             alpha = _constant(inputs[2])
-    if name in _IN_PLACE_ARITHMETIC and not _private_result(inputs[0], node):
+    if name in _IN_PLACE_ARITHMETIC and not _private_result(inputs[0]):
         return OpFacts("other")
     computed = [value for value in inputs if _computed(value)]
     operands: list[Operand] = []
@@ -276,9 +276,9 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
     return linear_combination(kind, operands, alpha=alpha, shape=shape_of(node.output()))
 
 
-def _private_result(value: Any, writer: Any) -> bool:
+def _private_result(value: Any) -> bool:
     """Whether ``value`` is a new tensor (a layer's, a norm's, or an addition's, subtraction's or product's) that
-    only ``writer`` reads, so that an in-place write into it is seen by nobody else."""
+    only the in-place op writing into it reads, so that an in-place write into it is seen by nobody else."""
     if len(_real_uses(value)) != 1:
         return False
     producer = value.node()
@@ -286,7 +286,7 @@ def _private_result(value: Any, writer: Any) -> bool:
     if kind in _LAYERS or kind == _NORM or (kind in _OP_KINDS and _OP_KINDS[kind] in _ARITHMETIC_KINDS
                                             and kind not in _IN_PLACE_ARITHMETIC):
         return True
-    return kind in _IN_PLACE_ARITHMETIC and _private_result(producer.inputsAt(0), producer)
+    return kind in _IN_PLACE_ARITHMETIC and _private_result(producer.inputsAt(0))
 
 
 def _spatial(value: Any, rank: int) -> tuple[int, ...] | None:

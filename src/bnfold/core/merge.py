@@ -19,7 +19,7 @@ smaller one read nothing), no transposed convolutions, and an identity branch on
 input's positions (stride 1, the identity tap exactly under each output).
 
 This module decides, on the core :class:`~bnfold.core.graph.Graph` alone (torch-free, like the fold planner),
-which add trees merge and why the others do not; the arithmetic is :func:`bnfold.core.apply.merge_branches`, the
+which add trees merge and why the others do not; the arithmetic is :func:`bnfold.core.apply.merge_one`, the
 rewrite of the graph is each adapter's. Reading the add trees is :mod:`bnfold.core.merge_tree`'s job, placing the
 kernels :mod:`bnfold.core.merge_geometry`'s; every refusal is a :class:`~bnfold.core.plan.Reason`, as in the fold
 planner.
@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .graph import CONSTANT, LAYER, NORM, Geometry, Graph, LayerFacts, Node, norm_problem
+from .graph import CONSTANT, LAYER, NORM, Graph, LayerFacts, Node, norm_problem
 from .merge_geometry import identity_tap, place_kernels, scale_reason
 from .merge_tree import AddTrees, Leaf, Scale
 from .plan import FoldPlan, Reason
@@ -367,5 +367,4 @@ def plan_merges(graph: Graph, fold_plan: FoldPlan | None = None, *, split_sums: 
     return _MergePlanner(graph, fold_plan, split_sums).run()
 
 
-__all__ = ["ONE", "Branch", "Coefficient", "Geometry", "IdentityBranch", "Merge", "MergePlan", "MergeRefusal",
-           "plan_merges"]
+__all__ = ["ONE", "Branch", "Coefficient", "IdentityBranch", "Merge", "MergePlan", "MergeRefusal", "plan_merges"]

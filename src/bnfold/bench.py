@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .files import write_atomic
+from .files import write_png
 from .report import RichPrintable
 
 ORIGINAL = "original"
@@ -89,11 +89,6 @@ class BenchmarkResult(RichPrintable):
             "skipped": dict(self.skipped),
         }
 
-    def to_json(self, indent: int | None = 2) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=indent)
-
     def _table_rows(self) -> list[tuple[str, ...]]:
         sizes = {f.variant: f for f in self.footprints}
         rows = []
@@ -138,7 +133,6 @@ class BenchmarkResult(RichPrintable):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        target = Path(path)
         variants = list(dict.fromkeys(t.variant for t in self.timings))
         batch_sizes = sorted({t.batch_size for t in self.timings})
         figure, axes = plt.subplots(1, len(batch_sizes), figsize=(4 + 3 * len(batch_sizes), 4), squeeze=False)
@@ -157,7 +151,7 @@ class BenchmarkResult(RichPrintable):
                               ha="center", va="bottom", fontsize=8)
         figure.suptitle(f"{self.settings.get('model')}: latency before and after folding")
         figure.tight_layout()
-        return write_atomic(target, lambda handle: figure.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(figure))
+        return write_png(path, figure)
 
 
 # ---------------------------------------------------------------------------------------------- variants

@@ -192,12 +192,8 @@ def save(
             (default) does so only when the model is too large for one protobuf (> ~1.8 GB); pass True for a
             model loaded with external data (:attr:`OnnxFoldResult.external_data` remembers it).
         check: called with the staged graph's path (its data file beside it) before anything is renamed into
-            place; raising stops the save with nothing written.
-
-    The graph and its data file are one unit (:func:`bnfold.files.staged_files`): until both are complete and
-    checked, the old ``path`` and its old data file are untouched; the data file is renamed first and the graph
-    last, and a failure between the two puts the old data back. Without ``force`` the renames refuse to replace
-    files that appeared meanwhile (another run writing the same path).
+            place; raising stops the save with nothing written (see the module docstring). Without ``force`` the
+            renames refuse to replace files that appeared meanwhile (another run writing the same path).
 
     Raises:
         InvalidInputError: ``path`` (or its data file) exists without ``force``, is a directory, its folder is

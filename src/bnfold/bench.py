@@ -275,17 +275,13 @@ def benchmark(
                 raise
             except Exception as error:  # each peer fails in its own way on models it cannot handle
                 skipped[peer] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
-        layouts: dict[str, bool] = dict.fromkeys(variants, False)
         if channels_last:
             for name in (ORIGINAL, BNFOLD):
-                key = f"{name}+channels_last"
-                variants[key] = copy.deepcopy(variants[name]).to(memory_format=torch.channels_last)
-                layouts[key] = True
+                variants[f"{name}+channels_last"] = copy.deepcopy(variants[name]).to(memory_format=torch.channels_last)
         if compile:
             for name in (ORIGINAL, BNFOLD):
                 say(f"compiling {name}")
                 variants[f"{name}+compile"] = torch.compile(copy.deepcopy(variants[name]))
-                layouts[f"{name}+compile"] = False
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         result = BenchmarkResult(
             settings={
@@ -311,7 +307,7 @@ def benchmark(
         for batch in batch_sizes:
             say(f"timing batch {batch}")
             inputs = _at_batch(example, batch)
-            per_variant = {name: (_channels_last(inputs) if layouts.get(name) else inputs) for name in variants}
+            per_variant = {name: _channels_last(inputs) if name.endswith("+channels_last") else inputs for name in variants}
             samples = _interleaved(variants, per_variant, warmup, repeats, device)
             base = statistics.median(samples[ORIGINAL])
             for name, times in samples.items():

@@ -411,9 +411,9 @@ def routed(fold: Fold, index: int, scale: Array, shift: Array, access: WeightAcc
 def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, Array]] | None = None) -> None:
     """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm.
 
-    With an access that allows it (``in_place``), a weight whose products provably stay finite is multiplied where
-    it is, after every check of the fold passed; any other is computed beside it and checked. ``maps``: the norms'
-    ``(s, t)`` from :func:`check_statistics`, if the caller has them.
+    With an access that allows it (:class:`InPlaceWeightAccess`), a weight whose products provably stay finite is
+    multiplied where it is, after every check of the fold passed; any other is computed beside it and checked.
+    ``maps``: the norms' ``(s, t)`` from :func:`check_statistics`, if the caller has them.
     """
     numerics = access.numerics
     in_place = bool(getattr(access, "in_place", False))

@@ -5,18 +5,14 @@ A re-parameterisable block computes, while training, a sum of branches that all 
     y = conv_3x3(X) + conv_1x1(X) + BN(X) + X
 
 After the fold plan every norm folded into a layer is an identity, so each ``conv_k(X)`` is a plain linear layer
-``W_k * X + b_k``, and a norm left on an identity branch is a per-channel affine map ``s * X + t``. A sum of linear
-maps of the same input is one linear map: with every kernel placed where it reads the same input positions inside
-the largest kernel (zeros elsewhere),
-
-    W = sum_k pad(W_k) + sum_identities diag(s) at the centre tap,      b = sum_k b_k + sum_identities t
-
-(``X`` itself is the identity with ``s = 1``, ``t = 0``; for grouped and depthwise convolutions the identity is
-per group). That is exact when the branches agree on everything else: same stride, dilation and groups, same
-channels, kernels that sit inside the largest one reading the same positions (a 1x1 with padding 0 centred in a
-3x3 with padding 1), zero padding (the larger kernel then reads zeros, or real inputs multiplied by zeros, where a
-smaller one read nothing), no transposed convolutions, and an identity branch only where the layer keeps the
-input's positions (stride 1, the identity tap exactly under each output).
+``W_k * X + b_k``, and a norm left on an identity branch is a per-channel affine map ``s * X + t`` (``X`` itself has
+``s = 1``, ``t = 0``). A sum of linear maps of the same input is one linear map (the formula below): every kernel
+placed where it reads the same input positions inside the largest kernel (zeros elsewhere), each identity's ``s`` on
+the centre tap (per group, for grouped and depthwise convolutions). That is exact when the branches agree on
+everything else: same stride, dilation and groups, same channels, kernels that sit inside the largest one reading
+the same positions (a 1x1 with padding 0 centred in a 3x3 with padding 1), zero padding (the larger kernel then
+reads zeros, or real inputs multiplied by zeros, where a smaller one read nothing), no transposed convolutions, and
+an identity branch only where the layer keeps the input's positions (stride 1, the identity tap under each output).
 
 This module decides, on the core :class:`~bnfold.core.graph.Graph` alone (torch-free, like the fold planner),
 which add trees merge and why the others do not; the arithmetic is :func:`bnfold.core.apply.merge_one`, the

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .. import affine
@@ -241,12 +242,8 @@ def check_statistics(norms: list[str], access: WeightAccess) -> NormMaps:
         _raise_for_non_finite(norms, statistics, access.numerics)
     scale = inverse_deviation * gamma
     shift = -mean * scale + beta
-    spans: dict[str, tuple[int, int]] = {}
-    start = 0
-    for norm, count in zip(norms, counts, strict=True):
-        spans[norm] = (start, start + count)
-        start += count
-    return NormMaps(numerics, scale, shift, spans)
+    bounds = [0, *accumulate(counts)]
+    return NormMaps(numerics, scale, shift, {norm: (bounds[i], bounds[i + 1]) for i, norm in enumerate(norms)})
 
 
 def _raise_for_non_finite(norms: list[str], statistics: list[Statistics], numerics: Numerics) -> None:

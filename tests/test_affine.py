@@ -86,14 +86,6 @@ def test_backward_bias_with_input_on_axis0() -> None:
     torch.testing.assert_close(x @ weight + new_bias, (x + shift) @ weight)
 
 
-def test_compose_applies_first_then_second() -> None:
-    s1, t1 = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
-    s2, t2 = torch.tensor([3.0, 0.5]), torch.tensor([-1.0, 2.0])
-    x = torch.tensor([1.5, -2.0])
-    s, t = affine.compose((s1, t1), (s2, t2))
-    torch.testing.assert_close(s * x + t, s2 * (s1 * x + t1) + t2)
-
-
 @pytest.mark.parametrize("axis, groups", [(0, 1), (0, 3), (1, 1), (1, 3)])
 def test_scaling_in_place_gives_the_same_bits_as_scaling_beside(axis: int, groups: int) -> None:
     generator = torch.Generator().manual_seed(axis * 10 + groups)

@@ -55,13 +55,6 @@ def bn_scale_shift(
     return scale, shift
 
 
-def compose(first: tuple[Array, Array], second: tuple[Array, Array]) -> tuple[Array, Array]:
-    """Compose two per-channel affine maps: apply ``first`` then ``second`` (a chain BN -> BN)."""
-    s1, t1 = first
-    s2, t2 = second
-    return s1 * s2, t1 * s2 + t2
-
-
 def scale_channels(weight: Array, scale: Array, axis: int, groups: int = 1) -> Array:
     """Multiply ``weight`` by ``scale`` along channel ``axis`` (0 or 1) of a grouped layout; out of place.
 

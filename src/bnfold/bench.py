@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .files import write_atomic
+from .files import write_png
 from .report import RichPrintable
 
 ORIGINAL = "original"
@@ -89,11 +89,6 @@ class BenchmarkResult(RichPrintable):
             "skipped": dict(self.skipped),
         }
 
-    def to_json(self, indent: int | None = 2) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=indent)
-
     def _table_rows(self) -> list[tuple[str, ...]]:
         sizes = {f.variant: f for f in self.footprints}
         rows = []
@@ -138,7 +133,6 @@ class BenchmarkResult(RichPrintable):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        target = Path(path)
         variants = list(dict.fromkeys(t.variant for t in self.timings))
         batch_sizes = sorted({t.batch_size for t in self.timings})
         figure, axes = plt.subplots(1, len(batch_sizes), figsize=(4 + 3 * len(batch_sizes), 4), squeeze=False)
@@ -157,7 +151,7 @@ class BenchmarkResult(RichPrintable):
                               ha="center", va="bottom", fontsize=8)
         figure.suptitle(f"{self.settings.get('model')}: latency before and after folding")
         figure.tight_layout()
-        return write_atomic(target, lambda handle: figure.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(figure))
+        return write_png(path, figure)
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -281,17 +275,13 @@ def benchmark(
                 raise
             except Exception as error:  # each peer fails in its own way on models it cannot handle
                 skipped[peer] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
-        layouts: dict[str, bool] = dict.fromkeys(variants, False)
         if channels_last:
             for name in (ORIGINAL, BNFOLD):
-                key = f"{name}+channels_last"
-                variants[key] = copy.deepcopy(variants[name]).to(memory_format=torch.channels_last)
-                layouts[key] = True
+                variants[f"{name}+channels_last"] = copy.deepcopy(variants[name]).to(memory_format=torch.channels_last)
         if compile:
             for name in (ORIGINAL, BNFOLD):
                 say(f"compiling {name}")
                 variants[f"{name}+compile"] = torch.compile(copy.deepcopy(variants[name]))
-                layouts[f"{name}+compile"] = False
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         result = BenchmarkResult(
             settings={
@@ -317,7 +307,7 @@ def benchmark(
         for batch in batch_sizes:
             say(f"timing batch {batch}")
             inputs = _at_batch(example, batch)
-            per_variant = {name: (_channels_last(inputs) if layouts.get(name) else inputs) for name in variants}
+            per_variant = {name: _channels_last(inputs) if name.endswith("+channels_last") else inputs for name in variants}
             samples = _interleaved(variants, per_variant, warmup, repeats, device)
             base = statistics.median(samples[ORIGINAL])
             for name, times in samples.items():

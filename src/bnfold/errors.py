@@ -7,6 +7,13 @@ whole family and show the message without a traceback.
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type's name: what a one-line error
+    quotes of a library's failure (their messages run on with tracebacks and advice)."""
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
 class BnfoldError(Exception):
     """Base class of every error bnfold raises on purpose."""
 

@@ -1,7 +1,7 @@
 """Writing files safely: a file bnfold writes is either complete or absent, and never replaces one by accident.
 
 Every writer (reports, charts, folded models, ONNX graphs with their external data, the CLI) goes through
-:func:`staged_files` (or its one-file forms :func:`staged` and :func:`write_atomic`). What it guarantees:
+:func:`staged_files` (or its one-file forms :func:`staged`, :func:`write_atomic` and :func:`write_png`). What it guarantees:
 
 * **Complete or absent.** The content is written into a hidden staging folder beside the target
   (``.NAME.XXXX.staging/NAME``), and renamed into place only once the writer (and any check of the written file)
@@ -70,21 +70,25 @@ def _write_failed(error: OSError, path: Path) -> InvalidInputError:
 
 
 def write_atomic(
-    target: str | os.PathLike[str], write: Callable[[Any], None], *, binary: bool = True,
-    cleanup: Callable[[], None] | None = None, replace: bool = True,
+    target: str | os.PathLike[str], write: Callable[[Any], None], *, binary: bool = True, replace: bool = True
 ) -> Path:
     """Call ``write(handle)`` on a staged file, then rename it to ``target`` (see the module docstring).
 
-    ``cleanup`` runs afterwards whatever happens (e.g. closing a matplotlib figure). ``replace=False`` refuses to
-    replace an existing ``target`` (checked atomically at the rename).
+    ``replace=False`` refuses to replace an existing ``target`` (checked atomically at the rename).
     """
-    try:
-        with staged(target, replace=replace) as temporary, temporary.open("wb" if binary else "w") as handle:
-            write(handle)
-    finally:
-        if cleanup is not None:
-            cleanup()
+    with staged(target, replace=replace) as temporary, temporary.open("wb" if binary else "w") as handle:
+        write(handle)
     return Path(target)
+
+
+def write_png(target: str | os.PathLike[str], figure: Any) -> Path:
+    """Write a matplotlib ``figure`` to ``target`` as a PNG, atomically; the figure is closed whatever happens."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomic(target, lambda handle: figure.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(figure)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -167,10 +167,6 @@ def _batch_norm_unfoldable(module: nn.Module) -> str | None:
     return None
 
 
-def _frozen_batch_norm_statistics(module: nn.Module) -> NormStatistics:
-    return NormStatistics(module.running_mean, module.running_var, float(module.eps), module.weight, module.bias)
-
-
 BATCH_NORM_RULE = NormRule(
     types=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
     statistics=_batch_norm_statistics,
@@ -179,10 +175,9 @@ BATCH_NORM_RULE = NormRule(
 )
 FROZEN_BATCH_NORM_RULE = NormRule(
     types=("torchvision.ops.misc.FrozenBatchNorm2d",),
-    statistics=_frozen_batch_norm_statistics,
+    statistics=_batch_norm_statistics,  # the same buffer and parameter names
     depends_on_training=False,
 )
-
 
 
 class NormActivation(nn.Module):
@@ -201,7 +196,8 @@ class NormActivation(nn.Module):
         return self.act(self.drop(x))
 
 
-def _is_stateless_identity(module: nn.Module) -> bool:
+def passes_its_input(module: nn.Module) -> bool:
+    """An nn.Identity or a dropout in eval: its output is the very tensor it reads."""
     return isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
 
 
@@ -214,7 +210,7 @@ def _norm_act_replacement(module: nn.Module) -> nn.Module:
 
 
 def _norm_act_backward_blocker(module: nn.Module) -> str | None:
-    if isinstance(module.act, nn.Identity) and _is_stateless_identity(module.drop):
+    if isinstance(module.act, nn.Identity) and passes_its_input(module.drop):
         return None
     return (
         f"it applies its activation ({type(module.act).__name__}) after normalising, so only the layer before it can "
@@ -225,20 +221,13 @@ def _norm_act_backward_blocker(module: nn.Module) -> str | None:
 # timm's fused norm + activation modules (timm.layers.norm_act): F.batch_norm, then self.drop, then self.act.
 # BatchNormAct2d and SyncBatchNormAct subclass BatchNorm2d / SyncBatchNorm; FrozenBatchNormAct2d keeps its
 # statistics in buffers, like torchvision's FrozenBatchNorm2d.
-TIMM_BATCH_NORM_ACT_RULE = NormRule(
-    types=("timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct"),
-    statistics=_batch_norm_statistics,
-    unfoldable=_batch_norm_unfoldable,
-    keeps_running_statistics=_batch_norm_keeps_running_statistics,
-    replacement=_norm_act_replacement,
-    backward_blocker=_norm_act_backward_blocker,
+TIMM_BATCH_NORM_ACT_RULE = replace(
+    BATCH_NORM_RULE, types=("timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct"),
+    replacement=_norm_act_replacement, backward_blocker=_norm_act_backward_blocker,
 )
-TIMM_FROZEN_BATCH_NORM_ACT_RULE = NormRule(
-    types=("timm.layers.norm_act.FrozenBatchNormAct2d",),
-    statistics=_frozen_batch_norm_statistics,
-    replacement=_norm_act_replacement,
-    backward_blocker=_norm_act_backward_blocker,
-    depends_on_training=False,
+TIMM_FROZEN_BATCH_NORM_ACT_RULE = replace(
+    FROZEN_BATCH_NORM_RULE, types=("timm.layers.norm_act.FrozenBatchNormAct2d",),
+    replacement=_norm_act_replacement, backward_blocker=_norm_act_backward_blocker,
 )
 
 BUILTIN_LAYER_RULES: tuple[LinearLayerRule, ...] = (CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, TIMM_CONV2D_SAME_RULE)

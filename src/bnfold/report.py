@@ -87,7 +87,11 @@ def print_whole(console: Any, *renderables: Any) -> None:
 
 
 class RichPrintable:
-    """``print()`` for result objects that render with rich (``__rich__``) and as plain text (``__str__``)."""
+    """``print()`` for result objects that render with rich (``__rich__``) and as plain text (``__str__``), and
+    ``to_json()`` for those whose ``to_dict()`` gives plain data."""
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)  # type: ignore[attr-defined]
 
     def print(self, console: Any = None) -> None:
         """Print as a rich table when rich is installed, as plain text otherwise; never a cut cell
@@ -163,9 +167,6 @@ class FoldReport(RichPrintable):
             "parameters_removed": self.parameters_removed,
         }
         return data
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
 
     def absorb_merged_norms(self, absorbed: dict[str, str], folded: dict[str, NormEntry] | None = None) -> None:
         """After merge rounds: a norm a merge absorbed (an identity branch) is folded, direction ``"merge"``, into the

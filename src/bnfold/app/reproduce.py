@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
-from ..files import refuse_inputs, write_atomic
+from ..files import refuse_inputs, write_atomic, write_png
 from ..report import print_whole
 
 if TYPE_CHECKING:  # imported where they run, so that `bnfold reproduce --help` works before PyTorch is installed
@@ -248,14 +248,6 @@ def figure(results: dict[str, Any]) -> Any:
     return chart
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Write :func:`figure` to ``path`` as a PNG, atomically."""
-    import matplotlib.pyplot as plt
-
-    chart = figure(results)
-    write_atomic(path, lambda handle: chart.savefig(handle, format="png", dpi=120), cleanup=lambda: plt.close(chart))
-
-
 def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
     """Run the experiment with the options of :func:`add_arguments`; write and return the figures."""
     import torch
@@ -292,7 +284,7 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.json", lambda handle: json.dump(results, handle, indent=2), binary=False)
     write_atomic(out / "report.md", lambda handle: handle.write(markdown(results)), binary=False)
-    plot(results, out / "latency.png")
+    write_png(out / "latency.png", figure(results))
     return results
 
 

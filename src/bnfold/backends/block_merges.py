@@ -118,10 +118,11 @@ def _positional(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     if not kwargs:
         return args
     try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
+    parameters = list(signature.parameters.values())
     if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
         return None
     bound.apply_defaults()

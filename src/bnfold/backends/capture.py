@@ -534,51 +534,35 @@ def capture(
     With example inputs, the fx result is completed with the shapes a forward pass produces (bnfold needs the rank
     of a Linear layer's output to know which axis a following BatchNorm1d normalises).
     """
+    name = type(model).__name__
     with MODEL_CALLS_LOCK:
-        return _capture(model, example_inputs, registry, tree)
-
-
-def _capture(
-    model: nn.Module, example_inputs: tuple[Any, ...] | None, registry: LayerRegistry, tree: ModuleTree | None
-) -> Dataflow:
-    try:
-        flow = capture_fx(model, registry, example_inputs, tree=tree)
-    except TraceMismatch as mismatch:
-        assert example_inputs is not None  # only checked with example inputs
-        log.info("torch.fx traced %s, but %s; watching one forward pass", type(model).__name__, mismatch)
-        flow = _watched(model, example_inputs, registry, f"torch.fx traced {type(model).__name__} into a graph that "
-                        f"is not the model ({mismatch}), and running the model on the example inputs failed")
-        flow.notes.append(
-            f"torch.fx traced a graph that is not the model ({mismatch}; code that inspects its inputs, such as "
-            f"isinstance checks, is dropped by tracing): the dataflow was learnt from one forward pass instead"
-        )
-        return flow
-    except Exception as fx_error:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
-        reason = f"{type(fx_error).__name__}: {fx_error}".splitlines()[0]
-        if example_inputs is None:
+        try:
+            return capture_fx(model, registry, example_inputs, tree=tree)
+        except TraceMismatch as mismatch:
+            log.info("torch.fx traced %s, but %s; watching one forward pass", name, mismatch)
+            failure = (f"torch.fx traced {name} into a graph that is not the model ({mismatch}), and running the "
+                       f"model on the example inputs failed")
+            note = (f"torch.fx traced a graph that is not the model ({mismatch}; code that inspects its inputs, such "
+                    f"as isinstance checks, is dropped by tracing): the dataflow was learnt from one forward pass instead")
+        except Exception as fx_error:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
+            reason = f"{type(fx_error).__name__}: {fx_error}".splitlines()[0]
+            if example_inputs is None:
+                raise CaptureError(
+                    f"torch.fx cannot trace {name} ({reason}). Pass example_inputs (a tensor or a tuple of the "
+                    f"forward's positional arguments) so bnfold can learn the dataflow from one forward pass."
+                ) from fx_error
+            log.info("torch.fx could not trace %s (%s); watching one forward pass", name, reason)
+            failure = f"torch.fx cannot trace {name} ({reason}), and running it on the example inputs failed"
+            note = f"torch.fx could not trace the model: {reason}"
+        assert example_inputs is not None  # a trace is checked only with inputs; without, an fx failure was raised
+        try:
+            flow, _ = capture_forward(model, example_inputs, registry)
+        except Exception as run_error:  # whatever the model's own forward raises
             raise CaptureError(
-                f"torch.fx cannot trace {type(model).__name__} ({reason}). Pass example_inputs (a tensor or a tuple of "
-                f"the forward's positional arguments) so bnfold can learn the dataflow from one forward pass."
-            ) from fx_error
-        log.info("torch.fx could not trace %s (%s); watching one forward pass", type(model).__name__, reason)
-        flow = _watched(model, example_inputs, registry,
-                        f"torch.fx cannot trace {type(model).__name__} ({reason}), and running it on the example "
-                        f"inputs failed")
-        flow.notes.append(f"torch.fx could not trace the model: {reason}")
-        return flow
-    return flow
-
-
-def _watched(model: nn.Module, example_inputs: tuple[Any, ...], registry: LayerRegistry, failure: str) -> Dataflow:
-    """The dataflow from one watched forward pass, where torch.fx could not give it; ``failure`` starts the error
-    raised if the model does not run on the example inputs either."""
-    try:
-        flow, _ = capture_forward(model, example_inputs, registry)
-    except Exception as run_error:  # whatever the model's own forward raises
-        raise CaptureError(
-            f"{failure} ({type(run_error).__name__}: {run_error}). Check that example_inputs match what forward() "
-            f"expects."
-        ) from run_error
+                f"{failure} ({type(run_error).__name__}: {run_error}). Check that example_inputs match what forward() "
+                f"expects."
+            ) from run_error
+    flow.notes.append(note)
     return flow
 
 

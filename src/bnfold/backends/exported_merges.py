@@ -1,21 +1,13 @@
 """Branch merges in torch.export programs: the core's :class:`~bnfold.core.merge.MergePlan` written into the ATen
 graph of a program's unlifted module.
 
-The adapter (:mod:`bnfold.backends.exported`) translates the graph with what merging needs (each layer's geometry,
-``aten.add`` / ``sub`` / ``mul`` as the core's linear combinations, a layer scale read through ``constant``); the
-core plans (:func:`~bnfold.core.merge.plan_merges`, splitting sums whose terms read different tensors) and computes
-(:func:`~bnfold.core.apply.merge_one`, writing the merged kernel and bias into the ``into`` layer's stored tensors
-through the adapter's :class:`~bnfold.core.apply.WeightAccess`), the same as for an ``nn.Module`` or an ONNX file.
-This module only rewrites the fx graph: every reader of the sum reads the ``into`` layer's call instead (plus, for
-a split sum, the terms it kept, :attr:`~bnfold.core.merge.Merge.kept`, added in new ``aten.add`` nodes: RepGhost's
-shortcut), and the additions, subtractions and products of the tree, the other branches' layer and norm calls and
-the identities between them are erased. The stored tensors nobody reads any more (the other branches' weights, a
-layer scale) are returned to the caller, which deletes them before the module is exported again, so that the new
-program's state_dict and graph signature hold exactly what its graph reads.
-
-The rounds of merges and folds are the core's (:mod:`bnfold.core.merge_rounds`); :class:`ExportedMerges` is the
-program module's side of them. It imports nothing of the adapter (which calls it): the graph's translation and the
-folds between rounds are handed in.
+The core plans and computes the merges, in rounds with the folds they make possible (:mod:`bnfold.core.merge_rounds`),
+as for every format; :class:`ExportedMerges` is the module's side of the rounds: every reader of the sum reads the
+``into`` layer's call instead (plus, for a split sum, the kept terms added in new ``aten.add`` nodes: RepGhost's
+shortcut), and the tree's other nodes are erased. The stored tensors nobody reads any more (the other branches'
+weights, a layer scale) are returned to the caller, which deletes them before the module is exported again, so that
+the new program's state_dict and graph signature hold exactly what its graph reads. It imports nothing of the
+adapter (:mod:`bnfold.backends.exported`, which calls it): the translation and the folds between rounds are handed in.
 """
 
 from __future__ import annotations

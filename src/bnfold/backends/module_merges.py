@@ -24,7 +24,7 @@ from ..core.graph import Graph
 from ..core.merge import Merge
 from ..core.merge_rounds import MergeOutcome, merge_rounds
 from ..core.plan import FoldPlan
-from ..layers import LayerRegistry
+from ..layers import LayerRegistry, passes_its_input
 from .capture import TraceMismatch, capture_fx, trace
 from .modules import ModuleWeights, Rollback, to_graph
 
@@ -111,12 +111,7 @@ def _changed_in_place(merge: Merge, nodes: list[fx.Node], into_node: fx.Node, mo
 
 
 def _is_passing(node: fx.Node, module: fx.GraphModule) -> bool:
-    return node.op == "call_module" and _passes_its_input(module.get_submodule(str(node.target)))
-
-
-def _passes_its_input(module: nn.Module) -> bool:
-    """An nn.Identity or a dropout in eval: its output is the very tensor it reads."""
-    return isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
+    return node.op == "call_module" and passes_its_input(module.get_submodule(str(node.target)))
 
 
 def _rewrite(graph: fx.Graph, merge: Merge, nodes: list[fx.Node], into_node: fx.Node,

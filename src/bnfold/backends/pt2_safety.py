@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, first_line
 
 # Records torch reads as raw bytes or as text, never unpickled (paths relative to the archive's root folder).
 _PLAIN_TEXT = frozenset({"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
@@ -285,7 +285,6 @@ def load_exported(path: str | Path, *, trust_pickle: bool = False) -> Any:
         with _quiet("torch.export", "torch._export"):
             return torch.export.load(io.BytesIO(data))
     except Exception as error:  # the archive reader raises RuntimeError / KeyError / JSON errors on a damaged file
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise InvalidInputError(
-            f"{source} is not a loadable torch.export program ({first}); it may be truncated or corrupt"
+            f"{source} is not a loadable torch.export program ({first_line(error)}); it may be truncated or corrupt"
         ) from error

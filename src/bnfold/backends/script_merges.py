@@ -1,21 +1,13 @@
 """Branch merges in TorchScript: the core's :class:`~bnfold.core.merge.MergePlan` written into a frozen JIT graph.
 
-The TorchScript adapter (:mod:`bnfold.backends.torchscript`) translates the frozen graph, with each convolution's
-geometry and each addition, subtraction, negation and product by a constant as the core's ``add`` / ``sub`` /
-``mul`` with its operands; the core decides (:func:`~bnfold.core.merge.plan_merges`, sums split where their terms
-read different tensors) and computes (:func:`~bnfold.core.apply.merge_one`: every term scaled by its coefficient,
-FastViT's RepMixer ``x + gamma * (mixer(x) - norm(x))`` included, the merged kernel and bias written as new
-constants of the ``into`` node through the adapter's weight access, as a fold does); this module rewrites the
-graph: every use of the sum's output becomes a use of the ``into`` node's output (for a split sum, of new
-``aten::add`` nodes adding the terms that stay to it, RepGhost's shortcut), the additions, subtractions and
-products, the other branches' layer and norm nodes and the identities between them are destroyed, and the
-constants nobody reads any more (a layer scale) go with dead-code elimination. The result is still a frozen
-``ScriptModule`` that ``torch.jit.save`` writes and ``torch.jit.load`` reads back.
-
-The rounds of merges and folds are the core's (:mod:`bnfold.core.merge_rounds`); :class:`ScriptMerges` is the
-frozen graph's side of them. This module knows nothing of how the graph was translated: the adapter hands it each
-round's translation (:class:`ScriptBlocks`) and folds between rounds itself (it imports this module, not the other
-way round).
+The core plans and computes the merges, in rounds with the folds they make possible (:mod:`bnfold.core.merge_rounds`;
+the merged kernel and bias become new constants of the ``into`` node, as a fold's do); :class:`ScriptMerges` is the
+frozen graph's side of the rounds: every use of the sum's output becomes a use of the ``into`` node's output (for a
+split sum, of new ``aten::add`` nodes adding the kept terms to it, RepGhost's shortcut), the tree's other nodes are
+destroyed, and constants nobody reads any more (a layer scale) go with dead-code elimination. The result is still a
+frozen ``ScriptModule`` that ``torch.jit.save`` writes and ``torch.jit.load`` reads back. The adapter
+(:mod:`bnfold.backends.torchscript`) hands each round's translation in (:class:`ScriptBlocks`) and folds between
+rounds itself: it imports this module, not the other way round.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ import torch
 from ..core import pipeline
 from ..core.apply import LayerTensors, Statistics
 from ..core.arithmetic import linear_combination
+from ..core.commuting import ARITHMETIC_KINDS as _ARITHMETIC_KINDS
 from ..core.graph import (
     CONSTANT,
     IN_TRAINING_MODE,
@@ -127,7 +128,6 @@ _OP_KINDS: dict[str, str] = {
     **dict.fromkeys(("aten::neg", "aten::neg_", "aten::negative"), "mul"),  # -x is x * -1
     **dict.fromkeys(("aten::div", "aten::divide", "aten::true_divide"), "div"),
 }
-_ARITHMETIC_KINDS = frozenset({"add", "sub", "mul", "div"})
 _NEGATIONS = frozenset({"aten::neg", "aten::neg_", "aten::negative"})
 _IN_PLACE_ARITHMETIC = frozenset({"aten::add_", "aten::sub_", "aten::mul_", "aten::neg_"})
 """In-place additions, subtractions and products: arithmetic only where the tensor they overwrite is their own."""
@@ -245,7 +245,7 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
         values = inputs[:2] if name != "aten::rsub" else [inputs[1], inputs[0]]
         if kind not in ("mul", "div"):
             alpha = _constant(inputs[2])
-    if name in _IN_PLACE_ARITHMETIC and not _private_result(inputs[0], node):
+    if name in _IN_PLACE_ARITHMETIC and not _private_result(inputs[0]):
         return OpFacts("other")
     computed = [value for value in inputs if _computed(value)]
     operands: list[Operand] = []
@@ -276,9 +276,9 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
     return linear_combination(kind, operands, alpha=alpha, shape=shape_of(node.output()))
 
 
-def _private_result(value: Any, writer: Any) -> bool:
+def _private_result(value: Any) -> bool:
     """Whether ``value`` is a new tensor (a layer's, a norm's, or an addition's, subtraction's or product's) that
-    only ``writer`` reads, so that an in-place write into it is seen by nobody else."""
+    only the in-place op writing into it reads, so that an in-place write into it is seen by nobody else."""
     if len(_real_uses(value)) != 1:
         return False
     producer = value.node()
@@ -286,7 +286,7 @@ def _private_result(value: Any, writer: Any) -> bool:
     if kind in _LAYERS or kind == _NORM or (kind in _OP_KINDS and _OP_KINDS[kind] in _ARITHMETIC_KINDS
                                             and kind not in _IN_PLACE_ARITHMETIC):
         return True
-    return kind in _IN_PLACE_ARITHMETIC and _private_result(producer.inputsAt(0), producer)
+    return kind in _IN_PLACE_ARITHMETIC and _private_result(producer.inputsAt(0))
 
 
 def _spatial(value: Any, rank: int) -> tuple[int, ...] | None:
@@ -850,20 +850,11 @@ def fold_script(
 ) -> tuple[torch.jit.ScriptModule, FoldReport]:
     """Fold every foldable batch norm of a TorchScript model; returns ``(frozen folded module, report)``.
 
-    The planner is the one every format shares (:mod:`bnfold.core.plan`): forward and backward folds, chains, folds
-    through pooling, dropout, upsampling, reflect padding, reshapes and concatenations. The caller's module is not
-    changed (freezing works on a copy). A fold that would overflow the layer's dtype is left, with the reason.
-
-    With ``merge_branches=True`` bnfold then merges blocks that sum parallel branches of one input (RepVGG,
-    MobileOne, RepViT: ``conv3x3(x) + conv1x1(x) + BN(x)`` becomes one 3x3 convolution) with the planner and the
-    arithmetic every format shares (:mod:`bnfold.core.merge`, :func:`bnfold.core.apply.merged_tensors`): in the
-    frozen graph the merged convolution computes the sum and the other branches are gone
-    (:mod:`bnfold.backends.script_merges`). Differences, negations and scales by a per-channel constant or a number
-    merge too (FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``, becomes one depthwise convolution), and a
-    sum whose terms read different tensors (a residual, RepGhost) merges the terms of one tensor and keeps the others
-    added to the merged convolution's output (``MergeEntry.kept``), as for the ``nn.Module``. ``report.merges``
-    lists every block merged or left, with the reason, as :func:`bnfold.fold` does for the ``nn.Module``. ``example_inputs`` are not needed for that, but give the
-    planner the shapes of the terms to check.
+    The planner is the one every format shares (:mod:`bnfold.core.plan`). The caller's module is not changed
+    (freezing works on a copy). A fold that would overflow the layer's dtype is left, with the reason. With
+    ``merge_branches=True`` blocks that sum parallel branches are then merged, as for the ``nn.Module`` (see the
+    module docstring; ``report.merges`` lists every block merged or left, with the reason): ``example_inputs`` are not
+    needed for that, but give the planner the shapes of the terms to check.
     """
     inputs = as_input_tuple(example_inputs)
     backend = ScriptBackend(module, None, name, inputs)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .. import affine
@@ -241,12 +242,8 @@ def check_statistics(norms: list[str], access: WeightAccess) -> NormMaps:
         _raise_for_non_finite(norms, statistics, access.numerics)
     scale = inverse_deviation * gamma
     shift = -mean * scale + beta
-    spans: dict[str, tuple[int, int]] = {}
-    start = 0
-    for norm, count in zip(norms, counts, strict=True):
-        spans[norm] = (start, start + count)
-        start += count
-    return NormMaps(numerics, scale, shift, spans)
+    bounds = [0, *accumulate(counts)]
+    return NormMaps(numerics, scale, shift, {norm: (bounds[i], bounds[i + 1]) for i, norm in enumerate(norms)})
 
 
 def _raise_for_non_finite(norms: list[str], statistics: list[Statistics], numerics: Numerics) -> None:
@@ -411,9 +408,9 @@ def routed(fold: Fold, index: int, scale: Array, shift: Array, access: WeightAcc
 def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, Array]] | None = None) -> None:
     """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm.
 
-    With an access that allows it (``in_place``), a weight whose products provably stay finite is multiplied where
-    it is, after every check of the fold passed; any other is computed beside it and checked. ``maps``: the norms'
-    ``(s, t)`` from :func:`check_statistics`, if the caller has them.
+    With an access that allows it (:class:`InPlaceWeightAccess`), a weight whose products provably stay finite is
+    multiplied where it is, after every check of the fold passed; any other is computed beside it and checked.
+    ``maps``: the norms' ``(s, t)`` from :func:`check_statistics`, if the caller has them.
     """
     numerics = access.numerics
     in_place = bool(getattr(access, "in_place", False))

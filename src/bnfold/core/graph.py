@@ -204,7 +204,7 @@ def norm_problem(facts: NormFacts) -> str | None:
 class OpFacts:
     """An operation in a normalised vocabulary, with the attributes that decide whether an affine map passes it.
 
-    ``kind`` is one of :data:`OP_KINDS`; every other operation is ``"other"``. ``attributes`` by kind:
+    ``kind`` is one of the kinds below; every other operation is ``"other"``. ``attributes`` by kind:
 
     * ``dropout``: ``training`` (bool);
     * ``avg_pool``: ``padding`` (a tuple of ints), ``count_include_pad`` (bool), ``divisor_override`` (or None);
@@ -259,11 +259,6 @@ class Operand:
     zero: bool = False
 
 
-OP_KINDS = frozenset({
-    "identity", "dropout", "avg_pool", "adaptive_avg_pool", "max_pool", "upsample", "mean", "reshape", "permute",
-    "transpose", "concat", "pad", "add", "sub", "mul", "div", "squeeze", "unsqueeze", "other",
-})
-
 # Reasons every adapter gives in the same words, so a model refused in one format reads the same in another.
 BATCH_STATISTICS = "it normalises with the statistics of each batch, even in eval mode"
 """What a norm with :attr:`NormFacts.batch_statistics` computes, in every sentence :func:`norm_problem` writes."""
@@ -274,7 +269,6 @@ _BATCH_STATISTICS_REASONS = {
                       f"{BATCH_STATISTICS}; call model.eval() before folding the model, or before exporting it "
                       f"(TorchScript, .pt2, ONNX), to fold it",
 }
-
 
 
 @dataclass

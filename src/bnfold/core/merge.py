@@ -5,21 +5,17 @@ A re-parameterisable block computes, while training, a sum of branches that all 
     y = conv_3x3(X) + conv_1x1(X) + BN(X) + X
 
 After the fold plan every norm folded into a layer is an identity, so each ``conv_k(X)`` is a plain linear layer
-``W_k * X + b_k``, and a norm left on an identity branch is a per-channel affine map ``s * X + t``. A sum of linear
-maps of the same input is one linear map: with every kernel placed where it reads the same input positions inside
-the largest kernel (zeros elsewhere),
-
-    W = sum_k pad(W_k) + sum_identities diag(s) at the centre tap,      b = sum_k b_k + sum_identities t
-
-(``X`` itself is the identity with ``s = 1``, ``t = 0``; for grouped and depthwise convolutions the identity is
-per group). That is exact when the branches agree on everything else: same stride, dilation and groups, same
-channels, kernels that sit inside the largest one reading the same positions (a 1x1 with padding 0 centred in a
-3x3 with padding 1), zero padding (the larger kernel then reads zeros, or real inputs multiplied by zeros, where a
-smaller one read nothing), no transposed convolutions, and an identity branch only where the layer keeps the
-input's positions (stride 1, the identity tap exactly under each output).
+``W_k * X + b_k``, and a norm left on an identity branch is a per-channel affine map ``s * X + t`` (``X`` itself has
+``s = 1``, ``t = 0``). A sum of linear maps of the same input is one linear map (the formula below): every kernel
+placed where it reads the same input positions inside the largest kernel (zeros elsewhere), each identity's ``s`` on
+the centre tap (per group, for grouped and depthwise convolutions). That is exact when the branches agree on
+everything else: same stride, dilation and groups, same channels, kernels that sit inside the largest one reading
+the same positions (a 1x1 with padding 0 centred in a 3x3 with padding 1), zero padding (the larger kernel then
+reads zeros, or real inputs multiplied by zeros, where a smaller one read nothing), no transposed convolutions, and
+an identity branch only where the layer keeps the input's positions (stride 1, the identity tap under each output).
 
 This module decides, on the core :class:`~bnfold.core.graph.Graph` alone (torch-free, like the fold planner),
-which add trees merge and why the others do not; the arithmetic is :func:`bnfold.core.apply.merge_branches`, the
+which add trees merge and why the others do not; the arithmetic is :func:`bnfold.core.apply.merge_one`, the
 rewrite of the graph is each adapter's. Reading the add trees is :mod:`bnfold.core.merge_tree`'s job, placing the
 kernels :mod:`bnfold.core.merge_geometry`'s; every refusal is a :class:`~bnfold.core.plan.Reason`, as in the fold
 planner.
@@ -47,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .graph import CONSTANT, LAYER, NORM, Geometry, Graph, LayerFacts, Node, norm_problem
+from .graph import CONSTANT, LAYER, NORM, Graph, LayerFacts, Node, norm_problem
 from .merge_geometry import identity_tap, place_kernels, scale_reason
 from .merge_tree import AddTrees, Leaf, Scale
 from .plan import FoldPlan, Reason
@@ -367,5 +363,4 @@ def plan_merges(graph: Graph, fold_plan: FoldPlan | None = None, *, split_sums: 
     return _MergePlanner(graph, fold_plan, split_sums).run()
 
 
-__all__ = ["ONE", "Branch", "Coefficient", "Geometry", "IdentityBranch", "Merge", "MergePlan", "MergeRefusal",
-           "plan_merges"]
+__all__ = ["ONE", "Branch", "Coefficient", "IdentityBranch", "Merge", "MergePlan", "MergeRefusal", "plan_merges"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, first_line
 from ..files import staged_files
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -75,7 +75,7 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
         model = onnx.load_model_from_string(payload, format="protobuf")
     except Exception as error:
         raise InvalidInputError(
-            f"{file}: is not a readable ONNX model (truncated or corrupt: {_first_line(error)}); re-export it"
+            f"{file}: is not a readable ONNX model (truncated or corrupt: {first_line(error)}); re-export it"
         ) from error
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise InvalidInputError(f"{file}: is not an ONNX model (no IR version, graph or opset); re-export it")
@@ -85,7 +85,7 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
             external_data_helper.load_external_data_for_model(model, str(file.parent))
         except Exception as error:
             raise InvalidInputError(
-                f"{file}: its external data could not be read ({_first_line(error)})"
+                f"{file}: its external data could not be read ({first_line(error)})"
             ) from error
     try:
         if not data_files:
@@ -95,7 +95,7 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
         else:
             onnx.checker.check_model(str(file))
     except Exception as error:
-        raise InvalidInputError(f"{file}: is not a valid ONNX model ({_first_line(error)})") from error
+        raise InvalidInputError(f"{file}: is not a valid ONNX model ({first_line(error)})") from error
     return model, data_files
 
 
@@ -145,18 +145,19 @@ def data_size(model: onnx.ModelProto) -> int:
     return total
 
 
-def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    """Initializers and attribute tensors of ``graph`` and of its subgraphs."""
+def _tensors(graph: onnx.GraphProto, attributes: bool = True) -> list[onnx.TensorProto]:
+    """Initializers of ``graph`` and of its subgraphs, and (``attributes``) their attribute tensors."""
     tensors = list(graph.initializer)
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
+            if attributes and attr.type == onnx.AttributeProto.TENSOR:
                 tensors.append(attr.t)
-            tensors.extend(attr.tensors)
+            if attributes:
+                tensors.extend(attr.tensors)
             if attr.type == onnx.AttributeProto.GRAPH:
-                tensors.extend(_tensors(attr.g))
+                tensors.extend(_tensors(attr.g, attributes))
             for sub in attr.graphs:
-                tensors.extend(_tensors(sub))
+                tensors.extend(_tensors(sub, attributes))
     return tensors
 
 
@@ -168,11 +169,6 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
             external data missing; the one-line message names the file and the problem.
     """
     return read(path)[0]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def data_file(path: str | os.PathLike[str]) -> Path:
@@ -196,12 +192,8 @@ def save(
             (default) does so only when the model is too large for one protobuf (> ~1.8 GB); pass True for a
             model loaded with external data (:attr:`OnnxFoldResult.external_data` remembers it).
         check: called with the staged graph's path (its data file beside it) before anything is renamed into
-            place; raising stops the save with nothing written.
-
-    The graph and its data file are one unit (:func:`bnfold.files.staged_files`): until both are complete and
-    checked, the old ``path`` and its old data file are untouched; the data file is renamed first and the graph
-    last, and a failure between the two puts the old data back. Without ``force`` the renames refuse to replace
-    files that appeared meanwhile (another run writing the same path).
+            place; raising stops the save with nothing written (see the module docstring). Without ``force`` the
+            renames refuse to replace files that appeared meanwhile (another run writing the same path).
 
     Raises:
         InvalidInputError: ``path`` (or its data file) exists without ``force``, is a directory, its folder is
@@ -226,10 +218,7 @@ def save(
     targets = [data_target, target] if external_data else [target]
     with staged_files(targets, replace=force) as staged:
         graph = staged[-1]
-        if external_data:
-            onnx.save_model(_with_data_in(model, staged[0]), str(graph))
-        else:
-            onnx.save_model(model, str(graph))
+        onnx.save_model(_with_data_in(model, staged[0]) if external_data else model, str(graph))
         if check is not None:
             check(graph)
 
@@ -245,7 +234,7 @@ def _with_data_in(model: onnx.ModelProto, data: Path) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     with open(data, "wb") as handle:
-        for tensor in _initializers(copy.graph):
+        for tensor in _tensors(copy.graph, attributes=False):
             if (
                 tensor.HasField("raw_data")
                 and tensor.data_location != onnx.TensorProto.EXTERNAL
@@ -257,15 +246,3 @@ def _with_data_in(model: onnx.ModelProto, data: Path) -> onnx.ModelProto:
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 tensor.ClearField("raw_data")
     return copy
-
-
-def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    """Initializers of ``graph`` and of its subgraphs."""
-    tensors = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                tensors.extend(_initializers(attr.g))
-            for sub in attr.graphs:
-                tensors.extend(_initializers(sub))
-    return tensors

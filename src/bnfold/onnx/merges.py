@@ -55,10 +55,9 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
     return nodes
 
 
-def _rewrite(model: onnx.ModelProto, access: OnnxWeights, merge: Merge, graph: Graph,
-             nodes: dict[int, onnx.NodeProto]) -> str | None:
-    """Make the merged layer compute the sum: it takes the root's output name, the removed nodes go. Returns why
-    that is not possible (a removed value read by a node outside the block), or None once done."""
+def _rewrite_problem(access: OnnxWeights, merge: Merge, graph: Graph, nodes: dict[int, onnx.NodeProto]) -> str | None:
+    """Why the merged layer cannot take the root's output name with the removed nodes gone (a removed value read by a
+    node outside the block, or a graph output), or None."""
     missing = [graph.nodes[i].label for i in (*merge.removed, merge.root) if i not in nodes]
     if missing:
         return f"bnfold cannot tell which node {missing[0]} is (two nodes share that name)"
@@ -150,7 +149,7 @@ class OnnxMerges:
     def blocked(self, merge: Merge) -> str | None:
         if merge.into not in self.translation.layers:
             return f"'{merge.into}' is not a Conv"
-        blocked = _rewrite(self.model, self.access, merge, self.translation.graph, self.nodes)
+        blocked = _rewrite_problem(self.access, merge, self.translation.graph, self.nodes)
         self.kept = _kept_tensors(merge, self.translation, self.nodes) if merge.kept else []
         if blocked is None and self.kept is None:
             return "bnfold cannot tell which tensors the terms left after the merge are"

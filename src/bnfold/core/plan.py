@@ -154,6 +154,15 @@ def _axis_mismatch(layer_label: str, norm: str, layer_axis: int, norm_axis: int,
     return None
 
 
+def _unchangeable(layer: Unit, sites: set[int], elsewhere: str) -> Reason | None:
+    """Why the fold must not change ``layer``, which the norm's paths reach at the calls ``sites``: a call
+    ``elsewhere`` (its other calls would change too), or its own problem."""
+    if set(layer.calls) != sites:
+        return Reason(f"'{layer.name}' {elsewhere} this norm does not normalise; folding would change that call too")
+    problem = _facts(layer).problem
+    return Reason(problem) if problem else None
+
+
 def _sign_problem(norm: Unit) -> Reason | None:
     assert norm.norm is not None
     negative = norm.norm.negative_scales
@@ -214,13 +223,8 @@ def _forward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
         pairs.append(_Path(source, call, tuple(between)))
     assert layer is not None
     facts = _facts(layer)
-    if set(layer.calls) != layer_sites:
-        return Reason(
-            f"'{layer.name}' is also called at another site whose output this norm does not normalise; folding "
-            f"would change that call too"
-        )
-    if facts.problem:
-        return Reason(facts.problem)
+    if unchangeable := _unchangeable(layer, layer_sites, "is also called at another site whose output"):
+        return unchangeable
     if facts.out_channels != norm.norm.channels:
         return Reason(f"'{layer.name}' has {facts.out_channels} output channels but the norm has {norm.norm.channels}")
     routes: set[Route] = set()
@@ -336,13 +340,8 @@ def _backward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
         blocker = input_fold_blocker(facts)
         if blocker:
             return Reason(f"the layer after it, '{name}', cannot absorb it exactly: {blocker}")
-        if set(layer.calls) != sites:
-            return Reason(
-                f"'{name}' after it is also called at another site whose input this norm does not "
-                f"normalise; folding would change that call too"
-            )
-        if facts.problem:
-            return Reason(facts.problem)
+        if unchangeable := _unchangeable(layer, sites, "after it is also called at another site whose input"):
+            return unchangeable
     routes: dict[str, Route] = {}
     for pair in pairs:
         name = pair.layer.unit or ""

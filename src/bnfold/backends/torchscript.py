@@ -540,14 +540,11 @@ class _Translator:
             values.extend(block.returnNode().inputs())
         return values
 
-    def shape(self, position: int) -> tuple[int, ...] | None:
-        return self.shapes.get(position)
-
     def bind(self, node: Any, core_index: int, position: int) -> None:
         self.result.node_of[core_index] = node
         for output in node.outputs():
             self.values[output.unique()] = [core_index]
-        shape = self.shape(position)
+        shape = self.shapes.get(position)
         if shape is not None:
             self.shape_of_value[node.outputsAt(0).unique()] = shape
 
@@ -592,7 +589,7 @@ class _Translator:
                     reads = self.read(computed)
                 else:  # an operand that is no single node of the dataflow: not a term bnfold can place
                     facts = OpFacts("other")
-            core = graph.add_node(OP, f"the operation {kind}", reads, shape=self.shape(position), op=facts)
+            core = graph.add_node(OP, f"the operation {kind}", reads, shape=self.shapes.get(position), op=facts)
             self.bind(node, core.index, position)
         graph.add_node(OUTPUT, "the model output", self.read(self.jit.return_node().inputs()))
         self.nested_norms()
@@ -608,7 +605,7 @@ class _Translator:
             kind = self.graph.add_unit(name, LAYER, type_name, layer=_layer_facts(node, name)).kind
         inputs = list(node.inputs())
         reads = self.read(inputs[:1]) + self.read(v for v in inputs[1:] if v.node().kind() != "prim::Constant")
-        core = self.graph.add_node(kind, f"'{name}' ({node.kind()})", reads, shape=self.shape(position), unit=name)
+        core = self.graph.add_node(kind, f"'{name}' ({node.kind()})", reads, shape=self.shapes.get(position), unit=name)
         self.bind(node, core.index, position)
         self.result.jit_nodes[name] = node
 

@@ -779,8 +779,7 @@ class _Translator:
             name = graph.free_name(display_name(node))
             graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
             self.out.norms[name] = node
-            extra = self.activation_inputs(list(node.input[1:]))
-            core = graph.add_node(NORM, f"norm '{name}'", self.activation_inputs(node.input[:1]) + extra,
+            core = graph.add_node(NORM, f"norm '{name}'", self.activation_inputs(list(node.input)),
                                   shape=self.shapes.get(output), unit=name)
         elif op in LAYER_TYPES:
             bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
@@ -792,13 +791,12 @@ class _Translator:
             graph.add_unit(name, LAYER, op, layer=facts)
             layer = Layer(node, *(bias or (None, None)))
             self.out.layers[name] = layer
+            reads = list(node.input)
             if bias is not None:
                 merged.add(id(bias[0]))
-            inputs = self.activation_inputs(node.input[:1]) + self.activation_inputs(list(node.input[1:]))
-            if bias is not None:
-                inputs += self.activation_inputs([bias[0].input[bias[1]]])
-            core = graph.add_node(LAYER, f"layer '{name}' ({op})", inputs, shape=self.shapes.get(layer.output),
-                                  unit=name)
+                reads.append(bias[0].input[bias[1]])
+            core = graph.add_node(LAYER, f"layer '{name}' ({op})", self.activation_inputs(reads),
+                                  shape=self.shapes.get(layer.output), unit=name)
             output = layer.output
         else:
             self.op_node(node, op, outside)
@@ -810,13 +808,9 @@ class _Translator:
         facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
         if op in ARITHMETIC and not outside:
             facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
-        if facts.kind in ("concat", "other", "add", "sub", "mul", "div"):
-            inputs = self.activation_inputs(list(node.input) + outside)
-        else:
-            params = self.activation_inputs(list(node.input[1:]))
-            inputs = self.activation_inputs(node.input[:1]) + params
-        core = self.graph.add_node(OP, f"{_label(node)}", inputs, shape=self.shapes.get(node.output[0]) if node.output
-                                   else None, op=facts)
+        reads = list(node.input) + (outside if facts.kind in ("concat", "other", "add", "sub", "mul", "div") else [])
+        core = self.graph.add_node(OP, _label(node), self.activation_inputs(reads),
+                                   shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
         for name in node.output:
             if name:
                 self.node_of[name] = core.index

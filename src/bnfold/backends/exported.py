@@ -62,7 +62,7 @@ from ..core.graph import (
     NormFacts,
     Operand,
     OpFacts,
-    same_padding,
+    weight_channels,
 )
 from ..core.merge_rounds import merge_rounds
 from ..core.pipeline import NormModes
@@ -70,7 +70,7 @@ from ..core.plan import FoldPlan
 from ..errors import CaptureError, InvalidInputError
 from ..report import FoldReport
 from .exported_merges import ExportedMerges, Translation
-from .modules import TorchNumerics
+from .modules import TorchNumerics, aten_pad_facts, conv_geometry
 
 CAPTURE = "torch.export graph"
 
@@ -117,8 +117,6 @@ _OP_KINDS: dict[str, str] = {
                      "replication_pad1d", "replication_pad2d", "replication_pad3d", "_pad_circular"), "pad"),
 }
 
-_PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
-
 # Ops whose outputs are tuples of which ``getitem 0`` is the tensor the core sees.
 _TUPLE_VALUED = frozenset({
     "native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
@@ -141,7 +139,7 @@ _METADATA_ARGUMENTS: dict[str, frozenset[str]] = {
 
 # Linear combinations the merge planner reads: ATen op name -> the core's kind (overloads ``Tensor``, ``Scalar`` and
 # ``default``). ``rsub(x, y)`` is ``y - x``; ``neg(x)`` is ``x * -1``. The in-place forms (``_``) only under the rule
-# of :meth:`_Translator.overwritable`.
+# of :func:`_overwritable`.
 _ARITHMETIC: dict[str, str] = {
     **dict.fromkeys(("add", "add_"), "add"),
     **dict.fromkeys(("sub", "sub_", "subtract", "subtract_", "rsub"), "sub"),
@@ -224,24 +222,12 @@ def layer_geometry(node: fx.Node, layout: str, transposed: bool, weight_shape: t
     if layout == "linear":
         return Geometry()
     kernel = tuple(int(k) for k in weight_shape[2:])
-    rank = len(kernel)
-    stride = _per_axis(_argument(node, "stride"), rank, 1)
-    dilation = _per_axis(_argument(node, "dilation"), rank, 1)
-    groups = _argument(node, "groups")
-    if stride is None or dilation is None or not isinstance(groups if groups is not None else 1, int):
+    groups, padding = _argument(node, "groups"), _argument(node, "padding")
+    if not isinstance(groups if groups is not None else 1, int):
         return None
-    padding_argument = _argument(node, "padding")
-    padding: tuple[tuple[int, int], ...]
-    if padding_argument == "valid":
-        padding = tuple((0, 0) for _ in kernel)
-    elif padding_argument == "same":
-        padding = same_padding(kernel, dilation) or ()
-    else:
-        pads = _per_axis(padding_argument, rank, 0)
-        if pads is None:
-            return None
-        padding = tuple((p, p) for p in pads)
-    return Geometry(kernel, stride, padding, dilation, int(groups or 1), "zeros", transposed)
+    return conv_geometry(kernel, _per_axis(_argument(node, "stride"), len(kernel), 1),
+                         padding if padding in ("valid", "same") else _per_axis(padding, len(kernel), 0),
+                         _per_axis(_argument(node, "dilation"), len(kernel), 1), int(groups or 1), transposed=transposed)
 
 
 def _rank(node: Any) -> int | None:
@@ -292,25 +278,9 @@ def _op_facts(node: fx.Node, name: str) -> OpFacts:
         axis = _argument(node, "dim")
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) else None})
     if kind == "pad":
-        return _pad_facts(node, name)
+        widths = _argument(node, "padding" if name.startswith(("reflection", "replication")) else "pad")
+        return aten_pad_facts(name, str(_argument(node, "mode") or "constant"), widths, _rank(source))
     return OpFacts(kind)
-
-
-def _pad_facts(node: fx.Node, name: str) -> OpFacts:
-    if name == "pad":
-        mode = str(_argument(node, "mode") or "constant")
-        widths = _argument(node, "pad")
-    elif name == "constant_pad_nd":
-        mode, widths = "constant", _argument(node, "pad")
-    else:
-        mode = next(m for prefix, m in _PAD_MODES.items() if name.startswith(prefix))
-        widths = _argument(node, "padding") if name != "_pad_circular" else _argument(node, "pad")
-    rank = _rank(node.args[0] if node.args else None)
-    padded: tuple[int, ...] | None = None
-    if rank is not None and isinstance(widths, (tuple, list)) and all(isinstance(w, int) for w in widths):
-        # pairs (before, after) from the last axis backwards
-        padded = tuple(rank - 1 - i for i in range(len(widths) // 2) if widths[2 * i] or widths[2 * i + 1])
-    return OpFacts("pad", {"mode": mode, "padded_axes": padded})
 
 
 def _outputs_used(node: fx.Node) -> set[int | None]:
@@ -397,7 +367,133 @@ def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
     return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
 
 
+class _StoredTensors:
+    """The program module's stored tensors (``get_attr`` targets): how many nodes read each, and every name of each."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        self.module = module
+        self.readers: dict[str, int] = {}
+        for node in module.graph.nodes:
+            if node.op == "get_attr":
+                self.readers[node.target] = self.readers.get(node.target, 0) + len(node.users)
+        self.aliases: dict[int, list[str]] = {}
+        for name, tensor in (*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)):
+            self.aliases.setdefault(id(tensor), []).append(name)
+
+    def sharing(self, attribute: fx.Node, what: str, layer: str) -> str | None:
+        """Why the stored tensor read by ``attribute`` must not change: read elsewhere too, or an alias."""
+        target = str(attribute.target)
+        if self.readers.get(target, 0) != 1:
+            return (
+                f"the {what} '{target}' of the layer '{layer}' is also read by another node of the program; folding "
+                f"would change that use too"
+            )
+        tensor = _fetch(self.module, target)
+        others = [n for n in self.aliases.get(id(tensor), [target]) if n != target]
+        if others:
+            return f"the layer '{layer}' shares its {what} '{target}' with '{others[0]}'"
+        return None
+
+
+def _state_owner(node: fx.Node, name: str) -> str:
+    """The module path of a layer's weight or a norm's statistics (``layer1.0.bn1``); "" when none is stored."""
+    held = ("weight",) if name in _LAYERS else ("running_mean", "weight")
+    stored = next((a for a in (_argument(node, h) for h in held) if _is_stored(a)), None)
+    return str(stored.target).rpartition(".")[0] if stored is not None else ""
+
+
+def _layer_facts(node: fx.Node, name: str, unit: str, stored: _StoredTensors) -> tuple[LayerFacts, _LayerSite]:
+    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are."""
+    layout = _LAYERS[name]
+    weight, bias = _argument(node, "weight"), _argument(node, "bias")
+    weight_value = _value(weight)
+    if not isinstance(weight_value, torch.Tensor) or not weight_value.is_floating_point():
+        problem = f"the layer '{unit}' has no floating-point weight to fold into"
+    elif not _is_stored(weight) or (bias is not None and not _is_stored(bias)):
+        problem = f"the weight or bias of the layer '{unit}' is computed in the program, not a stored tensor"
+    else:
+        problem = stored.sharing(weight, "weight", unit) or (bias is not None and stored.sharing(bias, "bias", unit)) or None
+    transposed = layout == "conv_transpose" or (layout == "convolution" and bool(_argument(node, "transposed")))
+    groups = 1 if layout == "linear" else int(_argument(node, "groups") or 1)
+    shape = tuple(weight_value.shape) if isinstance(weight_value, torch.Tensor) else (0, 0)
+    out_channels, in_channels = weight_channels(shape, 1 if transposed else 0, groups)
+    channel_dim = -1 if layout == "linear" else 1
+    rank = _rank(node.args[0])
+    if layout != "linear" and rank is not None and rank == len(shape) - 1:
+        channel_dim = 0  # an unbatched input: (channels, spatial...)
+    geometry = layer_geometry(node, layout, transposed, shape)
+    facts = LayerFacts(out_channels, in_channels, channel_dim, problem=problem, geometry=geometry,
+                       input_padding=PADDING_UNKNOWN if geometry is None else None)
+    return facts, _LayerSite(node, weight, bias, 1 if transposed else 0, groups)
+
+
+def _norm_facts(node: fx.Node, name: str, module: fx.GraphModule, input_shape: tuple[int, ...] | None
+                ) -> tuple[NormFacts, _NormSite]:
+    """What the planner needs of an ATen batch norm call reading a tensor of ``input_shape``, and where its
+    statistics are (a tuple-valued norm: the ``getitem 0`` that stands for its output)."""
+    mode = _NORMS[name]
+    statistics = tuple(_argument(node, a) for a in ("weight", "bias", "running_mean", "running_var"))
+    gamma, beta, mean, var = statistics
+    has_running = mean is not None and var is not None
+    batch = (mode == "batch") or (mode == "flag" and _argument(node, "training") is not False) or not has_running
+    channels_from = next((s for s in statistics if isinstance(_value(s), torch.Tensor)), None)
+    channels = int(_value(channels_from).numel()) if channels_from is not None else (
+        input_shape[1] if input_shape and len(input_shape) > 1 else 0)
+    output: fx.Node = node
+    problem = None
+    if name in _TUPLE_VALUED:
+        used = _outputs_used(node)
+        zero = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if used - {0}:
+            problem = "its saved mean / inverse standard deviation outputs are used; only its normalised output can be folded"
+        elif len(zero) == 1:
+            output = zero[0]
+        elif zero:
+            problem = "its normalised output is read through several getitem nodes"
+    if batch:
+        problem = None
+    elif problem is None and any(s is not None and not _is_stored(s) for s in statistics):
+        problem = "its statistics or affine parameters are computed in the program, not stored tensors (get_attr)"
+    negative = 0
+    if problem is None and not batch and gamma is not None:
+        negative = int((_fetch(module, str(gamma.target)).detach() < 0).sum())
+    batch_statistics = (NO_RUNNING_STATISTICS if not has_running or mode == "batch" else IN_TRAINING_MODE) if batch else None
+    facts = NormFacts(channels, 1, problem=problem, batch_statistics=batch_statistics, negative_scales=negative)
+    eps = _argument(node, "eps")
+    return facts, _NormSite(node, output, statistics, float(eps) if eps is not None else 1e-5,
+                            training=batch and has_running)
+
+
+def _constant_of(node: fx.Node) -> str | None:
+    """The stored tensor ``node`` is, read directly or through :data:`_CONSTANT_VIEWS` (its values in the same order),
+    by its target; None for a tensor the program computes."""
+    while (node.op == "call_function" and op_name(node) in _CONSTANT_VIEWS and node.args
+           and isinstance(node.args[0], fx.Node) and node.all_input_nodes == [node.args[0]]):
+        node = node.args[0]
+    return str(node.target) if node.op == "get_attr" else None
+
+
+def _overwritable(node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether the tensor an in-place ``add_`` (``sub_``, ``mul_``, ``neg_``) overwrites is its own: computed in the
+    program (not an input or a stored tensor), not a view of another tensor, and read before the op only (``order``:
+    the nodes' positions), by ops that do not make views of it. torch.export makes every later read of it read the
+    in-place node instead; a view would still see the result at run time, which a merge (it no longer computes that
+    result in place) would change. A chain of in-place ops (``out += branch`` in a loop, ``(a - b).mul_(gamma)``)
+    overwrites one tensor of its own."""
+    target = node.args[0]
+    if not isinstance(target, fx.Node) or target.op != "call_function":
+        return False
+    in_place = op_name(target).endswith("_") and op_name(target) in _ARITHMETIC
+    if _aliases(target) and not (in_place and _overwritable(target, order)):
+        return False
+    return all(user is node or _is_metadata(user) or (order[user] < order[node] and not _aliases(user))
+               for user in target.users)
+
+
 class _Translator:
+    """The dataflow: every fx node as a core node reading the core nodes of the tensors it reads."""
+
     def __init__(self, module: fx.GraphModule) -> None:
         self.module = module
         self.graph = Graph(method=CAPTURE, shapes_known=True)
@@ -406,18 +502,7 @@ class _Translator:
         self.norms: dict[str, _NormSite] = {}
         self.symbols = _symbolic_sizes(module)
         self.order = {node: position for position, node in enumerate(module.graph.nodes)}
-        readers: dict[str, int] = {}
-        for node in module.graph.nodes:
-            if node.op == "get_attr":
-                readers[node.target] = readers.get(node.target, 0) + len(node.users)
-        aliases: dict[int, list[str]] = {}
-        for name, tensor in (*module.named_parameters(remove_duplicate=False),
-                             *module.named_buffers(remove_duplicate=False)):
-            aliases.setdefault(id(tensor), []).append(name)
-        self.readers = readers
-        self.aliases = aliases
-
-    # ----------------------------------------------------------------------------------------------- helpers
+        self.stored = _StoredTensors(module)
 
     def shape(self, node: fx.Node) -> tuple[int, ...] | None:
         value = _value(node)
@@ -450,27 +535,6 @@ class _Translator:
                 found.append(self.index[argument])
         return found
 
-    def fresh(self, name: str, node: fx.Node) -> str:
-        """A unit name: the module path of the unit's state, made unique by the node's name when a module (or a
-        tensor the model owns directly) is called at several nodes."""
-        if not name:
-            return node.name
-        return name if name not in self.graph.units else f"{name}@{node.name}"
-
-    def sharing(self, attribute: fx.Node, what: str, layer: str) -> str | None:
-        """Why the stored tensor read by ``attribute`` must not change: read elsewhere too, or an alias."""
-        target = str(attribute.target)
-        if self.readers.get(target, 0) != 1:
-            return (
-                f"the {what} '{target}' of the layer '{layer}' is also read by another node of the program; folding "
-                f"would change that use too"
-            )
-        tensor = _fetch(self.module, target)
-        others = [n for n in self.aliases.get(id(tensor), [target]) if n != target]
-        if others:
-            return f"the layer '{layer}' shares its {what} '{target}' with '{others[0]}'"
-        return None
-
     def label(self, node: fx.Node, name: str) -> str:
         if name in _DECOMPOSED_LINEAR:
             return (
@@ -479,99 +543,28 @@ class _Translator:
             )
         return f"the operation aten.{name} (%{node.name})" if name else f"the operation {node.target} (%{node.name})"
 
-    # ------------------------------------------------------------------------------------------------ layers
-
-    def add_layer(self, node: fx.Node, name: str) -> None:
-        layout = _LAYERS[name]
-        weight, bias = _argument(node, "weight"), _argument(node, "bias")
-        source = node.args[0]
-        unit = self.fresh(str(weight.target).rpartition(".")[0] if _is_stored(weight) else "", node)
-        weight_value = _value(weight)
-        problem = None
-        if not isinstance(weight_value, torch.Tensor) or not weight_value.is_floating_point():
-            problem = f"the layer '{unit}' has no floating-point weight to fold into"
-        elif not _is_stored(weight) or (bias is not None and not _is_stored(bias)):
-            problem = f"the weight or bias of the layer '{unit}' is computed in the program, not a stored tensor"
+    def add_unit(self, node: fx.Node, name: str) -> None:
+        """A layer or norm call: its unit, named after the module path of its state (made unique by the node's name
+        when a module, or a tensor the model owns directly, is called at several nodes), and its node, reading its
+        input and any weight or statistic the program computes."""
+        owner = _state_owner(node, name)
+        unit = node.name if not owner else owner if owner not in self.graph.units else f"{owner}@{node.name}"
+        output = node
+        if name in _LAYERS:
+            layer, site = _layer_facts(node, name, unit, self.stored)
+            self.graph.add_unit(unit, LAYER, f"aten.{name}", layer=layer)
+            self.layers[unit], kind, tensors = site, LAYER, (site.weight, site.bias)
         else:
-            problem = self.sharing(weight, "weight", unit) or (bias is not None and self.sharing(bias, "bias", unit)) or None
-        transposed = layout == "conv_transpose" or (layout == "convolution" and bool(_argument(node, "transposed")))
-        groups = 1 if layout == "linear" else int(_argument(node, "groups") or 1)
-        shape = tuple(weight_value.shape) if isinstance(weight_value, torch.Tensor) else (0, 0)
-        if layout == "linear":
-            out_channels, in_channels, channel_dim = shape[0], shape[-1], -1
-        elif transposed:
-            out_channels, in_channels, channel_dim = shape[1] * groups, shape[0], 1
-        else:
-            out_channels, in_channels, channel_dim = shape[0], shape[1] * groups, 1
-        rank = _rank(source)
-        if layout != "linear" and rank is not None and rank == len(shape) - 1:
-            channel_dim = 0  # an unbatched input: (channels, spatial...)
-        geometry = layer_geometry(node, layout, transposed, shape)
-        facts = LayerFacts(out_channels, in_channels, channel_dim, problem=problem, geometry=geometry,
-                           input_padding=PADDING_UNKNOWN if geometry is None else None)
-        self.graph.add_unit(unit, LAYER, f"aten.{name}", layer=facts)
-        self.layers[unit] = _LayerSite(node, weight, bias, 1 if transposed else 0, groups)
-        extra = [self.index[a] for a in (weight, bias) if isinstance(a, fx.Node) and not _is_stored(a) and a in self.index]
-        inputs = ([self.index[source]] if isinstance(source, fx.Node) and source in self.index else []) + extra
-        self.index[node] = self.graph.add_node(
-            LAYER, f"'{unit}' (aten.{name}, %{node.name})", inputs, shape=self.shape(node), unit=unit).index
-
-    # ------------------------------------------------------------------------------------------------- norms
-
-    def add_norm(self, node: fx.Node, name: str) -> None:
-        mode = _NORMS[name]
-        statistics = tuple(_argument(node, a) for a in ("weight", "bias", "running_mean", "running_var"))
-        gamma, beta, mean, var = statistics
-        owner_of = next((s for s in (mean, gamma) if _is_stored(s)), None)
-        unit = self.fresh(str(owner_of.target).rpartition(".")[0] if owner_of is not None else "", node)
-        has_running = mean is not None and var is not None
-        batch = (mode == "batch") or (mode == "flag" and _argument(node, "training") is not False) or not has_running
-        channels_from = next((s for s in statistics if isinstance(_value(s), torch.Tensor)), None)
+            source = node.args[0]
+            norm, norm_site = _norm_facts(node, name, self.module,
+                                          self.shape(source) if isinstance(source, fx.Node) else None)
+            self.graph.add_unit(unit, NORM, f"aten.{name}", norm=norm)
+            self.norms[unit], kind, tensors, output = norm_site, NORM, norm_site.statistics, norm_site.output
         source = node.args[0]
-        source_shape = self.shape(source) if isinstance(source, fx.Node) else None
-        channels = int(_value(channels_from).numel()) if channels_from is not None else (
-            source_shape[1] if source_shape and len(source_shape) > 1 else 0)
-        output: fx.Node = node
-        problem = None
-        if name in _TUPLE_VALUED:
-            used = _outputs_used(node)
-            zero = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
-            if used - {0}:
-                problem = "its saved mean / inverse standard deviation outputs are used; only its normalised output can be folded"
-            elif len(zero) == 1:
-                output = zero[0]
-            elif zero:
-                problem = "its normalised output is read through several getitem nodes"
-        if batch:
-            problem = None
-        elif problem is None and any(s is not None and not _is_stored(s) for s in statistics):
-            problem = "its statistics or affine parameters are computed in the program, not stored tensors (get_attr)"
-        negative = 0
-        if problem is None and not batch and gamma is not None:
-            negative = int((_fetch(self.module, str(gamma.target)).detach() < 0).sum())
-        batch_statistics = (NO_RUNNING_STATISTICS if not has_running or mode == "batch" else IN_TRAINING_MODE) if batch else None
-        facts = NormFacts(channels, 1, problem=problem, batch_statistics=batch_statistics, negative_scales=negative)
-        self.graph.add_unit(unit, NORM, f"aten.{name}", norm=facts)
-        eps = _argument(node, "eps")
-        self.norms[unit] = _NormSite(node, output, statistics, float(eps) if eps is not None else 1e-5,
-                                     training=batch and has_running)
-        extra = [self.index[s] for s in statistics if isinstance(s, fx.Node) and not _is_stored(s) and s in self.index]
-        inputs = ([self.index[source]] if isinstance(source, fx.Node) and source in self.index else []) + extra
-        index = self.graph.add_node(NORM, f"'{unit}' (aten.{name}, %{node.name})", inputs,
-                                    shape=self.shape(output), unit=unit).index
-        self.index[node] = index
-        if output is not node:
-            self.index[output] = index
-
-    # ---------------------------------------------------------------------------------------------- additions
-
-    def constant_of(self, node: fx.Node) -> str | None:
-        """The stored tensor ``node`` is, read directly or through :data:`_CONSTANT_VIEWS` (its values in the same
-        order), by its target; None for a tensor the program computes."""
-        while (node.op == "call_function" and op_name(node) in _CONSTANT_VIEWS and node.args
-               and isinstance(node.args[0], fx.Node) and node.all_input_nodes == [node.args[0]]):
-            node = node.args[0]
-        return str(node.target) if node.op == "get_attr" else None
+        computed = [self.index[a] for a in tensors if isinstance(a, fx.Node) and not _is_stored(a) and a in self.index]
+        inputs = ([self.index[source]] if isinstance(source, fx.Node) and source in self.index else []) + computed
+        self.index[node] = self.index[output] = self.graph.add_node(
+            kind, f"'{unit}' (aten.{name}, %{node.name})", inputs, shape=self.shape(output), unit=unit).index
 
     def arithmetic_facts(self, node: fx.Node, name: str) -> tuple[OpFacts, list[int]]:
         """``aten.add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` / ``div`` (and their in-place forms) in the core's
@@ -581,7 +574,7 @@ class _Translator:
         itself), and the node's inputs; or ``other`` with every tensor it reads.
 
         A product that changes the scaled tensor's dtype is no scale of it. An in-place form is arithmetic only when
-        the tensor it overwrites is its own (:meth:`overwritable`).
+        the tensor it overwrites is its own (:func:`_overwritable`).
         """
         other = OpFacts("other"), self.tensor_inputs(node)
         if getattr(node.target, "_overloadname", "") not in ("Tensor", "Scalar", "default"):
@@ -603,7 +596,7 @@ class _Translator:
                 continue
             if not isinstance(value, fx.Node) or value not in self.index or not isinstance(_value(value), torch.Tensor):
                 return other  # a size symbol, a list, ...
-            constant = self.constant_of(value)
+            constant = _constant_of(value)
             if constant is None:
                 scaled.append(value)
             zero = constant is not None and kind in ("add", "sub") and not torch.any(_fetch(self.module, constant))
@@ -611,28 +604,10 @@ class _Translator:
             inputs.append(self.index[value])
         if kind in ("mul", "div") and len(scaled) == 1 and _value(scaled[0]).dtype != _value(node).dtype:
             return other
-        if name.endswith("_") and not self.overwritable(node):
+        if name.endswith("_") and not _overwritable(node, self.order):
             return other
         facts = linear_combination(kind, operands, alpha=1 if alpha is None else alpha, shape=self.shape(node))
         return (facts, inputs) if facts.kind != "other" else other
-
-    def overwritable(self, node: fx.Node) -> bool:
-        """Whether the tensor an in-place ``add_`` (``sub_``, ``mul_``, ``neg_``) overwrites is its own: computed in
-        the program (not an input or a stored tensor), not a view of another tensor, and read before the op only, by
-        ops that do not make views of it. torch.export makes every later read of it read the in-place node instead; a
-        view would still see the result at run time, which a merge (it no longer computes that result in place) would
-        change. A chain of in-place ops (``out += branch`` in a loop, ``(a - b).mul_(gamma)``) overwrites one tensor
-        of its own."""
-        target = node.args[0]
-        if not isinstance(target, fx.Node) or target.op != "call_function":
-            return False
-        in_place = op_name(target).endswith("_") and op_name(target) in _ARITHMETIC
-        if _aliases(target) and not (in_place and self.overwritable(target)):
-            return False
-        return all(user is node or _is_metadata(user) or (self.order[user] < self.order[node] and not _aliases(user))
-                   for user in target.users)
-
-    # ------------------------------------------------------------------------------------------------ driver
 
     def translate(self) -> ExportedGraph:
         for node in self.module.graph.nodes:
@@ -650,18 +625,16 @@ class _Translator:
                 self.index[node] = self.index[node.args[0]]
             else:
                 name = op_name(node)
-                if name in _LAYERS:
-                    self.add_layer(node, name)
-                elif name in _NORMS:
-                    self.add_norm(node, name)
-                elif name in _ARITHMETIC:
+                if name in _LAYERS or name in _NORMS:
+                    self.add_unit(node, name)
+                    continue
+                if name in _ARITHMETIC:
                     facts, inputs = self.arithmetic_facts(node, name)
-                    self.index[node] = self.graph.add_node(
-                        OP, self.label(node, name), inputs, shape=self.shape(node), op=facts).index
                 else:
                     facts = _op_facts(node, name) if node.op == "call_function" else OpFacts("other")
-                    self.index[node] = self.graph.add_node(
-                        OP, self.label(node, name), self.tensor_inputs(node), shape=self.shape(node), op=facts).index
+                    inputs = self.tensor_inputs(node)
+                self.index[node] = self.graph.add_node(
+                    OP, self.label(node, name), inputs, shape=self.shape(node), op=facts).index
         nodes: dict[int, list[fx.Node]] = {}
         for fx_node, index in self.index.items():
             nodes.setdefault(index, []).append(fx_node)

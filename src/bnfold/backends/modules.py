@@ -185,7 +185,7 @@ def _function_facts(site: Site) -> OpFacts:
 def _arithmetic_facts(site: Site, kind: str, name: str) -> OpFacts:
     """``add`` / ``sub`` / ``mul`` / ``div`` with their operands in call order (:class:`~bnfold.core.graph.Operand`):
     a tensor the model reads is its position among the site's inputs (torch.fx lists a tensor read twice once), a
-    plain number is a number; :meth:`_Translator.with_constants` adds what the dataflow knows of them and lets the
+    plain number is a number; :func:`_with_constants` adds what the dataflow knows of them and lets the
     core decide. ``rsub`` is written as the subtraction it computes; ``-x`` as ``x * -1``. Anything else among the
     operands (a list, None) makes it an ``other`` op."""
     if name.lstrip("_").startswith("neg"):
@@ -319,15 +319,42 @@ def geometry(module: nn.Module, rule: LinearLayerRule) -> Geometry | None:
         return Geometry()
     if rule not in (CONV_RULE, CONV_TRANSPOSE_RULE) or not isinstance(module, nn.modules.conv._ConvNd):
         return None
-    kernel, dilation = _sizes(module.kernel_size), _sizes(module.dilation)
-    if module.padding == "valid":
-        padding = tuple((0, 0) for _ in kernel)
-    elif module.padding == "same":
-        padding = same_padding(kernel, dilation) or ()
+    padding = module.padding if isinstance(module.padding, str) else _sizes(module.padding)
+    return conv_geometry(_sizes(module.kernel_size), _sizes(module.stride), padding, _sizes(module.dilation),
+                         int(module.groups), str(module.padding_mode), bool(module.transposed))
+
+
+def conv_geometry(kernel: tuple[int, ...], stride: tuple[int, ...] | None, padding: str | tuple[int, ...] | None,
+                  dilation: tuple[int, ...] | None, groups: int, padding_mode: str = "zeros", transposed: bool = False
+                  ) -> Geometry | None:
+    """A PyTorch convolution's :class:`~bnfold.core.graph.Geometry` from its arguments (a module's, or those of an
+    ATen call in a TorchScript or torch.export graph): ``padding`` is ``"valid"``, ``"same"`` (the odd one at the
+    end, as PyTorch pads) or one int per spatial axis; ``None`` where an argument could not be read."""
+    if stride is None or padding is None or dilation is None:
+        return None
+    if padding == "valid":
+        pairs = tuple((0, 0) for _ in kernel)
+    elif padding == "same":
+        pairs = same_padding(kernel, dilation) or ()
     else:
-        padding = tuple((p, p) for p in _sizes(module.padding))  # type: ignore[arg-type]
-    return Geometry(kernel, _sizes(module.stride), padding, dilation, int(module.groups), str(module.padding_mode),
-                    bool(module.transposed))
+        pairs = tuple((p, p) for p in padding)
+    return Geometry(kernel, stride, pairs, dilation, groups, padding_mode, transposed)
+
+
+_PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
+
+
+def aten_pad_facts(name: str, mode: Any, widths: Any, rank: int | None) -> OpFacts:
+    """An ATen padding op of a TorchScript or torch.export graph (``pad``, ``constant_pad_nd``,
+    ``reflection_pad2d``, ...) in the core's terms: ``mode`` is ``pad``'s own (the others say it in their name),
+    ``widths`` F.pad's list ((before, after) pairs from the last axis backwards) of an input of ``rank`` axes."""
+    if name != "pad":
+        mode = next(m for prefix, m in _PAD_MODES.items() if name.startswith(prefix))
+    padded: tuple[int, ...] | None = None
+    if rank is not None and isinstance(widths, (tuple, list)) and len(widths) % 2 == 0 \
+            and all(isinstance(w, int) for w in widths):
+        padded = tuple(rank - 1 - i for i in range(len(widths) // 2) if widths[2 * i] or widths[2 * i + 1])
+    return OpFacts("pad", {"mode": mode, "padded_axes": padded})
 
 
 def _sizes(values: tuple[Any, ...]) -> tuple[int, ...]:
@@ -340,32 +367,30 @@ def _sizes(values: tuple[Any, ...]) -> tuple[int, ...]:
 # -------------------------------------------------------------------------------------------- translation
 
 
-class _Translator:
-    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree) -> None:
-        self.model = model
-        self.flow = flow
-        self.registry = registry
-        self.tree = tree
-        self.calls = flow.module_sites()
-        self.param_reads = flow.param_reads()
-        self.names_of = tree.names_of
-        self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
-        self.holders = tree.census.holders
-        self._param_owners: dict[int, list[str]] | None = None
+class _ModuleProblems:
+    """Why a module must not be changed whatever it is paired with: parametrizations, hooks, a parameter another
+    module holds too, a tensor of its own that the forward code reads directly."""
 
-    def param_owners(self, tensor: torch.Tensor) -> list[str]:
+    def __init__(self, flow: Dataflow, tree: ModuleTree) -> None:
+        self.flow = flow
+        self.tree = tree
+        self.param_reads = flow.param_reads()
+        self.holders = tree.census.holders
+        self._owners: dict[int, list[str]] | None = None
+
+    def _param_owners(self, tensor: torch.Tensor) -> list[str]:
         """Every qualified name of a parameter held by more than one module slot (found on the first such one)."""
-        if self._param_owners is None:
-            self._param_owners = {}
+        if self._owners is None:
+            self._owners = {}
             for module_name, module in self.tree.by_name.items():
                 prefix = f"{module_name}." if module_name else ""
                 for own_name, own in module._parameters.items():
                     if own is not None:
-                        self._param_owners.setdefault(id(own), []).append(prefix + own_name)
-        return self._param_owners.get(id(tensor), [])
+                        self._owners.setdefault(id(own), []).append(prefix + own_name)
+        return self._owners.get(id(tensor), [])
 
-    def module_problem(self, name: str, module: nn.Module, what: str) -> str | None:
-        """Why ``module`` must not be touched at all, whatever it is paired with."""
+    def of(self, name: str, module: nn.Module, what: str) -> str | None:
+        """Why ``module`` (a ``what``: layer or norm) must not be touched at all, or ``None``."""
         if _may_be_parametrized(module) and parametrize.is_parametrized(module):
             return (
                 f"{what} '{name}' has parametrizations (torch.nn.utils.parametrize, weight_norm or spectral_norm): "
@@ -378,11 +403,11 @@ class _Translator:
                 if table
             ]
             return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
-        aliases = self.names_of.get(id(module), [name])
+        aliases = self.tree.names_of.get(id(module), [name])
         for own_name, tensor in module._parameters.items():
             if tensor is None or self.holders.get(id(tensor), 1) <= 1:  # held by this slot only: the common case
                 continue
-            owners = self.param_owners(tensor)
+            owners = self._param_owners(tensor)
             if len(owners) <= len(aliases):  # only its own names
                 continue
             own_names = {f"{alias}.{own_name}" if alias else own_name for alias in aliases}
@@ -401,6 +426,19 @@ class _Translator:
             user = self.flow.sites[read.users[0]] if read.users else read
             return f"its tensor '{tensor_name}' is also read directly by {describe(user)} in the forward code"
         return None
+
+
+class _Translator:
+    """The units (layers and norms the registry knows, with their facts) and the dataflow of a captured model."""
+
+    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree) -> None:
+        self.model = model
+        self.flow = flow
+        self.registry = registry
+        self.tree = tree
+        self.calls = flow.module_sites()
+        self.problems = _ModuleProblems(flow, tree)
+        self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
 
     def layer_facts(self, name: str, module: nn.Module) -> LayerFacts | None:
         rule, reason = layer_rule(module, self.registry)
@@ -425,7 +463,7 @@ class _Translator:
                 f"not on the axis 1 a norm normalises"
             )
         else:
-            problem = self.module_problem(name, module, "layer")
+            problem = self.problems.of(name, module, "layer")
         return LayerFacts(
             out_channels=rule.out_channels(module),
             in_channels=rule.in_channels(module),
@@ -449,7 +487,7 @@ class _Translator:
         if problem is not None or batch is not None:
             return NormFacts(_channels_guess(module), rule.channel_dim, problem=problem, batch_statistics=batch)
         if name in self.calls:
-            problem = self.module_problem(name, module, "norm")
+            problem = self.problems.of(name, module, "norm")
         statistics = rule.statistics(module)
         if statistics.gamma is not None:
             self.gammas[name] = statistics.gamma  # its negative scales are counted with all the others'
@@ -462,28 +500,26 @@ class _Translator:
 
     def translate(self) -> Graph:
         graph = Graph(method=self.flow.method, shapes_known=self.flow.shapes_known, notes=list(self.flow.notes))
-        units: list[tuple[str, str, nn.Module, NormFacts | LayerFacts]] = []
+        units: list[tuple[str, nn.Module, NormFacts | LayerFacts]] = []
         for name, module in self.tree.unique:
             if self.registry.is_norm_candidate(module):
-                units.append((name, NORM, module, self.norm_facts(name, module)))
+                units.append((name, module, self.norm_facts(name, module)))
             elif (facts := self.layer_facts(name, module)) is not None:
-                units.append((name, LAYER, module, facts))
+                units.append((name, module, facts))
         negatives = dict(zip(self.gammas, _count_negatives(list(self.gammas.values())), strict=True))
-        for name, kind, module, facts in units:
-            if kind == NORM:
-                assert isinstance(facts, NormFacts)
-                if negatives.get(name):
-                    facts = replace(facts, negative_scales=negatives[name])
-                graph.add_unit(name, NORM, type(module).__name__, norm=facts)
-            else:
-                assert isinstance(facts, LayerFacts)
+        for name, module, facts in units:
+            if isinstance(facts, LayerFacts):
                 graph.add_unit(name, LAYER, type(module).__name__, layer=facts)
+                continue
+            if negatives.get(name):
+                facts = replace(facts, negative_scales=negatives[name])
+            graph.add_unit(name, NORM, type(module).__name__, norm=facts)
         for site in self.flow.sites:
             label = describe(site)
             if site.kind == "input":
                 graph.add_node(INPUT, label, site.inputs, shape=site.shape)
             elif site.kind == "param":
-                graph.add_node(CONSTANT, label, site.inputs, shape=site.shape or self.constant_shape(site.name))
+                graph.add_node(CONSTANT, label, site.inputs, shape=site.shape or _constant_shape(self.model, site.name))
             elif site.kind == "output":
                 graph.add_node(OUTPUT, label, site.inputs, shape=site.shape)
             elif site.kind == "module" and site.name in graph.units:
@@ -492,84 +528,86 @@ class _Translator:
             elif site.kind == "module":
                 graph.add_node(OP, label, site.inputs, shape=site.shape, op=_module_facts(site.target))
             else:
-                facts = self.with_constants(_function_facts(site), site)
+                facts = _with_constants(_function_facts(site), site, self.flow, self.model)
                 if facts.kind in ("add", "sub", "mul") and op_name(site) in _IN_PLACE_ARITHMETIC \
-                        and not self.overwritable(site, graph):
+                        and not _overwritable(site, self.flow, graph):
                     facts = OpFacts("other")
                 graph.add_node(OP, label, site.inputs, shape=site.shape, op=facts)
         return graph
 
-    def constant_shape(self, name: str) -> tuple[int, ...] | None:
-        """The shape of the parameter or buffer ``name`` of the model, or None."""
-        try:
-            return tuple(read_constant(self.model, name).shape)
-        except (AttributeError, TypeError):
-            return None
 
-    def all_zero(self, name: str) -> bool:
-        """Whether every value of the parameter or buffer ``name`` is 0 (False when it cannot be read)."""
-        try:
-            return not bool(torch.any(read_constant(self.model, name)))
-        except (AttributeError, TypeError, RuntimeError):
-            return False
+def _constant_shape(model: nn.Module, name: str) -> tuple[int, ...] | None:
+    """The shape of the parameter or buffer ``name`` of the model, or None."""
+    try:
+        return tuple(read_constant(model, name).shape)
+    except (AttributeError, TypeError):
+        return None
 
-    def with_constants(self, facts: OpFacts, site: Site) -> OpFacts:
-        """Arithmetic facts with what the dataflow knows of their operands (a parameter or buffer read is a constant
-        by name, with its shape and whether it is all zeros; a computed tensor has its shape, where recorded), as the
-        core decides them (:func:`~bnfold.core.arithmetic.linear_combination`)."""
-        operands = facts.attributes.get("operands")
-        if operands is None:
-            return facts
-        named = []
-        for operand in operands:
-            source = self.flow.sites[site.inputs[operand.input]] if operand.input is not None else None
-            if source is not None and source.kind == "param":
-                shape = source.shape or self.constant_shape(source.name)
-                zero = facts.kind in ("add", "sub") and self.all_zero(source.name)
-                operand = Operand(input=operand.input, constant=source.name, shape=shape, zero=zero)
-            elif source is not None:
-                operand = Operand(input=operand.input, shape=source.shape)
-            named.append(operand)
-        return linear_combination(facts.kind, named, alpha=facts.attributes.get("alpha", 1), shape=site.shape)
 
-    def overwritable(self, site: Site, graph: Graph) -> bool:
-        """Whether the tensor an in-place addition, subtraction or product (``x += y``, ``x.add_(y)``, ``x -= y``,
-        ``x.mul_(gamma)``) overwrites is its own, so that the op may be merged like ``x + y``.
-
-        torch.fx records later reads of an overwritten tensor as reads of the value before the op, while at run
-        time they see its result; once the op is merged away they would not. So the tensor must be computed by a
-        layer, a norm or another such op (not an input, a parameter or a view of another tensor), and read before
-        the op only by layers, norms and out-of-place arithmetic (none of which makes a view of it), and never after
-        it.
-        """
-        first = site.args[0] if site.args else None
-        if not isinstance(first, TensorRef):
-            return False
-        # The overwritten tensor, and the identities it passed through (nn.Identity, a folded norm, dropout in
-        # eval: each returns the very tensor it reads).
-        chain = [self.flow.sites[first.site]]
-        while _passes_its_input(chain[-1]):
-            chain.append(self.flow.sites[chain[-1].inputs[0]])
-        if not self._own_tensor(chain[-1], graph):
-            return False
-        allowed = {site.index} | {member.index for member in chain[:-1]}
-        return all(
-            user in allowed or (user < site.index and self._reads_without_aliasing(self.flow.sites[user], graph))
-            for member in chain for user in member.users
-        )
-
-    def _own_tensor(self, site: Site, graph: Graph) -> bool:
-        if site.kind == "module":
-            return site.name in graph.units
-        if site.kind == "op" and _FUNCTION_KINDS.get(op_name(site)) in _ARITHMETIC_KINDS:
-            return op_name(site) not in _IN_PLACE_ARITHMETIC or self.overwritable(site, graph)
+def _all_zero(model: nn.Module, name: str) -> bool:
+    """Whether every value of the parameter or buffer ``name`` is 0 (False when it cannot be read)."""
+    try:
+        return not bool(torch.any(read_constant(model, name)))
+    except (AttributeError, TypeError, RuntimeError):
         return False
 
-    def _reads_without_aliasing(self, site: Site, graph: Graph) -> bool:
-        if site.kind == "module":
-            return site.name in graph.units
-        return (site.kind == "op" and _FUNCTION_KINDS.get(op_name(site)) in _ARITHMETIC_KINDS
-                and op_name(site) not in _IN_PLACE_ARITHMETIC)
+
+def _with_constants(facts: OpFacts, site: Site, flow: Dataflow, model: nn.Module) -> OpFacts:
+    """Arithmetic facts with what the dataflow knows of their operands (a parameter or buffer read is a constant by
+    name, with its shape and whether it is all zeros; a computed tensor has its shape, where recorded), as the core
+    decides them (:func:`~bnfold.core.arithmetic.linear_combination`)."""
+    operands = facts.attributes.get("operands")
+    if operands is None:
+        return facts
+    named = []
+    for operand in operands:
+        source = flow.sites[site.inputs[operand.input]] if operand.input is not None else None
+        if source is not None and source.kind == "param":
+            shape = source.shape or _constant_shape(model, source.name)
+            zero = facts.kind in ("add", "sub") and _all_zero(model, source.name)
+            operand = Operand(input=operand.input, constant=source.name, shape=shape, zero=zero)
+        elif source is not None:
+            operand = Operand(input=operand.input, shape=source.shape)
+        named.append(operand)
+    return linear_combination(facts.kind, named, alpha=facts.attributes.get("alpha", 1), shape=site.shape)
+
+
+def _overwritable(site: Site, flow: Dataflow, graph: Graph) -> bool:
+    """Whether the tensor an in-place addition, subtraction or product (``x += y``, ``x.add_(y)``, ``x -= y``,
+    ``x.mul_(gamma)``) overwrites is its own, so that the op may be merged like ``x + y``.
+
+    torch.fx records later reads of an overwritten tensor as reads of the value before the op, while at run time
+    they see its result; once the op is merged away they would not. So the tensor must be computed by a layer, a
+    norm or another such op (not an input, a parameter or a view of another tensor), and read before the op only by
+    layers, norms and out-of-place arithmetic (none of which makes a view of it), and never after it.
+    """
+    first = site.args[0] if site.args else None
+    if not isinstance(first, TensorRef):
+        return False
+    # The overwritten tensor, and the identities it passed through (nn.Identity, a folded norm, dropout in eval: each
+    # returns the very tensor it reads).
+    chain = [flow.sites[first.site]]
+    while _passes_its_input(chain[-1]):
+        chain.append(flow.sites[chain[-1].inputs[0]])
+    if not _computes_own_tensor(chain[-1], flow, graph):
+        return False
+    allowed = {site.index} | {member.index for member in chain[:-1]}
+    return all(user in allowed or (user < site.index and _reads_without_aliasing(flow.sites[user], graph))
+               for member in chain for user in member.users)
+
+
+def _computes_own_tensor(site: Site, flow: Dataflow, graph: Graph) -> bool:
+    if site.kind == "op" and op_name(site) in _IN_PLACE_ARITHMETIC:  # a chain of in-place ops: x += y; x += z
+        return _overwritable(site, flow, graph)
+    return _reads_without_aliasing(site, graph)
+
+
+def _reads_without_aliasing(site: Site, graph: Graph) -> bool:
+    """A layer, a norm, or out-of-place arithmetic: a reader that makes no view of the tensor it reads."""
+    if site.kind == "module":
+        return site.name in graph.units
+    return (site.kind == "op" and _FUNCTION_KINDS.get(op_name(site)) in _ARITHMETIC_KINDS
+            and op_name(site) not in _IN_PLACE_ARITHMETIC)
 
 
 def _may_be_parametrized(module: nn.Module) -> bool:

@@ -69,14 +69,14 @@ from ..core.graph import (
     NormFacts,
     Operand,
     OpFacts,
-    same_padding,
+    weight_channels,
 )
 from ..core.merge_rounds import merge_rounds
 from ..core.pipeline import NormModes
 from ..errors import InvalidInputError
 from ..report import FoldReport, NormEntry
 from .capture import as_input_tuple
-from .modules import TorchNumerics, norm_modes
+from .modules import TorchNumerics, aten_pad_facts, conv_geometry, norm_modes
 from .script_merges import ScriptBlocks, ScriptMerges
 
 CAPTURE = "torchscript graph"
@@ -131,7 +131,6 @@ _OP_KINDS: dict[str, str] = {
 _NEGATIONS = frozenset({"aten::neg", "aten::neg_", "aten::negative"})
 _IN_PLACE_ARITHMETIC = frozenset({"aten::add_", "aten::sub_", "aten::mul_", "aten::neg_"})
 """In-place additions, subtractions and products: arithmetic only where the tensor they overwrite is their own."""
-_PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
 
 # Uses that read only a tensor's metadata, which folding does not change (a norm's input-rank check reads dim()).
 _METADATA_READS = frozenset({
@@ -194,7 +193,9 @@ def _op_facts(node: Any, shape_of: Any) -> OpFacts:
         axis = _constant(inputs[1])
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, bool) else None})
     if kind == "pad":
-        return OpFacts(kind, _pad_attributes(name, inputs, shape_of(inputs[0])))
+        mode, shape = _constant(inputs[2]) if name == "aten::pad" else None, shape_of(inputs[0])
+        return aten_pad_facts(name.removeprefix("aten::"), mode if isinstance(mode, str) else "unknown",
+                              _ints(_constant(inputs[1])), None if shape is None else len(shape))
     if kind in ("squeeze", "unsqueeze"):
         if len(inputs) < 2:
             return OpFacts(kind, {"dims": None})
@@ -314,37 +315,11 @@ def _geometry(node: Any, weight: torch.Tensor, groups: int, transposed: bool) ->
     if node.kind() == "aten::linear":
         return Geometry()
     kernel = tuple(int(k) for k in weight.shape[2:])
-    rank = len(kernel)
     stride_at, padding_at, dilation_at = _GEOMETRY_AT[node.kind()]
-    stride, dilation = _spatial(node.inputsAt(stride_at), rank), _spatial(node.inputsAt(dilation_at), rank)
-    if stride is None or dilation is None:
-        return None
-    padding_value = _constant(node.inputsAt(padding_at))
-    if padding_value == "valid":
-        padding = tuple((0, 0) for _ in kernel)
-    elif padding_value == "same":
-        padding = same_padding(kernel, dilation) or ()
-    else:
-        symmetric = _spatial(node.inputsAt(padding_at), rank)
-        if symmetric is None:
-            return None
-        padding = tuple((p, p) for p in symmetric)
-    return Geometry(kernel, stride, padding, dilation, groups, "zeros", transposed)
-
-
-def _pad_attributes(name: str, inputs: list[Any], shape: tuple[int, ...] | None) -> dict[str, Any]:
-    if name == "aten::pad":
-        mode = _constant(inputs[2])
-        mode = mode if isinstance(mode, str) else "unknown"
-    else:
-        mode = next(m for prefix, m in _PAD_MODES.items() if name.removeprefix("aten::").startswith(prefix))
-    pads = _ints(_constant(inputs[1]))
-    padded: tuple[int, ...] | None = None
-    if pads is not None and shape is not None and len(pads) % 2 == 0:
-        # F.pad's list runs from the last axis backwards, two entries (before, after) per axis
-        rank = len(shape)
-        padded = tuple(rank - 1 - i for i in range(len(pads) // 2) if pads[2 * i] or pads[2 * i + 1])
-    return {"mode": mode, "padded_axes": padded}
+    padding = _constant(node.inputsAt(padding_at))
+    return conv_geometry(kernel, _spatial(node.inputsAt(stride_at), len(kernel)),
+                         padding if padding in ("valid", "same") else _spatial(node.inputsAt(padding_at), len(kernel)),
+                         _spatial(node.inputsAt(dilation_at), len(kernel)), groups, transposed=transposed)
 
 
 def _real_uses(value: Any) -> list[Any]:
@@ -469,7 +444,53 @@ class _Translation:
         return {node.outputsAt(0).unique(): name for name, node in self.jit_nodes.items()}
 
 
+def _layer_facts(node: Any, name: str) -> LayerFacts:
+    """What the planner needs of a layer node ``name``: its weight, bias and groups must be graph constants."""
+    kind = node.kind()
+    out_axis, groups_at, flag_at = _LAYERS[kind]
+    weight, bias = _constant(node.inputsAt(1)), _constant(node.inputsAt(2))
+    if not isinstance(weight, torch.Tensor):
+        return LayerFacts(0, 0, 1, problem=f"the weight of '{name}' is not a constant of the frozen graph")
+    groups = _constant(node.inputsAt(groups_at)) if groups_at is not None else 1
+    transposed = _constant(node.inputsAt(flag_at)) if flag_at is not None else out_axis == 1
+    if not isinstance(groups, int) or not isinstance(transposed, bool):
+        return LayerFacts(0, 0, 1, problem=f"the groups of '{name}' are not a constant of the frozen graph")
+    out_axis = 1 if transposed else 0
+    channel_dim = -1 if kind == "aten::linear" else 1
+    if weight.dim() < 2:
+        return LayerFacts(0, 0, channel_dim, problem=f"the weight of '{name}' is not a matrix or a kernel")
+    out_channels, in_channels = weight_channels(tuple(int(n) for n in weight.shape), out_axis, groups)
+    problem = None
+    if not weight.is_floating_point():
+        problem = f"the layer '{name}' has no floating-point weight to fold into"
+    elif bias is _NOT_CONSTANT or not (bias is None or isinstance(bias, torch.Tensor)):
+        problem = f"the bias of '{name}' is not a constant of the frozen graph"
+    geometry = _geometry(node, weight, groups, transposed)
+    return LayerFacts(out_channels, in_channels, channel_dim, problem=problem, geometry=geometry,
+                      input_padding=PADDING_UNKNOWN if geometry is None else None)
+
+
+def _norm_facts(node: Any) -> NormFacts:
+    """What the planner needs of an ``aten::batch_norm`` node: its statistics and flags must be graph constants."""
+    inputs = list(node.inputs())
+    gamma, beta, mean, var = (_constant(v) for v in inputs[1:5])
+    training, eps = _constant(inputs[5]), _constant(inputs[7])
+    channels = int(mean.numel()) if isinstance(mean, torch.Tensor) else 0
+    if training is True:
+        return NormFacts(channels, batch_statistics=NO_RUNNING_STATISTICS if mean is None else IN_TRAINING_MODE)
+    if training is not False:
+        return NormFacts(channels, problem="its training flag is not a constant of the frozen graph")
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or not isinstance(eps, float):
+        return NormFacts(channels, problem="its running statistics are not constants of the frozen graph")
+    if any(p is _NOT_CONSTANT or not (p is None or isinstance(p, torch.Tensor)) for p in (gamma, beta)):
+        return NormFacts(channels, problem="its weight or bias is not a constant of the frozen graph")
+    negative = 0 if gamma is None else int((gamma.detach() < 0).sum())
+    return NormFacts(channels, channel_dim=1, negative_scales=negative)
+
+
 class _Translator:
+    """The dataflow of a frozen graph's top-level block, and the names of its units."""
+
     def __init__(self, frozen: torch.jit.ScriptModule, shapes: dict[int, tuple[int, ...]] | None,
                  inputs: tuple[Any, ...] | None, names: dict[int, str] | None = None) -> None:
         self.jit = frozen.graph
@@ -481,22 +502,13 @@ class _Translator:
         # JIT value -> core nodes it stands for (a list: its elements)
         self.values: dict[int, list[int]] = self.result.value_nodes
         self.shape_of_value: dict[int, tuple[int, ...]] = {}
-        self.used_names: set[str] = set()
 
     # names ------------------------------------------------------------------------------------------------
-
-    def unique(self, name: str) -> str:
-        candidate, count = name, 1
-        while candidate in self.used_names:
-            count += 1
-            candidate = f"{name}#{count}"
-        self.used_names.add(candidate)
-        return candidate
 
     def unit_name(self, node: Any, fallback: str) -> tuple[str, str]:
         path, type_name = _module_path(node)
         if node.outputsAt(0).unique() in self.names:  # named by an earlier translation of the same graph
-            return self.unique(self.names[node.outputsAt(0).unique()]), type_name or node.kind()
+            return self.graph.free_name(self.names[node.outputsAt(0).unique()]), type_name or node.kind()
         # The name freezing gave a layer's or norm's constants is its full module path, unless the constant was
         # pooled with an equal one of another module (a fresh norm's zero mean): trusted where it agrees with the
         # call stack.
@@ -506,51 +518,7 @@ class _Translator:
             if attribute and (not path or _completes(attribute, path)):
                 path = attribute
                 break
-        return self.unique(path or fallback), type_name or node.kind()
-
-    # facts ------------------------------------------------------------------------------------------------
-
-    def layer_facts(self, node: Any, name: str) -> LayerFacts:
-        kind = node.kind()
-        out_axis, groups_at, flag_at = _LAYERS[kind]
-        weight, bias = _constant(node.inputsAt(1)), _constant(node.inputsAt(2))
-        if not isinstance(weight, torch.Tensor):
-            return LayerFacts(0, 0, 1, problem=f"the weight of '{name}' is not a constant of the frozen graph")
-        groups = _constant(node.inputsAt(groups_at)) if groups_at is not None else 1
-        transposed = _constant(node.inputsAt(flag_at)) if flag_at is not None else out_axis == 1
-        if not isinstance(groups, int) or not isinstance(transposed, bool):
-            return LayerFacts(0, 0, 1, problem=f"the groups of '{name}' are not a constant of the frozen graph")
-        out_axis = 1 if transposed else 0
-        channel_dim = -1 if kind == "aten::linear" else 1
-        if weight.dim() < 2:
-            return LayerFacts(0, 0, channel_dim, problem=f"the weight of '{name}' is not a matrix or a kernel")
-        out_channels = int(weight.shape[1]) * groups if transposed else int(weight.shape[0])
-        in_channels = int(weight.shape[0]) if transposed else int(weight.shape[1]) * groups
-        problem = None
-        if not weight.is_floating_point():
-            problem = f"the layer '{name}' has no floating-point weight to fold into"
-        elif bias is _NOT_CONSTANT or not (bias is None or isinstance(bias, torch.Tensor)):
-            problem = f"the bias of '{name}' is not a constant of the frozen graph"
-        geometry = _geometry(node, weight, groups, transposed)
-        return LayerFacts(out_channels, in_channels, channel_dim, problem=problem, geometry=geometry,
-                          input_padding=PADDING_UNKNOWN if geometry is None else None)
-
-    @staticmethod
-    def norm_facts(node: Any) -> NormFacts:
-        inputs = list(node.inputs())
-        gamma, beta, mean, var = (_constant(v) for v in inputs[1:5])
-        training, eps = _constant(inputs[5]), _constant(inputs[7])
-        channels = int(mean.numel()) if isinstance(mean, torch.Tensor) else 0
-        if training is True:
-            return NormFacts(channels, batch_statistics=NO_RUNNING_STATISTICS if mean is None else IN_TRAINING_MODE)
-        if training is not False:
-            return NormFacts(channels, problem="its training flag is not a constant of the frozen graph")
-        if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or not isinstance(eps, float):
-            return NormFacts(channels, problem="its running statistics are not constants of the frozen graph")
-        if any(p is _NOT_CONSTANT or not (p is None or isinstance(p, torch.Tensor)) for p in (gamma, beta)):
-            return NormFacts(channels, problem="its weight or bias is not a constant of the frozen graph")
-        negative = 0 if gamma is None else int((gamma.detach() < 0).sum())
-        return NormFacts(channels, channel_dim=1, negative_scales=negative)
+        return self.graph.free_name(path or fallback), type_name or node.kind()
 
     # dataflow ---------------------------------------------------------------------------------------------
 
@@ -571,14 +539,11 @@ class _Translator:
             values.extend(block.returnNode().inputs())
         return values
 
-    def shape(self, position: int) -> tuple[int, ...] | None:
-        return self.shapes.get(position)
-
     def bind(self, node: Any, core_index: int, position: int) -> None:
         self.result.node_of[core_index] = node
         for output in node.outputs():
             self.values[output.unique()] = [core_index]
-        shape = self.shape(position)
+        shape = self.shapes.get(position)
         if shape is not None:
             self.shape_of_value[node.outputsAt(0).unique()] = shape
 
@@ -592,7 +557,7 @@ class _Translator:
             self.values[value.unique()] = [core.index]
             if shape is not None:
                 self.shape_of_value[value.unique()] = shape
-        norm_count = layer_count = 0
+        counts = [0, 0]  # layers, norms: a unit without a module path is named by its op and number
         for position, node in enumerate(self.jit.nodes()):
             kind = node.kind()
             outputs = list(node.outputs())
@@ -608,17 +573,9 @@ class _Translator:
             if kind in _CONTAINERS:
                 self.values[node.output().unique()] = self.read(node.inputs())
                 continue
-            if kind in _LAYERS:
-                layer_count += 1
-                name, type_name = self.unit_name(node, f"{kind.removeprefix('aten::')}#{layer_count}")
-                graph.add_unit(name, LAYER, type_name, layer=self.layer_facts(node, name))
-                self.add_unit_call(node, name, position, LAYER)
-                continue
-            if kind == _NORM:
-                norm_count += 1
-                name, type_name = self.unit_name(node, f"batch_norm#{norm_count}")
-                graph.add_unit(name, NORM, type_name, norm=self.norm_facts(node))
-                self.add_unit_call(node, name, position, NORM)
+            if kind in _LAYERS or kind == _NORM:
+                counts[kind == _NORM] += 1
+                self.add_unit(node, position, f"{kind.removeprefix('aten::')}#{counts[kind == _NORM]}")
                 continue
             reads = self.read(self.nested_reads(node))
             produces_tensor = any(_is_tensor(o) or "Tensor" in str(o.type()) for o in outputs)
@@ -631,17 +588,23 @@ class _Translator:
                     reads = self.read(computed)
                 else:  # an operand that is no single node of the dataflow: not a term bnfold can place
                     facts = OpFacts("other")
-            core = graph.add_node(OP, f"the operation {kind}", reads, shape=self.shape(position), op=facts)
+            core = graph.add_node(OP, f"the operation {kind}", reads, shape=self.shapes.get(position), op=facts)
             self.bind(node, core.index, position)
         graph.add_node(OUTPUT, "the model output", self.read(self.jit.return_node().inputs()))
         self.nested_norms()
         return self.result
 
-    def add_unit_call(self, node: Any, name: str, position: int, kind: str) -> None:
+    def add_unit(self, node: Any, position: int, fallback: str) -> None:
+        """A layer or norm node: its unit, and its core node reading its input (and any weight or statistic computed
+        in the graph)."""
+        name, type_name = self.unit_name(node, fallback)
+        if node.kind() == _NORM:
+            kind = self.graph.add_unit(name, NORM, type_name, norm=_norm_facts(node)).kind
+        else:
+            kind = self.graph.add_unit(name, LAYER, type_name, layer=_layer_facts(node, name)).kind
         inputs = list(node.inputs())
-        # the activation, plus any weight / statistics computed in the graph rather than stored as a constant
         reads = self.read(inputs[:1]) + self.read(v for v in inputs[1:] if v.node().kind() != "prim::Constant")
-        core = self.graph.add_node(kind, f"'{name}' ({node.kind()})", reads, shape=self.shape(position), unit=name)
+        core = self.graph.add_node(kind, f"'{name}' ({node.kind()})", reads, shape=self.shapes.get(position), unit=name)
         self.bind(node, core.index, position)
         self.result.jit_nodes[name] = node
 
@@ -652,7 +615,7 @@ class _Translator:
             if node.owningBlock() == top:
                 continue
             name, type_name = self.unit_name(node, f"batch_norm#{index + 1}")
-            facts = dataclasses.replace(self.norm_facts(node), problem=(
+            facts = dataclasses.replace(_norm_facts(node), problem=(
                 "it runs inside control flow (prim::If / prim::Loop) of the TorchScript graph, which bnfold does not "
                 "rewrite; fold the nn.Module before scripting it"
             ))

@@ -121,6 +121,13 @@ class LayerFacts:
     input_padding: str | None = None
 
 
+def weight_channels(shape: tuple[int, ...], out_axis: int, groups: int = 1) -> tuple[int, int]:
+    """The output and input channels of a layer whose weight of ``shape`` holds its output channels on ``out_axis``:
+    ``(out, in / groups, ...)`` on axis 0, ``(in, out / groups, ...)`` on axis 1 (a transposed convolution, an
+    ONNX ``MatMul``)."""
+    return (shape[0], shape[1] * groups) if out_axis == 0 else (shape[1] * groups, shape[0])
+
+
 # Facts for LayerFacts.input_padding: how a layer pads its input where no Geometry says it.
 PADS_ZEROS = "zeros"  # its own code pads with zeros (a forward() bnfold read)
 PADS_TO_SAME_AT_RUN_TIME = "same at run time"  # timm's Conv2dSame; ONNX auto_pad=SAME_* on an input of unknown shape
@@ -342,6 +349,15 @@ class Graph:
         unit = Unit(name, kind, type_name, layer, norm)
         self.units[name] = unit
         return unit
+
+    def free_name(self, base: str) -> str:
+        """``base``, or ``base#2``, ``base#3``, ... where a unit has that name already (a module inlined at two
+        places of a TorchScript graph, ONNX nodes of one name)."""
+        name, count = base, 1
+        while name in self.units:
+            count += 1
+            name = f"{base}#{count}"
+        return name
 
     def norms(self) -> list[Unit]:
         """Norm units in the order of their first call; never-called norms last, in declaration order."""

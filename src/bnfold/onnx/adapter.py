@@ -54,6 +54,7 @@ from ..core.graph import (
     Operand,
     OpFacts,
     same_padding,
+    weight_channels,
 )
 from ..core.pipeline import NormModes
 from ..report import FoldReport
@@ -603,7 +604,137 @@ def _label(node: onnx.NodeProto) -> str:
     return f"'{display_name(node)}' ({node.op_type})"
 
 
+def _weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
+    """The axis of a layer node's weight that holds its output channels, and its groups."""
+    op = node.op_type
+    groups = int(attribute(node, "group", 1)) if op in ("Conv", "ConvTranspose") else 1
+    return (0 if op == "Conv" or (op == "Gemm" and attribute(node, "transB", 0)) else 1), groups
+
+
+def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str | None:
+    """Why the constant ``name`` (the ``role`` of ``owner``) cannot be folded into, or ``None``."""
+    if not tensors.is_constant(name):
+        if name in tensors.graph_inputs:
+            how = "a graph input (the caller can change it at run time)"
+        elif name in tensors.producer:
+            how = f"computed by {_label(tensors.producer[name])}"
+        else:
+            how = "not defined in the graph"
+        return f"the {role} '{name}' of {owner} is {how}, not a constant initializer"
+    stored = tensors.tensor(name)
+    if stored is not None:  # its element type is enough: decoding a 400 MB weight nobody folds costs 0.4 s
+        if stored.data_type not in FLOAT_TYPES:
+            return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
+        return None
+    value = tensors.value(name)
+    if value is None:
+        return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
+    if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
+        return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
+    return None
+
+
+def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, tensors: Tensors,
+                 shapes: dict[str, tuple[int, ...]]) -> LayerFacts | None:
+    """Facts of a layer node (``bias``: the Add of its bias and the bias's slot there, after a ``MatMul``); ``None``
+    when it is not a layer bnfold folds into (then it is an op)."""
+    op, label = node.op_type, _label(node)
+    if len(node.input) < 2 or not node.input[1]:
+        return None
+    weight_name = node.input[1]
+    shape = shapes.get(weight_name)
+    value = tensors.value(weight_name) if shape is None else None
+    if shape is None and value is not None:
+        shape = tuple(value.shape)
+    if op == "MatMul" and (shape is None or len(shape) != 2):
+        return None  # a MatMul of two activations, or a batched weight: an op like any other
+    if shape is None or len(shape) < 2:
+        return None
+    problem = _constant_problem(tensors, weight_name, "weight", label)
+    bias_names = [node.input[2]] if op != "MatMul" and len(node.input) > 2 and node.input[2] else []
+    if bias is not None:
+        bias_names.append(bias[0].input[bias[1]])
+    for name in bias_names:
+        problem = problem or _constant_problem(tensors, name, "bias", label)
+    out_channels, in_channels = weight_channels(tuple(shape), *_weight_axes(node))
+    blocker = geometry = padded = None
+    channel_dim = 1
+    if op in ("Conv", "ConvTranspose"):
+        geometry = conv_geometry(node, tuple(shape), shapes.get(node.input[0]))
+        if geometry is None:
+            padded = PADS_TO_SAME_AT_RUN_TIME if op == "Conv" else PADDING_UNKNOWN
+    elif op == "Gemm":
+        if attribute(node, "transA", 0):
+            blocker = f"{label} has transA=1, so the norm's channels are not the Gemm's input features"
+    else:  # MatMul with a 2-D weight (K, N) on the last axis of its input
+        channel_dim = -1
+        if tensors.opset < 7:
+            problem = problem or f"folding into {label} needs a bias (Gemm with C), which needs opset 7 or later"
+    rank = len(shape) if op in ("Conv", "ConvTranspose") else None  # a convolution's weight: its input's rank
+    return LayerFacts(int(out_channels), int(in_channels), channel_dim, problem=problem, input_fold_blocker=blocker,
+                      rank=rank, geometry=geometry, input_padding=padded)
+
+
+def _norm_facts(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple[int, ...]]) -> NormFacts:
+    """Facts of a BatchNormalization node: its statistics must be constant initializers of one value per channel."""
+    label = _label(node)
+    channels = 0
+    if len(node.input) >= 2 and node.input[1] in shapes and len(shapes[node.input[1]]) == 1:
+        channels = shapes[node.input[1]][0]
+    problem = batch = None
+    if _in_training_mode(node, tensors.opset):  # statistics computed in the graph: it kept none when exported
+        batch = IN_TRAINING_MODE if len(node.input) >= 5 and tensors.is_constant(node.input[3]) else NO_RUNNING_STATISTICS
+    elif attribute(node, "spatial", 1) == 0:
+        problem = "it has spatial=0 (one statistic per element, opset < 9), which bnfold does not fold"
+    elif len(node.input) < 5:
+        problem = "it has fewer than five inputs, which is not a valid BatchNormalization"
+    elif any(name and (tensors.readers.get(name) or name in tensors.graph_outputs) for name in node.output[1:]):
+        problem = "its running-statistics outputs are used (a training graph); export in eval mode to fold it"
+    negative = 0
+    if problem is None and batch is None:
+        for role, name in zip(("scale", "B", "input_mean", "input_var"), node.input[1:5], strict=True):
+            problem = _constant_problem(tensors, name, role, label)
+            if problem:
+                problem = problem.replace(f" of {label}", "")
+                problem = f"its {problem.removeprefix('the ')}; export with export_params=True to fold it"
+                break
+            value = tensors.value(name)
+            assert value is not None
+            if value.ndim != 1 or (channels and value.shape[0] != channels):
+                problem = f"its {role} '{name}' has shape {list(value.shape)}, not one value per channel"
+                break
+            channels = int(value.shape[0])
+        if problem is None:
+            gamma = tensors.value(node.input[1])
+            negative = int(np.sum(np.asarray(gamma, dtype=np.float64) < 0))
+    return NormFacts(channels, 1, problem=problem, batch_statistics=batch, negative_scales=negative)
+
+
+def _matmul_bias(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple[int, ...]]
+                 ) -> tuple[onnx.NodeProto, int] | None:
+    """The ``Add`` of a constant per-column bias that alone reads a MatMul's output, and the bias's slot."""
+    readers = tensors.readers.get(node.output[0], [])
+    if len(readers) != 1 or node.output[0] in tensors.graph_outputs:
+        return None
+    add = readers[0]
+    if add.op_type != "Add" or add.domain not in ONNX_DOMAINS or len(add.input) != 2:
+        return None
+    slot = 1 if add.input[0] == node.output[0] else 0
+    if add.input[1 - slot] != node.output[0] or not tensors.is_constant(add.input[slot]):
+        return None
+    bias = tensors.value(add.input[slot])
+    weight = shapes.get(node.input[1])
+    if bias is None or weight is None or bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, weight[-1])):
+        return None
+    if bias.ndim == 2 and bias.shape[0] != 1:
+        return None
+    return add, slot
+
+
 class _Translator:
+    """The dataflow: every top-level node as a core node reading the activations it reads (see the module
+    docstring)."""
+
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.tensors = Tensors(model)
@@ -613,136 +744,6 @@ class _Translator:
         self.graph = Graph(method="onnx graph", shapes_known=True)
         self.out = Translation(self.graph, self.tensors, self.shapes)
         self.node_of: dict[str, int] = self.out.node_of  # tensor name -> core node producing it
-        self.names: set[str] = set()
-
-    def unit_name(self, node: onnx.NodeProto) -> str:
-        base = display_name(node)
-        name, n = base, 1
-        while name in self.names:
-            n += 1
-            name = f"{base}#{n}"
-        self.names.add(name)
-        return name
-
-    # -- facts -----------------------------------------------------------------------------------------------
-    def constant_problem(self, name: str, role: str, owner: str) -> str | None:
-        tensors = self.tensors
-        if not tensors.is_constant(name):
-            if name in tensors.graph_inputs:
-                how = "a graph input (the caller can change it at run time)"
-            elif name in tensors.producer:
-                how = f"computed by {_label(tensors.producer[name])}"
-            else:
-                how = "not defined in the graph"
-            return f"the {role} '{name}' of {owner} is {how}, not a constant initializer"
-        stored = tensors.tensor(name)
-        if stored is not None:  # its element type is enough: decoding a 400 MB weight nobody folds costs 0.4 s
-            if stored.data_type not in FLOAT_TYPES:
-                return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
-            return None
-        value = tensors.value(name)
-        if value is None:
-            return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
-        if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
-            return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
-        return None
-
-    def layer_facts(self, node: onnx.NodeProto, bias_add: onnx.NodeProto | None, bias_slot: int | None) -> LayerFacts | None:
-        """Facts of a layer node; ``None`` when it is not a layer bnfold folds into (then it is an op)."""
-        op, label = node.op_type, _label(node)
-        if len(node.input) < 2 or not node.input[1]:
-            return None
-        weight_name = node.input[1]
-        shape = self.shapes.get(weight_name)
-        value = self.tensors.value(weight_name) if shape is None else None
-        if shape is None and value is not None:
-            shape = tuple(value.shape)
-        if op == "MatMul" and (shape is None or len(shape) != 2):
-            return None  # a MatMul of two activations, or a batched weight: an op like any other
-        if shape is None or len(shape) < 2:
-            return None
-        problem = self.constant_problem(weight_name, "weight", label)
-        bias_names = [node.input[2]] if op != "MatMul" and len(node.input) > 2 and node.input[2] else []
-        if bias_add is not None and bias_slot is not None:
-            bias_names.append(bias_add.input[bias_slot])
-        for bias in bias_names:
-            problem = problem or self.constant_problem(bias, "bias", label)
-        groups = int(attribute(node, "group", 1)) if op in ("Conv", "ConvTranspose") else 1
-        blocker = geometry = padded = None
-        channel_dim = 1
-        if op in ("Conv", "ConvTranspose"):
-            out_channels, in_channels = (shape[0], shape[1] * groups) if op == "Conv" else (shape[1] * groups, shape[0])
-            geometry = conv_geometry(node, tuple(shape), self.shapes.get(node.input[0]))
-            if geometry is None:
-                padded = PADS_TO_SAME_AT_RUN_TIME if op == "Conv" else PADDING_UNKNOWN
-        elif op == "Gemm":
-            trans_b = bool(attribute(node, "transB", 0))
-            out_channels, in_channels = (shape[0], shape[1]) if trans_b else (shape[1], shape[0])
-            if attribute(node, "transA", 0):
-                blocker = f"{label} has transA=1, so the norm's channels are not the Gemm's input features"
-        else:  # MatMul with a 2-D weight (K, N) on the last axis of its input
-            out_channels, in_channels, channel_dim = shape[1], shape[0], -1
-            if self.tensors.opset < 7:
-                problem = problem or f"folding into {label} needs a bias (Gemm with C), which needs opset 7 or later"
-        rank = len(shape) if op in ("Conv", "ConvTranspose") else None  # a convolution's weight: its input's rank
-        return LayerFacts(int(out_channels), int(in_channels), channel_dim, problem=problem, input_fold_blocker=blocker,
-                          rank=rank, geometry=geometry, input_padding=padded)
-
-    def norm_facts(self, node: onnx.NodeProto) -> NormFacts:
-        tensors, label = self.tensors, _label(node)
-        channels = 0
-        if len(node.input) >= 2 and node.input[1] in self.shapes and len(self.shapes[node.input[1]]) == 1:
-            channels = self.shapes[node.input[1]][0]
-        problem = batch = None
-        if _in_training_mode(node, tensors.opset):  # statistics computed in the graph: it kept none when exported
-            batch = IN_TRAINING_MODE if len(node.input) >= 5 and tensors.is_constant(node.input[3]) else NO_RUNNING_STATISTICS
-        elif attribute(node, "spatial", 1) == 0:
-            problem = "it has spatial=0 (one statistic per element, opset < 9), which bnfold does not fold"
-        elif len(node.input) < 5:
-            problem = "it has fewer than five inputs, which is not a valid BatchNormalization"
-        elif any(name and (tensors.readers.get(name) or name in tensors.graph_outputs) for name in node.output[1:]):
-            problem = "its running-statistics outputs are used (a training graph); export in eval mode to fold it"
-        negative = 0
-        if problem is None and batch is None:
-            for role, name in zip(("scale", "B", "input_mean", "input_var"), node.input[1:5], strict=True):
-                problem = self.constant_problem(name, role, label)
-                if problem:
-                    problem = problem.replace(f" of {label}", "")
-                    problem = f"its {problem.removeprefix('the ')}; export with export_params=True to fold it"
-                    break
-                value = tensors.value(name)
-                assert value is not None
-                if value.ndim != 1 or (channels and value.shape[0] != channels):
-                    problem = f"its {role} '{name}' has shape {list(value.shape)}, not one value per channel"
-                    break
-                channels = int(value.shape[0])
-            if problem is None:
-                gamma = tensors.value(node.input[1])
-                negative = int(np.sum(np.asarray(gamma, dtype=np.float64) < 0))
-        return NormFacts(channels, 1, problem=problem, batch_statistics=batch, negative_scales=negative)
-
-    def matmul_bias(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
-        """The ``Add`` of a constant per-column bias that alone reads a MatMul's output, and the bias's slot."""
-        readers = self.tensors.readers.get(node.output[0], [])
-        if len(readers) != 1 or node.output[0] in self.tensors.graph_outputs:
-            return None
-        add = readers[0]
-        if add.op_type != "Add" or add.domain not in ONNX_DOMAINS or len(add.input) != 2:
-            return None
-        slot = 1 if add.input[0] == node.output[0] else 0
-        if add.input[1 - slot] != node.output[0] or not self.tensors.is_constant(add.input[slot]):
-            return None
-        bias = self.tensors.value(add.input[slot])
-        weight = self.shapes.get(node.input[1])
-        if bias is None or weight is None or bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, weight[-1])):
-            return None
-        if bias.ndim == 2 and bias.shape[0] != 1:
-            return None
-        return add, slot
-
-    # -- the graph -------------------------------------------------------------------------------------------
-    def source(self, name: str) -> int | None:
-        return self.node_of.get(name)
 
     def activation_inputs(self, names: list[str]) -> list[int]:
         return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
@@ -775,29 +776,27 @@ class _Translator:
         output = node.output[0] if node.output else ""
         outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
         if op == NORM_TYPE:
-            name = self.unit_name(node)
-            graph.add_unit(name, NORM, NORM_TYPE, norm=self.norm_facts(node))
+            name = graph.free_name(display_name(node))
+            graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
             self.out.norms[name] = node
-            extra = self.activation_inputs(list(node.input[1:]))
-            core = graph.add_node(NORM, f"norm '{name}'", self.activation_inputs(node.input[:1]) + extra,
+            core = graph.add_node(NORM, f"norm '{name}'", self.activation_inputs(list(node.input)),
                                   shape=self.shapes.get(output), unit=name)
         elif op in LAYER_TYPES:
-            bias = self.matmul_bias(node) if op == "MatMul" else None
-            facts = self.layer_facts(node, *(bias or (None, None)))
+            bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
+            facts = _layer_facts(node, bias, self.tensors, self.shapes)
             if facts is None:
                 self.op_node(node, op, outside)
                 return
-            name = self.unit_name(node)
+            name = graph.free_name(display_name(node))
             graph.add_unit(name, LAYER, op, layer=facts)
             layer = Layer(node, *(bias or (None, None)))
             self.out.layers[name] = layer
+            reads = list(node.input)
             if bias is not None:
                 merged.add(id(bias[0]))
-            inputs = self.activation_inputs(node.input[:1]) + self.activation_inputs(list(node.input[1:]))
-            if bias is not None:
-                inputs += self.activation_inputs([bias[0].input[bias[1]]])
-            core = graph.add_node(LAYER, f"layer '{name}' ({op})", inputs, shape=self.shapes.get(layer.output),
-                                  unit=name)
+                reads.append(bias[0].input[bias[1]])
+            core = graph.add_node(LAYER, f"layer '{name}' ({op})", self.activation_inputs(reads),
+                                  shape=self.shapes.get(layer.output), unit=name)
             output = layer.output
         else:
             self.op_node(node, op, outside)
@@ -809,13 +808,9 @@ class _Translator:
         facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
         if op in ARITHMETIC and not outside:
             facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
-        if facts.kind in ("concat", "other", "add", "sub", "mul", "div"):
-            inputs = self.activation_inputs(list(node.input) + outside)
-        else:
-            params = self.activation_inputs(list(node.input[1:]))
-            inputs = self.activation_inputs(node.input[:1]) + params
-        core = self.graph.add_node(OP, f"{_label(node)}", inputs, shape=self.shapes.get(node.output[0]) if node.output
-                                   else None, op=facts)
+        reads = list(node.input) + (outside if facts.kind in ("concat", "other", "add", "sub", "mul", "div") else [])
+        core = self.graph.add_node(OP, _label(node), self.activation_inputs(reads),
+                                   shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
         for name in node.output:
             if name:
                 self.node_of[name] = core.index
@@ -883,6 +878,78 @@ class NumpyNumerics:
         return np.zeros(shape, dtype=np.float64)
 
 
+class _FreeNames:
+    """Names that no tensor or node of ``graph`` has, for what a rewrite adds (``<base>_bnfold``, ``<base>_bnfold2``,
+    ...); the graph's names are gathered at the first request."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self._taken: set[str] | None = None
+
+    def new(self, base: str) -> str:
+        if self._taken is None:
+            graph = self.graph
+            names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+            names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
+            for node in graph.node:
+                names.update(node.output)
+                names.update(node.input)
+            self._taken = names
+        name, n = f"{base}_bnfold", 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_bnfold{n}"
+        self._taken.add(name)
+        return name
+
+
+def _how_shared(tensors: Tensors, old: str, node: onnx.NodeProto, readers: list[onnx.NodeProto]) -> str:
+    """Why the initializer ``old`` that ``node`` reads (with ``readers``) cannot take the folded values in place."""
+    producer = tensors.producer.get(old)
+    if producer is None:
+        others = sorted({f"'{display_name(r)}'" for r in readers if r is not node}) or ["a graph output"]
+        return f"is shared with {', '.join(others)}"
+    if producer.op_type == "Identity":
+        origin = producer.input[0]
+        while origin in tensors.producer and tensors.producer[origin].op_type == "Identity":
+            origin = tensors.producer[origin].input[0]
+        return f"is an Identity of '{origin}' (an exporter sharing equal parameters)"
+    if producer.op_type == "Constant":
+        return "came from a Constant node"
+    return f"is computed from constants by {_label(producer)}"
+
+
+def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
+    """Remove the nodes, initializers and value infos named in ``stale`` (names a rewrite stopped reading) that
+    nothing reads any more, and then what only they read."""
+    while True:
+        read = {n for node in graph.node for n in node.input if n} | {o.name for o in graph.output}
+        for node in graph.node:
+            for sub in _subgraphs(node):
+                read |= _reads_inside(sub)
+        dead_nodes = [
+            i for i, node in enumerate(graph.node)
+            if node.output and not any(n in read for n in node.output if n)
+            and all(n in stale for n in node.output if n)
+            and not _subgraphs(node)
+        ]
+        dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in read and t.name in stale]
+        if not dead_nodes and not dead_inits:
+            break
+        for i in reversed(dead_nodes):
+            stale.update(n for n in graph.node[i].input if n)
+            stale.update(graph.node[i].output)
+            del graph.node[i]
+        for i in reversed(dead_inits):
+            del graph.initializer[i]
+    alive = {n for node in graph.node for n in node.output} | {i.name for i in graph.input}
+    alive |= {t.name for t in graph.initializer}
+    for i in reversed(range(len(graph.value_info))):
+        name = graph.value_info[i].name
+        if name in stale and name not in alive:
+            del graph.value_info[i]
+
+
 class OnnxWeights:
     """:class:`bnfold.core.apply.WeightAccess` on a model the caller handed over for rewriting (a copy).
 
@@ -904,8 +971,8 @@ class OnnxWeights:
         self.notes: list[str] = []
         self.removed_nodes: set[int] = set()
         self.added_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after this node, the new node)
-        self.stale: set[str] = set()
-        self._taken: set[str] | None = None
+        self.stale: set[str] = set()  # names that may be read by nobody once the rewrite is done
+        self.names = _FreeNames(model.graph)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _value(self, name: str) -> np.ndarray:
@@ -924,16 +991,10 @@ class OnnxWeights:
         node = unit.node
         weight = self._value(node.input[1])
         op = node.op_type
-        groups = int(attribute(node, "group", 1)) if op in ("Conv", "ConvTranspose") else 1
-        if op == "Conv":
-            out_axis = 0
-        elif op == "Gemm":
-            out_axis = 0 if attribute(node, "transB", 0) else 1
-            alpha = float(attribute(node, "alpha", 1.0))
-            if alpha != 1.0:
-                weight = (weight.astype(np.float64) * alpha).astype(weight.dtype)
-        else:
-            out_axis = 1
+        out_axis, groups = _weight_axes(node)
+        alpha = float(attribute(node, "alpha", 1.0)) if op == "Gemm" else 1.0
+        if alpha != 1.0:
+            weight = (weight.astype(np.float64) * alpha).astype(weight.dtype)
         bias: np.ndarray | None = None
         if unit.bias_add is not None and unit.bias_slot is not None:
             bias = self._value(unit.bias_add.input[unit.bias_slot])
@@ -945,22 +1006,6 @@ class OnnxWeights:
         return LayerTensors(weight, bias, out_axis, groups)
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def _unique(self, base: str) -> str:
-        if self._taken is None:
-            graph = self.graph
-            names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-            names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
-            for node in graph.node:
-                names.update(node.output)
-                names.update(node.input)
-            self._taken = names
-        name, n = f"{base}_bnfold", 1
-        while name in self._taken:
-            n += 1
-            name = f"{base}_bnfold{n}"
-        self._taken.add(name)
-        return name
-
     def _store(self, node: onnx.NodeProto, slot: int, array: np.ndarray, role: str) -> None:
         """Make input ``slot`` of ``node`` hold ``array``: in place when ``node`` alone reads that initializer,
         else as a new initializer of ``node``."""
@@ -975,7 +1020,7 @@ class OnnxWeights:
             tensors.initializers[old].CopyFrom(numpy_helper.from_array(array, old))
             tensors.forget(old)
             return
-        name = self._unique(old or f"{display_name(node).replace(':', '_')}_{role}")
+        name = self.names.new(old or f"{display_name(node).replace(':', '_')}_{role}")
         tensor = numpy_helper.from_array(array, name)
         self.graph.initializer.append(tensor)
         tensors.initializers[name] = self.graph.initializer[-1]
@@ -986,22 +1031,9 @@ class OnnxWeights:
         if old:
             self.stale.add(old)
             tensors.readers[old] = [r for r in readers if r is not node]
-            producer = tensors.producer.get(old)
-            if producer is None:
-                others = sorted({f"'{display_name(r)}'" for r in readers if r is not node}) or ["a graph output"]
-                how = f"is shared with {', '.join(others)}"
-            elif producer.op_type == "Identity":
-                origin = producer.input[0]
-                while origin in tensors.producer and tensors.producer[origin].op_type == "Identity":
-                    origin = tensors.producer[origin].input[0]
-                how = f"is an Identity of '{origin}' (an exporter sharing equal parameters)"
-            elif producer.op_type == "Constant":
-                how = "came from a Constant node"
-            else:
-                how = f"is computed from constants by {_label(producer)}"
             self.notes.append(
-                f"{role} '{old}' of '{display_name(node)}' {how}; '{display_name(node)}' got its own initializer "
-                f"'{name}' so the fold stays exact ({array.size:,} values)"
+                f"{role} '{old}' of '{display_name(node)}' {_how_shared(tensors, old, node, readers)}; "
+                f"'{display_name(node)}' got its own initializer '{name}' so the fold stays exact ({array.size:,} values)"
             )
 
     def write(self, layer: str, weight: np.ndarray, bias: np.ndarray) -> None:
@@ -1022,8 +1054,8 @@ class OnnxWeights:
                 self._store(node, 2, bias, "bias")
                 self.notes.append(f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias")
             else:
-                product = self._unique(node.output[0])
-                add = helper.make_node("Add", [product, ""], [node.output[0]], name=self._unique(display_name(node)))
+                product = self.names.new(node.output[0])
+                add = helper.make_node("Add", [product, ""], [node.output[0]], name=self.names.new(display_name(node)))
                 node.output[0] = product
                 self.added_nodes.append((node, add))
                 unit.bias_add, unit.bias_slot = add, 1
@@ -1080,39 +1112,8 @@ class OnnxWeights:
                 copy.CopyFrom(node)
             del self.graph.node[:]
             self.graph.node.extend(kept)
-        self._drop_unused()
-
-    def _drop_unused(self) -> None:
-        graph = self.graph
-        if not self.stale:
-            return
-        while True:
-            read = {n for node in graph.node for n in node.input if n} | {o.name for o in graph.output}
-            for node in graph.node:
-                for sub in _subgraphs(node):
-                    read |= _reads_inside(sub)
-            dead_nodes = [
-                i for i, node in enumerate(graph.node)
-                if node.output and not any(n in read for n in node.output if n)
-                and all(n in self.stale for n in node.output if n)
-                and not _subgraphs(node)
-            ]
-            dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in read and t.name in self.stale]
-            if not dead_nodes and not dead_inits:
-                break
-            for i in reversed(dead_nodes):
-                self.stale.update(n for n in graph.node[i].input if n)
-                self.stale.update(graph.node[i].output)
-                del graph.node[i]
-            for i in reversed(dead_inits):
-                del graph.initializer[i]
-        alive = {n for node in graph.node for n in node.output} | {i.name for i in graph.input}
-        alive |= {t.name for t in graph.initializer}
-        for i in reversed(range(len(graph.value_info))):
-            name = graph.value_info[i].name
-            if name in self.stale and name not in alive:
-                del graph.value_info[i]
-
+        if self.stale:
+            _drop_unused(self.graph, self.stale)
 
 # ------------------------------------------------------------------------------------------------- the pipeline
 

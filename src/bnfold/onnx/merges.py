@@ -111,8 +111,8 @@ def _apply_rewrite(access: OnnxWeights, merge: Merge, nodes: dict[int, onnx.Node
     added: list[onnx.NodeProto] = []
     current = into.output[0]
     for i, name in enumerate(kept):
-        output = root.output[0] if i == len(kept) - 1 else access._unique(f"{root.output[0]}_partial")
-        add = helper.make_node("Add", [current, name], [output], name=access._unique(display_name(root)))
+        output = root.output[0] if i == len(kept) - 1 else access.names.new(f"{root.output[0]}_partial")
+        add = helper.make_node("Add", [current, name], [output], name=access.names.new(display_name(root)))
         tensors.readers[current] = [*tensors.readers.get(current, []), add]
         tensors.readers[name] = [*tensors.readers.get(name, []), add]
         tensors.producer[output] = add

@@ -188,14 +188,12 @@ def plan(
     model.
 
     With ``merge_branches`` the report also lists the blocks of summed branches that would merge, and why the
-    others would not: the preview every format makes (:meth:`bnfold.formats.Backend.plan`, which folds and merges
-    a copy of ``model``; the model itself is not touched).
+    others would not: the preview of every format (:func:`bnfold.core.pipeline.merge_preview`), which folds and
+    merges a copy of ``model``, unverified; the model itself is not touched.
     """
     if merge_branches:
-        from .formats import backend_of_format
-
-        return backend_of_format("pickle").plan(model, example_inputs,
-                                                {"registry": registry, "merge_branches": merge_branches})
+        return pipeline.merge_preview(lambda: report_for(fold(model, example_inputs, verify=False, registry=registry,
+                                                              merge_branches=merge_branches)))
     with _collector_paused():
         with MODEL_CALLS_LOCK:
             planned, _ = _plan(model, as_input_tuple(example_inputs), registry or DEFAULT_REGISTRY)

@@ -56,7 +56,7 @@ class Backend:
     format: str  # the name of its file format (``bnfold fold --format``)
     article: str  # "a TorchScript", as in "model.ts is a TorchScript file"
     fold: Callable[[Any, list[Any] | None, dict[str, Any], tuple[Path, ...]], tuple[Any, Fold]]
-    dry_run: Callable[[Any, Any, dict[str, Any]], FoldReport]  # the plan of the folds alone (:meth:`plan`)
+    plan: Callable[[Any, Any, dict[str, Any]], FoldReport]
     batches: Callable[[Any], list[Any]]  # example_inputs as fold() takes them, as a list of batches
     save: Callable[[Any, Fold, Path | str, bool], dict[str, Any] | None]
     options: frozenset[str] = frozenset()  # beyond the common ones
@@ -71,21 +71,6 @@ class Backend:
     fixed_input_shape: Callable[[Any], tuple[int, ...] | None] = lambda model: None
     # refuse batch sizes the model cannot run (a program exported with a static batch), before timing them
     check_batch_sizes: Callable[[Any, tuple[int, ...]], None] = lambda model, sizes: None
-
-    def plan(self, model: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
-        """The dry run of :func:`bnfold.plan` (``options`` are its own), for every format and every entry point.
-
-        With ``merge_branches`` the report also lists the blocks of summed branches that would merge. Which ones do
-        depends on the folds made before them (a norm folded into a branch makes it a plain layer), so that preview
-        is the fold itself, unverified, on a copy (no format's fold changes the model it is given, short of
-        ``inplace``), reported as not applied: its merges are those the real fold makes.
-        """
-        if not options.get("merge_branches"):
-            return self.dry_run(model, example_inputs, options)
-        batches = None if example_inputs is None else self.batches(example_inputs)
-        _, record = self.fold(model, batches, {**options, "verify": False, "inplace": False}, ())
-        record.report.applied = False
-        return record.report
 
 
 # ---------------------------------------------------------------------------------------- recognising kinds
@@ -160,7 +145,8 @@ def _module_fold(model: Any, batches: list[Any] | None, options: dict[str, Any],
 def _module_plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
     from .engine import plan
 
-    return _named(plan(model, example_inputs, registry=options.get("registry")), options)
+    return _named(plan(model, example_inputs, registry=options.get("registry"),
+                       merge_branches=options.get("merge_branches", False)), options)
 
 
 def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: str, what: str,
@@ -172,14 +158,16 @@ def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: s
     its own example inputs (``own_batches``, used when none are given; its dry run then reads none of the given ones:
 ``plan_reads_inputs``)."""
 
-    def function(name: str) -> Callable[..., Any]:
-        return getattr(import_module(f".backends.{backend}", __package__), name)
+    def functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
+        module = import_module(f".backends.{backend}", __package__)
+        return getattr(module, fold_name), getattr(module, plan_name)
 
     def fold(model: Any, batches: list[Any] | None, options: dict[str, Any], sources: tuple[Path, ...]
              ) -> tuple[Any, Fold]:
+        fold_function, _ = functions()
         given, batches = batches, batches or own_batches(model)
         verify = _verify_default(options.get("verify"), batches)
-        folded, report = function(fold_name)(model, example_inputs=given[0] if given else None,
+        folded, report = fold_function(model, example_inputs=given[0] if given else None,
                                        name=options.get("name") or default_name,
                                        merge_branches=options.get("merge_branches", False))
         if verify:
@@ -188,11 +176,14 @@ def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: s
         return folded, Fold(report, sources, batches if verify else None, options.get("tolerance"), weakref.ref(model))
 
     def plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
+        from .core.pipeline import merge_preview
+
+        fold_function, plan_function = functions()
         name = options.get("name") or default_name
-        if not plan_reads_inputs:
-            return function(plan_name)(model, name=name)
         given = None if example_inputs is None else _torch_batches(example_inputs)[0]
-        return function(plan_name)(model, example_inputs=given, name=name)
+        if options.get("merge_branches"):  # the caller's model is frozen or exported again, never changed
+            return merge_preview(lambda: fold_function(model, example_inputs=given, name=name, merge_branches=True)[1])
+        return plan_function(model, example_inputs=given, name=name) if plan_reads_inputs else plan_function(model, name=name)
 
     return fold, plan
 
@@ -259,7 +250,7 @@ def _onnx_fold(model_or_path: Any, batches: list[Any] | None, options: dict[str,
 def _onnx_plan(model_or_path: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
     from . import onnx as onnx_backend
 
-    return _named(onnx_backend.plan(model_or_path), options)
+    return _named(onnx_backend.plan(model_or_path, merge_branches=options.get("merge_branches", False)), options)
 
 
 def _onnx_save(model: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
@@ -401,11 +392,6 @@ BACKENDS = (
 def backend_for(model: Any) -> Backend | None:
     """The backend of a model in memory (the first entry of :data:`BACKENDS` that accepts it), or ``None``."""
     return next((b for b in BACKENDS if b.accepts(model)), None)
-
-
-def backend_of_format(name: str) -> Backend:
-    """The backend whose own file format is ``name`` (``bnfold fold --format``; ``pickle`` is the nn.Module's)."""
-    return next(b for b in BACKENDS if b.format == name)
 
 
 def backend_for_file(kind: str) -> Backend | None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ...errors import InvalidInputError
-from ...formats import Backend, Fold, backend_of_format, judge_written, save_checked
+from ...formats import BACKENDS, Backend, Fold, judge_written, save_checked
 
 _BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".ts": "torchscript", ".jit": "torchscript",
               ".torchscript": "torchscript"}
@@ -56,6 +56,10 @@ class Format:
     write: Callable[[Any, Path, torch.Tensor], None]  # (folded module, path, example input)
     read: Callable[[Path, str | None, Callable[[], Any]], Any]  # (path, architecture, the original's outputs)
     batches: int | None = None  # how many of the fold's batches the file is judged on (None: all)
+
+
+def _of(fmt: str) -> Backend:
+    return next(b for b in BACKENDS if b.format == fmt)
 
 
 def _state_dict_bytes(folded: Any) -> bytes:
@@ -122,7 +126,7 @@ def _read_onnx(path: Path, arch: str | None, outputs: Callable[[], Any]) -> Any:
 
 def _as(fmt: str, convert: Callable[[Any, torch.Tensor], Any]) -> Format:
     """A format that is another backend's own: convert the module to its kind, and let the backend write and read."""
-    backend = backend_of_format(fmt)
+    backend = _of(fmt)
     assert backend.write is not None and backend.read is not None
     write, read = backend.write, backend.read
     return Format(lambda model, path, example: write(convert(model, example), path),

@@ -234,23 +234,28 @@ def _check_batch_sizes(program: Any, sizes: tuple[int, ...]) -> None:
     check_batch_sizes(program, sizes)
 
 
+def onnx_module() -> Any:
+    """:mod:`bnfold.onnx`, or the install hint where the onnx package is missing."""
+    try:
+        from . import onnx
+    except ImportError as error:
+        raise InvalidInputError(f"ONNX files need the onnx package ({error}): pip install 'bnfold[onnx]'") from error
+    return onnx
+
+
 def _onnx_fold(model_or_path: Any, batches: list[Any] | None, options: dict[str, Any], sources: tuple[Path, ...]
                ) -> tuple[Any, Fold]:
-    from . import onnx as onnx_backend
-
     verify = options.get("verify")
-    result = onnx_backend.fold(model_or_path, verify=True if verify is None else verify,
-                               tolerance=options.get("tolerance"), inputs=batches,
-                               seed=options.get("seed", 0), input_shape=options.get("input_shape"),
-                               merge_branches=options.get("merge_branches", False))
+    result = onnx_module().fold(model_or_path, verify=True if verify is None else verify,
+                                tolerance=options.get("tolerance"), inputs=batches,
+                                seed=options.get("seed", 0), input_shape=options.get("input_shape"),
+                                merge_branches=options.get("merge_branches", False))
     _named(result.report, options)
     return result.model, Fold(result.report, result.sources, onnx=result)
 
 
 def _onnx_plan(model_or_path: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
-    from . import onnx as onnx_backend
-
-    return _named(onnx_backend.plan(model_or_path, merge_branches=options.get("merge_branches", False)), options)
+    return _named(onnx_module().plan(model_or_path, merge_branches=options.get("merge_branches", False)), options)
 
 
 def _onnx_save(model: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:

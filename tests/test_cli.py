@@ -17,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -295,7 +296,7 @@ def test_verify_a_state_dict_against_the_onnx_file_folded_from_it(files, tmp_pat
 def _examples(command: str) -> list[str]:
     from bnfold.app.cli import build_parser
 
-    parser = build_parser(with_reproduce=False)
+    parser = build_parser()
     (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     text = subcommands.choices[command].format_help()
     return [line.strip() for line in text.splitlines() if line.strip().startswith(f"bnfold {command} ")]
@@ -409,8 +410,13 @@ def test_the_onnx_commands_run_where_torch_cannot_be_imported(files, tmp_path) -
     assert folded.returncode == 0, folded.stderr
     assert json.loads(folded.stdout)["report"]["summary"]["folded"] == 20
     assert run("inspect", "model.onnx").returncode == 0
+    previewed = run("inspect", "model.onnx", "--merge-branches", "--json")  # the preview folds a copy
+    assert previewed.returncode == 0 and json.loads(previewed.stdout)["applied"] is False, previewed.stderr
     checked = run("verify", "model.onnx", "folded.onnx")
     assert checked.returncode == 0 and "PASSED" in checked.stdout
+    np.save(work / "x.npy", np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    given = run("verify", "model.onnx", "folded.onnx", "--input", "x.npy")
+    assert given.returncode == 0 and "(given inputs)" in given.stdout, given.stderr
     for arguments in (["inspect", "resnet18"], ["reproduce"]):
         refused = run(*arguments)
         lines = refused.stderr.strip().splitlines()

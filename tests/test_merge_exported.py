@@ -110,6 +110,20 @@ def test_every_branch_kind_merges_as_with_the_module_api() -> None:
     assert not any(key.startswith(("0.scale", "1.identity", "3.conv1")) for key in merged.state_dict)
 
 
+def test_the_preview_lists_the_merges_the_fold_makes_and_leaves_the_program_alone() -> None:
+    """bnfold.plan(merge_branches=True) folds and merges a copy: the real fold's merges, unverified, not applied."""
+    x = _x(1, 3, 16, 16)
+    program = _export(calibrated_by_training(net(), _x(2, 3, 16, 16)), x)
+    graph, state = str(program.graph), {k: v.clone() for k, v in program.state_dict.items()}
+    preview = bnfold.plan(program, merge_branches=True)
+    _, report = fold_exported(program, merge_branches=True)
+    assert preview.merges == report.merges and [m.status for m in report.merges] == [MERGED] * 4
+    assert preview.entries == report.entries and preview.parameters_after == report.parameters_after
+    assert not preview.applied and preview.verification is None
+    assert str(program.graph) == graph and all(torch.equal(v, program.state_dict[k]) for k, v in state.items())
+    assert bnfold.plan(program).merges == []
+
+
 def test_a_decomposed_program_merges_its_convolution_nodes_and_tuple_valued_norms() -> None:
     x = _x(1, 3, 16, 16)
     program = _export(calibrated_by_training(net(), _x(2, 3, 16, 16)), x).run_decompositions()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import onnx
 import pytest
@@ -54,6 +55,27 @@ def test_exported_blocks_merge_like_the_module_api() -> None:
     assert report.left == [] and report.parameters_after < plain.report.parameters_after
     module = bnfold.fold(model, x, merge_branches=True)
     assert count_batch_norm_calls(module, [x]) == 0 and conv_calls(module, x) == 4 + 1  # + the classifier
+
+
+def test_the_preview_lists_the_merges_the_fold_makes_and_leaves_the_model_alone(tmp_path: Path) -> None:
+    """bnfold.onnx.plan and bnfold.plan, of a ModelProto or a file, with merge_branches=True: the merges of the real
+    fold of a copy, unverified, not applied; the model and the file as they were."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    exported = export(calibrated_by_training(net(), x), x[:1])
+    before = exported.SerializeToString()
+    path = tmp_path / "net.onnx"
+    path.write_bytes(before)
+    report = bnfold_onnx.fold(exported, merge_branches=True).report
+    assert [m.status for m in report.merges] == ["merged"] * 4 and report.verification is not None
+    for preview in (bnfold_onnx.plan(exported, merge_branches=True), bnfold.plan(exported, merge_branches=True),
+                    bnfold_onnx.plan(path, merge_branches=True), bnfold.plan(path, merge_branches=True)):
+        assert preview.merges == report.merges and preview.entries == report.entries
+        assert preview.parameters_after == report.parameters_after
+        assert not preview.applied and preview.verification is None
+    assert exported.SerializeToString() == before and path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["net.onnx"]
+    assert bnfold_onnx.plan(exported).merges == []
 
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])

@@ -194,6 +194,22 @@ def test_hand_written_blocks_merge_like_the_module_api(how: str) -> None:
     assert_same_outputs(model, _round_trip(merged), x)
 
 
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_the_preview_lists_the_merges_the_fold_makes_and_leaves_the_module_alone(how: str) -> None:
+    """bnfold.plan(merge_branches=True) folds and merges a copy: the real fold's merges, unverified, not applied."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    scripted = script_or_trace(calibrated_by_training(net(), x), x, how)
+    graph, state = str(scripted.graph), {k: v.clone() for k, v in scripted.state_dict().items()}
+    preview = bnfold.plan(scripted, x, merge_branches=True)
+    _, report = fold_script(scripted, example_inputs=x, merge_branches=True)
+    assert preview.merges == report.merges and len(_merged(report)) == 4
+    assert preview.entries == report.entries and preview.parameters_after == report.parameters_after
+    assert not preview.applied and preview.verification is None
+    assert str(scripted.graph) == graph and all(torch.equal(v, state[k]) for k, v in scripted.state_dict().items())
+    assert bnfold.plan(scripted, x).merges == []
+
+
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repvit_m0_9", "fastvit_t8", "repghostnet_100"])
 def test_timm_models_merge_as_far_as_with_the_module_api(name: str) -> None:
     """fastvit_t8: RepMixer's ``x + gamma * (mixer(x) - norm(x))`` (a difference and a layer scale); repghostnet_100:

@@ -166,8 +166,6 @@ def test_a_pytorch_model_written_as_onnx_is_opened_in_onnxruntime_and_compared(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``bnfold fold resnet18 -o out.onnx`` reads its ONNX file back in onnxruntime: a wrong file is refused."""
-    from bnfold.app.cli import saving
-
     exporter = torch.onnx.export
 
     def export_wrong_weights(module: nn.Module, *args: object, **kwargs: object) -> object:
@@ -181,7 +179,7 @@ def test_a_pytorch_model_written_as_onnx_is_opened_in_onnxruntime_and_compared(
     assert "read" in capsys.readouterr().out
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
-    monkeypatch.setattr(saving.torch.onnx, "export", export_wrong_weights)
+    monkeypatch.setattr(torch.onnx, "export", export_wrong_weights)
     wrong = tmp_path / "wrong.onnx"
     assert cli_main(["fold", "resnet18", "-o", str(wrong), "--input-shape", "1,3,32,32"]) == 1
     assert "nothing was written" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import gc
 import logging
 import weakref
@@ -189,27 +188,20 @@ def plan(
     torch.fx cannot trace; given anyway, they let bnfold check activation shapes and that the traced graph is the
     model.
 
-    With ``merge_branches=True`` the report also lists the blocks of summed branches that would merge, and why the
-    others would not. Whether a block merges depends on the folds made before it (a norm folded into a branch makes
-    it a plain layer), so this preview folds and merges a copy of ``model``; the model itself is not touched.
+    With ``merge_branches`` the report also lists the blocks of summed branches that would merge, and why the
+    others would not: the preview of every format (:func:`bnfold.core.pipeline.merge_preview`), which folds and
+    merges a copy of ``model``, unverified; the model itself is not touched.
     """
-    with _collector_paused():
-        return _plan_report(model, example_inputs, registry or DEFAULT_REGISTRY, merge_branches)
-
-
-def _plan_report(model: nn.Module, example_inputs: ExampleInputs, registry: LayerRegistry,
-                 merge_branches: MergeBranches) -> FoldReport:
     if merge_branches:
-        preview = fold(model, example_inputs, verify=False, registry=registry, merge_branches=merge_branches)
-        report = dataclasses.replace(_reports[preview], applied=False)
-        del preview
-        return report
-    with MODEL_CALLS_LOCK:
-        planned, _ = _plan(model, as_input_tuple(example_inputs), registry)
-    with torch.no_grad():
-        pipeline.apply(planned, DryRun(planned.access))
-    pipeline.project(planned)
-    return planned.report
+        return pipeline.merge_preview(lambda: report_for(fold(model, example_inputs, verify=False, registry=registry,
+                                                              merge_branches=merge_branches)))
+    with _collector_paused():
+        with MODEL_CALLS_LOCK:
+            planned, _ = _plan(model, as_input_tuple(example_inputs), registry or DEFAULT_REGISTRY)
+        with torch.no_grad():
+            pipeline.apply(planned, DryRun(planned.access))
+        pipeline.project(planned)
+        return planned.report
 
 
 def fold(

@@ -176,13 +176,13 @@ def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: s
         return folded, Fold(report, sources, batches if verify else None, options.get("tolerance"), weakref.ref(model))
 
     def plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
+        from .core.pipeline import merge_preview
+
         fold_function, plan_function = functions()
         name = options.get("name") or default_name
         given = None if example_inputs is None else _torch_batches(example_inputs)[0]
-        if options.get("merge_branches"):  # which blocks merge depends on the folds before them: fold a copy
-            _, report = fold_function(model, example_inputs=given, name=name, merge_branches=True)
-            report.applied = False
-            return report
+        if options.get("merge_branches"):  # the caller's model is frozen or exported again, never changed
+            return merge_preview(lambda: fold_function(model, example_inputs=given, name=name, merge_branches=True)[1])
         return plan_function(model, example_inputs=given, name=name) if plan_reads_inputs else plan_function(model, name=name)
 
     return fold, plan
@@ -234,23 +234,28 @@ def _check_batch_sizes(program: Any, sizes: tuple[int, ...]) -> None:
     check_batch_sizes(program, sizes)
 
 
+def onnx_module() -> Any:
+    """:mod:`bnfold.onnx`, or the install hint where the onnx package is missing."""
+    try:
+        from . import onnx
+    except ImportError as error:
+        raise InvalidInputError(f"ONNX files need the onnx package ({error}): pip install 'bnfold[onnx]'") from error
+    return onnx
+
+
 def _onnx_fold(model_or_path: Any, batches: list[Any] | None, options: dict[str, Any], sources: tuple[Path, ...]
                ) -> tuple[Any, Fold]:
-    from . import onnx as onnx_backend
-
     verify = options.get("verify")
-    result = onnx_backend.fold(model_or_path, verify=True if verify is None else verify,
-                               tolerance=options.get("tolerance"), inputs=batches,
-                               seed=options.get("seed", 0), input_shape=options.get("input_shape"),
-                               merge_branches=options.get("merge_branches", False))
+    result = onnx_module().fold(model_or_path, verify=True if verify is None else verify,
+                                tolerance=options.get("tolerance"), inputs=batches,
+                                seed=options.get("seed", 0), input_shape=options.get("input_shape"),
+                                merge_branches=options.get("merge_branches", False))
     _named(result.report, options)
     return result.model, Fold(result.report, result.sources, onnx=result)
 
 
 def _onnx_plan(model_or_path: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
-    from . import onnx as onnx_backend
-
-    return _named(onnx_backend.plan(model_or_path, merge_branches=options.get("merge_branches", False)), options)
+    return _named(onnx_module().plan(model_or_path, merge_branches=options.get("merge_branches", False)), options)
 
 
 def _onnx_save(model: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:

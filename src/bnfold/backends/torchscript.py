@@ -791,8 +791,8 @@ def plan_script(
     """Dry run: what :func:`fold_script` would do with every batch norm, without folding anything.
 
     ``example_inputs`` (a tensor or a tuple of the forward's positional arguments) let bnfold record the shapes a
-    scripted graph does not carry, so folds through reshapes and permutes can be checked. Branch merges are not
-    previewed (as for :func:`bnfold.plan`).
+    scripted graph does not carry, so folds through reshapes and permutes can be checked. Branch merges are
+    previewed by :func:`bnfold.plan` with ``merge_branches=True``.
 
     Raises:
         TrainingModeError: the model is in training mode.

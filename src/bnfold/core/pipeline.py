@@ -15,6 +15,7 @@ Torch-free and numpy-free, like the rest of the core: the ONNX backend drives it
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -181,6 +182,19 @@ def fold(backend: FoldBackend, *, mode: bool = True) -> Planned:
         project(planned)
     planned.report.applied = True
     return planned
+
+
+def merge_preview(fold_copy: Callable[[], FoldReport]) -> FoldReport:
+    """The dry run of a fold with ``merge_branches``, in every format: the report of ``fold_copy`` (the format's
+    fold and merges, on a copy of the model, unverified), marked as not applied.
+
+    Which blocks merge depends on the folds made before them (a norm folded into a branch makes it a plain layer),
+    so the merges cannot be planned ahead as the folds are: the preview makes them, and so lists exactly those the
+    real fold makes. The caller's model is not changed.
+    """
+    report = fold_copy()
+    report.applied = False
+    return report
 
 
 def refold(backend: FoldBackend, prefix: str = "") -> tuple[Planned, dict[str, NormEntry]]:

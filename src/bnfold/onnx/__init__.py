@@ -143,13 +143,12 @@ def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, tuple[Path, ...]
 def plan(model_or_path: onnx.ModelProto | str | os.PathLike[str], *, merge_branches: bool = False) -> FoldReport:
     """Dry run: what :func:`fold` would fold into what, and why anything would stay (``applied=False``).
 
-    With ``merge_branches=True`` also which blocks of summed branches would merge: a block merges or not depending
-    on the folds before it, so the preview folds and merges a copy (a file is read, never written).
+    With ``merge_branches=True`` also which blocks of summed branches would merge: the preview of every format
+    (:func:`bnfold.core.pipeline.merge_preview`), which folds and merges a copy, unverified (a file is read, never
+    written).
     """
     if merge_branches:
-        report = fold(model_or_path, verify=False, merge_branches=True).report
-        report.applied = False
-        return report
+        return pipeline.merge_preview(lambda: fold(model_or_path, verify=False, merge_branches=True).report)
     model, name, _ = _resolve(model_or_path)
     return fold_graph(model, name, applied=False)[1]
 

@@ -126,11 +126,8 @@ VERIFY_EXAMPLES = """examples (each checks what the fold example of the same lin
   bnfold verify model.onnx model-folded.onnx"""
 
 
-def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
-    """The argument parser of every command (also used to render ``--help``).
-
-    ``with_reproduce=False`` leaves out ``reproduce``, whose options come from a module that imports torch.
-    """
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (also used to render ``--help``)."""
     parser = _Parser(
         prog="bnfold", description="Fold BatchNorm into neighbouring conv / linear layers, losslessly.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,8 +192,6 @@ def build_parser(with_reproduce: bool = True) -> argparse.ArgumentParser:
     _model_options(bench)
     _common(bench)
 
-    if not with_reproduce:
-        return parser
     from ..reproduce import __doc__ as reproduce_doc
     from ..reproduce import add_arguments
 
@@ -256,15 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from rich.console import Console
 
-            from . import onnx_commands
+            from . import commands
 
             words = list(sys.argv[1:] if argv is None else argv)
-            light = bool(words) and words[0] in onnx_commands.COMMANDS  # parsing them needs no torch
-            args = build_parser(with_reproduce=not light).parse_args(words)
-            if onnx_commands.handles(args):
-                commands: Any = onnx_commands
-            else:
-                from . import commands
+            args = build_parser().parse_args(words)
+            if commands.needs_torch(args):
+                import torch  # noqa: F401  here, where a missing PyTorch and an interrupted import are handled
         except BaseException as error:  # an import broken by an interrupt fails with whatever error it hits
             if interrupts.seen or isinstance(error, KeyboardInterrupt):
                 return _interrupted()
@@ -274,15 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if interrupts.seen:  # swallowed during an import
             return _interrupted()
-        return _run(args, commands, Console(stderr=bool(getattr(args, "json", False))), Console(stderr=True), interrupts)
+        return _run(args, Console(stderr=bool(getattr(args, "json", False))), Console(stderr=True), interrupts)
     except KeyboardInterrupt:
         return _interrupted()
     finally:
         interrupts.restore()
 
 
-def _run(args: argparse.Namespace, commands: Any, console: Any, errors: Any, interrupts: _Interrupts) -> int:
+def _run(args: argparse.Namespace, console: Any, errors: Any, interrupts: _Interrupts) -> int:
     from ...files import describe_os_error
+    from . import commands
     from .signals import Terminated, stop_as_exception
 
     handler: Any = getattr(commands, args.command)

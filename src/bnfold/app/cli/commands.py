@@ -1,7 +1,11 @@
-"""What each ``bnfold`` command does, on models loaded by :mod:`bnfold.app.cli.loading`.
+"""What each ``bnfold`` command does, on models loaded by :mod:`bnfold.app.cli.loading`, of every kind.
 
 Every command returns an exit code (see :mod:`bnfold.app.cli`) and writes its human output to the given console; with
 ``--json`` it prints one JSON document on stdout instead. Nothing is written to disk before every check passed.
+
+A command calls its model's backend (:mod:`bnfold.formats`) without asking its kind, and imports PyTorch only where
+a PyTorch model is handled: on ONNX files it runs on onnx, numpy and onnxruntime alone, and starts without the
+seconds an import of PyTorch takes (:func:`needs_torch`).
 """
 
 from __future__ import annotations
@@ -10,18 +14,29 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.text import Text
 
 from ...errors import InvalidInputError, OriginalRunError
 from ...files import check_output_path
-from ...formats import Fold
+from ...formats import Fold, backend_for_file, onnx_module
+from ...loading import kind_by_name
 from ...report import MERGED, print_whole
 from . import saving
 from .loading import LoadedModel, load_model, names_a_file
 from .output import emit, verification_line
 
-OK, VERIFICATION_FAILED, BAD_INPUT = 0, 1, 2
+OK, VERIFICATION_FAILED = 0, 1
+
+
+def needs_torch(args: argparse.Namespace) -> bool:
+    """Whether the command line may handle a PyTorch model: anything but inspect, fold or verify of files whose names
+    say they are ONNX. :func:`bnfold.app.cli.main` then imports PyTorch before the command runs, where a missing
+    PyTorch and a Ctrl-C during its import are handled."""
+    if args.command not in ("inspect", "fold", "verify"):
+        return True
+    named = (args.original, args.folded) if args.command == "verify" else (args.model,)
+    backends = [backend_for_file(kind_by_name(Path(name)) or "") for name in named]
+    return any(backend is None or backend.needs_torch for backend in backends)
 
 
 def _load(args: argparse.Namespace, spec: str, console: Any, **options: Any) -> LoadedModel:
@@ -33,7 +48,7 @@ def _load(args: argparse.Namespace, spec: str, console: Any, **options: Any) -> 
         )
 
 
-def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: torch.Tensor) -> None:
+def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: Any) -> None:
     """Run the model once on the example input, so that an input it cannot take is bad input (exit 2), said once.
 
     Without this, the wrong shape surfaces deep in tracing, folding or verification, as a torch traceback or an
@@ -41,6 +56,8 @@ def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: torch.Te
     """
     if not loaded.backend.needs_torch:
         return
+    import torch
+
     shape = ",".join(str(d) for d in example.shape)
     try:
         with torch.no_grad():
@@ -58,11 +75,16 @@ def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: torch.Te
         raise OriginalRunError(loaded.label, shape, cause, advice, advice) from error
 
 
-def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[torch.Tensor]:
+def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[Any] | None:
     """The batches to fold and judge on: ``--input FILE`` (.npy, or an .npz of one array), ``--data DIR`` (images
-    resized to the example shape), else the model's example input (photographs for N x 3 x H x W)."""
+    resized to the example shape), else the model's example input (photographs for N x 3 x H x W). For an ONNX
+    graph: arrays by input name, or ``None`` (:func:`bnfold.onnx.fold` makes its example inputs)."""
     if getattr(args, "input", None) and getattr(args, "data", None):
         raise InvalidInputError("--input and --data both give the inputs to judge on: pass one of them")
+    if not loaded.backend.needs_torch:
+        return _onnx_batches(args, loaded.module)
+    import torch
+
     if getattr(args, "input", None):
         from ...examples import read_arrays
 
@@ -81,6 +103,56 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[
     return [loaded.example_inputs(seed)]
 
 
+def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] | None:
+    """The batches of ``--input FILE`` (arrays by graph input name; an .npy for the only input) or ``--data DIR``
+    (images, resized to the image input's size: ``--input-shape``, else its fixed sizes, else 224) for the ONNX
+    file ``path``, or ``None``."""
+    if not (getattr(args, "input", None) or getattr(args, "data", None)):
+        return None
+    from ...examples import image_batches, read_arrays
+    from ...onnx.verification import _declared, _graph_inputs
+
+    values = _graph_inputs(onnx_module().load(path))
+    names = [v.name for v in values]
+    if getattr(args, "input", None):
+        arrays = read_arrays(args.input)
+        if set(arrays) == {""} or (len(names) == 1 and len(arrays) == 1):
+            if len(names) != 1:
+                raise InvalidInputError(
+                    f"--input {args.input} holds one unnamed array; the model has {len(names)} inputs "
+                    f"({', '.join(names)}): save them by name with numpy.savez(FILE, name=array, ...)"
+                )
+            return [{names[0]: next(iter(arrays.values()))}]
+        unknown = sorted(set(arrays) - set(names))
+        if unknown:
+            raise InvalidInputError(f"--input {args.input}: arrays {unknown} name no graph input; its inputs are {names}")
+        return [arrays]
+    images = [v for v in values if len(_declared(v)) == 4 and _declared(v)[1] in (3, None)]
+    if len(images) != 1:
+        raise InvalidInputError(
+            f"--data gives images for a model with one image input (N x 3 x H x W); this one has inputs {names}: "
+            "pass --input FILE.npz with arrays by input name"
+        )
+    declared = _declared(images[0])
+    shape = args.input_shape or tuple(d if d is not None else (1 if axis == 0 else 3 if axis == 1 else 224)
+                                      for axis, d in enumerate(declared))
+    return [{images[0].name: batch} for batch in image_batches(args.data, shape, limit=args.limit)]
+
+
+def _check_onnx_options(args: argparse.Namespace) -> None:
+    """Options that mean nothing for ONNX graphs are an error, not silently ignored."""
+    if getattr(args, "eval", False):
+        raise InvalidInputError(
+            "--eval switches a PyTorch model to eval mode; an ONNX graph keeps the mode it was exported in: "
+            "export the model again after model.eval(), and drop --eval"
+        )
+    if args.command == "inspect" and getattr(args, "input_shape", None):
+        raise InvalidInputError(
+            "--input-shape sets the shape of the random inputs that fold and verify run; inspect of an ONNX file "
+            "runs nothing and plans on the graph's own shapes: drop --input-shape"
+        )
+
+
 def _print_notes(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> None:
     if not args.json and loaded.notes:
         print_whole(console, *(Text(f"note: {note}", style="dim") for note in loaded.notes))
@@ -89,7 +161,10 @@ def _print_notes(args: argparse.Namespace, console: Any, loaded: LoadedModel) ->
 def inspect(args: argparse.Namespace, console: Any) -> int:
     """``bnfold inspect MODEL``: each norm and what folding would do with it; parameter counts. Writes nothing."""
     loaded = _load(args, args.model, console)
-    example = _examples(args, loaded, args.seed)[0]
+    if not loaded.backend.needs_torch:
+        _check_onnx_options(args)
+    examples = _examples(args, loaded, args.seed)  # inputs that do not fit are bad input here too
+    example = examples[0] if examples else None
     _check_runs(args, loaded, example)
     with console.status("tracing the dataflow"):
         report = loaded.backend.plan(loaded.module, example, {"merge_branches": args.merge_branches,
@@ -99,15 +174,15 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     return OK
 
 
-def _fold_loaded(args: argparse.Namespace, loaded: LoadedModel, examples: list[torch.Tensor], merge_branches: bool = False
-                 ) -> tuple[Any, Fold]:
-    """Fold and verify on every batch by :func:`bnfold.verification.judge_fold`, the check the written file gets (so a
-    strict ``--tolerance`` cannot pass the fold and then refuse the identical file); raises ``VerificationError``
-    (nothing written yet) if outputs differ."""
+def _fold_loaded(args: argparse.Namespace, loaded: LoadedModel, examples: list[Any] | None,
+                 merge_branches: bool = False) -> tuple[Any, Fold]:
+    """Fold and verify on every batch by the check the written file gets (so a strict ``--tolerance`` cannot pass the
+    fold and then refuse the identical file); raises ``VerificationError`` (nothing written yet) if outputs differ."""
     options = {"verify": True, "judge": True, "consequence": "nothing was written", "tolerance": args.tolerance,
-               "merge_branches": merge_branches, "name": loaded.label}
-    return loaded.backend.fold(loaded.module, [(example,) for example in examples], options,
-                               (loaded.source,) if loaded.source else ())
+               "merge_branches": merge_branches, "name": loaded.label, "seed": args.seed,
+               "input_shape": args.input_shape}
+    batches = None if examples is None else [batch for example in examples for batch in loaded.backend.batches(example)]
+    return loaded.backend.fold(loaded.module, batches, options, (loaded.source,) if loaded.source else ())
 
 
 def fold(args: argparse.Namespace, console: Any) -> int:
@@ -119,10 +194,12 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     """
     output = check_output_path(args.output, _files_read(args), force=args.force)
     loaded = _load(args, args.model, console)
+    if not loaded.backend.needs_torch:
+        _check_onnx_options(args)
     fmt = saving.choose_format(loaded.format, output, args.format)
     saving.check_writable(loaded.backend, fmt)
     examples = _examples(args, loaded, args.seed)
-    for batch in examples:
+    for batch in examples or ():
         _check_runs(args, loaded, batch)
     with console.status("folding and verifying"):
         folded, record = _fold_loaded(args, loaded, examples, args.merge_branches)
@@ -182,10 +259,8 @@ def verify(args: argparse.Namespace, console: Any) -> int:
     onnxruntime on the same inputs (``bnfold fold resnet50 -o r50.onnx`` then ``bnfold verify resnet50 r50.onnx``).
     """
     original, folded = _load_pair(args, console)
-    if not original.backend.needs_torch and not folded.backend.needs_torch:  # with options that route them here
-        from . import onnx_commands
-
-        return onnx_commands.verify(args, console)
+    if not original.backend.needs_torch and not folded.backend.needs_torch:
+        return _verify_onnx(args, console, original)
     from ...verification import verify as compare
 
     # an ONNX file's fixed input shape is the one it was exported (and folded) with: the best default for both
@@ -219,6 +294,19 @@ def verify(args: argparse.Namespace, console: Any) -> int:
         lines.append(f"{original.label} is the model of --seed {original.seed}: if FOLDED was folded from other "
                      "weights, pass the --seed or --weights it was folded with")
     emit(args, console, result.to_dict(), *lines)
+    return OK if result.passed else VERIFICATION_FAILED
+
+
+def _verify_onnx(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> int:
+    """Compare two ONNX files in onnxruntime on example inputs (or ``--input`` / ``--data``), judged as a fold is."""
+    _check_onnx_options(args)
+    inputs = _examples(args, loaded, args.seed)
+    backend = onnx_module()
+    original, folded = backend.load(args.original), backend.load(args.folded)
+    with console.status("comparing outputs in onnxruntime"):
+        result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance, inputs=inputs,
+                                input_shape=args.input_shape)
+    emit(args, console, result.to_dict(), str(result))
     return OK if result.passed else VERIFICATION_FAILED
 
 

@@ -14,7 +14,8 @@ A MODEL argument is one of:
 
 A file is read by :func:`bnfold.loading.read`, as :func:`bnfold.fold` reads a path, and carries the backend of its
 kind (:mod:`bnfold.formats`), which the commands call without asking which it is. Every problem is raised as an
-:class:`~bnfold.errors.InvalidInputError` naming the file and the fix.
+:class:`~bnfold.errors.InvalidInputError` naming the file and the fix. PyTorch is imported only to build or read a
+PyTorch model: an ONNX file is loaded without it.
 """
 
 from __future__ import annotations
@@ -24,16 +25,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ... import loading
 from ...errors import InvalidInputError, TrainingModeError
-from ...examples import is_image_like, photo_batch
 from ...formats import Backend, backend_for, backend_for_file
-from ..architectures import build_arch
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
@@ -83,6 +83,10 @@ class LoadedModel:
         before allocating when it needs more than half the machine's memory (the model's activations need more
         still), and an allocation that fails anyway is reported the same way.
         """
+        import torch
+
+        from ...examples import is_image_like, photo_batch
+
         shape = self.input_shape or DEFAULT_INPUT_SHAPE
         text = ",".join(str(d) for d in shape)
         needed = math.prod(shape) * torch.empty((), dtype=torch.float32).element_size()
@@ -115,6 +119,8 @@ def _physical_memory() -> int | None:
 
 def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor] | None:
     """The state_dict inside a loaded checkpoint: a plain one, or under a usual key of a training checkpoint."""
+    import torch
+
     if isinstance(loaded, Mapping):
         if loaded and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
             return dict(loaded)
@@ -188,6 +194,8 @@ def load_model(
     """
     path = Path(spec)
     if not names_a_file(spec):
+        from ..architectures import build_arch
+
         if arch is not None:
             raise InvalidInputError(
                 f"--arch does not apply here: {spec} is already an architecture name (--arch names the architecture "
@@ -255,6 +263,8 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 def _from_state_dict(
     state: dict[str, torch.Tensor], path: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None
 ) -> LoadedModel:
+    from ..architectures import build_arch
+
     if arch is None:
         raise InvalidInputError(
             f"{path} holds a state_dict (weights without the model's code): if the model is a torchvision or timm "

@@ -1,7 +1,6 @@
 """How a command's result reaches the user: JSON on stdout for scripts (``--json``), else rich renderables.
 
-Shared by the general commands and the torch-free ONNX ones (:mod:`bnfold.app.cli.onnx_commands`), so it imports
-neither torch nor anything that does.
+Used on ONNX files too, so it imports neither torch nor anything that does.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ The model's own format is written by its backend, as :func:`bnfold.save` writes 
 * ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``.
 * ``onnx``: ``torch.onnx.export`` (opset 18), opened by its path in onnxruntime to be checked.
 
-A TorchScript module, a ``.pt2`` program and an ONNX model are written in their own format only.
+A TorchScript module, a ``.pt2`` program and an ONNX model are written in their own format only (an ONNX file
+without PyTorch: it is imported by the conversions alone).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ...errors import InvalidInputError
 from ...formats import BACKENDS, Backend, Fold, judge_written, save_checked
+
+if TYPE_CHECKING:
+    import torch
 
 _BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".ts": "torchscript", ".jit": "torchscript",
               ".torchscript": "torchscript"}
@@ -63,6 +65,8 @@ def _of(fmt: str) -> Backend:
 
 
 def _state_dict_bytes(folded: Any) -> bytes:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(folded.state_dict(), buffer)
     return buffer.getvalue()
@@ -97,7 +101,15 @@ def _safetensors(path: Path) -> Any:
     return load_file(str(path))
 
 
+def _torch_state_dict(path: Path) -> Any:
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
 def _scripted(model: Any, example: torch.Tensor) -> torch.jit.ScriptModule:
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -107,11 +119,15 @@ def _scripted(model: Any, example: torch.Tensor) -> torch.jit.ScriptModule:
 
 
 def _exported(model: Any, example: torch.Tensor) -> Any:
+    import torch
+
     with torch.no_grad():
         return torch.export.export(model, (example,))
 
 
 def _write_onnx(model: Any, path: Path, example: torch.Tensor) -> None:
+    import torch
+
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), opset_version=18, dynamo=False)
@@ -135,7 +151,7 @@ def _as(fmt: str, convert: Callable[[Any, torch.Tensor], Any]) -> Format:
 
 FORMATS: dict[str, Format] = {
     "state_dict": Format(lambda model, path, example: path.write_bytes(_state_dict_bytes(model)),
-                         _read_state_dict(lambda path: torch.load(path, weights_only=True))),
+                         _read_state_dict(_torch_state_dict)),
     "safetensors": Format(lambda model, path, example: path.write_bytes(_safetensors_bytes(model)),
                           _read_state_dict(_safetensors)),
     "pickle": _as("pickle", lambda model, example: model),
@@ -158,6 +174,8 @@ def write(folded: Any, record: Fold, backend: Backend, output: Path, fmt: str, *
     original = record.original() if record.original is not None else None
 
     def outputs() -> Any:
+        import torch
+
         with torch.no_grad():
             return backend.runnable(original if original is not None else folded)(example)
 

@@ -7,6 +7,7 @@ for ONNX.
 from __future__ import annotations
 
 import copy
+import io
 import os
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def test_an_nn_module_comes_back_a_module_of_its_class() -> None:
     report = bnfold.report_for(folded)
     assert len(report.folded) == 2 and report.verification is not None and report.verification["passed"]
     assert not bnfold.plan(model).applied
+
+
+def test_a_printed_report_says_what_the_verification_found_in_one_line() -> None:
+    """``print(report)`` and the rich table end with the verdict's line, not the verification's raw dict."""
+    from rich.console import Console
+
+    report = bnfold.report_for(bnfold.fold(_net(), X))
+    verdict = report.verification["outputs"][0]
+    line = (f"verified on input: {'x'.join(map(str, X.shape))}: error {verdict['max_abs']:.3g} against allowance "
+            f"{verdict['allowance']:.3g}")
+    console = Console(width=300, record=True, file=io.StringIO())
+    console.print(report)
+    for text in (str(report), console.export_text()):
+        assert line in text and "{" not in text
 
 
 def test_a_script_module_comes_back_a_script_module() -> None:

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .judge import describe_inputs
+
 FOLDED = "folded"
 LEFT = "left"
 MERGE = "merge"
@@ -213,8 +215,7 @@ class FoldReport(RichPrintable):
             lines.append(f"  {status:<6} {name} ({kind}, {channels} ch): {outcome}")
         lines.extend(f"  {line}" for _, line in self._merge_lines())
         lines.extend(f"  note: {n}" for n in self.notes)
-        if self.verification:
-            lines.append(f"  verified: {self.verification}")
+        lines.extend(f"  {line}" for line in filter(None, [verification_line(self.verification)]))
         return "\n".join(lines)
 
     def __rich__(self) -> Any:
@@ -231,4 +232,17 @@ class FoldReport(RichPrintable):
             table.add_row(name, kind, channels, Text(status, style=style), outcome)
         extra = [Text(line, style="green" if merged else "yellow") for merged, line in self._merge_lines()]
         extra += [Text(f"note: {n}", style="dim") for n in self.notes]
+        extra += [Text(line) for line in filter(None, [verification_line(self.verification)])]
         return Group(table, *extra)
+
+
+def verification_line(verification: dict[str, Any] | None, what: str = "verified") -> str | None:
+    """``verified on x: 1x3x224x224 (example inputs): error 1.2e-07 against allowance 4.8e-07 (...)``, for every format
+    (``verification``: :meth:`bnfold.judge.VerificationResult.to_dict`); ``None`` when nothing was verified."""
+    if not verification:
+        return None
+    inputs = describe_inputs(verification["input_shapes"], verification["inputs"], verification["batches"])
+    judged = verification["judged"] or (
+        f"max relative error {verification['max_relative']:.3g} (tolerance {verification['tolerance']:g})"
+    )
+    return f"{what}{inputs}: {judged}"

@@ -20,10 +20,10 @@ from ...errors import InvalidInputError, OriginalRunError
 from ...files import check_output_path
 from ...formats import Fold, backend_for_file, onnx_module
 from ...loading import kind_by_name
-from ...report import MERGED, print_whole
+from ...report import MERGED, print_whole, verification_line
 from . import saving
 from .loading import LoadedModel, load_model, names_a_file
-from .output import emit, verification_line
+from .output import emit
 
 OK, VERIFICATION_FAILED = 0, 1
 
@@ -213,8 +213,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
         reread = saving.write(folded, record, loaded.backend, output, fmt, force=args.force, arch=loaded.arch)
     payload = {"output": str(output), "format": fmt, "report": report.to_dict(), "written_file_check": reread}
     _print_notes(args, console, loaded)
-    lines = [report, *filter(None, [verification_line(report.verification)]),
-             f"wrote {output} ({fmt}, {output.stat().st_size / 1e6:.2f} MB)"]
+    lines = [report, f"wrote {output} ({fmt}, {output.stat().st_size / 1e6:.2f} MB)"]
     if reread is not None:
         lines.append(verification_line(reread, f"read {output} back"))
     emit(args, console, payload, *lines)

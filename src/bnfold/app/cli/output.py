@@ -10,7 +10,6 @@ import json
 import sys
 from typing import Any
 
-from ...judge import describe_inputs
 from ...report import print_whole
 
 
@@ -21,15 +20,3 @@ def emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *rende
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     print_whole(console, *renderables)  # outside a terminal, as wide as the widest row: no cell is ever cut
-
-
-def verification_line(verification: dict[str, Any] | None, what: str = "verified") -> str | None:
-    """``verified on x: 1x3x224x224 (example inputs): error 1.2e-07 against allowance 4.8e-07 (...)``, for every format
-    (``verification``: :meth:`bnfold.judge.VerificationResult.to_dict`)."""
-    if not verification:
-        return None
-    inputs = describe_inputs(verification["input_shapes"], verification["inputs"], verification["batches"])
-    judged = verification["judged"] or (
-        f"max relative error {verification['max_relative']:.3g} (tolerance {verification['tolerance']:g})"
-    )
-    return f"{what}{inputs}: {judged}"

@@ -12,7 +12,9 @@ float64 truth is not available in every format; this needs none)::
     allowance A = FLOOR_FACTOR * N + eps * max |O|
 
 and the fold is accepted when ``E <= A``, or when ``E / max|O|`` is within the fixed relative tolerance of the
-dtype (:data:`bnfold.verification.TOLERANCES`), which is what bnfold accepted before.
+dtype (:data:`bnfold.verification.TOLERANCES`), which is what bnfold accepted before. That relative error is taken
+against the output's largest magnitude, not element by element: element-wise relative errors explode where the
+original is near zero, which says nothing about the fold.
 
 Why it is right on trained models: a detector's sigmoid map driven to 1e-5 everywhere (random inputs saturate
 it) shrinks the fold's error and the floor alike, by the slope of the sigmoid, so ``E / A`` stays near its usual
@@ -84,24 +86,6 @@ def output_error(error: float, scale: float, eps: float, floor: float | None, pa
     if floor is not None:
         allowance = FLOOR_FACTOR * floor + eps * scale if math.isfinite(floor) else eps * scale
     return OutputError(path, error, relative, shape, allowance, floor)
-
-
-def undecided(run_to_run: float, error: float, floor: float | None) -> bool:
-    """Whether the original's own run-to-run difference (same inputs, same random state) swamps the check.
-
-    A model that draws random numbers bnfold cannot replay (another generator, a runtime op without a seed) gives
-    different outputs on every run. That difference is in the fold's error and in the noise floor alike, so where
-    it reaches a tenth of either, neither says anything about the fold. Asked only for outputs beyond the fixed
-    tolerance (the verdict then rests on the floor); a deterministic model's run-to-run difference is 0.
-    """
-    if run_to_run <= 0:
-        return False
-    return 10 * run_to_run >= min(error, floor if floor is not None else math.inf)
-
-
-UNDECIDED = ("the original model's own outputs differ from run to run on the same inputs and random state (by "
-             "{run:.3g}, against a fold difference of {error:.3g}): it draws random numbers bnfold cannot replay, so "
-             "the check cannot judge the fold")
 
 
 def not_comparable(where: str, size: int, nan_original: int, nan_folded: int, same_infinities: bool) -> str | None:
@@ -275,8 +259,11 @@ class VerificationResult:
     def max_relative(self) -> float:
         return max((e.relative for e in self.outputs), default=0.0)
 
+    def _rank(self, error: OutputError) -> tuple[bool, float]:
+        return not error.within(self.tolerance), error.relative  # a failing output first, then the larger error
+
     def _worst(self) -> OutputError | None:
-        return max(self.outputs, key=lambda e: (not e.within(self.tolerance), e.relative), default=None)
+        return max(self.outputs, key=self._rank, default=None)
 
     @property
     def worst_output(self) -> str | None:
@@ -308,8 +295,7 @@ class VerificationResult:
         worst = {e.path: e for e in self.outputs}
         for error in other.outputs:
             mine = worst.get(error.path)
-            if mine is None or ((not error.within(self.tolerance), error.relative)
-                                > (not mine.within(self.tolerance), mine.relative)):
+            if mine is None or self._rank(error) > self._rank(mine):
                 worst[error.path] = error
         self.outputs = list(worst.values())
         self.problems.extend(p for p in other.problems if p not in self.problems)
@@ -317,16 +303,22 @@ class VerificationResult:
         self.undecided = self.undecided or other.undecided
 
     def check_run_to_run(self, first: dict[str, Any], again: dict[str, Any], numbers: Numbers = numpy_numbers) -> None:
-        """Mark the result undecided (:func:`undecided`) where the original's own run-to-run difference (between its
-        outputs ``first`` and ``again`` on the same inputs and random state, flat as for :func:`compare`) swamps an
-        output beyond the tolerance: its verdict rests on the floor, and that is noise."""
+        """Mark the result undecided where the original's own run-to-run difference, between its outputs ``first``
+        and ``again`` (flat as for :func:`compare`) on the same inputs and random state, swamps the check.
+
+        A model that draws random numbers bnfold cannot replay (another generator, a runtime op without a seed) gives
+        different outputs on every run. That difference is in the fold's error and in the noise floor alike, so where
+        it reaches a tenth of either, neither says anything about the fold. Asked only for outputs beyond the fixed
+        tolerance (the verdict then rests on the floor); a deterministic model's run-to-run difference is 0.
+        """
         for error in self.outputs:
-            if error.relative <= self.tolerance or error.path not in again:
-                continue
-            mine = numbers(first[error.path])
+            mine = numbers(first[error.path]) if error.relative > self.tolerance and error.path in again else None
             run = largest_difference(mine[0], again[error.path], numbers) if mine and mine[1] else None
-            if run is not None and undecided(run, error.max_abs, error.floor):
-                self.undecided = UNDECIDED.format(run=run, error=error.max_abs)
+            if run and 10 * run >= min(error.max_abs, error.floor if error.floor is not None else math.inf):
+                self.undecided = (
+                    f"the original model's own outputs differ from run to run on the same inputs and random state (by "
+                    f"{run:.3g}, against a fold difference of {error.max_abs:.3g}): it draws random numbers bnfold "
+                    "cannot replay, so the check cannot judge the fold")
                 return
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,9 +1,5 @@
 """Proof that folding changed nothing: run the original and the folded model in onnxruntime and compare.
 
-Errors are measured per output as in :mod:`bnfold.verification` (the PyTorch side)::
-
-    max_abs = max |a - b|        relative = max_abs / max |a|
-
 Both sessions run on onnxruntime's CPU provider with graph optimisations off, so what is compared is the two
 graphs, not what onnxruntime makes of them. An input shaped like a batch of RGB images gets the photographs bnfold
 ships (:mod:`bnfold.examples`), every other input seeded random values; a dynamic batch dimension is 1 and the other
@@ -359,8 +355,7 @@ def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
         if unknown:
             raise InvalidInputError(f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(names)}")
         shapes = {name: np.shape(array) for name, array in batch.items()}
-        base = example_inputs(described, seed, input_shape if input_shape is not None else None,
-                              size=_common_size(described, shapes))
+        base = example_inputs(described, seed, input_shape, size=_common_size(described, shapes))
         base.update({k: np.asarray(v) for k, v in batch.items()})
         feeds.append(base)
     return feeds

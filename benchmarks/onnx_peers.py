@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 
 import bnfold.onnx as bo
-from bnfold.onnx.verification import compare_outputs, random_inputs
+from bnfold.judge import compare
+from bnfold.onnx.verification import random_inputs
 
 TOOLS = ("bnfold", "onnxoptimizer", "ort-basic")
 DEFAULT_MODELS = ("resnet18", "mobilenet_v3_small", "vgg11_bn", "densenet121")
@@ -56,7 +57,7 @@ def outputs_of(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def max_relative(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> float:
-    compared = compare_outputs(expected, actual, 0.0)
+    compared = compare(expected, actual, 0.0)
     return compared.max_relative if not compared.problems and compared.judged else float("inf")
 
 

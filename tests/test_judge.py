@@ -65,6 +65,32 @@ def test_the_rule_accepts_a_saturated_output_and_refuses_a_wrong_fold() -> None:
     assert not judge.output_error(1.0, 1.0, 1.19e-7, float("nan")).within(1e-4)  # a NaN floor allows one rounding
 
 
+def test_pytorch_and_onnx_outputs_are_read_and_judged_by_one_comparison() -> None:
+    """The same outputs as tensors and as numpy arrays give the same verdict and numbers (a float16 output keeps its
+    own epsilon), an integer output is compared exactly in both (an index off by one of 50000 is no relative error
+    of 2e-5), and a missing or reshaped output is a problem."""
+    from bnfold.verification import compare_outputs
+
+    values = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).half()
+    original = {"x": values, "i": torch.tensor([50000, 7])}
+    folded = {"x": (values.float() * (1 + 2e-3)).half(), "i": torch.tensor([50001, 7])}
+    perturbed = {"x": (values.float() * (1 + 1e-3)).half(), "i": original["i"]}
+    from_torch = compare_outputs(original, folded, 1e-4, perturbed)
+
+    def as_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {f"['{name}']": tensor.numpy() for name, tensor in outputs.items()}
+
+    from_numpy = judge.compare(as_numpy(original), as_numpy(folded), 1e-4, as_numpy(perturbed))
+    assert from_torch.to_dict() == from_numpy.to_dict()
+    by_path = {e.path: e for e in from_numpy.outputs}
+    assert by_path["['x']"].within(1e-4) and by_path["['x']"].allowance is not None  # within its float16 allowance
+    assert (by_path["['i']"].max_abs, by_path["['i']"].relative) == (1.0, 1.0) and not from_numpy.passed
+    shaped = judge.compare({"y": np.ones(3)}, {"y": np.ones(4)}, 1e-4)
+    missing = judge.compare({"y": np.ones(3)}, {}, 1e-4)
+    assert shaped.problems == ["output 'y' has shape [3] vs [4]"]
+    assert missing.problems == ["output 'y' is missing in the folded model"]
+
+
 def test_the_saturating_model_fails_the_fixed_tolerance_alone() -> None:
     """The oracle for the tests below, outside the judge: the fold differs by more than the tolerance."""
     model, x = saturating(), _photo()

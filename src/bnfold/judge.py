@@ -12,7 +12,9 @@ float64 truth is not available in every format; this needs none)::
     allowance A = FLOOR_FACTOR * N + eps * max |O|
 
 and the fold is accepted when ``E <= A``, or when ``E / max|O|`` is within the fixed relative tolerance of the
-dtype (:data:`bnfold.verification.TOLERANCES`), which is what bnfold accepted before.
+dtype (:data:`bnfold.verification.TOLERANCES`), which is what bnfold accepted before. That relative error is taken
+against the output's largest magnitude, not element by element: element-wise relative errors explode where the
+original is near zero, which says nothing about the fold.
 
 Why it is right on trained models: a detector's sigmoid map driven to 1e-5 everywhere (random inputs saturate
 it) shrinks the fold's error and the floor alike, by the slope of the sigmoid, so ``E / A`` stays near its usual
@@ -21,13 +23,15 @@ by 1e-3 on one channel is thousands of rounding steps, so ``E`` is thousands of 
 The floor is measured between the original and a perturbed original, never against the folded model, so a wrong
 fold cannot widen its own allowance.
 
-This module is plain Python (no torch, no numpy): each format reduces its outputs to the numbers above, asks
-:func:`output_error`, and gathers the answers in one :class:`VerificationResult`, the result of every format's check.
+This module needs no torch (numpy only, imported when outputs are compared): each format flattens its outputs to
+``{path: value}`` and :func:`compare` reduces them to the numbers above, judges each with :func:`output_error` and
+gathers the answers in one :class:`VerificationResult`, the result of every format's check.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,27 +88,6 @@ def output_error(error: float, scale: float, eps: float, floor: float | None, pa
     return OutputError(path, error, relative, shape, allowance, floor)
 
 
-def undecided(run_to_run: float, error: float, floor: float | None) -> bool:
-    """Whether the original's own run-to-run difference (same inputs, same random state) swamps the check.
-
-    A model that draws random numbers bnfold cannot replay (another generator, a runtime op without a seed) gives
-    different outputs on every run. That difference is in the fold's error and in the noise floor alike, so where
-    it reaches a tenth of either, neither says anything about the fold. Asked only for outputs beyond the fixed
-    tolerance (the verdict then rests on the floor); a deterministic model's run-to-run difference is 0.
-    """
-    if run_to_run <= 0:
-        return False
-    return 10 * run_to_run >= min(error, floor if floor is not None else math.inf)
-
-
-UNDECIDED = ("the original model's own outputs differ from run to run on the same inputs and random state (by "
-             "{run:.3g}, against a fold difference of {error:.3g}): it draws random numbers bnfold cannot replay, so "
-             "the check cannot judge the fold")
-
-
-PERTURBED = "the original with every tensor the fold touched moved one rounding step"
-
-
 def not_comparable(where: str, size: int, nan_original: int, nan_folded: int, same_infinities: bool) -> str | None:
     """Why output ``where`` (of ``size`` values) cannot be compared, or ``None``.
 
@@ -121,6 +104,87 @@ def not_comparable(where: str, size: int, nan_original: int, nan_folded: int, sa
     if not same_infinities:
         return f"{where} is infinite at different places (or with different signs) in the original and the folded model"
     return None
+
+
+Numbers = Callable[[Any], "tuple[Any, float | None] | None"]  # how a format reads an output (see compare)
+
+
+def numpy_numbers(value: Any) -> tuple[Any, float | None]:
+    """An ONNX output as :func:`compare` reads it; a float dtype numpy does not know (complex, ``ml_dtypes``'
+    bfloat16) is compared by value with eps 0, so without a floor."""
+    import numpy as np
+
+    array = np.asarray(value)
+    if array.dtype.kind in "biu":
+        return array, None
+    return array.astype(np.float64), float(np.finfo(array.dtype).eps) if array.dtype.kind == "f" else 0.0
+
+
+def compare(original: dict[str, Any], candidate: dict[str, Any], tolerance: float,
+            perturbed: dict[str, Any] | None = None, numbers: Numbers = numpy_numbers) -> VerificationResult:
+    """Judge every output of the original against the candidate's, in every format.
+
+    Args:
+        original / candidate / perturbed: the outputs of the original, of the folded model and of the perturbed
+            original (the noise floor, when measured), flat by path (PyTorch) or name (ONNX).
+        numbers: how the format reads an output (:func:`numpy_numbers`): ``None`` for a value that is no array
+            (compared with ``==``); for an array ``(values, eps)``. With ``eps`` ``None`` the output is compared
+            exactly: its error is the number of differing values, its relative error 1 when there is one. Otherwise
+            ``values`` is float64 and ``eps`` the machine epsilon of the output's dtype; an output with ``eps`` 0 gets
+            no floor.
+
+    Shapes that differ are problems; NaN, or infinities at different places, make an output not comparable
+    (:func:`not_comparable`); the rest is reduced over the original's finite places to ``max |F - O|``, ``max |O|``
+    and the floor ``max |P - O|`` (:func:`largest_difference`), and judged by :func:`output_error`.
+    """
+    import numpy as np
+
+    result = VerificationResult([], tolerance)
+    for path, value in original.items():
+        where = output_label(path)
+        if path not in candidate:
+            result.problems.append(f"{where} is missing in the folded model")
+            continue
+        mine, theirs = numbers(value), numbers(candidate[path])
+        if mine is None:
+            if value != candidate[path]:
+                result.problems.append(f"{where} differs: {value!r} vs {candidate[path]!r}")
+            continue
+        a, eps = mine
+        if theirs is None or theirs[0].shape != a.shape:
+            shown = list(theirs[0].shape) if theirs is not None else [type(candidate[path])]
+            result.problems.append(f"{where} has shape {list(a.shape)} vs {shown}")
+            continue
+        if eps is None:
+            mismatches = int((a != theirs[0]).sum())
+            result.outputs.append(OutputError(path, float(mismatches), float(mismatches > 0), tuple(a.shape)))
+            continue
+        b, infinite = np.asarray(theirs[0], dtype=np.float64), np.isinf(a)
+        problem = not_comparable(where, a.size, int(np.isnan(a).sum()), int(np.isnan(b).sum()),
+                                 np.array_equal(infinite, np.isinf(b)) and np.array_equal(a[infinite], b[infinite]))
+        if problem:
+            result.not_finite.append(problem)
+            continue
+        finite = ~infinite
+        error = float(np.max(np.abs(a[finite] - b[finite]))) if finite.any() else 0.0
+        scale = float(np.max(np.abs(a[finite]))) if finite.any() else 0.0
+        floor = largest_difference(a, perturbed[path], numbers) if eps and perturbed and path in perturbed else None
+        result.outputs.append(output_error(error, scale, eps, floor, path, tuple(a.shape)))
+    return result
+
+
+def largest_difference(values: Any, other: Any, numbers: Numbers = numpy_numbers) -> float | None:
+    """``max |P - O|`` between the float64 ``values`` of an output and ``other`` (the perturbed original's output, or
+    the original's own on a second run), over the places finite in both; ``None`` when the two cannot be compared
+    (no array, another shape, no finite place)."""
+    import numpy as np
+
+    read = numbers(other)
+    if read is None or read[0].shape != values.shape:
+        return None
+    p = np.asarray(read[0], dtype=np.float64)
+    finite = np.isfinite(values) & np.isfinite(p)
+    return float(np.max(np.abs(values[finite] - p[finite]))) if finite.any() else None
 
 
 def output_label(path: str) -> str:
@@ -195,8 +259,11 @@ class VerificationResult:
     def max_relative(self) -> float:
         return max((e.relative for e in self.outputs), default=0.0)
 
+    def _rank(self, error: OutputError) -> tuple[bool, float]:
+        return not error.within(self.tolerance), error.relative  # a failing output first, then the larger error
+
     def _worst(self) -> OutputError | None:
-        return max(self.outputs, key=lambda e: (not e.within(self.tolerance), e.relative), default=None)
+        return max(self.outputs, key=self._rank, default=None)
 
     @property
     def worst_output(self) -> str | None:
@@ -228,21 +295,30 @@ class VerificationResult:
         worst = {e.path: e for e in self.outputs}
         for error in other.outputs:
             mine = worst.get(error.path)
-            if mine is None or ((not error.within(self.tolerance), error.relative)
-                                > (not mine.within(self.tolerance), mine.relative)):
+            if mine is None or self._rank(error) > self._rank(mine):
                 worst[error.path] = error
         self.outputs = list(worst.values())
         self.problems.extend(p for p in other.problems if p not in self.problems)
         self.not_finite.extend(p for p in other.not_finite if p not in self.not_finite)
         self.undecided = self.undecided or other.undecided
 
-    def check_run_to_run(self, drift: dict[str, float]) -> None:
-        """Mark the result undecided (:func:`undecided`) where the original's own run-to-run difference (``drift``,
-        by output path) swamps an output beyond the tolerance: its verdict rests on the floor, and that is noise."""
+    def check_run_to_run(self, first: dict[str, Any], again: dict[str, Any], numbers: Numbers = numpy_numbers) -> None:
+        """Mark the result undecided where the original's own run-to-run difference, between its outputs ``first``
+        and ``again`` (flat as for :func:`compare`) on the same inputs and random state, swamps the check.
+
+        A model that draws random numbers bnfold cannot replay (another generator, a runtime op without a seed) gives
+        different outputs on every run. That difference is in the fold's error and in the noise floor alike, so where
+        it reaches a tenth of either, neither says anything about the fold. Asked only for outputs beyond the fixed
+        tolerance (the verdict then rests on the floor); a deterministic model's run-to-run difference is 0.
+        """
         for error in self.outputs:
-            run = drift.get(error.path, 0.0)
-            if error.relative > self.tolerance and undecided(run, error.max_abs, error.floor):
-                self.undecided = UNDECIDED.format(run=run, error=error.max_abs)
+            mine = numbers(first[error.path]) if error.relative > self.tolerance and error.path in again else None
+            run = largest_difference(mine[0], again[error.path], numbers) if mine and mine[1] else None
+            if run and 10 * run >= min(error.max_abs, error.floor if error.floor is not None else math.inf):
+                self.undecided = (
+                    f"the original model's own outputs differ from run to run on the same inputs and random state (by "
+                    f"{run:.3g}, against a fold difference of {error.max_abs:.3g}): it draws random numbers bnfold "
+                    "cannot replay, so the check cannot judge the fold")
                 return
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,14 +1,7 @@
-"""Proof that folding changed nothing: compare the outputs of two models.
+"""Proof that folding changed nothing: compare the outputs of two PyTorch models.
 
-Errors are measured per output tensor (outputs may be tensors, tuples, lists, dicts and nestings of them, as
-detection and segmentation models return) as
-
-    max_abs = max |a - b|        relative = max_abs / max |a|
-
-The relative error is taken against the largest magnitude of the reference output rather than element-wise:
-element-wise relative errors explode where the reference is near zero, which says nothing about the fold.
-
-Every output is judged by :mod:`bnfold.judge`, the rule all formats share: it passes within the fixed relative
+Outputs may be tensors, tuples, lists, dicts and nestings of them (as detection and segmentation models return).
+Every output tensor is judged by :mod:`bnfold.judge`, the rule all formats share: it passes within the fixed relative
 tolerance below, or when its error is within what one rounding step of the tensors the fold touched does to the
 original on the same inputs (:func:`noise_floor`; "error X against allowance Y"). Models that draw random numbers
 in eval mode run every time under the same seed (:func:`run_seeded`), so the original and the folded model see the
@@ -26,6 +19,7 @@ so their tolerance is ten roundings: 1e-2 and 8e-2.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -56,71 +50,36 @@ def default_tolerance(model_or_dtype: nn.Module | torch.dtype) -> float:
     return max(TOLERANCES.get(d, TOLERANCES[torch.float32]) for d in dtypes)
 
 
-def _leaves_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+def _flat(tree: Any) -> tuple[dict[str, Any], Any]:
+    """The leaves of an output structure by path (``"[0]"``, ``"['boxes']"``, ``""`` for a lone tensor), and its
+    structure."""
     leaves, spec = pytree.tree_flatten_with_path(tree)
-    return [(pytree.keystr(path), leaf) for path, leaf in leaves], spec
+    return {pytree.keystr(path): leaf for path, leaf in leaves}, spec
+
+
+def numbers(value: Any) -> tuple[Any, float | None] | None:
+    """How :func:`bnfold.judge.compare` reads a PyTorch output (see there): a tensor as a numpy array, float64 unless
+    it is compared exactly (integers, booleans); any other value as itself (``None``). bfloat16 has no numpy dtype,
+    so floating tensors are widened by torch, and the epsilon comes from their own dtype."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    tensor = value.detach().cpu()
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return tensor.numpy(), None
+    return tensor.to(torch.float64).numpy(), torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0.0
 
 
 def compare_outputs(reference: Any, candidate: Any, tolerance: float, perturbed: Any = None) -> VerificationResult:
-    """Compare two model outputs of the same structure, tensor by tensor.
+    """Compare two model outputs of the same structure, tensor by tensor (:func:`bnfold.judge.compare`).
 
     ``perturbed``: the original's outputs with its touched tensors moved one rounding step (:func:`noise_floor`);
-    when given, each floating output also gets its :mod:`bnfold.judge` allowance.
+    when given (and of the same structure), each floating output also gets its :mod:`bnfold.judge` allowance.
     """
-    floors = _floors(reference, perturbed) if perturbed is not None else {}
-    ref_leaves, ref_spec = _leaves_with_paths(reference)
-    cand_leaves, cand_spec = _leaves_with_paths(candidate)
-    comparison = VerificationResult([], tolerance)
-    if ref_spec != cand_spec:
-        comparison.problems.append(f"the outputs have different structures ({ref_spec} vs {cand_spec})")
-        return comparison
-    for (path, a), (_, b) in zip(ref_leaves, cand_leaves, strict=True):
-        if not isinstance(a, torch.Tensor):
-            if a != b:
-                comparison.problems.append(f"{judge.output_label(path)} differs: {a!r} vs {b!r}")
-            continue
-        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            comparison.problems.append(
-                f"{judge.output_label(path)} has shape {list(a.shape)} vs {list(getattr(b, 'shape', [type(b)]))}")
-            continue
-        if not a.is_floating_point() and not a.is_complex():
-            mismatches = int((a != b).sum())
-            comparison.outputs.append(OutputError(path, float(mismatches), float(mismatches > 0), tuple(a.shape)))
-            continue
-        if a.numel() == 0:
-            comparison.outputs.append(OutputError(path, 0.0, 0.0, tuple(a.shape)))
-            continue
-        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-        infinite = torch.isinf(a64)
-        problem = judge.not_comparable(
-            judge.output_label(path), a64.numel(), int(torch.isnan(a64).sum()), int(torch.isnan(b64).sum()),
-            torch.equal(infinite, torch.isinf(b64)) and torch.equal(a64[infinite], b64[infinite]))
-        if problem:
-            comparison.not_finite.append(problem)
-            continue
-        finite_a = torch.isfinite(a64)
-        difference = (a64 - b64)[finite_a]
-        max_abs = float(difference.abs().max()) if difference.numel() else 0.0
-        scale = float(a64[finite_a].abs().max()) if difference.numel() else 0.0
-        eps = torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0
-        comparison.outputs.append(judge.output_error(max_abs, scale, eps, floors.get(path), path, tuple(a.shape)))
-    return comparison
-
-
-def _floors(reference: Any, perturbed: Any) -> dict[str, float]:
-    """``max |P - O|`` per floating output path (outputs whose structure or values do not match are left out)."""
-    floors = {}
-    ref_leaves, ref_spec = _leaves_with_paths(reference)
-    pert_leaves, pert_spec = _leaves_with_paths(perturbed)
-    if ref_spec != pert_spec:
-        return {}
-    for (path, a), (_, p) in zip(ref_leaves, pert_leaves, strict=True):
-        if isinstance(a, torch.Tensor) and isinstance(p, torch.Tensor) and a.is_floating_point() and a.shape == p.shape:
-            a64, p64 = a.detach().double(), p.detach().double()
-            finite = torch.isfinite(a64) & torch.isfinite(p64)
-            if finite.any():
-                floors[path] = float((a64 - p64)[finite].abs().max())
-    return floors
+    (original, spec), (folded, folded_spec) = _flat(reference), _flat(candidate)
+    if spec != folded_spec:
+        return VerificationResult([], tolerance, [f"the outputs have different structures ({spec} vs {folded_spec})"])
+    floor, floor_spec = _flat(perturbed) if perturbed is not None else ({}, spec)
+    return judge.compare(original, folded, tolerance, floor if floor_spec == spec else None, numbers)
 
 
 RUN_SEED = 0
@@ -178,10 +137,9 @@ def noise_floor(model: Any, names: Any, inputs: tuple[Any, ...], seed: int = RUN
 
 
 def run_to_run(model: Any, inputs: tuple[Any, ...], first: Any, comparison: VerificationResult, seed: int = RUN_SEED) -> None:
-    """Run the original again on the same inputs and random state; where it differs from ``first`` as much as the fold
-    or the noise floor do, mark ``comparison`` undecided (:func:`bnfold.judge.undecided`). Called whenever an output
-    is beyond the fixed tolerance (the verdict then rests on the floor)."""
-    comparison.check_run_to_run(_floors(first, run_seeded(model, inputs, seed)))
+    """Run the original again on the same inputs and random state, and mark ``comparison`` undecided where it differs
+    from ``first`` as much as the fold or the noise floor do (:meth:`VerificationResult.check_run_to_run`)."""
+    comparison.check_run_to_run(_flat(first)[0], _flat(run_seeded(model, inputs, seed))[0], numbers)
 
 
 def _to_float64(tree: Any) -> Any:
@@ -214,6 +172,10 @@ def _round_like(exact_fold: nn.Module, original: nn.Module) -> None:
                 owner = name.rpartition(".")[0]
                 dtype = stored.get(name) or stored.get(f"{owner}.weight" if owner else "weight", fallback)
                 tensor.data = tensor.data.to(dtype).to(tensor.dtype)
+
+
+def _ratio(error: float, allowance: float) -> float:
+    return error / allowance if allowance else (0.0 if error == 0 else float("inf"))
 
 
 def explained_by_rounding(
@@ -257,43 +219,27 @@ def explained_by_rounding(
     truth_model = copy.deepcopy(original).double()
     truth = run_seeded(truth_model, _to_float64(inputs))
     del truth_model
-    second_test: list[tuple[float, float]] = []  # per output: (|F64 - T|, |R - E|)
-    if exact_fold is not None and folded_float64 is not None:
-        exact = run_seeded(exact_fold, _to_float64(inputs))
+    trees = [truth, original_outputs, folded_outputs]
+    if exact_fold is not None and folded_float64 is not None:  # the second test: (E, R, F64) of each output
+        trees.append(run_seeded(exact_fold, _to_float64(inputs)))
         _round_like(exact_fold, original)
-        rounded = run_seeded(exact_fold, _to_float64(inputs))
-        folded64 = run_seeded(folded_float64, _to_float64(inputs))
-        for (_, t), (_, e), (_, r), (_, f) in zip(
-            _leaves_with_paths(truth)[0], _leaves_with_paths(exact)[0], _leaves_with_paths(rounded)[0],
-            _leaves_with_paths(folded64)[0], strict=True,
-        ):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-                finite = torch.isfinite(t)
-                rounding = float((r - e)[finite].abs().max())
-                # A rounding that is not finite measures nothing (and must not allow everything): no second test.
-                second_test.append((float((f - t)[finite].abs().max()), rounding if math.isfinite(rounding) else 0.0))
-            else:
-                second_test.append((0.0, 0.0))
-    truth_leaves, _ = _leaves_with_paths(truth)
-    original_leaves, _ = _leaves_with_paths(original_outputs)
-    folded_leaves, _ = _leaves_with_paths(folded_outputs)
+        trees += [run_seeded(exact_fold, _to_float64(inputs)), run_seeded(folded_float64, _to_float64(inputs))]
     comparison = VerificationResult([], 1.0)
-    for number, ((path, t), (_, a), (_, b)) in enumerate(zip(truth_leaves, original_leaves, folded_leaves, strict=True)):
+    for path, t, a, b, *second_test in zip(_flat(truth)[0], *(_flat(tree)[0].values() for tree in trees), strict=True):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
             continue
         finite = torch.isfinite(t)
-        own_error = float((a.double() - t)[finite].abs().max())
-        fold_error = float((b.double() - t)[finite].abs().max())
         one_rounding = float(t[finite].abs().max()) * torch.finfo(a.dtype).eps
-        allowance = ROUNDING_FACTOR * own_error + one_rounding
-        ratio = fold_error / allowance if allowance else (0.0 if fold_error == 0 else float("inf"))
-        error = fold_error
+        error = float((b.double() - t)[finite].abs().max())
+        ratio = _ratio(error, ROUNDING_FACTOR * float((a.double() - t)[finite].abs().max()) + one_rounding)
         if second_test:
-            weights_error, weight_rounding = second_test[number]
-            allowance = ROUNDING_FACTOR * weight_rounding + one_rounding
-            second = weights_error / allowance if allowance else (0.0 if weights_error == 0 else float("inf"))
-            if second < ratio:
-                ratio, error = second, weights_error
+            exact, rounded, folded64 = second_test
+            rounding = float((rounded - exact)[finite].abs().max())
+            weights_error = float((folded64 - t)[finite].abs().max())
+            # A rounding that is not finite measures nothing (and must not allow everything): no second test.
+            allowance = ROUNDING_FACTOR * (rounding if math.isfinite(rounding) else 0.0) + one_rounding
+            if _ratio(weights_error, allowance) < ratio:
+                ratio, error = _ratio(weights_error, allowance), weights_error
         comparison.outputs.append(OutputError(path, error, ratio, tuple(t.shape)))
     return comparison
 
@@ -415,7 +361,7 @@ def verify(
 
     touched = changed_tensors(original, folded)
     with MODEL_CALLS_LOCK, torch.no_grad():
-        for number, (batch, labels) in enumerate(_chain(batches, _batches(data) if data is not None else ())):
+        for number, (batch, labels) in enumerate(itertools.chain(batches, _batches(data) if data is not None else ())):
             if max_batches is not None and number >= max_batches + len(batches):
                 break
             expected, actual = run_seeded(original, batch), run_seeded(folded, batch)
@@ -427,7 +373,8 @@ def verify(
             else:
                 result.absorb(comparison)
                 result.batches += 1
-            if number < len(batches) or not _is_logits(expected):
+            if number < len(batches) or not (isinstance(expected, torch.Tensor) and expected.dim() == 2
+                                             and expected.is_floating_point()):  # no classifier's logits
                 continue
             top_original, top_folded = expected.argmax(-1), actual.argmax(-1)
             agree += int((top_original == top_folded).sum())
@@ -461,11 +408,3 @@ def changed_tensors(original: Any, folded: Any) -> list[str]:
             changed.append(name)
     return changed
 
-
-def _chain(first: list[Any], rest: Any) -> Any:
-    yield from first
-    yield from rest
-
-
-def _is_logits(output: Any) -> bool:
-    return isinstance(output, torch.Tensor) and output.dim() == 2 and output.is_floating_point()

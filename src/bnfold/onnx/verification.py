@@ -1,9 +1,5 @@
 """Proof that folding changed nothing: run the original and the folded model in onnxruntime and compare.
 
-Errors are measured per output as in :mod:`bnfold.verification` (the PyTorch side)::
-
-    max_abs = max |a - b|        relative = max_abs / max |a|
-
 Both sessions run on onnxruntime's CPU provider with graph optimisations off, so what is compared is the two
 graphs, not what onnxruntime makes of them. An input shaped like a batch of RGB images gets the photographs bnfold
 ships (:mod:`bnfold.examples`), every other input seeded random values; a dynamic batch dimension is 1 and the other
@@ -78,8 +74,7 @@ def _input_shapes(
         if value.name not in input_shape:
             continue
         shape = tuple(int(d) for d in input_shape[value.name])
-        dims = value.type.tensor_type.shape.dim
-        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        declared = _declared(value)
         shown = ",".join("?" if d is None else str(d) for d in declared)
         ranked = value.type.tensor_type.HasField("shape")  # without a shape any rank is accepted
         if ranked and (len(shape) != len(declared)
@@ -345,55 +340,6 @@ def _floor(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.Mode
 # ------------------------------------------------------------------------------------------------ verify
 
 
-def _not_finite(where: str, a: np.ndarray, b: np.ndarray) -> str | None:
-    infinite = np.isinf(a)
-    return judge.not_comparable(where, a.size, int(np.isnan(a).sum()), int(np.isnan(b).sum()),
-                                np.array_equal(infinite, np.isinf(b)) and np.array_equal(a[infinite], b[infinite]))
-
-
-def _reduce(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """``(max |a - b|, max |a|)`` over the finite places of ``a`` (two float64 arrays of one shape, :func:`_not_finite`
-    passed)."""
-    finite = ~np.isinf(a)
-    if not finite.any():
-        return 0.0, 0.0
-    return float(np.max(np.abs(a[finite] - b[finite]))), float(np.max(np.abs(a[finite])))
-
-
-def _difference(expected: np.ndarray, actual: np.ndarray) -> float | None:
-    """``max |a - b|`` (a noise floor, a run-to-run drift), or ``None`` when the two cannot be compared."""
-    a, b = np.asarray(expected).astype(np.float64), np.asarray(actual).astype(np.float64)
-    return None if a.shape != b.shape or _not_finite("", a, b) else _reduce(a, b)[0]
-
-
-def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], tolerance: float,
-                    perturbed: dict[str, np.ndarray] | None = None) -> VerificationResult:
-    """Compare two models' outputs by name, each judged by :func:`bnfold.judge.output_error`.
-
-    ``perturbed``: the perturbed original's outputs (the noise floor, see :mod:`bnfold.judge`), when measured.
-    """
-    result = VerificationResult([], tolerance)
-    for name, value in expected.items():
-        where, a = judge.output_label(name), np.asarray(value)
-        if name not in actual:
-            result.problems.append(f"{where} is missing in the folded model")
-            continue
-        a64, b64 = a.astype(np.float64), np.asarray(actual[name]).astype(np.float64)
-        if a64.shape != b64.shape:
-            result.problems.append(f"{where} has shape {list(a64.shape)} vs {list(b64.shape)}")
-            continue
-        problem = _not_finite(where, a64, b64)
-        if problem:
-            result.not_finite.append(problem)
-            continue
-        error, scale = _reduce(a64, b64)
-        floating = np.issubdtype(a.dtype, np.floating)  # integer outputs (indices, counts) have no floor
-        floor = _difference(a, perturbed[name]) if floating and perturbed is not None and name in perturbed else None
-        eps = float(np.finfo(a.dtype).eps) if floating else 0.0
-        result.outputs.append(judge.output_error(error, scale, eps, floor, name, tuple(a.shape)))
-    return result
-
-
 def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
                  input_shape: Sequence[int] | dict[str, Sequence[int]] | None) -> list[dict[str, np.ndarray]]:
     """The batches to compare on: ``inputs`` (a dict, or a list of dicts, by input name) over the example inputs."""
@@ -409,8 +355,7 @@ def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
         if unknown:
             raise InvalidInputError(f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(names)}")
         shapes = {name: np.shape(array) for name, array in batch.items()}
-        base = example_inputs(described, seed, input_shape if input_shape is not None else None,
-                              size=_common_size(described, shapes))
+        base = example_inputs(described, seed, input_shape, size=_common_size(described, shapes))
         base.update({k: np.asarray(v) for k, v in batch.items()})
         feeds.append(base)
     return feeds
@@ -480,13 +425,11 @@ def verify(
                                 input_shapes={name: list(a.shape) for name, a in batches[0].items()},
                                 perturbed_tensors=floor[1] if floor is not None else 0)
     for feeds, outputs, folded_outputs in zip(batches, expected, actual, strict=True):
-        result.absorb(compare_outputs(outputs, folded_outputs, tolerance, floor[0](feeds) if floor else None))
+        result.absorb(judge.compare(outputs, folded_outputs, tolerance, floor[0](feeds) if floor else None))
     for feeds, first in zip(batches, expected, strict=True):
         if result.max_relative <= tolerance or result.undecided:  # beyond it, the verdict rests on the floor: noise?
             break
-        again = run_original(feeds)
-        drift = {name: _difference(value, again[name]) for name, value in first.items()}
-        result.check_run_to_run({name: run for name, run in drift.items() if run is not None})
+        result.check_run_to_run(first, run_original(feeds))
     return result
 
 

@@ -91,6 +91,21 @@ def test_pytorch_and_onnx_outputs_are_read_and_judged_by_one_comparison() -> Non
     assert missing.problems == ["output 'y' is missing in the folded model"]
 
 
+def test_a_complex_output_is_judged_on_both_parts() -> None:
+    """An imaginary part that differs fails in both formats (complex values were widened to their real part alone,
+    so ``1+2j`` against ``1+3j`` passed), and a complex output within rounding passes."""
+    from bnfold.verification import compare_outputs
+
+    values = torch.randn(8, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    wrong = values + 1j * values.abs()
+    rounded = values * (1 + 1e-7)
+    for folded, passes in ((wrong, False), (rounded, True)):
+        from_torch = compare_outputs(values, folded, 1e-4)
+        from_numpy = judge.compare({"": values.numpy()}, {"": folded.numpy()}, 1e-4)
+        assert from_torch.passed is from_numpy.passed is passes
+        assert from_torch.to_dict() == from_numpy.to_dict()
+
+
 def test_the_saturating_model_fails_the_fixed_tolerance_alone() -> None:
     """The oracle for the tests below, outside the judge: the fold differs by more than the tolerance."""
     model, x = saturating(), _photo()

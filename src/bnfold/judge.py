@@ -110,13 +110,15 @@ Numbers = Callable[[Any], "tuple[Any, float | None] | None"]  # how a format rea
 
 
 def numpy_numbers(value: Any) -> tuple[Any, float | None]:
-    """An ONNX output as :func:`compare` reads it; a float dtype numpy does not know (complex, ``ml_dtypes``'
-    bfloat16) is compared by value with eps 0, so without a floor."""
+    """An ONNX output as :func:`compare` reads it: complex as (real, imaginary) pairs (both parts judged); a float dtype
+    numpy does not know (``ml_dtypes``' bfloat16) is compared by value with eps 0, so without a floor."""
     import numpy as np
 
     array = np.asarray(value)
     if array.dtype.kind in "biu":
         return array, None
+    if array.dtype.kind == "c":
+        return np.stack([array.real, array.imag], axis=-1).astype(np.float64), float(np.finfo(array.dtype).eps)
     return array.astype(np.float64), float(np.finfo(array.dtype).eps) if array.dtype.kind == "f" else 0.0
 
 

@@ -59,14 +59,17 @@ def _flat(tree: Any) -> tuple[dict[str, Any], Any]:
 
 def numbers(value: Any) -> tuple[Any, float | None] | None:
     """How :func:`bnfold.judge.compare` reads a PyTorch output (see there): a tensor as a numpy array, float64 unless
-    it is compared exactly (integers, booleans); any other value as itself (``None``). bfloat16 has no numpy dtype,
-    so floating tensors are widened by torch, and the epsilon comes from their own dtype."""
+    it is compared exactly (integers, booleans), a complex one as (real, imaginary) pairs; any other value as itself
+    (``None``). bfloat16 has no numpy dtype, so floating tensors are widened by torch, and the epsilon comes from their
+    own dtype."""
     if not isinstance(value, torch.Tensor):
         return None
     tensor = value.detach().cpu()
-    if not tensor.is_floating_point() and not tensor.is_complex():
+    if tensor.is_complex():  # (real, imaginary) pairs: both parts are judged
+        return torch.view_as_real(tensor.to(torch.complex128)).numpy(), torch.finfo(tensor.dtype).eps
+    if not tensor.is_floating_point():
         return tensor.numpy(), None
-    return tensor.to(torch.float64).numpy(), torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0.0
+    return tensor.to(torch.float64).numpy(), torch.finfo(tensor.dtype).eps
 
 
 def compare_outputs(reference: Any, candidate: Any, tolerance: float, perturbed: Any = None) -> VerificationResult:

@@ -106,6 +106,30 @@ def test_a_complex_output_is_judged_on_both_parts() -> None:
         assert from_torch.to_dict() == from_numpy.to_dict()
 
 
+class _CancellingWithNaN(nn.Module):
+    """``(x + 1e7) - 1e7`` in float32 (off ``x`` by up to half a unit), or ``x`` itself when ``exact``; then a NaN."""
+
+    def __init__(self, exact: bool) -> None:
+        super().__init__()
+        self.exact = exact
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = x if self.exact else (x + 1e7) - 1e7
+        return torch.cat([value, torch.full((1,), float("nan"), dtype=x.dtype)])
+
+
+def test_an_output_holding_nan_is_refused_even_when_float64_explains_the_rest() -> None:
+    """NaN leaves an output without a verdict (:func:`bnfold.judge.not_comparable`): the float64 second opinion,
+    which skips non-finite values, must not pass it (the check of a file or graph did, on the finite values)."""
+    from bnfold.verification import explained_by_rounding, judge_fold, run_seeded
+
+    original, candidate, x = _CancellingWithNaN(False), _CancellingWithNaN(True), (torch.tensor([0.3, 0.7, 0.1]),)
+    expected, actual = run_seeded(original, x), run_seeded(candidate, x)
+    assert explained_by_rounding(original, x, expected, actual).passed  # the oracle: the finite part is rounding
+    with pytest.raises(VerificationError, match="the candidate differs from the original: .*NaN"):
+        judge_fold(original, candidate, [x], None, "the candidate")
+
+
 def test_the_saturating_model_fails_the_fixed_tolerance_alone() -> None:
     """The oracle for the tests below, outside the judge: the fold differs by more than the tolerance."""
     model, x = saturating(), _photo()

@@ -23,24 +23,11 @@ from .core.apply import DryRun, apply_plan
 from .core.graph import Graph
 from .core.pipeline import NormModes, Planned
 from .core.plan import FoldPlan
-from .errors import (
-    InvalidInputError,
-    NonFiniteOutputError,
-    UndecidedError,
-    VerificationError,
-)
+from .errors import InvalidInputError, NonFiniteOutputError, UndecidedError, VerificationError
+from .judge import VerificationResult
 from .layers import DEFAULT_REGISTRY, LayerRegistry, LinearLayerRule, NormRule, identity_replacement
 from .report import FoldReport
-from .verification import (
-    compare_outputs,
-    default_tolerance,
-    described,
-    explained_by_rounding,
-    noise_floor,
-    run_seeded,
-    run_to_run,
-    touched_tensors,
-)
+from .verification import default_tolerance, judge_batch, noise_floor, run_seeded, touched_tensors
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +268,6 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
     with MODEL_CALLS_LOCK:
         planned, tree = _plan(model, inputs, registry)
         the_plan, report = planned.plan, planned.report
-        reference = perturbed = None
         if verify:
             assert inputs is not None
             reference = run_seeded(model, inputs)
@@ -306,69 +292,18 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
             rollback.restore()
             raise
         limit = tolerance if tolerance is not None else default_tolerance(model)
-        comparison = described(compare_outputs(reference, folded_outputs, limit, perturbed), inputs, touched)
+        comparison = judge_batch(
+            model, inputs, reference, folded_outputs, limit, perturbed, touched,
+            lambda result: _refusal(type(model).__name__, reference, result),
+            restore=rollback.restore if inplace else None, reapply=lambda: _apply(model, planned, registry),
+            folded_float64=lambda: _copy(target).double(), exact_fold=lambda: _exact_fold(model, planned, registry))
         report.verification = comparison.to_dict()
-        if not comparison.judged:
-            if inplace:
-                rollback.restore()
-            if _holds_nan(reference):
-                raise NonFiniteOutputError(
-                    f"the original {type(model).__name__}'s own output is NaN on the example inputs, so whether the "
-                    f"fold is right cannot be checked. The model was left unchanged; check the model (weights, norm "
-                    f"statistics) and the inputs, or pass verify=False."
-                )
-            raise VerificationError(
-                f"the folded {type(model).__name__} differs from the original: {comparison.worst()}. The model was "
-                f"left unchanged. Please report this with the model; bnfold.plan(model) shows which folds were "
-                f"attempted."
-            )
-        # a copy of the folded model for the float64 second opinion, before an in-place fold is undone
-        folded_float64 = None if comparison.passed or comparison.problems else _copy(target).double()
-        restored = False
-        if comparison.judged and not comparison.problems and comparison.max_relative > limit:
-            if inplace:
-                rollback.restore()  # the original, run again
-                restored = True
-            with MODEL_CALLS_LOCK:
-                run_to_run(model, inputs, reference, comparison)
-            if comparison.undecided:
-                report.verification = comparison.to_dict()
-                raise UndecidedError(
-                    f"the fold of {type(model).__name__} cannot be verified: {comparison.undecided}. The model was "
-                    f"left unchanged; pass verify=False to fold without the check."
-                )
-            if restored and comparison.passed:
-                _apply(model, planned, registry)
-        if comparison.passed and comparison.max_relative > limit:
+        if comparison.max_relative > limit:
             report.notes.append(
                 f"outputs differ by {comparison.max_relative:.2g} (relative), above the tolerance {limit:g}, but by no "
-                f"more than one rounding step of the folded weights explains ({comparison.describe()})"
-            )
-        if not comparison.passed:
-            if inplace and not restored:
-                rollback.restore()  # the float64 second opinion needs the unfolded model
-            if folded_float64 is not None:
-                # The folds made (not those left because they would overflow), carried out in float64.
-                exact_fold = _copy(model).double()
-                with torch.no_grad():
-                    apply_plan(planned.made(), ModuleWeights(exact_fold, registry))
-                with MODEL_CALLS_LOCK:
-                    second = explained_by_rounding(model, inputs, reference, folded_outputs, exact_fold, folded_float64)
-                del exact_fold, folded_float64
-                comparison.rounding_check = second
-                report.verification = comparison.to_dict()
-            if not comparison.passed:
-                raise VerificationError(
-                    f"the folded {type(model).__name__} differs from the original: {comparison.worst()}. The model "
-                    f"was left unchanged. Please report this with the model; bnfold.plan(model) shows which folds "
-                    f"were attempted."
-                )
-            report.notes.append(
-                f"outputs differ by {comparison.max_relative:.2g} (relative), above the tolerance {limit:g}, but by no "
-                f"more than the model's own float rounding explains (checked against a float64 evaluation)"
-            )
-            if inplace:
-                _apply(model, planned, registry)
+                + (f"more than one rounding step of the folded weights explains ({comparison.describe()})"
+                   if comparison.rounding_check is None else
+                   "more than the model's own float rounding explains (checked against a float64 evaluation)"))
     report.applied = True
     counts = None
     if target is model and not verify and not merge_branches:  # one fold, recorded by ``rollback``: no new walk
@@ -424,6 +359,34 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
     report.merges = outcome.entries
     report.notes.extend(outcome.notes)
     return outcome.model
+
+
+def _exact_fold(model: nn.Module, planned: Planned, registry: LayerRegistry) -> nn.Module:
+    """The folds made (not those left because they would overflow) carried out on a float64 copy of ``model``, for
+    the second opinion (:func:`bnfold.verification.explained_by_rounding`)."""
+    exact_fold = _copy(model).double()
+    with torch.no_grad():
+        apply_plan(planned.made(), ModuleWeights(exact_fold, registry))
+    return exact_fold
+
+
+def _refusal(name: str, reference: Any, comparison: VerificationResult) -> Exception:
+    """The error of a fold of ``name`` that ``comparison`` refuses (the original's outputs: ``reference``)."""
+    if comparison.undecided:
+        return UndecidedError(
+            f"the fold of {name} cannot be verified: {comparison.undecided}. The model was left unchanged; pass "
+            f"verify=False to fold without the check."
+        )
+    if not comparison.judged and _holds_nan(reference):
+        return NonFiniteOutputError(
+            f"the original {name}'s own output is NaN on the example inputs, so whether the fold is right cannot be "
+            f"checked. The model was left unchanged; check the model (weights, norm statistics) and the inputs, or "
+            f"pass verify=False."
+        )
+    return VerificationError(
+        f"the folded {name} differs from the original: {comparison.worst()}. The model was left unchanged. Please "
+        f"report this with the model; bnfold.plan(model) shows which folds were attempted."
+    )
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -139,12 +140,6 @@ def noise_floor(model: Any, names: Any, inputs: tuple[Any, ...], seed: int = RUN
             tensors[name].data = data
 
 
-def run_to_run(model: Any, inputs: tuple[Any, ...], first: Any, comparison: VerificationResult, seed: int = RUN_SEED) -> None:
-    """Run the original again on the same inputs and random state, and mark ``comparison`` undecided where it differs
-    from ``first`` as much as the fold or the noise floor do (:meth:`VerificationResult.check_run_to_run`)."""
-    comparison.check_run_to_run(_flat(first)[0], _flat(run_seeded(model, inputs, seed))[0], numbers)
-
-
 def _to_float64(tree: Any) -> Any:
     return pytree.tree_map(lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, tree)
 
@@ -253,14 +248,9 @@ def explained_by_rounding(
 def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], tolerance: float | None, what: str,
                touched: Any = (), consequence: str = "nothing was written") -> dict[str, Any]:
     """The one output check of a fold of a TorchScript module or a torch.export program, and of a written file
-    (``bnfold fold``, :func:`bnfold.save`): ``candidate`` against ``original`` on each batch of ``examples``.
-
-    Both models run on each batch (a tuple of positional inputs) from the same random state; every output is judged
-    by :mod:`bnfold.judge`, as in every format: within ``tolerance`` (default: from the original's dtype) as
-    ``max|a - b| / max|a|``, or within the allowance of the noise floor, what one rounding step of the tensors the
-    fold touched (``touched``: module names of ``original``, ``FoldReport.touched()``) does to the original. Above
-    both, an original that differs from itself run to run makes the check undecided; otherwise the float64 second
-    opinion of :func:`bnfold.fold` decides (:func:`explained_by_rounding`).
+    (``bnfold fold``, :func:`bnfold.save`): ``candidate`` against ``original`` on each batch of ``examples`` (a tuple
+    of positional inputs), by :func:`judge_batch`. ``touched``: module names of ``original`` (``FoldReport.touched()``)
+    whose tensors the noise floor moves; ``tolerance``: default from the original's dtype.
 
     Returns:
         The verdict of the last batch as plain data (:meth:`VerificationResult.to_dict`).
@@ -275,22 +265,61 @@ def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], t
     for example in examples:
         expected, actual = run_seeded(original, example), run_seeded(candidate, example)
         perturbed = noise_floor(original, names, example) if names else None
-        comparison = described(compare_outputs(expected, actual, limit, perturbed), example, names)
+        comparison = judge_batch(original, example, expected, actual, limit, perturbed, names, lambda result: (
+            UndecidedError(f"{what} cannot be verified: {result.undecided}; {consequence}") if result.undecided
+            else VerificationError(f"{what} differs from the original: {result.worst()}; {consequence}")))
         comparison.batches = len(examples)
-        if comparison.judged and not comparison.problems and comparison.max_relative > limit:
-            run_to_run(original, example, expected, comparison)  # the verdict rests on the floor: is it noise?
-            if comparison.undecided:
-                raise UndecidedError(f"{what} cannot be verified: {comparison.undecided}; {consequence}")
-        if not comparison.passed and not comparison.problems:
-            try:
-                second = explained_by_rounding(original, example, expected, actual)
-            except Exception:  # a graph that cannot run in float64 (some TorchScript / exported graphs): no opinion
-                second = None
-            comparison.rounding_check = second
         verdict = comparison.to_dict()
-        if not comparison.passed:
-            raise VerificationError(f"{what} differs from the original: {comparison.worst()}; {consequence}")
     return verdict
+
+
+def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: Any, limit: float, perturbed: Any,
+                touched: list[str], refusal: Callable[[VerificationResult], Exception], *,
+                restore: Callable[[], Any] | None = None, reapply: Callable[[], Any] | None = None,
+                folded_float64: Callable[[], nn.Module] | None = None,
+                exact_fold: Callable[[], nn.Module] | None = None) -> VerificationResult:
+    """The verdict on a fold in every PyTorch format, on one batch ``inputs``: the folded model's outputs ``actual``
+    against the original's ``expected`` and its noise floor ``perturbed`` (of the ``touched`` tensors).
+
+    An output passes within ``limit`` (``max|a - b| / max|a|``) or the noise floor's allowance (:mod:`bnfold.judge`).
+    Above ``limit``, an original that differs from itself run to run makes the check undecided; an output beyond both
+    gets the float64 second opinion (:func:`explained_by_rounding`: none for a model that cannot run in float64),
+    which decides. No verdict, or a failing one, raises ``refusal(result)``.
+
+    Hooks of a fold made in the caller's model itself: ``restore`` gives the original back whenever it must run
+    again or the fold may be refused (a refused fold leaves the model as it was), ``reapply`` folds it again when
+    the verdict passes after all; ``folded_float64`` / ``exact_fold`` make the second opinion's models (the first
+    while the folded model is still there).
+    """
+    comparison = described(compare_outputs(expected, actual, limit, perturbed), inputs, touched)
+    if comparison.passed and comparison.max_relative <= limit:
+        return comparison
+    folded = None  # the second opinion's float64 copy of the folded model, made before it is undone
+    if folded_float64 is not None and comparison.judged and not comparison.passed and not comparison.problems:
+        folded = folded_float64()
+    if restore is not None:
+        restore()
+    if not comparison.judged:  # a NaN (or unmatched infinity): no error is known, no second opinion can pass it
+        raise refusal(comparison)
+    if not comparison.problems:  # above the tolerance, the verdict rests on the floor: is it noise?
+        with MODEL_CALLS_LOCK:  # the original, run again
+            comparison.check_run_to_run(_flat(expected)[0], _flat(run_seeded(original, inputs))[0], numbers)
+        if comparison.undecided:
+            raise refusal(comparison)
+    if not comparison.passed and not comparison.problems:
+        exact = exact_fold() if exact_fold is not None and folded is not None else None
+        try:
+            with MODEL_CALLS_LOCK:
+                comparison.rounding_check = explained_by_rounding(original, inputs, expected, actual, exact, folded)
+        except Exception:  # a graph that cannot run in float64 (some TorchScript / exported graphs): no opinion
+            if exact is not None:
+                raise
+        del exact, folded
+    if not comparison.passed:
+        raise refusal(comparison)
+    if restore is not None and reapply is not None:
+        reapply()
+    return comparison
 
 
 def described(result: VerificationResult, inputs: tuple[Any, ...], touched: list[str]) -> VerificationResult:
@@ -369,8 +398,8 @@ def verify(
                 break
             expected, actual = run_seeded(original, batch), run_seeded(folded, batch)
             comparison = compare_outputs(expected, actual, limit, noise_floor(original, touched, batch))
-            if comparison.judged and comparison.max_relative > limit:
-                run_to_run(original, batch, expected, comparison)
+            if comparison.judged and comparison.max_relative > limit:  # is the original's own run-to-run noise?
+                comparison.check_run_to_run(_flat(expected)[0], _flat(run_seeded(original, batch))[0], numbers)
             if result is None:
                 result = described(comparison, batch, touched)
             else:

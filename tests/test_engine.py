@@ -331,6 +331,21 @@ def test_difference_explained_by_rounding_is_accepted_and_noted() -> None:
     assert_same_outputs(reference, folded, X)
 
 
+def test_an_inplace_fold_passed_by_the_float64_second_opinion_is_folded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a noise floor, a rounding difference above the tolerance is decided by the float64 second opinion,
+    which runs the original: the in-place fold is undone for it, and made again when it passes."""
+    monkeypatch.setattr("bnfold.engine.noise_floor", lambda *args: None)
+    model = _net()
+    reference = copy.deepcopy(model)
+    folded = bnfold.fold(model, X, inplace=True, tolerance=0.0)
+    report = bnfold.report_for(folded)
+    assert folded is model and bn_count(model) == 0
+    assert report.verification is not None and report.verification["max_relative"] > 0
+    assert report.verification["passed"] and report.verification["rounding_check"]["passed"]
+    assert [note for note in report.notes if "float64 evaluation" in note]
+    assert_same_outputs(reference, folded, X)
+
+
 @pytest.mark.parametrize("build", [
     _net,
     lambda: randomize_norms(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), nn.BatchNorm2d(6),

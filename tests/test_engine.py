@@ -409,3 +409,17 @@ def test_inplace_fold_reports_the_counts_a_fresh_count_gives(build) -> None:  # 
     assert report.parameters_after == sum(p.numel() for p in folded.parameters())
     assert report.buffers_after == sum(b.numel() for b in folded.buffers())
     assert report.parameters_after < report.parameters_before
+
+
+def test_undoing_a_fold_twice_changes_nothing_more() -> None:
+    """The undo information is used up by the first restore: a second would divide the scaled weight again."""
+    from bnfold.backends.modules import Rollback
+
+    weight = nn.Parameter(torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0)))
+    original = weight.detach().clone()
+    rollback = Rollback()
+    rollback.scale(weight, torch.tensor([2.0, 0.5, 3.0, 0.25]), 0, 1)
+    rollback.restore()
+    once = weight.detach().clone()
+    rollback.restore()
+    assert torch.equal(weight.detach(), once) and torch.allclose(once, original)

@@ -778,6 +778,8 @@ class Rollback:
                 for owner, name, old in self.slots]
 
     def restore(self) -> None:
+        """Undo the fold. Once: the undo information is used up, so a second call changes nothing (dividing the
+        scaled weights again would corrupt them)."""
         for weight, factors, axis, groups in reversed(self.scaled):
             affine.scale_channels_in_place(weight.data, 1 / factors, axis, groups)
         for tensor, old in reversed(self.swapped):
@@ -785,6 +787,7 @@ class Rollback:
         for owner, name, value in reversed(self.slots):
             table = owner._modules if name in owner._modules else owner._parameters
             table[name] = value  # type: ignore[assignment]
+        self.scaled, self.swapped, self.slots = [], [], []
 
 
 class ModuleWeights:

@@ -273,13 +273,13 @@ def _onnx_runnable(model_or_path: Any) -> Any:
 
 def _onnx_fixed_input_shape(model_or_path: Any) -> tuple[int, ...] | None:
     """The shape of the graph's one input when every size is fixed (``None`` otherwise)."""
-    from .onnx.verification import _declared, _graph_inputs
+    from .onnx.verification import declared_shape, graph_inputs
 
     model = model_or_path if is_onnx(model_or_path) else loading.onnx_graph(Path(model_or_path))
-    inputs = _graph_inputs(model)
+    inputs = graph_inputs(model)
     if len(inputs) != 1:
         return None
-    sizes = _declared(inputs[0])
+    sizes = declared_shape(inputs[0])
     return tuple(sizes) if sizes and all(n for n in sizes) else None  # type: ignore[arg-type]
 
 

@@ -74,7 +74,7 @@ def _input_shapes(
         if value.name not in input_shape:
             continue
         shape = tuple(int(d) for d in input_shape[value.name])
-        declared = _declared(value)
+        declared = declared_shape(value)
         shown = ",".join("?" if d is None else str(d) for d in declared)
         ranked = value.type.tensor_type.HasField("shape")  # without a shape any rank is accepted
         if ranked and (len(shape) != len(declared)
@@ -127,7 +127,9 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, o
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller feeds (older exporters also list every initializer as a graph input); each must be a
+    tensor, since example inputs can only be made for tensors."""
     initializers = {t.name for t in model.graph.initializer}
     values = [v for v in model.graph.input if v.name not in initializers]
     for value in values:
@@ -138,14 +140,15 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return values
 
 
-def _declared(value: onnx.ValueInfoProto) -> list[int | None]:
+def declared_shape(value: onnx.ValueInfoProto) -> list[int | None]:
+    """An input's sizes as the graph declares them, ``None`` for a free (symbolic or unset) one."""
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
             for d in value.type.tensor_type.shape.dim]
 
 
 def has_free_sizes(model: onnx.ModelProto) -> bool:
     """Whether a graph input has a dynamic dimension other than the batch (axis 0): its size must be chosen."""
-    return any(d is None for v in _graph_inputs(model) for d in _declared(v)[1:])
+    return any(d is None for v in graph_inputs(model) for d in declared_shape(v)[1:])
 
 
 def example_inputs(
@@ -160,12 +163,12 @@ def example_inputs(
     both. Fixed dimensions are kept.
     """
     rng = np.random.default_rng(seed)
-    values = _graph_inputs(model)
+    values = graph_inputs(model)
     given = _input_shapes(values, input_shape)
     feeds: dict[str, np.ndarray] = {}
     for value in values:
         tensor_type = value.type.tensor_type
-        declared = _declared(value)
+        declared = declared_shape(value)
         first, rest = size if isinstance(size, tuple) else (size, size)
         free = [axis for axis, d in enumerate(declared) if d is None and axis > 0]
         shape = given.get(value.name) or tuple(
@@ -350,7 +353,7 @@ def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
             raise InvalidInputError(
                 f"inputs must be a dict of input name -> numpy array (or a list of them), got {type(batch).__name__}"
             )
-        names = [v.name for v in _graph_inputs(described)]
+        names = [v.name for v in graph_inputs(described)]
         unknown = sorted(set(batch) - set(names))
         if unknown:
             raise InvalidInputError(f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(names)}")
@@ -363,9 +366,9 @@ def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
 
 def _common_size(described: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
     """The size given inputs use for their free dimensions, for the inputs not given (``None``: nothing to copy)."""
-    for value in _graph_inputs(described):
+    for value in graph_inputs(described):
         if value.name in shapes:
-            for axis, d in enumerate(_declared(value)):
+            for axis, d in enumerate(declared_shape(value)):
                 if axis and d is None and axis < len(shapes[value.name]):
                     return int(shapes[value.name][axis])
     return None

@@ -110,9 +110,9 @@ def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] 
     if not (getattr(args, "input", None) or getattr(args, "data", None)):
         return None
     from ...examples import image_batches, read_arrays
-    from ...onnx.verification import _declared, _graph_inputs
+    from ...onnx.verification import declared_shape, graph_inputs
 
-    values = _graph_inputs(onnx_module().load(path))
+    values = graph_inputs(onnx_module().load(path))
     names = [v.name for v in values]
     if getattr(args, "input", None):
         arrays = read_arrays(args.input)
@@ -127,13 +127,13 @@ def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] 
         if unknown:
             raise InvalidInputError(f"--input {args.input}: arrays {unknown} name no graph input; its inputs are {names}")
         return [arrays]
-    images = [v for v in values if len(_declared(v)) == 4 and _declared(v)[1] in (3, None)]
+    images = [v for v in values if len(declared_shape(v)) == 4 and declared_shape(v)[1] in (3, None)]
     if len(images) != 1:
         raise InvalidInputError(
             f"--data gives images for a model with one image input (N x 3 x H x W); this one has inputs {names}: "
             "pass --input FILE.npz with arrays by input name"
         )
-    declared = _declared(images[0])
+    declared = declared_shape(images[0])
     shape = args.input_shape or tuple(d if d is not None else (1 if axis == 0 else 3 if axis == 1 else 224)
                                       for axis, d in enumerate(declared))
     return [{images[0].name: batch} for batch in image_batches(args.data, shape, limit=args.limit)]

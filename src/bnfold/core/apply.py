@@ -1,30 +1,12 @@
 """Execute a :class:`~bnfold.core.plan.FoldPlan` through a small read / write interface: the arithmetic, once.
 
-Every format stores weights its own way (module parameters, ATen graph attributes, frozen TorchScript constants,
-ONNX initializers). Each adapter implements :class:`WeightAccess`: read a norm's statistics, read a layer's weight
-and bias, write them back, remove the norm. Everything else, the order of folds, the channel shares of a
-concatenation, the formulas (:mod:`bnfold.affine`) and the precision, is here:
-
-* the per-channel ``(s, t)`` of a norm is computed in float64 from its statistics;
-* a weight is multiplied in its own dtype when that is float32 or wider, and in float32 when it is narrower
-  (float16 / bfloat16), then rounded once; biases are computed in float64 (a backward fold sums as many terms as
-  the layer has inputs);
-* before anything is written, every new weight and bias is checked to be finite in the layer's dtype: a fold that
-  would overflow it (a float16 weight times a scale of 1e5) raises :class:`FoldOverflow` naming the layer, and the
-  planner's caller leaves that norm alone with the reason.
-
-* a fold through the model's own affine steps (:class:`~bnfold.core.plan.Route`: ``y = a * x + b`` per channel, an
-  ``Add`` of a bias, ``x * scale``, ``x / 2``) keeps them, and changes only the shift the layer absorbs.
-  Forward, ``layer -> A -> norm`` becomes ``layer' -> A``: ``norm(A(y)) = A(M(y))`` with ``M(y) = s * y + t'`` and
-  ``t' = (s * b + t - b) / a``, step by step from the norm outward. Backward, ``norm -> A -> layer`` becomes
-  ``A -> layer'`` with ``A(norm(x)) = M(A(x))``, ``M(y) = s * y + t'``, ``t' = a * t + (1 - s) * b``. The scale
-  ``s`` never changes. ``a`` and ``b`` are computed in float64 (a division by a constant ``d`` as ``1 / d``, which
-  rounds to 2**-53 relative, far below float32's 2**-24); a forward fold through a factor ``a = 0`` is refused
-  (that channel's output no longer depends on the layer);
-* a backward fold into a layer whose input features spread each channel over several features (``flatten`` of
-  ``(N, C, H, W)``) absorbs ``s`` and ``t`` expanded: feature ``f`` takes channel ``(f // inner) % C``'s values.
-
-Arrays are ``torch.Tensor`` or ``numpy.ndarray``; :class:`Numerics` is the handful of conversions that differ.
+Each adapter implements :class:`WeightAccess` over its format's storage; the order of folds, the channel shares of
+a concatenation, the formulas (:mod:`bnfold.affine`) and the precision are here. A norm's ``(s, t)`` is computed in
+float64; a weight is multiplied in its own dtype when that is float32 or wider, else in float32, and rounded once;
+biases are computed in float64 (a backward fold sums as many terms as the layer has inputs). Every new tensor is
+checked finite in the layer's dtype before anything is written: a fold that would overflow (a float16 weight times
+a scale of 1e5) raises :class:`FoldOverflow` and its norm stays, with the reason. Arrays are ``torch.Tensor`` or
+``numpy.ndarray``; :class:`Numerics` is the handful of conversions that differ.
 """
 
 from __future__ import annotations
@@ -371,9 +353,15 @@ def _value(value: Value | None, access: WeightAccess, channels: int, fold: Fold,
 
 def routed(fold: Fold, index: int, scale: Array, shift: Array, access: WeightAccess) -> tuple[Array, Array]:
     """The ``(s, t')`` that layer ``fold.layers[index]`` absorbs: the norm's map carried through the route's affine
-    steps (see the module docstring), then expanded to the layer's input features where the route spreads channels
-    over them. ``scale`` / ``shift``: the norm's ``(s, t)`` in float64 (for a forward fold into concatenated
-    layers, this layer's share)."""
+    steps, then expanded to the layer's input features where the route spreads channels over them (feature ``f``
+    takes channel ``(f // inner) % C``'s values). ``scale`` / ``shift``: the norm's ``(s, t)`` in float64 (for a
+    forward fold into concatenated layers, this layer's share).
+
+    The steps ``y = a * x + b`` stay in the model and only the shift changes, step by step from the norm outward;
+    ``s`` never does. Forward, ``norm(A(y)) = A(s * y + t')`` with ``t' = (s * b + t - b) / a`` (refused where
+    ``a = 0``: that channel no longer depends on the layer); backward, ``A(norm(x)) = s * A(x) + t'`` with
+    ``t' = a * t + (1 - s) * b``. ``a`` and ``b`` are float64 (a division by ``d`` as ``1 / d``, 2**-53 relative).
+    """
     route: Route = fold.route(index)
     if route.plain:
         return scale, shift

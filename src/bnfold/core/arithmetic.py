@@ -1,13 +1,10 @@
 """What counts as a linear combination: one rule for the ``add`` / ``sub`` / ``mul`` / ``div`` of every format.
 
-The adapters state what they read (:class:`~bnfold.core.graph.Operand`: a computed tensor, a number or a stored
-constant, the shapes they know, whether a constant is all zeros; ``alpha``; the output's shape); the core decides
-(:func:`linear_combination`): ``alpha`` must be a number; a sum must not broadcast a computed term nor be made
-larger by a constant (a broadcast is no sum of branches), a product or quotient of one computed tensor must keep its
-shape (no scale of it); an all-zero constant added where it changes no shape is the number 0 (the ``identity = 0``
-of a block without an identity branch), and stays a constant where shapes are unknown. Anything else is ``other``.
-What only the format can know (an in-place form overwriting a tensor others read, a constant it cannot evaluate)
-stays the adapter's.
+The adapters state what they read (:class:`~bnfold.core.graph.Operand`s, ``alpha``, the output's shape); the core
+decides (:func:`linear_combination`): a broadcast is no sum of branches, nor is a product that changes the tensor's
+shape a scale of it, and an all-zero constant added where it changes no shape is the number 0 (the ``identity = 0``
+of a block without an identity branch). What only the format can know (an in-place form overwriting a tensor others
+read, a constant it cannot evaluate) stays the adapter's.
 """
 
 from __future__ import annotations

@@ -1,33 +1,14 @@
-"""Which operations a per-channel affine map ``y = s * x + t`` passes through unchanged.
+"""Which operations a per-channel affine map ``y = s * x + t`` passes through unchanged, and on which axis it comes out.
 
-A norm separated from its layer only by such operations still folds: ``op(s * x + t) == s * op(x) + t`` per channel,
-so the layer can absorb the map on one side of ``op`` as well as on the other. The operations (:class:`OpFacts`
-kinds), and when each is exact:
+A norm separated from its layer only by such operations still folds: ``op(s * x + t) == s * op(x) + t`` per channel.
+Each kind's rule, and why it is exact, is its function below (:func:`passage` dispatches): means and pools over
+non-channel axes average real inputs only; ``upsample`` weighs inputs by weights that sum to 1; ``max_pool`` needs
+``s >= 0``; ``pad`` must copy values of the channel; ``reshape`` / ``squeeze`` / ``permute`` move or spread the
+channel axis (a spread map, :class:`Passage` ``outer`` / ``inner``, only a backward fold absorbs, expanded).
 
-* ``identity``, and ``dropout`` in eval (``training=False``);
-* ``avg_pool``, ``adaptive_avg_pool`` and ``mean`` over non-channel axes: a mean of ``s * x + t`` is
-  ``s * mean(x) + t`` as long as every term of the mean is a real input; average pooling that counts zero padding
-  in its divisor (``count_include_pad`` with padding) or has a ``divisor_override`` is not exact;
-* ``upsample`` in every mode: each output is a weighted sum of inputs with weights that sum to 1;
-* ``max_pool`` when every scale ``s >= 0``: ``max(s * x + t) == s * max(x) + t`` only then;
-* ``pad`` that copies values (``reflect``, ``replicate``, ``circular``) and does not pad the channel axis: every
-  output is one of the inputs of its own channel;
-* ``squeeze`` / ``unsqueeze`` of given axes other than the channel axis: the channel axis moves by the number of
-  axes removed or inserted before it, which the axes alone tell (negative axes need the rank);
-* ``reshape`` that keeps every channel's values in one channel, and ``permute`` / ``transpose``, which move the
-  channel axis. A row-major reshape keeps channel ``c`` at output axis ``k`` when ``out[k] == in[c_axis]`` and the
-  dimensions after the channel hold the same number of elements before and after; that needs shapes.
-* a reshape that **spreads** each channel over several features of one axis (``flatten`` of ``(N, C, H, W)`` to
-  ``(N, C*H*W)``, or ``(N, T, C)`` to ``(N, T*C)``): feature ``f`` of that axis belongs to channel
-  ``(f // inner) % C``; the :class:`Passage` says ``outer`` and ``inner``, and only a layer reading the features
-  (a backward fold) can absorb the map, with ``s`` and ``t`` expanded to ``outer * C * inner`` features.
-
-**Affine steps.** An ``add`` / ``sub`` / ``mul`` / ``div`` of the tensor with numbers or stored constants of one
-value per channel (or one value) is itself a per-channel affine map ``y = a * x + b`` (:class:`AffineStep`): it
-stays in the model, and the norm is folded *through* it (:mod:`bnfold.core.apply` says how its ``t`` changes).
-
-Pure and torch-free: it answers, for one node, "does a per-channel affine on channel axis ``a`` of the input pass
-through, and on which axis does it come out".
+**Affine steps.** An ``add`` / ``sub`` / ``mul`` / ``div`` of the tensor with numbers or per-channel constants is
+itself a per-channel affine map (:class:`AffineStep`): it stays in the model, and the norm is folded *through* it
+(:func:`bnfold.core.apply.routed`). Pure and torch-free.
 """
 
 from __future__ import annotations

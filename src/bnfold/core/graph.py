@@ -1,22 +1,9 @@
 """The one graph every format is translated into: who feeds whom, and the facts folding needs.
 
-The planner (:mod:`bnfold.core.plan`) decides on this graph alone. It imports neither torch nor numpy, so that the
-ONNX backend stays usable without PyTorch and every format is judged by the same rules. Each format has an adapter
-that translates its own graph into a :class:`Graph` (``bnfold.backends.modules``, ``bnfold.backends.exported``,
-``bnfold.backends.torchscript``, ``bnfold.onnx``) and writes the planner's decisions back.
-
-Two levels:
-
-* a **node** is one step of the dataflow: a model input, a read of a stored tensor, a call of a linear layer or of
-  a norm, any other operation, or the model output. ``inputs`` are the nodes whose tensors it reads (in argument
-  order), ``users`` the nodes that read its tensor; reads that only look at metadata (shapes) are not uses.
-* a **unit** is what a fold changes: a linear layer (its weight and bias) or a norm. In a module tree one module may
-  be called at several places, so a unit has one or more call nodes; in a file format every layer node is a unit of
-  its own (a weight shared by two nodes is a :attr:`LayerFacts.problem`).
-
-Facts are plain values the adapter reads off its format once: channel counts, axes, groups, whether an affine map on
-the layer's input can be absorbed exactly, and, for operations, a normalised op kind with the attributes
-:mod:`bnfold.core.commuting` needs. Every "no" is a sentence a user can act on.
+Torch- and numpy-free, so that ONNX folds without PyTorch and every format is judged by the same rules
+(:mod:`bnfold.core.plan`). A **node** is one step of the dataflow; a **unit** is what a fold changes, a linear layer
+or a norm, with one call node or more (a module called at several places). Facts are plain values each adapter reads
+off its format once; every "no" among them is a sentence a user can act on.
 """
 
 from __future__ import annotations
@@ -147,12 +134,8 @@ _PADDING_REASONS = {
 
 
 def input_fold_blocker(facts: LayerFacts) -> str | None:
-    """Why an affine map ``s * x + t`` on the layer's input cannot be absorbed into it exactly, or ``None``.
-
-    Written here once from the facts, so that every format refuses in the same words: zero padding (the border
-    outputs sum fewer shifted inputs than the others), a transposed convolution (its outputs sum different numbers of
-    inputs), and the layer's own reasons (:attr:`LayerFacts.input_fold_blocker`).
-    """
+    """Why an affine map ``s * x + t`` on the layer's input cannot be absorbed into it exactly, or ``None``: written
+    once from the facts, so that every format refuses in the same words."""
     if facts.input_fold_blocker:
         return facts.input_fold_blocker
     if facts.input_padding is not None:
@@ -196,12 +179,9 @@ IN_TRAINING_MODE = "in training mode"  # has them, but set to training mode insi
 
 
 def norm_problem(facts: NormFacts) -> str | None:
-    """Why the norm is not a foldable affine map, or ``None``.
-
-    Written here once from :attr:`NormFacts.batch_statistics`, so that every format refuses a norm that normalises
-    with batch statistics in the same words, remedy included (the user's fix is in the model before any export);
-    the adapter's own :attr:`NormFacts.problem` comes first (a norm inside control flow is never rewritten).
-    """
+    """Why the norm is not a foldable affine map, or ``None``: the adapter's own :attr:`NormFacts.problem` first (a
+    norm inside control flow is never rewritten), else batch statistics in the same words for every format, remedy
+    included (the user's fix is in the model before any export)."""
     if facts.problem or facts.batch_statistics is None:
         return facts.problem
     return _BATCH_STATISTICS_REASONS[facts.batch_statistics]
@@ -213,16 +193,13 @@ class OpFacts:
 
     ``kind`` is one of the kinds below; every other operation is ``"other"``. ``attributes`` by kind:
 
-    * ``dropout``: ``training`` (bool);
+    * ``dropout``: ``training`` (bool); ``max_pool``: ``return_indices`` (bool);
     * ``avg_pool``: ``padding`` (a tuple of ints), ``count_include_pad`` (bool), ``divisor_override`` (or None);
-    * ``max_pool``: ``return_indices`` (bool);
     * ``mean``: ``dims`` (tuple of ints, or None for all), ``keepdim`` (bool);
-    * ``permute``: ``order`` (the output's axes as input axes);
-    * ``transpose``: ``dims`` (the two swapped axes);
+    * ``permute``: ``order`` (the output's axes as input axes); ``transpose``: ``dims`` (the two swapped axes);
     * ``concat``: ``axis`` (int, or None when it cannot be read);
     * ``pad``: ``mode`` (``"constant"``, ``"reflect"``, ``"replicate"``, ``"circular"``), ``padded_axes`` (the
-      axes of the input that get padding, non-negative, or None when unknown).
-
+      axes of the input that get padding, non-negative, or None when unknown);
     * ``add``: ``alpha`` (the factor of the second operand, ``torch.add(x, y, alpha=...)``; 1 for ``+``),
       ``scalars`` (the operands that are plain numbers, not tensors: ``(0,)`` for ``0 + t``), and optionally
       ``operands`` (below);
@@ -280,11 +257,11 @@ _BATCH_STATISTICS_REASONS = {
 
 @dataclass
 class Node:
-    """One step of the dataflow (see the module docstring).
+    """One step of the dataflow: a model input, a read of a stored tensor, a layer or norm call, an op, the output.
 
-    ``label`` names the step the way a user reads it in a reason ("module 'layer1.0.conv1' (Conv2d)", "the operation
-    torch.cat", "a model input"). ``shape`` is the shape of the tensor it produces, when known. ``unit`` names the
-    :class:`Unit` a layer or norm call belongs to.
+    ``inputs``: the nodes whose tensors it reads, in argument order; ``users``: the nodes that read its tensor (a
+    read of metadata only, a shape, is no use). ``label`` names the step as a reason does ("module 'layer1.0.conv1'
+    (Conv2d)", "the operation torch.cat"); ``shape``: its tensor's, when known; ``unit``: the :class:`Unit` called.
     """
 
     index: int

@@ -1,42 +1,19 @@
 """The merge planner: parallel branches summed into one layer (RepVGG, MobileOne, RepViT blocks), for every format.
 
-A re-parameterisable block computes, while training, a sum of branches that all read the same tensor ``X``::
+A re-parameterisable block computes ``y = conv_3x3(X) + conv_1x1(X) + BN(X) + X``. After the folds each branch is a
+linear map of ``X`` (a norm left on an identity branch is ``s * X + t``), and a sum of linear maps of one input is
+one: every kernel placed inside the largest (zeros elsewhere), each identity's ``s`` on the tap that reads each
+output's own position (:func:`bnfold.core.apply.merged_tensors` has the formula). That is exact only when the
+branches agree on stride, dilation, groups and channels, read the same positions with zero padding, and are not
+transposed; an identity needs stride 1 (:mod:`bnfold.core.merge_geometry`).
 
-    y = conv_3x3(X) + conv_1x1(X) + BN(X) + X
-
-After the fold plan every norm folded into a layer is an identity, so each ``conv_k(X)`` is a plain linear layer
-``W_k * X + b_k``, and a norm left on an identity branch is a per-channel affine map ``s * X + t`` (``X`` itself has
-``s = 1``, ``t = 0``). A sum of linear maps of the same input is one linear map (the formula below): every kernel
-placed where it reads the same input positions inside the largest kernel (zeros elsewhere), each identity's ``s`` on
-the centre tap (per group, for grouped and depthwise convolutions). That is exact when the branches agree on
-everything else: same stride, dilation and groups, same channels, kernels that sit inside the largest one reading
-the same positions (a 1x1 with padding 0 centred in a 3x3 with padding 1), zero padding (the larger kernel then
-reads zeros, or real inputs multiplied by zeros, where a smaller one read nothing), no transposed convolutions, and
-an identity branch only where the layer keeps the input's positions (stride 1, the identity tap under each output).
-
-This module decides, on the core :class:`~bnfold.core.graph.Graph` alone (torch-free, like the fold planner),
-which add trees merge and why the others do not; the arithmetic is :func:`bnfold.core.apply.merge_one`, the
-rewrite of the graph is each adapter's. Reading the add trees is :mod:`bnfold.core.merge_tree`'s job, placing the
-kernels :mod:`bnfold.core.merge_geometry`'s; every refusal is a :class:`~bnfold.core.plan.Reason`, as in the fold
-planner.
-
-An **add tree** is a tree of additions (``x + y``, ``torch.add``, ``+=``; a constant ``0`` operand counts for
-nothing), subtractions (``x - y``: ``y`` enters with the factor -1) and products by a constant (``gamma * s`` with a
-``gamma`` of one value per channel, FastViT's ``LayerScale2d``, or a single number) whose inner results are read
-only by the next op of the tree. Its **leaves** are what the ops read, looking through identities (an
-``nn.Identity``, a dropout in eval, a folded norm); each enters the sum with a per-output-channel **coefficient**
-``c_k`` (the product of the signs and scales on its way to the root), so the tree computes ``sum_k c_k * leaf_k``
-and a merge of it is
-
-    W = sum_k diag(c_k) pad(W_k) + sum_identities diag(c_i * s_i) at the centre tap,
-    b = sum_k c_k * b_k + sum_identities c_i * t_i
-
-(FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``, is one depthwise convolution this way).
-
-A tree whose terms read **different tensors** (a residual ``conv_a(x) + conv_b(x) + BN(x) + y``) is split: the
-terms that read one tensor merge into one layer, the others (``y``) stay, added to that layer's output
-(:attr:`Merge.kept`). That is done only where it removes a layer or a norm, and only where every term left enters
-the sum with the coefficient 1.
+An **add tree** (:mod:`bnfold.core.merge_tree`) is a tree of sums, differences and products by a constant of one
+value per channel (FastViT's ``LayerScale2d``), whose inner results only the tree reads; each **leaf** enters with a
+per-output-channel **coefficient** (the signs and scales on its way to the root), so FastViT's RepMixer,
+``x + gamma * (mixer(x) - norm(x))``, is one depthwise convolution. A tree whose terms read different tensors is
+split where that removes a layer or a norm and every term left has coefficient 1: those terms stay, added to the
+merged layer's output (:attr:`Merge.kept`). Decided on the core graph alone; every refusal is a
+:class:`~bnfold.core.plan.Reason`; the arithmetic is :func:`bnfold.core.apply.merge_one`, the rewrite each adapter's.
 """
 
 from __future__ import annotations

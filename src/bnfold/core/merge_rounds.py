@@ -1,14 +1,8 @@
 """Rounds of branch merges, written once for every format: plan, check, compute, rewrite, fold again, repeat.
 
-Each round translates the format's graph as it is now, lets the core plan the merges
-(:func:`~bnfold.core.merge.plan_merges`, sums split where their terms read different tensors), asks the format
-whether each merge can be written into its graph (a value also read for its shape, a tensor changed in place
-between the terms' reads, ...), computes the merged weights (:func:`~bnfold.core.apply.merge_one`: a merge whose
-weights would overflow is left, with the reason) and has the format rewrite its graph. A round of merges can make
-new folds possible (RepViT's ``BN(conv3x3(x) + conv1x1(x) + x)``: once the sum is one convolution, the norm after it
-folds forward), and new folds new merges: the rounds alternate with the format's folds until nothing changes.
-
-The format's side is :class:`MergeTarget`; this module imports nothing of torch, numpy or onnx.
+A round of merges can make new folds possible (RepViT's ``BN(conv3x3(x) + conv1x1(x) + x)``: once the sum is one
+convolution, the norm after it folds forward), and new folds new merges, so the rounds alternate with the format's
+folds until nothing changes. The format's side is :class:`MergeTarget`; nothing of torch, numpy or onnx here.
 """
 
 from __future__ import annotations

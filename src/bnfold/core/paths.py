@@ -1,10 +1,6 @@
-"""Following a tensor along the core graph, for the planner (:mod:`bnfold.core.plan`): which layer is at the other end
-of a norm, what lies between, and where the norm's channel axis goes on the way.
-
-A fold looks through operations that commute with a per-channel affine map (:mod:`bnfold.core.commuting`), through
-ops that are such maps themselves (affine steps, which stay in the model) and through norms folded already (an
-identity once folded). Nothing here decides a fold; a stretch that cannot be followed comes back as the sentence
-why (a ``str``), as in :mod:`bnfold.core.commuting`.
+"""Following a tensor along the core graph for the planner (:mod:`bnfold.core.plan`): which layer is at the other
+end of a norm, what lies between, and where the channel axis goes on the way. Nothing here decides a fold; a stretch
+that cannot be followed comes back as the sentence why (a ``str``), as in :mod:`bnfold.core.commuting`.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """The one fold driver: the steps every format takes in the same order, written once.
 
-Each format (``nn.Module``, TorchScript, ``.pt2``, ONNX) only translates its model into the core graph, gives access
-to its weights and writes the decisions back (a :class:`FoldBackend`). What happens in between is here:
-
-1. the training-mode rule, before anything runs the model (:func:`check_mode`);
-2. translate, plan (:func:`bnfold.core.plan.make_plan`), check the statistics of every norm the plan folds;
-3. apply the plan; a fold that would overflow the layer's dtype is not made and its norm is reported as left;
-4. the report: one entry per norm, and the parameter and buffer counts after the fold, projected from what the
-   folds release where the format cannot count them afterwards (a dry run, a frozen graph).
-
-Torch-free and numpy-free, like the rest of the core: the ONNX backend drives its folds through it without torch.
+A format (a :class:`FoldBackend`) only translates its model into the core graph, gives access to its weights and
+writes the decisions back. Here: the training-mode rule before anything runs the model (:func:`check_mode`),
+translate, plan, check the statistics, apply (a fold that would overflow is left), and the report, whose counts
+after the fold are projected where the format cannot count them (a dry run, a frozen graph). Torch-free.
 """
 
 from __future__ import annotations

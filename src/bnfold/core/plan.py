@@ -1,23 +1,13 @@
 """The planner: which norm folds into which layer, and why any norm stays. One planner for every format.
 
-It reads a :class:`~bnfold.core.graph.Graph` (nodes, units, facts: never weight values) and decides, for every norm
-unit, either a :class:`Fold` or a :class:`Refusal` whose reason a user can act on. A fold is planned only where it is
-exact for every call of both units:
-
-* **forward** (layer -> norm): every call of the norm reads the output of a call of one linear layer, nothing
-  else reads that output, and every call of that layer feeds this norm (a layer called twice, once without the
-  norm after it, would otherwise be changed at the other call too). A norm whose input concatenates the outputs of
-  several layers along its channels folds into each of them, each taking its share of the channels.
-* **backward** (norm -> layers): every call of the norm feeds only linear layers that can absorb an affine map on
-  their input exactly (fully connected; convolutions that do not zero-pad), and those layers read nothing else.
-
-Both look through operations that commute with a per-channel affine map (:mod:`bnfold.core.commuting`), and
-through ops that are such maps themselves (an ``Add`` of a per-channel bias, ``x * scale``, ``x / 2``), following
-the tensor with :mod:`bnfold.core.paths`: those ops stay in the model, and the fold's :class:`Route` names them so
-that the norm is folded through them. A backward fold also reaches a layer whose input features spread each channel
-over several features (``BN -> flatten -> Linear`` with a spatial size above 1x1); the route says how. Norms whose
-forward fold was planned become transparent, so chains fold completely (Conv -> BN -> BN); backward folds are
-planned last, from the end of the network, so BN -> BN -> Linear folds completely too.
+It reads a :class:`~bnfold.core.graph.Graph` (facts, never weight values) and gives every norm a :class:`Fold` or a
+:class:`Refusal`. A fold is planned only where it is exact for every call of both units: **forward** when the norm
+reads one layer's output (or a concatenation of layers' outputs, each taking its channels) that nothing else reads,
+and every call of that layer feeds this norm; **backward** when the norm feeds only layers that can absorb an affine
+map on their input exactly and read nothing else. Both look through ops that commute with a per-channel affine map
+(:mod:`bnfold.core.commuting`) and through the model's own affine ops, which stay (the fold's :class:`Route`).
+Forward folds make their norms transparent (Conv -> BN -> BN folds completely); backward folds are planned last,
+from the end of the network (BN -> BN -> Linear too).
 """
 
 from __future__ import annotations

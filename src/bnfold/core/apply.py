@@ -148,13 +148,9 @@ class CastMaps:
 
 
 class NormMaps(Mapping[str, tuple[Array, Array]]):
-    """The folded norms' ``(s, t)`` in float64, by norm name, as :func:`check_statistics` computes them.
-
-    All norms' maps are held joined, one span each. A fold into a layer without bias needs ``s`` and its new bias
-    cast to the layer's dtype, whether that bias is finite there, and the largest ``|s|``; made once on the joined arrays,
-    these cost a few calls per model instead of four per norm (on resnet50, a tenth of an in-place fold's
-    bookkeeping).
-    """
+    """The folded norms' ``(s, t)`` in float64, by norm name, held joined (one span each) so that the casts, checks
+    and largest ``|s|`` a fold into a layer without bias needs cost a few calls per model instead of four per norm
+    (on resnet50, a tenth of an in-place fold's bookkeeping)."""
 
     def __init__(self, numerics: Numerics, scale: Array, shift: Array, spans: dict[str, tuple[int, int]]) -> None:
         self.numerics = numerics
@@ -200,12 +196,9 @@ def check_statistics(norms: list[str], access: WeightAccess) -> NormMaps:
     """Every norm's per-channel ``(s, t)`` in float64, after checking its map is finite.
 
     Raises :class:`~bnfold.errors.NonFiniteStatisticsError` for the first of ``norms`` whose map is not finite:
-    folding it would hide a model that already computes NaN behind weights that look valid.
-
-    The statistics of all norms are joined and the maps computed in one vectorised pass (the same float64
-    operations, in the same order, as :func:`scale_shift` on each norm): a model has hundreds of small norms, and
-    one pass per norm costs more than the arithmetic. The norm and tensor to name are looked for only when the
-    check fails. The maps stay valid while the plan is applied: folds write into layers, never into norms.
+    folding it would hide a model that already computes NaN behind weights that look valid. All norms are computed
+    in one vectorised pass (the float64 operations of :func:`scale_shift`, in its order): a model has hundreds of
+    small norms. The maps stay valid while the plan is applied: folds write into layers, never into norms.
     """
     numerics = access.numerics
     if not norms:
@@ -305,9 +298,9 @@ def _overflow(fold: Fold, layer: str, what: str, array: Array, scale: Array, num
 
 
 def _fold_into_layer_without_bias(fold: Fold, access: WeightAccess, maps: NormMaps) -> bool:
-    """The common fold, made with the casts and checks :class:`NormMaps` made for all norms at once: forward into
-    one layer without bias (a convolution before its norm), whose weight is multiplied where it is. ``False``, with
-    nothing done, where it does not apply (the layer has a bias, or its products could leave its dtype)."""
+    """The common fold (forward into one layer without bias, scaled in place) with the casts and checks
+    :class:`NormMaps` made for all norms at once; ``False``, with nothing done, where the layer has a bias or its
+    products could leave its dtype."""
     layer = fold.layers[0]
     tensors = access.read(layer)
     if tensors.bias is not None or not _in_place_is_safe(tensors, maps.largest_scale(fold.norm), access.numerics):
@@ -394,12 +387,9 @@ def routed(fold: Fold, index: int, scale: Array, shift: Array, access: WeightAcc
 
 
 def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, Array]] | None = None) -> None:
-    """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm.
-
-    With an access that allows it (:class:`InPlaceWeightAccess`), a weight whose products provably stay finite is
-    multiplied where it is, after every check of the fold passed; any other is computed beside it and checked.
-    ``maps``: the norms' ``(s, t)`` from :func:`check_statistics`, if the caller has them.
-    """
+    """Apply one fold: compute every new tensor, check it is finite, then write them and remove the norm. Through an
+    :class:`InPlaceWeightAccess`, a weight whose products provably stay finite is multiplied where it is, after every
+    check passed. ``maps``: the norms' ``(s, t)`` from :func:`check_statistics`, if the caller has them."""
     numerics = access.numerics
     in_place = bool(getattr(access, "in_place", False))
     joined = maps if isinstance(maps, NormMaps) and fold.norm in maps.spans else None
@@ -444,12 +434,9 @@ def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, A
 def apply_plan(
     plan: FoldPlan, access: WeightAccess, maps: Mapping[str, tuple[Array, Array]] | None = None
 ) -> list[FoldOverflow]:
-    """Fold in plan order. Returns the folds that would have overflowed (not applied; their norms stay).
-    ``maps``: the norms' ``(s, t)`` as :func:`check_statistics` returned them (computed here otherwise).
-
-    A norm that stays may break a chain planned through it (BN1 -> BN2 -> Linear folded backward through BN2):
-    folds planned after an overflow that touch the same layers are skipped with it.
-    """
+    """Fold in plan order; returns the folds that would have overflowed (not applied; their norms stay), and the
+    folds after one that touch its layers (a chain planned through the norm that stays). ``maps``: as
+    :func:`check_statistics` returned them (computed here otherwise)."""
     overflows: list[FoldOverflow] = []
     untouchable: set[str] = set()
     for fold in plan.folds:
@@ -539,8 +526,7 @@ def merged_tensors(
 
 
 def _per_output(coefficient: Array | float, out_channels: int, rank: int) -> Array | float:
-    """``coefficient`` shaped to scale axis 0 of an array of ``rank`` axes: a column of one value per output
-    channel, or a single value."""
+    """``coefficient`` shaped to scale axis 0 of an array of ``rank`` axes."""
     if isinstance(coefficient, (int, float)):
         return float(coefficient)
     size = int(coefficient.reshape(-1).shape[0])
@@ -564,12 +550,9 @@ def coefficient_values(coefficient: Coefficient, access: WeightAccess) -> Array 
 
 
 def merge_one(merge: Merge, access: WeightAccess) -> None:
-    """Compute the merged kernel and bias of ``merge``, check they are finite, and write them into its layer.
-
-    Reads every layer after the folds were applied (their norms are in their weights already), and each term's
-    coefficient (signs, layer scales) through the access (:class:`ConstantAccess`). Taking the merged branches and
-    norms out of the computation is the adapter's rewrite of its graph.
-    """
+    """Compute the merged kernel and bias of ``merge`` from the layers as folded and each term's coefficient (read
+    through a :class:`ConstantAccess`), check they are finite, and write them into its layer (the rest of the
+    merge is the adapter's rewrite of its graph)."""
     numerics = access.numerics
     order = sorted(merge.branches, key=lambda branch: branch.layer != merge.into)
     branches = [(access.read(branch.layer), branch.offset) for branch in order]
@@ -596,12 +579,8 @@ def merge_one(merge: Merge, access: WeightAccess) -> None:
 
 
 class DryRun:
-    """A :class:`WeightAccess` that reads through ``access`` and keeps every write to itself.
-
-    ``apply_plan(plan, DryRun(access))`` does all the arithmetic of a fold, chains included, and reports the folds
-    that would overflow, without changing the model: what a dry run (``plan()``, ``bnfold inspect``) needs to say
-    exactly what folding will do.
-    """
+    """A :class:`WeightAccess` that reads through ``access`` and keeps every write to itself: ``apply_plan(plan,
+    DryRun(access))`` does all of a fold's arithmetic and reports the overflows without changing the model."""
 
     def __init__(self, access: WeightAccess) -> None:
         self.access = access

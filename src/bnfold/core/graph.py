@@ -23,14 +23,9 @@ OUTPUT = "output"
 class Geometry:
     """Where a linear layer's kernel reads its input: what deciding a branch merge needs.
 
-    Attributes:
-        kernel: the kernel size per spatial axis (``()`` for a fully connected layer).
-        stride / dilation: per spatial axis.
-        padding: ``(begin, end)`` per spatial axis, in input positions (a symmetric ``padding=p`` is ``(p, p)``;
-            PyTorch's ``"same"`` puts the odd one at the end).
-        groups: channel groups.
-        padding_mode: what the padding holds: ``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``.
-        transposed: a transposed convolution.
+    ``kernel`` (``()`` for a fully connected layer), ``stride``, ``dilation``: per spatial axis; ``padding``:
+    ``(begin, end)`` per spatial axis, in input positions (a symmetric ``padding=p`` is ``(p, p)``); ``padding_mode``:
+    what the padding holds (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``).
     """
 
     kernel: tuple[int, ...] = ()
@@ -49,10 +44,9 @@ def same_padding(
     """The ``(begin, end)`` zero padding per spatial axis that keeps ``ceil(size / stride)`` outputs ("same" in
     PyTorch, ``auto_pad=SAME_UPPER`` / ``SAME_LOWER`` in ONNX, TensorFlow's ``"SAME"``).
 
-    The total on an axis of ``n`` inputs is ``max((ceil(n / s) - 1) * s + d * (k - 1) + 1 - n, 0)``: ``d * (k - 1)``
-    whatever ``n`` at stride 1 (PyTorch allows "same" only there), 0 for a 1-wide kernel. The odd one goes at the
-    end (PyTorch, ``SAME_UPPER``) or at the beginning (``SAME_LOWER``). ``None`` where the total depends on an input
-    size that ``sizes`` does not give.
+    The total on an axis of ``n`` inputs is ``max((ceil(n / s) - 1) * s + d * (k - 1) + 1 - n, 0)``, whatever
+    ``n`` at stride 1 (PyTorch allows "same" only there); the odd one goes at the end (PyTorch, ``SAME_UPPER``) or at
+    the beginning (``SAME_LOWER``). ``None`` where the total depends on a size that ``sizes`` does not give.
     """
     stride = stride or (1,) * len(kernel)
     pairs = []
@@ -83,18 +77,15 @@ class LayerFacts:
         out_channels / in_channels: channel counts of its output and input activations.
         channel_dim: the axis of its input and output activations that holds channels (1 for convolutions, -1 for
             a fully connected layer).
-        problem: why the layer must not be changed at all (no floating-point weight, weights shared with another
-            layer or read elsewhere, hooks or parametrizations, a weight that is not a constant...), or ``None``.
-        input_fold_blocker: why an affine map on its *input* cannot be absorbed exactly, where no fact says it (a
-            registered layer's own rule, an ONNX ``Gemm`` with ``transA=1``); the core words the rest from the facts
-            (:func:`input_fold_blocker`).
+        problem: why the layer must not be changed at all (no floating-point weight, shared weights, hooks...), or
+            ``None``.
+        input_fold_blocker: why an affine map on its *input* cannot be absorbed exactly, where no other fact says it
+            (a registered layer's own rule, an ONNX ``Gemm`` with ``transA=1``): see :func:`input_fold_blocker`.
         input_padding: how the layer pads its input where ``geometry`` cannot say (``PADS_*``, ``PADDING_UNKNOWN``).
         not_a_rule: set when the layer looks like a linear layer but bnfold has no rule for it (a subclass that
             overrides ``forward``): the whole reason, and the layer is never folded into.
-        geometry: its kernel, stride, padding, ... (:class:`Geometry`), or ``None`` where the format does not say
-            (such a layer is never merged with another).
-        rank: the number of axes of its activations where the format tells it without shapes (a convolution's
-            weight has as many axes as its input), or ``None``.
+        geometry: its :class:`Geometry`, or ``None`` where the format does not say (never merged then).
+        rank: the number of axes of its activations where the format tells it without shapes, or ``None``.
     """
 
     out_channels: int
@@ -109,9 +100,8 @@ class LayerFacts:
 
 
 def weight_channels(shape: tuple[int, ...], out_axis: int, groups: int = 1) -> tuple[int, int]:
-    """The output and input channels of a layer whose weight of ``shape`` holds its output channels on ``out_axis``:
-    ``(out, in / groups, ...)`` on axis 0, ``(in, out / groups, ...)`` on axis 1 (a transposed convolution, an
-    ONNX ``MatMul``)."""
+    """The output and input channels of a layer whose weight of ``shape`` is ``(out, in / groups, ...)``
+    (``out_axis`` 0) or ``(in, out / groups, ...)`` (1: a transposed convolution, an ONNX ``MatMul``)."""
     return (shape[0], shape[1] * groups) if out_axis == 0 else (shape[1] * groups, shape[0])
 
 

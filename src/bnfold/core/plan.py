@@ -95,15 +95,6 @@ class FoldPlan:
         yield from self.refusals
 
 
-@dataclass(frozen=True)
-class _Path:
-    """A layer call, the norm call at the other end, and the nodes between them (in dataflow order)."""
-
-    layer: Node
-    norm: Node
-    between: tuple[Node, ...]
-
-
 # ------------------------------------------------------------------------------------ checks every fold makes
 
 
@@ -164,11 +155,16 @@ def _sign_problem(norm: Unit) -> Reason | None:
     return None
 
 
-def _not_plain(followed: Followed) -> str:
+def _plain(followed: Followed | str, where: str) -> Followed | Reason:
+    """``followed`` where the way between a concatenation and its layers or norm is plain, else why it is not."""
+    if isinstance(followed, str):
+        return Reason(f"{where}, {followed}")
     if followed.steps:
-        return (f"{followed.steps[0].label} changes the values, which bnfold folds through only between one layer "
-                f"and its norm, not across a concatenation")
-    return "a reshape spreads channels over features"
+        return Reason(f"{where}, {followed.steps[0].label} changes the values, which bnfold folds through only "
+                      f"between one layer and its norm, not across a concatenation")
+    if followed.layout != (1, 1):
+        return Reason(f"{where}, a reshape spreads channels over features")
+    return followed
 
 
 # ------------------------------------------------------------------------------------------------ forward fold
@@ -178,8 +174,7 @@ def _forward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
     """The fold of ``norm`` into the layer(s) before it, or the reason it cannot be made."""
     assert norm.norm is not None
     layer: Unit | None = None
-    layer_sites: set[int] = set()
-    pairs: list[_Path] = []
+    pairs: list[tuple[Node, list[Node]]] = []  # each layer call and the nodes between it and the norm
     for index in norm.calls:
         call = paths.nodes[index]
         if not call.inputs:
@@ -209,18 +204,16 @@ def _forward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
                 f"must keep seeing the unnormalised values"
             )
         layer = source_unit
-        layer_sites.add(source.index)
-        pairs.append(_Path(source, call, tuple(between)))
+        pairs.append((source, between))
     assert layer is not None
     facts = _facts(layer)
-    if unchangeable := _unchangeable(layer, layer_sites, "is also called at another site whose output"):
+    if unchangeable := _unchangeable(layer, {source.index for source, _ in pairs}, "is also called at another site whose output"):
         return unchangeable
     if facts.out_channels != norm.norm.channels:
         return Reason(f"'{layer.name}' has {facts.out_channels} output channels but the norm has {norm.norm.channels}")
     routes: set[Route] = set()
-    for pair in pairs:
-        followed = paths.follow_axis(facts.channel_dim, pair.layer.shape, pair.between, facts.out_channels,
-                                     _rank_hint(facts))
+    for source, between in pairs:
+        followed = paths.follow_axis(facts.channel_dim, source.shape, between, facts.out_channels, _rank_hint(facts))
         if isinstance(followed, str):
             return Reason(f"between '{layer.name}' and the norm, {followed}")
         if followed.layout != (1, 1):
@@ -254,11 +247,10 @@ def _concat_fold(paths: Paths, norm: Unit, consumer: Node, cat: Node, between: l
     dim = cat.op.attributes.get("axis")
     if not isinstance(dim, int):
         return Reason(f"its input comes from {cat.label} along an axis bnfold cannot read")
-    followed = paths.follow_axis(dim, cat.shape, between, norm.norm.channels)
-    if isinstance(followed, str):
-        return Reason(f"between {cat.label} and the norm, {followed}")
-    if followed.steps or followed.layout != (1, 1):
-        return Reason(f"between {cat.label} and the norm, {_not_plain(followed)}")
+    followed = _plain(paths.follow_axis(dim, cat.shape, between, norm.norm.channels),
+                      f"between {cat.label} and the norm")
+    if isinstance(followed, Reason):
+        return followed
     needs_non_negative = followed.needs_non_negative
     mismatch = _axis_mismatch(cat.label, norm.name, followed.axis, norm.norm.channel_dim, followed.shape, "output",
                               notes)
@@ -283,11 +275,10 @@ def _concat_fold(paths: Paths, norm: Unit, consumer: Node, cat: Node, between: l
         facts = unit.layer
         if facts.problem:
             return Reason(facts.problem)
-        followed = paths.follow_axis(facts.channel_dim, source.shape, path, facts.out_channels, _rank_hint(facts))
-        if isinstance(followed, str):
-            return Reason(f"between '{unit.name}' and the concatenation, {followed}")
-        if followed.steps or followed.layout != (1, 1):
-            return Reason(f"between '{unit.name}' and the concatenation, {_not_plain(followed)}")
+        followed = _plain(paths.follow_axis(facts.channel_dim, source.shape, path, facts.out_channels,
+                                            _rank_hint(facts)), f"between '{unit.name}' and the concatenation")
+        if isinstance(followed, Reason):
+            return followed
         needs_non_negative = needs_non_negative or followed.needs_non_negative
         mismatch = _axis_mismatch(f"'{unit.name}'", norm.name, followed.axis, dim, followed.shape, "output", notes)
         if mismatch:
@@ -310,7 +301,7 @@ def _backward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
     if norm.norm.backward_blocker:
         return Reason(norm.norm.backward_blocker)
     consumers: dict[str, set[int]] = {}
-    pairs: list[_Path] = []
+    pairs: list[tuple[Node, Node, list[Node]]] = []  # each layer call, the norm call and the nodes between
     for index in norm.calls:
         call = paths.nodes[index]
         found = paths.layers_reached(call)
@@ -321,7 +312,7 @@ def _backward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
             if layer_node.inputs != [reader.index]:
                 return Reason(f"'{layer_node.unit}' after it also reads other tensors")
             consumers.setdefault(layer_node.unit or "", set()).add(layer_node.index)
-            pairs.append(_Path(layer_node, call, tuple(between)))
+            pairs.append((layer_node, call, between))
     for name, sites in consumers.items():
         layer = paths.units[name]
         facts = _facts(layer)
@@ -333,10 +324,10 @@ def _backward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
         if unchangeable := _unchangeable(layer, sites, "after it is also called at another site whose input"):
             return unchangeable
     routes: dict[str, Route] = {}
-    for pair in pairs:
-        name = pair.layer.unit or ""
+    for layer_node, call, between in pairs:
+        name = layer_node.unit or ""
         facts = _facts(paths.units[name])
-        followed = paths.follow_axis(norm.norm.channel_dim, pair.norm.shape, pair.between, norm.norm.channels)
+        followed = paths.follow_axis(norm.norm.channel_dim, call.shape, between, norm.norm.channels)
         if isinstance(followed, str):
             if facts.in_channels != norm.norm.channels:  # the plainer reason, as before
                 return Reason(f"'{name}' after it has {facts.in_channels} input channels but the norm has "

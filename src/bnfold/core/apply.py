@@ -498,13 +498,9 @@ def merged_tensors(
         if tuple(int(n) for n in tensors.weight.shape[:2]) != (out_channels, per_group):
             raise ValueError(f"a branch of weight shape {tuple(tensors.weight.shape)} does not fit {shape}")
         window = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, kernel, strict=True)))
-        term = f64(tensors.weight)
-        if coefficient is not None:
-            term = term * _per_output(coefficient, out_channels, len(shape))
-        weight[window] = weight[window] + term
+        weight[window] = weight[window] + f64(tensors.weight) * _per_output(coefficient, out_channels, len(shape))
         if tensors.bias is not None:
-            term = f64(tensors.bias)
-            bias = bias + (term if coefficient is None else term * _per_output(coefficient, out_channels, 1))
+            bias = bias + f64(tensors.bias) * _per_output(coefficient, out_channels, 1)
     if identities:
         groups = out_channels // per_group
         # eye(per_group), one per group: every (per_group + 1)-th entry of a flat (per_group, per_group) block.
@@ -513,11 +509,10 @@ def merged_tensors(
         eye = eye.reshape((1, per_group, per_group))
         diagonal = numerics.zeros((out_channels,), first.weight)
         for (scale, shift), coefficient in zip(identities, identity_coefficients, strict=True):
-            factor = None if coefficient is None else _per_output(coefficient, out_channels, 1)
-            term = 1.0 if scale is None else f64(scale)
-            diagonal = diagonal + (term if factor is None else term * factor)
+            factor = _per_output(coefficient, out_channels, 1)
+            diagonal = diagonal + (1.0 if scale is None else f64(scale)) * factor
             if shift is not None:
-                bias = bias + (f64(shift) if factor is None else f64(shift) * factor)
+                bias = bias + f64(shift) * factor
         block = (eye * diagonal.reshape((groups, per_group, 1))).reshape((out_channels, per_group))
         position = (slice(None), slice(None), *tap)
         weight[position] = weight[position] + block
@@ -525,8 +520,10 @@ def merged_tensors(
     return numerics.cast(weight, first.weight), numerics.cast(bias, reference_bias)
 
 
-def _per_output(coefficient: Array | float, out_channels: int, rank: int) -> Array | float:
-    """``coefficient`` shaped to scale axis 0 of an array of ``rank`` axes."""
+def _per_output(coefficient: Array | float | None, out_channels: int, rank: int) -> Array | float:
+    """``coefficient`` (None: 1) shaped to scale axis 0 of an array of ``rank`` axes (a product by 1.0 is exact)."""
+    if coefficient is None:
+        return 1.0
     if isinstance(coefficient, (int, float)):
         return float(coefficient)
     size = int(coefficient.reshape(-1).shape[0])
@@ -556,12 +553,8 @@ def merge_one(merge: Merge, access: WeightAccess) -> None:
     numerics = access.numerics
     order = sorted(merge.branches, key=lambda branch: branch.layer != merge.into)
     branches = [(access.read(branch.layer), branch.offset) for branch in order]
-    identities: list[tuple[Array | None, Array | None]] = []
-    for identity in merge.identities:
-        if identity.norm is None:
-            identities.append((None, None))
-        else:
-            identities.append(scale_shift(access.statistics(identity.norm), numerics))
+    identities = [(None, None) if identity.norm is None else scale_shift(access.statistics(identity.norm), numerics)
+                  for identity in merge.identities]
     tap = merge.identities[0].tap if merge.identities else ()
     weight, bias = merged_tensors(
         branches, identities, tap, numerics,

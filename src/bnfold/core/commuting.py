@@ -46,12 +46,6 @@ def may_commute(node: Node) -> bool:
     return node.kind == OP and node.op is not None and node.op.kind in _COMMUTING_KINDS
 
 
-def _normalise(axis: int, rank: int | None) -> int | None:
-    if axis >= 0:
-        return axis
-    return None if rank is None else axis % rank
-
-
 def passage(
     node: Node, in_shape: Sequence[int] | None, axis: int, layout: tuple[int, int] = (1, 1), rank: int | None = None
 ) -> Passage | str:
@@ -67,7 +61,7 @@ def passage(
         return f"{node.label} does not commute with a per-channel affine map"
     kind, attributes = node.op.kind, node.op.attributes
     rank = len(in_shape) if in_shape is not None else rank
-    channel_axis = _normalise(axis, rank)
+    channel_axis = axis if axis >= 0 else None if rank is None else axis % rank
     if layout != (1, 1) and kind not in _LAYOUT_KINDS:
         return f"{node.label} acts on features that a reshape before it made of several channels' values"
     if kind == "reshape":
@@ -75,8 +69,7 @@ def passage(
     if kind in ("squeeze", "unsqueeze"):
         return _squeeze(node, in_shape, channel_axis, rank, layout)
     if kind in ("permute", "transpose"):
-        moved = _permute(node, channel_axis, rank)
-        return Passage(moved.axis, False, *layout) if isinstance(moved, Passage) else moved
+        return _permute(node, channel_axis, rank, layout)
     if kind == "identity":
         return Passage(axis, False, *layout)
     if kind == "dropout":
@@ -217,19 +210,16 @@ def _squeeze(
     return Passage(position, False, *layout)
 
 
-def _permute(node: Node, channel_axis: int | None, rank: int | None) -> Passage | str:
+def _permute(node: Node, channel_axis: int | None, rank: int | None, layout: tuple[int, int]) -> Passage | str:
     assert node.op is not None
     if channel_axis is None or rank is None:
         return f"{node.label} moves axes; pass example_inputs so bnfold can follow the channel axis"
     if node.op.kind == "permute":
         order = [int(d) % rank for d in node.op.attributes["order"]]
-        return Passage(order.index(channel_axis))
+        return Passage(order.index(channel_axis), False, *layout)
     first, second = (int(d) % rank for d in node.op.attributes["dims"])
-    if channel_axis == first:
-        return Passage(second)
-    if channel_axis == second:
-        return Passage(first)
-    return Passage(channel_axis)
+    moved = {first: second, second: first}.get(channel_axis, channel_axis)
+    return Passage(moved, False, *layout)
 
 
 # ------------------------------------------------------------------------------------------ affine steps

@@ -35,9 +35,6 @@ class Scale:
         return self.number == 1.0 and not self.factors
 
 
-UNIT_SCALE = Scale()
-
-
 @dataclass(frozen=True)
 class Leaf:
     """A term of an add tree.
@@ -51,7 +48,7 @@ class Leaf:
     path: tuple[Node, ...]
     only_to_tree: bool
     reader: int
-    scale: Scale = UNIT_SCALE
+    scale: Scale = Scale()
 
     @property
     def operand(self) -> Node:
@@ -159,7 +156,7 @@ class AddTrees:
         scales, both in the order the tree reads them."""
         ops: list[Node] = [root]
         leaves: list[Leaf] = []
-        self._walk(root, UNIT_SCALE, ops, leaves)
+        self._walk(root, Scale(), ops, leaves)
         return ops, leaves
 
     def _walk(self, op: Node, scale: Scale, ops: list[Node], leaves: list[Leaf]) -> None:

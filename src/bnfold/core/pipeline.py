@@ -99,7 +99,7 @@ def entries(graph: Graph, the_plan: FoldPlan) -> list[NormEntry]:
                   into=d.layers, direction=d.direction) if isinstance(d, Fold)
         else NormEntry(d.norm, units[d.norm].type_name, getattr(units[d.norm].norm, "channels", None) or None, LEFT,
                        reason=d.reason)
-        for d in the_plan.decisions()
+        for d in [*the_plan.folds, *the_plan.refusals]
     ]
 
 
@@ -180,12 +180,8 @@ def fold(backend: FoldBackend, *, mode: bool = True) -> Planned:
 
 def merge_preview(fold_copy: Callable[[], FoldReport]) -> FoldReport:
     """The dry run of a fold with ``merge_branches``, in every format: the report of ``fold_copy`` (the format's
-    fold and merges, on a copy of the model, unverified), marked as not applied.
-
-    Which blocks merge depends on the folds made before them (a norm folded into a branch makes it a plain layer),
-    so the merges cannot be planned ahead as the folds are: the preview makes them, and so lists exactly those the
-    real fold makes. The caller's model is not changed.
-    """
+    fold and merges, on a copy of the model, unverified), marked as not applied. Which blocks merge depends on the
+    folds made before them, so the preview makes them rather than planning them ahead."""
     report = fold_copy()
     report.applied = False
     return report

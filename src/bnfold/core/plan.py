@@ -12,7 +12,6 @@ from the end of the network (BN -> BN -> Linear too).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .commuting import AffineStep
@@ -89,10 +88,6 @@ class FoldPlan:
     refusals: list[Refusal]
     method: str
     notes: list[str] = field(default_factory=list)
-
-    def decisions(self) -> Iterator[Fold | Refusal]:
-        yield from self.folds
-        yield from self.refusals
 
 
 # ------------------------------------------------------------------------------------ checks every fold makes

@@ -7,14 +7,13 @@ folds until nothing changes. The format's side is :class:`MergeTarget`; nothing 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..report import LEFT, MERGED, MergeEntry
 from .apply import MergeOverflow, WeightAccess, merge_one
 from .graph import Graph
-from .merge import Merge, MergeRefusal, plan_merges
+from .merge import Merge, plan_merges
 
 MAX_ROUNDS = 4
 """Merges and folds alternate at most this often (each round needs a sum that only the previous round's folds made
@@ -23,7 +22,7 @@ mergeable: two rounds are what the known architectures need)."""
 
 class MergeTarget(Protocol):
     """A format's side of the rounds. ``translate`` starts a round; the other methods act on its translation, in the
-    order :func:`merge_once` calls them. ``model``: what the rounds leave (rewritten in place, or replaced by
+    order :func:`merge_rounds` calls them. ``model``: what the rounds leave (rewritten in place, or replaced by
     ``commit``); ``access``: the round's weights, through which the merged kernels and biases are written."""
 
     model: Any
@@ -52,17 +51,6 @@ class MergeTarget(Protocol):
 
 
 @dataclass
-class MergeRound:
-    """One round of :func:`merge_once`: the merges made and the blocks left (both named by their sum), per merge the
-    names of the terms a split kept, and whether a split left terms another round may merge."""
-
-    merges: list[Merge] = field(default_factory=list)
-    kept: list[tuple[str, ...]] = field(default_factory=list)
-    refusals: list[MergeRefusal] = field(default_factory=list)
-    again: bool = False
-
-
-@dataclass
 class MergeOutcome:
     """What :func:`merge_rounds` did: the model to return, an entry per block merged or left, the norms of identity
     branches a merge absorbed (norm -> the layer it went into), notes, and why nothing could be merged (the format's
@@ -75,35 +63,13 @@ class MergeOutcome:
     failure: str | None = None
 
 
-def merge_once(target: MergeTarget, graph: Graph) -> MergeRound:
-    """One round on ``target``, whose translation is ``graph``: plan, check, compute, rewrite."""
-    plan = plan_merges(graph, split_sums=True)
-    done = MergeRound(refusals=[dataclasses.replace(r, block=target.name(r.root)) for r in plan.refusals],
-                      again=plan.again)
-    target.start(plan.merges)
-    for merge in plan.merges:
-        block = target.name(merge.root)
-        blocked = target.blocked(merge)  # every check before the weights are written: a block left keeps its weights
-        if blocked is None:
-            try:
-                merge_one(merge, target.access)
-            except MergeOverflow as overflow:
-                blocked = str(overflow)
-        if blocked is not None:
-            done.refusals.append(MergeRefusal(block, merge.root, blocked))
-            continue
-        done.merges.append(dataclasses.replace(merge, block=block))
-        done.kept.append(target.rewrite(merge))
-    if done.merges:
-        target.commit()
-    return done
-
-
 def merge_rounds(target: MergeTarget) -> MergeOutcome:
     """Merge the summed branches of ``target`` (folded already, owned by the caller), fold what that made foldable,
     and repeat while anything changes (new folds, or a split whose kept terms may merge among themselves).
 
-    The report's entries are every merge made, in order, then the blocks the last round left, with their reasons.
+    Each round plans on the format's graph as it is now, checks each merge (every check before the weights are
+    written: a block left keeps its weights), computes it and has the format rewrite its graph. The report's entries
+    are every merge made, in order, then the blocks the last round left, with their reasons.
     """
     outcome = MergeOutcome()
     left: list[MergeEntry] = []
@@ -112,16 +78,30 @@ def merge_rounds(target: MergeTarget) -> MergeOutcome:
         if isinstance(graph, str):
             outcome.failure = graph
             break
-        done = merge_once(target, graph)
-        for merge, kept in zip(done.merges, done.kept, strict=True):
+        plan = plan_merges(graph, split_sums=True)
+        left = [MergeEntry(target.name(refusal.root), LEFT, reason=refusal.reason) for refusal in plan.refusals]
+        target.start(plan.merges)
+        merged = False
+        for merge in plan.merges:
+            block = target.name(merge.root)
+            blocked = target.blocked(merge)
+            if blocked is None:
+                try:
+                    merge_one(merge, target.access)
+                except MergeOverflow as overflow:
+                    blocked = str(overflow)
+            if blocked is not None:
+                left.append(MergeEntry(block, LEFT, reason=blocked))
+                continue
+            kept = target.rewrite(merge)
             identities = tuple(i.norm or "input" for i in merge.identities)
-            outcome.entries.append(MergeEntry(merge.block, MERGED, merge.into, merge.merged_layers, identities,
-                                              kept=kept))
+            outcome.entries.append(MergeEntry(block, MERGED, merge.into, merge.merged_layers, identities, kept=kept))
             outcome.absorbed_norms.update(dict.fromkeys(merge.norms, merge.into))
-        left = [MergeEntry(refusal.block, LEFT, reason=refusal.reason) for refusal in done.refusals]
-        if not done.merges:
+            merged = True
+        if not merged:
             break
-        if not target.fold_again() and not done.again:
+        target.commit()
+        if not target.fold_again() and not plan.again:
             break  # nothing new to fold or to merge: another round would find the same blocks left
     outcome.entries.extend(left)
     outcome.model = target.model

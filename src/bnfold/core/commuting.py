@@ -22,10 +22,8 @@ from .graph import CONSTANT, OP, ZERO_PADDED_BORDER, Node, Operand
 
 @dataclass(frozen=True)
 class Passage:
-    """An affine map on channel ``axis`` of the input comes out on channel ``axis`` of the output.
-
-    ``needs_non_negative_scale``: exact only when every scale ``s >= 0`` (max pooling).
-    """
+    """An affine map on the input's channels comes out on channel ``axis`` of the output (spread as ``outer`` /
+    ``inner`` say); ``needs_non_negative_scale``: exact only when every scale ``s >= 0`` (max pooling)."""
 
     axis: int
     needs_non_negative_scale: bool = False
@@ -51,9 +49,8 @@ def passage(
 ) -> Passage | str:
     """How an affine map on channel ``axis`` of ``node``'s (single) input passes through it, or why it does not.
 
-    ``in_shape`` is the input's shape when known, else ``None`` (``rank`` may still be known); ``node.shape`` the
-    output's. ``layout``: ``(outer, inner)`` of a map already spread over the features of ``axis`` (see the module
-    docstring); ``(1, 1)`` for one channel per index.
+    ``in_shape``: the input's shape when known (else ``rank`` may be); ``layout``: ``(outer, inner)`` of a map
+    already spread over the features of ``axis``, ``(1, 1)`` for one channel per index.
     """
     if len(node.inputs) != 1:
         return f"{node.label} combines {len(node.inputs)} tensors"

@@ -146,10 +146,8 @@ class NormFacts:
     """What the planner needs to know of a norm that is a per-channel affine map ``y = s * x + t`` in eval mode.
 
     Attributes:
-        channels: its number of channels.
-        channel_dim: the axis of its input that holds channels.
-        problem: why it is not a foldable affine map at all (no rule for its class, non-constant statistics,
-            hooks...), or ``None``; :func:`norm_problem` reads it.
+        channels / channel_dim: its number of channels, and the axis of its input that holds them.
+        problem: why it is not a foldable affine map at all (no rule for its class, hooks...), or ``None``.
         batch_statistics: why it normalises with the statistics of each batch, where it does:
             :data:`NO_RUNNING_STATISTICS` or :data:`IN_TRAINING_MODE` (the core words it, :func:`norm_problem`).
         backward_blocker: why the layers after it cannot absorb it (a fused activation after the norm), or ``None``.
@@ -213,17 +211,11 @@ class OpFacts:
 
 @dataclass(frozen=True)
 class Operand:
-    """One operand of an ``add`` / ``sub`` / ``mul`` op: exactly one of ``input`` / ``number`` / ``constant`` says what
-    it is (a constant may also name its ``input``, the node that reads it, where the format has one).
-
-    Attributes:
-        input: the operand is the tensor of ``node.inputs[input]``.
-        number: the operand is a plain number.
-        constant: the operand is a stored tensor the model never changes (a parameter or buffer, an ONNX
-            initializer), named as the format's weight access reads it (``constant(name)``).
-        shape: the constant's shape; what an adapter states of a computed operand's shape, where it knows it, for
-            :func:`bnfold.core.arithmetic.linear_combination` (which decides and drops it).
-        zero: the constant's every value is 0 (stated by the adapter; the core decides whether it is the number 0).
+    """One operand of an ``add`` / ``sub`` / ``mul`` op: the tensor of ``node.inputs[input]``, a plain ``number``, or
+    a stored tensor the model never changes (a parameter, buffer or initializer) named as the format's weight access
+    reads it (``constant(name)``; it may also name the ``input`` that reads it). ``shape``: the constant's, or what an
+    adapter knows of a computed operand's for :func:`bnfold.core.arithmetic.linear_combination` (which drops it).
+    ``zero``: the constant is all 0 (the core decides whether it is the number 0).
     """
 
     input: int | None = None
@@ -278,10 +270,8 @@ class Unit:
 
 @dataclass
 class Graph:
-    """Nodes in execution order, the units they call, and what the adapter wants the report to say.
-
-    ``units`` is ordered as the report lists norms that are never called (by their place in the model).
-    ``shapes_known``: shapes come from a real forward pass (example inputs, or a format that records them).
+    """Nodes in execution order, the units they call (ordered by their place in the model), and what the adapter
+    wants the report to say. ``shapes_known``: shapes come from a real forward pass, or a format that records them.
     """
 
     nodes: list[Node] = field(default_factory=list)

@@ -70,17 +70,14 @@ class Merge:
     """Merge an add tree into the layer ``into``: its kernel and bias become the sums of every branch's.
 
     Attributes:
-        block: the root addition, as a user reads it.
-        root: its node index (the adapter makes every reader of the sum read ``into``'s output instead).
+        block / root: the root addition as a user reads it, and its node index (whose readers read ``into``'s output
+            instead, plus the ``kept`` terms).
         into: the branch layer with the largest kernel, which keeps its geometry.
-        branches: every layer merged, ``into`` included, in the tree's order.
-        identities: the identity branches.
-        removed: node indices that are no longer computed (the additions, subtractions and products of the tree,
-            the other branches' layer and norm calls, the identities between them and the tree, and constants only
-            the removed products read).
-        kept: for a split tree, the node indices of the terms that stay (each read by the tree directly, each with
-            the coefficient 1): the readers of the sum read ``into``'s output plus these, in this order. Empty when
-            the whole tree merged (the readers of the sum read ``into``'s output itself).
+        branches: every layer merged, ``into`` included, in the tree's order; identities: the identity branches.
+        removed: node indices no longer computed (the tree's ops, the other branches' layer and norm calls, the
+            identities between them and the tree, constants only the removed products read).
+        kept: for a split tree, the terms that stay (read by the tree directly, with the coefficient 1), in order;
+            empty when the whole tree merged.
     """
 
     block: str
@@ -331,11 +328,10 @@ class _MergePlanner:
 def plan_merges(graph: Graph, fold_plan: FoldPlan | None = None, *, split_sums: bool = False) -> MergePlan:
     """Decide which add trees of ``graph`` merge into one layer, once the norms of ``fold_plan`` are folded.
 
-    ``fold_plan``: the folds applied before the merges (their norms are identities now); ``None`` when the graph
-    was read after folding. ``split_sums``: also split trees whose terms read different tensors (merges with
-    :attr:`Merge.kept` terms); an adapter passes True once its rewrite adds the kept terms to the merged layer's
-    output, so one that does not know them never gets such a merge. Every add tree that has a layer among its terms
-    is either merged or refused with a reason; the merges are disjoint (a layer or norm belongs to one tree at most).
+    ``fold_plan``: the folds applied before the merges; ``None`` when the graph was read after folding.
+    ``split_sums``: also split trees whose terms read different tensors (:attr:`Merge.kept`), for an adapter whose
+    rewrite adds the kept terms. Every add tree with a layer among its terms is merged or refused with a reason;
+    the merges are disjoint (a layer or norm belongs to one tree at most).
     """
     return _MergePlanner(graph, fold_plan, split_sums).run()
 

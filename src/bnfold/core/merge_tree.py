@@ -37,12 +37,8 @@ class Scale:
 
 @dataclass(frozen=True)
 class Leaf:
-    """A term of an add tree.
-
-    ``node`` is what the tree's ops read, looking through identities; ``path`` the identities between it and the op
-    that reads it (``reader``); ``only_to_tree``: its output, and every identity on the way, is read by the tree alone;
-    ``scale``: the factor it enters the root's sum with.
-    """
+    """A term of an add tree: ``node`` is what the tree's ops read, looking through the identities ``path`` before
+    the op ``reader``; ``only_to_tree``: only the tree reads it and them; ``scale``: its factor in the root's sum."""
 
     node: Node
     path: tuple[Node, ...]

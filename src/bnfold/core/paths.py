@@ -55,12 +55,9 @@ class Paths:
                 or isinstance(self.step(node), tuple))
 
     def producer(self, reader: Node, source: Node, steps: bool = True) -> tuple[Node, list[Node]] | str:
-        """The node that produced the tensor ``source`` hands to ``reader``, looking through transparent nodes (and
-        affine steps unless ``steps`` is False: a concatenation's inputs are never folded through them).
-
-        Returns that producer and the nodes between (producer side first). Every node on the way must have the next
-        one as its only user.
-        """
+        """The node that produced the tensor ``source`` hands to ``reader``, and the nodes between (producer side
+        first, each read only by the next), looking through transparent nodes and, unless ``steps`` is False (a
+        concatenation's inputs), affine steps."""
         between: list[Node] = []
         current = reader
         while self._passes(source, self.folded_forward) and (steps or not isinstance(self.step(source), tuple)):

@@ -26,10 +26,9 @@ BACKWARD = "backward"
 class Route:
     """What lies between a norm and one layer it folds into, besides ops that pass its map unchanged.
 
-    ``steps``: the model's own per-channel affine ops on the way (:class:`~bnfold.core.commuting.AffineStep`),
-    ordered from the norm outward; they stay in the model and the norm is folded through them. ``outer`` /
-    ``inner`` (backward folds): the layer's input feature ``f`` belongs to the norm's channel ``(f // inner) % C``,
-    so it absorbs ``s`` and ``t`` expanded to ``outer * C * inner`` features.
+    ``steps``: the model's own per-channel affine ops on the way, from the norm outward (they stay in the model).
+    ``outer`` / ``inner`` (backward folds): the layer's input feature ``f`` belongs to the norm's channel
+    ``(f // inner) % C``, so it absorbs ``s`` and ``t`` expanded to ``outer * C * inner`` features.
     """
 
     steps: tuple[AffineStep, ...] = ()
@@ -46,12 +45,9 @@ PLAIN = Route()
 
 @dataclass(frozen=True)
 class Fold:
-    """Fold norm ``norm`` into ``layers`` (unit names).
-
-    Forward: the layer before it, or the layers whose outputs were concatenated along channels into its input (each
-    takes its share of the channels, in order). Backward: every layer after it (each absorbs all its channels).
-    ``routes``: one :class:`Route` per layer where any is not plain, else empty.
-    """
+    """Fold norm ``norm`` into ``layers`` (unit names): forward, the layer before it or the layers concatenated into
+    its input (each takes its share of the channels, in order); backward, every layer after it. ``routes``: one
+    :class:`Route` per layer where any is not plain, else empty."""
 
     norm: str
     layers: tuple[str, ...]
@@ -111,10 +107,7 @@ def _rank_hint(facts: LayerFacts) -> int | None:
 def _axis_mismatch(layer_label: str, norm: str, layer_axis: int, norm_axis: int, shape: tuple[int, ...] | None,
                    what: str, notes: list[str]) -> Reason | None:
     """Why channel axis ``layer_axis`` of the layer does not meet the norm's ``norm_axis``; ``None`` if it does.
-
-    Without shapes a fully connected layer next to a norm of channel axis 1 is assumed to see 2-D activations,
-    and ``notes`` say so.
-    """
+    Without shapes, a fully connected layer next to a norm of axis 1 is assumed to see 2-D activations (a note)."""
     if shape is not None:
         if layer_axis % len(shape) == norm_axis % len(shape):
             return None
@@ -230,12 +223,8 @@ def _forward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
 
 def _concat_fold(paths: Paths, norm: Unit, consumer: Node, cat: Node, between: list[Node], notes: list[str]
                  ) -> Fold | Reason:
-    """The fold of ``norm`` into the layers whose outputs are concatenated along channels into its input, in channel
-    order.
-
-    ``norm(cat([a(x), b(y)]))`` is ``cat([norm_a(a(x)), norm_b(b(y))])`` with the norm's channels split at the
-    concatenation's boundaries, so each layer absorbs its share.
-    """
+    """The fold of ``norm`` into the layers concatenated along channels into its input, in channel order:
+    ``norm(cat([a(x), b(y)]))`` is ``cat([norm_a(a(x)), norm_b(b(y))])``, each layer absorbing its share."""
     assert norm.norm is not None and cat.op is not None
     if cat.users != [consumer.index]:
         return Reason(f"its input, {cat.label}, is also used by {paths.other_user(cat, consumer)}")

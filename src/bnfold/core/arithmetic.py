@@ -38,11 +38,6 @@ def _fits(shape: Shape, target: Shape) -> bool:
     )
 
 
-def _broadcast(shape: Shape, target: Shape) -> bool:
-    """Whether a computed tensor of ``shape`` and a result of ``target`` broadcast one another."""
-    return _stretches(shape, target) or _stretches(target, shape)
-
-
 def linear_combination(kind: str, operands: Sequence[Operand], *, alpha: object = 1,
                        shape: Shape | None = None) -> OpFacts:
     """The core's facts of an ``add`` / ``sub`` / ``mul`` / ``div`` whose operands an adapter read (in the order the
@@ -57,7 +52,7 @@ def linear_combination(kind: str, operands: Sequence[Operand], *, alpha: object 
     target = shape if shape is not None else next((o.shape for o in computed if o.shape is not None), None)
     checked = computed if kind in ("add", "sub") else computed if len(computed) == 1 else []
     if target is not None and checked:
-        if any(o.shape is not None and _broadcast(o.shape, target) for o in checked):
+        if any(o.shape is not None and (_stretches(o.shape, target) or _stretches(target, o.shape)) for o in checked):
             return OTHER
         if any(o.constant is not None and o.shape is not None and _stretches(o.shape, target) for o in operands):
             return OTHER

@@ -13,6 +13,7 @@ itself a per-channel affine map (:class:`AffineStep`): it stays in the model, an
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -315,10 +316,7 @@ def affine_step(node: Node, nodes: Sequence[Node]) -> tuple[int, AffineStep] | s
         if divisor.number == 0:
             return f"{node.label} divides by 0"
         return data, AffineStep(node.label, Value(1.0 / divisor.number, (), divisor.constants, divisor.shapes))
-    scale = Value()
-    for value in values:
-        scale = scale.times(value)
-    return data, AffineStep(node.label, scale, None)
+    return data, AffineStep(node.label, functools.reduce(Value.times, values, Value()), None)
 
 
 def constant_problem(

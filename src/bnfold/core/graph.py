@@ -188,21 +188,15 @@ class OpFacts:
     * ``concat``: ``axis`` (int, or None when it cannot be read);
     * ``pad``: ``mode`` (``"constant"``, ``"reflect"``, ``"replicate"``, ``"circular"``), ``padded_axes`` (the
       axes of the input that get padding, non-negative, or None when unknown);
-    * ``add``: ``alpha`` (the factor of the second operand, ``torch.add(x, y, alpha=...)``; 1 for ``+``),
-      ``scalars`` (the operands that are plain numbers, not tensors: ``(0,)`` for ``0 + t``), and optionally
-      ``operands`` (below);
-    * ``sub``: ``x - alpha * y``: ``alpha``, ``scalars`` as for ``add``, and ``operands`` (which one is subtracted);
-      without ``operands`` the node's two inputs are read as ``inputs[0] - inputs[1]``;
-    * ``mul``: a product (``-x`` is ``x * -1``): ``operands``, the one way to tell the tensor from its factors.
-    * ``div``: ``operands[0] / operands[1]`` (a true division; a rounding one is ``other``): ``operands``.
-    * ``squeeze`` / ``unsqueeze``: ``dims`` (the axes removed / inserted, as the op gives them, or None when it
-      does not say: ``squeeze()`` of every size-1 axis).
+    * ``squeeze`` / ``unsqueeze``: ``dims`` (the axes removed / inserted, or None: ``squeeze()`` of every size-1 axis);
+    * ``add`` / ``sub`` (``x + alpha * y`` / ``x - alpha * y``): ``alpha`` (1 for ``+``), ``scalars`` (the operands
+      that are plain numbers: ``(0,)`` for ``0 + t``) and ``operands``; a ``sub`` without ``operands`` is read as
+      ``inputs[0] - inputs[1]``;
+    * ``mul`` (``-x`` is ``x * -1``) and ``div`` (``operands[0] / operands[1]``, true division): ``operands``.
 
-    ``operands`` (a tuple of :class:`Operand`, in call order) says what each operand of ``add`` / ``sub`` / ``mul``
-    is; a format whose node inputs can repeat a tensor or drop constants needs it to describe ``y + y`` or
-    ``x * gamma`` exactly (torch.fx lists ``y`` once among the inputs of ``y + y``).
-
-    ``adaptive_avg_pool``, ``upsample``, ``identity`` and ``reshape`` need none (reshapes are judged on shapes).
+    ``operands`` (a tuple of :class:`Operand`, in call order) says what each operand is: node inputs cannot tell
+    ``y + y`` or ``x * gamma`` exactly (torch.fx lists ``y`` once among the inputs of ``y + y``). ``adaptive_avg_pool``,
+    ``upsample``, ``identity`` and ``reshape`` need no attributes (reshapes are judged on shapes).
     """
 
     kind: str

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .graph import CONSTANT, LAYER, NORM, Graph, LayerFacts, Node, norm_problem
-from .merge_geometry import identity_tap, place_kernels, scale_reason
+from .merge_geometry import Layer, identity_tap, place_kernels, scale_reason
 from .merge_tree import AddTrees, Leaf, Scale
 from .plan import FoldPlan, Reason
 
@@ -246,21 +246,23 @@ class _MergePlanner:
         if reason is not None:
             return reason
         units = [(leaf.node.unit or "", self.graph.units[leaf.node.unit or ""].layer) for leaf in layers]
-        placed = place_kernels([(name, facts, facts.geometry) for name, facts in units
-                                if facts is not None and facts.geometry is not None])
+        branch_layers = [(name, facts, facts.geometry) for name, facts in units  # all, as branch_reason checked
+                         if facts is not None and facts.geometry is not None]
+        placed = place_kernels(branch_layers)
         if isinstance(placed, Reason):
             return placed
         into, offsets = placed
-        taps = self.identity_taps(into, layers, identities + norms, source)
+        target = next(layer for layer in branch_layers if layer[0] == into)
+        taps = self.identity_taps(target, layers, identities + norms, source)
         if isinstance(taps, Reason):
             return taps
         merged = [leaf for leaf in leaves if leaf in layers or leaf in identities or leaf in norms]
-        reason = scale_reason(into, self.graph.units[into].layer, [leaf.node.shape for leaf in merged],
+        reason = scale_reason(target, [leaf.node.shape for leaf in merged],
                               [factor for leaf in merged for factor in leaf.scale.factors])
         if reason is not None:
             return reason
         branches = tuple(Branch(name, offset, _public(leaf.scale))
-                         for (name, _), offset, leaf in zip(units, offsets, layers, strict=True))
+                         for (name, _, _), offset, leaf in zip(branch_layers, offsets, layers, strict=True))
         identity_branches = tuple(IdentityBranch(leaf.node.unit if leaf in norms else None, taps, _public(leaf.scale))
                                   for leaf in leaves if leaf in identities or leaf in norms)
         removed = {op.index for op in ops}
@@ -287,15 +289,13 @@ class _MergePlanner:
                 )
         return None
 
-    def identity_taps(self, into: str, layers: list[Leaf], identities: list[Leaf], source: Node
+    def identity_taps(self, target: Layer, layers: list[Leaf], identities: list[Leaf], source: Node
                       ) -> tuple[int, ...] | Reason:
-        """Where the identity branches sit in ``into``'s kernel (``()`` without any), or why they cannot."""
+        """Where the identity branches sit in the kernel of ``target`` (``()`` without any), or why they cannot."""
         if not identities:
             return ()
-        facts = self.graph.units[into].layer
-        if facts is None or facts.geometry is None:
-            return Reason(f"'{into}' is not mergeable: its geometry is unknown")
-        tap = identity_tap(into, facts, facts.geometry)
+        into, facts, geometry = target
+        tap = identity_tap(into, facts, geometry)
         if isinstance(tap, Reason):
             return tap
         for leaf in identities:
@@ -314,7 +314,7 @@ class _MergePlanner:
             shape = leaf.node.shape
             mismatch = (
                 norm.norm.channel_dim % len(shape) != facts.channel_dim % len(shape) if shape is not None
-                else norm.norm.channel_dim != facts.channel_dim and not (not facts.geometry.kernel
+                else norm.norm.channel_dim != facts.channel_dim and not (not geometry.kernel
                                                                           and norm.norm.channel_dim == 1)
             )
             if mismatch:

@@ -88,14 +88,12 @@ def identity_tap(into: str, facts: LayerFacts, geometry: Geometry) -> tuple[int,
     return tuple(tap)
 
 
-def scale_reason(into: str, facts: LayerFacts | None, shapes: list[tuple[int, ...] | None], factors: list[Factor]
-                 ) -> Reason | None:
-    """Why a factor the merged terms (of ``shapes``) are scaled by is not one value per output channel of ``into``
-    (or a single value), or None."""
-    if facts is None or facts.geometry is None:
-        return Reason(f"'{into}' is not mergeable: its geometry is unknown")
+def scale_reason(layer: Layer, shapes: list[tuple[int, ...] | None], factors: list[Factor]) -> Reason | None:
+    """Why a factor the merged terms (of ``shapes``) are scaled by is not one value per output channel of the merged
+    ``layer`` (or a single value), or None."""
+    into, facts, geometry = layer
     known = [shape for shape in shapes if shape is not None]
-    rank = len(known[0]) if known else (len(facts.geometry.kernel) + 2 if facts.channel_dim >= 0 else None)
+    rank = len(known[0]) if known else (len(geometry.kernel) + 2 if facts.channel_dim >= 0 else None)
     for factor in factors:
         where = f"{factor.op.label} multiplies by '{factor.name}' of shape {factor.shape}"
         if rank is not None and len(factor.shape) > rank:

@@ -26,11 +26,8 @@ Array = Any
 
 
 class Statistics(NamedTuple):
-    """A norm's eval-mode map ``gamma * (x - mean) / sqrt(var + eps) + beta`` (``gamma`` / ``beta`` may be absent).
-
-    A named tuple, not a dataclass: it is read for every norm of every fold, and a tuple is the cheapest to make.
-    Norm rules return it under its public name :class:`bnfold.NormStatistics`.
-    """
+    """A norm's eval-mode map ``gamma * (x - mean) / sqrt(var + eps) + beta`` (``gamma`` / ``beta`` may be absent),
+    public as :class:`bnfold.NormStatistics`. A named tuple: read for every norm of every fold, it is the cheapest."""
 
     mean: Array
     var: Array
@@ -345,10 +342,9 @@ def _value(value: Value | None, access: WeightAccess, channels: int, fold: Fold,
 
 
 def routed(fold: Fold, index: int, scale: Array, shift: Array, access: WeightAccess) -> tuple[Array, Array]:
-    """The ``(s, t')`` that layer ``fold.layers[index]`` absorbs: the norm's map carried through the route's affine
-    steps, then expanded to the layer's input features where the route spreads channels over them (feature ``f``
-    takes channel ``(f // inner) % C``'s values). ``scale`` / ``shift``: the norm's ``(s, t)`` in float64 (for a
-    forward fold into concatenated layers, this layer's share).
+    """The ``(s, t')`` that layer ``fold.layers[index]`` absorbs: the norm's ``(s, t)`` in float64 (``scale`` /
+    ``shift``, this layer's share for concatenated layers) carried through the route's affine steps, then expanded
+    to the layer's input features where the route spreads channels over them (:class:`~bnfold.core.plan.Route`).
 
     The steps ``y = a * x + b`` stay in the model and only the shift changes, step by step from the norm outward;
     ``s`` never does. Forward, ``norm(A(y)) = A(s * y + t')`` with ``t' = (s * b + t - b) / a`` (refused where

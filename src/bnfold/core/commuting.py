@@ -68,11 +68,9 @@ def passage(
         return _squeeze(node, in_shape, channel_axis, rank, layout)
     if kind in ("permute", "transpose"):
         return _permute(node, channel_axis, rank, layout)
-    if kind == "identity":
+    if kind == "identity" or (kind == "dropout" and attributes.get("training") is False):
         return Passage(axis, False, *layout)
     if kind == "dropout":
-        if attributes.get("training") is False:
-            return Passage(axis, False, *layout)
         return f"{node.label} is applied with training=True"
     if kind in ("adaptive_avg_pool", "upsample"):
         return _spatial(node, axis, channel_axis)
@@ -189,9 +187,9 @@ def _squeeze(
             return (f"{node.label} {node.op.kind}es axes bnfold cannot read; pass example_inputs so bnfold can check "
                     f"that the channel axis stays")
         return _reshape(node, in_shape, channel_axis, layout)
+    if any(d < 0 for d in dims) and rank is None:
+        return _reshape(node, in_shape, channel_axis, layout)
     if node.op.kind == "squeeze":
-        if any(d < 0 for d in dims) and rank is None:
-            return _reshape(node, in_shape, channel_axis, layout)
         removed = {d % rank if rank is not None else d for d in dims}
         if in_shape is not None:  # torch skips an axis whose size is not 1; ONNX would fail on it
             removed = {d for d in removed if in_shape[d] == 1}
@@ -199,8 +197,6 @@ def _squeeze(
             return f"{node.label} removes the channel axis"
         return Passage(channel_axis - sum(d < channel_axis for d in removed), False, *layout)
     out_rank = None if rank is None else rank + len(dims)
-    if any(d < 0 for d in dims) and out_rank is None:
-        return _reshape(node, in_shape, channel_axis, layout)
     position = channel_axis
     for inserted in sorted(d % out_rank if out_rank is not None else d for d in dims):
         if inserted <= position:

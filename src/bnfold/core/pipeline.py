@@ -33,13 +33,10 @@ class FoldBackend(Protocol):
     """One format, as the driver sees it.
 
     ``name``: the model's name in the report. ``exported``: its mode was fixed when it was exported (``.pt2``,
-    ONNX), so the remedy for training mode is to export it again. ``measures_counts``: :meth:`counts` is exact after
-    the folds are written (otherwise the driver projects the counts from :meth:`released` and :meth:`lacks_bias`).
-
-    :meth:`norm_modes` is read before :meth:`translate` (translating may run the model); :meth:`weights` is the
-    translated model's; :meth:`counts` are its parameter and buffer elements; :meth:`released` the parameter and
-    buffer elements that leave with a folded norm; :meth:`finish` makes the written folds part of the model (dead
-    code out, graph recompiled, nodes reordered...).
+    ONNX), so the remedy for training mode is to export it again. ``measures_counts``: :meth:`counts` (parameter and
+    buffer elements) is exact after the folds are written, else the driver projects it from :meth:`released` (what
+    leaves with a folded norm) and :meth:`lacks_bias`. :meth:`norm_modes` is read before :meth:`translate`
+    (translating may run the model); :meth:`finish` makes the written folds part of the model (dead code out...).
     """
 
     name: str

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 from .. import affine
 from ..errors import NonFiniteStatisticsError
 from .commuting import Value
+from .graph import weight_channels
 from .merge import Coefficient, Merge
 from .plan import FORWARD, Fold, FoldPlan, Route
 
@@ -280,11 +281,6 @@ def _in_place_is_safe(tensors: LayerTensors, largest_factor: float, numerics: Nu
     return bound < numerics.max_finite(tensors.weight) * (1 - 2.0**-8)
 
 
-def _out_channels(tensors: LayerTensors) -> int:
-    count = int(tensors.weight.shape[tensors.out_axis])
-    return count * tensors.groups if tensors.out_axis == 1 else count
-
-
 def _overflow(fold: Fold, layer: str, what: str, array: Array, scale: Array, numerics: Numerics) -> FoldOverflow:
     return FoldOverflow(
         fold.norm,
@@ -400,7 +396,8 @@ def fold_one(fold: Fold, access: WeightAccess, maps: Mapping[str, tuple[Array, A
     for index, layer in enumerate(fold.layers):
         tensors = access.read(layer)
         if fold.direction == FORWARD:
-            stop = offset + _out_channels(tensors) if len(fold.layers) > 1 else None
+            stop = (offset + int(weight_channels(tuple(tensors.weight.shape), tensors.out_axis, tensors.groups)[0])
+                    if len(fold.layers) > 1 else None)
             factors, shifts, axis = scale[offset:stop], shift[offset:stop], tensors.out_axis
             offset = stop or 0
         else:

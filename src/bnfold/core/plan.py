@@ -333,10 +333,9 @@ def _backward_fold(paths: Paths, norm: Unit, notes: list[str]) -> Fold | Reason:
         route = Route(followed.steps, outer, inner)
         if routes.setdefault(name, route) != route:
             return Reason(f"it reaches '{name}' along ways with different constant operations or layouts")
-    layers = tuple(consumers)
-    if all(route.plain for route in routes.values()):
-        return Fold(norm.name, layers, BACKWARD)
-    return Fold(norm.name, layers, BACKWARD, tuple(routes.get(name, PLAIN) for name in layers))
+    layers = tuple(consumers)  # each reached by a path, so each has its route
+    plain = all(route.plain for route in routes.values())
+    return Fold(norm.name, layers, BACKWARD, () if plain else tuple(routes[name] for name in layers))
 
 
 # ------------------------------------------------------------------------------------------------------ driver

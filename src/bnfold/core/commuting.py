@@ -2,9 +2,10 @@
 
 A norm separated from its layer only by such operations still folds: ``op(s * x + t) == s * op(x) + t`` per channel.
 Each kind's rule, and why it is exact, is its function below (:func:`passage` dispatches): means and pools over
-non-channel axes average real inputs only; ``upsample`` weighs inputs by weights that sum to 1; ``max_pool`` needs
-``s >= 0``; ``pad`` must copy values of the channel; ``reshape`` / ``squeeze`` / ``permute`` move or spread the
-channel axis (a spread map, :class:`Passage` ``outer`` / ``inner``, only a backward fold absorbs, expanded).
+non-channel axes must average real inputs only (no counted zero padding); ``upsample`` weighs inputs by weights
+that sum to 1; ``max_pool`` needs ``s >= 0``; ``pad`` must copy values of the channel (reflect, replicate, circular);
+``reshape`` / ``squeeze`` / ``permute`` move the channel axis, or spread it over features (:class:`Passage`
+``outer`` / ``inner``), which only a backward fold can absorb.
 
 **Affine steps.** An ``add`` / ``sub`` / ``mul`` / ``div`` of the tensor with numbers or per-channel constants is
 itself a per-channel affine map (:class:`AffineStep`): it stays in the model, and the norm is folded *through* it

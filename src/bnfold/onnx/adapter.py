@@ -1,26 +1,13 @@
-"""The ONNX adapter: an ONNX graph translated into the core graph, and the core's folds written back as initializers.
+"""The ONNX adapter: an ONNX graph translated into the core graph (:func:`to_graph`), and the core's folds written
+back as initializers (:class:`OnnxWeights`, on a copy of the model).
 
-Nothing here decides what folds: :mod:`bnfold.core.plan` does, on the :class:`~bnfold.core.graph.Graph` built by
-:func:`to_graph`, with the same rules as for every other format. This module only translates:
-
-* **dataflow.** Every top-level node becomes a core node whose inputs are the activations it reads. Constants
-  (initializers the caller cannot override, ``Constant`` nodes, and small subgraphs computed from constants only)
-  and shape queries (``Shape``, ``Size`` and what is computed from them) are not activations: a ``Reshape`` reads its
-  data, not its target shape, and a ``Shape`` of a tensor does not use its values. Tensors read inside subgraphs
-  (``If`` / ``Loop`` bodies) count as read by the node that owns the subgraph; graph outputs are output nodes.
-* **units.** ``Conv``, ``ConvTranspose``, ``Gemm`` and ``MatMul`` with a constant 2-D weight are layers (a
-  ``MatMul`` followed by an ``Add`` of a constant per-column bias is one layer with that bias);
-  ``BatchNormalization`` is a norm. Each node is its own unit, named by the node's name (or its op and output).
-* **every other op** through one facts table, :data:`OPS`: op type -> core op kind and the attributes
-  :mod:`bnfold.core.commuting` needs.
-* **shapes** from ONNX shape inference, run on a copy of the graph without the weights' data (large initializers are
-  declared as inputs of the same type and shape), so a 500 MB model is not copied to learn its shapes.
-
-Writing back (:class:`OnnxWeights`) works on a copy of the model: a new weight or bias replaces the initializer when
-the layer is its only reader, and becomes a new initializer of the layer otherwise (a weight shared with another
-node, or an Identity alias, or a constant computed by a small subgraph: the fold stays exact and the report notes
-it). A folded norm is removed by handing its output name to the tensor it read (when nothing else reads that) or by
-pointing its readers at its input.
+Nothing here decides what folds: :mod:`bnfold.core.plan` does, with the rules of every format. Only activations
+are dataflow: constants (initializers the caller cannot override, ``Constant`` nodes, small subgraphs computed from
+constants) and shape queries (``Shape``, ``Size`` and what is computed from them) are not, so a ``Reshape`` reads
+its data, not its target shape. Tensors read inside ``If`` / ``Loop`` bodies count as read by the node owning the
+body. Shapes come from ONNX shape inference on a copy without the large weights' data, so that a 500 MB model is
+not copied to learn its shapes. A folded weight or bias that another node also reads gets an initializer of its
+own, so the fold stays exact (the report notes it).
 """
 
 from __future__ import annotations
@@ -74,6 +61,9 @@ bias has ``x``'s type, not its values), so the output is a constant when the oth
 CONSTANT_SUBGRAPH_LIMIT = 24
 """At most this many nodes are evaluated to compute one constant (``Expand(CastLike(0, w), shape)``, or the dozen
 shape operations the TorchScript exporter emits for a reflect padding's ``pads``)."""
+RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                        "Bernoulli"})
+"""Ops whose output differs from run to run even on constant inputs."""
 SMALL_INITIALIZER = 1024
 """Initializers up to this many elements stay in the copy that shape inference sees (target shapes, axes, pads)."""
 
@@ -215,45 +205,28 @@ class Tensors:
     def is_constant(self, name: str) -> bool:
         """Whether ``name`` has the same value whatever the inputs (an initializer the caller cannot override, a
         ``Constant`` node, or a small computation on those)."""
-        if not name:
-            return False
-        if name in self._constant:
-            return self._constant[name]
         if name in self.initializers:
-            result = name not in self.graph_inputs
-        elif name in self.graph_inputs or name not in self.producer:
-            result = False
-        else:
-            node = self.producer[name]
-            self._constant[name] = False  # a cycle (an invalid graph) must not recurse forever
-            result = (
-                node.domain in ONNX_DOMAINS
-                and not _subgraphs(node)
-                and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                                         "Multinomial", "Bernoulli")
-                and all(self.is_constant(n) for n in self.value_inputs(node))
-            )
-        self._constant[name] = result
-        return result
+            return name not in self.graph_inputs
+        return self._computed(name, self._constant, lambda node: (
+            node.domain in ONNX_DOMAINS and node.op_type not in RANDOM_OPS
+            and all(self.is_constant(n) for n in self.value_inputs(node))
+        ))
 
     def is_static(self, name: str) -> bool:
         """Constant, or computed from shapes only: reading it is not a use of any activation's values."""
-        if not name:
+        if not name or self.is_constant(name):
             return True
-        if name in self._static:
-            return self._static[name]
-        if self.is_constant(name):
-            result = True
-        elif name in self.graph_inputs or name not in self.producer:
-            result = False
-        else:
-            node = self.producer[name]
-            self._static[name] = False
-            result = node.op_type in METADATA_OPS or (
-                not _subgraphs(node) and all(self.is_static(n) for n in self.value_inputs(node))
-            )
-        self._static[name] = result
-        return result
+        return self._computed(name, self._static, lambda node: (
+            node.op_type in METADATA_OPS or all(self.is_static(n) for n in self.value_inputs(node))
+        ))
+
+    def _computed(self, name: str, cache: dict[str, bool], rule: Callable[[onnx.NodeProto], bool]) -> bool:
+        """Whether a node without subgraphs computes ``name`` (not a graph input) and meets ``rule``; cached."""
+        if name not in cache:
+            node = self.producer.get(name)
+            cache[name] = False  # a cycle (an invalid graph) must not recurse forever
+            cache[name] = node is not None and name not in self.graph_inputs and not _subgraphs(node) and rule(node)
+        return cache[name]
 
     def tensor(self, name: str) -> onnx.TensorProto | None:
         """The stored TensorProto of an initializer or a ``Constant`` node's ``value`` (through Identity nodes)."""
@@ -611,6 +584,16 @@ def _weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
     return (0 if op == "Conv" or (op == "Gemm" and attribute(node, "transB", 0)) else 1), groups
 
 
+def _own_bias(node: onnx.NodeProto) -> str:
+    """The bias input of a ``Conv``, ``ConvTranspose`` or ``Gemm`` node (``""`` when it has none, as a MatMul)."""
+    return node.input[2] if node.op_type != "MatMul" and len(node.input) > 2 else ""
+
+
+def _scaled(array: np.ndarray, factor: float) -> np.ndarray:
+    """``array * factor`` computed in float64 and rounded to the array's dtype (the array itself when 1)."""
+    return array if factor == 1.0 else (array.astype(np.float64) * factor).astype(array.dtype)
+
+
 def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str | None:
     """Why the constant ``name`` (the ``role`` of ``owner``) cannot be folded into, or ``None``."""
     if not tensors.is_constant(name):
@@ -651,11 +634,9 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
     if shape is None or len(shape) < 2:
         return None
     problem = _constant_problem(tensors, weight_name, "weight", label)
-    bias_names = [node.input[2]] if op != "MatMul" and len(node.input) > 2 and node.input[2] else []
-    if bias is not None:
-        bias_names.append(bias[0].input[bias[1]])
-    for name in bias_names:
-        problem = problem or _constant_problem(tensors, name, "bias", label)
+    for name in (_own_bias(node), bias[0].input[bias[1]] if bias is not None else ""):
+        if name:
+            problem = problem or _constant_problem(tensors, name, "bias", label)
     out_channels, in_channels = weight_channels(tuple(shape), *_weight_axes(node))
     blocker = geometry = padded = None
     channel_dim = 1
@@ -774,19 +755,15 @@ class _Translator:
         graph = self.graph
         op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
         output = node.output[0] if node.output else ""
-        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
+        bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
+        facts = _layer_facts(node, bias, self.tensors, self.shapes) if op in LAYER_TYPES else None
         if op == NORM_TYPE:
             name = graph.free_name(display_name(node))
             graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
             self.out.norms[name] = node
             core = graph.add_node(NORM, f"norm '{name}'", self.activation_inputs(list(node.input)),
                                   shape=self.shapes.get(output), unit=name)
-        elif op in LAYER_TYPES:
-            bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
-            facts = _layer_facts(node, bias, self.tensors, self.shapes)
-            if facts is None:
-                self.op_node(node, op, outside)
-                return
+        elif facts is not None:
             name = graph.free_name(display_name(node))
             graph.add_unit(name, LAYER, op, layer=facts)
             layer = Layer(node, *(bias or (None, None)))
@@ -799,11 +776,12 @@ class _Translator:
                                   shape=self.shapes.get(layer.output), unit=name)
             output = layer.output
         else:
-            self.op_node(node, op, outside)
+            self.op_node(node, op)
             return
         self.node_of[output] = core.index
 
-    def op_node(self, node: onnx.NodeProto, op: str, outside: list[str]) -> None:
+    def op_node(self, node: onnx.NodeProto, op: str) -> None:
+        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
         facts_of = OPS.get(op)
         facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
         if op in ARITHMETIC and not outside:
@@ -975,7 +953,8 @@ class OnnxWeights:
         self.names = _FreeNames(model.graph)
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def _value(self, name: str) -> np.ndarray:
+    def constant(self, name: str) -> np.ndarray:
+        """The value of a constant the core reads (a statistic, a weight, a merge's layer scale)."""
         value = self.tensors.value(name)
         if value is None:  # the planner only folds constants: this is a bug
             raise RuntimeError(f"'{name}' is not a constant")
@@ -983,27 +962,20 @@ class OnnxWeights:
 
     def statistics(self, norm: str) -> Statistics:
         node = self.norms[norm]
-        gamma, beta, mean, var = (self._value(n) for n in node.input[1:5])
+        gamma, beta, mean, var = (self.constant(n) for n in node.input[1:5])
         return Statistics(mean, var, float(attribute(node, "epsilon", 1e-5)), gamma, beta)
 
     def read(self, layer: str) -> LayerTensors:
         unit = self.layers[layer]
         node = unit.node
-        weight = self._value(node.input[1])
-        op = node.op_type
-        out_axis, groups = _weight_axes(node)
-        alpha = float(attribute(node, "alpha", 1.0)) if op == "Gemm" else 1.0
-        if alpha != 1.0:
-            weight = (weight.astype(np.float64) * alpha).astype(weight.dtype)
+        gemm = node.op_type == "Gemm"
+        weight = _scaled(self.constant(node.input[1]), float(attribute(node, "alpha", 1.0)) if gemm else 1.0)
         bias: np.ndarray | None = None
         if unit.bias_add is not None and unit.bias_slot is not None:
-            bias = self._value(unit.bias_add.input[unit.bias_slot])
-        elif op != "MatMul" and len(node.input) > 2 and node.input[2]:
-            bias = self._value(node.input[2])
-            beta = float(attribute(node, "beta", 1.0)) if op == "Gemm" else 1.0
-            if beta != 1.0:
-                bias = (bias.astype(np.float64) * beta).astype(bias.dtype)
-        return LayerTensors(weight, bias, out_axis, groups)
+            bias = self.constant(unit.bias_add.input[unit.bias_slot])
+        elif _own_bias(node):
+            bias = _scaled(self.constant(node.input[2]), float(attribute(node, "beta", 1.0)) if gemm else 1.0)
+        return LayerTensors(weight, bias, *_weight_axes(node))
 
     # -- writing ---------------------------------------------------------------------------------------------
     def _store(self, node: onnx.NodeProto, slot: int, array: np.ndarray, role: str) -> None:
@@ -1063,10 +1035,6 @@ class OnnxWeights:
                 self._store(add, 1, bias, "bias")
         else:
             self._store(node, 2, bias, "bias")
-
-    def constant(self, name: str) -> np.ndarray:
-        """The value of a constant a merge scales by (a layer scale's initializer)."""
-        return self._value(name)
 
     def remove_norm(self, norm: str) -> None:
         """Take the norm out: its producer's output takes the norm's output name when nothing else reads it,
@@ -1155,8 +1123,7 @@ class OnnxBackend:
 
     def lacks_bias(self, layer: str) -> bool:
         unit = self.translation.layers[layer]
-        node = unit.node
-        return unit.bias_add is None and not (node.op_type != "MatMul" and len(node.input) > 2 and node.input[2])
+        return unit.bias_add is None and not _own_bias(unit.node)
 
     def finish(self) -> None:
         self.access.finish()

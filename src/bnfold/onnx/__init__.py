@@ -8,10 +8,7 @@ The same affine math as the PyTorch engine (:mod:`bnfold.affine`), applied to in
 >>> result.report.print()                                 # what folded into what, and why anything stayed
 >>> result.save("resnet18-folded.onnx")
 
-Rules: a norm folds *forward* into the node producing its input (Conv 1-3D with groups, ConvTranspose, Gemm,
-2-D MatMul, MatMul + constant Add) when that output feeds nothing else; otherwise *backward* into the nodes reading
-its output when all of them can take it exactly (Gemm, 2-D MatMul, Conv without padding). Anything else stays,
-with the reason in the report.
+What folds is decided as for every format (:mod:`bnfold.core.plan`); the report says why anything stayed.
 """
 
 from __future__ import annotations
@@ -87,11 +84,22 @@ class OnnxFoldResult:
         checked: dict[str, Any] = {}
 
         def read_back(staged: Path) -> None:
-            _loads_by_path(staged, Path(path).name)
+            try:  # opened by its path, as the user will open the written file
+                session(staged)
+            except Exception as error:
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise VerificationError(
+                    f"onnxruntime cannot open the ONNX file bnfold wrote for {Path(path).name} ({first}); nothing "
+                    "was written: please report it"
+                ) from error
             if self.original is None:
                 return
+            # The inputs the fold was judged on (same seed, same sizes), without searching the dynamic sizes again.
+            shape = self.input_shape
+            if shape is None and self.inputs is None:
+                shape = dict((self.report.verification or {}).get("input_shapes") or {}) or None
             result = _verify(self.original, staged, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance,
-                             input_shape=self._checked_shape())
+                             input_shape=shape)
             checked.update(result.to_dict())
             if not result.passed:
                 raise VerificationError(
@@ -101,31 +109,6 @@ class OnnxFoldResult:
 
         save(self.model, path, force=force, external_data=True if self.external_data else None, check=read_back)
         return checked or None
-
-
-    def _checked_shape(self) -> Sequence[int] | dict[str, Sequence[int]] | None:
-        """The input shapes the fold was judged on: the read-back runs the same inputs (same seed, same sizes),
-        without searching the dynamic sizes again."""
-        if self.input_shape is not None or self.inputs is not None:
-            return self.input_shape
-        shapes = (self.report.verification or {}).get("input_shapes")
-        return dict(shapes) if shapes else None
-
-
-def _loads_by_path(staged: Path, name: str) -> None:
-    """Open the staged graph by its path in onnxruntime, as the user will open the written file.
-
-    Raises:
-        VerificationError: onnxruntime refuses the file (nothing is renamed into place).
-    """
-    try:
-        session(staged)
-    except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise VerificationError(
-            f"onnxruntime cannot open the ONNX file bnfold wrote for {name} ({first}); nothing was written: "
-            "please report it"
-        ) from error
 
 
 def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, tuple[Path, ...]]:

@@ -1,15 +1,10 @@
 """Read and write ONNX files with errors a user can act on, and writes that never leave half a file behind.
 
-``read`` tells apart the usual wrong inputs (no such file, a directory, a text file, a PyTorch checkpoint, a
-truncated or corrupt .onnx, missing external data) and names the file in a one-line :class:`InvalidInputError`; it
-also returns every file it read (the graph and each external data file), so that no output can ever be one of them.
-
-``save`` writes the graph and its external data file as one unit through :func:`bnfold.files.staged_files`: both
-are written into a staging folder beside the target, under their final names, and checked there (``check``: the CLI
-and :meth:`bnfold.onnx.OnnxFoldResult.save` open the staged graph by its path in onnxruntime, as a user's
-``InferenceSession(path)`` does, with its data file beside it, and compare it with the original), and only then
-renamed into place, data first and graph last, with a rollback if the second
-rename fails, so the old OUT and its old data stay complete and consistent until the new pair is complete.
+:func:`read` names the file and the problem in a one-line :class:`InvalidInputError`, and returns every file it read
+(the graph and each external data file), so that no output can ever be one of them. :func:`save` writes the graph
+and its external data as one unit through :func:`bnfold.files.staged_files`: staged beside the target under their
+final names, checked there (``check``), then renamed into place, data first and graph last, with a rollback if the
+second rename fails, so the old pair stays complete and consistent until the new one is.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Branch merges in ONNX files: the core's :class:`~bnfold.core.merge.MergePlan` written into an ONNX graph.
-
-The adapter (:mod:`bnfold.onnx.adapter`) translates the graph for folding; this module adds what merging needs on
-top of that translation (whose facts hold each ``Conv``'s geometry): the geometry of each ``Gemm`` with ``transB=1`` (a
-fully connected layer); the core's rounds (:mod:`bnfold.core.merge_rounds`) plan and compute, and
-:class:`OnnxMerges` rewrites the graph: the merged ``Conv`` takes the sum's output name, the additions, the other
-branches' Conv and BatchNormalization nodes and the identities between are removed, and initializers nobody reads
-any more are dropped. Works without torch, like the rest of the ONNX backend.
+"""Branch merges in ONNX files: the core's merge rounds (:mod:`bnfold.core.merge_rounds`) plan on the adapter's
+translation, and :class:`OnnxMerges` writes each merge into the graph (the merged ``Conv`` takes the sum's output
+name; the block's other nodes go, and so do the initializers nobody reads any more). Works without torch.
 """
 
 from __future__ import annotations

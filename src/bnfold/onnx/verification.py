@@ -1,18 +1,12 @@
 """Proof that folding changed nothing: run the original and the folded model in onnxruntime and compare.
 
-Both sessions run on onnxruntime's CPU provider with graph optimisations off, so what is compared is the two
-graphs, not what onnxruntime makes of them. An input shaped like a batch of RGB images gets the photographs bnfold
-ships (:mod:`bnfold.examples`), every other input seeded random values; a dynamic batch dimension is 1 and the other
-dynamic dimensions take the first of :data:`bnfold.examples.SIZES` (224, then multiples of 32) the original runs
-on, unless the caller gives shapes or inputs.
+Both sessions run on onnxruntime's CPU provider with graph optimisations off, so that what is compared is the two
+graphs, not what onnxruntime makes of them. The inputs are :func:`example_inputs` unless the caller gives some; the
+verdict is :mod:`bnfold.judge`'s, the same in every format (its noise floor measured here, in onnxruntime, on a
+perturbed copy of the original).
 
-The verdict is :mod:`bnfold.judge`'s, the same in every format: besides the fixed relative tolerance, an output
-passes when its error is within what one rounding step of the tensors the fold touched does to the original (the
-noise floor, measured here on a perturbed copy of the original, in onnxruntime, on the same inputs).
-
-The default tolerances are those of :data:`bnfold.verification.TOLERANCES`, which explains where they come from.
-That module imports torch, and this one must not, so the numbers are repeated here by ONNX element type; a test
-checks that the two tables agree.
+:data:`TOLERANCES` repeats :data:`bnfold.verification.TOLERANCES` (which says where the numbers come from) by ONNX
+element type, since that module imports torch and this one must not; a test checks that the two tables agree.
 """
 
 from __future__ import annotations
@@ -235,15 +229,17 @@ def _run_folded(runner: _Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.n
 
 def choose_inputs(
     original: _Runner, described: onnx.ModelProto, seed: int,
+    input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Example inputs the original runs on, and its outputs: free sizes take the first of :data:`SIZES` that works,
-    then a strip (each of :data:`STRIP_HEIGHTS` by :data:`STRIP_WIDTH`), then 1 (the smallest input there is).
+    """Example inputs the original runs on, and its outputs: free sizes (unless ``input_shape`` gives them) take
+    the first of :data:`SIZES` that works, then a strip (each of :data:`STRIP_HEIGHTS` by :data:`STRIP_WIDTH`),
+    then 1 (the smallest input there is).
 
     Raises:
         OriginalRunError: no size works (the last error is chained).
     """
-    if not has_free_sizes(described):
-        feeds = example_inputs(described, seed)
+    if input_shape is not None or not has_free_sizes(described):
+        feeds = example_inputs(described, seed, input_shape)
         return feeds, _run_original(original, feeds, False)
     tried, last = [], None
     sizes: list[int | tuple[int, int]] = [*SIZES, *((h, STRIP_WIDTH) for h in STRIP_HEIGHTS), 1]
@@ -414,14 +410,10 @@ def verify(
         batches = _given_feeds(described, inputs, seed, input_shape)
         expected = [_run_original(run_original, feeds, True) for feeds in batches]
         chosen = "given"
-    elif input_shape is not None:
-        batches = [example_inputs(described, seed, input_shape)]
-        expected = [_run_original(run_original, batches[0], False)]
-        chosen = "example (--input-shape)"
     else:
-        feeds, outputs = choose_inputs(run_original, described, seed)
+        feeds, outputs = choose_inputs(run_original, described, seed, input_shape)
         batches, expected = [feeds], [outputs]
-        chosen = "example (chosen)" if has_free_sizes(described) else "example"
+        chosen = "example" if input_shape is not None or not has_free_sizes(described) else "example (chosen)"
     actual = [_run_folded(run_folded, feeds) for feeds in batches]
     floor = _floor(original, folded)
     result = VerificationResult([], tolerance, batches=len(batches), inputs=_label(chosen, batches[0], seed),

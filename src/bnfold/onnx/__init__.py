@@ -89,12 +89,12 @@ class OnnxFoldResult:
             except Exception as error:
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise VerificationError(
-                    f"onnxruntime cannot open the ONNX file bnfold wrote for {Path(path).name} ({first}); nothing "
-                    "was written: please report it"
+                    f"onnxruntime cannot open the ONNX file bnfold wrote for {Path(path).name} ({first}); "
+                    "nothing was written: please report it"
                 ) from error
             if self.original is None:
                 return
-            # The inputs the fold was judged on (same seed, same sizes), without searching the dynamic sizes again.
+            # The inputs the fold was judged on (same seed, same sizes), without searching the sizes again.
             shape = self.input_shape
             if shape is None and self.inputs is None:
                 shape = dict((self.report.verification or {}).get("input_shapes") or {}) or None

@@ -1,13 +1,13 @@
-"""The ONNX adapter: an ONNX graph translated into the core graph (:func:`to_graph`), and the core's folds written
-back as initializers (:class:`OnnxWeights`, on a copy of the model).
+"""The ONNX adapter: an ONNX graph translated into the core graph (:func:`to_graph`), and the core's folds
+written back as initializers (:class:`OnnxWeights`, on a copy of the model).
 
-Nothing here decides what folds: :mod:`bnfold.core.plan` does, with the rules of every format. Only activations
-are dataflow: constants (initializers the caller cannot override, ``Constant`` nodes, small subgraphs computed from
-constants) and shape queries (``Shape``, ``Size`` and what is computed from them) are not, so a ``Reshape`` reads
-its data, not its target shape. Tensors read inside ``If`` / ``Loop`` bodies count as read by the node owning the
-body. Shapes come from ONNX shape inference on a copy without the large weights' data, so that a 500 MB model is
-not copied to learn its shapes. A folded weight or bias that another node also reads gets an initializer of its
-own, so the fold stays exact (the report notes it).
+Nothing here decides what folds: :mod:`bnfold.core.plan` does, with the rules of every format. Only
+activations are dataflow: constants (initializers the caller cannot override, ``Constant`` nodes, small
+subgraphs computed from constants) and shape queries (``Shape``, ``Size`` and what is computed from them) are
+not, so a ``Reshape`` reads its data, not its target shape. Tensors read inside ``If`` / ``Loop`` bodies count
+as read by the node owning the body. Shapes come from ONNX shape inference on a copy without the large
+weights' data, so that a 500 MB model is not copied to learn its shapes. A folded weight or bias that another
+node also reads gets an initializer of its own, so the fold stays exact (the report notes it).
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ bias has ``x``'s type, not its values), so the output is a constant when the oth
 CONSTANT_SUBGRAPH_LIMIT = 24
 """At most this many nodes are evaluated to compute one constant (``Expand(CastLike(0, w), shape)``, or the dozen
 shape operations the TorchScript exporter emits for a reflect padding's ``pads``)."""
-RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                        "Bernoulli"})
+RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
 """Ops whose output differs from run to run even on constant inputs."""
 SMALL_INITIALIZER = 1024
 """Initializers up to this many elements stay in the copy that shape inference sees (target shapes, axes, pads)."""
@@ -221,11 +222,12 @@ class Tensors:
         ))
 
     def _computed(self, name: str, cache: dict[str, bool], rule: Callable[[onnx.NodeProto], bool]) -> bool:
-        """Whether a node without subgraphs computes ``name`` (not a graph input) and meets ``rule``; cached."""
+        """Whether a node without subgraphs computes ``name`` (no graph input) and meets ``rule``; cached."""
         if name not in cache:
             node = self.producer.get(name)
             cache[name] = False  # a cycle (an invalid graph) must not recurse forever
-            cache[name] = node is not None and name not in self.graph_inputs and not _subgraphs(node) and rule(node)
+            computed = node is not None and name not in self.graph_inputs and not _subgraphs(node)
+            cache[name] = computed and rule(node)
         return cache[name]
 
     def tensor(self, name: str) -> onnx.TensorProto | None:
@@ -585,7 +587,7 @@ def _weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
 
 
 def _own_bias(node: onnx.NodeProto) -> str:
-    """The bias input of a ``Conv``, ``ConvTranspose`` or ``Gemm`` node (``""`` when it has none, as a MatMul)."""
+    """The bias input of a ``Conv``, ``ConvTranspose`` or ``Gemm`` node (``""`` if none, as for a MatMul)."""
     return node.input[2] if node.op_type != "MatMul" and len(node.input) > 2 else ""
 
 

@@ -1,10 +1,10 @@
 """Read and write ONNX files with errors a user can act on, and writes that never leave half a file behind.
 
-:func:`read` names the file and the problem in a one-line :class:`InvalidInputError`, and returns every file it read
-(the graph and each external data file), so that no output can ever be one of them. :func:`save` writes the graph
-and its external data as one unit through :func:`bnfold.files.staged_files`: staged beside the target under their
-final names, checked there (``check``), then renamed into place, data first and graph last, with a rollback if the
-second rename fails, so the old pair stays complete and consistent until the new one is.
+:func:`read` names the file and the problem in a one-line :class:`InvalidInputError`, and returns every file
+it read (the graph and each external data file), so that no output can ever be one of them. :func:`save`
+writes the graph and its external data as one unit through :func:`bnfold.files.staged_files`: staged beside
+the target under their final names, checked there (``check``), then renamed into place, data first and graph
+last (rolled back if the second rename fails), so the old pair stays whole until the new one is.
 """
 
 from __future__ import annotations

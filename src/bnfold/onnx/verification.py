@@ -1,12 +1,12 @@
 """Proof that folding changed nothing: run the original and the folded model in onnxruntime and compare.
 
-Both sessions run on onnxruntime's CPU provider with graph optimisations off, so that what is compared is the two
-graphs, not what onnxruntime makes of them. The inputs are :func:`example_inputs` unless the caller gives some; the
-verdict is :mod:`bnfold.judge`'s, the same in every format (its noise floor measured here, in onnxruntime, on a
-perturbed copy of the original).
+Both sessions run on onnxruntime's CPU provider with graph optimisations off, so that what is compared is the
+two graphs, not what onnxruntime makes of them. The inputs are :func:`example_inputs` unless the caller gives
+some; the verdict is :mod:`bnfold.judge`'s, the same in every format (its noise floor measured here, in
+onnxruntime, on a perturbed copy of the original).
 
-:data:`TOLERANCES` repeats :data:`bnfold.verification.TOLERANCES` (which says where the numbers come from) by ONNX
-element type, since that module imports torch and this one must not; a test checks that the two tables agree.
+:data:`TOLERANCES` repeats :data:`bnfold.verification.TOLERANCES` (which explains them) by ONNX element type,
+since that module imports torch and this one must not; a test checks that the two tables agree.
 """
 
 from __future__ import annotations
@@ -231,9 +231,9 @@ def choose_inputs(
     original: _Runner, described: onnx.ModelProto, seed: int,
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Example inputs the original runs on, and its outputs: free sizes (unless ``input_shape`` gives them) take
-    the first of :data:`SIZES` that works, then a strip (each of :data:`STRIP_HEIGHTS` by :data:`STRIP_WIDTH`),
-    then 1 (the smallest input there is).
+    """Example inputs the original runs on, and its outputs: free sizes (unless ``input_shape`` gives them)
+    take the first of :data:`SIZES` that works, then a strip (each of :data:`STRIP_HEIGHTS` by
+    :data:`STRIP_WIDTH`), then 1 (the smallest input there is).
 
     Raises:
         OriginalRunError: no size works (the last error is chained).

@@ -57,11 +57,6 @@ class OnnxFoldResult:
     seed: int = 0
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
 
-    def files_written(self, path: str | os.PathLike[str]) -> list[Path]:
-        """The files :meth:`save` writes for ``path``: the graph, and its external data file when there is one."""
-        external = self.external_data or data_size(self.model) > EXTERNAL_DATA_THRESHOLD  # as save() decides
-        return [Path(path), data_file(path)] if external else [Path(path)]
-
     def save(self, path: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any] | None:
         """Save the folded model (with external data beside it when the source had it), checked before it lands.
 
@@ -80,7 +75,8 @@ class OnnxFoldResult:
             VerificationError: the written file does not load in onnxruntime, or does not reproduce the
                 original's outputs (nothing is written).
         """
-        refuse_inputs(self.files_written(path), self.sources)
+        external = self.external_data or data_size(self.model) > EXTERNAL_DATA_THRESHOLD
+        refuse_inputs([Path(path), data_file(path)] if external else [Path(path)], self.sources)
         checked: dict[str, Any] = {}
 
         def read_back(staged: Path) -> None:
@@ -107,7 +103,7 @@ class OnnxFoldResult:
                     "was written"
                 )
 
-        save(self.model, path, force=force, external_data=True if self.external_data else None, check=read_back)
+        save(self.model, path, force=force, external_data=external, check=read_back)
         return checked or None
 
 

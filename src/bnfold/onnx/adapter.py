@@ -119,13 +119,9 @@ def _set_attribute(node: onnx.NodeProto, name: str, value: Any) -> None:
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
+    """The graphs in a node's attributes (``If`` branches, ``Loop`` and ``Scan`` bodies)."""
+    return [sub for attr in node.attribute
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
 
 
 def _reads_inside(graph: onnx.GraphProto) -> set[str]:
@@ -168,7 +164,6 @@ class Tensors:
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self.model = model
-        self.graph = graph
         self.opset = default_opset(model)
         self.graph_inputs = {i.name for i in graph.input}
         self.graph_outputs = [o.name for o in graph.output]
@@ -178,14 +173,9 @@ class Tensors:
         self.producer: dict[str, onnx.NodeProto] = {}
         self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in self.nodes:
-            for name in node.output:
+            self.producer.update((name, node) for name in node.output if name)
+            for name in [*node.input, *(n for sub in _subgraphs(node) for n in _reads_inside(sub))]:
                 if name:
-                    self.producer[name] = node
-            for name in node.input:
-                if name:
-                    self.readers[name].append(node)
-            for sub in _subgraphs(node):
-                for name in _reads_inside(sub):
                     self.readers[name].append(node)
         self._constant: dict[str, bool] = {}
         self._values: dict[str, np.ndarray] = {}
@@ -232,35 +222,24 @@ class Tensors:
 
     def tensor(self, name: str) -> onnx.TensorProto | None:
         """The stored TensorProto of an initializer or a ``Constant`` node's ``value`` (through Identity nodes)."""
-        while True:
-            if name in self.initializers and name not in self.graph_inputs:
-                return self.initializers[name]
+        while name not in self.initializers or name in self.graph_inputs:
             node = self.producer.get(name)
-            if node is None:
+            if node is None or node.op_type not in ("Identity", "Constant"):
                 return None
-            if node.op_type == "Identity":
-                name = node.input[0]
-                continue
             if node.op_type == "Constant":
                 value = attribute(node, "value")
                 return value if isinstance(value, onnx.TensorProto) else None
-            return None
+            name = node.input[0]
+        return self.initializers[name]
 
     def value(self, name: str) -> np.ndarray | None:
         """The value of constant ``name`` in its own dtype, or ``None`` when it is not a constant (or too costly)."""
-        if name in self._values:
-            return self._values[name]
-        if not self.is_constant(name):
-            return None
-        stored = self.tensor(name)
-        if stored is not None:
-            array = numpy_helper.to_array(stored)
-        else:
-            array = self._evaluate(name)
-            if array is None:
-                return None
-        self._values[name] = array
-        return array
+        if name not in self._values and self.is_constant(name):
+            stored = self.tensor(name)
+            array = numpy_helper.to_array(stored) if stored is not None else self._evaluate(name)
+            if array is not None:
+                self._values[name] = array
+        return self._values.get(name)
 
     def forget(self, name: str) -> None:
         self._values.pop(name, None)
@@ -608,15 +587,15 @@ def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str
         return f"the {role} '{name}' of {owner} is {how}, not a constant initializer"
     stored = tensors.tensor(name)
     if stored is not None:  # its element type is enough: decoding a 400 MB weight nobody folds costs 0.4 s
-        if stored.data_type not in FLOAT_TYPES:
-            return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
+        floating = stored.data_type in FLOAT_TYPES
+    else:
+        value = tensors.value(name)
+        if value is None:
+            return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
+        floating = value.dtype.kind == "f" or str(value.dtype) == "bfloat16"
+    if floating:
         return None
-    value = tensors.value(name)
-    if value is None:
-        return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
-    if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
-        return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
-    return None
+    return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
 
 
 def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, tensors: Tensors,
@@ -903,10 +882,7 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
     """Remove the nodes, initializers and value infos named in ``stale`` (names a rewrite stopped reading) that
     nothing reads any more, and then what only they read."""
     while True:
-        read = {n for node in graph.node for n in node.input if n} | {o.name for o in graph.output}
-        for node in graph.node:
-            for sub in _subgraphs(node):
-                read |= _reads_inside(sub)
+        read = _reads_inside(graph)
         dead_nodes = [
             i for i, node in enumerate(graph.node)
             if node.output and not any(n in read for n in node.output if n)

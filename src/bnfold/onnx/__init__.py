@@ -155,7 +155,6 @@ def fold(
             inputs (photographs for ``N x 3 x H x W`` inputs, random with ``seed`` otherwise).
         input_shape: shape of the example inputs: the only input's, or by input name (otherwise dynamic sizes are
             the first of :data:`bnfold.examples.SIZES` the original runs on).
-        merge_branches: also merge summed parallel branches into one Conv / Gemm.
 
     Raises:
         InvalidInputError: the model cannot be read (see :func:`load`), or ``input_shape`` does not fit it.

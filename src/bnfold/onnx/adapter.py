@@ -152,9 +152,6 @@ def float_parameter_count(graph: onnx.GraphProto) -> int:
     return sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer if t.data_type in FLOAT_TYPES)
 
 
-# ------------------------------------------------------------------------------------------------- constants
-
-
 class Tensors:
     """Who produces and who reads each tensor of one top-level graph, and which tensors are constants.
 
@@ -280,14 +277,6 @@ class Tensors:
             return None
 
 
-# ------------------------------------------------------------------------------------------------- shapes
-
-
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Static shapes of the top-level tensors, from ONNX shape inference on a copy without the large weights."""
-    return infer_shapes_and_types(model)[0]
-
-
 def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Static shapes and element types of the top-level tensors, from one run of ONNX shape inference on a copy
     without the large weights."""
@@ -314,19 +303,15 @@ def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int,
     shapes: dict[str, tuple[int, ...]] = {}
     types: dict[str, int] = {}
     for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-            types[info.name] = info.type.tensor_type.elem_type
-        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
-            continue
-        dims = info.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        tensor_type = info.type.tensor_type  # a default one (no type, no shape) for a sequence or a map
+        if tensor_type.elem_type:
+            types[info.name] = tensor_type.elem_type
+        dims = tensor_type.shape.dim
+        if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[info.name] = tuple(int(d.dim_value) for d in dims)
     for tensor in graph.initializer:
         shapes[tensor.name] = tuple(tensor.dims)
     return shapes, types
-
-
-# ------------------------------------------------------------------------------------------- the facts table
 
 
 @dataclass(frozen=True)
@@ -524,9 +509,6 @@ OPS: dict[str, Callable[[OpContext], OpFacts]] = {
 ``other``. The data input is input 0 (Concat: all inputs); the other inputs (shapes, axes, pads) are parameters."""
 
 
-# -------------------------------------------------------------------------------------------- translation
-
-
 @dataclass
 class Layer:
     """A layer unit: the node with the weight, and the Add carrying its bias (``MatMul -> Add``), if any."""
@@ -542,7 +524,8 @@ class Layer:
 
 @dataclass
 class Translation:
-    """The core graph and what the write-back needs to find the ONNX nodes again."""
+    """The core graph and what the write-back needs to find the ONNX nodes again; :func:`to_graph` adds each
+    top-level node as a core node reading the activations it reads."""
 
     graph: Graph
     tensors: Tensors
@@ -552,6 +535,51 @@ class Translation:
     subgraph_norms: int = 0
     node_of: dict[str, int] = field(default_factory=dict)
     """Tensor name -> the core node that produces it (graph inputs, layers, norms, ops)."""
+
+    def _activation_inputs(self, names: list[str]) -> list[int]:
+        return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
+
+    def _add(self, node: onnx.NodeProto, merged: set[int]) -> None:
+        graph = self.graph
+        op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
+        output = node.output[0] if node.output else ""
+        bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
+        facts = _layer_facts(node, bias, self.tensors, self.shapes) if op in LAYER_TYPES else None
+        if op == NORM_TYPE:
+            name = graph.free_name(display_name(node))
+            graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
+            self.norms[name] = node
+            core = graph.add_node(NORM, f"norm '{name}'", self._activation_inputs(list(node.input)),
+                                  shape=self.shapes.get(output), unit=name)
+        elif facts is not None:
+            name = graph.free_name(display_name(node))
+            graph.add_unit(name, LAYER, op, layer=facts)
+            layer = Layer(node, *(bias or (None, None)))
+            self.layers[name] = layer
+            reads = list(node.input)
+            if bias is not None:
+                merged.add(id(bias[0]))
+                reads.append(bias[0].input[bias[1]])
+            core = graph.add_node(LAYER, f"layer '{name}' ({op})", self._activation_inputs(reads),
+                                  shape=self.shapes.get(layer.output), unit=name)
+            output = layer.output
+        else:
+            self._add_op(node, op)
+            return
+        self.node_of[output] = core.index
+
+    def _add_op(self, node: onnx.NodeProto, op: str) -> None:
+        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
+        facts_of = OPS.get(op)
+        facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
+        if op in ARITHMETIC and not outside:
+            facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
+        reads = list(node.input) + (outside if facts.kind in ("concat", "other", "add", "sub", "mul", "div") else [])
+        core = self.graph.add_node(OP, _label(node), self._activation_inputs(reads),
+                                   shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
+        for name in node.output:
+            if name:
+                self.node_of[name] = core.index
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -688,105 +716,40 @@ def _matmul_bias(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple
     weight = shapes.get(node.input[1])
     if bias is None or weight is None or bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, weight[-1])):
         return None
-    if bias.ndim == 2 and bias.shape[0] != 1:
-        return None
-    return add, slot
-
-
-class _Translator:
-    """The dataflow: every top-level node as a core node reading the activations it reads (see the module
-    docstring)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.tensors = Tensors(model)
-        self.shapes, types = infer_shapes_and_types(model)
-        for name, elem in types.items():
-            self.tensors.types.setdefault(name, elem)
-        self.graph = Graph(method="onnx graph", shapes_known=True)
-        self.out = Translation(self.graph, self.tensors, self.shapes)
-        self.node_of: dict[str, int] = self.out.node_of  # tensor name -> core node producing it
-
-    def activation_inputs(self, names: list[str]) -> list[int]:
-        return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
-
-    def translate(self) -> Translation:
-        graph, tensors = self.graph, self.tensors
-        for value in self.model.graph.input:
-            if value.name in tensors.initializers and value.name not in tensors.graph_inputs:
-                continue
-            node = graph.add_node(INPUT, f"the graph input '{value.name}'", shape=self.shapes.get(value.name))
-            self.node_of[value.name] = node.index
-        merged: set[int] = set()  # ids of Add nodes translated as a MatMul's bias
-        for node in tensors.nodes:
-            if id(node) in merged:
-                continue
-            if node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS:
-                continue  # reads only its input's shape
-            if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
-                continue  # a constant or a shape computation: not dataflow
-            self.add(node, merged)
-            self.out.subgraph_norms += sum(_count_norms(sub) for sub in _subgraphs(node))
-        for name in tensors.graph_outputs:
-            inputs = [self.node_of[name]] if name in self.node_of else []
-            graph.add_node(OUTPUT, f"the graph output '{name}'", inputs)
-        return self.out
-
-    def add(self, node: onnx.NodeProto, merged: set[int]) -> None:
-        graph = self.graph
-        op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
-        output = node.output[0] if node.output else ""
-        bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
-        facts = _layer_facts(node, bias, self.tensors, self.shapes) if op in LAYER_TYPES else None
-        if op == NORM_TYPE:
-            name = graph.free_name(display_name(node))
-            graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
-            self.out.norms[name] = node
-            core = graph.add_node(NORM, f"norm '{name}'", self.activation_inputs(list(node.input)),
-                                  shape=self.shapes.get(output), unit=name)
-        elif facts is not None:
-            name = graph.free_name(display_name(node))
-            graph.add_unit(name, LAYER, op, layer=facts)
-            layer = Layer(node, *(bias or (None, None)))
-            self.out.layers[name] = layer
-            reads = list(node.input)
-            if bias is not None:
-                merged.add(id(bias[0]))
-                reads.append(bias[0].input[bias[1]])
-            core = graph.add_node(LAYER, f"layer '{name}' ({op})", self.activation_inputs(reads),
-                                  shape=self.shapes.get(layer.output), unit=name)
-            output = layer.output
-        else:
-            self.op_node(node, op)
-            return
-        self.node_of[output] = core.index
-
-    def op_node(self, node: onnx.NodeProto, op: str) -> None:
-        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
-        facts_of = OPS.get(op)
-        facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
-        if op in ARITHMETIC and not outside:
-            facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
-        reads = list(node.input) + (outside if facts.kind in ("concat", "other", "add", "sub", "mul", "div") else [])
-        core = self.graph.add_node(OP, _label(node), self.activation_inputs(reads),
-                                   shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
-        for name in node.output:
-            if name:
-                self.node_of[name] = core.index
+    return None if bias.ndim == 2 and bias.shape[0] != 1 else (add, slot)
 
 
 def to_graph(model: onnx.ModelProto) -> Translation:
     """Translate the top-level graph of ``model`` into the core graph (see the module docstring). Reads only."""
-    return _Translator(model).translate()
+    tensors = Tensors(model)
+    shapes, types = infer_shapes_and_types(model)
+    tensors.types = {**types, **tensors.types}  # declared types first, then inferred ones
+    out = Translation(Graph(method="onnx graph", shapes_known=True), tensors, shapes)
+    for value in model.graph.input:
+        if value.name in tensors.initializers and value.name not in tensors.graph_inputs:
+            continue
+        node = out.graph.add_node(INPUT, f"the graph input '{value.name}'", shape=shapes.get(value.name))
+        out.node_of[value.name] = node.index
+    merged: set[int] = set()  # ids of Add nodes translated as a MatMul's bias
+    for node in tensors.nodes:
+        if id(node) in merged:
+            continue
+        if node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS:
+            continue  # reads only its input's shape
+        if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
+            continue  # a constant or a shape computation: not dataflow
+        out._add(node, merged)
+        out.subgraph_norms += sum(_count_norms(sub) for sub in _subgraphs(node))
+    for name in tensors.graph_outputs:
+        inputs = [out.node_of[name]] if name in out.node_of else []
+        out.graph.add_node(OUTPUT, f"the graph output '{name}'", inputs)
+    return out
 
 
 def _in_training_mode(node: onnx.NodeProto, opset: int) -> bool:
     """A BatchNormalization set to normalise with batch statistics (``training_mode=1``; before opset 7, no
     ``is_test``)."""
     return bool(attribute(node, "training_mode", 0) or (opset < 7 and not attribute(node, "is_test", 0)))
-
-
-# ----------------------------------------------------------------------------------------------- write back
 
 
 class NumpyNumerics:
@@ -850,9 +813,7 @@ class _FreeNames:
             graph = self.graph
             names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
             names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
-            for node in graph.node:
-                names.update(node.output)
-                names.update(node.input)
+            names.update(n for node in graph.node for n in (*node.input, *node.output))
             self._taken = names
         name, n = f"{base}_bnfold", 1
         while name in self._taken:
@@ -1021,10 +982,9 @@ class OnnxWeights:
         tensors = self.tensors
         source, target = node.input[0], node.output[0]
         self.removed_nodes.add(id(node))
-        self.stale.update(n for n in node.input[1:] if n)
-        for name in node.input[1:]:
-            if name:
-                tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
+        for name in filter(None, node.input[1:]):
+            self.stale.add(name)
+            tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
         others = [r for r in tensors.readers.get(source, []) if r is not node]
         producer = tensors.producer.get(source)
         if producer is not None and not others and source not in tensors.graph_outputs:
@@ -1060,8 +1020,6 @@ class OnnxWeights:
             self.graph.node.extend(kept)
         if self.stale:
             _drop_unused(self.graph, self.stale)
-
-# ------------------------------------------------------------------------------------------------- the pipeline
 
 
 class OnnxBackend:

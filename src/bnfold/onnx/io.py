@@ -145,13 +145,9 @@ def _tensors(graph: onnx.GraphProto, attributes: bool = True) -> list[onnx.Tenso
     tensors = list(graph.initializer)
     for node in graph.node:
         for attr in node.attribute:
-            if attributes and attr.type == onnx.AttributeProto.TENSOR:
-                tensors.append(attr.t)
             if attributes:
-                tensors.extend(attr.tensors)
-            if attr.type == onnx.AttributeProto.GRAPH:
-                tensors.extend(_tensors(attr.g, attributes))
-            for sub in attr.graphs:
+                tensors.extend([attr.t] if attr.type == onnx.AttributeProto.TENSOR else attr.tensors)
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
                 tensors.extend(_tensors(sub, attributes))
     return tensors
 

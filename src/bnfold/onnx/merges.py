@@ -113,9 +113,8 @@ class OnnxMerges:
             node = self.nodes[index]
             access.removed_nodes.add(id(node))
             access.stale.update(n for n in (*node.input, *node.output) if n and n != root.output[0])
-            for name in node.input:
-                if name:
-                    tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
+            for name in filter(None, node.input):
+                tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
         if not self.kept:
             old = into.output[0]
             into.output[0] = root.output[0]

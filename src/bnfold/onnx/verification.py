@@ -86,11 +86,7 @@ def _input_shapes(
 def random_inputs(
     model: onnx.ModelProto, seed: int = 0, input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
 ) -> dict[str, np.ndarray]:
-    """One seeded random array per graph input (initializers excluded), dynamic dimensions set to 1.
-
-    Args:
-        input_shape: the shape of the model's only input, or shapes by input name, for graphs whose dynamic
-            dimensions cannot be 1 (an image size a reshape expects); fixed dimensions must be kept.
+    """:func:`example_inputs` without photographs: one seeded random array per graph input.
 
     Raises:
         InvalidInputError: an input is not a tensor, or ``input_shape`` does not fit the graph's inputs.
@@ -217,16 +213,6 @@ def _run_original(runner: _Runner, feeds: dict[str, np.ndarray], given: bool) ->
         ) from error
 
 
-def _run_folded(runner: _Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    try:
-        return runner(feeds)
-    except Exception as error:
-        raise VerificationError(
-            f"onnxruntime could not run the {runner.which} model on inputs the original runs on "
-            f"({_shapes(feeds)}: {_cause(error)})"
-        ) from error
-
-
 def choose_inputs(
     original: _Runner, described: onnx.ModelProto, seed: int,
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
@@ -256,9 +242,6 @@ def choose_inputs(
         "pass input_shape= or inputs={name: array} with inputs it takes, or verify=False to skip the check",
         "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's message)",
     ) from last
-
-
-# ----------------------------------------------------------------------------- the noise floor of a fold
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -336,9 +319,6 @@ def _floor(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.Mode
     return _Runner(perturbed(source, names), "perturbed original"), len(names)
 
 
-# ------------------------------------------------------------------------------------------------ verify
-
-
 def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
                  input_shape: Sequence[int] | dict[str, Sequence[int]] | None) -> list[dict[str, np.ndarray]]:
     """The batches to compare on: ``inputs`` (a dict, or a list of dicts, by input name) over the example inputs."""
@@ -353,20 +333,19 @@ def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
         unknown = sorted(set(batch) - set(names))
         if unknown:
             raise InvalidInputError(f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(names)}")
-        shapes = {name: np.shape(array) for name, array in batch.items()}
-        base = example_inputs(described, seed, input_shape, size=_common_size(described, shapes))
+        base = example_inputs(described, seed, input_shape, size=_common_size(described, batch))
         base.update({k: np.asarray(v) for k, v in batch.items()})
         feeds.append(base)
     return feeds
 
 
-def _common_size(described: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
+def _common_size(described: onnx.ModelProto, batch: dict[str, Any]) -> int | None:
     """The size given inputs use for their free dimensions, for the inputs not given (``None``: nothing to copy)."""
     for value in graph_inputs(described):
-        if value.name in shapes:
-            for axis, d in enumerate(declared_shape(value)):
-                if axis and d is None and axis < len(shapes[value.name]):
-                    return int(shapes[value.name][axis])
+        shape = np.shape(batch[value.name]) if value.name in batch else ()
+        for axis, d in enumerate(declared_shape(value)):
+            if axis and d is None and axis < len(shape):
+                return int(shape[axis])
     return None
 
 
@@ -414,7 +393,15 @@ def verify(
         feeds, outputs = choose_inputs(run_original, described, seed, input_shape)
         batches, expected = [feeds], [outputs]
         chosen = "example" if input_shape is not None or not has_free_sizes(described) else "example (chosen)"
-    actual = [_run_folded(run_folded, feeds) for feeds in batches]
+    actual: list[dict[str, np.ndarray]] = []
+    for feeds in batches:
+        try:
+            actual.append(run_folded(feeds))
+        except Exception as error:
+            raise VerificationError(
+                f"onnxruntime could not run the folded model on inputs the original runs on "
+                f"({_shapes(feeds)}: {_cause(error)})"
+            ) from error
     floor = _floor(original, folded)
     result = VerificationResult([], tolerance, batches=len(batches), inputs=_label(chosen, batches[0], seed),
                                 input_shapes={name: list(a.shape) for name, a in batches[0].items()},

@@ -150,11 +150,7 @@ def fold(
 
     Args:
         verify: run the original and the folded model in onnxruntime and compare (``report.verification``).
-        tolerance: relative tolerance for the comparison; by default from the outputs' dtype.
-        inputs, seed: inputs for the comparison by name (or a list of such batches); the others are example
-            inputs (photographs for ``N x 3 x H x W`` inputs, random with ``seed`` otherwise).
-        input_shape: shape of the example inputs: the only input's, or by input name (otherwise dynamic sizes are
-            the first of :data:`bnfold.examples.SIZES` the original runs on).
+        tolerance, inputs, seed, input_shape: those of that comparison, as for :func:`verify`.
 
     Raises:
         InvalidInputError: the model cannot be read (see :func:`load`), or ``input_shape`` does not fit it.

@@ -635,8 +635,7 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
         return None
     weight_name = node.input[1]
     shape = shapes.get(weight_name)
-    value = tensors.value(weight_name) if shape is None else None
-    if shape is None and value is not None:
+    if shape is None and (value := tensors.value(weight_name)) is not None:
         shape = tuple(value.shape)
     if op == "MatMul" and (shape is None or len(shape) != 2):
         return None  # a MatMul of two activations, or a batched weight: an op like any other
@@ -695,8 +694,7 @@ def _norm_facts(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple[
                 break
             channels = int(value.shape[0])
         if problem is None:
-            gamma = tensors.value(node.input[1])
-            negative = int(np.sum(np.asarray(gamma, dtype=np.float64) < 0))
+            negative = int(np.sum(np.asarray(tensors.value(node.input[1]), dtype=np.float64) < 0))
     return NormFacts(channels, 1, problem=problem, batch_statistics=batch, negative_scales=negative)
 
 
@@ -891,7 +889,6 @@ class OnnxWeights:
         self.stale: set[str] = set()  # names that may be read by nobody once the rewrite is done
         self.names = _FreeNames(model.graph)
 
-    # -- reading ---------------------------------------------------------------------------------------------
     def constant(self, name: str) -> np.ndarray:
         """The value of a constant the core reads (a statistic, a weight, a merge's layer scale)."""
         value = self.tensors.value(name)
@@ -916,7 +913,6 @@ class OnnxWeights:
             bias = _scaled(self.constant(node.input[2]), float(attribute(node, "beta", 1.0)) if gemm else 1.0)
         return LayerTensors(weight, bias, *_weight_axes(node))
 
-    # -- writing ---------------------------------------------------------------------------------------------
     def _store(self, node: onnx.NodeProto, slot: int, array: np.ndarray, role: str) -> None:
         """Make input ``slot`` of ``node`` hold ``array``: in place when ``node`` alone reads that initializer,
         else as a new initializer of ``node``."""
@@ -1001,7 +997,6 @@ class OnnxWeights:
         tensors.readers[source] = others + readers
         self.stale.add(target)
 
-    # -- finishing -------------------------------------------------------------------------------------------
     def finish(self) -> None:
         """Put the nodes in order (removed norms out, new Adds after their MatMul), then drop what nobody reads."""
         after = {id(anchor): new for anchor, new in self.added_nodes}

@@ -86,11 +86,7 @@ def _input_shapes(
 def random_inputs(
     model: onnx.ModelProto, seed: int = 0, input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
 ) -> dict[str, np.ndarray]:
-    """:func:`example_inputs` without photographs: one seeded random array per graph input.
-
-    Raises:
-        InvalidInputError: an input is not a tensor, or ``input_shape`` does not fit the graph's inputs.
-    """
+    """:func:`example_inputs` without photographs: one seeded random array per graph input (same errors)."""
     return example_inputs(model, seed, input_shape, photographs=False)
 
 

@@ -110,14 +110,6 @@ def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_sha
     return Geometry(kernel, strides, padding, dilations, int(attribute(node, "group", 1)), "zeros", transposed)
 
 
-def _set_attribute(node: onnx.NodeProto, name: str, value: Any) -> None:
-    for i, attr in enumerate(node.attribute):
-        if attr.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
-
-
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The graphs in a node's attributes (``If`` branches, ``Loop`` and ``Scan`` bodies)."""
     return [sub for attr in node.attribute
@@ -141,10 +133,7 @@ def _count_norms(graph: onnx.GraphProto) -> int:
 
 
 def default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ONNX_DOMAINS:
-            return int(entry.version)
-    return 1
+    return next((int(entry.version) for entry in model.opset_import if entry.domain in ONNX_DOMAINS), 1)
 
 
 def float_parameter_count(graph: onnx.GraphProto) -> int:
@@ -281,12 +270,7 @@ def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int,
     """Static shapes and element types of the top-level tensors, from one run of ONNX shape inference on a copy
     without the large weights."""
     graph = model.graph
-    light = onnx.GraphProto()
-    light.name = graph.name
-    light.node.extend(graph.node)
-    light.input.extend(graph.input)
-    light.output.extend(graph.output)
-    light.value_info.extend(graph.value_info)
+    light = helper.make_graph(graph.node, graph.name, graph.input, graph.output, value_info=graph.value_info)
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
         if tensor.data_type in FLOAT_TYPES and int(np.prod(tensor.dims, dtype=np.int64)) > SMALL_INITIALIZER:
@@ -444,9 +428,7 @@ def _squeeze(c: OpContext) -> OpFacts:
         axes = c.ints(1)
         if axes is None:
             return OpFacts("reshape")  # axes computed at run time: judged on the shapes
-    if axes is None:
-        return OpFacts(kind, {"dims": None})
-    return OpFacts(kind, {"dims": tuple(int(a) for a in axes)})
+    return OpFacts(kind, {"dims": None if axes is None else tuple(int(a) for a in axes)})
 
 
 ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul", "Div": "div"}
@@ -798,29 +780,6 @@ class NumpyNumerics:
         return np.zeros(shape, dtype=np.float64)
 
 
-class _FreeNames:
-    """Names that no tensor or node of ``graph`` has, for what a rewrite adds (``<base>_bnfold``, ``<base>_bnfold2``,
-    ...); the graph's names are gathered at the first request."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self._taken: set[str] | None = None
-
-    def new(self, base: str) -> str:
-        if self._taken is None:
-            graph = self.graph
-            names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-            names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
-            names.update(n for node in graph.node for n in (*node.input, *node.output))
-            self._taken = names
-        name, n = f"{base}_bnfold", 1
-        while name in self._taken:
-            n += 1
-            name = f"{base}_bnfold{n}"
-        self._taken.add(name)
-        return name
-
-
 def _how_shared(tensors: Tensors, old: str, node: onnx.NodeProto, readers: list[onnx.NodeProto]) -> str:
     """Why the initializer ``old`` that ``node`` reads (with ``readers``) cannot take the folded values in place."""
     producer = tensors.producer.get(old)
@@ -877,7 +836,6 @@ class OnnxWeights:
     numerics = NumpyNumerics()
 
     def __init__(self, model: onnx.ModelProto, translation: Translation) -> None:
-        self.model = model
         self.graph = model.graph
         self.tensors = translation.tensors
         self.shapes = translation.shapes
@@ -887,7 +845,22 @@ class OnnxWeights:
         self.removed_nodes: set[int] = set()
         self.added_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after this node, the new node)
         self.stale: set[str] = set()  # names that may be read by nobody once the rewrite is done
-        self.names = _FreeNames(model.graph)
+        self._taken: set[str] | None = None  # the graph's names, gathered at the first new_name()
+
+    def new_name(self, base: str) -> str:
+        """A name no tensor or node of the graph has, for what a rewrite adds (``<base>_bnfold``,
+        ``<base>_bnfold2``, ...)."""
+        if self._taken is None:
+            graph = self.graph
+            self._taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+            self._taken |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
+            self._taken.update(n for node in graph.node for n in (*node.input, *node.output))
+        name, n = f"{base}_bnfold", 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_bnfold{n}"
+        self._taken.add(name)
+        return name
 
     def constant(self, name: str) -> np.ndarray:
         """The value of a constant the core reads (a statistic, a weight, a merge's layer scale)."""
@@ -927,7 +900,7 @@ class OnnxWeights:
             tensors.initializers[old].CopyFrom(numpy_helper.from_array(array, old))
             tensors.forget(old)
             return
-        name = self.names.new(old or f"{display_name(node).replace(':', '_')}_{role}")
+        name = self.new_name(old or f"{display_name(node).replace(':', '_')}_{role}")
         tensor = numpy_helper.from_array(array, name)
         self.graph.initializer.append(tensor)
         tensors.initializers[name] = self.graph.initializer[-1]
@@ -950,7 +923,8 @@ class OnnxWeights:
         if node.op_type == "Gemm":
             for name in ("alpha", "beta"):
                 if float(attribute(node, name, 1.0)) != 1.0:
-                    _set_attribute(node, name, 1.0)
+                    del node.attribute[next(i for i, a in enumerate(node.attribute) if a.name == name)]
+                    node.attribute.append(helper.make_attribute(name, 1.0))
             self._store(node, 2, bias, "bias")
         elif unit.bias_add is not None and unit.bias_slot is not None:
             self._store(unit.bias_add, unit.bias_slot, bias, "bias")
@@ -961,8 +935,8 @@ class OnnxWeights:
                 self._store(node, 2, bias, "bias")
                 self.notes.append(f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias")
             else:
-                product = self.names.new(node.output[0])
-                add = helper.make_node("Add", [product, ""], [node.output[0]], name=self.names.new(display_name(node)))
+                product = self.new_name(node.output[0])
+                add = helper.make_node("Add", [product, ""], [node.output[0]], name=self.new_name(display_name(node)))
                 node.output[0] = product
                 self.added_nodes.append((node, add))
                 unit.bias_add, unit.bias_slot = add, 1

@@ -42,11 +42,8 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
                 unit.layer = dataclasses.replace(unit.layer, geometry=None)
         elif core.kind == NORM and core.unit in translation.norms:
             nodes[core.index] = translation.norms[core.unit]
-        elif core.kind == OP:
-            found = labels.get(core.label, [])
-            if len(found) != 1:
-                continue
-            nodes[core.index] = found[0]
+        elif core.kind == OP and len(labels.get(core.label, [])) == 1:
+            nodes[core.index] = labels[core.label][0]
     return nodes
 
 
@@ -126,8 +123,8 @@ class OnnxMerges:
             current = into.output[0]
             for i, name in enumerate(self.kept):
                 last = i == len(self.kept) - 1
-                output = root.output[0] if last else access.names.new(f"{root.output[0]}_partial")
-                name_of_add = access.names.new(display_name(root))
+                output = root.output[0] if last else access.new_name(f"{root.output[0]}_partial")
+                name_of_add = access.new_name(display_name(root))
                 add = helper.make_node("Add", [current, name], [output], name=name_of_add)
                 tensors.readers[current] = [*tensors.readers.get(current, []), add]
                 tensors.readers[name] = [*tensors.readers.get(name, []), add]

@@ -28,7 +28,8 @@ from ..files import refuse_inputs
 from ..report import FOLDED, MERGED, FoldReport, NormEntry
 from .adapter import OnnxBackend, float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
-from .verification import TOLERANCES, default_tolerance, random_inputs, session, verify
+from .verification import TOLERANCES, default_tolerance, example_inputs, session, verify
+from .verification import verify as _verify  # fold() has a parameter named verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]
 
@@ -122,9 +123,8 @@ def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, tuple[Path, ...]
 def plan(model_or_path: onnx.ModelProto | str | os.PathLike[str], *, merge_branches: bool = False) -> FoldReport:
     """Dry run: what :func:`fold` would fold into what, and why anything would stay (``applied=False``).
 
-    With ``merge_branches=True`` also which blocks of summed branches would merge: the preview of every format
-    (:func:`bnfold.core.pipeline.merge_preview`), which folds and merges a copy, unverified (a file is read, never
-    written).
+    With ``merge_branches=True`` also which blocks of summed branches would merge (every format's preview,
+    :func:`bnfold.core.pipeline.merge_preview`: a copy folded and merged, unverified; no file is written).
     """
     if merge_branches:
         return pipeline.merge_preview(lambda: fold(model_or_path, verify=False, merge_branches=True).report)
@@ -160,14 +160,13 @@ def fold(
     """
     model, name, sources = _resolve(model_or_path)
     if input_shape is not None:
-        random_inputs(model, seed, input_shape)  # a shape that does not fit is bad input: say so before any work
-    from_file = not isinstance(model_or_path, onnx.ModelProto)
-    # A model read here belongs to nobody else: fold it in place, and verify against the file it came from
+        example_inputs(model, seed, input_shape, photographs=False)  # a shape that does not fit: say so first
+    # A model read here (it has sources) belongs to nobody else: fold it in place, and verify against its file
     # (onnxruntime reads it itself) instead of keeping a copy of every weight. A caller's ModelProto is copied.
-    folded, report = fold_graph(model, name, applied=True, copy=not from_file)
+    folded, report = fold_graph(model, name, applied=True, copy=not sources)
     if merge_branches:
         folded = _merge(folded, name, report)
-    original: onnx.ModelProto | str = os.fspath(model_or_path) if from_file else model
+    original: onnx.ModelProto | str = os.fspath(model_or_path) if sources else model
     checked = verify and bool(report.folded or any(m.status == MERGED for m in report.merges))
     if checked:
         result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance, input_shape=input_shape)
@@ -195,6 +194,3 @@ def _merge(folded: onnx.ModelProto, name: str, report: FoldReport) -> onnx.Model
     report.notes.extend(n for n in merges.notes if n not in report.notes)
     report.parameters_after = float_parameter_count(outcome.model.graph)
     return outcome.model
-
-
-_verify = verify

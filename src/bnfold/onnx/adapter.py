@@ -142,10 +142,8 @@ def float_parameter_count(graph: onnx.GraphProto) -> int:
 
 
 class Tensors:
-    """Who produces and who reads each tensor of one top-level graph, and which tensors are constants.
-
-    An initializer that is also a graph input is *not* a constant: ONNX lets the caller override it at run time.
-    """
+    """Who produces and who reads each tensor of one top-level graph, and which tensors are constants (not an
+    initializer that is also a graph input: ONNX lets the caller override it at run time)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
@@ -312,9 +310,7 @@ class OpContext:
 
     def ints(self, slot: int) -> list[int] | None:
         """A constant integer input, or ``None`` (absent or not constant)."""
-        if len(self.node.input) <= slot or not self.node.input[slot]:
-            return None
-        value = self.tensors.value(self.node.input[slot])
+        value = self.tensors.value(self.node.input[slot]) if len(self.node.input) > slot else None
         return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
 
     def output_used(self, slot: int) -> bool:
@@ -358,12 +354,11 @@ def _resize(c: OpContext) -> OpFacts:
     in_shape, out_shape = c.shapes.get(node.input[0]), c.shapes.get(node.output[0])
     if in_shape is not None and out_shape is not None:
         return OpFacts("upsample") if in_shape[:2] == out_shape[:2] else OTHER
-    scales = c.tensors.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if node.op_type == "Upsample":
-        scales = c.tensors.value(node.input[1]) if len(node.input) > 1 else None
-        if scales is None:
-            listed = attribute(node, "scales")
-            scales = None if listed is None else np.asarray(listed)
+    slot = 1 if node.op_type == "Upsample" else 2
+    scales = c.tensors.value(node.input[slot]) if len(node.input) > slot else None
+    listed = attribute(node, "scales") if node.op_type == "Upsample" else None  # Upsample before opset 9
+    if scales is None and listed is not None:
+        scales = np.asarray(listed)
     if scales is not None and scales.size >= 2 and np.all(np.asarray(scales).reshape(-1)[:2] == 1):
         return OpFacts("upsample")
     return OTHER
@@ -375,12 +370,10 @@ def _reduce_mean(c: OpContext) -> OpFacts:
         axes = c.ints(1)
         if axes is None:
             return OpFacts("mean", {"dims": None, "keepdim": True})
-    keepdim = bool(attribute(c.node, "keepdims", 1))
-    if not axes:
-        if attribute(c.node, "noop_with_empty_axes", 0):
-            return OpFacts("identity")
-        return OpFacts("mean", {"dims": None, "keepdim": keepdim})  # every axis, the channels too
-    return OpFacts("mean", {"dims": tuple(int(a) for a in axes), "keepdim": keepdim})
+    if not axes and attribute(c.node, "noop_with_empty_axes", 0):
+        return OpFacts("identity")
+    dims = tuple(int(a) for a in axes) if axes else None  # None: every axis, the channels too
+    return OpFacts("mean", {"dims": dims, "keepdim": bool(attribute(c.node, "keepdims", 1))})
 
 
 def _transpose(c: OpContext) -> OpFacts:
@@ -499,10 +492,6 @@ class Layer:
     bias_add: onnx.NodeProto | None = None
     bias_slot: int | None = None  # input of ``bias_add`` that holds the bias
 
-    @property
-    def output(self) -> str:
-        return (self.bias_add or self.node).output[0]
-
 
 @dataclass
 class Translation:
@@ -527,27 +516,25 @@ class Translation:
         output = node.output[0] if node.output else ""
         bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
         facts = _layer_facts(node, bias, self.tensors, self.shapes) if op in LAYER_TYPES else None
+        if op != NORM_TYPE and facts is None:
+            self._add_op(node, op)
+            return
+        name = graph.free_name(display_name(node))
         if op == NORM_TYPE:
-            name = graph.free_name(display_name(node))
             graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
             self.norms[name] = node
             core = graph.add_node(NORM, f"norm '{name}'", self._activation_inputs(list(node.input)),
                                   shape=self.shapes.get(output), unit=name)
-        elif facts is not None:
-            name = graph.free_name(display_name(node))
+        else:
             graph.add_unit(name, LAYER, op, layer=facts)
-            layer = Layer(node, *(bias or (None, None)))
-            self.layers[name] = layer
+            self.layers[name] = Layer(node, *(bias or (None, None)))
             reads = list(node.input)
             if bias is not None:
                 merged.add(id(bias[0]))
                 reads.append(bias[0].input[bias[1]])
+                output = bias[0].output[0]  # the Add's: the layer's output with its bias
             core = graph.add_node(LAYER, f"layer '{name}' ({op})", self._activation_inputs(reads),
-                                  shape=self.shapes.get(layer.output), unit=name)
-            output = layer.output
-        else:
-            self._add_op(node, op)
-            return
+                                  shape=self.shapes.get(output), unit=name)
         self.node_of[output] = core.index
 
     def _add_op(self, node: onnx.NodeProto, op: str) -> None:
@@ -556,7 +543,8 @@ class Translation:
         facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
         if op in ARITHMETIC and not outside:
             facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
-        reads = list(node.input) + (outside if facts.kind in ("concat", "other", "add", "sub", "mul", "div") else [])
+        whole = facts.kind in ("concat", "other", "add", "sub", "mul", "div")  # and what its subgraphs read
+        reads = list(node.input) + (outside if whole else [])
         core = self.graph.add_node(OP, _label(node), self._activation_inputs(reads),
                                    shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
         for name in node.output:
@@ -706,8 +694,6 @@ def to_graph(model: onnx.ModelProto) -> Translation:
     tensors.types = {**types, **tensors.types}  # declared types first, then inferred ones
     out = Translation(Graph(method="onnx graph", shapes_known=True), tensors, shapes)
     for value in model.graph.input:
-        if value.name in tensors.initializers and value.name not in tensors.graph_inputs:
-            continue
         node = out.graph.add_node(INPUT, f"the graph input '{value.name}'", shape=shapes.get(value.name))
         out.node_of[value.name] = node.index
     merged: set[int] = set()  # ids of Add nodes translated as a MatMul's bias
@@ -811,8 +797,7 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
         if not dead_nodes and not dead_inits:
             break
         for i in reversed(dead_nodes):
-            stale.update(n for n in graph.node[i].input if n)
-            stale.update(graph.node[i].output)
+            stale.update(n for n in (*graph.node[i].input, *graph.node[i].output) if n)
             del graph.node[i]
         for i in reversed(dead_inits):
             del graph.initializer[i]
@@ -901,8 +886,7 @@ class OnnxWeights:
             tensors.forget(old)
             return
         name = self.new_name(old or f"{display_name(node).replace(':', '_')}_{role}")
-        tensor = numpy_helper.from_array(array, name)
-        self.graph.initializer.append(tensor)
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
         tensors.initializers[name] = self.graph.initializer[-1]
         while len(node.input) <= slot:
             node.input.append("")
@@ -929,14 +913,14 @@ class OnnxWeights:
         elif unit.bias_add is not None and unit.bias_slot is not None:
             self._store(unit.bias_add, unit.bias_slot, bias, "bias")
         elif node.op_type == "MatMul":
-            data = self.shapes.get(node.input[0])
-            if data is not None and len(data) == 2:
+            if len(self.shapes.get(node.input[0], ())) == 2:
                 node.op_type = "Gemm"  # a 2-D MatMul is a Gemm without C; the Gemm gives the bias a place
                 self._store(node, 2, bias, "bias")
                 self.notes.append(f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias")
             else:
                 product = self.new_name(node.output[0])
-                add = helper.make_node("Add", [product, ""], [node.output[0]], name=self.new_name(display_name(node)))
+                add_name = self.new_name(display_name(node))
+                add = helper.make_node("Add", [product, ""], [node.output[0]], name=add_name)
                 node.output[0] = product
                 self.added_nodes.append((node, add))
                 unit.bias_add, unit.bias_slot = add, 1

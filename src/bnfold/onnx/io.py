@@ -9,6 +9,7 @@ last (rolled back if the second rename fails), so the old pair stays whole until
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -95,9 +96,8 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
 
 
 def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
-    """The external data files that ``model`` (as read from ``path``, data not loaded yet) keeps its tensors in.
-
-    Every location of every tensor (initializers, attributes, subgraphs), relative to ``path``'s folder.
+    """The external data files that ``model`` (as read from ``path``, data not loaded yet) keeps its tensors
+    in: every location of every tensor (initializers, attributes, subgraphs), relative to ``path``'s folder.
 
     Raises:
         InvalidInputError: a data file is missing.
@@ -130,9 +130,7 @@ def data_size(model: onnx.ModelProto) -> int:
         if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
             total += sum(len(item) for item in tensor.string_data)
             continue
-        count = 1
-        for dim in tensor.dims:
-            count *= int(dim)
+        count = math.prod(int(dim) for dim in tensor.dims)
         try:
             total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         except (KeyError, TypeError, ValueError):  # an element type numpy cannot name: measure the tensor itself

@@ -18,9 +18,8 @@ from .adapter import OnnxWeights, Translation, _label, attribute, display_name, 
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
-    """Give the translated graph what merging needs, in place: each Gemm's geometry (none for a layer whose bias is
-    a separate Add; the additions, subtractions and products are the core's linear combinations already:
-    :func:`bnfold.onnx.adapter.arithmetic_facts`).
+    """Give the translated graph what merging needs, in place: each Gemm's geometry, none for a layer whose
+    bias is a separate Add (sums and products are linear combinations already: see ``arithmetic_facts``).
 
     Returns the ONNX node of every core node a merge may remove or rewrite (layers, norms, ops), by core index.
     Ops are found by their label, which names the node; a name two nodes share leaves both as they were.

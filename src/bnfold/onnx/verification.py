@@ -41,9 +41,8 @@ _INLINE_LIMIT = 1_800_000_000
 
 def default_tolerance(model: onnx.ModelProto) -> float:
     """The loosest tolerance among the element types of the model's float outputs (float32's when there are none)."""
-    types = [o.type.tensor_type.elem_type for o in model.graph.output if o.type.HasField("tensor_type")]
-    known = [TOLERANCES[t] for t in types if t in TOLERANCES]
-    return max(known) if known else TOLERANCES[onnx.TensorProto.FLOAT]
+    types = [o.type.tensor_type.elem_type for o in model.graph.output]  # 0 for a sequence or a map
+    return max((TOLERANCES[t] for t in types if t in TOLERANCES), default=TOLERANCES[onnx.TensorProto.FLOAT])
 
 
 def _input_shapes(
@@ -81,13 +80,6 @@ def _input_shapes(
             raise InvalidInputError(f"input shape {list(shape)} of '{value.name}' has sizes below 1")
         shapes[value.name] = shape
     return shapes
-
-
-def random_inputs(
-    model: onnx.ModelProto, seed: int = 0, input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
-) -> dict[str, np.ndarray]:
-    """:func:`example_inputs` without photographs: one seeded random array per graph input (same errors)."""
-    return example_inputs(model, seed, input_shape, photographs=False)
 
 
 def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, optimize: bool = False) -> Any:
@@ -304,17 +296,6 @@ def perturbed(original: onnx.ModelProto, names: Sequence[str], seed: int = judge
     return copy
 
 
-def _floor(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.ModelProto | str | os.PathLike[str]
-           ) -> tuple[_Runner, int] | None:
-    """A runner of the perturbed original, and how many tensors it moves (``None`` when the fold touched nothing)."""
-    source = original if isinstance(original, onnx.ModelProto) else read(original)[0]
-    target = folded if isinstance(folded, onnx.ModelProto) else read(folded)[0]
-    names = touched_constants(source, target)
-    if not names:
-        return None
-    return _Runner(perturbed(source, names), "perturbed original"), len(names)
-
-
 def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
                  input_shape: Sequence[int] | dict[str, Sequence[int]] | None) -> list[dict[str, np.ndarray]]:
     """The batches to compare on: ``inputs`` (a dict, or a list of dicts, by input name) over the example inputs."""
@@ -360,8 +341,8 @@ def verify(
         original, folded: the models to compare (same input and output names), each a ModelProto or the path of
             its file (onnxruntime then opens the file itself, external data included, as a user's
             ``InferenceSession(path)`` does; the inputs and the tolerance come from the graph of ``original``).
-        inputs: input arrays by name, or a list of such batches (each is compared); inputs not given are example
-            inputs (photographs for ``N x 3 x H x W``, seeded random otherwise).
+        inputs: input arrays by name, or a list of such batches (each is compared); inputs not given are
+            :func:`example_inputs`.
         tolerance: relative tolerance; by default from the outputs' dtype (:data:`TOLERANCES`). An output within it,
             or within the noise floor's allowance, passes.
         input_shape: shape of the example inputs (see :func:`example_inputs`); without it, dynamic sizes are
@@ -398,12 +379,16 @@ def verify(
                 f"onnxruntime could not run the folded model on inputs the original runs on "
                 f"({_shapes(feeds)}: {_cause(error)})"
             ) from error
-    floor = _floor(original, folded)
+    source = original if isinstance(original, onnx.ModelProto) else read(original)[0]
+    target = folded if isinstance(folded, onnx.ModelProto) else read(folded)[0]
+    touched = touched_constants(source, target)
+    floor = _Runner(perturbed(source, touched), "perturbed original") if touched else None  # the noise floor
+    del source, target  # the weights of a file, read for the floor: not held while the batches are judged
     result = VerificationResult([], tolerance, batches=len(batches), inputs=_label(chosen, batches[0], seed),
                                 input_shapes={name: list(a.shape) for name, a in batches[0].items()},
-                                perturbed_tensors=floor[1] if floor is not None else 0)
+                                perturbed_tensors=len(touched))
     for feeds, outputs, folded_outputs in zip(batches, expected, actual, strict=True):
-        result.absorb(judge.compare(outputs, folded_outputs, tolerance, floor[0](feeds) if floor else None))
+        result.absorb(judge.compare(outputs, folded_outputs, tolerance, floor(feeds) if floor else None))
     for feeds, first in zip(batches, expected, strict=True):
         if result.max_relative <= tolerance or result.undecided:  # beyond it, the verdict rests on the floor: noise?
             break

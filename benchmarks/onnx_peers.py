@@ -29,7 +29,7 @@ import onnx
 
 import bnfold.onnx as bo
 from bnfold.judge import compare
-from bnfold.onnx.verification import random_inputs
+from bnfold.onnx.verification import example_inputs
 
 TOOLS = ("bnfold", "onnxoptimizer", "ort-basic")
 DEFAULT_MODELS = ("resnet18", "mobilenet_v3_small", "vgg11_bn", "densenet121")
@@ -68,7 +68,7 @@ def evaluate(path: Path, workdir: Path) -> dict[str, Any]:
 
     model = onnx.load(str(path))
     row: dict[str, Any] = {"file": path.name, "bn_before": bn_count(model)}
-    feeds = random_inputs(model, seed=0)
+    feeds = example_inputs(model, seed=0, photographs=False)
     try:
         reference = outputs_of(ort_session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 2), feeds)
     except Exception as error:  # e.g. a training-mode norm onnxruntime will not run for inference
@@ -113,7 +113,7 @@ def latency(path: Path, folded: Path, repeats: int, threads: int) -> dict[str, A
     import onnxruntime as ort
 
     model = onnx.load(str(path))
-    feeds = random_inputs(model, seed=0)
+    feeds = example_inputs(model, seed=0, photographs=False)
     result: dict[str, Any] = {"file": path.name}
     for label, level in (
         ("ort-off", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),

@@ -8,10 +8,7 @@ The same affine math as the PyTorch engine (:mod:`bnfold.affine`), applied to in
 >>> result.report.print()                                 # what folded into what, and why anything stayed
 >>> result.save("resnet18-folded.onnx")
 
-Rules: a norm folds *forward* into the node producing its input (Conv 1-3D with groups, ConvTranspose, Gemm,
-2-D MatMul, MatMul + constant Add) when that output feeds nothing else; otherwise *backward* into the nodes reading
-its output when all of them can take it exactly (Gemm, 2-D MatMul, Conv without padding). Anything else stays,
-with the reason in the report.
+What folds is decided as for every format (:mod:`bnfold.core.plan`); the report says why anything stayed.
 """
 
 from __future__ import annotations
@@ -31,7 +28,8 @@ from ..files import refuse_inputs
 from ..report import FOLDED, MERGED, FoldReport, NormEntry
 from .adapter import OnnxBackend, float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
-from .verification import TOLERANCES, default_tolerance, random_inputs, session, verify
+from .verification import TOLERANCES, default_tolerance, example_inputs, session, verify
+from .verification import verify as _verify  # fold() has a parameter named verify
 
 __all__ = ["OnnxFoldResult", "TOLERANCES", "default_tolerance", "fold", "load", "plan", "save", "verify"]
 
@@ -60,11 +58,6 @@ class OnnxFoldResult:
     seed: int = 0
     input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
 
-    def files_written(self, path: str | os.PathLike[str]) -> list[Path]:
-        """The files :meth:`save` writes for ``path``: the graph, and its external data file when there is one."""
-        external = self.external_data or data_size(self.model) > EXTERNAL_DATA_THRESHOLD  # as save() decides
-        return [Path(path), data_file(path)] if external else [Path(path)]
-
     def save(self, path: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any] | None:
         """Save the folded model (with external data beside it when the source had it), checked before it lands.
 
@@ -83,15 +76,27 @@ class OnnxFoldResult:
             VerificationError: the written file does not load in onnxruntime, or does not reproduce the
                 original's outputs (nothing is written).
         """
-        refuse_inputs(self.files_written(path), self.sources)
+        external = self.external_data or data_size(self.model) > EXTERNAL_DATA_THRESHOLD
+        refuse_inputs([Path(path), data_file(path)] if external else [Path(path)], self.sources)
         checked: dict[str, Any] = {}
 
         def read_back(staged: Path) -> None:
-            _loads_by_path(staged, Path(path).name)
+            try:  # opened by its path, as the user will open the written file
+                session(staged)
+            except Exception as error:
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise VerificationError(
+                    f"onnxruntime cannot open the ONNX file bnfold wrote for {Path(path).name} ({first}); "
+                    "nothing was written: please report it"
+                ) from error
             if self.original is None:
                 return
+            # The inputs the fold was judged on (same seed, same sizes), without searching the sizes again.
+            shape = self.input_shape
+            if shape is None and self.inputs is None:
+                shape = dict((self.report.verification or {}).get("input_shapes") or {}) or None
             result = _verify(self.original, staged, inputs=self.inputs, seed=self.seed, tolerance=self.tolerance,
-                             input_shape=self._checked_shape())
+                             input_shape=shape)
             checked.update(result.to_dict())
             if not result.passed:
                 raise VerificationError(
@@ -99,33 +104,8 @@ class OnnxFoldResult:
                     "was written"
                 )
 
-        save(self.model, path, force=force, external_data=True if self.external_data else None, check=read_back)
+        save(self.model, path, force=force, external_data=external, check=read_back)
         return checked or None
-
-
-    def _checked_shape(self) -> Sequence[int] | dict[str, Sequence[int]] | None:
-        """The input shapes the fold was judged on: the read-back runs the same inputs (same seed, same sizes),
-        without searching the dynamic sizes again."""
-        if self.input_shape is not None or self.inputs is not None:
-            return self.input_shape
-        shapes = (self.report.verification or {}).get("input_shapes")
-        return dict(shapes) if shapes else None
-
-
-def _loads_by_path(staged: Path, name: str) -> None:
-    """Open the staged graph by its path in onnxruntime, as the user will open the written file.
-
-    Raises:
-        VerificationError: onnxruntime refuses the file (nothing is renamed into place).
-    """
-    try:
-        session(staged)
-    except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise VerificationError(
-            f"onnxruntime cannot open the ONNX file bnfold wrote for {name} ({first}); nothing was written: "
-            "please report it"
-        ) from error
 
 
 def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, tuple[Path, ...]]:
@@ -143,9 +123,8 @@ def _resolve(model_or_path: Any) -> tuple[onnx.ModelProto, str, tuple[Path, ...]
 def plan(model_or_path: onnx.ModelProto | str | os.PathLike[str], *, merge_branches: bool = False) -> FoldReport:
     """Dry run: what :func:`fold` would fold into what, and why anything would stay (``applied=False``).
 
-    With ``merge_branches=True`` also which blocks of summed branches would merge: the preview of every format
-    (:func:`bnfold.core.pipeline.merge_preview`), which folds and merges a copy, unverified (a file is read, never
-    written).
+    With ``merge_branches=True`` also which blocks of summed branches would merge (every format's preview,
+    :func:`bnfold.core.pipeline.merge_preview`: a copy folded and merged, unverified; no file is written).
     """
     if merge_branches:
         return pipeline.merge_preview(lambda: fold(model_or_path, verify=False, merge_branches=True).report)
@@ -171,12 +150,7 @@ def fold(
 
     Args:
         verify: run the original and the folded model in onnxruntime and compare (``report.verification``).
-        tolerance: relative tolerance for the comparison; by default from the outputs' dtype.
-        inputs, seed: inputs for the comparison by name (or a list of such batches); the others are example
-            inputs (photographs for ``N x 3 x H x W`` inputs, random with ``seed`` otherwise).
-        input_shape: shape of the example inputs: the only input's, or by input name (otherwise dynamic sizes are
-            the first of :data:`bnfold.examples.SIZES` the original runs on).
-        merge_branches: also merge summed parallel branches into one Conv / Gemm.
+        tolerance, inputs, seed, input_shape: those of that comparison, as for :func:`verify`.
 
     Raises:
         InvalidInputError: the model cannot be read (see :func:`load`), or ``input_shape`` does not fit it.
@@ -186,14 +160,13 @@ def fold(
     """
     model, name, sources = _resolve(model_or_path)
     if input_shape is not None:
-        random_inputs(model, seed, input_shape)  # a shape that does not fit is bad input: say so before any work
-    from_file = not isinstance(model_or_path, onnx.ModelProto)
-    # A model read here belongs to nobody else: fold it in place, and verify against the file it came from
+        example_inputs(model, seed, input_shape, photographs=False)  # a shape that does not fit: say so first
+    # A model read here (it has sources) belongs to nobody else: fold it in place, and verify against its file
     # (onnxruntime reads it itself) instead of keeping a copy of every weight. A caller's ModelProto is copied.
-    folded, report = fold_graph(model, name, applied=True, copy=not from_file)
+    folded, report = fold_graph(model, name, applied=True, copy=not sources)
     if merge_branches:
         folded = _merge(folded, name, report)
-    original: onnx.ModelProto | str = os.fspath(model_or_path) if from_file else model
+    original: onnx.ModelProto | str = os.fspath(model_or_path) if sources else model
     checked = verify and bool(report.folded or any(m.status == MERGED for m in report.merges))
     if checked:
         result = _verify(original, folded, inputs=inputs, seed=seed, tolerance=tolerance, input_shape=input_shape)
@@ -221,6 +194,3 @@ def _merge(folded: onnx.ModelProto, name: str, report: FoldReport) -> onnx.Model
     report.notes.extend(n for n in merges.notes if n not in report.notes)
     report.parameters_after = float_parameter_count(outcome.model.graph)
     return outcome.model
-
-
-_verify = verify

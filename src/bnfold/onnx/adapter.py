@@ -1,26 +1,13 @@
-"""The ONNX adapter: an ONNX graph translated into the core graph, and the core's folds written back as initializers.
+"""The ONNX adapter: an ONNX graph translated into the core graph (:func:`to_graph`), and the core's folds
+written back as initializers (:class:`OnnxWeights`, on a copy of the model).
 
-Nothing here decides what folds: :mod:`bnfold.core.plan` does, on the :class:`~bnfold.core.graph.Graph` built by
-:func:`to_graph`, with the same rules as for every other format. This module only translates:
-
-* **dataflow.** Every top-level node becomes a core node whose inputs are the activations it reads. Constants
-  (initializers the caller cannot override, ``Constant`` nodes, and small subgraphs computed from constants only)
-  and shape queries (``Shape``, ``Size`` and what is computed from them) are not activations: a ``Reshape`` reads its
-  data, not its target shape, and a ``Shape`` of a tensor does not use its values. Tensors read inside subgraphs
-  (``If`` / ``Loop`` bodies) count as read by the node that owns the subgraph; graph outputs are output nodes.
-* **units.** ``Conv``, ``ConvTranspose``, ``Gemm`` and ``MatMul`` with a constant 2-D weight are layers (a
-  ``MatMul`` followed by an ``Add`` of a constant per-column bias is one layer with that bias);
-  ``BatchNormalization`` is a norm. Each node is its own unit, named by the node's name (or its op and output).
-* **every other op** through one facts table, :data:`OPS`: op type -> core op kind and the attributes
-  :mod:`bnfold.core.commuting` needs.
-* **shapes** from ONNX shape inference, run on a copy of the graph without the weights' data (large initializers are
-  declared as inputs of the same type and shape), so a 500 MB model is not copied to learn its shapes.
-
-Writing back (:class:`OnnxWeights`) works on a copy of the model: a new weight or bias replaces the initializer when
-the layer is its only reader, and becomes a new initializer of the layer otherwise (a weight shared with another
-node, or an Identity alias, or a constant computed by a small subgraph: the fold stays exact and the report notes
-it). A folded norm is removed by handing its output name to the tensor it read (when nothing else reads that) or by
-pointing its readers at its input.
+Nothing here decides what folds: :mod:`bnfold.core.plan` does, with the rules of every format. Only
+activations are dataflow: constants (initializers the caller cannot override, ``Constant`` nodes, small
+subgraphs computed from constants) and shape queries (``Shape``, ``Size`` and what is computed from them) are
+not, so a ``Reshape`` reads its data, not its target shape. Tensors read inside ``If`` / ``Loop`` bodies count
+as read by the node owning the body. Shapes come from ONNX shape inference on a copy without the large
+weights' data, so that a 500 MB model is not copied to learn its shapes. A folded weight or bias that another
+node also reads gets an initializer of its own, so the fold stays exact (the report notes it).
 """
 
 from __future__ import annotations
@@ -74,6 +61,10 @@ bias has ``x``'s type, not its values), so the output is a constant when the oth
 CONSTANT_SUBGRAPH_LIMIT = 24
 """At most this many nodes are evaluated to compute one constant (``Expand(CastLike(0, w), shape)``, or the dozen
 shape operations the TorchScript exporter emits for a reflect padding's ``pads``)."""
+RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+"""Ops whose output differs from run to run even on constant inputs."""
 SMALL_INITIALIZER = 1024
 """Initializers up to this many elements stay in the copy that shape inference sees (target shapes, axes, pads)."""
 
@@ -119,22 +110,10 @@ def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_sha
     return Geometry(kernel, strides, padding, dilations, int(attribute(node, "group", 1)), "zeros", transposed)
 
 
-def _set_attribute(node: onnx.NodeProto, name: str, value: Any) -> None:
-    for i, attr in enumerate(node.attribute):
-        if attr.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
-
-
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
+    """The graphs in a node's attributes (``If`` branches, ``Loop`` and ``Scan`` bodies)."""
+    return [sub for attr in node.attribute
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
 
 
 def _reads_inside(graph: onnx.GraphProto) -> set[str]:
@@ -154,10 +133,7 @@ def _count_norms(graph: onnx.GraphProto) -> int:
 
 
 def default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ONNX_DOMAINS:
-            return int(entry.version)
-    return 1
+    return next((int(entry.version) for entry in model.opset_import if entry.domain in ONNX_DOMAINS), 1)
 
 
 def float_parameter_count(graph: onnx.GraphProto) -> int:
@@ -165,19 +141,13 @@ def float_parameter_count(graph: onnx.GraphProto) -> int:
     return sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer if t.data_type in FLOAT_TYPES)
 
 
-# ------------------------------------------------------------------------------------------------- constants
-
-
 class Tensors:
-    """Who produces and who reads each tensor of one top-level graph, and which tensors are constants.
-
-    An initializer that is also a graph input is *not* a constant: ONNX lets the caller override it at run time.
-    """
+    """Who produces and who reads each tensor of one top-level graph, and which tensors are constants (not an
+    initializer that is also a graph input: ONNX lets the caller override it at run time)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self.model = model
-        self.graph = graph
         self.opset = default_opset(model)
         self.graph_inputs = {i.name for i in graph.input}
         self.graph_outputs = [o.name for o in graph.output]
@@ -187,14 +157,9 @@ class Tensors:
         self.producer: dict[str, onnx.NodeProto] = {}
         self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in self.nodes:
-            for name in node.output:
+            self.producer.update((name, node) for name in node.output if name)
+            for name in [*node.input, *(n for sub in _subgraphs(node) for n in _reads_inside(sub))]:
                 if name:
-                    self.producer[name] = node
-            for name in node.input:
-                if name:
-                    self.readers[name].append(node)
-            for sub in _subgraphs(node):
-                for name in _reads_inside(sub):
                     self.readers[name].append(node)
         self._constant: dict[str, bool] = {}
         self._values: dict[str, np.ndarray] = {}
@@ -215,77 +180,50 @@ class Tensors:
     def is_constant(self, name: str) -> bool:
         """Whether ``name`` has the same value whatever the inputs (an initializer the caller cannot override, a
         ``Constant`` node, or a small computation on those)."""
-        if not name:
-            return False
-        if name in self._constant:
-            return self._constant[name]
         if name in self.initializers:
-            result = name not in self.graph_inputs
-        elif name in self.graph_inputs or name not in self.producer:
-            result = False
-        else:
-            node = self.producer[name]
-            self._constant[name] = False  # a cycle (an invalid graph) must not recurse forever
-            result = (
-                node.domain in ONNX_DOMAINS
-                and not _subgraphs(node)
-                and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                                         "Multinomial", "Bernoulli")
-                and all(self.is_constant(n) for n in self.value_inputs(node))
-            )
-        self._constant[name] = result
-        return result
+            return name not in self.graph_inputs
+        return self._computed(name, self._constant, lambda node: (
+            node.domain in ONNX_DOMAINS and node.op_type not in RANDOM_OPS
+            and all(self.is_constant(n) for n in self.value_inputs(node))
+        ))
 
     def is_static(self, name: str) -> bool:
         """Constant, or computed from shapes only: reading it is not a use of any activation's values."""
-        if not name:
+        if not name or self.is_constant(name):
             return True
-        if name in self._static:
-            return self._static[name]
-        if self.is_constant(name):
-            result = True
-        elif name in self.graph_inputs or name not in self.producer:
-            result = False
-        else:
-            node = self.producer[name]
-            self._static[name] = False
-            result = node.op_type in METADATA_OPS or (
-                not _subgraphs(node) and all(self.is_static(n) for n in self.value_inputs(node))
-            )
-        self._static[name] = result
-        return result
+        return self._computed(name, self._static, lambda node: (
+            node.op_type in METADATA_OPS or all(self.is_static(n) for n in self.value_inputs(node))
+        ))
+
+    def _computed(self, name: str, cache: dict[str, bool], rule: Callable[[onnx.NodeProto], bool]) -> bool:
+        """Whether a node without subgraphs computes ``name`` (no graph input) and meets ``rule``; cached."""
+        if name not in cache:
+            node = self.producer.get(name)
+            cache[name] = False  # a cycle (an invalid graph) must not recurse forever
+            computed = node is not None and name not in self.graph_inputs and not _subgraphs(node)
+            cache[name] = computed and rule(node)
+        return cache[name]
 
     def tensor(self, name: str) -> onnx.TensorProto | None:
         """The stored TensorProto of an initializer or a ``Constant`` node's ``value`` (through Identity nodes)."""
-        while True:
-            if name in self.initializers and name not in self.graph_inputs:
-                return self.initializers[name]
+        while name not in self.initializers or name in self.graph_inputs:
             node = self.producer.get(name)
-            if node is None:
+            if node is None or node.op_type not in ("Identity", "Constant"):
                 return None
-            if node.op_type == "Identity":
-                name = node.input[0]
-                continue
             if node.op_type == "Constant":
                 value = attribute(node, "value")
                 return value if isinstance(value, onnx.TensorProto) else None
-            return None
+            name = node.input[0]
+        return self.initializers[name]
 
     def value(self, name: str) -> np.ndarray | None:
         """The value of constant ``name`` in its own dtype, or ``None`` when it is not a constant (or too costly)."""
-        if name in self._values:
-            return self._values[name]
-        if not self.is_constant(name):
-            return None
-        stored = self.tensor(name)
-        if stored is not None:
-            array = numpy_helper.to_array(stored)
-        else:
-            array = self._evaluate(name)
-            if array is None:
-                return None
-        self._values[name] = array
-        return array
+        if name not in self._values and self.is_constant(name):
+            stored = self.tensor(name)
+            array = numpy_helper.to_array(stored) if stored is not None else self._evaluate(name)
+            if array is not None:
+                self._values[name] = array
+        return self._values.get(name)
 
     def forget(self, name: str) -> None:
         self._values.pop(name, None)
@@ -326,24 +264,11 @@ class Tensors:
             return None
 
 
-# ------------------------------------------------------------------------------------------------- shapes
-
-
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Static shapes of the top-level tensors, from ONNX shape inference on a copy without the large weights."""
-    return infer_shapes_and_types(model)[0]
-
-
 def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Static shapes and element types of the top-level tensors, from one run of ONNX shape inference on a copy
     without the large weights."""
     graph = model.graph
-    light = onnx.GraphProto()
-    light.name = graph.name
-    light.node.extend(graph.node)
-    light.input.extend(graph.input)
-    light.output.extend(graph.output)
-    light.value_info.extend(graph.value_info)
+    light = helper.make_graph(graph.node, graph.name, graph.input, graph.output, value_info=graph.value_info)
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
         if tensor.data_type in FLOAT_TYPES and int(np.prod(tensor.dims, dtype=np.int64)) > SMALL_INITIALIZER:
@@ -360,19 +285,15 @@ def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int,
     shapes: dict[str, tuple[int, ...]] = {}
     types: dict[str, int] = {}
     for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-            types[info.name] = info.type.tensor_type.elem_type
-        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
-            continue
-        dims = info.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        tensor_type = info.type.tensor_type  # a default one (no type, no shape) for a sequence or a map
+        if tensor_type.elem_type:
+            types[info.name] = tensor_type.elem_type
+        dims = tensor_type.shape.dim
+        if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[info.name] = tuple(int(d.dim_value) for d in dims)
     for tensor in graph.initializer:
         shapes[tensor.name] = tuple(tensor.dims)
     return shapes, types
-
-
-# ------------------------------------------------------------------------------------------- the facts table
 
 
 @dataclass(frozen=True)
@@ -389,9 +310,7 @@ class OpContext:
 
     def ints(self, slot: int) -> list[int] | None:
         """A constant integer input, or ``None`` (absent or not constant)."""
-        if len(self.node.input) <= slot or not self.node.input[slot]:
-            return None
-        value = self.tensors.value(self.node.input[slot])
+        value = self.tensors.value(self.node.input[slot]) if len(self.node.input) > slot else None
         return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
 
     def output_used(self, slot: int) -> bool:
@@ -435,12 +354,11 @@ def _resize(c: OpContext) -> OpFacts:
     in_shape, out_shape = c.shapes.get(node.input[0]), c.shapes.get(node.output[0])
     if in_shape is not None and out_shape is not None:
         return OpFacts("upsample") if in_shape[:2] == out_shape[:2] else OTHER
-    scales = c.tensors.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if node.op_type == "Upsample":
-        scales = c.tensors.value(node.input[1]) if len(node.input) > 1 else None
-        if scales is None:
-            listed = attribute(node, "scales")
-            scales = None if listed is None else np.asarray(listed)
+    slot = 1 if node.op_type == "Upsample" else 2
+    scales = c.tensors.value(node.input[slot]) if len(node.input) > slot else None
+    listed = attribute(node, "scales") if node.op_type == "Upsample" else None  # Upsample before opset 9
+    if scales is None and listed is not None:
+        scales = np.asarray(listed)
     if scales is not None and scales.size >= 2 and np.all(np.asarray(scales).reshape(-1)[:2] == 1):
         return OpFacts("upsample")
     return OTHER
@@ -452,12 +370,10 @@ def _reduce_mean(c: OpContext) -> OpFacts:
         axes = c.ints(1)
         if axes is None:
             return OpFacts("mean", {"dims": None, "keepdim": True})
-    keepdim = bool(attribute(c.node, "keepdims", 1))
-    if not axes:
-        if attribute(c.node, "noop_with_empty_axes", 0):
-            return OpFacts("identity")
-        return OpFacts("mean", {"dims": None, "keepdim": keepdim})  # every axis, the channels too
-    return OpFacts("mean", {"dims": tuple(int(a) for a in axes), "keepdim": keepdim})
+    if not axes and attribute(c.node, "noop_with_empty_axes", 0):
+        return OpFacts("identity")
+    dims = tuple(int(a) for a in axes) if axes else None  # None: every axis, the channels too
+    return OpFacts("mean", {"dims": dims, "keepdim": bool(attribute(c.node, "keepdims", 1))})
 
 
 def _transpose(c: OpContext) -> OpFacts:
@@ -505,9 +421,7 @@ def _squeeze(c: OpContext) -> OpFacts:
         axes = c.ints(1)
         if axes is None:
             return OpFacts("reshape")  # axes computed at run time: judged on the shapes
-    if axes is None:
-        return OpFacts(kind, {"dims": None})
-    return OpFacts(kind, {"dims": tuple(int(a) for a in axes)})
+    return OpFacts(kind, {"dims": None if axes is None else tuple(int(a) for a in axes)})
 
 
 ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul", "Div": "div"}
@@ -570,9 +484,6 @@ OPS: dict[str, Callable[[OpContext], OpFacts]] = {
 ``other``. The data input is input 0 (Concat: all inputs); the other inputs (shapes, axes, pads) are parameters."""
 
 
-# -------------------------------------------------------------------------------------------- translation
-
-
 @dataclass
 class Layer:
     """A layer unit: the node with the weight, and the Add carrying its bias (``MatMul -> Add``), if any."""
@@ -581,14 +492,11 @@ class Layer:
     bias_add: onnx.NodeProto | None = None
     bias_slot: int | None = None  # input of ``bias_add`` that holds the bias
 
-    @property
-    def output(self) -> str:
-        return (self.bias_add or self.node).output[0]
-
 
 @dataclass
 class Translation:
-    """The core graph and what the write-back needs to find the ONNX nodes again."""
+    """The core graph and what the write-back needs to find the ONNX nodes again; :func:`to_graph` adds each
+    top-level node as a core node reading the activations it reads."""
 
     graph: Graph
     tensors: Tensors
@@ -598,6 +506,50 @@ class Translation:
     subgraph_norms: int = 0
     node_of: dict[str, int] = field(default_factory=dict)
     """Tensor name -> the core node that produces it (graph inputs, layers, norms, ops)."""
+
+    def _activation_inputs(self, names: list[str]) -> list[int]:
+        return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
+
+    def _add(self, node: onnx.NodeProto, merged: set[int]) -> None:
+        graph = self.graph
+        op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
+        output = node.output[0] if node.output else ""
+        bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
+        facts = _layer_facts(node, bias, self.tensors, self.shapes) if op in LAYER_TYPES else None
+        if op != NORM_TYPE and facts is None:
+            self._add_op(node, op)
+            return
+        name = graph.free_name(display_name(node))
+        if op == NORM_TYPE:
+            graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
+            self.norms[name] = node
+            core = graph.add_node(NORM, f"norm '{name}'", self._activation_inputs(list(node.input)),
+                                  shape=self.shapes.get(output), unit=name)
+        else:
+            graph.add_unit(name, LAYER, op, layer=facts)
+            self.layers[name] = Layer(node, *(bias or (None, None)))
+            reads = list(node.input)
+            if bias is not None:
+                merged.add(id(bias[0]))
+                reads.append(bias[0].input[bias[1]])
+                output = bias[0].output[0]  # the Add's: the layer's output with its bias
+            core = graph.add_node(LAYER, f"layer '{name}' ({op})", self._activation_inputs(reads),
+                                  shape=self.shapes.get(output), unit=name)
+        self.node_of[output] = core.index
+
+    def _add_op(self, node: onnx.NodeProto, op: str) -> None:
+        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
+        facts_of = OPS.get(op)
+        facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
+        if op in ARITHMETIC and not outside:
+            facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
+        whole = facts.kind in ("concat", "other", "add", "sub", "mul", "div")  # and what its subgraphs read
+        reads = list(node.input) + (outside if whole else [])
+        core = self.graph.add_node(OP, _label(node), self._activation_inputs(reads),
+                                   shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
+        for name in node.output:
+            if name:
+                self.node_of[name] = core.index
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -609,6 +561,16 @@ def _weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
     op = node.op_type
     groups = int(attribute(node, "group", 1)) if op in ("Conv", "ConvTranspose") else 1
     return (0 if op == "Conv" or (op == "Gemm" and attribute(node, "transB", 0)) else 1), groups
+
+
+def _own_bias(node: onnx.NodeProto) -> str:
+    """The bias input of a ``Conv``, ``ConvTranspose`` or ``Gemm`` node (``""`` if none, as for a MatMul)."""
+    return node.input[2] if node.op_type != "MatMul" and len(node.input) > 2 else ""
+
+
+def _scaled(array: np.ndarray, factor: float) -> np.ndarray:
+    """``array * factor`` computed in float64 and rounded to the array's dtype (the array itself when 1)."""
+    return array if factor == 1.0 else (array.astype(np.float64) * factor).astype(array.dtype)
 
 
 def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str | None:
@@ -623,15 +585,15 @@ def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str
         return f"the {role} '{name}' of {owner} is {how}, not a constant initializer"
     stored = tensors.tensor(name)
     if stored is not None:  # its element type is enough: decoding a 400 MB weight nobody folds costs 0.4 s
-        if stored.data_type not in FLOAT_TYPES:
-            return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
+        floating = stored.data_type in FLOAT_TYPES
+    else:
+        value = tensors.value(name)
+        if value is None:
+            return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
+        floating = value.dtype.kind == "f" or str(value.dtype) == "bfloat16"
+    if floating:
         return None
-    value = tensors.value(name)
-    if value is None:
-        return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
-    if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
-        return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
-    return None
+    return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
 
 
 def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, tensors: Tensors,
@@ -643,19 +605,16 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
         return None
     weight_name = node.input[1]
     shape = shapes.get(weight_name)
-    value = tensors.value(weight_name) if shape is None else None
-    if shape is None and value is not None:
+    if shape is None and (value := tensors.value(weight_name)) is not None:
         shape = tuple(value.shape)
     if op == "MatMul" and (shape is None or len(shape) != 2):
         return None  # a MatMul of two activations, or a batched weight: an op like any other
     if shape is None or len(shape) < 2:
         return None
     problem = _constant_problem(tensors, weight_name, "weight", label)
-    bias_names = [node.input[2]] if op != "MatMul" and len(node.input) > 2 and node.input[2] else []
-    if bias is not None:
-        bias_names.append(bias[0].input[bias[1]])
-    for name in bias_names:
-        problem = problem or _constant_problem(tensors, name, "bias", label)
+    for name in (_own_bias(node), bias[0].input[bias[1]] if bias is not None else ""):
+        if name:
+            problem = problem or _constant_problem(tensors, name, "bias", label)
     out_channels, in_channels = weight_channels(tuple(shape), *_weight_axes(node))
     blocker = geometry = padded = None
     channel_dim = 1
@@ -705,8 +664,7 @@ def _norm_facts(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple[
                 break
             channels = int(value.shape[0])
         if problem is None:
-            gamma = tensors.value(node.input[1])
-            negative = int(np.sum(np.asarray(gamma, dtype=np.float64) < 0))
+            negative = int(np.sum(np.asarray(tensors.value(node.input[1]), dtype=np.float64) < 0))
     return NormFacts(channels, 1, problem=problem, batch_statistics=batch, negative_scales=negative)
 
 
@@ -726,108 +684,38 @@ def _matmul_bias(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple
     weight = shapes.get(node.input[1])
     if bias is None or weight is None or bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, weight[-1])):
         return None
-    if bias.ndim == 2 and bias.shape[0] != 1:
-        return None
-    return add, slot
-
-
-class _Translator:
-    """The dataflow: every top-level node as a core node reading the activations it reads (see the module
-    docstring)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.tensors = Tensors(model)
-        self.shapes, types = infer_shapes_and_types(model)
-        for name, elem in types.items():
-            self.tensors.types.setdefault(name, elem)
-        self.graph = Graph(method="onnx graph", shapes_known=True)
-        self.out = Translation(self.graph, self.tensors, self.shapes)
-        self.node_of: dict[str, int] = self.out.node_of  # tensor name -> core node producing it
-
-    def activation_inputs(self, names: list[str]) -> list[int]:
-        return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
-
-    def translate(self) -> Translation:
-        graph, tensors = self.graph, self.tensors
-        for value in self.model.graph.input:
-            if value.name in tensors.initializers and value.name not in tensors.graph_inputs:
-                continue
-            node = graph.add_node(INPUT, f"the graph input '{value.name}'", shape=self.shapes.get(value.name))
-            self.node_of[value.name] = node.index
-        merged: set[int] = set()  # ids of Add nodes translated as a MatMul's bias
-        for node in tensors.nodes:
-            if id(node) in merged:
-                continue
-            if node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS:
-                continue  # reads only its input's shape
-            if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
-                continue  # a constant or a shape computation: not dataflow
-            self.add(node, merged)
-            self.out.subgraph_norms += sum(_count_norms(sub) for sub in _subgraphs(node))
-        for name in tensors.graph_outputs:
-            inputs = [self.node_of[name]] if name in self.node_of else []
-            graph.add_node(OUTPUT, f"the graph output '{name}'", inputs)
-        return self.out
-
-    def add(self, node: onnx.NodeProto, merged: set[int]) -> None:
-        graph = self.graph
-        op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
-        output = node.output[0] if node.output else ""
-        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
-        if op == NORM_TYPE:
-            name = graph.free_name(display_name(node))
-            graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
-            self.out.norms[name] = node
-            core = graph.add_node(NORM, f"norm '{name}'", self.activation_inputs(list(node.input)),
-                                  shape=self.shapes.get(output), unit=name)
-        elif op in LAYER_TYPES:
-            bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
-            facts = _layer_facts(node, bias, self.tensors, self.shapes)
-            if facts is None:
-                self.op_node(node, op, outside)
-                return
-            name = graph.free_name(display_name(node))
-            graph.add_unit(name, LAYER, op, layer=facts)
-            layer = Layer(node, *(bias or (None, None)))
-            self.out.layers[name] = layer
-            reads = list(node.input)
-            if bias is not None:
-                merged.add(id(bias[0]))
-                reads.append(bias[0].input[bias[1]])
-            core = graph.add_node(LAYER, f"layer '{name}' ({op})", self.activation_inputs(reads),
-                                  shape=self.shapes.get(layer.output), unit=name)
-            output = layer.output
-        else:
-            self.op_node(node, op, outside)
-            return
-        self.node_of[output] = core.index
-
-    def op_node(self, node: onnx.NodeProto, op: str, outside: list[str]) -> None:
-        facts_of = OPS.get(op)
-        facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
-        if op in ARITHMETIC and not outside:
-            facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
-        reads = list(node.input) + (outside if facts.kind in ("concat", "other", "add", "sub", "mul", "div") else [])
-        core = self.graph.add_node(OP, _label(node), self.activation_inputs(reads),
-                                   shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
-        for name in node.output:
-            if name:
-                self.node_of[name] = core.index
+    return None if bias.ndim == 2 and bias.shape[0] != 1 else (add, slot)
 
 
 def to_graph(model: onnx.ModelProto) -> Translation:
     """Translate the top-level graph of ``model`` into the core graph (see the module docstring). Reads only."""
-    return _Translator(model).translate()
+    tensors = Tensors(model)
+    shapes, types = infer_shapes_and_types(model)
+    tensors.types = {**types, **tensors.types}  # declared types first, then inferred ones
+    out = Translation(Graph(method="onnx graph", shapes_known=True), tensors, shapes)
+    for value in model.graph.input:
+        node = out.graph.add_node(INPUT, f"the graph input '{value.name}'", shape=shapes.get(value.name))
+        out.node_of[value.name] = node.index
+    merged: set[int] = set()  # ids of Add nodes translated as a MatMul's bias
+    for node in tensors.nodes:
+        if id(node) in merged:
+            continue
+        if node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS:
+            continue  # reads only its input's shape
+        if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
+            continue  # a constant or a shape computation: not dataflow
+        out._add(node, merged)
+        out.subgraph_norms += sum(_count_norms(sub) for sub in _subgraphs(node))
+    for name in tensors.graph_outputs:
+        inputs = [out.node_of[name]] if name in out.node_of else []
+        out.graph.add_node(OUTPUT, f"the graph output '{name}'", inputs)
+    return out
 
 
 def _in_training_mode(node: onnx.NodeProto, opset: int) -> bool:
     """A BatchNormalization set to normalise with batch statistics (``training_mode=1``; before opset 7, no
     ``is_test``)."""
     return bool(attribute(node, "training_mode", 0) or (opset < 7 and not attribute(node, "is_test", 0)))
-
-
-# ----------------------------------------------------------------------------------------------- write back
 
 
 class NumpyNumerics:
@@ -878,31 +766,6 @@ class NumpyNumerics:
         return np.zeros(shape, dtype=np.float64)
 
 
-class _FreeNames:
-    """Names that no tensor or node of ``graph`` has, for what a rewrite adds (``<base>_bnfold``, ``<base>_bnfold2``,
-    ...); the graph's names are gathered at the first request."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self._taken: set[str] | None = None
-
-    def new(self, base: str) -> str:
-        if self._taken is None:
-            graph = self.graph
-            names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-            names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
-            for node in graph.node:
-                names.update(node.output)
-                names.update(node.input)
-            self._taken = names
-        name, n = f"{base}_bnfold", 1
-        while name in self._taken:
-            n += 1
-            name = f"{base}_bnfold{n}"
-        self._taken.add(name)
-        return name
-
-
 def _how_shared(tensors: Tensors, old: str, node: onnx.NodeProto, readers: list[onnx.NodeProto]) -> str:
     """Why the initializer ``old`` that ``node`` reads (with ``readers``) cannot take the folded values in place."""
     producer = tensors.producer.get(old)
@@ -923,10 +786,7 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
     """Remove the nodes, initializers and value infos named in ``stale`` (names a rewrite stopped reading) that
     nothing reads any more, and then what only they read."""
     while True:
-        read = {n for node in graph.node for n in node.input if n} | {o.name for o in graph.output}
-        for node in graph.node:
-            for sub in _subgraphs(node):
-                read |= _reads_inside(sub)
+        read = _reads_inside(graph)
         dead_nodes = [
             i for i, node in enumerate(graph.node)
             if node.output and not any(n in read for n in node.output if n)
@@ -937,8 +797,7 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
         if not dead_nodes and not dead_inits:
             break
         for i in reversed(dead_nodes):
-            stale.update(n for n in graph.node[i].input if n)
-            stale.update(graph.node[i].output)
+            stale.update(n for n in (*graph.node[i].input, *graph.node[i].output) if n)
             del graph.node[i]
         for i in reversed(dead_inits):
             del graph.initializer[i]
@@ -962,7 +821,6 @@ class OnnxWeights:
     numerics = NumpyNumerics()
 
     def __init__(self, model: onnx.ModelProto, translation: Translation) -> None:
-        self.model = model
         self.graph = model.graph
         self.tensors = translation.tensors
         self.shapes = translation.shapes
@@ -972,10 +830,25 @@ class OnnxWeights:
         self.removed_nodes: set[int] = set()
         self.added_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after this node, the new node)
         self.stale: set[str] = set()  # names that may be read by nobody once the rewrite is done
-        self.names = _FreeNames(model.graph)
+        self._taken: set[str] | None = None  # the graph's names, gathered at the first new_name()
 
-    # -- reading ---------------------------------------------------------------------------------------------
-    def _value(self, name: str) -> np.ndarray:
+    def new_name(self, base: str) -> str:
+        """A name no tensor or node of the graph has, for what a rewrite adds (``<base>_bnfold``,
+        ``<base>_bnfold2``, ...)."""
+        if self._taken is None:
+            graph = self.graph
+            self._taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+            self._taken |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
+            self._taken.update(n for node in graph.node for n in (*node.input, *node.output))
+        name, n = f"{base}_bnfold", 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_bnfold{n}"
+        self._taken.add(name)
+        return name
+
+    def constant(self, name: str) -> np.ndarray:
+        """The value of a constant the core reads (a statistic, a weight, a merge's layer scale)."""
         value = self.tensors.value(name)
         if value is None:  # the planner only folds constants: this is a bug
             raise RuntimeError(f"'{name}' is not a constant")
@@ -983,29 +856,21 @@ class OnnxWeights:
 
     def statistics(self, norm: str) -> Statistics:
         node = self.norms[norm]
-        gamma, beta, mean, var = (self._value(n) for n in node.input[1:5])
+        gamma, beta, mean, var = (self.constant(n) for n in node.input[1:5])
         return Statistics(mean, var, float(attribute(node, "epsilon", 1e-5)), gamma, beta)
 
     def read(self, layer: str) -> LayerTensors:
         unit = self.layers[layer]
         node = unit.node
-        weight = self._value(node.input[1])
-        op = node.op_type
-        out_axis, groups = _weight_axes(node)
-        alpha = float(attribute(node, "alpha", 1.0)) if op == "Gemm" else 1.0
-        if alpha != 1.0:
-            weight = (weight.astype(np.float64) * alpha).astype(weight.dtype)
+        gemm = node.op_type == "Gemm"
+        weight = _scaled(self.constant(node.input[1]), float(attribute(node, "alpha", 1.0)) if gemm else 1.0)
         bias: np.ndarray | None = None
         if unit.bias_add is not None and unit.bias_slot is not None:
-            bias = self._value(unit.bias_add.input[unit.bias_slot])
-        elif op != "MatMul" and len(node.input) > 2 and node.input[2]:
-            bias = self._value(node.input[2])
-            beta = float(attribute(node, "beta", 1.0)) if op == "Gemm" else 1.0
-            if beta != 1.0:
-                bias = (bias.astype(np.float64) * beta).astype(bias.dtype)
-        return LayerTensors(weight, bias, out_axis, groups)
+            bias = self.constant(unit.bias_add.input[unit.bias_slot])
+        elif _own_bias(node):
+            bias = _scaled(self.constant(node.input[2]), float(attribute(node, "beta", 1.0)) if gemm else 1.0)
+        return LayerTensors(weight, bias, *_weight_axes(node))
 
-    # -- writing ---------------------------------------------------------------------------------------------
     def _store(self, node: onnx.NodeProto, slot: int, array: np.ndarray, role: str) -> None:
         """Make input ``slot`` of ``node`` hold ``array``: in place when ``node`` alone reads that initializer,
         else as a new initializer of ``node``."""
@@ -1020,9 +885,8 @@ class OnnxWeights:
             tensors.initializers[old].CopyFrom(numpy_helper.from_array(array, old))
             tensors.forget(old)
             return
-        name = self.names.new(old or f"{display_name(node).replace(':', '_')}_{role}")
-        tensor = numpy_helper.from_array(array, name)
-        self.graph.initializer.append(tensor)
+        name = self.new_name(old or f"{display_name(node).replace(':', '_')}_{role}")
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
         tensors.initializers[name] = self.graph.initializer[-1]
         while len(node.input) <= slot:
             node.input.append("")
@@ -1043,19 +907,20 @@ class OnnxWeights:
         if node.op_type == "Gemm":
             for name in ("alpha", "beta"):
                 if float(attribute(node, name, 1.0)) != 1.0:
-                    _set_attribute(node, name, 1.0)
+                    del node.attribute[next(i for i, a in enumerate(node.attribute) if a.name == name)]
+                    node.attribute.append(helper.make_attribute(name, 1.0))
             self._store(node, 2, bias, "bias")
         elif unit.bias_add is not None and unit.bias_slot is not None:
             self._store(unit.bias_add, unit.bias_slot, bias, "bias")
         elif node.op_type == "MatMul":
-            data = self.shapes.get(node.input[0])
-            if data is not None and len(data) == 2:
+            if len(self.shapes.get(node.input[0], ())) == 2:
                 node.op_type = "Gemm"  # a 2-D MatMul is a Gemm without C; the Gemm gives the bias a place
                 self._store(node, 2, bias, "bias")
                 self.notes.append(f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias")
             else:
-                product = self.names.new(node.output[0])
-                add = helper.make_node("Add", [product, ""], [node.output[0]], name=self.names.new(display_name(node)))
+                product = self.new_name(node.output[0])
+                add_name = self.new_name(display_name(node))
+                add = helper.make_node("Add", [product, ""], [node.output[0]], name=add_name)
                 node.output[0] = product
                 self.added_nodes.append((node, add))
                 unit.bias_add, unit.bias_slot = add, 1
@@ -1064,10 +929,6 @@ class OnnxWeights:
         else:
             self._store(node, 2, bias, "bias")
 
-    def constant(self, name: str) -> np.ndarray:
-        """The value of a constant a merge scales by (a layer scale's initializer)."""
-        return self._value(name)
-
     def remove_norm(self, norm: str) -> None:
         """Take the norm out: its producer's output takes the norm's output name when nothing else reads it,
         otherwise the norm's readers read its input."""
@@ -1075,10 +936,9 @@ class OnnxWeights:
         tensors = self.tensors
         source, target = node.input[0], node.output[0]
         self.removed_nodes.add(id(node))
-        self.stale.update(n for n in node.input[1:] if n)
-        for name in node.input[1:]:
-            if name:
-                tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
+        for name in filter(None, node.input[1:]):
+            self.stale.add(name)
+            tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
         others = [r for r in tensors.readers.get(source, []) if r is not node]
         producer = tensors.producer.get(source)
         if producer is not None and not others and source not in tensors.graph_outputs:
@@ -1095,7 +955,6 @@ class OnnxWeights:
         tensors.readers[source] = others + readers
         self.stale.add(target)
 
-    # -- finishing -------------------------------------------------------------------------------------------
     def finish(self) -> None:
         """Put the nodes in order (removed norms out, new Adds after their MatMul), then drop what nobody reads."""
         after = {id(anchor): new for anchor, new in self.added_nodes}
@@ -1114,8 +973,6 @@ class OnnxWeights:
             self.graph.node.extend(kept)
         if self.stale:
             _drop_unused(self.graph, self.stale)
-
-# ------------------------------------------------------------------------------------------------- the pipeline
 
 
 class OnnxBackend:
@@ -1155,8 +1012,7 @@ class OnnxBackend:
 
     def lacks_bias(self, layer: str) -> bool:
         unit = self.translation.layers[layer]
-        node = unit.node
-        return unit.bias_add is None and not (node.op_type != "MatMul" and len(node.input) > 2 and node.input[2])
+        return unit.bias_add is None and not _own_bias(unit.node)
 
     def finish(self) -> None:
         self.access.finish()

@@ -1,19 +1,15 @@
 """Read and write ONNX files with errors a user can act on, and writes that never leave half a file behind.
 
-``read`` tells apart the usual wrong inputs (no such file, a directory, a text file, a PyTorch checkpoint, a
-truncated or corrupt .onnx, missing external data) and names the file in a one-line :class:`InvalidInputError`; it
-also returns every file it read (the graph and each external data file), so that no output can ever be one of them.
-
-``save`` writes the graph and its external data file as one unit through :func:`bnfold.files.staged_files`: both
-are written into a staging folder beside the target, under their final names, and checked there (``check``: the CLI
-and :meth:`bnfold.onnx.OnnxFoldResult.save` open the staged graph by its path in onnxruntime, as a user's
-``InferenceSession(path)`` does, with its data file beside it, and compare it with the original), and only then
-renamed into place, data first and graph last, with a rollback if the second
-rename fails, so the old OUT and its old data stay complete and consistent until the new pair is complete.
+:func:`read` names the file and the problem in a one-line :class:`InvalidInputError`, and returns every file
+it read (the graph and each external data file), so that no output can ever be one of them. :func:`save`
+writes the graph and its external data as one unit through :func:`bnfold.files.staged_files`: staged beside
+the target under their final names, checked there (``check``), then renamed into place, data first and graph
+last (rolled back if the second rename fails), so the old pair stays whole until the new one is.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -100,9 +96,8 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
 
 
 def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
-    """The external data files that ``model`` (as read from ``path``, data not loaded yet) keeps its tensors in.
-
-    Every location of every tensor (initializers, attributes, subgraphs), relative to ``path``'s folder.
+    """The external data files that ``model`` (as read from ``path``, data not loaded yet) keeps its tensors
+    in: every location of every tensor (initializers, attributes, subgraphs), relative to ``path``'s folder.
 
     Raises:
         InvalidInputError: a data file is missing.
@@ -135,9 +130,7 @@ def data_size(model: onnx.ModelProto) -> int:
         if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
             total += sum(len(item) for item in tensor.string_data)
             continue
-        count = 1
-        for dim in tensor.dims:
-            count *= int(dim)
+        count = math.prod(int(dim) for dim in tensor.dims)
         try:
             total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         except (KeyError, TypeError, ValueError):  # an element type numpy cannot name: measure the tensor itself
@@ -150,13 +143,9 @@ def _tensors(graph: onnx.GraphProto, attributes: bool = True) -> list[onnx.Tenso
     tensors = list(graph.initializer)
     for node in graph.node:
         for attr in node.attribute:
-            if attributes and attr.type == onnx.AttributeProto.TENSOR:
-                tensors.append(attr.t)
             if attributes:
-                tensors.extend(attr.tensors)
-            if attr.type == onnx.AttributeProto.GRAPH:
-                tensors.extend(_tensors(attr.g, attributes))
-            for sub in attr.graphs:
+                tensors.extend([attr.t] if attr.type == onnx.AttributeProto.TENSOR else attr.tensors)
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
                 tensors.extend(_tensors(sub, attributes))
     return tensors
 

@@ -1,11 +1,6 @@
-"""Branch merges in ONNX files: the core's :class:`~bnfold.core.merge.MergePlan` written into an ONNX graph.
-
-The adapter (:mod:`bnfold.onnx.adapter`) translates the graph for folding; this module adds what merging needs on
-top of that translation (whose facts hold each ``Conv``'s geometry): the geometry of each ``Gemm`` with ``transB=1`` (a
-fully connected layer); the core's rounds (:mod:`bnfold.core.merge_rounds`) plan and compute, and
-:class:`OnnxMerges` rewrites the graph: the merged ``Conv`` takes the sum's output name, the additions, the other
-branches' Conv and BatchNormalization nodes and the identities between are removed, and initializers nobody reads
-any more are dropped. Works without torch, like the rest of the ONNX backend.
+"""Branch merges in ONNX files: the core's merge rounds (:mod:`bnfold.core.merge_rounds`) plan on the
+adapter's translation, and :class:`OnnxMerges` writes each merge into the graph (the merged ``Conv`` takes the
+sum's output name; the block's other nodes go, and the initializers nobody reads any more).
 """
 
 from __future__ import annotations
@@ -23,9 +18,8 @@ from .adapter import OnnxWeights, Translation, _label, attribute, display_name, 
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
-    """Give the translated graph what merging needs, in place: each Gemm's geometry (none for a layer whose bias is
-    a separate Add; the additions, subtractions and products are the core's linear combinations already:
-    :func:`bnfold.onnx.adapter.arithmetic_facts`).
+    """Give the translated graph what merging needs, in place: each Gemm's geometry, none for a layer whose
+    bias is a separate Add (sums and products are linear combinations already: see ``arithmetic_facts``).
 
     Returns the ONNX node of every core node a merge may remove or rewrite (layers, norms, ops), by core index.
     Ops are found by their label, which names the node; a name two nodes share leaves both as they were.
@@ -47,79 +41,9 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
                 unit.layer = dataclasses.replace(unit.layer, geometry=None)
         elif core.kind == NORM and core.unit in translation.norms:
             nodes[core.index] = translation.norms[core.unit]
-        elif core.kind == OP:
-            found = labels.get(core.label, [])
-            if len(found) != 1:
-                continue
-            nodes[core.index] = found[0]
+        elif core.kind == OP and len(labels.get(core.label, [])) == 1:
+            nodes[core.index] = labels[core.label][0]
     return nodes
-
-
-def _rewrite_problem(access: OnnxWeights, merge: Merge, graph: Graph, nodes: dict[int, onnx.NodeProto]) -> str | None:
-    """Why the merged layer cannot take the root's output name with the removed nodes gone (a removed value read by a
-    node outside the block, or a graph output), or None."""
-    missing = [graph.nodes[i].label for i in (*merge.removed, merge.root) if i not in nodes]
-    if missing:
-        return f"bnfold cannot tell which node {missing[0]} is (two nodes share that name)"
-    into = access.layers[merge.into].node
-    removed = {id(nodes[i]) for i in merge.removed}
-    root = nodes[merge.root]
-    tensors = access.tensors
-    outputs = [name for i in merge.removed for name in nodes[i].output if name and nodes[i] is not root]
-    outputs.append(into.output[0])
-    for name in outputs:
-        if name in tensors.graph_outputs:
-            return f"'{name}', inside the block, is also a graph output"
-        for reader in tensors.readers.get(name, []):
-            if id(reader) not in removed:
-                return f"'{name}', inside the block, is also read by {_label(reader)}"
-    return None
-
-
-def _kept_tensors(merge: Merge, translation: Translation, nodes: dict[int, onnx.NodeProto]) -> list[str] | None:
-    """The tensor names of a split's kept terms, as the tree's ops read them; None if one cannot be found."""
-    read = {name for index in merge.removed if index in nodes for name in nodes[index].input if name}
-    names = []
-    for index in merge.kept:
-        found = [name for name, producer in translation.node_of.items() if producer == index and name in read]
-        if len(found) != 1:
-            return None
-        names.append(found[0])
-    return names
-
-
-def _apply_rewrite(access: OnnxWeights, merge: Merge, nodes: dict[int, onnx.NodeProto], kept: list[str]) -> None:
-    """The merged layer computes the sum (it takes the root's output name); for a split, new ``Add`` nodes at the
-    root's place add the kept terms to its output and write the root's output. The tree's nodes go."""
-    into = access.layers[merge.into].node
-    root = nodes[merge.root]
-    tensors = access.tensors
-    for index in merge.removed:
-        node = nodes[index]
-        access.removed_nodes.add(id(node))
-        access.stale.update(n for n in (*node.input, *node.output) if n and n != root.output[0])
-        for name in node.input:
-            if name:
-                tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
-    if not kept:
-        old = into.output[0]
-        into.output[0] = root.output[0]
-        tensors.producer[root.output[0]] = into
-        tensors.readers.pop(old, None)
-        access.stale.add(old)
-        return
-    added: list[onnx.NodeProto] = []
-    current = into.output[0]
-    for i, name in enumerate(kept):
-        output = root.output[0] if i == len(kept) - 1 else access.names.new(f"{root.output[0]}_partial")
-        add = helper.make_node("Add", [current, name], [output], name=access.names.new(display_name(root)))
-        tensors.readers[current] = [*tensors.readers.get(current, []), add]
-        tensors.readers[name] = [*tensors.readers.get(name, []), add]
-        tensors.producer[output] = add
-        added.append(add)
-        current = output
-    at = next(i for i, node in enumerate(tensors.nodes) if node is root)
-    tensors.nodes[at:at] = added  # where the root was: after every term it read
 
 
 class OnnxMerges:
@@ -147,17 +71,67 @@ class OnnxMerges:
         return self.translation.graph.nodes[index].label
 
     def blocked(self, merge: Merge) -> str | None:
+        """Why the merged layer cannot take the root's output name with the removed nodes gone (a removed
+        value read by a node outside the block, or a graph output), or None. Finds the tensors of a split's
+        kept terms, as the tree's ops read them, for :meth:`rewrite`."""
         if merge.into not in self.translation.layers:
             return f"'{merge.into}' is not a Conv"
-        blocked = _rewrite_problem(self.access, merge, self.translation.graph, self.nodes)
-        self.kept = _kept_tensors(merge, self.translation, self.nodes) if merge.kept else []
-        if blocked is None and self.kept is None:
-            return "bnfold cannot tell which tensors the terms left after the merge are"
-        return blocked
+        nodes, tensors = self.nodes, self.access.tensors
+        missing = [self.name(i) for i in (*merge.removed, merge.root) if i not in nodes]
+        if missing:
+            return f"bnfold cannot tell which node {missing[0]} is (two nodes share that name)"
+        removed = {id(nodes[i]) for i in merge.removed}
+        inside = [nodes[i] for i in merge.removed if nodes[i] is not nodes[merge.root]]
+        outputs = [name for node in inside for name in node.output if name]
+        outputs.append(self.access.layers[merge.into].node.output[0])
+        for name in outputs:
+            if name in tensors.graph_outputs:
+                return f"'{name}', inside the block, is also a graph output"
+            for reader in tensors.readers.get(name, []):
+                if id(reader) not in removed:
+                    return f"'{name}', inside the block, is also read by {_label(reader)}"
+        read = {name for index in merge.removed for name in nodes[index].input if name}
+        self.kept = []
+        for index in merge.kept:
+            found = [name for name, at in self.translation.node_of.items() if at == index and name in read]
+            if len(found) != 1:
+                return "bnfold cannot tell which tensors the terms left after the merge are"
+            self.kept.append(found[0])
+        return None
 
     def rewrite(self, merge: Merge) -> tuple[str, ...]:
-        assert self.kept is not None  # checked by blocked()
-        _apply_rewrite(self.access, merge, self.nodes, self.kept)
+        """The merged layer computes the sum (it takes the root's output name); for a split, new ``Add``
+        nodes at the root's place add the kept terms to its output and write the root's output. The tree's
+        nodes go."""
+        access, tensors = self.access, self.access.tensors
+        into, root = access.layers[merge.into].node, self.nodes[merge.root]
+        for index in merge.removed:
+            node = self.nodes[index]
+            access.removed_nodes.add(id(node))
+            access.stale.update(n for n in (*node.input, *node.output) if n and n != root.output[0])
+            for name in filter(None, node.input):
+                tensors.readers[name] = [r for r in tensors.readers.get(name, []) if r is not node]
+        if not self.kept:
+            old = into.output[0]
+            into.output[0] = root.output[0]
+            tensors.producer[root.output[0]] = into
+            tensors.readers.pop(old, None)
+            access.stale.add(old)
+        else:
+            added: list[onnx.NodeProto] = []
+            current = into.output[0]
+            for i, name in enumerate(self.kept):
+                last = i == len(self.kept) - 1
+                output = root.output[0] if last else access.new_name(f"{root.output[0]}_partial")
+                name_of_add = access.new_name(display_name(root))
+                add = helper.make_node("Add", [current, name], [output], name=name_of_add)
+                tensors.readers[current] = [*tensors.readers.get(current, []), add]
+                tensors.readers[name] = [*tensors.readers.get(name, []), add]
+                tensors.producer[output] = add
+                added.append(add)
+                current = output
+            at = next(i for i, node in enumerate(tensors.nodes) if node is root)
+            tensors.nodes[at:at] = added  # where the root was: after every term it read
         return tuple(self.name(index) for index in merge.kept)
 
     def commit(self) -> None:

@@ -1,18 +1,12 @@
 """Proof that folding changed nothing: run the original and the folded model in onnxruntime and compare.
 
-Both sessions run on onnxruntime's CPU provider with graph optimisations off, so what is compared is the two
-graphs, not what onnxruntime makes of them. An input shaped like a batch of RGB images gets the photographs bnfold
-ships (:mod:`bnfold.examples`), every other input seeded random values; a dynamic batch dimension is 1 and the other
-dynamic dimensions take the first of :data:`bnfold.examples.SIZES` (224, then multiples of 32) the original runs
-on, unless the caller gives shapes or inputs.
+Both sessions run on onnxruntime's CPU provider with graph optimisations off, so that what is compared is the
+two graphs, not what onnxruntime makes of them. The inputs are :func:`example_inputs` unless the caller gives
+some; the verdict is :mod:`bnfold.judge`'s, the same in every format (its noise floor measured here, in
+onnxruntime, on a perturbed copy of the original).
 
-The verdict is :mod:`bnfold.judge`'s, the same in every format: besides the fixed relative tolerance, an output
-passes when its error is within what one rounding step of the tensors the fold touched does to the original (the
-noise floor, measured here on a perturbed copy of the original, in onnxruntime, on the same inputs).
-
-The default tolerances are those of :data:`bnfold.verification.TOLERANCES`, which explains where they come from.
-That module imports torch, and this one must not, so the numbers are repeated here by ONNX element type; a test
-checks that the two tables agree.
+:data:`TOLERANCES` repeats :data:`bnfold.verification.TOLERANCES` (which explains them) by ONNX element type,
+since that module imports torch and this one must not; a test checks that the two tables agree.
 """
 
 from __future__ import annotations
@@ -47,9 +41,8 @@ _INLINE_LIMIT = 1_800_000_000
 
 def default_tolerance(model: onnx.ModelProto) -> float:
     """The loosest tolerance among the element types of the model's float outputs (float32's when there are none)."""
-    types = [o.type.tensor_type.elem_type for o in model.graph.output if o.type.HasField("tensor_type")]
-    known = [TOLERANCES[t] for t in types if t in TOLERANCES]
-    return max(known) if known else TOLERANCES[onnx.TensorProto.FLOAT]
+    types = [o.type.tensor_type.elem_type for o in model.graph.output]  # 0 for a sequence or a map
+    return max((TOLERANCES[t] for t in types if t in TOLERANCES), default=TOLERANCES[onnx.TensorProto.FLOAT])
 
 
 def _input_shapes(
@@ -87,21 +80,6 @@ def _input_shapes(
             raise InvalidInputError(f"input shape {list(shape)} of '{value.name}' has sizes below 1")
         shapes[value.name] = shape
     return shapes
-
-
-def random_inputs(
-    model: onnx.ModelProto, seed: int = 0, input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None
-) -> dict[str, np.ndarray]:
-    """One seeded random array per graph input (initializers excluded), dynamic dimensions set to 1.
-
-    Args:
-        input_shape: the shape of the model's only input, or shapes by input name, for graphs whose dynamic
-            dimensions cannot be 1 (an image size a reshape expects); fixed dimensions must be kept.
-
-    Raises:
-        InvalidInputError: an input is not a tensor, or ``input_shape`` does not fit the graph's inputs.
-    """
-    return example_inputs(model, seed, input_shape, photographs=False)
 
 
 def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, optimize: bool = False) -> Any:
@@ -223,27 +201,19 @@ def _run_original(runner: _Runner, feeds: dict[str, np.ndarray], given: bool) ->
         ) from error
 
 
-def _run_folded(runner: _Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    try:
-        return runner(feeds)
-    except Exception as error:
-        raise VerificationError(
-            f"onnxruntime could not run the {runner.which} model on inputs the original runs on "
-            f"({_shapes(feeds)}: {_cause(error)})"
-        ) from error
-
-
 def choose_inputs(
     original: _Runner, described: onnx.ModelProto, seed: int,
+    input_shape: Sequence[int] | dict[str, Sequence[int]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Example inputs the original runs on, and its outputs: free sizes take the first of :data:`SIZES` that works,
-    then a strip (each of :data:`STRIP_HEIGHTS` by :data:`STRIP_WIDTH`), then 1 (the smallest input there is).
+    """Example inputs the original runs on, and its outputs: free sizes (unless ``input_shape`` gives them)
+    take the first of :data:`SIZES` that works, then a strip (each of :data:`STRIP_HEIGHTS` by
+    :data:`STRIP_WIDTH`), then 1 (the smallest input there is).
 
     Raises:
         OriginalRunError: no size works (the last error is chained).
     """
-    if not has_free_sizes(described):
-        feeds = example_inputs(described, seed)
+    if input_shape is not None or not has_free_sizes(described):
+        feeds = example_inputs(described, seed, input_shape)
         return feeds, _run_original(original, feeds, False)
     tried, last = [], None
     sizes: list[int | tuple[int, int]] = [*SIZES, *((h, STRIP_WIDTH) for h in STRIP_HEIGHTS), 1]
@@ -260,9 +230,6 @@ def choose_inputs(
         "pass input_shape= or inputs={name: array} with inputs it takes, or verify=False to skip the check",
         "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's message)",
     ) from last
-
-
-# ----------------------------------------------------------------------------- the noise floor of a fold
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -329,20 +296,6 @@ def perturbed(original: onnx.ModelProto, names: Sequence[str], seed: int = judge
     return copy
 
 
-def _floor(original: onnx.ModelProto | str | os.PathLike[str], folded: onnx.ModelProto | str | os.PathLike[str]
-           ) -> tuple[_Runner, int] | None:
-    """A runner of the perturbed original, and how many tensors it moves (``None`` when the fold touched nothing)."""
-    source = original if isinstance(original, onnx.ModelProto) else read(original)[0]
-    target = folded if isinstance(folded, onnx.ModelProto) else read(folded)[0]
-    names = touched_constants(source, target)
-    if not names:
-        return None
-    return _Runner(perturbed(source, names), "perturbed original"), len(names)
-
-
-# ------------------------------------------------------------------------------------------------ verify
-
-
 def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
                  input_shape: Sequence[int] | dict[str, Sequence[int]] | None) -> list[dict[str, np.ndarray]]:
     """The batches to compare on: ``inputs`` (a dict, or a list of dicts, by input name) over the example inputs."""
@@ -357,20 +310,19 @@ def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
         unknown = sorted(set(batch) - set(names))
         if unknown:
             raise InvalidInputError(f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(names)}")
-        shapes = {name: np.shape(array) for name, array in batch.items()}
-        base = example_inputs(described, seed, input_shape, size=_common_size(described, shapes))
+        base = example_inputs(described, seed, input_shape, size=_common_size(described, batch))
         base.update({k: np.asarray(v) for k, v in batch.items()})
         feeds.append(base)
     return feeds
 
 
-def _common_size(described: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
+def _common_size(described: onnx.ModelProto, batch: dict[str, Any]) -> int | None:
     """The size given inputs use for their free dimensions, for the inputs not given (``None``: nothing to copy)."""
     for value in graph_inputs(described):
-        if value.name in shapes:
-            for axis, d in enumerate(declared_shape(value)):
-                if axis and d is None and axis < len(shapes[value.name]):
-                    return int(shapes[value.name][axis])
+        shape = np.shape(batch[value.name]) if value.name in batch else ()
+        for axis, d in enumerate(declared_shape(value)):
+            if axis and d is None and axis < len(shape):
+                return int(shape[axis])
     return None
 
 
@@ -389,8 +341,8 @@ def verify(
         original, folded: the models to compare (same input and output names), each a ModelProto or the path of
             its file (onnxruntime then opens the file itself, external data included, as a user's
             ``InferenceSession(path)`` does; the inputs and the tolerance come from the graph of ``original``).
-        inputs: input arrays by name, or a list of such batches (each is compared); inputs not given are example
-            inputs (photographs for ``N x 3 x H x W``, seeded random otherwise).
+        inputs: input arrays by name, or a list of such batches (each is compared); inputs not given are
+            :func:`example_inputs`.
         tolerance: relative tolerance; by default from the outputs' dtype (:data:`TOLERANCES`). An output within it,
             or within the noise floor's allowance, passes.
         input_shape: shape of the example inputs (see :func:`example_inputs`); without it, dynamic sizes are
@@ -414,21 +366,29 @@ def verify(
         batches = _given_feeds(described, inputs, seed, input_shape)
         expected = [_run_original(run_original, feeds, True) for feeds in batches]
         chosen = "given"
-    elif input_shape is not None:
-        batches = [example_inputs(described, seed, input_shape)]
-        expected = [_run_original(run_original, batches[0], False)]
-        chosen = "example (--input-shape)"
     else:
-        feeds, outputs = choose_inputs(run_original, described, seed)
+        feeds, outputs = choose_inputs(run_original, described, seed, input_shape)
         batches, expected = [feeds], [outputs]
-        chosen = "example (chosen)" if has_free_sizes(described) else "example"
-    actual = [_run_folded(run_folded, feeds) for feeds in batches]
-    floor = _floor(original, folded)
+        chosen = "example" if input_shape is not None or not has_free_sizes(described) else "example (chosen)"
+    actual: list[dict[str, np.ndarray]] = []
+    for feeds in batches:
+        try:
+            actual.append(run_folded(feeds))
+        except Exception as error:
+            raise VerificationError(
+                f"onnxruntime could not run the folded model on inputs the original runs on "
+                f"({_shapes(feeds)}: {_cause(error)})"
+            ) from error
+    source = original if isinstance(original, onnx.ModelProto) else read(original)[0]
+    target = folded if isinstance(folded, onnx.ModelProto) else read(folded)[0]
+    touched = touched_constants(source, target)
+    floor = _Runner(perturbed(source, touched), "perturbed original") if touched else None  # the noise floor
+    del source, target  # the weights of a file, read for the floor: not held while the batches are judged
     result = VerificationResult([], tolerance, batches=len(batches), inputs=_label(chosen, batches[0], seed),
                                 input_shapes={name: list(a.shape) for name, a in batches[0].items()},
-                                perturbed_tensors=floor[1] if floor is not None else 0)
+                                perturbed_tensors=len(touched))
     for feeds, outputs, folded_outputs in zip(batches, expected, actual, strict=True):
-        result.absorb(judge.compare(outputs, folded_outputs, tolerance, floor[0](feeds) if floor else None))
+        result.absorb(judge.compare(outputs, folded_outputs, tolerance, floor(feeds) if floor else None))
     for feeds, first in zip(batches, expected, strict=True):
         if result.max_relative <= tolerance or result.undecided:  # beyond it, the verdict rests on the floor: noise?
             break

@@ -1,13 +1,7 @@
-"""Branch merges in TorchScript: the core's :class:`~bnfold.core.merge.MergePlan` written into a frozen JIT graph.
-
-The core plans and computes the merges, in rounds with the folds they make possible (:mod:`bnfold.core.merge_rounds`;
-the merged kernel and bias become new constants of the ``into`` node, as a fold's do); :class:`ScriptMerges` is the
-frozen graph's side of the rounds: every use of the sum's output becomes a use of the ``into`` node's output (for a
-split sum, of new ``aten::add`` nodes adding the kept terms to it, RepGhost's shortcut), the tree's other nodes are
-destroyed, and constants nobody reads any more (a layer scale) go with dead-code elimination. The result is still a
-frozen ``ScriptModule`` that ``torch.jit.save`` writes and ``torch.jit.load`` reads back. The adapter
-(:mod:`bnfold.backends.torchscript`) hands each round's translation in (:class:`ScriptBlocks`) and folds between
-rounds itself: it imports this module, not the other way round.
+"""Branch merges in TorchScript: the core's :class:`~bnfold.core.merge.MergePlan` written into a frozen JIT graph,
+the graph's side of the rounds of :mod:`bnfold.core.merge_rounds`. The adapter (:mod:`bnfold.backends.torchscript`)
+hands each round's translation in (:class:`ScriptBlocks`) and folds between rounds itself: it imports this module,
+not the other way round.
 """
 
 from __future__ import annotations

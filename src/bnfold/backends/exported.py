@@ -60,9 +60,7 @@ _LAYERS: dict[str, str] = {**LAYERS, "convolution": "convolution"}
 # Norms: ATen op name -> how it decides between running and batch statistics ("flag": its ``training`` argument,
 # "running": always running statistics, "batch": always batch statistics).
 _NORMS: dict[str, str] = {
-    "batch_norm": "flag",
-    "native_batch_norm": "flag",
-    "_native_batch_norm_legit_functional": "flag",
+    **dict.fromkeys(("batch_norm", "native_batch_norm", "_native_batch_norm_legit_functional"), "flag"),
     "_native_batch_norm_legit_no_training": "running",
     "_native_batch_norm_legit": "batch",
 }
@@ -279,13 +277,9 @@ def _is_stored(node: Any) -> bool:
 def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
     """A stand-in integer for every size symbol: large and distinct, so that no real size equals it by accident,
     and consistent, so that ``s0 * 8`` in one shape equals the same product in another."""
-    symbols: set[Any] = set()
-    for node in module.graph.nodes:
-        value = _value(node)
-        if isinstance(value, torch.Tensor):
-            for size in value.shape:
-                if isinstance(size, torch.SymInt):
-                    symbols |= set(size.node.expr.free_symbols)
+    tensors = [value for value in map(_value, module.graph.nodes) if isinstance(value, torch.Tensor)]
+    symbols = {symbol for tensor in tensors for size in tensor.shape if isinstance(size, torch.SymInt)
+               for symbol in size.node.expr.free_symbols}
     return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
 
 
@@ -431,16 +425,8 @@ class _Translator:
         value = _value(node)
         if not isinstance(value, torch.Tensor):
             return None
-        sizes = []
-        for size in value.shape:
-            if isinstance(size, torch.SymInt):
-                expr = size.node.expr.subs(self.symbols)
-                if not expr.is_Integer:
-                    return None
-                sizes.append(int(expr))
-            else:
-                sizes.append(int(size))
-        return tuple(sizes)
+        sizes = [s.node.expr.subs(self.symbols) if isinstance(s, torch.SymInt) else s for s in value.shape]
+        return tuple(int(s) for s in sizes) if all(isinstance(s, int) or s.is_Integer for s in sizes) else None
 
     def tensor_inputs(self, node: fx.Node) -> list[int]:
         """The graph nodes of the tensors ``node`` reads, in argument order (nested lists flattened)."""
@@ -789,14 +775,13 @@ def fold_exported(
     with torch.no_grad():
         report = pipeline.fold(backend).report  # counted again once exported again
     module = backend.module
-    notes = list(report.notes)
     if merge_branches:
         _merge(module, report)
     dynamic_shapes = dynamic_shapes_of(program)
     if dynamic_shapes is None and any(
         isinstance(d, torch.SymInt) for shape in _user_input_shapes(program) if shape for d in shape
     ):
-        notes.append("the program's dynamic dimensions were not kept (keyword inputs); it was exported with static shapes")
+        report.notes.append("the program's dynamic dimensions were not kept (keyword inputs); it was exported with static shapes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -809,7 +794,6 @@ def fold_exported(
         ) from error
     report.parameters_after = parameter_count(folded)
     report.buffers_after = sum(b.numel() for b in folded.buffers())
-    report.notes = notes
     return folded, report
 
 

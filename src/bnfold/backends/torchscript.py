@@ -4,9 +4,10 @@ folds written back into that graph's constants (:class:`ScriptWeights`); branch 
 
 A TorchScript archive carries no Python classes to rebuild, so the module tree cannot be folded. The model is
 frozen instead (``torch._C._freeze_module``: submodule calls inlined, weights turned into graph constants, and
-*none* of ``torch.jit.freeze``'s optimisation passes, which would fold conv + BN silently and without a report).
-The result is a frozen ``ScriptModule`` keeping only ``forward``; parameter counts are projected from the
-original's ``parameters()``, as for an ``nn.Module``.
+*none* of ``torch.jit.freeze``'s optimisation passes, which would fold conv + BN silently and without a report); a
+module called at two sites is inlined twice, so each call can absorb its own norm. The result is a frozen
+``ScriptModule`` keeping only ``forward``; parameter counts are projected from the original's ``parameters()``, as
+for an ``nn.Module``.
 
 Constants are never changed in place (the frozen graph may share their storage with the caller's module), so a
 constant read by several nodes is no ``problem`` here, unlike a parameter shared by two modules: the folded layer
@@ -55,7 +56,7 @@ from ..report import FoldReport, NormEntry
 from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
 from .capture import as_input_tuple
 from .modules import TorchNumerics, aten_pad_facts, norm_modes
-from .script_merges import ScriptBlocks, ScriptMerges
+from .script_merges import ScriptMerges
 
 CAPTURE = "torchscript graph"
 
@@ -252,11 +253,8 @@ def _recorded_shapes(frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...]) ->
     A copy of the graph returns every such tensor as an extra output; the frozen module itself is not changed.
     """
     graph = frozen.graph.copy()
-    recorded: list[tuple[int, Any]] = []
-    for position, node in enumerate(graph.nodes()):
-        outputs = list(node.outputs())
-        if node.kind() != "prim::Constant" and outputs and _is_tensor(outputs[0]):
-            recorded.append((position, outputs[0]))
+    recorded = [(position, node.outputsAt(0)) for position, node in enumerate(graph.nodes())
+                if node.kind() != "prim::Constant" and node.outputsSize() and _is_tensor(node.outputsAt(0))]
     for _, value in recorded:
         graph.registerOutput(value)
     graph.makeMultiOutputIntoTuple()
@@ -294,13 +292,9 @@ def _module_path(node: Any) -> tuple[str, str]:
         hierarchy = node.getModuleHierarchy()
     except Exception:  # older torch: no call stack on the node
         hierarchy = ""
-    names, type_name = [], ""
-    for name, kind in _HIERARCHY_PART.findall(hierarchy or ""):
-        if name in ("SELF", "UNKNOWN_INSTANCE"):
-            continue
-        names.append(name)
-        type_name = kind
-    return _traced_scope(node) or ".".join(names), type_name
+    called = [(name, kind) for name, kind in _HIERARCHY_PART.findall(hierarchy or "")
+              if name not in ("SELF", "UNKNOWN_INSTANCE")]
+    return _traced_scope(node) or ".".join(name for name, _ in called), called[-1][1] if called else ""
 
 
 def _traced_scope(node: Any) -> str:
@@ -401,7 +395,7 @@ class _Translator:
     """The dataflow of a frozen graph's top-level block, and the names of its units."""
 
     def __init__(self, frozen: torch.jit.ScriptModule, shapes: dict[int, tuple[int, ...]] | None,
-                 inputs: tuple[Any, ...] | None, names: dict[int, str] | None = None) -> None:
+                 inputs: tuple[Any, ...] | None, names: dict[int, str] | None) -> None:
         self.jit = frozen.graph
         self.names = names or {}
         self.shapes = shapes or {}
@@ -433,10 +427,7 @@ class _Translator:
 
     def read(self, values: Iterable[Any]) -> list[int]:
         """The core nodes behind JIT ``values`` (a list stands for its elements); untracked values read nothing."""
-        nodes: list[int] = []
-        for value in values:
-            nodes.extend(self.values.get(value.unique(), []))
-        return nodes
+        return [index for value in values for index in self.values.get(value.unique(), [])]
 
     def nested_reads(self, node: Any) -> list[Any]:
         """Every value a node and its sub-blocks read that was defined outside it."""
@@ -612,7 +603,7 @@ class ScriptBackend:
         if self.frozen is None:
             self.frozen = freeze(self.module)
         translation = to_graph(self.frozen, self.inputs, self.names)
-        self.translation, self.names = translation, translation.names()  # names: read before folds delete nodes
+        self.names = translation.names()  # read before folds delete nodes
         self.access = ScriptWeights(self.frozen.graph, dict(translation.jit_nodes), translation.constants)
         return translation.graph
 
@@ -661,25 +652,23 @@ def _block_name(node: Any) -> str:
 
 def _merge(
     frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str], report: FoldReport,
-    parameters: frozenset[str] = frozenset(),
+    parameters: frozenset[str],
 ) -> None:
     """Merge the summed branches of the folded ``frozen`` (owned here) in place, folding what each round makes
     foldable; the report gets the blocks, the norms folded or absorbed on the way, and the new counts. ``names``:
-    the units' names in the report of the folds (:meth:`_Translation.names`); ``parameters``: the names freezing
-    gives the module's parameters as constants (``%self.layer_scale.gamma``)."""
+    the units' names in the report of the folds (:meth:`_Translation.names`); ``parameters``: as
+    :class:`~bnfold.backends.script_merges.ScriptMerges` takes them."""
 
-    def translate() -> ScriptBlocks:
+    def translate() -> tuple[_Translation, ScriptWeights]:
         translation = to_graph(frozen, inputs, names)
-        access = ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
-        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes,
-                            parameters)
+        return translation, ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
 
     def fold_again() -> tuple[dict[str, NormEntry], int, int]:
         planned, entries = pipeline.refold(ScriptBackend(frozen, frozen, "", inputs, names))
         report = planned.report
         return entries, report.parameters_before - report.parameters_after, report.buffers_before - report.buffers_after
 
-    merges = ScriptMerges(frozen.graph, translate, fold_again)
+    merges = ScriptMerges(frozen.graph, translate, fold_again, _block_name, parameters)
     with torch.no_grad(), torch.inference_mode(False):  # new constants must be usable outside inference mode
         outcome = merge_rounds(merges)
     report.absorb_merged_norms(outcome.absorbed_norms, merges.folded_norms)
@@ -721,9 +710,9 @@ def fold_script(
 
     The planner is the one every format shares (:mod:`bnfold.core.plan`). The caller's module is not changed
     (freezing works on a copy). A fold that would overflow the layer's dtype is left, with the reason. With
-    ``merge_branches=True`` blocks that sum parallel branches are then merged, as for the ``nn.Module`` (see the
-    module docstring; ``report.merges`` lists every block merged or left, with the reason): ``example_inputs`` are not
-    needed for that, but give the planner the shapes of the terms to check.
+    ``merge_branches=True`` blocks that sum parallel branches are then merged, as for the ``nn.Module``
+    (:mod:`bnfold.backends.script_merges`; ``report.merges`` lists every block merged or left, with the reason):
+    ``example_inputs`` are not needed for that, but give the planner the shapes of the terms to check.
     """
     inputs = as_input_tuple(example_inputs)
     backend = ScriptBackend(module, None, name, inputs)

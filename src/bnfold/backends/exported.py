@@ -814,19 +814,9 @@ def dynamic_shapes_of(program: torch.export.ExportedProgram) -> tuple[Any, ...] 
     Only positional inputs are handled (a program with keyword inputs gets ``None``, with its shapes static).
     """
     dims: dict[str, Any] = {}
-    leaves: list[Any] = []
-    dynamic = False
-    for shape in _user_input_shapes(program):
-        if shape is None:
-            leaves.append(None)
-            continue
-        spec = {}
-        for axis, size in enumerate(shape):
-            if isinstance(size, torch.SymInt):
-                dynamic = True
-                spec[axis] = _dim(size, program, dims)
-        leaves.append(spec or None)
-    if not dynamic:
+    leaves = [{axis: _dim(size, program, dims) for axis, size in enumerate(shape or ()) if isinstance(size, torch.SymInt)}
+              or None for shape in _user_input_shapes(program)]
+    if not any(leaves):
         return None
     args, kwargs = pytree.tree_unflatten(leaves, program.call_spec.in_spec)
     return None if kwargs else tuple(args)

@@ -1,35 +1,12 @@
-"""The torch.export adapter: a program's ATen graph translated into the core graph, and the core's folds written back
-into it; the folded module is then exported again.
+"""The torch.export adapter: a program's ATen graph translated into the core graph (:func:`to_graph`), and the
+core's folds written back into it (:class:`ExportedWeights`); the folded module is then exported again.
 
 An ``ExportedProgram`` carries no Python classes to rebuild, so its unlifted module (``program.module()``: an fx
 ``GraphModule`` whose weights are ``get_attr`` nodes, a copy of the program) is what bnfold reads and rewrites.
-
-Translation (:func:`to_graph`), and nothing else is decided here:
-
-* every ATen call becomes a node whose inputs are the tensors it reads; reads of metadata only (``sym_size``,
-  tensor-metadata assertions, the export guards) are not uses, and nodes that compute sizes are left out;
-* ``aten.conv*`` / ``aten.convolution`` / ``aten.linear`` are linear layers, one unit each, named after their
-  weight's owner (``layer1.0.conv1``); a weight or bias that is not a stored tensor read by that node alone is the
-  layer's ``problem``;
-* ``aten.batch_norm``, ``aten.native_batch_norm`` and ``aten._native_batch_norm_legit*`` are norms (a tuple-valued
-  one stands for its ``getitem 0``), named after their statistics' owner (``layer1.0.bn1``); one that normalises
-  with batch statistics states why (:attr:`~bnfold.core.graph.NormFacts.batch_statistics`);
-* every other op is named in the core's vocabulary by one facts table (:data:`_OP_KINDS`), with the attributes
-  :mod:`bnfold.core.commuting` needs; shapes come from ``node.meta["val"]``;
-* what branch merges need (:mod:`bnfold.core.merge`, :mod:`bnfold.backends.exported_merges`): each layer's
-  :class:`~bnfold.core.graph.Geometry` read off its arguments, and the linear combinations of :data:`_ARITHMETIC`
-  (``aten.add`` / ``sub`` / ``rsub`` of same-shaped tensors, ``aten.mul`` by a number or a stored tensor,
-  ``aten.neg``) as the core's ``add`` / ``sub`` / ``mul`` with their operands (a stored all-zero tensor added is
-  the number 0; a stored tensor multiplied is a ``constant`` the access reads, :meth:`ExportedWeights.constant`).
-
-Writing back (:class:`ExportedWeights`): the core computes the new tensors; a layer's weight keeps its attribute name
-with the folded values, a missing bias becomes a new parameter ``<layer>.bias``, a folded norm's users read its input
-instead, and the norm's state is deleted once nothing reads it. The folded module is exported again on the program's
-example inputs, with its dynamic dimensions, so the result is an ``ExportedProgram`` that ``torch.export.save``
-writes like any other.
-
-Parameter counts are those of the program's ``parameters()``: the folded one has the folded norms' affine
-parameters less, and the biases the folds add more, as for an ``nn.Module``.
+Nothing is decided here: every ATen call becomes a core node, layers and norms units named after their state's owner
+(``layer1.0.bn1``), every other op is named by :data:`_OP_KINDS` / :data:`_ARITHMETIC`, and the core plans
+(:mod:`bnfold.core.plan`, :mod:`bnfold.core.merge`). Parameter counts are those of the program's ``parameters()``,
+which change as an ``nn.Module``'s would.
 """
 
 from __future__ import annotations
@@ -69,52 +46,32 @@ from ..core.pipeline import NormModes
 from ..core.plan import FoldPlan
 from ..errors import CaptureError, InvalidInputError
 from ..report import FoldReport
+from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
 from .exported_merges import ExportedMerges, Translation
-from .modules import TorchNumerics, aten_pad_facts, conv_geometry
+from .modules import TorchNumerics, aten_pad_facts
 
 CAPTURE = "torch.export graph"
 
 # ------------------------------------------------------------------------------------------- the facts table
 
-# Linear layers: ATen op name -> how its weight is laid out ("conv", "conv_transpose", "convolution": read the
-# ``transposed`` argument, "linear").
-_LAYERS: dict[str, str] = {
-    **dict.fromkeys(("conv1d", "conv2d", "conv3d"), "conv"),
-    **dict.fromkeys(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), "conv_transpose"),
-    "convolution": "convolution",
-    "linear": "linear",
-}
+# Linear layers: ATen op name -> how its weight is laid out.
+_LAYERS: dict[str, str] = {**LAYERS, "convolution": "convolution"}
 
 # Norms: ATen op name -> how it decides between running and batch statistics ("flag": its ``training`` argument,
 # "running": always running statistics, "batch": always batch statistics).
 _NORMS: dict[str, str] = {
-    "batch_norm": "flag",
-    "native_batch_norm": "flag",
-    "_native_batch_norm_legit_functional": "flag",
+    **dict.fromkeys(("batch_norm", "native_batch_norm", "_native_batch_norm_legit_functional"), "flag"),
     "_native_batch_norm_legit_no_training": "running",
     "_native_batch_norm_legit": "batch",
 }
 
-# Every other op the core can reason about: ATen op name -> OpFacts kind. Upsampling ops are recognised by name
-# (``upsample_*``, ``_upsample_*``) below.
+# Every other op the core can reason about: ATen op name -> OpFacts kind (:func:`~.aten_facts.op_kind`).
 _OP_KINDS: dict[str, str] = {
-    **dict.fromkeys(("clone", "alias", "contiguous", "detach", "lift_fresh_copy", "_to_copy", "to"), "identity"),
-    **dict.fromkeys(("dropout", "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"),
-                    "dropout"),
-    **dict.fromkeys(("avg_pool1d", "avg_pool2d", "avg_pool3d"), "avg_pool"),
-    **dict.fromkeys(("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
-                     "_adaptive_avg_pool3d"), "adaptive_avg_pool"),
-    **dict.fromkeys(("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
-                     "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"),
-                    "max_pool"),
-    "mean": "mean",
-    **dict.fromkeys(("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy",
-                     "reshape_as", "view_as"), "reshape"),
-    "permute": "permute",
-    **dict.fromkeys(("transpose", "t", "swapaxes", "swapdims"), "transpose"),
-    **dict.fromkeys(("cat", "concat", "concatenate"), "concat"),
-    **dict.fromkeys(("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
-                     "replication_pad1d", "replication_pad2d", "replication_pad3d", "_pad_circular"), "pad"),
+    **OP_KINDS,
+    **dict.fromkeys(("lift_fresh_copy", "_to_copy", "to"), "identity"),
+    "native_dropout": "dropout",
+    **dict.fromkeys(("_unsafe_view", "squeeze", "unsqueeze", "view_copy", "reshape_as", "view_as"), "reshape"),
+    "t": "transpose",
 }
 
 # Ops whose outputs are tuples of which ``getitem 0`` is the tensor the core sees.
@@ -137,15 +94,9 @@ _METADATA_ARGUMENTS: dict[str, frozenset[str]] = {
                     frozenset({"self"})),
 }
 
-# Linear combinations the merge planner reads: ATen op name -> the core's kind (overloads ``Tensor``, ``Scalar`` and
-# ``default``). ``rsub(x, y)`` is ``y - x``; ``neg(x)`` is ``x * -1``. The in-place forms (``_``) only under the rule
-# of :func:`_overwritable`.
-_ARITHMETIC: dict[str, str] = {
-    **dict.fromkeys(("add", "add_"), "add"),
-    **dict.fromkeys(("sub", "sub_", "subtract", "subtract_", "rsub"), "sub"),
-    **dict.fromkeys(("mul", "mul_", "multiply", "multiply_", "neg", "neg_", "negative", "negative_"), "mul"),
-    **dict.fromkeys(("div", "divide", "true_divide"), "div"),
-}
+# Linear combinations the merge planner reads (overloads ``Tensor``, ``Scalar`` and ``default``); the in-place forms
+# (``_``) only under the rule of :func:`_overwritable`.
+_ARITHMETIC: dict[str, str] = {**ARITHMETIC, "subtract_": "sub", "multiply_": "mul", "negative_": "mul"}
 
 # Ops through which a stored tensor is still that tensor's values in the same order (``torch.tensor([...])`` in a
 # forward is a lifted constant read through ``lift_fresh_copy`` / ``detach_`` / ``view``): a product by their output
@@ -201,35 +152,6 @@ def _value(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
-def _per_axis(value: Any, rank: int, default: int) -> tuple[int, ...] | None:
-    """An ATen ``int[n]`` argument as one int per spatial axis (a single value stands for every axis), or None
-    when it is not plain integers."""
-    values = _ints(value) or (default,)
-    if len(values) == 1:
-        values = values * rank
-    if len(values) != rank or not all(isinstance(v, int) for v in values):
-        return None
-    return tuple(int(v) for v in values)
-
-
-def layer_geometry(node: fx.Node, layout: str, transposed: bool, weight_shape: tuple[int, ...]) -> Geometry | None:
-    """Where an ATen conv / linear call's kernel reads its input (what :func:`~bnfold.backends.modules.geometry`
-    reads off a module), or ``None`` when an argument is not a plain integer.
-
-    ``padding="same"`` puts the odd one at the end, as PyTorch does; ATen convolutions pad with zeros (a module's
-    other padding modes are an explicit pad op before the call, which the merge planner sees as another tensor).
-    """
-    if layout == "linear":
-        return Geometry()
-    kernel = tuple(int(k) for k in weight_shape[2:])
-    groups, padding = _argument(node, "groups"), _argument(node, "padding")
-    if not isinstance(groups if groups is not None else 1, int):
-        return None
-    return conv_geometry(kernel, _per_axis(_argument(node, "stride"), len(kernel), 1),
-                         padding if padding in ("valid", "same") else _per_axis(padding, len(kernel), 0),
-                         _per_axis(_argument(node, "dilation"), len(kernel), 1), int(groups or 1), transposed=transposed)
-
-
 def _rank(node: Any) -> int | None:
     value = _value(node)
     return value.dim() if isinstance(value, torch.Tensor) else None
@@ -237,9 +159,7 @@ def _rank(node: Any) -> int | None:
 
 def _op_facts(node: fx.Node, name: str) -> OpFacts:
     """The node in the core's vocabulary, with the attributes that decide whether an affine map passes it."""
-    kind = _OP_KINDS.get(name)
-    if kind is None and (name.startswith("upsample_") or name.startswith("_upsample_")):
-        kind = "upsample"
+    kind = op_kind(_OP_KINDS, name)
     if kind is None:
         return OpFacts("other")
     source = node.args[0] if node.args else None
@@ -357,13 +277,9 @@ def _is_stored(node: Any) -> bool:
 def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
     """A stand-in integer for every size symbol: large and distinct, so that no real size equals it by accident,
     and consistent, so that ``s0 * 8`` in one shape equals the same product in another."""
-    symbols: set[Any] = set()
-    for node in module.graph.nodes:
-        value = _value(node)
-        if isinstance(value, torch.Tensor):
-            for size in value.shape:
-                if isinstance(size, torch.SymInt):
-                    symbols |= set(size.node.expr.free_symbols)
+    tensors = [value for value in map(_value, module.graph.nodes) if isinstance(value, torch.Tensor)]
+    symbols = {symbol for tensor in tensors for size in tensor.shape if isinstance(size, torch.SymInt)
+               for symbol in size.node.expr.free_symbols}
     return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
 
 
@@ -422,7 +338,8 @@ def _layer_facts(node: fx.Node, name: str, unit: str, stored: _StoredTensors) ->
     rank = _rank(node.args[0])
     if layout != "linear" and rank is not None and rank == len(shape) - 1:
         channel_dim = 0  # an unbatched input: (channels, spatial...)
-    geometry = layer_geometry(node, layout, transposed, shape)
+    geometry = Geometry() if layout == "linear" else layer_geometry(
+        shape, _argument(node, "stride"), _argument(node, "padding"), _argument(node, "dilation"), groups, transposed)
     facts = LayerFacts(out_channels, in_channels, channel_dim, problem=problem, geometry=geometry,
                        input_padding=PADDING_UNKNOWN if geometry is None else None)
     return facts, _LayerSite(node, weight, bias, 1 if transposed else 0, groups)
@@ -508,16 +425,8 @@ class _Translator:
         value = _value(node)
         if not isinstance(value, torch.Tensor):
             return None
-        sizes = []
-        for size in value.shape:
-            if isinstance(size, torch.SymInt):
-                expr = size.node.expr.subs(self.symbols)
-                if not expr.is_Integer:
-                    return None
-                sizes.append(int(expr))
-            else:
-                sizes.append(int(size))
-        return tuple(sizes)
+        sizes = [s.node.expr.subs(self.symbols) if isinstance(s, torch.SymInt) else s for s in value.shape]
+        return tuple(int(s) for s in sizes) if all(isinstance(s, int) or s.is_Integer for s in sizes) else None
 
     def tensor_inputs(self, node: fx.Node) -> list[int]:
         """The graph nodes of the tensors ``node`` reads, in argument order (nested lists flattened)."""
@@ -568,13 +477,10 @@ class _Translator:
 
     def arithmetic_facts(self, node: fx.Node, name: str) -> tuple[OpFacts, list[int]]:
         """``aten.add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` / ``div`` (and their in-place forms) in the core's
-        terms (the core decides: :func:`~bnfold.core.arithmetic.linear_combination`), with their operands in the
-        order the op combines them (:class:`~bnfold.core.graph.Operand`: a tensor by its position among the node's
-        inputs and its shape, a stored tensor also by its target and whether it is all zeros, a plain number as
-        itself), and the node's inputs; or ``other`` with every tensor it reads.
-
-        A product that changes the scaled tensor's dtype is no scale of it. An in-place form is arithmetic only when
-        the tensor it overwrites is its own (:func:`_overwritable`).
+        terms (:func:`~bnfold.core.arithmetic.linear_combination`), with their operands in the order the op combines
+        them (:class:`~bnfold.core.graph.Operand`; a stored tensor also by its target), and the node's inputs; or
+        ``other`` with every tensor it reads. A product that changes the scaled tensor's dtype is no scale of it; an
+        in-place form is arithmetic only when the tensor it overwrites is its own (:func:`_overwritable`).
         """
         other = OpFacts("other"), self.tensor_inputs(node)
         if getattr(node.target, "_overloadname", "") not in ("Tensor", "Scalar", "default"):
@@ -853,14 +759,10 @@ def fold_exported(
     never changed in place).
 
     With ``merge_branches=True`` the folded graph's re-parameterisable blocks (``conv3x3(x) + conv1x1(x) + BN(x)``)
-    are then merged into one convolution each, by the same planner and arithmetic as ``bnfold.fold(module, x,
-    merge_branches=True)`` (:mod:`bnfold.core.merge`): differences, negations and scales by a number or a stored
-    per-channel constant included (FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``), and sums whose terms
-    read different tensors split (RepGhost: the terms of one tensor merge, the shortcut stays added to the merged
-    convolution's output, ``MergeEntry.kept``). ``report.merges`` lists every block merged or left, with the reason.
-    The merged program is an ordinary ``ExportedProgram``: the merged layers' weights are in its state_dict, the
-    other branches' weights, the absorbed norms' state and the layer scales merged in are gone from it and from its
-    graph signature.
+    are then merged into one convolution each, as ``bnfold.fold(module, x, merge_branches=True)`` merges them
+    (:mod:`bnfold.core.merge`); ``report.merges`` lists every block merged or left, with the reason. The merged
+    program is an ordinary ``ExportedProgram``: what the merges removed is gone from its state_dict and graph
+    signature.
 
     Raises:
         TrainingModeError: the program was exported in training mode.
@@ -873,14 +775,13 @@ def fold_exported(
     with torch.no_grad():
         report = pipeline.fold(backend).report  # counted again once exported again
     module = backend.module
-    notes = list(report.notes)
     if merge_branches:
         _merge(module, report)
     dynamic_shapes = dynamic_shapes_of(program)
     if dynamic_shapes is None and any(
         isinstance(d, torch.SymInt) for shape in _user_input_shapes(program) if shape for d in shape
     ):
-        notes.append("the program's dynamic dimensions were not kept (keyword inputs); it was exported with static shapes")
+        report.notes.append("the program's dynamic dimensions were not kept (keyword inputs); it was exported with static shapes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -893,7 +794,6 @@ def fold_exported(
         ) from error
     report.parameters_after = parameter_count(folded)
     report.buffers_after = sum(b.numel() for b in folded.buffers())
-    report.notes = notes
     return folded, report
 
 
@@ -914,19 +814,9 @@ def dynamic_shapes_of(program: torch.export.ExportedProgram) -> tuple[Any, ...] 
     Only positional inputs are handled (a program with keyword inputs gets ``None``, with its shapes static).
     """
     dims: dict[str, Any] = {}
-    leaves: list[Any] = []
-    dynamic = False
-    for shape in _user_input_shapes(program):
-        if shape is None:
-            leaves.append(None)
-            continue
-        spec = {}
-        for axis, size in enumerate(shape):
-            if isinstance(size, torch.SymInt):
-                dynamic = True
-                spec[axis] = _dim(size, program, dims)
-        leaves.append(spec or None)
-    if not dynamic:
+    leaves = [{axis: _dim(size, program, dims) for axis, size in enumerate(shape or ()) if isinstance(size, torch.SymInt)}
+              or None for shape in _user_input_shapes(program)]
+    if not any(leaves):
         return None
     args, kwargs = pytree.tree_unflatten(leaves, program.call_spec.in_spec)
     return None if kwargs else tuple(args)

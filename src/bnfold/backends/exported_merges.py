@@ -1,13 +1,7 @@
 """Branch merges in torch.export programs: the core's :class:`~bnfold.core.merge.MergePlan` written into the ATen
-graph of a program's unlifted module.
-
-The core plans and computes the merges, in rounds with the folds they make possible (:mod:`bnfold.core.merge_rounds`),
-as for every format; :class:`ExportedMerges` is the module's side of the rounds: every reader of the sum reads the
-``into`` layer's call instead (plus, for a split sum, the kept terms added in new ``aten.add`` nodes: RepGhost's
-shortcut), and the tree's other nodes are erased. The stored tensors nobody reads any more (the other branches'
-weights, a layer scale) are returned to the caller, which deletes them before the module is exported again, so that
-the new program's state_dict and graph signature hold exactly what its graph reads. It imports nothing of the
-adapter (:mod:`bnfold.backends.exported`, which calls it): the translation and the folds between rounds are handed in.
+graph of a program's unlifted module, the module's side of the rounds of :mod:`bnfold.core.merge_rounds`. It
+imports nothing of the adapter (:mod:`bnfold.backends.exported`, which calls it): the translation and the folds
+between rounds are handed in.
 """
 
 from __future__ import annotations
@@ -125,7 +119,8 @@ class ExportedMerges:
     """An unlifted program module as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`), rewritten
     in place. ``translate(module)`` reads the module's current graph; ``fold_again(module)`` folds in place and
     returns the folds it made. ``removed_state`` gathers the stored tensors the erased nodes read that nothing reads
-    any more: the caller deletes them before the module is exported again."""
+    any more: the caller deletes them before the module is exported again, so that the new program's state_dict and
+    graph signature hold exactly what its graph reads."""
 
     def __init__(self, module: fx.GraphModule, translate: Callable[[fx.GraphModule], Translation],
                  fold_again: Callable[[fx.GraphModule], FoldPlan]) -> None:

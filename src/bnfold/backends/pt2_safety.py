@@ -14,11 +14,9 @@ tensor bytes). In torch 2.14 it runs code from the file in five places:
 * the program's ``guards_code`` strings are pasted into Python source and ``exec``\\ ed when ``.module()`` is
   called (``torch/export/_unlift.py``).
 
-:func:`unsafe_records` reads the archive with :mod:`zipfile` (nothing of torch's loader) and names every record
-that would run code: each record that torch unpickles must load with the weights-only unpickler, shared libraries
-and pickled objects are refused outright, and the expressions and guards must be plain arithmetic over sizes
-(a whitelist of syntax, checked on the parsed tree). :func:`load_exported` then hands torch the *same bytes* it
-checked (no second read of the file that could see other content), or refuses with one line naming the record.
+:func:`unsafe_records` names every record that would run code, reading the archive with :mod:`zipfile` only (a
+whitelist of syntax for the expressions and guards); :func:`load_exported` hands torch the *same bytes* it checked,
+or refuses with one line naming the record.
 """
 
 from __future__ import annotations

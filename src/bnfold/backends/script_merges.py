@@ -1,19 +1,12 @@
-"""Branch merges in TorchScript: the core's :class:`~bnfold.core.merge.MergePlan` written into a frozen JIT graph.
-
-The core plans and computes the merges, in rounds with the folds they make possible (:mod:`bnfold.core.merge_rounds`;
-the merged kernel and bias become new constants of the ``into`` node, as a fold's do); :class:`ScriptMerges` is the
-frozen graph's side of the rounds: every use of the sum's output becomes a use of the ``into`` node's output (for a
-split sum, of new ``aten::add`` nodes adding the kept terms to it, RepGhost's shortcut), the tree's other nodes are
-destroyed, and constants nobody reads any more (a layer scale) go with dead-code elimination. The result is still a
-frozen ``ScriptModule`` that ``torch.jit.save`` writes and ``torch.jit.load`` reads back. The adapter
-(:mod:`bnfold.backends.torchscript`) hands each round's translation in (:class:`ScriptBlocks`) and folds between
-rounds itself: it imports this module, not the other way round.
+"""Branch merges in TorchScript: the core's :class:`~bnfold.core.merge.MergePlan` written into a frozen JIT graph,
+the graph's side of the rounds of :mod:`bnfold.core.merge_rounds`. The adapter (:mod:`bnfold.backends.torchscript`)
+hands each round's translation in and folds between rounds itself: it imports this module,
+not the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,29 +15,6 @@ from ..core.apply import WeightAccess
 from ..core.graph import CONSTANT, OP, Graph
 from ..core.merge import Merge
 from ..report import FOLDED, NormEntry
-
-
-@dataclass
-class ScriptBlocks:
-    """One round's translation of the frozen graph, as the adapter made it.
-
-    Attributes:
-        graph: the core graph of the graph as it is now (folded already: folded norms are no longer in it).
-        node_of: core node index -> the JIT node it stands for (every op, layer and norm node).
-        access: reads and writes layer constants and norm statistics (the adapter's ``ScriptWeights``).
-        name: how a report names the sum a JIT node computes.
-        value_nodes: JIT value (its ``unique()``) -> the core nodes it stands for: how the terms a split sum keeps
-            are found among the inputs of the sum's JIT nodes.
-        parameters: the names of the graph constants that were parameters of the module (``%self.layer_scale.gamma``),
-            so that a layer scale merged away counts as a parameter removed, not a buffer.
-    """
-
-    graph: Graph
-    node_of: dict[int, Any]
-    access: WeightAccess
-    name: Callable[[Any], str]
-    value_nodes: dict[int, list[int]] = field(default_factory=dict)
-    parameters: frozenset[str] = frozenset()
 
 
 def _computed_nodes(merge: Merge, graph: Graph) -> list[int]:
@@ -72,7 +42,7 @@ def _read_elsewhere(merge: Merge, graph: Graph, node_of: dict[int, Any]) -> str 
     return None
 
 
-def _kept_inputs(merge: Merge, blocks: ScriptBlocks) -> list[tuple[Any, int]] | None:
+def _kept_inputs(merge: Merge, blocks: Any) -> list[tuple[Any, int]] | None:
     """Where the sum's JIT nodes read each term a split keeps (``Merge.kept``, in order): the node and its input
     position, or None when a term cannot be found there.
 
@@ -124,7 +94,7 @@ def _sizes_removed(merge: Merge, access: WeightAccess, parameters_named: frozens
     return parameters, buffers
 
 
-def _rewrite(merge: Merge, blocks: ScriptBlocks, into: Any, kept: list[tuple[Any, int]], jit_graph: Any) -> None:
+def _rewrite(merge: Merge, blocks: Any, into: Any, kept: list[tuple[Any, int]], jit_graph: Any) -> None:
     """Readers of the sum read ``into``'s output, plus the terms a split kept (new ``aten::add`` nodes where the sum
     was, after every term it read); the merged nodes go."""
     root = blocks.node_of[merge.root]
@@ -146,20 +116,25 @@ def _rewrite(merge: Merge, blocks: ScriptBlocks, into: Any, kept: list[tuple[Any
 class ScriptMerges:
     """A frozen JIT graph as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`), rewritten in place.
 
-    ``translate()`` translates the graph as it is now; ``fold_again()`` plans and applies the folds of the graph as
-    it is now and says what it did: the report entries of the norms it folded or left because the fold would
-    overflow, by name, and the parameter and buffer elements the folds removed, net of biases added. What the merges and the folds between them removed is added up here, with the norms the folds decided.
+    ``translate()`` translates the graph as it is now: the adapter's translation (``graph``, its core graph, folded
+    norms no longer in it; ``node_of``: core node -> the JIT node it stands for; ``value_nodes``: JIT value ->
+    the core nodes it stands for, where the terms a split keeps are found) and its weight access. ``fold_again()``
+    folds the graph as it is now and returns the report entries of the norms it decided, and the parameter and
+    buffer elements the folds removed, net of biases added; they are added up here with what the merges remove.
+    ``name`` names the sum a JIT node computes; ``parameters`` are the names of the graph constants that were
+    parameters (``%self.layer_scale.gamma``): a layer scale merged away counts as a parameter removed, not a buffer.
     """
 
-    def __init__(self, jit_graph: Any, translate: Callable[[], ScriptBlocks], fold_again: Callable[[], tuple[dict[str, NormEntry], int, int]]) -> None:
+    def __init__(self, jit_graph: Any, translate: Callable[[], tuple[Any, WeightAccess]],
+                 fold_again: Callable[[], tuple[dict[str, NormEntry], int, int]], name: Callable[[Any], str],
+                 parameters: frozenset[str]) -> None:
         self.model = jit_graph
-        self._translate, self._fold_again = translate, fold_again
+        self._translate, self._fold_again, self._name, self.parameters = translate, fold_again, name, parameters
         self.folded_norms: dict[str, NormEntry] = {}
         self.parameters_removed = self.buffers_removed = 0
 
     def translate(self) -> Graph:
-        self.blocks = self._translate()
-        self.access = self.blocks.access
+        self.blocks, self.access = self._translate()
         return self.blocks.graph
 
     def start(self, merges: list[Merge]) -> None:
@@ -171,7 +146,7 @@ class ScriptMerges:
     def name(self, index: int) -> str:
         node_of, graph = self.blocks.node_of, self.blocks.graph
         if index in node_of and graph.nodes[index].kind == OP:
-            return self.blocks.name(node_of[index])
+            return self._name(node_of[index])
         return graph.nodes[index].label
 
     def blocked(self, merge: Merge) -> str | None:
@@ -179,7 +154,7 @@ class ScriptMerges:
         if blocked is None and self.kept_inputs[merge.root] is None:
             blocked = "bnfold cannot tell which values of the TorchScript graph the terms left after the merge are"
         if blocked is None:  # read before the merge writes
-            self.sizes[merge.root] = _sizes_removed(merge, self.access, self.blocks.parameters)
+            self.sizes[merge.root] = _sizes_removed(merge, self.access, self.parameters)
         return blocked
 
     def rewrite(self, merge: Merge) -> tuple[str, ...]:

@@ -1,41 +1,19 @@
-"""The TorchScript adapter: a frozen JIT graph translated into the core graph, and the core's folds written back
-into that graph's constants.
+"""The TorchScript adapter: a frozen JIT graph translated into the core graph (:func:`to_graph`), and the core's
+folds written back into that graph's constants (:class:`ScriptWeights`); branch merges are written by
+:mod:`bnfold.backends.script_merges`.
 
 A TorchScript archive carries no Python classes to rebuild, so the module tree cannot be folded. The model is
 frozen instead (``torch._C._freeze_module``: submodule calls inlined, weights turned into graph constants, and
-*none* of ``torch.jit.freeze``'s optimisation passes, which would fold conv + BN silently and without a report).
+*none* of ``torch.jit.freeze``'s optimisation passes, which would fold conv + BN silently and without a report); a
+module called at two sites is inlined twice, so each call can absorb its own norm. The result is a frozen
+``ScriptModule`` keeping only ``forward``; parameter counts are projected from the original's ``parameters()``, as
+for an ``nn.Module``.
 
-Translation (:func:`to_graph`): every node of the frozen graph's top-level block that reads a tensor becomes a core
-node, its inputs the nodes that produced the tensors it reads. Reads of metadata only (``aten::dim``,
-``aten::size``, ...: a norm's rank check) are not uses. Tensor lists and tuples (``prim::ListConstruct``) are not
-nodes: a reader of the list reads its elements, in order, so ``aten::cat`` sees the concatenated producers. A node
-with sub-blocks (``prim::If``, ``prim::Loop``) is one opaque operation reading everything its blocks read. Layers
-(convolutions, transposed convolutions, ``aten::linear``) and norms (``aten::batch_norm``) become units with the
-facts read off their constant arguments (their :class:`~bnfold.core.graph.Geometry` included, for branch merges);
-every other op is named by the one facts table below (:data:`_OP_KINDS`; ``aten::add`` / ``sub`` / ``rsub`` /
-``mul`` / ``neg`` and their in-place forms are the core's ``add`` / ``sub`` / ``mul`` with their operands where
-they are linear combinations, :func:`_arithmetic_facts`). Units are named by their module path: the scope of a
-traced graph, or the inlined call stack of a scripted one completed by the names freezing gave the constants.
-Scripted graphs carry no shapes: given example inputs, the frozen graph is run once with every tensor it computes
-as an extra output (:func:`_recorded_shapes`), so reshapes and permutes can be followed.
-
-Writing back (:class:`ScriptWeights`): the core computes the new tensors; they become new graph constants that
-replace the layer's weight and bias arguments (a ``None`` bias becomes a tensor), and a folded norm's users are
-rewired to its input before the norm node is deleted. Constants are never changed in place: the frozen graph may
-share their storage with the caller's module. For the same reason a constant read by several nodes is no
-``problem`` here, unlike a parameter shared by two modules: the folded layer gets constants of its own and every
-other reader keeps the old value. (Freezing also merges constants that are merely *equal*, such as a conv's zero
-bias and a fresh norm's zero beta, so refusing shared constants would refuse ordinary models.) A module called at
-two sites is inlined twice, so each call can absorb its own norm.
-
-The result is a frozen ``ScriptModule``: its weights are constants (no ``parameters()``), and only ``forward`` is
-kept, which is what a deployment archive needs. Parameter counts are those of the original's ``parameters()``, less
-the folded norms' affine parameters, plus the biases the folds add, as for an ``nn.Module``.
-
-Branch merges (``fold_script(..., merge_branches=True)``): after the folds, the core's merge planner decides on a
-new translation of the folded graph (sums, differences and per-channel scales, split where their terms read
-different tensors) and :mod:`bnfold.backends.script_merges` rewrites it, in rounds with the folds they make
-possible.
+Constants are never changed in place (the frozen graph may share their storage with the caller's module), so a
+constant read by several nodes is no ``problem`` here, unlike a parameter shared by two modules: the folded layer
+gets constants of its own and every other reader keeps the old value. (Freezing also merges constants that are
+merely *equal*, such as a conv's zero bias and a fresh norm's zero beta, so refusing shared constants would refuse
+ordinary models.)
 """
 
 from __future__ import annotations
@@ -75,59 +53,24 @@ from ..core.merge_rounds import merge_rounds
 from ..core.pipeline import NormModes
 from ..errors import InvalidInputError
 from ..report import FoldReport, NormEntry
+from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
 from .capture import as_input_tuple
-from .modules import TorchNumerics, aten_pad_facts, conv_geometry, norm_modes
-from .script_merges import ScriptBlocks, ScriptMerges
+from .modules import TorchNumerics, aten_pad_facts, norm_modes
+from .script_merges import ScriptMerges
 
 CAPTURE = "torchscript graph"
 
 # ------------------------------------------------------------------------------------------- the facts table
 
-# Layer kinds: (out_axis of the weight, index of the groups argument or None, index of the "transposed" flag or None).
-_LAYERS: dict[str, tuple[int, int | None, int | None]] = {
-    "aten::linear": (0, None, None),
-    "aten::conv1d": (0, 6, None),
-    "aten::conv2d": (0, 6, None),
-    "aten::conv3d": (0, 6, None),
-    "aten::conv_transpose1d": (1, 6, None),
-    "aten::conv_transpose2d": (1, 6, None),
-    "aten::conv_transpose3d": (1, 6, None),
-    "aten::_convolution": (0, 8, 6),
-}
+# Linear layers: ATen op -> how its weight is laid out (:data:`~.aten_facts.LAYERS`).
+_LAYERS = {f"aten::{name}": layout for name, layout in {**LAYERS, "_convolution": "convolution"}.items()}
 
 _NORM = "aten::batch_norm"
 
-_OP_KINDS: dict[str, str] = {
-    **dict.fromkeys(("aten::contiguous", "aten::clone", "aten::detach", "aten::alias"), "identity"),
-    **dict.fromkeys(("aten::dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::feature_alpha_dropout"),
-                    "dropout"),
-    **dict.fromkeys(("aten::avg_pool1d", "aten::avg_pool2d", "aten::avg_pool3d"), "avg_pool"),
-    **dict.fromkeys(("aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool2d", "aten::adaptive_avg_pool3d",
-                     "aten::_adaptive_avg_pool2d", "aten::_adaptive_avg_pool3d"), "adaptive_avg_pool"),
-    **dict.fromkeys(("aten::max_pool1d", "aten::max_pool2d", "aten::max_pool3d", "aten::max_pool1d_with_indices",
-                     "aten::max_pool2d_with_indices", "aten::max_pool3d_with_indices", "aten::adaptive_max_pool1d",
-                     "aten::adaptive_max_pool2d", "aten::adaptive_max_pool3d"), "max_pool"),
-    **dict.fromkeys(("aten::upsample_nearest1d", "aten::upsample_nearest2d", "aten::upsample_nearest3d",
-                     "aten::_upsample_nearest_exact1d", "aten::_upsample_nearest_exact2d",
-                     "aten::_upsample_nearest_exact3d", "aten::upsample_linear1d", "aten::upsample_bilinear2d",
-                     "aten::upsample_bicubic2d", "aten::upsample_trilinear3d", "aten::_upsample_bilinear2d_aa",
-                     "aten::_upsample_bicubic2d_aa"), "upsample"),
-    **dict.fromkeys(("aten::flatten", "aten::reshape", "aten::view", "aten::unflatten"), "reshape"),
-    **dict.fromkeys(("aten::squeeze", "aten::squeeze_"), "squeeze"),
-    **dict.fromkeys(("aten::unsqueeze", "aten::unsqueeze_"), "unsqueeze"),
-    "aten::permute": "permute",
-    **dict.fromkeys(("aten::transpose", "aten::swapaxes", "aten::swapdims"), "transpose"),
-    "aten::mean": "mean",
-    **dict.fromkeys(("aten::cat", "aten::concat", "aten::concatenate"), "concat"),
-    **dict.fromkeys(("aten::pad", "aten::constant_pad_nd", "aten::reflection_pad1d", "aten::reflection_pad2d",
-                     "aten::reflection_pad3d", "aten::replication_pad1d", "aten::replication_pad2d",
-                     "aten::replication_pad3d", "aten::_pad_circular"), "pad"),
-    **dict.fromkeys(("aten::add", "aten::add_"), "add"),
-    **dict.fromkeys(("aten::sub", "aten::sub_", "aten::subtract", "aten::rsub"), "sub"),
-    **dict.fromkeys(("aten::mul", "aten::mul_", "aten::multiply"), "mul"),
-    **dict.fromkeys(("aten::neg", "aten::neg_", "aten::negative"), "mul"),  # -x is x * -1
-    **dict.fromkeys(("aten::div", "aten::divide", "aten::true_divide"), "div"),
-}
+_OP_KINDS: dict[str, str] = {f"aten::{name}": kind for name, kind in {
+    **OP_KINDS, **ARITHMETIC, **dict.fromkeys(("squeeze", "squeeze_"), "squeeze"),
+    **dict.fromkeys(("unsqueeze", "unsqueeze_"), "unsqueeze"),
+}.items()}
 _NEGATIONS = frozenset({"aten::neg", "aten::neg_", "aten::negative"})
 _IN_PLACE_ARITHMETIC = frozenset({"aten::add_", "aten::sub_", "aten::mul_", "aten::neg_"})
 """In-place additions, subtractions and products: arithmetic only where the tensor they overwrite is their own."""
@@ -160,7 +103,7 @@ def _ints(value: Any) -> tuple[int, ...] | None:
 def _op_facts(node: Any, shape_of: Any) -> OpFacts:
     """The core's name and attributes of one JIT op (see :class:`bnfold.core.graph.OpFacts`)."""
     name = node.kind()
-    kind = _OP_KINDS.get(name, "other")
+    kind = op_kind(_OP_KINDS, name) or "other"
     inputs = list(node.inputs())
     if kind == "dropout":
         training = _constant(inputs[2])
@@ -213,21 +156,13 @@ def _computed(value: Any) -> bool:
 
 def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
     """``aten::add`` / ``sub`` / ``rsub`` / ``mul`` / ``neg`` / ``div`` (and their in-place forms) in the core's terms
-    (the core decides: :func:`~bnfold.core.arithmetic.linear_combination`), with their operands in the order the op
-    computes them (:class:`~bnfold.core.graph.Operand`):
-
-    * a tensor the graph computes is its position among the core node's inputs (the computed tensor inputs of the
-      JIT node, in argument order, as the translator reads them), with its shape; a tensor read twice (``y + y``)
-      is two inputs;
-    * a number, or a 0-d constant tensor (what tracing makes of ``x * 0.5``), is its number;
-    * a constant tensor (a frozen parameter: a layer scale ``gamma`` of shape ``(C, 1, 1)``) is named by its JIT
-      value, ``%name``, with its shape and whether it is all zeros (:meth:`ScriptWeights.constant` reads it).
-
-    ``rsub(self, other, alpha)`` is written as the subtraction it computes, ``other - alpha * self``; ``neg(x)`` as
-    ``x * -1``. ``other`` where an operand is neither (a list, a number computed in the graph), or a complex or
-    boolean constant. The in-place forms also write into their first operand: they are arithmetic only when it is a
-    fresh tensor nobody else reads (:func:`_private_result`), so that computing the result elsewhere changes no
-    other reader's value.
+    (the core decides: :func:`~bnfold.core.arithmetic.linear_combination`), with their operands
+    (:class:`~bnfold.core.graph.Operand`) in the order the op computes them: a computed tensor by its position among
+    the JIT node's computed tensor inputs (``y + y`` is two inputs); a number or a 0-d constant tensor (what tracing
+    makes of ``x * 0.5``) as its number; another constant tensor by its JIT value, ``%name``
+    (:meth:`ScriptWeights.constant` reads it). ``other`` where an operand is none of these, or a complex or boolean
+    constant. An in-place form is arithmetic only when it writes into a fresh tensor nobody else reads
+    (:func:`_private_result`), so that computing the result elsewhere changes no other reader's value.
     """
     name = node.kind()
     kind = _OP_KINDS[name]
@@ -290,38 +225,6 @@ def _private_result(value: Any) -> bool:
     return kind in _IN_PLACE_ARITHMETIC and _private_result(producer.inputsAt(0))
 
 
-def _spatial(value: Any, rank: int) -> tuple[int, ...] | None:
-    """An ``int[]`` argument of a convolution, one entry per spatial axis (a single entry stands for every axis)."""
-    numbers = _ints(_constant(value))
-    if numbers is not None and len(numbers) == 1:
-        numbers = numbers * rank
-    return numbers if numbers is not None and len(numbers) == rank else None
-
-
-# Positions of (stride, padding, dilation) in the convolutions' arguments.
-_GEOMETRY_AT: dict[str, tuple[int, int, int]] = {
-    **dict.fromkeys(("aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"), (3, 4, 5)),
-    **dict.fromkeys(("aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d"), (3, 4, 7)),
-}
-
-
-def _geometry(node: Any, weight: torch.Tensor, groups: int, transposed: bool) -> Geometry | None:
-    """Where a layer node's kernel reads its input (:class:`~bnfold.core.graph.Geometry`, as
-    :func:`bnfold.backends.modules.geometry` gives for the module), or ``None`` when an argument is not a constant.
-
-    The padding is always zeros here: a module's ``padding_mode`` other than zeros is an explicit ``aten::pad``
-    node before a convolution with ``padding=0`` in a TorchScript graph.
-    """
-    if node.kind() == "aten::linear":
-        return Geometry()
-    kernel = tuple(int(k) for k in weight.shape[2:])
-    stride_at, padding_at, dilation_at = _GEOMETRY_AT[node.kind()]
-    padding = _constant(node.inputsAt(padding_at))
-    return conv_geometry(kernel, _spatial(node.inputsAt(stride_at), len(kernel)),
-                         padding if padding in ("valid", "same") else _spatial(node.inputsAt(padding_at), len(kernel)),
-                         _spatial(node.inputsAt(dilation_at), len(kernel)), groups, transposed=transposed)
-
-
 def _real_uses(value: Any) -> list[Any]:
     return [use for use in value.uses() if use.user.kind() not in _METADATA_READS]
 
@@ -350,11 +253,8 @@ def _recorded_shapes(frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...]) ->
     A copy of the graph returns every such tensor as an extra output; the frozen module itself is not changed.
     """
     graph = frozen.graph.copy()
-    recorded: list[tuple[int, Any]] = []
-    for position, node in enumerate(graph.nodes()):
-        outputs = list(node.outputs())
-        if node.kind() != "prim::Constant" and outputs and _is_tensor(outputs[0]):
-            recorded.append((position, outputs[0]))
+    recorded = [(position, node.outputsAt(0)) for position, node in enumerate(graph.nodes())
+                if node.kind() != "prim::Constant" and node.outputsSize() and _is_tensor(node.outputsAt(0))]
     for _, value in recorded:
         graph.registerOutput(value)
     graph.makeMultiOutputIntoTuple()
@@ -392,13 +292,9 @@ def _module_path(node: Any) -> tuple[str, str]:
         hierarchy = node.getModuleHierarchy()
     except Exception:  # older torch: no call stack on the node
         hierarchy = ""
-    names, type_name = [], ""
-    for name, kind in _HIERARCHY_PART.findall(hierarchy or ""):
-        if name in ("SELF", "UNKNOWN_INSTANCE"):
-            continue
-        names.append(name)
-        type_name = kind
-    return _traced_scope(node) or ".".join(names), type_name
+    called = [(name, kind) for name, kind in _HIERARCHY_PART.findall(hierarchy or "")
+              if name not in ("SELF", "UNKNOWN_INSTANCE")]
+    return _traced_scope(node) or ".".join(name for name, _ in called), called[-1][1] if called else ""
 
 
 def _traced_scope(node: Any) -> str:
@@ -444,15 +340,20 @@ class _Translation:
         return {node.outputsAt(0).unique(): name for name, node in self.jit_nodes.items()}
 
 
+def _groups_transposed(node: Any) -> tuple[Any, Any]:
+    """A layer node's groups and whether it is transposed (``_NOT_CONSTANT`` where the graph computes them)."""
+    layout = _LAYERS[node.kind()]
+    groups = 1 if layout == "linear" else _constant(node.namedInput("groups"))
+    return groups, _constant(node.namedInput("transposed")) if layout == "convolution" else layout == "conv_transpose"
+
+
 def _layer_facts(node: Any, name: str) -> LayerFacts:
     """What the planner needs of a layer node ``name``: its weight, bias and groups must be graph constants."""
     kind = node.kind()
-    out_axis, groups_at, flag_at = _LAYERS[kind]
     weight, bias = _constant(node.inputsAt(1)), _constant(node.inputsAt(2))
     if not isinstance(weight, torch.Tensor):
         return LayerFacts(0, 0, 1, problem=f"the weight of '{name}' is not a constant of the frozen graph")
-    groups = _constant(node.inputsAt(groups_at)) if groups_at is not None else 1
-    transposed = _constant(node.inputsAt(flag_at)) if flag_at is not None else out_axis == 1
+    groups, transposed = _groups_transposed(node)
     if not isinstance(groups, int) or not isinstance(transposed, bool):
         return LayerFacts(0, 0, 1, problem=f"the groups of '{name}' are not a constant of the frozen graph")
     out_axis = 1 if transposed else 0
@@ -465,7 +366,9 @@ def _layer_facts(node: Any, name: str) -> LayerFacts:
         problem = f"the layer '{name}' has no floating-point weight to fold into"
     elif bias is _NOT_CONSTANT or not (bias is None or isinstance(bias, torch.Tensor)):
         problem = f"the bias of '{name}' is not a constant of the frozen graph"
-    geometry = _geometry(node, weight, groups, transposed)
+    geometry = Geometry() if kind == "aten::linear" else layer_geometry(
+        tuple(weight.shape), *(_constant(node.namedInput(a)) for a in ("stride", "padding", "dilation")), groups,
+        transposed)
     return LayerFacts(out_channels, in_channels, channel_dim, problem=problem, geometry=geometry,
                       input_padding=PADDING_UNKNOWN if geometry is None else None)
 
@@ -492,7 +395,7 @@ class _Translator:
     """The dataflow of a frozen graph's top-level block, and the names of its units."""
 
     def __init__(self, frozen: torch.jit.ScriptModule, shapes: dict[int, tuple[int, ...]] | None,
-                 inputs: tuple[Any, ...] | None, names: dict[int, str] | None = None) -> None:
+                 inputs: tuple[Any, ...] | None, names: dict[int, str] | None) -> None:
         self.jit = frozen.graph
         self.names = names or {}
         self.shapes = shapes or {}
@@ -524,10 +427,7 @@ class _Translator:
 
     def read(self, values: Iterable[Any]) -> list[int]:
         """The core nodes behind JIT ``values`` (a list stands for its elements); untracked values read nothing."""
-        nodes: list[int] = []
-        for value in values:
-            nodes.extend(self.values.get(value.unique(), []))
-        return nodes
+        return [index for value in values for index in self.values.get(value.unique(), [])]
 
     def nested_reads(self, node: Any) -> list[Any]:
         """Every value a node and its sub-blocks read that was defined outside it."""
@@ -661,11 +561,8 @@ class ScriptWeights:
 
     def read(self, layer: str) -> LayerTensors:
         node = self.jit_nodes[layer]
-        out_axis, groups_at, flag_at = _LAYERS[node.kind()]
-        if flag_at is not None:
-            out_axis = 1 if _constant(node.inputsAt(flag_at)) else 0
-        groups = int(_constant(node.inputsAt(groups_at))) if groups_at is not None else 1
-        return LayerTensors(_constant(node.inputsAt(1)), _constant(node.inputsAt(2)), out_axis, groups)
+        groups, transposed = _groups_transposed(node)
+        return LayerTensors(_constant(node.inputsAt(1)), _constant(node.inputsAt(2)), 1 if transposed else 0, int(groups))
 
     def write(self, layer: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
         node = self.jit_nodes[layer]
@@ -706,7 +603,7 @@ class ScriptBackend:
         if self.frozen is None:
             self.frozen = freeze(self.module)
         translation = to_graph(self.frozen, self.inputs, self.names)
-        self.translation, self.names = translation, translation.names()  # names: read before folds delete nodes
+        self.names = translation.names()  # read before folds delete nodes
         self.access = ScriptWeights(self.frozen.graph, dict(translation.jit_nodes), translation.constants)
         return translation.graph
 
@@ -755,25 +652,23 @@ def _block_name(node: Any) -> str:
 
 def _merge(
     frozen: torch.jit.ScriptModule, inputs: tuple[Any, ...] | None, names: dict[int, str], report: FoldReport,
-    parameters: frozenset[str] = frozenset(),
+    parameters: frozenset[str],
 ) -> None:
     """Merge the summed branches of the folded ``frozen`` (owned here) in place, folding what each round makes
     foldable; the report gets the blocks, the norms folded or absorbed on the way, and the new counts. ``names``:
-    the units' names in the report of the folds (:meth:`_Translation.names`); ``parameters``: the names freezing
-    gives the module's parameters as constants (``%self.layer_scale.gamma``)."""
+    the units' names in the report of the folds (:meth:`_Translation.names`); ``parameters``: as
+    :class:`~bnfold.backends.script_merges.ScriptMerges` takes them."""
 
-    def translate() -> ScriptBlocks:
+    def translate() -> tuple[_Translation, ScriptWeights]:
         translation = to_graph(frozen, inputs, names)
-        access = ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
-        return ScriptBlocks(translation.graph, translation.node_of, access, _block_name, translation.value_nodes,
-                            parameters)
+        return translation, ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
 
     def fold_again() -> tuple[dict[str, NormEntry], int, int]:
         planned, entries = pipeline.refold(ScriptBackend(frozen, frozen, "", inputs, names))
         report = planned.report
         return entries, report.parameters_before - report.parameters_after, report.buffers_before - report.buffers_after
 
-    merges = ScriptMerges(frozen.graph, translate, fold_again)
+    merges = ScriptMerges(frozen.graph, translate, fold_again, _block_name, parameters)
     with torch.no_grad(), torch.inference_mode(False):  # new constants must be usable outside inference mode
         outcome = merge_rounds(merges)
     report.absorb_merged_norms(outcome.absorbed_norms, merges.folded_norms)
@@ -815,9 +710,9 @@ def fold_script(
 
     The planner is the one every format shares (:mod:`bnfold.core.plan`). The caller's module is not changed
     (freezing works on a copy). A fold that would overflow the layer's dtype is left, with the reason. With
-    ``merge_branches=True`` blocks that sum parallel branches are then merged, as for the ``nn.Module`` (see the
-    module docstring; ``report.merges`` lists every block merged or left, with the reason): ``example_inputs`` are not
-    needed for that, but give the planner the shapes of the terms to check.
+    ``merge_branches=True`` blocks that sum parallel branches are then merged, as for the ``nn.Module``
+    (:mod:`bnfold.backends.script_merges`; ``report.merges`` lists every block merged or left, with the reason):
+    ``example_inputs`` are not needed for that, but give the planner the shapes of the terms to check.
     """
     inputs = as_input_tuple(example_inputs)
     backend = ScriptBackend(module, None, name, inputs)

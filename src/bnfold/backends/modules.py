@@ -1,17 +1,10 @@
-"""The ``nn.Module`` adapter: a captured dataflow and the layer registry, translated into the core graph; and the
-core's folds written back into the module tree.
+"""The ``nn.Module`` adapter: a captured :class:`~bnfold.backends.capture.Dataflow` translated into the core graph
+(:func:`to_graph`), and the core's folds written back into the module tree (:class:`ModuleWeights`).
 
-Translation (:func:`to_graph`): every call site of :class:`~bnfold.backends.capture.Dataflow` becomes a node; a module the
-registry knows as a linear layer or a norm becomes a unit whose calls are its sites (a module called twice is one
-unit with two calls); any other module or torch function becomes an op, named in the core's vocabulary by the one
-facts table below (:data:`_MODULE_KINDS`, :data:`_FUNCTION_KINDS`), with the arguments that decide whether an affine
-map passes it. Module-only knowledge, parametrizations, hooks, parameters shared between modules or read directly by
-the forward code, is read here once and handed to the planner as a layer's or norm's ``problem``.
-
-Writing back (:class:`ModuleWeights`): the core computes the new tensors, this class swaps them into the parameters
-(``parameter.data = new``, so optimisers and references see the new values) and replaces each folded norm in the
-module tree by its rule's replacement (``nn.Identity``, or a fused norm's activation), recording everything so that a
-failed verification can restore the model bit for bit (:class:`Rollback`).
+Registered layers and norms become units (a module called twice is one unit with two calls); any other call is an
+op, named in the core's vocabulary by the facts table below. What only a module tree knows (parametrizations, hooks,
+shared or directly read parameters) reaches the planner as a unit's ``problem``. Write-back sets
+``parameter.data`` (optimisers and references see the new values) and records a :class:`Rollback`.
 """
 
 from __future__ import annotations
@@ -50,7 +43,15 @@ from ..core.graph import (
     same_padding,
 )
 from ..core.pipeline import NormModes
-from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
+from ..layers import (
+    CONV_RULE,
+    CONV_TRANSPOSE_RULE,
+    LINEAR_RULE,
+    LayerRegistry,
+    LinearLayerRule,
+    NormRule,
+    passes_its_input,
+)
 from ..segments import span_all_finite, span_counts, span_max_abs
 from .capture import Dataflow, Site, TensorRef
 from .module_tree import ModuleTree
@@ -102,10 +103,8 @@ _ARITHMETIC_KINDS = frozenset({"add", "sub", "mul"})
 
 def _passes_its_input(site: Site) -> bool:
     """A module call that returns the tensor it reads itself (``nn.Identity``, dropout in eval)."""
-    if site.kind != "module" or len(site.inputs) != 1 or not isinstance(site.target, nn.Module):
-        return False
-    facts = _module_facts(site.target)
-    return facts.kind == "identity" or (facts.kind == "dropout" and facts.attributes.get("training") is False)
+    return site.kind == "module" and len(site.inputs) == 1 and isinstance(site.target, nn.Module) \
+        and passes_its_input(site.target)
 
 
 def op_name(site: Site) -> str:
@@ -226,17 +225,13 @@ def _module_facts(module: nn.Module) -> OpFacts:
     return OpFacts(kind)
 
 
+_DESCRIPTIONS = {"module": "module '{name}' ({type})", "input": "a model input", "param": "the tensor '{name}'",
+                 "output": "the model output", "op": "the operation {name}"}
+
+
 def describe(site: Site) -> str:
     """How a reason names a call site."""
-    if site.kind == "module":
-        return f"module '{site.name}' ({type(site.target).__name__})"
-    if site.kind == "input":
-        return "a model input"
-    if site.kind == "param":
-        return f"the tensor '{site.name}'"
-    if site.kind == "output":
-        return "the model output"
-    return f"the operation {site.name}"
+    return _DESCRIPTIONS[site.kind].format(name=site.name, type=type(site.target).__name__)
 
 
 # ------------------------------------------------------------------- layers that compute in their own code
@@ -367,15 +362,17 @@ def _sizes(values: tuple[Any, ...]) -> tuple[int, ...]:
 # -------------------------------------------------------------------------------------------- translation
 
 
-class _ModuleProblems:
-    """Why a module must not be changed whatever it is paired with: parametrizations, hooks, a parameter another
-    module holds too, a tensor of its own that the forward code reads directly."""
+class _Translator:
+    """The units (layers and norms the registry knows, with their facts) and the dataflow of a captured model."""
 
-    def __init__(self, flow: Dataflow, tree: ModuleTree) -> None:
+    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree) -> None:
+        self.model = model
         self.flow = flow
+        self.registry = registry
         self.tree = tree
+        self.calls = flow.module_sites()
         self.param_reads = flow.param_reads()
-        self.holders = tree.census.holders
+        self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
         self._owners: dict[int, list[str]] | None = None
 
     def _param_owners(self, tensor: torch.Tensor) -> list[str]:
@@ -389,8 +386,10 @@ class _ModuleProblems:
                         self._owners.setdefault(id(own), []).append(prefix + own_name)
         return self._owners.get(id(tensor), [])
 
-    def of(self, name: str, module: nn.Module, what: str) -> str | None:
-        """Why ``module`` (a ``what``: layer or norm) must not be touched at all, or ``None``."""
+    def problem_of(self, name: str, module: nn.Module, what: str) -> str | None:
+        """Why ``module`` (a ``what``: layer or norm) must not be changed whatever it is paired with:
+        parametrizations, hooks, a parameter another module holds too, a tensor of its own that the forward code
+        reads directly; or ``None``."""
         if _may_be_parametrized(module) and parametrize.is_parametrized(module):
             return (
                 f"{what} '{name}' has parametrizations (torch.nn.utils.parametrize, weight_norm or spectral_norm): "
@@ -404,14 +403,12 @@ class _ModuleProblems:
             ]
             return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
         aliases = self.tree.names_of.get(id(module), [name])
+        holders = self.tree.census.holders
         for own_name, tensor in module._parameters.items():
-            if tensor is None or self.holders.get(id(tensor), 1) <= 1:  # held by this slot only: the common case
-                continue
-            owners = self._param_owners(tensor)
-            if len(owners) <= len(aliases):  # only its own names
+            if tensor is None or holders.get(id(tensor), 1) <= 1:  # held by this slot only: the common case
                 continue
             own_names = {f"{alias}.{own_name}" if alias else own_name for alias in aliases}
-            others = [owner for owner in owners if owner not in own_names]
+            others = [owner for owner in self._param_owners(tensor) if owner not in own_names]
             if others:
                 return f"the {what} '{name}' shares its parameter '{own_name}' with '{others[0]}'"
         if not self.param_reads:
@@ -426,19 +423,6 @@ class _ModuleProblems:
             user = self.flow.sites[read.users[0]] if read.users else read
             return f"its tensor '{tensor_name}' is also read directly by {describe(user)} in the forward code"
         return None
-
-
-class _Translator:
-    """The units (layers and norms the registry knows, with their facts) and the dataflow of a captured model."""
-
-    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree) -> None:
-        self.model = model
-        self.flow = flow
-        self.registry = registry
-        self.tree = tree
-        self.calls = flow.module_sites()
-        self.problems = _ModuleProblems(flow, tree)
-        self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
 
     def layer_facts(self, name: str, module: nn.Module) -> LayerFacts | None:
         rule, reason = layer_rule(module, self.registry)
@@ -463,7 +447,7 @@ class _Translator:
                 f"not on the axis 1 a norm normalises"
             )
         else:
-            problem = self.problems.of(name, module, "layer")
+            problem = self.problem_of(name, module, "layer")
         return LayerFacts(
             out_channels=rule.out_channels(module),
             in_channels=rule.in_channels(module),
@@ -487,7 +471,7 @@ class _Translator:
         if problem is not None or batch is not None:
             return NormFacts(_channels_guess(module), rule.channel_dim, problem=problem, batch_statistics=batch)
         if name in self.calls:
-            problem = self.problems.of(name, module, "norm")
+            problem = self.problem_of(name, module, "norm")
         statistics = rule.statistics(module)
         if statistics.gamma is not None:
             self.gammas[name] = statistics.gamma  # its negative scales are counted with all the others'
@@ -632,13 +616,8 @@ def _count_negatives(arrays: list[torch.Tensor]) -> list[int]:
     :mod:`bnfold.segments`)."""
     if not arrays:
         return []
-    with torch.no_grad():  # no detach() per array: on arrays this small, every call counts
-        flat = arrays if all(a.dim() == 1 for a in arrays) else [a.reshape(-1) for a in arrays]
-        try:
-            negative = (torch.cat(flat) < 0).cpu().numpy()
-        except RuntimeError:  # arrays on several devices
-            return [int((a < 0).sum()) for a in flat]
-    return span_counts(negative, list(itertools.accumulate((a.shape[0] for a in flat), initial=0)))
+    negative = (TorchNumerics().concat64(arrays) < 0).numpy()
+    return span_counts(negative, list(itertools.accumulate((a.numel() for a in arrays), initial=0)))
 
 
 def _as_numpy64(array: torch.Tensor) -> np.ndarray:

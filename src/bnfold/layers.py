@@ -1,19 +1,11 @@
-"""The one registry of layer knowledge.
+"""The one registry of layer knowledge: linear layers (:class:`LinearLayerRule`: a weight and an optional bias
+that can absorb a per-channel affine map on their output or, where exact, their input) and norms
+(:class:`NormRule`: a per-channel affine map in eval, removed once a neighbour absorbed it).
 
-Two kinds of layer matter to folding:
-
-* a **linear layer** (:class:`LinearLayerRule`): computes a linear map over channels with a weight and an
-  optional bias, and so can absorb a per-channel affine map on its output (forward fold) or, where that is
-  exact, on its input (backward fold). Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear are built in.
-* a **norm layer** (:class:`NormRule`): *is* a per-channel affine map in eval mode, and can be removed once a
-  neighbour absorbed it. BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm* and torchvision's FrozenBatchNorm2d are
-  built in.
-
-A rule matches a module whose class is one of the rule's classes, or a subclass of one that overrides none of the
-methods that compute the output (``forward``, and ``_conv_forward`` for convolutions): a subclass that computes
-something else (a weight-standardised conv, a norm with an activation inside) would be broken silently by a fold
-that assumed the parent's maths, so it is left alone unless a rule names it. Users teach bnfold a layer of their own
-with :func:`register_layer` / :func:`register_norm`; the built-in layers are declared the same way, as data.
+A rule matches a module of one of its classes, or of a subclass that overrides none of the methods that compute the
+output: a subclass that computes something else (a weight-standardised conv, a norm with an activation inside)
+would be broken silently by a fold that assumed the parent's maths. Built-in layers are declared as data, like
+those users teach bnfold with :func:`register_layer` / :func:`register_norm`.
 """
 
 from __future__ import annotations
@@ -132,11 +124,8 @@ CONV_RULE = LinearLayerRule(
     groups=_conv_groups,
     behaviour_methods=("forward", "_conv_forward"),
 )
-CONV_TRANSPOSE_RULE = LinearLayerRule(
-    types=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-    out_axis=1,
-    activation_channel_dim=1,
-    groups=_conv_groups,
+CONV_TRANSPOSE_RULE = replace(
+    CONV_RULE, types=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), out_axis=1,
     behaviour_methods=("forward", "_output_padding"),
 )
 LINEAR_RULE = LinearLayerRule(types=(nn.Linear,), out_axis=0, activation_channel_dim=-1)
@@ -144,11 +133,8 @@ LINEAR_RULE = LinearLayerRule(types=(nn.Linear,), out_axis=0, activation_channel
 
 # timm's Conv2dSame (tf_* EfficientNets, MixNets, ...): zero-pads the input to 'same' size, then a plain conv2d
 # with this module's weight and bias, so the output is linear per output channel like any Conv2d.
-TIMM_CONV2D_SAME_RULE = LinearLayerRule(
-    types=("timm.layers.conv2d_same.Conv2dSame",),
-    out_axis=0,
-    activation_channel_dim=1,
-    groups=_conv_groups,
+TIMM_CONV2D_SAME_RULE = replace(
+    CONV_RULE, types=("timm.layers.conv2d_same.Conv2dSame",), behaviour_methods=("forward",),
     input_padding=lambda module: None if all(k == 1 for k in module.kernel_size) else PADS_TO_SAME_AT_RUN_TIME,
 )
 

@@ -1,22 +1,11 @@
-"""Branch merges block by block: where torch.fx cannot trace a model as a whole, or its class is to be kept.
+"""Branch merges block by block, where torch.fx cannot trace a model as a whole (ultralytics' detectors loop over
+their layers) or its class is to be kept, while the blocks holding the sums can be traced (``RepConv``).
 
-:mod:`bnfold.backends.module_merges` rewrites the traced graph of a whole model. Many models cannot be traced as a
-whole (ultralytics' detectors loop over their layers, ``for m in self.model: ... y.append(x)``), while the blocks
-that hold their summed branches can (``RepConv``: ``act(conv1(x) + conv2(x) + bn(x))``). So here:
-
-1. the module tree is walked from the top: each module whose own forward torch.fx traces is a *block* (its
-   descendants are not looked at separately); a module it cannot trace is looked into, child by child; layers and
-   norms (atomic for the registry) and modules without children hold no sum of layers and are passed by;
-2. one forward pass of the model on the example inputs records what each block is called with (and how often);
-3. each block called once is merged exactly as a whole model is (:func:`~bnfold.backends.module_merges.
-   merge_traced`, on the inputs it received, the traced graph checked against the block on them first); a block
-   where something merged is put back in the module tree as the ``GraphModule`` of its merged graph (same module
-   names inside, the block's own plain attributes kept, e.g. ultralytics' ``f`` and ``i`` that the model's loop
-   reads); every other module stays as it was: class, forward code and names.
-
-A block whose trace does not compute what it computes on its inputs is looked into as an untraceable module is; one
-called several times or never is left, with the reason in a note. Sums in the forward code of a module torch.fx
-cannot trace are not seen: the notes name those modules.
+A *block* is the highest module whose own forward torch.fx traces (an untraceable one is looked into, child by
+child); one forward pass records what each block is called with, and each block called once is merged as a whole
+model is (:func:`~bnfold.backends.module_merges.merge_traced`) and put back into the tree as its ``GraphModule``,
+keeping its plain attributes (ultralytics' ``f`` and ``i``, which the model's loop reads). What was left, and why,
+goes into the notes.
 """
 
 from __future__ import annotations
@@ -104,12 +93,9 @@ _SUMS = frozenset({"add", "sub", "iadd", "isub", "add_", "sub_", "__add__", "__s
 
 def _has_sum(graph: fx.Graph) -> bool:
     """Whether a traced graph adds or subtracts anything (every block of branches is a sum or a difference)."""
-    for node in graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            if name in _SUMS:
-                return True
-    return False
+    return any(node.op in ("call_function", "call_method")
+               and (node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")) in _SUMS
+               for node in graph.nodes)
 
 
 def _positional(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -133,9 +119,9 @@ def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.M
                   ) -> dict[int, _Calls]:
     """One forward pass of ``model``: how often each block and each ``counted`` module is called, and (a copy of)
     what each block first receives."""
-    calls: dict[int, _Calls] = {id(module): _Calls() for module in counted}
+    modules = {id(module): module for module in (*counted, *(block.module for block in blocks))}
+    calls = {key: _Calls() for key in modules}
     arguments = {id(block.module) for block in blocks}
-    calls.update({key: _Calls() for key in arguments})
 
     def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen = calls[id(module)]
@@ -144,7 +130,6 @@ def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.M
             copied = pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
             seen.args = _positional(module, *copied)
 
-    modules = {id(module): module for module in counted} | {id(block.module): block.module for block in blocks}
     handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in modules.values()]
     try:
         with MODEL_CALLS_LOCK, torch.no_grad():
@@ -156,13 +141,10 @@ def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.M
 
 
 def _qualified(entry: MergeEntry, prefix: str, region: str) -> MergeEntry:
-    def name(local: str) -> str:
-        return prefix + local
-
     return dataclasses.replace(
-        entry, block=name(entry.block), into=None if entry.into is None else name(entry.into),
-        layers=tuple(map(name, entry.layers)), kept=tuple(map(name, entry.kept)), region=region,
-        identities=tuple(i if i == "input" else name(i) for i in entry.identities),
+        entry, block=prefix + entry.block, into=None if entry.into is None else prefix + entry.into,
+        layers=tuple(prefix + n for n in entry.layers), kept=tuple(prefix + n for n in entry.kept), region=region,
+        identities=tuple(i if i == "input" else prefix + i for i in entry.identities),
     )
 
 

@@ -1,17 +1,10 @@
-"""Who feeds whom: the dataflow of a model as a list of call sites.
+"""Who feeds whom: the dataflow of a model as a list of call sites (a BN may fold into the conv that produced its
+input only if nothing else reads that conv's output, which the order of registration does not tell).
 
-Folding is only safe along real dataflow: a BN may fold into the conv that produced its input only if nothing else
-reads that conv's output, and the order in which modules were registered says nothing about that. This module
-learns the dataflow in one of two ways and returns the same :class:`Dataflow` from both:
-
-* **torch.fx symbolic tracing** (``method="torch.fx"``): sees every path through ``forward`` at once, needs no
-  inputs, but fails on control flow that depends on tensor values and on some untraceable code.
-* **one watched forward pass** (``method="forward pass"``): runs the model on the example inputs under a
-  :class:`~torch.overrides.TorchFunctionMode` and forward hooks, recording every torch function call and every
-  call of a layer bnfold knows. It works on any model that runs, but sees only the path those inputs take.
-
-Capture knows nothing of folding: the registry tells it only which modules are atomic (their calls are one site,
-their insides are not looked at).
+Two ways, one :class:`Dataflow`: **torch.fx symbolic tracing** sees every path and needs no inputs, but fails on
+value-dependent control flow; **one watched forward pass** (a :class:`~torch.overrides.TorchFunctionMode` and
+forward hooks) works on any model that runs, but sees only the path the example inputs take. Modules the registry
+knows are atomic: one call, their insides not looked at.
 """
 
 from __future__ import annotations
@@ -83,15 +76,9 @@ class Dataflow:
     notes: list[str] = field(default_factory=list)
     shapes_known: bool = False  # every site's shape was recorded from a forward pass
 
-    def module_sites(self) -> dict[str, list[Site]]:
-        """Call sites of each module, by qualified name, in call order."""
-        return self._by_name("module")
-
-    def param_reads(self) -> dict[str, list[Site]]:
-        """Sites that read a parameter or buffer outside its own module's call, by qualified name."""
-        return self._by_name("param")
-
-    def _by_name(self, kind: str) -> dict[str, list[Site]]:
+    def by_name(self, kind: str) -> dict[str, list[Site]]:
+        """The sites of one ``kind`` by qualified name, in order: ``"module"``, each module's calls; ``"param"``,
+        the reads of a parameter or buffer outside its own module's call."""
         grouped: dict[str, list[Site]] = {}
         for site in self.sites:
             if site.kind == kind:

@@ -1,14 +1,7 @@
-"""Branch merges on an ``nn.Module``: the core's :class:`~bnfold.core.merge.MergePlan` written into a torch.fx graph.
-
-A merge removes layers and additions from the forward computation, which a module tree cannot express without
-its forward code: the model is traced with torch.fx (every module the registry knows kept as one call), the merged
-layer's weight and bias are written by the core's arithmetic (:func:`bnfold.core.apply.merge_one`), and in the
-traced graph every reader of the sum reads the merged layer's output instead; the additions, the other branches'
-layer and norm calls and the identities between are erased. The result is a ``torch.fx.GraphModule`` that keeps
-the model's module names (``state_dict`` keys of what is left stay as they were).
-
-The rounds of merges and folds are the core's (:mod:`bnfold.core.merge_rounds`); this module is the trace's side
-of them (:class:`_TracedMerges`).
+"""Branch merges on an ``nn.Module``: the core's merge rounds (:mod:`bnfold.core.merge_rounds`) on a torch.fx trace
+of the model (:class:`_TracedMerges`), whose module names stay those of the model (``state_dict`` keys of what is
+left do not change). A module tree cannot express a merge without its forward code: in the trace, readers of a sum
+read the merged layer instead, and the other branches' calls and the additions are erased.
 """
 
 from __future__ import annotations

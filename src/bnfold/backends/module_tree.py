@@ -1,17 +1,13 @@
-"""One walk over a model's module tree, shared by every step of a fold.
+"""One walk over a model's module tree, shared by every step of a fold (``get_submodule`` and ``named_modules``
+walk it again on every call: on resnet50 a fifth of an in-place fold's time).
 
-Capture, translation, the report and the write-back all look modules up by name, ask for a module's first name,
-or for the parents that hold it. ``nn.Module.get_submodule`` and ``named_modules`` walk the tree again on every
-call; on resnet50 those walks were a fifth of an in-place fold's time. A :class:`ModuleTree` walks it once.
-
-It describes the tree as it was when it was made: a fold replaces norms in the tree (by ``nn.Identity``), so a tree
-is made per model and per pass, and the names it resolves are those the plan was made from.
+A tree describes the model as it was when made (a fold replaces norms), so one is made per model and per pass.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -125,15 +121,3 @@ class ModuleTree:
                 return None
             counts[kind] += tensor.numel()
         return counts[0], counts[1]
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor, bool]]:
-        """Every parameter and buffer once, as ``(qualified name, tensor, is_parameter)``: what
-        ``named_parameters()`` and ``named_buffers()`` give, from the walk already made."""
-        seen: set[int] = set()
-        for module_name, module in self.unique:
-            prefix = f"{module_name}." if module_name else ""
-            for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
-                for name, tensor in table.items():
-                    if tensor is not None and id(tensor) not in seen:
-                        seen.add(id(tensor))
-                        yield prefix + name, tensor, is_parameter

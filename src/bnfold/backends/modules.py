@@ -177,7 +177,7 @@ def _function_facts(site: Site) -> OpFacts:
         return _arithmetic_facts(site, kind, name)
     if kind == "concat":
         axis = site.kwargs.get("dim", site.kwargs.get("axis", site.args[1] if len(site.args) > 1 else 0))
-        return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, TensorRef) else None})
+        return OpFacts(kind, {"axis": axis if isinstance(axis, int) else None})
     return OpFacts(kind)
 
 
@@ -370,8 +370,8 @@ class _Translator:
         self.flow = flow
         self.registry = registry
         self.tree = tree
-        self.calls = flow.module_sites()
-        self.param_reads = flow.param_reads()
+        self.calls = flow.by_name("module")
+        self.param_reads = flow.by_name("param")
         self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
         self._owners: dict[int, list[str]] | None = None
 

@@ -433,7 +433,6 @@ class _Translator:
             return LayerFacts(0, 0, rule.activation_channel_dim, problem=(
                 f"the layer '{name}' is a lazy module whose weight is not materialised yet; run one forward pass first"
             ))
-        problem = None
         unbatched = [
             site.shape for site in self.calls.get(name, [])
             if weight is not None and rule.activation_channel_dim == 1 and site.shape is not None
@@ -484,31 +483,23 @@ class _Translator:
 
     def translate(self) -> Graph:
         graph = Graph(method=self.flow.method, shapes_known=self.flow.shapes_known, notes=list(self.flow.notes))
-        units: list[tuple[str, nn.Module, NormFacts | LayerFacts]] = []
         for name, module in self.tree.unique:
             if self.registry.is_norm_candidate(module):
-                units.append((name, module, self.norm_facts(name, module)))
+                graph.add_unit(name, NORM, type(module).__name__, norm=self.norm_facts(name, module))
             elif (facts := self.layer_facts(name, module)) is not None:
-                units.append((name, module, facts))
-        negatives = dict(zip(self.gammas, _count_negatives(list(self.gammas.values())), strict=True))
-        for name, module, facts in units:
-            if isinstance(facts, LayerFacts):
                 graph.add_unit(name, LAYER, type(module).__name__, layer=facts)
-                continue
-            if negatives.get(name):
-                facts = replace(facts, negative_scales=negatives[name])
-            graph.add_unit(name, NORM, type(module).__name__, norm=facts)
+        for name, negatives in zip(self.gammas, _count_negatives(list(self.gammas.values())), strict=True):
+            if negatives:
+                unit = graph.units[name]
+                unit.norm = replace(unit.norm, negative_scales=negatives)  # type: ignore[type-var]
         for site in self.flow.sites:
             label = describe(site)
-            if site.kind == "input":
-                graph.add_node(INPUT, label, site.inputs, shape=site.shape)
-            elif site.kind == "param":
+            if site.kind == "param":
                 graph.add_node(CONSTANT, label, site.inputs, shape=site.shape or _constant_shape(self.model, site.name))
-            elif site.kind == "output":
-                graph.add_node(OUTPUT, label, site.inputs, shape=site.shape)
+            elif site.kind in ("input", "output"):
+                graph.add_node(INPUT if site.kind == "input" else OUTPUT, label, site.inputs, shape=site.shape)
             elif site.kind == "module" and site.name in graph.units:
-                unit = graph.units[site.name]
-                graph.add_node(unit.kind, label, site.inputs, shape=site.shape, unit=site.name)
+                graph.add_node(graph.units[site.name].kind, label, site.inputs, shape=site.shape, unit=site.name)
             elif site.kind == "module":
                 graph.add_node(OP, label, site.inputs, shape=site.shape, op=_module_facts(site.target))
             else:
@@ -573,17 +564,13 @@ def _overwritable(site: Site, flow: Dataflow, graph: Graph) -> bool:
     chain = [flow.sites[first.site]]
     while _passes_its_input(chain[-1]):
         chain.append(flow.sites[chain[-1].inputs[0]])
-    if not _computes_own_tensor(chain[-1], flow, graph):
+    own = chain[-1]
+    in_place = own.kind == "op" and op_name(own) in _IN_PLACE_ARITHMETIC  # a chain of in-place ops: x += y; x += z
+    if not (_overwritable(own, flow, graph) if in_place else _reads_without_aliasing(own, graph)):
         return False
     allowed = {site.index} | {member.index for member in chain[:-1]}
     return all(user in allowed or (user < site.index and _reads_without_aliasing(flow.sites[user], graph))
                for member in chain for user in member.users)
-
-
-def _computes_own_tensor(site: Site, flow: Dataflow, graph: Graph) -> bool:
-    if site.kind == "op" and op_name(site) in _IN_PLACE_ARITHMETIC:  # a chain of in-place ops: x += y; x += z
-        return _overwritable(site, flow, graph)
-    return _reads_without_aliasing(site, graph)
 
 
 def _reads_without_aliasing(site: Site, graph: Graph) -> bool:

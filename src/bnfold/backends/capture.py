@@ -423,39 +423,38 @@ class _Recorder(TorchFunctionMode):
         name = self.parameter_names.get(key)
         if name is None:
             return None  # a constant made inside forward (torch.zeros, ...): nothing folds through it
-        index = self._add(Site(len(self.sites), "param", name))
-        self.producer[key] = index
-        return index
+        self.producer[key] = self.add("param", name).index
+        return self.producer[key]
 
-    def _add(self, site: Site) -> int:
+    def add(self, kind: str, name: str, **fields: Any) -> Site:
+        site = Site(len(self.sites), kind, name, **fields)
         self.sites.append(site)
-        return site.index
+        return site
 
-    def add_call(self, kind: str, name: str, target: Any, args: tuple, kwargs: dict, outputs: Any) -> int:
-        index = len(self.sites)
-        site = Site(index, kind, name, target=target)
-
+    def add_call(self, kind: str, name: str, target: Any, args: tuple, kwargs: dict, outputs: Any) -> None:
         metadata_only = {id(args[p]) for p in _metadata_positions(target) if p < len(args)}
+        inputs: list[int] = []
 
         def to_ref(value: Any) -> Any:
             if isinstance(value, torch.Tensor) and id(value) not in metadata_only:
                 source = self.source_of(value)
                 if source is not None:
-                    site.inputs.append(source)
-                    self.sites[source].users.append(index)
+                    inputs.append(source)
                     return TensorRef(source)
             return value
 
-        site.args = tuple(pytree.tree_map(to_ref, list(args)))
-        site.kwargs = pytree.tree_map(to_ref, dict(kwargs))
-        self._add(site)
+        # The arguments are mapped before the call's own site is added: a parameter read for the first time gets
+        # its site there, before the call's.
+        mapped = tuple(pytree.tree_map(to_ref, list(args))), pytree.tree_map(to_ref, dict(kwargs))
+        site = self.add(kind, name, inputs=inputs, target=target, args=mapped[0], kwargs=mapped[1])
+        for source in inputs:
+            self.sites[source].users.append(site.index)
         for value in pytree.tree_leaves(outputs):
             if isinstance(value, torch.Tensor):
                 if site.shape is None:
                     site.shape = tuple(value.shape)
-                self.producer[id(value)] = index
+                self.producer[id(value)] = site.index
                 self.keep_alive.append(value)
-        return index
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -497,8 +496,7 @@ def capture_forward(
             handles.append(module.register_forward_hook(after, with_kwargs=True))
         for i, value in enumerate(pytree.tree_leaves(example_inputs)):
             if isinstance(value, torch.Tensor):
-                index = recorder._add(Site(len(recorder.sites), "input", f"input_{i}", shape=tuple(value.shape)))
-                recorder.producer[id(value)] = index
+                recorder.producer[id(value)] = recorder.add("input", f"input_{i}", shape=tuple(value.shape)).index
         with torch.no_grad(), recorder:
             outputs = model(*example_inputs)
         recorder.add_call("output", "output", None, (outputs,), {}, None)

@@ -148,31 +148,23 @@ def _function_facts(site: Site) -> OpFacts:
         return OpFacts(kind, {"dims": None if dims is None else _ints(dims), "keepdim": bool(_argument(site, 2, "keepdim", False))})
     if kind == "permute":
         args = list(site.args[1:])
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-        order = site.kwargs.get("dims", dims)
-        if not all(isinstance(d, int) for d in order):
-            return OpFacts("other")
-        return OpFacts(kind, {"order": tuple(order)})
+        order = site.kwargs.get("dims", args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)
+        return OpFacts(kind, {"order": tuple(order)}) if all(isinstance(d, int) for d in order) else OpFacts("other")
     if kind == "transpose":
-        args = list(site.args[1:])
-        first = site.kwargs.get("dim0", args[0] if args else 0)
-        second = site.kwargs.get("dim1", args[1] if len(args) > 1 else 0)
-        if not isinstance(first, int) or not isinstance(second, int):
-            return OpFacts("other")
-        return OpFacts(kind, {"dims": (first, second)})
+        dims = (_argument(site, 1, "dim0", 0), _argument(site, 2, "dim1", 0))
+        return OpFacts(kind, {"dims": dims}) if all(isinstance(d, int) for d in dims) else OpFacts("other")
     if kind in ("squeeze", "unsqueeze"):
-        dims = site.kwargs.get("dim", site.args[1] if len(site.args) > 1 else None)
+        dims = _argument(site, 1, "dim", None)
         if dims is None and kind == "squeeze":
             return OpFacts(kind, {"dims": None})
-        if isinstance(dims, int) and not isinstance(dims, bool):
-            return OpFacts(kind, {"dims": (dims,)})
+        dims = (dims,) if isinstance(dims, int) and not isinstance(dims, bool) else dims
         if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims):
             return OpFacts(kind, {"dims": tuple(dims)})
         return OpFacts("other")
     if kind in ("add", "sub", "mul"):
         return _arithmetic_facts(site, kind, name)
     if kind == "div":
-        if site.kwargs.get("rounding_mode", site.args[2] if len(site.args) > 2 else None) is not None:
+        if _argument(site, 2, "rounding_mode", None) is not None:
             return OpFacts("other")  # floor / trunc division rounds: no affine map
         return _arithmetic_facts(site, kind, name)
     if kind == "concat":
@@ -182,11 +174,9 @@ def _function_facts(site: Site) -> OpFacts:
 
 
 def _arithmetic_facts(site: Site, kind: str, name: str) -> OpFacts:
-    """``add`` / ``sub`` / ``mul`` / ``div`` with their operands in call order (:class:`~bnfold.core.graph.Operand`):
-    a tensor the model reads is its position among the site's inputs (torch.fx lists a tensor read twice once), a
-    plain number is a number; :func:`_with_constants` adds what the dataflow knows of them and lets the
-    core decide. ``rsub`` is written as the subtraction it computes; ``-x`` as ``x * -1``. Anything else among the
-    operands (a list, None) makes it an ``other`` op."""
+    """``add`` / ``sub`` / ``mul`` / ``div`` with their operands in call order: a tensor as its position among the
+    site's inputs (torch.fx lists a tensor read twice once), a number as itself; anything else (a list, None) makes
+    an ``other`` op. ``rsub`` is the subtraction it computes, ``-x`` is ``x * -1``."""
     if name.lstrip("_").startswith("neg"):
         values: list[Any] = [_argument(site, 0, "input", None), -1]
     else:
@@ -246,7 +236,7 @@ def _zero(value: Any) -> bool:
     return all(v == 0 for v in _ints(value)) if not isinstance(value, str) else value == "valid"
 
 
-def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: str = "bias") -> LinearLayerRule | str:
+def functional_rule(module: nn.Module) -> LinearLayerRule | str:
     """The rule of a layer whose class overrides ``forward`` but ends in one functional convolution / linear call on
     its own weight and bias (smp's ``Conv2dStaticSamePadding``: pad, then ``F.conv2d(x, self.weight, self.bias,
     ...)``); else why bnfold cannot tell what it computes.
@@ -263,18 +253,16 @@ def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: s
     if len(calls) != 1 or len(outputs) != 1 or outputs[0].args[0] is not calls[0]:
         return "its forward() does not end in exactly one convolution or linear call"
     call = calls[0]
-    weight = call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
-    bias = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
-    own = {weight_name: weight, bias_name: bias}
-    for name, node in own.items():
-        if node is None and name == bias_name:
+    arguments = list(call.args) + [None] * 7
+    for position, name in ((1, "weight"), (2, "bias")):
+        node = arguments[position] if len(call.args) > position else call.kwargs.get(name)
+        if node is None and name == "bias":
             continue
         if not isinstance(node, fx.Node) or node.op != "get_attr" or node.target != name or len(node.users) != 1:
             return f"its forward() does not use its own {name} only in its convolution / linear call"
     if len(call.users) != 1:
         return "its forward() uses the convolution's output more than once"
     channel_dim = _FUNCTIONAL_LAYERS[call.target]
-    arguments = list(call.args) + [None] * 7
     groups = int(call.kwargs.get("groups", arguments[6] if arguments[6] is not None else 1)) if channel_dim == 1 else 1
     padding = call.kwargs.get("padding", arguments[4] if arguments[4] is not None else 0)
     source = call.args[0]
@@ -289,7 +277,7 @@ def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: s
         padded = PADS_ZEROS
     return LinearLayerRule(
         types=(type(module),), out_axis=0, activation_channel_dim=channel_dim, groups=lambda m: groups,
-        input_padding=lambda m: padded, weight_name=weight_name, bias_name=bias_name,
+        input_padding=lambda m: padded,
     )
 
 

@@ -258,11 +258,8 @@ _ATOMIC: dict[tuple[type, tuple[int, ...]], bool] = {}
 
 
 def _match(module: nn.Module, rules: Sequence[LinearLayerRule | NormRule]) -> Match:
-    """Find the rule for ``module``: its own class, or the nearest registered ancestor it does not re-define.
-
-    The answer depends only on the class and the rules (a class named by a dotted string can only be an ancestor
-    of ``module``'s class once its package is imported), so it is remembered per class and rule list.
-    """
+    """Find the rule for ``module``: its own class, or the nearest registered ancestor it does not re-define;
+    remembered per class and rule list (a class named by a dotted string is an ancestor only once imported)."""
     key = (type(module), tuple(map(id, rules)))
     found = _MATCHES.get(key)
     if found is None:

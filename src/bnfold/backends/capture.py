@@ -148,13 +148,9 @@ def _operator_symbol(name: str, dunder_only: bool = False) -> str | None:
 
 
 def _op_name(func: Any) -> str:
-    """The op as a user writes it: ``torch.cat``, ``x + y``, ``F.max_pool2d``, ``x.flatten``.
-
-    Reasons name the op a norm's path runs into; the internal names Python gives these callables
-    (``_VariableFunctionsClass.cat``, ``TensorBase.add``, ``boolean_dispatch.<locals>.fn``) mean nothing to a user.
-    ``func`` is a torch.fx node target (a callable, or a method name for ``call_method``) or the callable a
-    watched forward pass saw.
-    """
+    """The op as a user writes it (``torch.cat``, ``x + y``, ``F.max_pool2d``, ``x.flatten``) for reasons, not
+    Python's internal names (``_VariableFunctionsClass.cat``, ``TensorBase.add``): ``func`` is a torch.fx node
+    target (a callable, or a method name) or the callable a watched forward pass saw."""
     if isinstance(func, str):  # torch.fx call_method: a Tensor method by name
         return _operator_symbol(func, dunder_only=True) or f"x.{func}"
     name = str(getattr(func, "__name__", None) or repr(func))
@@ -333,6 +329,9 @@ def _outputs_differ(model_outputs: Any, traced_outputs: Any) -> str | None:
     return None
 
 
+_SITE_KINDS = {"placeholder": "input", "get_attr": "param", "call_module": "module", "output": "output"}
+
+
 def trace(model: nn.Module, registry: LayerRegistry) -> fx.Graph:
     """The torch.fx graph of ``model``, with every module the registry knows kept as one call."""
     return _Tracer(registry).trace(model)
@@ -345,14 +344,11 @@ def capture_fx(
     graph: fx.Graph | None = None,
     tree: ModuleTree | None = None,
 ) -> Dataflow:
-    """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed).
+    """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed; raises what torch.fx raises).
 
-    With ``example_inputs`` every site also gets the shape of what it produces (reshapes between a layer and its
-    norm can only be judged with shapes), and the graph is checked against the model on them
-    (:class:`TraceMismatch`). Raises whatever torch.fx raises when the model cannot be traced; :func:`capture`
-    turns that into advice. ``graph``: a graph :func:`trace` made of ``model`` already (each site's ``origin`` is
-    then a node of it, for a caller that rewrites that graph). ``tree``: the model's :class:`ModuleTree`, if the caller
-    has one.
+    With ``example_inputs`` every site also gets its shape (reshapes between a layer and its norm can only be judged
+    with shapes), and the graph is checked against the model on them (:class:`TraceMismatch`). ``graph``: a trace of
+    ``model`` already made (sites' ``origin`` are its nodes, for a caller that rewrites it); ``tree``: its tree.
     """
     graph = graph if graph is not None else trace(model, registry)
     shapes = _fx_shapes(model, graph, example_inputs) if example_inputs is not None else None
@@ -373,25 +369,17 @@ def capture_fx(
         ):
             metadata.add(node)
             continue
-        index = len(sites)
-        index_of[node] = index
+        index_of[node] = index = len(sites)
         refs.append(TensorRef(index))
-        if node.op == "placeholder":
-            site = Site(index, "input", str(node.target))
-        elif node.op == "get_attr":
-            site = Site(index, "param", str(node.target))
-        elif node.op == "call_module":
-            module = tree.get(str(node.target))
-            site = Site(index, "module", tree.first_name(module), target=module)
-        elif node.op == "output":
-            site = Site(index, "output", "output")
-        else:
-            site = Site(index, "op", _op_name(node.target), target=node.target)
-        site.origin = node
-        if shapes is not None:
-            site.shape = shapes.get(node)
-        site.args = tuple(fx.node.map_arg(node.args, to_ref))
-        site.kwargs = dict(fx.node.map_arg(node.kwargs, to_ref)) if node.kwargs else {}
+        kind, name, target = _SITE_KINDS.get(node.op, "op"), str(node.target), node.target
+        if kind == "module":
+            target = tree.get(name)
+            name = tree.first_name(target)
+        elif kind == "op":
+            name = _op_name(node.target)
+        site = Site(index, kind, name, target=target if kind in ("module", "op") else None, origin=node,
+                    shape=shapes.get(node) if shapes is not None else None, args=tuple(fx.node.map_arg(node.args, to_ref)),
+                    kwargs=dict(fx.node.map_arg(node.kwargs, to_ref)) if node.kwargs else {})
         positions = _metadata_positions(node.target) if node.op != "call_module" else ()
         metadata_only = {node.args[p] for p in positions if p < len(node.args)}
         for source in node.all_input_nodes:

@@ -126,13 +126,9 @@ def _rewrite(graph: fx.Graph, merge: Merge, nodes: list[fx.Node], into_node: fx.
 
 
 class _TracedMerges:
-    """A model's torch.fx trace as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`).
-
-    The first round traces ``model`` (unless ``graph``, a trace of it, is given), checks the trace against ``model``
-    on ``inputs`` (:class:`~bnfold.backends.capture.TraceMismatch`) and makes a GraphModule of it that shares every
-    module with ``model`` (the merged layers are written in place: the caller hands over a model it owns); the rounds
-    after a merge edit that GraphModule's graph again, so block names stay those of the returned model.
-    """
+    """A model's torch.fx trace as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`): the first
+    round makes a GraphModule that shares every module with ``model`` (merged layers are written in place), the
+    rounds after edit its graph again, so block names stay those of the returned model."""
 
     def __init__(self, model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None,
                  fold_again: FoldAgain, graph: fx.Graph | None, prefix: str) -> None:

@@ -90,10 +90,6 @@ _FUNCTION_KINDS: dict[str, str] = {
     **dict.fromkeys(("truediv", "__truediv__", "div", "divide", "true_divide"), "div"),
 }
 
-# Position of ``return_indices`` in the functional max pools.
-_RETURN_INDICES_AT = {"max_pool1d": 6, "max_pool2d": 6, "max_pool3d": 6,
-                      "adaptive_max_pool1d": 2, "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 2}
-
 
 _IN_PLACE_ARITHMETIC = frozenset({"iadd", "__iadd__", "add_", "isub", "__isub__", "sub_", "imul", "__imul__", "mul_",
                                   "neg_"})
@@ -142,7 +138,8 @@ def _function_facts(site: Site) -> OpFacts:
             "divisor_override": divisor,
         })
     if kind == "max_pool":
-        return OpFacts(kind, {"return_indices": bool(_argument(site, _RETURN_INDICES_AT[name], "return_indices", False))})
+        at = 2 if name.startswith("adaptive") else 6  # the position of return_indices
+        return OpFacts(kind, {"return_indices": bool(_argument(site, at, "return_indices", False))})
     if kind == "mean":
         dims = _argument(site, 1, "dim", None)
         return OpFacts(kind, {"dims": None if dims is None else _ints(dims), "keepdim": bool(_argument(site, 2, "keepdim", False))})

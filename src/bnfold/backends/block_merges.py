@@ -148,7 +148,7 @@ def _qualified(entry: MergeEntry, prefix: str, region: str) -> MergeEntry:
     )
 
 
-def _put_in_place(model: nn.Module, name: str, original: nn.Module, merged: nn.Module) -> None:
+def _put_in_place(model: nn.Module, original: nn.Module, merged: nn.Module) -> None:
     """``merged`` in every slot of the tree that holds ``original``, with ``original``'s plain attributes (data the
     model's own code may read, such as ultralytics' ``m.f``); its bound methods and hooks stay behind."""
     own = vars(merged)
@@ -169,25 +169,21 @@ def merge_blocks(
     registry: LayerRegistry,
     inputs: tuple[Any, ...],
     fold_again: FoldAgain,
-    *,
-    include_root: bool,
 ) -> MergeOutcome:
-    """Merge the summed branches of ``model`` (folded already, owned by the caller) inside each block whose forward
-    torch.fx traces, and put the merged blocks back into its module tree; the model keeps its class.
+    """Merge the summed branches of ``model`` (folded already, owned by the caller) inside each block below it whose
+    forward torch.fx traces, and put the merged blocks back into its module tree; the model keeps its class.
 
-    ``include_root``: whether ``model`` itself may be such a block (it is not when its class is to be kept, or when
-    it was tried already). Once blocks merged, ``fold_again`` folds the whole model once more (a norm after a merged
-    block, in its parent's code, may fold now). Merge entries name blocks, layers and norms by their qualified names
-    in ``model`` and the block they were merged in (:attr:`~bnfold.report.MergeEntry.region`).
+    Once blocks merged, ``fold_again`` folds the whole model once more (a norm after a merged block, in its parent's
+    code, may fold now). Merge entries name blocks, layers and norms by their qualified names in ``model`` and the
+    block they were merged in (:attr:`~bnfold.report.MergeEntry.region`).
     """
     outcome = MergeOutcome(model=model)
     untraced: Reasons = {}
     left: Reasons = {}  # blocks not merged in
     merged_blocks: list[str] = []
     seen: set[int] = set()
-    starts = [("", model)] if include_root else _children("", model)
     called_untraced: set[str] = set()  # the modules looked into that the forward pass calls (not only holds)
-    pending = _find_blocks(starts, registry, seen, untraced)
+    pending = _find_blocks(_children("", model), registry, seen, untraced)
     while pending:
         counted = {name: module for name, (module, _) in untraced.items() if name not in called_untraced}
         calls = _record_calls(model, pending, counted.values(), inputs)
@@ -206,7 +202,7 @@ def merge_blocks(
                     else "its forward takes arguments a traced graph cannot be called with (*args, **kwargs)"
                 )
                 continue
-            prefix = f"{block.name}." if block.name else ""
+            prefix = f"{block.name}."
             done = merge_traced(block.module, registry, called.args, fold_again, graph=block.graph, prefix=prefix)
             if done.failure is not None:  # the trace is not what the block computes: its children may trace right
                 untraced[block.name] = block.module, done.failure
@@ -217,13 +213,10 @@ def merge_blocks(
             outcome.absorbed_norms.update({prefix + n: prefix + layer for n, layer in done.absorbed_norms.items()})
             outcome.notes.extend(done.notes)
             if done.model is not block.module:
-                merged_blocks.append(block.name or "the model itself")
-                if block.module is model:
-                    outcome.model = done.model
-                else:
-                    _put_in_place(model, block.name, block.module, done.model)
+                merged_blocks.append(block.name)
+                _put_in_place(model, block.module, done.model)
         pending = _find_blocks(looked_into, registry, seen, untraced)
-    if merged_blocks and outcome.model is model:
+    if merged_blocks:
         fold_again(model, inputs, "")
     outcome.notes.extend(_notes(merged_blocks, {n: r for n, r in untraced.items() if n in called_untraced}, left))
     return outcome
@@ -238,8 +231,7 @@ def _notes(merged_blocks: list[str], untraced: Reasons, left: Reasons) -> list[s
         )
     by_reason: dict[tuple[str, str], list[str]] = {}
     for name, (module, reason) in untraced.items():
-        if name:  # the model itself: the caller says why it was not traced as a whole
-            by_reason.setdefault((type(module).__name__, reason), []).append(name)
+        by_reason.setdefault((type(module).__name__, reason), []).append(name)
     if by_reason:
         parts = [f"{kind} ({', '.join(names)}: {reason})" for (kind, reason), names in by_reason.items()]
         notes.append(

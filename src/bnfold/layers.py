@@ -234,14 +234,12 @@ NORM_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,
 def _resolve(types: Sequence[type | str]) -> tuple[type, ...]:
     resolved = []
     for item in types:
-        if isinstance(item, str):
+        if isinstance(item, str):  # a dotted name: the class once its module is imported
             module_name, _, class_name = item.rpartition(".")
-            loaded = sys.modules.get(module_name)
-            cls = getattr(loaded, class_name, None) if loaded is not None else None
-            if isinstance(cls, type):
-                resolved.append(cls)
-        else:
-            resolved.append(item)
+            item = getattr(sys.modules.get(module_name), class_name, None)
+            if not isinstance(item, type):
+                continue
+        resolved.append(item)
     return tuple(resolved)
 
 

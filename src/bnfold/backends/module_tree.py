@@ -21,12 +21,10 @@ def _add_own_tensors(value: object, found: dict[int, tuple[torch.Tensor, int]]) 
     a parameter."""
     if isinstance(value, nn.Module):
         for module in (value.modules() if value._modules else (value,)):  # a norm is a leaf: no walk
-            for tensor in module._parameters.values():
-                if tensor is not None:
-                    found[id(tensor)] = (tensor, 0)
-            for tensor in module._buffers.values():
-                if tensor is not None:
-                    found[id(tensor)] = (tensor, 1)
+            for kind, table in enumerate((module._parameters, module._buffers)):
+                for tensor in table.values():
+                    if tensor is not None:
+                        found[id(tensor)] = (tensor, kind)
     elif isinstance(value, torch.Tensor):
         found[id(value)] = (value, 0)
 

@@ -226,7 +226,6 @@ def describe(site: Site) -> str:
 _FUNCTIONAL_LAYERS: dict[Any, int] = {  # functional conv / linear -> the activations' channel axis
     F.conv1d: 1, F.conv2d: 1, F.conv3d: 1, torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1, F.linear: -1,
 }
-_PASSIVE_MODULES = (nn.Identity,)
 
 
 def _zero(value: Any) -> bool:
@@ -264,7 +263,7 @@ def functional_rule(module: nn.Module) -> LinearLayerRule | str:
     padding = call.kwargs.get("padding", arguments[4] if arguments[4] is not None else 0)
     source = call.args[0]
     while isinstance(source, fx.Node) and source.op == "call_module" and isinstance(
-        module.get_submodule(str(source.target)), _PASSIVE_MODULES
+        module.get_submodule(str(source.target)), nn.Identity
     ):
         source = source.args[0]
     padded = None
@@ -380,12 +379,8 @@ class _Translator:
                 f"{what} '{name}' has parametrizations (torch.nn.utils.parametrize, weight_norm or spectral_norm): "
                 f"its weight is recomputed at every call"
             )
-        if module._forward_pre_hooks or module._forward_hooks:
-            hooks = [
-                kind
-                for kind, table in (("forward pre-hooks", module._forward_pre_hooks), ("forward hooks", module._forward_hooks))
-                if table
-            ]
+        tables = {"forward pre-hooks": module._forward_pre_hooks, "forward hooks": module._forward_hooks}
+        if hooks := [kind for kind, table in tables.items() if table]:
             return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
         aliases = self.tree.names_of.get(id(module), [name])
         holders = self.tree.census.holders

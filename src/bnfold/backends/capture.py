@@ -113,8 +113,8 @@ def _metadata_positions(target: Any) -> frozenset[int]:
     return _METADATA_ARGUMENTS.get(name, frozenset())
 
 
-def _is_metadata_function(func: Callable[..., Any]) -> bool:
-    name = getattr(func, "__name__", "")
+def _is_metadata_function(func: Callable[..., Any] | str) -> bool:
+    name = func if isinstance(func, str) else getattr(func, "__name__", "")
     if name in _METADATA_METHODS:
         return True
     # Property reads arrive as the property's __get__ (``Tensor.shape.__get__``).
@@ -182,12 +182,8 @@ def _op_name(func: Any) -> str:
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps every module the registry knows as one call, so BN subclasses stay visible.
-
-    Tracing is the largest part of an in-place fold's time, so the two hooks fx calls for every node are kept
-    short: whether a module is a leaf is decided once per module, and a call's arguments that are already graph
-    values (the common case: ``conv(x)``, ``x + y``) are mapped without fx's general walk over argument trees.
-    """
+    """fx tracer that keeps every module the registry knows as one call, so BN subclasses stay visible. Tracing is
+    the largest part of an in-place fold's time: the hooks fx calls for every node do only what the dataflow needs."""
 
     def __init__(self, registry: LayerRegistry) -> None:
         super().__init__()
@@ -202,9 +198,8 @@ class _Tracer(fx.Tracer):
         return leaf
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # A leaf is one call node, any other module is traced through; fx's scope and module-stack bookkeeping
-        # around either feeds node metadata that nothing here reads (the dataflow names modules by their qualified
-        # name, the node's target) and that create_node below does not copy.
+        # Without fx's scope and module-stack bookkeeping: it feeds node metadata that nothing here reads (the
+        # dataflow names modules by the node's target) and that create_node below does not copy.
         name = self.path_of_module(m)
         if self.is_leaf_module(m, name):
             return self.create_proxy("call_module", name, args, kwargs)
@@ -225,7 +220,8 @@ class _Tracer(fx.Tracer):
         return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
 
     def create_arg(self, a: Any) -> Any:
-        if isinstance(a, fx.Proxy):  # what fx's own create_arg does for these, without its dispatch
+        # Arguments that are graph values already (``conv(x)``, ``x + y``), without fx's walk over argument trees.
+        if isinstance(a, fx.Proxy):
             return a.node
         if type(a) is tuple and all(isinstance(v, fx.Proxy) for v in a):
             return tuple(v.node for v in a)
@@ -235,13 +231,9 @@ class _Tracer(fx.Tracer):
 
 
 def _fx_node_is_metadata(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _METADATA_METHODS
-    if node.op == "call_function":
-        if node.target in (getattr, operator.attrgetter) and len(node.args) >= 2:
-            return node.args[1] in _METADATA_ATTRIBUTES
-        return getattr(node.target, "__name__", "") in _METADATA_METHODS
-    return False
+    if node.op == "call_function" and node.target in (getattr, operator.attrgetter) and len(node.args) >= 2:
+        return node.args[1] in _METADATA_ATTRIBUTES
+    return node.op in ("call_method", "call_function") and _is_metadata_function(node.target)
 
 
 class TraceMismatch(Exception):

@@ -460,7 +460,6 @@ def capture_forward(
     }
     recorder = _Recorder(parameter_names)
     handles = []
-    atomic = [m for m in names if registry.is_atomic(m)]
 
     def before(module: nn.Module, args: tuple) -> None:
         recorder.depth += 1
@@ -471,7 +470,7 @@ def capture_forward(
             recorder.add_call("module", names[module], module, args, kwargs, output)
 
     try:
-        for module in atomic:
+        for module in (m for m in names if registry.is_atomic(m)):
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
         for i, value in enumerate(pytree.tree_leaves(example_inputs)):

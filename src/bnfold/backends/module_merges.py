@@ -19,7 +19,7 @@ from ..core.merge_rounds import MergeOutcome, merge_rounds
 from ..core.plan import FoldPlan
 from ..layers import LayerRegistry, passes_its_input
 from .capture import TraceMismatch, capture_fx, trace
-from .modules import ModuleWeights, Rollback, to_graph
+from .modules import ModuleWeights, to_graph
 
 
 def _dead_outside(merge: Merge, nodes: list[fx.Node]) -> str | None:
@@ -159,7 +159,7 @@ class _TracedMerges:
         self.module = module
         self.nodes = [site.origin for site in flow.sites]
         self.core = to_graph(module, flow, registry)
-        self.access = ModuleWeights(module, registry, Rollback())
+        self.access = ModuleWeights(module, registry)
         return self.core
 
     def start(self, merges: list[Merge]) -> None:

@@ -756,7 +756,6 @@ class ModuleWeights:
         self.in_place = in_place  # weights may be multiplied where they are (see Rollback)
         self.rules: dict[str, LinearLayerRule] = {}
         self.tree = tree if tree is not None else ModuleTree(model)
-        self.slots = self.tree.slots
 
     def _layer(self, name: str) -> tuple[nn.Module, LinearLayerRule]:
         module = self.tree.get(name)
@@ -807,7 +806,7 @@ class ModuleWeights:
     def remove_norm(self, norm: str) -> None:
         module, rule = self._norm(norm)
         replacement = rule.replacement(module)
-        for parent, child_name in self.slots.get(id(module), []):
+        for parent, child_name in self.tree.slots.get(id(module), []):
             self.rollback.set_slot(parent, child_name, replacement)
 
 

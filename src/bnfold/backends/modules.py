@@ -357,18 +357,6 @@ class _Translator:
         self.calls = flow.by_name("module")
         self.param_reads = flow.by_name("param")
         self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
-        self._owners: dict[int, list[str]] | None = None
-
-    def _param_owners(self, tensor: torch.Tensor) -> list[str]:
-        """Every qualified name of a parameter held by more than one module slot (found on the first such one)."""
-        if self._owners is None:
-            self._owners = {}
-            for module_name, module in self.tree.by_name.items():
-                prefix = f"{module_name}." if module_name else ""
-                for own_name, own in module._parameters.items():
-                    if own is not None:
-                        self._owners.setdefault(id(own), []).append(prefix + own_name)
-        return self._owners.get(id(tensor), [])
 
     def problem_of(self, name: str, module: nn.Module, what: str) -> str | None:
         """Why ``module`` (a ``what``: layer or norm) must not be changed whatever it is paired with:
@@ -388,7 +376,9 @@ class _Translator:
             if tensor is None or holders.get(id(tensor), 1) <= 1:  # held by this slot only: the common case
                 continue
             own_names = {f"{alias}.{own_name}" if alias else own_name for alias in aliases}
-            others = [owner for owner in self._param_owners(tensor) if owner not in own_names]
+            owners = [f"{holder_name}.{slot}" if holder_name else slot for holder_name, holder in self.tree.by_name.items()
+                      for slot, held in holder._parameters.items() if held is tensor]  # (rare: tied weights)
+            others = [owner for owner in owners if owner not in own_names]
             if others:
                 return f"the {what} '{name}' shares its parameter '{own_name}' with '{others[0]}'"
         if not self.param_reads:

@@ -19,15 +19,10 @@ that ``torch.Tensor`` and ``numpy.ndarray`` share (``*``, ``+``, ``**``, ``resha
 engine and the ONNX backend compute exactly the same thing. Callers choose the precision: the scale and shift are
 meant to be computed in float64 (see :func:`bn_scale_shift`), weights multiplied in at least float32.
 
-Weight layouts. Every supported layer stores its weight with two channel axes, 0 and 1, possibly grouped:
-
-* ``Conv``:           ``(out, in / groups, *kernel)``    output axis 0, input axis 1
-* ``ConvTranspose``:  ``(in, out / groups, *kernel)``    output axis 1, input axis 0
-* ``Linear``:         ``(out, in)``                      output axis 0, input axis 1 (groups = 1)
-* ONNX ``MatMul`` B:  ``(in, out)``                      output axis 1, input axis 0
-
-Axis 0 always holds its channels in full; axis 1 holds only the channels of one group, and which group follows
-from the position along axis 0. :func:`scale_channels` hides that difference.
+Weight layouts: two channel axes, 0 and 1, possibly grouped: ``Conv`` ``(out, in / groups, *kernel)``,
+``ConvTranspose`` ``(in, out / groups, *kernel)``, ``Linear`` ``(out, in)``, ONNX ``MatMul``'s B ``(in, out)``. Axis
+0 holds its channels in full, axis 1 those of one group (which one follows from the position along axis 0):
+:func:`scale_channels` hides that difference.
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ class LinearLayerRule:
     """How a linear layer stores its weight, and when it can absorb an affine map on its input.
 
     Attributes:
-        types: the classes (and their subclasses that keep ``behaviour_methods``) the rule covers.
+        types: the classes (and their subclasses that keep ``behaviour_methods``) the rule covers. Classes of
+            optional packages may be given by their dotted name (``"timm.layers.conv2d_same.Conv2dSame"``): they
+            match only once that package is imported, which it is whenever a model holds such a layer.
         out_axis: the weight axis of output channels (0 for Conv/Linear, 1 for ConvTranspose); the other of 0 and
             1 holds the input channels. Axis 1 holds one group's share of its channels.
         activation_channel_dim: the dimension of the layer's input/output tensor that holds channels
@@ -81,9 +83,7 @@ class NormRule:
     """How to read a norm layer as a per-channel affine map, and what replaces it once folded.
 
     Attributes:
-        types: the classes (and their subclasses that keep ``behaviour_methods``) the rule covers. Classes of
-            optional packages may be given by their dotted name (``"torchvision.ops.misc.FrozenBatchNorm2d"``):
-            they match only once that package is imported, which it is whenever a model holds such a layer.
+        types, behaviour_methods: as for :class:`LinearLayerRule`.
         statistics: reads the eval-mode affine map of a module.
         unfoldable: ``None`` when the module is a per-channel affine in eval, else the reason it is not (a lazy
             module never run).
@@ -92,7 +92,6 @@ class NormRule:
         replacement: the module that takes the norm's place in the module tree after the fold (``nn.Identity``,
             or the activation of a fused norm-activation module).
         channel_dim: the dimension of the norm's input that holds channels.
-        behaviour_methods: methods a subclass must not override to still be covered by the rule.
         depends_on_training: whether the module computes something else in training mode (batch statistics), so
             that folding it requires eval mode. ``False`` for frozen norms.
         backward_blocker: ``None`` when the module's output is exactly its affine map, so that the layers after it

@@ -637,9 +637,7 @@ class TorchNumerics:
             return bool(np.isfinite(small).all())
         # One reduction instead of isfinite + all: a sum is finite only if every term is (NaN and inf propagate);
         # a sum that overflows although every term is finite is checked element by element.
-        if bool(torch.isfinite(array.sum())):
-            return True
-        return bool(torch.isfinite(array).all())
+        return bool(torch.isfinite(array.sum())) or bool(torch.isfinite(array).all())
 
     def dtype_name(self, array: torch.Tensor) -> str:
         return str(array.dtype).removeprefix("torch.")

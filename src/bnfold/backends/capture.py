@@ -27,9 +27,6 @@ from .module_tree import ModuleTree
 
 log = logging.getLogger(__name__)
 
-FX = "torch.fx"
-FORWARD_PASS = "forward pass"
-
 MODEL_CALLS_LOCK = threading.RLock()
 """Held while bnfold traces a model or runs one.
 
@@ -379,7 +376,7 @@ def capture_fx(
                 site.inputs.append(index_of[source])
                 sites[index_of[source]].users.append(index)
         sites.append(site)
-    return Dataflow(sites, FX, shapes_known=shapes is not None)
+    return Dataflow(sites, "torch.fx", shapes_known=shapes is not None)
 
 
 # ------------------------------------------------------------------------------------------ one forward pass
@@ -482,7 +479,7 @@ def capture_forward(
     finally:
         for handle in handles:
             handle.remove()
-    return Dataflow(recorder.sites, FORWARD_PASS, notes=[
+    return Dataflow(recorder.sites, "forward pass", notes=[
         "dataflow learnt from one forward pass: branches the example inputs did not take were not seen"
     ], shapes_known=True), outputs
 

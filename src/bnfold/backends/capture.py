@@ -451,7 +451,7 @@ def capture_forward(
     Every tensor the pass creates is kept alive until it ends, so a tensor's ``id`` names one tensor only.
     """
     tree = ModuleTree(model)
-    names = {module: tree.first_name(module) for _, module in tree.unique}
+    names = {module: name for name, module in tree.unique}  # each module under its first name
     parameter_names = {
         id(t): n for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     }

@@ -47,16 +47,14 @@ class ModuleTree:
         self.model = model
         self.by_name: dict[str, nn.Module] = {}
         self.names_of: dict[int, list[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            self.by_name[name] = module
-            self.names_of.setdefault(id(module), []).append(name)
         self.slots: dict[int, list[tuple[nn.Module, str]]] = {}
         self.unique: list[tuple[str, nn.Module]] = []  # each module once, under its first name, in tree order
-        seen: set[int] = set()
-        for name, module in self.by_name.items():
-            if id(module) in seen:
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.by_name[name] = module
+            if id(module) in self.names_of:
+                self.names_of[id(module)].append(name)
                 continue
-            seen.add(id(module))
+            self.names_of[id(module)] = [name]
             self.unique.append((name, module))
             for child_name, child in module._modules.items():
                 if child is not None:

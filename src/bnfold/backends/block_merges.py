@@ -195,12 +195,11 @@ def merge_blocks(
                 looked_into.extend(_children(block.name, block.module))
                 continue
             if called.count != 1 or called.args is None:
-                if not _has_sum(block.graph):
-                    continue  # nothing to merge in it anyway
-                left[block.name] = block.module, (
-                    f"it is called {called.count} times in one forward pass" if called.count > 1
-                    else "its forward takes arguments a traced graph cannot be called with (*args, **kwargs)"
-                )
+                if _has_sum(block.graph):  # (else there is nothing to merge in it anyway)
+                    left[block.name] = block.module, (
+                        f"it is called {called.count} times in one forward pass" if called.count > 1
+                        else "its forward takes arguments a traced graph cannot be called with (*args, **kwargs)"
+                    )
                 continue
             prefix = f"{block.name}."
             done = merge_traced(block.module, registry, called.args, fold_again, graph=block.graph, prefix=prefix)

@@ -249,17 +249,16 @@ def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...
     model's own (one extra forward pass of the model, which is what it costs to know the graph is the model's).
     """
     recorder = _ShapeRecorder(fx.GraphModule(model, graph))
-    try:
-        with torch.no_grad():
+    with torch.no_grad():
+        try:
             traced_outputs = recorder.run(*example_inputs)
-    except Exception as error:  # the interpreter surfaces whatever the model's code raises
-        first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise TraceMismatch(f"the traced graph fails on the example inputs ({type(error).__name__}: {first})") from error
-    try:
-        with torch.no_grad():
+        except Exception as error:  # the interpreter surfaces whatever the model's code raises
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise TraceMismatch(f"the traced graph fails on the example inputs ({type(error).__name__}: {first})") from error
+        try:
             model_outputs = model(*example_inputs)
-    except Exception as error:
-        raise TraceMismatch(f"the model fails on the example inputs ({type(error).__name__}: {error})") from error
+        except Exception as error:
+            raise TraceMismatch(f"the model fails on the example inputs ({type(error).__name__}: {error})") from error
     difference = _outputs_differ(model_outputs, traced_outputs)
     if difference:
         raise TraceMismatch(f"the traced graph's output differs from the model's on the example inputs ({difference})")

@@ -4,7 +4,8 @@
 Registered layers and norms become units (a module called twice is one unit with two calls); any other call is an
 op, named in the core's vocabulary by the facts table below. What only a module tree knows (parametrizations, hooks,
 shared or directly read parameters) reaches the planner as a unit's ``problem``. Write-back sets
-``parameter.data`` (optimisers and references see the new values) and records a :class:`Rollback`.
+``parameter.data`` (optimisers and references see the new values), puts each folded norm's replacement in its
+slots, and records it all in a :class:`Rollback`.
 """
 
 from __future__ import annotations

@@ -132,11 +132,10 @@ def _function_facts(site: Site) -> OpFacts:
         training = site.kwargs.get("training", site.kwargs.get("train", _argument(site, 2, "training", True)))
         return OpFacts(kind, {"training": training})
     if kind == "avg_pool":
-        divisor = _argument(site, 6, "divisor_override", None) if name != "avg_pool1d" else None
         return OpFacts(kind, {
             "padding": _ints(_argument(site, 3, "padding", 0)),
             "count_include_pad": bool(_argument(site, 5, "count_include_pad", True)),
-            "divisor_override": divisor,
+            "divisor_override": _argument(site, 6, "divisor_override", None),  # (avg_pool1d has none)
         })
     if kind == "max_pool":
         at = 2 if name.startswith("adaptive") else 6  # the position of return_indices

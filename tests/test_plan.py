@@ -287,6 +287,27 @@ def test_same_bn_registered_under_two_names_is_replaced_everywhere() -> None:
     assert {s.name for s in flow.sites if s.kind == "module"} == {"block.0", "block.1"}
 
 
+def test_a_forward_pass_gives_a_parameter_read_first_in_a_call_a_site_of_its_own_before_the_call() -> None:
+    """A layer scale read in forward code: its site comes before the call's, and both keep their own index."""
+    from bnfold.backends.capture import capture_forward
+    from bnfold.layers import DEFAULT_REGISTRY
+
+    class LayerScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.gamma = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) * self.gamma
+
+    flow, _ = capture_forward(_prepared(LayerScale()), (X,), DEFAULT_REGISTRY)
+    assert [site.index for site in flow.sites] == list(range(len(flow.sites)))
+    (product,) = [site for site in flow.sites if site.kind == "op"]
+    assert [flow.sites[i].name for i in product.inputs] == ["bn", "gamma"]
+    assert flow.sites[-1].inputs == [product.index] and product.users == [flow.sites[-1].index]
+
+
 def test_linear_then_batchnorm1d_needs_2d_activations() -> None:
     mlp = _prepared(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)))
     x2 = torch.randn(4, 6)

@@ -19,15 +19,10 @@ that ``torch.Tensor`` and ``numpy.ndarray`` share (``*``, ``+``, ``**``, ``resha
 engine and the ONNX backend compute exactly the same thing. Callers choose the precision: the scale and shift are
 meant to be computed in float64 (see :func:`bn_scale_shift`), weights multiplied in at least float32.
 
-Weight layouts. Every supported layer stores its weight with two channel axes, 0 and 1, possibly grouped:
-
-* ``Conv``:           ``(out, in / groups, *kernel)``    output axis 0, input axis 1
-* ``ConvTranspose``:  ``(in, out / groups, *kernel)``    output axis 1, input axis 0
-* ``Linear``:         ``(out, in)``                      output axis 0, input axis 1 (groups = 1)
-* ONNX ``MatMul`` B:  ``(in, out)``                      output axis 1, input axis 0
-
-Axis 0 always holds its channels in full; axis 1 holds only the channels of one group, and which group follows
-from the position along axis 0. :func:`scale_channels` hides that difference.
+Weight layouts: two channel axes, 0 and 1, possibly grouped: ``Conv`` ``(out, in / groups, *kernel)``,
+``ConvTranspose`` ``(in, out / groups, *kernel)``, ``Linear`` ``(out, in)``, ONNX ``MatMul``'s B ``(in, out)``. Axis
+0 holds its channels in full, axis 1 those of one group (which one follows from the position along axis 0):
+:func:`scale_channels` hides that difference.
 """
 
 from __future__ import annotations
@@ -55,14 +50,10 @@ def bn_scale_shift(
     return scale, shift
 
 
-def scale_channels(weight: Array, scale: Array, axis: int, groups: int = 1) -> Array:
-    """Multiply ``weight`` by ``scale`` along channel ``axis`` (0 or 1) of a grouped layout; out of place.
-
-    ``scale`` has one entry per channel the axis stands for: ``weight.shape[0]`` for axis 0, and
-    ``groups * weight.shape[1]`` for axis 1 (axis 1 holds one group's share of them).
-    """
+def _channel_layout(weight: Array, scale: Array, axis: int, groups: int) -> tuple[tuple[int, ...], Array]:
+    """``weight``'s shape with axis 1 split by group where ``axis`` is 1, and ``scale`` shaped to multiply it."""
     if axis == 0:
-        return weight * scale.reshape((weight.shape[0],) + (1,) * (len(weight.shape) - 1))
+        return tuple(weight.shape), scale.reshape((weight.shape[0],) + (1,) * (len(weight.shape) - 1))
     if axis != 1:
         raise ValueError(f"channel axis must be 0 or 1, got {axis}")
     rows, per_group = weight.shape[0], weight.shape[1]
@@ -71,9 +62,17 @@ def scale_channels(weight: Array, scale: Array, axis: int, groups: int = 1) -> A
             f"weight of shape {tuple(weight.shape)} with groups={groups} does not have {scale.shape[0]} channels on axis 1"
         )
     kernel = tuple(weight.shape[2:])
-    grouped = weight.reshape((groups, rows // groups, per_group) + kernel)
-    factors = scale.reshape((groups, 1, per_group) + (1,) * len(kernel))
-    return (grouped * factors).reshape(tuple(weight.shape))
+    return (groups, rows // groups, per_group) + kernel, scale.reshape((groups, 1, per_group) + (1,) * len(kernel))
+
+
+def scale_channels(weight: Array, scale: Array, axis: int, groups: int = 1) -> Array:
+    """Multiply ``weight`` by ``scale`` along channel ``axis`` (0 or 1) of a grouped layout; out of place.
+
+    ``scale`` has one entry per channel the axis stands for: ``weight.shape[0]`` for axis 0, and
+    ``groups * weight.shape[1]`` for axis 1 (axis 1 holds one group's share of them).
+    """
+    shape, factors = _channel_layout(weight, scale, axis, groups)
+    return (weight.reshape(shape) * factors).reshape(tuple(weight.shape))
 
 
 def scale_channels_in_place(weight: Array, scale: Array, axis: int, groups: int = 1) -> None:
@@ -82,15 +81,9 @@ def scale_channels_in_place(weight: Array, scale: Array, axis: int, groups: int 
     The same products as :func:`scale_channels` (bit for bit), without allocating a second weight: for a large
     model most of a fold's time is that allocation.
     """
-    if axis == 0:
-        weight *= scale.reshape((weight.shape[0],) + (1,) * (len(weight.shape) - 1))
-        return
-    if axis != 1:
-        raise ValueError(f"channel axis must be 0 or 1, got {axis}")
-    rows, per_group = weight.shape[0], weight.shape[1]
-    kernel = tuple(weight.shape[2:])
-    grouped = weight.reshape((groups, rows // groups, per_group) + kernel)
-    grouped *= scale.reshape((groups, 1, per_group) + (1,) * len(kernel))
+    shape, factors = _channel_layout(weight, scale, axis, groups)
+    grouped = weight.reshape(shape)
+    grouped *= factors
 
 
 def forward_bias(bias: Array | None, scale: Array, shift: Array) -> Array:

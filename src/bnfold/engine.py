@@ -349,7 +349,7 @@ def _merge(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegi
             whole_failure = outcome.failure
         if how == "blocks" or whole_failure is not None:
             assert inputs is not None  # checked by fold(); an untraceable model was folded on them already
-            outcome = merge_blocks(model, registry, inputs, fold_again, include_root=False)
+            outcome = merge_blocks(model, registry, inputs, fold_again)
             if whole_failure is not None:
                 outcome.notes.insert(0, (
                     f"{type(model).__name__} was not merged as a whole, {whole_failure}: branches were merged inside "

@@ -1,19 +1,11 @@
-"""The one registry of layer knowledge.
+"""The one registry of layer knowledge: linear layers (:class:`LinearLayerRule`: a weight and an optional bias
+that can absorb a per-channel affine map on their output or, where exact, their input) and norms
+(:class:`NormRule`: a per-channel affine map in eval, removed once a neighbour absorbed it).
 
-Two kinds of layer matter to folding:
-
-* a **linear layer** (:class:`LinearLayerRule`): computes a linear map over channels with a weight and an
-  optional bias, and so can absorb a per-channel affine map on its output (forward fold) or, where that is
-  exact, on its input (backward fold). Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear are built in.
-* a **norm layer** (:class:`NormRule`): *is* a per-channel affine map in eval mode, and can be removed once a
-  neighbour absorbed it. BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm* and torchvision's FrozenBatchNorm2d are
-  built in.
-
-A rule matches a module whose class is one of the rule's classes, or a subclass of one that overrides none of the
-methods that compute the output (``forward``, and ``_conv_forward`` for convolutions): a subclass that computes
-something else (a weight-standardised conv, a norm with an activation inside) would be broken silently by a fold
-that assumed the parent's maths, so it is left alone unless a rule names it. Users teach bnfold a layer of their own
-with :func:`register_layer` / :func:`register_norm`; the built-in layers are declared the same way, as data.
+A rule matches a module of one of its classes, or of a subclass that overrides none of the methods that compute the
+output: a subclass that computes something else (a weight-standardised conv, a norm with an activation inside)
+would be broken silently by a fold that assumed the parent's maths. Built-in layers are declared as data, like
+those users teach bnfold with :func:`register_layer` / :func:`register_norm`.
 """
 
 from __future__ import annotations
@@ -40,7 +32,9 @@ class LinearLayerRule:
     """How a linear layer stores its weight, and when it can absorb an affine map on its input.
 
     Attributes:
-        types: the classes (and their subclasses that keep ``behaviour_methods``) the rule covers.
+        types: the classes (and their subclasses that keep ``behaviour_methods``) the rule covers. Classes of
+            optional packages may be given by their dotted name (``"timm.layers.conv2d_same.Conv2dSame"``): they
+            match only once that package is imported, which it is whenever a model holds such a layer.
         out_axis: the weight axis of output channels (0 for Conv/Linear, 1 for ConvTranspose); the other of 0 and
             1 holds the input channels. Axis 1 holds one group's share of its channels.
         activation_channel_dim: the dimension of the layer's input/output tensor that holds channels
@@ -89,9 +83,7 @@ class NormRule:
     """How to read a norm layer as a per-channel affine map, and what replaces it once folded.
 
     Attributes:
-        types: the classes (and their subclasses that keep ``behaviour_methods``) the rule covers. Classes of
-            optional packages may be given by their dotted name (``"torchvision.ops.misc.FrozenBatchNorm2d"``):
-            they match only once that package is imported, which it is whenever a model holds such a layer.
+        types, behaviour_methods: as for :class:`LinearLayerRule`.
         statistics: reads the eval-mode affine map of a module.
         unfoldable: ``None`` when the module is a per-channel affine in eval, else the reason it is not (a lazy
             module never run).
@@ -100,7 +92,6 @@ class NormRule:
         replacement: the module that takes the norm's place in the module tree after the fold (``nn.Identity``,
             or the activation of a fused norm-activation module).
         channel_dim: the dimension of the norm's input that holds channels.
-        behaviour_methods: methods a subclass must not override to still be covered by the rule.
         depends_on_training: whether the module computes something else in training mode (batch statistics), so
             that folding it requires eval mode. ``False`` for frozen norms.
         backward_blocker: ``None`` when the module's output is exactly its affine map, so that the layers after it
@@ -132,11 +123,8 @@ CONV_RULE = LinearLayerRule(
     groups=_conv_groups,
     behaviour_methods=("forward", "_conv_forward"),
 )
-CONV_TRANSPOSE_RULE = LinearLayerRule(
-    types=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-    out_axis=1,
-    activation_channel_dim=1,
-    groups=_conv_groups,
+CONV_TRANSPOSE_RULE = replace(
+    CONV_RULE, types=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), out_axis=1,
     behaviour_methods=("forward", "_output_padding"),
 )
 LINEAR_RULE = LinearLayerRule(types=(nn.Linear,), out_axis=0, activation_channel_dim=-1)
@@ -144,11 +132,8 @@ LINEAR_RULE = LinearLayerRule(types=(nn.Linear,), out_axis=0, activation_channel
 
 # timm's Conv2dSame (tf_* EfficientNets, MixNets, ...): zero-pads the input to 'same' size, then a plain conv2d
 # with this module's weight and bias, so the output is linear per output channel like any Conv2d.
-TIMM_CONV2D_SAME_RULE = LinearLayerRule(
-    types=("timm.layers.conv2d_same.Conv2dSame",),
-    out_axis=0,
-    activation_channel_dim=1,
-    groups=_conv_groups,
+TIMM_CONV2D_SAME_RULE = replace(
+    CONV_RULE, types=("timm.layers.conv2d_same.Conv2dSame",), behaviour_methods=("forward",),
     input_padding=lambda module: None if all(k == 1 for k in module.kernel_size) else PADS_TO_SAME_AT_RUN_TIME,
 )
 
@@ -248,14 +233,12 @@ NORM_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,
 def _resolve(types: Sequence[type | str]) -> tuple[type, ...]:
     resolved = []
     for item in types:
-        if isinstance(item, str):
+        if isinstance(item, str):  # a dotted name: the class once its module is imported
             module_name, _, class_name = item.rpartition(".")
-            loaded = sys.modules.get(module_name)
-            cls = getattr(loaded, class_name, None) if loaded is not None else None
-            if isinstance(cls, type):
-                resolved.append(cls)
-        else:
-            resolved.append(item)
+            item = getattr(sys.modules.get(module_name), class_name, None)
+            if not isinstance(item, type):
+                continue
+        resolved.append(item)
     return tuple(resolved)
 
 
@@ -272,11 +255,8 @@ _ATOMIC: dict[tuple[type, tuple[int, ...]], bool] = {}
 
 
 def _match(module: nn.Module, rules: Sequence[LinearLayerRule | NormRule]) -> Match:
-    """Find the rule for ``module``: its own class, or the nearest registered ancestor it does not re-define.
-
-    The answer depends only on the class and the rules (a class named by a dotted string can only be an ancestor
-    of ``module``'s class once its package is imported), so it is remembered per class and rule list.
-    """
+    """Find the rule for ``module``: its own class, or the nearest registered ancestor it does not re-define;
+    remembered per class and rule list (a class named by a dotted string is an ancestor only once imported)."""
     key = (type(module), tuple(map(id, rules)))
     found = _MATCHES.get(key)
     if found is None:

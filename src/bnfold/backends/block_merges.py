@@ -1,22 +1,11 @@
-"""Branch merges block by block: where torch.fx cannot trace a model as a whole, or its class is to be kept.
+"""Branch merges block by block, where torch.fx cannot trace a model as a whole (ultralytics' detectors loop over
+their layers) or its class is to be kept, while the blocks holding the sums can be traced (``RepConv``).
 
-:mod:`bnfold.backends.module_merges` rewrites the traced graph of a whole model. Many models cannot be traced as a
-whole (ultralytics' detectors loop over their layers, ``for m in self.model: ... y.append(x)``), while the blocks
-that hold their summed branches can (``RepConv``: ``act(conv1(x) + conv2(x) + bn(x))``). So here:
-
-1. the module tree is walked from the top: each module whose own forward torch.fx traces is a *block* (its
-   descendants are not looked at separately); a module it cannot trace is looked into, child by child; layers and
-   norms (atomic for the registry) and modules without children hold no sum of layers and are passed by;
-2. one forward pass of the model on the example inputs records what each block is called with (and how often);
-3. each block called once is merged exactly as a whole model is (:func:`~bnfold.backends.module_merges.
-   merge_traced`, on the inputs it received, the traced graph checked against the block on them first); a block
-   where something merged is put back in the module tree as the ``GraphModule`` of its merged graph (same module
-   names inside, the block's own plain attributes kept, e.g. ultralytics' ``f`` and ``i`` that the model's loop
-   reads); every other module stays as it was: class, forward code and names.
-
-A block whose trace does not compute what it computes on its inputs is looked into as an untraceable module is; one
-called several times or never is left, with the reason in a note. Sums in the forward code of a module torch.fx
-cannot trace are not seen: the notes name those modules.
+A *block* is the highest module whose own forward torch.fx traces (an untraceable one is looked into, child by
+child); one forward pass records what each block is called with, and each block called once is merged as a whole
+model is (:func:`~bnfold.backends.module_merges.merge_traced`) and put back into the tree as its ``GraphModule``,
+keeping its plain attributes (ultralytics' ``f`` and ``i``, which the model's loop reads). What was left, and why,
+goes into the notes.
 """
 
 from __future__ import annotations
@@ -104,12 +93,9 @@ _SUMS = frozenset({"add", "sub", "iadd", "isub", "add_", "sub_", "__add__", "__s
 
 def _has_sum(graph: fx.Graph) -> bool:
     """Whether a traced graph adds or subtracts anything (every block of branches is a sum or a difference)."""
-    for node in graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            if name in _SUMS:
-                return True
-    return False
+    return any(node.op in ("call_function", "call_method")
+               and (node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")) in _SUMS
+               for node in graph.nodes)
 
 
 def _positional(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -133,9 +119,9 @@ def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.M
                   ) -> dict[int, _Calls]:
     """One forward pass of ``model``: how often each block and each ``counted`` module is called, and (a copy of)
     what each block first receives."""
-    calls: dict[int, _Calls] = {id(module): _Calls() for module in counted}
+    modules = {id(module): module for module in (*counted, *(block.module for block in blocks))}
+    calls = {key: _Calls() for key in modules}
     arguments = {id(block.module) for block in blocks}
-    calls.update({key: _Calls() for key in arguments})
 
     def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen = calls[id(module)]
@@ -144,7 +130,6 @@ def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.M
             copied = pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
             seen.args = _positional(module, *copied)
 
-    modules = {id(module): module for module in counted} | {id(block.module): block.module for block in blocks}
     handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in modules.values()]
     try:
         with MODEL_CALLS_LOCK, torch.no_grad():
@@ -156,17 +141,14 @@ def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.M
 
 
 def _qualified(entry: MergeEntry, prefix: str, region: str) -> MergeEntry:
-    def name(local: str) -> str:
-        return prefix + local
-
     return dataclasses.replace(
-        entry, block=name(entry.block), into=None if entry.into is None else name(entry.into),
-        layers=tuple(map(name, entry.layers)), kept=tuple(map(name, entry.kept)), region=region,
-        identities=tuple(i if i == "input" else name(i) for i in entry.identities),
+        entry, block=prefix + entry.block, into=None if entry.into is None else prefix + entry.into,
+        layers=tuple(prefix + n for n in entry.layers), kept=tuple(prefix + n for n in entry.kept), region=region,
+        identities=tuple(i if i == "input" else prefix + i for i in entry.identities),
     )
 
 
-def _put_in_place(model: nn.Module, name: str, original: nn.Module, merged: nn.Module) -> None:
+def _put_in_place(model: nn.Module, original: nn.Module, merged: nn.Module) -> None:
     """``merged`` in every slot of the tree that holds ``original``, with ``original``'s plain attributes (data the
     model's own code may read, such as ultralytics' ``m.f``); its bound methods and hooks stay behind."""
     own = vars(merged)
@@ -187,25 +169,21 @@ def merge_blocks(
     registry: LayerRegistry,
     inputs: tuple[Any, ...],
     fold_again: FoldAgain,
-    *,
-    include_root: bool,
 ) -> MergeOutcome:
-    """Merge the summed branches of ``model`` (folded already, owned by the caller) inside each block whose forward
-    torch.fx traces, and put the merged blocks back into its module tree; the model keeps its class.
+    """Merge the summed branches of ``model`` (folded already, owned by the caller) inside each block below it whose
+    forward torch.fx traces, and put the merged blocks back into its module tree; the model keeps its class.
 
-    ``include_root``: whether ``model`` itself may be such a block (it is not when its class is to be kept, or when
-    it was tried already). Once blocks merged, ``fold_again`` folds the whole model once more (a norm after a merged
-    block, in its parent's code, may fold now). Merge entries name blocks, layers and norms by their qualified names
-    in ``model`` and the block they were merged in (:attr:`~bnfold.report.MergeEntry.region`).
+    Once blocks merged, ``fold_again`` folds the whole model once more (a norm after a merged block, in its parent's
+    code, may fold now). Merge entries name blocks, layers and norms by their qualified names in ``model`` and the
+    block they were merged in (:attr:`~bnfold.report.MergeEntry.region`).
     """
     outcome = MergeOutcome(model=model)
     untraced: Reasons = {}
     left: Reasons = {}  # blocks not merged in
     merged_blocks: list[str] = []
     seen: set[int] = set()
-    starts = [("", model)] if include_root else _children("", model)
     called_untraced: set[str] = set()  # the modules looked into that the forward pass calls (not only holds)
-    pending = _find_blocks(starts, registry, seen, untraced)
+    pending = _find_blocks(_children("", model), registry, seen, untraced)
     while pending:
         counted = {name: module for name, (module, _) in untraced.items() if name not in called_untraced}
         calls = _record_calls(model, pending, counted.values(), inputs)
@@ -217,14 +195,13 @@ def merge_blocks(
                 looked_into.extend(_children(block.name, block.module))
                 continue
             if called.count != 1 or called.args is None:
-                if not _has_sum(block.graph):
-                    continue  # nothing to merge in it anyway
-                left[block.name] = block.module, (
-                    f"it is called {called.count} times in one forward pass" if called.count > 1
-                    else "its forward takes arguments a traced graph cannot be called with (*args, **kwargs)"
-                )
+                if _has_sum(block.graph):  # (else there is nothing to merge in it anyway)
+                    left[block.name] = block.module, (
+                        f"it is called {called.count} times in one forward pass" if called.count > 1
+                        else "its forward takes arguments a traced graph cannot be called with (*args, **kwargs)"
+                    )
                 continue
-            prefix = f"{block.name}." if block.name else ""
+            prefix = f"{block.name}."
             done = merge_traced(block.module, registry, called.args, fold_again, graph=block.graph, prefix=prefix)
             if done.failure is not None:  # the trace is not what the block computes: its children may trace right
                 untraced[block.name] = block.module, done.failure
@@ -235,13 +212,10 @@ def merge_blocks(
             outcome.absorbed_norms.update({prefix + n: prefix + layer for n, layer in done.absorbed_norms.items()})
             outcome.notes.extend(done.notes)
             if done.model is not block.module:
-                merged_blocks.append(block.name or "the model itself")
-                if block.module is model:
-                    outcome.model = done.model
-                else:
-                    _put_in_place(model, block.name, block.module, done.model)
+                merged_blocks.append(block.name)
+                _put_in_place(model, block.module, done.model)
         pending = _find_blocks(looked_into, registry, seen, untraced)
-    if merged_blocks and outcome.model is model:
+    if merged_blocks:
         fold_again(model, inputs, "")
     outcome.notes.extend(_notes(merged_blocks, {n: r for n, r in untraced.items() if n in called_untraced}, left))
     return outcome
@@ -256,8 +230,7 @@ def _notes(merged_blocks: list[str], untraced: Reasons, left: Reasons) -> list[s
         )
     by_reason: dict[tuple[str, str], list[str]] = {}
     for name, (module, reason) in untraced.items():
-        if name:  # the model itself: the caller says why it was not traced as a whole
-            by_reason.setdefault((type(module).__name__, reason), []).append(name)
+        by_reason.setdefault((type(module).__name__, reason), []).append(name)
     if by_reason:
         parts = [f"{kind} ({', '.join(names)}: {reason})" for (kind, reason), names in by_reason.items()]
         notes.append(

@@ -1,17 +1,10 @@
-"""Who feeds whom: the dataflow of a model as a list of call sites.
+"""Who feeds whom: the dataflow of a model as a list of call sites (a BN may fold into the conv that produced its
+input only if nothing else reads that conv's output, which the order of registration does not tell).
 
-Folding is only safe along real dataflow: a BN may fold into the conv that produced its input only if nothing else
-reads that conv's output, and the order in which modules were registered says nothing about that. This module
-learns the dataflow in one of two ways and returns the same :class:`Dataflow` from both:
-
-* **torch.fx symbolic tracing** (``method="torch.fx"``): sees every path through ``forward`` at once, needs no
-  inputs, but fails on control flow that depends on tensor values and on some untraceable code.
-* **one watched forward pass** (``method="forward pass"``): runs the model on the example inputs under a
-  :class:`~torch.overrides.TorchFunctionMode` and forward hooks, recording every torch function call and every
-  call of a layer bnfold knows. It works on any model that runs, but sees only the path those inputs take.
-
-Capture knows nothing of folding: the registry tells it only which modules are atomic (their calls are one site,
-their insides are not looked at).
+Two ways, one :class:`Dataflow`: **torch.fx symbolic tracing** sees every path and needs no inputs, but fails on
+value-dependent control flow; **one watched forward pass** (a :class:`~torch.overrides.TorchFunctionMode` and
+forward hooks) works on any model that runs, but sees only the path the example inputs take. Modules the registry
+knows are atomic: one call, their insides not looked at.
 """
 
 from __future__ import annotations
@@ -33,9 +26,6 @@ from ..layers import LayerRegistry
 from .module_tree import ModuleTree
 
 log = logging.getLogger(__name__)
-
-FX = "torch.fx"
-FORWARD_PASS = "forward pass"
 
 MODEL_CALLS_LOCK = threading.RLock()
 """Held while bnfold traces a model or runs one.
@@ -83,15 +73,9 @@ class Dataflow:
     notes: list[str] = field(default_factory=list)
     shapes_known: bool = False  # every site's shape was recorded from a forward pass
 
-    def module_sites(self) -> dict[str, list[Site]]:
-        """Call sites of each module, by qualified name, in call order."""
-        return self._by_name("module")
-
-    def param_reads(self) -> dict[str, list[Site]]:
-        """Sites that read a parameter or buffer outside its own module's call, by qualified name."""
-        return self._by_name("param")
-
-    def _by_name(self, kind: str) -> dict[str, list[Site]]:
+    def by_name(self, kind: str) -> dict[str, list[Site]]:
+        """The sites of one ``kind`` by qualified name, in order: ``"module"``, each module's calls; ``"param"``,
+        the reads of a parameter or buffer outside its own module's call."""
         grouped: dict[str, list[Site]] = {}
         for site in self.sites:
             if site.kind == kind:
@@ -126,8 +110,8 @@ def _metadata_positions(target: Any) -> frozenset[int]:
     return _METADATA_ARGUMENTS.get(name, frozenset())
 
 
-def _is_metadata_function(func: Callable[..., Any]) -> bool:
-    name = getattr(func, "__name__", "")
+def _is_metadata_function(func: Callable[..., Any] | str) -> bool:
+    name = func if isinstance(func, str) else getattr(func, "__name__", "")
     if name in _METADATA_METHODS:
         return True
     # Property reads arrive as the property's __get__ (``Tensor.shape.__get__``).
@@ -161,13 +145,9 @@ def _operator_symbol(name: str, dunder_only: bool = False) -> str | None:
 
 
 def _op_name(func: Any) -> str:
-    """The op as a user writes it: ``torch.cat``, ``x + y``, ``F.max_pool2d``, ``x.flatten``.
-
-    Reasons name the op a norm's path runs into; the internal names Python gives these callables
-    (``_VariableFunctionsClass.cat``, ``TensorBase.add``, ``boolean_dispatch.<locals>.fn``) mean nothing to a user.
-    ``func`` is a torch.fx node target (a callable, or a method name for ``call_method``) or the callable a
-    watched forward pass saw.
-    """
+    """The op as a user writes it (``torch.cat``, ``x + y``, ``F.max_pool2d``, ``x.flatten``) for reasons, not
+    Python's internal names (``_VariableFunctionsClass.cat``, ``TensorBase.add``): ``func`` is a torch.fx node
+    target (a callable, or a method name) or the callable a watched forward pass saw."""
     if isinstance(func, str):  # torch.fx call_method: a Tensor method by name
         return _operator_symbol(func, dunder_only=True) or f"x.{func}"
     name = str(getattr(func, "__name__", None) or repr(func))
@@ -199,12 +179,8 @@ def _op_name(func: Any) -> str:
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps every module the registry knows as one call, so BN subclasses stay visible.
-
-    Tracing is the largest part of an in-place fold's time, so the two hooks fx calls for every node are kept
-    short: whether a module is a leaf is decided once per module, and a call's arguments that are already graph
-    values (the common case: ``conv(x)``, ``x + y``) are mapped without fx's general walk over argument trees.
-    """
+    """fx tracer that keeps every module the registry knows as one call, so BN subclasses stay visible. Tracing is
+    the largest part of an in-place fold's time: the hooks fx calls for every node do only what the dataflow needs."""
 
     def __init__(self, registry: LayerRegistry) -> None:
         super().__init__()
@@ -219,9 +195,8 @@ class _Tracer(fx.Tracer):
         return leaf
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # A leaf is one call node, any other module is traced through; fx's scope and module-stack bookkeeping
-        # around either feeds node metadata that nothing here reads (the dataflow names modules by their qualified
-        # name, the node's target) and that create_node below does not copy.
+        # Without fx's scope and module-stack bookkeeping: it feeds node metadata that nothing here reads (the
+        # dataflow names modules by the node's target) and that create_node below does not copy.
         name = self.path_of_module(m)
         if self.is_leaf_module(m, name):
             return self.create_proxy("call_module", name, args, kwargs)
@@ -242,7 +217,8 @@ class _Tracer(fx.Tracer):
         return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
 
     def create_arg(self, a: Any) -> Any:
-        if isinstance(a, fx.Proxy):  # what fx's own create_arg does for these, without its dispatch
+        # Arguments that are graph values already (``conv(x)``, ``x + y``), without fx's walk over argument trees.
+        if isinstance(a, fx.Proxy):
             return a.node
         if type(a) is tuple and all(isinstance(v, fx.Proxy) for v in a):
             return tuple(v.node for v in a)
@@ -252,13 +228,9 @@ class _Tracer(fx.Tracer):
 
 
 def _fx_node_is_metadata(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _METADATA_METHODS
-    if node.op == "call_function":
-        if node.target in (getattr, operator.attrgetter) and len(node.args) >= 2:
-            return node.args[1] in _METADATA_ATTRIBUTES
-        return getattr(node.target, "__name__", "") in _METADATA_METHODS
-    return False
+    if node.op == "call_function" and node.target in (getattr, operator.attrgetter) and len(node.args) >= 2:
+        return node.args[1] in _METADATA_ATTRIBUTES
+    return node.op in ("call_method", "call_function") and _is_metadata_function(node.target)
 
 
 class TraceMismatch(Exception):
@@ -277,17 +249,16 @@ def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...
     model's own (one extra forward pass of the model, which is what it costs to know the graph is the model's).
     """
     recorder = _ShapeRecorder(fx.GraphModule(model, graph))
-    try:
-        with torch.no_grad():
+    with torch.no_grad():
+        try:
             traced_outputs = recorder.run(*example_inputs)
-    except Exception as error:  # the interpreter surfaces whatever the model's code raises
-        first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise TraceMismatch(f"the traced graph fails on the example inputs ({type(error).__name__}: {first})") from error
-    try:
-        with torch.no_grad():
+        except Exception as error:  # the interpreter surfaces whatever the model's code raises
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise TraceMismatch(f"the traced graph fails on the example inputs ({type(error).__name__}: {first})") from error
+        try:
             model_outputs = model(*example_inputs)
-    except Exception as error:
-        raise TraceMismatch(f"the model fails on the example inputs ({type(error).__name__}: {error})") from error
+        except Exception as error:
+            raise TraceMismatch(f"the model fails on the example inputs ({type(error).__name__}: {error})") from error
     difference = _outputs_differ(model_outputs, traced_outputs)
     if difference:
         raise TraceMismatch(f"the traced graph's output differs from the model's on the example inputs ({difference})")
@@ -346,6 +317,9 @@ def _outputs_differ(model_outputs: Any, traced_outputs: Any) -> str | None:
     return None
 
 
+_SITE_KINDS = {"placeholder": "input", "get_attr": "param", "call_module": "module", "output": "output"}
+
+
 def trace(model: nn.Module, registry: LayerRegistry) -> fx.Graph:
     """The torch.fx graph of ``model``, with every module the registry knows kept as one call."""
     return _Tracer(registry).trace(model)
@@ -358,14 +332,11 @@ def capture_fx(
     graph: fx.Graph | None = None,
     tree: ModuleTree | None = None,
 ) -> Dataflow:
-    """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed).
+    """Learn the dataflow of ``model`` by torch.fx symbolic tracing (no inputs needed; raises what torch.fx raises).
 
-    With ``example_inputs`` every site also gets the shape of what it produces (reshapes between a layer and its
-    norm can only be judged with shapes), and the graph is checked against the model on them
-    (:class:`TraceMismatch`). Raises whatever torch.fx raises when the model cannot be traced; :func:`capture`
-    turns that into advice. ``graph``: a graph :func:`trace` made of ``model`` already (each site's ``origin`` is
-    then a node of it, for a caller that rewrites that graph). ``tree``: the model's :class:`ModuleTree`, if the caller
-    has one.
+    With ``example_inputs`` every site also gets its shape (reshapes between a layer and its norm can only be judged
+    with shapes), and the graph is checked against the model on them (:class:`TraceMismatch`). ``graph``: a trace of
+    ``model`` already made (sites' ``origin`` are its nodes, for a caller that rewrites it); ``tree``: its tree.
     """
     graph = graph if graph is not None else trace(model, registry)
     shapes = _fx_shapes(model, graph, example_inputs) if example_inputs is not None else None
@@ -386,25 +357,17 @@ def capture_fx(
         ):
             metadata.add(node)
             continue
-        index = len(sites)
-        index_of[node] = index
+        index_of[node] = index = len(sites)
         refs.append(TensorRef(index))
-        if node.op == "placeholder":
-            site = Site(index, "input", str(node.target))
-        elif node.op == "get_attr":
-            site = Site(index, "param", str(node.target))
-        elif node.op == "call_module":
-            module = tree.get(str(node.target))
-            site = Site(index, "module", tree.first_name(module), target=module)
-        elif node.op == "output":
-            site = Site(index, "output", "output")
-        else:
-            site = Site(index, "op", _op_name(node.target), target=node.target)
-        site.origin = node
-        if shapes is not None:
-            site.shape = shapes.get(node)
-        site.args = tuple(fx.node.map_arg(node.args, to_ref))
-        site.kwargs = dict(fx.node.map_arg(node.kwargs, to_ref)) if node.kwargs else {}
+        kind, name, target = _SITE_KINDS.get(node.op, "op"), str(node.target), node.target
+        if kind == "module":
+            target = tree.get(name)
+            name = tree.first_name(target)
+        elif kind == "op":
+            name = _op_name(node.target)
+        site = Site(index, kind, name, target=target if kind in ("module", "op") else None, origin=node,
+                    shape=shapes.get(node) if shapes is not None else None, args=tuple(fx.node.map_arg(node.args, to_ref)),
+                    kwargs=dict(fx.node.map_arg(node.kwargs, to_ref)) if node.kwargs else {})
         positions = _metadata_positions(node.target) if node.op != "call_module" else ()
         metadata_only = {node.args[p] for p in positions if p < len(node.args)}
         for source in node.all_input_nodes:
@@ -412,7 +375,7 @@ def capture_fx(
                 site.inputs.append(index_of[source])
                 sites[index_of[source]].users.append(index)
         sites.append(site)
-    return Dataflow(sites, FX, shapes_known=shapes is not None)
+    return Dataflow(sites, "torch.fx", shapes_known=shapes is not None)
 
 
 # ------------------------------------------------------------------------------------------ one forward pass
@@ -436,39 +399,38 @@ class _Recorder(TorchFunctionMode):
         name = self.parameter_names.get(key)
         if name is None:
             return None  # a constant made inside forward (torch.zeros, ...): nothing folds through it
-        index = self._add(Site(len(self.sites), "param", name))
-        self.producer[key] = index
-        return index
+        self.producer[key] = self.add("param", name).index
+        return self.producer[key]
 
-    def _add(self, site: Site) -> int:
+    def add(self, kind: str, name: str, **fields: Any) -> Site:
+        site = Site(len(self.sites), kind, name, **fields)
         self.sites.append(site)
-        return site.index
+        return site
 
-    def add_call(self, kind: str, name: str, target: Any, args: tuple, kwargs: dict, outputs: Any) -> int:
-        index = len(self.sites)
-        site = Site(index, kind, name, target=target)
-
+    def add_call(self, kind: str, name: str, target: Any, args: tuple, kwargs: dict, outputs: Any) -> None:
         metadata_only = {id(args[p]) for p in _metadata_positions(target) if p < len(args)}
+        inputs: list[int] = []
 
         def to_ref(value: Any) -> Any:
             if isinstance(value, torch.Tensor) and id(value) not in metadata_only:
                 source = self.source_of(value)
                 if source is not None:
-                    site.inputs.append(source)
-                    self.sites[source].users.append(index)
+                    inputs.append(source)
                     return TensorRef(source)
             return value
 
-        site.args = tuple(pytree.tree_map(to_ref, list(args)))
-        site.kwargs = pytree.tree_map(to_ref, dict(kwargs))
-        self._add(site)
+        # The arguments are mapped before the call's own site is added: a parameter read for the first time gets
+        # its site there, before the call's.
+        mapped = tuple(pytree.tree_map(to_ref, list(args))), pytree.tree_map(to_ref, dict(kwargs))
+        site = self.add(kind, name, inputs=inputs, target=target, args=mapped[0], kwargs=mapped[1])
+        for source in inputs:
+            self.sites[source].users.append(site.index)
         for value in pytree.tree_leaves(outputs):
             if isinstance(value, torch.Tensor):
                 if site.shape is None:
                     site.shape = tuple(value.shape)
-                self.producer[id(value)] = index
+                self.producer[id(value)] = site.index
                 self.keep_alive.append(value)
-        return index
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -488,13 +450,12 @@ def capture_forward(
     Every tensor the pass creates is kept alive until it ends, so a tensor's ``id`` names one tensor only.
     """
     tree = ModuleTree(model)
-    names = {module: tree.first_name(module) for _, module in tree.unique}
+    names = {module: name for name, module in tree.unique}  # each module under its first name
     parameter_names = {
         id(t): n for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     }
     recorder = _Recorder(parameter_names)
     handles = []
-    atomic = [m for m in names if registry.is_atomic(m)]
 
     def before(module: nn.Module, args: tuple) -> None:
         recorder.depth += 1
@@ -505,20 +466,19 @@ def capture_forward(
             recorder.add_call("module", names[module], module, args, kwargs, output)
 
     try:
-        for module in atomic:
+        for module in (m for m in names if registry.is_atomic(m)):
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
         for i, value in enumerate(pytree.tree_leaves(example_inputs)):
             if isinstance(value, torch.Tensor):
-                index = recorder._add(Site(len(recorder.sites), "input", f"input_{i}", shape=tuple(value.shape)))
-                recorder.producer[id(value)] = index
+                recorder.producer[id(value)] = recorder.add("input", f"input_{i}", shape=tuple(value.shape)).index
         with torch.no_grad(), recorder:
             outputs = model(*example_inputs)
         recorder.add_call("output", "output", None, (outputs,), {}, None)
     finally:
         for handle in handles:
             handle.remove()
-    return Dataflow(recorder.sites, FORWARD_PASS, notes=[
+    return Dataflow(recorder.sites, "forward pass", notes=[
         "dataflow learnt from one forward pass: branches the example inputs did not take were not seen"
     ], shapes_known=True), outputs
 

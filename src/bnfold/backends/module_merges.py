@@ -1,14 +1,7 @@
-"""Branch merges on an ``nn.Module``: the core's :class:`~bnfold.core.merge.MergePlan` written into a torch.fx graph.
-
-A merge removes layers and additions from the forward computation, which a module tree cannot express without
-its forward code: the model is traced with torch.fx (every module the registry knows kept as one call), the merged
-layer's weight and bias are written by the core's arithmetic (:func:`bnfold.core.apply.merge_one`), and in the
-traced graph every reader of the sum reads the merged layer's output instead; the additions, the other branches'
-layer and norm calls and the identities between are erased. The result is a ``torch.fx.GraphModule`` that keeps
-the model's module names (``state_dict`` keys of what is left stay as they were).
-
-The rounds of merges and folds are the core's (:mod:`bnfold.core.merge_rounds`); this module is the trace's side
-of them (:class:`_TracedMerges`).
+"""Branch merges on an ``nn.Module``: the core's merge rounds (:mod:`bnfold.core.merge_rounds`) on a torch.fx trace
+of the model (:class:`_TracedMerges`), whose module names stay those of the model (``state_dict`` keys of what is
+left do not change). A module tree cannot express a merge without its forward code: in the trace, readers of a sum
+read the merged layer instead, and the other branches' calls and the additions are erased.
 """
 
 from __future__ import annotations
@@ -26,7 +19,7 @@ from ..core.merge_rounds import MergeOutcome, merge_rounds
 from ..core.plan import FoldPlan
 from ..layers import LayerRegistry, passes_its_input
 from .capture import TraceMismatch, capture_fx, trace
-from .modules import ModuleWeights, Rollback, to_graph
+from .modules import ModuleWeights, to_graph
 
 
 def _dead_outside(merge: Merge, nodes: list[fx.Node]) -> str | None:
@@ -133,13 +126,9 @@ def _rewrite(graph: fx.Graph, merge: Merge, nodes: list[fx.Node], into_node: fx.
 
 
 class _TracedMerges:
-    """A model's torch.fx trace as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`).
-
-    The first round traces ``model`` (unless ``graph``, a trace of it, is given), checks the trace against ``model``
-    on ``inputs`` (:class:`~bnfold.backends.capture.TraceMismatch`) and makes a GraphModule of it that shares every
-    module with ``model`` (the merged layers are written in place: the caller hands over a model it owns); the rounds
-    after a merge edit that GraphModule's graph again, so block names stay those of the returned model.
-    """
+    """A model's torch.fx trace as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`): the first
+    round makes a GraphModule that shares every module with ``model`` (merged layers are written in place), the
+    rounds after edit its graph again, so block names stay those of the returned model."""
 
     def __init__(self, model: nn.Module, registry: LayerRegistry, inputs: tuple[Any, ...] | None,
                  fold_again: FoldAgain, graph: fx.Graph | None, prefix: str) -> None:
@@ -170,7 +159,7 @@ class _TracedMerges:
         self.module = module
         self.nodes = [site.origin for site in flow.sites]
         self.core = to_graph(module, flow, registry)
-        self.access = ModuleWeights(module, registry, Rollback())
+        self.access = ModuleWeights(module, registry)
         return self.core
 
     def start(self, merges: list[Merge]) -> None:

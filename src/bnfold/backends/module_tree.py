@@ -1,17 +1,13 @@
-"""One walk over a model's module tree, shared by every step of a fold.
+"""One walk over a model's module tree, shared by every step of a fold (``get_submodule`` and ``named_modules``
+walk it again on every call: on resnet50 a fifth of an in-place fold's time).
 
-Capture, translation, the report and the write-back all look modules up by name, ask for a module's first name,
-or for the parents that hold it. ``nn.Module.get_submodule`` and ``named_modules`` walk the tree again on every
-call; on resnet50 those walks were a fifth of an in-place fold's time. A :class:`ModuleTree` walks it once.
-
-It describes the tree as it was when it was made: a fold replaces norms in the tree (by ``nn.Identity``), so a tree
-is made per model and per pass, and the names it resolves are those the plan was made from.
+A tree describes the model as it was when made (a fold replaces norms), so one is made per model and per pass.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +21,10 @@ def _add_own_tensors(value: object, found: dict[int, tuple[torch.Tensor, int]]) 
     a parameter."""
     if isinstance(value, nn.Module):
         for module in (value.modules() if value._modules else (value,)):  # a norm is a leaf: no walk
-            for tensor in module._parameters.values():
-                if tensor is not None:
-                    found[id(tensor)] = (tensor, 0)
-            for tensor in module._buffers.values():
-                if tensor is not None:
-                    found[id(tensor)] = (tensor, 1)
+            for kind, table in enumerate((module._parameters, module._buffers)):
+                for tensor in table.values():
+                    if tensor is not None:
+                        found[id(tensor)] = (tensor, kind)
     elif isinstance(value, torch.Tensor):
         found[id(value)] = (value, 0)
 
@@ -53,16 +47,14 @@ class ModuleTree:
         self.model = model
         self.by_name: dict[str, nn.Module] = {}
         self.names_of: dict[int, list[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            self.by_name[name] = module
-            self.names_of.setdefault(id(module), []).append(name)
         self.slots: dict[int, list[tuple[nn.Module, str]]] = {}
         self.unique: list[tuple[str, nn.Module]] = []  # each module once, under its first name, in tree order
-        seen: set[int] = set()
-        for name, module in self.by_name.items():
-            if id(module) in seen:
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.by_name[name] = module
+            if id(module) in self.names_of:
+                self.names_of[id(module)].append(name)
                 continue
-            seen.add(id(module))
+            self.names_of[id(module)] = [name]
             self.unique.append((name, module))
             for child_name, child in module._modules.items():
                 if child is not None:
@@ -125,15 +117,3 @@ class ModuleTree:
                 return None
             counts[kind] += tensor.numel()
         return counts[0], counts[1]
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor, bool]]:
-        """Every parameter and buffer once, as ``(qualified name, tensor, is_parameter)``: what
-        ``named_parameters()`` and ``named_buffers()`` give, from the walk already made."""
-        seen: set[int] = set()
-        for module_name, module in self.unique:
-            prefix = f"{module_name}." if module_name else ""
-            for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
-                for name, tensor in table.items():
-                    if tensor is not None and id(tensor) not in seen:
-                        seen.add(id(tensor))
-                        yield prefix + name, tensor, is_parameter

@@ -1,17 +1,11 @@
-"""The ``nn.Module`` adapter: a captured dataflow and the layer registry, translated into the core graph; and the
-core's folds written back into the module tree.
+"""The ``nn.Module`` adapter: a captured :class:`~bnfold.backends.capture.Dataflow` translated into the core graph
+(:func:`to_graph`), and the core's folds written back into the module tree (:class:`ModuleWeights`).
 
-Translation (:func:`to_graph`): every call site of :class:`~bnfold.backends.capture.Dataflow` becomes a node; a module the
-registry knows as a linear layer or a norm becomes a unit whose calls are its sites (a module called twice is one
-unit with two calls); any other module or torch function becomes an op, named in the core's vocabulary by the one
-facts table below (:data:`_MODULE_KINDS`, :data:`_FUNCTION_KINDS`), with the arguments that decide whether an affine
-map passes it. Module-only knowledge, parametrizations, hooks, parameters shared between modules or read directly by
-the forward code, is read here once and handed to the planner as a layer's or norm's ``problem``.
-
-Writing back (:class:`ModuleWeights`): the core computes the new tensors, this class swaps them into the parameters
-(``parameter.data = new``, so optimisers and references see the new values) and replaces each folded norm in the
-module tree by its rule's replacement (``nn.Identity``, or a fused norm's activation), recording everything so that a
-failed verification can restore the model bit for bit (:class:`Rollback`).
+Registered layers and norms become units (a module called twice is one unit with two calls); any other call is an
+op, named in the core's vocabulary by the facts table below. What only a module tree knows (parametrizations, hooks,
+shared or directly read parameters) reaches the planner as a unit's ``problem``. Write-back sets
+``parameter.data`` (optimisers and references see the new values), puts each folded norm's replacement in its
+slots, and records it all in a :class:`Rollback`.
 """
 
 from __future__ import annotations
@@ -50,7 +44,15 @@ from ..core.graph import (
     same_padding,
 )
 from ..core.pipeline import NormModes
-from ..layers import CONV_RULE, CONV_TRANSPOSE_RULE, LINEAR_RULE, LayerRegistry, LinearLayerRule, NormRule
+from ..layers import (
+    CONV_RULE,
+    CONV_TRANSPOSE_RULE,
+    LINEAR_RULE,
+    LayerRegistry,
+    LinearLayerRule,
+    NormRule,
+    passes_its_input,
+)
 from ..segments import span_all_finite, span_counts, span_max_abs
 from .capture import Dataflow, Site, TensorRef
 from .module_tree import ModuleTree
@@ -89,10 +91,6 @@ _FUNCTION_KINDS: dict[str, str] = {
     **dict.fromkeys(("truediv", "__truediv__", "div", "divide", "true_divide"), "div"),
 }
 
-# Position of ``return_indices`` in the functional max pools.
-_RETURN_INDICES_AT = {"max_pool1d": 6, "max_pool2d": 6, "max_pool3d": 6,
-                      "adaptive_max_pool1d": 2, "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 2}
-
 
 _IN_PLACE_ARITHMETIC = frozenset({"iadd", "__iadd__", "add_", "isub", "__isub__", "sub_", "imul", "__imul__", "mul_",
                                   "neg_"})
@@ -102,10 +100,8 @@ _ARITHMETIC_KINDS = frozenset({"add", "sub", "mul"})
 
 def _passes_its_input(site: Site) -> bool:
     """A module call that returns the tensor it reads itself (``nn.Identity``, dropout in eval)."""
-    if site.kind != "module" or len(site.inputs) != 1 or not isinstance(site.target, nn.Module):
-        return False
-    facts = _module_facts(site.target)
-    return facts.kind == "identity" or (facts.kind == "dropout" and facts.attributes.get("training") is False)
+    return site.kind == "module" and len(site.inputs) == 1 and isinstance(site.target, nn.Module) \
+        and passes_its_input(site.target)
 
 
 def op_name(site: Site) -> str:
@@ -136,58 +132,48 @@ def _function_facts(site: Site) -> OpFacts:
         training = site.kwargs.get("training", site.kwargs.get("train", _argument(site, 2, "training", True)))
         return OpFacts(kind, {"training": training})
     if kind == "avg_pool":
-        divisor = _argument(site, 6, "divisor_override", None) if name != "avg_pool1d" else None
         return OpFacts(kind, {
             "padding": _ints(_argument(site, 3, "padding", 0)),
             "count_include_pad": bool(_argument(site, 5, "count_include_pad", True)),
-            "divisor_override": divisor,
+            "divisor_override": _argument(site, 6, "divisor_override", None),  # (avg_pool1d has none)
         })
     if kind == "max_pool":
-        return OpFacts(kind, {"return_indices": bool(_argument(site, _RETURN_INDICES_AT[name], "return_indices", False))})
+        at = 2 if name.startswith("adaptive") else 6  # the position of return_indices
+        return OpFacts(kind, {"return_indices": bool(_argument(site, at, "return_indices", False))})
     if kind == "mean":
         dims = _argument(site, 1, "dim", None)
         return OpFacts(kind, {"dims": None if dims is None else _ints(dims), "keepdim": bool(_argument(site, 2, "keepdim", False))})
     if kind == "permute":
         args = list(site.args[1:])
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-        order = site.kwargs.get("dims", dims)
-        if not all(isinstance(d, int) for d in order):
-            return OpFacts("other")
-        return OpFacts(kind, {"order": tuple(order)})
+        order = site.kwargs.get("dims", args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)
+        return OpFacts(kind, {"order": tuple(order)}) if all(isinstance(d, int) for d in order) else OpFacts("other")
     if kind == "transpose":
-        args = list(site.args[1:])
-        first = site.kwargs.get("dim0", args[0] if args else 0)
-        second = site.kwargs.get("dim1", args[1] if len(args) > 1 else 0)
-        if not isinstance(first, int) or not isinstance(second, int):
-            return OpFacts("other")
-        return OpFacts(kind, {"dims": (first, second)})
+        dims = (_argument(site, 1, "dim0", 0), _argument(site, 2, "dim1", 0))
+        return OpFacts(kind, {"dims": dims}) if all(isinstance(d, int) for d in dims) else OpFacts("other")
     if kind in ("squeeze", "unsqueeze"):
-        dims = site.kwargs.get("dim", site.args[1] if len(site.args) > 1 else None)
+        dims = _argument(site, 1, "dim", None)
         if dims is None and kind == "squeeze":
             return OpFacts(kind, {"dims": None})
-        if isinstance(dims, int) and not isinstance(dims, bool):
-            return OpFacts(kind, {"dims": (dims,)})
+        dims = (dims,) if isinstance(dims, int) and not isinstance(dims, bool) else dims
         if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims):
             return OpFacts(kind, {"dims": tuple(dims)})
         return OpFacts("other")
     if kind in ("add", "sub", "mul"):
         return _arithmetic_facts(site, kind, name)
     if kind == "div":
-        if site.kwargs.get("rounding_mode", site.args[2] if len(site.args) > 2 else None) is not None:
+        if _argument(site, 2, "rounding_mode", None) is not None:
             return OpFacts("other")  # floor / trunc division rounds: no affine map
         return _arithmetic_facts(site, kind, name)
     if kind == "concat":
         axis = site.kwargs.get("dim", site.kwargs.get("axis", site.args[1] if len(site.args) > 1 else 0))
-        return OpFacts(kind, {"axis": axis if isinstance(axis, int) and not isinstance(axis, TensorRef) else None})
+        return OpFacts(kind, {"axis": axis if isinstance(axis, int) else None})
     return OpFacts(kind)
 
 
 def _arithmetic_facts(site: Site, kind: str, name: str) -> OpFacts:
-    """``add`` / ``sub`` / ``mul`` / ``div`` with their operands in call order (:class:`~bnfold.core.graph.Operand`):
-    a tensor the model reads is its position among the site's inputs (torch.fx lists a tensor read twice once), a
-    plain number is a number; :func:`_with_constants` adds what the dataflow knows of them and lets the
-    core decide. ``rsub`` is written as the subtraction it computes; ``-x`` as ``x * -1``. Anything else among the
-    operands (a list, None) makes it an ``other`` op."""
+    """``add`` / ``sub`` / ``mul`` / ``div`` with their operands in call order: a tensor as its position among the
+    site's inputs (torch.fx lists a tensor read twice once), a number as itself; anything else (a list, None) makes
+    an ``other`` op. ``rsub`` is the subtraction it computes, ``-x`` is ``x * -1``."""
     if name.lstrip("_").startswith("neg"):
         values: list[Any] = [_argument(site, 0, "input", None), -1]
     else:
@@ -226,17 +212,13 @@ def _module_facts(module: nn.Module) -> OpFacts:
     return OpFacts(kind)
 
 
+_DESCRIPTIONS = {"module": "module '{name}' ({type})", "input": "a model input", "param": "the tensor '{name}'",
+                 "output": "the model output", "op": "the operation {name}"}
+
+
 def describe(site: Site) -> str:
     """How a reason names a call site."""
-    if site.kind == "module":
-        return f"module '{site.name}' ({type(site.target).__name__})"
-    if site.kind == "input":
-        return "a model input"
-    if site.kind == "param":
-        return f"the tensor '{site.name}'"
-    if site.kind == "output":
-        return "the model output"
-    return f"the operation {site.name}"
+    return _DESCRIPTIONS[site.kind].format(name=site.name, type=type(site.target).__name__)
 
 
 # ------------------------------------------------------------------- layers that compute in their own code
@@ -244,14 +226,13 @@ def describe(site: Site) -> str:
 _FUNCTIONAL_LAYERS: dict[Any, int] = {  # functional conv / linear -> the activations' channel axis
     F.conv1d: 1, F.conv2d: 1, F.conv3d: 1, torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1, F.linear: -1,
 }
-_PASSIVE_MODULES = (nn.Identity,)
 
 
 def _zero(value: Any) -> bool:
     return all(v == 0 for v in _ints(value)) if not isinstance(value, str) else value == "valid"
 
 
-def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: str = "bias") -> LinearLayerRule | str:
+def functional_rule(module: nn.Module) -> LinearLayerRule | str:
     """The rule of a layer whose class overrides ``forward`` but ends in one functional convolution / linear call on
     its own weight and bias (smp's ``Conv2dStaticSamePadding``: pad, then ``F.conv2d(x, self.weight, self.bias,
     ...)``); else why bnfold cannot tell what it computes.
@@ -268,23 +249,21 @@ def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: s
     if len(calls) != 1 or len(outputs) != 1 or outputs[0].args[0] is not calls[0]:
         return "its forward() does not end in exactly one convolution or linear call"
     call = calls[0]
-    weight = call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
-    bias = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
-    own = {weight_name: weight, bias_name: bias}
-    for name, node in own.items():
-        if node is None and name == bias_name:
+    arguments = list(call.args) + [None] * 7
+    for position, name in ((1, "weight"), (2, "bias")):
+        node = arguments[position] if len(call.args) > position else call.kwargs.get(name)
+        if node is None and name == "bias":
             continue
         if not isinstance(node, fx.Node) or node.op != "get_attr" or node.target != name or len(node.users) != 1:
             return f"its forward() does not use its own {name} only in its convolution / linear call"
     if len(call.users) != 1:
         return "its forward() uses the convolution's output more than once"
     channel_dim = _FUNCTIONAL_LAYERS[call.target]
-    arguments = list(call.args) + [None] * 7
     groups = int(call.kwargs.get("groups", arguments[6] if arguments[6] is not None else 1)) if channel_dim == 1 else 1
     padding = call.kwargs.get("padding", arguments[4] if arguments[4] is not None else 0)
     source = call.args[0]
     while isinstance(source, fx.Node) and source.op == "call_module" and isinstance(
-        module.get_submodule(str(source.target)), _PASSIVE_MODULES
+        module.get_submodule(str(source.target)), nn.Identity
     ):
         source = source.args[0]
     padded = None
@@ -294,7 +273,7 @@ def functional_rule(module: nn.Module, weight_name: str = "weight", bias_name: s
         padded = PADS_ZEROS
     return LinearLayerRule(
         types=(type(module),), out_axis=0, activation_channel_dim=channel_dim, groups=lambda m: groups,
-        input_padding=lambda m: padded, weight_name=weight_name, bias_name=bias_name,
+        input_padding=lambda m: padded,
     )
 
 
@@ -367,50 +346,38 @@ def _sizes(values: tuple[Any, ...]) -> tuple[int, ...]:
 # -------------------------------------------------------------------------------------------- translation
 
 
-class _ModuleProblems:
-    """Why a module must not be changed whatever it is paired with: parametrizations, hooks, a parameter another
-    module holds too, a tensor of its own that the forward code reads directly."""
+class _Translator:
+    """The units (layers and norms the registry knows, with their facts) and the dataflow of a captured model."""
 
-    def __init__(self, flow: Dataflow, tree: ModuleTree) -> None:
+    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree) -> None:
+        self.model = model
         self.flow = flow
+        self.registry = registry
         self.tree = tree
-        self.param_reads = flow.param_reads()
-        self.holders = tree.census.holders
-        self._owners: dict[int, list[str]] | None = None
+        self.calls = flow.by_name("module")
+        self.param_reads = flow.by_name("param")
+        self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
 
-    def _param_owners(self, tensor: torch.Tensor) -> list[str]:
-        """Every qualified name of a parameter held by more than one module slot (found on the first such one)."""
-        if self._owners is None:
-            self._owners = {}
-            for module_name, module in self.tree.by_name.items():
-                prefix = f"{module_name}." if module_name else ""
-                for own_name, own in module._parameters.items():
-                    if own is not None:
-                        self._owners.setdefault(id(own), []).append(prefix + own_name)
-        return self._owners.get(id(tensor), [])
-
-    def of(self, name: str, module: nn.Module, what: str) -> str | None:
-        """Why ``module`` (a ``what``: layer or norm) must not be touched at all, or ``None``."""
+    def problem_of(self, name: str, module: nn.Module, what: str) -> str | None:
+        """Why ``module`` (a ``what``: layer or norm) must not be changed whatever it is paired with:
+        parametrizations, hooks, a parameter another module holds too, a tensor of its own that the forward code
+        reads directly; or ``None``."""
         if _may_be_parametrized(module) and parametrize.is_parametrized(module):
             return (
                 f"{what} '{name}' has parametrizations (torch.nn.utils.parametrize, weight_norm or spectral_norm): "
                 f"its weight is recomputed at every call"
             )
-        if module._forward_pre_hooks or module._forward_hooks:
-            hooks = [
-                kind
-                for kind, table in (("forward pre-hooks", module._forward_pre_hooks), ("forward hooks", module._forward_hooks))
-                if table
-            ]
+        tables = {"forward pre-hooks": module._forward_pre_hooks, "forward hooks": module._forward_hooks}
+        if hooks := [kind for kind, table in tables.items() if table]:
             return f"{what} '{name}' has {' and '.join(hooks)} (weight_norm, spectral_norm or your own), which may change what it computes"
         aliases = self.tree.names_of.get(id(module), [name])
+        holders = self.tree.census.holders
         for own_name, tensor in module._parameters.items():
-            if tensor is None or self.holders.get(id(tensor), 1) <= 1:  # held by this slot only: the common case
-                continue
-            owners = self._param_owners(tensor)
-            if len(owners) <= len(aliases):  # only its own names
+            if tensor is None or holders.get(id(tensor), 1) <= 1:  # held by this slot only: the common case
                 continue
             own_names = {f"{alias}.{own_name}" if alias else own_name for alias in aliases}
+            owners = [f"{holder_name}.{slot}" if holder_name else slot for holder_name, holder in self.tree.by_name.items()
+                      for slot, held in holder._parameters.items() if held is tensor]  # (rare: tied weights)
             others = [owner for owner in owners if owner not in own_names]
             if others:
                 return f"the {what} '{name}' shares its parameter '{own_name}' with '{others[0]}'"
@@ -427,19 +394,6 @@ class _ModuleProblems:
             return f"its tensor '{tensor_name}' is also read directly by {describe(user)} in the forward code"
         return None
 
-
-class _Translator:
-    """The units (layers and norms the registry knows, with their facts) and the dataflow of a captured model."""
-
-    def __init__(self, model: nn.Module, flow: Dataflow, registry: LayerRegistry, tree: ModuleTree) -> None:
-        self.model = model
-        self.flow = flow
-        self.registry = registry
-        self.tree = tree
-        self.calls = flow.module_sites()
-        self.problems = _ModuleProblems(flow, tree)
-        self.gammas: dict[str, torch.Tensor] = {}  # each foldable norm's gamma, by name
-
     def layer_facts(self, name: str, module: nn.Module) -> LayerFacts | None:
         rule, reason = layer_rule(module, self.registry)
         if rule is None:
@@ -449,7 +403,6 @@ class _Translator:
             return LayerFacts(0, 0, rule.activation_channel_dim, problem=(
                 f"the layer '{name}' is a lazy module whose weight is not materialised yet; run one forward pass first"
             ))
-        problem = None
         unbatched = [
             site.shape for site in self.calls.get(name, [])
             if weight is not None and rule.activation_channel_dim == 1 and site.shape is not None
@@ -463,7 +416,7 @@ class _Translator:
                 f"not on the axis 1 a norm normalises"
             )
         else:
-            problem = self.problems.of(name, module, "layer")
+            problem = self.problem_of(name, module, "layer")
         return LayerFacts(
             out_channels=rule.out_channels(module),
             in_channels=rule.in_channels(module),
@@ -487,7 +440,7 @@ class _Translator:
         if problem is not None or batch is not None:
             return NormFacts(_channels_guess(module), rule.channel_dim, problem=problem, batch_statistics=batch)
         if name in self.calls:
-            problem = self.problems.of(name, module, "norm")
+            problem = self.problem_of(name, module, "norm")
         statistics = rule.statistics(module)
         if statistics.gamma is not None:
             self.gammas[name] = statistics.gamma  # its negative scales are counted with all the others'
@@ -500,31 +453,23 @@ class _Translator:
 
     def translate(self) -> Graph:
         graph = Graph(method=self.flow.method, shapes_known=self.flow.shapes_known, notes=list(self.flow.notes))
-        units: list[tuple[str, nn.Module, NormFacts | LayerFacts]] = []
         for name, module in self.tree.unique:
             if self.registry.is_norm_candidate(module):
-                units.append((name, module, self.norm_facts(name, module)))
+                graph.add_unit(name, NORM, type(module).__name__, norm=self.norm_facts(name, module))
             elif (facts := self.layer_facts(name, module)) is not None:
-                units.append((name, module, facts))
-        negatives = dict(zip(self.gammas, _count_negatives(list(self.gammas.values())), strict=True))
-        for name, module, facts in units:
-            if isinstance(facts, LayerFacts):
                 graph.add_unit(name, LAYER, type(module).__name__, layer=facts)
-                continue
-            if negatives.get(name):
-                facts = replace(facts, negative_scales=negatives[name])
-            graph.add_unit(name, NORM, type(module).__name__, norm=facts)
+        for name, negatives in zip(self.gammas, _count_negatives(list(self.gammas.values())), strict=True):
+            if negatives:
+                unit = graph.units[name]
+                unit.norm = replace(unit.norm, negative_scales=negatives)  # type: ignore[type-var]
         for site in self.flow.sites:
             label = describe(site)
-            if site.kind == "input":
-                graph.add_node(INPUT, label, site.inputs, shape=site.shape)
-            elif site.kind == "param":
+            if site.kind == "param":
                 graph.add_node(CONSTANT, label, site.inputs, shape=site.shape or _constant_shape(self.model, site.name))
-            elif site.kind == "output":
-                graph.add_node(OUTPUT, label, site.inputs, shape=site.shape)
+            elif site.kind in ("input", "output"):
+                graph.add_node(INPUT if site.kind == "input" else OUTPUT, label, site.inputs, shape=site.shape)
             elif site.kind == "module" and site.name in graph.units:
-                unit = graph.units[site.name]
-                graph.add_node(unit.kind, label, site.inputs, shape=site.shape, unit=site.name)
+                graph.add_node(graph.units[site.name].kind, label, site.inputs, shape=site.shape, unit=site.name)
             elif site.kind == "module":
                 graph.add_node(OP, label, site.inputs, shape=site.shape, op=_module_facts(site.target))
             else:
@@ -589,17 +534,13 @@ def _overwritable(site: Site, flow: Dataflow, graph: Graph) -> bool:
     chain = [flow.sites[first.site]]
     while _passes_its_input(chain[-1]):
         chain.append(flow.sites[chain[-1].inputs[0]])
-    if not _computes_own_tensor(chain[-1], flow, graph):
+    own = chain[-1]
+    in_place = own.kind == "op" and op_name(own) in _IN_PLACE_ARITHMETIC  # a chain of in-place ops: x += y; x += z
+    if not (_overwritable(own, flow, graph) if in_place else _reads_without_aliasing(own, graph)):
         return False
     allowed = {site.index} | {member.index for member in chain[:-1]}
     return all(user in allowed or (user < site.index and _reads_without_aliasing(flow.sites[user], graph))
                for member in chain for user in member.users)
-
-
-def _computes_own_tensor(site: Site, flow: Dataflow, graph: Graph) -> bool:
-    if site.kind == "op" and op_name(site) in _IN_PLACE_ARITHMETIC:  # a chain of in-place ops: x += y; x += z
-        return _overwritable(site, flow, graph)
-    return _reads_without_aliasing(site, graph)
 
 
 def _reads_without_aliasing(site: Site, graph: Graph) -> bool:
@@ -632,13 +573,8 @@ def _count_negatives(arrays: list[torch.Tensor]) -> list[int]:
     :mod:`bnfold.segments`)."""
     if not arrays:
         return []
-    with torch.no_grad():  # no detach() per array: on arrays this small, every call counts
-        flat = arrays if all(a.dim() == 1 for a in arrays) else [a.reshape(-1) for a in arrays]
-        try:
-            negative = (torch.cat(flat) < 0).cpu().numpy()
-        except RuntimeError:  # arrays on several devices
-            return [int((a < 0).sum()) for a in flat]
-    return span_counts(negative, list(itertools.accumulate((a.shape[0] for a in flat), initial=0)))
+    negative = (TorchNumerics().concat64(arrays) < 0).numpy()
+    return span_counts(negative, list(itertools.accumulate((a.numel() for a in arrays), initial=0)))
 
 
 def _as_numpy64(array: torch.Tensor) -> np.ndarray:
@@ -701,9 +637,7 @@ class TorchNumerics:
             return bool(np.isfinite(small).all())
         # One reduction instead of isfinite + all: a sum is finite only if every term is (NaN and inf propagate);
         # a sum that overflows although every term is finite is checked element by element.
-        if bool(torch.isfinite(array.sum())):
-            return True
-        return bool(torch.isfinite(array).all())
+        return bool(torch.isfinite(array.sum())) or bool(torch.isfinite(array).all())
 
     def dtype_name(self, array: torch.Tensor) -> str:
         return str(array.dtype).removeprefix("torch.")
@@ -810,7 +744,6 @@ class ModuleWeights:
         self.in_place = in_place  # weights may be multiplied where they are (see Rollback)
         self.rules: dict[str, LinearLayerRule] = {}
         self.tree = tree if tree is not None else ModuleTree(model)
-        self.slots = self.tree.slots
 
     def _layer(self, name: str) -> tuple[nn.Module, LinearLayerRule]:
         module = self.tree.get(name)
@@ -861,7 +794,7 @@ class ModuleWeights:
     def remove_norm(self, norm: str) -> None:
         module, rule = self._norm(norm)
         replacement = rule.replacement(module)
-        for parent, child_name in self.slots.get(id(module), []):
+        for parent, child_name in self.tree.slots.get(id(module), []):
             self.rollback.set_slot(parent, child_name, replacement)
 
 

@@ -1,8 +1,8 @@
 """One entry point for every format: :func:`fold`, :func:`plan`, :func:`report_for` and :func:`save`.
 
 The caller never says which format a model is in: its backend is picked by the table
-:data:`bnfold.formats.BACKENDS`, and the result is of the kind that was given (a path: the kind its file holds). An
-option a format has no use for is refused with that reason rather than ignored.
+:data:`bnfold.formats.BACKENDS`, and the result is of the kind that was given (a path: the kind its file
+holds). An option a format has no use for is refused with that reason rather than ignored.
 
 Where the report lives: the returned object's report is kept beside it, for :func:`report_for` and :func:`save`.
 PyTorch results are weakly referenced keys (the record goes with the result). A protobuf ``ModelProto`` takes no
@@ -47,11 +47,13 @@ def _backend(model: Any) -> Backend:
 
 def _prepare(model: Any, trust_pickle: bool, options: dict[str, Any]
              ) -> tuple[Any, Backend, tuple[Path, ...], dict[str, Any]]:
-    """The model (read, if a path: an ONNX file stays a path, its backend reads it), its backend, the files read,
-    and ``options`` checked against the backend, named by the path unless a name was given."""
+    """The model (read, if a path: an ONNX file stays a path, its backend reads it), its backend, the files
+    read, and ``options`` checked against the backend, named by the path unless a name was given."""
     if not isinstance(model, (str, os.PathLike)):
         if trust_pickle:
-            raise InvalidInputError("trust_pickle=True applies to a model file's path; this model is already loaded")
+            raise InvalidInputError(
+                "trust_pickle=True applies to a model file's path; this model is already loaded"
+            )
         backend, sources = _backend(model), ()
     else:
         sources = (Path(model),)
@@ -68,7 +70,8 @@ def _prepare(model: Any, trust_pickle: bool, options: dict[str, Any]
         if backend is None:
             raise InvalidInputError(
                 f"{sources[0]} holds weights (a state_dict), not a model: build the model, call "
-                "model.load_state_dict(torch.load(path)) and pass the model (the `bnfold` command reads it with --arch NAME)"
+                "model.load_state_dict(torch.load(path)) and pass the model (the `bnfold` command reads it "
+                "with --arch NAME)"
             )
         options["name"] = options["name"] or str(sources[0])
     if options.get("merge_branches") == "blocks" and "inplace" not in backend.options:

@@ -1,14 +1,10 @@
-"""The four kinds of model bnfold folds, in one table: how to recognise each, fold it, plan it, write it, read the
-written file back the way its user opens it, and run it.
+"""The four kinds of model bnfold folds, in one table (:data:`BACKENDS`): how to recognise each, fold it,
+plan it, write it, read the written file back the way its user opens it, and run it. The API and the
+``bnfold`` command call what :func:`backend_for` (or :func:`backend_for_file`) gives and never ask which kind
+they have.
 
-:func:`bnfold.fold`, :func:`bnfold.plan`, :func:`bnfold.save` and the ``bnfold`` command all do
-``backend = backend_for(model)`` (or :func:`backend_for_file` for a file they read) and call what it holds; none of
-them asks which kind it has. The table is :data:`BACKENDS`; a ScriptModule comes before ``nn.Module`` because a
-ScriptModule is an ``nn.Module``.
-
-Every fold is checked by one rule (:mod:`bnfold.judge`) and every write is staged, read back by its path and judged
-again before it replaces anything (:func:`save_checked`). Nothing here imports PyTorch until a PyTorch model is
-handled: an ONNX model or file is folded, planned and written on a machine without it.
+Nothing here imports PyTorch until a PyTorch model is handled: an ONNX model or file is folded, planned and
+written on a machine without it.
 """
 
 from __future__ import annotations
@@ -74,6 +70,11 @@ class Backend:
 
 
 # ---------------------------------------------------------------------------------------- recognising kinds
+
+
+def _later(module: str, name: str) -> Callable[..., Any]:
+    """``module.name`` (relative to bnfold if it starts with a dot), imported when it is first called."""
+    return lambda *args, **kwargs: getattr(import_module(module, __package__), name)(*args, **kwargs)
 
 
 def _torch_instance(value: Any, module: str, name: str) -> bool:
@@ -158,13 +159,11 @@ def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: s
     its own example inputs (``own_batches``, used when none are given; its dry run then reads none of the given ones:
 ``plan_reads_inputs``)."""
 
-    def functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
-        module = import_module(f".backends.{backend}", __package__)
-        return getattr(module, fold_name), getattr(module, plan_name)
+    fold_function = _later(f".backends.{backend}", fold_name)
+    plan_function = _later(f".backends.{backend}", plan_name)
 
     def fold(model: Any, batches: list[Any] | None, options: dict[str, Any], sources: tuple[Path, ...]
              ) -> tuple[Any, Fold]:
-        fold_function, _ = functions()
         given, batches = batches, batches or own_batches(model)
         verify = _verify_default(options.get("verify"), batches)
         folded, report = fold_function(model, example_inputs=given[0] if given else None,
@@ -178,7 +177,6 @@ def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: s
     def plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
         from .core.pipeline import merge_preview
 
-        fold_function, plan_function = functions()
         name = options.get("name") or default_name
         given = None if example_inputs is None else _torch_batches(example_inputs)[0]
         if options.get("merge_branches"):  # the caller's model is frozen or exported again, never changed
@@ -228,12 +226,6 @@ def _exported_input_shape(program: Any, given: tuple[int, ...] | None, name: str
     return given
 
 
-def _check_batch_sizes(program: Any, sizes: tuple[int, ...]) -> None:
-    from .backends.exported import check_batch_sizes
-
-    check_batch_sizes(program, sizes)
-
-
 def onnx_module() -> Any:
     """:mod:`bnfold.onnx`, or the install hint where the onnx package is missing."""
     try:
@@ -281,12 +273,6 @@ def _onnx_fixed_input_shape(model_or_path: Any) -> tuple[int, ...] | None:
         return None
     sizes = declared_shape(inputs[0])
     return tuple(sizes) if sizes and all(n for n in sizes) else None  # type: ignore[arg-type]
-
-
-def _torch_save(model: Any, path: Path) -> None:
-    import torch
-
-    torch.save(model, path)
 
 
 def _torch_read(path: Path) -> Any:
@@ -384,9 +370,9 @@ BACKENDS = (
             "pt2", "a torch.export (.pt2)", _exported_fold, _exported_plan, _torch_batches, _save,
             write=_exported_save, read=_exported_read, runnable=_graph_module,
             only_as="a torch.export program (.pt2) can only be written as pt2", input_shape=_exported_input_shape,
-            check_batch_sizes=_check_batch_sizes),
+            check_batch_sizes=_later(".backends.exported", "check_batch_sizes")),
     Backend("nn.Module", is_module, loading.PICKLE, "pickle", "a pickled nn.Module", _module_fold, _module_plan,
-            _torch_batches, _save, frozenset({"inplace", "registry"}), _torch_save, _torch_read),
+            _torch_batches, _save, frozenset({"inplace", "registry"}), _later("torch", "save"), _torch_read),
     Backend("ONNX model", is_onnx, loading.ONNX, "onnx", "an ONNX", _onnx_fold, _onnx_plan,
             lambda inputs: inputs if isinstance(inputs, list) else [inputs], _onnx_save,
             frozenset({"seed", "input_shape"}), runnable=_onnx_runnable, needs_torch=False,

@@ -54,7 +54,6 @@ class Backend:
     fold: Callable[[Any, list[Any] | None, dict[str, Any], tuple[Path, ...]], tuple[Any, Fold]]
     plan: Callable[[Any, Any, dict[str, Any]], FoldReport]
     batches: Callable[[Any], list[Any]]  # example_inputs as fold() takes them, as a list of batches
-    save: Callable[[Any, Fold, Path | str, bool], dict[str, Any] | None]
     options: frozenset[str] = frozenset()  # beyond the common ones
     write: Callable[[Any, Path], None] | None = None
     read: Callable[[Path], Any] | None = None  # a written file, opened by its path as its user opens it
@@ -67,6 +66,18 @@ class Backend:
     fixed_input_shape: Callable[[Any], tuple[int, ...] | None] = lambda model: None
     # refuse batch sizes the model cannot run (a program exported with a static batch), before timing them
     check_batch_sizes: Callable[[Any, tuple[int, ...]], None] = lambda model, sizes: None
+
+    def save(self, result: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
+        """Write the folded ``result`` in its own format, checked (:func:`save_checked`,
+        :func:`judge_written`)."""
+        if record.onnx is not None:
+            return record.onnx.save(path, force=force)  # external data beside it when the source had it
+        assert self.write is not None and self.read is not None  # every PyTorch backend
+        write, read = self.write, self.read
+        target = check_output_path(path, record.sources, force=force)
+        return save_checked(target, force, f"the folded {self.kind}", lambda file: write(result, file),
+                            lambda file: self.runnable(read(file)),
+                            judge_written(self, result, record, f"the written {target.name}"))
 
 
 # ---------------------------------------------------------------------------------------- recognising kinds
@@ -250,10 +261,6 @@ def _onnx_plan(model_or_path: Any, example_inputs: Any, options: dict[str, Any])
     return _named(onnx_module().plan(model_or_path, merge_branches=options.get("merge_branches", False)), options)
 
 
-def _onnx_save(model: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
-    return record.onnx.save(path, force=force)  # external data beside it when the source had it
-
-
 def _onnx_runnable(model_or_path: Any) -> Any:
     from .onnx import load
     from .onnx.in_torch import OnnxRuntimeModule
@@ -351,30 +358,19 @@ def judge_written(backend: Backend, result: Any, record: Fold, what: str, batche
     return judge
 
 
-def _save(result: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
-    """Write a PyTorch result in its own format, checked (:func:`save_checked`, :func:`judge_written`)."""
-    backend = backend_for(result)
-    assert backend is not None and backend.write is not None and backend.read is not None  # every PyTorch backend
-    write, read = backend.write, backend.read
-    target = check_output_path(path, record.sources, force=force)
-    return save_checked(target, force, f"the folded {backend.kind}", lambda staged_path: write(result, staged_path),
-                        lambda staged_path: backend.runnable(read(staged_path)),
-                        judge_written(backend, result, record, f"the written {target.name}"))
-
-
 BACKENDS = (
     Backend("TorchScript module", lambda m: _torch_instance(m, "torch.jit", "ScriptModule"), loading.TORCHSCRIPT,
-            "torchscript", "a TorchScript", _script_fold, _script_plan, _torch_batches, _save, write=_script_save,
+            "torchscript", "a TorchScript", _script_fold, _script_plan, _torch_batches, write=_script_save,
             read=loading.load_torchscript, only_as="a TorchScript model can only be written as TorchScript"),
     Backend("torch.export program", lambda m: _torch_instance(m, "torch.export", "ExportedProgram"), loading.EXPORTED,
-            "pt2", "a torch.export (.pt2)", _exported_fold, _exported_plan, _torch_batches, _save,
+            "pt2", "a torch.export (.pt2)", _exported_fold, _exported_plan, _torch_batches,
             write=_exported_save, read=_exported_read, runnable=_graph_module,
             only_as="a torch.export program (.pt2) can only be written as pt2", input_shape=_exported_input_shape,
             check_batch_sizes=_later(".backends.exported", "check_batch_sizes")),
     Backend("nn.Module", is_module, loading.PICKLE, "pickle", "a pickled nn.Module", _module_fold, _module_plan,
-            _torch_batches, _save, frozenset({"inplace", "registry"}), _later("torch", "save"), _torch_read),
+            _torch_batches, frozenset({"inplace", "registry"}), _later("torch", "save"), _torch_read),
     Backend("ONNX model", is_onnx, loading.ONNX, "onnx", "an ONNX", _onnx_fold, _onnx_plan,
-            lambda inputs: inputs if isinstance(inputs, list) else [inputs], _onnx_save,
+            lambda inputs: inputs if isinstance(inputs, list) else [inputs],
             frozenset({"seed", "input_shape"}), runnable=_onnx_runnable, needs_torch=False,
             only_as="an ONNX model can only be written as ONNX", fixed_input_shape=_onnx_fixed_input_shape),
 )

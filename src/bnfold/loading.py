@@ -1,17 +1,9 @@
-"""Read a model file of any format bnfold folds: what the ``bnfold`` command and :func:`bnfold.fold` (given a path)
-share.
+"""Read a model file of any format bnfold folds: what the ``bnfold`` command and :func:`bnfold.fold` (given a
+path) share.
 
-The format is told from the content (:func:`sniff`; the extension can lie), and each reader turns every problem into
-an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix. Nothing here imports PyTorch until a
-PyTorch file is read, so an ONNX file is sniffed and read on a machine without it.
-
-* ``onnx``: an ONNX graph (read by :mod:`bnfold.onnx`, external data included);
-* ``torchscript``: a ``torch.jit.save`` archive;
-* ``exported``: a ``torch.export.save`` program (``.pt2``), read by :mod:`bnfold.backends.pt2_safety`, which refuses
-  an archive that would run code on loading unless the caller trusts it;
-* ``torch``: a ``torch.save`` file, read with ``weights_only=True`` unless the caller trusts it (unpickling a whole
-  module runs code from the file);
-* ``safetensors``: a state_dict.
+The format is told from the content (:func:`sniff`; the extension can lie), and each reader turns every
+problem into an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix. Nothing here imports
+PyTorch until a PyTorch file is read, so an ONNX file is sniffed and read on a machine without it.
 """
 
 from __future__ import annotations
@@ -126,12 +118,12 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
         raise InvalidInputError(
             f"{path} is not a readable PyTorch file (its pickled data is damaged); it may be corrupt or truncated"
         ) from error
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, ModuleNotFoundError) as error:
-        if isinstance(error, (AttributeError, ModuleNotFoundError)):
-            raise InvalidInputError(
-                f"{path}: the pickled model needs code that is not importable here ({first_line(error)}); "
-                "install the package that defines it, or save a state_dict instead"
-            ) from error
+    except (AttributeError, ModuleNotFoundError) as error:
+        raise InvalidInputError(
+            f"{path}: the pickled model needs code that is not importable here ({first_line(error)}); "
+            "install the package that defines it, or save a state_dict instead"
+        ) from error
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
         raise InvalidInputError(
             f"{path} is not a complete PyTorch file ({first_line(error)}); it may be truncated or corrupt"
         ) from error

@@ -255,10 +255,6 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return False
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
-
-
 def refuse_inputs(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]]) -> None:
     """Raise if any output is one of the files the run reads (or lies inside a folder it reads), ``--force`` or not.
 
@@ -273,7 +269,7 @@ def refuse_inputs(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[st
                     f"{output} is the input file {source}{link}; bnfold never writes over a file it reads, even "
                     "with --force: write to another path"
                 )
-            if _inside(output, source):
+            if source.is_dir() and output.resolve().is_relative_to(source.resolve()):
                 raise InvalidInputError(f"{output} lies inside {source}, which this run reads; write to another path")
 
 

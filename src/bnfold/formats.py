@@ -272,9 +272,13 @@ def _onnx_runnable(model_or_path: Any) -> Any:
 
 def _onnx_fixed_input_shape(model_or_path: Any) -> tuple[int, ...] | None:
     """The shape of the graph's one input when every size is fixed (``None`` otherwise)."""
+    import onnx
+
     from .onnx.verification import declared_shape, graph_inputs
 
-    model = model_or_path if is_onnx(model_or_path) else loading.onnx_graph(Path(model_or_path))
+    model = model_or_path
+    if not is_onnx(model):  # a file: its graph without its weights (inputs, outputs), cheap for a large model
+        model = onnx.load_model(str(model), load_external_data=False)
     inputs = graph_inputs(model)
     if len(inputs) != 1:
         return None

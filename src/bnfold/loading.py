@@ -84,7 +84,7 @@ def sniff(path: Path) -> str:
             return EXPORTED
         return TORCH_FILE
     with path.open("rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
     if head[:4] == b"PK\x03\x04":
         raise InvalidInputError(
             f"{path} is a damaged zip archive (PyTorch checkpoints, TorchScript archives and .pt2 programs are zip files: this one "
@@ -92,11 +92,8 @@ def sniff(path: Path) -> str:
         )
     if head[:1] == b"\x80":  # a legacy (non-zip) torch.save or a plain pickle
         return TORCH_FILE
-    if len(head) == 8 and int.from_bytes(head, "little") < 100_000_000:
-        with path.open("rb") as handle:
-            handle.seek(8)
-            if handle.read(1) == b"{":
-                return SAFETENSORS
+    if len(head) == 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:] == b"{":
+        return SAFETENSORS  # an 8-byte header length, then the JSON header
     return UNKNOWN
 
 
@@ -172,13 +169,6 @@ def needs_torch(path: Path, kind: str) -> None:
         raise InvalidInputError(
             f"{path} is a PyTorch file ({kind}), which needs PyTorch, not installed here: pip install 'bnfold[torch]'"
         ) from error
-
-
-def onnx_graph(path: Path) -> Any:
-    """The graph of an ONNX file without its weights (its inputs and outputs), cheap for a large model."""
-    import onnx
-
-    return onnx.load_model(str(path), load_external_data=False)
 
 
 _READERS: dict[str, Callable[[Path, bool], Any]] = {

@@ -253,7 +253,7 @@ def fold(
         )
     with MODEL_CALLS_LOCK:
         backend = ModuleBackend(model, inputs, registry)
-        tree = backend.tree  # the planning ends it (its counts are the model's before the folds)
+        tree = backend.tree
         assert tree is not None
         planned = pipeline.plan(backend)
         the_plan, report = planned.plan, planned.report

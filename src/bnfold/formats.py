@@ -83,11 +83,6 @@ class Backend:
 # ---------------------------------------------------------------------------------------- recognising kinds
 
 
-def _later(module: str, name: str) -> Callable[..., Any]:
-    """``module.name`` (relative to bnfold if it starts with a dot), imported when it is first called."""
-    return lambda *args, **kwargs: getattr(import_module(module, __package__), name)(*args, **kwargs)
-
-
 def _torch_instance(value: Any, module: str, name: str) -> bool:
     """``isinstance(value, module.name)`` without importing torch: a torch object exists only once torch is imported."""
     owner = sys.modules.get(module)
@@ -159,6 +154,11 @@ def _module_plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> Fo
 
     return _named(plan(model, example_inputs, registry=options.get("registry"),
                        merge_branches=options.get("merge_branches", False)), options)
+
+
+def _later(module: str, name: str) -> Callable[..., Any]:
+    """``module.name`` (relative to bnfold if it starts with a dot), imported when it is first called."""
+    return lambda *args, **kwargs: getattr(import_module(module, __package__), name)(*args, **kwargs)
 
 
 def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: str, what: str,

@@ -12,7 +12,8 @@ Every writer (reports, charts, folded models, ONNX graphs with their external da
 * **No clobbering.** Without ``replace=True`` the final rename refuses to replace a file that appeared while the
   content was being written (:func:`rename_no_replace`: no window between a check and the rename).
 * **Write failures are named.** An ``OSError`` (read-only folder, full disk, file size limit, permissions)
-  becomes an :class:`~bnfold.errors.InvalidInputError` that names the target and the cause.
+  becomes an :class:`~bnfold.errors.InvalidInputError` that names the target and the cause: it is the
+  environment, not a bug.
 * **Never over an input.** :func:`check_output_path` / :func:`refuse_inputs` compare an output with every file
   the run reads by resolved path *and* by inode (symbolic and hard links), whatever ``--force`` says.
 """

@@ -159,18 +159,6 @@ def load_exported(path: Path, trust_pickle: bool) -> Any:
     return safe_load(path, trust_pickle=trust_pickle)
 
 
-def needs_torch(path: Path, kind: str) -> None:
-    """Raise the install hint for a PyTorch file where PyTorch cannot be imported (ONNX files need no PyTorch)."""
-    try:
-        import torch  # noqa: F401
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] != "torch":
-            raise
-        raise InvalidInputError(
-            f"{path} is a PyTorch file ({kind}), which needs PyTorch, not installed here: pip install 'bnfold[torch]'"
-        ) from error
-
-
 _READERS: dict[str, Callable[[Path, bool], Any]] = {
     ONNX: lambda path, trust_pickle: path,  # bnfold.onnx reads it itself, external data and all
     TORCHSCRIPT: lambda path, trust_pickle: load_torchscript(path),
@@ -188,6 +176,14 @@ def read(path: Path, kind: str, trust_pickle: bool) -> Any:
             f"{path} is not a model file bnfold knows (PyTorch checkpoint, pickled module, TorchScript, .pt2 program, "
             "safetensors or ONNX); check the path"
         )
-    if kind != ONNX:
-        needs_torch(path, kind)
+    if kind != ONNX:  # every other file needs PyTorch: the install hint where it is missing
+        try:
+            import torch  # noqa: F401
+        except ModuleNotFoundError as error:
+            if (error.name or "").split(".")[0] != "torch":
+                raise
+            raise InvalidInputError(
+                f"{path} is a PyTorch file ({kind}), which needs PyTorch, not installed here: "
+                "pip install 'bnfold[torch]'"
+            ) from error
     return _READERS[kind](path, trust_pickle)

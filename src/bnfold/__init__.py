@@ -42,21 +42,16 @@ if TYPE_CHECKING:
 # Modules are imported on first use, so that `bnfold.onnx` and `bnfold.fold` of an ONNX model (and `bnfold.affine`,
 # `bnfold.report`) work on a machine without PyTorch; `bnfold.api` imports PyTorch only for a PyTorch model.
 _LAZY = {
-    "fold": "api",
-    "plan": "api",
-    "report_for": "api",
-    "save": "api",
-    "verify": "verification",
-    "VerificationResult": "judge",
-    "benchmark": "bench",
-    "BenchmarkResult": "bench",
-    "DEFAULT_REGISTRY": "layers",
-    "LayerRegistry": "layers",
-    "LinearLayerRule": "layers",
-    "NormRule": "layers",
-    "NormStatistics": "layers",
-    "register_layer": "layers",
-    "register_norm": "layers",
+    name: module
+    for module, names in {
+        "api": ("fold", "plan", "report_for", "save"),
+        "verification": ("verify",),
+        "judge": ("VerificationResult",),
+        "bench": ("benchmark", "BenchmarkResult"),
+        "layers": ("DEFAULT_REGISTRY", "LayerRegistry", "LinearLayerRule", "NormRule", "NormStatistics",
+                   "register_layer", "register_norm"),
+    }.items()
+    for name in names
 }
 
 

@@ -1,23 +1,8 @@
 """One entry point for every format: :func:`fold`, :func:`plan`, :func:`report_for` and :func:`save`.
 
-The caller never says which format a model is in: the backend is picked from its kind, by the table
-:data:`bnfold.formats.BACKENDS` (the first entry whose ``accepts`` holds), and the result is of the kind that was given:
-
-============================== ================================================ ==============================
-given                          folded by                                        returned
-============================== ================================================ ==============================
-``torch.jit.ScriptModule``     :func:`bnfold.backends.torchscript.fold_script`  the frozen, folded ScriptModule
-``torch.export.ExportedProgram`` :func:`bnfold.backends.exported.fold_exported`  the program, exported again
-``torch.nn.Module``            :func:`bnfold.engine.fold`                       a model of the same class
-``onnx.ModelProto``            :func:`bnfold.onnx.fold`                         the folded ModelProto
-a path                         read as the ``bnfold`` command reads it          the kind the file holds
-============================== ================================================ ==============================
-
-The options mean the same in every format: ``verify`` (default: whenever there are inputs to compare on: the
-``example_inputs`` given, a program's own example inputs, an ONNX graph's example inputs, always derivable),
-``tolerance``, ``merge_branches``; an option a format has no use for (``inplace`` and ``registry`` are for
-``nn.Module`` layers, ``seed`` and ``input_shape`` for ONNX example inputs) is refused with that reason rather than
-ignored. Every format is judged by one rule (:mod:`bnfold.judge`).
+The caller never says which format a model is in: its backend is picked by the table
+:data:`bnfold.formats.BACKENDS`, and the result is of the kind that was given (a path: the kind its file
+holds). An option a format has no use for is refused with that reason rather than ignored.
 
 Where the report lives: the returned object's report is kept beside it, for :func:`report_for` and :func:`save`.
 PyTorch results are weakly referenced keys (the record goes with the result). A protobuf ``ModelProto`` takes no
@@ -47,7 +32,7 @@ ONNX_KEPT = 8
 """How many folded ``onnx.ModelProto`` results :func:`report_for` and :func:`save` remember (see the module note)."""
 
 _COMMON = frozenset({"verify", "tolerance", "merge_branches", "name"})
-
+_DEFAULTS: dict[str, Any] = {"inplace": False, "registry": None, "seed": 0, "input_shape": None}
 
 _WANTED = ("bnfold.fold takes a torch.nn.Module, a torch.jit.ScriptModule, a torch.export.ExportedProgram, an "
            "onnx.ModelProto or the path of a model file")
@@ -60,52 +45,49 @@ def _backend(model: Any) -> Backend:
     return backend
 
 
-def _read_path(path: Path, trust_pickle: bool) -> tuple[Any, Backend, tuple[Path, ...]]:
-    """The model a file holds (an ONNX file stays a path: its backend reads it, external data and all), its
-    backend, and the files read (none for ONNX: bnfold.onnx records the graph and its data files itself)."""
-    loading.check_readable(path)
-    kind = loading.sniff(path)
-    model = loading.read(path, kind, trust_pickle)
-    backend = backend_for(model) or backend_for_file(kind)
-    if backend is None:
-        raise InvalidInputError(
-            f"{path} holds weights (a state_dict), not a model: build the model, call "
-            "model.load_state_dict(torch.load(path)) and pass the model (the `bnfold` command reads it with --arch NAME)"
-        )
-    return model, backend, (path,)
-
-
-def _resolve(model: Any, trust_pickle: bool) -> tuple[Any, Backend, tuple[Path, ...], str | None]:
-    """The model (read, if a path), its backend, the files read, and the name a path gives the report."""
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
+def _prepare(model: Any, trust_pickle: bool, options: dict[str, Any]
+             ) -> tuple[Any, Backend, tuple[Path, ...], dict[str, Any]]:
+    """The model (read, if a path: an ONNX file stays a path, its backend reads it), its backend, the files
+    read, and ``options`` checked against the backend, named by the path unless a name was given."""
+    if not isinstance(model, (str, os.PathLike)):
+        if trust_pickle:
+            raise InvalidInputError(
+                "trust_pickle=True applies to a model file's path; this model is already loaded"
+            )
+        backend, sources = _backend(model), ()
+    else:
+        sources = (Path(model),)
         try:
-            read, backend, sources = _read_path(path, trust_pickle)
+            loading.check_readable(sources[0])
         except InvalidInputError as error:
             if "no such file" in str(error):
                 raise InvalidInputError(f"{error}; {_WANTED} (architecture names are for the `bnfold` command)"
                                         ) from None
             raise
-        return read, backend, sources, str(path)
-    if trust_pickle:
-        raise InvalidInputError("trust_pickle=True applies to a model file's path; this model is already loaded")
-    return model, _backend(model), (), None
-
-
-def _check_options(backend: Backend, options: dict[str, Any], defaults: dict[str, Any]) -> None:
+        kind = loading.sniff(sources[0])
+        model = loading.read(sources[0], kind, trust_pickle)
+        backend = backend_for(model) or backend_for_file(kind)
+        if backend is None:
+            raise InvalidInputError(
+                f"{sources[0]} holds weights (a state_dict), not a model: build the model, call "
+                "model.load_state_dict(torch.load(path)) and pass the model (the `bnfold` command reads it "
+                "with --arch NAME)"
+            )
+        options["name"] = options["name"] or str(sources[0])
     if options.get("merge_branches") == "blocks" and "inplace" not in backend.options:
         raise InvalidInputError(
             f"merge_branches='blocks' keeps an nn.Module's class by merging block by block; a {backend.kind} merges "
             "through its graph: pass merge_branches=True"
         )
     for option, value in options.items():
-        if option not in _COMMON | backend.options and value != defaults[option]:
+        if option not in _COMMON | backend.options and value != _DEFAULTS[option]:
             owners = [b.kind for b in BACKENDS if option in b.options]
             raise InvalidInputError(
                 f"{option}= does not apply to this {backend.kind}; only to: {', '.join(owners)}"
                 + (" (a TorchScript module, a program and an ONNX model are always folded into a new one)"
                    if option == "inplace" else "")
             )
+    return model, backend, sources, options
 
 
 # --------------------------------------------------------------------------------------- where results live
@@ -199,18 +181,13 @@ def fold(
         TrainingModeError, CaptureError, NonFiniteStatisticsError, NonFiniteOutputError, VerificationError,
         UndecidedError: as :func:`bnfold.engine.fold` describes them, in every format.
     """
-    loaded, backend, sources, label = _resolve(model, trust_pickle)
-    options = {"inplace": inplace, "verify": verify, "tolerance": tolerance, "merge_branches": merge_branches,
-               "registry": registry, "seed": seed, "input_shape": input_shape, "name": name or label}
-    _check_options(backend, options, _FOLD_DEFAULTS | {"name": options["name"]})
+    loaded, backend, sources, options = _prepare(model, trust_pickle, {
+        "inplace": inplace, "verify": verify, "tolerance": tolerance, "merge_branches": merge_branches,
+        "registry": registry, "seed": seed, "input_shape": input_shape, "name": name})
     batches = None if example_inputs is None else backend.batches(example_inputs)
     result, record = backend.fold(loaded, batches, options, sources)
     _remember(result, record)
     return result
-
-
-_FOLD_DEFAULTS: dict[str, Any] = {"inplace": False, "verify": None, "tolerance": None, "merge_branches": False,
-                                  "registry": None, "seed": 0, "input_shape": None}
 
 
 def plan(
@@ -225,9 +202,8 @@ def plan(
     """Dry run: the report of what :func:`fold` would do with ``model`` (any kind :func:`fold` takes), which is
     left untouched. With ``merge_branches=True`` the preview folds and merges a copy (whether a block merges depends
     on the folds before it)."""
-    loaded, backend, _, label = _resolve(model, trust_pickle)
-    options = {"merge_branches": merge_branches, "registry": registry, "name": name or label}
-    _check_options(backend, options, _FOLD_DEFAULTS | {"name": options["name"]})
+    loaded, backend, _, options = _prepare(model, trust_pickle, {"merge_branches": merge_branches,
+                                                                  "registry": registry, "name": name})
     return backend.plan(loaded, example_inputs, options)
 
 

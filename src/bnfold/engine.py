@@ -47,7 +47,7 @@ def _is_compiled(model: Any) -> bool:
     return isinstance(model, OptimizedModule)
 
 
-def _check_model(model: Any, registry: LayerRegistry) -> ModuleTree:
+def _check_model(model: Any) -> ModuleTree:
     """Raise the error for a model bnfold cannot fold; return its :class:`ModuleTree` (walked once, here)."""
     if _is_compiled(model):
         raise InvalidInputError(
@@ -90,7 +90,7 @@ class ModuleBackend:
     measures_counts = True
 
     def __init__(self, model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> None:
-        self.tree: ModuleTree | None = _check_model(model, registry)
+        self.tree: ModuleTree | None = _check_model(model)
         self.model, self.inputs, self.registry, self.name = model, inputs, registry, type(model).__name__
         self.access = ModuleWeights(model, registry, tree=self.tree)
 
@@ -155,13 +155,7 @@ def _collector_paused() -> Any:
             gc.enable()
 
 
-def _plan(model: nn.Module, inputs: tuple[Any, ...] | None, registry: LayerRegistry) -> tuple[Planned, ModuleTree]:
-    backend = ModuleBackend(model, inputs, registry)
-    tree = backend.tree
-    assert tree is not None
-    return pipeline.plan(backend), tree
-
-
+@_collector_paused()
 def plan(
     model: nn.Module,
     example_inputs: ExampleInputs = None,
@@ -182,15 +176,16 @@ def plan(
     if merge_branches:
         return pipeline.merge_preview(lambda: report_for(fold(model, example_inputs, verify=False, registry=registry,
                                                               merge_branches=merge_branches)))
-    with _collector_paused():
-        with MODEL_CALLS_LOCK:
-            planned, _ = _plan(model, as_input_tuple(example_inputs), registry or DEFAULT_REGISTRY)
-        with torch.no_grad():
-            pipeline.apply(planned, DryRun(planned.access))
-        pipeline.project(planned)
-        return planned.report
+    with MODEL_CALLS_LOCK:
+        backend = ModuleBackend(model, as_input_tuple(example_inputs), registry or DEFAULT_REGISTRY)
+        planned = pipeline.plan(backend)
+    with torch.no_grad():
+        pipeline.apply(planned, DryRun(planned.access))
+    pipeline.project(planned)
+    return planned.report
 
 
+@_collector_paused()
 def fold(
     model: nn.Module,
     example_inputs: ExampleInputs = None,
@@ -210,16 +205,12 @@ def fold(
 
     With ``merge_branches=True`` bnfold goes on to re-parameterise blocks that sum parallel branches of one input
     (RepVGG, MobileOne, RepViT, ...: ``conv3x3(x) + conv1x1(x) + BN(x)`` becomes one 3x3 convolution; see
-    :mod:`bnfold.core.merge` for when that is exact). Removing branches from the forward computation needs a graph:
-    where a block merges, the result is a ``torch.fx.GraphModule`` of the traced model (same module names, the
-    merged layer in place of the sum, the other branches gone), not the model's own class; a model with nothing to
-    merge is returned as without the option. Where torch.fx cannot trace the model as a whole (ultralytics'
-    detectors), or with ``merge_branches="blocks"``, branches are merged block by block instead: inside each module
-    whose own forward torch.fx traces, on the inputs it receives in the model's forward pass, and each block where
-    something merged becomes the GraphModule of its merged graph in the module tree; the model keeps its class, and
-    every other module stays as it was (:mod:`bnfold.backends.block_merges`). ``report.merges`` lists every block
-    merged or left, with the reason. Merges are made on a copy even with ``inplace=True`` (``model`` then gets the
-    folds only).
+    :mod:`bnfold.core.merge` for when that is exact). Where a block merges, the result is a
+    ``torch.fx.GraphModule`` of the traced model (same module names), not the model's own class; a model with
+    nothing to merge is returned as without the option. Where torch.fx cannot trace the model as a whole, or
+    with ``merge_branches="blocks"``, branches are merged block by block and the model keeps its class
+    (:mod:`bnfold.backends.block_merges`). ``report.merges`` lists every block merged or left, with the
+    reason. Merges are made on a copy even with ``inplace=True`` (``model`` then gets the folds only).
 
     Args:
         model: an ``nn.Module`` in eval mode.
@@ -248,12 +239,7 @@ def fold(
         VerificationError: the folded outputs differ from the original's beyond the tolerance (and beyond what
             float rounding explains, see :func:`bnfold.verification.explained_by_rounding`).
     """
-    with _collector_paused():
-        return _fold(model, example_inputs, inplace, verify, tolerance, registry or DEFAULT_REGISTRY, merge_branches)
-
-
-def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify: bool | None, tolerance: float | None,
-          registry: LayerRegistry, merge_branches: MergeBranches) -> nn.Module:
+    registry = registry or DEFAULT_REGISTRY
     inputs = as_input_tuple(example_inputs)
     verify = inputs is not None if verify is None else verify
     if verify and inputs is None:
@@ -266,7 +252,10 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
             "forward pass of the model"
         )
     with MODEL_CALLS_LOCK:
-        planned, tree = _plan(model, inputs, registry)
+        backend = ModuleBackend(model, inputs, registry)
+        tree = backend.tree
+        assert tree is not None
+        planned = pipeline.plan(backend)
         the_plan, report = planned.plan, planned.report
         if verify:
             assert inputs is not None
@@ -277,20 +266,18 @@ def _fold(model: nn.Module, example_inputs: ExampleInputs, inplace: bool, verify
     # A copy may be multiplied in place freely; the caller's own model only when no verification may undo it.
     rollback = _apply(target, planned, registry, in_place=not (inplace and verify),
                       tree=tree if target is model else None)
-    if merge_branches:
-        try:
+    try:
+        if merge_branches:
             target = _merge(copy.deepcopy(target) if inplace else target, inputs, registry, report, merge_branches)
-        except BaseException:
-            rollback.restore()
-            raise
-    if verify:
-        assert inputs is not None
-        try:
+        if verify:
+            assert inputs is not None
             with MODEL_CALLS_LOCK:
                 folded_outputs = run_seeded(target, inputs)
-        except BaseException:
-            rollback.restore()
-            raise
+    except BaseException:
+        rollback.restore()
+        raise
+    if verify:
+        assert inputs is not None
         limit = tolerance if tolerance is not None else default_tolerance(model)
         comparison = judge_batch(
             model, inputs, reference, folded_outputs, limit, perturbed, touched,

@@ -6,9 +6,6 @@ ship with bnfold (``data/photographs.npz``: scikit-image's ``astronaut`` and ``r
 photographs in the public domain, resized to 256 x 256), scaled to the size asked for and normalised as vision
 models expect (``(x / 255 - mean) / std`` with the ImageNet statistics). Every other input stays random.
 
-A dynamic dimension gets a size the model accepts: :data:`SIZES` are tried in order (224, then multiples of 32)
-by the caller, who keeps the first the original runs on.
-
 Plain numpy (no torch): the ONNX backend uses it too. Reading a folder of images needs Pillow.
 """
 
@@ -27,7 +24,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SIZES: tuple[int, ...] = (224, *range(256, 641, 32))
-"""Sizes tried for the dynamic dimensions of an input, in order: 224, then multiples of 32 up to 640."""
+"""Sizes tried for the dynamic dimensions of an input, in order (224, then multiples of 32 up to 640), by the
+caller, who keeps the first the original runs on."""
 
 STRIP_HEIGHTS: tuple[int, ...] = (48, 32, 64, 16, 96, 128)
 STRIP_WIDTH = 320

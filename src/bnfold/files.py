@@ -1,24 +1,21 @@
 """Writing files safely: a file bnfold writes is either complete or absent, and never replaces one by accident.
 
 Every writer (reports, charts, folded models, ONNX graphs with their external data, the CLI) goes through
-:func:`staged_files` (or its one-file forms :func:`staged`, :func:`write_atomic` and :func:`write_png`). What it guarantees:
+:func:`staged_files` (or its one-file forms :func:`staged`, :func:`write_atomic` and :func:`write_png`):
 
 * **Complete or absent.** The content is written into a hidden staging folder beside the target
-  (``.NAME.XXXX.staging/NAME``), and renamed into place only once the writer (and any check of the written file)
-  has succeeded. An exception, Ctrl-C, or a SIGTERM / SIGHUP that the CLI turns into an exception, deletes the
-  staging folder: nothing half-written is left behind, the old target (if any) is untouched.
+  (``.NAME.XXXX.staging/NAME``) and renamed into place only once the writer (and any check of the written
+  file) has succeeded. An exception, Ctrl-C, or a SIGTERM / SIGHUP that the CLI turns into an exception,
+  deletes the staging folder: the old target (if any) is untouched.
 * **Usual permissions.** Files are created by a plain ``open()`` inside the staging folder, so they get
-  ``0666 & ~umask`` (``0644`` under umask 022), as any other program's output, not ``mkstemp``'s ``0600``.
+  ``0666 & ~umask``, as any other program's output, not ``mkstemp``'s ``0600``.
 * **No clobbering.** Without ``replace=True`` the final rename refuses to replace a file that appeared while the
-  content was being written (another run writing the same path): ``renameat2(RENAME_NOREPLACE)`` where the kernel
-  offers it, else ``link`` + ``unlink`` (both fail with EEXIST; there is no window between a check and the rename).
-  With ``replace=True`` it is a plain atomic ``os.replace``.
-* **Several files as one unit** (an ONNX graph and its external data file): see :func:`staged_files`.
+  content was being written (:func:`rename_no_replace`: no window between a check and the rename).
 * **Write failures are named.** An ``OSError`` (read-only folder, full disk, file size limit, permissions)
   becomes an :class:`~bnfold.errors.InvalidInputError` that names the target and the cause: it is the
   environment, not a bug.
-* **Never over an input.** :func:`check_output_path` / :func:`refuse_inputs` compare an output with every file the
-  run reads by resolved path *and* by inode (symbolic and hard links), whatever ``--force`` says.
+* **Never over an input.** :func:`check_output_path` / :func:`refuse_inputs` compare an output with every file
+  the run reads by resolved path *and* by inode (symbolic and hard links), whatever ``--force`` says.
 """
 
 from __future__ import annotations
@@ -259,10 +256,6 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return False
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
-
-
 def refuse_inputs(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]]) -> None:
     """Raise if any output is one of the files the run reads (or lies inside a folder it reads), ``--force`` or not.
 
@@ -277,7 +270,7 @@ def refuse_inputs(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[st
                     f"{output} is the input file {source}{link}; bnfold never writes over a file it reads, even "
                     "with --force: write to another path"
                 )
-            if _inside(output, source):
+            if source.is_dir() and output.resolve().is_relative_to(source.resolve()):
                 raise InvalidInputError(f"{output} lies inside {source}, which this run reads; write to another path")
 
 

@@ -1,14 +1,10 @@
-"""The four kinds of model bnfold folds, in one table: how to recognise each, fold it, plan it, write it, read the
-written file back the way its user opens it, and run it.
+"""The four kinds of model bnfold folds, in one table (:data:`BACKENDS`): how to recognise each, fold it,
+plan it, write it, read the written file back the way its user opens it, and run it. The API and the
+``bnfold`` command call what :func:`backend_for` (or :func:`backend_for_file`) gives and never ask which kind
+they have.
 
-:func:`bnfold.fold`, :func:`bnfold.plan`, :func:`bnfold.save` and the ``bnfold`` command all do
-``backend = backend_for(model)`` (or :func:`backend_for_file` for a file they read) and call what it holds; none of
-them asks which kind it has. The table is :data:`BACKENDS`; a ScriptModule comes before ``nn.Module`` because a
-ScriptModule is an ``nn.Module``.
-
-Every fold is checked by one rule (:mod:`bnfold.judge`) and every write is staged, read back by its path and judged
-again before it replaces anything (:func:`save_checked`). Nothing here imports PyTorch until a PyTorch model is
-handled: an ONNX model or file is folded, planned and written on a machine without it.
+Nothing here imports PyTorch until a PyTorch model is handled: an ONNX model or file is folded, planned and
+written on a machine without it.
 """
 
 from __future__ import annotations
@@ -58,7 +54,6 @@ class Backend:
     fold: Callable[[Any, list[Any] | None, dict[str, Any], tuple[Path, ...]], tuple[Any, Fold]]
     plan: Callable[[Any, Any, dict[str, Any]], FoldReport]
     batches: Callable[[Any], list[Any]]  # example_inputs as fold() takes them, as a list of batches
-    save: Callable[[Any, Fold, Path | str, bool], dict[str, Any] | None]
     options: frozenset[str] = frozenset()  # beyond the common ones
     write: Callable[[Any, Path], None] | None = None
     read: Callable[[Path], Any] | None = None  # a written file, opened by its path as its user opens it
@@ -71,6 +66,18 @@ class Backend:
     fixed_input_shape: Callable[[Any], tuple[int, ...] | None] = lambda model: None
     # refuse batch sizes the model cannot run (a program exported with a static batch), before timing them
     check_batch_sizes: Callable[[Any, tuple[int, ...]], None] = lambda model, sizes: None
+
+    def save(self, result: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
+        """Write the folded ``result`` in its own format, checked (:func:`save_checked`,
+        :func:`judge_written`)."""
+        if record.onnx is not None:
+            return record.onnx.save(path, force=force)  # external data beside it when the source had it
+        assert self.write is not None and self.read is not None  # every PyTorch backend
+        write, read = self.write, self.read
+        target = check_output_path(path, record.sources, force=force)
+        return save_checked(target, force, f"the folded {self.kind}", lambda file: write(result, file),
+                            lambda file: self.runnable(read(file)),
+                            judge_written(self, result, record, f"the written {target.name}"))
 
 
 # ---------------------------------------------------------------------------------------- recognising kinds
@@ -149,6 +156,11 @@ def _module_plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> Fo
                        merge_branches=options.get("merge_branches", False)), options)
 
 
+def _later(module: str, name: str) -> Callable[..., Any]:
+    """``module.name`` (relative to bnfold if it starts with a dot), imported when it is first called."""
+    return lambda *args, **kwargs: getattr(import_module(module, __package__), name)(*args, **kwargs)
+
+
 def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: str, what: str,
                    runnable: Callable[[Any], Any] = lambda model: model,
                    own_batches: Callable[[Any], list[Any] | None] = lambda model: None, plan_reads_inputs: bool = True,
@@ -158,13 +170,11 @@ def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: s
     its own example inputs (``own_batches``, used when none are given; its dry run then reads none of the given ones:
 ``plan_reads_inputs``)."""
 
-    def functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
-        module = import_module(f".backends.{backend}", __package__)
-        return getattr(module, fold_name), getattr(module, plan_name)
+    fold_function = _later(f".backends.{backend}", fold_name)
+    plan_function = _later(f".backends.{backend}", plan_name)
 
     def fold(model: Any, batches: list[Any] | None, options: dict[str, Any], sources: tuple[Path, ...]
              ) -> tuple[Any, Fold]:
-        fold_function, _ = functions()
         given, batches = batches, batches or own_batches(model)
         verify = _verify_default(options.get("verify"), batches)
         folded, report = fold_function(model, example_inputs=given[0] if given else None,
@@ -178,7 +188,6 @@ def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: s
     def plan(model: Any, example_inputs: Any, options: dict[str, Any]) -> FoldReport:
         from .core.pipeline import merge_preview
 
-        fold_function, plan_function = functions()
         name = options.get("name") or default_name
         given = None if example_inputs is None else _torch_batches(example_inputs)[0]
         if options.get("merge_branches"):  # the caller's model is frozen or exported again, never changed
@@ -228,12 +237,6 @@ def _exported_input_shape(program: Any, given: tuple[int, ...] | None, name: str
     return given
 
 
-def _check_batch_sizes(program: Any, sizes: tuple[int, ...]) -> None:
-    from .backends.exported import check_batch_sizes
-
-    check_batch_sizes(program, sizes)
-
-
 def onnx_module() -> Any:
     """:mod:`bnfold.onnx`, or the install hint where the onnx package is missing."""
     try:
@@ -258,10 +261,6 @@ def _onnx_plan(model_or_path: Any, example_inputs: Any, options: dict[str, Any])
     return _named(onnx_module().plan(model_or_path, merge_branches=options.get("merge_branches", False)), options)
 
 
-def _onnx_save(model: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
-    return record.onnx.save(path, force=force)  # external data beside it when the source had it
-
-
 def _onnx_runnable(model_or_path: Any) -> Any:
     from .onnx import load
     from .onnx.in_torch import OnnxRuntimeModule
@@ -273,20 +272,18 @@ def _onnx_runnable(model_or_path: Any) -> Any:
 
 def _onnx_fixed_input_shape(model_or_path: Any) -> tuple[int, ...] | None:
     """The shape of the graph's one input when every size is fixed (``None`` otherwise)."""
+    import onnx
+
     from .onnx.verification import declared_shape, graph_inputs
 
-    model = model_or_path if is_onnx(model_or_path) else loading.onnx_graph(Path(model_or_path))
+    model = model_or_path
+    if not is_onnx(model):  # a file: its graph without its weights (inputs, outputs), cheap for a large model
+        model = onnx.load_model(str(model), load_external_data=False)
     inputs = graph_inputs(model)
     if len(inputs) != 1:
         return None
     sizes = declared_shape(inputs[0])
     return tuple(sizes) if sizes and all(n for n in sizes) else None  # type: ignore[arg-type]
-
-
-def _torch_save(model: Any, path: Path) -> None:
-    import torch
-
-    torch.save(model, path)
 
 
 def _torch_read(path: Path) -> Any:
@@ -365,30 +362,19 @@ def judge_written(backend: Backend, result: Any, record: Fold, what: str, batche
     return judge
 
 
-def _save(result: Any, record: Fold, path: Path | str, force: bool) -> dict[str, Any] | None:
-    """Write a PyTorch result in its own format, checked (:func:`save_checked`, :func:`judge_written`)."""
-    backend = backend_for(result)
-    assert backend is not None and backend.write is not None and backend.read is not None  # every PyTorch backend
-    write, read = backend.write, backend.read
-    target = check_output_path(path, record.sources, force=force)
-    return save_checked(target, force, f"the folded {backend.kind}", lambda staged_path: write(result, staged_path),
-                        lambda staged_path: backend.runnable(read(staged_path)),
-                        judge_written(backend, result, record, f"the written {target.name}"))
-
-
 BACKENDS = (
     Backend("TorchScript module", lambda m: _torch_instance(m, "torch.jit", "ScriptModule"), loading.TORCHSCRIPT,
-            "torchscript", "a TorchScript", _script_fold, _script_plan, _torch_batches, _save, write=_script_save,
+            "torchscript", "a TorchScript", _script_fold, _script_plan, _torch_batches, write=_script_save,
             read=loading.load_torchscript, only_as="a TorchScript model can only be written as TorchScript"),
     Backend("torch.export program", lambda m: _torch_instance(m, "torch.export", "ExportedProgram"), loading.EXPORTED,
-            "pt2", "a torch.export (.pt2)", _exported_fold, _exported_plan, _torch_batches, _save,
+            "pt2", "a torch.export (.pt2)", _exported_fold, _exported_plan, _torch_batches,
             write=_exported_save, read=_exported_read, runnable=_graph_module,
             only_as="a torch.export program (.pt2) can only be written as pt2", input_shape=_exported_input_shape,
-            check_batch_sizes=_check_batch_sizes),
+            check_batch_sizes=_later(".backends.exported", "check_batch_sizes")),
     Backend("nn.Module", is_module, loading.PICKLE, "pickle", "a pickled nn.Module", _module_fold, _module_plan,
-            _torch_batches, _save, frozenset({"inplace", "registry"}), _torch_save, _torch_read),
+            _torch_batches, frozenset({"inplace", "registry"}), _later("torch", "save"), _torch_read),
     Backend("ONNX model", is_onnx, loading.ONNX, "onnx", "an ONNX", _onnx_fold, _onnx_plan,
-            lambda inputs: inputs if isinstance(inputs, list) else [inputs], _onnx_save,
+            lambda inputs: inputs if isinstance(inputs, list) else [inputs],
             frozenset({"seed", "input_shape"}), runnable=_onnx_runnable, needs_torch=False,
             only_as="an ONNX model can only be written as ONNX", fixed_input_shape=_onnx_fixed_input_shape),
 )

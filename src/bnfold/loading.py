@@ -1,17 +1,9 @@
-"""Read a model file of any format bnfold folds: what the ``bnfold`` command and :func:`bnfold.fold` (given a path)
-share.
+"""Read a model file of any format bnfold folds: what the ``bnfold`` command and :func:`bnfold.fold` (given a
+path) share.
 
-The format is told from the content (:func:`sniff`; the extension can lie), and each reader turns every problem into
-an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix. Nothing here imports PyTorch until a
-PyTorch file is read, so an ONNX file is sniffed and read on a machine without it.
-
-* ``onnx``: an ONNX graph (read by :mod:`bnfold.onnx`, external data included);
-* ``torchscript``: a ``torch.jit.save`` archive;
-* ``exported``: a ``torch.export.save`` program (``.pt2``), read by :mod:`bnfold.backends.pt2_safety`, which refuses
-  an archive that would run code on loading unless the caller trusts it;
-* ``torch``: a ``torch.save`` file, read with ``weights_only=True`` unless the caller trusts it (unpickling a whole
-  module runs code from the file);
-* ``safetensors``: a state_dict.
+The format is told from the content (:func:`sniff`; the extension can lie), and each reader turns every
+problem into an :class:`~bnfold.errors.InvalidInputError` naming the file and the fix. Nothing here imports
+PyTorch until a PyTorch file is read, so an ONNX file is sniffed and read on a machine without it.
 """
 
 from __future__ import annotations
@@ -92,7 +84,7 @@ def sniff(path: Path) -> str:
             return EXPORTED
         return TORCH_FILE
     with path.open("rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
     if head[:4] == b"PK\x03\x04":
         raise InvalidInputError(
             f"{path} is a damaged zip archive (PyTorch checkpoints, TorchScript archives and .pt2 programs are zip files: this one "
@@ -100,11 +92,8 @@ def sniff(path: Path) -> str:
         )
     if head[:1] == b"\x80":  # a legacy (non-zip) torch.save or a plain pickle
         return TORCH_FILE
-    if len(head) == 8 and int.from_bytes(head, "little") < 100_000_000:
-        with path.open("rb") as handle:
-            handle.seek(8)
-            if handle.read(1) == b"{":
-                return SAFETENSORS
+    if len(head) == 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:] == b"{":
+        return SAFETENSORS  # an 8-byte header length, then the JSON header
     return UNKNOWN
 
 
@@ -126,12 +115,12 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
         raise InvalidInputError(
             f"{path} is not a readable PyTorch file (its pickled data is damaged); it may be corrupt or truncated"
         ) from error
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, ModuleNotFoundError) as error:
-        if isinstance(error, (AttributeError, ModuleNotFoundError)):
-            raise InvalidInputError(
-                f"{path}: the pickled model needs code that is not importable here ({first_line(error)}); "
-                "install the package that defines it, or save a state_dict instead"
-            ) from error
+    except (AttributeError, ModuleNotFoundError) as error:
+        raise InvalidInputError(
+            f"{path}: the pickled model needs code that is not importable here ({first_line(error)}); "
+            "install the package that defines it, or save a state_dict instead"
+        ) from error
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
         raise InvalidInputError(
             f"{path} is not a complete PyTorch file ({first_line(error)}); it may be truncated or corrupt"
         ) from error
@@ -170,25 +159,6 @@ def load_exported(path: Path, trust_pickle: bool) -> Any:
     return safe_load(path, trust_pickle=trust_pickle)
 
 
-def needs_torch(path: Path, kind: str) -> None:
-    """Raise the install hint for a PyTorch file where PyTorch cannot be imported (ONNX files need no PyTorch)."""
-    try:
-        import torch  # noqa: F401
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] != "torch":
-            raise
-        raise InvalidInputError(
-            f"{path} is a PyTorch file ({kind}), which needs PyTorch, not installed here: pip install 'bnfold[torch]'"
-        ) from error
-
-
-def onnx_graph(path: Path) -> Any:
-    """The graph of an ONNX file without its weights (its inputs and outputs), cheap for a large model."""
-    import onnx
-
-    return onnx.load_model(str(path), load_external_data=False)
-
-
 _READERS: dict[str, Callable[[Path, bool], Any]] = {
     ONNX: lambda path, trust_pickle: path,  # bnfold.onnx reads it itself, external data and all
     TORCHSCRIPT: lambda path, trust_pickle: load_torchscript(path),
@@ -206,6 +176,14 @@ def read(path: Path, kind: str, trust_pickle: bool) -> Any:
             f"{path} is not a model file bnfold knows (PyTorch checkpoint, pickled module, TorchScript, .pt2 program, "
             "safetensors or ONNX); check the path"
         )
-    if kind != ONNX:
-        needs_torch(path, kind)
+    if kind != ONNX:  # every other file needs PyTorch: the install hint where it is missing
+        try:
+            import torch  # noqa: F401
+        except ModuleNotFoundError as error:
+            if (error.name or "").split(".")[0] != "torch":
+                raise
+            raise InvalidInputError(
+                f"{path} is a PyTorch file ({kind}), which needs PyTorch, not installed here: "
+                "pip install 'bnfold[torch]'"
+            ) from error
     return _READERS[kind](path, trust_pickle)

@@ -160,8 +160,7 @@ class FoldReport(RichPrintable):
         for entry in data["entries"]:
             entry["into"] = list(entry["into"])
         for merge in data["merges"]:
-            merge["layers"], merge["identities"] = list(merge["layers"]), list(merge["identities"])
-            merge["kept"] = list(merge["kept"])
+            merge.update({key: list(merge[key]) for key in ("layers", "identities", "kept")})
         data["summary"] = {
             "norms": len(self.entries),
             "folded": len(self.folded),

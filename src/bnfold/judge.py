@@ -23,16 +23,15 @@ by 1e-3 on one channel is thousands of rounding steps, so ``E`` is thousands of 
 The floor is measured between the original and a perturbed original, never against the folded model, so a wrong
 fold cannot widen its own allowance.
 
-This module needs no torch (numpy only, imported when outputs are compared): each format flattens its outputs to
-``{path: value}`` and :func:`compare` reduces them to the numbers above, judges each with :func:`output_error` and
-gathers the answers in one :class:`VerificationResult`, the result of every format's check.
+No torch here (numpy, imported when outputs are compared): each format flattens its outputs to ``{path:
+value}`` for :func:`compare`, and every format's check answers with one :class:`VerificationResult`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FLOOR_FACTOR = 4.0
@@ -135,9 +134,8 @@ def compare(original: dict[str, Any], candidate: dict[str, Any], tolerance: floa
             ``values`` is float64 and ``eps`` the machine epsilon of the output's dtype; an output with ``eps`` 0 gets
             no floor.
 
-    Shapes that differ are problems; NaN, or infinities at different places, make an output not comparable
-    (:func:`not_comparable`); the rest is reduced over the original's finite places to ``max |F - O|``, ``max |O|``
-    and the floor ``max |P - O|`` (:func:`largest_difference`), and judged by :func:`output_error`.
+    Shapes that differ are problems; NaN, or unmatched infinities, make an output not comparable
+    (:func:`not_comparable`); the rest is judged over the original's finite places (:func:`output_error`).
     """
     import numpy as np
 
@@ -332,10 +330,8 @@ class VerificationResult:
             "max_relative": self.max_relative,
             "judged": self.describe() if self.outputs else None,
             "worst_output": self.worst_output,
-            "outputs": [
-                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape),
-                 "allowance": e.allowance, "floor": e.floor, "passed": e.within(self.tolerance)} for e in self.outputs
-            ],
+            "outputs": [{**asdict(e), "shape": list(e.shape), "passed": e.within(self.tolerance)}
+                        for e in self.outputs],
             "problems": list(self.problems),
             "not_finite": list(self.not_finite),
             "undecided": self.undecided,

@@ -1,17 +1,13 @@
 """Models by architecture name: torchvision's and timm's registries, freshly initialised, nothing downloaded.
 
-With a ``seed``, the random initial weights are a function of the name and the seed alone (the global random state
-is left as it was), so that ``bnfold fold resnet50 --seed 0`` and ``bnfold verify resnet50 ... --seed 0`` speak of
-the same model.
-
-Shared by the command line (``bnfold fold resnet50``) and ``bnfold reproduce``. A bare name is looked up in
-torchvision first, then timm; ``tv:NAME`` / ``timm:NAME`` choose. An unknown name is an error that suggests the
-closest known names.
+Shared by the command line (``bnfold fold resnet50``) and ``bnfold reproduce``. An unknown name is an error
+that suggests the closest known names.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 
 import torch
 from torch import nn
@@ -19,20 +15,13 @@ from torch import nn
 from ..errors import InvalidInputError
 
 
-def _torchvision_names() -> list[str]:
+def _names(library: str) -> list[str]:
+    """The architecture names torchvision or timm knows (none when it is not installed)."""
     try:
-        import torchvision
+        module = importlib.import_module(library)
     except ImportError:
         return []
-    return list(torchvision.models.list_models())
-
-
-def _timm_names() -> list[str]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    return list(timm.list_models())
+    return list(module.models.list_models() if library == "torchvision" else module.list_models())
 
 
 def resolve_arch(name: str) -> tuple[str, str]:
@@ -41,11 +30,11 @@ def resolve_arch(name: str) -> tuple[str, str]:
     torchvision_names: list[str] = []
     timm_names: list[str] = []
     if library in ("", "tv", "torchvision"):
-        torchvision_names = _torchvision_names()
+        torchvision_names = _names("torchvision")
         if bare in torchvision_names:
             return "torchvision", bare
     if library in ("", "timm"):
-        timm_names = _timm_names()
+        timm_names = _names("timm")
         if bare in timm_names:
             return "timm", bare
     if library not in ("", "tv", "torchvision", "timm"):
@@ -65,25 +54,20 @@ def build_arch(name: str, num_classes: int | None = None, seed: int | None = Non
     and seed give the same weights in every run and the caller's random state is not consumed; ``None`` draws them
     from the global random state (as ``bnfold reproduce`` does after seeding it).
     """
-    if seed is None:
-        return _build(name, num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _build(name, num_classes)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        library, bare = resolve_arch(name)
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        if library == "torchvision":
+            import torchvision
 
+            model = torchvision.models.get_model(bare, weights=None, **extra)
+            size = 299 if bare == "inception_v3" else 224
+            return model.eval(), (1, 3, size, size)
+        import timm
 
-def _build(name: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, ...]]:
-    library, bare = resolve_arch(name)
-    extra = {} if num_classes is None else {"num_classes": num_classes}
-    if library == "torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model(bare, weights=None, **extra)
-        size = 299 if bare == "inception_v3" else 224
-        return model.eval(), (1, 3, size, size)
-    import timm
-
-    model = timm.create_model(bare, pretrained=False, **extra)
+        model = timm.create_model(bare, pretrained=False, **extra)
     config = getattr(model, "pretrained_cfg", None) or {}
     channels, height, width = config.get("input_size", (3, 224, 224))
     return model.eval(), (1, channels, height, width)

@@ -66,14 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and split (default: 0)")
 
 
-def _splits(args: argparse.Namespace) -> Any:
-    from . import data
-
-    if args.data:
-        return data.image_folder(args.data, size=args.image_size or 160, limit=args.limit)
-    return data.digits(size=args.image_size or 32, seed=args.seed, limit=args.limit)
-
-
 def train(
     model: nn.Module, loader: DataLoader, epochs: int, lr: float, progress: Any = None, label: str = ""
 ) -> dict[str, float]:
@@ -261,7 +253,12 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
         refuse_inputs([out / name for name in ("report.json", "report.md", "latency.png")], [Path(args.data)])
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = _splits(args)
+    from . import data
+
+    if args.data:
+        splits = data.image_folder(args.data, size=args.image_size or 160, limit=args.limit)
+    else:
+        splits = data.digits(size=args.image_size or 32, seed=args.seed, limit=args.limit)
     image_size = int(splits.train[0][0].shape[-1])
     results: dict[str, Any] = {
         "settings": {

@@ -74,12 +74,7 @@ class BenchmarkResult(RichPrintable):
         return next((t for t in self.timings if t.variant == variant and t.batch_size == batch_size), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "settings": dict(self.settings),
-            "timings": [asdict(t) for t in self.timings],
-            "footprints": [asdict(f) for f in self.footprints],
-            "skipped": dict(self.skipped),
-        }
+        return asdict(self)
 
     def _table_rows(self) -> list[tuple[str, ...]]:
         sizes = {f.variant: f for f in self.footprints}

@@ -242,8 +242,7 @@ class VerificationResult:
     def passed(self) -> bool:
         if self.rounding_check is not None:
             return self.rounding_check.passed
-        return (not self.problems and not self.not_finite and self.undecided is None
-                and all(e.within(self.tolerance) for e in self.outputs))
+        return self.judged and not self.problems and all(e.within(self.tolerance) for e in self.outputs)
 
     @property
     def judged(self) -> bool:
@@ -293,10 +292,8 @@ class VerificationResult:
         """Take in the comparison of another batch: per output the worse error (a failing one first), every problem
         once."""
         worst = {e.path: e for e in self.outputs}
-        for error in other.outputs:
-            mine = worst.get(error.path)
-            if mine is None or self._rank(error) > self._rank(mine):
-                worst[error.path] = error
+        for error in other.outputs:  # on a tie, the first batch's
+            worst[error.path] = max(worst.get(error.path, error), error, key=self._rank)
         self.outputs = list(worst.values())
         self.problems.extend(p for p in other.problems if p not in self.problems)
         self.not_finite.extend(p for p in other.not_finite if p not in self.not_finite)

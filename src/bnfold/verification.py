@@ -199,9 +199,7 @@ def explained_by_rounding(
     The returned comparison's ``relative`` is, per output, the smaller of the two error / allowance ratios
     (pass <= 1).
     """
-    truth_model = copy.deepcopy(original).double()
-    truth = run_seeded(truth_model, _to_float64(inputs))
-    del truth_model
+    truth = run_seeded(copy.deepcopy(original).double(), _to_float64(inputs))  # the copy is freed once it ran
     trees = [truth, original_outputs, folded_outputs]
     if exact_fold is not None and folded_float64 is not None:  # the second test: (E, R, F64) of each output
         trees.append(run_seeded(exact_fold, _to_float64(inputs)))
@@ -279,9 +277,9 @@ def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: A
     comparison = described(compare_outputs(expected, actual, limit, perturbed), inputs, touched)
     if comparison.passed and comparison.max_relative <= limit:
         return comparison
-    folded = None  # the second opinion's float64 copy of the folded model, made before it is undone
-    if folded_float64 is not None and comparison.judged and not comparison.passed and not comparison.problems:
-        folded = folded_float64()
+    second_opinion = comparison.judged and not comparison.passed and not comparison.problems
+    # its float64 copy of the folded model, made before the fold is undone
+    folded = folded_float64() if folded_float64 is not None and second_opinion else None
     if restore is not None:
         restore()
     if not comparison.judged:  # a NaN (or unmatched infinity): no error is known, no second opinion can pass it
@@ -291,7 +289,7 @@ def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: A
             comparison.check_run_to_run(_flat(expected)[0], _flat(run_seeded(original, inputs))[0], numbers)
         if comparison.undecided:
             raise refusal(comparison)
-    if not comparison.passed and not comparison.problems:
+    if second_opinion:
         exact = exact_fold() if exact_fold is not None and folded is not None else None
         try:
             with MODEL_CALLS_LOCK:

@@ -27,22 +27,18 @@ def _names(library: str) -> list[str]:
 def resolve_arch(name: str) -> tuple[str, str]:
     """``(library, name)`` for ``name``, ``tv:name`` or ``timm:name``; torchvision first for bare names."""
     library, _, bare = name.rpartition(":")
-    torchvision_names: list[str] = []
-    timm_names: list[str] = []
-    if library in ("", "tv", "torchvision"):
-        torchvision_names = _names("torchvision")
-        if bare in torchvision_names:
-            return "torchvision", bare
-    if library in ("", "timm"):
-        timm_names = _names("timm")
-        if bare in timm_names:
-            return "timm", bare
+    known: dict[str, list[str]] = {}
+    for registry, prefixes in (("torchvision", ("", "tv", "torchvision")), ("timm", ("", "timm"))):
+        if library in prefixes:
+            known[registry] = _names(registry)
+            if bare in known[registry]:
+                return registry, bare
     if library not in ("", "tv", "torchvision", "timm"):
         raise InvalidInputError(f"unknown model library {library!r} in {name!r}; use tv:NAME or timm:NAME")
-    candidates = list(dict.fromkeys(torchvision_names + [n for n in timm_names if n not in torchvision_names]))
+    candidates = list(dict.fromkeys(n for names in known.values() for n in names))
     close = difflib.get_close_matches(bare, candidates, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() or timm.list_models()"
-    if not torchvision_names and not timm_names:
+    if not any(known.values()):
         hint = "; install torchvision and timm (pip install 'bnfold[vision]') to build models by name"
     raise InvalidInputError(f"{name!r} is neither a model file nor a known architecture{hint}")
 

@@ -1,7 +1,7 @@
 """Real image data for training, calibrating and verifying: an ImageFolder on disk, or scikit-learn's digits offline.
 
-Both are normalised with the ImageNet statistics torchvision's models expect. The digits (1,797 images of 8 x
-8, 10 classes) ship inside scikit-learn, so an experiment runs on any machine without a download.
+Both are normalised with the ImageNet statistics torchvision's models expect. The digits (1,797 images of
+8 x 8 pixels, 10 classes) ship inside scikit-learn, so an experiment runs on any machine without a download.
 """
 
 from __future__ import annotations

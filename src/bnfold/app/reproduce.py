@@ -3,13 +3,11 @@
     bnfold reproduce [--models vgg16_bn resnet50] [--epochs 2] [--data PATH] [--out DIR]
     python -m bnfold reproduce ...                          (the same, without the console script)
 
-For each model (torchvision ``vgg16_bn`` and ``resnet50`` by default, random initial weights, nothing downloaded):
-
-1. train it for ``--epochs`` on ``--data`` (an ImageNette-style folder with ``train/`` and ``val/``) or, without
-   ``--data``, on scikit-learn's digits upscaled to 3-channel images (real data that ships offline);
-2. fold it with :func:`bnfold.fold` (verified on a validation batch);
-3. measure parameters, per-image latency (batch 1, ``--latency-size`` pixels, original and folded interleaved,
-   medians) and validation accuracy of both, and whether every prediction is the same.
+For each model (torchvision ``vgg16_bn`` and ``resnet50`` by default, random initial weights, nothing
+downloaded): train it for ``--epochs`` on ``--data`` (an ImageNette-style folder) or on scikit-learn's digits
+(:mod:`.data`), fold it with :func:`bnfold.fold`, and measure parameters, per-image latency (batch 1,
+``--latency-size`` pixels, original and folded interleaved, medians), validation accuracy of both, and whether
+every prediction is the same.
 
 ``--out DIR`` receives ``report.md`` (the table), ``report.json`` and ``latency.png``. ``report.json`` holds:
 

@@ -273,13 +273,7 @@ def verify(args: argparse.Namespace, console: Any) -> int:
     shape = args.input_shape or next(filter(None, fixed), None) or original.input_shape or folded.input_shape
     original.input_shape = folded.input_shape = shape
     with console.status("comparing outputs"):
-        if args.input or (args.data and not (Path(args.data) / "val").is_dir()):  # arrays, or a plain image folder
-            batches = _examples(args, original, args.seed)
-            for batch in batches:
-                _check_runs(args, original, batch)
-            result = compare(original.runnable, folded.runnable, batches[0], data=batches[1:] or None,
-                             tolerance=args.tolerance)
-        elif args.data:
+        if args.data and not args.input and (Path(args.data) / "val").is_dir():  # an ImageFolder
             from torch.utils.data import DataLoader
 
             from ..data import validation_folder
@@ -287,11 +281,14 @@ def verify(args: argparse.Namespace, console: Any) -> int:
             size = (shape or (1, 3, 224, 224))[-1]
             loader = DataLoader(validation_folder(args.data, size=size, limit=args.limit), batch_size=16)
             result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
-        else:
-            example = original.example_inputs(args.seed)
-            _check_runs(args, original, example)
-            _check_runs(args, folded, example)
-            result = compare(original.runnable, folded.runnable, example, tolerance=args.tolerance)
+        else:  # arrays, a plain image folder, or the example input (FOLDED must take that one too)
+            given = bool(args.input or args.data)
+            batches = _examples(args, original, args.seed) if given else [original.example_inputs(args.seed)]
+            for loaded in (original,) if given else (original, folded):
+                for batch in batches:
+                    _check_runs(args, loaded, batch)
+            result = compare(original.runnable, folded.runnable, batches[0], data=batches[1:] or None,
+                             tolerance=args.tolerance)
     _print_notes(args, console, original, folded)
     lines = [str(result)]
     if not result.passed and original.seed is not None:

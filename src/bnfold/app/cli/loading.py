@@ -134,12 +134,10 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
-            if keys:
-                shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
-                parts.append(f"{label}: {shown}")
+    found = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape))
+    parts = [f"{label}: {', '.join(keys[:4])}" + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+             for label, keys in found if keys]
+    if parts:
         raise InvalidInputError(
             f"{source} does not match architecture {arch!r} ({'; '.join(parts)}); check --arch, or that the file is "
             "the state_dict of that model"
@@ -192,8 +190,13 @@ def load_model(
                 f"{spec}: random weights drawn from --seed {seed} (the same model for every command with this name and "
                 "seed; pass --weights FILE for trained ones)"
             )
-        else:
-            load_state_dict_into(model, _read_state_dict(Path(weights), trust_pickle), weights, spec)
+            return loaded
+        file = Path(weights)
+        loading.check_readable(file)
+        state = _state_dict_of(loading.read(file, loading.sniff(file), trust_pickle))
+        if state is None:
+            raise InvalidInputError(f"--weights {file} does not hold a state_dict of tensors")
+        load_state_dict_into(model, state, weights, spec)
         return loaded
     if weights is not None:
         raise InvalidInputError(
@@ -236,15 +239,6 @@ def load_model(
 
 
 _STATE_DICT_FORMATS = {loading.SAFETENSORS: "safetensors", loading.TORCH_FILE: "state_dict"}
-
-
-def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    loading.check_readable(path)
-    content = loading.read(path, loading.sniff(path), trust_pickle)
-    state = _state_dict_of(content)
-    if state is None:
-        raise InvalidInputError(f"--weights {path} does not hold a state_dict of tensors")
-    return state
 
 
 def _from_state_dict(

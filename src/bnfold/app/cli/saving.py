@@ -1,18 +1,12 @@
 """Write a folded model in the format ``bnfold fold`` was asked for, read it back and check it.
 
-The model's own format is written by its backend, as :func:`bnfold.save` writes it (:mod:`bnfold.formats`). An
-``nn.Module`` also converts to every other format (``--format``, or OUT's extension):
-
-* ``state_dict``: ``torch.save(folded.state_dict())``. The folded layout (norms gone, conv biases added) loads
-  into ``bnfold.fold(arch())`` of the same architecture; ``bnfold verify --arch NAME`` does that for you.
-* ``safetensors``: the same state_dict as a ``.safetensors`` file.
-* ``pickle``: ``torch.save(folded)``, the whole module (loading needs its code, and ``weights_only=False``).
-* ``torchscript``: ``torch.jit.save`` (scripted, or traced on the example input where scripting fails).
-* ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``.
-* ``onnx``: ``torch.onnx.export`` (opset 18), opened by its path in onnxruntime to be checked.
-
-A TorchScript module, a ``.pt2`` program and an ONNX model are written in their own format only (an ONNX file
-without PyTorch: it is imported by the conversions alone).
+The model's own format is written by its backend, as :func:`bnfold.save` writes it (:mod:`bnfold.formats`); a
+TorchScript module, a ``.pt2`` program and an ONNX model are written in their own format only. An
+``nn.Module`` also converts to every other format (``--format``, or OUT's extension; :data:`FORMATS`):
+``state_dict`` or ``safetensors`` in the folded layout (norms gone, conv biases added: it loads into
+``bnfold.fold(arch())``, which ``bnfold verify --arch NAME`` does for you), ``pickle`` (the whole module),
+``torchscript`` (scripted, or traced where scripting fails), ``pt2`` (``torch.export``) or ``onnx`` (opset 18,
+checked in onnxruntime). PyTorch is imported by the conversions alone, so an ONNX file is written without it.
 """
 
 from __future__ import annotations

@@ -279,11 +279,9 @@ class VerificationResult:
         """One line for messages: the first problem, or why no verdict is possible, or the worst output's error
         (saying, when it fails its allowance, that rounding the folded weights does not explain it)."""
         reasons = [*self.problems, *self.not_finite, *filter(None, [self.undecided])]
-        if reasons:
-            return reasons[0]
         worst = self._worst()
-        if worst is None:
-            return self.describe()
+        if reasons or worst is None:
+            return reasons[0] if reasons else self.describe()
         beyond = not worst.within(self.tolerance) and worst.allowance is not None
         return (f"{output_label(worst.path)}: {self.describe()}"
                 f"{', more than rounding the folded weights explains' if beyond else ''}")

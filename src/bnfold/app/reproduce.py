@@ -257,7 +257,6 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
         splits = data.image_folder(args.data, size=args.image_size or 160, limit=args.limit)
     else:
         splits = data.digits(size=args.image_size or 32, seed=args.seed, limit=args.limit)
-    image_size = int(splits.train[0][0].shape[-1])
     results: dict[str, Any] = {
         "settings": {
             "models": list(args.models), "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -266,7 +265,7 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
         },
         "data": {
             "source": splits.source, "classes": list(splits.classes), "train_samples": len(splits.train),
-            "val_samples": len(splits.val), "image_size": image_size,
+            "val_samples": len(splits.val), "image_size": int(splits.train[0][0].shape[-1]),
         },
         "models": {},
     }

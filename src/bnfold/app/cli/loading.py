@@ -8,9 +8,7 @@ A MODEL argument is one of:
   ``--arch NAME``;
 * a whole pickled ``nn.Module`` (``torch.save(model)``), only with ``--trust-pickle``: unpickling runs code from
   the file, so by default files are read with ``torch.load(weights_only=True)``, which refuses it;
-* a TorchScript archive (``torch.jit.save``);
-* a torch.export program (``torch.export.save``, ``.pt2``);
-* an ONNX file.
+* a TorchScript archive (``torch.jit.save``), a torch.export program (``.pt2``) or an ONNX file.
 
 A file is read as :func:`bnfold.fold` reads a path and carries the backend of its kind
 (:mod:`bnfold.formats`). Every problem is an :class:`~bnfold.errors.InvalidInputError` naming the file and the

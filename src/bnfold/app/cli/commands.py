@@ -82,7 +82,7 @@ def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: Any) -> 
         raise OriginalRunError(loaded.label, shape, cause, advice, advice) from error
 
 
-def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[Any] | None:
+def _examples(args: argparse.Namespace, loaded: LoadedModel) -> list[Any] | None:
     """The batches to fold and judge on: ``--input FILE`` (.npy, or an .npz of one array), ``--data DIR`` (images
     resized to the example shape), else the model's example input (photographs for N x 3 x H x W). For an ONNX
     graph: arrays by input name, or ``None`` (:func:`bnfold.onnx.fold` makes its example inputs)."""
@@ -105,9 +105,9 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[
     if getattr(args, "data", None):
         from ...examples import image_batches
 
-        shape = loaded.input_shape or loaded.example_inputs(seed).shape
+        shape = loaded.input_shape or loaded.example_inputs(args.seed).shape
         return [torch.from_numpy(b) for b in image_batches(args.data, tuple(shape), limit=args.limit or 8)]
-    return [loaded.example_inputs(seed)]
+    return [loaded.example_inputs(args.seed)]
 
 
 def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] | None:
@@ -172,7 +172,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
     """``bnfold inspect MODEL``: each norm and what folding would do with it; parameter counts. Writes nothing."""
     loaded = _load(args, args.model, console)
     _check_onnx_options(args, loaded)
-    examples = _examples(args, loaded, args.seed)  # inputs that do not fit are bad input here too
+    examples = _examples(args, loaded)  # inputs that do not fit are bad input here too
     example = examples[0] if examples else None
     _check_runs(args, loaded, example)
     with console.status("tracing the dataflow"):
@@ -205,7 +205,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     _check_onnx_options(args, loaded)
     fmt = saving.choose_format(loaded.format, output, args.format)
     saving.check_writable(loaded.backend, fmt)
-    examples = _examples(args, loaded, args.seed)
+    examples = _examples(args, loaded)
     for batch in examples or ():
         _check_runs(args, loaded, batch)
     with console.status("folding and verifying"):
@@ -283,7 +283,7 @@ def verify(args: argparse.Namespace, console: Any) -> int:
             result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
         else:  # arrays, a plain image folder, or the example input (FOLDED must take that one too)
             given = bool(args.input or args.data)
-            batches = _examples(args, original, args.seed) if given else [original.example_inputs(args.seed)]
+            batches = _examples(args, original) if given else [original.example_inputs(args.seed)]
             for loaded in (original,) if given else (original, folded):
                 for batch in batches:
                     _check_runs(args, loaded, batch)
@@ -301,7 +301,7 @@ def verify(args: argparse.Namespace, console: Any) -> int:
 def _verify_onnx(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> int:
     """Compare two ONNX files in onnxruntime on example inputs (or ``--input`` / ``--data``), judged as a fold is."""
     _check_onnx_options(args, loaded)
-    inputs = _examples(args, loaded, args.seed)
+    inputs = _examples(args, loaded)
     backend = onnx_module()
     original, folded = backend.load(args.original), backend.load(args.folded)
     with console.status("comparing outputs in onnxruntime"):

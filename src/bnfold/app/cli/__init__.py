@@ -264,7 +264,7 @@ def _interrupted() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (documented in the module docstring; SIGTERM / SIGHUP: 128 + signal).
+    """Run one command; returns the exit code (:data:`EPILOG`; SIGTERM / SIGHUP: 128 + signal number).
 
     Ctrl-C is one line and exit 130 wherever it lands, also while PyTorch is still being imported (the first
     second or two of every run), not a traceback through the import machinery. Commands on ONNX files alone run

@@ -1,19 +1,10 @@
 """Measure what folding buys: inference latency, parameters and size on disk, before and after, beside the peers.
 
 Timings on shared machines drift; a ratio is only meaningful when both sides ran under the same conditions. So
-every variant (original, bnfold, the peers) runs **interleaved**: each round times one forward pass of every
-variant, in a rotating order, after a warm-up; the result gives the median, the interquartile range and the ratio
-of each median to the original's median at the same batch size. Forward passes run under ``torch.inference_mode``,
-with CUDA synchronised around each one when the model is on a GPU.
-
-Peers:
-
-* ``fx.fuse``: ``torch.fx.experimental.optimization.fuse`` (conv/linear + BN folding on a traced GraphModule);
-* ``jit.freeze``: ``torch.jit.freeze(torch.jit.script(model))``, which folds conv + BN among other things, where
-  the model scripts.
-
-Options add ``channels_last`` and ``torch.compile`` variants of the original and of the bnfold model, so the gain
-can be read where deployment runs (folded + compile against compile alone).
+every variant runs **interleaved**: each round times one forward pass of every variant, in a rotating order,
+after a warm-up; the result gives the median, the interquartile range and the ratio of each median to the
+original's median at the same batch size. The ``channels_last`` and ``torch.compile`` variants let the gain be
+read where deployment runs (folded + compile against compile alone).
 """
 
 from __future__ import annotations
@@ -23,6 +14,7 @@ import io
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,12 +74,7 @@ class BenchmarkResult(RichPrintable):
         return next((t for t in self.timings if t.variant == variant and t.batch_size == batch_size), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "settings": dict(self.settings),
-            "timings": [asdict(t) for t in self.timings],
-            "footprints": [asdict(f) for f in self.footprints],
-            "skipped": dict(self.skipped),
-        }
+        return asdict(self)
 
     def _table_rows(self) -> list[tuple[str, ...]]:
         sizes = {f.variant: f for f in self.footprints}
@@ -160,8 +147,6 @@ class BenchmarkResult(RichPrintable):
 def _serialised_size(model: Any) -> int:
     buffer = io.BytesIO()
     if isinstance(model, torch.jit.ScriptModule):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # deprecated, but it is how a scripted model ships
             torch.jit.save(model, buffer)
@@ -184,8 +169,6 @@ def _peer(name: str, model: nn.Module, example: tuple[Any, ...]) -> nn.Module:
 
         return fuse(model)
     if name == "jit.freeze":
-        import warnings
-
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; it is still the peer
             return torch.jit.freeze(torch.jit.script(copy.deepcopy(model)))
@@ -242,8 +225,10 @@ def benchmark(
         input_shape: instead of ``example_inputs``, the shape of one random input (``(1, 3, 224, 224)``).
         batch_sizes: batch sizes to time.
         threads: intra-op threads for the run (restored afterwards); default: leave PyTorch's setting.
-        peers: other folders to time beside bnfold: ``"fx.fuse"``, ``"jit.freeze"``. A peer that fails on this
-            model is listed in ``skipped`` with the reason.
+        peers: other folders to time beside bnfold: ``"fx.fuse"``
+            (``torch.fx.experimental.optimization.fuse``), ``"jit.freeze"``
+            (``torch.jit.freeze(torch.jit.script(model))``). A peer that fails on this model is listed in
+            ``skipped`` with the reason.
         channels_last: also time the original and bnfold models in channels-last memory format.
         compile: also time ``torch.compile`` of the original and of the bnfold model.
         warmup / repeats: untimed rounds first, then timed interleaved rounds (one pass of each variant per round).

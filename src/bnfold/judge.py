@@ -23,16 +23,15 @@ by 1e-3 on one channel is thousands of rounding steps, so ``E`` is thousands of 
 The floor is measured between the original and a perturbed original, never against the folded model, so a wrong
 fold cannot widen its own allowance.
 
-This module needs no torch (numpy only, imported when outputs are compared): each format flattens its outputs to
-``{path: value}`` and :func:`compare` reduces them to the numbers above, judges each with :func:`output_error` and
-gathers the answers in one :class:`VerificationResult`, the result of every format's check.
+No torch here (numpy, imported when outputs are compared): each format flattens its outputs to ``{path:
+value}`` for :func:`compare`, and every format's check answers with one :class:`VerificationResult`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FLOOR_FACTOR = 4.0
@@ -135,9 +134,8 @@ def compare(original: dict[str, Any], candidate: dict[str, Any], tolerance: floa
             ``values`` is float64 and ``eps`` the machine epsilon of the output's dtype; an output with ``eps`` 0 gets
             no floor.
 
-    Shapes that differ are problems; NaN, or infinities at different places, make an output not comparable
-    (:func:`not_comparable`); the rest is reduced over the original's finite places to ``max |F - O|``, ``max |O|``
-    and the floor ``max |P - O|`` (:func:`largest_difference`), and judged by :func:`output_error`.
+    Shapes that differ are problems; NaN, or unmatched infinities, make an output not comparable
+    (:func:`not_comparable`); the rest is judged over the original's finite places (:func:`output_error`).
     """
     import numpy as np
 
@@ -244,8 +242,7 @@ class VerificationResult:
     def passed(self) -> bool:
         if self.rounding_check is not None:
             return self.rounding_check.passed
-        return (not self.problems and not self.not_finite and self.undecided is None
-                and all(e.within(self.tolerance) for e in self.outputs))
+        return self.judged and not self.problems and all(e.within(self.tolerance) for e in self.outputs)
 
     @property
     def judged(self) -> bool:
@@ -282,11 +279,9 @@ class VerificationResult:
         """One line for messages: the first problem, or why no verdict is possible, or the worst output's error
         (saying, when it fails its allowance, that rounding the folded weights does not explain it)."""
         reasons = [*self.problems, *self.not_finite, *filter(None, [self.undecided])]
-        if reasons:
-            return reasons[0]
         worst = self._worst()
-        if worst is None:
-            return self.describe()
+        if reasons or worst is None:
+            return reasons[0] if reasons else self.describe()
         beyond = not worst.within(self.tolerance) and worst.allowance is not None
         return (f"{output_label(worst.path)}: {self.describe()}"
                 f"{', more than rounding the folded weights explains' if beyond else ''}")
@@ -295,10 +290,8 @@ class VerificationResult:
         """Take in the comparison of another batch: per output the worse error (a failing one first), every problem
         once."""
         worst = {e.path: e for e in self.outputs}
-        for error in other.outputs:
-            mine = worst.get(error.path)
-            if mine is None or self._rank(error) > self._rank(mine):
-                worst[error.path] = error
+        for error in other.outputs:  # on a tie, the first batch's
+            worst[error.path] = max(worst.get(error.path, error), error, key=self._rank)
         self.outputs = list(worst.values())
         self.problems.extend(p for p in other.problems if p not in self.problems)
         self.not_finite.extend(p for p in other.not_finite if p not in self.not_finite)
@@ -332,10 +325,8 @@ class VerificationResult:
             "max_relative": self.max_relative,
             "judged": self.describe() if self.outputs else None,
             "worst_output": self.worst_output,
-            "outputs": [
-                {"path": e.path, "max_abs": e.max_abs, "relative": e.relative, "shape": list(e.shape),
-                 "allowance": e.allowance, "floor": e.floor, "passed": e.within(self.tolerance)} for e in self.outputs
-            ],
+            "outputs": [{**asdict(e), "shape": list(e.shape), "passed": e.within(self.tolerance)}
+                        for e in self.outputs],
             "problems": list(self.problems),
             "not_finite": list(self.not_finite),
             "undecided": self.undecided,

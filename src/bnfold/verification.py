@@ -1,24 +1,20 @@
 """Proof that folding changed nothing: compare the outputs of two PyTorch models.
 
-Outputs may be tensors, tuples, lists, dicts and nestings of them (as detection and segmentation models return).
-Every output tensor is judged by :mod:`bnfold.judge`, the rule all formats share: it passes within the fixed relative
-tolerance below, or when its error is within what one rounding step of the tensors the fold touched does to the
-original on the same inputs (:func:`noise_floor`; "error X against allowance Y"). Models that draw random numbers
-in eval mode run every time under the same seed (:func:`run_seeded`), so the original and the folded model see the
-same draws.
+Outputs may be tensors, tuples, lists, dicts and nestings of them; every output tensor is judged by
+:mod:`bnfold.judge`, the rule all formats share. Models that draw random numbers in eval mode run every time
+under the same seed (:func:`run_seeded`), so the original and the folded model see the same draws.
 
-Default tolerances (:data:`TOLERANCES`) follow from float precision. Folding changes each weight by one rounding
-(relative ``eps/2``) and removes the rounding of the norm's own multiply and add; a layer's output therefore moves
-by a few ``eps`` of its magnitude, and through ``L`` layers such differences add up (roughly as ``sqrt(L)`` for
-random rounding, up to ``L`` when they line up) and are amplified by the network's conditioning. We allow about
-``1000 * eps`` for float32 (1e-4, timm's own zoo tolerance) and float64, which leaves room for a hundred layers with
-amplification of ~10 while a wrong fold (a missing shift, a scale on the wrong axis) gives errors of order 1. fp16
-and bf16 models compute every layer in half precision, where one rounding is already 5e-4 / 4e-3 of the value,
-so their tolerance is ten roundings: 1e-2 and 8e-2.
+Default tolerances (:data:`TOLERANCES`) follow from float precision. Folding changes each weight by one
+rounding and removes the norm's own roundings, so a layer's output moves by a few ``eps`` of its magnitude,
+summed over the layers and amplified by the network's conditioning. About ``1000 * eps`` (1e-4 for float32,
+timm's own zoo tolerance) leaves room for a hundred layers amplified ~10 times, while a wrong fold (a missing
+shift, a scale on the wrong axis) gives errors of order 1. fp16 and bf16 compute every layer in half
+precision, where one rounding is already 5e-4 / 4e-3 of the value: they get ten roundings, 1e-2 and 8e-2.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable
@@ -43,12 +39,10 @@ TOLERANCES: dict[torch.dtype, float] = {
 
 def default_tolerance(model_or_dtype: nn.Module | torch.dtype) -> float:
     """The relative tolerance for a model (by the widest floating dtype of its parameters) or a dtype."""
-    if isinstance(model_or_dtype, torch.dtype):
-        return TOLERANCES.get(model_or_dtype, TOLERANCES[torch.float32])
-    dtypes = {p.dtype for p in model_or_dtype.parameters() if p.is_floating_point()}
-    if not dtypes:
-        return TOLERANCES[torch.float32]
-    return max(TOLERANCES.get(d, TOLERANCES[torch.float32]) for d in dtypes)
+    dtypes = ({model_or_dtype} if isinstance(model_or_dtype, torch.dtype)
+              else {p.dtype for p in model_or_dtype.parameters() if p.is_floating_point()})
+    fallback = TOLERANCES[torch.float32]
+    return max((TOLERANCES.get(d, fallback) for d in dtypes), default=fallback)
 
 
 def _flat(tree: Any) -> tuple[dict[str, Any], Any]:
@@ -130,10 +124,9 @@ def noise_floor(model: Any, names: Any, inputs: tuple[Any, ...], seed: int = RUN
     generator = torch.Generator().manual_seed(judge.PERTURB_SEED)
     saved = {}
     try:
-        with torch.no_grad():
-            for name in chosen:
-                saved[name] = tensors[name].data
-                tensors[name].data = _one_step(tensors[name].data, generator)
+        for name in chosen:  # on .data: no gradient is recorded
+            saved[name] = tensors[name].data
+            tensors[name].data = _one_step(tensors[name].data, generator)
         return run_seeded(model, inputs, seed)
     finally:
         for name, data in saved.items():
@@ -151,11 +144,6 @@ each off the truth by a similar amount; across the torchvision zoo the ratio sta
 outputs by a sizeable fraction of their magnitude, thousands of times the original's rounding error."""
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    return max(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float32)
-
-
 def _round_like(exact_fold: nn.Module, original: nn.Module) -> None:
     """Round every floating tensor of the float64 ``exact_fold`` through the dtype the original stores it in.
 
@@ -163,7 +151,8 @@ def _round_like(exact_fold: nn.Module, original: nn.Module) -> None:
     biases get exactly the one rounding the real fold gives them. A bias the fold created takes its weight's dtype.
     """
     stored = {n: t.dtype for n, t in (*original.named_parameters(), *original.named_buffers()) if t.is_floating_point()}
-    fallback = _model_dtype(original)
+    fallback = max((p.dtype for p in original.parameters() if p.is_floating_point()),
+                   key=lambda d: torch.finfo(d).bits, default=torch.float32)
     with torch.no_grad():
         for name, tensor in (*exact_fold.named_parameters(), *exact_fold.named_buffers()):
             if tensor.is_floating_point():
@@ -191,32 +180,26 @@ def explained_by_rounding(
     are judged against the truth ``T``, the float64 evaluation of ``original`` (copied, not changed) on ``inputs``;
     ``original_outputs`` / ``folded_outputs`` are what the two models returned on them. Either test passes:
 
-    1. **As precise as the original.** The folded model's error ``|F32 - T|`` is at most :data:`ROUNDING_FACTOR`
-       times the original's own ``|O32 - T|``, plus one rounding of the output.
-    2. **Right up to the rounding of its weights** (needs ``exact_fold``, the same plan carried out in float64, and
-       ``folded_float64``, a float64 copy of the folded model; both are consumed). The folded model's weights, run
-       in float64 (``F64``: no activation rounding), are compared with the truth: ``|F64 - T|`` must be at most
-       :data:`ROUNDING_FACTOR` times ``|R - E|`` plus one rounding of the output, where ``E`` is ``exact_fold``'s
-       output and ``R`` its output once its weights are rounded through the stored dtype (what one rounding of
-       every folded weight does to this model, whatever the model's conditioning).
+    1. **As precise as the original.** ``|F32 - T|`` is at most :data:`ROUNDING_FACTOR` times the original's
+       own ``|O32 - T|``, plus one rounding of the output.
+    2. **Right up to the rounding of its weights** (needs ``exact_fold``, the same plan carried out in
+       float64, and ``folded_float64``, a float64 copy of the folded model; both are consumed). ``|F64 - T|``
+       (the folded weights without activation rounding) is at most :data:`ROUNDING_FACTOR` times ``|R - E|``
+       plus one rounding of the output, where ``E`` is ``exact_fold``'s output and ``R`` its output once its
+       weights are rounded through the stored dtype (what one rounding of every folded weight does to this
+       model, whatever its conditioning).
 
-    Why the second test: an original whose weights and inputs are small integers (a fixed edge filter on raw pixel
-    values) computes its convolutions exactly, while ``W * s`` must be rounded, and a filter whose taps cancel on
-    offset inputs turns that rounding, and the folded layer's own float32 sums of large terms, into an error
-    hundreds of times the original's (which is near zero): test 1 then refuses a fold that is exact in float64.
-    Test 2 takes float32 evaluation out of the judgement and asks only whether the folded weights compute the
-    original function, to the precision their dtype can hold. It cannot pass a wrong fold: ``|F64 - T|`` is then of
-    the output's size, while ``|R - E|`` is measured between two versions of the fold *as planned*, never against
-    the folded model, and stays at rounding level.
+    Why the second test: an original whose weights and inputs are small integers (a fixed edge filter on raw
+    pixel values) computes exactly, while ``W * s`` must be rounded, and taps that cancel on offset inputs
+    turn that rounding into an error hundreds of times the original's (near zero): test 1 refuses a fold exact
+    in float64. Test 2 cannot pass a wrong fold: ``|F64 - T|`` is then of the output's size, while ``|R - E|``
+    is measured between two versions of the fold *as planned*, never against the folded model, and stays at
+    rounding level.
 
     The returned comparison's ``relative`` is, per output, the smaller of the two error / allowance ratios
     (pass <= 1).
     """
-    import copy
-
-    truth_model = copy.deepcopy(original).double()
-    truth = run_seeded(truth_model, _to_float64(inputs))
-    del truth_model
+    truth = run_seeded(copy.deepcopy(original).double(), _to_float64(inputs))  # the copy is freed once it ran
     trees = [truth, original_outputs, folded_outputs]
     if exact_fold is not None and folded_float64 is not None:  # the second test: (E, R, F64) of each output
         trees.append(run_seeded(exact_fold, _to_float64(inputs)))
@@ -294,9 +277,9 @@ def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: A
     comparison = described(compare_outputs(expected, actual, limit, perturbed), inputs, touched)
     if comparison.passed and comparison.max_relative <= limit:
         return comparison
-    folded = None  # the second opinion's float64 copy of the folded model, made before it is undone
-    if folded_float64 is not None and comparison.judged and not comparison.passed and not comparison.problems:
-        folded = folded_float64()
+    second_opinion = comparison.judged and not comparison.passed and not comparison.problems
+    # its float64 copy of the folded model, made before the fold is undone
+    folded = folded_float64() if folded_float64 is not None and second_opinion else None
     if restore is not None:
         restore()
     if not comparison.judged:  # a NaN (or unmatched infinity): no error is known, no second opinion can pass it
@@ -306,7 +289,7 @@ def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: A
             comparison.check_run_to_run(_flat(expected)[0], _flat(run_seeded(original, inputs))[0], numbers)
         if comparison.undecided:
             raise refusal(comparison)
-    if not comparison.passed and not comparison.problems:
+    if second_opinion:
         exact = exact_fold() if exact_fold is not None and folded is not None else None
         try:
             with MODEL_CALLS_LOCK:
@@ -336,10 +319,7 @@ def described(result: VerificationResult, inputs: tuple[Any, ...], touched: list
 
 def _batches(data: Any) -> Any:
     """Yield ``(inputs_tuple, labels_or_None)`` from a tensor, a DataLoader or an iterable of batches."""
-    if isinstance(data, torch.Tensor):
-        yield (data,), None
-        return
-    for batch in data:
+    for batch in [data] if isinstance(data, torch.Tensor) else data:
         if isinstance(batch, torch.Tensor):
             yield (batch,), None
         elif isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) and (
@@ -376,25 +356,20 @@ def verify(
         tolerance: largest accepted ``max|a - b| / max|a|`` per output; default from the original's dtype.
         max_batches: stop after this many batches of ``data``.
 
-    Errors are taken per output tensor (tuples, lists, dicts of tensors are walked), against the largest magnitude
-    of the original's output, so near-zero outputs do not blow the relative error up; an output beyond ``tolerance``
-    still passes within the :mod:`bnfold.judge` allowance (the noise floor of the tensors ``folded`` changed, see
-    :func:`changed_tensors`). Both models run from the same random state.
+    Each output tensor (tuples, lists, dicts are walked) is judged by :mod:`bnfold.judge`, on the noise floor
+    of the tensors ``folded`` changed (:func:`changed_tensors`); both models run from the same random state.
     """
     if inputs is None and data is None:
         raise InvalidInputError("verify() needs inputs or data to run both models on")
     limit = tolerance if tolerance is not None else default_tolerance(original)
+    given = [] if inputs is None else [(inputs if isinstance(inputs, tuple) else (inputs,), None)]
+    from_data = _batches(data) if data is not None else ()
+    touched = changed_tensors(original, folded)
     result: VerificationResult | None = None
     agree = correct_original = correct_folded = labelled = 0
-    batches = []
-    if inputs is not None:
-        batches.append((inputs if isinstance(inputs, tuple) else (inputs,), None))
-    # the models run while no other thread traces (see MODEL_CALLS_LOCK)
-
-    touched = changed_tensors(original, folded)
-    with MODEL_CALLS_LOCK, torch.no_grad():
-        for number, (batch, labels) in enumerate(itertools.chain(batches, _batches(data) if data is not None else ())):
-            if max_batches is not None and number >= max_batches + len(batches):
+    with MODEL_CALLS_LOCK, torch.no_grad():  # the models run while no other thread traces
+        for number, (batch, labels) in enumerate(itertools.chain(given, from_data)):
+            if max_batches is not None and number >= max_batches + len(given):
                 break
             expected, actual = run_seeded(original, batch), run_seeded(folded, batch)
             comparison = compare_outputs(expected, actual, limit, noise_floor(original, touched, batch))
@@ -405,8 +380,8 @@ def verify(
             else:
                 result.absorb(comparison)
                 result.batches += 1
-            if number < len(batches) or not (isinstance(expected, torch.Tensor) and expected.dim() == 2
-                                             and expected.is_floating_point()):  # no classifier's logits
+            if number < len(given) or not (isinstance(expected, torch.Tensor) and expected.dim() == 2
+                                           and expected.is_floating_point()):  # no classifier's logits
                 continue
             top_original, top_folded = expected.argmax(-1), actual.argmax(-1)
             agree += int((top_original == top_folded).sum())

@@ -1,17 +1,13 @@
 """Models by architecture name: torchvision's and timm's registries, freshly initialised, nothing downloaded.
 
-With a ``seed``, the random initial weights are a function of the name and the seed alone (the global random state
-is left as it was), so that ``bnfold fold resnet50 --seed 0`` and ``bnfold verify resnet50 ... --seed 0`` speak of
-the same model.
-
-Shared by the command line (``bnfold fold resnet50``) and ``bnfold reproduce``. A bare name is looked up in
-torchvision first, then timm; ``tv:NAME`` / ``timm:NAME`` choose. An unknown name is an error that suggests the
-closest known names.
+Shared by the command line (``bnfold fold resnet50``) and ``bnfold reproduce``. An unknown name is an error
+that suggests the closest known names.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 
 import torch
 from torch import nn
@@ -19,41 +15,30 @@ from torch import nn
 from ..errors import InvalidInputError
 
 
-def _torchvision_names() -> list[str]:
+def _names(library: str) -> list[str]:
+    """The architecture names torchvision or timm knows (none when it is not installed)."""
     try:
-        import torchvision
+        module = importlib.import_module(library)
     except ImportError:
         return []
-    return list(torchvision.models.list_models())
-
-
-def _timm_names() -> list[str]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    return list(timm.list_models())
+    return list(module.models.list_models() if library == "torchvision" else module.list_models())
 
 
 def resolve_arch(name: str) -> tuple[str, str]:
     """``(library, name)`` for ``name``, ``tv:name`` or ``timm:name``; torchvision first for bare names."""
     library, _, bare = name.rpartition(":")
-    torchvision_names: list[str] = []
-    timm_names: list[str] = []
-    if library in ("", "tv", "torchvision"):
-        torchvision_names = _torchvision_names()
-        if bare in torchvision_names:
-            return "torchvision", bare
-    if library in ("", "timm"):
-        timm_names = _timm_names()
-        if bare in timm_names:
-            return "timm", bare
+    known: dict[str, list[str]] = {}
+    for registry, prefixes in (("torchvision", ("", "tv", "torchvision")), ("timm", ("", "timm"))):
+        if library in prefixes:
+            known[registry] = _names(registry)
+            if bare in known[registry]:
+                return registry, bare
     if library not in ("", "tv", "torchvision", "timm"):
         raise InvalidInputError(f"unknown model library {library!r} in {name!r}; use tv:NAME or timm:NAME")
-    candidates = list(dict.fromkeys(torchvision_names + [n for n in timm_names if n not in torchvision_names]))
+    candidates = list(dict.fromkeys(n for names in known.values() for n in names))
     close = difflib.get_close_matches(bare, candidates, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() or timm.list_models()"
-    if not torchvision_names and not timm_names:
+    if not any(known.values()):
         hint = "; install torchvision and timm (pip install 'bnfold[vision]') to build models by name"
     raise InvalidInputError(f"{name!r} is neither a model file nor a known architecture{hint}")
 
@@ -65,25 +50,20 @@ def build_arch(name: str, num_classes: int | None = None, seed: int | None = Non
     and seed give the same weights in every run and the caller's random state is not consumed; ``None`` draws them
     from the global random state (as ``bnfold reproduce`` does after seeding it).
     """
-    if seed is None:
-        return _build(name, num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _build(name, num_classes)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        library, bare = resolve_arch(name)
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        if library == "torchvision":
+            import torchvision
 
+            model = torchvision.models.get_model(bare, weights=None, **extra)
+            size = 299 if bare == "inception_v3" else 224
+            return model.eval(), (1, 3, size, size)
+        import timm
 
-def _build(name: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, ...]]:
-    library, bare = resolve_arch(name)
-    extra = {} if num_classes is None else {"num_classes": num_classes}
-    if library == "torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model(bare, weights=None, **extra)
-        size = 299 if bare == "inception_v3" else 224
-        return model.eval(), (1, 3, size, size)
-    import timm
-
-    model = timm.create_model(bare, pretrained=False, **extra)
+        model = timm.create_model(bare, pretrained=False, **extra)
     config = getattr(model, "pretrained_cfg", None) or {}
     channels, height, width = config.get("input_size", (3, 224, 224))
     return model.eval(), (1, channels, height, width)

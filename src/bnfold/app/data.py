@@ -1,12 +1,7 @@
 """Real image data for training, calibrating and verifying: an ImageFolder on disk, or scikit-learn's digits offline.
 
-* :func:`image_folder`: an ImageNette-style folder (``train/<class>/*.jpg`` and ``val/<class>/*.jpg``), read with
-  torchvision's ``ImageFolder``, resized to a square and normalised with the ImageNet statistics torchvision's
-  models expect; :func:`validation_folder` reads its ``val/`` alone (``bnfold verify --data``).
-* :func:`digits`: scikit-learn's 1,797 handwritten digits (8 x 8, 16 grey levels, 10 classes), which ship inside
-  the package, so an experiment runs on any machine without a download: scaled to [0, 1], upsampled to a square
-  of ``size`` pixels (bilinear), copied to 3 channels and normalised the same way. The train / validation split is
-  stratified and seeded.
+Both are normalised with the ImageNet statistics torchvision's models expect. The digits (1,797 images of
+8 x 8 pixels, 10 classes) ship inside scikit-learn, so an experiment runs on any machine without a download.
 """
 
 from __future__ import annotations
@@ -33,14 +28,9 @@ class Splits:
     source: str
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
-    return (images - mean) / std
-
-
 def digits(size: int = 32, val_fraction: float = 0.2, seed: int = 0, limit: int | None = None) -> Splits:
-    """scikit-learn's digits as 3-channel ``size`` x ``size`` images; ``limit`` caps each split (quick runs)."""
+    """scikit-learn's digits scaled to [0, 1], upsampled (bilinear) to 3-channel ``size`` x ``size`` images,
+    split stratified and seeded; ``limit`` caps each split (quick runs)."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -49,7 +39,8 @@ def digits(size: int = 32, val_fraction: float = 0.2, seed: int = 0, limit: int 
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    images = _normalise(images.repeat(1, 3, 1, 1))
+    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    images = (images.repeat(1, 3, 1, 1) - mean) / torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
     labels = torch.tensor(bunch.target, dtype=torch.int64)
     train_index, val_index = train_test_split(
         list(range(len(labels))), test_size=val_fraction, random_state=seed, stratify=bunch.target

@@ -3,13 +3,11 @@
     bnfold reproduce [--models vgg16_bn resnet50] [--epochs 2] [--data PATH] [--out DIR]
     python -m bnfold reproduce ...                          (the same, without the console script)
 
-For each model (torchvision ``vgg16_bn`` and ``resnet50`` by default, random initial weights, nothing downloaded):
-
-1. train it for ``--epochs`` on ``--data`` (an ImageNette-style folder with ``train/`` and ``val/``) or, without
-   ``--data``, on scikit-learn's digits upscaled to 3-channel images (real data that ships offline);
-2. fold it with :func:`bnfold.fold` (verified on a validation batch);
-3. measure parameters, per-image latency (batch 1, ``--latency-size`` pixels, original and folded interleaved,
-   medians) and validation accuracy of both, and whether every prediction is the same.
+For each model (torchvision ``vgg16_bn`` and ``resnet50`` by default, random initial weights, nothing
+downloaded): train it for ``--epochs`` on ``--data`` (an ImageNette-style folder) or on scikit-learn's digits
+(:mod:`.data`), fold it with :func:`bnfold.fold`, and measure parameters, per-image latency (batch 1,
+``--latency-size`` pixels, original and folded interleaved, medians), validation accuracy of both, and whether
+every prediction is the same.
 
 ``--out DIR`` receives ``report.md`` (the table), ``report.json`` and ``latency.png``. ``report.json`` holds:
 
@@ -64,14 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use at most N training and N validation images (quick runs)")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and split (default: 0)")
-
-
-def _splits(args: argparse.Namespace) -> Any:
-    from . import data
-
-    if args.data:
-        return data.image_folder(args.data, size=args.image_size or 160, limit=args.limit)
-    return data.digits(size=args.image_size or 32, seed=args.seed, limit=args.limit)
 
 
 def train(
@@ -261,8 +251,12 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
         refuse_inputs([out / name for name in ("report.json", "report.md", "latency.png")], [Path(args.data)])
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = _splits(args)
-    image_size = int(splits.train[0][0].shape[-1])
+    from . import data
+
+    if args.data:
+        splits = data.image_folder(args.data, size=args.image_size or 160, limit=args.limit)
+    else:
+        splits = data.digits(size=args.image_size or 32, seed=args.seed, limit=args.limit)
     results: dict[str, Any] = {
         "settings": {
             "models": list(args.models), "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -271,7 +265,7 @@ def reproduce(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
         },
         "data": {
             "source": splits.source, "classes": list(splits.classes), "train_samples": len(splits.train),
-            "val_samples": len(splits.val), "image_size": image_size,
+            "val_samples": len(splits.val), "image_size": int(splits.train[0][0].shape[-1]),
         },
         "models": {},
     }

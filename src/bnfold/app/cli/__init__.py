@@ -6,23 +6,20 @@
     bnfold bench MODEL                   latency and size before / after (--peers: fx.fuse, jit.freeze)
     bnfold reproduce                     the seed's experiment (train, fold, report)
 
-MODEL is an architecture name (``resnet50``, ``timm:efficientnet_b0``; random weights drawn from ``--seed``, the
-same model in every command), a checkpoint holding a state_dict (with ``--arch``), a pickled module (with
-``--trust-pickle``), a TorchScript archive, a ``.pt2`` program or an ONNX file. ``verify`` compares any pair of them
-(FOLDED as ``fold`` wrote it; an ONNX file runs in onnxruntime). PyTorch is needed for everything but ONNX files.
-
-Exit codes: 0 success; 1 the outputs differ (verification failed; nothing written); 2 bad input or usage (a
-one-line ``error:`` names the problem and the fix; nothing written); 3 an internal error (a bug: rerun with
-``--debug`` and report the traceback); 130 interrupted.
+MODEL is an architecture name or a model file of any kind (:mod:`bnfold.app.cli.loading`); ``verify`` compares
+any pair of them (FOLDED as ``fold`` wrote it). PyTorch is needed for everything but ONNX files. Exit codes:
+see :data:`EPILOG`; bad input is one ``error:`` line that names the problem and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from ...errors import BnfoldError, VerificationError
@@ -33,11 +30,16 @@ EPILOG = """exit codes: 0 success; 1 outputs differ (nothing written); 2 bad inp
 3 internal error (rerun with --debug and report it); 130 interrupted (143 SIGTERM, 129 SIGHUP)"""
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def _parsed(text: str, convert: Callable[[str], Any], what: str) -> Any:
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write it like 1,3,224,224") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    shape = _parsed(text, lambda t: tuple(int(part) for part in t.replace("x", ",").split(",")),
+                    "a shape; write it like 1,3,224,224")
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes; write it like 1,3,224,224")
     return shape
@@ -45,10 +47,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _tolerance(text: str) -> float:
     """A relative error bound: a finite number >= 0 (nan would pass nothing, inf and negatives make no sense)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; write it like 1e-4") from None
+    value = _parsed(text, float, "a number; write it like 1e-4")
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a tolerance; give a finite relative error >= 0, like 1e-4")
     return value
@@ -58,10 +57,7 @@ def _integer(minimum: int, maximum: int | None = None, what: str = "a number") -
     """An argparse type: an integer in ``[minimum, maximum]``, refused at parse time (exit 2) rather than deep in torch."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        value = _parsed(text, int, "a whole number")
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             raise argparse.ArgumentTypeError(f"{text} is not {what}; give a whole number {bound}")
@@ -73,11 +69,11 @@ def _integer(minimum: int, maximum: int | None = None, what: str = "a number") -
 _SEED = _integer(0, 2**64 - 1, "a seed")  # what torch.Generator.manual_seed accepts, without its wrap-around of negatives
 
 
-def _model_options(parser: argparse.ArgumentParser, weights: bool = True) -> None:
+def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model loading")
     group.add_argument("--arch", metavar="NAME", help="architecture of a state_dict file (torchvision or timm name)")
-    if weights:
-        group.add_argument("--weights", metavar="FILE", help="state_dict (.pt/.pth/.safetensors) for an architecture name")
+    group.add_argument("--weights", metavar="FILE",
+                       help="state_dict (.pt/.pth/.safetensors) for an architecture name")
     group.add_argument("--trust-pickle", action="store_true",
                        help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
     group.add_argument("--eval", action="store_true", help="switch a model saved in training mode to eval mode")
@@ -134,21 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    inspect = commands.add_parser("inspect", help="show what folding would do with each norm (writes nothing)",
-                                  description="Show each batch norm and what folding would do with it, and parameter counts.",
-                                  epilog="example: bnfold inspect resnet50", formatter_class=argparse.RawDescriptionHelpFormatter)
+    def command(name: str, help: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    inspect = command("inspect", "show what folding would do with each norm (writes nothing)",
+                      "Show each batch norm and what folding would do with it, and parameter counts.",
+                      "example: bnfold inspect resnet50")
     inspect.add_argument("model", metavar="MODEL", help="architecture name or model file")
     inspect.add_argument("--merge-branches", action="store_true",
                          help="also show which summed parallel branches would merge into one layer (and why others "
                               "would not)")
-    _model_options(inspect)
-    _input_options(inspect)
-    _common(inspect)
 
-    fold = commands.add_parser("fold", help="fold, verify and write the folded model",
-                               description="Fold every foldable batch norm, verify the outputs, write OUT atomically.",
-                               epilog=FOLD_EXAMPLES,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    fold = command("fold", "fold, verify and write the folded model",
+                   "Fold every foldable batch norm, verify the outputs, write OUT atomically.", FOLD_EXAMPLES)
     fold.add_argument("model", metavar="MODEL", help="architecture name or model file")
     fold.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the folded model")
     fold.add_argument("--format", choices=("state_dict", "safetensors", "pickle", "torchscript", "pt2", "onnx"),
@@ -158,27 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--merge-branches", action="store_true",
                       help="also merge summed parallel branches (RepVGG / MobileOne / RepViT blocks) into one layer; "
                            "PyTorch modules, TorchScript, .pt2 programs and ONNX files")
-    _model_options(fold)
-    _input_options(fold)
-    _common(fold)
 
-    verify = commands.add_parser("verify", help="compare the outputs of two models",
-                                 description="Compare ORIGINAL and FOLDED on example inputs, --input or --data. "
-                                 "FOLDED may be any file bnfold fold wrote from ORIGINAL, in any format (an ONNX "
-                                 "file runs in onnxruntime); a state_dict among them is read as the architecture "
-                                 "ORIGINAL names, or --arch.",
-                                 epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify = command("verify", "compare the outputs of two models",
+                     "Compare ORIGINAL and FOLDED on example inputs, --input or --data. FOLDED may be any "
+                     "file bnfold fold wrote from ORIGINAL, in any format (an ONNX file runs in onnxruntime);"
+                     " a state_dict among them is read as the architecture ORIGINAL names, or --arch.",
+                     VERIFY_EXAMPLES)
     verify.add_argument("original", metavar="ORIGINAL", help="architecture name or model file")
     verify.add_argument("folded", metavar="FOLDED", help="model file (what bnfold fold wrote)")
     verify.add_argument("--tolerance", type=_tolerance, help="largest accepted relative output error (default: from the dtype)")
-    _model_options(verify)
-    _input_options(verify)
-    _common(verify)
 
-    bench = commands.add_parser("bench", help="latency and footprint before / after folding",
-                                description="Time the model before and after folding, interleaved, medians and IQR.",
-                                epilog="example: bnfold bench resnet50 --batch-sizes 1 32 --peers --plot latency.png",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench = command("bench", "latency and footprint before / after folding",
+                    "Time the model before and after folding, interleaved, medians and IQR.",
+                    "example: bnfold bench resnet50 --batch-sizes 1 32 --peers --plot latency.png")
     bench.add_argument("model", metavar="MODEL", help="architecture name or model file")
     bench.add_argument("--batch-sizes", type=_integer(1, what="a batch size"), nargs="+", default=[1], metavar="B", help="batch sizes (default: 1)")
     bench.add_argument("--threads", type=_integer(1, what="a thread count"), help="intra-op threads (default: PyTorch's)")
@@ -189,15 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_integer(1, what="a round count"), default=20, help="timed interleaved rounds (default: 20)")
     bench.add_argument("--plot", metavar="PNG", help="write a latency chart")
     bench.add_argument("--tolerance", type=_tolerance, help=argparse.SUPPRESS)
-    _model_options(bench)
-    _common(bench)
+    for sub in (inspect, fold, verify, bench):
+        _model_options(sub)
+        if sub is not bench:
+            _input_options(sub)
+        _common(sub)
 
     from ..reproduce import __doc__ as reproduce_doc
     from ..reproduce import add_arguments
 
-    reproduce = commands.add_parser("reproduce", help="the seed's experiment: train, fold, report",
-                                    description=(reproduce_doc or "").split("\n\n")[0],
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    reproduce = command("reproduce", "the seed's experiment: train, fold, report",
+                        (reproduce_doc or "").split("\n\n")[0])
     add_arguments(reproduce)
     reproduce.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
@@ -214,10 +203,8 @@ class _Interrupts:
     def __init__(self) -> None:
         self.seen = False
         self._previous: Any = None
-        try:
+        with contextlib.suppress(ValueError):  # outside the main thread, signals are not ours to handle
             self._previous = signal.signal(signal.SIGINT, self)
-        except ValueError:  # main() called outside the main thread: signals are not ours to handle
-            self._previous = None
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.seen = True
@@ -226,6 +213,43 @@ class _Interrupts:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM or SIGHUP while a command ran (:func:`stop_as_exception`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_as_exception() -> Iterator[None]:
+    """Within the block, SIGTERM / SIGHUP raise :class:`Terminated`; the previous handlers return afterwards.
+
+    By default these signals kill the process on the spot, and the hidden staging folder of a file being
+    written (:mod:`bnfold.files`) would stay behind. As a ``KeyboardInterrupt``, code that cleans up after
+    Ctrl-C cleans up after them too; the command line then exits with ``128 + signal number``, the shell's
+    convention (143 for SIGTERM, 129 for SIGHUP). A second signal during the clean-up falls back to the
+    default action. Only the main thread may set signal handlers; elsewhere (a command run from a thread) the
+    block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        for number in signums:  # a second signal during the clean-up: the default action
+            signal.signal(number, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    previous = {number: signal.signal(number, raise_terminated) for number in signums}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 _NEEDS_TORCH = (
@@ -240,7 +264,7 @@ def _interrupted() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (documented in the module docstring; SIGTERM / SIGHUP: 128 + signal).
+    """Run one command; returns the exit code (:data:`EPILOG`; SIGTERM / SIGHUP: 128 + signal number).
 
     Ctrl-C is one line and exit 130 wherever it lands, also while PyTorch is still being imported (the first
     second or two of every run), not a traceback through the import machinery. Commands on ONNX files alone run
@@ -276,35 +300,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, console: Any, errors: Any, interrupts: _Interrupts) -> int:
     from ...files import describe_os_error
     from . import commands
-    from .signals import Terminated, stop_as_exception
 
     handler: Any = getattr(commands, args.command)
     try:
         with stop_as_exception():  # SIGTERM / SIGHUP raise, so half-written files are cleaned up as for Ctrl-C
             return handler(args, console)
     except Terminated as stop:
-        errors.print(f"interrupted by {stop.name}; nothing was written", highlight=False)
+        errors.print(f"interrupted by {signal.Signals(stop.signum).name}; nothing was written",
+                     highlight=False)
         return 128 + stop.signum
     except KeyboardInterrupt:
-        errors.print("interrupted; nothing was written")
-        return EXIT_INTERRUPTED
-    except BnfoldError as error:
-        if args.debug:
-            raise
-        # an error that knows its command-line wording (options, not Python keywords; no runtime internals) uses it
-        _fail(errors, "error", getattr(error, "cli_message", None) or str(error))
-        return EXIT_VERIFICATION_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
-    except OSError as error:  # the environment (a full disk, a read-only folder, permissions), not a bug
-        if args.debug:
-            raise
-        _fail(errors, "error", describe_os_error(error))
-        return EXIT_BAD_INPUT
+        return _interrupted()
     except Exception as error:
-        if interrupts.seen:  # e.g. a lazy import that an interrupt broke half way
-            errors.print("interrupted; nothing was written")
-            return EXIT_INTERRUPTED
+        if interrupts.seen and not isinstance(error, (BnfoldError, OSError)):  # an import it broke
+            return _interrupted()
         if args.debug:
             raise
+        if isinstance(error, BnfoldError):  # in its command-line wording (options, not keywords), if any
+            _fail(errors, "error", getattr(error, "cli_message", None) or str(error))
+            return EXIT_VERIFICATION_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
+        if isinstance(error, OSError):  # the environment (a full disk, a read-only folder...), not a bug
+            _fail(errors, "error", describe_os_error(error))
+            return EXIT_BAD_INPUT
         first = (str(error).strip().splitlines() or [""])[0]
         _fail(errors, "internal error", f"{type(error).__name__}: {first} (rerun with --debug for the traceback, and please report it)")
         return EXIT_INTERNAL_ERROR

@@ -1,16 +1,17 @@
 """What each ``bnfold`` command does, on models loaded by :mod:`bnfold.app.cli.loading`, of every kind.
 
-Every command returns an exit code (see :mod:`bnfold.app.cli`) and writes its human output to the given console; with
-``--json`` it prints one JSON document on stdout instead. Nothing is written to disk before every check passed.
-
-A command calls its model's backend (:mod:`bnfold.formats`) without asking its kind, and imports PyTorch only where
-a PyTorch model is handled: on ONNX files it runs on onnx, numpy and onnxruntime alone, and starts without the
-seconds an import of PyTorch takes (:func:`needs_torch`).
+Every command returns an exit code (see :mod:`bnfold.app.cli`) and prints to the given console, or one JSON
+document on stdout (:func:`emit`). Nothing is written to disk before every check passed. A command calls its
+model's backend (:mod:`bnfold.formats`) without asking its kind, and imports PyTorch only where a PyTorch
+model is handled: on ONNX files it starts without the seconds an import of PyTorch takes
+(:func:`needs_torch`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,17 @@ from ...loading import kind_by_name
 from ...report import MERGED, print_whole, verification_line
 from . import saving
 from .loading import LoadedModel, load_model, names_a_file
-from .output import emit
 
 OK, VERIFICATION_FAILED = 0, 1
+
+
+def emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
+    """Write ``payload`` as JSON on stdout when ``--json`` was given (for scripts), else print each renderable
+    on ``console``, whole (:func:`bnfold.report.print_whole`)."""
+    if args.json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    print_whole(console, *renderables)  # outside a terminal, as wide as the widest row: no cell is ever cut
 
 
 def needs_torch(args: argparse.Namespace) -> bool:
@@ -40,12 +49,10 @@ def needs_torch(args: argparse.Namespace) -> bool:
 
 
 def _load(args: argparse.Namespace, spec: str, console: Any, **options: Any) -> LoadedModel:
-    settings = {"arch": args.arch, "weights": getattr(args, "weights", None), **options}
     with console.status(f"loading {spec}"):
-        return load_model(
-            spec, trust_pickle=args.trust_pickle, switch_to_eval=args.eval, input_shape=args.input_shape,
-            seed=args.seed, **settings,
-        )
+        return load_model(spec, trust_pickle=args.trust_pickle, switch_to_eval=args.eval,
+                          input_shape=args.input_shape, seed=args.seed,
+                          **{"arch": args.arch, "weights": args.weights, **options})
 
 
 def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: Any) -> None:
@@ -75,7 +82,7 @@ def _check_runs(args: argparse.Namespace, loaded: LoadedModel, example: Any) -> 
         raise OriginalRunError(loaded.label, shape, cause, advice, advice) from error
 
 
-def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[Any] | None:
+def _examples(args: argparse.Namespace, loaded: LoadedModel) -> list[Any] | None:
     """The batches to fold and judge on: ``--input FILE`` (.npy, or an .npz of one array), ``--data DIR`` (images
     resized to the example shape), else the model's example input (photographs for N x 3 x H x W). For an ONNX
     graph: arrays by input name, or ``None`` (:func:`bnfold.onnx.fold` makes its example inputs)."""
@@ -98,9 +105,9 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> list[
     if getattr(args, "data", None):
         from ...examples import image_batches
 
-        shape = loaded.input_shape or loaded.example_inputs(seed).shape
+        shape = loaded.input_shape or loaded.example_inputs(args.seed).shape
         return [torch.from_numpy(b) for b in image_batches(args.data, tuple(shape), limit=args.limit or 8)]
-    return [loaded.example_inputs(seed)]
+    return [loaded.example_inputs(args.seed)]
 
 
 def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] | None:
@@ -139,31 +146,33 @@ def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] 
     return [{images[0].name: batch} for batch in image_batches(args.data, shape, limit=args.limit)]
 
 
-def _check_onnx_options(args: argparse.Namespace) -> None:
+def _check_onnx_options(args: argparse.Namespace, loaded: LoadedModel) -> None:
     """Options that mean nothing for ONNX graphs are an error, not silently ignored."""
-    if getattr(args, "eval", False):
+    if loaded.backend.needs_torch:
+        return
+    if args.eval:
         raise InvalidInputError(
             "--eval switches a PyTorch model to eval mode; an ONNX graph keeps the mode it was exported in: "
             "export the model again after model.eval(), and drop --eval"
         )
-    if args.command == "inspect" and getattr(args, "input_shape", None):
+    if args.command == "inspect" and args.input_shape:
         raise InvalidInputError(
             "--input-shape sets the shape of the random inputs that fold and verify run; inspect of an ONNX file "
             "runs nothing and plans on the graph's own shapes: drop --input-shape"
         )
 
 
-def _print_notes(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> None:
-    if not args.json and loaded.notes:
-        print_whole(console, *(Text(f"note: {note}", style="dim") for note in loaded.notes))
+def _print_notes(args: argparse.Namespace, console: Any, *models: LoadedModel) -> None:
+    notes = [note for loaded in models for note in loaded.notes]
+    if not args.json and notes:
+        print_whole(console, *(Text(f"note: {note}", style="dim") for note in notes))
 
 
 def inspect(args: argparse.Namespace, console: Any) -> int:
     """``bnfold inspect MODEL``: each norm and what folding would do with it; parameter counts. Writes nothing."""
     loaded = _load(args, args.model, console)
-    if not loaded.backend.needs_torch:
-        _check_onnx_options(args)
-    examples = _examples(args, loaded, args.seed)  # inputs that do not fit are bad input here too
+    _check_onnx_options(args, loaded)
+    examples = _examples(args, loaded)  # inputs that do not fit are bad input here too
     example = examples[0] if examples else None
     _check_runs(args, loaded, example)
     with console.status("tracing the dataflow"):
@@ -188,17 +197,15 @@ def _fold_loaded(args: argparse.Namespace, loaded: LoadedModel, examples: list[A
 def fold(args: argparse.Namespace, console: Any) -> int:
     """``bnfold fold MODEL -o OUT``: fold, verify on example inputs, write OUT atomically, print the report.
 
-    OUT is never a file the run reads (:func:`_files_read`), with ``--force`` or not; it is written staged, read
-    back and judged like the fold itself (:func:`bnfold.app.cli.saving.write`), then renamed into place (without
-    ``--force``, a rename that refuses to replace a file another run wrote meanwhile).
+    OUT is never a file the run reads (:func:`_files_read`), with ``--force`` or not, and it replaces nothing
+    before it was read back and judged like the fold itself (:func:`bnfold.app.cli.saving.write`).
     """
     output = check_output_path(args.output, _files_read(args), force=args.force)
     loaded = _load(args, args.model, console)
-    if not loaded.backend.needs_torch:
-        _check_onnx_options(args)
+    _check_onnx_options(args, loaded)
     fmt = saving.choose_format(loaded.format, output, args.format)
     saving.check_writable(loaded.backend, fmt)
-    examples = _examples(args, loaded, args.seed)
+    examples = _examples(args, loaded)
     for batch in examples or ():
         _check_runs(args, loaded, batch)
     with console.status("folding and verifying"):
@@ -245,8 +252,7 @@ def _load_pair(args: argparse.Namespace, console: Any) -> tuple[LoadedModel, Loa
             f"ORIGINAL's: drop --arch"
         )
     arch = args.arch or (args.original if original_is_name else None)
-    original = _load(args, args.original, console, arch=None, weights=getattr(args, "weights", None),
-                     state_dict_arch=arch)
+    original = _load(args, args.original, console, arch=None, state_dict_arch=arch)
     folded = _load(args, args.folded, console, arch=None, weights=None, state_dict_arch=arch)
     return original, folded
 
@@ -267,13 +273,7 @@ def verify(args: argparse.Namespace, console: Any) -> int:
     shape = args.input_shape or next(filter(None, fixed), None) or original.input_shape or folded.input_shape
     original.input_shape = folded.input_shape = shape
     with console.status("comparing outputs"):
-        if args.input or (args.data and not (Path(args.data) / "val").is_dir()):  # arrays, or a plain image folder
-            batches = _examples(args, original, args.seed)
-            for batch in batches:
-                _check_runs(args, original, batch)
-            result = compare(original.runnable, folded.runnable, batches[0], data=batches[1:] or None,
-                             tolerance=args.tolerance)
-        elif args.data:
+        if args.data and not args.input and (Path(args.data) / "val").is_dir():  # an ImageFolder
             from torch.utils.data import DataLoader
 
             from ..data import validation_folder
@@ -281,13 +281,15 @@ def verify(args: argparse.Namespace, console: Any) -> int:
             size = (shape or (1, 3, 224, 224))[-1]
             loader = DataLoader(validation_folder(args.data, size=size, limit=args.limit), batch_size=16)
             result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
-        else:
-            example = original.example_inputs(args.seed)
-            _check_runs(args, original, example)
-            _check_runs(args, folded, example)
-            result = compare(original.runnable, folded.runnable, example, tolerance=args.tolerance)
-    _print_notes(args, console, original)
-    _print_notes(args, console, folded)
+        else:  # arrays, a plain image folder, or the example input (FOLDED must take that one too)
+            given = bool(args.input or args.data)
+            batches = _examples(args, original) if given else [original.example_inputs(args.seed)]
+            for loaded in (original,) if given else (original, folded):
+                for batch in batches:
+                    _check_runs(args, loaded, batch)
+            result = compare(original.runnable, folded.runnable, batches[0], data=batches[1:] or None,
+                             tolerance=args.tolerance)
+    _print_notes(args, console, original, folded)
     lines = [str(result)]
     if not result.passed and original.seed is not None:
         lines.append(f"{original.label} is the model of --seed {original.seed}: if FOLDED was folded from other "
@@ -298,8 +300,8 @@ def verify(args: argparse.Namespace, console: Any) -> int:
 
 def _verify_onnx(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> int:
     """Compare two ONNX files in onnxruntime on example inputs (or ``--input`` / ``--data``), judged as a fold is."""
-    _check_onnx_options(args)
-    inputs = _examples(args, loaded, args.seed)
+    _check_onnx_options(args, loaded)
+    inputs = _examples(args, loaded)
     backend = onnx_module()
     original, folded = backend.load(args.original), backend.load(args.folded)
     with console.status("comparing outputs in onnxruntime"):

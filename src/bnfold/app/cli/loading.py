@@ -8,14 +8,11 @@ A MODEL argument is one of:
   ``--arch NAME``;
 * a whole pickled ``nn.Module`` (``torch.save(model)``), only with ``--trust-pickle``: unpickling runs code from
   the file, so by default files are read with ``torch.load(weights_only=True)``, which refuses it;
-* a TorchScript archive (``torch.jit.save``);
-* a torch.export program (``torch.export.save``, ``.pt2``);
-* an ONNX file.
+* a TorchScript archive (``torch.jit.save``), a torch.export program (``.pt2``) or an ONNX file.
 
-A file is read by :func:`bnfold.loading.read`, as :func:`bnfold.fold` reads a path, and carries the backend of its
-kind (:mod:`bnfold.formats`), which the commands call without asking which it is. Every problem is raised as an
-:class:`~bnfold.errors.InvalidInputError` naming the file and the fix. PyTorch is imported only to build or read a
-PyTorch model: an ONNX file is loaded without it.
+A file is read as :func:`bnfold.fold` reads a path and carries the backend of its kind
+(:mod:`bnfold.formats`). Every problem is an :class:`~bnfold.errors.InvalidInputError` naming the file and the
+fix. PyTorch is imported only to build or read a PyTorch model: an ONNX file is loaded without it.
 """
 
 from __future__ import annotations
@@ -90,7 +87,10 @@ class LoadedModel:
         shape = self.input_shape or DEFAULT_INPUT_SHAPE
         text = ",".join(str(d) for d in shape)
         needed = math.prod(shape) * torch.empty((), dtype=torch.float32).element_size()
-        memory = _physical_memory()
+        try:  # bytes of physical memory, where the platform says
+            memory: int | None = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            memory = None
         if memory is not None and needed > memory // 2:
             raise InvalidInputError(
                 f"an example input of shape {text} needs {needed / 1e9:.1f} GB, more than half of this machine's "
@@ -106,18 +106,10 @@ class LoadedModel:
             ) from error
 
 
-def _physical_memory() -> int | None:
-    """Bytes of physical memory, where the platform says (``None`` elsewhere)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 # ------------------------------------------------------------------------------------------------- files
 
 
-def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor] | None:
+def _state_dict_of(loaded: Any) -> dict[str, torch.Tensor] | None:
     """The state_dict inside a loaded checkpoint: a plain one, or under a usual key of a training checkpoint."""
     import torch
 
@@ -140,29 +132,15 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], so
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
-            if keys:
-                shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
-                parts.append(f"{label}: {shown}")
+    found = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape))
+    parts = [f"{label}: {', '.join(keys[:4])}" + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+             for label, keys in found if keys]
+    if parts:
         raise InvalidInputError(
             f"{source} does not match architecture {arch!r} ({'; '.join(parts)}); check --arch, or that the file is "
             "the state_dict of that model"
         )
     model.load_state_dict(state)
-
-
-def _require_eval(module: Any, label: str, switch: bool) -> None:
-    if not getattr(module, "training", False):
-        return
-    if switch:
-        module.eval()
-        return
-    raise TrainingModeError(
-        f"{label} was saved in training mode (its batch norms would use batch statistics, so there is nothing "
-        "fixed to fold); pass --eval to switch it to eval mode"
-    )
 
 
 MODEL_SUFFIXES = (".pt", ".pth", ".onnx", ".safetensors", ".ts", ".pt2", ".bin", ".ckpt")
@@ -201,19 +179,23 @@ def load_model(
                 f"--arch does not apply here: {spec} is already an architecture name (--arch names the architecture "
                 "of a state_dict FILE); drop --arch, and pass trained weights with --weights FILE"
             )
+        random = seed if weights is None else None  # the seed of random weights; trained ones replace them
+        model, default_shape = build_arch(spec, seed=random)
+        loaded = LoadedModel(model, _backend(model), "state_dict", None, spec, input_shape or default_shape,
+                             seed=random)
         if weights is None:
-            model, default_shape = build_arch(spec, seed=seed)
-            loaded = LoadedModel(model, _backend(model), "state_dict", None, spec, input_shape or default_shape,
-                                 seed=seed)
             loaded.notes.append(
                 f"{spec}: random weights drawn from --seed {seed} (the same model for every command with this name and "
                 "seed; pass --weights FILE for trained ones)"
             )
             return loaded
-        model, default_shape = build_arch(spec)
-        state = _read_state_dict(Path(weights), trust_pickle)
+        file = Path(weights)
+        loading.check_readable(file)
+        state = _state_dict_of(loading.read(file, loading.sniff(file), trust_pickle))
+        if state is None:
+            raise InvalidInputError(f"--weights {file} does not hold a state_dict of tensors")
         load_state_dict_into(model, state, weights, spec)
-        return LoadedModel(model.eval(), _backend(model), "state_dict", None, spec, input_shape or default_shape)
+        return loaded
     if weights is not None:
         raise InvalidInputError(
             f"--weights does not apply here: {path} is a model file, which carries its own weights (--weights gives "
@@ -236,10 +218,16 @@ def load_model(
                 f"--arch does not apply here: {path} holds a whole model (--arch names the architecture of a file "
                 "that holds only a state_dict); drop --arch"
             )
-        _require_eval(content, str(path), switch_to_eval)
+        if getattr(content, "training", False):
+            if not switch_to_eval:
+                raise TrainingModeError(
+                    f"{path} was saved in training mode (its batch norms would use batch statistics, so "
+                    "there is nothing fixed to fold); pass --eval to switch it to eval mode"
+                )
+            content.eval()
         return LoadedModel(content, backend, backend.format, path, None,
                            backend.input_shape(content, input_shape, str(path)))
-    state = _state_dict_of(content, path)
+    state = _state_dict_of(content)
     if state is None:
         raise InvalidInputError(
             f"{path} holds a {type(content).__name__}, neither a model nor a state_dict of tensors; save "
@@ -249,15 +237,6 @@ def load_model(
 
 
 _STATE_DICT_FORMATS = {loading.SAFETENSORS: "safetensors", loading.TORCH_FILE: "state_dict"}
-
-
-def _read_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    loading.check_readable(path)
-    content = loading.read(path, loading.sniff(path), trust_pickle)
-    state = _state_dict_of(content, path)
-    if state is None:
-        raise InvalidInputError(f"--weights {path} does not hold a state_dict of tensors")
-    return state
 
 
 def _from_state_dict(

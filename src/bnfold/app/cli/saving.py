@@ -1,18 +1,12 @@
 """Write a folded model in the format ``bnfold fold`` was asked for, read it back and check it.
 
-The model's own format is written by its backend, as :func:`bnfold.save` writes it (:mod:`bnfold.formats`). An
-``nn.Module`` also converts to every other format (``--format``, or OUT's extension):
-
-* ``state_dict``: ``torch.save(folded.state_dict())``. The folded layout (norms gone, conv biases added) loads
-  into ``bnfold.fold(arch())`` of the same architecture; ``bnfold verify --arch NAME`` does that for you.
-* ``safetensors``: the same state_dict as a ``.safetensors`` file.
-* ``pickle``: ``torch.save(folded)``, the whole module (loading needs its code, and ``weights_only=False``).
-* ``torchscript``: ``torch.jit.save`` (scripted, or traced on the example input where scripting fails).
-* ``pt2``: ``torch.export.save`` of ``torch.export.export(folded, example)``.
-* ``onnx``: ``torch.onnx.export`` (opset 18), opened by its path in onnxruntime to be checked.
-
-A TorchScript module, a ``.pt2`` program and an ONNX model are written in their own format only (an ONNX file
-without PyTorch: it is imported by the conversions alone).
+The model's own format is written by its backend, as :func:`bnfold.save` writes it (:mod:`bnfold.formats`); a
+TorchScript module, a ``.pt2`` program and an ONNX model are written in their own format only. An
+``nn.Module`` also converts to every other format (``--format``, or OUT's extension; :data:`FORMATS`):
+``state_dict`` or ``safetensors`` in the folded layout (norms gone, conv biases added: it loads into
+``bnfold.fold(arch())``, which ``bnfold verify --arch NAME`` does for you), ``pickle`` (the whole module),
+``torchscript`` (scripted, or traced where scripting fails), ``pt2`` (``torch.export``) or ``onnx`` (opset 18,
+checked in onnxruntime). PyTorch is imported by the conversions alone, so an ONNX file is written without it.
 """
 
 from __future__ import annotations
@@ -35,13 +29,11 @@ _BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".t
 
 
 def choose_format(own: str, output: Path, requested: str | None) -> str:
-    """``--format``, else the format OUT's extension names (``.onnx``, ``.pt2``, ``.ts``, ``.safetensors``), else the
-    input's own format ``own`` (a state_dict for an architecture name).
-
-    The extension comes before the input's format so that no file is written under the name of another format
-    (a state_dict in ``folded.onnx``, which no tool, ``bnfold verify`` included, would read as what it says); an
-    input that cannot be written in that format is refused with the reason (:func:`check_writable`).
-    """
+    """``--format``, else the format OUT's extension names (``.onnx``, ``.pt2``, ``.ts``, ``.safetensors``),
+    else the input's own format ``own`` (a state_dict for an architecture name). The extension comes first so
+    that no file is written under the name of another format (a state_dict in ``folded.onnx``, which no tool
+    would read as what it says); a model that cannot be written in that format is refused
+    (:func:`check_writable`)."""
     return requested or _BY_SUFFIX.get(output.suffix.lower()) or own
 
 
@@ -60,69 +52,52 @@ class Format:
     batches: int | None = None  # how many of the fold's batches the file is judged on (None: all)
 
 
-def _of(fmt: str) -> Backend:
-    return next(b for b in BACKENDS if b.format == fmt)
-
-
-def _state_dict_bytes(folded: Any) -> bytes:
+def _write_state_dict(model: Any, path: Path, example: Any) -> None:
     import torch
 
     buffer = io.BytesIO()
-    torch.save(folded.state_dict(), buffer)
-    return buffer.getvalue()
+    torch.save(model.state_dict(), buffer)
+    path.write_bytes(buffer.getvalue())
 
 
-def _safetensors_bytes(folded: Any) -> bytes:
+def _write_safetensors(model: Any, path: Path, example: Any) -> None:
     from safetensors.torch import save
 
-    return save({k: v.contiguous() for k, v in folded.state_dict().items()})
+    path.write_bytes(save({k: v.contiguous() for k, v in model.state_dict().items()}))
 
 
-def _read_state_dict(state: Callable[[Path], Any]) -> Callable[[Path, str | None, Callable[[], Any]], Any]:
-    """Read a written state_dict into bnfold's folded layout of ``arch`` (without an architecture: no check)."""
+def _read_state_dict(path: Path, arch: str | None, outputs: Callable[[], Any]) -> Any:
+    """A written state_dict (of either format) read into bnfold's folded layout of ``arch``, as ``bnfold
+    verify`` reads it (without an architecture: no check)."""
+    from ... import loading
+    from ...engine import fold
+    from ..architectures import build_arch
+    from .loading import load_state_dict_into
 
-    def read(path: Path, arch: str | None, outputs: Callable[[], Any]) -> Any:
-        from ...engine import fold
-        from ..architectures import build_arch
-        from .loading import load_state_dict_into
-
-        if arch is None:
-            return None
-        skeleton = fold(build_arch(arch)[0], verify=False)
-        load_state_dict_into(skeleton, state(path), str(path), arch)
-        return skeleton.eval()
-
-    return read
+    if arch is None:
+        return None
+    skeleton = fold(build_arch(arch)[0], verify=False)
+    load_state_dict_into(skeleton, loading.read(path, loading.sniff(path), False), str(path), arch)
+    return skeleton.eval()
 
 
-def _safetensors(path: Path) -> Any:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _torch_state_dict(path: Path) -> Any:
+def _converted(fmt: str, model: Any, example: torch.Tensor) -> Any:
+    """The folded module as the kind backend ``fmt`` writes: itself, scripted (traced on the example input
+    where scripting fails: many models do not script, and tracing records the same computation) or
+    exported."""
     import torch
 
-    return torch.load(path, weights_only=True)
-
-
-def _scripted(model: Any, example: torch.Tensor) -> torch.jit.ScriptModule:
-    import torch
-
+    if fmt == "pt2":
+        with torch.no_grad():
+            return torch.export.export(model, (example,))
+    if fmt != "torchscript":
+        return model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return torch.jit.script(model)
-        except Exception:  # many models do not script; tracing on the example input records the same computation
+        except Exception:
             return torch.jit.trace(model, example)
-
-
-def _exported(model: Any, example: torch.Tensor) -> Any:
-    import torch
-
-    with torch.no_grad():
-        return torch.export.export(model, (example,))
 
 
 def _write_onnx(model: Any, path: Path, example: torch.Tensor) -> None:
@@ -140,23 +115,19 @@ def _read_onnx(path: Path, arch: str | None, outputs: Callable[[], Any]) -> Any:
     return OnnxRuntimeModule(path, outputs())
 
 
-def _as(fmt: str, convert: Callable[[Any, torch.Tensor], Any]) -> Format:
+def _as(fmt: str) -> Format:
     """A format that is another backend's own: convert the module to its kind, and let the backend write and read."""
-    backend = _of(fmt)
+    backend = next(b for b in BACKENDS if b.format == fmt)
     assert backend.write is not None and backend.read is not None
     write, read = backend.write, backend.read
-    return Format(lambda model, path, example: write(convert(model, example), path),
+    return Format(lambda model, path, example: write(_converted(fmt, model, example), path),
                   lambda path, arch, outputs: backend.runnable(read(path)))
 
 
 FORMATS: dict[str, Format] = {
-    "state_dict": Format(lambda model, path, example: path.write_bytes(_state_dict_bytes(model)),
-                         _read_state_dict(_torch_state_dict)),
-    "safetensors": Format(lambda model, path, example: path.write_bytes(_safetensors_bytes(model)),
-                          _read_state_dict(_safetensors)),
-    "pickle": _as("pickle", lambda model, example: model),
-    "torchscript": _as("torchscript", _scripted),
-    "pt2": _as("pt2", _exported),
+    "state_dict": Format(_write_state_dict, _read_state_dict),
+    "safetensors": Format(_write_safetensors, _read_state_dict),
+    **{fmt: _as(fmt) for fmt in ("pickle", "torchscript", "pt2")},
     "onnx": Format(_write_onnx, _read_onnx, batches=1),  # exported on the first example, whose shapes it keeps
 }
 

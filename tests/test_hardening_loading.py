@@ -310,12 +310,30 @@ def test_the_library_prints_nothing_when_the_example_input_does_not_fit(capfd) -
 # ------------------------------------------------------------------------- 5. Ctrl-C while importing
 
 
+def _wait_until_torch_is_loading(pid: int) -> None:
+    """Return once process ``pid`` has begun to import torch (its shared libraries are mapped), so that a signal sent
+    next lands in the middle of that import, as the test means, and not in Python's own start-up before bnfold
+    handles signals (a fixed sleep lands there on a loaded machine). Where /proc is missing, a short sleep."""
+    maps = Path(f"/proc/{pid}/maps")
+    if not maps.exists():
+        time.sleep(0.3)
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if "libtorch" in maps.read_text():
+                return
+        except OSError:  # the process ended
+            return
+        time.sleep(0.005)
+
+
 def test_ctrl_c_during_the_imports_is_one_line_and_exit_130(tmp_path) -> None:
     source = str(Path(bnfold.__file__).resolve().parents[1])
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, "-m", "bnfold", "inspect", "resnet50"], cwd=tmp_path, env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # torch takes over a second to import: this lands in the middle of it
+    _wait_until_torch_is_loading(process.pid)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

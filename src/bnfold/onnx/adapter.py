@@ -237,8 +237,7 @@ class Tensors:
             current = pending.pop()
             if current in leaves or any(current in n.output for n in nodes.values()):
                 continue
-            stored = self.tensor(current) if current not in self.producer or self.producer[current].op_type in (
-                "Constant", "Identity") else None
+            stored = self.tensor(current)
             if stored is not None:
                 leaves[current] = numpy_helper.from_array(numpy_helper.to_array(stored), current)
                 continue
@@ -308,9 +307,12 @@ class OpContext:
         shape = self.shapes.get(self.node.input[0]) if self.node.input else None
         return None if shape is None else len(shape)
 
+    def given(self, slot: int) -> bool:
+        return len(self.node.input) > slot and bool(self.node.input[slot])
+
     def ints(self, slot: int) -> list[int] | None:
         """A constant integer input, or ``None`` (absent or not constant)."""
-        value = self.tensors.value(self.node.input[slot]) if len(self.node.input) > slot else None
+        value = self.tensors.value(self.node.input[slot]) if self.given(slot) else None
         return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
 
     def output_used(self, slot: int) -> bool:
@@ -327,7 +329,7 @@ def _dropout(c: OpContext) -> OpFacts:
     if c.output_used(1):
         return OTHER  # its mask is used: a training graph
     training = c.ints(2)
-    if len(c.node.input) > 2 and c.node.input[2] and training is None:
+    if c.given(2) and training is None:
         return OpFacts("dropout", {"training": True})  # a training_mode computed at run time
     is_test = attribute(c.node, "is_test", 1 if c.tensors.opset >= 7 else 0)
     return OpFacts("dropout", {"training": bool(training and training[0]) or not is_test})
@@ -355,7 +357,7 @@ def _resize(c: OpContext) -> OpFacts:
     if in_shape is not None and out_shape is not None:
         return OpFacts("upsample") if in_shape[:2] == out_shape[:2] else OTHER
     slot = 1 if node.op_type == "Upsample" else 2
-    scales = c.tensors.value(node.input[slot]) if len(node.input) > slot else None
+    scales = c.tensors.value(node.input[slot]) if c.given(slot) else None
     listed = attribute(node, "scales") if node.op_type == "Upsample" else None  # Upsample before opset 9
     if scales is None and listed is not None:
         scales = np.asarray(listed)
@@ -365,11 +367,9 @@ def _resize(c: OpContext) -> OpFacts:
 
 
 def _reduce_mean(c: OpContext) -> OpFacts:
-    axes = attribute(c.node, "axes")
-    if axes is None and len(c.node.input) > 1 and c.node.input[1]:
-        axes = c.ints(1)
-        if axes is None:
-            return OpFacts("mean", {"dims": None, "keepdim": True})
+    axes = attribute(c.node, "axes", c.ints(1))
+    if axes is None and c.given(1):
+        return OpFacts("mean", {"dims": None, "keepdim": True})  # axes computed at run time
     if not axes and attribute(c.node, "noop_with_empty_axes", 0):
         return OpFacts("identity")
     dims = tuple(int(a) for a in axes) if axes else None  # None: every axis, the channels too
@@ -403,8 +403,8 @@ def _pad(c: OpContext) -> OpFacts:
     rank = c.rank()
     padded: tuple[int, ...] | None = None
     if pads is not None:
-        axes = c.ints(3) if len(c.node.input) > 3 and c.node.input[3] else None
         count = len(pads) // 2
+        axes = c.ints(3)
         if axes is None:
             axes = list(range(count))
         if rank is not None or all(a >= 0 for a in axes):
@@ -416,11 +416,9 @@ def _pad(c: OpContext) -> OpFacts:
 def _squeeze(c: OpContext) -> OpFacts:
     """``Squeeze`` / ``Unsqueeze`` with their axes (an attribute before opset 13, an input from 13 on)."""
     kind = c.node.op_type.lower()
-    axes = attribute(c.node, "axes")
-    if axes is None and len(c.node.input) > 1 and c.node.input[1]:
-        axes = c.ints(1)
-        if axes is None:
-            return OpFacts("reshape")  # axes computed at run time: judged on the shapes
+    axes = attribute(c.node, "axes", c.ints(1))
+    if axes is None and c.given(1):
+        return OpFacts("reshape")  # axes computed at run time: judged on the shapes
     return OpFacts(kind, {"dims": None if axes is None else tuple(int(a) for a in axes)})
 
 
@@ -490,7 +488,7 @@ class Layer:
 
     node: onnx.NodeProto
     bias_add: onnx.NodeProto | None = None
-    bias_slot: int | None = None  # input of ``bias_add`` that holds the bias
+    bias_slot: int = 0  # input of ``bias_add`` that holds the bias
 
 
 @dataclass
@@ -527,7 +525,7 @@ class Translation:
                                   shape=self.shapes.get(output), unit=name)
         else:
             graph.add_unit(name, LAYER, op, layer=facts)
-            self.layers[name] = Layer(node, *(bias or (None, None)))
+            self.layers[name] = Layer(node, *(bias or (None, 0)))
             reads = list(node.input)
             if bias is not None:
                 merged.add(id(bias[0]))
@@ -607,10 +605,8 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
     shape = shapes.get(weight_name)
     if shape is None and (value := tensors.value(weight_name)) is not None:
         shape = tuple(value.shape)
-    if op == "MatMul" and (shape is None or len(shape) != 2):
+    if shape is None or len(shape) < 2 or (op == "MatMul" and len(shape) != 2):
         return None  # a MatMul of two activations, or a batched weight: an op like any other
-    if shape is None or len(shape) < 2:
-        return None
     problem = _constant_problem(tensors, weight_name, "weight", label)
     for name in (_own_bias(node), bias[0].input[bias[1]] if bias is not None else ""):
         if name:
@@ -865,7 +861,7 @@ class OnnxWeights:
         gemm = node.op_type == "Gemm"
         weight = _scaled(self.constant(node.input[1]), float(attribute(node, "alpha", 1.0)) if gemm else 1.0)
         bias: np.ndarray | None = None
-        if unit.bias_add is not None and unit.bias_slot is not None:
+        if unit.bias_add is not None:
             bias = self.constant(unit.bias_add.input[unit.bias_slot])
         elif _own_bias(node):
             bias = _scaled(self.constant(node.input[2]), float(attribute(node, "beta", 1.0)) if gemm else 1.0)
@@ -909,23 +905,20 @@ class OnnxWeights:
                 if float(attribute(node, name, 1.0)) != 1.0:
                     del node.attribute[next(i for i, a in enumerate(node.attribute) if a.name == name)]
                     node.attribute.append(helper.make_attribute(name, 1.0))
-            self._store(node, 2, bias, "bias")
-        elif unit.bias_add is not None and unit.bias_slot is not None:
-            self._store(unit.bias_add, unit.bias_slot, bias, "bias")
-        elif node.op_type == "MatMul":
+        elif node.op_type == "MatMul" and unit.bias_add is None:
             if len(self.shapes.get(node.input[0], ())) == 2:
                 node.op_type = "Gemm"  # a 2-D MatMul is a Gemm without C; the Gemm gives the bias a place
-                self._store(node, 2, bias, "bias")
                 self.notes.append(f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias")
             else:
                 product = self.new_name(node.output[0])
                 add_name = self.new_name(display_name(node))
-                add = helper.make_node("Add", [product, ""], [node.output[0]], name=add_name)
+                unit.bias_add = helper.make_node("Add", [product, ""], [node.output[0]], name=add_name)
+                unit.bias_slot = 1
                 node.output[0] = product
-                self.added_nodes.append((node, add))
-                unit.bias_add, unit.bias_slot = add, 1
-                self.tensors.readers[product] = [add]
-                self._store(add, 1, bias, "bias")
+                self.added_nodes.append((node, unit.bias_add))
+                self.tensors.readers[product] = [unit.bias_add]
+        if unit.bias_add is not None:
+            self._store(unit.bias_add, unit.bias_slot, bias, "bias")
         else:
             self._store(node, 2, bias, "bias")
 

@@ -82,16 +82,15 @@ def _input_shapes(
     return shapes
 
 
-def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, optimize: bool = False) -> Any:
-    """An onnxruntime CPU session for ``model``, a ModelProto or the path of an .onnx file (optimisations off
-    unless ``optimize``). A path is read by onnxruntime itself, external data included: no copy in Python."""
+def session(model: onnx.ModelProto | str | os.PathLike[str]) -> Any:
+    """An onnxruntime CPU session for ``model``, a ModelProto or the path of an .onnx file (one thread,
+    optimisations off). A path is read by onnxruntime itself, external data included: no copy in Python."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = 1
     options.log_severity_level = 4  # errors reach the caller as exceptions; not also printed on stderr
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), options, providers=providers)
@@ -176,10 +175,10 @@ def _cause(error: BaseException) -> str:
 
 
 class _Runner:
-    """One onnxruntime session of a model, created on first use; errors say which model could not run."""
+    """One onnxruntime session of a model, created on first use."""
 
-    def __init__(self, model: onnx.ModelProto | str | os.PathLike[str], which: str) -> None:
-        self.model, self.which, self._session = model, which, None
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike[str]) -> None:
+        self.model, self._session = model, None
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
@@ -188,17 +187,23 @@ class _Runner:
         return dict(zip(names, self._session.run(names, feeds), strict=True))
 
 
+def _does_not_run(shapes: str, error: BaseException | None, api_hint: str) -> OriginalRunError:
+    """The original model does not run on inputs of ``shapes``; ``api_hint`` says what to pass in Python."""
+    return OriginalRunError(
+        "the original model", shapes, f"onnxruntime: {_cause(error) if error else ''}",
+        f"pass {api_hint}, or verify=False to skip the check",
+        "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's "
+        "message)",
+    )
+
+
 def _run_original(runner: _Runner, feeds: dict[str, np.ndarray], given: bool) -> dict[str, np.ndarray]:
     try:
         return runner(feeds)
     except Exception as error:
         source = "the given inputs" if given else "example inputs"
-        raise OriginalRunError(
-            "the original model", _shapes(feeds), f"onnxruntime: {_cause(error)}",
-            f"pass inputs={{name: array}} or input_shape= with {source} it takes, or verify=False to skip the check",
-            "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's "
-            "message)",
-        ) from error
+        hint = f"inputs={{name: array}} or input_shape= with {source} it takes"
+        raise _does_not_run(_shapes(feeds), error, hint) from error
 
 
 def choose_inputs(
@@ -224,12 +229,8 @@ def choose_inputs(
         except Exception as error:
             tried.append(_shapes(feeds))
             last = error
-    raise OriginalRunError(
-        "the original model", f"{tried[0]} ... {tried[-1]} ({len(tried)} sizes tried)",
-        f"onnxruntime: {_cause(last) if last else ''}",
-        "pass input_shape= or inputs={name: array} with inputs it takes, or verify=False to skip the check",
-        "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's message)",
-    ) from last
+    shapes = f"{tried[0]} ... {tried[-1]} ({len(tried)} sizes tried)"
+    raise _does_not_run(shapes, last, "input_shape= or inputs={name: array} with inputs it takes") from last
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -361,15 +362,16 @@ def verify(
         described = onnx.load_model(os.fspath(original), load_external_data=False)
     if tolerance is None:
         tolerance = default_tolerance(described)
-    run_original, run_folded = _Runner(original, "original"), _Runner(folded, "folded")
+    run_original, run_folded = _Runner(original), _Runner(folded)
     if inputs is not None:
         batches = _given_feeds(described, inputs, seed, input_shape)
         expected = [_run_original(run_original, feeds, True) for feeds in batches]
-        chosen = "given"
+        label = "given inputs"
     else:
         feeds, outputs = choose_inputs(run_original, described, seed, input_shape)
         batches, expected = [feeds], [outputs]
-        chosen = "example" if input_shape is not None or not has_free_sizes(described) else "example (chosen)"
+        chosen = input_shape is None and has_free_sizes(described)
+        label = _kinds(feeds, seed) + (", sizes chosen: the first the original runs on" if chosen else "")
     actual: list[dict[str, np.ndarray]] = []
     for feeds in batches:
         try:
@@ -382,9 +384,9 @@ def verify(
     source = original if isinstance(original, onnx.ModelProto) else read(original)[0]
     target = folded if isinstance(folded, onnx.ModelProto) else read(folded)[0]
     touched = touched_constants(source, target)
-    floor = _Runner(perturbed(source, touched), "perturbed original") if touched else None  # the noise floor
+    floor = _Runner(perturbed(source, touched)) if touched else None  # the noise floor
     del source, target  # the weights of a file, read for the floor: not held while the batches are judged
-    result = VerificationResult([], tolerance, batches=len(batches), inputs=_label(chosen, batches[0], seed),
+    result = VerificationResult([], tolerance, batches=len(batches), inputs=label,
                                 input_shapes={name: list(a.shape) for name, a in batches[0].items()},
                                 perturbed_tensors=len(touched))
     for feeds, outputs, folded_outputs in zip(batches, expected, actual, strict=True):
@@ -396,20 +398,18 @@ def verify(
     return result
 
 
-def _label(chosen: str, feeds: dict[str, np.ndarray], seed: int) -> str:
-    """What the inputs were: ``"photographs, sizes chosen"``, ``"random (seed 0)"``, ``"given"``..."""
-    if chosen == "given":
-        return "given inputs"
+def _kinds(feeds: dict[str, np.ndarray], seed: int) -> str:
+    """What example inputs were: ``"photographs"``, ``"random (seed 0)"``, or both."""
     kinds = ["photographs" if is_image_like(a.shape) and np.issubdtype(a.dtype, np.floating) else f"random (seed {seed})"
              for a in feeds.values()]
-    text = ", ".join(dict.fromkeys(kinds))
-    return f"{text}, sizes chosen: the first the original runs on" if chosen == "example (chosen)" else text
+    return ", ".join(dict.fromkeys(kinds))
 
 
-def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
+def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray]
+        ) -> dict[str, np.ndarray]:
     """Outputs of ``model`` on ``feeds``, by output name.
 
     Raises:
         OriginalRunError: onnxruntime cannot load or run the model (custom ops, inputs it does not take, ...).
     """
-    return _run_original(_Runner(model, which or "given"), feeds, True)
+    return _run_original(_Runner(model), feeds, True)

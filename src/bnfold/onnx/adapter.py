@@ -1,5 +1,5 @@
 """The ONNX adapter: an ONNX graph translated into the core graph (:func:`to_graph`), and the core's folds
-written back as initializers (:class:`OnnxWeights`, on a copy of the model).
+written back as initializers (:class:`OnnxBackend`, on a copy of the model).
 
 Nothing here decides what folds: :mod:`bnfold.core.plan` does, with the rules of every format. Only
 activations are dataflow: constants (initializers the caller cannot override, ``Constant`` nodes, small
@@ -805,8 +805,10 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
             del graph.value_info[i]
 
 
-class OnnxWeights:
-    """:class:`bnfold.core.apply.WeightAccess` on a model the caller handed over for rewriting (a copy).
+class OnnxBackend:
+    """:class:`bnfold.core.pipeline.FoldBackend`, and its :class:`bnfold.core.apply.WeightAccess`, for a model
+    handed over for rewriting (a copy, or a model just read from a file). Counts are the float initializers'
+    elements (ONNX has no buffers).
 
     Gemm ``Y = alpha * A @ B' + beta * C`` is presented to the core as weight ``alpha * B`` and bias ``beta * C``
     (rounded to their dtypes only when alpha / beta are not 1), and written back with ``alpha = beta = 1``, so both
@@ -815,18 +817,47 @@ class OnnxWeights:
     """
 
     numerics = NumpyNumerics()
+    exported = True
+    measures_counts = True
 
-    def __init__(self, model: onnx.ModelProto, translation: Translation) -> None:
+    def __init__(self, model: onnx.ModelProto, name: str) -> None:
+        self.model = model
+        self.name = name
         self.graph = model.graph
-        self.tensors = translation.tensors
-        self.shapes = translation.shapes
-        self.layers = translation.layers
-        self.norms = translation.norms
         self.notes: list[str] = []
         self.removed_nodes: set[int] = set()
         self.added_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after this node, the new node)
         self.stale: set[str] = set()  # names that may be read by nobody once the rewrite is done
         self._taken: set[str] | None = None  # the graph's names, gathered at the first new_name()
+
+    def norm_modes(self) -> NormModes:
+        """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
+        opset = default_opset(self.model)
+        norms = [n for n in self.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
+        return NormModes(len(norms), sum(_in_training_mode(n, opset) for n in norms))
+
+    def translate(self) -> Graph:
+        self.translation = to_graph(self.model)
+        self.tensors, self.shapes = self.translation.tensors, self.translation.shapes
+        self.layers, self.norms = self.translation.layers, self.translation.norms
+        return self.translation.graph
+
+    def weights(self) -> OnnxBackend:
+        return self
+
+    def counts(self) -> tuple[int, int]:
+        return float_parameter_count(self.graph), 0
+
+    def released(self, norm: str) -> tuple[int, int]:
+        """Its scale, shift and statistics, where no other node reads them."""
+        tensors = self.tensors
+        names = [n for n in self.norms[norm].input[1:5]
+                 if n in tensors.initializers and len(tensors.readers.get(n, [])) == 1]
+        return sum(int(np.prod(tensors.initializers[n].dims, dtype=np.int64)) for n in names), 0
+
+    def lacks_bias(self, layer: str) -> bool:
+        unit = self.layers[layer]
+        return unit.bias_add is None and not _own_bias(unit.node)
 
     def new_name(self, base: str) -> str:
         """A name no tensor or node of the graph has, for what a rewrite adds (``<base>_bnfold``,
@@ -968,49 +999,6 @@ class OnnxWeights:
             _drop_unused(self.graph, self.stale)
 
 
-class OnnxBackend:
-    """:class:`bnfold.core.pipeline.FoldBackend` for a model handed over for rewriting (a copy, or a model just read
-    from a file). Counts are the float initializers' elements (ONNX has no buffers)."""
-
-    exported = True
-    measures_counts = True
-
-    def __init__(self, model: onnx.ModelProto, name: str) -> None:
-        self.model = model
-        self.name = name
-
-    def norm_modes(self) -> NormModes:
-        """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
-        opset = default_opset(self.model)
-        norms = [n for n in self.model.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
-        return NormModes(len(norms), sum(_in_training_mode(n, opset) for n in norms))
-
-    def translate(self) -> Graph:
-        self.translation = to_graph(self.model)
-        self.access = OnnxWeights(self.model, self.translation)
-        return self.translation.graph
-
-    def weights(self) -> OnnxWeights:
-        return self.access
-
-    def counts(self) -> tuple[int, int]:
-        return float_parameter_count(self.model.graph), 0
-
-    def released(self, norm: str) -> tuple[int, int]:
-        """Its scale, shift and statistics, where no other node reads them."""
-        tensors = self.translation.tensors
-        names = [n for n in self.translation.norms[norm].input[1:5]
-                 if n in tensors.initializers and len(tensors.readers.get(n, [])) == 1]
-        return sum(int(np.prod(tensors.initializers[n].dims, dtype=np.int64)) for n in names), 0
-
-    def lacks_bias(self, layer: str) -> bool:
-        unit = self.translation.layers[layer]
-        return unit.bias_add is None and not _own_bias(unit.node)
-
-    def finish(self) -> None:
-        self.access.finish()
-
-
 def fold_graph(
     model: onnx.ModelProto, name: str, applied: bool, *, copy: bool = True
 ) -> tuple[onnx.ModelProto, FoldReport]:
@@ -1030,7 +1018,7 @@ def fold_graph(
         target.CopyFrom(model)
     backend = OnnxBackend(target, name)
     report = (pipeline.fold(backend) if applied else pipeline.dry_run(backend)).report
-    report.notes.extend(n for n in dict.fromkeys(backend.access.notes) if applied)
+    report.notes.extend(n for n in dict.fromkeys(backend.notes) if applied)
     if backend.translation.subgraph_norms:
         report.notes.append(f"{backend.translation.subgraph_norms} BatchNormalization node(s) inside subgraphs "
                             f"(If/Loop/Scan bodies) were not considered")

@@ -14,7 +14,7 @@ from onnx import helper
 from ..core.graph import LAYER, NORM, OP, Geometry, Graph
 from ..core.merge import Merge
 from ..report import NormEntry
-from .adapter import OnnxWeights, Translation, _label, attribute, display_name, to_graph
+from .adapter import OnnxBackend, Translation, _label, attribute, display_name
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
@@ -59,10 +59,11 @@ class OnnxMerges:
         self.notes: list[str] = []
 
     def translate(self) -> Graph:
-        self.translation = to_graph(self.model)
+        self.access = OnnxBackend(self.model, "")
+        graph = self.access.translate()
+        self.translation = self.access.translation
         self.nodes = annotate(self.model, self.translation)
-        self.access = OnnxWeights(self.model, self.translation)
-        return self.translation.graph
+        return graph
 
     def start(self, merges: list[Merge]) -> None:
         pass

@@ -1,14 +1,12 @@
 """bnfold for ONNX: fold inference BatchNormalization nodes into neighbouring Conv, ConvTranspose, Gemm and MatMul.
 
-The same affine math as the PyTorch engine (:mod:`bnfold.affine`), applied to initializers; works without torch
-(onnx and numpy, plus onnxruntime for verification).
+The same plan (:mod:`bnfold.core.plan`) and affine math (:mod:`bnfold.affine`) as every format, applied to
+initializers; works without torch (onnx and numpy, plus onnxruntime for verification).
 
 >>> from bnfold import onnx as bnfold_onnx
 >>> result = bnfold_onnx.fold("resnet18.onnx")          # verified in onnxruntime against the original
 >>> result.report.print()                                 # what folded into what, and why anything stayed
 >>> result.save("resnet18-folded.onnx")
-
-What folds is decided as for every format (:mod:`bnfold.core.plan`); the report says why anything stayed.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,10 +317,8 @@ class OpContext:
         return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
 
     def output_used(self, slot: int) -> bool:
-        node = self.node
-        return len(node.output) > slot and bool(node.output[slot]) and (
-            bool(self.tensors.readers.get(node.output[slot])) or node.output[slot] in self.tensors.graph_outputs
-        )
+        name = self.node.output[slot] if len(self.node.output) > slot else ""
+        return bool(name) and (bool(self.tensors.readers.get(name)) or name in self.tensors.graph_outputs)
 
 
 OTHER = OpFacts("other")
@@ -357,11 +356,8 @@ def _resize(c: OpContext) -> OpFacts:
     if in_shape is not None and out_shape is not None:
         return OpFacts("upsample") if in_shape[:2] == out_shape[:2] else OTHER
     slot = 1 if node.op_type == "Upsample" else 2
-    scales = c.tensors.value(node.input[slot]) if c.given(slot) else None
-    listed = attribute(node, "scales") if node.op_type == "Upsample" else None  # Upsample before opset 9
-    if scales is None and listed is not None:
-        scales = np.asarray(listed)
-    if scales is not None and scales.size >= 2 and np.all(np.asarray(scales).reshape(-1)[:2] == 1):
+    scales = c.tensors.value(node.input[slot]) if c.given(slot) else attribute(node, "scales")  # Upsample-7's
+    if scales is not None and np.size(scales) >= 2 and np.all(np.asarray(scales).reshape(-1)[:2] == 1):
         return OpFacts("upsample")
     return OTHER
 
@@ -377,13 +373,9 @@ def _reduce_mean(c: OpContext) -> OpFacts:
 
 
 def _transpose(c: OpContext) -> OpFacts:
-    perm = attribute(c.node, "perm")
-    if perm is None:
-        rank = c.rank()
-        if rank is None:
-            return OTHER
-        perm = list(reversed(range(rank)))
-    return OpFacts("permute", {"order": tuple(int(p) for p in perm)})
+    rank = c.rank()
+    perm = attribute(c.node, "perm", None if rank is None else list(reversed(range(rank))))
+    return OTHER if perm is None else OpFacts("permute", {"order": tuple(int(p) for p in perm)})
 
 
 def _concat(c: OpContext) -> OpFacts:
@@ -509,45 +501,37 @@ class Translation:
         return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
 
     def _add(self, node: onnx.NodeProto, merged: set[int]) -> None:
-        graph = self.graph
+        graph, tensors, shapes = self.graph, self.tensors, self.shapes
         op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
-        output = node.output[0] if node.output else ""
-        bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
-        facts = _layer_facts(node, bias, self.tensors, self.shapes) if op in LAYER_TYPES else None
-        if op != NORM_TYPE and facts is None:
-            self._add_op(node, op)
-            return
-        name = graph.free_name(display_name(node))
+        bias = _matmul_bias(node, tensors, shapes) if op == "MatMul" else None
+        layer = _layer_facts(node, bias, tensors, shapes) if op in LAYER_TYPES else None
+        reads, outputs, facts = list(node.input), list(node.output[:1]), None
         if op == NORM_TYPE:
-            graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
-            self.norms[name] = node
-            core = graph.add_node(NORM, f"norm '{name}'", self._activation_inputs(list(node.input)),
-                                  shape=self.shapes.get(output), unit=name)
-        else:
-            graph.add_unit(name, LAYER, op, layer=facts)
-            self.layers[name] = Layer(node, *(bias or (None, 0)))
-            reads = list(node.input)
+            unit = graph.free_name(display_name(node))
+            graph.add_unit(unit, NORM, NORM_TYPE, norm=_norm_facts(node, tensors, shapes))
+            self.norms[unit] = node
+            kind, label = NORM, f"norm '{unit}'"
+        elif layer is not None:
+            unit = graph.free_name(display_name(node))
+            graph.add_unit(unit, LAYER, op, layer=layer)
+            self.layers[unit] = Layer(node, *(bias or (None, 0)))
+            kind, label = LAYER, f"layer '{unit}' ({op})"
             if bias is not None:
                 merged.add(id(bias[0]))
                 reads.append(bias[0].input[bias[1]])
-                output = bias[0].output[0]  # the Add's: the layer's output with its bias
-            core = graph.add_node(LAYER, f"layer '{name}' ({op})", self._activation_inputs(reads),
-                                  shape=self.shapes.get(output), unit=name)
-        self.node_of[output] = core.index
-
-    def _add_op(self, node: onnx.NodeProto, op: str) -> None:
-        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
-        facts_of = OPS.get(op)
-        facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
-        if op in ARITHMETIC and not outside:
-            facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
-        whole = facts.kind in ("concat", "other", "add", "sub", "mul", "div")  # and what its subgraphs read
-        reads = list(node.input) + (outside if whole else [])
-        core = self.graph.add_node(OP, _label(node), self._activation_inputs(reads),
-                                   shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
-        for name in node.output:
-            if name:
-                self.node_of[name] = core.index
+                outputs = [bias[0].output[0]]  # the Add's: the layer's output with its bias
+        else:
+            outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
+            facts_of = OPS.get(op)
+            facts = facts_of(OpContext(node, tensors, shapes)) if facts_of else OTHER
+            if op in ARITHMETIC and not outside:
+                facts = arithmetic_facts(node, tensors, self.node_of, shapes) or OTHER
+            if facts.kind in ("concat", "other", "add", "sub", "mul", "div"):
+                reads += outside  # and what its subgraphs read
+            kind, label, unit, outputs = OP, _label(node), None, list(node.output)
+        shape = shapes.get(outputs[0]) if outputs else None
+        core = graph.add_node(kind, label, self._activation_inputs(reads), shape=shape, unit=unit, op=facts)
+        self.node_of.update((name, core.index) for name in outputs if name)
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -571,8 +555,8 @@ def _scaled(array: np.ndarray, factor: float) -> np.ndarray:
     return array if factor == 1.0 else (array.astype(np.float64) * factor).astype(array.dtype)
 
 
-def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str | None:
-    """Why the constant ``name`` (the ``role`` of ``owner``) cannot be folded into, or ``None``."""
+def _constant_problem(tensors: Tensors, name: str, subject: str) -> str | None:
+    """Why the constant ``name`` cannot be folded into, or ``None``; ``subject`` names it in the reason."""
     if not tensors.is_constant(name):
         if name in tensors.graph_inputs:
             how = "a graph input (the caller can change it at run time)"
@@ -580,18 +564,18 @@ def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str
             how = f"computed by {_label(tensors.producer[name])}"
         else:
             how = "not defined in the graph"
-        return f"the {role} '{name}' of {owner} is {how}, not a constant initializer"
+        return f"{subject} is {how}, not a constant initializer"
     stored = tensors.tensor(name)
     if stored is not None:  # its element type is enough: decoding a 400 MB weight nobody folds costs 0.4 s
         floating = stored.data_type in FLOAT_TYPES
     else:
         value = tensors.value(name)
         if value is None:
-            return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
+            return f"{subject} is computed by nodes bnfold cannot evaluate"
         floating = value.dtype.kind == "f" or str(value.dtype) == "bfloat16"
     if floating:
         return None
-    return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
+    return f"{subject} is not a floating-point tensor (a quantized model?)"
 
 
 def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, tensors: Tensors,
@@ -607,10 +591,10 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
         shape = tuple(value.shape)
     if shape is None or len(shape) < 2 or (op == "MatMul" and len(shape) != 2):
         return None  # a MatMul of two activations, or a batched weight: an op like any other
-    problem = _constant_problem(tensors, weight_name, "weight", label)
+    problem = _constant_problem(tensors, weight_name, f"the weight '{weight_name}' of {label}")
     for name in (_own_bias(node), bias[0].input[bias[1]] if bias is not None else ""):
         if name:
-            problem = problem or _constant_problem(tensors, name, "bias", label)
+            problem = problem or _constant_problem(tensors, name, f"the bias '{name}' of {label}")
     out_channels, in_channels = weight_channels(tuple(shape), *_weight_axes(node))
     blocker = geometry = padded = None
     channel_dim = 1
@@ -632,7 +616,6 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
 
 def _norm_facts(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple[int, ...]]) -> NormFacts:
     """Facts of a BatchNormalization node: its statistics must be constant initializers of one value per channel."""
-    label = _label(node)
     channels = 0
     if len(node.input) >= 2 and node.input[1] in shapes and len(shapes[node.input[1]]) == 1:
         channels = shapes[node.input[1]][0]
@@ -648,10 +631,9 @@ def _norm_facts(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple[
     negative = 0
     if problem is None and batch is None:
         for role, name in zip(("scale", "B", "input_mean", "input_var"), node.input[1:5], strict=True):
-            problem = _constant_problem(tensors, name, role, label)
+            problem = _constant_problem(tensors, name, f"its {role} '{name}'")
             if problem:
-                problem = problem.replace(f" of {label}", "")
-                problem = f"its {problem.removeprefix('the ')}; export with export_params=True to fold it"
+                problem += "; export with export_params=True to fold it"
                 break
             value = tensors.value(name)
             assert value is not None
@@ -694,10 +676,8 @@ def to_graph(model: onnx.ModelProto) -> Translation:
         out.node_of[value.name] = node.index
     merged: set[int] = set()  # ids of Add nodes translated as a MatMul's bias
     for node in tensors.nodes:
-        if id(node) in merged:
-            continue
-        if node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS:
-            continue  # reads only its input's shape
+        if id(node) in merged or (node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS):
+            continue  # a MatMul's bias Add (translated with it), or a node reading only its input's shape
         if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
             continue  # a constant or a shape computation: not dataflow
         out._add(node, merged)
@@ -826,7 +806,7 @@ class OnnxBackend:
         self.graph = model.graph
         self.notes: list[str] = []
         self.removed_nodes: set[int] = set()
-        self.added_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after this node, the new node)
+        self.added_nodes: dict[int, onnx.NodeProto] = {}  # id of a node -> the new node that follows it
         self.stale: set[str] = set()  # names that may be read by nobody once the rewrite is done
         self._taken: set[str] | None = None  # the graph's names, gathered at the first new_name()
 
@@ -903,7 +883,7 @@ class OnnxBackend:
         else as a new initializer of ``node``."""
         tensors = self.tensors
         old = node.input[slot] if len(node.input) > slot else ""
-        readers = tensors.readers.get(old, []) if old else []
+        readers = tensors.readers.get(old, [])
         # Readers of only its shape or type (the dynamo exporter's Shape(weight)) see the same after the fold.
         value_readers = [r for r in readers if r.op_type not in METADATA_OPS and old in tensors.value_inputs(r)]
         if (old in tensors.initializers and old not in tensors.graph_inputs and len(value_readers) == 1
@@ -946,7 +926,7 @@ class OnnxBackend:
                 unit.bias_add = helper.make_node("Add", [product, ""], [node.output[0]], name=add_name)
                 unit.bias_slot = 1
                 node.output[0] = product
-                self.added_nodes.append((node, unit.bias_add))
+                self.added_nodes[id(node)] = unit.bias_add
                 self.tensors.readers[product] = [unit.bias_add]
         if unit.bias_add is not None:
             self._store(unit.bias_add, unit.bias_slot, bias, "bias")
@@ -981,20 +961,11 @@ class OnnxBackend:
 
     def finish(self) -> None:
         """Put the nodes in order (removed norms out, new Adds after their MatMul), then drop what nobody reads."""
-        after = {id(anchor): new for anchor, new in self.added_nodes}
-        nodes: list[onnx.NodeProto] = []
-        for node in self.tensors.nodes:
-            if id(node) in self.removed_nodes:
-                continue
-            nodes.append(node)
-            if id(node) in after:
-                nodes.append(after[id(node)])
         if self.removed_nodes or self.added_nodes:
-            kept = [onnx.NodeProto() for _ in nodes]
-            for copy, node in zip(kept, nodes, strict=True):
-                copy.CopyFrom(node)
+            nodes = [deepcopy(n) for node in self.tensors.nodes if id(node) not in self.removed_nodes
+                     for n in (node, self.added_nodes.get(id(node))) if n is not None]
             del self.graph.node[:]
-            self.graph.node.extend(kept)
+            self.graph.node.extend(nodes)
         if self.stale:
             _drop_unused(self.graph, self.stale)
 
@@ -1012,10 +983,7 @@ def fold_graph(
         TrainingModeError: every BatchNormalization runs in training mode.
         NonFiniteStatisticsError: a norm the plan folds has NaN or infinite statistics.
     """
-    target = model
-    if applied and copy:
-        target = onnx.ModelProto()
-        target.CopyFrom(model)
+    target = deepcopy(model) if applied and copy else model
     backend = OnnxBackend(target, name)
     report = (pipeline.fold(backend) if applied else pipeline.dry_run(backend)).report
     report.notes.extend(n for n in dict.fromkeys(backend.notes) if applied)

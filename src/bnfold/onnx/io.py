@@ -2,9 +2,8 @@
 
 :func:`read` names the file and the problem in a one-line :class:`InvalidInputError`, and returns every file
 it read (the graph and each external data file), so that no output can ever be one of them. :func:`save`
-writes the graph and its external data as one unit through :func:`bnfold.files.staged_files`: staged beside
-the target under their final names, checked there (``check``), then renamed into place, data first and graph
-last (rolled back if the second rename fails), so the old pair stays whole until the new one is.
+writes the graph and its external data as one unit (:func:`bnfold.files.staged_files`): the old pair stays
+whole until the new one is checked (``check``) and in place.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def _describe_non_onnx(head: bytes) -> str | None:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if text.isprintable() or all(c.isprintable() or c in "\r\n\t" for c in text):
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
         return "a text file, not a binary ONNX model"
     return None
 
@@ -83,13 +82,11 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
             raise InvalidInputError(
                 f"{file}: its external data could not be read ({first_line(error)})"
             ) from error
+    checked: bytes | onnx.ModelProto | str = payload
+    if data_files:  # the model with its data, or its file when too large for one protobuf
+        checked = model if data_size(model) < EXTERNAL_DATA_THRESHOLD else str(file)
     try:
-        if not data_files:
-            onnx.checker.check_model(payload)
-        elif data_size(model) < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(file))
+        onnx.checker.check_model(checked)
     except Exception as error:
         raise InvalidInputError(f"{file}: is not a valid ONNX model ({first_line(error)})") from error
     return model, data_files

@@ -4,9 +4,6 @@ Both sessions run on onnxruntime's CPU provider with graph optimisations off, so
 two graphs, not what onnxruntime makes of them. The inputs are :func:`example_inputs` unless the caller gives
 some; the verdict is :mod:`bnfold.judge`'s, the same in every format (its noise floor measured here, in
 onnxruntime, on a perturbed copy of the original).
-
-:data:`TOLERANCES` repeats :data:`bnfold.verification.TOLERANCES` (which explains them) by ONNX element type,
-since that module imports torch and this one must not; a test checks that the two tables agree.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from .. import judge
 from ..errors import InvalidInputError, OriginalRunError, VerificationError
 from ..examples import SIZES, STRIP_HEIGHTS, STRIP_WIDTH, is_image_like, photo_batch
 from ..judge import VerificationResult
-from .io import data_size, read
+from .io import EXTERNAL_DATA_THRESHOLD, data_size, read, save
 
 TOLERANCES: dict[int, float] = {
     onnx.TensorProto.DOUBLE: 1e-9,
@@ -33,10 +30,8 @@ TOLERANCES: dict[int, float] = {
     onnx.TensorProto.FLOAT16: 1e-2,
     onnx.TensorProto.BFLOAT16: 8e-2,
 }
-"""Relative tolerance by ONNX element type (same numbers as the PyTorch side's table)."""
-
-_INLINE_LIMIT = 1_800_000_000
-"""Above this many bytes a model cannot be handed to onnxruntime as one protobuf (2 GB limit)."""
+"""Relative tolerance by ONNX element type: :data:`bnfold.verification.TOLERANCES` (which explains them)
+again, since that module imports torch and this one must not; a test checks that the two tables agree."""
 
 
 def default_tolerance(model: onnx.ModelProto) -> float:
@@ -94,13 +89,11 @@ def session(model: onnx.ModelProto | str | os.PathLike[str]) -> Any:
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), options, providers=providers)
-    if data_size(model) < _INLINE_LIMIT:
+    if data_size(model) < EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as directory:  # too large for one protobuf: a file with external data
         path = Path(directory) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # save_model moves the tensors of the model it is given to the external file
-        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        save(model, path, external_data=True)
         return ort.InferenceSession(str(path), options, providers=providers)
 
 

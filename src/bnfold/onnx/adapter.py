@@ -166,10 +166,7 @@ class Tensors:
         self._values: dict[str, np.ndarray] = {}
         self._static: dict[str, bool] = {}
         self.types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
-        """Element types of the tensors known so far (declared, initializers; :func:`to_graph` adds inferred ones)."""
-        for info in [*graph.input, *graph.output, *graph.value_info]:
-            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-                self.types.setdefault(info.name, info.type.tensor_type.elem_type)
+        """Element types of the initializers; :func:`to_graph` adds the declared and inferred ones."""
 
     def value_inputs(self, node: onnx.NodeProto) -> list[str]:
         """The inputs whose values ``node`` reads (a ``CastLike``'s target is read for its element type only)."""
@@ -276,8 +273,7 @@ def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int,
                 light.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
         else:
             light.initializer.append(tensor)
-    copy = helper.make_model(light, opset_imports=list(model.opset_import))
-    copy.ir_version = model.ir_version
+    copy = helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
     except Exception:  # shapes are an aid: without them reshapes and mean reductions are left with a reason
@@ -493,12 +489,8 @@ class Translation:
     shapes: dict[str, tuple[int, ...]]
     layers: dict[str, Layer] = field(default_factory=dict)
     norms: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    subgraph_norms: int = 0
     node_of: dict[str, int] = field(default_factory=dict)
     """Tensor name -> the core node that produces it (graph inputs, layers, norms, ops)."""
-
-    def _activation_inputs(self, names: list[str]) -> list[int]:
-        return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
 
     def _add(self, node: onnx.NodeProto, merged: set[int]) -> None:
         graph, tensors, shapes = self.graph, self.tensors, self.shapes
@@ -530,7 +522,8 @@ class Translation:
                 reads += outside  # and what its subgraphs read
             kind, label, unit, outputs = OP, _label(node), None, list(node.output)
         shape = shapes.get(outputs[0]) if outputs else None
-        core = graph.add_node(kind, label, self._activation_inputs(reads), shape=shape, unit=unit, op=facts)
+        inputs = [self.node_of[n] for n in reads if n and not tensors.is_static(n) and n in self.node_of]
+        core = graph.add_node(kind, label, inputs, shape=shape, unit=unit, op=facts)
         self.node_of.update((name, core.index) for name in outputs if name)
 
 
@@ -583,10 +576,8 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
     """Facts of a layer node (``bias``: the Add of its bias and the bias's slot there, after a ``MatMul``); ``None``
     when it is not a layer bnfold folds into (then it is an op)."""
     op, label = node.op_type, _label(node)
-    if len(node.input) < 2 or not node.input[1]:
-        return None
-    weight_name = node.input[1]
-    shape = shapes.get(weight_name)
+    weight_name = node.input[1] if len(node.input) > 1 else ""
+    shape = shapes.get(weight_name) if weight_name else None
     if shape is None and (value := tensors.value(weight_name)) is not None:
         shape = tuple(value.shape)
     if shape is None or len(shape) < 2 or (op == "MatMul" and len(shape) != 2):
@@ -669,7 +660,7 @@ def to_graph(model: onnx.ModelProto) -> Translation:
     """Translate the top-level graph of ``model`` into the core graph (see the module docstring). Reads only."""
     tensors = Tensors(model)
     shapes, types = infer_shapes_and_types(model)
-    tensors.types = {**types, **tensors.types}  # declared types first, then inferred ones
+    tensors.types = {**types, **tensors.types}  # shape inference keeps the declared types
     out = Translation(Graph(method="onnx graph", shapes_known=True), tensors, shapes)
     for value in model.graph.input:
         node = out.graph.add_node(INPUT, f"the graph input '{value.name}'", shape=shapes.get(value.name))
@@ -681,7 +672,6 @@ def to_graph(model: onnx.ModelProto) -> Translation:
         if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
             continue  # a constant or a shape computation: not dataflow
         out._add(node, merged)
-        out.subgraph_norms += sum(_count_norms(sub) for sub in _subgraphs(node))
     for name in tensors.graph_outputs:
         inputs = [out.node_of[name]] if name in out.node_of else []
         out.graph.add_node(OUTPUT, f"the graph output '{name}'", inputs)
@@ -763,12 +753,8 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
     nothing reads any more, and then what only they read."""
     while True:
         read = _reads_inside(graph)
-        dead_nodes = [
-            i for i, node in enumerate(graph.node)
-            if node.output and not any(n in read for n in node.output if n)
-            and all(n in stale for n in node.output if n)
-            and not _subgraphs(node)
-        ]
+        dead_nodes = [i for i, node in enumerate(graph.node) if node.output and not _subgraphs(node)
+                      and all(n in stale and n not in read for n in node.output if n)]
         dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in read and t.name in stale]
         if not dead_nodes and not dead_inits:
             break
@@ -808,7 +794,9 @@ class OnnxBackend:
         self.removed_nodes: set[int] = set()
         self.added_nodes: dict[int, onnx.NodeProto] = {}  # id of a node -> the new node that follows it
         self.stale: set[str] = set()  # names that may be read by nobody once the rewrite is done
-        self._taken: set[str] | None = None  # the graph's names, gathered at the first new_name()
+        self._taken = {n for node in self.graph.node for n in (*node.input, *node.output)}  # for new_name
+        self._taken |= {t.name for t in self.graph.initializer} | {i.name for i in self.graph.input}
+        self._taken |= {o.name for o in self.graph.output} | {v.name for v in self.graph.value_info}
 
     def norm_modes(self) -> NormModes:
         """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
@@ -842,11 +830,6 @@ class OnnxBackend:
     def new_name(self, base: str) -> str:
         """A name no tensor or node of the graph has, for what a rewrite adds (``<base>_bnfold``,
         ``<base>_bnfold2``, ...)."""
-        if self._taken is None:
-            graph = self.graph
-            self._taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-            self._taken |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
-            self._taken.update(n for node in graph.node for n in (*node.input, *node.output))
         name, n = f"{base}_bnfold", 1
         while name in self._taken:
             n += 1
@@ -983,11 +966,12 @@ def fold_graph(
         TrainingModeError: every BatchNormalization runs in training mode.
         NonFiniteStatisticsError: a norm the plan folds has NaN or infinite statistics.
     """
+    hidden = sum(_count_norms(sub) for node in model.graph.node for sub in _subgraphs(node))
     target = deepcopy(model) if applied and copy else model
     backend = OnnxBackend(target, name)
     report = (pipeline.fold(backend) if applied else pipeline.dry_run(backend)).report
     report.notes.extend(n for n in dict.fromkeys(backend.notes) if applied)
-    if backend.translation.subgraph_norms:
-        report.notes.append(f"{backend.translation.subgraph_norms} BatchNormalization node(s) inside subgraphs "
+    if hidden:
+        report.notes.append(f"{hidden} BatchNormalization node(s) inside subgraphs "
                             f"(If/Loop/Scan bodies) were not considered")
     return target, report

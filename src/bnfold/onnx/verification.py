@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,7 @@ def _input_shapes(
     if unknown:
         raise InvalidInputError(f"input shapes {unknown} name no graph input; its inputs are {names}")
     shapes: dict[str, tuple[int, ...]] = {}
-    for value in values:
-        if value.name not in input_shape:
-            continue
+    for value in [v for v in values if v.name in input_shape]:
         shape = tuple(int(d) for d in input_shape[value.name])
         declared = declared_shape(value)
         shown = ",".join("?" if d is None else str(d) for d in declared)
@@ -244,24 +243,18 @@ def touched_constants(original: onnx.ModelProto, folded: onnx.ModelProto) -> lis
     """The float constants of ``original`` that ``folded`` changed: every float constant input of a node the fold
     removed (a BatchNormalization, a merged branch), and each constant input of a kept node whose value differs."""
     mine, theirs = _constants(original), _constants(folded)
-
-    def key(node: onnx.NodeProto) -> tuple[str, ...]:
-        return (node.name,) if node.name else tuple(node.output)
-
-    kept = {key(n): n for n in folded.graph.node}
+    kept = {n.name or tuple(n.output): n for n in folded.graph.node}  # by name, or by outputs when unnamed
     touched: dict[str, None] = {}
     for node in original.graph.node:
         if node.op_type == "Constant":
             continue
-        other = kept.get(key(node))
+        other = kept.get(node.name or tuple(node.output))
         for position, name in enumerate(node.input):
             tensor = mine.get(name)
             if tensor is None or tensor.data_type not in _FLOATS:
                 continue
-            if other is None or other.op_type != node.op_type or position >= len(other.input):
-                touched[name] = None
-                continue
-            counterpart = theirs.get(other.input[position])
+            same_place = other is not None and other.op_type == node.op_type and position < len(other.input)
+            counterpart = theirs.get(other.input[position]) if same_place else None
             if counterpart is None or not _same(tensor, counterpart):
                 touched[name] = None
     return list(touched)
@@ -277,8 +270,7 @@ def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
 
 def perturbed(original: onnx.ModelProto, names: Sequence[str], seed: int = judge.PERTURB_SEED) -> onnx.ModelProto:
     """A copy of ``original`` with each named float constant moved one step of its dtype, up or down (seeded)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(original)
+    copy = deepcopy(original)
     rng = np.random.default_rng(seed)
     constants = _constants(copy)
     for name in names:

@@ -936,9 +936,7 @@ class OnnxBackend:
             return
         readers = tensors.readers.pop(target, [])
         for reader in readers:
-            for i, name in enumerate(reader.input):
-                if name == target:
-                    reader.input[i] = source
+            reader.input[:] = [source if name == target else name for name in reader.input]
         tensors.readers[source] = others + readers
         self.stale.add(target)
 

@@ -26,10 +26,8 @@ INLINE_TENSOR_BYTES = 1024
 """Tensors smaller than this stay inside the graph when a model is saved with external data.
 
 The ``onnx`` library's own threshold (``convert_model_to_external_data(size_threshold=1024)``), which exporters
-follow. It matters beyond tidiness: the small integer tensors that say which axes a ``ReduceMean`` reduces or what
-size a ``Resize`` / ``Reshape`` / ``Unsqueeze`` produces must be inline, because onnxruntime infers shapes while it
-loads a file and that inference cannot read external data ("Cannot parse data from external tensors"): a file with
-every tensor moved out does not load at all.
+follow. Not only tidy: onnxruntime infers shapes while it loads a file, from inline tensors only ("Cannot
+parse data from external tensors"), so a ``ReduceMean``'s axes or a ``Reshape``'s target size stay inline.
 """
 
 

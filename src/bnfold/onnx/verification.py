@@ -213,8 +213,7 @@ def choose_inputs(
         feeds = example_inputs(described, seed, input_shape)
         return feeds, _run_original(original, feeds, False)
     tried, last = [], None
-    sizes: list[int | tuple[int, int]] = [*SIZES, *((h, STRIP_WIDTH) for h in STRIP_HEIGHTS), 1]
-    for size in sizes:
+    for size in [*SIZES, *((h, STRIP_WIDTH) for h in STRIP_HEIGHTS), 1]:
         feeds = example_inputs(described, seed, size=size)
         try:
             return feeds, original(feeds)
@@ -228,11 +227,8 @@ def choose_inputs(
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Initializers and ``Constant`` node values by name (the tensors a fold may touch)."""
     found = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attribute in node.attribute:
-                if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
-                    found[node.output[0]] = attribute.t
+    found.update((n.output[0], a.t) for n in model.graph.node if n.op_type == "Constant" and n.output
+                 for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
     return found
 
 
@@ -285,9 +281,8 @@ def perturbed(original: onnx.ModelProto, names: Sequence[str], seed: int = judge
 def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
                  input_shape: Sequence[int] | dict[str, Sequence[int]] | None) -> list[dict[str, np.ndarray]]:
     """The batches to compare on: ``inputs`` (a dict, or a list of dicts, by input name) over the example inputs."""
-    batches = inputs if isinstance(inputs, list) else [inputs]
     feeds = []
-    for batch in batches:
+    for batch in inputs if isinstance(inputs, list) else [inputs]:
         if not isinstance(batch, dict):
             raise InvalidInputError(
                 f"inputs must be a dict of input name -> numpy array (or a list of them), got {type(batch).__name__}"

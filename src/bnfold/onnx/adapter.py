@@ -118,13 +118,8 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 
 def _reads_inside(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(n for n in node.input if n)
-        for sub in _subgraphs(node):
-            names |= _reads_inside(sub)
-    names.update(o.name for o in graph.output)
-    return names
+    names = {n for node in graph.node for n in node.input if n} | {o.name for o in graph.output}
+    return names.union(*(_reads_inside(sub) for node in graph.node for sub in _subgraphs(node)))
 
 
 def _count_norms(graph: onnx.GraphProto) -> int:
@@ -287,8 +282,7 @@ def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int,
         dims = tensor_type.shape.dim
         if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[info.name] = tuple(int(d.dim_value) for d in dims)
-    for tensor in graph.initializer:
-        shapes[tensor.name] = tuple(tensor.dims)
+    shapes.update((tensor.name, tuple(tensor.dims)) for tensor in graph.initializer)
     return shapes, types
 
 
@@ -403,11 +397,10 @@ def _pad(c: OpContext) -> OpFacts:
 
 def _squeeze(c: OpContext) -> OpFacts:
     """``Squeeze`` / ``Unsqueeze`` with their axes (an attribute before opset 13, an input from 13 on)."""
-    kind = c.node.op_type.lower()
     axes = attribute(c.node, "axes", c.ints(1))
     if axes is None and c.given(1):
         return OpFacts("reshape")  # axes computed at run time: judged on the shapes
-    return OpFacts(kind, {"dims": None if axes is None else tuple(int(a) for a in axes)})
+    return OpFacts(c.node.op_type.lower(), {"dims": None if axes is None else tuple(int(a) for a in axes)})
 
 
 ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul", "Div": "div"}
@@ -764,10 +757,9 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
         for i in reversed(dead_inits):
             del graph.initializer[i]
     alive = {n for node in graph.node for n in node.output} | {i.name for i in graph.input}
-    alive |= {t.name for t in graph.initializer}
+    gone = stale - alive - {t.name for t in graph.initializer}
     for i in reversed(range(len(graph.value_info))):
-        name = graph.value_info[i].name
-        if name in stale and name not in alive:
+        if graph.value_info[i].name in gone:
             del graph.value_info[i]
 
 
@@ -878,8 +870,7 @@ class OnnxBackend:
         name = self.new_name(old or f"{display_name(node).replace(':', '_')}_{role}")
         self.graph.initializer.append(numpy_helper.from_array(array, name))
         tensors.initializers[name] = self.graph.initializer[-1]
-        while len(node.input) <= slot:
-            node.input.append("")
+        node.input.extend([""] * (slot + 1 - len(node.input)))
         node.input[slot] = name
         tensors.readers[name] = [node]
         if old:

@@ -141,7 +141,7 @@ class Tensors:
     """Who produces and who reads each tensor of one top-level graph, and which tensors are constants (not an
     initializer that is also a graph input: ONNX lets the caller override it at run time)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, types: dict[str, int]) -> None:
         graph = model.graph
         self.model = model
         self.opset = default_opset(model)
@@ -160,15 +160,14 @@ class Tensors:
         self._constant: dict[str, bool] = {}
         self._values: dict[str, np.ndarray] = {}
         self._static: dict[str, bool] = {}
-        self.types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
-        """Element types of the initializers; :func:`to_graph` adds the declared and inferred ones."""
+        self.types = {**types, **{t.name: t.data_type for t in graph.initializer}}
+        """Element types: the initializers', then ``types`` (inferred, declared ones kept)."""
 
     def value_inputs(self, node: onnx.NodeProto) -> list[str]:
         """The inputs whose values ``node`` reads (a ``CastLike``'s target is read for its element type only)."""
-        slot = TYPE_ONLY_INPUTS.get(node.op_type) if node.domain in ONNX_DOMAINS else None
-        if slot is not None and len(node.input) > slot and node.input[slot] in self.types:
-            return [n for i, n in enumerate(node.input) if n and i != slot]
-        return [n for n in node.input if n]
+        slot = TYPE_ONLY_INPUTS.get(node.op_type, -1) if node.domain in ONNX_DOMAINS else -1
+        typed = 0 <= slot < len(node.input) and node.input[slot] in self.types
+        return [n for i, n in enumerate(node.input) if n and not (typed and i == slot)]
 
     def is_constant(self, name: str) -> bool:
         """Whether ``name`` has the same value whatever the inputs (an initializer the caller cannot override, a
@@ -491,13 +490,12 @@ class Translation:
         bias = _matmul_bias(node, tensors, shapes) if op == "MatMul" else None
         layer = _layer_facts(node, bias, tensors, shapes) if op in LAYER_TYPES else None
         reads, outputs, facts = list(node.input), list(node.output[:1]), None
+        unit: str | None = graph.free_name(display_name(node))  # the name of a norm or a layer
         if op == NORM_TYPE:
-            unit = graph.free_name(display_name(node))
             graph.add_unit(unit, NORM, NORM_TYPE, norm=_norm_facts(node, tensors, shapes))
             self.norms[unit] = node
             kind, label = NORM, f"norm '{unit}'"
         elif layer is not None:
-            unit = graph.free_name(display_name(node))
             graph.add_unit(unit, LAYER, op, layer=layer)
             self.layers[unit] = Layer(node, *(bias or (None, 0)))
             kind, label = LAYER, f"layer '{unit}' ({op})"
@@ -576,9 +574,8 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
     if shape is None or len(shape) < 2 or (op == "MatMul" and len(shape) != 2):
         return None  # a MatMul of two activations, or a batched weight: an op like any other
     problem = _constant_problem(tensors, weight_name, f"the weight '{weight_name}' of {label}")
-    for name in (_own_bias(node), bias[0].input[bias[1]] if bias is not None else ""):
-        if name:
-            problem = problem or _constant_problem(tensors, name, f"the bias '{name}' of {label}")
+    for name in filter(None, (_own_bias(node), bias[0].input[bias[1]] if bias is not None else "")):
+        problem = problem or _constant_problem(tensors, name, f"the bias '{name}' of {label}")
     out_channels, in_channels = weight_channels(tuple(shape), *_weight_axes(node))
     blocker = geometry = padded = None
     channel_dim = 1
@@ -651,9 +648,8 @@ def _matmul_bias(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple
 
 def to_graph(model: onnx.ModelProto) -> Translation:
     """Translate the top-level graph of ``model`` into the core graph (see the module docstring). Reads only."""
-    tensors = Tensors(model)
     shapes, types = infer_shapes_and_types(model)
-    tensors.types = {**types, **tensors.types}  # shape inference keeps the declared types
+    tensors = Tensors(model, types)
     out = Translation(Graph(method="onnx graph", shapes_known=True), tensors, shapes)
     for value in model.graph.input:
         node = out.graph.add_node(INPUT, f"the graph input '{value.name}'", shape=shapes.get(value.name))
@@ -792,9 +788,8 @@ class OnnxBackend:
 
     def norm_modes(self) -> NormModes:
         """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
-        opset = default_opset(self.model)
         norms = [n for n in self.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
-        return NormModes(len(norms), sum(_in_training_mode(n, opset) for n in norms))
+        return NormModes(len(norms), sum(_in_training_mode(n, default_opset(self.model)) for n in norms))
 
     def translate(self) -> Graph:
         self.translation = to_graph(self.model)
@@ -810,10 +805,9 @@ class OnnxBackend:
 
     def released(self, norm: str) -> tuple[int, int]:
         """Its scale, shift and statistics, where no other node reads them."""
-        tensors = self.tensors
-        names = [n for n in self.norms[norm].input[1:5]
-                 if n in tensors.initializers and len(tensors.readers.get(n, [])) == 1]
-        return sum(int(np.prod(tensors.initializers[n].dims, dtype=np.int64)) for n in names), 0
+        initializers, readers = self.tensors.initializers, self.tensors.readers
+        names = [n for n in self.norms[norm].input[1:5] if n in initializers and len(readers.get(n, [])) == 1]
+        return sum(int(np.prod(initializers[n].dims, dtype=np.int64)) for n in names), 0
 
     def lacks_bias(self, layer: str) -> bool:
         unit = self.layers[layer]

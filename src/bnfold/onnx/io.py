@@ -73,6 +73,7 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise InvalidInputError(f"{file}: is not an ONNX model (no IR version, graph or opset); re-export it")
     data_files = external_data_files(model, file)
+    checked: bytes | onnx.ModelProto | str = payload
     if data_files:
         try:
             external_data_helper.load_external_data_for_model(model, str(file.parent))
@@ -80,9 +81,7 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
             raise InvalidInputError(
                 f"{file}: its external data could not be read ({first_line(error)})"
             ) from error
-    checked: bytes | onnx.ModelProto | str = payload
-    if data_files:  # the model with its data, or its file when too large for one protobuf
-        checked = model if data_size(model) < EXTERNAL_DATA_THRESHOLD else str(file)
+        checked = model if data_size(model) < EXTERNAL_DATA_THRESHOLD else str(file)  # too large: by its path
     try:
         onnx.checker.check_model(checked)
     except Exception as error:

@@ -291,9 +291,8 @@ def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
         unknown = sorted(set(batch) - set(names))
         if unknown:
             raise InvalidInputError(f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(names)}")
-        base = example_inputs(described, seed, input_shape, size=_common_size(described, batch))
-        base.update({k: np.asarray(v) for k, v in batch.items()})
-        feeds.append(base)
+        feeds.append(example_inputs(described, seed, input_shape, size=_common_size(described, batch)))
+        feeds[-1].update({k: np.asarray(v) for k, v in batch.items()})
     return feeds
 
 
@@ -350,8 +349,11 @@ def verify(
     else:
         feeds, outputs = choose_inputs(run_original, described, seed, input_shape)
         batches, expected = [feeds], [outputs]
-        chosen = input_shape is None and has_free_sizes(described)
-        label = _kinds(feeds, seed) + (", sizes chosen: the first the original runs on" if chosen else "")
+        kinds = ["photographs" if is_image_like(a.shape) and np.issubdtype(a.dtype, np.floating)
+                 else f"random (seed {seed})" for a in feeds.values()]
+        label = ", ".join(dict.fromkeys(kinds))
+        if input_shape is None and has_free_sizes(described):
+            label += ", sizes chosen: the first the original runs on"
     actual: list[dict[str, np.ndarray]] = []
     for feeds in batches:
         try:
@@ -376,13 +378,6 @@ def verify(
             break
         result.check_run_to_run(first, run_original(feeds))
     return result
-
-
-def _kinds(feeds: dict[str, np.ndarray], seed: int) -> str:
-    """What example inputs were: ``"photographs"``, ``"random (seed 0)"``, or both."""
-    kinds = ["photographs" if is_image_like(a.shape) and np.issubdtype(a.dtype, np.floating) else f"random (seed {seed})"
-             for a in feeds.values()]
-    return ", ".join(dict.fromkeys(kinds))
 
 
 def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray]

@@ -104,7 +104,7 @@ def onnx_row(key: str, path: Path) -> dict[str, str]:
         shapes = checked.input_shapes or {}
         row["inputs"] = "x".join(map(str, next(iter(shapes.values()))))
         feeds = verification.example_inputs(model, 0, shapes)
-        expected = verification._Runner(str(path), "original")(feeds)
+        expected = verification.run(str(path), feeds)
         row.update(peers(path, feeds, expected))
     else:
         row.update({"verify s": "-", "error / allowance": "nothing folded", "relative": "-", "inputs": "-"})

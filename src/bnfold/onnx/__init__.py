@@ -1,14 +1,12 @@
 """bnfold for ONNX: fold inference BatchNormalization nodes into neighbouring Conv, ConvTranspose, Gemm and MatMul.
 
-The same affine math as the PyTorch engine (:mod:`bnfold.affine`), applied to initializers; works without torch
-(onnx and numpy, plus onnxruntime for verification).
+The same plan (:mod:`bnfold.core.plan`) and affine math (:mod:`bnfold.affine`) as every format, applied to
+initializers; works without torch (onnx and numpy, plus onnxruntime for verification).
 
 >>> from bnfold import onnx as bnfold_onnx
 >>> result = bnfold_onnx.fold("resnet18.onnx")          # verified in onnxruntime against the original
 >>> result.report.print()                                 # what folded into what, and why anything stayed
 >>> result.save("resnet18-folded.onnx")
-
-What folds is decided as for every format (:mod:`bnfold.core.plan`); the report says why anything stayed.
 """
 
 from __future__ import annotations
@@ -25,8 +23,8 @@ import onnx
 from ..core import pipeline
 from ..errors import InvalidInputError, VerificationError
 from ..files import refuse_inputs
-from ..report import FOLDED, MERGED, FoldReport, NormEntry
-from .adapter import OnnxBackend, float_parameter_count, fold_graph
+from ..report import MERGED, FoldReport
+from .adapter import float_parameter_count, fold_graph
 from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
 from .verification import TOLERANCES, default_tolerance, example_inputs, session, verify
 from .verification import verify as _verify  # fold() has a parameter named verify
@@ -183,11 +181,7 @@ def _merge(folded: onnx.ModelProto, name: str, report: FoldReport) -> onnx.Model
     from ..core.merge_rounds import merge_rounds
     from .merges import OnnxMerges
 
-    def fold_again(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, NormEntry]]:
-        _, entries = pipeline.refold(OnnxBackend(model, name))
-        return model, {name: entry for name, entry in entries.items() if entry.status == FOLDED}
-
-    merges = OnnxMerges(folded, fold_again)
+    merges = OnnxMerges(folded, name)
     outcome = merge_rounds(merges)
     report.absorb_merged_norms(outcome.absorbed_norms, merges.folded_norms)
     report.merges = outcome.entries

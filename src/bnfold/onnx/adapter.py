@@ -1,5 +1,5 @@
 """The ONNX adapter: an ONNX graph translated into the core graph (:func:`to_graph`), and the core's folds
-written back as initializers (:class:`OnnxWeights`, on a copy of the model).
+written back as initializers (:class:`OnnxBackend`, on a copy of the model).
 
 Nothing here decides what folds: :mod:`bnfold.core.plan` does, with the rules of every format. Only
 activations are dataflow: constants (initializers the caller cannot override, ``Constant`` nodes, small
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,13 +118,8 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 
 def _reads_inside(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(n for n in node.input if n)
-        for sub in _subgraphs(node):
-            names |= _reads_inside(sub)
-    names.update(o.name for o in graph.output)
-    return names
+    names = {n for node in graph.node for n in node.input if n} | {o.name for o in graph.output}
+    return names.union(*(_reads_inside(sub) for node in graph.node for sub in _subgraphs(node)))
 
 
 def _count_norms(graph: onnx.GraphProto) -> int:
@@ -145,7 +141,7 @@ class Tensors:
     """Who produces and who reads each tensor of one top-level graph, and which tensors are constants (not an
     initializer that is also a graph input: ONNX lets the caller override it at run time)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, types: dict[str, int]) -> None:
         graph = model.graph
         self.model = model
         self.opset = default_opset(model)
@@ -164,18 +160,14 @@ class Tensors:
         self._constant: dict[str, bool] = {}
         self._values: dict[str, np.ndarray] = {}
         self._static: dict[str, bool] = {}
-        self.types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
-        """Element types of the tensors known so far (declared, initializers; :func:`to_graph` adds inferred ones)."""
-        for info in [*graph.input, *graph.output, *graph.value_info]:
-            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-                self.types.setdefault(info.name, info.type.tensor_type.elem_type)
+        self.types = {**types, **{t.name: t.data_type for t in graph.initializer}}
+        """Element types: the initializers', then ``types`` (inferred, declared ones kept)."""
 
     def value_inputs(self, node: onnx.NodeProto) -> list[str]:
         """The inputs whose values ``node`` reads (a ``CastLike``'s target is read for its element type only)."""
-        slot = TYPE_ONLY_INPUTS.get(node.op_type) if node.domain in ONNX_DOMAINS else None
-        if slot is not None and len(node.input) > slot and node.input[slot] in self.types:
-            return [n for i, n in enumerate(node.input) if n and i != slot]
-        return [n for n in node.input if n]
+        slot = TYPE_ONLY_INPUTS.get(node.op_type, -1) if node.domain in ONNX_DOMAINS else -1
+        typed = 0 <= slot < len(node.input) and node.input[slot] in self.types
+        return [n for i, n in enumerate(node.input) if n and not (typed and i == slot)]
 
     def is_constant(self, name: str) -> bool:
         """Whether ``name`` has the same value whatever the inputs (an initializer the caller cannot override, a
@@ -237,8 +229,7 @@ class Tensors:
             current = pending.pop()
             if current in leaves or any(current in n.output for n in nodes.values()):
                 continue
-            stored = self.tensor(current) if current not in self.producer or self.producer[current].op_type in (
-                "Constant", "Identity") else None
+            stored = self.tensor(current)
             if stored is not None:
                 leaves[current] = numpy_helper.from_array(numpy_helper.to_array(stored), current)
                 continue
@@ -276,8 +267,7 @@ def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int,
                 light.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
         else:
             light.initializer.append(tensor)
-    copy = helper.make_model(light, opset_imports=list(model.opset_import))
-    copy.ir_version = model.ir_version
+    copy = helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
     except Exception:  # shapes are an aid: without them reshapes and mean reductions are left with a reason
@@ -291,8 +281,7 @@ def infer_shapes_and_types(model: onnx.ModelProto) -> tuple[dict[str, tuple[int,
         dims = tensor_type.shape.dim
         if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[info.name] = tuple(int(d.dim_value) for d in dims)
-    for tensor in graph.initializer:
-        shapes[tensor.name] = tuple(tensor.dims)
+    shapes.update((tensor.name, tuple(tensor.dims)) for tensor in graph.initializer)
     return shapes, types
 
 
@@ -308,16 +297,17 @@ class OpContext:
         shape = self.shapes.get(self.node.input[0]) if self.node.input else None
         return None if shape is None else len(shape)
 
+    def given(self, slot: int) -> bool:
+        return len(self.node.input) > slot and bool(self.node.input[slot])
+
     def ints(self, slot: int) -> list[int] | None:
         """A constant integer input, or ``None`` (absent or not constant)."""
-        value = self.tensors.value(self.node.input[slot]) if len(self.node.input) > slot else None
+        value = self.tensors.value(self.node.input[slot]) if self.given(slot) else None
         return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
 
     def output_used(self, slot: int) -> bool:
-        node = self.node
-        return len(node.output) > slot and bool(node.output[slot]) and (
-            bool(self.tensors.readers.get(node.output[slot])) or node.output[slot] in self.tensors.graph_outputs
-        )
+        name = self.node.output[slot] if len(self.node.output) > slot else ""
+        return bool(name) and (bool(self.tensors.readers.get(name)) or name in self.tensors.graph_outputs)
 
 
 OTHER = OpFacts("other")
@@ -327,7 +317,7 @@ def _dropout(c: OpContext) -> OpFacts:
     if c.output_used(1):
         return OTHER  # its mask is used: a training graph
     training = c.ints(2)
-    if len(c.node.input) > 2 and c.node.input[2] and training is None:
+    if c.given(2) and training is None:
         return OpFacts("dropout", {"training": True})  # a training_mode computed at run time
     is_test = attribute(c.node, "is_test", 1 if c.tensors.opset >= 7 else 0)
     return OpFacts("dropout", {"training": bool(training and training[0]) or not is_test})
@@ -355,21 +345,16 @@ def _resize(c: OpContext) -> OpFacts:
     if in_shape is not None and out_shape is not None:
         return OpFacts("upsample") if in_shape[:2] == out_shape[:2] else OTHER
     slot = 1 if node.op_type == "Upsample" else 2
-    scales = c.tensors.value(node.input[slot]) if len(node.input) > slot else None
-    listed = attribute(node, "scales") if node.op_type == "Upsample" else None  # Upsample before opset 9
-    if scales is None and listed is not None:
-        scales = np.asarray(listed)
-    if scales is not None and scales.size >= 2 and np.all(np.asarray(scales).reshape(-1)[:2] == 1):
+    scales = c.tensors.value(node.input[slot]) if c.given(slot) else attribute(node, "scales")  # Upsample-7's
+    if scales is not None and np.size(scales) >= 2 and np.all(np.asarray(scales).reshape(-1)[:2] == 1):
         return OpFacts("upsample")
     return OTHER
 
 
 def _reduce_mean(c: OpContext) -> OpFacts:
-    axes = attribute(c.node, "axes")
-    if axes is None and len(c.node.input) > 1 and c.node.input[1]:
-        axes = c.ints(1)
-        if axes is None:
-            return OpFacts("mean", {"dims": None, "keepdim": True})
+    axes = attribute(c.node, "axes", c.ints(1))
+    if axes is None and c.given(1):
+        return OpFacts("mean", {"dims": None, "keepdim": True})  # axes computed at run time
     if not axes and attribute(c.node, "noop_with_empty_axes", 0):
         return OpFacts("identity")
     dims = tuple(int(a) for a in axes) if axes else None  # None: every axis, the channels too
@@ -377,13 +362,9 @@ def _reduce_mean(c: OpContext) -> OpFacts:
 
 
 def _transpose(c: OpContext) -> OpFacts:
-    perm = attribute(c.node, "perm")
-    if perm is None:
-        rank = c.rank()
-        if rank is None:
-            return OTHER
-        perm = list(reversed(range(rank)))
-    return OpFacts("permute", {"order": tuple(int(p) for p in perm)})
+    rank = c.rank()
+    perm = attribute(c.node, "perm", None if rank is None else list(reversed(range(rank))))
+    return OTHER if perm is None else OpFacts("permute", {"order": tuple(int(p) for p in perm)})
 
 
 def _concat(c: OpContext) -> OpFacts:
@@ -403,8 +384,8 @@ def _pad(c: OpContext) -> OpFacts:
     rank = c.rank()
     padded: tuple[int, ...] | None = None
     if pads is not None:
-        axes = c.ints(3) if len(c.node.input) > 3 and c.node.input[3] else None
         count = len(pads) // 2
+        axes = c.ints(3)
         if axes is None:
             axes = list(range(count))
         if rank is not None or all(a >= 0 for a in axes):
@@ -415,13 +396,10 @@ def _pad(c: OpContext) -> OpFacts:
 
 def _squeeze(c: OpContext) -> OpFacts:
     """``Squeeze`` / ``Unsqueeze`` with their axes (an attribute before opset 13, an input from 13 on)."""
-    kind = c.node.op_type.lower()
-    axes = attribute(c.node, "axes")
-    if axes is None and len(c.node.input) > 1 and c.node.input[1]:
-        axes = c.ints(1)
-        if axes is None:
-            return OpFacts("reshape")  # axes computed at run time: judged on the shapes
-    return OpFacts(kind, {"dims": None if axes is None else tuple(int(a) for a in axes)})
+    axes = attribute(c.node, "axes", c.ints(1))
+    if axes is None and c.given(1):
+        return OpFacts("reshape")  # axes computed at run time: judged on the shapes
+    return OpFacts(c.node.op_type.lower(), {"dims": None if axes is None else tuple(int(a) for a in axes)})
 
 
 ARITHMETIC = {"Add": "add", "Sub": "sub", "Mul": "mul", "Neg": "mul", "Div": "div"}
@@ -490,7 +468,7 @@ class Layer:
 
     node: onnx.NodeProto
     bias_add: onnx.NodeProto | None = None
-    bias_slot: int | None = None  # input of ``bias_add`` that holds the bias
+    bias_slot: int = 0  # input of ``bias_add`` that holds the bias
 
 
 @dataclass
@@ -503,53 +481,41 @@ class Translation:
     shapes: dict[str, tuple[int, ...]]
     layers: dict[str, Layer] = field(default_factory=dict)
     norms: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    subgraph_norms: int = 0
     node_of: dict[str, int] = field(default_factory=dict)
     """Tensor name -> the core node that produces it (graph inputs, layers, norms, ops)."""
 
-    def _activation_inputs(self, names: list[str]) -> list[int]:
-        return [self.node_of[n] for n in names if n and not self.tensors.is_static(n) and n in self.node_of]
-
     def _add(self, node: onnx.NodeProto, merged: set[int]) -> None:
-        graph = self.graph
+        graph, tensors, shapes = self.graph, self.tensors, self.shapes
         op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
-        output = node.output[0] if node.output else ""
-        bias = _matmul_bias(node, self.tensors, self.shapes) if op == "MatMul" else None
-        facts = _layer_facts(node, bias, self.tensors, self.shapes) if op in LAYER_TYPES else None
-        if op != NORM_TYPE and facts is None:
-            self._add_op(node, op)
-            return
-        name = graph.free_name(display_name(node))
+        bias = _matmul_bias(node, tensors, shapes) if op == "MatMul" else None
+        layer = _layer_facts(node, bias, tensors, shapes) if op in LAYER_TYPES else None
+        reads, outputs, facts = list(node.input), list(node.output[:1]), None
+        unit: str | None = graph.free_name(display_name(node))  # the name of a norm or a layer
         if op == NORM_TYPE:
-            graph.add_unit(name, NORM, NORM_TYPE, norm=_norm_facts(node, self.tensors, self.shapes))
-            self.norms[name] = node
-            core = graph.add_node(NORM, f"norm '{name}'", self._activation_inputs(list(node.input)),
-                                  shape=self.shapes.get(output), unit=name)
-        else:
-            graph.add_unit(name, LAYER, op, layer=facts)
-            self.layers[name] = Layer(node, *(bias or (None, None)))
-            reads = list(node.input)
+            graph.add_unit(unit, NORM, NORM_TYPE, norm=_norm_facts(node, tensors, shapes))
+            self.norms[unit] = node
+            kind, label = NORM, f"norm '{unit}'"
+        elif layer is not None:
+            graph.add_unit(unit, LAYER, op, layer=layer)
+            self.layers[unit] = Layer(node, *(bias or (None, 0)))
+            kind, label = LAYER, f"layer '{unit}' ({op})"
             if bias is not None:
                 merged.add(id(bias[0]))
                 reads.append(bias[0].input[bias[1]])
-                output = bias[0].output[0]  # the Add's: the layer's output with its bias
-            core = graph.add_node(LAYER, f"layer '{name}' ({op})", self._activation_inputs(reads),
-                                  shape=self.shapes.get(output), unit=name)
-        self.node_of[output] = core.index
-
-    def _add_op(self, node: onnx.NodeProto, op: str) -> None:
-        outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
-        facts_of = OPS.get(op)
-        facts = facts_of(OpContext(node, self.tensors, self.shapes)) if facts_of else OTHER
-        if op in ARITHMETIC and not outside:
-            facts = arithmetic_facts(node, self.tensors, self.node_of, self.shapes) or OTHER
-        whole = facts.kind in ("concat", "other", "add", "sub", "mul", "div")  # and what its subgraphs read
-        reads = list(node.input) + (outside if whole else [])
-        core = self.graph.add_node(OP, _label(node), self._activation_inputs(reads),
-                                   shape=self.shapes.get(node.output[0]) if node.output else None, op=facts)
-        for name in node.output:
-            if name:
-                self.node_of[name] = core.index
+                outputs = [bias[0].output[0]]  # the Add's: the layer's output with its bias
+        else:
+            outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
+            facts_of = OPS.get(op)
+            facts = facts_of(OpContext(node, tensors, shapes)) if facts_of else OTHER
+            if op in ARITHMETIC and not outside:
+                facts = arithmetic_facts(node, tensors, self.node_of, shapes) or OTHER
+            if facts.kind in ("concat", "other", "add", "sub", "mul", "div"):
+                reads += outside  # and what its subgraphs read
+            kind, label, unit, outputs = OP, _label(node), None, list(node.output)
+        shape = shapes.get(outputs[0]) if outputs else None
+        inputs = [self.node_of[n] for n in reads if n and not tensors.is_static(n) and n in self.node_of]
+        core = graph.add_node(kind, label, inputs, shape=shape, unit=unit, op=facts)
+        self.node_of.update((name, core.index) for name in outputs if name)
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -573,8 +539,8 @@ def _scaled(array: np.ndarray, factor: float) -> np.ndarray:
     return array if factor == 1.0 else (array.astype(np.float64) * factor).astype(array.dtype)
 
 
-def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str | None:
-    """Why the constant ``name`` (the ``role`` of ``owner``) cannot be folded into, or ``None``."""
+def _constant_problem(tensors: Tensors, name: str, subject: str) -> str | None:
+    """Why the constant ``name`` cannot be folded into, or ``None``; ``subject`` names it in the reason."""
     if not tensors.is_constant(name):
         if name in tensors.graph_inputs:
             how = "a graph input (the caller can change it at run time)"
@@ -582,18 +548,18 @@ def _constant_problem(tensors: Tensors, name: str, role: str, owner: str) -> str
             how = f"computed by {_label(tensors.producer[name])}"
         else:
             how = "not defined in the graph"
-        return f"the {role} '{name}' of {owner} is {how}, not a constant initializer"
+        return f"{subject} is {how}, not a constant initializer"
     stored = tensors.tensor(name)
     if stored is not None:  # its element type is enough: decoding a 400 MB weight nobody folds costs 0.4 s
         floating = stored.data_type in FLOAT_TYPES
     else:
         value = tensors.value(name)
         if value is None:
-            return f"the {role} '{name}' of {owner} is computed by nodes bnfold cannot evaluate"
+            return f"{subject} is computed by nodes bnfold cannot evaluate"
         floating = value.dtype.kind == "f" or str(value.dtype) == "bfloat16"
     if floating:
         return None
-    return f"the {role} '{name}' of {owner} is not a floating-point tensor (a quantized model?)"
+    return f"{subject} is not a floating-point tensor (a quantized model?)"
 
 
 def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, tensors: Tensors,
@@ -601,20 +567,15 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
     """Facts of a layer node (``bias``: the Add of its bias and the bias's slot there, after a ``MatMul``); ``None``
     when it is not a layer bnfold folds into (then it is an op)."""
     op, label = node.op_type, _label(node)
-    if len(node.input) < 2 or not node.input[1]:
-        return None
-    weight_name = node.input[1]
-    shape = shapes.get(weight_name)
+    weight_name = node.input[1] if len(node.input) > 1 else ""
+    shape = shapes.get(weight_name) if weight_name else None
     if shape is None and (value := tensors.value(weight_name)) is not None:
         shape = tuple(value.shape)
-    if op == "MatMul" and (shape is None or len(shape) != 2):
+    if shape is None or len(shape) < 2 or (op == "MatMul" and len(shape) != 2):
         return None  # a MatMul of two activations, or a batched weight: an op like any other
-    if shape is None or len(shape) < 2:
-        return None
-    problem = _constant_problem(tensors, weight_name, "weight", label)
-    for name in (_own_bias(node), bias[0].input[bias[1]] if bias is not None else ""):
-        if name:
-            problem = problem or _constant_problem(tensors, name, "bias", label)
+    problem = _constant_problem(tensors, weight_name, f"the weight '{weight_name}' of {label}")
+    for name in filter(None, (_own_bias(node), bias[0].input[bias[1]] if bias is not None else "")):
+        problem = problem or _constant_problem(tensors, name, f"the bias '{name}' of {label}")
     out_channels, in_channels = weight_channels(tuple(shape), *_weight_axes(node))
     blocker = geometry = padded = None
     channel_dim = 1
@@ -636,7 +597,6 @@ def _layer_facts(node: onnx.NodeProto, bias: tuple[onnx.NodeProto, int] | None, 
 
 def _norm_facts(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple[int, ...]]) -> NormFacts:
     """Facts of a BatchNormalization node: its statistics must be constant initializers of one value per channel."""
-    label = _label(node)
     channels = 0
     if len(node.input) >= 2 and node.input[1] in shapes and len(shapes[node.input[1]]) == 1:
         channels = shapes[node.input[1]][0]
@@ -652,10 +612,9 @@ def _norm_facts(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple[
     negative = 0
     if problem is None and batch is None:
         for role, name in zip(("scale", "B", "input_mean", "input_var"), node.input[1:5], strict=True):
-            problem = _constant_problem(tensors, name, role, label)
+            problem = _constant_problem(tensors, name, f"its {role} '{name}'")
             if problem:
-                problem = problem.replace(f" of {label}", "")
-                problem = f"its {problem.removeprefix('the ')}; export with export_params=True to fold it"
+                problem += "; export with export_params=True to fold it"
                 break
             value = tensors.value(name)
             assert value is not None
@@ -689,23 +648,19 @@ def _matmul_bias(node: onnx.NodeProto, tensors: Tensors, shapes: dict[str, tuple
 
 def to_graph(model: onnx.ModelProto) -> Translation:
     """Translate the top-level graph of ``model`` into the core graph (see the module docstring). Reads only."""
-    tensors = Tensors(model)
     shapes, types = infer_shapes_and_types(model)
-    tensors.types = {**types, **tensors.types}  # declared types first, then inferred ones
+    tensors = Tensors(model, types)
     out = Translation(Graph(method="onnx graph", shapes_known=True), tensors, shapes)
     for value in model.graph.input:
         node = out.graph.add_node(INPUT, f"the graph input '{value.name}'", shape=shapes.get(value.name))
         out.node_of[value.name] = node.index
     merged: set[int] = set()  # ids of Add nodes translated as a MatMul's bias
     for node in tensors.nodes:
-        if id(node) in merged:
-            continue
-        if node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS:
-            continue  # reads only its input's shape
+        if id(node) in merged or (node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS):
+            continue  # a MatMul's bias Add (translated with it), or a node reading only its input's shape
         if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
             continue  # a constant or a shape computation: not dataflow
         out._add(node, merged)
-        out.subgraph_norms += sum(_count_norms(sub) for sub in _subgraphs(node))
     for name in tensors.graph_outputs:
         inputs = [out.node_of[name]] if name in out.node_of else []
         out.graph.add_node(OUTPUT, f"the graph output '{name}'", inputs)
@@ -787,12 +742,8 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
     nothing reads any more, and then what only they read."""
     while True:
         read = _reads_inside(graph)
-        dead_nodes = [
-            i for i, node in enumerate(graph.node)
-            if node.output and not any(n in read for n in node.output if n)
-            and all(n in stale for n in node.output if n)
-            and not _subgraphs(node)
-        ]
+        dead_nodes = [i for i, node in enumerate(graph.node) if node.output and not _subgraphs(node)
+                      and all(n in stale and n not in read for n in node.output if n)]
         dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in read and t.name in stale]
         if not dead_nodes and not dead_inits:
             break
@@ -802,15 +753,16 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
         for i in reversed(dead_inits):
             del graph.initializer[i]
     alive = {n for node in graph.node for n in node.output} | {i.name for i in graph.input}
-    alive |= {t.name for t in graph.initializer}
+    gone = stale - alive - {t.name for t in graph.initializer}
     for i in reversed(range(len(graph.value_info))):
-        name = graph.value_info[i].name
-        if name in stale and name not in alive:
+        if graph.value_info[i].name in gone:
             del graph.value_info[i]
 
 
-class OnnxWeights:
-    """:class:`bnfold.core.apply.WeightAccess` on a model the caller handed over for rewriting (a copy).
+class OnnxBackend:
+    """:class:`bnfold.core.pipeline.FoldBackend`, and its :class:`bnfold.core.apply.WeightAccess`, for a model
+    handed over for rewriting (a copy, or a model just read from a file). Counts are the float initializers'
+    elements (ONNX has no buffers).
 
     Gemm ``Y = alpha * A @ B' + beta * C`` is presented to the core as weight ``alpha * B`` and bias ``beta * C``
     (rounded to their dtypes only when alpha / beta are not 1), and written back with ``alpha = beta = 1``, so both
@@ -819,27 +771,51 @@ class OnnxWeights:
     """
 
     numerics = NumpyNumerics()
+    exported = True
+    measures_counts = True
 
-    def __init__(self, model: onnx.ModelProto, translation: Translation) -> None:
+    def __init__(self, model: onnx.ModelProto, name: str) -> None:
+        self.model = model
+        self.name = name
         self.graph = model.graph
-        self.tensors = translation.tensors
-        self.shapes = translation.shapes
-        self.layers = translation.layers
-        self.norms = translation.norms
         self.notes: list[str] = []
         self.removed_nodes: set[int] = set()
-        self.added_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after this node, the new node)
+        self.added_nodes: dict[int, onnx.NodeProto] = {}  # id of a node -> the new node that follows it
         self.stale: set[str] = set()  # names that may be read by nobody once the rewrite is done
-        self._taken: set[str] | None = None  # the graph's names, gathered at the first new_name()
+        self._taken = {n for node in self.graph.node for n in (*node.input, *node.output)}  # for new_name
+        self._taken |= {t.name for t in self.graph.initializer} | {i.name for i in self.graph.input}
+        self._taken |= {o.name for o in self.graph.output} | {v.name for v in self.graph.value_info}
+
+    def norm_modes(self) -> NormModes:
+        """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
+        norms = [n for n in self.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
+        return NormModes(len(norms), sum(_in_training_mode(n, default_opset(self.model)) for n in norms))
+
+    def translate(self) -> Graph:
+        self.translation = to_graph(self.model)
+        self.tensors, self.shapes = self.translation.tensors, self.translation.shapes
+        self.layers, self.norms = self.translation.layers, self.translation.norms
+        return self.translation.graph
+
+    def weights(self) -> OnnxBackend:
+        return self
+
+    def counts(self) -> tuple[int, int]:
+        return float_parameter_count(self.graph), 0
+
+    def released(self, norm: str) -> tuple[int, int]:
+        """Its scale, shift and statistics, where no other node reads them."""
+        initializers, readers = self.tensors.initializers, self.tensors.readers
+        names = [n for n in self.norms[norm].input[1:5] if n in initializers and len(readers.get(n, [])) == 1]
+        return sum(int(np.prod(initializers[n].dims, dtype=np.int64)) for n in names), 0
+
+    def lacks_bias(self, layer: str) -> bool:
+        unit = self.layers[layer]
+        return unit.bias_add is None and not _own_bias(unit.node)
 
     def new_name(self, base: str) -> str:
         """A name no tensor or node of the graph has, for what a rewrite adds (``<base>_bnfold``,
         ``<base>_bnfold2``, ...)."""
-        if self._taken is None:
-            graph = self.graph
-            self._taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-            self._taken |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
-            self._taken.update(n for node in graph.node for n in (*node.input, *node.output))
         name, n = f"{base}_bnfold", 1
         while name in self._taken:
             n += 1
@@ -865,7 +841,7 @@ class OnnxWeights:
         gemm = node.op_type == "Gemm"
         weight = _scaled(self.constant(node.input[1]), float(attribute(node, "alpha", 1.0)) if gemm else 1.0)
         bias: np.ndarray | None = None
-        if unit.bias_add is not None and unit.bias_slot is not None:
+        if unit.bias_add is not None:
             bias = self.constant(unit.bias_add.input[unit.bias_slot])
         elif _own_bias(node):
             bias = _scaled(self.constant(node.input[2]), float(attribute(node, "beta", 1.0)) if gemm else 1.0)
@@ -876,7 +852,7 @@ class OnnxWeights:
         else as a new initializer of ``node``."""
         tensors = self.tensors
         old = node.input[slot] if len(node.input) > slot else ""
-        readers = tensors.readers.get(old, []) if old else []
+        readers = tensors.readers.get(old, [])
         # Readers of only its shape or type (the dynamo exporter's Shape(weight)) see the same after the fold.
         value_readers = [r for r in readers if r.op_type not in METADATA_OPS and old in tensors.value_inputs(r)]
         if (old in tensors.initializers and old not in tensors.graph_inputs and len(value_readers) == 1
@@ -888,8 +864,7 @@ class OnnxWeights:
         name = self.new_name(old or f"{display_name(node).replace(':', '_')}_{role}")
         self.graph.initializer.append(numpy_helper.from_array(array, name))
         tensors.initializers[name] = self.graph.initializer[-1]
-        while len(node.input) <= slot:
-            node.input.append("")
+        node.input.extend([""] * (slot + 1 - len(node.input)))
         node.input[slot] = name
         tensors.readers[name] = [node]
         if old:
@@ -909,23 +884,20 @@ class OnnxWeights:
                 if float(attribute(node, name, 1.0)) != 1.0:
                     del node.attribute[next(i for i, a in enumerate(node.attribute) if a.name == name)]
                     node.attribute.append(helper.make_attribute(name, 1.0))
-            self._store(node, 2, bias, "bias")
-        elif unit.bias_add is not None and unit.bias_slot is not None:
-            self._store(unit.bias_add, unit.bias_slot, bias, "bias")
-        elif node.op_type == "MatMul":
+        elif node.op_type == "MatMul" and unit.bias_add is None:
             if len(self.shapes.get(node.input[0], ())) == 2:
                 node.op_type = "Gemm"  # a 2-D MatMul is a Gemm without C; the Gemm gives the bias a place
-                self._store(node, 2, bias, "bias")
                 self.notes.append(f"'{display_name(node)}' (MatMul) became a Gemm to carry the folded bias")
             else:
                 product = self.new_name(node.output[0])
                 add_name = self.new_name(display_name(node))
-                add = helper.make_node("Add", [product, ""], [node.output[0]], name=add_name)
+                unit.bias_add = helper.make_node("Add", [product, ""], [node.output[0]], name=add_name)
+                unit.bias_slot = 1
                 node.output[0] = product
-                self.added_nodes.append((node, add))
-                unit.bias_add, unit.bias_slot = add, 1
-                self.tensors.readers[product] = [add]
-                self._store(add, 1, bias, "bias")
+                self.added_nodes[id(node)] = unit.bias_add
+                self.tensors.readers[product] = [unit.bias_add]
+        if unit.bias_add is not None:
+            self._store(unit.bias_add, unit.bias_slot, bias, "bias")
         else:
             self._store(node, 2, bias, "bias")
 
@@ -949,73 +921,19 @@ class OnnxWeights:
             return
         readers = tensors.readers.pop(target, [])
         for reader in readers:
-            for i, name in enumerate(reader.input):
-                if name == target:
-                    reader.input[i] = source
+            reader.input[:] = [source if name == target else name for name in reader.input]
         tensors.readers[source] = others + readers
         self.stale.add(target)
 
     def finish(self) -> None:
         """Put the nodes in order (removed norms out, new Adds after their MatMul), then drop what nobody reads."""
-        after = {id(anchor): new for anchor, new in self.added_nodes}
-        nodes: list[onnx.NodeProto] = []
-        for node in self.tensors.nodes:
-            if id(node) in self.removed_nodes:
-                continue
-            nodes.append(node)
-            if id(node) in after:
-                nodes.append(after[id(node)])
         if self.removed_nodes or self.added_nodes:
-            kept = [onnx.NodeProto() for _ in nodes]
-            for copy, node in zip(kept, nodes, strict=True):
-                copy.CopyFrom(node)
+            nodes = [deepcopy(n) for node in self.tensors.nodes if id(node) not in self.removed_nodes
+                     for n in (node, self.added_nodes.get(id(node))) if n is not None]
             del self.graph.node[:]
-            self.graph.node.extend(kept)
+            self.graph.node.extend(nodes)
         if self.stale:
             _drop_unused(self.graph, self.stale)
-
-
-class OnnxBackend:
-    """:class:`bnfold.core.pipeline.FoldBackend` for a model handed over for rewriting (a copy, or a model just read
-    from a file). Counts are the float initializers' elements (ONNX has no buffers)."""
-
-    exported = True
-    measures_counts = True
-
-    def __init__(self, model: onnx.ModelProto, name: str) -> None:
-        self.model = model
-        self.name = name
-
-    def norm_modes(self) -> NormModes:
-        """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
-        opset = default_opset(self.model)
-        norms = [n for n in self.model.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
-        return NormModes(len(norms), sum(_in_training_mode(n, opset) for n in norms))
-
-    def translate(self) -> Graph:
-        self.translation = to_graph(self.model)
-        self.access = OnnxWeights(self.model, self.translation)
-        return self.translation.graph
-
-    def weights(self) -> OnnxWeights:
-        return self.access
-
-    def counts(self) -> tuple[int, int]:
-        return float_parameter_count(self.model.graph), 0
-
-    def released(self, norm: str) -> tuple[int, int]:
-        """Its scale, shift and statistics, where no other node reads them."""
-        tensors = self.translation.tensors
-        names = [n for n in self.translation.norms[norm].input[1:5]
-                 if n in tensors.initializers and len(tensors.readers.get(n, [])) == 1]
-        return sum(int(np.prod(tensors.initializers[n].dims, dtype=np.int64)) for n in names), 0
-
-    def lacks_bias(self, layer: str) -> bool:
-        unit = self.translation.layers[layer]
-        return unit.bias_add is None and not _own_bias(unit.node)
-
-    def finish(self) -> None:
-        self.access.finish()
 
 
 def fold_graph(
@@ -1031,14 +949,12 @@ def fold_graph(
         TrainingModeError: every BatchNormalization runs in training mode.
         NonFiniteStatisticsError: a norm the plan folds has NaN or infinite statistics.
     """
-    target = model
-    if applied and copy:
-        target = onnx.ModelProto()
-        target.CopyFrom(model)
+    hidden = sum(_count_norms(sub) for node in model.graph.node for sub in _subgraphs(node))
+    target = deepcopy(model) if applied and copy else model
     backend = OnnxBackend(target, name)
     report = (pipeline.fold(backend) if applied else pipeline.dry_run(backend)).report
-    report.notes.extend(n for n in dict.fromkeys(backend.access.notes) if applied)
-    if backend.translation.subgraph_norms:
-        report.notes.append(f"{backend.translation.subgraph_norms} BatchNormalization node(s) inside subgraphs "
+    report.notes.extend(n for n in dict.fromkeys(backend.notes) if applied)
+    if hidden:
+        report.notes.append(f"{hidden} BatchNormalization node(s) inside subgraphs "
                             f"(If/Loop/Scan bodies) were not considered")
     return target, report

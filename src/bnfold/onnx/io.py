@@ -2,9 +2,8 @@
 
 :func:`read` names the file and the problem in a one-line :class:`InvalidInputError`, and returns every file
 it read (the graph and each external data file), so that no output can ever be one of them. :func:`save`
-writes the graph and its external data as one unit through :func:`bnfold.files.staged_files`: staged beside
-the target under their final names, checked there (``check``), then renamed into place, data first and graph
-last (rolled back if the second rename fails), so the old pair stays whole until the new one is.
+writes the graph and its external data as one unit (:func:`bnfold.files.staged_files`): the old pair stays
+whole until the new one is checked (``check``) and in place.
 """
 
 from __future__ import annotations
@@ -27,10 +26,8 @@ INLINE_TENSOR_BYTES = 1024
 """Tensors smaller than this stay inside the graph when a model is saved with external data.
 
 The ``onnx`` library's own threshold (``convert_model_to_external_data(size_threshold=1024)``), which exporters
-follow. It matters beyond tidiness: the small integer tensors that say which axes a ``ReduceMean`` reduces or what
-size a ``Resize`` / ``Reshape`` / ``Unsqueeze`` produces must be inline, because onnxruntime infers shapes while it
-loads a file and that inference cannot read external data ("Cannot parse data from external tensors"): a file with
-every tensor moved out does not load at all.
+follow. Not only tidy: onnxruntime infers shapes while it loads a file, from inline tensors only ("Cannot
+parse data from external tensors"), so a ``ReduceMean``'s axes or a ``Reshape``'s target size stay inline.
 """
 
 
@@ -46,7 +43,7 @@ def _describe_non_onnx(head: bytes) -> str | None:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if text.isprintable() or all(c.isprintable() or c in "\r\n\t" for c in text):
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
         return "a text file, not a binary ONNX model"
     return None
 
@@ -76,6 +73,7 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise InvalidInputError(f"{file}: is not an ONNX model (no IR version, graph or opset); re-export it")
     data_files = external_data_files(model, file)
+    checked: bytes | onnx.ModelProto | str = payload
     if data_files:
         try:
             external_data_helper.load_external_data_for_model(model, str(file.parent))
@@ -83,13 +81,9 @@ def read(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
             raise InvalidInputError(
                 f"{file}: its external data could not be read ({first_line(error)})"
             ) from error
+        checked = model if data_size(model) < EXTERNAL_DATA_THRESHOLD else str(file)  # too large: by its path
     try:
-        if not data_files:
-            onnx.checker.check_model(payload)
-        elif data_size(model) < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(file))
+        onnx.checker.check_model(checked)
     except Exception as error:
         raise InvalidInputError(f"{file}: is not a valid ONNX model ({first_line(error)})") from error
     return model, data_files

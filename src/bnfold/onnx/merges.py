@@ -6,15 +6,15 @@ sum's output name; the block's other nodes go, and the initializers nobody reads
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import onnx
 from onnx import helper
 
+from ..core import pipeline
 from ..core.graph import LAYER, NORM, OP, Geometry, Graph
 from ..core.merge import Merge
-from ..report import NormEntry
-from .adapter import OnnxWeights, Translation, _label, attribute, display_name, to_graph
+from ..report import FOLDED, NormEntry
+from .adapter import OnnxBackend, Translation, _label, attribute, display_name
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
@@ -48,21 +48,21 @@ def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx
 
 class OnnxMerges:
     """An ONNX model as merge rounds see it (:class:`~bnfold.core.merge_rounds.MergeTarget`): ``model`` (a copy the
-    caller owns, folded already) is rewritten in place; ``fold_again(model)`` returns the folded model and the report
-    entries of the norms it folded, gathered in ``folded_norms``; ``notes`` gathers what the writes noted."""
+    caller owns, folded already) is rewritten in place; ``folded_norms`` gathers the report entries of the
+    norms each round folds again, ``notes`` what the writes noted."""
 
-    def __init__(self, model: onnx.ModelProto,
-                 fold_again: Callable[[onnx.ModelProto], tuple[onnx.ModelProto, dict[str, NormEntry]]]) -> None:
+    def __init__(self, model: onnx.ModelProto, model_name: str) -> None:
         self.model = model
-        self._fold_again = fold_again
+        self.model_name = model_name
         self.folded_norms: dict[str, NormEntry] = {}
         self.notes: list[str] = []
 
     def translate(self) -> Graph:
-        self.translation = to_graph(self.model)
+        self.access = OnnxBackend(self.model, "")
+        graph = self.access.translate()
+        self.translation = self.access.translation
         self.nodes = annotate(self.model, self.translation)
-        self.access = OnnxWeights(self.model, self.translation)
-        return self.translation.graph
+        return graph
 
     def start(self, merges: list[Merge]) -> None:
         pass
@@ -139,6 +139,7 @@ class OnnxMerges:
         self.notes.extend(dict.fromkeys(self.access.notes))
 
     def fold_again(self) -> bool:
-        self.model, folds = self._fold_again(self.model)
+        _, entries = pipeline.refold(OnnxBackend(self.model, self.model_name))
+        folds = {name: entry for name, entry in entries.items() if entry.status == FOLDED}
         self.folded_norms.update(folds)
         return bool(folds)

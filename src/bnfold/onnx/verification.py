@@ -4,9 +4,6 @@ Both sessions run on onnxruntime's CPU provider with graph optimisations off, so
 two graphs, not what onnxruntime makes of them. The inputs are :func:`example_inputs` unless the caller gives
 some; the verdict is :mod:`bnfold.judge`'s, the same in every format (its noise floor measured here, in
 onnxruntime, on a perturbed copy of the original).
-
-:data:`TOLERANCES` repeats :data:`bnfold.verification.TOLERANCES` (which explains them) by ONNX element type,
-since that module imports torch and this one must not; a test checks that the two tables agree.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from .. import judge
 from ..errors import InvalidInputError, OriginalRunError, VerificationError
 from ..examples import SIZES, STRIP_HEIGHTS, STRIP_WIDTH, is_image_like, photo_batch
 from ..judge import VerificationResult
-from .io import data_size, read
+from .io import EXTERNAL_DATA_THRESHOLD, data_size, read, save
 
 TOLERANCES: dict[int, float] = {
     onnx.TensorProto.DOUBLE: 1e-9,
@@ -33,10 +31,8 @@ TOLERANCES: dict[int, float] = {
     onnx.TensorProto.FLOAT16: 1e-2,
     onnx.TensorProto.BFLOAT16: 8e-2,
 }
-"""Relative tolerance by ONNX element type (same numbers as the PyTorch side's table)."""
-
-_INLINE_LIMIT = 1_800_000_000
-"""Above this many bytes a model cannot be handed to onnxruntime as one protobuf (2 GB limit)."""
+"""Relative tolerance by ONNX element type: :data:`bnfold.verification.TOLERANCES` (which explains them)
+again, since that module imports torch and this one must not; a test checks that the two tables agree."""
 
 
 def default_tolerance(model: onnx.ModelProto) -> float:
@@ -63,9 +59,7 @@ def _input_shapes(
     if unknown:
         raise InvalidInputError(f"input shapes {unknown} name no graph input; its inputs are {names}")
     shapes: dict[str, tuple[int, ...]] = {}
-    for value in values:
-        if value.name not in input_shape:
-            continue
+    for value in [v for v in values if v.name in input_shape]:
         shape = tuple(int(d) for d in input_shape[value.name])
         declared = declared_shape(value)
         shown = ",".join("?" if d is None else str(d) for d in declared)
@@ -82,26 +76,23 @@ def _input_shapes(
     return shapes
 
 
-def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int = 1, optimize: bool = False) -> Any:
-    """An onnxruntime CPU session for ``model``, a ModelProto or the path of an .onnx file (optimisations off
-    unless ``optimize``). A path is read by onnxruntime itself, external data included: no copy in Python."""
+def session(model: onnx.ModelProto | str | os.PathLike[str]) -> Any:
+    """An onnxruntime CPU session for ``model``, a ModelProto or the path of an .onnx file (one thread,
+    optimisations off). A path is read by onnxruntime itself, external data included: no copy in Python."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = 1
     options.log_severity_level = 4  # errors reach the caller as exceptions; not also printed on stderr
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), options, providers=providers)
-    if data_size(model) < _INLINE_LIMIT:
+    if data_size(model) < EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as directory:  # too large for one protobuf: a file with external data
         path = Path(directory) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # save_model moves the tensors of the model it is given to the external file
-        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        save(model, path, external_data=True)
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -176,10 +167,10 @@ def _cause(error: BaseException) -> str:
 
 
 class _Runner:
-    """One onnxruntime session of a model, created on first use; errors say which model could not run."""
+    """One onnxruntime session of a model, created on first use."""
 
-    def __init__(self, model: onnx.ModelProto | str | os.PathLike[str], which: str) -> None:
-        self.model, self.which, self._session = model, which, None
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike[str]) -> None:
+        self.model, self._session = model, None
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
@@ -188,17 +179,23 @@ class _Runner:
         return dict(zip(names, self._session.run(names, feeds), strict=True))
 
 
+def _does_not_run(shapes: str, error: BaseException | None, api_hint: str) -> OriginalRunError:
+    """The original model does not run on inputs of ``shapes``; ``api_hint`` says what to pass in Python."""
+    return OriginalRunError(
+        "the original model", shapes, f"onnxruntime: {_cause(error) if error else ''}",
+        f"pass {api_hint}, or verify=False to skip the check",
+        "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's "
+        "message)",
+    )
+
+
 def _run_original(runner: _Runner, feeds: dict[str, np.ndarray], given: bool) -> dict[str, np.ndarray]:
     try:
         return runner(feeds)
     except Exception as error:
         source = "the given inputs" if given else "example inputs"
-        raise OriginalRunError(
-            "the original model", _shapes(feeds), f"onnxruntime: {_cause(error)}",
-            f"pass inputs={{name: array}} or input_shape= with {source} it takes, or verify=False to skip the check",
-            "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's "
-            "message)",
-        ) from error
+        hint = f"inputs={{name: array}} or input_shape= with {source} it takes"
+        raise _does_not_run(_shapes(feeds), error, hint) from error
 
 
 def choose_inputs(
@@ -216,30 +213,22 @@ def choose_inputs(
         feeds = example_inputs(described, seed, input_shape)
         return feeds, _run_original(original, feeds, False)
     tried, last = [], None
-    sizes: list[int | tuple[int, int]] = [*SIZES, *((h, STRIP_WIDTH) for h in STRIP_HEIGHTS), 1]
-    for size in sizes:
+    for size in [*SIZES, *((h, STRIP_WIDTH) for h in STRIP_HEIGHTS), 1]:
         feeds = example_inputs(described, seed, size=size)
         try:
             return feeds, original(feeds)
         except Exception as error:
             tried.append(_shapes(feeds))
             last = error
-    raise OriginalRunError(
-        "the original model", f"{tried[0]} ... {tried[-1]} ({len(tried)} sizes tried)",
-        f"onnxruntime: {_cause(last) if last else ''}",
-        "pass input_shape= or inputs={name: array} with inputs it takes, or verify=False to skip the check",
-        "pass --input-shape N,C,H,W, or --input FILE.npz with arrays it takes (--debug shows onnxruntime's message)",
-    ) from last
+    shapes = f"{tried[0]} ... {tried[-1]} ({len(tried)} sizes tried)"
+    raise _does_not_run(shapes, last, "input_shape= or inputs={name: array} with inputs it takes") from last
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Initializers and ``Constant`` node values by name (the tensors a fold may touch)."""
     found = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attribute in node.attribute:
-                if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
-                    found[node.output[0]] = attribute.t
+    found.update((n.output[0], a.t) for n in model.graph.node if n.op_type == "Constant" and n.output
+                 for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
     return found
 
 
@@ -250,24 +239,18 @@ def touched_constants(original: onnx.ModelProto, folded: onnx.ModelProto) -> lis
     """The float constants of ``original`` that ``folded`` changed: every float constant input of a node the fold
     removed (a BatchNormalization, a merged branch), and each constant input of a kept node whose value differs."""
     mine, theirs = _constants(original), _constants(folded)
-
-    def key(node: onnx.NodeProto) -> tuple[str, ...]:
-        return (node.name,) if node.name else tuple(node.output)
-
-    kept = {key(n): n for n in folded.graph.node}
+    kept = {n.name or tuple(n.output): n for n in folded.graph.node}  # by name, or by outputs when unnamed
     touched: dict[str, None] = {}
     for node in original.graph.node:
         if node.op_type == "Constant":
             continue
-        other = kept.get(key(node))
+        other = kept.get(node.name or tuple(node.output))
         for position, name in enumerate(node.input):
             tensor = mine.get(name)
             if tensor is None or tensor.data_type not in _FLOATS:
                 continue
-            if other is None or other.op_type != node.op_type or position >= len(other.input):
-                touched[name] = None
-                continue
-            counterpart = theirs.get(other.input[position])
+            same_place = other is not None and other.op_type == node.op_type and position < len(other.input)
+            counterpart = theirs.get(other.input[position]) if same_place else None
             if counterpart is None or not _same(tensor, counterpart):
                 touched[name] = None
     return list(touched)
@@ -283,8 +266,7 @@ def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
 
 def perturbed(original: onnx.ModelProto, names: Sequence[str], seed: int = judge.PERTURB_SEED) -> onnx.ModelProto:
     """A copy of ``original`` with each named float constant moved one step of its dtype, up or down (seeded)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(original)
+    copy = deepcopy(original)
     rng = np.random.default_rng(seed)
     constants = _constants(copy)
     for name in names:
@@ -299,9 +281,8 @@ def perturbed(original: onnx.ModelProto, names: Sequence[str], seed: int = judge
 def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
                  input_shape: Sequence[int] | dict[str, Sequence[int]] | None) -> list[dict[str, np.ndarray]]:
     """The batches to compare on: ``inputs`` (a dict, or a list of dicts, by input name) over the example inputs."""
-    batches = inputs if isinstance(inputs, list) else [inputs]
     feeds = []
-    for batch in batches:
+    for batch in inputs if isinstance(inputs, list) else [inputs]:
         if not isinstance(batch, dict):
             raise InvalidInputError(
                 f"inputs must be a dict of input name -> numpy array (or a list of them), got {type(batch).__name__}"
@@ -310,9 +291,8 @@ def _given_feeds(described: onnx.ModelProto, inputs: Any, seed: int,
         unknown = sorted(set(batch) - set(names))
         if unknown:
             raise InvalidInputError(f"inputs {unknown} are not graph inputs of the model; its inputs are {sorted(names)}")
-        base = example_inputs(described, seed, input_shape, size=_common_size(described, batch))
-        base.update({k: np.asarray(v) for k, v in batch.items()})
-        feeds.append(base)
+        feeds.append(example_inputs(described, seed, input_shape, size=_common_size(described, batch)))
+        feeds[-1].update({k: np.asarray(v) for k, v in batch.items()})
     return feeds
 
 
@@ -361,15 +341,19 @@ def verify(
         described = onnx.load_model(os.fspath(original), load_external_data=False)
     if tolerance is None:
         tolerance = default_tolerance(described)
-    run_original, run_folded = _Runner(original, "original"), _Runner(folded, "folded")
+    run_original, run_folded = _Runner(original), _Runner(folded)
     if inputs is not None:
         batches = _given_feeds(described, inputs, seed, input_shape)
         expected = [_run_original(run_original, feeds, True) for feeds in batches]
-        chosen = "given"
+        label = "given inputs"
     else:
         feeds, outputs = choose_inputs(run_original, described, seed, input_shape)
         batches, expected = [feeds], [outputs]
-        chosen = "example" if input_shape is not None or not has_free_sizes(described) else "example (chosen)"
+        kinds = ["photographs" if is_image_like(a.shape) and np.issubdtype(a.dtype, np.floating)
+                 else f"random (seed {seed})" for a in feeds.values()]
+        label = ", ".join(dict.fromkeys(kinds))
+        if input_shape is None and has_free_sizes(described):
+            label += ", sizes chosen: the first the original runs on"
     actual: list[dict[str, np.ndarray]] = []
     for feeds in batches:
         try:
@@ -382,9 +366,9 @@ def verify(
     source = original if isinstance(original, onnx.ModelProto) else read(original)[0]
     target = folded if isinstance(folded, onnx.ModelProto) else read(folded)[0]
     touched = touched_constants(source, target)
-    floor = _Runner(perturbed(source, touched), "perturbed original") if touched else None  # the noise floor
+    floor = _Runner(perturbed(source, touched)) if touched else None  # the noise floor
     del source, target  # the weights of a file, read for the floor: not held while the batches are judged
-    result = VerificationResult([], tolerance, batches=len(batches), inputs=_label(chosen, batches[0], seed),
+    result = VerificationResult([], tolerance, batches=len(batches), inputs=label,
                                 input_shapes={name: list(a.shape) for name, a in batches[0].items()},
                                 perturbed_tensors=len(touched))
     for feeds, outputs, folded_outputs in zip(batches, expected, actual, strict=True):
@@ -396,20 +380,11 @@ def verify(
     return result
 
 
-def _label(chosen: str, feeds: dict[str, np.ndarray], seed: int) -> str:
-    """What the inputs were: ``"photographs, sizes chosen"``, ``"random (seed 0)"``, ``"given"``..."""
-    if chosen == "given":
-        return "given inputs"
-    kinds = ["photographs" if is_image_like(a.shape) and np.issubdtype(a.dtype, np.floating) else f"random (seed {seed})"
-             for a in feeds.values()]
-    text = ", ".join(dict.fromkeys(kinds))
-    return f"{text}, sizes chosen: the first the original runs on" if chosen == "example (chosen)" else text
-
-
-def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray], which: str = "") -> dict[str, np.ndarray]:
+def run(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray]
+        ) -> dict[str, np.ndarray]:
     """Outputs of ``model`` on ``feeds``, by output name.
 
     Raises:
         OriginalRunError: onnxruntime cannot load or run the model (custom ops, inputs it does not take, ...).
     """
-    return _run_original(_Runner(model, which or "given"), feeds, True)
+    return _run_original(_Runner(model), feeds, True)

@@ -3,17 +3,15 @@ core's folds written back into it (:class:`ExportedWeights`); the folded module 
 
 An ``ExportedProgram`` carries no Python classes to rebuild, so its unlifted module (``program.module()``: an fx
 ``GraphModule`` whose weights are ``get_attr`` nodes, a copy of the program) is what bnfold reads and rewrites.
-Nothing is decided here: every ATen call becomes a core node, layers and norms units named after their state's owner
-(``layer1.0.bn1``), every other op is named by :data:`_OP_KINDS` / :data:`_ARITHMETIC`, and the core plans
-(:mod:`bnfold.core.plan`, :mod:`bnfold.core.merge`). Parameter counts are those of the program's ``parameters()``,
-which change as an ``nn.Module``'s would.
+Every ATen call becomes a core node (layers and norms units named after their state's owner, ``layer1.0.bn1``), and
+the core plans (:mod:`bnfold.core.plan`). Parameter counts are those of the program's ``parameters()``.
 """
 
 from __future__ import annotations
 
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -262,7 +260,8 @@ class ExportedGraph:
     module: fx.GraphModule
     layers: dict[str, _LayerSite]
     norms: dict[str, _NormSite]
-    nodes: dict[int, list[fx.Node]] = field(default_factory=dict)  # core index -> the fx nodes it stands for
+    nodes: dict[int, list[fx.Node]]  # core index -> the fx nodes it stands for
+    readers: dict[str, int]  # stored tensor (get_attr target) -> how many nodes read it
 
 
 def _fetch(module: nn.Module, target: str) -> torch.Tensor:
@@ -310,13 +309,6 @@ class _StoredTensors:
         if others:
             return f"the layer '{layer}' shares its {what} '{target}' with '{others[0]}'"
         return None
-
-
-def _state_owner(node: fx.Node, name: str) -> str:
-    """The module path of a layer's weight or a norm's statistics (``layer1.0.bn1``); "" when none is stored."""
-    held = ("weight",) if name in _LAYERS else ("running_mean", "weight")
-    stored = next((a for a in (_argument(node, h) for h in held) if _is_stored(a)), None)
-    return str(stored.target).rpartition(".")[0] if stored is not None else ""
 
 
 def _layer_facts(node: fx.Node, name: str, unit: str, stored: _StoredTensors) -> tuple[LayerFacts, _LayerSite]:
@@ -421,7 +413,7 @@ class _Translator:
         self.order = {node: position for position, node in enumerate(module.graph.nodes)}
         self.stored = _StoredTensors(module)
 
-    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+    def shape(self, node: Any) -> tuple[int, ...] | None:
         value = _value(node)
         if not isinstance(value, torch.Tensor):
             return None
@@ -456,20 +448,19 @@ class _Translator:
         """A layer or norm call: its unit, named after the module path of its state (made unique by the node's name
         when a module, or a tensor the model owns directly, is called at several nodes), and its node, reading its
         input and any weight or statistic the program computes."""
-        owner = _state_owner(node, name)
+        held = ("weight",) if name in _LAYERS else ("running_mean", "weight")
+        stored = next((a for a in (_argument(node, h) for h in held) if _is_stored(a)), None)
+        owner = str(stored.target).rpartition(".")[0] if stored is not None else ""
         unit = node.name if not owner else owner if owner not in self.graph.units else f"{owner}@{node.name}"
-        output = node
+        source, output = node.args[0], node
         if name in _LAYERS:
             layer, site = _layer_facts(node, name, unit, self.stored)
             self.graph.add_unit(unit, LAYER, f"aten.{name}", layer=layer)
             self.layers[unit], kind, tensors = site, LAYER, (site.weight, site.bias)
         else:
-            source = node.args[0]
-            norm, norm_site = _norm_facts(node, name, self.module,
-                                          self.shape(source) if isinstance(source, fx.Node) else None)
+            norm, norm_site = _norm_facts(node, name, self.module, self.shape(source))
             self.graph.add_unit(unit, NORM, f"aten.{name}", norm=norm)
             self.norms[unit], kind, tensors, output = norm_site, NORM, norm_site.statistics, norm_site.output
-        source = node.args[0]
         computed = [self.index[a] for a in tensors if isinstance(a, fx.Node) and not _is_stored(a) and a in self.index]
         inputs = ([self.index[source]] if isinstance(source, fx.Node) and source in self.index else []) + computed
         self.index[node] = self.index[output] = self.graph.add_node(
@@ -544,7 +535,7 @@ class _Translator:
         nodes: dict[int, list[fx.Node]] = {}
         for fx_node, index in self.index.items():
             nodes.setdefault(index, []).append(fx_node)
-        return ExportedGraph(self.graph, self.module, self.layers, self.norms, nodes)
+        return ExportedGraph(self.graph, self.module, self.layers, self.norms, nodes, self.stored.readers)
 
 
 def to_graph(module: fx.GraphModule) -> ExportedGraph:
@@ -662,20 +653,15 @@ class ExportedBackend:
 
     def __init__(self, module: fx.GraphModule, name: str, program: torch.export.ExportedProgram | None = None) -> None:
         self.module, self.name, self.program = module, name, program
-        self.exported_graph: ExportedGraph | None = None
+        self.exported_graph = to_graph(module)  # norm_modes() reads it too, before translate()
+        self.access = ExportedWeights(self.exported_graph)
 
     def norm_modes(self) -> NormModes:
-        sites = [site for site in self._translated().norms.values() if site.statistics[2] is not None]
+        sites = [site for site in self.exported_graph.norms.values() if site.statistics[2] is not None]
         return NormModes(len(sites), sum(site.training for site in sites))
 
-    def _translated(self) -> ExportedGraph:
-        if self.exported_graph is None:
-            self.exported_graph = to_graph(self.module)
-            self.access = ExportedWeights(self.exported_graph)
-        return self.exported_graph
-
     def translate(self) -> Graph:
-        return self._translated().graph
+        return self.exported_graph.graph
 
     def weights(self) -> ExportedWeights:
         return self.access
@@ -687,22 +673,13 @@ class ExportedBackend:
 
     def released(self, norm: str) -> tuple[int, int]:
         """Its affine parameters, when nothing else reads them, and its running statistics."""
-        site = self._translated().norms[norm]
-        parameters = buffers = 0
-        for i, attribute in enumerate(site.statistics):
-            if attribute is None:
-                continue
-            tensor = _fetch(self.module, str(attribute.target))
-            if i >= 2:
-                buffers += tensor.numel()
-                continue
-            readers = [n for n in self.module.graph.nodes if n.op == "get_attr" and n.target == attribute.target]
-            if isinstance(tensor, nn.Parameter) and all(user is site.node for r in readers for user in r.users):
-                parameters += tensor.numel()
-        return parameters, buffers
+        stats, site = self.access.statistics(norm), self.exported_graph.norms[norm]
+        affine = [t.numel() for t, n in zip((stats.gamma, stats.beta), site.statistics, strict=False)
+                  if isinstance(t, nn.Parameter) and self.exported_graph.readers[str(n.target)] == 1]
+        return sum(affine), int(stats.mean.numel() + stats.var.numel())
 
     def lacks_bias(self, layer: str) -> bool:
-        return self._translated().layers[layer].bias is None
+        return self.exported_graph.layers[layer].bias is None
 
     def finish(self) -> None:
         self.module.graph.eliminate_dead_code()

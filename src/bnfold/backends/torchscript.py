@@ -2,12 +2,10 @@
 folds written back into that graph's constants (:class:`ScriptWeights`); branch merges are written by
 :mod:`bnfold.backends.script_merges`.
 
-A TorchScript archive carries no Python classes to rebuild, so the module tree cannot be folded. The model is
-frozen instead (``torch._C._freeze_module``: submodule calls inlined, weights turned into graph constants, and
-*none* of ``torch.jit.freeze``'s optimisation passes, which would fold conv + BN silently and without a report); a
-module called at two sites is inlined twice, so each call can absorb its own norm. The result is a frozen
-``ScriptModule`` keeping only ``forward``; parameter counts are projected from the original's ``parameters()``, as
-for an ``nn.Module``.
+A TorchScript archive carries no Python classes to rebuild, so the module tree cannot be folded: the model is
+frozen instead (:func:`freeze`: submodule calls inlined, weights turned into graph constants; a module called at two
+sites is inlined twice, so each call can absorb its own norm). The result keeps only ``forward``; parameter counts
+are projected from the original's ``parameters()``, as for an ``nn.Module``.
 
 Constants are never changed in place (the frozen graph may share their storage with the caller's module), so a
 constant read by several nodes is no ``problem`` here, unlike a parameter shared by two modules: the folded layer
@@ -237,8 +235,8 @@ def _is_tensor(value: Any) -> bool:
 
 
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """Freeze a copy of ``module`` without ``torch.jit.freeze``'s optimisation passes (they fold conv + BN
-    themselves, silently)."""
+    """Freeze a copy of ``module`` (``torch._C._freeze_module``) without ``torch.jit.freeze``'s optimisation passes:
+    they fold conv + BN themselves, silently and without a report."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frozen = torch.jit.RecursiveScriptModule(torch._C._freeze_module(module._c, []))
@@ -542,12 +540,10 @@ class ScriptWeights:
 
     numerics = TorchNumerics()
 
-    def __init__(
-        self, graph: Any, jit_nodes: dict[str, Any], constants: dict[str, torch.Tensor] | None = None
-    ) -> None:
+    def __init__(self, graph: Any, translation: _Translation) -> None:
         self.graph = graph
-        self.jit_nodes = jit_nodes
-        self.constants = constants or {}
+        self.jit_nodes = dict(translation.jit_nodes)  # folded norms are taken out
+        self.constants = translation.constants
 
     def constant(self, name: str) -> torch.Tensor:
         """The tensor of the graph constant ``name`` (``%name``, as :func:`_arithmetic_facts` names an operand): a
@@ -604,7 +600,7 @@ class ScriptBackend:
             self.frozen = freeze(self.module)
         translation = to_graph(self.frozen, self.inputs, self.names)
         self.names = translation.names()  # read before folds delete nodes
-        self.access = ScriptWeights(self.frozen.graph, dict(translation.jit_nodes), translation.constants)
+        self.access = ScriptWeights(self.frozen.graph, translation)
         return translation.graph
 
     def weights(self) -> ScriptWeights:
@@ -661,7 +657,7 @@ def _merge(
 
     def translate() -> tuple[_Translation, ScriptWeights]:
         translation = to_graph(frozen, inputs, names)
-        return translation, ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
+        return translation, ScriptWeights(frozen.graph, translation)
 
     def fold_again() -> tuple[dict[str, NormEntry], int, int]:
         planned, entries = pipeline.refold(ScriptBackend(frozen, frozen, "", inputs, names))

@@ -42,7 +42,7 @@ from ..core.graph import (
 from ..core.merge_rounds import merge_rounds
 from ..core.pipeline import NormModes
 from ..core.plan import FoldPlan
-from ..errors import CaptureError, InvalidInputError
+from ..errors import CaptureError, InvalidInputError, first_line
 from ..report import FoldReport
 from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
 from .exported_merges import ExportedMerges, Translation
@@ -86,10 +86,9 @@ _METADATA_READS = frozenset({
 })
 
 # Arguments read only for their shape, dtype or device (``y.reshape_as(x)`` reads x's shape): not uses.
-_METADATA_ARGUMENTS: dict[str, frozenset[str]] = {
-    **dict.fromkeys(("reshape_as", "view_as", "expand_as", "type_as"), frozenset({"other"})),
-    **dict.fromkeys(("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"),
-                    frozenset({"self"})),
+_METADATA_ARGUMENTS: dict[str, str] = {
+    **dict.fromkeys(("reshape_as", "view_as", "expand_as", "type_as"), "other"),
+    **dict.fromkeys(("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"), "self"),
 }
 
 # Linear combinations the merge planner reads (overloads ``Tensor``, ``Scalar`` and ``default``); the in-place forms
@@ -422,19 +421,12 @@ class _Translator:
 
     def tensor_inputs(self, node: fx.Node) -> list[int]:
         """The graph nodes of the tensors ``node`` reads, in argument order (nested lists flattened)."""
-        found: list[int] = []
         skipped = _METADATA_ARGUMENTS.get(op_name(node))
-        if skipped:
-            schema = node.target._schema  # type: ignore[union-attr]
-            names = [spec.name for spec in schema.arguments]
-            arguments = [a for i, a in enumerate(node.args) if i >= len(names) or names[i] not in skipped]
-            keywords = {k: v for k, v in node.kwargs.items() if k not in skipped}
-        else:
-            arguments, keywords = list(node.args), dict(node.kwargs)
-        for argument in pytree.tree_leaves((arguments, keywords)):
-            if isinstance(argument, fx.Node) and argument in self.index:
-                found.append(self.index[argument])
-        return found
+        names = [spec.name for spec in node.target._schema.arguments] if skipped else []  # type: ignore[union-attr]
+        arguments = [a for i, a in enumerate(node.args) if i >= len(names) or names[i] != skipped]
+        keywords = {k: v for k, v in node.kwargs.items() if k != skipped}
+        leaves = pytree.tree_leaves((arguments, keywords))
+        return [self.index[a] for a in leaves if isinstance(a, fx.Node) and a in self.index]
 
     def label(self, node: fx.Node, name: str) -> str:
         if name in _DECOMPOSED_LINEAR:
@@ -764,9 +756,8 @@ def fold_exported(
             warnings.simplefilter("ignore")
             folded = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
     except Exception as error:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise CaptureError(
-            f"exporting the folded program again failed ({first}); check that the example inputs match the program, "
+            f"exporting the folded program again failed ({first_line(error)}); check that the example inputs match the program, "
             "or fold the nn.Module with bnfold.fold and export that"
         ) from error
     report.parameters_after = parameter_count(folded)
@@ -800,10 +791,8 @@ def dynamic_shapes_of(program: torch.export.ExportedProgram) -> tuple[Any, ...] 
 
 
 def _dim(size: torch.SymInt, program: torch.export.ExportedProgram, dims: dict[str, Any]) -> Any:
-    import sympy
-
     expr = size.node.expr
-    if not isinstance(expr, sympy.Symbol):
+    if not expr.is_Symbol:
         return torch.export.Dim.DYNAMIC
     name = str(expr)
     if name not in dims:

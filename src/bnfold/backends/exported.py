@@ -187,10 +187,9 @@ def _op_facts(node: fx.Node, name: str) -> OpFacts:
     if kind == "transpose":
         if name == "t":
             return OpFacts(kind, {"dims": (0, 1)}) if _rank(source) == 2 else OpFacts("identity")
-        first, second = node.args[1:3] if len(node.args) >= 3 else (None, None)
-        if not isinstance(first, int) or not isinstance(second, int):
-            return OpFacts("other")
-        return OpFacts(kind, {"dims": (first, second)})
+        dims = tuple(node.args[1:3])
+        plain = len(dims) == 2 and all(isinstance(d, int) for d in dims)
+        return OpFacts(kind, {"dims": dims}) if plain else OpFacts("other")
     if kind == "concat":
         axis = _argument(node, "dim")
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) else None})
@@ -281,37 +280,9 @@ def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
     return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
 
 
-class _StoredTensors:
-    """The program module's stored tensors (``get_attr`` targets): how many nodes read each, and every name of each."""
-
-    def __init__(self, module: fx.GraphModule) -> None:
-        self.module = module
-        self.readers: dict[str, int] = {}
-        for node in module.graph.nodes:
-            if node.op == "get_attr":
-                self.readers[node.target] = self.readers.get(node.target, 0) + len(node.users)
-        self.aliases: dict[int, list[str]] = {}
-        for name, tensor in (*module.named_parameters(remove_duplicate=False),
-                             *module.named_buffers(remove_duplicate=False)):
-            self.aliases.setdefault(id(tensor), []).append(name)
-
-    def sharing(self, attribute: fx.Node, what: str, layer: str) -> str | None:
-        """Why the stored tensor read by ``attribute`` must not change: read elsewhere too, or an alias."""
-        target = str(attribute.target)
-        if self.readers.get(target, 0) != 1:
-            return (
-                f"the {what} '{target}' of the layer '{layer}' is also read by another node of the program; folding "
-                f"would change that use too"
-            )
-        tensor = _fetch(self.module, target)
-        others = [n for n in self.aliases.get(id(tensor), [target]) if n != target]
-        if others:
-            return f"the layer '{layer}' shares its {what} '{target}' with '{others[0]}'"
-        return None
-
-
-def _layer_facts(node: fx.Node, name: str, unit: str, stored: _StoredTensors) -> tuple[LayerFacts, _LayerSite]:
-    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are."""
+def _layer_facts(node: fx.Node, name: str, unit: str, stored: _Translator) -> tuple[LayerFacts, _LayerSite]:
+    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are (``stored``:
+    the translation, which knows who else reads them)."""
     layout = _LAYERS[name]
     weight, bias = _argument(node, "weight"), _argument(node, "bias")
     weight_value = _value(weight)
@@ -410,7 +381,14 @@ class _Translator:
         self.norms: dict[str, _NormSite] = {}
         self.symbols = _symbolic_sizes(module)
         self.order = {node: position for position, node in enumerate(module.graph.nodes)}
-        self.stored = _StoredTensors(module)
+        self.readers: dict[str, int] = {}  # stored tensor (get_attr target) -> how many nodes read it
+        for node in module.graph.nodes:
+            if node.op == "get_attr":
+                self.readers[node.target] = self.readers.get(node.target, 0) + len(node.users)
+        self.aliases: dict[int, list[str]] = {}  # id(stored tensor) -> its every name
+        for name, tensor in (*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)):
+            self.aliases.setdefault(id(tensor), []).append(name)
 
     def shape(self, node: Any) -> tuple[int, ...] | None:
         value = _value(node)
@@ -427,6 +405,20 @@ class _Translator:
         keywords = {k: v for k, v in node.kwargs.items() if k != skipped}
         leaves = pytree.tree_leaves((arguments, keywords))
         return [self.index[a] for a in leaves if isinstance(a, fx.Node) and a in self.index]
+
+    def sharing(self, attribute: fx.Node, what: str, layer: str) -> str | None:
+        """Why the stored tensor read by ``attribute`` must not change: read elsewhere too, or an alias."""
+        target = str(attribute.target)
+        if self.readers.get(target, 0) != 1:
+            return (
+                f"the {what} '{target}' of the layer '{layer}' is also read by another node of the program; folding "
+                f"would change that use too"
+            )
+        tensor = _fetch(self.module, target)
+        others = [n for n in self.aliases.get(id(tensor), [target]) if n != target]
+        if others:
+            return f"the layer '{layer}' shares its {what} '{target}' with '{others[0]}'"
+        return None
 
     def label(self, node: fx.Node, name: str) -> str:
         if name in _DECOMPOSED_LINEAR:
@@ -446,7 +438,7 @@ class _Translator:
         unit = node.name if not owner else owner if owner not in self.graph.units else f"{owner}@{node.name}"
         source, output = node.args[0], node
         if name in _LAYERS:
-            layer, site = _layer_facts(node, name, unit, self.stored)
+            layer, site = _layer_facts(node, name, unit, self)
             self.graph.add_unit(unit, LAYER, f"aten.{name}", layer=layer)
             self.layers[unit], kind, tensors = site, LAYER, (site.weight, site.bias)
         else:
@@ -527,7 +519,7 @@ class _Translator:
         nodes: dict[int, list[fx.Node]] = {}
         for fx_node, index in self.index.items():
             nodes.setdefault(index, []).append(fx_node)
-        return ExportedGraph(self.graph, self.module, self.layers, self.norms, nodes, self.stored.readers)
+        return ExportedGraph(self.graph, self.module, self.layers, self.norms, nodes, self.readers)
 
 
 def to_graph(module: fx.GraphModule) -> ExportedGraph:

@@ -158,11 +158,9 @@ def _function_facts(site: Site) -> OpFacts:
         if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims):
             return OpFacts(kind, {"dims": tuple(dims)})
         return OpFacts("other")
-    if kind in ("add", "sub", "mul"):
-        return _arithmetic_facts(site, kind, name)
-    if kind == "div":
-        if _argument(site, 2, "rounding_mode", None) is not None:
-            return OpFacts("other")  # floor / trunc division rounds: no affine map
+    if kind == "div" and _argument(site, 2, "rounding_mode", None) is not None:
+        return OpFacts("other")  # floor / trunc division rounds: no affine map
+    if kind in ("add", "sub", "mul", "div"):
         return _arithmetic_facts(site, kind, name)
     if kind == "concat":
         axis = site.kwargs.get("dim", site.kwargs.get("axis", site.args[1] if len(site.args) > 1 else 0))

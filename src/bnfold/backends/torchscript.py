@@ -184,10 +184,7 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
     computed = [value for value in inputs if _computed(value)]
     operands: list[Operand] = []
     for value in values:
-        if isinstance(value, float):
-            operands.append(Operand(number=value))
-            continue
-        constant = _constant(value)
+        constant = value if isinstance(value, float) else _constant(value)  # (-1.0: neg's factor)
         if constant is _NOT_CONSTANT:
             if not _is_tensor(value):
                 return OpFacts("other")

@@ -220,13 +220,10 @@ def _aliases(node: fx.Node) -> bool:
 
 def _is_metadata(node: fx.Node) -> bool:
     """A node that only looks at shapes, or computes sizes: not a use of the tensors it reads."""
-    if node.op == "call_module" and str(node.target).startswith("_guards"):
-        return True
-    if node.op != "call_function":
-        return False
-    if op_name(node) in _METADATA_READS:
-        return True
-    return isinstance(_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+    if node.op == "call_module":
+        return str(node.target).startswith("_guards")
+    sizes = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+    return node.op == "call_function" and (op_name(node) in _METADATA_READS or isinstance(_value(node), sizes))
 
 
 # -------------------------------------------------------------------------------------------- translation
@@ -250,18 +247,6 @@ class _NormSite:
     training: bool  # batch statistics although it has running statistics (the program was exported in train mode)
 
 
-@dataclass
-class ExportedGraph:
-    """The core graph of an unlifted program module, and where each unit lives in the fx graph."""
-
-    graph: Graph
-    module: fx.GraphModule
-    layers: dict[str, _LayerSite]
-    norms: dict[str, _NormSite]
-    nodes: dict[int, list[fx.Node]]  # core index -> the fx nodes it stands for
-    readers: dict[str, int]  # stored tensor (get_attr target) -> how many nodes read it
-
-
 def _fetch(module: nn.Module, target: str) -> torch.Tensor:
     owner, _, name = target.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, name)
@@ -280,7 +265,7 @@ def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
     return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
 
 
-def _layer_facts(node: fx.Node, name: str, unit: str, stored: _Translator) -> tuple[LayerFacts, _LayerSite]:
+def _layer_facts(node: fx.Node, name: str, unit: str, stored: ExportedGraph) -> tuple[LayerFacts, _LayerSite]:
     """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are (``stored``:
     the translation, which knows who else reads them)."""
     layout = _LAYERS[name]
@@ -370,13 +355,15 @@ def _overwritable(node: fx.Node, order: dict[fx.Node, int]) -> bool:
                for user in target.users)
 
 
-class _Translator:
-    """The dataflow: every fx node as a core node reading the core nodes of the tensors it reads."""
+class ExportedGraph:
+    """The core graph of an unlifted program module (:func:`to_graph`), and where each unit lives in the fx graph:
+    every fx node is a core node reading the core nodes of the tensors it reads."""
 
     def __init__(self, module: fx.GraphModule) -> None:
         self.module = module
         self.graph = Graph(method=CAPTURE, shapes_known=True)
-        self.index: dict[fx.Node, int] = {}
+        self.index: dict[fx.Node, int] = {}  # fx node -> its core node
+        self.nodes: dict[int, list[fx.Node]] = {}  # core index -> the fx nodes it stands for
         self.layers: dict[str, _LayerSite] = {}
         self.norms: dict[str, _NormSite] = {}
         self.symbols = _symbolic_sizes(module)
@@ -389,6 +376,7 @@ class _Translator:
         for name, tensor in (*module.named_parameters(remove_duplicate=False),
                              *module.named_buffers(remove_duplicate=False)):
             self.aliases.setdefault(id(tensor), []).append(name)
+        self.translate()
 
     def shape(self, node: Any) -> tuple[int, ...] | None:
         value = _value(node)
@@ -490,7 +478,7 @@ class _Translator:
         facts = linear_combination(kind, operands, alpha=1 if alpha is None else alpha, shape=self.shape(node))
         return (facts, inputs) if facts.kind != "other" else other
 
-    def translate(self) -> ExportedGraph:
+    def translate(self) -> None:
         for node in self.module.graph.nodes:
             if node.op == "placeholder":
                 self.index[node] = self.graph.add_node(INPUT, "a program input", shape=self.shape(node)).index
@@ -516,15 +504,13 @@ class _Translator:
                     inputs = self.tensor_inputs(node)
                 self.index[node] = self.graph.add_node(
                     OP, self.label(node, name), inputs, shape=self.shape(node), op=facts).index
-        nodes: dict[int, list[fx.Node]] = {}
         for fx_node, index in self.index.items():
-            nodes.setdefault(index, []).append(fx_node)
-        return ExportedGraph(self.graph, self.module, self.layers, self.norms, nodes, self.readers)
+            self.nodes.setdefault(index, []).append(fx_node)
 
 
 def to_graph(module: fx.GraphModule) -> ExportedGraph:
     """The core graph of an unlifted program module (``program.module()``)."""
-    return _Translator(module).translate()
+    return ExportedGraph(module)
 
 
 # --------------------------------------------------------------------------------------------- writing back

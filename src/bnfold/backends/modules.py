@@ -226,10 +226,6 @@ _FUNCTIONAL_LAYERS: dict[Any, int] = {  # functional conv / linear -> the activa
 }
 
 
-def _zero(value: Any) -> bool:
-    return all(v == 0 for v in _ints(value)) if not isinstance(value, str) else value == "valid"
-
-
 def functional_rule(module: nn.Module) -> LinearLayerRule | str:
     """The rule of a layer whose class overrides ``forward`` but ends in one functional convolution / linear call on
     its own weight and bias (smp's ``Conv2dStaticSamePadding``: pad, then ``F.conv2d(x, self.weight, self.bias,
@@ -267,7 +263,7 @@ def functional_rule(module: nn.Module) -> LinearLayerRule | str:
     padded = None
     if not (isinstance(source, fx.Node) and source.op == "placeholder"):
         padded = PADS_BEFORE_THE_LAYER
-    elif channel_dim == 1 and not _zero(padding):
+    elif channel_dim == 1 and padding != "valid" and any(v != 0 for v in _ints(padding)):
         padded = PADS_ZEROS
     return LinearLayerRule(
         types=(type(module),), out_axis=0, activation_channel_dim=channel_dim, groups=lambda m: groups,

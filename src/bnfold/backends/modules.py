@@ -571,11 +571,6 @@ def _count_negatives(arrays: list[torch.Tensor]) -> list[int]:
     return span_counts(negative, list(itertools.accumulate((a.numel() for a in arrays), initial=0)))
 
 
-def _as_numpy64(array: torch.Tensor) -> np.ndarray:
-    """``array`` as a float64 numpy array on the CPU (a view where it is one already)."""
-    return array.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
 def _small_numpy(array: torch.Tensor, limit: int) -> np.ndarray | None:
     """``array`` as a numpy view, when it is a CPU array of fewer than ``limit`` values in a dtype numpy has.
 
@@ -659,11 +654,11 @@ class TorchNumerics:
         return max(float(high), -float(low))
 
     def segment_max_abs(self, array: torch.Tensor, bounds: list[int]) -> list[float]:
-        return span_max_abs(_as_numpy64(array), bounds)
+        return span_max_abs(self.float64(array).cpu().numpy(), bounds)
 
     def segment_finite(self, array: torch.Tensor, bounds: list[int]) -> list[bool]:
         # Checked in the array's own dtype: an entry that overflowed when cast to it is inf there.
-        return span_all_finite(_as_numpy64(array), bounds)
+        return span_all_finite(self.float64(array).cpu().numpy(), bounds)
 
     def max_finite(self, array: torch.Tensor) -> float:
         return float(torch.finfo(array.dtype).max)

@@ -678,7 +678,7 @@ class Rollback:
     """
 
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    slots: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+    slots: list[tuple[dict[str, Any], str, object]] = field(default_factory=list)  # (owner's table, name, old)
     scaled: list[tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=list)
 
     def swap(self, tensor: torch.Tensor, new_value: torch.Tensor) -> None:
@@ -688,7 +688,7 @@ class Rollback:
     def set_slot(self, owner: nn.Module, name: str, value: object) -> None:
         """Set a child module or parameter slot of ``owner`` (bypassing nn.Module's type checks on re-assignment)."""
         table = owner._modules if name in owner._modules else owner._parameters
-        self.slots.append((owner, name, table.get(name)))
+        self.slots.append((table, name, table.get(name)))
         table[name] = value  # type: ignore[assignment]
 
     def scale(self, weight: torch.Tensor, factors: torch.Tensor, axis: int, groups: int) -> None:
@@ -697,8 +697,7 @@ class Rollback:
 
     def replacements(self) -> list[tuple[object, object]]:
         """Each slot changed, as ``(old value, value now)``: what a tensor count needs to know."""
-        return [(old, (owner._modules if name in owner._modules else owner._parameters).get(name))
-                for owner, name, old in self.slots]
+        return [(old, table.get(name)) for table, name, old in self.slots]
 
     def restore(self) -> None:
         """Undo the fold. Once: the undo information is used up, so a second call changes nothing (dividing the
@@ -707,9 +706,8 @@ class Rollback:
             affine.scale_channels_in_place(weight.data, 1 / factors, axis, groups)
         for tensor, old in reversed(self.swapped):
             tensor.data = old
-        for owner, name, value in reversed(self.slots):
-            table = owner._modules if name in owner._modules else owner._parameters
-            table[name] = value  # type: ignore[assignment]
+        for table, name, value in reversed(self.slots):
+            table[name] = value
         self.scaled, self.swapped, self.slots = [], [], []
 
 

@@ -42,15 +42,6 @@ class _Block:
     graph: fx.Graph
 
 
-@dataclass
-class _Calls:
-    """How often a block was called in one forward pass, and the positional arguments of its first call (None when
-    they could not be bound to its forward's parameters)."""
-
-    count: int = 0
-    args: tuple[Any, ...] | None = None
-
-
 def _children(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
     prefix = f"{name}." if name else ""
     return [(prefix + child_name, child) for child_name, child in module._modules.items() if child is not None]
@@ -116,19 +107,20 @@ def _positional(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.Module], inputs: tuple[Any, ...]
-                  ) -> dict[int, _Calls]:
-    """One forward pass of ``model``: how often each block and each ``counted`` module is called, and (a copy of)
-    what each block first receives."""
+                  ) -> tuple[dict[int, int], dict[int, tuple[Any, ...] | None]]:
+    """One forward pass of ``model``: how often each block and each ``counted`` module is called (by id), and (a
+    copy of) the positional arguments each block called first receives (None when they could not be bound to its
+    forward's parameters)."""
     modules = {id(module): module for module in (*counted, *(block.module for block in blocks))}
-    calls = {key: _Calls() for key in modules}
-    arguments = {id(block.module) for block in blocks}
+    counts = dict.fromkeys(modules, 0)
+    blocks_ids = {id(block.module) for block in blocks}
+    first_args: dict[int, tuple[Any, ...] | None] = {}
 
     def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen = calls[id(module)]
-        seen.count += 1
-        if seen.count == 1 and id(module) in arguments:  # copied: the model may change a tensor after the read
+        counts[id(module)] += 1
+        if counts[id(module)] == 1 and id(module) in blocks_ids:  # copied: the model may change a tensor after the read
             copied = pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
-            seen.args = _positional(module, *copied)
+            first_args[id(module)] = _positional(module, *copied)
 
     handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in modules.values()]
     try:
@@ -137,7 +129,7 @@ def _record_calls(model: nn.Module, blocks: list[_Block], counted: Iterable[nn.M
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    return counts, first_args
 
 
 def _qualified(entry: MergeEntry, prefix: str, region: str) -> MergeEntry:
@@ -186,23 +178,23 @@ def merge_blocks(
     pending = _find_blocks(_children("", model), registry, seen, untraced)
     while pending:
         counted = {name: module for name, (module, _) in untraced.items() if name not in called_untraced}
-        calls = _record_calls(model, pending, counted.values(), inputs)
-        called_untraced.update(name for name, module in counted.items() if calls[id(module)].count)
+        counts, first_args = _record_calls(model, pending, counted.values(), inputs)
+        called_untraced.update(name for name, module in counted.items() if counts[id(module)])
         looked_into: list[tuple[str, nn.Module]] = []
         for block in pending:
-            called = calls[id(block.module)]
-            if called.count == 0:  # a container whose children its parent calls one by one, or a path not taken
+            count, args = counts[id(block.module)], first_args.get(id(block.module))
+            if count == 0:  # a container whose children its parent calls one by one, or a path not taken
                 looked_into.extend(_children(block.name, block.module))
                 continue
-            if called.count != 1 or called.args is None:
+            if count != 1 or args is None:
                 if _has_sum(block.graph):  # (else there is nothing to merge in it anyway)
                     left[block.name] = block.module, (
-                        f"it is called {called.count} times in one forward pass" if called.count > 1
+                        f"it is called {count} times in one forward pass" if count > 1
                         else "its forward takes arguments a traced graph cannot be called with (*args, **kwargs)"
                     )
                 continue
             prefix = f"{block.name}."
-            done = merge_traced(block.module, registry, called.args, fold_again, graph=block.graph, prefix=prefix)
+            done = merge_traced(block.module, registry, args, fold_again, graph=block.graph, prefix=prefix)
             if done.failure is not None:  # the trace is not what the block computes: its children may trace right
                 untraced[block.name] = block.module, done.failure
                 called_untraced.add(block.name)

@@ -3,17 +3,15 @@ core's folds written back into it (:class:`ExportedWeights`); the folded module 
 
 An ``ExportedProgram`` carries no Python classes to rebuild, so its unlifted module (``program.module()``: an fx
 ``GraphModule`` whose weights are ``get_attr`` nodes, a copy of the program) is what bnfold reads and rewrites.
-Nothing is decided here: every ATen call becomes a core node, layers and norms units named after their state's owner
-(``layer1.0.bn1``), every other op is named by :data:`_OP_KINDS` / :data:`_ARITHMETIC`, and the core plans
-(:mod:`bnfold.core.plan`, :mod:`bnfold.core.merge`). Parameter counts are those of the program's ``parameters()``,
-which change as an ``nn.Module``'s would.
+Every ATen call becomes a core node (layers and norms units named after their state's owner, ``layer1.0.bn1``), and
+the core plans (:mod:`bnfold.core.plan`). Parameter counts are those of the program's ``parameters()``.
 """
 
 from __future__ import annotations
 
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +42,7 @@ from ..core.graph import (
 from ..core.merge_rounds import merge_rounds
 from ..core.pipeline import NormModes
 from ..core.plan import FoldPlan
-from ..errors import CaptureError, InvalidInputError
+from ..errors import CaptureError, InvalidInputError, first_line
 from ..report import FoldReport
 from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
 from .exported_merges import ExportedMerges, Translation
@@ -88,10 +86,9 @@ _METADATA_READS = frozenset({
 })
 
 # Arguments read only for their shape, dtype or device (``y.reshape_as(x)`` reads x's shape): not uses.
-_METADATA_ARGUMENTS: dict[str, frozenset[str]] = {
-    **dict.fromkeys(("reshape_as", "view_as", "expand_as", "type_as"), frozenset({"other"})),
-    **dict.fromkeys(("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"),
-                    frozenset({"self"})),
+_METADATA_ARGUMENTS: dict[str, str] = {
+    **dict.fromkeys(("reshape_as", "view_as", "expand_as", "type_as"), "other"),
+    **dict.fromkeys(("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"), "self"),
 }
 
 # Linear combinations the merge planner reads (overloads ``Tensor``, ``Scalar`` and ``default``); the in-place forms
@@ -190,10 +187,9 @@ def _op_facts(node: fx.Node, name: str) -> OpFacts:
     if kind == "transpose":
         if name == "t":
             return OpFacts(kind, {"dims": (0, 1)}) if _rank(source) == 2 else OpFacts("identity")
-        first, second = node.args[1:3] if len(node.args) >= 3 else (None, None)
-        if not isinstance(first, int) or not isinstance(second, int):
-            return OpFacts("other")
-        return OpFacts(kind, {"dims": (first, second)})
+        dims = tuple(node.args[1:3])
+        plain = len(dims) == 2 and all(isinstance(d, int) for d in dims)
+        return OpFacts(kind, {"dims": dims}) if plain else OpFacts("other")
     if kind == "concat":
         axis = _argument(node, "dim")
         return OpFacts(kind, {"axis": axis if isinstance(axis, int) else None})
@@ -224,13 +220,10 @@ def _aliases(node: fx.Node) -> bool:
 
 def _is_metadata(node: fx.Node) -> bool:
     """A node that only looks at shapes, or computes sizes: not a use of the tensors it reads."""
-    if node.op == "call_module" and str(node.target).startswith("_guards"):
-        return True
-    if node.op != "call_function":
-        return False
-    if op_name(node) in _METADATA_READS:
-        return True
-    return isinstance(_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+    if node.op == "call_module":
+        return str(node.target).startswith("_guards")
+    sizes = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+    return node.op == "call_function" and (op_name(node) in _METADATA_READS or isinstance(_value(node), sizes))
 
 
 # -------------------------------------------------------------------------------------------- translation
@@ -254,17 +247,6 @@ class _NormSite:
     training: bool  # batch statistics although it has running statistics (the program was exported in train mode)
 
 
-@dataclass
-class ExportedGraph:
-    """The core graph of an unlifted program module, and where each unit lives in the fx graph."""
-
-    graph: Graph
-    module: fx.GraphModule
-    layers: dict[str, _LayerSite]
-    norms: dict[str, _NormSite]
-    nodes: dict[int, list[fx.Node]] = field(default_factory=dict)  # core index -> the fx nodes it stands for
-
-
 def _fetch(module: nn.Module, target: str) -> torch.Tensor:
     owner, _, name = target.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, name)
@@ -283,44 +265,9 @@ def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
     return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
 
 
-class _StoredTensors:
-    """The program module's stored tensors (``get_attr`` targets): how many nodes read each, and every name of each."""
-
-    def __init__(self, module: fx.GraphModule) -> None:
-        self.module = module
-        self.readers: dict[str, int] = {}
-        for node in module.graph.nodes:
-            if node.op == "get_attr":
-                self.readers[node.target] = self.readers.get(node.target, 0) + len(node.users)
-        self.aliases: dict[int, list[str]] = {}
-        for name, tensor in (*module.named_parameters(remove_duplicate=False),
-                             *module.named_buffers(remove_duplicate=False)):
-            self.aliases.setdefault(id(tensor), []).append(name)
-
-    def sharing(self, attribute: fx.Node, what: str, layer: str) -> str | None:
-        """Why the stored tensor read by ``attribute`` must not change: read elsewhere too, or an alias."""
-        target = str(attribute.target)
-        if self.readers.get(target, 0) != 1:
-            return (
-                f"the {what} '{target}' of the layer '{layer}' is also read by another node of the program; folding "
-                f"would change that use too"
-            )
-        tensor = _fetch(self.module, target)
-        others = [n for n in self.aliases.get(id(tensor), [target]) if n != target]
-        if others:
-            return f"the layer '{layer}' shares its {what} '{target}' with '{others[0]}'"
-        return None
-
-
-def _state_owner(node: fx.Node, name: str) -> str:
-    """The module path of a layer's weight or a norm's statistics (``layer1.0.bn1``); "" when none is stored."""
-    held = ("weight",) if name in _LAYERS else ("running_mean", "weight")
-    stored = next((a for a in (_argument(node, h) for h in held) if _is_stored(a)), None)
-    return str(stored.target).rpartition(".")[0] if stored is not None else ""
-
-
-def _layer_facts(node: fx.Node, name: str, unit: str, stored: _StoredTensors) -> tuple[LayerFacts, _LayerSite]:
-    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are."""
+def _layer_facts(node: fx.Node, name: str, unit: str, stored: ExportedGraph) -> tuple[LayerFacts, _LayerSite]:
+    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are (``stored``:
+    the translation, which knows who else reads them)."""
     layout = _LAYERS[name]
     weight, bias = _argument(node, "weight"), _argument(node, "bias")
     weight_value = _value(weight)
@@ -408,20 +355,30 @@ def _overwritable(node: fx.Node, order: dict[fx.Node, int]) -> bool:
                for user in target.users)
 
 
-class _Translator:
-    """The dataflow: every fx node as a core node reading the core nodes of the tensors it reads."""
+class ExportedGraph:
+    """The core graph of an unlifted program module (:func:`to_graph`), and where each unit lives in the fx graph:
+    every fx node is a core node reading the core nodes of the tensors it reads."""
 
     def __init__(self, module: fx.GraphModule) -> None:
         self.module = module
         self.graph = Graph(method=CAPTURE, shapes_known=True)
-        self.index: dict[fx.Node, int] = {}
+        self.index: dict[fx.Node, int] = {}  # fx node -> its core node
+        self.nodes: dict[int, list[fx.Node]] = {}  # core index -> the fx nodes it stands for
         self.layers: dict[str, _LayerSite] = {}
         self.norms: dict[str, _NormSite] = {}
         self.symbols = _symbolic_sizes(module)
         self.order = {node: position for position, node in enumerate(module.graph.nodes)}
-        self.stored = _StoredTensors(module)
+        self.readers: dict[str, int] = {}  # stored tensor (get_attr target) -> how many nodes read it
+        for node in module.graph.nodes:
+            if node.op == "get_attr":
+                self.readers[node.target] = self.readers.get(node.target, 0) + len(node.users)
+        self.aliases: dict[int, list[str]] = {}  # id(stored tensor) -> its every name
+        for name, tensor in (*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)):
+            self.aliases.setdefault(id(tensor), []).append(name)
+        self.translate()
 
-    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+    def shape(self, node: Any) -> tuple[int, ...] | None:
         value = _value(node)
         if not isinstance(value, torch.Tensor):
             return None
@@ -430,19 +387,26 @@ class _Translator:
 
     def tensor_inputs(self, node: fx.Node) -> list[int]:
         """The graph nodes of the tensors ``node`` reads, in argument order (nested lists flattened)."""
-        found: list[int] = []
         skipped = _METADATA_ARGUMENTS.get(op_name(node))
-        if skipped:
-            schema = node.target._schema  # type: ignore[union-attr]
-            names = [spec.name for spec in schema.arguments]
-            arguments = [a for i, a in enumerate(node.args) if i >= len(names) or names[i] not in skipped]
-            keywords = {k: v for k, v in node.kwargs.items() if k not in skipped}
-        else:
-            arguments, keywords = list(node.args), dict(node.kwargs)
-        for argument in pytree.tree_leaves((arguments, keywords)):
-            if isinstance(argument, fx.Node) and argument in self.index:
-                found.append(self.index[argument])
-        return found
+        names = [spec.name for spec in node.target._schema.arguments] if skipped else []  # type: ignore[union-attr]
+        arguments = [a for i, a in enumerate(node.args) if i >= len(names) or names[i] != skipped]
+        keywords = {k: v for k, v in node.kwargs.items() if k != skipped}
+        leaves = pytree.tree_leaves((arguments, keywords))
+        return [self.index[a] for a in leaves if isinstance(a, fx.Node) and a in self.index]
+
+    def sharing(self, attribute: fx.Node, what: str, layer: str) -> str | None:
+        """Why the stored tensor read by ``attribute`` must not change: read elsewhere too, or an alias."""
+        target = str(attribute.target)
+        if self.readers.get(target, 0) != 1:
+            return (
+                f"the {what} '{target}' of the layer '{layer}' is also read by another node of the program; folding "
+                f"would change that use too"
+            )
+        tensor = _fetch(self.module, target)
+        others = [n for n in self.aliases.get(id(tensor), [target]) if n != target]
+        if others:
+            return f"the layer '{layer}' shares its {what} '{target}' with '{others[0]}'"
+        return None
 
     def label(self, node: fx.Node, name: str) -> str:
         if name in _DECOMPOSED_LINEAR:
@@ -456,20 +420,19 @@ class _Translator:
         """A layer or norm call: its unit, named after the module path of its state (made unique by the node's name
         when a module, or a tensor the model owns directly, is called at several nodes), and its node, reading its
         input and any weight or statistic the program computes."""
-        owner = _state_owner(node, name)
+        held = ("weight",) if name in _LAYERS else ("running_mean", "weight")
+        stored = next((a for a in (_argument(node, h) for h in held) if _is_stored(a)), None)
+        owner = str(stored.target).rpartition(".")[0] if stored is not None else ""
         unit = node.name if not owner else owner if owner not in self.graph.units else f"{owner}@{node.name}"
-        output = node
+        source, output = node.args[0], node
         if name in _LAYERS:
-            layer, site = _layer_facts(node, name, unit, self.stored)
+            layer, site = _layer_facts(node, name, unit, self)
             self.graph.add_unit(unit, LAYER, f"aten.{name}", layer=layer)
             self.layers[unit], kind, tensors = site, LAYER, (site.weight, site.bias)
         else:
-            source = node.args[0]
-            norm, norm_site = _norm_facts(node, name, self.module,
-                                          self.shape(source) if isinstance(source, fx.Node) else None)
+            norm, norm_site = _norm_facts(node, name, self.module, self.shape(source))
             self.graph.add_unit(unit, NORM, f"aten.{name}", norm=norm)
             self.norms[unit], kind, tensors, output = norm_site, NORM, norm_site.statistics, norm_site.output
-        source = node.args[0]
         computed = [self.index[a] for a in tensors if isinstance(a, fx.Node) and not _is_stored(a) and a in self.index]
         inputs = ([self.index[source]] if isinstance(source, fx.Node) and source in self.index else []) + computed
         self.index[node] = self.index[output] = self.graph.add_node(
@@ -515,7 +478,7 @@ class _Translator:
         facts = linear_combination(kind, operands, alpha=1 if alpha is None else alpha, shape=self.shape(node))
         return (facts, inputs) if facts.kind != "other" else other
 
-    def translate(self) -> ExportedGraph:
+    def translate(self) -> None:
         for node in self.module.graph.nodes:
             if node.op == "placeholder":
                 self.index[node] = self.graph.add_node(INPUT, "a program input", shape=self.shape(node)).index
@@ -541,15 +504,13 @@ class _Translator:
                     inputs = self.tensor_inputs(node)
                 self.index[node] = self.graph.add_node(
                     OP, self.label(node, name), inputs, shape=self.shape(node), op=facts).index
-        nodes: dict[int, list[fx.Node]] = {}
         for fx_node, index in self.index.items():
-            nodes.setdefault(index, []).append(fx_node)
-        return ExportedGraph(self.graph, self.module, self.layers, self.norms, nodes)
+            self.nodes.setdefault(index, []).append(fx_node)
 
 
 def to_graph(module: fx.GraphModule) -> ExportedGraph:
     """The core graph of an unlifted program module (``program.module()``)."""
-    return _Translator(module).translate()
+    return ExportedGraph(module)
 
 
 # --------------------------------------------------------------------------------------------- writing back
@@ -662,20 +623,15 @@ class ExportedBackend:
 
     def __init__(self, module: fx.GraphModule, name: str, program: torch.export.ExportedProgram | None = None) -> None:
         self.module, self.name, self.program = module, name, program
-        self.exported_graph: ExportedGraph | None = None
+        self.exported_graph = to_graph(module)  # norm_modes() reads it too, before translate()
+        self.access = ExportedWeights(self.exported_graph)
 
     def norm_modes(self) -> NormModes:
-        sites = [site for site in self._translated().norms.values() if site.statistics[2] is not None]
+        sites = [site for site in self.exported_graph.norms.values() if site.statistics[2] is not None]
         return NormModes(len(sites), sum(site.training for site in sites))
 
-    def _translated(self) -> ExportedGraph:
-        if self.exported_graph is None:
-            self.exported_graph = to_graph(self.module)
-            self.access = ExportedWeights(self.exported_graph)
-        return self.exported_graph
-
     def translate(self) -> Graph:
-        return self._translated().graph
+        return self.exported_graph.graph
 
     def weights(self) -> ExportedWeights:
         return self.access
@@ -687,22 +643,13 @@ class ExportedBackend:
 
     def released(self, norm: str) -> tuple[int, int]:
         """Its affine parameters, when nothing else reads them, and its running statistics."""
-        site = self._translated().norms[norm]
-        parameters = buffers = 0
-        for i, attribute in enumerate(site.statistics):
-            if attribute is None:
-                continue
-            tensor = _fetch(self.module, str(attribute.target))
-            if i >= 2:
-                buffers += tensor.numel()
-                continue
-            readers = [n for n in self.module.graph.nodes if n.op == "get_attr" and n.target == attribute.target]
-            if isinstance(tensor, nn.Parameter) and all(user is site.node for r in readers for user in r.users):
-                parameters += tensor.numel()
-        return parameters, buffers
+        stats, site = self.access.statistics(norm), self.exported_graph.norms[norm]
+        affine = [t.numel() for t, n in zip((stats.gamma, stats.beta), site.statistics, strict=False)
+                  if isinstance(t, nn.Parameter) and self.exported_graph.readers[str(n.target)] == 1]
+        return sum(affine), int(stats.mean.numel() + stats.var.numel())
 
     def lacks_bias(self, layer: str) -> bool:
-        return self._translated().layers[layer].bias is None
+        return self.exported_graph.layers[layer].bias is None
 
     def finish(self) -> None:
         self.module.graph.eliminate_dead_code()
@@ -787,9 +734,8 @@ def fold_exported(
             warnings.simplefilter("ignore")
             folded = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
     except Exception as error:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise CaptureError(
-            f"exporting the folded program again failed ({first}); check that the example inputs match the program, "
+            f"exporting the folded program again failed ({first_line(error)}); check that the example inputs match the program, "
             "or fold the nn.Module with bnfold.fold and export that"
         ) from error
     report.parameters_after = parameter_count(folded)
@@ -823,10 +769,8 @@ def dynamic_shapes_of(program: torch.export.ExportedProgram) -> tuple[Any, ...] 
 
 
 def _dim(size: torch.SymInt, program: torch.export.ExportedProgram, dims: dict[str, Any]) -> Any:
-    import sympy
-
     expr = size.node.expr
-    if not isinstance(expr, sympy.Symbol):
+    if not expr.is_Symbol:
         return torch.export.Dim.DYNAMIC
     name = str(expr)
     if name not in dims:

@@ -104,16 +104,12 @@ class ModuleTree:
             _add_own_tensors(new, came)
         counts = [census.parameters, census.buffers]
         holders = census.holders
-        for key, (tensor, kind) in gone.items():
-            if key in came:
-                continue
-            if holders.get(key) != 1 or isinstance(tensor, _LAZY):
-                return None
-            counts[kind] -= tensor.numel()
-        for key, (tensor, kind) in came.items():
-            if key in gone:
-                continue
-            if key in holders or isinstance(tensor, _LAZY):
-                return None
-            counts[kind] += tensor.numel()
+        # a tensor that goes must have been held by that slot only; one that comes must be new to the tree
+        for tensors, others, sign, holders_before in ((gone, came, -1, 1), (came, gone, 1, 0)):
+            for key, (tensor, kind) in tensors.items():
+                if key in others:
+                    continue
+                if holders.get(key, 0) != holders_before or isinstance(tensor, _LAZY):
+                    return None
+                counts[kind] += sign * tensor.numel()
         return counts[0], counts[1]

@@ -158,11 +158,9 @@ def _function_facts(site: Site) -> OpFacts:
         if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims):
             return OpFacts(kind, {"dims": tuple(dims)})
         return OpFacts("other")
-    if kind in ("add", "sub", "mul"):
-        return _arithmetic_facts(site, kind, name)
-    if kind == "div":
-        if _argument(site, 2, "rounding_mode", None) is not None:
-            return OpFacts("other")  # floor / trunc division rounds: no affine map
+    if kind == "div" and _argument(site, 2, "rounding_mode", None) is not None:
+        return OpFacts("other")  # floor / trunc division rounds: no affine map
+    if kind in ("add", "sub", "mul", "div"):
         return _arithmetic_facts(site, kind, name)
     if kind == "concat":
         axis = site.kwargs.get("dim", site.kwargs.get("axis", site.args[1] if len(site.args) > 1 else 0))
@@ -228,10 +226,6 @@ _FUNCTIONAL_LAYERS: dict[Any, int] = {  # functional conv / linear -> the activa
 }
 
 
-def _zero(value: Any) -> bool:
-    return all(v == 0 for v in _ints(value)) if not isinstance(value, str) else value == "valid"
-
-
 def functional_rule(module: nn.Module) -> LinearLayerRule | str:
     """The rule of a layer whose class overrides ``forward`` but ends in one functional convolution / linear call on
     its own weight and bias (smp's ``Conv2dStaticSamePadding``: pad, then ``F.conv2d(x, self.weight, self.bias,
@@ -269,7 +263,7 @@ def functional_rule(module: nn.Module) -> LinearLayerRule | str:
     padded = None
     if not (isinstance(source, fx.Node) and source.op == "placeholder"):
         padded = PADS_BEFORE_THE_LAYER
-    elif channel_dim == 1 and not _zero(padding):
+    elif channel_dim == 1 and padding != "valid" and any(v != 0 for v in _ints(padding)):
         padded = PADS_ZEROS
     return LinearLayerRule(
         types=(type(module),), out_axis=0, activation_channel_dim=channel_dim, groups=lambda m: groups,
@@ -577,11 +571,6 @@ def _count_negatives(arrays: list[torch.Tensor]) -> list[int]:
     return span_counts(negative, list(itertools.accumulate((a.numel() for a in arrays), initial=0)))
 
 
-def _as_numpy64(array: torch.Tensor) -> np.ndarray:
-    """``array`` as a float64 numpy array on the CPU (a view where it is one already)."""
-    return array.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
 def _small_numpy(array: torch.Tensor, limit: int) -> np.ndarray | None:
     """``array`` as a numpy view, when it is a CPU array of fewer than ``limit`` values in a dtype numpy has.
 
@@ -665,11 +654,11 @@ class TorchNumerics:
         return max(float(high), -float(low))
 
     def segment_max_abs(self, array: torch.Tensor, bounds: list[int]) -> list[float]:
-        return span_max_abs(_as_numpy64(array), bounds)
+        return span_max_abs(self.float64(array).cpu().numpy(), bounds)
 
     def segment_finite(self, array: torch.Tensor, bounds: list[int]) -> list[bool]:
         # Checked in the array's own dtype: an entry that overflowed when cast to it is inf there.
-        return span_all_finite(_as_numpy64(array), bounds)
+        return span_all_finite(self.float64(array).cpu().numpy(), bounds)
 
     def max_finite(self, array: torch.Tensor) -> float:
         return float(torch.finfo(array.dtype).max)
@@ -689,7 +678,7 @@ class Rollback:
     """
 
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    slots: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+    slots: list[tuple[dict[str, Any], str, object]] = field(default_factory=list)  # (owner's table, name, old)
     scaled: list[tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=list)
 
     def swap(self, tensor: torch.Tensor, new_value: torch.Tensor) -> None:
@@ -699,7 +688,7 @@ class Rollback:
     def set_slot(self, owner: nn.Module, name: str, value: object) -> None:
         """Set a child module or parameter slot of ``owner`` (bypassing nn.Module's type checks on re-assignment)."""
         table = owner._modules if name in owner._modules else owner._parameters
-        self.slots.append((owner, name, table.get(name)))
+        self.slots.append((table, name, table.get(name)))
         table[name] = value  # type: ignore[assignment]
 
     def scale(self, weight: torch.Tensor, factors: torch.Tensor, axis: int, groups: int) -> None:
@@ -708,8 +697,7 @@ class Rollback:
 
     def replacements(self) -> list[tuple[object, object]]:
         """Each slot changed, as ``(old value, value now)``: what a tensor count needs to know."""
-        return [(old, (owner._modules if name in owner._modules else owner._parameters).get(name))
-                for owner, name, old in self.slots]
+        return [(old, table.get(name)) for table, name, old in self.slots]
 
     def restore(self) -> None:
         """Undo the fold. Once: the undo information is used up, so a second call changes nothing (dividing the
@@ -718,9 +706,8 @@ class Rollback:
             affine.scale_channels_in_place(weight.data, 1 / factors, axis, groups)
         for tensor, old in reversed(self.swapped):
             tensor.data = old
-        for owner, name, value in reversed(self.slots):
-            table = owner._modules if name in owner._modules else owner._parameters
-            table[name] = value  # type: ignore[assignment]
+        for table, name, value in reversed(self.slots):
+            table[name] = value
         self.scaled, self.swapped, self.slots = [], [], []
 
 

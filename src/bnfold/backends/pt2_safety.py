@@ -73,10 +73,6 @@ class UnsafeArchiveError(InvalidInputError):
     """A ``.pt2`` archive holds a record whose loading would run code from the file (``--trust-pickle`` allows it)."""
 
 
-def _relative(name: str, root: str) -> str:
-    return name[len(root) + 1:] if root and name.startswith(root + "/") else name
-
-
 def _is_weights_only(data: bytes) -> str | None:
     """``None`` if ``data`` loads with the weights-only unpickler, else why not (torch would retry it unsafely)."""
     import torch
@@ -203,7 +199,7 @@ def unsafe_records(data: bytes) -> list[tuple[str, str]]:
             twice = sorted({n for n, f in zip(names, folded, strict=True) if folded.count(f) > 1})
             return [(twice[0], "appears more than once in the archive (a copy could hide another)")]
         root = names[0].split("/", 1)[0] if names and "/" in names[0] else ""
-        relative = {name: _relative(name, root) for name in names}
+        relative = {name: name[len(root) + 1:] if root and name.startswith(root + "/") else name for name in names}
         by_relative = {rel.casefold(): name for name, rel in relative.items()}
         problems: list[tuple[str, str]] = []
         raw: set[str] = set()

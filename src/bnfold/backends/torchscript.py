@@ -2,12 +2,10 @@
 folds written back into that graph's constants (:class:`ScriptWeights`); branch merges are written by
 :mod:`bnfold.backends.script_merges`.
 
-A TorchScript archive carries no Python classes to rebuild, so the module tree cannot be folded. The model is
-frozen instead (``torch._C._freeze_module``: submodule calls inlined, weights turned into graph constants, and
-*none* of ``torch.jit.freeze``'s optimisation passes, which would fold conv + BN silently and without a report); a
-module called at two sites is inlined twice, so each call can absorb its own norm. The result is a frozen
-``ScriptModule`` keeping only ``forward``; parameter counts are projected from the original's ``parameters()``, as
-for an ``nn.Module``.
+A TorchScript archive carries no Python classes to rebuild, so the module tree cannot be folded: the model is
+frozen instead (:func:`freeze`: submodule calls inlined, weights turned into graph constants; a module called at two
+sites is inlined twice, so each call can absorb its own norm). The result keeps only ``forward``; parameter counts
+are projected from the original's ``parameters()``, as for an ``nn.Module``.
 
 Constants are never changed in place (the frozen graph may share their storage with the caller's module), so a
 constant read by several nodes is no ``problem`` here, unlike a parameter shared by two modules: the folded layer
@@ -22,7 +20,6 @@ import dataclasses
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -186,10 +183,7 @@ def _arithmetic_facts(node: Any, shape_of: Any) -> OpFacts:
     computed = [value for value in inputs if _computed(value)]
     operands: list[Operand] = []
     for value in values:
-        if isinstance(value, float):
-            operands.append(Operand(number=value))
-            continue
-        constant = _constant(value)
+        constant = value if isinstance(value, float) else _constant(value)  # (-1.0: neg's factor)
         if constant is _NOT_CONSTANT:
             if not _is_tensor(value):
                 return OpFacts("other")
@@ -237,8 +231,8 @@ def _is_tensor(value: Any) -> bool:
 
 
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """Freeze a copy of ``module`` without ``torch.jit.freeze``'s optimisation passes (they fold conv + BN
-    themselves, silently)."""
+    """Freeze a copy of ``module`` (``torch._C._freeze_module``) without ``torch.jit.freeze``'s optimisation passes:
+    they fold conv + BN themselves, silently and without a report."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frozen = torch.jit.RecursiveScriptModule(torch._C._freeze_module(module._c, []))
@@ -286,7 +280,7 @@ def _module_path(node: Any) -> tuple[str, str]:
     (what a scripted graph keeps) names the modules that were *called*, so it skips containers that are only
     iterated or indexed (``nn.ModuleList``, ``nn.ModuleDict``: ``stages.0.1.0.conv`` for
     ``stages.0.1.conv_kxk.0.conv``); it gives the class name, and the path where there is no scope (see
-    :meth:`_Translator.unit_name` for how a layer's own constants complete it).
+    :meth:`_Translation.unit_name` for how a layer's own constants complete it).
     """
     try:
         hierarchy = node.getModuleHierarchy()
@@ -322,22 +316,6 @@ def _attribute_path(value: Any, suffix: str) -> str:
     if name.startswith("self.") and name.endswith(suffix):
         return name.removeprefix("self.").removesuffix(suffix)
     return ""
-
-
-@dataclass
-class _Translation:
-    """The core graph of a frozen module, and where each unit lives in the JIT graph."""
-
-    graph: Graph
-    jit_nodes: dict[str, Any] = field(default_factory=dict)  # unit name -> its JIT node
-    node_of: dict[int, Any] = field(default_factory=dict)  # core index of an op / layer / norm -> its JIT node
-    value_nodes: dict[int, list[int]] = field(default_factory=dict)  # JIT value -> the core nodes it stands for
-    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # "%name" -> the constant tensor it holds
-
-    def names(self) -> dict[int, str]:
-        """Unit names by the JIT value each unit's node computes (stable while the node lives; read it before a
-        fold deletes norm nodes)."""
-        return {node.outputsAt(0).unique(): name for name, node in self.jit_nodes.items()}
 
 
 def _groups_transposed(node: Any) -> tuple[Any, Any]:
@@ -391,27 +369,35 @@ def _norm_facts(node: Any) -> NormFacts:
     return NormFacts(channels, channel_dim=1, negative_scales=negative)
 
 
-class _Translator:
-    """The dataflow of a frozen graph's top-level block, and the names of its units."""
+class _Translation:
+    """The core graph of a frozen graph's top-level block (:func:`to_graph`), the names of its units, and where each
+    unit lives in the JIT graph."""
 
     def __init__(self, frozen: torch.jit.ScriptModule, shapes: dict[int, tuple[int, ...]] | None,
                  inputs: tuple[Any, ...] | None, names: dict[int, str] | None) -> None:
         self.jit = frozen.graph
-        self.names = names or {}
+        self.known_names = names or {}
         self.shapes = shapes or {}
         self.inputs = inputs
-        self.result = _Translation(Graph(method=CAPTURE, shapes_known=shapes is not None))
-        self.graph = self.result.graph
-        # JIT value -> core nodes it stands for (a list: its elements)
-        self.values: dict[int, list[int]] = self.result.value_nodes
+        self.graph = Graph(method=CAPTURE, shapes_known=shapes is not None)
+        self.jit_nodes: dict[str, Any] = {}  # unit name -> its JIT node
+        self.node_of: dict[int, Any] = {}  # core index of an op / layer / norm -> its JIT node
+        self.value_nodes: dict[int, list[int]] = {}  # JIT value -> the core nodes it stands for (a list: elements)
+        self.constants: dict[str, torch.Tensor] = {}  # "%name" -> the constant tensor it holds
         self.shape_of_value: dict[int, tuple[int, ...]] = {}
+        self.translate()
+
+    def names(self) -> dict[int, str]:
+        """Unit names by the JIT value each unit's node computes (stable while the node lives; read it before a
+        fold deletes norm nodes)."""
+        return {node.outputsAt(0).unique(): name for name, node in self.jit_nodes.items()}
 
     # names ------------------------------------------------------------------------------------------------
 
     def unit_name(self, node: Any, fallback: str) -> tuple[str, str]:
         path, type_name = _module_path(node)
-        if node.outputsAt(0).unique() in self.names:  # named by an earlier translation of the same graph
-            return self.graph.free_name(self.names[node.outputsAt(0).unique()]), type_name or node.kind()
+        if node.outputsAt(0).unique() in self.known_names:  # named by an earlier translation of the same graph
+            return self.graph.free_name(self.known_names[node.outputsAt(0).unique()]), type_name or node.kind()
         # The name freezing gave a layer's or norm's constants is its full module path, unless the constant was
         # pooled with an equal one of another module (a fresh norm's zero mean): trusted where it agrees with the
         # call stack.
@@ -427,7 +413,7 @@ class _Translator:
 
     def read(self, values: Iterable[Any]) -> list[int]:
         """The core nodes behind JIT ``values`` (a list stands for its elements); untracked values read nothing."""
-        return [index for value in values for index in self.values.get(value.unique(), [])]
+        return [index for value in values for index in self.value_nodes.get(value.unique(), [])]
 
     def nested_reads(self, node: Any) -> list[Any]:
         """Every value a node and its sub-blocks read that was defined outside it."""
@@ -440,21 +426,21 @@ class _Translator:
         return values
 
     def bind(self, node: Any, core_index: int, position: int) -> None:
-        self.result.node_of[core_index] = node
+        self.node_of[core_index] = node
         for output in node.outputs():
-            self.values[output.unique()] = [core_index]
+            self.value_nodes[output.unique()] = [core_index]
         shape = self.shapes.get(position)
         if shape is not None:
             self.shape_of_value[node.outputsAt(0).unique()] = shape
 
-    def translate(self) -> _Translation:
+    def translate(self) -> None:
         graph = self.graph
         jit_inputs = list(self.jit.inputs())[1:]  # the first is the module itself
         for index, value in enumerate(jit_inputs):
             example = self.inputs[index] if self.inputs is not None and index < len(self.inputs) else None
             shape = tuple(example.shape) if isinstance(example, torch.Tensor) else None
             core = graph.add_node(INPUT, "a model input", shape=shape)
-            self.values[value.unique()] = [core.index]
+            self.value_nodes[value.unique()] = [core.index]
             if shape is not None:
                 self.shape_of_value[value.unique()] = shape
         counts = [0, 0]  # layers, norms: a unit without a module path is named by its op and number
@@ -465,13 +451,13 @@ class _Translator:
                 if outputs and _is_tensor(outputs[0]) and isinstance(outputs[0].toIValue(), torch.Tensor):
                     tensor = outputs[0].toIValue()
                     core = graph.add_node(CONSTANT, f"the constant %{outputs[0].debugName()}", shape=tuple(tensor.shape))
-                    self.result.constants[f"%{outputs[0].debugName()}"] = tensor
-                    self.values[outputs[0].unique()] = [core.index]
+                    self.constants[f"%{outputs[0].debugName()}"] = tensor
+                    self.value_nodes[outputs[0].unique()] = [core.index]
                 continue
             if kind in _METADATA_READS:
                 continue
             if kind in _CONTAINERS:
-                self.values[node.output().unique()] = self.read(node.inputs())
+                self.value_nodes[node.output().unique()] = self.read(node.inputs())
                 continue
             if kind in _LAYERS or kind == _NORM:
                 counts[kind == _NORM] += 1
@@ -484,7 +470,7 @@ class _Translator:
             facts = _op_facts(node, lambda v: self.shape_of_value.get(v.unique())) if not list(node.blocks()) else OpFacts("other")
             if facts.kind in _ARITHMETIC_KINDS:  # its operands say which computed input each reads
                 computed = [v for v in node.inputs() if _computed(v)]
-                if all(len(self.values.get(v.unique(), [])) == 1 for v in computed):
+                if all(len(self.value_nodes.get(v.unique(), [])) == 1 for v in computed):
                     reads = self.read(computed)
                 else:  # an operand that is no single node of the dataflow: not a term bnfold can place
                     facts = OpFacts("other")
@@ -492,7 +478,6 @@ class _Translator:
             self.bind(node, core.index, position)
         graph.add_node(OUTPUT, "the model output", self.read(self.jit.return_node().inputs()))
         self.nested_norms()
-        return self.result
 
     def add_unit(self, node: Any, position: int, fallback: str) -> None:
         """A layer or norm node: its unit, and its core node reading its input (and any weight or statistic computed
@@ -506,7 +491,7 @@ class _Translator:
         reads = self.read(inputs[:1]) + self.read(v for v in inputs[1:] if v.node().kind() != "prim::Constant")
         core = self.graph.add_node(kind, f"'{name}' ({node.kind()})", reads, shape=self.shapes.get(position), unit=name)
         self.bind(node, core.index, position)
-        self.result.jit_nodes[name] = node
+        self.jit_nodes[name] = node
 
     def nested_norms(self) -> None:
         """Norms inside control flow (a ``prim::If`` / ``prim::Loop`` block): reported, never folded."""
@@ -531,7 +516,7 @@ def to_graph(
     scripted graph's names come partly from its constants, which folds replace.
     """
     shapes = _recorded_shapes(frozen, example_inputs) if example_inputs is not None else None
-    return _Translator(frozen, shapes, example_inputs, names).translate()
+    return _Translation(frozen, shapes, example_inputs, names)
 
 
 # --------------------------------------------------------------------------------------------- writing back
@@ -542,12 +527,10 @@ class ScriptWeights:
 
     numerics = TorchNumerics()
 
-    def __init__(
-        self, graph: Any, jit_nodes: dict[str, Any], constants: dict[str, torch.Tensor] | None = None
-    ) -> None:
+    def __init__(self, graph: Any, translation: _Translation) -> None:
         self.graph = graph
-        self.jit_nodes = jit_nodes
-        self.constants = constants or {}
+        self.jit_nodes = dict(translation.jit_nodes)  # folded norms are taken out
+        self.constants = translation.constants
 
     def constant(self, name: str) -> torch.Tensor:
         """The tensor of the graph constant ``name`` (``%name``, as :func:`_arithmetic_facts` names an operand): a
@@ -604,7 +587,7 @@ class ScriptBackend:
             self.frozen = freeze(self.module)
         translation = to_graph(self.frozen, self.inputs, self.names)
         self.names = translation.names()  # read before folds delete nodes
-        self.access = ScriptWeights(self.frozen.graph, dict(translation.jit_nodes), translation.constants)
+        self.access = ScriptWeights(self.frozen.graph, translation)
         return translation.graph
 
     def weights(self) -> ScriptWeights:
@@ -661,7 +644,7 @@ def _merge(
 
     def translate() -> tuple[_Translation, ScriptWeights]:
         translation = to_graph(frozen, inputs, names)
-        return translation, ScriptWeights(frozen.graph, translation.jit_nodes, translation.constants)
+        return translation, ScriptWeights(frozen.graph, translation)
 
     def fold_again() -> tuple[dict[str, NormEntry], int, int]:
         planned, entries = pipeline.refold(ScriptBackend(frozen, frozen, "", inputs, names))

@@ -377,12 +377,12 @@ class _Translator:
                 return f"the {what} '{name}' shares its parameter '{own_name}' with '{others[0]}'"
         if not self.param_reads:
             return None
-        own_tensors = {
+        own_tensors = [  # in declaration order, so the reason names the same tensor in every run
             f"{alias}.{tensor_name}" if alias else tensor_name
             for alias in aliases
             for tensor_name, _ in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
-        }
-        for tensor_name in own_tensors & self.param_reads.keys():
+        ]
+        for tensor_name in (t for t in own_tensors if t in self.param_reads):
             read = self.param_reads[tensor_name][0]
             user = self.flow.sites[read.users[0]] if read.users else read
             return f"its tensor '{tensor_name}' is also read directly by {describe(user)} in the forward code"

@@ -1,5 +1,6 @@
 """The ONNX adapter: an ONNX graph translated into the core graph (:func:`to_graph`), and the core's folds
-written back as initializers (:class:`OnnxBackend`, on a copy of the model).
+written back as initializers (:class:`OnnxWeights`, driven by :class:`OnnxBackend`) in the model it is handed: a
+copy of a caller's ModelProto, or, in place, a model just read from a file (nobody else holds it).
 
 Nothing here decides what folds: :mod:`bnfold.core.plan` does, with the rules of every format. Only
 activations are dataflow: constants (initializers the caller cannot override, ``Constant`` nodes, small
@@ -759,10 +760,10 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
             del graph.value_info[i]
 
 
-class OnnxBackend:
-    """:class:`bnfold.core.pipeline.FoldBackend`, and its :class:`bnfold.core.apply.WeightAccess`, for a model
-    handed over for rewriting (a copy, or a model just read from a file). Counts are the float initializers'
-    elements (ONNX has no buffers).
+class OnnxWeights:
+    """:class:`bnfold.core.apply.WeightAccess` on a model's translation: reads its constants and writes the folds
+    back as initializers, in ``model`` itself (which the caller hands over for rewriting). ``notes`` gathers what
+    the writes noted; :meth:`finish` puts the graph in order once every write is made.
 
     Gemm ``Y = alpha * A @ B' + beta * C`` is presented to the core as weight ``alpha * B`` and bias ``beta * C``
     (rounded to their dtypes only when alpha / beta are not 1), and written back with ``alpha = beta = 1``, so both
@@ -771,13 +772,13 @@ class OnnxBackend:
     """
 
     numerics = NumpyNumerics()
-    exported = True
-    measures_counts = True
 
-    def __init__(self, model: onnx.ModelProto, name: str) -> None:
+    def __init__(self, model: onnx.ModelProto, translation: Translation) -> None:
         self.model = model
-        self.name = name
         self.graph = model.graph
+        self.translation = translation
+        self.tensors, self.shapes = translation.tensors, translation.shapes
+        self.layers, self.norms = translation.layers, translation.norms
         self.notes: list[str] = []
         self.removed_nodes: set[int] = set()
         self.added_nodes: dict[int, onnx.NodeProto] = {}  # id of a node -> the new node that follows it
@@ -785,33 +786,6 @@ class OnnxBackend:
         self._taken = {n for node in self.graph.node for n in (*node.input, *node.output)}  # for new_name
         self._taken |= {t.name for t in self.graph.initializer} | {i.name for i in self.graph.input}
         self._taken |= {o.name for o in self.graph.output} | {v.name for v in self.graph.value_info}
-
-    def norm_modes(self) -> NormModes:
-        """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
-        norms = [n for n in self.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
-        return NormModes(len(norms), sum(_in_training_mode(n, default_opset(self.model)) for n in norms))
-
-    def translate(self) -> Graph:
-        self.translation = to_graph(self.model)
-        self.tensors, self.shapes = self.translation.tensors, self.translation.shapes
-        self.layers, self.norms = self.translation.layers, self.translation.norms
-        return self.translation.graph
-
-    def weights(self) -> OnnxBackend:
-        return self
-
-    def counts(self) -> tuple[int, int]:
-        return float_parameter_count(self.graph), 0
-
-    def released(self, norm: str) -> tuple[int, int]:
-        """Its scale, shift and statistics, where no other node reads them."""
-        initializers, readers = self.tensors.initializers, self.tensors.readers
-        names = [n for n in self.norms[norm].input[1:5] if n in initializers and len(readers.get(n, [])) == 1]
-        return sum(int(np.prod(initializers[n].dims, dtype=np.int64)) for n in names), 0
-
-    def lacks_bias(self, layer: str) -> bool:
-        unit = self.layers[layer]
-        return unit.bias_add is None and not _own_bias(unit.node)
 
     def new_name(self, base: str) -> str:
         """A name no tensor or node of the graph has, for what a rewrite adds (``<base>_bnfold``,
@@ -936,6 +910,52 @@ class OnnxBackend:
             _drop_unused(self.graph, self.stale)
 
 
+
+
+class OnnxBackend:
+    """:class:`bnfold.core.pipeline.FoldBackend` for a model handed over for rewriting (a copy, or a model just
+    read from a file); its :class:`OnnxWeights` exist once :meth:`translate` has run. Counts are the float
+    initializers' elements (ONNX has no buffers)."""
+
+    exported = True
+    measures_counts = True
+
+    def __init__(self, model: onnx.ModelProto, name: str) -> None:
+        self.model = model
+        self.name = name
+        self.graph = model.graph
+
+    def norm_modes(self) -> NormModes:
+        """Of the top-level BatchNormalization nodes (all hold running statistics), those in training mode."""
+        norms = [n for n in self.graph.node if n.op_type == NORM_TYPE and n.domain in ONNX_DOMAINS]
+        return NormModes(len(norms), sum(_in_training_mode(n, default_opset(self.model)) for n in norms))
+
+    def translate(self) -> Graph:
+        self.translation = to_graph(self.model)
+        self.access = OnnxWeights(self.model, self.translation)
+        return self.translation.graph
+
+    def weights(self) -> OnnxWeights:
+        return self.access
+
+    def counts(self) -> tuple[int, int]:
+        return float_parameter_count(self.graph), 0
+
+    def released(self, norm: str) -> tuple[int, int]:
+        """Its scale, shift and statistics, where no other node reads them."""
+        initializers, readers = self.translation.tensors.initializers, self.translation.tensors.readers
+        names = [n for n in self.translation.norms[norm].input[1:5]
+                 if n in initializers and len(readers.get(n, [])) == 1]
+        return sum(int(np.prod(initializers[n].dims, dtype=np.int64)) for n in names), 0
+
+    def lacks_bias(self, layer: str) -> bool:
+        unit = self.translation.layers[layer]
+        return unit.bias_add is None and not _own_bias(unit.node)
+
+    def finish(self) -> None:
+        self.access.finish()
+
+
 def fold_graph(
     model: onnx.ModelProto, name: str, applied: bool, *, copy: bool = True
 ) -> tuple[onnx.ModelProto, FoldReport]:
@@ -953,7 +973,7 @@ def fold_graph(
     target = deepcopy(model) if applied and copy else model
     backend = OnnxBackend(target, name)
     report = (pipeline.fold(backend) if applied else pipeline.dry_run(backend)).report
-    report.notes.extend(n for n in dict.fromkeys(backend.notes) if applied)
+    report.notes.extend(n for n in dict.fromkeys(backend.access.notes) if applied)
     if hidden:
         report.notes.append(f"{hidden} BatchNormalization node(s) inside subgraphs "
                             f"(If/Loop/Scan bodies) were not considered")

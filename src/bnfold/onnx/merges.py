@@ -14,7 +14,7 @@ from ..core import pipeline
 from ..core.graph import LAYER, NORM, OP, Geometry, Graph
 from ..core.merge import Merge
 from ..report import FOLDED, NormEntry
-from .adapter import OnnxBackend, Translation, _label, attribute, display_name
+from .adapter import OnnxBackend, OnnxWeights, Translation, _label, attribute, display_name, to_graph
 
 
 def annotate(model: onnx.ModelProto, translation: Translation) -> dict[int, onnx.NodeProto]:
@@ -58,11 +58,10 @@ class OnnxMerges:
         self.notes: list[str] = []
 
     def translate(self) -> Graph:
-        self.access = OnnxBackend(self.model, "")
-        graph = self.access.translate()
-        self.translation = self.access.translation
+        self.translation = to_graph(self.model)
+        self.access = OnnxWeights(self.model, self.translation)
         self.nodes = annotate(self.model, self.translation)
-        return graph
+        return self.translation.graph
 
     def start(self, merges: list[Merge]) -> None:
         pass

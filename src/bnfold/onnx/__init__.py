@@ -22,10 +22,9 @@ import onnx
 
 from ..core import pipeline
 from ..errors import InvalidInputError, VerificationError
-from ..files import refuse_inputs
 from ..report import MERGED, FoldReport
 from .adapter import float_parameter_count, fold_graph
-from .io import EXTERNAL_DATA_THRESHOLD, data_file, data_size, load, read, save
+from .io import load, read, save
 from .verification import TOLERANCES, default_tolerance, example_inputs, session, verify
 from .verification import verify as _verify  # fold() has a parameter named verify
 
@@ -74,8 +73,6 @@ class OnnxFoldResult:
             VerificationError: the written file does not load in onnxruntime, or does not reproduce the
                 original's outputs (nothing is written).
         """
-        external = self.external_data or data_size(self.model) > EXTERNAL_DATA_THRESHOLD
-        refuse_inputs([Path(path), data_file(path)] if external else [Path(path)], self.sources)
         checked: dict[str, Any] = {}
 
         def read_back(staged: Path) -> None:
@@ -102,7 +99,9 @@ class OnnxFoldResult:
                     "was written"
                 )
 
-        save(self.model, path, force=force, external_data=external, check=read_back)
+        # None: io.save decides from the model's size, and refuses the files it will write if one is a source.
+        save(self.model, path, force=force, external_data=self.external_data or None, check=read_back,
+             sources=self.sources)
         return checked or None
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
 from ..errors import InvalidInputError, first_line
-from ..files import staged_files
+from ..files import refuse_inputs, staged_files
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Models larger than this (bytes) are saved with external data: protobuf cannot hold more than 2 GB."""
@@ -167,6 +167,7 @@ def save(
     force: bool = False,
     external_data: bool | None = None,
     check: Callable[[Path], object] | None = None,
+    sources: Iterable[str | os.PathLike[str]] = (),
 ) -> None:
     """Write ``model`` to ``path`` atomically, with its external data; refuse to overwrite unless ``force``.
 
@@ -177,23 +178,27 @@ def save(
         check: called with the staged graph's path (its data file beside it) before anything is renamed into
             place; raising stops the save with nothing written (see the module docstring). Without ``force`` the
             renames refuse to replace files that appeared meanwhile (another run writing the same path).
+        sources: the files the model was read from (:attr:`OnnxFoldResult.sources`): neither ``path`` nor its data
+            file may be one of them, ``force`` or not. Checked here, where the files to write are decided, so
+            that no rule written twice can let a data file past the check.
 
     Raises:
-        InvalidInputError: ``path`` (or its data file) exists without ``force``, is a directory, its folder is
-            missing, or the file system refused the write (read-only, full, ...).
+        InvalidInputError: ``path`` (or its data file) is one of ``sources``, exists without ``force``, is a
+            directory, its folder is missing, or the file system refused the write (read-only, full, ...).
     """
     if not isinstance(model, onnx.ModelProto):
         raise InvalidInputError(f"save() needs an onnx.ModelProto, got {type(model).__name__}")
     target = Path(path)
+    if external_data is None:
+        external_data = data_size(model) > EXTERNAL_DATA_THRESHOLD
+    data_target = data_file(target)
+    refuse_inputs([target, data_target] if external_data else [target], sources)
     if target.is_dir():
         raise InvalidInputError(f"{target}: is a directory; pass a file path such as {target / 'model.onnx'}")
     if target.exists() and not force:
         raise InvalidInputError(f"{target}: already exists; pass force=True (--force) to overwrite it")
     if not target.parent.is_dir():
         raise InvalidInputError(f"{target}: its directory {target.parent} does not exist; create it first")
-    if external_data is None:
-        external_data = data_size(model) > EXTERNAL_DATA_THRESHOLD
-    data_target = data_file(target)
     if external_data and data_target.exists() and not force:
         raise InvalidInputError(
             f"{data_target}: already exists (external data of {target.name}); pass force=True (--force) to overwrite it"

@@ -48,6 +48,7 @@ from ..core.graph import (
 from ..core.pipeline import NormModes
 from ..report import FoldReport
 from ..segments import span_all_finite, span_max_abs
+from .io import subgraphs
 
 ONNX_DOMAINS = ("", "ai.onnx")
 NORM_TYPE = "BatchNormalization"
@@ -112,20 +113,14 @@ def conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...], input_sha
     return Geometry(kernel, strides, padding, dilations, int(attribute(node, "group", 1)), "zeros", transposed)
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs in a node's attributes (``If`` branches, ``Loop`` and ``Scan`` bodies)."""
-    return [sub for attr in node.attribute
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
-
-
 def _reads_inside(graph: onnx.GraphProto) -> set[str]:
     names = {n for node in graph.node for n in node.input if n} | {o.name for o in graph.output}
-    return names.union(*(_reads_inside(sub) for node in graph.node for sub in _subgraphs(node)))
+    return names.union(*(_reads_inside(sub) for node in graph.node for sub in subgraphs(node)))
 
 
 def _count_norms(graph: onnx.GraphProto) -> int:
     return sum(
-        (node.op_type == NORM_TYPE) + sum(_count_norms(sub) for sub in _subgraphs(node)) for node in graph.node
+        (node.op_type == NORM_TYPE) + sum(_count_norms(sub) for sub in subgraphs(node)) for node in graph.node
     )
 
 
@@ -155,7 +150,7 @@ class Tensors:
         self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in self.nodes:
             self.producer.update((name, node) for name in node.output if name)
-            for name in [*node.input, *(n for sub in _subgraphs(node) for n in _reads_inside(sub))]:
+            for name in [*node.input, *(n for sub in subgraphs(node) for n in _reads_inside(sub))]:
                 if name:
                     self.readers[name].append(node)
         self._constant: dict[str, bool] = {}
@@ -193,7 +188,7 @@ class Tensors:
         if name not in cache:
             node = self.producer.get(name)
             cache[name] = False  # a cycle (an invalid graph) must not recurse forever
-            computed = node is not None and name not in self.graph_inputs and not _subgraphs(node)
+            computed = node is not None and name not in self.graph_inputs and not subgraphs(node)
             cache[name] = computed and rule(node)
         return cache[name]
 
@@ -505,7 +500,7 @@ class Translation:
                 reads.append(bias[0].input[bias[1]])
                 outputs = [bias[0].output[0]]  # the Add's: the layer's output with its bias
         else:
-            outside = [n for sub in _subgraphs(node) for n in sorted(_reads_inside(sub))]
+            outside = [n for sub in subgraphs(node) for n in sorted(_reads_inside(sub))]
             facts_of = OPS.get(op)
             facts = facts_of(OpContext(node, tensors, shapes)) if facts_of else OTHER
             if op in ARITHMETIC and not outside:
@@ -659,7 +654,7 @@ def to_graph(model: onnx.ModelProto) -> Translation:
     for node in tensors.nodes:
         if id(node) in merged or (node.domain in ONNX_DOMAINS and node.op_type in METADATA_OPS):
             continue  # a MatMul's bias Add (translated with it), or a node reading only its input's shape
-        if node.output and all(tensors.is_static(n) for n in node.output if n) and not _subgraphs(node):
+        if node.output and all(tensors.is_static(n) for n in node.output if n) and not subgraphs(node):
             continue  # a constant or a shape computation: not dataflow
         out._add(node, merged)
     for name in tensors.graph_outputs:
@@ -743,7 +738,7 @@ def _drop_unused(graph: onnx.GraphProto, stale: set[str]) -> None:
     nothing reads any more, and then what only they read."""
     while True:
         read = _reads_inside(graph)
-        dead_nodes = [i for i, node in enumerate(graph.node) if node.output and not _subgraphs(node)
+        dead_nodes = [i for i, node in enumerate(graph.node) if node.output and not subgraphs(node)
                       and all(n in stale and n not in read for n in node.output if n)]
         dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in read and t.name in stale]
         if not dead_nodes and not dead_inits:
@@ -969,7 +964,7 @@ def fold_graph(
         TrainingModeError: every BatchNormalization runs in training mode.
         NonFiniteStatisticsError: a norm the plan folds has NaN or infinite statistics.
     """
-    hidden = sum(_count_norms(sub) for node in model.graph.node for sub in _subgraphs(node))
+    hidden = sum(_count_norms(sub) for node in model.graph.node for sub in subgraphs(node))
     target = deepcopy(model) if applied and copy else model
     backend = OnnxBackend(target, name)
     report = (pipeline.fold(backend) if applied else pipeline.dry_run(backend)).report

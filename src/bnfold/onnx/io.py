@@ -132,14 +132,25 @@ def data_size(model: onnx.ModelProto) -> int:
     return total
 
 
+def attribute_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    """The graphs an attribute holds (an ``If`` branch, a ``Loop`` or ``Scan`` body), or none."""
+    return [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs in a node's attributes (``If`` branches, ``Loop`` and ``Scan`` bodies)."""
+    return [sub for attr in node.attribute for sub in attribute_graphs(attr)]
+
+
 def _tensors(graph: onnx.GraphProto, attributes: bool = True) -> list[onnx.TensorProto]:
-    """Initializers of ``graph`` and of its subgraphs, and (``attributes``) their attribute tensors."""
+    """Initializers of ``graph`` and of its subgraphs, and (``attributes``) their attribute tensors (each
+    attribute's tensors, then its graphs', in attribute order)."""
     tensors = list(graph.initializer)
     for node in graph.node:
         for attr in node.attribute:
             if attributes:
                 tensors.extend([attr.t] if attr.type == onnx.AttributeProto.TENSOR else attr.tensors)
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            for sub in attribute_graphs(attr):
                 tensors.extend(_tensors(sub, attributes))
     return tensors
 

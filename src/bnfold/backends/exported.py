@@ -280,7 +280,10 @@ def _layer_facts(node: fx.Node, name: str, unit: str, stored: ExportedGraph) -> 
     transposed = layout == "conv_transpose" or (layout == "convolution" and bool(_argument(node, "transposed")))
     groups = 1 if layout == "linear" else int(_argument(node, "groups") or 1)
     shape = tuple(weight_value.shape) if isinstance(weight_value, torch.Tensor) else (0, 0)
-    out_channels, in_channels = weight_channels(shape, 1 if transposed else 0, groups)
+    if layout == "linear":  # (out, in) or a 1-D (in,): F.linear accepts a vector weight
+        out_channels, in_channels = shape[0], shape[-1]
+    else:
+        out_channels, in_channels = weight_channels(shape, 1 if transposed else 0, groups)
     channel_dim = -1 if layout == "linear" else 1
     rank = _rank(node.args[0])
     if layout != "linear" and rank is not None and rank == len(shape) - 1:

@@ -44,9 +44,9 @@ from ..core.pipeline import NormModes
 from ..core.plan import FoldPlan
 from ..errors import CaptureError, InvalidInputError, first_line
 from ..report import FoldReport
-from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
+from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, aten_pad_facts, layer_geometry, op_kind
 from .exported_merges import ExportedMerges, Translation
-from .modules import TorchNumerics, aten_pad_facts
+from .modules import TorchNumerics
 
 CAPTURE = "torch.export graph"
 

@@ -50,9 +50,9 @@ from ..core.merge_rounds import merge_rounds
 from ..core.pipeline import NormModes
 from ..errors import InvalidInputError
 from ..report import FoldReport, NormEntry
-from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
+from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, aten_pad_facts, layer_geometry, op_kind
 from .capture import as_input_tuple
-from .modules import TorchNumerics, aten_pad_facts, norm_modes
+from .modules import TorchNumerics, norm_modes
 from .script_merges import ScriptMerges
 
 CAPTURE = "torchscript graph"

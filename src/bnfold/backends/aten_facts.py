@@ -68,10 +68,17 @@ def aten_pad_facts(name: str, mode: Any, widths: Any, rank: int | None) -> OpFac
     return OpFacts("pad", {"mode": mode, "padded_axes": padded})
 
 
+def _ints(value: Any) -> tuple[int, ...]:
+    """An ATen ``int[]`` argument as a tuple (a single value: a 1-tuple; ``None``: empty)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) if isinstance(v, int) else v for v in value)
+    return () if value is None else (value,)
+
+
 def _per_axis(value: Any, rank: int, default: int) -> tuple[int, ...] | None:
     """An ATen ``int[n]`` argument as one int per spatial axis (a single value stands for every axis), or None
     when it is not plain integers."""
-    values = (tuple(value) if isinstance(value, (tuple, list)) else () if value is None else (value,)) or (default,)
+    values = _ints(value) or (default,)
     if len(values) == 1:
         values = values * rank
     if len(values) != rank or not all(isinstance(v, int) for v in values):

@@ -44,7 +44,7 @@ from ..core.pipeline import NormModes
 from ..core.plan import FoldPlan
 from ..errors import CaptureError, InvalidInputError, first_line
 from ..report import FoldReport
-from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, aten_pad_facts, layer_geometry, op_kind
+from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, _ints, aten_pad_facts, layer_geometry, op_kind
 from .exported_merges import ExportedMerges, Translation
 from .modules import TorchNumerics
 
@@ -137,12 +137,6 @@ def _set_argument(node: fx.Node, name: str, value: Any) -> None:
         node.args = (*node.args, value)
     else:
         node.update_kwarg(name, value)
-
-
-def _ints(value: Any) -> tuple[int, ...]:
-    if isinstance(value, (tuple, list)):
-        return tuple(int(v) if isinstance(v, int) else v for v in value)
-    return () if value is None else (value,)
 
 
 def _value(node: Any) -> Any:

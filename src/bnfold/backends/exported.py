@@ -259,9 +259,10 @@ def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
     return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
 
 
-def _layer_facts(node: fx.Node, name: str, unit: str, stored: ExportedGraph) -> tuple[LayerFacts, _LayerSite]:
-    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are (``stored``:
-    the translation, which knows who else reads them)."""
+def _layer_facts(node: fx.Node, name: str, unit: str, translation: ExportedGraph
+                 ) -> tuple[LayerFacts, _LayerSite]:
+    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are
+    (``translation`` knows who else reads them)."""
     layout = _LAYERS[name]
     weight, bias = _argument(node, "weight"), _argument(node, "bias")
     weight_value = _value(weight)
@@ -270,7 +271,8 @@ def _layer_facts(node: fx.Node, name: str, unit: str, stored: ExportedGraph) -> 
     elif not _is_stored(weight) or (bias is not None and not _is_stored(bias)):
         problem = f"the weight or bias of the layer '{unit}' is computed in the program, not a stored tensor"
     else:
-        problem = stored.sharing(weight, "weight", unit) or (bias is not None and stored.sharing(bias, "bias", unit)) or None
+        problem = translation.sharing(weight, "weight", unit) or (
+            bias is not None and translation.sharing(bias, "bias", unit)) or None
     transposed = layout == "conv_transpose" or (layout == "convolution" and bool(_argument(node, "transposed")))
     groups = 1 if layout == "linear" else int(_argument(node, "groups") or 1)
     shape = tuple(weight_value.shape) if isinstance(weight_value, torch.Tensor) else (0, 0)

@@ -283,6 +283,24 @@ def test_a_linear_on_3d_input_and_a_conv_on_an_unbatched_input_are_left_with_the
     assert_same_outputs(program.module(), folded.module(), y)
 
 
+def test_a_linear_with_a_vector_weight_leaves_the_norm_with_the_channel_reason() -> None:
+    """``F.linear`` accepts a 1-D weight ``(in,)``: its input channels are its only size, not a crash."""
+    class VectorWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.w = nn.BatchNorm1d(4), nn.Parameter(torch.randn(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(self.bn(x), self.w)
+
+    x = _x(2, 4, 8)
+    program = _export(calibrated_by_training(VectorWeight(), x), x)
+    folded, report = fold_exported(program)
+    assert len(report.left) == 1 and "'linear' after it has 8 input channels but the norm has 4" in (
+        report.left[0].reason or "")
+    assert_same_outputs(program.module(), folded.module(), x)
+
+
 def test_a_decomposed_program_folds_into_convolution_nodes_and_names_run_decompositions_for_addmm() -> None:
     """``run_decompositions`` turns conv2d into aten.convolution (with a transposed flag) and batch_norm into
     ``_native_batch_norm_legit_no_training`` + ``getitem 0``; linear becomes addmm, which is left with a hint."""

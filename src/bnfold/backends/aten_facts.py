@@ -1,12 +1,12 @@
 """What the TorchScript and torch.export adapters both know of ATen ops: the op names they map to the core's
-vocabulary (each adapter adds the names only its graphs have, and prefixes TorchScript's with ``aten::``), and a
-layer's :class:`~bnfold.core.graph.Geometry` from its arguments."""
+vocabulary (each adapter adds the names only its graphs have, and prefixes TorchScript's with ``aten::``), a
+padding op's facts, and a layer's :class:`~bnfold.core.graph.Geometry` from its arguments."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..core.graph import Geometry
+from ..core.graph import Geometry, OpFacts
 from .modules import conv_geometry
 
 # Linear layers: ATen op name -> how its weight is laid out (each adapter adds its generic convolution,
@@ -52,10 +52,33 @@ def op_kind(table: dict[str, str], name: str) -> str | None:
     return "upsample" if name.removeprefix("aten::").startswith(("upsample_", "_upsample_")) else None
 
 
+_PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
+
+
+def aten_pad_facts(name: str, mode: Any, widths: Any, rank: int | None) -> OpFacts:
+    """An ATen padding op of a TorchScript or torch.export graph (``pad``, ``constant_pad_nd``,
+    ``reflection_pad2d``, ...) in the core's terms: ``mode`` is ``pad``'s own (the others say it in their name),
+    ``widths`` F.pad's list ((before, after) pairs from the last axis backwards) of an input of ``rank`` axes."""
+    if name != "pad":
+        mode = next(m for prefix, m in _PAD_MODES.items() if name.startswith(prefix))
+    padded: tuple[int, ...] | None = None
+    if rank is not None and isinstance(widths, (tuple, list)) and len(widths) % 2 == 0 \
+            and all(isinstance(w, int) for w in widths):
+        padded = tuple(rank - 1 - i for i in range(len(widths) // 2) if widths[2 * i] or widths[2 * i + 1])
+    return OpFacts("pad", {"mode": mode, "padded_axes": padded})
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    """An ATen ``int[]`` argument as a tuple (a single value: a 1-tuple; ``None``: empty)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) if isinstance(v, int) else v for v in value)
+    return () if value is None else (value,)
+
+
 def _per_axis(value: Any, rank: int, default: int) -> tuple[int, ...] | None:
     """An ATen ``int[n]`` argument as one int per spatial axis (a single value stands for every axis), or None
     when it is not plain integers."""
-    values = (tuple(value) if isinstance(value, (tuple, list)) else () if value is None else (value,)) or (default,)
+    values = _ints(value) or (default,)
     if len(values) == 1:
         values = values * rank
     if len(values) != rank or not all(isinstance(v, int) for v in values):

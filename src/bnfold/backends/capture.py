@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, InvalidInputError
+from ..errors import CaptureError, InvalidInputError, first_line
 from ..layers import LayerRegistry
 from .module_tree import ModuleTree
 
@@ -253,8 +253,9 @@ def _fx_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...
         try:
             traced_outputs = recorder.run(*example_inputs)
         except Exception as error:  # the interpreter surfaces whatever the model's code raises
-            first = (str(error).strip().splitlines() or [""])[0][:200]
-            raise TraceMismatch(f"the traced graph fails on the example inputs ({type(error).__name__}: {first})") from error
+            raise TraceMismatch(
+                f"the traced graph fails on the example inputs ({type(error).__name__}: {first_line(error)})"
+            ) from error
         try:
             model_outputs = model(*example_inputs)
         except Exception as error:

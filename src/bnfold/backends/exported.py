@@ -44,9 +44,9 @@ from ..core.pipeline import NormModes
 from ..core.plan import FoldPlan
 from ..errors import CaptureError, InvalidInputError, first_line
 from ..report import FoldReport
-from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
+from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, _ints, aten_pad_facts, layer_geometry, op_kind
 from .exported_merges import ExportedMerges, Translation
-from .modules import TorchNumerics, aten_pad_facts
+from .modules import TorchNumerics
 
 CAPTURE = "torch.export graph"
 
@@ -137,12 +137,6 @@ def _set_argument(node: fx.Node, name: str, value: Any) -> None:
         node.args = (*node.args, value)
     else:
         node.update_kwarg(name, value)
-
-
-def _ints(value: Any) -> tuple[int, ...]:
-    if isinstance(value, (tuple, list)):
-        return tuple(int(v) if isinstance(v, int) else v for v in value)
-    return () if value is None else (value,)
 
 
 def _value(node: Any) -> Any:
@@ -265,9 +259,10 @@ def _symbolic_sizes(module: fx.GraphModule) -> dict[Any, int]:
     return {symbol: 1_000_003 + 2 * i for i, symbol in enumerate(sorted(symbols, key=str))}
 
 
-def _layer_facts(node: fx.Node, name: str, unit: str, stored: ExportedGraph) -> tuple[LayerFacts, _LayerSite]:
-    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are (``stored``:
-    the translation, which knows who else reads them)."""
+def _layer_facts(node: fx.Node, name: str, unit: str, translation: ExportedGraph
+                 ) -> tuple[LayerFacts, _LayerSite]:
+    """What the planner needs of an ATen conv / linear call ``unit``, and where its weight and bias are
+    (``translation`` knows who else reads them)."""
     layout = _LAYERS[name]
     weight, bias = _argument(node, "weight"), _argument(node, "bias")
     weight_value = _value(weight)
@@ -276,11 +271,15 @@ def _layer_facts(node: fx.Node, name: str, unit: str, stored: ExportedGraph) -> 
     elif not _is_stored(weight) or (bias is not None and not _is_stored(bias)):
         problem = f"the weight or bias of the layer '{unit}' is computed in the program, not a stored tensor"
     else:
-        problem = stored.sharing(weight, "weight", unit) or (bias is not None and stored.sharing(bias, "bias", unit)) or None
+        problem = translation.sharing(weight, "weight", unit) or (
+            bias is not None and translation.sharing(bias, "bias", unit)) or None
     transposed = layout == "conv_transpose" or (layout == "convolution" and bool(_argument(node, "transposed")))
     groups = 1 if layout == "linear" else int(_argument(node, "groups") or 1)
     shape = tuple(weight_value.shape) if isinstance(weight_value, torch.Tensor) else (0, 0)
-    out_channels, in_channels = weight_channels(shape, 1 if transposed else 0, groups)
+    if layout == "linear":  # (out, in) or a 1-D (in,): F.linear accepts a vector weight
+        out_channels, in_channels = shape[0], shape[-1]
+    else:
+        out_channels, in_channels = weight_channels(shape, 1 if transposed else 0, groups)
     channel_dim = -1 if layout == "linear" else 1
     rank = _rank(node.args[0])
     if layout != "linear" and rank is not None and rank == len(shape) - 1:

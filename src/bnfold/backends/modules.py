@@ -314,22 +314,6 @@ def conv_geometry(kernel: tuple[int, ...], stride: tuple[int, ...] | None, paddi
     return Geometry(kernel, stride, pairs, dilation, groups, padding_mode, transposed)
 
 
-_PAD_MODES = {"reflection": "reflect", "replication": "replicate", "constant": "constant", "_pad_circular": "circular"}
-
-
-def aten_pad_facts(name: str, mode: Any, widths: Any, rank: int | None) -> OpFacts:
-    """An ATen padding op of a TorchScript or torch.export graph (``pad``, ``constant_pad_nd``,
-    ``reflection_pad2d``, ...) in the core's terms: ``mode`` is ``pad``'s own (the others say it in their name),
-    ``widths`` F.pad's list ((before, after) pairs from the last axis backwards) of an input of ``rank`` axes."""
-    if name != "pad":
-        mode = next(m for prefix, m in _PAD_MODES.items() if name.startswith(prefix))
-    padded: tuple[int, ...] | None = None
-    if rank is not None and isinstance(widths, (tuple, list)) and len(widths) % 2 == 0 \
-            and all(isinstance(w, int) for w in widths):
-        padded = tuple(rank - 1 - i for i in range(len(widths) // 2) if widths[2 * i] or widths[2 * i + 1])
-    return OpFacts("pad", {"mode": mode, "padded_axes": padded})
-
-
 def _sizes(values: tuple[Any, ...]) -> tuple[int, ...]:
     """A conv's sizes as a tuple of Python ints (what they are already, unless code set them otherwise)."""
     if type(values) is tuple and all(type(v) is int for v in values):

@@ -50,9 +50,9 @@ from ..core.merge_rounds import merge_rounds
 from ..core.pipeline import NormModes
 from ..errors import InvalidInputError
 from ..report import FoldReport, NormEntry
-from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, layer_geometry, op_kind
+from .aten_facts import ARITHMETIC, LAYERS, OP_KINDS, aten_pad_facts, layer_geometry, op_kind
 from .capture import as_input_tuple
-from .modules import TorchNumerics, aten_pad_facts, norm_modes
+from .modules import TorchNumerics, norm_modes
 from .script_merges import ScriptMerges
 
 CAPTURE = "torchscript graph"
@@ -527,8 +527,8 @@ class ScriptWeights:
 
     numerics = TorchNumerics()
 
-    def __init__(self, graph: Any, translation: _Translation) -> None:
-        self.graph = graph
+    def __init__(self, translation: _Translation) -> None:
+        self.graph = translation.jit
         self.jit_nodes = dict(translation.jit_nodes)  # folded norms are taken out
         self.constants = translation.constants
 
@@ -587,7 +587,7 @@ class ScriptBackend:
             self.frozen = freeze(self.module)
         translation = to_graph(self.frozen, self.inputs, self.names)
         self.names = translation.names()  # read before folds delete nodes
-        self.access = ScriptWeights(self.frozen.graph, translation)
+        self.access = ScriptWeights(translation)
         return translation.graph
 
     def weights(self) -> ScriptWeights:
@@ -644,7 +644,7 @@ def _merge(
 
     def translate() -> tuple[_Translation, ScriptWeights]:
         translation = to_graph(frozen, inputs, names)
-        return translation, ScriptWeights(frozen.graph, translation)
+        return translation, ScriptWeights(translation)
 
     def fold_again() -> tuple[dict[str, NormEntry], int, int]:
         planned, entries = pipeline.refold(ScriptBackend(frozen, frozen, "", inputs, names))

@@ -70,8 +70,8 @@ class Merge:
     """Merge an add tree into the layer ``into``: its kernel and bias become the sums of every branch's.
 
     Attributes:
-        block / root: the root addition as a user reads it, and its node index (whose readers read ``into``'s output
-            instead, plus the ``kept`` terms).
+        root: the node index of the root addition (whose readers read ``into``'s output instead, plus the ``kept``
+            terms).
         into: the branch layer with the largest kernel, which keeps its geometry.
         branches: every layer merged, ``into`` included, in the tree's order; identities: the identity branches.
         removed: node indices no longer computed (the tree's ops, the other branches' layer and norm calls, the
@@ -80,7 +80,6 @@ class Merge:
             empty when the whole tree merged.
     """
 
-    block: str
     root: int
     into: str
     branches: tuple[Branch, ...]
@@ -103,7 +102,6 @@ class Merge:
 class MergeRefusal:
     """An add tree with a layer among its branches that stays as it is, because of ``reason``."""
 
-    block: str
     root: int
     reason: str
 
@@ -142,7 +140,7 @@ class _MergePlanner:
                 continue  # not a block with a branch to merge into: nothing to report
             planned = self.plan_tree(node, ops, leaves)
             if isinstance(planned, Reason):
-                plan.refusals.append(MergeRefusal(node.label, node.index, str(planned)))
+                plan.refusals.append(MergeRefusal(node.index, str(planned)))
                 continue
             plan.merges.append(planned[0])
             plan.again = plan.again or planned[1]
@@ -273,7 +271,7 @@ class _MergePlanner:
         for op in ops:  # constants only the removed products read (a layer scale) go with them
             removed.update(i for i in op.inputs if self.nodes[i].kind == CONSTANT
                            and all(user in removed for user in self.nodes[i].users))
-        return Merge(root.label, root.index, into, branches, identity_branches, tuple(sorted(removed)),
+        return Merge(root.index, into, branches, identity_branches, tuple(sorted(removed)),
                      tuple(leaf.operand.index for leaf in kept))
 
     def kept_reason(self, kept: list[Leaf], source: Node) -> Reason | None:

@@ -243,14 +243,16 @@ class _MergePlanner:
         reason = self.kept_reason(kept, source)
         if reason is not None:
             return reason
-        units = [(leaf.node.unit or "", self.graph.units[leaf.node.unit or ""].layer) for leaf in layers]
-        branch_layers = [(name, facts, facts.geometry) for name, facts in units  # all, as branch_reason checked
-                         if facts is not None and facts.geometry is not None]
+        branch_layers: list[Layer] = []
+        for leaf in layers:
+            facts = self.graph.units[leaf.node.unit or ""].layer
+            assert facts is not None and facts.geometry is not None  # as branch_reason checked
+            branch_layers.append((leaf.node.unit or "", facts, facts.geometry))
         placed = place_kernels(branch_layers)
         if isinstance(placed, Reason):
             return placed
-        into, offsets = placed
-        target = next(layer for layer in branch_layers if layer[0] == into)
+        target, offsets = placed
+        into = target[0]
         taps = self.identity_taps(target, layers, identities + norms, source)
         if isinstance(taps, Reason):
             return taps
@@ -293,7 +295,7 @@ class _MergePlanner:
         if not identities:
             return ()
         into, facts, geometry = target
-        tap = identity_tap(into, facts, geometry)
+        tap = identity_tap(target)
         if isinstance(tap, Reason):
             return tap
         for leaf in identities:

@@ -323,6 +323,23 @@ def test_linear_then_batchnorm1d_needs_2d_activations() -> None:
     assert entry.status == "left" and "3-D output" in entry.reason
 
 
+def test_a_norm_left_after_an_assumed_rank_has_no_note_saying_it_folded() -> None:
+    """The 2-D assumption is noted while a fold is tried; a fold refused after it must not leave the note behind."""
+
+    class TwoRoutes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.fc(x) * 2) + self.bn(self.fc(x) + 1)  # two routes: the forward fold is refused
+
+    report = bnfold.plan(_prepared(TwoRoutes()))  # no example inputs: the rank is assumed
+    assert _entry(report, "bn").status == "left"
+    assert not any("'bn' folded" in note for note in report.notes)
+
+
 class ShapeRead(nn.Module):
     def __init__(self) -> None:
         super().__init__()

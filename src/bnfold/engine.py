@@ -174,8 +174,8 @@ def plan(
     merges a copy of ``model``, unverified; the model itself is not touched.
     """
     if merge_branches:
-        return pipeline.merge_preview(lambda: report_for(fold(model, example_inputs, verify=False, registry=registry,
-                                                              merge_branches=merge_branches)))
+        return pipeline.merge_preview(report_for(fold(model, example_inputs, verify=False, registry=registry,
+                                                      merge_branches=merge_branches)))
     with MODEL_CALLS_LOCK:
         backend = ModuleBackend(model, as_input_tuple(example_inputs), registry or DEFAULT_REGISTRY)
         planned = pipeline.plan(backend)

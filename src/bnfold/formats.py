@@ -191,7 +191,7 @@ def _frozen_format(backend: str, fold_name: str, plan_name: str, default_name: s
         name = options.get("name") or default_name
         given = None if example_inputs is None else _torch_batches(example_inputs)[0]
         if options.get("merge_branches"):  # the caller's model is frozen or exported again, never changed
-            return merge_preview(lambda: fold_function(model, example_inputs=given, name=name, merge_branches=True)[1])
+            return merge_preview(fold_function(model, example_inputs=given, name=name, merge_branches=True)[1])
         return plan_function(model, example_inputs=given, name=name) if plan_reads_inputs else plan_function(model, name=name)
 
     return fold, plan

@@ -447,10 +447,6 @@ def apply_plan(
 class MergeOverflow(ArithmeticError):
     """A merge would make the merged weight or bias non-finite in the layer's dtype; nothing was written."""
 
-    def __init__(self, block: str, message: str) -> None:
-        super().__init__(message)
-        self.block = block
-
 
 def merged_tensors(
     branches: list[tuple[LayerTensors, tuple[int, ...]]],
@@ -557,7 +553,6 @@ def merge_one(merge: Merge, access: WeightAccess) -> None:
     for what, array in (("weight", weight), ("bias", bias)):
         if not numerics.finite(array):
             raise MergeOverflow(
-                merge.block,
                 f"merging would overflow {numerics.dtype_name(array)}: the merged {what} of '{merge.into}' is not "
                 f"finite in that dtype",
             )

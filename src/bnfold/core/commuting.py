@@ -1,7 +1,7 @@
 """Which operations a per-channel affine map ``y = s * x + t`` passes through unchanged, and on which axis it comes out.
 
 A norm separated from its layer only by such operations still folds: ``op(s * x + t) == s * op(x) + t`` per channel.
-Each kind's rule, and why it is exact, is its function below (:func:`passage` dispatches): means and pools over
+Each kind's rule is in :func:`passage` or the function below it dispatches to: means and pools over
 non-channel axes must average real inputs only (no counted zero padding); ``upsample`` weighs inputs by weights
 that sum to 1; ``max_pool`` needs ``s >= 0``; ``pad`` must copy values of the channel (reflect, replicate, circular);
 ``reshape`` / ``squeeze`` / ``permute`` move the channel axis, or spread it over features (:class:`Passage`
@@ -38,6 +38,9 @@ _COMMUTING_KINDS = frozenset(
      "pad", "squeeze", "unsqueeze"}
 )
 _LAYOUT_KINDS = frozenset({"identity", "dropout", "reshape", "permute", "transpose", "squeeze", "unsqueeze"})
+RANK_KEEPING = frozenset({"identity", "dropout", "avg_pool", "adaptive_avg_pool", "max_pool", "upsample", "pad",
+                          "permute", "transpose"})
+"""The kinds whose output has as many axes as their input: the rank of a tensor of unknown shape after them."""
 """Ops that a map spread over features (``outer`` / ``inner`` > 1) still passes: they only move values."""
 
 

@@ -70,8 +70,8 @@ class Merge:
     """Merge an add tree into the layer ``into``: its kernel and bias become the sums of every branch's.
 
     Attributes:
-        block / root: the root addition as a user reads it, and its node index (whose readers read ``into``'s output
-            instead, plus the ``kept`` terms).
+        root: the node index of the root addition (whose readers read ``into``'s output instead, plus the ``kept``
+            terms).
         into: the branch layer with the largest kernel, which keeps its geometry.
         branches: every layer merged, ``into`` included, in the tree's order; identities: the identity branches.
         removed: node indices no longer computed (the tree's ops, the other branches' layer and norm calls, the
@@ -80,7 +80,6 @@ class Merge:
             empty when the whole tree merged.
     """
 
-    block: str
     root: int
     into: str
     branches: tuple[Branch, ...]
@@ -103,7 +102,6 @@ class Merge:
 class MergeRefusal:
     """An add tree with a layer among its branches that stays as it is, because of ``reason``."""
 
-    block: str
     root: int
     reason: str
 
@@ -142,7 +140,7 @@ class _MergePlanner:
                 continue  # not a block with a branch to merge into: nothing to report
             planned = self.plan_tree(node, ops, leaves)
             if isinstance(planned, Reason):
-                plan.refusals.append(MergeRefusal(node.label, node.index, str(planned)))
+                plan.refusals.append(MergeRefusal(node.index, str(planned)))
                 continue
             plan.merges.append(planned[0])
             plan.again = plan.again or planned[1]
@@ -245,14 +243,16 @@ class _MergePlanner:
         reason = self.kept_reason(kept, source)
         if reason is not None:
             return reason
-        units = [(leaf.node.unit or "", self.graph.units[leaf.node.unit or ""].layer) for leaf in layers]
-        branch_layers = [(name, facts, facts.geometry) for name, facts in units  # all, as branch_reason checked
-                         if facts is not None and facts.geometry is not None]
+        branch_layers: list[Layer] = []
+        for leaf in layers:
+            facts = self.graph.units[leaf.node.unit or ""].layer
+            assert facts is not None and facts.geometry is not None  # as branch_reason checked
+            branch_layers.append((leaf.node.unit or "", facts, facts.geometry))
         placed = place_kernels(branch_layers)
         if isinstance(placed, Reason):
             return placed
-        into, offsets = placed
-        target = next(layer for layer in branch_layers if layer[0] == into)
+        target, offsets = placed
+        into = target[0]
         taps = self.identity_taps(target, layers, identities + norms, source)
         if isinstance(taps, Reason):
             return taps
@@ -273,7 +273,7 @@ class _MergePlanner:
         for op in ops:  # constants only the removed products read (a layer scale) go with them
             removed.update(i for i in op.inputs if self.nodes[i].kind == CONSTANT
                            and all(user in removed for user in self.nodes[i].users))
-        return Merge(root.label, root.index, into, branches, identity_branches, tuple(sorted(removed)),
+        return Merge(root.index, into, branches, identity_branches, tuple(sorted(removed)),
                      tuple(leaf.operand.index for leaf in kept))
 
     def kept_reason(self, kept: list[Leaf], source: Node) -> Reason | None:
@@ -295,7 +295,7 @@ class _MergePlanner:
         if not identities:
             return ()
         into, facts, geometry = target
-        tap = identity_tap(into, facts, geometry)
+        tap = identity_tap(target)
         if isinstance(tap, Reason):
             return tap
         for leaf in identities:

@@ -37,18 +37,18 @@ def _shape_reason(layers: list[Layer]) -> Reason | None:
     return None
 
 
-def place_kernels(layers: list[Layer]) -> tuple[str, list[tuple[int, ...]]] | Reason:
+def place_kernels(layers: list[Layer]) -> tuple[Layer, list[tuple[int, ...]]] | Reason:
     """The layer whose kernel covers every other's, and where each layer's kernel sits inside it (its offset per
     spatial axis, in the order of ``layers``); or why none can."""
     reason = _shape_reason(layers)
     if reason is not None:
         return reason
-    largest = [(name, geometry) for name, _, geometry in layers
-               if all(all(k >= j for k, j in zip(geometry.kernel, other.kernel, strict=True)) for _, _, other in layers)]
+    largest = [layer for layer in layers if all(
+        all(k >= j for k, j in zip(layer[2].kernel, other.kernel, strict=True)) for _, _, other in layers)]
     if not largest:
         return Reason("no branch's kernel covers the others' (" + ", ".join(
             f"'{name}' {geometry.kernel}" for name, _, geometry in layers) + ")")
-    into, target = largest[0]
+    into, _, target = largest[0]
     offsets: list[tuple[int, ...]] = []
     for name, _, geometry in layers:
         offset: list[int] = []
@@ -64,11 +64,12 @@ def place_kernels(layers: list[Layer]) -> tuple[str, list[tuple[int, ...]]] | Re
                 )
             offset.append(shift)
         offsets.append(tuple(offset))
-    return into, offsets
+    return largest[0], offsets
 
 
-def identity_tap(into: str, facts: LayerFacts, geometry: Geometry) -> tuple[int, ...] | Reason:
-    """The kernel position of ``into`` that reads each output's own input position; or why there is none."""
+def identity_tap(layer: Layer) -> tuple[int, ...] | Reason:
+    """The kernel position of ``layer`` that reads each output's own input position; or why there is none."""
+    into, facts, geometry = layer
     if facts.in_channels != facts.out_channels:
         return Reason(
             f"it adds its input to '{into}', which maps {facts.in_channels} to {facts.out_channels} channels: an "

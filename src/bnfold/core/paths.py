@@ -11,9 +11,6 @@ from . import commuting
 from .commuting import AffineStep
 from .graph import LAYER, NORM, Graph, Node
 
-_RANK_KEEPING = frozenset({"identity", "dropout", "avg_pool", "adaptive_avg_pool", "max_pool", "upsample", "pad",
-                           "permute", "transpose"})
-
 
 @dataclass(frozen=True)
 class Followed:
@@ -127,7 +124,7 @@ class Paths:
             assert node.op is not None
             if node.shape is not None:
                 rank = len(node.shape)
-            elif node.op.kind not in _RANK_KEEPING:
+            elif node.op.kind not in commuting.RANK_KEEPING:
                 rank = None
             axis, shape, layout = passage.axis, node.shape, (passage.outer, passage.inner)
             needs_non_negative = needs_non_negative or passage.needs_non_negative_scale

@@ -9,7 +9,6 @@ after the fold are projected where the format cannot count them (a dry run, a fr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -175,11 +174,10 @@ def fold(backend: FoldBackend, *, mode: bool = True) -> Planned:
     return planned
 
 
-def merge_preview(fold_copy: Callable[[], FoldReport]) -> FoldReport:
-    """The dry run of a fold with ``merge_branches``, in every format: the report of ``fold_copy`` (the format's
-    fold and merges, on a copy of the model, unverified), marked as not applied. Which blocks merge depends on the
+def merge_preview(report: FoldReport) -> FoldReport:
+    """The dry run of a fold with ``merge_branches``, in every format: ``report`` (of the format's fold and merges,
+    on a copy of the model, unverified), marked as not applied and returned. Which blocks merge depends on the
     folds made before them, so the preview makes them rather than planning them ahead."""
-    report = fold_copy()
     report.applied = False
     return report
 

@@ -358,17 +358,21 @@ def make_plan(graph: Graph) -> FoldPlan:
         if not norm.calls:
             refused[norm.name] = f"it is never called in the forward pass ({graph.method} capture)"
             continue
-        outcome = _forward_fold(paths, norm, notes)
+        assumed: list[str] = []  # an attempt's assumptions, noted only if it folds: a left norm assumed nothing
+        outcome = _forward_fold(paths, norm, assumed)
         if isinstance(outcome, Fold):
             paths.folded_forward.add(norm.name)
+            notes.extend(assumed)
             folds.append(_noted(outcome, notes))
         else:
             refused[norm.name] = outcome.text
             candidates.append(norm)
     for norm in reversed(candidates):
-        outcome = _backward_fold(paths, norm, notes)
+        assumed = []
+        outcome = _backward_fold(paths, norm, assumed)
         if isinstance(outcome, Fold):
             paths.folded_backward.add(norm.name)
+            notes.extend(assumed)
             folds.append(_noted(outcome, notes))
             del refused[norm.name]
         else:

@@ -124,7 +124,7 @@ def plan(model_or_path: onnx.ModelProto | str | os.PathLike[str], *, merge_branc
     :func:`bnfold.core.pipeline.merge_preview`: a copy folded and merged, unverified; no file is written).
     """
     if merge_branches:
-        return pipeline.merge_preview(lambda: fold(model_or_path, verify=False, merge_branches=True).report)
+        return pipeline.merge_preview(fold(model_or_path, verify=False, merge_branches=True).report)
     model, name, _ = _resolve(model_or_path)
     return fold_graph(model, name, applied=False)[1]
 

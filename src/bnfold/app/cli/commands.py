@@ -283,8 +283,10 @@ def verify(args: argparse.Namespace, console: Any) -> int:
             result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
         else:  # arrays, a plain image folder, or the example input (FOLDED must take that one too)
             given = bool(args.input or args.data)
-            batches = _examples(args, original) if given else [original.example_inputs(args.seed)]
-            for loaded in (original,) if given else (original, folded):
+            # the batches are tensors for the model that runs in PyTorch (ORIGINAL unless it is the ONNX file)
+            in_torch = original if original.backend.needs_torch else folded
+            batches = _examples(args, in_torch) if given else [original.example_inputs(args.seed)]
+            for loaded in (in_torch,) if given else (original, folded):
                 for batch in batches:
                     _check_runs(args, loaded, batch)
             result = compare(original.runnable, folded.runnable, batches[0], data=batches[1:] or None,

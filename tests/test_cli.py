@@ -321,6 +321,24 @@ def test_verify_an_onnx_file_against_a_pytorch_model_on_given_inputs_in_either_o
         assert code == 0 and json.loads(captured.out)["passed"], (pair, captured.err)
 
 
+def test_data_reads_at_most_8_images_by_default_for_onnx_files_as_for_pytorch_models(conv_bn, tmp_path,
+                                                                                    capsys) -> None:
+    from PIL import Image
+
+    from bnfold.app.cli import main
+
+    rng = np.random.default_rng(0)
+    for index in range(10):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    batches = {}
+    for pair in (["m.onnx", "m.onnx"], ["m.ts", "m.ts"], ["m.onnx", "m.ts"]):  # one image a batch (1x3x8x8)
+        code = main(["verify", *(str(conv_bn / name) for name in pair), "--data", str(tmp_path), "--json"])
+        captured = capsys.readouterr()
+        assert code == 0, (pair, captured.err)
+        batches[pair[0], pair[1]] = json.loads(captured.out)["batches"]
+    assert set(batches.values()) == {8}, batches
+
+
 def _examples(command: str) -> list[str]:
     from bnfold.app.cli import build_parser
 

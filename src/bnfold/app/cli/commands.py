@@ -143,7 +143,7 @@ def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] 
     declared = declared_shape(images[0])
     shape = args.input_shape or tuple(d if d is not None else (1 if axis == 0 else 3 if axis == 1 else 224)
                                       for axis, d in enumerate(declared))
-    return [{images[0].name: batch} for batch in image_batches(args.data, shape, limit=args.limit)]
+    return [{images[0].name: batch} for batch in image_batches(args.data, shape, limit=args.limit or 8)]
 
 
 def _check_onnx_options(args: argparse.Namespace, loaded: LoadedModel) -> None:

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from ...errors import InvalidInputError, OriginalRunError
 from ...files import check_output_path
-from ...formats import Fold, backend_for_file, onnx_module
+from ...formats import Fold, backend_for_file, is_onnx, onnx_module
 from ...loading import kind_by_name
 from ...report import MERGED, print_whole, verification_line
 from . import saving
@@ -86,8 +86,7 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel) -> list[Any] | None
     """The batches to fold and judge on: ``--input FILE`` (.npy, or an .npz of one array), ``--data DIR`` (images
     resized to the example shape), else the model's example input (photographs for N x 3 x H x W). For an ONNX
     graph: arrays by input name, or ``None`` (:func:`bnfold.onnx.fold` makes its example inputs)."""
-    if getattr(args, "input", None) and getattr(args, "data", None):
-        raise InvalidInputError("--input and --data both give the inputs to judge on: pass one of them")
+    _check_one_source(args)
     if not loaded.backend.needs_torch:
         return _onnx_batches(args, loaded.module)
     import torch
@@ -110,16 +109,22 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel) -> list[Any] | None
     return [loaded.example_inputs(args.seed)]
 
 
-def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] | None:
+def _check_one_source(args: argparse.Namespace) -> None:
+    """``--input`` and ``--data`` both name the inputs to judge on: refused before any file is read."""
+    if getattr(args, "input", None) and getattr(args, "data", None):
+        raise InvalidInputError("--input and --data both give the inputs to judge on: pass one of them")
+
+
+def _onnx_batches(args: argparse.Namespace, model: Any) -> list[dict[str, Any]] | None:
     """The batches of ``--input FILE`` (arrays by graph input name; an .npy for the only input) or ``--data DIR``
     (images, resized to the image input's size: ``--input-shape``, else its fixed sizes, else 224) for the ONNX
-    file ``path``, or ``None``."""
+    model ``model`` (a ModelProto already read, or the path of a file, read here), or ``None``."""
     if not (getattr(args, "input", None) or getattr(args, "data", None)):
         return None
     from ...examples import image_batches, read_arrays
     from ...onnx.verification import declared_shape, graph_inputs
 
-    values = graph_inputs(onnx_module().load(path))
+    values = graph_inputs(model if is_onnx(model) else onnx_module().load(model))
     names = [v.name for v in values]
     if getattr(args, "input", None):
         arrays = read_arrays(args.input)
@@ -303,9 +308,11 @@ def verify(args: argparse.Namespace, console: Any) -> int:
 def _verify_onnx(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> int:
     """Compare two ONNX files in onnxruntime on example inputs (or ``--input`` / ``--data``), judged as a fold is."""
     _check_onnx_options(args, loaded)
-    inputs = _examples(args, loaded)
+    _check_one_source(args)
     backend = onnx_module()
-    original, folded = backend.load(args.original), backend.load(args.folded)
+    original = backend.load(args.original)
+    inputs = _onnx_batches(args, original)  # its graph inputs from the model just read: the file is read once
+    folded = backend.load(args.folded)
     with console.status("comparing outputs in onnxruntime"):
         result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance, inputs=inputs,
                                 input_shape=args.input_shape)

@@ -22,10 +22,8 @@ from ...files import check_output_path
 from ...formats import Fold, backend_for_file, is_onnx, onnx_module
 from ...loading import kind_by_name
 from ...report import MERGED, print_whole, verification_line
-from . import saving
+from . import EXIT_OK, EXIT_VERIFICATION_FAILED, saving
 from .loading import LoadedModel, load_model, names_a_file
-
-OK, VERIFICATION_FAILED = 0, 1
 
 
 def emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
@@ -185,7 +183,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
                                                               "name": loaded.label})
     _print_notes(args, console, loaded)
     emit(args, console, report.to_dict(), report)
-    return OK
+    return EXIT_OK
 
 
 def _fold_loaded(args: argparse.Namespace, loaded: LoadedModel, examples: list[Any] | None,
@@ -229,7 +227,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     if reread is not None:
         lines.append(verification_line(reread, f"read {output} back"))
     emit(args, console, payload, *lines)
-    return OK
+    return EXIT_OK
 
 
 def _files_read(args: argparse.Namespace) -> list[Path]:
@@ -302,7 +300,7 @@ def verify(args: argparse.Namespace, console: Any) -> int:
         lines.append(f"{original.label} is the model of --seed {original.seed}: if FOLDED was folded from other "
                      "weights, pass the --seed or --weights it was folded with")
     emit(args, console, result.to_dict(), *lines)
-    return OK if result.passed else VERIFICATION_FAILED
+    return EXIT_OK if result.passed else EXIT_VERIFICATION_FAILED
 
 
 def _verify_onnx(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> int:
@@ -317,7 +315,7 @@ def _verify_onnx(args: argparse.Namespace, console: Any, loaded: LoadedModel) ->
         result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance, inputs=inputs,
                                 input_shape=args.input_shape)
     emit(args, console, result.to_dict(), str(result))
-    return OK if result.passed else VERIFICATION_FAILED
+    return EXIT_OK if result.passed else EXIT_VERIFICATION_FAILED
 
 
 def bench(args: argparse.Namespace, console: Any) -> int:
@@ -347,7 +345,7 @@ def bench(args: argparse.Namespace, console: Any) -> int:
         result.plot(args.plot)
     _print_notes(args, console, loaded)
     emit(args, console, result.to_dict(), result, *([f"wrote {args.plot}"] if args.plot else []))
-    return OK
+    return EXIT_OK
 
 
 def reproduce(args: argparse.Namespace, console: Any) -> int:

@@ -293,6 +293,52 @@ def test_verify_a_state_dict_against_the_onnx_file_folded_from_it(files, tmp_pat
         assert checked.returncode == 0 and "PASSED" in checked.stdout, (name, checked.stderr)
 
 
+@pytest.fixture(scope="module")
+def conv_bn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a conv + BN model as m.onnx (exported unfolded) and m.ts, and x.npy, a batch it takes."""
+    root = tmp_path_factory.mktemp("conv_bn")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    randomize_norm_affine(model, seed=1)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(root / "m.onnx"), dynamo=False, do_constant_folding=False)
+        torch.jit.save(torch.jit.script(model), root / "m.ts")
+    np.save(root / "x.npy", x.numpy())
+    return root
+
+
+def test_verify_an_onnx_file_against_a_pytorch_model_on_given_inputs_in_either_order(conv_bn, capsys) -> None:
+    """The --input batches are tensors for the model that runs in PyTorch, whichever of the two it is (with
+    ORIGINAL the ONNX file, they were made as arrays by input name and the comparison in PyTorch got none)."""
+    from bnfold.app.cli import main
+
+    for pair in (["m.onnx", "m.ts"], ["m.ts", "m.onnx"]):
+        files = [str(conv_bn / name) for name in pair]
+        code = main(["verify", *files, "--input", str(conv_bn / "x.npy"), "--json"])
+        captured = capsys.readouterr()
+        assert code == 0 and json.loads(captured.out)["passed"], (pair, captured.err)
+
+
+def test_data_reads_at_most_8_images_by_default_for_onnx_files_as_for_pytorch_models(conv_bn, tmp_path,
+                                                                                    capsys) -> None:
+    from PIL import Image
+
+    from bnfold.app.cli import main
+
+    rng = np.random.default_rng(0)
+    for index in range(10):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    batches = {}
+    for pair in (["m.onnx", "m.onnx"], ["m.ts", "m.ts"], ["m.onnx", "m.ts"]):  # one image a batch (1x3x8x8)
+        code = main(["verify", *(str(conv_bn / name) for name in pair), "--data", str(tmp_path), "--json"])
+        captured = capsys.readouterr()
+        assert code == 0, (pair, captured.err)
+        batches[pair[0], pair[1]] = json.loads(captured.out)["batches"]
+    assert set(batches.values()) == {8}, batches
+
+
 def _examples(command: str) -> list[str]:
     from bnfold.app.cli import build_parser
 

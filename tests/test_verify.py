@@ -86,3 +86,21 @@ def test_max_batches_limits_the_data_read() -> None:
     model = _classifier()
     result = bnfold.verify(model, bnfold.fold(model), data=_loader(), max_batches=2)
     assert result.batches == 2 and result.samples == 16
+
+
+class _OffOnSmallInputs(nn.Module):
+    """The identity, off by 1e-6 on a batch whose values are all below 1.5: an error on one batch only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1e-6 * (x.abs().max() < 1.5).to(x.dtype)
+
+
+def test_the_check_of_a_fold_reports_the_worst_batch_not_the_last() -> None:
+    from bnfold.verification import judge_fold
+
+    first, second = torch.ones(2, 3), torch.full((2, 3), 2.0)  # the first batch holds the larger error
+    verdict = judge_fold(nn.Identity(), _OffOnSmallInputs(), [(first,), (second,)], 1e-4, "the candidate")
+    assert verdict["passed"] and verdict["batches"] == 2
+    # 1 + 1e-6 rounded to float32
+    assert verdict["max_abs"] == verdict["max_relative"] == pytest.approx(1e-6, rel=0.1)
+    assert judge_fold(nn.Identity(), _OffOnSmallInputs(), [(second,)], 1e-4, "the candidate")["max_abs"] == 0

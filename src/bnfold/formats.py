@@ -362,6 +362,7 @@ def judge_written(backend: Backend, result: Any, record: Fold, what: str, batche
     return judge
 
 
+# TorchScript before nn.Module: a ScriptModule is an nn.Module and backend_for takes the first that accepts it
 BACKENDS = (
     Backend("TorchScript module", lambda m: _torch_instance(m, "torch.jit", "ScriptModule"), loading.TORCHSCRIPT,
             "torchscript", "a TorchScript", _script_fold, _script_plan, _torch_batches, write=_script_save,

@@ -230,13 +230,16 @@ def explained_by_rounding(
 
 def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], tolerance: float | None, what: str,
                touched: Any = (), consequence: str = "nothing was written") -> dict[str, Any]:
-    """The one output check of a fold of a TorchScript module or a torch.export program, and of a written file
-    (``bnfold fold``, :func:`bnfold.save`): ``candidate`` against ``original`` on each batch of ``examples`` (a tuple
-    of positional inputs), by :func:`judge_batch`. ``touched``: module names of ``original`` (``FoldReport.touched()``)
-    whose tensors the noise floor moves; ``tolerance``: default from the original's dtype.
+    """The one output check of a fold in a PyTorch format (a TorchScript module, a torch.export program,
+    and an nn.Module folded with the option ``judge``, as ``bnfold fold`` does) and of a written file
+    (``bnfold fold``, :func:`bnfold.save`): ``candidate`` against ``original`` on each batch of ``examples``
+    (a tuple of positional inputs), by :func:`judge_batch`. ``touched``: module names of ``original``
+    (``FoldReport.touched()``) whose tensors the noise floor moves; ``tolerance``: default from the original's
+    dtype.
 
     Returns:
-        The verdict of the last batch as plain data (:meth:`VerificationResult.to_dict`).
+        The verdict over every batch as plain data (:meth:`VerificationResult.to_dict`): per output, its
+        worst batch (:meth:`VerificationResult.absorb`), as :func:`verify` and the ONNX check report it.
 
     Raises:
         VerificationError: the outputs differ beyond both (one line, naming the worst output, then ``consequence``).
@@ -244,16 +247,21 @@ def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], t
     """
     limit = tolerance if tolerance is not None else default_tolerance(original)
     names = touched_tensors(original, touched) if touched else []
-    verdict: dict[str, Any] = {}
+    verdict: VerificationResult | None = None
     for example in examples:
         expected, actual = run_seeded(original, example), run_seeded(candidate, example)
         perturbed = noise_floor(original, names, example) if names else None
         comparison = judge_batch(original, example, expected, actual, limit, perturbed, names, lambda result: (
             UndecidedError(f"{what} cannot be verified: {result.undecided}; {consequence}") if result.undecided
             else VerificationError(f"{what} differs from the original: {result.worst()}; {consequence}")))
-        comparison.batches = len(examples)
-        verdict = comparison.to_dict()
-    return verdict
+        if verdict is None:
+            verdict = comparison
+        else:
+            verdict.absorb(comparison)
+    if verdict is None:
+        return {}
+    verdict.batches = len(examples)
+    return verdict.to_dict()
 
 
 def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: Any, limit: float, perturbed: Any,

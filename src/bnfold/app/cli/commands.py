@@ -19,13 +19,11 @@ from rich.text import Text
 
 from ...errors import InvalidInputError, OriginalRunError
 from ...files import check_output_path
-from ...formats import Fold, backend_for_file, onnx_module
+from ...formats import Fold, backend_for_file, is_onnx, onnx_module
 from ...loading import kind_by_name
 from ...report import MERGED, print_whole, verification_line
-from . import saving
+from . import EXIT_OK, EXIT_VERIFICATION_FAILED, saving
 from .loading import LoadedModel, load_model, names_a_file
-
-OK, VERIFICATION_FAILED = 0, 1
 
 
 def emit(args: argparse.Namespace, console: Any, payload: dict[str, Any], *renderables: Any) -> None:
@@ -86,8 +84,7 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel) -> list[Any] | None
     """The batches to fold and judge on: ``--input FILE`` (.npy, or an .npz of one array), ``--data DIR`` (images
     resized to the example shape), else the model's example input (photographs for N x 3 x H x W). For an ONNX
     graph: arrays by input name, or ``None`` (:func:`bnfold.onnx.fold` makes its example inputs)."""
-    if getattr(args, "input", None) and getattr(args, "data", None):
-        raise InvalidInputError("--input and --data both give the inputs to judge on: pass one of them")
+    _check_one_source(args)
     if not loaded.backend.needs_torch:
         return _onnx_batches(args, loaded.module)
     import torch
@@ -110,16 +107,22 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel) -> list[Any] | None
     return [loaded.example_inputs(args.seed)]
 
 
-def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] | None:
+def _check_one_source(args: argparse.Namespace) -> None:
+    """``--input`` and ``--data`` both name the inputs to judge on: refused before any file is read."""
+    if getattr(args, "input", None) and getattr(args, "data", None):
+        raise InvalidInputError("--input and --data both give the inputs to judge on: pass one of them")
+
+
+def _onnx_batches(args: argparse.Namespace, model: Any) -> list[dict[str, Any]] | None:
     """The batches of ``--input FILE`` (arrays by graph input name; an .npy for the only input) or ``--data DIR``
     (images, resized to the image input's size: ``--input-shape``, else its fixed sizes, else 224) for the ONNX
-    file ``path``, or ``None``."""
+    model ``model`` (a ModelProto already read, or the path of a file, read here), or ``None``."""
     if not (getattr(args, "input", None) or getattr(args, "data", None)):
         return None
     from ...examples import image_batches, read_arrays
     from ...onnx.verification import declared_shape, graph_inputs
 
-    values = graph_inputs(onnx_module().load(path))
+    values = graph_inputs(model if is_onnx(model) else onnx_module().load(model))
     names = [v.name for v in values]
     if getattr(args, "input", None):
         arrays = read_arrays(args.input)
@@ -143,7 +146,7 @@ def _onnx_batches(args: argparse.Namespace, path: Path) -> list[dict[str, Any]] 
     declared = declared_shape(images[0])
     shape = args.input_shape or tuple(d if d is not None else (1 if axis == 0 else 3 if axis == 1 else 224)
                                       for axis, d in enumerate(declared))
-    return [{images[0].name: batch} for batch in image_batches(args.data, shape, limit=args.limit)]
+    return [{images[0].name: batch} for batch in image_batches(args.data, shape, limit=args.limit or 8)]
 
 
 def _check_onnx_options(args: argparse.Namespace, loaded: LoadedModel) -> None:
@@ -180,7 +183,7 @@ def inspect(args: argparse.Namespace, console: Any) -> int:
                                                               "name": loaded.label})
     _print_notes(args, console, loaded)
     emit(args, console, report.to_dict(), report)
-    return OK
+    return EXIT_OK
 
 
 def _fold_loaded(args: argparse.Namespace, loaded: LoadedModel, examples: list[Any] | None,
@@ -224,7 +227,7 @@ def fold(args: argparse.Namespace, console: Any) -> int:
     if reread is not None:
         lines.append(verification_line(reread, f"read {output} back"))
     emit(args, console, payload, *lines)
-    return OK
+    return EXIT_OK
 
 
 def _files_read(args: argparse.Namespace) -> list[Path]:
@@ -283,8 +286,10 @@ def verify(args: argparse.Namespace, console: Any) -> int:
             result = compare(original.runnable, folded.runnable, data=loader, tolerance=args.tolerance)
         else:  # arrays, a plain image folder, or the example input (FOLDED must take that one too)
             given = bool(args.input or args.data)
-            batches = _examples(args, original) if given else [original.example_inputs(args.seed)]
-            for loaded in (original,) if given else (original, folded):
+            # the batches are tensors for the model that runs in PyTorch (ORIGINAL unless it is the ONNX file)
+            in_torch = original if original.backend.needs_torch else folded
+            batches = _examples(args, in_torch) if given else [original.example_inputs(args.seed)]
+            for loaded in (in_torch,) if given else (original, folded):
                 for batch in batches:
                     _check_runs(args, loaded, batch)
             result = compare(original.runnable, folded.runnable, batches[0], data=batches[1:] or None,
@@ -295,20 +300,22 @@ def verify(args: argparse.Namespace, console: Any) -> int:
         lines.append(f"{original.label} is the model of --seed {original.seed}: if FOLDED was folded from other "
                      "weights, pass the --seed or --weights it was folded with")
     emit(args, console, result.to_dict(), *lines)
-    return OK if result.passed else VERIFICATION_FAILED
+    return EXIT_OK if result.passed else EXIT_VERIFICATION_FAILED
 
 
 def _verify_onnx(args: argparse.Namespace, console: Any, loaded: LoadedModel) -> int:
     """Compare two ONNX files in onnxruntime on example inputs (or ``--input`` / ``--data``), judged as a fold is."""
     _check_onnx_options(args, loaded)
-    inputs = _examples(args, loaded)
+    _check_one_source(args)
     backend = onnx_module()
-    original, folded = backend.load(args.original), backend.load(args.folded)
+    original = backend.load(args.original)
+    inputs = _onnx_batches(args, original)  # its graph inputs from the model just read: the file is read once
+    folded = backend.load(args.folded)
     with console.status("comparing outputs in onnxruntime"):
         result = backend.verify(original, folded, seed=args.seed, tolerance=args.tolerance, inputs=inputs,
                                 input_shape=args.input_shape)
     emit(args, console, result.to_dict(), str(result))
-    return OK if result.passed else VERIFICATION_FAILED
+    return EXIT_OK if result.passed else EXIT_VERIFICATION_FAILED
 
 
 def bench(args: argparse.Namespace, console: Any) -> int:
@@ -338,7 +345,7 @@ def bench(args: argparse.Namespace, console: Any) -> int:
         result.plot(args.plot)
     _print_notes(args, console, loaded)
     emit(args, console, result.to_dict(), result, *([f"wrote {args.plot}"] if args.plot else []))
-    return OK
+    return EXIT_OK
 
 
 def reproduce(args: argparse.Namespace, console: Any) -> int:

@@ -278,16 +278,37 @@ def test_library_writers_name_the_target_when_the_folder_is_read_only(tmp_path: 
 # ----------------------------------------------------- 3. SIGINT, SIGTERM and SIGHUP while writing leave nothing
 
 
+# The child runs the real command line, with torch.save made to announce that it wrote the staged file and then
+# wait: the signal lands inside the write block every time. (Watching for the staging folder and signalling then
+# raced the child: on a loaded machine it could finish the write, and exit, before the signal was sent.)
+_PAUSED_IN_THE_WRITE = """
+import pathlib, runpy, sys, time
+import torch
+real_save, marker = torch.save, pathlib.Path(sys.argv.pop(1))
+def save_then_wait(*args, **kwargs):
+    real_save(*args, **kwargs)
+    marker.write_text("the staged file is written")
+    time.sleep(600)
+torch.save = save_then_wait
+sys.argv[0] = "bnfold"
+runpy.run_module("bnfold", run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: signal.Signals(s).name)
 def test_a_signal_while_writing_leaves_no_temporary_file(tmp_path: Path, signum: int) -> None:
-    child = subprocess.Popen([sys.executable, "-m", "bnfold", "fold", "resnet50", "--input-shape", "1,3,64,64", "-o", "out.pth"],
-                             cwd=tmp_path, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (folder, marker) = (tmp_path / "run", tmp_path / "writing")
+    folder.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", _PAUSED_IN_THE_WRITE, str(marker), "fold", "resnet18",
+                              "--input-shape", "1,3,32,32", "-o", "out.pth"],
+                             cwd=folder, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not any(name.startswith(".out.pth.") for name in os.listdir(tmp_path)):
+        while not marker.exists():
             assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline, "the staging folder never appeared"
+            assert time.monotonic() < deadline, "the write never started"
             time.sleep(0.005)
+        assert any(name.startswith(".out.pth.") for name in os.listdir(folder))  # the child is inside the staging
         child.send_signal(signum)
         stdout, stderr = child.communicate(timeout=120)
     finally:
@@ -297,7 +318,56 @@ def test_a_signal_while_writing_leaves_no_temporary_file(tmp_path: Path, signum:
     assert child.returncode == expected, (child.returncode, stderr)
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted") and "Traceback" not in stderr, stderr
-    assert listing(tmp_path) == []  # neither OUT nor the hidden staging folder
+    assert listing(folder) == []  # neither OUT nor the hidden staging folder
+
+
+# A signal sent while the staged file is renamed into place: held until the rename is done, then honoured.
+_SIGNALLED_IN_THE_COMMIT = """
+import os, runpy, signal, sys
+import bnfold.files
+real_rename, signum = bnfold.files.rename_no_replace, int(sys.argv.pop(1))
+def rename_then_signal(*args):
+    os.kill(os.getpid(), signum)  # arrives while the commit holds signals
+    real_rename(*args)
+bnfold.files.rename_no_replace = rename_then_signal
+sys.argv[0] = "bnfold"
+runpy.run_module("bnfold", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
+def test_a_signal_during_the_commit_lands_after_it_and_says_the_file_was_written(tmp_path: Path, signum: int) -> None:
+    result = subprocess.run([sys.executable, "-c", _SIGNALLED_IN_THE_COMMIT, str(int(signum)), "fold", "resnet18",
+                             "--input-shape", "1,3,32,32", "-o", "out.pth"],
+                            cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == (130 if signum == signal.SIGINT else 128 + signum), result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted") and "Traceback" not in result.stderr, result.stderr
+    assert "out.pth had been written completely" in lines[0] and "nothing was written" not in lines[0]
+    assert listing(tmp_path) == ["out.pth"]  # whole, and no staging folder left
+    assert set(torch.load(tmp_path / "out.pth", weights_only=True)) == set(_folded_resnet18_keys())
+
+
+def _folded_resnet18_keys() -> list[str]:
+    return list(bnfold.fold(torchvision.models.resnet18().eval(), verify=False).state_dict())
+
+
+def test_an_interrupt_during_the_commit_lands_after_it_with_the_files_listed_as_written(tmp_path: Path,
+                                                                                        monkeypatch: pytest.MonkeyPatch
+                                                                                        ) -> None:
+    real_replace, before = os.replace, len(files_module.COMMITTED)
+
+    def replace_then_interrupt(source: Any, target: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the default handler raises KeyboardInterrupt, once the commit is done
+        real_replace(source, target)
+
+    monkeypatch.setattr(files_module.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_files([tmp_path / "a.data", tmp_path / "a.onnx"]) as (data, graph):
+            data.write_bytes(b"data")
+            graph.write_bytes(b"graph")
+    assert files_module.COMMITTED[before:] == [tmp_path / "a.data", tmp_path / "a.onnx"]
+    assert listing(tmp_path) == ["a.data", "a.onnx"] and (tmp_path / "a.onnx").read_bytes() == b"graph"
 
 
 # ------------------------------------------- 4. ONNX: read back before the rename, graph and data as one unit

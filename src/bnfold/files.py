@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,6 +101,12 @@ def staged(target: str | os.PathLike[str], *, replace: bool = True) -> Iterator[
         yield path
 
 
+#: Every file this process has written through :func:`staged_files`, in order. A Ctrl-C that lands after a
+#: commit (held during it, or while a command prints its report) is then reported truthfully: the command line
+#: names what its run wrote instead of saying that nothing was.
+COMMITTED: list[Path] = []
+
+
 @contextmanager
 def staged_files(targets: Sequence[str | os.PathLike[str]], *, replace: bool = True) -> Iterator[list[Path]]:
     """Staged paths for several files of one folder, committed as one unit once the block succeeds.
@@ -112,7 +119,8 @@ def staged_files(targets: Sequence[str | os.PathLike[str]], *, replace: bool = T
     * an exception during the commit (a rename that fails, a file that appeared meanwhile without ``replace``):
       the files already renamed are rolled back (a target that existed is restored from a hard-link backup, one
       that did not is removed), so every target is as before. Signals are held during the commit and the clean-up,
-      so a Ctrl-C or SIGTERM cannot cut the commit or its rollback in half (it takes effect right after);
+      so a Ctrl-C or SIGTERM cannot cut the commit or its rollback in half (it takes effect right after, and
+      :data:`COMMITTED` already lists the targets);
     * only a hard kill (SIGKILL, power loss) between two renames of the commit, a window of a few system calls,
       can leave new and old files side by side.
 
@@ -139,13 +147,14 @@ def staged_files(targets: Sequence[str | os.PathLike[str]], *, replace: bool = T
         except OSError as error:
             raise _write_failed(error, main) from error
         with _signals_held():
-            _commit(list(zip(staged_paths, paths, strict=True)), staging, replace)
+            COMMITTED.extend(_commit(list(zip(staged_paths, paths, strict=True)), staging, replace))
     finally:
         with _signals_held():
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _commit(moves: list[tuple[Path, Path]], staging: Path, replace: bool) -> None:
+def _commit(moves: list[tuple[Path, Path]], staging: Path, replace: bool) -> list[Path]:
+    """Rename the staged files that exist into place, all or none; returns the targets written."""
     done: list[tuple[Path, Path | None]] = []  # (target, backup of what it replaced, or None if it was new)
     try:
         for number, (source, target) in enumerate(moves):
@@ -158,6 +167,7 @@ def _commit(moves: list[tuple[Path, Path]], staging: Path, replace: bool) -> Non
             else:
                 rename_no_replace(source, target)
                 done.append((target, None))
+        return [target for target, _ in done]
     except BaseException as error:
         for target, backup in reversed(done):
             try:
@@ -230,16 +240,30 @@ def rename_no_replace(source: str | os.PathLike[str], target: str | os.PathLike[
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Defer SIGINT / SIGTERM / SIGHUP (delivered right after the block) so they cannot cut a commit in half."""
-    held = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
-    if not hasattr(signal, "pthread_sigmask"):
+    """Defer SIGINT / SIGTERM / SIGHUP to the end of the block, so they cannot cut a commit in half.
+
+    Deferred in Python, not masked: ``pthread_sigmask`` masks the calling thread only, and the kernel hands a
+    signal sent to the process to any thread that does not mask it (PyTorch's worker threads), whose C handler
+    then has the main thread run the Python handler at once, in the middle of the block. Here each signal is
+    recorded and raised again, in order, once the previous handlers are back. Only the main thread runs Python
+    signal handlers; in other threads the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not None:  # None: a handler Python cannot restore
+            previous[number] = signal.signal(number, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in received:
+            signal.raise_signal(number)
 
 
 # ------------------------------------------------------------------------------------ outputs are never inputs

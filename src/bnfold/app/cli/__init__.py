@@ -258,8 +258,17 @@ _NEEDS_TORCH = (
 )
 
 
-def _interrupted() -> int:
-    sys.stderr.write("interrupted; nothing was written\n")
+def _what_was_written(since: int) -> str:
+    """The end of the interrupt's line: what the command wrote (:data:`bnfold.files.COMMITTED` from ``since``)
+    before the signal landed, whole and checked, or that it wrote nothing."""
+    from ...files import COMMITTED
+
+    written = COMMITTED[since:]
+    return f"{', '.join(map(str, written))} had been written completely" if written else "nothing was written"
+
+
+def _interrupted(since: int | None = None) -> int:
+    sys.stderr.write(f"interrupted; {_what_was_written(since) if since is not None else 'nothing was written'}\n")
     return EXIT_INTERRUPTED
 
 
@@ -298,22 +307,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Any, errors: Any, interrupts: _Interrupts) -> int:
-    from ...files import describe_os_error
+    from ...files import COMMITTED, describe_os_error
     from . import commands
 
     handler: Any = getattr(commands, args.command)
+    since = len(COMMITTED)
     try:
         with stop_as_exception():  # SIGTERM / SIGHUP raise, so half-written files are cleaned up as for Ctrl-C
             return handler(args, console)
     except Terminated as stop:
-        errors.print(f"interrupted by {signal.Signals(stop.signum).name}; nothing was written",
+        errors.print(f"interrupted by {signal.Signals(stop.signum).name}; {_what_was_written(since)}",
                      highlight=False)
         return 128 + stop.signum
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(since)
     except Exception as error:
         if interrupts.seen and not isinstance(error, (BnfoldError, OSError)):  # an import it broke
-            return _interrupted()
+            return _interrupted(since)
         if args.debug:
             raise
         if isinstance(error, BnfoldError):  # in its command-line wording (options, not keywords), if any

@@ -159,6 +159,15 @@ CASES: dict[str, Case] = {
     "second-reader": Case(lambda: _Sum(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8), ("also used by",)),
     "bn-zero-padded-conv": Case(_seq(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1)), (2, 3, 8, 8),
                                 ("pads its input",)),
+    # A string padding (traced: aten::_convolution_mode): "same" pads with zeros unless the kernel is 1x1.
+    "conv-same-bn": Case(_seq(nn.Conv2d(3, 8, 4, padding="same"), nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 8, 8),
+                         (FORWARD,)),  # (no dilation: onnxruntime runs no dilated auto_pad=SAME_UPPER)
+    "bn-valid-conv": Case(_seq(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding="valid")), (2, 3, 8, 8),
+                          (BACKWARD,)),
+    "bn-same-1x1-conv": Case(_seq(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 8, 1, padding="same")), (2, 3, 8, 8),
+                             (BACKWARD,)),
+    "bn-same-conv": Case(_seq(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 8, (3, 5), padding="same", groups=2)),
+                         (2, 4, 8, 8), ("pads its input",)),
     # Constants of one value per channel (or one value) between a layer and its norm: folded through (issue 19).
     "convtranspose-add-bn": Case(_seq(nn.ConvTranspose2d(3, 8, 2, 2, bias=False), _Affine(8, 4, "add"),
                                       nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 6, 6), (FORWARD,)),

@@ -141,6 +141,20 @@ TABLE = {
                            {"bn1": ("folded", ("fc",), "backward"), "bn2": ("folded", ("fc",), "backward")}),
     "second reader; zero-padded conv after": (SecondReader, (2, 3, 5, 5),
                                               {"bn": ("left", (), None), "bn_in": ("left", (), None)}),
+    # A string padding: tracing records aten::_convolution_mode, scripting aten::conv<n>d.padding. "valid" and a
+    # "same" of nothing to pad (1x1) take a backward fold; "same" around a larger kernel pads with zeros.
+    "conv1d same -> BN; BN -> conv1d valid": (
+        lambda: nn.Sequential(nn.Conv1d(3, 6, 3, padding="same"), nn.BatchNorm1d(6), nn.ReLU(), nn.BatchNorm1d(6),
+                              nn.Conv1d(6, 4, 3, padding="valid")), (2, 3, 11),
+        {"1": ("folded", ("0",), "forward"), "3": ("folded", ("4",), "backward")}),
+    "conv2d same dilated grouped -> BN; BN -> conv2d same": (
+        lambda: nn.Sequential(nn.Conv2d(4, 8, 3, padding="same", dilation=2, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding="same", groups=4)), (2, 4, 9, 9),
+        {"1": ("folded", ("0",), "forward"), "3": ("left", (), None)}),
+    "conv3d same even kernel -> BN; BN -> conv3d same 1x1x1": (
+        lambda: nn.Sequential(nn.Conv3d(2, 4, 2, padding="same"), nn.BatchNorm3d(4), nn.ReLU(), nn.BatchNorm3d(4),
+                              nn.Conv3d(4, 3, 1, padding="same")), (2, 2, 5, 5, 5),
+        {"1": ("folded", ("0",), "forward"), "3": ("folded", ("4",), "backward")}),
 }
 
 
@@ -209,6 +223,33 @@ def test_every_producer_kind_absorbs_the_norm_after_it(name: str, how: str) -> N
     expected_removed = sum(2 * m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     added = sum(m.out_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and m.bias is None)
     assert report.parameters_removed == expected_removed - added
+
+
+class FunctionalValid(nn.Module):
+    """``F.conv2d(..., padding="valid")``: a string padding outside ``nn.Conv2d`` (traced: aten::_convolution_mode)."""
+
+    def __init__(self, channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, channels, 3, 3) / 5)
+        self.bias = nn.Parameter(torch.randn(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, padding="valid")
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_string_padded_convs_fold_and_the_folded_archive_loads_from_a_fresh_path(how: str, tmp_path: Path) -> None:
+    model, x = _calibrated(lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding="same"), nn.BatchNorm2d(6), nn.ReLU(),
+                                                 nn.BatchNorm2d(6), FunctionalValid(6, 4)), (2, 3, 8, 8))
+    folded, report = fold_script(script_or_trace(model, x, how), example_inputs=x)
+    assert _decisions(report) == {"1": ("folded", ("0",), "forward"), "3": ("folded", ("4",), "backward")}
+    path = tmp_path / "fresh" / "folded.pt"
+    path.parent.mkdir()
+    torch.jit.save(folded, str(path))
+    loaded = torch.jit.load(str(path))
+    layer = "aten::_convolution_mode" if how == "trace" else "aten::conv2d"
+    assert len(loaded.graph.findAllNodes(layer)) == 2 and not loaded.graph.findAllNodes("aten::batch_norm")
+    assert_same_outputs(model, loaded, x)
 
 
 def test_the_dry_run_changes_nothing_and_reports_what_the_fold_does() -> None:

@@ -59,8 +59,10 @@ CAPTURE = "torchscript graph"
 
 # ------------------------------------------------------------------------------------------- the facts table
 
-# Linear layers: ATen op -> how its weight is laid out (:data:`~.aten_facts.LAYERS`).
-_LAYERS = {f"aten::{name}": layout for name, layout in {**LAYERS, "_convolution": "convolution"}.items()}
+# Linear layers: ATen op -> how its weight is laid out (:data:`~.aten_facts.LAYERS`); ``_convolution_mode`` is
+# what tracing records of a convolution with a string padding ("same" / "valid"; scripting keeps ``conv2d``).
+_LAYERS = {f"aten::{name}": layout
+           for name, layout in {**LAYERS, "_convolution": "convolution", "_convolution_mode": "conv"}.items()}
 
 _NORM = "aten::batch_norm"
 

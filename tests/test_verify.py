@@ -104,3 +104,51 @@ def test_the_check_of_a_fold_reports_the_worst_batch_not_the_last() -> None:
     # 1 + 1e-6 rounded to float32
     assert verdict["max_abs"] == verdict["max_relative"] == pytest.approx(1e-6, rel=0.1)
     assert judge_fold(nn.Identity(), _OffOnSmallInputs(), [(second,)], 1e-4, "the candidate")["max_abs"] == 0
+
+
+def test_verify_asks_the_float64_second_opinion_the_check_of_a_fold_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One judge: without a noise floor (as in test_engine) and at tolerance 0, any rounding difference is beyond
+    both, and the float64 second opinion decides, in ``bnfold.verify`` as in the check of ``bnfold.fold`` (verify
+    failed the fold that fold's own check passed). A visibly wrong weight still fails."""
+    for module in ("bnfold.verification", "bnfold.engine"):
+        monkeypatch.setattr(f"{module}.noise_floor", lambda *args: None)
+    model = _classifier()
+    own_check = bnfold.report_for(bnfold.fold(model, X, tolerance=0.0)).verification
+    folded = bnfold.fold(model, verify=False)
+    result = bnfold.verify(model, folded, X, tolerance=0.0)
+    assert result.max_relative > 0 and own_check["max_relative"] > 0  # beyond the tolerance
+    assert result.rounding_check is not None and own_check["rounding_check"] is not None
+    assert result.passed and result.rounding_check.passed and own_check["rounding_check"]["passed"]
+    with torch.no_grad():
+        folded[0].weight[3] *= 1.01  # one channel's scale off by a hundredth
+    wrong = bnfold.verify(model, folded, X, tolerance=0.0)
+    assert wrong.rounding_check is not None and not wrong.passed and wrong.rounding_check.max_relative > 10
+
+
+class _RoundsToIntegers(nn.Module):
+    """``(x + 1e7) - 1e7`` in float32: ``x`` rounded to an integer (its float64 evaluation is ``x`` itself)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 1e7) - 1e7
+
+
+class _ExactUnlessLarge(nn.Module):
+    """``x`` itself (exact), off by 10 on a batch holding a value above 50: a wrong result on that batch only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 10 * (x.abs().max() > 50).to(x.dtype)
+
+
+def test_every_batch_of_data_is_judged_with_its_second_opinion() -> None:
+    """A batch passed by the fixed tolerance and one passed only by the float64 second opinion pass together; a
+    batch the second opinion refuses fails the data set, whichever batch passed by an opinion before it."""
+    from bnfold.verification import judge_fold
+
+    integers, fractions, large = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.3, 0.7, 1.1]), torch.tensor([60.0])
+    original, candidate = _RoundsToIntegers(), _ExactUnlessLarge()
+    result = bnfold.verify(original, candidate, data=[integers, fractions])
+    assert result.passed and result.batches == 2 and result.max_relative > 0.1
+    assert result.rounding_check is not None and result.rounding_check.passed
+    assert judge_fold(original, candidate, [(integers,), (fractions,)], None, "the candidate") == result.to_dict()
+    refused = bnfold.verify(original, candidate, data=[fractions, large])
+    assert not refused.passed and refused.rounding_check is not None and not refused.rounding_check.passed

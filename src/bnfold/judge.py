@@ -288,7 +288,13 @@ class VerificationResult:
 
     def absorb(self, other: VerificationResult) -> None:
         """Take in the comparison of another batch: per output the worse error (a failing one first), every problem
-        once."""
+        once, and the second opinions (:attr:`rounding_check`) of both, worst per output. A batch that fails without
+        a second opinion leaves none: the outputs' verdict stands (an opinion on another batch cannot pass it)."""
+        mine, theirs = self.rounding_check, other.rounding_check
+        unexplained = (mine is None and not self.passed) or (theirs is None and not other.passed)
+        if mine is not None and theirs is not None:
+            mine.absorb(theirs)
+        self.rounding_check = None if unexplained else mine if mine is not None else theirs
         worst = {e.path: e for e in self.outputs}
         for error in other.outputs:  # on a tie, the first batch's
             worst[error.path] = max(worst.get(error.path, error), error, key=self._rank)

@@ -265,7 +265,7 @@ def judge_fold(original: Any, candidate: Any, examples: list[tuple[Any, ...]], t
 
 
 def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: Any, limit: float, perturbed: Any,
-                touched: list[str], refusal: Callable[[VerificationResult], Exception], *,
+                touched: list[str], refusal: Callable[[VerificationResult], Exception] | None, *,
                 restore: Callable[[], Any] | None = None, reapply: Callable[[], Any] | None = None,
                 folded_float64: Callable[[], nn.Module] | None = None,
                 exact_fold: Callable[[], nn.Module] | None = None) -> VerificationResult:
@@ -275,7 +275,8 @@ def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: A
     An output passes within ``limit`` (``max|a - b| / max|a|``) or the noise floor's allowance (:mod:`bnfold.judge`).
     Above ``limit``, an original that differs from itself run to run makes the check undecided; an output beyond both
     gets the float64 second opinion (:func:`explained_by_rounding`: none for a model that cannot run in float64),
-    which decides. No verdict, or a failing one, raises ``refusal(result)``.
+    which decides. No verdict, or a failing one, raises ``refusal(result)``; with no ``refusal`` (:func:`verify`,
+    which reports rather than refuses) it is returned like a passing one.
 
     Hooks of a fold made in the caller's model itself: ``restore`` gives the original back whenever it must run
     again or the fold may be refused (a refused fold leaves the model as it was), ``reapply`` folds it again when
@@ -290,14 +291,11 @@ def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: A
     folded = folded_float64() if folded_float64 is not None and second_opinion else None
     if restore is not None:
         restore()
-    if not comparison.judged:  # a NaN (or unmatched infinity): no error is known, no second opinion can pass it
-        raise refusal(comparison)
-    if not comparison.problems:  # above the tolerance, the verdict rests on the floor: is it noise?
+    # A NaN (or unmatched infinity): no error is known, no second opinion can pass it; nor an undecided check.
+    if comparison.judged and not comparison.problems:  # above the tolerance, the verdict rests on the floor: noise?
         with MODEL_CALLS_LOCK:  # the original, run again
             comparison.check_run_to_run(_flat(expected)[0], _flat(run_seeded(original, inputs))[0], numbers)
-        if comparison.undecided:
-            raise refusal(comparison)
-    if second_opinion:
+    if second_opinion and comparison.judged:
         exact = exact_fold() if exact_fold is not None and folded is not None else None
         try:
             with MODEL_CALLS_LOCK:
@@ -306,9 +304,9 @@ def judge_batch(original: Any, inputs: tuple[Any, ...], expected: Any, actual: A
             if exact is not None:
                 raise
         del exact, folded
-    if not comparison.passed:
+    if not comparison.passed and refusal is not None:
         raise refusal(comparison)
-    if restore is not None and reapply is not None:
+    if comparison.passed and restore is not None and reapply is not None:
         reapply()
     return comparison
 
@@ -364,8 +362,10 @@ def verify(
         tolerance: largest accepted ``max|a - b| / max|a|`` per output; default from the original's dtype.
         max_batches: stop after this many batches of ``data``.
 
-    Each output tensor (tuples, lists, dicts are walked) is judged by :mod:`bnfold.judge`, on the noise floor
-    of the tensors ``folded`` changed (:func:`changed_tensors`); both models run from the same random state.
+    Each output tensor (tuples, lists, dicts are walked) is judged by :func:`judge_batch`, the check of every fold,
+    on the noise floor of the tensors ``folded`` changed (:func:`changed_tensors`), with its float64 second opinion
+    (the original's own float rounding; ``folded`` need not share the original's modules, so no exact fold); both
+    models run from the same random state.
     """
     if inputs is None and data is None:
         raise InvalidInputError("verify() needs inputs or data to run both models on")
@@ -380,11 +380,10 @@ def verify(
             if max_batches is not None and number >= max_batches + len(given):
                 break
             expected, actual = run_seeded(original, batch), run_seeded(folded, batch)
-            comparison = compare_outputs(expected, actual, limit, noise_floor(original, touched, batch))
-            if comparison.judged and comparison.max_relative > limit:  # is the original's own run-to-run noise?
-                comparison.check_run_to_run(_flat(expected)[0], _flat(run_seeded(original, batch))[0], numbers)
+            comparison = judge_batch(original, batch, expected, actual, limit, noise_floor(original, touched, batch),
+                                     touched, None)
             if result is None:
-                result = described(comparison, batch, touched)
+                result = comparison
             else:
                 result.absorb(comparison)
                 result.batches += 1

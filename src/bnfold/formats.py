@@ -48,7 +48,7 @@ class Backend:
 
     kind: str  # in sentences: "TorchScript module"
     accepts: Callable[[Any], bool]
-    file_kind: str  # what bnfold.loading.sniff calls its files
+    file_kind: str | None  # what bnfold.loading.sniff calls its files (None: a torch.save file may hold weights only)
     format: str  # the name of its file format (``bnfold fold --format``)
     article: str  # "a TorchScript", as in "model.ts is a TorchScript file"
     fold: Callable[[Any, list[Any] | None, dict[str, Any], tuple[Path, ...]], tuple[Any, Fold]]
@@ -372,7 +372,7 @@ BACKENDS = (
             write=_exported_save, read=_exported_read, runnable=_graph_module,
             only_as="a torch.export program (.pt2) can only be written as pt2", input_shape=_exported_input_shape,
             check_batch_sizes=_later(".backends.exported", "check_batch_sizes")),
-    Backend("nn.Module", is_module, loading.PICKLE, "pickle", "a pickled nn.Module", _module_fold, _module_plan,
+    Backend("nn.Module", is_module, None, "pickle", "a pickled nn.Module", _module_fold, _module_plan,
             _torch_batches, frozenset({"inplace", "registry"}), _later("torch", "save"), _torch_read),
     Backend("ONNX model", is_onnx, loading.ONNX, "onnx", "an ONNX", _onnx_fold, _onnx_plan,
             lambda inputs: inputs if isinstance(inputs, list) else [inputs],

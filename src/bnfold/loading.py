@@ -18,7 +18,6 @@ from typing import Any
 from .errors import InvalidInputError, first_line
 
 SAFETENSORS = "safetensors"
-PICKLE = "pickle"
 TORCHSCRIPT = "torchscript"
 ONNX = "onnx"
 EXPORTED = "exported"

@@ -20,6 +20,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,21 @@ def _backend(model: Any) -> Backend:
     return backend
 
 
+def read_file(path: Path, trust_pickle: bool, refuse: Callable[[Backend], None] | None = None
+              ) -> tuple[Any, Backend | None, str]:
+    """What the model file ``path`` holds (:func:`bnfold.loading.read`: an ONNX file stays a path, its backend
+    reads it), its backend (``None``: weights, no model) and its kind (:func:`bnfold.loading.sniff`): how
+    :func:`fold` and the ``bnfold`` command read a file. ``refuse`` is shown the backend that the kind alone
+    names before anything is read: the command refuses ``--arch`` for it without loading a large file first."""
+    loading.check_readable(path)
+    kind = loading.sniff(path)
+    carrier = backend_for_file(kind)
+    if refuse is not None and carrier is not None:
+        refuse(carrier)
+    content = loading.read(path, kind, trust_pickle)
+    return content, backend_for(content) or carrier, kind
+
+
 def _prepare(model: Any, trust_pickle: bool, options: dict[str, Any]
              ) -> tuple[Any, Backend, tuple[Path, ...], dict[str, Any]]:
     """The model (read, if a path: an ONNX file stays a path, its backend reads it), its backend, the files
@@ -58,21 +74,19 @@ def _prepare(model: Any, trust_pickle: bool, options: dict[str, Any]
     else:
         sources = (Path(model),)
         try:
-            loading.check_readable(sources[0])
+            model, found, _ = read_file(sources[0], trust_pickle)
         except InvalidInputError as error:
             if "no such file" in str(error):
                 raise InvalidInputError(f"{error}; {_WANTED} (architecture names are for the `bnfold` command)"
                                         ) from None
             raise
-        kind = loading.sniff(sources[0])
-        model = loading.read(sources[0], kind, trust_pickle)
-        backend = backend_for(model) or backend_for_file(kind)
-        if backend is None:
+        if found is None:
             raise InvalidInputError(
                 f"{sources[0]} holds weights (a state_dict), not a model: build the model, call "
                 "model.load_state_dict(torch.load(path)) and pass the model (the `bnfold` command reads it "
                 "with --arch NAME)"
             )
+        backend = found
         options["name"] = options["name"] or str(sources[0])
     if options.get("merge_branches") == "blocks" and "inplace" not in backend.options:
         raise InvalidInputError(

@@ -10,9 +10,9 @@ A MODEL argument is one of:
   the file, so by default files are read with ``torch.load(weights_only=True)``, which refuses it;
 * a TorchScript archive (``torch.jit.save``), a torch.export program (``.pt2``) or an ONNX file.
 
-A file is read as :func:`bnfold.fold` reads a path and carries the backend of its kind
-(:mod:`bnfold.formats`). Every problem is an :class:`~bnfold.errors.InvalidInputError` naming the file and the
-fix. PyTorch is imported only to build or read a PyTorch model: an ONNX file is loaded without it.
+A file is read as :func:`bnfold.fold` reads a path (:func:`bnfold.api.read_file`) and carries the backend of
+its kind (:mod:`bnfold.formats`). Every problem is an :class:`~bnfold.errors.InvalidInputError` naming the file
+and the fix. PyTorch is imported only to build or read a PyTorch model: an ONNX file is loaded without it.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ... import loading
+from ...api import read_file
 from ...errors import InvalidInputError, TrainingModeError
-from ...formats import Backend, backend_for, backend_for_file
+from ...formats import Backend, backend_for
 
 if TYPE_CHECKING:
     import torch
@@ -190,8 +191,7 @@ def load_model(
             )
             return loaded
         file = Path(weights)
-        loading.check_readable(file)
-        state = _state_dict_of(loading.read(file, loading.sniff(file), trust_pickle))
+        state = _state_dict_of(read_file(file, trust_pickle)[0])
         if state is None:
             raise InvalidInputError(f"--weights {file} does not hold a state_dict of tensors")
         load_state_dict_into(model, state, weights, spec)
@@ -202,16 +202,14 @@ def load_model(
             "the state_dict of an architecture NAME, as in: bnfold fold resnet50 --weights FILE); drop --weights, "
             "or pass the state_dict file as MODEL with --arch NAME"
         )
-    loading.check_readable(path)
-    kind = loading.sniff(path)
-    carrier = backend_for_file(kind)
-    if arch is not None and carrier is not None:
+
+    def refuse_arch(carrier: Backend) -> None:
         raise InvalidInputError(
             f"--arch does not apply here: {path} is {carrier.article} file, which carries its model (--arch names the "
             "architecture of a file that holds only a state_dict); drop --arch"
         )
-    content = loading.read(path, kind, trust_pickle)
-    backend = backend_for(content) or carrier
+
+    content, backend, kind = read_file(path, trust_pickle, refuse_arch if arch is not None else None)
     if backend is not None:
         if arch is not None:
             raise InvalidInputError(

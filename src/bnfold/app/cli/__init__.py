@@ -258,17 +258,17 @@ _NEEDS_TORCH = (
 )
 
 
-def _what_was_written(since: int) -> str:
-    """The end of the interrupt's line: what the command wrote (:data:`bnfold.files.COMMITTED` from ``since``)
-    before the signal landed, whole and checked, or that it wrote nothing."""
+def _what_was_written(since: int | None) -> str:
+    """The end of the interrupt's line: what the command wrote (:data:`bnfold.files.COMMITTED` from ``since``;
+    ``None``: no command ran) before the signal landed, whole and checked, or that it wrote nothing."""
     from ...files import COMMITTED
 
-    written = COMMITTED[since:]
+    written = COMMITTED[since:] if since is not None else []
     return f"{', '.join(map(str, written))} had been written completely" if written else "nothing was written"
 
 
 def _interrupted(since: int | None = None) -> int:
-    sys.stderr.write(f"interrupted; {_what_was_written(since) if since is not None else 'nothing was written'}\n")
+    sys.stderr.write(f"interrupted; {_what_was_written(since)}\n")
     return EXIT_INTERRUPTED
 
 
